@@ -1,0 +1,77 @@
+# The one entry point. Every target installs what it needs on a fresh machine.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+UV_VERSION := 0.13.9
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+VENV := .venv
+PY := $(VENV)/bin/python
+export UV_PROJECT_ENVIRONMENT := $(CURDIR)/$(VENV)
+export UV_LINK_MODE := copy
+PROTO_FILES := $(shell find protos/charai -name '*.proto' | sort)
+GEN_DIR := protos/src
+
+.PHONY: help install proto proto-check lint format typecheck check test test-unit test-integration test-e2e demo run bench clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+$(VENV)/.installed: uv.lock pyproject.toml $(wildcard */pyproject.toml */*/pyproject.toml) | $(UV)
+	$(UV) sync --frozen --all-packages
+	touch $@
+
+install: $(VENV)/.installed ## Create .venv with every package (uv workspace, locked)
+
+proto: install ## Regenerate protos/src from protos/charai (grpcio-tools + mypy-protobuf)
+	rm -rf $(GEN_DIR)/charai/tasks $(GEN_DIR)/charai/store
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m grpc_tools.protoc -I protos \
+	  --python_out=$(GEN_DIR) --grpc_python_out=$(GEN_DIR) \
+	  --mypy_out=$(GEN_DIR) --mypy_grpc_out=$(GEN_DIR) $(PROTO_FILES)
+
+proto-check: install ## Fail when the committed generated code is stale
+	@tmp=$$(mktemp -d); \
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m grpc_tools.protoc -I protos --python_out=$$tmp --grpc_python_out=$$tmp \
+	  --mypy_out=$$tmp --mypy_grpc_out=$$tmp $(PROTO_FILES) && \
+	diff -r $$tmp/charai $(GEN_DIR)/charai -x __pycache__ -x py.typed >/dev/null \
+	  || { echo "generated code in $(GEN_DIR) is stale: run 'make proto' and commit"; rm -rf $$tmp; exit 1; }; \
+	rm -rf $$tmp; echo "generated code is up to date"
+
+lint: install ## ruff (lint + format check)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install ## Apply ruff fixes and formatting
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+typecheck: install ## mypy --strict over every package
+	$(VENV)/bin/mypy libs/core/src libs/worker/src services/*/src clients/python/src tools/devstack/src
+
+check: proto-check lint typecheck ## Everything static: generated code, lint, types
+
+test: install ## Run every test (unit, integration with real NATS + gRPC, end-to-end through the stack)
+	$(PY) -m pytest -n 2 --dist loadgroup -q tests
+
+test-unit: install ## Domain core only (fast, no I/O)
+	$(PY) -m pytest -q tests/unit
+
+test-integration: install
+	$(PY) -m pytest -q tests/integration
+
+test-e2e: install
+	$(PY) -m pytest -q tests/e2e
+
+run: install ## Run the whole stack on loopback in the foreground (Ctrl-C stops it)
+	$(PY) -m charai.devstack run
+
+demo: install ## Start the stack, generate one image and one voice with live progress, save them, stop
+	$(PY) -m charai.devstack demo
+
+clean: ## Remove the venv, tools and local state
+	rm -rf $(VENV) $(TOOLS) .data .pytest_cache .mypy_cache .ruff_cache
