@@ -1,0 +1,13 @@
+"""charai provider emulator: a local HTTP server that speaks the Zhipu v4 image and TTS API.
+
+Why: tests, ``make demo`` and benchmarks need a provider that costs nothing, needs no key or
+network, answers byte-compatible responses and misbehaves on demand (``[[mode]]`` markers
+in the prompt or the ``X-Emulator-Mode`` header). See :mod:`charai.emulator.app`.
+"""
+
+from __future__ import annotations
+
+from charai.emulator.app import EmulatorConfig, build_app
+from charai.emulator.runner import RunningEmulator, running_emulator
+
+__all__ = ["EmulatorConfig", "RunningEmulator", "build_app", "running_emulator"]

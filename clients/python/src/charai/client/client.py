@@ -1,0 +1,260 @@
+"""An asyncio client for TaskService that resumes dropped watch streams without gaps."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from charai.tasks.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
+
+TERMINAL_EVENTS = {
+    task_pb2.TASK_EVENT_TYPE_COMPLETED,
+    task_pb2.TASK_EVENT_TYPE_FAILED,
+    task_pb2.TASK_EVENT_TYPE_CANCELLED,
+}
+TERMINAL_STATUSES = {task_pb2.TASK_STATUS_COMPLETED, task_pb2.TASK_STATUS_FAILED, task_pb2.TASK_STATUS_CANCELLED}
+_RESUMABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED}
+
+
+class CharaiError(Exception):
+    """A failed call, with the gRPC code and the names of any bad fields."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, fields: list[tuple[str, str]] | None = None) -> None:
+        self.code = code
+        self.message = message
+        self.fields = fields or []
+        detail = "; ".join(f"{f}: {d}" for f, d in self.fields)
+        super().__init__(f"{code.name}: {detail or message}")
+
+    @classmethod
+    def from_rpc(cls, exc: grpc.aio.AioRpcError) -> CharaiError:
+        fields: list[tuple[str, str]] = []
+        status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+        if status is not None:
+            for detail in status.details:
+                if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                    bad = error_details_pb2.BadRequest()
+                    detail.Unpack(bad)
+                    fields += [(v.field, v.description) for v in bad.field_violations]
+        return cls(exc.code(), exc.details() or "", fields)
+
+
+class WatchResumeError(Exception):
+    """The stream could not be resumed within the reconnect budget."""
+
+
+class CharaiClient:
+    """``async with CharaiClient("127.0.0.1:50051") as c: task = await c.create_image(...)``"""
+
+    def __init__(self, target: str, token: str = "", *, reconnect_attempts: int = 30) -> None:
+        self._channel = grpc.aio.insecure_channel(
+            target, options=[("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_permit_without_calls", 1)]
+        )
+        self._stub = task_service_pb2_grpc.TaskServiceStub(self._channel)
+        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
+        self._reconnect_attempts = reconnect_attempts
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> CharaiClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _call(self, method: Any, request: Any, timeout: float = 30.0) -> Any:
+        try:
+            return await method(request, metadata=self._metadata, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise CharaiError.from_rpc(exc) from None
+
+    async def create(self, request: task_service_pb2.CreateTaskRequest) -> task_pb2.Task:
+        response = await self._call(self._stub.CreateTask, request)
+        return response.task  # type: ignore[no-any-return]
+
+    async def create_image(
+        self,
+        character_id: str,
+        prompt: str,
+        *,
+        resolution: str = "",
+        view_type: str = "front",
+        character_name: str = "",
+        costume_id: str = "",
+        metadata: Mapping[str, str] | None = None,
+        priority: int = task_pb2.PRIORITY_NORMAL,
+        request_id: str = "",
+    ) -> task_pb2.Task:
+        payload = task_pb2.ImagePayload(
+            character_id=character_id,
+            character_name=character_name,
+            prompt=prompt,
+            resolution=resolution,
+            view_type=view_type,
+            costume_id=costume_id,
+            callback=task_pb2.Callback(
+                type="character_costume" if costume_id else "character_view",
+                character_id=character_id,
+                view_type=view_type,
+                costume_id=costume_id,
+            ),
+        )
+        return await self.create(
+            task_service_pb2.CreateTaskRequest(
+                type=task_pb2.TASK_TYPE_IMAGE_GENERATION,
+                priority=priority,  # type: ignore[arg-type]
+                image=payload,
+                metadata=dict(metadata or {}),
+                request_id=request_id,
+            )
+        )
+
+    async def create_tts(
+        self,
+        character_id: str,
+        text: str,
+        *,
+        voice_style: str = "tongtong",
+        character_name: str = "",
+        response_format: str = "",
+        speed: float | None = None,
+        volume: float | None = None,
+        metadata: Mapping[str, str] | None = None,
+        priority: int = task_pb2.PRIORITY_NORMAL,
+        request_id: str = "",
+    ) -> task_pb2.Task:
+        payload = task_pb2.TtsPayload(
+            character_id=character_id,
+            character_name=character_name,
+            text=text,
+            voice_style=voice_style,
+            response_format=response_format,
+            callback=task_pb2.Callback(type="character_voice", character_id=character_id),
+        )
+        if speed is not None:
+            payload.speed = speed
+        if volume is not None:
+            payload.volume = volume
+        return await self.create(
+            task_service_pb2.CreateTaskRequest(
+                type=task_pb2.TASK_TYPE_TTS_GENERATION,
+                priority=priority,  # type: ignore[arg-type]
+                tts=payload,
+                metadata=dict(metadata or {}),
+                request_id=request_id,
+            )
+        )
+
+    async def get(self, task_id: str) -> task_pb2.Task:
+        response = await self._call(self._stub.GetTask, task_service_pb2.GetTaskRequest(id=task_id))
+        return response.task  # type: ignore[no-any-return]
+
+    async def cancel(self, task_id: str) -> task_pb2.Task:
+        response = await self._call(self._stub.CancelTask, task_service_pb2.CancelTaskRequest(id=task_id))
+        return response.task  # type: ignore[no-any-return]
+
+    async def list(
+        self,
+        metadata: Mapping[str, str] | None = None,
+        *,
+        task_type: int = 0,
+        status: int = 0,
+        page_size: int = 0,
+    ) -> AsyncIterator[task_pb2.Task]:
+        token = ""
+        while True:
+            request = task_service_pb2.ListTasksRequest(
+                metadata=dict(metadata or {}),
+                type=task_type,  # type: ignore[arg-type]
+                status=status,  # type: ignore[arg-type]
+                page_size=page_size,
+                page_token=token,
+            )
+            response = await self._call(self._stub.ListTasks, request)
+            for task in response.tasks:
+                yield task
+            token = response.next_page_token
+            if not token:
+                return
+
+    async def watch(self, task_id: str, after_sequence: int = 0) -> AsyncIterator[task_pb2.TaskEvent]:
+        """Every event of one task until its terminal event; a dropped stream is resumed from the
+        last sequence seen, so no event is lost or repeated. Heartbeats are not yielded."""
+        last = after_sequence
+        failures = 0
+        while True:
+            call = self._stub.WatchTask(
+                task_service_pb2.WatchTaskRequest(id=task_id, after_sequence=last), metadata=self._metadata
+            )
+            try:
+                async for response in call:
+                    failures = 0
+                    event = response.event
+                    if event.type == task_pb2.TASK_EVENT_TYPE_HEARTBEAT:
+                        continue
+                    if event.sequence:
+                        last = max(last, event.sequence)
+                    yield event
+                    if event.type in TERMINAL_EVENTS or (
+                        event.type == task_pb2.TASK_EVENT_TYPE_SNAPSHOT and event.task.status in TERMINAL_STATUSES
+                    ):
+                        return
+                # The stream ended without the terminal event (e.g. the gateway is draining): resume.
+                failures += 1
+                if failures > self._reconnect_attempts:
+                    raise WatchResumeError(f"gave up resuming after {failures} attempts")
+                await asyncio.sleep(min(2.0, 0.1 * 2**failures))
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in _RESUMABLE:
+                    raise CharaiError.from_rpc(exc) from None
+                failures += 1
+                if failures > self._reconnect_attempts:
+                    raise WatchResumeError(f"gave up resuming after {failures} attempts: {exc.details()}") from None
+                await asyncio.sleep(min(2.0, 0.1 * 2**failures))
+            finally:
+                call.cancel()
+
+    async def watch_tasks(
+        self, metadata: Mapping[str, str], *, task_type: int = 0, after_sequence: int = 0
+    ) -> AsyncIterator[task_pb2.TaskEvent]:
+        """Every event of tasks matching ``metadata``, resumed after drops; never ends by itself."""
+        last = after_sequence
+        failures = 0
+        while True:
+            call = self._stub.WatchTasks(
+                task_service_pb2.WatchTasksRequest(metadata=dict(metadata), type=task_type, after_sequence=last),  # type: ignore[arg-type]
+                metadata=self._metadata,
+            )
+            try:
+                async for response in call:
+                    failures = 0
+                    event = response.event
+                    last = max(last, event.sequence)
+                    if event.type != task_pb2.TASK_EVENT_TYPE_HEARTBEAT:
+                        yield event
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in _RESUMABLE:
+                    raise CharaiError.from_rpc(exc) from None
+                failures += 1
+                if failures > self._reconnect_attempts:
+                    raise WatchResumeError(f"gave up resuming after {failures} attempts: {exc.details()}") from None
+                await asyncio.sleep(min(2.0, 0.1 * 2**failures))
+            finally:
+                call.cancel()
+
+    @staticmethod
+    async def download(url: str) -> bytes:
+        """Fetches a media URL of a completed task (signed: no token needed)."""
+
+        def fetch() -> bytes:
+            with urllib.request.urlopen(url, timeout=30) as response:  # noqa: S310 - our own http(s) URL
+                return bytes(response.read())
+
+        return await asyncio.to_thread(fetch)

@@ -1,0 +1,54 @@
+"""Errors that cross the gRPC boundary. Each class declares its status code and AIP-193 reason;
+the translation to ``google.rpc.Status`` happens in one place (:mod:`charai.core.grpcsupport`)."""
+
+from __future__ import annotations
+
+import grpc
+
+DOMAIN = "tasks.charai"
+
+
+class CharaiError(Exception):
+    """Base of errors a client may see."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    reason: str = "INTERNAL"
+
+    def __init__(self, message: str, **metadata: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.metadata = metadata
+
+
+class NotFoundError(CharaiError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "TASK_NOT_FOUND"
+
+
+class StaleAttemptError(CharaiError):
+    """A report from an attempt that no longer holds the task (fencing)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "STALE_ATTEMPT"
+
+
+class TaskEndedError(CharaiError):
+    """A report for a task that already reached its terminal state (e.g. cancelled)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "TASK_ENDED"
+
+
+class LimitExceededError(CharaiError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "LIMIT_EXCEEDED"
+
+
+class UnauthenticatedError(CharaiError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = "UNAUTHENTICATED"
+
+
+class UnavailableError(CharaiError):
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "UNAVAILABLE"

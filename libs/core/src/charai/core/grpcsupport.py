@@ -1,0 +1,189 @@
+"""gRPC plumbing shared by the servers: error translation, canonical log lines, health, reflection."""
+
+from __future__ import annotations
+
+import contextvars
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+import structlog
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+
+from charai.core.errors import DOMAIN, CharaiError
+from charai.core.validation import RequestInvalidError
+
+log = structlog.get_logger("grpc")
+
+#: The authenticated principal (tenant) of the current RPC, set by :class:`ServerInterceptor`.
+principal: contextvars.ContextVar[str] = contextvars.ContextVar("principal", default="default")
+
+MAX_MESSAGE_BYTES = 1 * 1024 * 1024
+SERVER_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", 8 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.so_reuseport", 0),
+]
+
+
+def status_for(exc: BaseException) -> status_pb2.Status | None:
+    """The google.rpc.Status for an exception a client may see, or None for a bug."""
+    if isinstance(exc, RequestInvalidError):
+        bad = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                for v in exc.violations
+            ]
+        )
+        detail = any_pb2.Any()
+        detail.Pack(bad)
+        return status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=str(exc), details=[detail])
+    if isinstance(exc, CharaiError):
+        info = error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=exc.metadata)
+        detail = any_pb2.Any()
+        detail.Pack(info)
+        return status_pb2.Status(code=exc.code.value[0], message=exc.message, details=[detail])
+    return None
+
+
+async def abort_for(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
+    status = status_for(exc)
+    if status is None:
+        raise exc
+    await context.abort_with_status(rpc_status.to_status(status))
+
+
+Handler = Callable[..., Any]
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):
+    """One behaviour for every RPC: bind log context, translate errors, one canonical log line.
+
+    ``authenticate`` (optional) maps the invocation metadata to a principal or raises
+    :class:`~charai.core.errors.UnauthenticatedError`; the result is bound as ``tenant``.
+    """
+
+    def __init__(
+        self,
+        authenticate: Callable[[dict[str, str], str], str] | None = None,
+        skip_prefixes: Sequence[str] = ("/grpc.health.", "/grpc.reflection."),
+    ) -> None:
+        self._authenticate = authenticate
+        self._skip = tuple(skip_prefixes)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(self._skip):
+            return handler
+        metadata = {k: v for k, v in (handler_call_details.invocation_metadata or ()) if isinstance(v, str)}
+        authenticate = self._authenticate
+
+        def begin(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            structlog.contextvars.bind_contextvars(rpc=method.rsplit("/", 1)[-1])
+            if authenticate is not None:
+                tenant = authenticate(metadata, method)
+                principal.set(tenant)
+                structlog.contextvars.bind_contextvars(tenant=tenant)
+
+        def finish(start: float, code: str, extra: dict[str, Any]) -> None:
+            elapsed_ms = round((time.perf_counter() - start) * 1000, 2)
+            level = "warning" if code in {"INTERNAL", "UNKNOWN"} else "info"
+            getattr(log, level)("rpc_finished", code=code, elapsed_ms=elapsed_ms, **extra)
+
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                start = time.perf_counter()
+                code = "OK"
+                try:
+                    begin(context)
+                    return await inner(request, context)
+                except BaseException as exc:
+                    code = _code_name(exc, context)
+                    await abort_for(context, exc)
+                    raise
+                finally:
+                    finish(start, code, {})
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            inner_stream = handler.unary_stream
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+                start = time.perf_counter()
+                code = "OK"
+                sent = 0
+                try:
+                    begin(context)
+                    async for item in inner_stream(request, context):
+                        sent += 1
+                        yield item
+                except BaseException as exc:
+                    code = _code_name(exc, context)
+                    await abort_for(context, exc)
+                    raise
+                finally:
+                    finish(start, code, {"messages": sent})
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+def _code_name(exc: BaseException, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    import asyncio
+
+    if isinstance(exc, asyncio.CancelledError):
+        return "CANCELLED"
+    status = status_for(exc)
+    if status is not None:
+        return grpc.StatusCode(_code_tuple(status.code)).name
+    if isinstance(exc, grpc.aio.AbortError):
+        code = context.code()
+        return code.name if isinstance(code, grpc.StatusCode) else "ABORTED"
+    log.exception("rpc_crashed")
+    return "INTERNAL"
+
+
+def _code_tuple(number: int) -> tuple[int, str]:
+    for code in grpc.StatusCode:
+        if code.value[0] == number:
+            return code.value  # type: ignore[no-any-return]
+    return grpc.StatusCode.UNKNOWN.value  # type: ignore[no-any-return]
+
+
+async def add_health_and_reflection(
+    server: grpc.aio.Server, service_names: Sequence[str]
+) -> health.aio.HealthServicer:  # type: ignore[name-defined]
+    """Adds grpc.health.v1 (every service SERVING) and server reflection to ``server``."""
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    for name in (*service_names, ""):
+        await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    return servicer

@@ -1,0 +1,82 @@
+"""The media store (a JetStream object-store bucket) and capability URLs for its objects."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+import time
+from typing import Any
+
+MEDIA_URL_PREFIX = "charai-media:"
+CONTENT_TYPES = {
+    "png": "image/png",
+    "jpg": "image/jpeg",
+    "webp": "image/webp",
+    "wav": "audio/wav",
+    "mp3": "audio/mpeg",
+    "pcm": "audio/L16;rate=24000;channels=1",
+}
+_KEY = re.compile(r"^task_[0-9a-f]{32}\.(png|jpg|webp|wav|mp3|pcm)$")
+
+
+def media_key(task_id: str, extension: str) -> str:
+    """Keys are built by the server from the task id only: no client input reaches a storage path."""
+    key = f"{task_id}.{extension}"
+    if not _KEY.match(key):
+        raise ValueError(f"not a media key: {key!r}")
+    return key
+
+
+def valid_key(key: str) -> bool:
+    return bool(_KEY.match(key))
+
+
+def content_type_of(key: str) -> str:
+    return CONTENT_TYPES.get(key.rsplit(".", 1)[-1], "application/octet-stream")
+
+
+class MediaStore:
+    """Puts and gets whole objects in the media bucket."""
+
+    def __init__(self, bucket: Any) -> None:
+        self._bucket = bucket
+
+    async def put(self, key: str, data: bytes) -> None:
+        await self._bucket.put(key, data)
+
+    async def get(self, key: str) -> bytes | None:
+        from nats.js.errors import NotFoundError, ObjectNotFoundError
+
+        try:
+            result = await self._bucket.get(key)
+        except (NotFoundError, ObjectNotFoundError):
+            return None
+        if result.info is not None and getattr(result.info, "deleted", False):
+            return None
+        return bytes(result.data or b"")
+
+
+class UrlSigner:
+    """Signs media URLs: ``/media/{key}?exp=…&sig=…``; HMAC-SHA256 over key and expiry."""
+
+    def __init__(self, secret: bytes, ttl_seconds: int) -> None:
+        self._secret = secret
+        self._ttl = ttl_seconds
+
+    def _sig(self, key: str, exp: int) -> str:
+        mac = hmac.new(self._secret, f"{key}\n{exp}".encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(mac[:20]).decode().rstrip("=")
+
+    def sign(self, base_url: str, key: str, now: float | None = None) -> str:
+        exp = int((now or time.time()) + self._ttl)
+        # Round the expiry so repeated reads of a task give the same URL (browsers cache it).
+        exp -= exp % 3600
+        exp += 3600
+        return f"{base_url.rstrip('/')}/media/{key}?exp={exp}&sig={self._sig(key, exp)}"
+
+    def verify(self, key: str, exp: str, sig: str, now: float | None = None) -> bool:
+        if not exp.isdigit() or int(exp) < (now or time.time()):
+            return False
+        return hmac.compare_digest(self._sig(key, int(exp)), sig)

@@ -1,0 +1,79 @@
+"""NATS connection and JetStream set-up shared by the services."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import nats
+import structlog
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from nats.js.errors import BadRequestError, NotFoundError
+
+from charai.core.topology import Topology
+
+log = structlog.get_logger("nats")
+
+
+async def connect(servers: list[str], name: str, **options: Any) -> Client:
+    """Connects with endless reconnects, so a NATS restart heals by itself."""
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats_error", error=str(exc))
+
+    async def on_disconnect() -> None:
+        log.warning("nats_disconnected")
+
+    async def on_reconnect() -> None:
+        log.info("nats_reconnected")
+
+    return await nats.connect(
+        servers=servers,
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        connect_timeout=5,
+        allow_reconnect=True,
+        error_cb=on_error,
+        disconnected_cb=on_disconnect,
+        reconnected_cb=on_reconnect,
+        **options,
+    )
+
+
+async def ensure_jobs_stream(js: JetStreamContext, topology: Topology, replicas: int = 1) -> None:
+    """Creates (or updates) the work-queue stream that holds every job."""
+    config = js_api.StreamConfig(
+        name=topology.jobs_stream,
+        subjects=[topology.jobs_subjects],
+        retention=js_api.RetentionPolicy.WORK_QUEUE,
+        storage=js_api.StorageType.FILE,
+        discard=js_api.DiscardPolicy.NEW,
+        max_msgs=5_000_000,
+        duplicate_window=120.0,
+        num_replicas=replicas,
+    )
+    try:
+        await js.add_stream(config)
+    except BadRequestError:
+        await js.update_stream(config)
+
+
+async def ensure_media_bucket(js: JetStreamContext, topology: Topology, replicas: int = 1) -> Any:
+    """The object-store bucket that holds generated media."""
+    try:
+        return await js.object_store(topology.media_bucket)
+    except (NotFoundError, Exception):
+        try:
+            return await js.create_object_store(
+                topology.media_bucket,
+                config=js_api.ObjectStoreConfig(
+                    bucket=topology.media_bucket,
+                    storage=js_api.StorageType.FILE,
+                    replicas=replicas,
+                    description="charai generated media",
+                ),
+            )
+        except BadRequestError:
+            return await js.object_store(topology.media_bucket)

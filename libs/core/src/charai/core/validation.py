@@ -1,0 +1,225 @@
+"""Validation of client requests, with one violation per bad field (google.rpc.BadRequest).
+
+Runs in the gateway (early, clear errors) and again in task_store (nothing invalid is ever stored,
+whoever calls it). Field paths use the proto field names of the public API.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+from charai.tasks.v1 import task_pb2, task_service_pb2
+
+MAX_PROMPT_CHARS = 4000
+MAX_PROMPT_BYTES = 16_000
+MAX_TTS_TEXT_CHARS = 1024  # GLM-TTS `input` maxLength
+MAX_NAME_CHARS = 200
+MAX_METADATA_ENTRIES = 32
+MAX_METADATA_KEY_CHARS = 64
+MAX_METADATA_VALUE_CHARS = 512
+MAX_METADATA_BYTES = 8192
+MAX_REQUEST_ID_CHARS = 128
+MAX_PAGE_SIZE = 500
+MIN_SIDE, MAX_SIDE, MAX_PIXELS = 512, 2048, 2**22
+CALLBACK_TYPES = {
+    task_pb2.TASK_TYPE_IMAGE_GENERATION: ("character_view", "character_costume"),
+    task_pb2.TASK_TYPE_TTS_GENERATION: ("character_voice",),
+}
+AUDIO_FORMATS = ("wav", "pcm", "mp3")
+_IDENT = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
+_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]{0,63}$")
+_RESOLUTION = re.compile(r"^(\d{3,4})[x×](\d{3,4})$")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_TASK_ID = re.compile(r"^task_[0-9a-f]{32}$")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Violation:
+    field: str
+    description: str
+
+
+class RequestInvalidError(Exception):
+    """A request with one or more bad fields; nothing was stored."""
+
+    def __init__(self, violations: list[Violation]) -> None:
+        self.violations = violations
+        summary = "; ".join(f"{v.field}: {v.description}" for v in violations)
+        super().__init__(f"invalid request: {summary}")
+
+
+class _Checker:
+    def __init__(self) -> None:
+        self.violations: list[Violation] = []
+
+    def add(self, field: str, description: str) -> None:
+        self.violations.append(Violation(field, description))
+
+    def text(
+        self, field: str, value: str, *, required: bool, max_chars: int, max_bytes: int | None = None
+    ) -> None:
+        if required and not value.strip():
+            self.add(field, "must not be empty")
+            return
+        if len(value) > max_chars:
+            self.add(field, f"must be at most {max_chars} characters (got {len(value)})")
+        elif max_bytes is not None and len(value.encode("utf-8", "surrogatepass")) > max_bytes:
+            self.add(field, f"must be at most {max_bytes} bytes of UTF-8")
+        if "\x00" in value or _CONTROL.search(value):
+            self.add(field, "must not contain control characters")
+
+    def ident(self, field: str, value: str, *, required: bool) -> None:
+        if not value:
+            if required:
+                self.add(field, "must not be empty")
+            return
+        if not _IDENT.match(value):
+            self.add(field, "must be 1-128 characters of letters, digits, '_', '-', '.', ':'")
+
+    def raise_if_any(self) -> None:
+        if self.violations:
+            raise RequestInvalidError(self.violations)
+
+
+def parse_resolution(value: str) -> tuple[int, int] | None:
+    """``"1024x1024"`` → (1024, 1024); None when malformed or outside the provider's bounds."""
+    match = _RESOLUTION.match(value)
+    if not match:
+        return None
+    width, height = int(match.group(1)), int(match.group(2))
+    if not (MIN_SIDE <= width <= MAX_SIDE and MIN_SIDE <= height <= MAX_SIDE):
+        return None
+    if width * height > MAX_PIXELS or width % 16 or height % 16:
+        return None
+    return width, height
+
+
+def validate_metadata(c: _Checker, field: str, metadata: dict[str, str] | object) -> None:
+    items = dict(metadata)  # type: ignore[call-overload]
+    if len(items) > MAX_METADATA_ENTRIES:
+        c.add(field, f"must have at most {MAX_METADATA_ENTRIES} entries (got {len(items)})")
+        return
+    total = 0
+    for key, value in items.items():
+        total += len(key.encode("utf-8", "surrogatepass")) + len(value.encode("utf-8", "surrogatepass"))
+        if not _KEY.match(key):
+            c.add(f"{field}[{key[:40]!r}]", "key must start with a letter and use letters, digits, '_', '-', '.'")
+        elif len(value) > MAX_METADATA_VALUE_CHARS:
+            c.add(f"{field}[{key}]", f"value must be at most {MAX_METADATA_VALUE_CHARS} characters")
+        elif _CONTROL.search(value):
+            c.add(f"{field}[{key}]", "value must not contain control characters")
+    if total > MAX_METADATA_BYTES:
+        c.add(field, f"must be at most {MAX_METADATA_BYTES} bytes in all (got {total})")
+
+
+def _callback(c: _Checker, field: str, cb: task_pb2.Callback, task_type: int, has: bool) -> None:
+    if not has:
+        return
+    allowed = CALLBACK_TYPES[task_type]
+    if cb.type and cb.type not in allowed:
+        c.add(f"{field}.type", f"must be one of {', '.join(allowed)} for this task type")
+    c.ident(f"{field}.character_id", cb.character_id, required=False)
+    c.ident(f"{field}.view_type", cb.view_type, required=False)
+    c.ident(f"{field}.costume_id", cb.costume_id, required=False)
+
+
+def validate_create(req: task_service_pb2.CreateTaskRequest) -> None:
+    """Raises :class:`RequestInvalidError` naming every bad field of a CreateTaskRequest."""
+    c = _Checker()
+    kind = req.WhichOneof("payload")
+    if req.type not in CALLBACK_TYPES:
+        c.add("type", "must be TASK_TYPE_IMAGE_GENERATION or TASK_TYPE_TTS_GENERATION")
+    if req.priority not in task_pb2.Priority.values():
+        c.add("priority", f"unknown value {req.priority}")
+    if kind is None:
+        c.add("payload", "one of image or tts is required")
+    elif req.type == task_pb2.TASK_TYPE_IMAGE_GENERATION and kind != "image":
+        c.add("payload", "an image task needs the image payload")
+    elif req.type == task_pb2.TASK_TYPE_TTS_GENERATION and kind != "tts":
+        c.add("payload", "a TTS task needs the tts payload")
+    if kind == "image" and req.type == task_pb2.TASK_TYPE_IMAGE_GENERATION:
+        p = req.image
+        c.ident("image.character_id", p.character_id, required=True)
+        c.text("image.character_name", p.character_name, required=False, max_chars=MAX_NAME_CHARS)
+        c.text("image.prompt", p.prompt, required=True, max_chars=MAX_PROMPT_CHARS, max_bytes=MAX_PROMPT_BYTES)
+        if p.resolution and parse_resolution(p.resolution) is None:
+            c.add(
+                "image.resolution",
+                f"must be WxH with each side {MIN_SIDE}-{MAX_SIDE} px, divisible by 16, "
+                f"at most {MAX_PIXELS} pixels (e.g. 1024x1024)",
+            )
+        c.ident("image.view_type", p.view_type, required=False)
+        c.ident("image.costume_id", p.costume_id, required=False)
+        _callback(c, "image.callback", p.callback, req.type, p.HasField("callback"))
+    if kind == "tts" and req.type == task_pb2.TASK_TYPE_TTS_GENERATION:
+        t = req.tts
+        c.ident("tts.character_id", t.character_id, required=True)
+        c.text("tts.character_name", t.character_name, required=False, max_chars=MAX_NAME_CHARS)
+        c.text("tts.text", t.text, required=True, max_chars=MAX_TTS_TEXT_CHARS, max_bytes=4 * MAX_TTS_TEXT_CHARS)
+        c.ident("tts.voice_style", t.voice_style, required=True)
+        if t.HasField("speed") and not (math.isfinite(t.speed) and 0.5 <= t.speed <= 2.0):
+            c.add("tts.speed", "must be between 0.5 and 2")
+        if t.HasField("volume") and not (math.isfinite(t.volume) and 0 < t.volume <= 10):
+            c.add("tts.volume", "must be greater than 0 and at most 10")
+        if t.response_format and t.response_format not in AUDIO_FORMATS:
+            c.add("tts.response_format", "must be wav, pcm or mp3")
+        _callback(c, "tts.callback", t.callback, req.type, t.HasField("callback"))
+    validate_metadata(c, "metadata", req.metadata)
+    if len(req.request_id) > MAX_REQUEST_ID_CHARS or _CONTROL.search(req.request_id):
+        c.add("request_id", f"must be at most {MAX_REQUEST_ID_CHARS} printable characters")
+    c.raise_if_any()
+
+
+def validate_task_id(field: str, value: str) -> None:
+    """Ids are server-made; anything else cannot name a task (NOT_FOUND is then correct, but a
+    malformed id is a client bug worth naming)."""
+    if not _TASK_ID.match(value):
+        raise RequestInvalidError([Violation(field, "must be a task id like task_<32 hex digits>")])
+
+
+def validate_list(req: task_service_pb2.ListTasksRequest) -> None:
+    c = _Checker()
+    validate_metadata(c, "metadata", req.metadata)
+    if req.type not in task_pb2.TaskType.values():
+        c.add("type", f"unknown value {req.type}")
+    if req.status not in task_pb2.TaskStatus.values():
+        c.add("status", f"unknown value {req.status}")
+    if req.page_size < 0 or req.page_size > MAX_PAGE_SIZE:
+        c.add("page_size", f"must be between 0 and {MAX_PAGE_SIZE}")
+    if len(req.page_token) > 256:
+        c.add("page_token", "is not a token this server issued")
+    c.raise_if_any()
+
+
+def validate_watch_filter(metadata: object, task_type: int, after_sequence: int) -> None:
+    c = _Checker()
+    validate_metadata(c, "metadata", metadata)
+    if task_type not in task_pb2.TaskType.values():
+        c.add("type", f"unknown value {task_type}")
+    if after_sequence < 0:
+        c.add("after_sequence", "must not be negative")
+    c.raise_if_any()
+
+
+def fill_metadata(req: task_service_pb2.CreateTaskRequest) -> dict[str, str]:
+    """Metadata of a new task: the client's, plus characterId/characterName/viewType/costumeId
+    from the payload unless the client set those keys (so ``metadata.characterId=…`` always works)."""
+    metadata = dict(req.metadata)
+    kind = req.WhichOneof("payload")
+    derived: dict[str, str] = {}
+    if kind == "image":
+        p = req.image
+        derived = {
+            "characterId": p.character_id,
+            "characterName": p.character_name,
+            "viewType": p.view_type,
+            "costumeId": p.costume_id,
+        }
+    elif kind == "tts":
+        derived = {"characterId": req.tts.character_id, "characterName": req.tts.character_name}
+    for key, value in derived.items():
+        if value and key not in metadata:
+            metadata[key] = value
+    return metadata

@@ -1,0 +1,102 @@
+"""Composition root shared by the workers: NATS, media bucket, task_store client, provider HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+
+import aiohttp
+import structlog
+
+from charai.core import natsconn
+from charai.core.media import MediaStore
+from charai.core.storeclient import StoreClient
+from charai.core.topology import Topology
+from charai.worker.context import Handler
+from charai.worker.http import ProviderConfig, ProviderHttp
+from charai.worker.runtime import JobRunner, RunnerConfig
+from charai.worker.settings import WorkerSettings
+
+log = structlog.get_logger("worker")
+
+
+class WorkerApp:
+    """One worker process: ``async with WorkerApp(...)`` runs it until closed."""
+
+    def __init__(
+        self, settings: WorkerSettings, kind: str, handler: Handler, provider: ProviderConfig, concurrency: int
+    ) -> None:
+        self.settings = settings
+        self._kind = kind
+        self._handler = handler
+        self._provider_config = provider
+        self._concurrency = concurrency
+        self.runner: JobRunner | None = None
+        self._nc = None
+        self._session: aiohttp.ClientSession | None = None
+        self._store: StoreClient | None = None
+        self._closed = False
+
+    async def start(self) -> None:
+        s = self.settings
+        topology = Topology(s.namespace)
+        self._nc = await natsconn.connect(s.nats_servers, f"charai-{self._kind}-worker")
+        js = self._nc.jetstream()
+        await natsconn.ensure_jobs_stream(js, topology, s.nats_replicas)
+        bucket = await natsconn.ensure_media_bucket(js, topology, s.nats_replicas)
+        self._store = StoreClient(s.task_store_addr, s.internal_token)
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+        self._session = aiohttp.ClientSession(connector=connector)
+        provider = ProviderHttp(self._session, self._provider_config)
+        config = RunnerConfig(
+            kind=self._kind,
+            concurrency=self._concurrency,
+            ack_wait=s.ack_wait_seconds,
+            max_deliver=s.max_deliver,
+            heartbeat_interval=max(0.2, s.ack_wait_seconds / 3),
+            long_poll_seconds=s.long_poll_seconds,
+            worker_id=s.worker_id,
+            replicas=s.nats_replicas,
+        )
+        self.runner = JobRunner(
+            config, self._handler, self._nc, js, self._store, MediaStore(bucket), provider, topology
+        )
+        await self.runner.start()
+        log.info(
+            "provider_configured",
+            base_url=self._provider_config.base_url,
+            model=self._provider_config.model,
+            key_set=bool(self._provider_config.api_key),
+        )
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.runner is not None:
+            await self.runner.close(self.settings.shutdown_grace_seconds)
+        if self._session is not None:
+            await self._session.close()
+        if self._store is not None:
+            await self._store.close()
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.drain()
+
+    async def __aenter__(self) -> WorkerApp:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+async def serve(app: WorkerApp) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with app:
+        await stop.wait()
+        log.info("worker_draining")

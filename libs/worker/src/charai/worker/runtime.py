@@ -1,0 +1,426 @@
+"""The job runner shared by every worker kind.
+
+One process holds up to ``concurrency`` jobs in flight. Jobs come from three priority lanes
+(durable pull consumers); whenever slots are free the runner probes the lanes in priority order
+(with an occasional turn for the lower lanes, so low is never starved), and when every lane is
+empty it long-polls all of them. Each delivered job is claimed from task_store (which fences
+attempts), run by the handler, and acknowledged only after its result or failure is stored:
+``ack`` when done, ``nak(delay)`` for a retry, ``term`` for a permanent failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import heapq
+import itertools
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from nats.js.errors import BadRequestError
+
+from charai.core.domain.errors import ErrorKind
+from charai.core.domain.states import Stage
+from charai.core.media import MediaStore, media_key
+from charai.core.storeclient import StoreClient
+from charai.core.topology import LANES, Topology
+from charai.store.v1 import store_service_pb2 as spb
+from charai.tasks.v1 import task_pb2
+from charai.worker.context import Handler, JobAbortedError, MediaRef, Result
+from charai.worker.http import ProviderError, ProviderHttp
+from charai.worker.lanes import Lane
+
+log = structlog.get_logger("worker")
+
+#: Probe order per scheduling round: mostly high first; every 4th round normal first, every 8th low.
+_ORDERS = [(0, 1, 2)] * 5 + [(1, 0, 2), (1, 0, 2), (2, 0, 1)]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RunnerConfig:
+    kind: str
+    concurrency: int = 64
+    ack_wait: float = 30.0
+    max_deliver: int = 20
+    heartbeat_interval: float = 10.0
+    long_poll_seconds: float = 5.0
+    max_batch: int = 64
+    worker_id: str = "worker"
+    replicas: int = 1
+
+
+@dataclasses.dataclass(slots=True)
+class _Running:
+    msg: Msg
+    task_id: str
+    attempt: int
+    job_task: asyncio.Task[Any] | None = None
+    inner: asyncio.Task[Result] | None = None
+    progress: int = 10
+    stage: str = Stage.STARTING
+    abort_reason: str = ""
+
+
+class _Context:
+    """JobContext of one attempt: progress goes to task_store, media to the bucket."""
+
+    def __init__(self, runner: JobRunner, running: _Running, task: task_pb2.Task) -> None:
+        self._runner = runner
+        self._running = running
+        self._task = task
+
+    @property
+    def task(self) -> task_pb2.Task:
+        return self._task
+
+    @property
+    def attempt(self) -> int:
+        return self._running.attempt
+
+    @property
+    def provider(self) -> ProviderHttp:
+        return self._runner.provider
+
+    async def progress(self, percent: int, stage: str = Stage.GENERATING) -> None:
+        r = self._running
+        if r.abort_reason:
+            raise JobAbortedError(r.abort_reason)
+        r.progress, r.stage = max(r.progress, percent), stage
+        await self._runner.report(r)
+        if r.abort_reason:
+            raise JobAbortedError(r.abort_reason)
+
+    async def store_media(self, data: bytes, extension: str, content_type: str) -> MediaRef:
+        key = media_key(self._task.id, extension)
+        await self._runner.media.put(key, data)
+        return MediaRef(key, len(data), content_type)
+
+
+class JobRunner:
+    """Pulls, runs and settles jobs of one kind."""
+
+    def __init__(
+        self,
+        config: RunnerConfig,
+        handler: Handler,
+        nc: Client,
+        js: JetStreamContext,
+        store: StoreClient,
+        media: MediaStore,
+        provider: ProviderHttp,
+        topology: Topology,
+    ) -> None:
+        self.config = config
+        self.handler = handler
+        self.provider = provider
+        self.media = media
+        self._nc = nc
+        self._js = js
+        self._store = store
+        self._topology = topology
+        self._lanes: list[Lane] = []
+        self._running: dict[str, _Running] = {}
+        self._ready: list[tuple[int, int, Lane, Msg]] = []
+        self._counter = itertools.count()
+        self._rounds = itertools.count()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._job_tasks: set[asyncio.Task[Any]] = set()
+        self._cancel_sub: Any = None
+        self._closed = False
+        self.completed = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        stream = self._topology.jobs_stream
+        for rank, lane_name in enumerate(LANES):
+            consumer = self._topology.consumer(self.config.kind, lane_name)
+            await self._ensure_consumer(stream, consumer, self._topology.lane_subject(self.config.kind, lane_name))
+            lane = Lane(self._nc, stream, consumer, lane_name, rank, self._on_message, self._wake.set)
+            await lane.start()
+            self._lanes.append(lane)
+        self._cancel_sub = await self._nc.subscribe(self._topology.cancel_wildcard, cb=self._on_cancel)
+        self._tasks = [
+            asyncio.create_task(self._schedule(), name=f"{self.config.kind}-scheduler"),
+            asyncio.create_task(self._heartbeat(), name=f"{self.config.kind}-heartbeat"),
+        ]
+        log.info("worker_started", kind=self.config.kind, concurrency=self.config.concurrency)
+
+    async def _ensure_consumer(self, stream: str, durable: str, subject: str) -> None:
+        config = js_api.ConsumerConfig(
+            durable_name=durable,
+            filter_subject=subject,
+            ack_policy=js_api.AckPolicy.EXPLICIT,
+            ack_wait=self.config.ack_wait,
+            max_deliver=self.config.max_deliver,
+            max_ack_pending=100_000,
+            max_waiting=4096,
+            num_replicas=self.config.replicas,
+        )
+        try:
+            await self._js.add_consumer(stream, config)
+        except BadRequestError as exc:
+            # Another worker created it with other settings; use it as it is.
+            log.warning("consumer_config_differs", consumer=durable, error=str(exc))
+
+    async def close(self, grace: float = 10.0) -> None:
+        """Stops taking jobs, lets in-flight ones finish within ``grace``, hands back the rest."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stopping = True
+        self._wake.set()
+        for task in self._tasks[:1]:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for lane in self._lanes:
+            await lane.close()
+        # Jobs fetched but not started go straight back.
+        for _, _, _, msg in self._ready:
+            with contextlib.suppress(Exception):
+                await msg.nak()
+        self._ready.clear()
+        if self._job_tasks:
+            _, pending = await asyncio.wait(self._job_tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        for task in self._tasks[1:]:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._cancel_sub is not None:
+            with contextlib.suppress(Exception):
+                await self._cancel_sub.unsubscribe()
+        log.info("worker_stopped", kind=self.config.kind, completed=self.completed)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._running)
+
+    # -- scheduling --------------------------------------------------------------------------
+    def _on_message(self, lane: Lane, msg: Msg) -> None:
+        if self._stopping:
+            asyncio.ensure_future(msg.nak())
+            return
+        if len(self._job_tasks) < self.config.concurrency:
+            self._spawn(lane, msg)
+        else:
+            heapq.heappush(self._ready, (lane.rank, next(self._counter), lane, msg))
+        self._wake.set()
+
+    def _spawn(self, lane: Lane, msg: Msg) -> None:
+        task = asyncio.create_task(self._run_job(lane, msg))
+        self._job_tasks.add(task)
+        task.add_done_callback(self._job_done)
+
+    def _job_done(self, task: asyncio.Task[Any]) -> None:
+        self._job_tasks.discard(task)
+        if not self._stopping:
+            while self._ready and len(self._job_tasks) < self.config.concurrency:
+                _, _, lane, msg = heapq.heappop(self._ready)
+                self._spawn(lane, msg)
+        self._wake.set()
+
+    def _free(self) -> int:
+        return self.config.concurrency - len(self._job_tasks) - len(self._ready)
+
+    async def _schedule(self) -> None:
+        while not self._stopping:
+            try:
+                free = self._free()
+                got = 0
+                if free > 0:
+                    order: Sequence[int] = _ORDERS[next(self._rounds) % len(_ORDERS)]
+                    for rank in order:
+                        got = await self._lanes[rank].probe(min(free, self.config.max_batch))
+                        if got:
+                            break
+                    if not got:
+                        for lane in self._lanes:
+                            await lane.long_poll(self.config.long_poll_seconds)
+                if got and self._free() > 0:
+                    continue  # there may be more: probe again at once
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0):
+                        await self._wake.wait()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - NATS reconnecting: wait and go on
+                log.warning("schedule_failed", error=str(exc))
+                await asyncio.sleep(0.5)
+
+    async def _heartbeat(self) -> None:
+        """Keeps held jobs alive: ``in_progress`` to JetStream, lease renewal to task_store."""
+        while True:
+            await asyncio.sleep(self.config.heartbeat_interval)
+            for _, _, _, msg in list(self._ready):
+                with contextlib.suppress(Exception):
+                    await msg.in_progress()
+            for running in list(self._running.values()):
+                with contextlib.suppress(Exception):
+                    await running.msg.in_progress()
+                    await self.report(running)
+
+    # -- one job -----------------------------------------------------------------------------
+    async def report(self, running: _Running) -> None:
+        """Sends progress (and so renews the lease); a refusal aborts the job."""
+        request = spb.ReportProgressRequest(
+            task_id=running.task_id, attempt=running.attempt, progress=running.progress, stage=running.stage
+        )
+        try:
+            await self._store.stub.ReportProgress(request, **self._store.kw())
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                self._abort(running, exc.details() or "the task ended")
+            else:
+                raise
+
+    def _abort(self, running: _Running, reason: str) -> None:
+        if not running.abort_reason:
+            running.abort_reason = reason
+            if running.inner is not None:
+                running.inner.cancel()
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        try:
+            notice = spb.CancelNotice.FromString(msg.data)
+        except Exception:  # noqa: BLE001
+            return
+        running = self._running.get(notice.task_id)
+        if running is not None:
+            log.info("job_cancel_requested", task_id=notice.task_id)
+            self._abort(running, "the task was cancelled")
+
+    async def _run_job(self, lane: Lane, msg: Msg) -> None:
+        started = time.perf_counter()
+        outcome = "unknown"
+        structlog.contextvars.bind_contextvars(lane=lane.name)
+        try:
+            job = spb.Job.FromString(msg.data)
+        except Exception:  # noqa: BLE001 - not a job of ours: drop it for good
+            await msg.term()
+            log.warning("job_unparseable")
+            return
+        structlog.contextvars.bind_contextvars(task_id=job.task_id)
+        try:
+            claim = await self._store.stub.ClaimTask(
+                spb.ClaimTaskRequest(task_id=job.task_id, dispatch_gen=job.dispatch_gen, worker_id=self.config.worker_id),
+                **self._store.kw(),
+            )
+        except grpc.aio.AioRpcError as exc:
+            outcome = "claim_failed"
+            log.warning("claim_failed", code=exc.code().name)
+            await msg.nak(delay=1.0)
+            return
+        if claim.outcome == spb.CLAIM_OUTCOME_DONE:
+            await msg.ack()
+            log.info("job_skipped", reason="task already ended")
+            return
+        if claim.outcome == spb.CLAIM_OUTCOME_DEFER:
+            await msg.nak(delay=max(0.05, claim.retry_after_seconds))
+            return
+        running = _Running(msg, job.task_id, claim.attempt)
+        self._running[job.task_id] = running
+        structlog.contextvars.bind_contextvars(attempt=claim.attempt)
+        try:
+            outcome = await self._execute(running, claim.task)
+        finally:
+            self._running.pop(job.task_id, None)
+            log.info(
+                "job_finished",
+                outcome=outcome,
+                elapsed_ms=round((time.perf_counter() - started) * 1000, 1),
+                deliveries=_delivered(msg),
+            )
+
+    async def _execute(self, running: _Running, task: task_pb2.Task) -> str:
+        ctx = _Context(self, running, task)
+        msg = running.msg
+        try:
+            await ctx.progress(10, Stage.STARTING)
+            running.inner = asyncio.create_task(self.handler.run(ctx))
+            result = await running.inner
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                # Shutting down past the grace period: hand the job back at once.
+                with contextlib.suppress(Exception):
+                    await msg.nak()
+                raise
+            await msg.ack()
+            return "aborted"
+        except JobAbortedError:
+            await msg.ack()
+            return "aborted"
+        except ProviderError as exc:
+            f = exc.failure
+            error = task_pb2.TaskError(
+                code=int(f.kind),  # type: ignore[arg-type]
+                message=f.message,
+                retryable=f.retryable,
+                provider_status=f.http_status,
+                provider_code=f.provider_code,
+            )
+            return await self._fail(running, error, f.retry_after)
+        except Exception as exc:  # noqa: BLE001 - a bug in a handler must not lose the task
+            log.exception("handler_crashed")
+            error = task_pb2.TaskError(
+                code=int(ErrorKind.INTERNAL),  # type: ignore[arg-type]
+                message=f"the worker failed unexpectedly ({type(exc).__name__})",
+                retryable=True,
+            )
+            return await self._fail(running, error, None)
+        request = spb.CompleteTaskRequest(task_id=running.task_id, attempt=running.attempt)
+        if isinstance(result, task_pb2.ImageResult):
+            request.image_result.CopyFrom(result)
+        else:
+            request.tts_result.CopyFrom(result)
+        try:
+            await self._store.stub.CompleteTask(request, **self._store.kw())
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                await msg.nak(delay=1.0)
+                return "complete_failed"
+            await msg.ack()
+            return "aborted"
+        await msg.ack()
+        self.completed += 1
+        return "completed"
+
+    async def _fail(self, running: _Running, error: task_pb2.TaskError, retry_after: float | None) -> str:
+        request = spb.FailTaskRequest(
+            task_id=running.task_id, attempt=running.attempt, error=error, retry_after_seconds=retry_after or 0.0
+        )
+        try:
+            response = await self._store.stub.FailTask(request, **self._store.kw())
+        except grpc.aio.AioRpcError:
+            await running.msg.nak(delay=1.0)
+            return "fail_report_failed"
+        if response.outcome == spb.FAIL_OUTCOME_RETRY:
+            await running.msg.nak(delay=response.retry_delay_seconds)
+            return f"retry:{task_pb2.ErrorCode.Name(error.code)}"
+        if response.outcome == spb.FAIL_OUTCOME_FAILED:
+            await running.msg.term()
+            return f"failed:{task_pb2.ErrorCode.Name(error.code)}"
+        await running.msg.ack()
+        return "ignored"
+
+
+def _delivered(msg: Msg) -> int:
+    try:
+        return int(msg.metadata.num_delivered)
+    except Exception:  # noqa: BLE001
+        return 0

@@ -1,0 +1,157 @@
+"""Composition root of the gateway: gRPC port, HTTP port, event hub, task_store client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import signal
+from pathlib import Path
+
+import grpc
+import structlog
+from aiohttp import web
+
+from charai.core import grpcsupport, natsconn
+from charai.core.media import MediaStore, UrlSigner
+from charai.core.storeclient import StoreClient
+from charai.core.topology import Topology
+from charai.gateway.auth import Authenticator, is_loopback
+from charai.gateway.events import EventHub
+from charai.gateway.http import health_routes, media_routes
+from charai.gateway.service import TaskService
+from charai.gateway.settings import Settings
+from charai.tasks.v1 import task_service_pb2, task_service_pb2_grpc
+
+log = structlog.get_logger("gateway")
+
+
+def signing_key(settings: Settings) -> bytes:
+    """The media URL signing secret: the setting, or one kept in the data dir (so URLs survive a
+    restart of ``make run``)."""
+    if settings.media_signing_key:
+        return settings.media_signing_key.encode()
+    path = Path(settings.data_dir) / "media-signing.key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(32))
+        path.chmod(0o600)
+    return path.read_text().strip().encode()
+
+
+class GatewayApp:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.grpc_port = 0
+        self.http_port = 0
+        self.service: TaskService | None = None
+        self.hub: EventHub | None = None
+        self._server: grpc.aio.Server | None = None
+        self._runner: web.AppRunner | None = None
+        self._store: StoreClient | None = None
+        self._nc = None
+        self._health = None
+        self._closed = False
+
+    async def start(self) -> None:
+        s = self.settings
+        auth = Authenticator.from_settings(s.api_keys.get_secret_value(), s.api_keys_file)
+        if not auth.enabled:
+            for name, addr in (("CHARAI_GATEWAY_GRPC_ADDR", s.gateway_grpc_addr), ("CHARAI_GATEWAY_HTTP_ADDR", s.gateway_http_addr)):
+                if not is_loopback(addr):
+                    raise SystemExit(
+                        f"gateway: refusing to listen on {addr} ({name}) without client tokens; "
+                        "set CHARAI_API_KEYS or CHARAI_API_KEYS_FILE, or listen on 127.0.0.1"
+                    )
+            log.warning("auth_disabled", note="no CHARAI_API_KEYS: listening on loopback only, every caller is tenant 'default'")
+        topology = Topology(s.namespace)
+        self._nc = await natsconn.connect(s.nats_servers, "charai-gateway")
+        js = self._nc.jetstream()
+        bucket = await natsconn.ensure_media_bucket(js, topology, s.nats_replicas)
+        media = MediaStore(bucket)
+        self.hub = EventHub(self._nc, topology)
+        await self.hub.start()
+        self._store = StoreClient(s.task_store_addr, s.internal_token)
+        signer = UrlSigner(signing_key(s), s.media_url_ttl_seconds)
+        self.service = TaskService(
+            self._store,
+            self.hub,
+            signer,
+            lambda: s.base_url(self.http_port),
+            heartbeat_seconds=s.watch_heartbeat_seconds,
+            max_streams=s.max_watch_streams,
+            max_streams_per_tenant=s.max_watch_streams_per_tenant,
+        )
+        server = grpc.aio.server(
+            interceptors=[grpcsupport.ServerInterceptor(auth.grpc_check)],
+            options=grpcsupport.SERVER_OPTIONS,
+        )
+        task_service_pb2_grpc.add_TaskServiceServicer_to_server(self.service, server)
+        self._health = await grpcsupport.add_health_and_reflection(
+            server, [task_service_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name]
+        )
+        self.grpc_port = server.add_insecure_port(s.gateway_grpc_addr)
+        if self.grpc_port == 0:
+            raise SystemExit(f"gateway: cannot listen on {s.gateway_grpc_addr} (CHARAI_GATEWAY_GRPC_ADDR)")
+        await server.start()
+        self._server = server
+
+        app = web.Application(client_max_size=1024 * 1024)
+        app.add_routes(media_routes(media, signer))
+        app.add_routes(health_routes(lambda: self._nc is not None and self._nc.is_connected))
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        host, _, port = s.gateway_http_addr.rpartition(":")
+        site = web.TCPSite(self._runner, host, int(port), reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise SystemExit(f"gateway: cannot listen on {s.gateway_http_addr} (CHARAI_GATEWAY_HTTP_ADDR): {exc.strerror}") from None
+        server_sock = site._server.sockets[0]  # type: ignore[union-attr]
+        self.http_port = int(server_sock.getsockname()[1])
+        grpc_host = s.gateway_grpc_addr.rpartition(":")[0]
+        log.info(
+            "gateway_listening",
+            grpc=f"{grpc_host}:{self.grpc_port}",
+            http=f"{host}:{self.http_port}",
+            public_base_url=s.base_url(self.http_port),
+        )
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.service is not None:
+            self.service.stopping.set()  # watch streams end cleanly; clients resume elsewhere
+        if self._health is not None:
+            with contextlib.suppress(Exception):
+                await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(self.settings.shutdown_grace_seconds)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self.hub is not None:
+            await self.hub.close()
+        if self._store is not None:
+            await self._store.close()
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.drain()
+        log.info("gateway_stopped")
+
+    async def __aenter__(self) -> GatewayApp:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+async def serve(settings: Settings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with GatewayApp(settings):
+        await stop.wait()
+        log.info("gateway_draining")

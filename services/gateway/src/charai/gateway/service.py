@@ -1,0 +1,257 @@
+"""The public TaskService: authenticate, validate, forward to task_store, stream events.
+
+Every task leaving the gateway has its media references turned into signed capability URLs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+
+from charai.core import validation
+from charai.core.errors import LimitExceededError
+from charai.core.grpcsupport import principal
+from charai.core.media import MEDIA_URL_PREFIX, UrlSigner
+from charai.core.storeclient import StoreClient
+from charai.gateway.events import EventHub, Watcher
+from charai.store.v1 import store_service_pb2 as spb
+from charai.tasks.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
+
+Context = grpc.aio.ServicerContext[Any, Any]
+TERMINAL_EVENTS = {
+    task_pb2.TASK_EVENT_TYPE_COMPLETED,
+    task_pb2.TASK_EVENT_TYPE_FAILED,
+    task_pb2.TASK_EVENT_TYPE_CANCELLED,
+}
+TERMINAL_STATUSES = {task_pb2.TASK_STATUS_COMPLETED, task_pb2.TASK_STATUS_FAILED, task_pb2.TASK_STATUS_CANCELLED}
+HEAD = 2**62
+
+
+class TaskService(task_service_pb2_grpc.TaskServiceServicer):
+    def __init__(
+        self,
+        store: StoreClient,
+        hub: EventHub,
+        signer: UrlSigner,
+        base_url: Callable[[], str],
+        heartbeat_seconds: float = 5.0,
+        max_streams: int = 10_000,
+        max_streams_per_tenant: int = 2_000,
+    ) -> None:
+        self._store = store
+        self._hub = hub
+        self._signer = signer
+        self._base_url = base_url
+        self._heartbeat = heartbeat_seconds
+        self._max_streams = max_streams
+        self._max_per_tenant = max_streams_per_tenant
+        self.stopping = asyncio.Event()
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _kw(self, context: Context | None = None) -> dict[str, Any]:
+        remaining = context.time_remaining() if context is not None else None
+        return self._store.kw(timeout=min(remaining, 30.0) if remaining else 30.0)
+
+    def present(self, task: task_pb2.Task) -> task_pb2.Task:
+        """Turns internal media references into signed URLs (in place) and returns the task."""
+        base = self._base_url()
+        if task.HasField("image_result") and task.image_result.image_url.startswith(MEDIA_URL_PREFIX):
+            key = task.image_result.image_url[len(MEDIA_URL_PREFIX) :]
+            task.image_result.image_url = self._signer.sign(base, key)
+        if task.HasField("tts_result") and task.tts_result.audio_url.startswith(MEDIA_URL_PREFIX):
+            key = task.tts_result.audio_url[len(MEDIA_URL_PREFIX) :]
+            task.tts_result.audio_url = self._signer.sign(base, key)
+        return task
+
+    def _present_event(self, event: task_pb2.TaskEvent) -> task_pb2.TaskEvent:
+        if event.HasField("task"):
+            self.present(event.task)
+        return event
+
+    # -- unary -------------------------------------------------------------------------------
+    async def CreateTask(
+        self, request: task_service_pb2.CreateTaskRequest, context: Context
+    ) -> task_service_pb2.CreateTaskResponse:
+        validation.validate_create(request)
+        response = await self._store.stub.CreateTask(
+            spb.CreateTaskRequest(tenant=principal.get(), request=request), **self._kw(context)
+        )
+        return task_service_pb2.CreateTaskResponse(task=self.present(response.task))
+
+    async def GetTask(
+        self, request: task_service_pb2.GetTaskRequest, context: Context
+    ) -> task_service_pb2.GetTaskResponse:
+        validation.validate_task_id("id", request.id)
+        response = await self._store.stub.GetTask(
+            spb.GetTaskRequest(tenant=principal.get(), id=request.id), **self._kw(context)
+        )
+        return task_service_pb2.GetTaskResponse(task=self.present(response.task))
+
+    async def ListTasks(
+        self, request: task_service_pb2.ListTasksRequest, context: Context
+    ) -> task_service_pb2.ListTasksResponse:
+        validation.validate_list(request)
+        response = await self._store.stub.ListTasks(
+            spb.ListTasksRequest(tenant=principal.get(), request=request), **self._kw(context)
+        )
+        return task_service_pb2.ListTasksResponse(
+            tasks=[self.present(t) for t in response.tasks], next_page_token=response.next_page_token
+        )
+
+    async def CancelTask(
+        self, request: task_service_pb2.CancelTaskRequest, context: Context
+    ) -> task_service_pb2.CancelTaskResponse:
+        validation.validate_task_id("id", request.id)
+        response = await self._store.stub.CancelTask(
+            spb.CancelTaskRequest(tenant=principal.get(), id=request.id), **self._kw(context)
+        )
+        return task_service_pb2.CancelTaskResponse(task=self.present(response.task))
+
+    # -- streams -----------------------------------------------------------------------------
+    def _open(self, watcher: Watcher) -> None:
+        if self._hub.open_streams >= self._max_streams:
+            raise LimitExceededError(
+                f"this gateway has {self._max_streams} open watch streams (CHARAI_MAX_WATCH_STREAMS)",
+                limit="max_watch_streams",
+            )
+        if self._hub.tenant_streams(watcher.tenant) >= self._max_per_tenant:
+            raise LimitExceededError(
+                f"at most {self._max_per_tenant} open watch streams per tenant"
+                " (CHARAI_MAX_WATCH_STREAMS_PER_TENANT)",
+                limit="max_watch_streams_per_tenant",
+            )
+        self._hub.add(watcher)
+
+    async def _events(self, request: spb.ListEventsRequest) -> tuple[list[task_pb2.TaskEvent], int]:
+        """All events after ``request.after_sequence`` (paged), and the store's head sequence."""
+        events: list[task_pb2.TaskEvent] = []
+        while True:
+            response = await self._store.stub.ListEvents(request, **self._store.kw(30.0))
+            events.extend(response.events)
+            if len(response.events) < (request.limit or 500):
+                return events, response.head_sequence
+            request.after_sequence = response.events[-1].sequence
+
+    async def WatchTask(
+        self, request: task_service_pb2.WatchTaskRequest, context: Context
+    ) -> AsyncIterator[task_service_pb2.WatchTaskResponse]:
+        validation.validate_task_id("id", request.id)
+        if request.after_sequence < 0:
+            raise validation.RequestInvalidError([validation.Violation("after_sequence", "must not be negative")])
+        tenant = principal.get()
+        watcher = Watcher(tenant=tenant, task_id=request.id)
+        self._open(watcher)
+        try:
+            query = spb.ListEventsRequest(tenant=tenant, task_id=request.id, after_sequence=request.after_sequence)
+            if request.after_sequence == 0:
+                # The snapshot: the task as of its latest event (so resuming from it misses nothing).
+                current = await self._store.stub.GetTask(spb.GetTaskRequest(tenant=tenant, id=request.id), **self._kw())
+                history, _ = await self._events(query)
+                snapshot = task_pb2.TaskEvent(type=task_pb2.TASK_EVENT_TYPE_SNAPSHOT)
+                if history:
+                    snapshot.sequence = history[-1].sequence
+                    snapshot.task.CopyFrom(history[-1].task)
+                    snapshot.time.CopyFrom(history[-1].time)
+                    snapshot.task.queue_position = current.task.queue_position
+                else:
+                    snapshot.task.CopyFrom(current.task)
+                last = snapshot.sequence
+                yield task_service_pb2.WatchTaskResponse(event=self._present_event(snapshot))
+                if snapshot.task.status in TERMINAL_STATUSES:
+                    return
+            else:
+                await self._store.stub.GetTask(spb.GetTaskRequest(tenant=tenant, id=request.id), **self._kw())
+                last = request.after_sequence
+            async for event in self._follow(watcher, query, last, single_task=True):
+                yield task_service_pb2.WatchTaskResponse(event=event)
+                if event.type in TERMINAL_EVENTS:
+                    return
+        finally:
+            self._hub.remove(watcher)
+
+    async def WatchTasks(
+        self, request: task_service_pb2.WatchTasksRequest, context: Context
+    ) -> AsyncIterator[task_service_pb2.WatchTasksResponse]:
+        validation.validate_watch_filter(request.metadata, request.type, request.after_sequence)
+        tenant = principal.get()
+        watcher = Watcher(tenant=tenant, metadata=dict(request.metadata), task_type=request.type)
+        self._open(watcher)
+        try:
+            query = spb.ListEventsRequest(
+                tenant=tenant, metadata=request.metadata, type=request.type, after_sequence=request.after_sequence
+            )
+            last = request.after_sequence
+            if last == 0:
+                probe = spb.ListEventsRequest(tenant=tenant, task_id="", after_sequence=HEAD, limit=1)
+                _, last = await self._events(probe)
+            async for event in self._follow(watcher, query, last, single_task=False):
+                yield task_service_pb2.WatchTasksResponse(event=event)
+        finally:
+            self._hub.remove(watcher)
+
+    async def _follow(
+        self, watcher: Watcher, query: spb.ListEventsRequest, floor: int, *, single_task: bool
+    ) -> AsyncIterator[task_pb2.TaskEvent]:
+        """Replays the log after ``floor``, then follows live events, each exactly once and, per
+        task, in sequence order.
+
+        ``floor``: every event up to it has been delivered (or was not wanted). ``seen`` holds the
+        last delivered sequence of each task above the floor.
+        """
+        seen: dict[str, int] = {}
+
+        async def catch_up() -> AsyncIterator[task_pb2.TaskEvent]:
+            nonlocal floor
+            query.after_sequence = floor
+            events, head = await self._events(query)
+            for event in events:
+                if event.sequence > seen.get(event.task.id, floor):
+                    seen[event.task.id] = event.sequence
+                    yield self._present_event(event)
+            # Everything up to the head we read is now delivered; forget per-task marks below it.
+            floor = max(floor, events[-1].sequence if events else floor, head if not single_task else floor)
+            for task_id in [t for t, s in seen.items() if s <= floor]:
+                del seen[task_id]
+
+        async for event in catch_up():
+            yield event
+        while not self.stopping.is_set():
+            if watcher.lagged:
+                watcher.lagged = False
+                while not watcher.queue.empty():
+                    watcher.queue.get_nowait()
+                async for event in catch_up():
+                    yield event
+            try:
+                async with asyncio.timeout(self._heartbeat):
+                    env = await watcher.queue.get()
+            except TimeoutError:
+                delivered = False
+                async for event in catch_up():
+                    delivered = True
+                    yield event
+                if not delivered:
+                    heartbeat = task_pb2.TaskEvent(type=task_pb2.TASK_EVENT_TYPE_HEARTBEAT, sequence=floor)
+                    heartbeat.time.GetCurrentTime()
+                    yield heartbeat
+                continue
+            event = env.event
+            known = seen.get(event.task.id, floor)
+            if event.sequence <= known:
+                continue  # already delivered (replay or catch-up)
+            if env.prev_sequence > known:
+                # A gap: the previous event of this task never reached us live. Read the log.
+                async for caught in catch_up():
+                    yield caught
+                continue
+            seen[event.task.id] = event.sequence
+            if single_task:
+                floor = event.sequence
+                seen.clear()
+            yield self._present_event(event)
+        with contextlib.suppress(Exception):
+            pass

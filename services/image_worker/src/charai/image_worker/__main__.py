@@ -1,0 +1,20 @@
+"""``python -m charai.image_worker``"""
+
+from __future__ import annotations
+
+import asyncio
+
+from charai.core import logs, settings
+from charai.image_worker.app import build
+from charai.worker.app import serve
+from charai.worker.settings import ImageWorkerSettings
+
+
+def main() -> None:
+    config = settings.load(ImageWorkerSettings)
+    logs.configure("image_worker", config.log_level, config.log_format)
+    asyncio.run(serve(build(config)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""After-commit work: publish events in commit order, relay the outbox to JetStream, sweep for
+jobs that NATS lost. Each loop heals by itself after a NATS outage."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import structlog
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError as JsNotFoundError
+
+from charai.core.topology import Topology
+from charai.store.v1 import store_service_pb2 as spb
+from charai.task_store.store import OutboxRow, SqliteStore, tenant_token
+
+log = structlog.get_logger("dispatch")
+
+
+class EventPublisher:
+    """Publishes event envelopes on core NATS, in the order the store committed them.
+
+    Best effort by design: watchers fill any gap from the event log (the envelope carries the
+    previous sequence of the same task, so a gap is visible).
+    """
+
+    def __init__(self, nc: Client, topology: Topology) -> None:
+        self._nc = nc
+        self._topology = topology
+        self._queue: asyncio.Queue[spb.EventEnvelope] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self._task: asyncio.Task[None] | None = None
+
+    def submit_threadsafe(self, envelopes: list[spb.EventEnvelope]) -> None:
+        """Called from the database thread right after commit."""
+        for env in envelopes:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, env)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="event-publisher")
+
+    async def _run(self) -> None:
+        while True:
+            env = await self._queue.get()
+            subject = self._topology.event_subject(tenant_token(env.tenant), env.event.task.id)
+            try:
+                await self._nc.publish(subject, env.SerializeToString())
+                event_type = env.event.type
+                if event_type == 8:  # TASK_EVENT_TYPE_CANCELLED: tell the worker holding it
+                    notice = spb.CancelNotice(task_id=env.event.task.id)
+                    await self._nc.publish(self._topology.cancel_subject(env.event.task.id), notice.SerializeToString())
+            except Exception as exc:  # noqa: BLE001 - a lost live event is healed by the watchers' catch-up
+                log.warning("event_publish_failed", error=str(exc), seq=env.event.sequence)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            # Let queued events go out before we stop.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2):
+                    while not self._queue.empty():
+                        await asyncio.sleep(0.01)
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+
+class OutboxRelay:
+    """Publishes outbox rows to JetStream (``Nats-Msg-Id`` = task id and dispatch generation),
+    awaits each PubAck, then deletes the row. A crash in between re-publishes, and JetStream's
+    duplicate window (or the store's claim fencing) absorbs the repeat."""
+
+    def __init__(
+        self,
+        store: SqliteStore,
+        js: JetStreamContext,
+        topology: Topology,
+        redispatch_after: float,
+        sweep_interval: float,
+    ) -> None:
+        self._store = store
+        self._js = js
+        self._topology = topology
+        self._wake = asyncio.Event()
+        self._redispatch_after = redispatch_after
+        self._sweep_interval = sweep_interval
+        self._tasks: list[asyncio.Task[None]] = []
+        self._loop = asyncio.get_running_loop()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def wake_threadsafe(self) -> None:
+        self._loop.call_soon_threadsafe(self._wake.set)
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._relay(), name="outbox-relay"),
+            asyncio.create_task(self._sweep(), name="dispatch-sweeper"),
+        ]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+
+    async def _relay(self) -> None:
+        backoff = 0.1
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._wake.wait()
+            self._wake.clear()
+            try:
+                while rows := await self._store.pending_dispatches():
+                    await self._publish(rows)
+                backoff = 0.1
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - NATS down: keep the rows, try again
+                log.warning("outbox_publish_failed", error=str(exc), retry_in=backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                self._wake.set()
+
+    async def _publish(self, rows: list[OutboxRow]) -> None:
+        async def one(row: OutboxRow) -> tuple[OutboxRow, int]:
+            ack = await self._js.publish(
+                row.subject,
+                row.payload,
+                timeout=5.0,
+                headers={"Nats-Msg-Id": f"{row.task_id}:{row.dispatch_gen}"},
+            )
+            return row, int(ack.seq)
+
+        results = await asyncio.gather(*(one(r) for r in rows), return_exceptions=True)
+        sent = [r for r in results if isinstance(r, tuple)]
+        if sent:
+            await self._store.mark_dispatched(sent)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise errors[0]
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self._sweep_interval)
+            try:
+                await self.sweep_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - try again next round
+                log.warning("sweep_failed", error=str(exc))
+
+    async def sweep_once(self) -> int:
+        """Re-dispatches unfinished tasks whose job is no longer in the stream; returns how many."""
+        redispatched = 0
+        still_there: list[str] = []
+        for task_id, gen, seq in await self._store.stale_dispatches(self._redispatch_after):
+            if seq is not None and await self._job_in_stream(task_id, int(seq)):
+                still_there.append(task_id)
+                continue
+            if await self._store.redispatch(task_id, gen):
+                redispatched += 1
+                log.warning("job_redispatched", task_id=task_id, previous_gen=gen)
+        if still_there:
+            await self._store.touch_dispatch(still_there)
+        if redispatched:
+            self.wake()
+        return redispatched
+
+    async def _job_in_stream(self, task_id: str, seq: int) -> bool:
+        try:
+            msg = await self._js.get_msg(self._topology.jobs_stream, seq)
+        except JsNotFoundError:
+            return False
+        data = msg.data or b""
+        return spb.Job.FromString(data).task_id == task_id

