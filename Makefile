@@ -56,7 +56,7 @@ typecheck: install ## mypy --strict over every package
 check: proto-check lint typecheck ## Everything static: generated code, lint, types
 
 test: install ## Run every test (unit, integration with real NATS + gRPC, end-to-end through the stack)
-	$(PY) -m pytest -n 2 --dist loadgroup -q tests
+	$(PY) -m pytest -n 2 --dist loadfile -q tests
 
 test-unit: install ## Domain core only (fast, no I/O)
 	$(PY) -m pytest -q tests/unit

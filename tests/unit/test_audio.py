@@ -114,7 +114,9 @@ def test_extensible_pcm_is_accepted() -> None:
 # --------------------------------------------------------------------------- malformed wav
 
 
-def make_wav_with_fmt(tag: int = 1, bits: int = 16, channels: int = 1, pcm: bytes = b"\x00\x00" * 10) -> bytes:
+def make_wav_with_fmt(
+    tag: int = 1, bits: int = 16, channels: int = 1, pcm: bytes = b"\x00\x00" * 10
+) -> bytes:
     fmt = b"fmt " + struct.pack("<IHHIIHH", 16, tag, channels, RATE, RATE * 2, 2, bits)
     body = b"WAVE" + fmt + b"data" + struct.pack("<I", len(pcm)) + pcm
     return b"RIFF" + struct.pack("<I", len(body)) + body
@@ -215,10 +217,15 @@ def test_encode_mp3_stereo() -> None:
 def test_encode_mp3_drops_a_partial_frame(extra: int) -> None:
     pcm = tone(0.2)
     assert encode_mp3(pcm + b"\x7f" * extra, RATE, 1)[:4] == encode_mp3(pcm, RATE, 1)[:4]
-    assert mp3_info(encode_mp3(pcm + b"\x7f" * extra, RATE, 1)).frames == mp3_info(encode_mp3(pcm, RATE, 1)).frames
+    assert (
+        mp3_info(encode_mp3(pcm + b"\x7f" * extra, RATE, 1)).frames
+        == mp3_info(encode_mp3(pcm, RATE, 1)).frames
+    )
 
 
-@pytest.mark.parametrize(("pcm", "channels"), [(b"", 1), (b"\x00", 1), (b"\x00\x00", 3), (b"\x00\x00\x00", 2)])
+@pytest.mark.parametrize(
+    ("pcm", "channels"), [(b"", 1), (b"\x00", 1), (b"\x00\x00", 3), (b"\x00\x00\x00", 2)]
+)
 def test_encode_mp3_rejects_unusable_input(pcm: bytes, channels: int) -> None:
     with pytest.raises(BadAudioError):
         encode_mp3(pcm, RATE, channels)

@@ -8,24 +8,34 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import grpc
+from charai.tasks.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-
-from charai.tasks.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
 
 TERMINAL_EVENTS = {
     task_pb2.TASK_EVENT_TYPE_COMPLETED,
     task_pb2.TASK_EVENT_TYPE_FAILED,
     task_pb2.TASK_EVENT_TYPE_CANCELLED,
 }
-TERMINAL_STATUSES = {task_pb2.TASK_STATUS_COMPLETED, task_pb2.TASK_STATUS_FAILED, task_pb2.TASK_STATUS_CANCELLED}
-_RESUMABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED}
+TERMINAL_STATUSES = {
+    task_pb2.TASK_STATUS_COMPLETED,
+    task_pb2.TASK_STATUS_FAILED,
+    task_pb2.TASK_STATUS_CANCELLED,
+}
+_RESUMABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.CANCELLED,
+}
 
 
 class CharaiError(Exception):
     """A failed call, with the gRPC code and the names of any bad fields."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, fields: list[tuple[str, str]] | None = None) -> None:
+    def __init__(
+        self, code: grpc.StatusCode, message: str, fields: list[tuple[str, str]] | None = None
+    ) -> None:
         self.code = code
         self.message = message
         self.fields = fields or []
@@ -203,7 +213,8 @@ class CharaiClient:
                         last = max(last, event.sequence)
                     yield event
                     if event.type in TERMINAL_EVENTS or (
-                        event.type == task_pb2.TASK_EVENT_TYPE_SNAPSHOT and event.task.status in TERMINAL_STATUSES
+                        event.type == task_pb2.TASK_EVENT_TYPE_SNAPSHOT
+                        and event.task.status in TERMINAL_STATUSES
                     ):
                         return
                 # The stream ended without the terminal event (e.g. the gateway is draining): resume.
@@ -216,7 +227,9 @@ class CharaiClient:
                     raise CharaiError.from_rpc(exc) from None
                 failures += 1
                 if failures > self._reconnect_attempts:
-                    raise WatchResumeError(f"gave up resuming after {failures} attempts: {exc.details()}") from None
+                    raise WatchResumeError(
+                        f"gave up resuming after {failures} attempts: {exc.details()}"
+                    ) from None
                 await asyncio.sleep(min(2.0, 0.1 * 2**failures))
             finally:
                 call.cancel()
@@ -229,7 +242,11 @@ class CharaiClient:
         failures = 0
         while True:
             call = self._stub.WatchTasks(
-                task_service_pb2.WatchTasksRequest(metadata=dict(metadata), type=task_type, after_sequence=last),  # type: ignore[arg-type]
+                task_service_pb2.WatchTasksRequest(
+                    metadata=dict(metadata),
+                    type=task_type,  # type: ignore[arg-type]
+                    after_sequence=last,
+                ),
                 metadata=self._metadata,
             )
             try:
@@ -244,7 +261,9 @@ class CharaiClient:
                     raise CharaiError.from_rpc(exc) from None
                 failures += 1
                 if failures > self._reconnect_attempts:
-                    raise WatchResumeError(f"gave up resuming after {failures} attempts: {exc.details()}") from None
+                    raise WatchResumeError(
+                        f"gave up resuming after {failures} attempts: {exc.details()}"
+                    ) from None
                 await asyncio.sleep(min(2.0, 0.1 * 2**failures))
             finally:
                 call.cancel()

@@ -9,14 +9,13 @@ from typing import Any
 
 import grpc
 import structlog
+from charai.core.errors import DOMAIN, CharaiError
+from charai.core.validation import RequestInvalidError
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
-
-from charai.core.errors import DOMAIN, CharaiError
-from charai.core.validation import RequestInvalidError
 
 log = structlog.get_logger("grpc")
 
@@ -65,7 +64,7 @@ async def abort_for(context: grpc.aio.ServicerContext[Any, Any], exc: BaseExcept
 Handler = Callable[..., Any]
 
 
-class ServerInterceptor(grpc.aio.ServerInterceptor):
+class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """One behaviour for every RPC: bind log context, translate errors, one canonical log line.
 
     ``authenticate`` (optional) maps the invocation metadata to a principal or raises
@@ -82,9 +81,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Any:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or method.startswith(self._skip):
@@ -112,7 +111,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 code = "OK"
                 try:
                     begin(context)
-                    return await inner(request, context)
+                    return await inner(request, context)  # type: ignore[arg-type]
                 except BaseException as exc:
                     code = _code_name(exc, context)
                     await abort_for(context, exc)
@@ -134,7 +133,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 sent = 0
                 try:
                     begin(context)
-                    async for item in inner_stream(request, context):
+                    async for item in inner_stream(request, context):  # type: ignore[arg-type,attr-defined]
                         sent += 1
                         yield item
                 except BaseException as exc:

@@ -6,12 +6,11 @@ from typing import Any
 
 import nats
 import structlog
+from charai.core.topology import Topology
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import BadRequestError, NotFoundError
-
-from charai.core.topology import Topology
 
 log = structlog.get_logger("nats")
 

@@ -29,7 +29,9 @@ class CommonSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="CHARAI_", extra="ignore", frozen=True)
 
-    nats_url: str = Field(default="nats://127.0.0.1:4222", description="NATS with JetStream (comma-separated seeds)")
+    nats_url: str = Field(
+        default="nats://127.0.0.1:4222", description="NATS with JetStream (comma-separated seeds)"
+    )
     task_store_addr: str = "127.0.0.1:50052"
     data_dir: Path = Path("./.data")
     log_level: str = "info"
@@ -43,6 +45,8 @@ class CommonSettings(BaseSettings):
     #: Secret that signs media URLs (gateway) — also known to nobody else.
     media_signing_key: str = Field(default="", repr=False)
     shutdown_grace_seconds: float = Field(default=10.0, gt=0)
+    #: The image model; gateways and task_store check sizes against its documented bounds.
+    image_model: str = "glm-image"
 
     @field_validator("task_store_addr")
     @classmethod

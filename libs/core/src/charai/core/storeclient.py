@@ -6,7 +6,6 @@ import json
 from typing import Any
 
 import grpc
-
 from charai.store.v1 import store_service_pb2_grpc
 
 # Calls wait for task_store to be reachable (it may be restarting) and are retried on UNAVAILABLE.

@@ -6,8 +6,11 @@ import dataclasses
 
 from charai.tasks.v1 import task_pb2
 
-KIND_BY_TYPE = {task_pb2.TASK_TYPE_IMAGE_GENERATION: "image", task_pb2.TASK_TYPE_TTS_GENERATION: "tts"}
-LANE_BY_PRIORITY = {
+KIND_BY_TYPE: dict[int, str] = {
+    task_pb2.TASK_TYPE_IMAGE_GENERATION: "image",
+    task_pb2.TASK_TYPE_TTS_GENERATION: "tts",
+}
+LANE_BY_PRIORITY: dict[int, str] = {
     task_pb2.PRIORITY_HIGH: "high",
     task_pb2.PRIORITY_NORMAL: "normal",
     task_pb2.PRIORITY_LOW: "low",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Mapping
 
 from charai.tasks.v1 import task_pb2, task_service_pb2
 
@@ -22,8 +23,10 @@ MAX_METADATA_VALUE_CHARS = 512
 MAX_METADATA_BYTES = 8192
 MAX_REQUEST_ID_CHARS = 128
 MAX_PAGE_SIZE = 500
-MIN_SIDE, MAX_SIDE, MAX_PIXELS = 512, 2048, 2**22
-CALLBACK_TYPES = {
+#: Custom image sizes each model accepts (zhipu-api.md): (min side, max side, multiple of, max pixels).
+SIZE_RULES = {"glm-image": (1024, 2048, 32, 2**22)}
+DEFAULT_SIZE_RULE = (512, 2048, 16, 2**21)
+CALLBACK_TYPES: dict[int, tuple[str, ...]] = {
     task_pb2.TASK_TYPE_IMAGE_GENERATION: ("character_view", "character_costume"),
     task_pb2.TASK_TYPE_TTS_GENERATION: ("character_voice",),
 }
@@ -83,21 +86,26 @@ class _Checker:
             raise RequestInvalidError(self.violations)
 
 
-def parse_resolution(value: str) -> tuple[int, int] | None:
-    """``"1024x1024"`` → (1024, 1024); None when malformed or outside the provider's bounds."""
+def size_rule(model: str) -> tuple[int, int, int, int]:
+    return SIZE_RULES.get(model, DEFAULT_SIZE_RULE)
+
+
+def parse_resolution(value: str, model: str = "glm-image") -> tuple[int, int] | None:
+    """``"1024x1024"`` → (1024, 1024); None when malformed or outside the model's documented bounds."""
     match = _RESOLUTION.match(value)
     if not match:
         return None
     width, height = int(match.group(1)), int(match.group(2))
-    if not (MIN_SIDE <= width <= MAX_SIDE and MIN_SIDE <= height <= MAX_SIDE):
+    low, high, multiple, pixels = size_rule(model)
+    if not (low <= width <= high and low <= height <= high):
         return None
-    if width * height > MAX_PIXELS or width % 16 or height % 16:
+    if width * height > pixels or width % multiple or height % multiple:
         return None
     return width, height
 
 
-def validate_metadata(c: _Checker, field: str, metadata: dict[str, str] | object) -> None:
-    items = dict(metadata)  # type: ignore[call-overload]
+def validate_metadata(c: _Checker, field: str, metadata: Mapping[str, str]) -> None:
+    items = dict(metadata)
     if len(items) > MAX_METADATA_ENTRIES:
         c.add(field, f"must have at most {MAX_METADATA_ENTRIES} entries (got {len(items)})")
         return
@@ -105,7 +113,10 @@ def validate_metadata(c: _Checker, field: str, metadata: dict[str, str] | object
     for key, value in items.items():
         total += len(key.encode("utf-8", "surrogatepass")) + len(value.encode("utf-8", "surrogatepass"))
         if not _KEY.match(key):
-            c.add(f"{field}[{key[:40]!r}]", "key must start with a letter and use letters, digits, '_', '-', '.'")
+            c.add(
+                f"{field}[{key[:40]!r}]",
+                "key must start with a letter and use letters, digits, '_', '-', '.'",
+            )
         elif len(value) > MAX_METADATA_VALUE_CHARS:
             c.add(f"{field}[{key}]", f"value must be at most {MAX_METADATA_VALUE_CHARS} characters")
         elif _CONTROL.search(value):
@@ -125,8 +136,11 @@ def _callback(c: _Checker, field: str, cb: task_pb2.Callback, task_type: int, ha
     c.ident(f"{field}.costume_id", cb.costume_id, required=False)
 
 
-def validate_create(req: task_service_pb2.CreateTaskRequest) -> None:
-    """Raises :class:`RequestInvalidError` naming every bad field of a CreateTaskRequest."""
+def validate_create(req: task_service_pb2.CreateTaskRequest, image_model: str = "glm-image") -> None:
+    """Raises :class:`RequestInvalidError` naming every bad field of a CreateTaskRequest.
+
+    ``image_model`` (the ``CHARAI_IMAGE_MODEL`` setting) decides which sizes are valid.
+    """
     c = _Checker()
     kind = req.WhichOneof("payload")
     if req.type not in CALLBACK_TYPES:
@@ -143,12 +157,15 @@ def validate_create(req: task_service_pb2.CreateTaskRequest) -> None:
         p = req.image
         c.ident("image.character_id", p.character_id, required=True)
         c.text("image.character_name", p.character_name, required=False, max_chars=MAX_NAME_CHARS)
-        c.text("image.prompt", p.prompt, required=True, max_chars=MAX_PROMPT_CHARS, max_bytes=MAX_PROMPT_BYTES)
-        if p.resolution and parse_resolution(p.resolution) is None:
+        c.text(
+            "image.prompt", p.prompt, required=True, max_chars=MAX_PROMPT_CHARS, max_bytes=MAX_PROMPT_BYTES
+        )
+        if p.resolution and parse_resolution(p.resolution, image_model) is None:
+            low, high, multiple, pixels = size_rule(image_model)
             c.add(
                 "image.resolution",
-                f"must be WxH with each side {MIN_SIDE}-{MAX_SIDE} px, divisible by 16, "
-                f"at most {MAX_PIXELS} pixels (e.g. 1024x1024)",
+                f"must be WxH with each side {low}-{high} px, a multiple of {multiple}, "
+                f"at most {pixels} pixels in all, for model {image_model} (e.g. 1024x1024)",
             )
         c.ident("image.view_type", p.view_type, required=False)
         c.ident("image.costume_id", p.costume_id, required=False)
@@ -157,7 +174,9 @@ def validate_create(req: task_service_pb2.CreateTaskRequest) -> None:
         t = req.tts
         c.ident("tts.character_id", t.character_id, required=True)
         c.text("tts.character_name", t.character_name, required=False, max_chars=MAX_NAME_CHARS)
-        c.text("tts.text", t.text, required=True, max_chars=MAX_TTS_TEXT_CHARS, max_bytes=4 * MAX_TTS_TEXT_CHARS)
+        c.text(
+            "tts.text", t.text, required=True, max_chars=MAX_TTS_TEXT_CHARS, max_bytes=4 * MAX_TTS_TEXT_CHARS
+        )
         c.ident("tts.voice_style", t.voice_style, required=True)
         if t.HasField("speed") and not (math.isfinite(t.speed) and 0.5 <= t.speed <= 2.0):
             c.add("tts.speed", "must be between 0.5 and 2")
@@ -193,7 +212,7 @@ def validate_list(req: task_service_pb2.ListTasksRequest) -> None:
     c.raise_if_any()
 
 
-def validate_watch_filter(metadata: object, task_type: int, after_sequence: int) -> None:
+def validate_watch_filter(metadata: Mapping[str, str], task_type: int, after_sequence: int) -> None:
     c = _Checker()
     validate_metadata(c, "metadata", metadata)
     if task_type not in task_pb2.TaskType.values():

@@ -8,7 +8,6 @@ import signal
 
 import aiohttp
 import structlog
-
 from charai.core import natsconn
 from charai.core.media import MediaStore
 from charai.core.storeclient import StoreClient
@@ -17,6 +16,7 @@ from charai.worker.context import Handler
 from charai.worker.http import ProviderConfig, ProviderHttp
 from charai.worker.runtime import JobRunner, RunnerConfig
 from charai.worker.settings import WorkerSettings
+from nats.aio.client import Client
 
 log = structlog.get_logger("worker")
 
@@ -25,7 +25,12 @@ class WorkerApp:
     """One worker process: ``async with WorkerApp(...)`` runs it until closed."""
 
     def __init__(
-        self, settings: WorkerSettings, kind: str, handler: Handler, provider: ProviderConfig, concurrency: int
+        self,
+        settings: WorkerSettings,
+        kind: str,
+        handler: Handler,
+        provider: ProviderConfig,
+        concurrency: int,
     ) -> None:
         self.settings = settings
         self._kind = kind
@@ -33,7 +38,7 @@ class WorkerApp:
         self._provider_config = provider
         self._concurrency = concurrency
         self.runner: JobRunner | None = None
-        self._nc = None
+        self._nc: Client | None = None
         self._session: aiohttp.ClientSession | None = None
         self._store: StoreClient | None = None
         self._closed = False

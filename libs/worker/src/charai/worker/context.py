@@ -14,7 +14,15 @@ from charai.core.media import MEDIA_URL_PREFIX
 from charai.tasks.v1 import task_pb2
 from charai.worker.http import ProviderHttp
 
-__all__ = ["MEDIA_URL_PREFIX", "Handler", "JobAbortedError", "JobContext", "MediaRef", "Result", "advancing_progress"]
+__all__ = [
+    "MEDIA_URL_PREFIX",
+    "Handler",
+    "JobAbortedError",
+    "JobContext",
+    "MediaRef",
+    "Result",
+    "advancing_progress",
+]
 
 
 class JobAbortedError(Exception):

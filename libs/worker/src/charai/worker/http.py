@@ -17,7 +17,6 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import structlog
-
 from charai.core.domain import errors
 from charai.core.domain.errors import ProviderFailure
 
@@ -89,7 +88,7 @@ class ProviderGate:
         return max(0.0, self._open_at - time.monotonic())
 
     async def wait(self) -> None:
-        while (delay := self.closed_for) > 0:
+        while (delay := self.closed_for) > 0:  # noqa: ASYNC110 - the deadline moves when another 429 arrives
             # Spread the waiters over a short window instead of releasing them together.
             await asyncio.sleep(delay + random.uniform(0, min(1.0, delay)))
 
@@ -97,7 +96,9 @@ class ProviderGate:
 class ProviderHttp:
     """Calls one provider over one aiohttp session."""
 
-    def __init__(self, session: aiohttp.ClientSession, config: ProviderConfig, gate: ProviderGate | None = None):
+    def __init__(
+        self, session: aiohttp.ClientSession, config: ProviderConfig, gate: ProviderGate | None = None
+    ):
         self._session = session
         self.config = config
         self.gate = gate or ProviderGate()
@@ -134,7 +135,9 @@ class ProviderHttp:
         await check_url(url, allow_private=self.config.allow_private_urls)
         response = await self._fetch("GET", url, {"User-Agent": "charai-worker/0.1"}, None, timeout)
         if response.status != 200:
-            raise ProviderError(errors.bad_response(f"media download answered HTTP {response.status}", response.status))
+            raise ProviderError(
+                errors.bad_response(f"media download answered HTTP {response.status}", response.status)
+            )
         return response
 
     async def _fetch(
@@ -169,7 +172,9 @@ class ProviderHttp:
                 code = str(error.get("code") or "")
                 message = str(error.get("message") or "")[:500]
                 error_type = str(error.get("type") or "")
-        retry_after = errors.parse_retry_after(response.headers.get("retry-after"), response.headers.get("retry-after-ms"))
+        retry_after = errors.parse_retry_after(
+            response.headers.get("retry-after"), response.headers.get("retry-after-ms")
+        )
         if 300 <= response.status < 400:
             return errors.bad_response(f"unexpected redirect (HTTP {response.status})", response.status)
         return errors.classify_http(
@@ -203,8 +208,17 @@ async def _chunks(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
 _BLOCKED = [
     ipaddress.ip_network(n)
     for n in (
-        "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
-        "192.168.0.0/16", "::1/128", "fc00::/7", "fe80::/10", "::ffff:0:0/96",
+        "0.0.0.0/8",
+        "10.0.0.0/8",
+        "100.64.0.0/10",
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "::1/128",
+        "fc00::/7",
+        "fe80::/10",
+        "::ffff:0:0/96",
     )
 ]
 

@@ -10,6 +10,7 @@ to ``on_message``; status messages (404 no messages, 408 expired, 409) only end 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Callable
 
@@ -54,10 +55,8 @@ class Lane:
     async def close(self) -> None:
         for sub in (self._probe_sub, self._poll_sub):
             if sub is not None:
-                try:
+                with contextlib.suppress(Exception):  # the connection may be closed already
                     await sub.unsubscribe()
-                except Exception:  # noqa: BLE001,S110 - connection already closed
-                    pass
         if self._probe_done is not None and not self._probe_done.done():
             self._probe_done.set_result(self._probe_got)
 

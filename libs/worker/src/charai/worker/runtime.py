@@ -21,12 +21,6 @@ from typing import Any
 
 import grpc
 import structlog
-from nats.aio.client import Client
-from nats.aio.msg import Msg
-from nats.js import JetStreamContext
-from nats.js import api as js_api
-from nats.js.errors import BadRequestError
-
 from charai.core.domain.errors import ErrorKind
 from charai.core.domain.states import Stage
 from charai.core.media import MediaStore, media_key
@@ -37,6 +31,11 @@ from charai.tasks.v1 import task_pb2
 from charai.worker.context import Handler, JobAbortedError, MediaRef, Result
 from charai.worker.http import ProviderError, ProviderHttp
 from charai.worker.lanes import Lane
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from nats.js.errors import BadRequestError
 
 log = structlog.get_logger("worker")
 
@@ -144,7 +143,9 @@ class JobRunner:
         stream = self._topology.jobs_stream
         for rank, lane_name in enumerate(LANES):
             consumer = self._topology.consumer(self.config.kind, lane_name)
-            await self._ensure_consumer(stream, consumer, self._topology.lane_subject(self.config.kind, lane_name))
+            await self._ensure_consumer(
+                stream, consumer, self._topology.lane_subject(self.config.kind, lane_name)
+            )
             lane = Lane(self._nc, stream, consumer, lane_name, rank, self._on_message, self._wake.set)
             await lane.start()
             self._lanes.append(lane)
@@ -212,7 +213,9 @@ class JobRunner:
     # -- scheduling --------------------------------------------------------------------------
     def _on_message(self, lane: Lane, msg: Msg) -> None:
         if self._stopping:
-            asyncio.ensure_future(msg.nak())
+            task = asyncio.create_task(msg.nak())
+            self._job_tasks.add(task)
+            task.add_done_callback(self._job_tasks.discard)
             return
         if len(self._job_tasks) < self.config.concurrency:
             self._spawn(lane, msg)
@@ -258,7 +261,7 @@ class JobRunner:
                         await self._wake.wait()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - NATS reconnecting: wait and go on
+            except Exception as exc:
                 log.warning("schedule_failed", error=str(exc))
                 await asyncio.sleep(0.5)
 
@@ -297,7 +300,7 @@ class JobRunner:
     async def _on_cancel(self, msg: Msg) -> None:
         try:
             notice = spb.CancelNotice.FromString(msg.data)
-        except Exception:  # noqa: BLE001
+        except Exception:
             return
         running = self._running.get(notice.task_id)
         if running is not None:
@@ -310,14 +313,16 @@ class JobRunner:
         structlog.contextvars.bind_contextvars(lane=lane.name)
         try:
             job = spb.Job.FromString(msg.data)
-        except Exception:  # noqa: BLE001 - not a job of ours: drop it for good
+        except Exception:
             await msg.term()
             log.warning("job_unparseable")
             return
         structlog.contextvars.bind_contextvars(task_id=job.task_id)
         try:
             claim = await self._store.stub.ClaimTask(
-                spb.ClaimTaskRequest(task_id=job.task_id, dispatch_gen=job.dispatch_gen, worker_id=self.config.worker_id),
+                spb.ClaimTaskRequest(
+                    task_id=job.task_id, dispatch_gen=job.dispatch_gen, worker_id=self.config.worker_id
+                ),
                 **self._store.kw(),
             )
         except grpc.aio.AioRpcError as exc:
@@ -375,7 +380,7 @@ class JobRunner:
                 provider_code=f.provider_code,
             )
             return await self._fail(running, error, f.retry_after)
-        except Exception as exc:  # noqa: BLE001 - a bug in a handler must not lose the task
+        except Exception as exc:
             log.exception("handler_crashed")
             error = task_pb2.TaskError(
                 code=int(ErrorKind.INTERNAL),  # type: ignore[arg-type]
@@ -402,7 +407,10 @@ class JobRunner:
 
     async def _fail(self, running: _Running, error: task_pb2.TaskError, retry_after: float | None) -> str:
         request = spb.FailTaskRequest(
-            task_id=running.task_id, attempt=running.attempt, error=error, retry_after_seconds=retry_after or 0.0
+            task_id=running.task_id,
+            attempt=running.attempt,
+            error=error,
+            retry_after_seconds=retry_after or 0.0,
         )
         try:
             response = await self._store.stub.FailTask(request, **self._store.kw())
@@ -422,5 +430,5 @@ class JobRunner:
 def _delivered(msg: Msg) -> int:
     try:
         return int(msg.metadata.num_delivered)
-    except Exception:  # noqa: BLE001
+    except Exception:
         return 0

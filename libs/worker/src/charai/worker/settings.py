@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 import socket
 
-from pydantic import Field, SecretStr
-
 from charai.core.settings import ZHIPU_BASE_URL, CommonSettings
+from pydantic import Field, SecretStr
 
 
 class WorkerSettings(CommonSettings):
@@ -23,7 +22,6 @@ class WorkerSettings(CommonSettings):
 class ImageWorkerSettings(WorkerSettings):
     image_api_base_url: str = ZHIPU_BASE_URL
     image_api_key: SecretStr = SecretStr("")
-    image_model: str = "glm-image"
     image_concurrency: int = Field(default=64, ge=1, le=10_000)
     image_timeout_seconds: float = Field(default=180.0, gt=0)
     #: "auto" uses GLM-Image's async endpoint (real progress); "sync" always the plain endpoint.

@@ -11,7 +11,6 @@ from pathlib import Path
 import grpc
 import structlog
 from aiohttp import web
-
 from charai.core import grpcsupport, natsconn
 from charai.core.media import MediaStore, UrlSigner
 from charai.core.storeclient import StoreClient
@@ -22,6 +21,7 @@ from charai.gateway.http import health_routes, media_routes
 from charai.gateway.service import TaskService
 from charai.gateway.settings import Settings
 from charai.tasks.v1 import task_service_pb2, task_service_pb2_grpc
+from nats.aio.client import Client
 
 log = structlog.get_logger("gateway")
 
@@ -49,7 +49,7 @@ class GatewayApp:
         self._server: grpc.aio.Server | None = None
         self._runner: web.AppRunner | None = None
         self._store: StoreClient | None = None
-        self._nc = None
+        self._nc: Client | None = None
         self._health = None
         self._closed = False
 
@@ -57,13 +57,19 @@ class GatewayApp:
         s = self.settings
         auth = Authenticator.from_settings(s.api_keys.get_secret_value(), s.api_keys_file)
         if not auth.enabled:
-            for name, addr in (("CHARAI_GATEWAY_GRPC_ADDR", s.gateway_grpc_addr), ("CHARAI_GATEWAY_HTTP_ADDR", s.gateway_http_addr)):
+            for name, addr in (
+                ("CHARAI_GATEWAY_GRPC_ADDR", s.gateway_grpc_addr),
+                ("CHARAI_GATEWAY_HTTP_ADDR", s.gateway_http_addr),
+            ):
                 if not is_loopback(addr):
                     raise SystemExit(
                         f"gateway: refusing to listen on {addr} ({name}) without client tokens; "
                         "set CHARAI_API_KEYS or CHARAI_API_KEYS_FILE, or listen on 127.0.0.1"
                     )
-            log.warning("auth_disabled", note="no CHARAI_API_KEYS: listening on loopback only, every caller is tenant 'default'")
+            log.warning(
+                "auth_disabled",
+                note="no CHARAI_API_KEYS: listening on loopback only, every caller is tenant 'default'",
+            )
         topology = Topology(s.namespace)
         self._nc = await natsconn.connect(s.nats_servers, "charai-gateway")
         js = self._nc.jetstream()
@@ -81,6 +87,7 @@ class GatewayApp:
             heartbeat_seconds=s.watch_heartbeat_seconds,
             max_streams=s.max_watch_streams,
             max_streams_per_tenant=s.max_watch_streams_per_tenant,
+            image_model=s.image_model,
         )
         server = grpc.aio.server(
             interceptors=[grpcsupport.ServerInterceptor(auth.grpc_check)],
@@ -106,7 +113,9 @@ class GatewayApp:
         try:
             await site.start()
         except OSError as exc:
-            raise SystemExit(f"gateway: cannot listen on {s.gateway_http_addr} (CHARAI_GATEWAY_HTTP_ADDR): {exc.strerror}") from None
+            raise SystemExit(
+                f"gateway: cannot listen on {s.gateway_http_addr} (CHARAI_GATEWAY_HTTP_ADDR): {exc.strerror}"
+            ) from None
         server_sock = site._server.sockets[0]  # type: ignore[union-attr]
         self.http_port = int(server_sock.getsockname()[1])
         grpc_host = s.gateway_grpc_addr.rpartition(":")[0]

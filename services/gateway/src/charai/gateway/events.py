@@ -12,11 +12,10 @@ import dataclasses
 from collections.abc import Mapping
 
 import structlog
-from nats.aio.client import Client
-from nats.aio.msg import Msg
-
 from charai.core.topology import Topology
 from charai.store.v1 import store_service_pb2 as spb
+from nats.aio.client import Client
+from nats.aio.msg import Msg
 
 log = structlog.get_logger("events")
 QUEUE_LIMIT = 1024
@@ -30,7 +29,9 @@ class Watcher:
     task_id: str = ""
     metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
     task_type: int = 0
-    queue: asyncio.Queue[spb.EventEnvelope] = dataclasses.field(default_factory=lambda: asyncio.Queue(QUEUE_LIMIT))
+    queue: asyncio.Queue[spb.EventEnvelope] = dataclasses.field(
+        default_factory=lambda: asyncio.Queue(QUEUE_LIMIT)
+    )
     #: Set when the queue overflowed: the stream must re-read the event log.
     lagged: bool = False
 
@@ -63,7 +64,9 @@ class EventHub:
         self._sub: object | None = None
 
     async def start(self) -> None:
-        self._sub = await self._nc.subscribe(self._topology.events_wildcard, cb=self._on_msg, pending_msgs_limit=500_000)
+        self._sub = await self._nc.subscribe(
+            self._topology.events_wildcard, cb=self._on_msg, pending_msgs_limit=500_000
+        )
 
     async def close(self) -> None:
         if self._sub is not None:
@@ -103,7 +106,7 @@ class EventHub:
     async def _on_msg(self, msg: Msg) -> None:
         try:
             env = spb.EventEnvelope.FromString(msg.data)
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.warning("event_unparseable", subject=msg.subject)
             return
         for watcher in self._by_task.get(env.event.task.id, ()):

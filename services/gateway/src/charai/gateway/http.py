@@ -6,7 +6,6 @@ import re
 from collections.abc import Callable
 
 from aiohttp import web
-
 from charai.core.media import MediaStore, UrlSigner, content_type_of, valid_key
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
@@ -19,10 +18,14 @@ def media_routes(media: MediaStore, signer: UrlSigner) -> list[web.RouteDef]:
         sig = request.query.get("sig", "")
         if not valid_key(key) or not signer.verify(key, exp, sig):
             # One answer for unknown, tampered and expired links: nothing to learn from it.
-            return web.json_response({"error": {"code": "FORBIDDEN", "message": "invalid or expired media link"}}, status=403)
+            return web.json_response(
+                {"error": {"code": "FORBIDDEN", "message": "invalid or expired media link"}}, status=403
+            )
         data = await media.get(key)
         if data is None:
-            return web.json_response({"error": {"code": "NOT_FOUND", "message": "media not found"}}, status=404)
+            return web.json_response(
+                {"error": {"code": "NOT_FOUND", "message": "media not found"}}, status=404
+            )
         headers = {
             "Accept-Ranges": "bytes",
             "Cache-Control": "private, max-age=3600",

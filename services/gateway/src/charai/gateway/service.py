@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
-
 from charai.core import validation
 from charai.core.errors import LimitExceededError
 from charai.core.grpcsupport import principal
@@ -27,7 +26,11 @@ TERMINAL_EVENTS = {
     task_pb2.TASK_EVENT_TYPE_FAILED,
     task_pb2.TASK_EVENT_TYPE_CANCELLED,
 }
-TERMINAL_STATUSES = {task_pb2.TASK_STATUS_COMPLETED, task_pb2.TASK_STATUS_FAILED, task_pb2.TASK_STATUS_CANCELLED}
+TERMINAL_STATUSES = {
+    task_pb2.TASK_STATUS_COMPLETED,
+    task_pb2.TASK_STATUS_FAILED,
+    task_pb2.TASK_STATUS_CANCELLED,
+}
 HEAD = 2**62
 
 
@@ -41,8 +44,10 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
         heartbeat_seconds: float = 5.0,
         max_streams: int = 10_000,
         max_streams_per_tenant: int = 2_000,
+        image_model: str = "glm-image",
     ) -> None:
         self._store = store
+        self._image_model = image_model
         self._hub = hub
         self._signer = signer
         self._base_url = base_url
@@ -76,7 +81,7 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
     async def CreateTask(
         self, request: task_service_pb2.CreateTaskRequest, context: Context
     ) -> task_service_pb2.CreateTaskResponse:
-        validation.validate_create(request)
+        validation.validate_create(request, self._image_model)
         response = await self._store.stub.CreateTask(
             spb.CreateTaskRequest(tenant=principal.get(), request=request), **self._kw(context)
         )
@@ -141,15 +146,21 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
     ) -> AsyncIterator[task_service_pb2.WatchTaskResponse]:
         validation.validate_task_id("id", request.id)
         if request.after_sequence < 0:
-            raise validation.RequestInvalidError([validation.Violation("after_sequence", "must not be negative")])
+            raise validation.RequestInvalidError(
+                [validation.Violation("after_sequence", "must not be negative")]
+            )
         tenant = principal.get()
         watcher = Watcher(tenant=tenant, task_id=request.id)
         self._open(watcher)
         try:
-            query = spb.ListEventsRequest(tenant=tenant, task_id=request.id, after_sequence=request.after_sequence)
+            query = spb.ListEventsRequest(
+                tenant=tenant, task_id=request.id, after_sequence=request.after_sequence
+            )
             if request.after_sequence == 0:
                 # The snapshot: the task as of its latest event (so resuming from it misses nothing).
-                current = await self._store.stub.GetTask(spb.GetTaskRequest(tenant=tenant, id=request.id), **self._kw())
+                current = await self._store.stub.GetTask(
+                    spb.GetTaskRequest(tenant=tenant, id=request.id), **self._kw()
+                )
                 history, _ = await self._events(query)
                 snapshot = task_pb2.TaskEvent(type=task_pb2.TASK_EVENT_TYPE_SNAPSHOT)
                 if history:
@@ -182,7 +193,10 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
         self._open(watcher)
         try:
             query = spb.ListEventsRequest(
-                tenant=tenant, metadata=request.metadata, type=request.type, after_sequence=request.after_sequence
+                tenant=tenant,
+                metadata=request.metadata,
+                type=request.type,
+                after_sequence=request.after_sequence,
             )
             last = request.after_sequence
             if last == 0:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
-
 from charai.core.settings import CommonSettings, check_addr
+from pydantic import Field, SecretStr, field_validator
 
 
 class Settings(CommonSettings):

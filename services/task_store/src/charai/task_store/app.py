@@ -9,7 +9,6 @@ from pathlib import Path
 
 import grpc
 import structlog
-
 from charai.core import grpcsupport, natsconn
 from charai.core.domain.retry import RetryPolicy
 from charai.core.topology import Topology
@@ -18,6 +17,7 @@ from charai.task_store.dispatch import EventPublisher, OutboxRelay
 from charai.task_store.grpc_api import TaskStoreServicer, internal_auth
 from charai.task_store.settings import Settings
 from charai.task_store.store import SqliteStore, StoreConfig
+from nats.aio.client import Client
 
 log = structlog.get_logger("task_store")
 
@@ -33,7 +33,7 @@ class TaskStoreApp:
         self._server: grpc.aio.Server | None = None
         self._publisher: EventPublisher | None = None
         self._relay: OutboxRelay | None = None
-        self._nc = None
+        self._nc: Client | None = None
         self.store: SqliteStore | None = None
         self._closed = False
 
@@ -52,12 +52,16 @@ class TaskStoreApp:
         config = StoreConfig(
             max_attempts=s.max_attempts,
             lease_seconds=s.lease_seconds,
-            retry=RetryPolicy(base=s.retry_base_seconds, cap=s.retry_cap_seconds, max_attempts=s.max_attempts),
+            retry=RetryPolicy(
+                base=s.retry_base_seconds, cap=s.retry_cap_seconds, max_attempts=s.max_attempts
+            ),
             namespace=s.namespace,
         )
         self.store = SqliteStore(Path(s.sqlite_path()), config, on_events)
         await self.store.open()
-        self._relay = OutboxRelay(self.store, js, self._topology, s.redispatch_after_seconds, s.sweep_interval_seconds)
+        self._relay = OutboxRelay(
+            self.store, js, self._topology, s.redispatch_after_seconds, s.sweep_interval_seconds
+        )
         relay_box.append(self._relay)
         self._publisher.start()
         self._relay.start()
@@ -68,7 +72,7 @@ class TaskStoreApp:
             options=grpcsupport.SERVER_OPTIONS,
         )
         store_service_pb2_grpc.add_TaskStoreServiceServicer_to_server(
-            TaskStoreServicer(self.store, self._relay.wake, s.lease_seconds), server
+            TaskStoreServicer(self.store, self._relay.wake, s.lease_seconds, s.image_model), server
         )
         await grpcsupport.add_health_and_reflection(
             server, [store_service_pb2.DESCRIPTOR.services_by_name["TaskStoreService"].full_name]

@@ -7,13 +7,12 @@ import asyncio
 import contextlib
 
 import structlog
-from nats.aio.client import Client
-from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError as JsNotFoundError
-
 from charai.core.topology import Topology
 from charai.store.v1 import store_service_pb2 as spb
 from charai.task_store.store import OutboxRow, SqliteStore, tenant_token
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError as JsNotFoundError
 
 log = structlog.get_logger("dispatch")
 
@@ -49,8 +48,10 @@ class EventPublisher:
                 event_type = env.event.type
                 if event_type == 8:  # TASK_EVENT_TYPE_CANCELLED: tell the worker holding it
                     notice = spb.CancelNotice(task_id=env.event.task.id)
-                    await self._nc.publish(self._topology.cancel_subject(env.event.task.id), notice.SerializeToString())
-            except Exception as exc:  # noqa: BLE001 - a lost live event is healed by the watchers' catch-up
+                    await self._nc.publish(
+                        self._topology.cancel_subject(env.event.task.id), notice.SerializeToString()
+                    )
+            except Exception as exc:
                 log.warning("event_publish_failed", error=str(exc), seq=env.event.sequence)
 
     async def close(self) -> None:
@@ -58,7 +59,7 @@ class EventPublisher:
             # Let queued events go out before we stop.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(2):
-                    while not self._queue.empty():
+                    while not self._queue.empty():  # noqa: ASYNC110 - draining a queue we do not own the wake-ups of
                         await asyncio.sleep(0.01)
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -121,7 +122,7 @@ class OutboxRelay:
                 backoff = 0.1
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - NATS down: keep the rows, try again
+            except Exception as exc:
                 log.warning("outbox_publish_failed", error=str(exc), retry_in=backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -152,7 +153,7 @@ class OutboxRelay:
                 await self.sweep_once()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - try again next round
+            except Exception as exc:
                 log.warning("sweep_failed", error=str(exc))
 
     async def sweep_once(self) -> int:

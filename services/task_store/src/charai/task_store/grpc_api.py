@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
-
 from charai.core import validation
 from charai.core.errors import UnauthenticatedError
 from charai.store.v1 import store_service_pb2 as spb
@@ -16,13 +15,20 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
-    def __init__(self, store: SqliteStore, on_created: Any = None, lease_seconds: float = 30.0) -> None:
+    def __init__(
+        self,
+        store: SqliteStore,
+        on_created: Any = None,
+        lease_seconds: float = 30.0,
+        image_model: str = "glm-image",
+    ) -> None:
         self._store = store
+        self._image_model = image_model
         self._on_created = on_created
         self._lease_seconds = lease_seconds
 
     async def CreateTask(self, request: spb.CreateTaskRequest, context: Context) -> spb.CreateTaskResponse:
-        validation.validate_create(request.request)
+        validation.validate_create(request.request, self._image_model)
         task, created = await self._store.create(request.tenant, request.request)
         if created and self._on_created is not None:
             self._on_created()
@@ -34,7 +40,7 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
 
     async def ListTasks(self, request: spb.ListTasksRequest, context: Context) -> spb.ListTasksResponse:
         validation.validate_list(request.request)
-        tasks, token = await self._store.list(request.tenant, request.request)
+        tasks, token = await self._store.list_tasks(request.tenant, request.request)
         return spb.ListTasksResponse(tasks=tasks, next_page_token=token)
 
     async def CancelTask(self, request: spb.CancelTaskRequest, context: Context) -> spb.CancelTaskResponse:
@@ -68,7 +74,9 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
         status = await self._store.progress(request.task_id, request.attempt, request.progress, request.stage)
         return spb.ReportProgressResponse(status=status)  # type: ignore[arg-type]
 
-    async def CompleteTask(self, request: spb.CompleteTaskRequest, context: Context) -> spb.CompleteTaskResponse:
+    async def CompleteTask(
+        self, request: spb.CompleteTaskRequest, context: Context
+    ) -> spb.CompleteTaskResponse:
         return spb.CompleteTaskResponse(task=await self._store.complete(request))
 
     async def FailTask(self, request: spb.FailTaskRequest, context: Context) -> spb.FailTaskResponse:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from pydantic import Field
-
 from charai.core.settings import CommonSettings
+from pydantic import Field
 
 
 class Settings(CommonSettings):
@@ -23,5 +22,7 @@ class Settings(CommonSettings):
     def sqlite_path(self) -> str:
         url = self.database_url or f"sqlite:///{self.data_dir / 'tasks.db'}"
         if not url.startswith("sqlite:///"):
-            raise ValueError("CHARAI_DATABASE_URL must start with sqlite:/// (postgresql:// is not built yet)")
+            raise ValueError(
+                "CHARAI_DATABASE_URL must start with sqlite:/// (postgresql:// is not built yet)"
+            )
         return url[len("sqlite:///") :]

@@ -27,8 +27,8 @@ from charai.core.errors import NotFoundError, StaleAttemptError, TaskEndedError
 from charai.core.topology import Topology
 from charai.core.validation import RequestInvalidError, Violation, fill_metadata
 from charai.store.v1 import store_service_pb2 as spb
-from charai.tasks.v1 import task_pb2, task_service_pb2
 from charai.task_store.schema import MIGRATIONS, SCHEMA_VERSION_TABLE
+from charai.tasks.v1 import task_pb2, task_service_pb2
 
 T = TypeVar("T")
 EVENT_TYPES = {
@@ -163,7 +163,9 @@ class SqliteStore:
         return result
 
     # -- helpers -----------------------------------------------------------------------------
-    def _load(self, conn: sqlite3.Connection, task_id: str, tenant: str | None = None) -> tuple[task_pb2.Task, Any]:
+    def _load(
+        self, conn: sqlite3.Connection, task_id: str, tenant: str | None = None
+    ) -> tuple[task_pb2.Task, Any]:
         row = conn.execute(
             "SELECT task, tenant, attempt, lease_expires, dispatch_gen, last_seq, next_attempt_time, status"
             " FROM tasks WHERE id = ?",
@@ -259,7 +261,18 @@ class SqliteStore:
         conn.execute(
             "INSERT INTO tasks (id, tenant, request_id, type, priority, status, attempt, max_attempts,"
             " create_time, update_time, dispatch_gen, task) VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?, 1, ?)",
-            (task.id, tenant, req.request_id or None, task.type, priority, task.status, task.max_attempts, now, now, blob),
+            (
+                task.id,
+                tenant,
+                req.request_id or None,
+                task.type,
+                priority,
+                task.status,
+                task.max_attempts,
+                now,
+                now,
+                blob,
+            ),
         )
         conn.executemany(
             "INSERT INTO task_metadata (task_id, tenant, key, value) VALUES (?, ?, ?, ?)",
@@ -274,7 +287,13 @@ class SqliteStore:
         job = spb.Job(task_id=task.id, dispatch_gen=gen, type=task.type, priority=task.priority)
         conn.execute(
             "INSERT INTO outbox (task_id, dispatch_gen, subject, payload, created) VALUES (?, ?, ?, ?, ?)",
-            (task.id, gen, self._topology.job_subject(task.type, task.priority), job.SerializeToString(), now),
+            (
+                task.id,
+                gen,
+                self._topology.job_subject(task.type, task.priority),
+                job.SerializeToString(),
+                now,
+            ),
         )
 
     def _position(self, conn: sqlite3.Connection, task: task_pb2.Task) -> None:
@@ -298,12 +317,14 @@ class SqliteStore:
         self._position(self._conn, task)
         return task
 
-    async def list(
+    async def list_tasks(
         self, tenant: str, req: task_service_pb2.ListTasksRequest
     ) -> tuple[list[task_pb2.Task], str]:
-        return await self._run(self._list, tenant, req)
+        return await self._run(self._list_tasks, tenant, req)
 
-    def _list(self, tenant: str, req: task_service_pb2.ListTasksRequest) -> tuple[list[task_pb2.Task], str]:
+    def _list_tasks(
+        self, tenant: str, req: task_service_pb2.ListTasksRequest
+    ) -> tuple[list[task_pb2.Task], str]:
         assert self._conn is not None
         sql = ["SELECT task, create_time FROM tasks WHERE tenant = ?"]
         args: list[Any] = [tenant]
@@ -369,8 +390,8 @@ class SqliteStore:
             if req.type:
                 args.append(req.type)
             rows = self._conn.execute(
-                f"SELECT seq, type, time, task FROM events WHERE tenant = ? AND seq > ? {sql_filter} {type_sql}"
-                " ORDER BY seq LIMIT ?",
+                "SELECT seq, type, time, task FROM events WHERE tenant = ? AND seq > ?"
+                f" {sql_filter} {type_sql} ORDER BY seq LIMIT ?",
                 [*args, limit],
             ).fetchall()
         events = []
@@ -451,7 +472,9 @@ class SqliteStore:
     async def progress(self, task_id: str, attempt: int, progress: int, stage: str) -> int:
         return await self._run(self._tx, lambda conn: self._progress(conn, task_id, attempt, progress, stage))
 
-    def _progress(self, conn: sqlite3.Connection, task_id: str, attempt: int, progress: int, stage: str) -> int:
+    def _progress(
+        self, conn: sqlite3.Connection, task_id: str, attempt: int, progress: int, stage: str
+    ) -> int:
         task, row = self._fenced(conn, task_id, attempt)
         now = now_us()
         lease_expires = now + int(self._config.lease_seconds * 1e6)
@@ -495,7 +518,11 @@ class SqliteStore:
             task, _ = self._load(conn, req.task_id)
             return spb.FAIL_OUTCOME_IGNORED, 0.0, task
         now = now_us()
-        kind = ErrorKind(req.error.code) if req.error.code in ErrorKind._value2member_map_ else ErrorKind.INTERNAL
+        kind = (
+            ErrorKind(req.error.code)
+            if req.error.code in ErrorKind._value2member_map_
+            else ErrorKind.INTERNAL
+        )
         delay = self._config.retry.decide(kind, task.attempt, req.retry_after_seconds or None)
         error = task_pb2.TaskError()
         error.CopyFrom(req.error)
@@ -536,7 +563,9 @@ class SqliteStore:
             [(seq, now, r.task_id, r.dispatch_gen) for r, seq in sent],
         )
 
-    async def stale_dispatches(self, older_than_s: float, limit: int = 200) -> list[tuple[str, int, int | None]]:
+    async def stale_dispatches(
+        self, older_than_s: float, limit: int = 200
+    ) -> list[tuple[str, int, int | None]]:
         """Unfinished tasks whose job was published long ago: (task id, dispatch gen, stream seq).
 
         The sweeper checks each job is still in the stream and re-dispatches those that are not.

@@ -19,7 +19,8 @@ async def run(data_dir: Path) -> int:
     async with Stack(data_dir, free_ports=False, echo=sys.stdout) as stack:
         print(
             f"\ncharai is running: gRPC {stack.gateway_grpc}, HTTP {stack.gateway_http}"
-            f", NATS {stack.nats_url}" + (f", emulator {stack.emulator_url}" if stack.emulator_url else "")
+            f", NATS {stack.nats_url}"
+            + (f", emulator {stack.emulator_url}" if stack.emulator_url else "")
             + "\nCtrl-C stops it.\n",
             flush=True,
         )

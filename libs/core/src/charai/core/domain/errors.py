@@ -45,7 +45,9 @@ _RETRIES: dict[ErrorKind, int] = {
 
 AUTH_CODES = frozenset({"1000", "1001", "1002", "1003", "1004", "1005", "1220"})
 CONTENT_CODES = frozenset({"1301"})
-QUOTA_CODES = frozenset({"1113", "1304", "1308", "1309", "1310", "1311", *(str(c) for c in range(1313, 1322))})
+QUOTA_CODES = frozenset(
+    {"1113", "1304", "1308", "1309", "1310", "1311", *(str(c) for c in range(1313, 1322))}
+)
 RATE_CODES = frozenset({"1302", "1303", "1305"})
 SERVER_CODES = frozenset({"1200", "1230", "1234"})
 OPENAI_CONTENT = frozenset({"content_policy_violation", "moderation_blocked"})
@@ -102,7 +104,9 @@ def classify_http(
         return ProviderFailure(ErrorKind.PROVIDER_UNAVAILABLE, text, status, code, retry_after)
     if 400 <= status < 500:
         return ProviderFailure(ErrorKind.INVALID_REQUEST, message or f"HTTP {status}", status, code)
-    return ProviderFailure(ErrorKind.PROVIDER_BAD_RESPONSE, message or f"unexpected HTTP {status}", status, code)
+    return ProviderFailure(
+        ErrorKind.PROVIDER_BAD_RESPONSE, message or f"unexpected HTTP {status}", status, code
+    )
 
 
 def timeout(seconds: float) -> ProviderFailure:
@@ -114,7 +118,9 @@ def unreachable(reason: str) -> ProviderFailure:
 
 
 def bad_response(reason: str, status: int = 200, code: str = "") -> ProviderFailure:
-    return ProviderFailure(ErrorKind.PROVIDER_BAD_RESPONSE, f"the provider sent a bad response: {reason}", status, code)
+    return ProviderFailure(
+        ErrorKind.PROVIDER_BAD_RESPONSE, f"the provider sent a bad response: {reason}", status, code
+    )
 
 
 def parse_retry_after(value: str | None, value_ms: str | None = None) -> float | None:

@@ -42,7 +42,9 @@ class RetryPolicy:
             return None
         return self.delay(attempt, retry_after, rng)
 
-    def delay(self, attempt: int, retry_after: float | None = None, rng: random.Random | None = None) -> float:
+    def delay(
+        self, attempt: int, retry_after: float | None = None, rng: random.Random | None = None
+    ) -> float:
         """Equal jitter: half the exponential step fixed, half random, so retries spread out.
 
         A Retry-After is honoured as a floor and jittered upwards by up to 50 %, so many tasks
@@ -53,4 +55,4 @@ class RetryPolicy:
         delay = step / 2 + r.uniform(0, step / 2)
         if retry_after is not None and retry_after > 0:
             delay = max(delay, retry_after * (1 + r.uniform(0, 0.5)))
-        return min(delay, max(self.cap, retry_after or 0.0))
+        return float(min(delay, max(self.cap, retry_after or 0.0)))

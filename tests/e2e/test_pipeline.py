@@ -1,0 +1,85 @@
+"""A task of each type goes through all four services and ends with real media behind its URL."""
+
+from __future__ import annotations
+
+import io
+import struct
+import urllib.request
+import wave
+
+from charai.client import CharaiClient
+from charai.devstack.stack import Stack
+from charai.tasks.v1 import task_pb2
+
+ORDER = [task_pb2.TASK_EVENT_TYPE_SNAPSHOT, task_pb2.TASK_EVENT_TYPE_STARTED, task_pb2.TASK_EVENT_TYPE_PROGRESS]
+
+
+async def collect(client: CharaiClient, task_id: str) -> list[task_pb2.TaskEvent]:
+    return [event async for event in client.watch(task_id)]
+
+
+async def test_image_task_completes_with_a_png(client: CharaiClient) -> None:
+    task = await client.create_image("char_e2e_img", "a knight, front view", resolution="1088x1472", character_name="K")
+    assert task.status == task_pb2.TASK_STATUS_QUEUED
+    assert task.progress == 0
+    assert task.metadata["characterId"] == "char_e2e_img"
+    events = await collect(client, task.id)
+    final = events[-1].task
+    assert events[-1].type == task_pb2.TASK_EVENT_TYPE_COMPLETED
+    assert final.status == task_pb2.TASK_STATUS_COMPLETED
+    assert final.progress == 100
+    result = final.image_result
+    assert (result.width, result.height) == (1088, 1472)
+    assert result.resolution == "1088x1472"
+    assert result.content_type == "image/png"
+    with urllib.request.urlopen(result.image_url, timeout=10) as response:
+        assert response.headers["Content-Type"] == "image/png"
+        data = response.read()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    assert struct.unpack(">II", data[16:24]) == (1088, 1472)
+    assert len(data) == result.size_bytes
+
+
+async def test_progress_events_arrive_in_order_and_reach_100(client: CharaiClient) -> None:
+    task = await client.create_image("char_e2e_prog", "a mage [[latency:1.2]]", resolution="1024x1024")
+    events = await collect(client, task.id)
+    sequences = [e.sequence for e in events]
+    assert sequences == sorted(sequences) and len(set(sequences)) == len(sequences)
+    progress = [e.task.progress for e in events]
+    assert progress == sorted(progress), progress
+    assert progress[-1] == 100
+    assert 10 in progress and 90 in progress
+    assert any(20 <= p <= 80 for p in progress)
+    assert events[-1].type == task_pb2.TASK_EVENT_TYPE_COMPLETED
+    assert [e.type for e in events[:2]] in (ORDER[:2], [ORDER[0], ORDER[2]])
+
+
+async def test_tts_task_completes_with_a_wav(client: CharaiClient) -> None:
+    task = await client.create_tts("char_e2e_tts", "Hello there, traveller.", voice_style="tongtong")
+    events = await collect(client, task.id)
+    final = events[-1].task
+    assert final.status == task_pb2.TASK_STATUS_COMPLETED, final.error
+    result = final.tts_result
+    assert result.content_type == "audio/wav"
+    with urllib.request.urlopen(result.audio_url, timeout=10) as response:
+        data = response.read()
+    with wave.open(io.BytesIO(data)) as wav:
+        assert wav.getframerate() == 24000
+        assert wav.getnchannels() == 1
+        seconds = wav.getnframes() / wav.getframerate()
+    assert abs(seconds - result.duration_seconds) < 0.01
+    assert seconds > 0.3
+
+
+async def test_media_supports_range_requests(client: CharaiClient, stack: Stack) -> None:
+    task = await client.create_tts("char_e2e_range", "Seek me.", voice_style="tongtong")
+    final = [e async for e in client.watch(task.id)][-1].task
+    request = urllib.request.Request(final.tts_result.audio_url, headers={"Range": "bytes=0-11"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 206
+        assert response.headers["Content-Range"].startswith("bytes 0-11/")
+        assert response.read()[:4] == b"RIFF"
+    request = urllib.request.Request(final.tts_result.audio_url, headers={"Range": "bytes=-4"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 206
+        assert len(response.read()) == 4
