@@ -231,11 +231,11 @@ IMAGE_FAILURES = [
     ("[[wrong-type]]", ErrorKind.PROVIDER_BAD_RESPONSE),
     ("[[garbage]]", ErrorKind.PROVIDER_BAD_RESPONSE),
     ("[[redirect]]", ErrorKind.PROVIDER_BAD_RESPONSE),
-    # A 200 carrying {"error": ...} is classified by its code; an unknown code is a bad response.
+    # A 200 carrying {"error": ...} is a bad response whatever its code (DESIGN.md section 4).
     ("[[json-error-200:9999]]", ErrorKind.PROVIDER_BAD_RESPONSE),
-    ("[[json-error-200]]", ErrorKind.CONTENT_REJECTED),
-    ("[[json-error-200:1302]]", ErrorKind.RATE_LIMITED),
-    ("[[json-error-200:1214]]", ErrorKind.INVALID_REQUEST),
+    ("[[json-error-200]]", ErrorKind.PROVIDER_BAD_RESPONSE),
+    ("[[json-error-200:1302]]", ErrorKind.PROVIDER_BAD_RESPONSE),
+    ("[[json-error-200:1214]]", ErrorKind.PROVIDER_BAD_RESPONSE),
 ]
 
 
@@ -426,8 +426,8 @@ TTS_FAILURES = [
     ("[[redirect]]", "wav", ErrorKind.PROVIDER_BAD_RESPONSE),
     ("[[json-error-200:9999]]", "wav", ErrorKind.PROVIDER_BAD_RESPONSE),
     ("[[json-error-200:9999]]", "pcm", ErrorKind.PROVIDER_BAD_RESPONSE),
-    ("[[json-error-200]]", "wav", ErrorKind.CONTENT_REJECTED),
-    ("[[json-error-200:1302]]", "mp3", ErrorKind.RATE_LIMITED),
+    ("[[json-error-200]]", "wav", ErrorKind.PROVIDER_BAD_RESPONSE),
+    ("[[json-error-200:1302]]", "mp3", ErrorKind.PROVIDER_BAD_RESPONSE),
 ]
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 import structlog
+from charai.core import logs
 from charai.core.domain.errors import ErrorKind
 from charai.core.domain.states import Stage
 from charai.core.media import MediaStore, media_key
@@ -154,7 +155,7 @@ class JobRunner:
             asyncio.create_task(self._schedule(), name=f"{self.config.kind}-scheduler"),
             asyncio.create_task(self._heartbeat(), name=f"{self.config.kind}-heartbeat"),
         ]
-        log.info("worker_started", kind=self.config.kind, concurrency=self.config.concurrency)
+        logs.announce("worker_started", kind=self.config.kind, concurrency=self.config.concurrency)
 
     async def _ensure_consumer(self, stream: str, durable: str, subject: str) -> None:
         config = js_api.ConsumerConfig(
@@ -204,7 +205,7 @@ class JobRunner:
         if self._cancel_sub is not None:
             with contextlib.suppress(Exception):
                 await self._cancel_sub.unsubscribe()
-        log.info("worker_stopped", kind=self.config.kind, completed=self.completed)
+        logs.announce("worker_stopped", kind=self.config.kind, completed=self.completed)
 
     @property
     def in_flight(self) -> int:

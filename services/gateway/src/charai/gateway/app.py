@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import structlog
 from aiohttp import web
-from charai.core import grpcsupport, natsconn
+from charai.core import grpcsupport, logs, natsconn
 from charai.core.media import MediaStore, UrlSigner
 from charai.core.storeclient import StoreClient
 from charai.core.topology import Topology
@@ -119,7 +119,7 @@ class GatewayApp:
         server_sock = site._server.sockets[0]  # type: ignore[union-attr]
         self.http_port = int(server_sock.getsockname()[1])
         grpc_host = s.gateway_grpc_addr.rpartition(":")[0]
-        log.info(
+        logs.announce(
             "gateway_listening",
             grpc=f"{grpc_host}:{self.grpc_port}",
             http=f"{host}:{self.http_port}",
@@ -146,7 +146,7 @@ class GatewayApp:
         if self._nc is not None:
             with contextlib.suppress(Exception):
                 await self._nc.drain()
-        log.info("gateway_stopped")
+        logs.announce("gateway_stopped")
 
     async def __aenter__(self) -> GatewayApp:
         await self.start()

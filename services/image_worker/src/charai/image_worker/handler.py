@@ -11,9 +11,9 @@ import structlog
 from charai.core.domain import errors
 from charai.core.domain.errors import ErrorKind
 from charai.core.domain.states import PROGRESS_CALL_END, PROGRESS_CALL_START, PROGRESS_PROCESSING, Stage
-from charai.image_worker.answers import classify_error_body, decode_base64, json_object, raise_inband_error
 from charai.image_worker.media import ImageRejectedError, inspect_image
 from charai.tasks.v1 import task_pb2
+from charai.worker.answers import classify_error_body, decode_base64, json_object, raise_inband_error
 from charai.worker.context import JobContext, advancing_progress
 from charai.worker.http import ProviderError
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 import structlog
-from charai.core import grpcsupport, natsconn
+from charai.core import grpcsupport, logs, natsconn
 from charai.core.domain.retry import RetryPolicy
 from charai.core.topology import Topology
 from charai.store.v1 import store_service_pb2, store_service_pb2_grpc
@@ -83,7 +83,7 @@ class TaskStoreApp:
         await server.start()
         self._server = server
         host = self._listen.rpartition(":")[0]
-        log.info("task_store_listening", addr=f"{host}:{self.port}", database=s.sqlite_path())
+        logs.announce("task_store_listening", addr=f"{host}:{self.port}", database=s.sqlite_path())
 
     async def close(self) -> None:
         if self._closed:
@@ -100,7 +100,7 @@ class TaskStoreApp:
         if self._nc is not None:
             with contextlib.suppress(Exception):
                 await self._nc.drain()
-        log.info("task_store_stopped")
+        logs.announce("task_store_stopped")
 
     async def __aenter__(self) -> TaskStoreApp:
         await self.start()

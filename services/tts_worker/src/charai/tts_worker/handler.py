@@ -12,7 +12,6 @@ from charai.core.domain import errors
 from charai.core.domain.errors import ErrorKind, ProviderFailure
 from charai.core.domain.states import PROGRESS_PROCESSING, Stage
 from charai.tasks.v1 import task_pb2
-from charai.tts_worker.answers import decode_base64, raise_inband_error
 from charai.tts_worker.audio import (
     DEFAULT_RATE,
     BadAudioError,
@@ -23,6 +22,7 @@ from charai.tts_worker.audio import (
     pcm_to_wav,
     wav_to_pcm,
 )
+from charai.worker.answers import decode_base64, raise_inband_error
 from charai.worker.context import JobContext, advancing_progress
 from charai.worker.http import ProviderError
 

@@ -51,7 +51,7 @@ class RetryPolicy:
         told to wait the same time do not come back in the same instant (a retry storm).
         """
         r = rng or random
-        step = min(self.cap, self.base * (2 ** max(0, attempt - 1)))
+        step = min(self.cap, self.base * 2.0 ** min(max(0, attempt - 1), 64))
         delay = step / 2 + r.uniform(0, step / 2)
         if retry_after is not None and retry_after > 0:
             delay = max(delay, retry_after * (1 + r.uniform(0, 0.5)))

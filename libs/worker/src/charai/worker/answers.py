@@ -1,10 +1,9 @@
 """Reading a provider's ``200`` JSON answer defensively: in-band errors and base64 media.
 
-Why: Zhipu sometimes answers ``200`` with ``{"error": {...}}``; treating that as "no image" would
-hide a content rejection or a rate limit behind a generic bad-response retry. Pure helpers.
-
-The same module lives in ``charai.tts_worker.answers``: the two workers share no package but
-``charai.worker``, where it belongs once the lead moves it there.
+Zhipu sometimes answers ``200`` with ``{"error": {...}}``. DESIGN.md section 4 makes such an
+answer to a synchronous call PROVIDER_BAD_RESPONSE (retried once or twice, then failed), keeping
+the provider's code and message; the FAIL status of an *async* image job is the provider's own
+verdict on the job and is classified by its code (:func:`classify_error_body`).
 """
 
 from __future__ import annotations
@@ -61,9 +60,9 @@ def classify_error_body(error: Any, *, key_setting: str, status: int = 200) -> P
 
 
 def raise_inband_error(body: dict[str, Any], provider: ProviderHttp) -> None:
-    """Raises the classified ProviderError if a ``200`` JSON answer carries a non-empty ``error``.
+    """Raises PROVIDER_BAD_RESPONSE if a ``200`` JSON answer carries a non-empty ``error``.
 
-    A rate limit reported this way closes the provider's gate exactly as a 429 would, so every
+    A rate limit reported this way still closes the provider's gate as a 429 would, so every
     call of this worker slows down, not only this task's retry.
     """
     error = body.get("error")
@@ -71,7 +70,10 @@ def raise_inband_error(body: dict[str, Any], provider: ProviderHttp) -> None:
         failure = classify_error_body(error, key_setting=provider.config.key_setting)
         if failure.kind is ErrorKind.RATE_LIMITED:
             provider.gate.pause(failure.retry_after or 1.0)
-        raise ProviderError(failure)
+        code = str(error.get("code") or "") if isinstance(error, dict) else ""
+        message = str(error.get("message") or "")[:300] if isinstance(error, dict) else str(error)[:300]
+        detail = f"a 200 answer carrying an error (code {code or 'none'}: {message or 'no message'})"
+        raise ProviderError(errors.bad_response(detail, 200, code))
 
 
 def decode_base64(text: Any, *, cap: int, what: str) -> bytes:
