@@ -11,6 +11,8 @@ PY := $(VENV)/bin/python
 export UV_PROJECT_ENVIRONMENT := $(CURDIR)/$(VENV)
 export UV_LINK_MODE := copy
 PROTO_FILES := $(shell find protos/charai -name '*.proto' | sort)
+BUF_VERSION := 1.75.0
+BUF := $(TOOLS)/node_modules/.bin/buf
 GEN_DIR := protos/src
 
 .PHONY: help install proto proto-check lint format typecheck check test test-unit test-integration test-e2e demo run bench clean
@@ -21,6 +23,9 @@ help: ## List the targets
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
 	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+$(BUF): | $(UV)
+	npm install --silent --no-audit --no-fund --prefix $(TOOLS) @bufbuild/buf@$(BUF_VERSION)
 
 $(VENV)/.installed: uv.lock pyproject.toml $(wildcard */pyproject.toml */*/pyproject.toml) | $(UV)
 	$(UV) sync --frozen --all-packages
@@ -42,9 +47,10 @@ proto-check: install ## Fail when the committed generated code is stale
 	  || { echo "generated code in $(GEN_DIR) is stale: run 'make proto' and commit"; rm -rf $$tmp; exit 1; }; \
 	rm -rf $$tmp; echo "generated code is up to date"
 
-lint: install ## ruff (lint + format check)
+lint: install $(BUF) ## ruff (lint + format check) and buf lint (protos)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	cd protos && $(CURDIR)/$(BUF) lint
 
 format: install ## Apply ruff fixes and formatting
 	$(VENV)/bin/ruff check --fix .

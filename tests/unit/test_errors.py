@@ -159,7 +159,9 @@ codes = st.sampled_from(
 def test_classify_http_is_total(
     status: int, code: str, message: str, error_type: str, retry_after: float | None
 ) -> None:
-    failure = classify_http(status, code, message, error_type=error_type, retry_after=retry_after, key_setting=KEY)
+    failure = classify_http(
+        status, code, message, error_type=error_type, retry_after=retry_after, key_setting=KEY
+    )
     assert isinstance(failure, ProviderFailure)
     assert failure.message  # never empty, even when the provider sent none
     if status in (401, 403) or code in errors.AUTH_CODES:

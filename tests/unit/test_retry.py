@@ -157,10 +157,7 @@ def test_decide_passes_retry_after_through() -> None:
 def test_delay_for_a_very_late_attempt_is_the_cap() -> None:
     """``delay`` is public and documented to never exceed ``cap``; a large attempt number must not crash.
 
-    BUG (libs/core/src/charai/core/domain/retry.py:53): ``self.base * (2 ** max(0, attempt - 1))``
-    converts a huge int to float and raises OverflowError once attempt > ~1024. Not reachable through
-    ``decide`` today (max_retries <= 5), but any caller of ``delay`` with a large attempt crashes.
-    Computing the step as ``min(cap, base * 2.0 ** min(attempt - 1, 64))`` would avoid it.
+    Regression: ``base * (2 ** (attempt - 1))`` raised OverflowError once attempt > ~1024.
     """
     policy = RetryPolicy(base=1.0, cap=60.0)
     try:
@@ -168,3 +165,11 @@ def test_delay_for_a_very_late_attempt_is_the_cap() -> None:
     except OverflowError as exc:
         pytest.fail(f"RetryPolicy.delay(2000) raised OverflowError ({exc}) instead of returning <= cap")
     assert 30.0 <= delay <= 60.0
+
+
+@given(policies, st.integers(1, 100_000), st.randoms(use_true_random=False))
+def test_delay_never_overflows(policy: RetryPolicy, attempt: int, rng: random.Random) -> None:
+    delay = policy.delay(attempt, None, rng)
+    assert 0 < delay <= policy.cap + EPS
+    if attempt >= 64:  # the exponential step is long past the cap
+        assert delay >= policy.cap / 2 - EPS

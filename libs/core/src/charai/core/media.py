@@ -18,19 +18,19 @@ CONTENT_TYPES = {
     "mp3": "audio/mpeg",
     "pcm": "audio/L16;rate=24000;channels=1",
 }
-_KEY = re.compile(r"^task_[0-9a-f]{32}\.(png|jpg|webp|wav|mp3|pcm)$")
+_KEY = re.compile(r"task_[0-9a-f]{32}\.(png|jpg|webp|wav|mp3|pcm)")
 
 
 def media_key(task_id: str, extension: str) -> str:
     """Keys are built by the server from the task id only: no client input reaches a storage path."""
     key = f"{task_id}.{extension}"
-    if not _KEY.match(key):
+    if not _KEY.fullmatch(key):
         raise ValueError(f"not a media key: {key!r}")
     return key
 
 
 def valid_key(key: str) -> bool:
-    return bool(_KEY.match(key))
+    return bool(_KEY.fullmatch(key))
 
 
 def content_type_of(key: str) -> str:
@@ -70,13 +70,15 @@ class UrlSigner:
         return base64.urlsafe_b64encode(mac[:20]).decode().rstrip("=")
 
     def sign(self, base_url: str, key: str, now: float | None = None) -> str:
-        exp = int((now or time.time()) + self._ttl)
+        exp = int((time.time() if now is None else now) + self._ttl)
         # Round the expiry so repeated reads of a task give the same URL (browsers cache it).
         exp -= exp % 3600
         exp += 3600
         return f"{base_url.rstrip('/')}/media/{key}?exp={exp}&sig={self._sig(key, exp)}"
 
     def verify(self, key: str, exp: str, sig: str, now: float | None = None) -> bool:
-        if not exp.isdigit() or int(exp) < (now or time.time()):
+        if not (exp.isascii() and exp.isdigit() and len(exp) <= 12):
+            return False
+        if int(exp) < (time.time() if now is None else now):
             return False
         return hmac.compare_digest(self._sig(key, int(exp)), sig)

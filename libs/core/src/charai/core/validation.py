@@ -25,17 +25,19 @@ MAX_REQUEST_ID_CHARS = 128
 MAX_PAGE_SIZE = 500
 #: Custom image sizes each model accepts (zhipu-api.md): (min side, max side, multiple of, max pixels).
 SIZE_RULES = {"glm-image": (1024, 2048, 32, 2**22)}
+#: Sizes the docs recommend even where they fall outside the custom-size rule.
+RECOMMENDED_SIZES = {"glm-image": frozenset({(1728, 960), (960, 1728)})}
 DEFAULT_SIZE_RULE = (512, 2048, 16, 2**21)
 CALLBACK_TYPES: dict[int, tuple[str, ...]] = {
     task_pb2.TASK_TYPE_IMAGE_GENERATION: ("character_view", "character_costume"),
     task_pb2.TASK_TYPE_TTS_GENERATION: ("character_voice",),
 }
 AUDIO_FORMATS = ("wav", "pcm", "mp3")
-_IDENT = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
-_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]{0,63}$")
-_RESOLUTION = re.compile(r"^(\d{3,4})[x×](\d{3,4})$")
+_IDENT = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
+_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]{0,63}")
+_RESOLUTION = re.compile(r"([0-9]{3,4})[x×]([0-9]{3,4})")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-_TASK_ID = re.compile(r"^task_[0-9a-f]{32}$")
+_TASK_ID = re.compile(r"task_[0-9a-f]{32}")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -78,7 +80,7 @@ class _Checker:
             if required:
                 self.add(field, "must not be empty")
             return
-        if not _IDENT.match(value):
+        if not _IDENT.fullmatch(value):
             self.add(field, "must be 1-128 characters of letters, digits, '_', '-', '.', ':'")
 
     def raise_if_any(self) -> None:
@@ -92,10 +94,12 @@ def size_rule(model: str) -> tuple[int, int, int, int]:
 
 def parse_resolution(value: str, model: str = "glm-image") -> tuple[int, int] | None:
     """``"1024x1024"`` → (1024, 1024); None when malformed or outside the model's documented bounds."""
-    match = _RESOLUTION.match(value)
+    match = _RESOLUTION.fullmatch(value)
     if not match:
         return None
     width, height = int(match.group(1)), int(match.group(2))
+    if (width, height) in RECOMMENDED_SIZES.get(model, ()):
+        return width, height
     low, high, multiple, pixels = size_rule(model)
     if not (low <= width <= high and low <= height <= high):
         return None
@@ -112,7 +116,7 @@ def validate_metadata(c: _Checker, field: str, metadata: Mapping[str, str]) -> N
     total = 0
     for key, value in items.items():
         total += len(key.encode("utf-8", "surrogatepass")) + len(value.encode("utf-8", "surrogatepass"))
-        if not _KEY.match(key):
+        if not _KEY.fullmatch(key):
             c.add(
                 f"{field}[{key[:40]!r}]",
                 "key must start with a letter and use letters, digits, '_', '-', '.'",
@@ -194,7 +198,7 @@ def validate_create(req: task_service_pb2.CreateTaskRequest, image_model: str = 
 def validate_task_id(field: str, value: str) -> None:
     """Ids are server-made; anything else cannot name a task (NOT_FOUND is then correct, but a
     malformed id is a client bug worth naming)."""
-    if not _TASK_ID.match(value):
+    if not _TASK_ID.fullmatch(value):
         raise RequestInvalidError([Violation(field, "must be a task id like task_<32 hex digits>")])
 
 

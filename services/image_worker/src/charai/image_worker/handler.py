@@ -87,7 +87,8 @@ class ImageHandler:
         """Generates, validates and stores one image; raises ProviderError on any provider failure."""
         payload = ctx.task.image
         model = ctx.provider.config.model
-        size = payload.resolution or default_size(model)
+        # Zhipu's docs write some sizes with "×"; the API wants an ASCII "x".
+        size = (payload.resolution or default_size(model)).replace("×", "x")
         data: bytes | None = None
         if model in ASYNC_MODELS and self._async_mode != "sync":
             data = await self._generate_async(ctx, model, payload.prompt, size)
