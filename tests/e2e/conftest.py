@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-
 from charai.client import CharaiClient
 from charai.devstack.stack import Stack
 
@@ -39,7 +38,11 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
     env = dict(FAST_SETTINGS)
     echo = sys.stderr if os.environ.get("CHARAI_TEST_ECHO") else None
     async with Stack(
-        Path(data), env, free_ports=True, echo=echo, emulator_args=["--latency", "0.05:0.15", "--async-poll-steps", "2"]
+        Path(data),
+        env,
+        free_ports=True,
+        echo=echo,
+        emulator_args=["--latency", "0.05:0.15", "--async-poll-steps", "2"],
     ) as running:
         yield running
 

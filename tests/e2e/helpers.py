@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import json
 import urllib.request
 import uuid
@@ -23,9 +24,18 @@ TERMINAL_EVENTS = frozenset(
         task_pb2.TASK_EVENT_TYPE_CANCELLED,
     }
 )
-EVENT_NAME = task_pb2.TaskEventType.Name
-STATUS_NAME = task_pb2.TaskStatus.Name
-CODE_NAME = task_pb2.ErrorCode.Name
+
+
+def EVENT_NAME(value: int) -> str:
+    return task_pb2.TaskEventType.Name(value)  # type: ignore[arg-type]
+
+
+def STATUS_NAME(value: int) -> str:
+    return task_pb2.TaskStatus.Name(value)  # type: ignore[arg-type]
+
+
+def CODE_NAME(value: int) -> str:
+    return task_pb2.ErrorCode.Name(value)  # type: ignore[arg-type]
 
 
 def unique(label: str) -> str:
@@ -51,7 +61,7 @@ async def history(client: CharaiClient, task_id: str, timeout: float = 30.0) -> 
 
 
 def emulator_stats(stack: Stack) -> dict[str, Any]:
-    with urllib.request.urlopen(stack.emulator_url + "/_emulator/stats", timeout=10) as response:  # noqa: S310
+    with urllib.request.urlopen(stack.emulator_url + "/_emulator/stats", timeout=10) as response:
         return json.loads(response.read())  # type: ignore[no-any-return]
 
 
@@ -83,7 +93,7 @@ def describe(events: Sequence[task_pb2.TaskEvent]) -> str:
 
 def check_sequences(events: Sequence[task_pb2.TaskEvent], what: str) -> None:
     sequences = [e.sequence for e in events]
-    assert all(b > a for a, b in zip(sequences, sequences[1:], strict=False)), (
+    assert all(b > a for a, b in itertools.pairwise(sequences)), (
         f"{what}: sequences do not strictly increase: {describe(events)}"
     )
 
@@ -91,7 +101,9 @@ def check_sequences(events: Sequence[task_pb2.TaskEvent], what: str) -> None:
 def check_one_terminal_at_end(events: Sequence[task_pb2.TaskEvent], what: str) -> None:
     terminal = [e for e in events if e.type in TERMINAL_EVENTS]
     assert len(terminal) == 1, f"{what}: expected exactly one terminal event: {describe(events)}"
-    assert events[-1].type in TERMINAL_EVENTS, f"{what}: the terminal event is not the last: {describe(events)}"
+    assert events[-1].type in TERMINAL_EVENTS, (
+        f"{what}: the terminal event is not the last: {describe(events)}"
+    )
 
 
 class RawWatch:
@@ -117,7 +129,8 @@ class RawWatch:
         )
 
     def watch_task(self, task_id: str, after_sequence: int = 0) -> Any:
-        return self.stub.WatchTask(task_service_pb2.WatchTaskRequest(id=task_id, after_sequence=after_sequence))
+        request = task_service_pb2.WatchTaskRequest(id=task_id, after_sequence=after_sequence)
+        return self.stub.WatchTask(request)
 
 
 async def drain_for(call: Any, seconds_: float) -> tuple[list[task_pb2.TaskEvent], bool]:

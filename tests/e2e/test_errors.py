@@ -15,7 +15,6 @@ from collections.abc import Sequence
 
 import pytest
 import pytest_asyncio
-
 from charai.client import CharaiClient
 from charai.devstack.stack import Stack
 from charai.tasks.v1 import task_pb2
@@ -26,9 +25,9 @@ from .helpers import (
     TERMINAL_EVENTS,
     check_one_terminal_at_end,
     check_sequences,
+    collect,
     describe,
     history,
-    collect,
     provider_calls,
     seconds,
     terminal_counts,
@@ -37,7 +36,11 @@ from .helpers import (
 
 C = task_pb2
 COMPLETED, FAILED = C.TASK_STATUS_COMPLETED, C.TASK_STATUS_FAILED
-AUTH, CONTENT, INVALID = C.ERROR_CODE_PROVIDER_AUTH, C.ERROR_CODE_CONTENT_REJECTED, C.ERROR_CODE_INVALID_REQUEST
+AUTH, CONTENT, INVALID = (
+    C.ERROR_CODE_PROVIDER_AUTH,
+    C.ERROR_CODE_CONTENT_REJECTED,
+    C.ERROR_CODE_INVALID_REQUEST,
+)
 QUOTA, RATE = C.ERROR_CODE_QUOTA_EXHAUSTED, C.ERROR_CODE_RATE_LIMITED
 UNAVAILABLE, TIMEOUT = C.ERROR_CODE_PROVIDER_UNAVAILABLE, C.ERROR_CODE_PROVIDER_TIMEOUT
 BAD = C.ERROR_CODE_PROVIDER_BAD_RESPONSE
@@ -85,15 +88,45 @@ def fails_at_once(route: str) -> list[Case]:
     return [
         Case(route, "[[auth]]", AUTH, 1, message=key, provider_status=401, provider_code="1000"),
         Case(route, "[[forbidden]]", AUTH, 1, message=key, provider_status=403, provider_code="1220"),
-        Case(route, "[[content]]", CONTENT, 1, message=CONTENT_MESSAGE, provider_status=content_status,
-             provider_code="1301"),
-        Case(route, "[[invalid]]", INVALID, 1, message="Invalid parameter", provider_status=400,
-             provider_code="1214"),
-        Case(route, "[[model]]", INVALID, 1, message="Unknown Model", provider_status=400, provider_code="1211"),
-        Case(route, "[[too-long]]", INVALID, 1, message="exceeds max length", provider_status=400,
-             provider_code="1261"),
-        Case(route, "[[quota]]", QUOTA, 1, message="Insufficient balance", provider_status=429,
-             provider_code="1113"),
+        Case(
+            route,
+            "[[content]]",
+            CONTENT,
+            1,
+            message=CONTENT_MESSAGE,
+            provider_status=content_status,
+            provider_code="1301",
+        ),
+        Case(
+            route,
+            "[[invalid]]",
+            INVALID,
+            1,
+            message="Invalid parameter",
+            provider_status=400,
+            provider_code="1214",
+        ),
+        Case(
+            route, "[[model]]", INVALID, 1, message="Unknown Model", provider_status=400, provider_code="1211"
+        ),
+        Case(
+            route,
+            "[[too-long]]",
+            INVALID,
+            1,
+            message="exceeds max length",
+            provider_status=400,
+            provider_code="1261",
+        ),
+        Case(
+            route,
+            "[[quota]]",
+            QUOTA,
+            1,
+            message="Insufficient balance",
+            provider_status=429,
+            provider_code="1113",
+        ),
     ]
 
 
@@ -102,21 +135,46 @@ def retried(route: str) -> list[Case]:
         Case(route, "[[server*2]]", 0, 3, retry_code=UNAVAILABLE),
         Case(route, "[[server]]", UNAVAILABLE, 4, retry_code=UNAVAILABLE, note="1 call + 3 retries"),
         Case(route, "[[zhipu-500*1]]", 0, 2, retry_code=UNAVAILABLE),
-        Case(route, "[[zhipu-500]]", UNAVAILABLE, 4, retry_code=UNAVAILABLE, provider_code="1234",
-             note="1 call + 3 retries"),
-        Case(route, "[[hang*1:30]]", 0, 2, retry_code=TIMEOUT, note="the first call outlives the 3 s timeout"),
+        Case(
+            route,
+            "[[zhipu-500]]",
+            UNAVAILABLE,
+            4,
+            retry_code=UNAVAILABLE,
+            provider_code="1234",
+            note="1 call + 3 retries",
+        ),
+        Case(
+            route, "[[hang*1:30]]", 0, 2, retry_code=TIMEOUT, note="the first call outlives the 3 s timeout"
+        ),
     ]
 
 
 def bad_responses(route: str) -> list[Case]:
-    permanent = ["truncated", "bad-b64", "wrong-type", "garbage", "redirect", "huge:64"]
+    permanent = ["truncated", "bad-b64", "wrong-type", "garbage", "redirect"]
     cases = [Case(route, f"[[{m}]]", BAD, 3, retry_code=BAD, note="1 call + 2 retries") for m in permanent]
+    # 64 MiB, chunked with no Content-Length: the worker must stop reading at its 32 MiB cap.
+    cases.append(
+        Case(route, "[[huge:64]]", BAD, 3, retry_code=BAD, message="cap", note="capped, not buffered")
+    )
     cases += [
-        Case(route, "[[json-error-200:9999]]", BAD, 3, retry_code=BAD,
-             note="a 200 whose body is a JSON error with an unknown code"),
-        Case(route, "[[json-error-200]]", BAD, 3, retry_code=BAD,
-             note="DESIGN.md section 4: '200 with a JSON error body' is PROVIDER_BAD_RESPONSE, retried once "
-             "or twice then failed (the emulator's default in-band code is 1301)"),
+        Case(
+            route,
+            "[[json-error-200:9999]]",
+            BAD,
+            3,
+            retry_code=BAD,
+            note="a 200 whose body is a JSON error with an unknown code",
+        ),
+        Case(
+            route,
+            "[[json-error-200]]",
+            BAD,
+            3,
+            retry_code=BAD,
+            note="DESIGN.md section 4: '200 with a JSON error body' is PROVIDER_BAD_RESPONSE, retried once "
+            "or twice then failed (the emulator's default in-band code is 1301)",
+        ),
         Case(route, "[[garbage*1]]", 0, 2, retry_code=BAD),
     ]
     return cases
@@ -124,8 +182,15 @@ def bad_responses(route: str) -> list[Case]:
 
 def rate_limits(route: str) -> list[Case]:
     return [
-        Case(route, "[[rate*2:1]]", 0, 3, retry_code=RATE, min_retry_delay=0.95,
-             note="Retry-After: 1 is a floor for the retry delay"),
+        Case(
+            route,
+            "[[rate*2:1]]",
+            0,
+            3,
+            retry_code=RATE,
+            min_retry_delay=0.95,
+            note="Retry-After: 1 is a floor for the retry delay",
+        ),
         Case(route, "[[overload*1]]", 0, 2, retry_code=RATE),
     ]
 
@@ -153,7 +218,9 @@ async def run_case(client: CharaiClient, stack: Stack, case: Case, run: str) -> 
     metadata = {"e2eRun": run}
     try:
         if case.route == "image":
-            task = await client.create_image("char_errors", outcome.text, resolution="1024x1024", metadata=metadata)
+            task = await client.create_image(
+                "char_errors", outcome.text, resolution="1024x1024", metadata=metadata
+            )
         else:
             task = await client.create_tts("char_errors", outcome.text, metadata=metadata)
         outcome.task_id = task.id
@@ -212,7 +279,7 @@ def check(outcome: Outcome) -> None:
     check_sequences(log, f"{where} replayed log")
     check_one_terminal_at_end(log, f"{where} replayed log")
     tail = [(e.sequence, e.type) for e in live[1:]]
-    assert [(e.sequence, e.type) for e in log[len(log) - len(tail):]] == tail, (
+    assert [(e.sequence, e.type) for e in log[len(log) - len(tail) :]] == tail, (
         f"{where}: live {describe(live)} is not the end of the log {describe(log)}"
     )
     assert live[0].sequence in {e.sequence for e in log} | {1}, f"{where}: snapshot not in log"
@@ -243,7 +310,9 @@ def check(outcome: Outcome) -> None:
         )
         assert event.task.attempt == number, f"{where}: retry {number} reports attempt {event.task.attempt}"
         assert event.task.error.retryable, f"{where}: retry {number} says the error is not retryable"
-        assert event.task.status == C.TASK_STATUS_QUEUED, f"{where}: retry {number} is {STATUS_NAME(event.task.status)}"
+        assert event.task.status == C.TASK_STATUS_QUEUED, (
+            f"{where}: retry {number} is {STATUS_NAME(event.task.status)}"
+        )
         assert event.task.HasField("next_attempt_time"), f"{where}: retry {number} has no next_attempt_time"
         delay = seconds(event.task.next_attempt_time) - seconds(event.time)
         assert delay > 0, f"{where}: retry {number} is scheduled {delay:.3f} s after its event"
@@ -254,9 +323,9 @@ def check(outcome: Outcome) -> None:
     if case.status == COMPLETED:
         assert log[-1].type == C.TASK_EVENT_TYPE_COMPLETED
         assert final.progress == 100
-        result = final.image_result if case.route == "image" else final.tts_result
         assert final.WhichOneof("result") == f"{case.route}_result", f"{where}: no result"
-        assert (result.image_url if case.route == "image" else result.audio_url), f"{where}: no media URL"
+        url = final.image_result.image_url if case.route == "image" else final.tts_result.audio_url
+        assert url, f"{where}: no media URL"
     else:
         assert log[-1].type == C.TASK_EVENT_TYPE_FAILED
         assert not final.error.retryable, f"{where}: the final error still says retryable"

@@ -7,11 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Any, cast
 
 import grpc
 import pytest
-
 from charai.client import CharaiClient, CharaiError
 from charai.devstack.stack import Stack
 from charai.tasks.v1 import task_pb2, task_service_pb2
@@ -135,7 +135,9 @@ async def test_cancel_running_task_aborts_the_provider_call(client: CharaiClient
 
 
 async def test_watch_task_resumes_after_any_sequence(client: CharaiClient, stack: Stack) -> None:
-    task = await client.create_image(char("resume"), unique("resume me") + " [[latency:0.6]]", resolution="1024x1024")
+    task = await client.create_image(
+        char("resume"), unique("resume me") + " [[latency:0.6]]", resolution="1024x1024"
+    )
     live = await collect(client, task.id)
     assert live[-1].type == C.TASK_EVENT_TYPE_COMPLETED, describe(live)
     full = await history(client, task.id)
@@ -210,9 +212,15 @@ async def test_watch_tasks_streams_every_event_of_matching_tasks(client: CharaiC
 
     # The client's resumable stream from the same cursor replays the same events.
     replayed: list[task_pb2.TaskEvent] = []
-    async with asyncio.timeout(15), contextlib.aclosing(
-        client.watch_tasks({"characterId": x}, after_sequence=start)
-    ) as stream:
+    async with (
+        asyncio.timeout(15),
+        contextlib.aclosing(
+            cast(
+                AsyncGenerator[task_pb2.TaskEvent, None],
+                client.watch_tasks({"characterId": x}, after_sequence=start),
+            )
+        ) as stream,
+    ):
         async for event in stream:
             replayed.append(event)
             if len(replayed) == len(seen):
@@ -226,9 +234,13 @@ async def test_watch_tasks_streams_every_event_of_matching_tasks(client: CharaiC
 async def test_list_tasks_filters_orders_and_pages(client: CharaiClient, stack: Stack) -> None:
     x = char("list")
     created = [
-        await client.create_image(x, unique("costume 1"), resolution="1024x1024", metadata={"category": "costume"}),
+        await client.create_image(
+            x, unique("costume 1"), resolution="1024x1024", metadata={"category": "costume"}
+        ),
         await client.create_tts(x, unique("voice 1"), metadata={"category": "voice"}),
-        await client.create_image(x, unique("costume 2"), resolution="1024x1024", metadata={"category": "costume"}),
+        await client.create_image(
+            x, unique("costume 2"), resolution="1024x1024", metadata={"category": "costume"}
+        ),
         await client.create_image(x, unique("refused") + " [[auth]]", resolution="1024x1024"),
     ]
     finals = {t.id: (await collect(client, t.id))[-1].task.status for t in created}
@@ -319,7 +331,7 @@ def _tts(character: str, **kw: object) -> task_pb2.TtsPayload:
 
 
 IMAGE, TTS = C.TASK_TYPE_IMAGE_GENERATION, C.TASK_TYPE_TTS_GENERATION
-BAD_REQUESTS = {
+BAD_REQUESTS: dict[str, tuple[str, Callable[[str], dict[str, Any]]]] = {
     "empty-prompt": ("image.prompt", lambda c: dict(type=IMAGE, image=_image(c, prompt=""))),
     "blank-prompt": ("image.prompt", lambda c: dict(type=IMAGE, image=_image(c, prompt="   "))),
     "long-text": ("tts.text", lambda c: dict(type=TTS, tts=_tts(c, text="a" * 1025))),
@@ -341,7 +353,7 @@ BAD_REQUESTS = {
 async def test_bad_request_is_invalid_argument_naming_the_field(client: CharaiClient, name: str) -> None:
     field, build = BAD_REQUESTS[name]
     character = char("bad")
-    request = task_service_pb2.CreateTaskRequest(**build(character))  # type: ignore[no-untyped-call]
+    request = task_service_pb2.CreateTaskRequest(**build(character))
     with pytest.raises(CharaiError) as caught:
         await client.create(request)
     error = caught.value
@@ -351,15 +363,28 @@ async def test_bad_request_is_invalid_argument_naming_the_field(client: CharaiCl
     assert await all_tasks(client, {"characterId": character}) == [], f"{name}: a rejected request was stored"
 
 
-async def test_unknown_task_ids(client: CharaiClient) -> None:
+async def test_unknown_task_ids(client: CharaiClient, stack: Stack) -> None:
     unknown = "task_" + uuid.uuid4().hex
-    for call in (client.get, client.cancel):
-        with pytest.raises(CharaiError) as caught:
+    codes: dict[str, str] = {}
+    for name, call in (("GetTask", client.get), ("CancelTask", client.cancel)):
+        try:
             await call(unknown)
-        assert caught.value.code == grpc.StatusCode.NOT_FOUND, caught.value
-    with pytest.raises(CharaiError) as caught:
-        await collect(client, unknown, timeout=10)
-    assert caught.value.code == grpc.StatusCode.NOT_FOUND, caught.value
+            codes[name] = "OK"
+        except CharaiError as exc:
+            codes[name] = f"{exc.code.name} {exc.message[:120]!r}"
+    async with RawWatch(stack.gateway_grpc) as raw:
+        try:
+            async with asyncio.timeout(10):
+                async for _ in raw.watch_task(unknown):
+                    pass
+            codes["WatchTask"] = "OK"
+        except grpc.aio.AioRpcError as exc:
+            codes["WatchTask"] = f"{exc.code().name} {(exc.details() or '')[:120]!r}"
+    wrong = {name: got for name, got in codes.items() if not got.startswith("NOT_FOUND")}
+    assert not wrong, (
+        f"an unknown task id must be NOT_FOUND (DESIGN section 3), got {wrong}: the gateway passes the "
+        "task_store's AioRpcError through its interceptor, which turns it into UNKNOWN"
+    )
     with pytest.raises(CharaiError) as caught:
         await client.get("not-a-task-id")
     assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
@@ -375,10 +400,14 @@ async def test_queue_position_orders_high_before_normal(client: CharaiClient, st
         normal_1 = await client.create_image(x, unique("normal 1"), resolution="1024x1024")
         normal_2 = await client.create_image(x, unique("normal 2"), resolution="1024x1024")
         high = await client.create_image(x, unique("high"), resolution="1024x1024", priority=C.PRIORITY_HIGH)
-        positions = {name: (await client.get(t.id)).queue_position for name, t in
-                     (("high", high), ("normal 1", normal_1), ("normal 2", normal_2))}
+        positions = {
+            name: (await client.get(t.id)).queue_position
+            for name, t in (("high", high), ("normal 1", normal_1), ("normal 2", normal_2))
+        }
         assert positions == {"high": 1, "normal 1": 2, "normal 2": 3}, positions
-        async with contextlib.aclosing(client.watch(high.id)) as stream:
+        async with contextlib.aclosing(
+            cast(AsyncGenerator[task_pb2.TaskEvent, None], client.watch(high.id))
+        ) as stream:
             snapshot = (await anext(stream)).task
         assert snapshot.queue_position == 1, snapshot
         assert all(t.status == C.TASK_STATUS_QUEUED for t in await all_tasks(client, {"characterId": x}))

@@ -11,7 +11,11 @@ from charai.client import CharaiClient
 from charai.devstack.stack import Stack
 from charai.tasks.v1 import task_pb2
 
-ORDER = [task_pb2.TASK_EVENT_TYPE_SNAPSHOT, task_pb2.TASK_EVENT_TYPE_STARTED, task_pb2.TASK_EVENT_TYPE_PROGRESS]
+ORDER = [
+    task_pb2.TASK_EVENT_TYPE_SNAPSHOT,
+    task_pb2.TASK_EVENT_TYPE_STARTED,
+    task_pb2.TASK_EVENT_TYPE_PROGRESS,
+]
 
 
 async def collect(client: CharaiClient, task_id: str) -> list[task_pb2.TaskEvent]:
@@ -19,7 +23,9 @@ async def collect(client: CharaiClient, task_id: str) -> list[task_pb2.TaskEvent
 
 
 async def test_image_task_completes_with_a_png(client: CharaiClient) -> None:
-    task = await client.create_image("char_e2e_img", "a knight, front view", resolution="1088x1472", character_name="K")
+    task = await client.create_image(
+        "char_e2e_img", "a knight, front view", resolution="1088x1472", character_name="K"
+    )
     assert task.status == task_pb2.TASK_STATUS_QUEUED
     assert task.progress == 0
     assert task.metadata["characterId"] == "char_e2e_img"

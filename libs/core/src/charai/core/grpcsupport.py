@@ -46,12 +46,40 @@ def status_for(exc: BaseException) -> status_pb2.Status | None:
         detail = any_pb2.Any()
         detail.Pack(bad)
         return status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=str(exc), details=[detail])
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return _upstream_status(exc)
     if isinstance(exc, CharaiError):
         info = error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=exc.metadata)
         detail = any_pb2.Any()
         detail.Pack(info)
         return status_pb2.Status(code=exc.code.value[0], message=exc.message, details=[detail])
     return None
+
+
+#: Codes of an internal call that a client may see as they are; anything else is our problem.
+_PASS_THROUGH = {
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+
+def _upstream_status(exc: grpc.aio.AioRpcError) -> status_pb2.Status:
+    """The status a client sees when a call to another charai service failed: the same code and
+    details for client errors (e.g. NOT_FOUND from task_store), a plain UNAVAILABLE otherwise —
+    never the internal call's debug string."""
+    code = exc.code()
+    if code in _PASS_THROUGH:
+        rich = rpc_status.from_call(exc)  # type: ignore[arg-type]
+        if rich is not None:
+            return rich
+        return status_pb2.Status(code=code.value[0], message=exc.details() or code.name.lower())
+    log.warning("upstream_call_failed", code=code.name, details=exc.details())
+    return status_pb2.Status(code=code_pb2.UNAVAILABLE, message="the task service is unavailable; try again")
 
 
 async def abort_for(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:

@@ -175,8 +175,16 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
                 if snapshot.task.status in TERMINAL_STATUSES:
                     return
             else:
-                await self._store.stub.GetTask(spb.GetTaskRequest(tenant=tenant, id=request.id), **self._kw())
+                current = await self._store.stub.GetTask(
+                    spb.GetTaskRequest(tenant=tenant, id=request.id), **self._kw()
+                )
                 last = request.after_sequence
+                if current.task.status in TERMINAL_STATUSES:
+                    # Nothing more will happen: send what the client missed, then end.
+                    missed, _ = await self._events(query)
+                    for event in missed:
+                        yield task_service_pb2.WatchTaskResponse(event=self._present_event(event))
+                    return
             async for event in self._follow(watcher, query, last, single_task=True):
                 yield task_service_pb2.WatchTaskResponse(event=event)
                 if event.type in TERMINAL_EVENTS:

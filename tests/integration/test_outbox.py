@@ -1,0 +1,258 @@
+"""The transactional outbox of task_store against a real nats-server: every accepted task's job
+reaches the JetStream work queue exactly once, through a NATS outage, and is re-dispatched when
+NATS loses it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import nats
+import pytest
+from charai.core.storeclient import StoreClient
+from charai.core.topology import Topology
+from charai.store.v1 import store_service_pb2 as spb
+from charai.task_store.app import TaskStoreApp
+from charai.task_store.dispatch import OutboxRelay
+from charai.task_store.settings import Settings
+from charai.tasks.v1 import task_pb2, task_service_pb2
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from tests.conftest import eventually
+
+if TYPE_CHECKING:
+    from tests.conftest import NatsServer
+
+TOPOLOGY = Topology()
+STREAM = TOPOLOGY.jobs_stream
+
+
+def image_request(priority: int = task_pb2.PRIORITY_NORMAL) -> task_service_pb2.CreateTaskRequest:
+    return task_service_pb2.CreateTaskRequest(
+        type=task_pb2.TASK_TYPE_IMAGE_GENERATION,
+        priority=priority,  # type: ignore[arg-type]
+        image=task_pb2.ImagePayload(character_id="char_001", prompt="a knight", resolution="1024x1024"),
+    )
+
+
+def tts_request(priority: int = task_pb2.PRIORITY_NORMAL) -> task_service_pb2.CreateTaskRequest:
+    return task_service_pb2.CreateTaskRequest(
+        type=task_pb2.TASK_TYPE_TTS_GENERATION,
+        priority=priority,  # type: ignore[arg-type]
+        tts=task_pb2.TtsPayload(character_id="char_001", text="hello", voice_style="calm"),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredJob:
+    seq: int
+    subject: str
+    msg_id: str
+    job: spb.Job
+
+
+async def stream_jobs(js: JetStreamContext) -> list[StoredJob]:
+    """Every message in the jobs stream, in stream order (deleted sequences skipped)."""
+    jobs: list[StoredJob] = []
+    state = (await js.stream_info(STREAM)).state
+    if not state.messages:
+        return jobs
+    for seq in range(state.first_seq, state.last_seq + 1):
+        try:
+            msg = await js.get_msg(STREAM, seq)
+        except NotFoundError:
+            continue
+        headers = msg.headers or {}
+        job = spb.Job.FromString(msg.data or b"")
+        jobs.append(StoredJob(seq, msg.subject or "", headers.get("Nats-Msg-Id", ""), job))
+    return jobs
+
+
+async def stream_count(js: JetStreamContext) -> int:
+    return int((await js.stream_info(STREAM)).state.messages)
+
+
+@dataclasses.dataclass
+class Running:
+    app: TaskStoreApp
+    client: StoreClient
+    nc: Client
+    js: JetStreamContext
+
+    async def create(self, request: task_service_pb2.CreateTaskRequest, tenant: str = "t1") -> task_pb2.Task:
+        response = await self.client.stub.CreateTask(
+            spb.CreateTaskRequest(tenant=tenant, request=request), **self.client.kw()
+        )
+        return response.task
+
+    async def outbox_empty(self) -> bool:
+        assert self.app.store is not None
+        return await self.app.store.pending_dispatches() == []
+
+
+@contextlib.asynccontextmanager
+async def running(nats_server: NatsServer, tmp_path: Path, **overrides: Any) -> AsyncIterator[Running]:
+    values: dict[str, Any] = {
+        "nats_url": nats_server.url,
+        "data_dir": tmp_path,
+        "database_url": f"sqlite:///{tmp_path / 'tasks.db'}",
+        "lease_seconds": 5.0,
+        "retry_base_seconds": 0.05,
+        "shutdown_grace_seconds": 1.0,
+    }
+    values.update(overrides)
+    nc = await nats.connect(nats_server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    try:
+        async with (
+            TaskStoreApp(Settings(**values), listen_addr="127.0.0.1:0") as app,
+            StoreClient(f"127.0.0.1:{app.port}") as client,
+        ):
+            yield Running(app, client, nc, nc.jetstream())
+    finally:
+        await nc.close()
+
+
+async def test_created_jobs_are_published_with_msg_id_and_leave_the_outbox(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    async with running(nats_server, tmp_path) as r:
+        cases = [
+            (image_request(), "charai.jobs.image.normal"),
+            (image_request(task_pb2.PRIORITY_HIGH), "charai.jobs.image.high"),
+            (tts_request(task_pb2.PRIORITY_LOW), "charai.jobs.tts.low"),
+            (tts_request(task_pb2.PRIORITY_UNSPECIFIED), "charai.jobs.tts.normal"),
+        ]
+        tasks = [await r.create(request) for request, _ in cases]
+
+        async def all_published() -> bool:
+            return await stream_count(r.js) == len(cases) and await r.outbox_empty()
+
+        await eventually(all_published, timeout=5)
+        by_task = {j.job.task_id: j for j in await stream_jobs(r.js)}
+        for task, (_, subject) in zip(tasks, cases, strict=True):
+            stored = by_task[task.id]
+            assert stored.subject == subject
+            assert stored.msg_id == f"{task.id}:1"
+            assert stored.job.dispatch_gen == 1
+            assert stored.job.type == task.type
+            assert stored.job.priority == task.priority
+        # The job carries ids only: no payload, no tenant.
+        raw = await r.js.get_msg(STREAM, by_task[tasks[0].id].seq)
+        assert b"a knight" not in (raw.data or b"")
+
+        # An idempotent retry of CreateTask publishes nothing new.
+        request = image_request()
+        request.request_id = "req-1"
+        first = await r.create(request)
+        again = await r.create(request)
+        assert again.id == first.id
+        await eventually(all_published_n(r, len(cases) + 1), timeout=5)
+        await asyncio.sleep(0.3)
+        assert await stream_count(r.js) == len(cases) + 1
+
+
+def all_published_n(r: Running, n: int) -> Any:
+    async def check() -> bool:
+        return await stream_count(r.js) == n and await r.outbox_empty()
+
+    return check
+
+
+async def test_tasks_created_during_a_nats_outage_are_published_after_it(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    async with running(nats_server, tmp_path) as r:
+        warm = await r.create(image_request())
+        await eventually(all_published_n(r, 1), timeout=5)
+
+        nats_server.stop()
+        created = await asyncio.wait_for(
+            asyncio.gather(*(r.create(tts_request(task_pb2.PRIORITY_HIGH)) for _ in range(20))), timeout=10
+        )
+        assert all(t.status == task_pb2.TASK_STATUS_QUEUED for t in created)
+        assert not await r.outbox_empty()  # accepted, waiting in the outbox
+        await asyncio.sleep(0.5)
+        nats_server.start()
+
+        await eventually(all_published_n(r, 21), timeout=10)
+        await asyncio.sleep(0.5)  # a late duplicate publish would show up now
+        jobs = await stream_jobs(r.js)
+        assert len(jobs) == 21
+        assert sorted(j.msg_id for j in jobs) == sorted(f"{t.id}:1" for t in [warm, *created])
+        assert len({j.job.task_id for j in jobs}) == 21
+        assert all(j.subject == "charai.jobs.tts.high" for j in jobs if j.job.task_id != warm.id)
+
+
+async def test_sweeper_redispatches_a_job_that_nats_lost(nats_server: NatsServer, tmp_path: Path) -> None:
+    # The app's own sweeper is parked (long interval); this test drives a relay's sweep by hand.
+    async with running(nats_server, tmp_path, redispatch_after_seconds=0.3, sweep_interval_seconds=3600) as r:
+        assert r.app.store is not None
+        lost = await r.create(image_request())
+        kept = await r.create(image_request())
+        leased = await r.create(image_request())
+        ended = await r.create(image_request())
+        await eventually(all_published_n(r, 4), timeout=5)
+        seq_of = {j.job.task_id: j.seq for j in await stream_jobs(r.js)}
+
+        claim = await r.client.stub.ClaimTask(
+            spb.ClaimTaskRequest(task_id=leased.id, dispatch_gen=1, worker_id="w"), **r.client.kw()
+        )
+        assert claim.outcome == spb.CLAIM_OUTCOME_RUN
+        await r.client.stub.CancelTask(spb.CancelTaskRequest(tenant="t1", id=ended.id), **r.client.kw())
+        # NATS loses three jobs: a waiting task's, a running (live lease) task's and an ended task's.
+        for task in (lost, leased, ended):
+            assert await r.js.delete_msg(STREAM, seq_of[task.id])
+
+        relay = OutboxRelay(r.app.store, r.js, TOPOLOGY, redispatch_after=0.3, sweep_interval=3600)
+        assert await relay.sweep_once() == 0  # published too recently to be suspect
+        await asyncio.sleep(0.4)
+        assert await relay.sweep_once() == 1
+
+        async def regenerated() -> bool:
+            jobs = await stream_jobs(r.js)
+            return any(j.msg_id == f"{lost.id}:2" for j in jobs) and await r.outbox_empty()
+
+        await eventually(regenerated, timeout=5)
+        jobs = await stream_jobs(r.js)
+        assert [(j.job.task_id, j.job.dispatch_gen, j.msg_id) for j in jobs] == [
+            (kept.id, 1, f"{kept.id}:1"),
+            (lost.id, 2, f"{lost.id}:2"),
+        ]
+        assert jobs[1].subject == "charai.jobs.image.normal"
+
+        # Once the new job is in the stream, nothing more is re-dispatched.
+        await asyncio.sleep(0.4)
+        assert await relay.sweep_once() == 0
+        assert await stream_count(r.js) == 2
+        task = await r.client.stub.GetTask(spb.GetTaskRequest(tenant="t1", id=lost.id), **r.client.kw())
+        assert task.task.status == task_pb2.TASK_STATUS_QUEUED
+
+
+async def test_app_sweeper_runs_by_itself(nats_server: NatsServer, tmp_path: Path) -> None:
+    async with running(nats_server, tmp_path, redispatch_after_seconds=0.3, sweep_interval_seconds=0.2) as r:
+        lost = await r.create(tts_request())
+        kept = await r.create(tts_request())
+        await eventually(all_published_n(r, 2), timeout=5)
+        first = {j.job.task_id: j.seq for j in await stream_jobs(r.js)}
+        assert await r.js.delete_msg(STREAM, first[lost.id])
+
+        async def regenerated() -> bool:
+            return any(j.msg_id == f"{lost.id}:2" for j in await stream_jobs(r.js))
+
+        await eventually(regenerated, timeout=5)
+        await asyncio.sleep(1.0)  # several more sweeps
+        jobs = await stream_jobs(r.js)
+        assert sorted(j.msg_id for j in jobs) == sorted([f"{kept.id}:1", f"{lost.id}:2"])
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings read CHARAI_* from the environment; keep a developer's shell out of these tests."""
+    for name in ("CHARAI_DATABASE_URL", "CHARAI_NAMESPACE", "CHARAI_INTERNAL_TOKEN"):
+        monkeypatch.delenv(name, raising=False)

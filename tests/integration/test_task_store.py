@@ -1,0 +1,759 @@
+"""task_store against real SQLite files: the store directly, and through its gRPC API (a real
+``grpc.aio`` server on port 0 inside TaskStoreApp, connected to a real nats-server)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import pytest
+from charai.core.domain.errors import ErrorKind
+from charai.core.domain.retry import RetryPolicy
+from charai.core.errors import StaleAttemptError, TaskEndedError
+from charai.core.storeclient import StoreClient
+from charai.core.validation import RequestInvalidError
+from charai.store.v1 import store_service_pb2 as spb
+from charai.task_store.app import TaskStoreApp
+from charai.task_store.settings import Settings
+from charai.task_store.store import SqliteStore, StoreConfig
+from charai.tasks.v1 import task_pb2, task_service_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+if TYPE_CHECKING:
+    from tests.conftest import NatsServer
+
+IMAGE = task_pb2.TASK_TYPE_IMAGE_GENERATION
+TTS = task_pb2.TASK_TYPE_TTS_GENERATION
+QUEUED = task_pb2.TASK_STATUS_QUEUED
+RUNNING = task_pb2.TASK_STATUS_RUNNING
+COMPLETED = task_pb2.TASK_STATUS_COMPLETED
+FAILED = task_pb2.TASK_STATUS_FAILED
+CANCELLED = task_pb2.TASK_STATUS_CANCELLED
+EV = task_pb2.TaskEventType
+RUN = spb.CLAIM_OUTCOME_RUN
+DONE = spb.CLAIM_OUTCOME_DONE
+DEFER = spb.CLAIM_OUTCOME_DEFER
+FAST_RETRY = RetryPolicy(base=0.05, cap=0.2, max_attempts=6)
+
+
+def image_request(
+    character_id: str = "char_001",
+    *,
+    metadata: dict[str, str] | None = None,
+    request_id: str = "",
+    priority: int = task_pb2.PRIORITY_NORMAL,
+    view_type: str = "front",
+    costume_id: str = "",
+    prompt: str = "a knight in silver armour",
+) -> task_service_pb2.CreateTaskRequest:
+    return task_service_pb2.CreateTaskRequest(
+        type=IMAGE,
+        priority=priority,  # type: ignore[arg-type]
+        metadata=metadata or {},
+        request_id=request_id,
+        image=task_pb2.ImagePayload(
+            character_id=character_id,
+            character_name="Aki",
+            prompt=prompt,
+            resolution="1024x1024",
+            view_type=view_type,
+            costume_id=costume_id,
+        ),
+    )
+
+
+def tts_request(
+    character_id: str = "char_001", *, metadata: dict[str, str] | None = None, request_id: str = ""
+) -> task_service_pb2.CreateTaskRequest:
+    return task_service_pb2.CreateTaskRequest(
+        type=TTS,
+        metadata=metadata or {},
+        request_id=request_id,
+        tts=task_pb2.TtsPayload(
+            character_id=character_id, character_name="Aki", text="hello", voice_style="calm"
+        ),
+    )
+
+
+def tts_result() -> task_pb2.TtsResult:
+    return task_pb2.TtsResult(
+        audio_url="charai-media:x.wav", text="hello", voice_style="calm", duration_seconds=1.0
+    )
+
+
+def image_result() -> task_pb2.ImageResult:
+    return task_pb2.ImageResult(image_url="charai-media:x.png", prompt="p", resolution="1024x1024")
+
+
+def complete_req(task_id: str, attempt: int) -> spb.CompleteTaskRequest:
+    return spb.CompleteTaskRequest(task_id=task_id, attempt=attempt, image_result=image_result())
+
+
+def fail_req(task_id: str, attempt: int, kind: ErrorKind, message: str = "boom") -> spb.FailTaskRequest:
+    return spb.FailTaskRequest(
+        task_id=task_id,
+        attempt=attempt,
+        error=task_pb2.TaskError(code=int(kind), message=message),  # type: ignore[arg-type]
+    )
+
+
+def count_rows(db: Path, table: str) -> int:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return int(conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+
+
+class Recorded:
+    """A store plus every envelope it handed to ``on_events``, in the order it handed them."""
+
+    def __init__(self, path: Path, config: StoreConfig) -> None:
+        self.path = path
+        self.envelopes: list[spb.EventEnvelope] = []
+        self.store = SqliteStore(path, config, self.envelopes.extend)
+
+    async def events(self, task_id: str, tenant: str = "t1", after: int = 0) -> list[task_pb2.TaskEvent]:
+        events, _ = await self.store.list_events(
+            spb.ListEventsRequest(tenant=tenant, task_id=task_id, after_sequence=after)
+        )
+        return events
+
+
+@contextlib.asynccontextmanager
+async def open_store(path: Path, **config: Any) -> AsyncIterator[Recorded]:
+    config.setdefault("retry", FAST_RETRY)
+    rec = Recorded(path, StoreConfig(**config))
+    async with rec.store:
+        yield rec
+
+
+@pytest.fixture
+async def rec(tmp_path: Path) -> AsyncIterator[Recorded]:
+    async with open_store(tmp_path / "tasks.db", lease_seconds=5.0) as recorded:
+        yield recorded
+
+
+# -- create, idempotency, listing ------------------------------------------------------------
+async def test_create_returns_queued_task_with_first_events_and_filled_metadata(rec: Recorded) -> None:
+    store = rec.store
+    task, created = await store.create(
+        "t1",
+        image_request(metadata={"category": "gallery", "characterName": "Set by client"}, costume_id="c_9"),
+    )
+    assert created
+    assert task.status == QUEUED
+    assert task.progress == 0
+    assert task.stage == "queued"
+    assert task.attempt == 0
+    assert task.queue_position == 1
+    assert task.id.startswith("task_")
+    assert task.image.prompt == "a knight in silver armour"
+    # Metadata filled from the payload, but a key the client set is kept as the client set it.
+    assert dict(task.metadata) == {
+        "category": "gallery",
+        "characterId": "char_001",
+        "characterName": "Set by client",
+        "viewType": "front",
+        "costumeId": "c_9",
+    }
+
+    second, _ = await store.create("t1", tts_request("char_002"))
+    assert dict(second.metadata) == {"characterId": "char_002", "characterName": "Aki"}
+
+    first_events = await rec.events(task.id)
+    second_events = await rec.events(second.id)
+    assert [(e.sequence, e.type) for e in first_events] == [(1, EV.TASK_EVENT_TYPE_QUEUED)]
+    assert [(e.sequence, e.type) for e in second_events] == [(2, EV.TASK_EVENT_TYPE_QUEUED)]
+    assert first_events[0].task.id == task.id
+    assert first_events[0].task.status == QUEUED
+    # Each create also queued exactly one dispatch in the outbox (same transaction).
+    pending = await store.pending_dispatches()
+    assert [(r.task_id, r.dispatch_gen, r.subject) for r in pending] == [
+        (task.id, 1, "charai.jobs.image.normal"),
+        (second.id, 1, "charai.jobs.tts.normal"),
+    ]
+    fetched = await store.get("t1", task.id)
+    assert fetched.id == task.id
+    assert fetched.status == QUEUED
+
+
+async def test_request_id_makes_create_idempotent(rec: Recorded) -> None:
+    store = rec.store
+    first, created_first = await store.create("t1", image_request(request_id="req-42"))
+    again, created_again = await store.create("t1", image_request(request_id="req-42", prompt="changed"))
+    assert created_first
+    assert not created_again
+    assert again.id == first.id
+    assert again.image.prompt == first.image.prompt
+    # Another tenant may use the same request_id for its own task.
+    other, created_other = await store.create("t2", image_request(request_id="req-42"))
+    assert created_other
+    assert other.id != first.id
+    # The same request_id for another type is a client bug, named as such.
+    with pytest.raises(RequestInvalidError) as err:
+        await store.create("t1", tts_request(request_id="req-42"))
+    assert [v.field for v in err.value.violations] == ["request_id"]
+
+    assert count_rows(rec.path, "tasks") == 2
+    assert count_rows(rec.path, "outbox") == 2
+    assert count_rows(rec.path, "events") == 2
+    tasks, _ = await store.list_tasks("t1", task_service_pb2.ListTasksRequest())
+    assert [t.id for t in tasks] == [first.id]
+
+
+async def test_list_tasks_filters_orders_newest_first_and_pages(rec: Recorded) -> None:
+    store = rec.store
+    made: list[task_pb2.Task] = []
+    specs = [
+        ("char_a", "gallery", IMAGE),
+        ("char_a", "voice", TTS),
+        ("char_b", "gallery", IMAGE),
+        ("char_a", "gallery", IMAGE),
+        ("char_b", "voice", TTS),
+        ("char_a", "gallery", TTS),
+        ("char_a", "gallery", IMAGE),
+    ]
+    for character, category, kind in specs:
+        req = image_request(character) if kind == IMAGE else tts_request(character)
+        req.metadata["category"] = category
+        task, _ = await store.create("t1", req)
+        made.append(task)
+    await store.create("t2", image_request("char_a", metadata={"category": "gallery"}))
+    newest_first = [t.id for t in reversed(made)]
+
+    async def ids(**kwargs: Any) -> list[str]:
+        tasks, token = await store.list_tasks("t1", task_service_pb2.ListTasksRequest(**kwargs))
+        assert token == ""
+        return [t.id for t in tasks]
+
+    assert await ids() == newest_first
+    char_a = [t.id for t in reversed(made) if t.metadata["characterId"] == "char_a"]
+    assert await ids(metadata={"characterId": "char_a"}) == char_a
+    both = [
+        t.id
+        for t in reversed(made)
+        if t.metadata["characterId"] == "char_a" and t.metadata["category"] == "gallery"
+    ]
+    assert len(both) == 4
+    assert await ids(metadata={"characterId": "char_a", "category": "gallery"}) == both
+    assert await ids(metadata={"characterId": "char_a", "category": "nope"}) == []
+    assert await ids(metadata={"characterId": "char_a", "category": "gallery"}, type=TTS) == [made[5].id]
+    assert await ids(type=IMAGE) == [t.id for t in reversed(made) if t.type == IMAGE]
+
+    await store.cancel("t1", made[2].id)
+    await store.claim(made[3].id, 1, "w")
+    assert await ids(status=CANCELLED) == [made[2].id]
+    assert await ids(status=RUNNING) == [made[3].id]
+    assert await ids(status=QUEUED, metadata={"characterId": "char_b"}) == [made[4].id]
+
+    # Pagination: pages of 3 cover everything once, in order, and the last page has no token.
+    seen: list[str] = []
+    token = ""
+    pages = 0
+    while True:
+        tasks, token = await store.list_tasks(
+            "t1", task_service_pb2.ListTasksRequest(page_size=3, page_token=token)
+        )
+        pages += 1
+        seen += [t.id for t in tasks]
+        assert len(tasks) <= 3
+        if not token:
+            break
+    assert pages == 3
+    assert seen == newest_first
+    # Tokens combine with a filter.
+    page1, token = await store.list_tasks(
+        "t1", task_service_pb2.ListTasksRequest(metadata={"characterId": "char_a"}, page_size=2)
+    )
+    page2, token2 = await store.list_tasks(
+        "t1",
+        task_service_pb2.ListTasksRequest(metadata={"characterId": "char_a"}, page_size=2, page_token=token),
+    )
+    assert [t.id for t in page1 + page2] == char_a[:4]
+    assert token2
+
+    with pytest.raises(RequestInvalidError) as err:
+        await store.list_tasks("t1", task_service_pb2.ListTasksRequest(page_token="not a token!"))
+    assert [v.field for v in err.value.violations] == ["page_token"]
+
+
+# -- the state machine -----------------------------------------------------------------------
+async def test_claim_progress_complete_and_terminal_is_final(rec: Recorded) -> None:
+    store = rec.store
+    task, _ = await store.create("t1", image_request())
+    claim = await store.claim(task.id, 1, "worker-a")
+    assert claim.outcome == RUN
+    assert claim.attempt == 1
+    assert claim.task is not None
+    assert claim.task.status == RUNNING
+    assert claim.task.attempt == 1
+    assert claim.task.progress == 10
+    assert claim.task.HasField("start_time")
+
+    assert await store.progress(task.id, 1, 5, "generating") == RUNNING  # clamped up to 10
+    assert (await store.get("t1", task.id)).progress == 10
+    await store.progress(task.id, 1, 55, "generating")
+    await store.progress(task.id, 1, 30, "generating")  # never goes back
+    assert (await store.get("t1", task.id)).progress == 55
+    await store.progress(task.id, 1, 150, "processing")  # clamped down to 90
+    running = await store.get("t1", task.id)
+    assert (running.progress, running.stage) == (90, "processing")
+
+    done = await store.complete(complete_req(task.id, 1))
+    assert done.status == COMPLETED
+    assert done.progress == 100
+    assert done.image_result.image_url == "charai-media:x.png"
+    assert done.HasField("end_time")
+
+    types = [e.type for e in await rec.events(task.id)]
+    assert types == [
+        EV.TASK_EVENT_TYPE_QUEUED,
+        EV.TASK_EVENT_TYPE_STARTED,
+        EV.TASK_EVENT_TYPE_PROGRESS,  # 10, stage "generating"
+        EV.TASK_EVENT_TYPE_PROGRESS,  # 55
+        EV.TASK_EVENT_TYPE_PROGRESS,  # 90 (the 30 changed nothing, so made no event)
+        EV.TASK_EVENT_TYPE_COMPLETED,
+    ]
+    head = (await rec.events(task.id))[-1].sequence
+
+    with pytest.raises(TaskEndedError):
+        await store.progress(task.id, 1, 95, "processing")
+    with pytest.raises(TaskEndedError):
+        await store.complete(complete_req(task.id, 2))
+    outcome, _, after_fail = await store.fail(fail_req(task.id, 1, ErrorKind.PROVIDER_TIMEOUT))
+    assert outcome == spb.FAIL_OUTCOME_IGNORED
+    assert after_fail.status == COMPLETED
+    unchanged, was_running = await store.cancel("t1", task.id)
+    assert not was_running
+    assert unchanged.status == COMPLETED
+    assert unchanged.progress == 100
+    claim_again = await store.claim(task.id, 1, "worker-b")
+    assert claim_again.outcome == DONE
+    # Nothing after the terminal event.
+    events = await rec.events(task.id)
+    assert events[-1].sequence == head
+    assert events[-1].type == EV.TASK_EVENT_TYPE_COMPLETED
+
+    # A cancelled task is final as well.
+    other, _ = await store.create("t1", image_request())
+    await store.claim(other.id, 1, "worker-a")
+    await store.cancel("t1", other.id)
+    with pytest.raises(TaskEndedError):
+        await store.complete(complete_req(other.id, 1))
+    with pytest.raises(TaskEndedError):
+        await store.progress(other.id, 1, 50, "generating")
+    assert (await store.get("t1", other.id)).status == CANCELLED
+
+
+async def test_fencing_after_lease_expiry(tmp_path: Path) -> None:
+    async with open_store(tmp_path / "tasks.db", lease_seconds=0.3) as rec:
+        store = rec.store
+        task, _ = await store.create("t1", image_request())
+        first = await store.claim(task.id, 1, "worker-a")
+        assert (first.outcome, first.attempt) == (RUN, 1)
+        await store.progress(task.id, 1, 40, "generating")  # renews the lease
+        await asyncio.sleep(0.2)
+        assert (await store.claim(task.id, 1, "worker-b")).outcome == DEFER  # still alive
+        await asyncio.sleep(0.4)
+
+        second = await store.claim(task.id, 1, "worker-b")
+        assert (second.outcome, second.attempt) == (RUN, 2)
+        assert second.task is not None
+        assert second.task.attempt == 2
+        assert second.task.error.code == task_pb2.ERROR_CODE_WORKER_LOST
+
+        with pytest.raises(StaleAttemptError):
+            await store.progress(task.id, 1, 60, "generating")
+        with pytest.raises(StaleAttemptError):
+            await store.complete(complete_req(task.id, 1))
+        outcome, _, _ = await store.fail(fail_req(task.id, 1, ErrorKind.PROVIDER_TIMEOUT))
+        assert outcome == spb.FAIL_OUTCOME_IGNORED
+        assert (await store.get("t1", task.id)).status == RUNNING
+
+        done = await store.complete(complete_req(task.id, 2))
+        assert (done.status, done.attempt, done.progress) == (COMPLETED, 2, 100)
+        assert not done.HasField("error")
+        count = len(await rec.events(task.id))
+        again = await store.complete(complete_req(task.id, 2))  # e.g. the ack was lost
+        assert again.status == COMPLETED
+        assert again.attempt == 2
+        assert len(await rec.events(task.id)) == count  # no second COMPLETED event
+        with pytest.raises(TaskEndedError):
+            await store.complete(complete_req(task.id, 1))
+        types = [e.type for e in await rec.events(task.id)]
+        assert types.count(EV.TASK_EVENT_TYPE_STARTED) == 2
+        assert types.count(EV.TASK_EVENT_TYPE_COMPLETED) == 1
+
+
+async def test_claim_defers_while_leased_or_waiting_for_a_retry(rec: Recorded) -> None:
+    store = rec.store  # lease 5 s
+    task, _ = await store.create("t1", image_request())
+    assert (await store.claim(task.id, 1, "a")).outcome == RUN
+    await asyncio.sleep(0.5)
+    deferred = await store.claim(task.id, 1, "b")
+    assert deferred.outcome == DEFER
+    assert 4.0 < deferred.retry_after <= 4.6
+    assert deferred.attempt == 0
+
+    outcome, delay, waiting = await store.fail(
+        spb.FailTaskRequest(
+            task_id=task.id,
+            attempt=1,
+            error=task_pb2.TaskError(code=task_pb2.ERROR_CODE_RATE_LIMITED, message="slow down"),
+            retry_after_seconds=2.0,
+        )
+    )
+    assert outcome == spb.FAIL_OUTCOME_RETRY
+    assert delay >= 2.0  # Retry-After is a floor
+    assert waiting.status == QUEUED
+    not_yet = await store.claim(task.id, 1, "b")
+    assert not_yet.outcome == DEFER
+    next_at = waiting.next_attempt_time.ToMicroseconds() / 1e6
+    assert not_yet.retry_after == pytest.approx(next_at - time.time(), abs=0.2)
+    assert (await store.get("t1", task.id)).status == QUEUED
+
+
+async def test_lost_worker_exhausts_attempts_and_fails(tmp_path: Path) -> None:
+    retry = RetryPolicy(base=0.05, cap=0.2, max_attempts=2)
+    async with open_store(tmp_path / "tasks.db", lease_seconds=0.2, max_attempts=2, retry=retry) as rec:
+        store = rec.store
+        task, _ = await store.create("t1", image_request())
+        assert (await store.claim(task.id, 1, "a")).attempt == 1
+        await asyncio.sleep(0.3)
+        assert (await store.claim(task.id, 1, "b")).attempt == 2
+        await asyncio.sleep(0.3)
+        last = await store.claim(task.id, 1, "c")
+        assert last.outcome == DONE
+        failed = await store.get("t1", task.id)
+        assert failed.status == FAILED
+        assert failed.error.code == task_pb2.ERROR_CODE_WORKER_LOST
+        assert not failed.error.retryable
+        assert failed.attempt == 2
+        assert [e.type for e in await rec.events(task.id)][-1] == EV.TASK_EVENT_TYPE_FAILED
+
+
+async def test_fail_retries_retryable_kinds_up_to_their_limit(rec: Recorded) -> None:
+    store = rec.store
+    # PROVIDER_BAD_RESPONSE allows 2 retries: attempts 1 and 2 are retried, attempt 3 fails.
+    task, _ = await store.create("t1", image_request())
+    for attempt in (1, 2, 3):
+        claim = None
+        for _ in range(100):
+            claim = await store.claim(task.id, 1, "w")
+            if claim.outcome != DEFER:
+                break
+            await asyncio.sleep(claim.retry_after)
+        assert claim is not None
+        assert (claim.outcome, claim.attempt) == (RUN, attempt)
+        outcome, delay, after = await store.fail(
+            fail_req(task.id, attempt, ErrorKind.PROVIDER_BAD_RESPONSE, f"garbage {attempt}")
+        )
+        if attempt < 3:
+            assert outcome == spb.FAIL_OUTCOME_RETRY
+            assert 0 < delay <= 0.2
+            assert after.status == QUEUED
+            assert after.stage == "waiting_retry"
+            assert after.progress == 0
+            assert after.HasField("next_attempt_time")
+            assert after.error.code == task_pb2.ERROR_CODE_PROVIDER_BAD_RESPONSE
+            assert after.error.message == f"garbage {attempt}"
+            assert after.error.retryable
+        else:
+            assert outcome == spb.FAIL_OUTCOME_FAILED
+            assert after.status == FAILED
+            assert after.error.message == "garbage 3"
+            assert not after.error.retryable
+            assert after.HasField("end_time")
+    types = [e.type for e in await rec.events(task.id)]
+    assert types == [
+        EV.TASK_EVENT_TYPE_QUEUED,
+        EV.TASK_EVENT_TYPE_STARTED,
+        EV.TASK_EVENT_TYPE_RETRY_SCHEDULED,
+        EV.TASK_EVENT_TYPE_STARTED,
+        EV.TASK_EVENT_TYPE_RETRY_SCHEDULED,
+        EV.TASK_EVENT_TYPE_STARTED,
+        EV.TASK_EVENT_TYPE_FAILED,
+    ]
+    retry_events = [e for e in await rec.events(task.id) if e.type == EV.TASK_EVENT_TYPE_RETRY_SCHEDULED]
+    assert [e.task.attempt for e in retry_events] == [1, 2]
+    assert all(e.task.HasField("next_attempt_time") for e in retry_events)
+
+    # Non-retryable kinds fail at once.
+    for kind in (
+        ErrorKind.CONTENT_REJECTED,
+        ErrorKind.PROVIDER_AUTH,
+        ErrorKind.INVALID_REQUEST,
+        ErrorKind.QUOTA_EXHAUSTED,
+    ):
+        other, _ = await store.create("t1", image_request())
+        await store.claim(other.id, 1, "w")
+        outcome, _, after = await store.fail(fail_req(other.id, 1, kind, "no"))
+        assert outcome == spb.FAIL_OUTCOME_FAILED, kind
+        assert after.status == FAILED
+        assert after.error.code == int(kind)
+        assert after.attempt == 1
+
+
+# -- cancel and the event log ----------------------------------------------------------------
+async def test_cancel_queued_and_running_tasks(rec: Recorded) -> None:
+    store = rec.store
+    queued, _ = await store.create("t1", image_request())
+    running, _ = await store.create("t1", image_request())
+    await store.claim(running.id, 1, "w")
+
+    cancelled, was_running = await store.cancel("t1", queued.id)
+    assert (cancelled.status, was_running) == (CANCELLED, False)
+    assert cancelled.HasField("end_time")
+    cancelled, was_running = await store.cancel("t1", running.id)
+    assert (cancelled.status, was_running) == (CANCELLED, True)
+    for task_id in (queued.id, running.id):
+        events = await rec.events(task_id)
+        assert events[-1].type == EV.TASK_EVENT_TYPE_CANCELLED
+        assert events[-1].task.status == CANCELLED
+    # A job delivered afterwards finds nothing to do; the worker still holding it is refused.
+    assert (await store.claim(queued.id, 1, "w")).outcome == DONE
+    with pytest.raises(TaskEndedError):
+        await store.progress(running.id, 1, 50, "generating")
+
+
+async def test_list_events_after_sequence_by_task_and_by_filter(rec: Recorded) -> None:
+    store = rec.store
+    a, _ = await store.create("t1", image_request("char_a"))
+    b, _ = await store.create("t1", image_request("char_b"))
+    c, _ = await store.create("t1", tts_request("char_a"))
+    await store.create("t2", image_request("char_a"))
+    await store.claim(a.id, 1, "w")
+    await store.claim(b.id, 1, "w")
+    cursor = (await rec.events(a.id))[-1].sequence  # a's STARTED
+    await store.progress(a.id, 1, 50, "generating")
+    await store.progress(b.id, 1, 50, "generating")
+    await store.cancel("t1", c.id)
+    await store.complete(complete_req(a.id, 1))
+
+    later = await rec.events(a.id, after=cursor)
+    assert [e.type for e in later] == [EV.TASK_EVENT_TYPE_PROGRESS, EV.TASK_EVENT_TYPE_COMPLETED]
+    assert all(e.sequence > cursor for e in later)
+    assert [e.sequence for e in later] == sorted(e.sequence for e in later)
+    assert await rec.events(a.id, tenant="t2") == []  # another tenant's task
+
+    events, head = await store.list_events(
+        spb.ListEventsRequest(tenant="t1", metadata={"characterId": "char_a"}, after_sequence=cursor)
+    )
+    assert [(e.task.id, e.type) for e in events] == [
+        (a.id, EV.TASK_EVENT_TYPE_PROGRESS),
+        (c.id, EV.TASK_EVENT_TYPE_CANCELLED),
+        (a.id, EV.TASK_EVENT_TYPE_COMPLETED),
+    ]
+    assert head == events[-1].sequence
+    image_only, _ = await store.list_events(
+        spb.ListEventsRequest(
+            tenant="t1", metadata={"characterId": "char_a"}, type=IMAGE, after_sequence=cursor
+        )
+    )
+    assert [e.task.id for e in image_only] == [a.id, a.id]
+    everything, _ = await store.list_events(spb.ListEventsRequest(tenant="t1"))
+    assert len(everything) == 9  # 3 queued, 2 started, 2 progress, cancelled, completed
+    assert {e.task.id for e in everything} == {a.id, b.id, c.id}
+    limited, _ = await store.list_events(spb.ListEventsRequest(tenant="t1", after_sequence=cursor, limit=2))
+    assert [e.sequence for e in limited] == [e.sequence for e in everything if e.sequence > cursor][:2]
+
+
+async def test_envelopes_arrive_in_commit_order_and_chain_per_task(rec: Recorded) -> None:
+    store = rec.store
+    created = await asyncio.gather(*(store.create("t1", image_request(f"c{i}")) for i in range(12)))
+    ids = [t.id for t, _ in created]
+    await asyncio.gather(*(store.claim(i, 1, "w") for i in ids))
+    await asyncio.gather(
+        *(store.progress(i, 1, 20 + n, "generating") for n, i in enumerate(ids)),
+        *(store.cancel("t1", i) for i in ids[::3]),
+    )
+    await asyncio.gather(
+        *(store.complete(complete_req(i, 1)) for n, i in enumerate(ids) if n % 3 == 1),
+        *(store.fail(fail_req(i, 1, ErrorKind.CONTENT_REJECTED)) for n, i in enumerate(ids) if n % 3 == 2),
+    )
+
+    sequences = [env.event.sequence for env in rec.envelopes]
+    assert sequences == sorted(sequences)
+    assert len(set(sequences)) == len(sequences)
+    last: dict[str, int] = {}
+    for env in rec.envelopes:
+        assert env.tenant == "t1"
+        task_id = env.event.task.id
+        assert env.prev_sequence == last.get(task_id, 0), f"gap in the chain of {task_id}"
+        last[task_id] = env.event.sequence
+    # The envelopes are exactly the stored log.
+    stored, head = await store.list_events(spb.ListEventsRequest(tenant="t1"))
+    assert [(e.sequence, e.type, e.task.id) for e in stored] == [
+        (env.event.sequence, env.event.type, env.event.task.id) for env in rec.envelopes
+    ]
+    assert head == sequences[-1]
+    for task_id in ids:
+        final = [env for env in rec.envelopes if env.event.task.id == task_id][-1]
+        assert final.event.task.status in {COMPLETED, FAILED, CANCELLED}
+
+
+# -- through the gRPC API --------------------------------------------------------------------
+def app_settings(nats: NatsServer, tmp_path: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "nats_url": nats.url,
+        "data_dir": tmp_path,
+        "database_url": f"sqlite:///{tmp_path / 'tasks.db'}",
+        "lease_seconds": 5.0,
+        "retry_base_seconds": 0.05,
+        "shutdown_grace_seconds": 1.0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@contextlib.asynccontextmanager
+async def running_app(settings: Settings) -> AsyncIterator[tuple[TaskStoreApp, StoreClient]]:
+    async with (
+        TaskStoreApp(settings, listen_addr="127.0.0.1:0") as app,
+        StoreClient(f"127.0.0.1:{app.port}") as client,
+    ):
+        yield app, client
+
+
+def bad_fields(exc: grpc.aio.AioRpcError) -> list[str]:
+    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    assert status is not None, "INVALID_ARGUMENT without google.rpc.Status details"
+    fields: list[str] = []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            fields += [v.field for v in bad.field_violations]
+    return fields
+
+
+async def test_grpc_rejects_invalid_create_and_stores_nothing(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    async with running_app(app_settings(nats_server, tmp_path)) as (app, client):
+        stub = client.stub
+        bad_image = image_request(prompt="")
+        bad_image.image.resolution = "10x10"
+        bad_image.metadata["1bad key"] = "x"
+        bad_tts = tts_request()
+        bad_tts.tts.speed = 9.0
+        bad_tts.tts.response_format = "ogg"
+        mismatched = tts_request()
+        mismatched.type = IMAGE
+        cases = [
+            (bad_image, {"image.prompt", "image.resolution"}),
+            (bad_tts, {"tts.speed", "tts.response_format"}),
+            (mismatched, {"payload"}),
+            (task_service_pb2.CreateTaskRequest(), {"type", "payload"}),
+            (image_request(request_id="x" * 200), {"request_id"}),
+        ]
+        for request, expected in cases:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.CreateTask(spb.CreateTaskRequest(tenant="t1", request=request), **client.kw())
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            fields = bad_fields(err.value)
+            assert expected <= set(fields), fields
+
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.CreateTask(spb.CreateTaskRequest(tenant="t1", request=bad_image), **client.kw())
+        assert any(f.startswith("metadata[") for f in bad_fields(err.value))
+
+        listed = await stub.ListTasks(spb.ListTasksRequest(tenant="t1"), **client.kw())
+        assert list(listed.tasks) == []
+        events = await stub.ListEvents(spb.ListEventsRequest(tenant="t1"), **client.kw())
+        assert (list(events.events), events.head_sequence) == ([], 0)
+        assert app.store is not None
+        assert await app.store.pending_dispatches() == []
+        db = tmp_path / "tasks.db"
+        assert (count_rows(db, "tasks"), count_rows(db, "events"), count_rows(db, "outbox")) == (0, 0, 0)
+
+        # A bad page token is INVALID_ARGUMENT naming page_token, through the API too.
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.ListTasks(
+                spb.ListTasksRequest(
+                    tenant="t1", request=task_service_pb2.ListTasksRequest(page_token="%%%")
+                ),
+                **client.kw(),
+            )
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert bad_fields(err.value) == ["page_token"]
+
+
+async def test_grpc_hides_other_tenants_tasks(nats_server: NatsServer, tmp_path: Path) -> None:
+    async with running_app(app_settings(nats_server, tmp_path)) as (_, client):
+        stub = client.stub
+        created = await stub.CreateTask(
+            spb.CreateTaskRequest(tenant="alice", request=image_request()), **client.kw()
+        )
+        task_id = created.task.id
+        for call in (
+            stub.GetTask(spb.GetTaskRequest(tenant="bob", id=task_id), **client.kw()),
+            stub.CancelTask(spb.CancelTaskRequest(tenant="bob", id=task_id), **client.kw()),
+            stub.GetTask(spb.GetTaskRequest(tenant="alice", id="task_" + "0" * 32), **client.kw()),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        bob_list = await stub.ListTasks(spb.ListTasksRequest(tenant="bob"), **client.kw())
+        assert list(bob_list.tasks) == []
+        bob_events = await stub.ListEvents(
+            spb.ListEventsRequest(tenant="bob", task_id=task_id), **client.kw()
+        )
+        assert list(bob_events.events) == []
+        mine = await stub.GetTask(spb.GetTaskRequest(tenant="alice", id=task_id), **client.kw())
+        assert mine.task.status == QUEUED  # bob's cancel changed nothing
+
+
+async def test_restart_keeps_tasks_and_continues_sequences(nats_server: NatsServer, tmp_path: Path) -> None:
+    settings = app_settings(nats_server, tmp_path)
+    async with running_app(settings) as (_, client):
+        stub, kw = client.stub, client.kw()
+        ids = []
+        for i in range(3):
+            created = await stub.CreateTask(
+                spb.CreateTaskRequest(tenant="t1", request=image_request(f"c{i}", request_id=f"r{i}")), **kw
+            )
+            ids.append(created.task.id)
+        claim = await stub.ClaimTask(
+            spb.ClaimTaskRequest(task_id=ids[0], dispatch_gen=1, worker_id="w"), **kw
+        )
+        assert claim.outcome == RUN
+        await stub.ReportProgress(
+            spb.ReportProgressRequest(task_id=ids[0], attempt=1, progress=40, stage="generating"), **kw
+        )
+        await stub.CancelTask(spb.CancelTaskRequest(tenant="t1", id=ids[1]), **kw)
+        before = await stub.ListEvents(spb.ListEventsRequest(tenant="t1"), **kw)
+        assert before.head_sequence == 6
+
+    async with running_app(settings) as (_, client):
+        stub, kw = client.stub, client.kw()
+        after = await stub.ListEvents(spb.ListEventsRequest(tenant="t1"), **kw)
+        assert list(after.events) == list(before.events)
+        assert after.head_sequence == before.head_sequence
+        running = await stub.GetTask(spb.GetTaskRequest(tenant="t1", id=ids[0]), **kw)
+        assert (running.task.status, running.task.progress, running.task.attempt) == (RUNNING, 40, 1)
+        cancelled = await stub.GetTask(spb.GetTaskRequest(tenant="t1", id=ids[1]), **kw)
+        assert cancelled.task.status == CANCELLED
+        # request_id still deduplicates after the restart.
+        again = await stub.CreateTask(
+            spb.CreateTaskRequest(tenant="t1", request=image_request("c2", request_id="r2")), **kw
+        )
+        assert again.task.id == ids[2]
+        # The running attempt can still finish, and sequences continue where they stopped.
+        done = await stub.CompleteTask(complete_req(ids[0], 1), **kw)
+        assert done.task.status == COMPLETED
+        new = await stub.CreateTask(spb.CreateTaskRequest(tenant="t1", request=tts_request()), **kw)
+        events = await stub.ListEvents(
+            spb.ListEventsRequest(tenant="t1", after_sequence=before.head_sequence), **kw
+        )
+        assert [(e.sequence, e.type, e.task.id) for e in events.events] == [
+            (7, EV.TASK_EVENT_TYPE_COMPLETED, ids[0]),
+            (8, EV.TASK_EVENT_TYPE_QUEUED, new.task.id),
+        ]
+        listed = await stub.ListTasks(spb.ListTasksRequest(tenant="t1"), **kw)
+        assert [t.id for t in listed.tasks] == [new.task.id, *reversed(ids)]
