@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import struct
@@ -53,10 +54,8 @@ async def test_run_starts_everything_and_stops_cleanly_on_sigterm(tmp_path: Path
     # The ports are free again: nothing was left running.
     for port in (grpc_port, http_port, store_port):
         reader_writer = None
-        try:
+        with contextlib.suppress(OSError):
             reader_writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            pass
         assert reader_writer is None, f"port {port} still open after SIGTERM"
 
 
