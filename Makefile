@@ -15,7 +15,7 @@ BUF_VERSION := 1.75.0
 BUF := $(TOOLS)/node_modules/.bin/buf
 GEN_DIR := protos/src
 
-.PHONY: help install proto proto-check lint format typecheck check test test-unit test-integration test-e2e demo run bench clean
+.PHONY: help install proto proto-check lint format typecheck compose-check check test test-unit test-integration test-e2e demo run bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -59,7 +59,13 @@ format: install ## Apply ruff fixes and formatting
 typecheck: install ## mypy --strict over every package
 	$(VENV)/bin/mypy libs/core/src libs/worker/src services/*/src clients/python/src tools/devstack/src
 
-check: proto-check lint typecheck ## Everything static: generated code, lint, types
+compose-check: ## docker-compose accepts compose.yaml (installs Debian's docker-compose if missing)
+	@command -v docker-compose >/dev/null || { apt-get update -qq && apt-get install -y -qq docker-compose >/dev/null; }
+	CHARAI_INTERNAL_TOKEN=check CHARAI_MEDIA_SIGNING_KEY=check docker-compose -f compose.yaml config -q
+	CHARAI_INTERNAL_TOKEN=check CHARAI_MEDIA_SIGNING_KEY=check docker-compose -f compose.yaml --profile emulator config -q
+	@echo "compose.yaml is valid"
+
+check: proto-check lint typecheck compose-check ## Everything static: generated code, lint, types, compose.yaml
 
 test: install ## Run every test (unit, integration with real NATS + gRPC, end-to-end through the stack)
 	$(PY) -m pytest -n 2 --dist loadfile -q tests

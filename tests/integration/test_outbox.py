@@ -189,6 +189,21 @@ async def test_tasks_created_during_a_nats_outage_are_published_after_it(
         assert all(j.subject == "charai.jobs.tts.high" for j in jobs if j.job.task_id != warm.id)
 
 
+async def test_outbox_outlives_a_task_store_restart_during_the_outage(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    async with running(nats_server, tmp_path) as r:
+        nats_server.stop()
+        created = [await r.create(image_request()) for _ in range(5)]
+        assert not await r.outbox_empty()
+    # task_store stopped with 5 jobs unpublished; NATS comes back, then a new task_store starts.
+    nats_server.start()
+    async with running(nats_server, tmp_path) as r:
+        await eventually(all_published_n(r, 5), timeout=10)
+        jobs = await stream_jobs(r.js)
+        assert sorted(j.msg_id for j in jobs) == sorted(f"{t.id}:1" for t in created)
+
+
 async def test_sweeper_redispatches_a_job_that_nats_lost(nats_server: NatsServer, tmp_path: Path) -> None:
     # The app's own sweeper is parked (long interval); this test drives a relay's sweep by hand.
     async with running(nats_server, tmp_path, redispatch_after_seconds=0.3, sweep_interval_seconds=3600) as r:

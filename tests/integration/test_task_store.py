@@ -351,15 +351,16 @@ async def test_claim_progress_complete_and_terminal_is_final(rec: Recorded) -> N
 
 
 async def test_fencing_after_lease_expiry(tmp_path: Path) -> None:
-    async with open_store(tmp_path / "tasks.db", lease_seconds=0.3) as rec:
+    async with open_store(tmp_path / "tasks.db", lease_seconds=0.5) as rec:
         store = rec.store
         task, _ = await store.create("t1", image_request())
         first = await store.claim(task.id, 1, "worker-a")
         assert (first.outcome, first.attempt) == (RUN, 1)
+        await asyncio.sleep(0.3)
         await store.progress(task.id, 1, 40, "generating")  # renews the lease
-        await asyncio.sleep(0.2)
-        assert (await store.claim(task.id, 1, "worker-b")).outcome == DEFER  # still alive
-        await asyncio.sleep(0.4)
+        await asyncio.sleep(0.3)
+        assert (await store.claim(task.id, 1, "worker-b")).outcome == DEFER  # renewed, still alive
+        await asyncio.sleep(0.6)
 
         second = await store.claim(task.id, 1, "worker-b")
         assert (second.outcome, second.attempt) == (RUN, 2)
@@ -393,12 +394,18 @@ async def test_fencing_after_lease_expiry(tmp_path: Path) -> None:
 async def test_claim_defers_while_leased_or_waiting_for_a_retry(rec: Recorded) -> None:
     store = rec.store  # lease 5 s
     task, _ = await store.create("t1", image_request())
+    claim_began = time.monotonic()
     assert (await store.claim(task.id, 1, "a")).outcome == RUN
+    claim_ended = time.monotonic()
     await asyncio.sleep(0.5)
+    defer_began = time.monotonic()
     deferred = await store.claim(task.id, 1, "b")
+    defer_ended = time.monotonic()
     assert deferred.outcome == DEFER
-    assert 4.0 < deferred.retry_after <= 4.6
     assert deferred.attempt == 0
+    # retry_after is what is left of the 5 s lease.
+    assert 5.0 - (defer_ended - claim_began) - 0.05 <= deferred.retry_after
+    assert deferred.retry_after <= 5.0 - (defer_began - claim_ended) + 0.05
 
     outcome, delay, waiting = await store.fail(
         spb.FailTaskRequest(
