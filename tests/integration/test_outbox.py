@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import nats
-import pytest
 from charai.core.storeclient import StoreClient
 from charai.core.topology import Topology
 from charai.store.v1 import store_service_pb2 as spb
@@ -118,6 +117,13 @@ async def running(nats_server: NatsServer, tmp_path: Path, **overrides: Any) -> 
         await nc.close()
 
 
+def all_published_n(r: Running, n: int) -> Any:
+    async def check() -> bool:
+        return await stream_count(r.js) == n and await r.outbox_empty()
+
+    return check
+
+
 async def test_created_jobs_are_published_with_msg_id_and_leave_the_outbox(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
@@ -130,10 +136,7 @@ async def test_created_jobs_are_published_with_msg_id_and_leave_the_outbox(
         ]
         tasks = [await r.create(request) for request, _ in cases]
 
-        async def all_published() -> bool:
-            return await stream_count(r.js) == len(cases) and await r.outbox_empty()
-
-        await eventually(all_published, timeout=5)
+        await eventually(all_published_n(r, len(cases)), timeout=5)
         by_task = {j.job.task_id: j for j in await stream_jobs(r.js)}
         for task, (_, subject) in zip(tasks, cases, strict=True):
             stored = by_task[task.id]
@@ -155,13 +158,6 @@ async def test_created_jobs_are_published_with_msg_id_and_leave_the_outbox(
         await eventually(all_published_n(r, len(cases) + 1), timeout=5)
         await asyncio.sleep(0.3)
         assert await stream_count(r.js) == len(cases) + 1
-
-
-def all_published_n(r: Running, n: int) -> Any:
-    async def check() -> bool:
-        return await stream_count(r.js) == n and await r.outbox_empty()
-
-    return check
 
 
 async def test_tasks_created_during_a_nats_outage_are_published_after_it(
@@ -264,10 +260,3 @@ async def test_app_sweeper_runs_by_itself(nats_server: NatsServer, tmp_path: Pat
         await asyncio.sleep(1.0)  # several more sweeps
         jobs = await stream_jobs(r.js)
         assert sorted(j.msg_id for j in jobs) == sorted([f"{kept.id}:1", f"{lost.id}:2"])
-
-
-@pytest.fixture(autouse=True)
-def _no_leftover_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Settings read CHARAI_* from the environment; keep a developer's shell out of these tests."""
-    for name in ("CHARAI_DATABASE_URL", "CHARAI_NAMESPACE", "CHARAI_INTERNAL_TOKEN"):
-        monkeypatch.delenv(name, raising=False)

@@ -737,6 +737,9 @@ async def test_restart_keeps_tasks_and_continues_sequences(nats_server: NatsServ
         before = await stub.ListEvents(spb.ListEventsRequest(tenant="t1"), **kw)
         assert before.head_sequence == 6
 
+    with contextlib.closing(sqlite3.connect(tmp_path / "tasks.db")) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
     async with running_app(settings) as (_, client):
         stub, kw = client.stub, client.kw()
         after = await stub.ListEvents(spb.ListEventsRequest(tenant="t1"), **kw)

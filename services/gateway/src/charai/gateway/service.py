@@ -6,7 +6,6 @@ Every task leaving the gateway has its media references turned into signed capab
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -275,5 +274,3 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
                 floor = event.sequence
                 seen.clear()
             yield self._present_event(event)
-        with contextlib.suppress(Exception):
-            pass

@@ -54,5 +54,6 @@ class RetryPolicy:
         step = min(self.cap, self.base * 2.0 ** min(max(0, attempt - 1), 64))
         delay = step / 2 + r.uniform(0, step / 2)
         if retry_after is not None and retry_after > 0:
-            delay = max(delay, retry_after * (1 + r.uniform(0, 0.5)))
-        return float(min(delay, max(self.cap, retry_after or 0.0)))
+            # The provider's word beats our cap; the jitter above it still spreads the herd.
+            return float(max(delay, retry_after * (1 + r.uniform(0, 0.5))))
+        return float(min(delay, self.cap))
