@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import urllib.request
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import grpc
@@ -59,16 +59,27 @@ class WatchResumeError(Exception):
     """The stream could not be resumed within the reconnect budget."""
 
 
+ReconnectHook = Callable[[int, str, int], object]
+"""Called by ``watch`` / ``watch_tasks`` before each resume attempt with the attempt number (1 for
+the first retry after a drop), why the stream dropped, and the sequence it resumes after; lets a
+UI say "reconnecting" instead of looking frozen."""
+
+
 class CharaiClient:
     """``async with CharaiClient("127.0.0.1:50051") as c: task = await c.create_image(...)``"""
 
-    def __init__(self, target: str, token: str = "", *, reconnect_attempts: int = 30) -> None:
+    def __init__(
+        self, target: str, token: str = "", *, reconnect_attempts: int = 30, rpc_timeout: float = 30.0
+    ) -> None:
         self._channel = grpc.aio.insecure_channel(
             target, options=[("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_permit_without_calls", 1)]
         )
         self._stub = task_service_pb2_grpc.TaskServiceStub(self._channel)
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
         self._reconnect_attempts = reconnect_attempts
+        self._rpc_timeout = rpc_timeout
+        # Resume attempts made by watch / watch_tasks over this client's life (for UIs and tests).
+        self.reconnects = 0
 
     async def close(self) -> None:
         await self._channel.close()
@@ -79,9 +90,9 @@ class CharaiClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _call(self, method: Any, request: Any, timeout: float = 30.0) -> Any:
+    async def _call(self, method: Any, request: Any, timeout: float | None = None) -> Any:
         try:
-            return await method(request, metadata=self._metadata, timeout=timeout)
+            return await method(request, metadata=self._metadata, timeout=timeout or self._rpc_timeout)
         except grpc.aio.AioRpcError as exc:
             raise CharaiError.from_rpc(exc) from None
 
@@ -194,7 +205,9 @@ class CharaiClient:
             if not token:
                 return
 
-    async def watch(self, task_id: str, after_sequence: int = 0) -> AsyncIterator[task_pb2.TaskEvent]:
+    async def watch(
+        self, task_id: str, after_sequence: int = 0, *, on_reconnect: ReconnectHook | None = None
+    ) -> AsyncIterator[task_pb2.TaskEvent]:
         """Every event of one task until its terminal event; a dropped stream is resumed from the
         last sequence seen, so no event is lost or repeated. Heartbeats are not yielded."""
         last = after_sequence
@@ -221,6 +234,7 @@ class CharaiClient:
                 failures += 1
                 if failures > self._reconnect_attempts:
                     raise WatchResumeError(f"gave up resuming after {failures} attempts")
+                self._reconnecting(on_reconnect, failures, "the stream ended before the task did", last)
                 await asyncio.sleep(min(2.0, 0.1 * 2**failures))
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in _RESUMABLE:
@@ -230,12 +244,18 @@ class CharaiClient:
                     raise WatchResumeError(
                         f"gave up resuming after {failures} attempts: {exc.details()}"
                     ) from None
+                self._reconnecting(on_reconnect, failures, f"{exc.code().name}: {exc.details()}", last)
                 await asyncio.sleep(min(2.0, 0.1 * 2**failures))
             finally:
                 call.cancel()
 
     async def watch_tasks(
-        self, metadata: Mapping[str, str], *, task_type: int = 0, after_sequence: int = 0
+        self,
+        metadata: Mapping[str, str],
+        *,
+        task_type: int = 0,
+        after_sequence: int = 0,
+        on_reconnect: ReconnectHook | None = None,
     ) -> AsyncIterator[task_pb2.TaskEvent]:
         """Every event of tasks matching ``metadata``, resumed after drops; never ends by itself."""
         last = after_sequence
@@ -256,17 +276,24 @@ class CharaiClient:
                     last = max(last, event.sequence)
                     if event.type != task_pb2.TASK_EVENT_TYPE_HEARTBEAT:
                         yield event
+                reason = "the stream ended (the gateway may be draining)"
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in _RESUMABLE:
                     raise CharaiError.from_rpc(exc) from None
-                failures += 1
-                if failures > self._reconnect_attempts:
-                    raise WatchResumeError(
-                        f"gave up resuming after {failures} attempts: {exc.details()}"
-                    ) from None
-                await asyncio.sleep(min(2.0, 0.1 * 2**failures))
+                reason = f"{exc.code().name}: {exc.details()}"
             finally:
                 call.cancel()
+            # A clean end and a dropped connection are both resumed, with the same backoff.
+            failures += 1
+            if failures > self._reconnect_attempts:
+                raise WatchResumeError(f"gave up resuming after {failures} attempts: {reason}")
+            self._reconnecting(on_reconnect, failures, reason, last)
+            await asyncio.sleep(min(2.0, 0.1 * 2**failures))
+
+    def _reconnecting(self, hook: ReconnectHook | None, attempt: int, reason: str, after: int) -> None:
+        self.reconnects += 1
+        if hook is not None:
+            hook(attempt, reason, after)
 
     @staticmethod
     async def download(url: str) -> bytes:
