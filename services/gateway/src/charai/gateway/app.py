@@ -17,7 +17,9 @@ from charai.core.storeclient import StoreClient
 from charai.core.topology import Topology
 from charai.gateway.auth import Authenticator, is_loopback
 from charai.gateway.events import EventHub
-from charai.gateway.http import health_routes, media_routes
+from charai.gateway.grpcweb import GrpcWebBridge, loopback_channel
+from charai.gateway.http import CorsPolicy, console_routes, health_routes, install_cors, media_routes
+from charai.gateway.rest import RestApi
 from charai.gateway.service import TaskService
 from charai.gateway.settings import Settings
 from charai.tasks.v1 import task_service_pb2, task_service_pb2_grpc
@@ -51,6 +53,8 @@ class GatewayApp:
         self._store: StoreClient | None = None
         self._nc: Client | None = None
         self._health = None
+        #: gRPC-web and REST reach the servicer through the gateway's own gRPC port.
+        self._loopback: grpc.aio.Channel | None = None
         self._closed = False
 
     async def start(self) -> None:
@@ -105,7 +109,17 @@ class GatewayApp:
 
         app = web.Application(client_max_size=1024 * 1024)
         app.add_routes(media_routes(media, signer))
-        app.add_routes(health_routes(lambda: self._nc is not None and self._nc.is_connected))
+        app.add_routes(
+            health_routes(
+                lambda: self._nc is not None and self._nc.is_connected,
+                lambda: {"open_watch_streams": self.hub.open_streams if self.hub is not None else 0},
+            )
+        )
+        self._loopback = loopback_channel(s.gateway_grpc_addr, self.grpc_port)
+        app.add_routes(RestApi(self._loopback).routes())
+        app.add_routes(GrpcWebBridge(self._loopback).routes())
+        app.add_routes(console_routes(s.console_dir))
+        install_cors(app, CorsPolicy(s.cors_origin_list))
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
         host, _, port = s.gateway_http_addr.rpartition(":")
@@ -132,6 +146,8 @@ class GatewayApp:
         self._closed = True
         if self.service is not None:
             self.service.stopping.set()  # watch streams end cleanly; clients resume elsewhere
+            if self.hub is not None:
+                self.hub.end_all()
         if self._health is not None:
             with contextlib.suppress(Exception):
                 await self._health.enter_graceful_shutdown()
@@ -139,6 +155,8 @@ class GatewayApp:
             await self._server.stop(self.settings.shutdown_grace_seconds)
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._loopback is not None:
+            await self._loopback.close()
         if self.hub is not None:
             await self.hub.close()
         if self._store is not None:

@@ -29,7 +29,7 @@ class Watcher:
     task_id: str = ""
     metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
     task_type: int = 0
-    queue: asyncio.Queue[spb.EventEnvelope] = dataclasses.field(
+    queue: asyncio.Queue[spb.EventEnvelope | None] = dataclasses.field(
         default_factory=lambda: asyncio.Queue(QUEUE_LIMIT)
     )
     #: Set when the queue overflowed: the stream must re-read the event log.
@@ -102,6 +102,15 @@ class EventHub:
             self._per_tenant.pop(watcher.tenant, None)
         else:
             self._per_tenant[watcher.tenant] = left
+
+    def end_all(self) -> None:
+        """Asks every open stream to end now (shutdown): a ``None`` in each queue."""
+        for watchers in (*self._by_task.values(), self._filters):
+            for watcher in watchers:
+                try:
+                    watcher.queue.put_nowait(None)
+                except asyncio.QueueFull:
+                    watcher.lagged = True  # the stream re-checks ``stopping`` right after its catch-up
 
     async def _on_msg(self, msg: Msg) -> None:
         try:

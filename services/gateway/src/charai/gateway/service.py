@@ -152,6 +152,9 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
         watcher = Watcher(tenant=tenant, task_id=request.id)
         self._open(watcher)
         try:
+            # Headers now, not with the first event: proxies and gRPC-web clients see the stream
+            # open at once even when nothing happens for a while.
+            await context.send_initial_metadata(())
             query = spb.ListEventsRequest(
                 tenant=tenant, task_id=request.id, after_sequence=request.after_sequence
             )
@@ -199,6 +202,7 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
         watcher = Watcher(tenant=tenant, metadata=dict(request.metadata), task_type=request.type)
         self._open(watcher)
         try:
+            await context.send_initial_metadata(())
             query = spb.ListEventsRequest(
                 tenant=tenant,
                 metadata=request.metadata,
@@ -250,6 +254,8 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
             try:
                 async with asyncio.timeout(self._heartbeat):
                     env = await watcher.queue.get()
+                if env is None:
+                    return  # the gateway is shutting down: end the stream, the client resumes elsewhere
             except TimeoutError:
                 delivered = False
                 async for event in catch_up():
