@@ -67,7 +67,7 @@ compose-check: ## docker-compose accepts compose.yaml (installs Debian's docker-
 
 check: proto-check lint typecheck compose-check ## Everything static: generated code, lint, types, compose.yaml
 
-test: install ## Run every test (unit, integration with real NATS + gRPC, end-to-end through the stack)
+test: install ts console chromium ## Run every test (unit, integration with real NATS + gRPC, end-to-end through the stack)
 	$(PY) -m pytest -n 2 --dist loadfile -q tests
 
 test-unit: install ## Domain core only (fast, no I/O)
@@ -76,14 +76,54 @@ test-unit: install ## Domain core only (fast, no I/O)
 test-integration: install
 	$(PY) -m pytest -q tests/integration
 
-test-e2e: install
+test-e2e: install ts console chromium
 	$(PY) -m pytest -q tests/e2e
 
-run: install ## Run the whole stack on loopback in the foreground (Ctrl-C stops it)
+run: install console ## Run the whole stack on loopback in the foreground (Ctrl-C stops it)
 	$(PY) -m charai.devstack run
 
 demo: install ## Start the stack, generate one image and one voice with live progress, save them, stop
 	$(PY) -m charai.devstack demo
+
+# -- Node: the TypeScript client, the task console, the browser test ---------------------------
+TS_DIR := clients/typescript
+CONSOLE_SRC := clients/console
+CONSOLE_DIST := services/gateway/src/charai/gateway/console_dist
+CHROMIUM := /usr/bin/chromium
+NPM_CI := npm ci --no-audit --no-fund --loglevel=error
+
+.PHONY: node ts console chromium clean-node
+
+$(TS_DIR)/node_modules/.installed: $(TS_DIR)/package-lock.json
+	cd $(TS_DIR) && $(NPM_CI)
+	touch $@
+
+$(CONSOLE_SRC)/node_modules/.installed: $(CONSOLE_SRC)/package-lock.json
+	cd $(CONSOLE_SRC) && $(NPM_CI)
+	touch $@
+
+node: $(TS_DIR)/node_modules/.installed $(CONSOLE_SRC)/node_modules/.installed ## npm packages of the TypeScript client and the console (npm ci, locked)
+
+$(TS_DIR)/dist/index.js: $(TS_DIR)/node_modules/.installed $(PROTO_FILES) $(TS_DIR)/buf.gen.yaml $(TS_DIR)/tsconfig.json \
+		$(wildcard $(TS_DIR)/src/*.ts $(TS_DIR)/proto/google/rpc/*.proto)
+	cd $(TS_DIR) && npm run --silent build
+
+ts: $(TS_DIR)/dist/index.js ## TypeScript client: generate code from the protos (buf + protoc-gen-es), build with tsc
+
+$(CONSOLE_DIST)/index.html: $(TS_DIR)/dist/index.js $(CONSOLE_SRC)/node_modules/.installed $(CONSOLE_SRC)/build.mjs \
+		$(CONSOLE_SRC)/tsconfig.json $(wildcard $(CONSOLE_SRC)/src/*)
+	cd $(CONSOLE_SRC) && npm run --silent build
+
+console: $(CONSOLE_DIST)/index.html ## Build the task console (esbuild) into the gateway, which serves it at /
+
+$(CHROMIUM):
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+
+chromium: $(CHROMIUM) ## Debian's chromium for the browser test (apt-get, when missing)
+
+clean-node: ## Remove the npm packages and build output of the TypeScript client and the console
+	rm -rf $(TS_DIR)/node_modules $(TS_DIR)/dist $(TS_DIR)/src/gen $(CONSOLE_SRC)/node_modules $(CONSOLE_DIST)
 
 clean: ## Remove the venv, tools and local state
 	rm -rf $(VENV) $(TOOLS) .data .pytest_cache .mypy_cache .ruff_cache

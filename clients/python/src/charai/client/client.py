@@ -257,15 +257,21 @@ class CharaiClient:
         after_sequence: int = 0,
         on_reconnect: ReconnectHook | None = None,
     ) -> AsyncIterator[task_pb2.TaskEvent]:
-        """Every event of tasks matching ``metadata``, resumed after drops; never ends by itself."""
-        last = after_sequence
+        """Every event of tasks matching ``metadata``, resumed after drops; never ends by itself.
+
+        The stream is ordered per task, not across tasks (a late event of one task may follow a
+        newer event of another), so a resume starts from the *floor* the server reports in its
+        heartbeats (every event up to it was delivered) and drops what this client already saw.
+        """
+        floor = after_sequence
+        seen: dict[str, int] = {}
         failures = 0
         while True:
             call = self._stub.WatchTasks(
                 task_service_pb2.WatchTasksRequest(
                     metadata=dict(metadata),
                     type=task_type,  # type: ignore[arg-type]
-                    after_sequence=last,
+                    after_sequence=floor,
                 ),
                 metadata=self._metadata,
             )
@@ -273,9 +279,14 @@ class CharaiClient:
                 async for response in call:
                     failures = 0
                     event = response.event
-                    last = max(last, event.sequence)
-                    if event.type != task_pb2.TASK_EVENT_TYPE_HEARTBEAT:
-                        yield event
+                    if event.type == task_pb2.TASK_EVENT_TYPE_HEARTBEAT:
+                        floor = max(floor, event.sequence)
+                        seen = {t: s for t, s in seen.items() if s > floor}
+                        continue
+                    if event.sequence <= max(floor, seen.get(event.task.id, 0)):
+                        continue  # replayed after a resume: already yielded
+                    seen[event.task.id] = event.sequence
+                    yield event
                 reason = "the stream ended (the gateway may be draining)"
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in _RESUMABLE:
@@ -287,7 +298,7 @@ class CharaiClient:
             failures += 1
             if failures > self._reconnect_attempts:
                 raise WatchResumeError(f"gave up resuming after {failures} attempts: {reason}")
-            self._reconnecting(on_reconnect, failures, reason, last)
+            self._reconnecting(on_reconnect, failures, reason, floor)
             await asyncio.sleep(min(2.0, 0.1 * 2**failures))
 
     def _reconnecting(self, hook: ReconnectHook | None, attempt: int, reason: str, after: int) -> None:

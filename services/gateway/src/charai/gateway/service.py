@@ -244,6 +244,12 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
 
         async for event in catch_up():
             yield event
+        if not single_task:
+            # Tell the client at once that the watch is in place and from which sequence on it
+            # is complete (the resume floor), instead of only after the first idle interval.
+            heartbeat = task_pb2.TaskEvent(type=task_pb2.TASK_EVENT_TYPE_HEARTBEAT, sequence=floor)
+            heartbeat.time.GetCurrentTime()
+            yield heartbeat
         while not self.stopping.is_set():
             if watcher.lagged:
                 watcher.lagged = False

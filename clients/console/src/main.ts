@@ -1,0 +1,387 @@
+// The task console: one character's tasks, live, over gRPC-web (same origin as the gateway).
+import {
+  createCharaiClient,
+  createdAt,
+  describeError,
+  errorCodeName,
+  isTerminal,
+  statusName,
+  type Task,
+  type TaskEvent,
+  TaskEventType,
+  TaskStatus,
+  updatedAtMs,
+} from "@charai/client";
+
+const $ = <T extends HTMLElement>(id: string): T => {
+  const el = document.getElementById(id);
+  if (!el) throw new Error(`#${id} is missing from the page`);
+  return el as T;
+};
+
+const ui = {
+  connection: $("connection"),
+  characterForm: $<HTMLFormElement>("character-form"),
+  characterId: $<HTMLInputElement>("character-id"),
+  characterName: $<HTMLInputElement>("character-name"),
+  token: $<HTMLInputElement>("token"),
+  error: $("error"),
+  imageForm: $<HTMLFormElement>("image-form"),
+  imagePrompt: $<HTMLTextAreaElement>("image-prompt"),
+  imageView: $<HTMLSelectElement>("image-view"),
+  imageResolution: $<HTMLSelectElement>("image-resolution"),
+  imageCostume: $<HTMLInputElement>("image-costume"),
+  imageSubmit: $<HTMLButtonElement>("image-submit"),
+  voiceForm: $<HTMLFormElement>("voice-form"),
+  voiceText: $<HTMLTextAreaElement>("voice-text"),
+  voiceStyle: $<HTMLInputElement>("voice-style"),
+  voiceFormat: $<HTMLSelectElement>("voice-format"),
+  voiceSpeed: $<HTMLInputElement>("voice-speed"),
+  voiceSubmit: $<HTMLButtonElement>("voice-submit"),
+  tasks: $<HTMLOListElement>("tasks"),
+  taskCount: $("task-count"),
+  empty: $("empty"),
+};
+
+ui.token.value = sessionStorage.getItem("charai.token") ?? "";
+ui.token.addEventListener("change", () => sessionStorage.setItem("charai.token", ui.token.value));
+
+const charai = createCharaiClient({
+  baseUrl: window.location.origin,
+  token: () => ui.token.value.trim() || undefined,
+});
+
+// -- small DOM helper ------------------------------------------------------------------------
+type Child = Node | string | null | undefined | false;
+function h<K extends keyof HTMLElementTagNameMap>(
+  tag: K,
+  props: Record<string, string> = {},
+  ...children: Child[]
+): HTMLElementTagNameMap[K] {
+  const el = document.createElement(tag);
+  for (const [key, value] of Object.entries(props)) el.setAttribute(key, value);
+  for (const child of children) if (child) el.append(child);
+  return el;
+}
+
+// -- errors ----------------------------------------------------------------------------------
+function clearError(): void {
+  ui.error.hidden = true;
+  ui.error.replaceChildren();
+  for (const el of document.querySelectorAll("[aria-invalid]")) el.removeAttribute("aria-invalid");
+  for (const el of document.querySelectorAll(".field-error")) el.remove();
+}
+
+function showError(action: string, err: unknown): void {
+  clearError();
+  const d = describeError(err);
+  const title = h("strong", {}, `${action} failed: `);
+  const code = h("code", {}, d.code);
+  ui.error.append(title, code, " ", d.fields.length ? "" : d.message);
+  if (d.fields.length) {
+    const list = h("ul");
+    for (const f of d.fields) {
+      list.append(h("li", {}, h("code", {}, f.field), ` ${f.description}`));
+      const input = document.querySelector<HTMLElement>(`[data-field="${CSS.escape(f.field)}"]`);
+      if (input) {
+        input.setAttribute("aria-invalid", "true");
+        input.closest("label")?.append(h("span", { class: "field-error" }, f.description));
+      }
+    }
+    ui.error.append(list);
+  }
+  ui.error.hidden = false;
+}
+
+// -- connection state ------------------------------------------------------------------------
+function setConnection(state: "idle" | "connecting" | "live" | "reconnecting", text: string): void {
+  ui.connection.className = `pill pill-${state}`;
+  ui.connection.textContent = text;
+}
+
+// -- the task list ---------------------------------------------------------------------------
+interface Row {
+  task: Task;
+  el: HTMLLIElement;
+}
+const rows = new Map<string, Row>();
+
+function isNewer(candidate: Task, current: Task): boolean {
+  if (isTerminal(current) && !isTerminal(candidate)) return false;
+  if (isTerminal(candidate) && !isTerminal(current)) return true;
+  const a = updatedAtMs(candidate);
+  const b = updatedAtMs(current);
+  if (a !== b) return a > b;
+  return candidate.progress >= current.progress;
+}
+
+function upsert(task: Task): void {
+  const row = rows.get(task.id);
+  if (row && !isNewer(task, row.task)) return;
+  if (row) {
+    row.task = task;
+    render(row);
+    return;
+  }
+  const el = h("li", { class: "task", "data-task-id": task.id });
+  const fresh: Row = { task, el };
+  rows.set(task.id, fresh);
+  render(fresh);
+  // Newest first: before the first task created earlier than this one.
+  const created = createdMs(task);
+  const before = [...rows.values()]
+    .filter((r) => r !== fresh && createdMs(r.task) < created && r.el.isConnected)
+    .sort((x, y) => createdMs(y.task) - createdMs(x.task))
+    .at(0);
+  ui.tasks.insertBefore(el, before ? before.el : null);
+  updateCount();
+}
+
+function createdMs(task: Task): number {
+  return createdAt(task)?.getTime() ?? Date.now();
+}
+
+function updateCount(): void {
+  const n = rows.size;
+  const running = [...rows.values()].filter((r) => !isTerminal(r.task)).length;
+  ui.taskCount.textContent = n ? `${n} task${n === 1 ? "" : "s"}${running ? `, ${running} in progress` : ""}` : "";
+  ui.empty.hidden = n > 0;
+  if (!n) ui.empty.textContent = current ? "No tasks yet: generate an image or a voice." : "Open a character to see its tasks.";
+}
+
+function timeText(task: Task): string {
+  const d = createdAt(task);
+  return d ? d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" }) : "";
+}
+
+/** (Re)draws one task in place; the <img>/<audio> element is kept once made, so playback survives. */
+function render(row: Row): void {
+  const { task, el } = row;
+  const status = statusName(task.status);
+  el.dataset["status"] = status;
+  el.className = `task status-${status}`;
+
+  let header = el.querySelector<HTMLElement>(".task-head");
+  if (!header) {
+    const kind = task.payload.case === "image" ? "Image" : "Voice";
+    const detail =
+      task.payload.case === "image"
+        ? [task.payload.value.viewType, task.payload.value.resolution, task.payload.value.costumeId]
+            .filter(Boolean)
+            .join(" · ")
+        : task.payload.case === "tts"
+          ? [task.payload.value.voiceStyle, task.payload.value.responseFormat || "wav"].join(" · ")
+          : "";
+    const text = task.payload.case === "image" ? task.payload.value.prompt : task.payload.case === "tts" ? task.payload.value.text : "";
+    header = h(
+      "div",
+      { class: "task-head" },
+      h("span", { class: `kind kind-${kind.toLowerCase()}` }, kind),
+      h("span", { class: "detail" }, detail),
+      h("span", { class: "badge" }),
+      h("time", { class: "muted" }, timeText(task)),
+    );
+    el.append(
+      header,
+      h("p", { class: "task-text", title: text }, text),
+      h(
+        "div",
+        { class: "progress", role: "progressbar", "aria-valuemin": "0", "aria-valuemax": "100", "aria-label": "progress" },
+        h("div", { class: "progress-fill" }),
+      ),
+      h("div", { class: "task-foot" }, h("span", { class: "stage" }), h("code", { class: "task-id muted" }, task.id)),
+      h("div", { class: "task-result" }),
+    );
+  }
+  el.querySelector(".badge")!.textContent = status;
+
+  const bar = el.querySelector<HTMLElement>(".progress")!;
+  bar.setAttribute("aria-valuenow", String(task.progress));
+  el.querySelector<HTMLElement>(".progress-fill")!.style.width = `${task.progress}%`;
+
+  const stage = el.querySelector<HTMLElement>(".stage")!;
+  const parts = [`${task.progress}%`, task.stage];
+  if (task.status === TaskStatus.QUEUED && task.queuePosition > 0) parts.push(`#${task.queuePosition} in queue`);
+  if (task.attempt > 1) parts.push(`attempt ${task.attempt}/${task.maxAttempts}`);
+  stage.textContent = parts.filter(Boolean).join(" · ");
+
+  const foot = el.querySelector<HTMLElement>(".task-foot")!;
+  let cancel = foot.querySelector<HTMLButtonElement>("button.cancel");
+  if (!isTerminal(task)) {
+    if (!cancel) {
+      cancel = h("button", { class: "cancel danger", type: "button" }, "Cancel");
+      cancel.addEventListener("click", () => void cancelTask(task.id, cancel!));
+      foot.append(cancel);
+    }
+  } else {
+    cancel?.remove();
+  }
+
+  const result = el.querySelector<HTMLElement>(".task-result")!;
+  if (task.result.case === "imageResult" && !result.querySelector("img")) {
+    const r = task.result.value;
+    const img = h("img", {
+      src: r.imageUrl,
+      alt: r.prompt,
+      width: String(r.width || 1024),
+      height: String(r.height || 1024),
+      loading: "lazy",
+    });
+    result.replaceChildren(h("a", { href: r.imageUrl, target: "_blank", rel: "noopener" }, img));
+  } else if (task.result.case === "ttsResult" && !result.querySelector("audio")) {
+    const r = task.result.value;
+    result.replaceChildren(
+      h("audio", { controls: "", preload: "metadata", src: r.audioUrl }),
+      h("span", { class: "muted" }, `${r.durationSeconds.toFixed(1)} s · ${r.contentType}`),
+    );
+  } else if (task.error && (task.status === TaskStatus.FAILED || task.stage === "waiting_retry")) {
+    const retrying = task.status !== TaskStatus.FAILED;
+    result.replaceChildren(
+      h(
+        "p",
+        { class: retrying ? "task-error retrying" : "task-error" },
+        h("code", {}, errorCodeName(task.error.code)),
+        ` ${task.error.message}`,
+        retrying ? " (retrying)" : "",
+      ),
+    );
+  } else if (task.status === TaskStatus.CANCELLED && !result.childElementCount) {
+    result.replaceChildren(h("p", { class: "muted" }, "Cancelled."));
+  }
+  updateCount();
+}
+
+async function cancelTask(id: string, button: HTMLButtonElement): Promise<void> {
+  button.disabled = true;
+  button.textContent = "Cancelling…";
+  try {
+    upsert(await charai.cancelTask(id));
+  } catch (err) {
+    showError("Cancel", err);
+    button.disabled = false;
+    button.textContent = "Cancel";
+  }
+}
+
+// -- the open character ------------------------------------------------------------------------
+let current: { characterId: string; stop: AbortController } | undefined;
+
+async function openCharacter(characterId: string, characterName: string): Promise<void> {
+  current?.stop.abort();
+  rows.clear();
+  ui.tasks.replaceChildren();
+  clearError();
+  const stop = new AbortController();
+  current = { characterId, stop };
+  updateCount();
+  const url = new URL(window.location.href);
+  url.searchParams.set("character", characterId);
+  if (characterName) url.searchParams.set("name", characterName);
+  else url.searchParams.delete("name");
+  window.history.replaceState(null, "", url);
+  localStorage.setItem("charai.character", JSON.stringify({ characterId, characterName }));
+  document.getElementById("tasks-title")!.textContent = `Tasks of ${characterName || characterId}`;
+
+  setConnection("connecting", "connecting…");
+  // Watch first, then list: whatever changes in between arrives as an event, and the newer
+  // state of each task wins.
+  const onEvent = (event: TaskEvent): void => {
+    if (event.task && event.type !== TaskEventType.HEARTBEAT) upsert(event.task);
+  };
+  charai
+    .watchCharacter(characterId, onEvent, {
+      signal: stop.signal,
+      onConnected: () => setConnection("live", "live"),
+      onReconnect: (info) => setConnection("reconnecting", `reconnecting (attempt ${info.attempt})…`),
+    })
+    .catch((err: unknown) => {
+      if (stop.signal.aborted) return;
+      setConnection("idle", "disconnected");
+      showError("Following the tasks", err);
+    });
+  try {
+    const tasks = await charai.getCharacterTasks(characterId, { signal: stop.signal, limit: 200 });
+    for (const task of tasks) upsert(task);
+    if (!stop.signal.aborted && ui.connection.classList.contains("pill-connecting")) setConnection("live", "live");
+  } catch (err) {
+    if (!stop.signal.aborted) showError("Loading the tasks", err);
+  }
+  updateCount();
+}
+
+function characterName(): string {
+  return ui.characterName.value.trim();
+}
+
+ui.characterForm.addEventListener("submit", (e) => {
+  e.preventDefault();
+  void openCharacter(ui.characterId.value.trim(), characterName());
+});
+
+async function submit(button: HTMLButtonElement, action: string, call: () => Promise<Task>): Promise<void> {
+  if (!current) {
+    showError(action, new Error("open a character first"));
+    return;
+  }
+  clearError();
+  button.disabled = true;
+  try {
+    upsert(await call());
+  } catch (err) {
+    showError(action, err);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+ui.imageForm.addEventListener("submit", (e) => {
+  e.preventDefault();
+  const characterId = current?.characterId ?? "";
+  void submit(ui.imageSubmit, "Submitting the image", () =>
+    charai.submitImageTask({
+      characterId,
+      characterName: characterName(),
+      viewType: ui.imageView.value,
+      prompt: ui.imagePrompt.value,
+      resolution: ui.imageResolution.value,
+      ...(ui.imageCostume.value.trim() ? { costumeId: ui.imageCostume.value.trim() } : {}),
+    }),
+  );
+});
+
+ui.voiceForm.addEventListener("submit", (e) => {
+  e.preventDefault();
+  const characterId = current?.characterId ?? "";
+  const format = ui.voiceFormat.value === "mp3" ? "mp3" : "wav";
+  void submit(ui.voiceSubmit, "Submitting the voice", () =>
+    charai.submitTTSTask({
+      characterId,
+      characterName: characterName(),
+      text: ui.voiceText.value,
+      voiceStyle: ui.voiceStyle.value.trim(),
+      options: { responseFormat: format, speed: Number(ui.voiceSpeed.value || "1") },
+    }),
+  );
+});
+
+// Start with the character from the URL (?character=...&name=...), else the last one opened.
+{
+  const params = new URLSearchParams(window.location.search);
+  let id = params.get("character") ?? "";
+  let name = params.get("name") ?? "";
+  if (!id) {
+    try {
+      const saved = JSON.parse(localStorage.getItem("charai.character") ?? "null") as {
+        characterId?: string;
+        characterName?: string;
+      } | null;
+      id = saved?.characterId ?? "";
+      name = saved?.characterName ?? "";
+    } catch {
+      // ignore a corrupt entry
+    }
+  }
+  ui.characterId.value = id || "char_001";
+  ui.characterName.value = id ? name : "Li Ming";
+  void openCharacter(ui.characterId.value, ui.characterName.value);
+}

@@ -1,0 +1,437 @@
+import { create } from "@bufbuild/protobuf";
+import {
+  type CallOptions,
+  type Client,
+  Code,
+  ConnectError,
+  createClient,
+  type Interceptor,
+  type Transport,
+} from "@connectrpc/connect";
+import { createGrpcWebTransport } from "@connectrpc/connect-web";
+import { isResumable, WatchResumeError } from "./errors.js";
+import { Attempt, backoffDelay, type ReconnectOptions, resolveReconnect, sleep } from "./retry.js";
+import {
+  CallbackSchema,
+  ImagePayloadSchema,
+  Priority,
+  type Task,
+  type TaskEvent,
+  TaskEventType,
+  TaskType,
+  TtsPayloadSchema,
+} from "./gen/charai/tasks/v1/task_pb.js";
+import { TaskService } from "./gen/charai/tasks/v1/task_service_pb.js";
+import { isTerminalEvent, isTerminalStatus } from "./format.js";
+
+/** How to reach the gateway. */
+export interface CharaiClientOptions {
+  /**
+   * The gateway's HTTP URL (the gRPC-web port), e.g. `http://127.0.0.1:8080`. In a page served by
+   * the gateway itself, `window.location.origin`.
+   */
+  baseUrl: string;
+  /** A client token (`CHARAI_API_KEYS`), sent as `authorization: Bearer <token>`; a function is asked per call. */
+  token?: string | (() => string | undefined);
+  /** Deadline of each unary call in ms (default 30000). Watch streams have none. */
+  timeoutMs?: number;
+  /** Reconnect policy of `watchTask` / `watchCharacter`. */
+  reconnect?: ReconnectOptions;
+  /** Another fetch (e.g. to set `credentials`). */
+  fetch?: typeof globalThis.fetch;
+  /** Use this transport instead of connect-web's gRPC-web transport (baseUrl, token and fetch are then ignored). */
+  transport?: Transport;
+}
+
+/** `"low" | "normal" | "high"` as in the seed, or the enum. */
+export type PriorityInput = "low" | "normal" | "high" | Priority;
+
+/** Fields every submit accepts besides the payload. */
+export interface SubmitCommon {
+  /** Display name of the character (also stored in the task's metadata). */
+  characterName?: string;
+  /** Default "normal". */
+  priority?: PriorityInput;
+  /** Extra labels to find the task by, e.g. `{category: "character_design"}`. */
+  metadata?: Record<string, string>;
+  /**
+   * Idempotency key: retrying a submit with the same id returns the same task. Default: a random
+   * UUID per call, so an automatic retry after a network error cannot create a second task.
+   */
+  requestId?: string;
+}
+
+/** `submitImageTask` parameters (the seed's, plus the optional ones). */
+export interface SubmitImageParams extends SubmitCommon {
+  characterId: string;
+  /** e.g. "front", "side", "back". */
+  viewType: string;
+  prompt: string;
+  /** "WxH", e.g. "1024x1024" (empty: the model's default). */
+  resolution: string;
+  /** A costume variant (the callback type is then `character_costume`). */
+  costumeId?: string;
+}
+
+/** TTS options of the seed (`TTSOptions`). */
+export interface TTSOptions {
+  /** 0.5 to 2 (default 1). */
+  speed?: number;
+  /** Greater than 0, at most 10 (default 1). */
+  volume?: number;
+  /** "wav" (default), "pcm" or "mp3". */
+  responseFormat?: "wav" | "pcm" | "mp3";
+}
+
+/** `submitTTSTask` parameters (the seed's, plus the optional ones). */
+export interface SubmitTTSParams extends SubmitCommon {
+  characterId: string;
+  text: string;
+  /** The provider's voice, e.g. "tongtong". */
+  voiceStyle: string;
+  options?: TTSOptions;
+}
+
+/** Options of `getCharacterTasks`. */
+export interface CharacterTasksQuery {
+  /** Only tasks whose metadata has this `category`. */
+  category?: string;
+  /** Any other metadata keys that must match exactly. */
+  metadata?: Record<string, string>;
+  /** Only this type. */
+  type?: TaskType;
+  /** At most this many tasks, newest first (default 500). */
+  limit?: number;
+  signal?: AbortSignal;
+}
+
+/** What the watch helpers pass to `onReconnect` before each reconnect. */
+export interface ReconnectInfo {
+  /** 1 for the first reconnect after a working stream, and so on. */
+  attempt: number;
+  /** How long it waits before reconnecting. */
+  delayMs: number;
+  /** Why the previous connection ended. */
+  error: unknown;
+}
+
+/** Options of `watchTask`. */
+export interface WatchOptions {
+  /** Aborting it ends the watch (and the server-side stream) at once. */
+  signal?: AbortSignal;
+  /** Resume after this sequence (0, the default: start with a snapshot). */
+  afterSequence?: bigint | number;
+  /** Told about every reconnect (e.g. to show "reconnecting..."). */
+  onReconnect?: (info: ReconnectInfo) => void;
+  /** Told when a (re)connected stream delivers its first message. */
+  onConnected?: () => void;
+}
+
+/** Options of `watchCharacter`. */
+export interface WatchCharacterOptions extends WatchOptions {
+  /** Only tasks whose metadata has this `category`. */
+  category?: string;
+  /** Any other metadata keys that must match exactly. */
+  metadata?: Record<string, string>;
+  /** Only this type. */
+  type?: TaskType;
+}
+
+/** The client: the seed's `characterTasksApi` plus the rest of TaskService and resumable watches. */
+export interface CharaiClient {
+  /** Submits an image task; resolves with it QUEUED. */
+  submitImageTask(params: SubmitImageParams, options?: { signal?: AbortSignal }): Promise<Task>;
+  /** Submits a TTS task; resolves with it QUEUED. */
+  submitTTSTask(params: SubmitTTSParams, options?: { signal?: AbortSignal }): Promise<Task>;
+  /** Every task of a character (metadata `characterId`), newest first. */
+  getCharacterTasks(characterId: string, query?: CharacterTasksQuery): Promise<Task[]>;
+  /** One task by id (with `queuePosition` while queued). */
+  getTask(id: string, options?: { signal?: AbortSignal }): Promise<Task>;
+  /** Cancels a queued or running task; resolves with the task after the cancel. */
+  cancelTask(id: string, options?: { signal?: AbortSignal }): Promise<Task>;
+  /**
+   * Calls `onEvent` for every event of one task (first a snapshot, then each change; no
+   * heartbeats) and resolves with the final task. A dropped connection is resumed from the last
+   * sequence received, so no event is lost or repeated. Rejects with the signal's reason when
+   * aborted, with a `ConnectError` on a non-transient error (e.g. NOT_FOUND), and with a
+   * `WatchResumeError` when reconnecting keeps failing.
+   */
+  watchTask(id: string, onEvent: (event: TaskEvent) => void, options?: WatchOptions): Promise<Task>;
+  /**
+   * Calls `onEvent` for every event of every task of a character (no heartbeats) until the signal
+   * aborts; then resolves. Dropped connections are resumed without losing or repeating an event.
+   * Only events after the call started are delivered (list the tasks with `getCharacterTasks`).
+   */
+  watchCharacter(
+    characterId: string,
+    onEvent: (event: TaskEvent) => void,
+    options?: WatchCharacterOptions,
+  ): Promise<void>;
+  /** The generated connect client, for anything else (e.g. paging ListTasks yourself). */
+  readonly raw: Client<typeof TaskService>;
+}
+
+const PRIORITIES: Record<string, Priority> = {
+  low: Priority.LOW,
+  normal: Priority.NORMAL,
+  high: Priority.HIGH,
+};
+
+function priorityOf(value: PriorityInput | undefined): Priority {
+  if (value === undefined) return Priority.NORMAL;
+  if (typeof value === "number") return value;
+  const known = PRIORITIES[value];
+  if (known === undefined) throw new ConnectError(`priority: unknown value ${String(value)}`, Code.InvalidArgument);
+  return known;
+}
+
+function randomId(): string {
+  const c = globalThis.crypto;
+  if (c && typeof c.randomUUID === "function") return c.randomUUID();
+  return `${Date.now().toString(36)}-${Math.random().toString(36).slice(2)}`;
+}
+
+function required(task: Task | undefined, rpc: string): Task {
+  if (task === undefined) throw new ConnectError(`${rpc}: the response carried no task`, Code.Internal);
+  return task;
+}
+
+/** Creates a client. `createCharaiClient({baseUrl: "http://127.0.0.1:8080"})`. */
+export function createCharaiClient(options: CharaiClientOptions): CharaiClient {
+  const auth: Interceptor = (next) => async (req) => {
+    const token = typeof options.token === "function" ? options.token() : options.token;
+    if (token) req.header.set("authorization", `Bearer ${token}`);
+    return next(req);
+  };
+  const transport =
+    options.transport ??
+    createGrpcWebTransport({
+      baseUrl: options.baseUrl,
+      interceptors: [auth],
+      ...(options.fetch ? { fetch: options.fetch } : {}),
+    });
+  const raw = createClient(TaskService, transport);
+  const timeoutMs = options.timeoutMs ?? 30_000;
+  const policy = resolveReconnect(options.reconnect);
+  const unary = (signal?: AbortSignal): CallOptions => (signal ? { timeoutMs, signal } : { timeoutMs });
+
+  async function submitImageTask(params: SubmitImageParams, opts?: { signal?: AbortSignal }): Promise<Task> {
+    const costumeId = params.costumeId ?? "";
+    const response = await raw.createTask(
+      {
+        type: TaskType.IMAGE_GENERATION,
+        priority: priorityOf(params.priority),
+        metadata: params.metadata ?? {},
+        requestId: params.requestId ?? randomId(),
+        payload: {
+          case: "image",
+          value: create(ImagePayloadSchema, {
+            characterId: params.characterId,
+            characterName: params.characterName ?? "",
+            prompt: params.prompt,
+            resolution: params.resolution,
+            viewType: params.viewType,
+            costumeId,
+            callback: create(CallbackSchema, {
+              type: costumeId ? "character_costume" : "character_view",
+              characterId: params.characterId,
+              viewType: params.viewType,
+              costumeId,
+            }),
+          }),
+        },
+      },
+      unary(opts?.signal),
+    );
+    return required(response.task, "CreateTask");
+  }
+
+  async function submitTTSTask(params: SubmitTTSParams, opts?: { signal?: AbortSignal }): Promise<Task> {
+    const o = params.options ?? {};
+    const response = await raw.createTask(
+      {
+        type: TaskType.TTS_GENERATION,
+        priority: priorityOf(params.priority),
+        metadata: params.metadata ?? {},
+        requestId: params.requestId ?? randomId(),
+        payload: {
+          case: "tts",
+          value: create(TtsPayloadSchema, {
+            characterId: params.characterId,
+            characterName: params.characterName ?? "",
+            text: params.text,
+            voiceStyle: params.voiceStyle,
+            ...(o.speed !== undefined ? { speed: o.speed } : {}),
+            ...(o.volume !== undefined ? { volume: o.volume } : {}),
+            responseFormat: o.responseFormat ?? "",
+            callback: create(CallbackSchema, { type: "character_voice", characterId: params.characterId }),
+          }),
+        },
+      },
+      unary(opts?.signal),
+    );
+    return required(response.task, "CreateTask");
+  }
+
+  async function getCharacterTasks(characterId: string, query: CharacterTasksQuery = {}): Promise<Task[]> {
+    const metadata: Record<string, string> = { ...(query.metadata ?? {}), characterId };
+    if (query.category !== undefined) metadata["category"] = query.category;
+    const limit = query.limit ?? 500;
+    const tasks: Task[] = [];
+    let pageToken = "";
+    do {
+      const page = await raw.listTasks(
+        {
+          metadata,
+          type: query.type ?? TaskType.UNSPECIFIED,
+          pageSize: Math.min(500, limit - tasks.length),
+          pageToken,
+        },
+        unary(query.signal),
+      );
+      tasks.push(...page.tasks);
+      pageToken = page.nextPageToken;
+    } while (pageToken && tasks.length < limit);
+    return tasks.slice(0, limit);
+  }
+
+  async function getTask(id: string, opts?: { signal?: AbortSignal }): Promise<Task> {
+    return required((await raw.getTask({ id }, unary(opts?.signal))).task, "GetTask");
+  }
+
+  async function cancelTask(id: string, opts?: { signal?: AbortSignal }): Promise<Task> {
+    return required((await raw.cancelTask({ id }, unary(opts?.signal))).task, "CancelTask");
+  }
+
+  /**
+   * The reconnect loop shared by both watches. `open(attemptSignal)` runs one connection and
+   * returns `{done: value}` when the watch is over, or `undefined` when the stream ended early.
+   */
+  async function resumeLoop<T>(
+    opts: WatchOptions,
+    open: (attempt: Attempt, delivered: () => void) => Promise<{ done: T } | undefined>,
+  ): Promise<T> {
+    let failures = 0;
+    for (;;) {
+      opts.signal?.throwIfAborted();
+      const attempt = new Attempt(opts.signal, policy.idleTimeoutMs);
+      let first = true;
+      const delivered = (): void => {
+        attempt.touch();
+        failures = 0;
+        if (first) {
+          first = false;
+          opts.onConnected?.();
+        }
+      };
+      let error: unknown;
+      try {
+        const result = await open(attempt, delivered);
+        if (result !== undefined) return result.done;
+        error = new ConnectError("the stream ended early (e.g. the gateway is restarting)", Code.Unavailable);
+      } catch (err) {
+        if (opts.signal?.aborted) throw opts.signal.reason;
+        if (!attempt.idle && !isResumable(err)) throw ConnectError.from(err);
+        error = err;
+      } finally {
+        attempt.close();
+      }
+      failures += 1;
+      if (failures > policy.maxAttempts) {
+        throw new WatchResumeError(`gave up reconnecting after ${failures - 1} attempts`, error);
+      }
+      const delayMs = backoffDelay(failures, policy);
+      opts.onReconnect?.({ attempt: failures, delayMs, error });
+      await sleep(delayMs, opts.signal);
+    }
+  }
+
+  async function watchTask(
+    id: string,
+    onEvent: (event: TaskEvent) => void,
+    opts: WatchOptions = {},
+  ): Promise<Task> {
+    let last = BigInt(opts.afterSequence ?? 0);
+    return resumeLoop(opts, async (attempt, delivered) => {
+      const stream = raw.watchTask({ id, afterSequence: last }, { signal: attempt.signal });
+      for await (const response of stream) {
+        delivered();
+        const event = response.event;
+        if (event === undefined || event.type === TaskEventType.HEARTBEAT) continue;
+        if (event.sequence !== 0n && event.sequence <= last) continue; // never hand out an event twice
+        if (event.sequence > last) last = event.sequence;
+        onEvent(event);
+        const task = event.task;
+        if (
+          task !== undefined &&
+          (isTerminalEvent(event.type) || (event.type === TaskEventType.SNAPSHOT && isTerminalStatus(task.status)))
+        ) {
+          return { done: task };
+        }
+      }
+      return undefined;
+    });
+  }
+
+  async function watchCharacter(
+    characterId: string,
+    onEvent: (event: TaskEvent) => void,
+    opts: WatchCharacterOptions = {},
+  ): Promise<void> {
+    const metadata: Record<string, string> = { ...(opts.metadata ?? {}), characterId };
+    if (opts.category !== undefined) metadata["category"] = opts.category;
+    // The stream is ordered per task, not across tasks (a late event of one task can follow a
+    // newer event of another). So the resume cursor is a floor below which everything was
+    // delivered (heartbeats carry the server's floor), plus the last sequence delivered per task
+    // above it: exactly what the server keeps, so a resume neither loses nor repeats an event.
+    let floor = BigInt(opts.afterSequence ?? 0);
+    const seen = new Map<string, bigint>();
+    const cursor = (): bigint => {
+      if (floor > 0n || seen.size === 0) return floor;
+      // No floor yet (a fresh watch that dropped before its first heartbeat): resume just below
+      // the oldest event delivered.
+      let min = -1n;
+      for (const s of seen.values()) if (min < 0n || s < min) min = s;
+      return min - 1n;
+    };
+    try {
+      await resumeLoop(opts, async (attempt, delivered) => {
+        const stream = raw.watchTasks(
+          { metadata, type: opts.type ?? TaskType.UNSPECIFIED, afterSequence: cursor() },
+          { signal: attempt.signal },
+        );
+        for await (const response of stream) {
+          delivered();
+          const event = response.event;
+          if (event === undefined) continue;
+          if (event.type === TaskEventType.HEARTBEAT) {
+            if (event.sequence > floor) {
+              floor = event.sequence;
+              for (const [taskId, s] of seen) if (s <= floor) seen.delete(taskId);
+            }
+            continue;
+          }
+          const taskId = event.task?.id ?? "";
+          if (event.sequence <= (seen.get(taskId) ?? floor)) continue; // already delivered
+          seen.set(taskId, event.sequence);
+          onEvent(event);
+        }
+        return undefined;
+      });
+    } catch (err) {
+      if (opts.signal?.aborted) return;
+      throw err;
+    }
+  }
+
+  return {
+    submitImageTask,
+    submitTTSTask,
+    getCharacterTasks,
+    getTask,
+    cancelTask,
+    watchTask,
+    watchCharacter,
+    raw,
+  };
+}
