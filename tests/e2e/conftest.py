@@ -3,6 +3,7 @@ short timers so retries and faults are fast. One stack per test module."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import AsyncIterator
@@ -18,8 +19,10 @@ FAST_SETTINGS = {
     "CHARAI_RETRY_CAP_SECONDS": "1.0",
     "CHARAI_ACK_WAIT_SECONDS": "5",
     "CHARAI_LEASE_SECONDS": "5",
-    "CHARAI_IMAGE_TIMEOUT_SECONDS": "3",
-    "CHARAI_TTS_TIMEOUT_SECONDS": "3",
+    # Long enough that a loaded CI machine never turns a slow success into a timeout retry;
+    # tests of the timeout row (test_errors.py) start a stack with 3 s instead.
+    "CHARAI_IMAGE_TIMEOUT_SECONDS": "20",
+    "CHARAI_TTS_TIMEOUT_SECONDS": "20",
     "CHARAI_IMAGE_POLL_SECONDS": "0.1",
     "CHARAI_WATCH_HEARTBEAT_SECONDS": "1",
     "CHARAI_LOG_LEVEL": "info",
@@ -32,10 +35,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.e2e)
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+@contextlib.asynccontextmanager
+async def fast_stack(tmp_path_factory: pytest.TempPathFactory, **extra_env: str) -> AsyncIterator[Stack]:
+    """The devstack with FAST_SETTINGS (plus ``extra_env``) on free ports."""
     data = tmp_path_factory.mktemp("stack")
-    env = dict(FAST_SETTINGS)
+    env = {**FAST_SETTINGS, **extra_env}
     echo = sys.stderr if os.environ.get("CHARAI_TEST_ECHO") else None
     async with Stack(
         Path(data),
@@ -44,6 +48,12 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
         echo=echo,
         emulator_args=["--latency", "0.05:0.15", "--async-poll-steps", "2"],
     ) as running:
+        yield running
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    async with fast_stack(tmp_path_factory) as running:
         yield running
 
 

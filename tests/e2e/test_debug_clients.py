@@ -111,7 +111,7 @@ async def test_buf_curl_native_grpc_with_reflection(stack: Stack) -> None:
     created = json.loads(
         await ok(
             str(BUF), "curl", *GRPC, "-d", "@-", f"{url}/{SERVICE}/CreateTask",
-            stdin=image_request("char_bufcurl", "a swordsman [[latency:0.6]]"),
+            stdin=image_request("char_bufcurl", "a swordsman [[latency:2.5]]"),
         )
     )  # fmt: skip
     task = created["task"]
@@ -202,7 +202,7 @@ async def test_grpcurl_list_describe_and_create_from_json(stack: Stack) -> None:
         "metadata": {"category": "voice_lines"},
         "tts": {
             "characterId": "char_grpcurl",
-            "text": "Hello from grpcurl [[latency:0.6]]",
+            "text": "Hello from grpcurl [[latency:2.5]]",
             "voiceStyle": "tongtong",
         },
     }

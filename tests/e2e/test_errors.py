@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 import pytest_asyncio
 from charai.client import CharaiClient
 from charai.devstack.stack import Stack
 from charai.tasks.v1 import task_pb2
+
+from tests.e2e.conftest import fast_stack
 
 from .helpers import (
     CODE_NAME,
@@ -243,6 +245,15 @@ async def run_group(client: CharaiClient, stack: Stack, cases: Sequence[Case]) -
     for outcome in results:
         outcome.terminal_events = counts.get(outcome.task_id, -1)
     return {o.case.id: o for o in results}
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    # Short provider timeouts: the timeout row must not take long to show.
+    async with fast_stack(
+        tmp_path_factory, CHARAI_IMAGE_TIMEOUT_SECONDS="3", CHARAI_TTS_TIMEOUT_SECONDS="3"
+    ) as running:
+        yield running
 
 
 @pytest_asyncio.fixture(scope="module")

@@ -107,6 +107,23 @@ async def wait_for_jetstream_quorum(urls: list[str], timeout: float = 30.0) -> N
         await nc.close()
 
 
+async def object_names(urls: list[str], attempts: int = 10) -> list[str]:
+    """Names in the media bucket; the JetStream API may answer slowly right after a node died
+    (leaders move), so a timeout is retried."""
+    for attempt in range(attempts):
+        nc = await nats.connect(servers=urls)
+        try:
+            bucket = await nc.jetstream(timeout=10).object_store("charai-media")
+            return [o.name for o in await bucket.list()]
+        except nats.errors.TimeoutError:
+            if attempt == attempts - 1:
+                raise
+            await asyncio.sleep(1)
+        finally:
+            await nc.close()
+    raise AssertionError("unreachable")
+
+
 @contextlib.asynccontextmanager
 async def services(cluster: Cluster, tmp_path: Path, api_base: str) -> AsyncIterator[StoreClient]:
     nats_url = ",".join(cluster.urls)
@@ -204,12 +221,7 @@ async def test_killing_one_node_of_three_loses_nothing(cluster: Cluster, tmp_pat
             assert sequences == sorted(set(sequences))
         # One stored media object per task (keys derive from the task id), and at-least-once
         # provider calls stay bounded.
-        nc = await nats.connect(servers=[cluster.urls[0], cluster.urls[2]])
-        try:
-            bucket = await nc.jetstream().object_store("charai-media")
-            names = [o.name for o in await bucket.list()]
-        finally:
-            await nc.close()
+        names = await object_names([cluster.urls[0], cluster.urls[2]])
         assert sorted(names) == sorted(f"{i}.wav" for i in ids)
         calls = emu.stats()["by_text"]
         assert all(1 <= calls.get(t, 0) <= 3 for t in texts), calls
