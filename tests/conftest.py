@@ -14,6 +14,8 @@ import pytest
 import pytest_asyncio
 from charai.devstack.stack import nats_server_binary
 
+from tests.pg import pg_server, postgres  # noqa: F401 - PostgreSQL fixtures for every test module
+
 
 def free_port() -> int:
     with socket.socket() as sock:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from pathlib import Path
+from collections.abc import Callable
+from urllib.parse import urlsplit
 
 import grpc
 import structlog
@@ -16,7 +17,7 @@ from charai.store.v1 import store_service_pb2, store_service_pb2_grpc
 from charai.task_store.dispatch import EventPublisher, OutboxRelay
 from charai.task_store.grpc_api import TaskStoreServicer, internal_auth
 from charai.task_store.settings import Settings
-from charai.task_store.store import SqliteStore, StoreConfig
+from charai.task_store.store import StoreConfig, TaskStore, open_store
 from nats.aio.client import Client
 
 log = structlog.get_logger("task_store")
@@ -34,16 +35,18 @@ class TaskStoreApp:
         self._publisher: EventPublisher | None = None
         self._relay: OutboxRelay | None = None
         self._nc: Client | None = None
-        self.store: SqliteStore | None = None
+        self.store: TaskStore | None = None
         self._closed = False
 
     async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self.close()  # what started so far (NATS, the pool) is let go
+            raise
+
+    async def _start(self) -> None:
         s = self.settings
-        self._nc = await natsconn.connect(s.nats_servers, "charai-task-store")
-        js = self._nc.jetstream()
-        await natsconn.ensure_jobs_stream(js, self._topology, s.nats_replicas)
-        self._publisher = EventPublisher(self._nc, self._topology)
-        relay_box: list[OutboxRelay] = []
 
         def on_events(envelopes: list[store_service_pb2.EventEnvelope]) -> None:
             assert self._publisher is not None
@@ -56,8 +59,15 @@ class TaskStoreApp:
                 base=s.retry_base_seconds, cap=s.retry_cap_seconds, max_attempts=s.max_attempts
             ),
             namespace=s.namespace,
+            outbox_claim_seconds=s.outbox_claim_seconds,
         )
-        self.store = SqliteStore(Path(s.sqlite_path()), config, on_events)
+        # Built (not opened) first: a bad database setting stops start-up before anything connects.
+        self.store = self._build_store(config, on_events)
+        self._nc = await natsconn.connect(s.nats_servers, "charai-task-store")
+        js = self._nc.jetstream()
+        await natsconn.ensure_jobs_stream(js, self._topology, s.nats_replicas)
+        self._publisher = EventPublisher(self._nc, self._topology)
+        relay_box: list[OutboxRelay] = []
         await self.store.open()
         self._relay = OutboxRelay(
             self.store, js, self._topology, s.redispatch_after_seconds, s.sweep_interval_seconds
@@ -83,7 +93,25 @@ class TaskStoreApp:
         await server.start()
         self._server = server
         host = self._listen.rpartition(":")[0]
-        logs.announce("task_store_listening", addr=f"{host}:{self.port}", database=s.sqlite_path())
+        logs.announce("task_store_listening", addr=f"{host}:{self.port}", database=self.store.describe())
+
+    @property
+    def relay(self) -> OutboxRelay | None:
+        """The outbox relay (tests and metrics read its counters)."""
+        return self._relay
+
+    def _build_store(
+        self, config: StoreConfig, on_events: Callable[[list[store_service_pb2.EventEnvelope]], None]
+    ) -> TaskStore:
+        """The store ``CHARAI_DATABASE_URL`` names; a bad setting stops start-up with a message
+        naming it (and never the URL itself, which may carry a password)."""
+        s = self.settings
+        try:
+            url = s.resolved_database_url()
+            password = s.database_password() if s.is_postgres() and urlsplit(url).password is None else None
+        except ValueError as exc:
+            raise SystemExit(f"task_store: {exc}") from None
+        return open_store(url, config, on_events, password=password, pool_size=s.database_pool_size)
 
     async def close(self) -> None:
         if self._closed:

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 
 import structlog
 from charai.core.topology import Topology
 from charai.store.v1 import store_service_pb2 as spb
-from charai.task_store.store import OutboxRow, SqliteStore, tenant_token
+from charai.task_store.store import OutboxRow, TaskStore, tenant_token
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError as JsNotFoundError
 
 log = structlog.get_logger("dispatch")
+#: How long close() lets the relay finish the batch in hand (a PubAck waits up to 5 s).
+_STOP_TIMEOUT = 7.0
 
 
 class EventPublisher:
@@ -70,11 +73,17 @@ class EventPublisher:
 class OutboxRelay:
     """Publishes outbox rows to JetStream (``Nats-Msg-Id`` = task id and dispatch generation),
     awaits each PubAck, then deletes the row. A crash in between re-publishes, and JetStream's
-    duplicate window (or the store's claim fencing) absorbs the repeat."""
+    duplicate window (or the store's claim fencing) absorbs the repeat.
+
+    Several replicas may run a relay on one database: each claims the rows it publishes (for
+    ``StoreConfig.outbox_claim_seconds``), so no row is published by two relays at once; a relay
+    that stops gives its unpublished claims back, and a relay that dies loses them when they
+    expire.
+    """
 
     def __init__(
         self,
-        store: SqliteStore,
+        store: TaskStore,
         js: JetStreamContext,
         topology: Topology,
         redispatch_after: float,
@@ -88,6 +97,13 @@ class OutboxRelay:
         self._sweep_interval = sweep_interval
         self._tasks: list[asyncio.Task[None]] = []
         self._loop = asyncio.get_running_loop()
+        #: Who holds this relay's outbox claims (unique per relay, so per replica).
+        self.owner = f"relay-{uuid.uuid4().hex[:12]}"
+        #: Jobs this relay published and JetStream acknowledged, and how many of those JetStream
+        #: recognised as duplicates (same ``Nats-Msg-Id``) and dropped.
+        self.published = 0
+        self.duplicates = 0
+        self._stopping = asyncio.Event()
 
     def wake(self) -> None:
         self._wake.set()
@@ -102,29 +118,52 @@ class OutboxRelay:
         ]
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
+        """Stops after the batch in hand (published and marked), then gives back what this relay
+        still holds, so another replica publishes it at once rather than when the claims expire.
+
+        The relay is not cancelled mid-batch: a claim committed after the give-back would keep
+        its rows from the other replicas until it expired.
+        """
+        if not self._tasks:
+            return
+        relay, sweeper = self._tasks
+        self._stopping.set()
+        self._wake.set()
+        sweeper.cancel()
+        try:
+            # A batch waits at most 5 s per PubAck; past that, cancel it.
+            await asyncio.wait_for(relay, timeout=_STOP_TIMEOUT)
+        except TimeoutError:
+            log.warning("outbox_relay_stop_timeout", timeout=_STOP_TIMEOUT)
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        try:
+            await self._store.release_dispatches(self.owner)
+        except Exception as exc:  # the database is gone: the claims expire by themselves
+            log.warning("outbox_release_failed", error=str(exc))
 
     async def _relay(self) -> None:
         backoff = 0.1
-        while True:
+        while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0):
                     await self._wake.wait()
             self._wake.clear()
             try:
-                while rows := await self._store.pending_dispatches():
+                while not self._stopping.is_set() and (
+                    rows := await self._store.claim_dispatches(self.owner)
+                ):
                     await self._publish(rows)
                 backoff = 0.1
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.warning("outbox_publish_failed", error=str(exc), retry_in=backoff)
-                await asyncio.sleep(backoff)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(backoff):  # close() cuts the wait short
+                        await self._stopping.wait()
                 backoff = min(backoff * 2, 5.0)
                 self._wake.set()
 
@@ -136,6 +175,9 @@ class OutboxRelay:
                 timeout=5.0,
                 headers={"Nats-Msg-Id": f"{row.task_id}:{row.dispatch_gen}"},
             )
+            self.published += 1
+            if ack.duplicate:
+                self.duplicates += 1
             return row, int(ack.seq)
 
         results = await asyncio.gather(*(one(r) for r in rows), return_exceptions=True)
@@ -159,16 +201,14 @@ class OutboxRelay:
     async def sweep_once(self) -> int:
         """Re-dispatches unfinished tasks whose job is no longer in the stream; returns how many."""
         redispatched = 0
-        still_there: list[str] = []
+        # Claimed: another replica's sweeper skips these for the next redispatch_after seconds,
+        # and so do we when the job turns out to be still there.
         for task_id, gen, seq in await self._store.stale_dispatches(self._redispatch_after):
             if seq is not None and await self._job_in_stream(task_id, int(seq)):
-                still_there.append(task_id)
                 continue
             if await self._store.redispatch(task_id, gen):
                 redispatched += 1
                 log.warning("job_redispatched", task_id=task_id, previous_gen=gen)
-        if still_there:
-            await self._store.touch_dispatch(still_there)
         if redispatched:
             self.wake()
         return redispatched

@@ -9,7 +9,7 @@ from charai.core import validation
 from charai.core.errors import UnauthenticatedError
 from charai.store.v1 import store_service_pb2 as spb
 from charai.store.v1 import store_service_pb2_grpc as spb_grpc
-from charai.task_store.store import SqliteStore
+from charai.task_store.store import TaskStore
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -17,7 +17,7 @@ Context = grpc.aio.ServicerContext[Any, Any]
 class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
     def __init__(
         self,
-        store: SqliteStore,
+        store: TaskStore,
         on_created: Any = None,
         lease_seconds: float = 30.0,
         image_model: str = "glm-image",

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from charai.core.settings import CommonSettings
 from pydantic import Field
 
+#: Where Docker (compose) mounts the ``postgres_password`` secret.
+DEFAULT_PASSWORD_FILE = "/run/secrets/postgres_password"  # noqa: S105 - a path, not a password
+
 
 class Settings(CommonSettings):
-    #: ``sqlite:///path/to/tasks.db`` (default: ``<data dir>/tasks.db``) or ``postgresql://…``.
-    database_url: str = ""
+    #: ``sqlite:///path/to/tasks.db`` (default: ``<data dir>/tasks.db``) or
+    #: ``postgresql://user@host:port/db``. Not validated by pydantic on purpose: a validation error
+    #: prints the variable's value, and this one may hold a password (see :meth:`database`).
+    database_url: str = Field(default="", repr=False)
+    #: A file holding the PostgreSQL password, used when the URL has none. Unset: the Docker
+    #: secret at ``/run/secrets/postgres_password`` when it exists.
+    database_password_file: str = ""
+    #: Connections per task_store process (PostgreSQL).
+    database_pool_size: int = Field(default=10, ge=1, le=500)
     max_attempts: int = Field(default=6, ge=1, le=20)
     retry_base_seconds: float = Field(default=1.0, gt=0)
     retry_cap_seconds: float = Field(default=60.0, gt=0)
@@ -18,11 +30,42 @@ class Settings(CommonSettings):
     #: stream and re-published if NATS lost it.
     redispatch_after_seconds: float = Field(default=60.0, gt=0)
     sweep_interval_seconds: float = Field(default=10.0, gt=0)
+    #: How long an outbox relay owns the jobs it claimed: a replica that dies while publishing
+    #: leaves them to the other replicas after this.
+    outbox_claim_seconds: float = Field(default=30.0, gt=0)
+
+    def resolved_database_url(self) -> str:
+        """The database URL (the SQLite default filled in); raises ValueError naming the
+        variable — never echoing its value — when it is not one we support."""
+        url = self.database_url or f"sqlite:///{self.data_dir / 'tasks.db'}"
+        if url.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            return url
+        raise ValueError("CHARAI_DATABASE_URL must start with sqlite:/// or postgresql://")
+
+    def is_postgres(self) -> bool:
+        return self.resolved_database_url().startswith(("postgresql://", "postgres://"))
+
+    def database_password(self) -> str | None:
+        """The PostgreSQL password from ``CHARAI_DATABASE_PASSWORD_FILE`` (or the default Docker
+        secret), stripped of its trailing newline; None when there is none to read."""
+        if self.database_password_file:
+            path = Path(self.database_password_file)
+            try:
+                return path.read_text().rstrip("\r\n")
+            except OSError as exc:
+                raise ValueError(
+                    f"CHARAI_DATABASE_PASSWORD_FILE: cannot read {path} ({exc.strerror})"
+                ) from None
+        default = Path(DEFAULT_PASSWORD_FILE)
+        if default.is_file():
+            try:
+                return default.read_text().rstrip("\r\n")
+            except OSError:
+                return None
+        return None
 
     def sqlite_path(self) -> str:
-        url = self.database_url or f"sqlite:///{self.data_dir / 'tasks.db'}"
+        url = self.resolved_database_url()
         if not url.startswith("sqlite:///"):
-            raise ValueError(
-                "CHARAI_DATABASE_URL must start with sqlite:/// (postgresql:// is not built yet)"
-            )
+            raise ValueError("CHARAI_DATABASE_URL is not a sqlite:/// URL")
         return url[len("sqlite:///") :]

@@ -1,23 +1,39 @@
-"""SQLite task store: tasks, metadata index, append-only event log and outbox.
+"""The task store: tasks, metadata index, append-only event log and outbox — on any backend.
 
-Every operation is one transaction, run on one dedicated thread (SQLite has one writer anyway),
-so event sequences are assigned in commit order. Envelopes of new events are handed, in that same
-order, to ``on_events`` from the database thread; the service publishes them after commit.
+Every operation below is one unit of work (one transaction for writes) written once over the
+:class:`~charai.task_store.backend.Tx` port; :class:`SqliteStore` and :class:`PostgresStore` only
+choose the backend. What keeps the rules true on both:
+
+- **Fencing.** A write reads the task row ``FOR UPDATE`` (PostgreSQL; SQLite's ``BEGIN IMMEDIATE``
+  excludes every other writer), checks the transition and the attempt, then writes. Two replicas
+  cannot both claim, complete or cancel the same task.
+- **No gap for watchers.** Events of a transaction are inserted at its very end, after the events
+  lock (:attr:`Dialect.append_event`): on PostgreSQL a transaction-scoped advisory lock, held until
+  commit, so the transaction that takes sequence N commits before any transaction can take N+1.
+  Sequence order is therefore commit order, and a watcher that has read up to N never later sees a
+  committed event below N. SQLite gets the same property from its single writer. The cost is that
+  event-writing commits are serialized, as on SQLite (README, "PostgreSQL", has the numbers).
+- **Outbox.** The task and its job are committed together. Relays *claim* rows for a while
+  (``claimed_by``/``claimed_until``, picked with ``SKIP LOCKED``), publish them, then delete them,
+  so replicas never publish the same row at once, and a dead replica's claims expire.
+- **Sweeper.** Suspect tasks are claimed the same way (their ``dispatched_at`` is moved forward),
+  so each is examined by one replica; a re-dispatch is conditional on the dispatch generation.
+
+Envelopes of new events are handed to ``on_events`` right after commit (see the backends for the
+thread and the order).
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import concurrent.futures
 import dataclasses
 import hashlib
-import sqlite3
+import json
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from charai.core.domain import states
 from charai.core.domain.errors import ErrorKind
@@ -27,7 +43,9 @@ from charai.core.errors import NotFoundError, StaleAttemptError, TaskEndedError
 from charai.core.topology import Topology
 from charai.core.validation import RequestInvalidError, Violation, fill_metadata
 from charai.store.v1 import store_service_pb2 as spb
-from charai.task_store.schema import MIGRATIONS, SCHEMA_VERSION_TABLE
+from charai.task_store.backend import Backend, Dialect, Tx
+from charai.task_store.postgres_backend import PostgresBackend
+from charai.task_store.sqlite_backend import SqliteBackend
 from charai.tasks.v1 import task_pb2, task_service_pb2
 
 T = TypeVar("T")
@@ -41,6 +59,7 @@ EVENT_TYPES = {
     Transition.REQUEUE: task_pb2.TASK_EVENT_TYPE_QUEUED,
 }
 DEFAULT_PAGE = 50
+_TASK_COLUMNS = "task, tenant, attempt, lease_expires, dispatch_gen, last_seq, next_attempt_time, status"
 
 
 def now_us() -> int:
@@ -58,6 +77,9 @@ class StoreConfig:
     lease_seconds: float = 30.0
     retry: RetryPolicy = dataclasses.field(default_factory=RetryPolicy)
     namespace: str = "charai"
+    #: How long a relay owns the outbox rows it claimed. A relay that dies (or cannot reach
+    #: NATS) without marking them leaves them to the other replicas after this.
+    outbox_claim_seconds: float = 30.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -77,107 +99,163 @@ class OutboxRow:
     payload: bytes
 
 
-class SqliteStore:
-    """The task store on SQLite (WAL, synchronous=FULL)."""
+class _TaskRow(NamedTuple):
+    """The columns of ``tasks`` that decisions are made from (``_TASK_COLUMNS``, in order)."""
+
+    task: bytes
+    tenant: str
+    attempt: int
+    lease_expires: int | None
+    dispatch_gen: int
+    last_seq: int
+    next_attempt_time: int | None
+    status: int
+
+
+@dataclasses.dataclass(slots=True)
+class _Save:
+    """A task change waiting for its event (written at the end of the unit of work)."""
+
+    task: task_pb2.Task
+    blob: bytes
+    tenant: str
+    event_type: int
+    now: int
+    prev_seq: int
+    lease_expires: int | None
+    next_attempt_time: int | None
+
+
+@dataclasses.dataclass(slots=True)
+class _Unit:
+    """One write transaction and the task changes it will commit."""
+
+    tx: Tx
+    saves: list[_Save] = dataclasses.field(default_factory=list)
+
+
+class TaskStore:
+    """The store's operations (used by the gRPC API and the dispatch loops) over a backend."""
 
     def __init__(
         self,
-        path: Path,
+        backend: Backend,
         config: StoreConfig,
         on_events: Callable[[list[spb.EventEnvelope]], None] | None = None,
     ) -> None:
-        self._path = path
+        self._db = backend
+        self._dialect: Dialect = backend.dialect
         self._config = config
         self._topology = Topology(config.namespace)
         self._on_events = on_events
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
-        self._conn: sqlite3.Connection | None = None
-        self._closed = False
+
+    @property
+    def backend(self) -> Backend:
+        return self._db
+
+    def describe(self) -> str:
+        """``<dialect>: <where>`` for logs (never a password)."""
+        return f"{self._dialect.name}: {self._db.describe()}"
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def open(self) -> None:
-        await self._run(self._open_sync)
-
-    def _open_sync(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA busy_timeout=5000")
-        conn.execute(SCHEMA_VERSION_TABLE)
-        done = {row[0] for row in conn.execute("SELECT version FROM schema_version")}
-        for version, description, statements in MIGRATIONS:
-            if version in done:
-                continue
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for sql in statements:
-                    conn.execute(sql)
-                conn.execute(
-                    "INSERT INTO schema_version (version, description, applied_at) VALUES (?, ?, ?)",
-                    (version, description, now_us()),
-                )
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-        self._conn = conn
+        await self._db.open()
 
     async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        await self._run(self._close_sync)
-        self._pool.shutdown(wait=True)
+        await self._db.close()
 
-    def _close_sync(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-    async def __aenter__(self) -> SqliteStore:
+    async def __aenter__(self) -> TaskStore:
         await self.open()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, fn, *args)
-
-    def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        conn = self._conn
-        assert conn is not None, "store is not open"
+    # -- units of work -----------------------------------------------------------------------
+    async def _write(self, op: Callable[[_Unit], Coroutine[Any, Any, T]]) -> T:
+        """Runs ``op`` in one transaction, appends its events last, publishes them after commit."""
         envelopes: list[spb.EventEnvelope] = []
-        self._pending = envelopes
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            result = fn(conn)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        if envelopes and self._on_events is not None:
-            self._on_events(envelopes)
-        return result
+
+        async def body(tx: Tx) -> T:
+            envelopes.clear()  # a retried transaction starts over
+            unit = _Unit(tx)
+            result = await op(unit)
+            envelopes.extend(await self._append_events(unit))
+            return result
+
+        def committed() -> None:
+            if envelopes and self._on_events is not None:
+                self._on_events(list(envelopes))
+
+        return await self._db.write(body, committed)
+
+    async def _append_events(self, unit: _Unit) -> list[spb.EventEnvelope]:
+        """Inserts the unit's events and writes its task rows, under the events lock.
+
+        Last in the transaction on purpose: the lock is held from here to commit, so the shorter
+        this tail, the less event-writing transactions wait for each other.
+        """
+        last: dict[str, int] = {}
+        envelopes = []
+        for save in unit.saves:
+            task = save.task
+            seq = await self._append_event(unit.tx, save)
+            event = task_pb2.TaskEvent(sequence=seq, type=save.event_type, task=task)  # type: ignore[arg-type]
+            event.time.FromMicroseconds(save.now)
+            prev = last.get(task.id, save.prev_seq)
+            envelopes.append(spb.EventEnvelope(tenant=save.tenant, prev_sequence=prev, event=event))
+            last[task.id] = seq
+        return envelopes
+
+    async def _append_event(self, tx: Tx, save: _Save) -> int:
+        task = save.task
+        event_args = (task.id, save.tenant, int(task.type), save.event_type, save.now, save.blob)
+        if self._dialect.append_event is not None:
+            seq = await tx.fetchval(
+                self._dialect.append_event,
+                *event_args,
+                int(task.status),
+                task.attempt,
+                save.lease_expires,
+                save.next_attempt_time,
+            )
+            return int(seq)
+        seq = await tx.fetchval(
+            "INSERT INTO events (task_id, tenant, task_type, type, time, task)"
+            " VALUES (?, ?, ?, ?, ?, ?) RETURNING seq",
+            *event_args,
+        )
+        await tx.execute(
+            "UPDATE tasks SET status = ?, attempt = ?, update_time = ?, lease_expires = ?,"
+            " next_attempt_time = ?, last_seq = ?, task = ? WHERE id = ?",
+            int(task.status),
+            task.attempt,
+            save.now,
+            save.lease_expires,
+            save.next_attempt_time,
+            int(seq),
+            save.blob,
+            task.id,
+        )
+        return int(seq)
 
     # -- helpers -----------------------------------------------------------------------------
-    def _load(
-        self, conn: sqlite3.Connection, task_id: str, tenant: str | None = None
-    ) -> tuple[task_pb2.Task, Any]:
-        row = conn.execute(
-            "SELECT task, tenant, attempt, lease_expires, dispatch_gen, last_seq, next_attempt_time, status"
-            " FROM tasks WHERE id = ?",
-            (task_id,),
-        ).fetchone()
-        if row is None or (tenant is not None and row[1] != tenant):
+    async def _load(
+        self, tx: Tx, task_id: str, tenant: str | None = None, *, lock: bool = True
+    ) -> tuple[task_pb2.Task, _TaskRow]:
+        """The task and its row; ``lock``: the transaction is about to change it."""
+        suffix = self._dialect.for_update if lock else ""
+        raw = await tx.fetchrow(f"SELECT {_TASK_COLUMNS} FROM tasks WHERE id = ?{suffix}", task_id)
+        if raw is None:
             raise NotFoundError(f"task {task_id} not found", id=task_id)
-        return task_pb2.Task.FromString(row[0]), row
+        row = _TaskRow(*raw)
+        if tenant is not None and row.tenant != tenant:
+            raise NotFoundError(f"task {task_id} not found", id=task_id)
+        return task_pb2.Task.FromString(row.task), row
 
     def _save(
         self,
-        conn: sqlite3.Connection,
+        unit: _Unit,
         task: task_pb2.Task,
         tenant: str,
         event_type: int,
@@ -186,57 +264,95 @@ class SqliteStore:
         *,
         lease_expires: int | None = None,
         next_attempt_time: int | None = None,
-    ) -> task_pb2.TaskEvent:
+    ) -> None:
+        """Records the task as it is now; its row and its event are written at the end of the
+        unit (:meth:`_append_events`), so an operation must not read the row back after this."""
         task.update_time.FromMicroseconds(now)
         task.queue_position = 0
-        blob = task.SerializeToString()
-        cur = conn.execute(
-            "INSERT INTO events (task_id, tenant, task_type, type, time, task) VALUES (?, ?, ?, ?, ?, ?)",
-            (task.id, tenant, task.type, event_type, now, blob),
+        snapshot = task_pb2.Task()
+        snapshot.CopyFrom(task)
+        unit.saves.append(
+            _Save(
+                task=snapshot,
+                blob=snapshot.SerializeToString(),
+                tenant=tenant,
+                event_type=event_type,
+                now=now,
+                prev_seq=prev_seq,
+                lease_expires=lease_expires,
+                next_attempt_time=next_attempt_time,
+            )
         )
-        seq = int(cur.lastrowid or 0)
-        conn.execute(
-            "UPDATE tasks SET status = ?, attempt = ?, update_time = ?, lease_expires = ?,"
-            " next_attempt_time = ?, last_seq = ?, task = ? WHERE id = ?",
-            (task.status, task.attempt, now, lease_expires, next_attempt_time, seq, blob, task.id),
-        )
-        event = task_pb2.TaskEvent(sequence=seq, type=event_type, task=task)  # type: ignore[arg-type]
-        event.time.FromMicroseconds(now)
-        self._pending.append(spb.EventEnvelope(tenant=tenant, prev_sequence=prev_seq, event=event))
-        return event
 
     def _transition(
         self,
-        conn: sqlite3.Connection,
+        unit: _Unit,
         task: task_pb2.Task,
-        row: Any,
+        row: _TaskRow,
         transition: Transition,
         now: int,
         **kwargs: Any,
-    ) -> task_pb2.TaskEvent:
+    ) -> None:
         task.status = states.apply(Status(task.status), transition)  # type: ignore[assignment]
-        return self._save(conn, task, row[1], EVENT_TYPES[transition], now, int(row[5]), **kwargs)
+        self._save(unit, task, row.tenant, EVENT_TYPES[transition], now, int(row.last_seq), **kwargs)
+
+    async def _position(self, tx: Tx, task: task_pb2.Task) -> None:
+        if task.status != task_pb2.TASK_STATUS_QUEUED:
+            task.queue_position = 0
+            return
+        created = task.create_time.ToMicroseconds()
+        ahead = await tx.fetchval(
+            "SELECT COUNT(*) FROM tasks WHERE type = ? AND status = ? AND (priority > ? OR"
+            " (priority = ? AND (create_time < ? OR (create_time = ? AND id < ?))))",
+            int(task.type),
+            int(Status.QUEUED),
+            int(task.priority),
+            int(task.priority),
+            created,
+            created,
+            task.id,
+        )
+        task.queue_position = int(ahead) + 1
+
+    def _metadata_filter(
+        self, column: str, tenant: str, metadata: Mapping[str, str]
+    ) -> tuple[str, list[Any]]:
+        """SQL (starting with ``AND``) keeping rows whose task ``column`` has every pair."""
+        pairs = dict(sorted(dict(metadata).items()))
+        if not pairs:
+            return "", []
+        if self._dialect.metadata_json:
+            document = json.dumps(pairs, separators=(",", ":"))
+            if column == "id":
+                return "AND metadata @> ?::jsonb", [document]
+            return (
+                f"AND {column} IN (SELECT id FROM tasks WHERE tenant = ? AND metadata @> ?::jsonb)",
+                [tenant, document],
+            )
+        parts: list[str] = []
+        args: list[Any] = []
+        for key, value in pairs.items():
+            parts.append(
+                f"AND {column} IN (SELECT task_id FROM task_metadata"
+                " WHERE tenant = ? AND key = ? AND value = ?)"
+            )
+            args += [tenant, key, value]
+        return " ".join(parts), args
 
     # -- client operations -------------------------------------------------------------------
     async def create(
         self, tenant: str, req: task_service_pb2.CreateTaskRequest
     ) -> tuple[task_pb2.Task, bool]:
-        return await self._run(self._tx, lambda conn: self._create(conn, tenant, req))
+        """The new task (and True), or the one this ``request_id`` already created (and False)."""
+        return await self._write(lambda unit: self._create(unit, tenant, req))
 
-    def _create(
-        self, conn: sqlite3.Connection, tenant: str, req: task_service_pb2.CreateTaskRequest
+    async def _create(
+        self, unit: _Unit, tenant: str, req: task_service_pb2.CreateTaskRequest
     ) -> tuple[task_pb2.Task, bool]:
+        tx = unit.tx
         if req.request_id:
-            row = conn.execute(
-                "SELECT id FROM tasks WHERE tenant = ? AND request_id = ?", (tenant, req.request_id)
-            ).fetchone()
-            if row is not None:
-                existing, _ = self._load(conn, row[0])
-                if existing.type != req.type:
-                    raise RequestInvalidError(
-                        [Violation("request_id", "was already used for a task of another type")]
-                    )
-                self._position(conn, existing)
+            existing = await self._by_request_id(tx, tenant, req)
+            if existing is not None:
                 return existing, False
         now = now_us()
         priority = req.priority or task_pb2.PRIORITY_NORMAL
@@ -258,85 +374,101 @@ class SqliteStore:
         task.create_time.FromMicroseconds(now)
         task.update_time.FromMicroseconds(now)
         blob = task.SerializeToString()
-        conn.execute(
-            "INSERT INTO tasks (id, tenant, request_id, type, priority, status, attempt, max_attempts,"
-            " create_time, update_time, dispatch_gen, task) VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?, 1, ?)",
-            (
-                task.id,
-                tenant,
-                req.request_id or None,
-                task.type,
-                priority,
-                task.status,
-                task.max_attempts,
-                now,
-                now,
-                blob,
-            ),
+        columns = "id, tenant, request_id, type, priority, status, attempt, max_attempts,"
+        columns += " create_time, update_time, dispatch_gen, task"
+        values = "?, ?, ?, ?, ?, ?, 0, ?, ?, ?, 1, ?"
+        args: list[Any] = [
+            task.id,
+            tenant,
+            req.request_id or None,
+            int(task.type),
+            int(priority),
+            int(task.status),
+            task.max_attempts,
+            now,
+            now,
+            blob,
+        ]
+        if self._dialect.metadata_json:
+            columns += ", metadata"
+            values += ", ?::jsonb"
+            args.append(json.dumps(dict(task.metadata), separators=(",", ":")))
+        # A concurrent create with the same request_id (another replica, a retried call) makes
+        # this insert do nothing; that task is then the answer.
+        inserted = await tx.fetchval(
+            f"INSERT INTO tasks ({columns}) VALUES ({values})"
+            " ON CONFLICT (tenant, request_id) WHERE request_id IS NOT NULL DO NOTHING RETURNING id",
+            *args,
         )
-        conn.executemany(
-            "INSERT INTO task_metadata (task_id, tenant, key, value) VALUES (?, ?, ?, ?)",
-            [(task.id, tenant, k, v) for k, v in task.metadata.items()],
-        )
-        self._save(conn, task, tenant, task_pb2.TASK_EVENT_TYPE_QUEUED, now, 0)
-        self._enqueue_dispatch(conn, task, 1, now)
-        self._position(conn, task)
+        if inserted is None:
+            existing = await self._by_request_id(tx, tenant, req)
+            if existing is None:  # pragma: no cover - the conflicting row is committed by now
+                raise RuntimeError("request_id conflict without a task")
+            return existing, False
+        if not self._dialect.metadata_json:
+            await tx.executemany(
+                "INSERT INTO task_metadata (task_id, tenant, key, value) VALUES (?, ?, ?, ?)",
+                [(task.id, tenant, k, v) for k, v in task.metadata.items()],
+            )
+        self._save(unit, task, tenant, task_pb2.TASK_EVENT_TYPE_QUEUED, now, 0)
+        await self._enqueue_dispatch(tx, task, 1, now)
+        await self._position(tx, task)
         return task, True
 
-    def _enqueue_dispatch(self, conn: sqlite3.Connection, task: task_pb2.Task, gen: int, now: int) -> None:
+    async def _by_request_id(
+        self, tx: Tx, tenant: str, req: task_service_pb2.CreateTaskRequest
+    ) -> task_pb2.Task | None:
+        row = await tx.fetchrow(
+            "SELECT id FROM tasks WHERE tenant = ? AND request_id = ?", tenant, req.request_id
+        )
+        if row is None:
+            return None
+        existing, _ = await self._load(tx, row[0], lock=False)
+        if existing.type != req.type:
+            raise RequestInvalidError(
+                [Violation("request_id", "was already used for a task of another type")]
+            )
+        await self._position(tx, existing)
+        return existing
+
+    async def _enqueue_dispatch(self, tx: Tx, task: task_pb2.Task, gen: int, now: int) -> None:
         job = spb.Job(task_id=task.id, dispatch_gen=gen, type=task.type, priority=task.priority)
-        conn.execute(
+        await tx.execute(
             "INSERT INTO outbox (task_id, dispatch_gen, subject, payload, created) VALUES (?, ?, ?, ?, ?)",
-            (
-                task.id,
-                gen,
-                self._topology.job_subject(task.type, task.priority),
-                job.SerializeToString(),
-                now,
-            ),
+            task.id,
+            gen,
+            self._topology.job_subject(task.type, task.priority),
+            job.SerializeToString(),
+            now,
         )
 
-    def _position(self, conn: sqlite3.Connection, task: task_pb2.Task) -> None:
-        if task.status != task_pb2.TASK_STATUS_QUEUED:
-            task.queue_position = 0
-            return
-        created = task.create_time.ToMicroseconds()
-        (ahead,) = conn.execute(
-            "SELECT COUNT(*) FROM tasks WHERE type = ? AND status = ? AND (priority > ? OR"
-            " (priority = ? AND (create_time < ? OR (create_time = ? AND id < ?))))",
-            (task.type, task_pb2.TASK_STATUS_QUEUED, task.priority, task.priority, created, created, task.id),
-        ).fetchone()
-        task.queue_position = int(ahead) + 1
-
     async def get(self, tenant: str, task_id: str) -> task_pb2.Task:
-        return await self._run(self._get, tenant, task_id)
+        async def body(tx: Tx) -> task_pb2.Task:
+            task, _ = await self._load(tx, task_id, tenant, lock=False)
+            await self._position(tx, task)
+            return task
 
-    def _get(self, tenant: str, task_id: str) -> task_pb2.Task:
-        assert self._conn is not None
-        task, _ = self._load(self._conn, task_id, tenant)
-        self._position(self._conn, task)
-        return task
+        return await self._db.read(body)
 
     async def list_tasks(
         self, tenant: str, req: task_service_pb2.ListTasksRequest
     ) -> tuple[list[task_pb2.Task], str]:
-        return await self._run(self._list_tasks, tenant, req)
+        return await self._db.read(lambda tx: self._list_tasks(tx, tenant, req))
 
-    def _list_tasks(
-        self, tenant: str, req: task_service_pb2.ListTasksRequest
+    async def _list_tasks(
+        self, tx: Tx, tenant: str, req: task_service_pb2.ListTasksRequest
     ) -> tuple[list[task_pb2.Task], str]:
-        assert self._conn is not None
-        sql = ["SELECT task, create_time FROM tasks WHERE tenant = ?"]
+        sql = ["SELECT task FROM tasks WHERE tenant = ?"]
         args: list[Any] = [tenant]
-        sql_filter, filter_args = _metadata_filter("id", tenant, req.metadata)
+        sql_filter, filter_args = self._metadata_filter("id", tenant, req.metadata)
         sql.append(sql_filter)
         args += filter_args
         if req.type:
             sql.append("AND type = ?")
-            args.append(req.type)
+            args.append(int(req.type))
         if req.status:
             sql.append("AND status = ?")
-            args.append(req.status)
+            args.append(int(req.status))
         if req.page_token:
             created, last_id = _decode_token(req.page_token)
             sql.append("AND (create_time < ? OR (create_time = ? AND id < ?))")
@@ -344,10 +476,10 @@ class SqliteStore:
         size = req.page_size or DEFAULT_PAGE
         sql.append("ORDER BY create_time DESC, id DESC LIMIT ?")
         args.append(size + 1)
-        rows = self._conn.execute(" ".join(sql), args).fetchall()
+        rows = await tx.fetch(" ".join(sql), *args)
         tasks = [task_pb2.Task.FromString(r[0]) for r in rows[:size]]
         for task in tasks:
-            self._position(self._conn, task)
+            await self._position(tx, task)
         token = ""
         if len(rows) > size:
             last = tasks[-1]
@@ -356,10 +488,10 @@ class SqliteStore:
 
     async def cancel(self, tenant: str, task_id: str) -> tuple[task_pb2.Task, bool]:
         """Cancels the task; returns it and whether a worker was running it."""
-        return await self._run(self._tx, lambda conn: self._cancel(conn, tenant, task_id))
+        return await self._write(lambda unit: self._cancel(unit, tenant, task_id))
 
-    def _cancel(self, conn: sqlite3.Connection, tenant: str, task_id: str) -> tuple[task_pb2.Task, bool]:
-        task, row = self._load(conn, task_id, tenant)
+    async def _cancel(self, unit: _Unit, tenant: str, task_id: str) -> tuple[task_pb2.Task, bool]:
+        task, row = await self._load(unit.tx, task_id, tenant)
         status = Status(task.status)
         if status.terminal:
             return task, False
@@ -367,47 +499,57 @@ class SqliteStore:
         task.stage = Stage.CANCELLED
         task.end_time.FromMicroseconds(now)
         task.ClearField("next_attempt_time")
-        self._transition(conn, task, row, Transition.CANCEL, now)
+        self._transition(unit, task, row, Transition.CANCEL, now)
         return task, status is Status.RUNNING
 
     async def list_events(self, req: spb.ListEventsRequest) -> tuple[list[task_pb2.TaskEvent], int]:
-        return await self._run(self._list_events, req)
+        """Events after ``req.after_sequence`` in sequence order, and the head sequence.
 
-    def _list_events(self, req: spb.ListEventsRequest) -> tuple[list[task_pb2.TaskEvent], int]:
-        assert self._conn is not None
+        The head is read *before* the events: every event up to it is committed (sequence order is
+        commit order), so all of those that match are in the answer (unless ``limit`` cut it) and
+        a watcher may move its cursor to the head.
+        """
+        return await self._db.read(lambda tx: self._list_events(tx, req))
+
+    async def _list_events(self, tx: Tx, req: spb.ListEventsRequest) -> tuple[list[task_pb2.TaskEvent], int]:
         limit = min(req.limit or 500, 5000)
-        (head,) = self._conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()
+        head = int(await tx.fetchval("SELECT COALESCE(MAX(seq), 0) FROM events"))
         if req.task_id:
-            rows = self._conn.execute(
+            rows = await tx.fetch(
                 "SELECT seq, type, time, task FROM events WHERE task_id = ? AND tenant = ? AND seq > ?"
                 " ORDER BY seq LIMIT ?",
-                (req.task_id, req.tenant, req.after_sequence, limit),
-            ).fetchall()
+                req.task_id,
+                req.tenant,
+                req.after_sequence,
+                limit,
+            )
         else:
-            sql_filter, filter_args = _metadata_filter("task_id", req.tenant, req.metadata)
+            sql_filter, filter_args = self._metadata_filter("task_id", req.tenant, req.metadata)
             type_sql = "AND task_type = ?" if req.type else ""
             args: list[Any] = [req.tenant, req.after_sequence, *filter_args]
             if req.type:
-                args.append(req.type)
-            rows = self._conn.execute(
+                args.append(int(req.type))
+            rows = await tx.fetch(
                 "SELECT seq, type, time, task FROM events WHERE tenant = ? AND seq > ?"
                 f" {sql_filter} {type_sql} ORDER BY seq LIMIT ?",
-                [*args, limit],
-            ).fetchall()
+                *args,
+                limit,
+            )
         events = []
         for seq, etype, etime, blob in rows:
             event = task_pb2.TaskEvent(sequence=seq, type=etype, task=task_pb2.Task.FromString(blob))
             event.time.FromMicroseconds(etime)
             events.append(event)
-        return events, int(head)
+        return events, head
 
     # -- worker operations -------------------------------------------------------------------
     async def claim(self, task_id: str, dispatch_gen: int, worker_id: str) -> Claim:
-        return await self._run(self._tx, lambda conn: self._claim(conn, task_id, dispatch_gen, worker_id))
+        return await self._write(lambda unit: self._claim(unit, task_id, dispatch_gen, worker_id))
 
-    def _claim(self, conn: sqlite3.Connection, task_id: str, dispatch_gen: int, worker_id: str) -> Claim:
+    async def _claim(self, unit: _Unit, task_id: str, dispatch_gen: int, worker_id: str) -> Claim:
+        tx = unit.tx
         try:
-            task, row = self._load(conn, task_id)
+            task, row = await self._load(tx, task_id)
         except NotFoundError:
             return Claim(spb.CLAIM_OUTCOME_DONE, None)
         now = now_us()
@@ -415,21 +557,21 @@ class SqliteStore:
         if status.terminal:
             return Claim(spb.CLAIM_OUTCOME_DONE, task)
         if status is Status.QUEUED:
-            next_at = row[6]
+            next_at = row.next_attempt_time
             if next_at is not None and next_at > now:
                 return Claim(spb.CLAIM_OUTCOME_DEFER, task, retry_after=(next_at - now) / 1e6)
             if task.attempt >= task.max_attempts:
-                self._fail_now(conn, task, row, ErrorKind.WORKER_LOST, "no attempts left", now)
+                self._fail_now(unit, task, row, ErrorKind.WORKER_LOST, "no attempts left", now)
                 return Claim(spb.CLAIM_OUTCOME_DONE, task)
         else:  # RUNNING
-            lease = row[3] or 0
+            lease = row.lease_expires or 0
             if lease > now:
                 return Claim(spb.CLAIM_OUTCOME_DEFER, task, retry_after=(lease - now) / 1e6)
             # The attempt that held the task stopped reporting: its worker is gone.
             delay = self._config.retry.decide(ErrorKind.WORKER_LOST, task.attempt)
             if delay is None:
                 message = f"the worker running attempt {task.attempt} was lost and no attempts are left"
-                self._fail_now(conn, task, row, ErrorKind.WORKER_LOST, message, now)
+                self._fail_now(unit, task, row, ErrorKind.WORKER_LOST, message, now)
                 return Claim(spb.CLAIM_OUTCOME_DONE, task)
             task.error.CopyFrom(
                 task_pb2.TaskError(
@@ -445,21 +587,21 @@ class SqliteStore:
         if not task.HasField("start_time"):
             task.start_time.FromMicroseconds(now)
         lease_expires = now + int(self._config.lease_seconds * 1e6)
-        conn.execute("UPDATE tasks SET lease_owner = ? WHERE id = ?", (worker_id, task_id))
-        self._transition(conn, task, row, Transition.START, now, lease_expires=lease_expires)
+        await tx.execute("UPDATE tasks SET lease_owner = ? WHERE id = ?", worker_id, task_id)
+        self._transition(unit, task, row, Transition.START, now, lease_expires=lease_expires)
         return Claim(spb.CLAIM_OUTCOME_RUN, task, attempt=task.attempt)
 
     def _fail_now(
-        self, conn: sqlite3.Connection, task: task_pb2.Task, row: Any, kind: ErrorKind, message: str, now: int
+        self, unit: _Unit, task: task_pb2.Task, row: _TaskRow, kind: ErrorKind, message: str, now: int
     ) -> None:
         task.error.CopyFrom(task_pb2.TaskError(code=kind, message=message, retryable=False))  # type: ignore[arg-type]
         task.stage = Stage.FAILED
         task.end_time.FromMicroseconds(now)
         task.ClearField("next_attempt_time")
-        self._transition(conn, task, row, Transition.FAIL, now)
+        self._transition(unit, task, row, Transition.FAIL, now)
 
-    def _fenced(self, conn: sqlite3.Connection, task_id: str, attempt: int) -> tuple[task_pb2.Task, Any]:
-        task, row = self._load(conn, task_id)
+    async def _fenced(self, tx: Tx, task_id: str, attempt: int) -> tuple[task_pb2.Task, _TaskRow]:
+        task, row = await self._load(tx, task_id)
         status = Status(task.status)
         if status.terminal:
             raise TaskEndedError(f"task {task_id} already {status.seed_name}", status=status.seed_name)
@@ -470,32 +612,30 @@ class SqliteStore:
         return task, row
 
     async def progress(self, task_id: str, attempt: int, progress: int, stage: str) -> int:
-        return await self._run(self._tx, lambda conn: self._progress(conn, task_id, attempt, progress, stage))
+        return await self._write(lambda unit: self._progress(unit, task_id, attempt, progress, stage))
 
-    def _progress(
-        self, conn: sqlite3.Connection, task_id: str, attempt: int, progress: int, stage: str
-    ) -> int:
-        task, row = self._fenced(conn, task_id, attempt)
+    async def _progress(self, unit: _Unit, task_id: str, attempt: int, progress: int, stage: str) -> int:
+        task, row = await self._fenced(unit.tx, task_id, attempt)
         now = now_us()
         lease_expires = now + int(self._config.lease_seconds * 1e6)
         new_progress = states.clamp_progress(task.progress, progress)
         new_stage = stage[:32] or task.stage
         if new_progress == task.progress and new_stage == task.stage:
-            conn.execute("UPDATE tasks SET lease_expires = ? WHERE id = ?", (lease_expires, task_id))
+            await unit.tx.execute("UPDATE tasks SET lease_expires = ? WHERE id = ?", lease_expires, task_id)
             return int(task.status)
         task.progress = new_progress
         task.stage = new_stage
-        self._transition(conn, task, row, Transition.PROGRESS, now, lease_expires=lease_expires)
+        self._transition(unit, task, row, Transition.PROGRESS, now, lease_expires=lease_expires)
         return int(task.status)
 
     async def complete(self, req: spb.CompleteTaskRequest) -> task_pb2.Task:
-        return await self._run(self._tx, lambda conn: self._complete(conn, req))
+        return await self._write(lambda unit: self._complete(unit, req))
 
-    def _complete(self, conn: sqlite3.Connection, req: spb.CompleteTaskRequest) -> task_pb2.Task:
-        task, row = self._load(conn, req.task_id)
+    async def _complete(self, unit: _Unit, req: spb.CompleteTaskRequest) -> task_pb2.Task:
+        task, row = await self._load(unit.tx, req.task_id)
         if task.status == task_pb2.TASK_STATUS_COMPLETED and task.attempt == req.attempt:
             return task  # a repeated completion of the same attempt (e.g. the ack was lost)
-        task, row = self._fenced(conn, req.task_id, req.attempt)
+        task, row = await self._fenced(unit.tx, req.task_id, req.attempt)
         now = now_us()
         if req.WhichOneof("result") == "image_result":
             task.image_result.CopyFrom(req.image_result)
@@ -505,17 +645,17 @@ class SqliteStore:
         task.stage = Stage.COMPLETED
         task.ClearField("error")
         task.end_time.FromMicroseconds(now)
-        self._transition(conn, task, row, Transition.COMPLETE, now)
+        self._transition(unit, task, row, Transition.COMPLETE, now)
         return task
 
     async def fail(self, req: spb.FailTaskRequest) -> tuple[int, float, task_pb2.Task]:
-        return await self._run(self._tx, lambda conn: self._fail(conn, req))
+        return await self._write(lambda unit: self._fail(unit, req))
 
-    def _fail(self, conn: sqlite3.Connection, req: spb.FailTaskRequest) -> tuple[int, float, task_pb2.Task]:
+    async def _fail(self, unit: _Unit, req: spb.FailTaskRequest) -> tuple[int, float, task_pb2.Task]:
         try:
-            task, row = self._fenced(conn, req.task_id, req.attempt)
+            task, row = await self._fenced(unit.tx, req.task_id, req.attempt)
         except (TaskEndedError, StaleAttemptError):
-            task, _ = self._load(conn, req.task_id)
+            task, _ = await self._load(unit.tx, req.task_id)
             return spb.FAIL_OUTCOME_IGNORED, 0.0, task
         now = now_us()
         kind = (
@@ -531,100 +671,192 @@ class SqliteStore:
         if delay is None:
             task.stage = Stage.FAILED
             task.end_time.FromMicroseconds(now)
-            self._transition(conn, task, row, Transition.FAIL, now)
+            self._transition(unit, task, row, Transition.FAIL, now)
             return spb.FAIL_OUTCOME_FAILED, 0.0, task
         next_at = now + int(delay * 1e6)
         task.progress = states.PROGRESS_QUEUED
         task.stage = Stage.WAITING_RETRY
         task.next_attempt_time.FromMicroseconds(next_at)
-        self._transition(conn, task, row, Transition.RETRY, now, next_attempt_time=next_at)
+        self._transition(unit, task, row, Transition.RETRY, now, next_attempt_time=next_at)
         return spb.FAIL_OUTCOME_RETRY, delay, task
 
     # -- outbox and sweeper ------------------------------------------------------------------
     async def pending_dispatches(self, limit: int = 256) -> list[OutboxRow]:
-        return await self._run(self._pending_dispatches, limit)
+        """Every job not yet confirmed published, oldest first, claimed or not (a read: for
+        checks and tests; relays use :meth:`claim_dispatches`)."""
 
-    def _pending_dispatches(self, limit: int) -> list[OutboxRow]:
-        assert self._conn is not None
-        rows = self._conn.execute(
-            "SELECT id, task_id, dispatch_gen, subject, payload FROM outbox ORDER BY id LIMIT ?", (limit,)
-        ).fetchall()
-        return [OutboxRow(*r) for r in rows]
+        async def body(tx: Tx) -> list[OutboxRow]:
+            rows = await tx.fetch(
+                "SELECT id, task_id, dispatch_gen, subject, payload FROM outbox ORDER BY id LIMIT ?", limit
+            )
+            return [OutboxRow(int(r[0]), r[1], int(r[2]), r[3], bytes(r[4])) for r in rows]
+
+        return await self._db.read(body)
+
+    async def claim_dispatches(self, owner: str, limit: int = 256) -> list[OutboxRow]:
+        """Claims up to ``limit`` unpublished jobs for ``owner`` (a relay), oldest first.
+
+        A row is claimable when nobody holds it, its claim expired, or ``owner`` already holds it
+        (so a relay retries its own failures at once). ``SKIP LOCKED``: two replicas claiming at
+        the same moment take different rows instead of waiting for each other.
+        """
+
+        async def body(tx: Tx) -> list[OutboxRow]:
+            now = now_us()
+            until = now + int(self._config.outbox_claim_seconds * 1e6)
+            rows = await tx.fetch(
+                "UPDATE outbox SET claimed_by = ?, claimed_until = ? WHERE id IN ("
+                "SELECT id FROM outbox WHERE claimed_until IS NULL OR claimed_until < ? OR claimed_by = ?"
+                f" ORDER BY id LIMIT ?{self._dialect.skip_locked})"
+                " RETURNING id, task_id, dispatch_gen, subject, payload",
+                owner,
+                until,
+                now,
+                owner,
+                limit,
+            )
+            found = [OutboxRow(int(r[0]), r[1], int(r[2]), r[3], bytes(r[4])) for r in rows]
+            return sorted(found, key=lambda r: r.id)
+
+        return await self._db.write(body)
+
+    async def release_dispatches(self, owner: str) -> None:
+        """Gives back the rows ``owner`` claimed and did not publish (a relay that stops)."""
+
+        async def body(tx: Tx) -> None:
+            await tx.execute(
+                "UPDATE outbox SET claimed_by = NULL, claimed_until = NULL WHERE claimed_by = ?", owner
+            )
+
+        await self._db.write(body)
 
     async def mark_dispatched(self, sent: Sequence[tuple[OutboxRow, int]]) -> None:
         """Records the JetStream sequence of each published job and drops its outbox row."""
-        await self._run(self._tx, lambda conn: self._mark_dispatched(conn, sent))
 
-    def _mark_dispatched(self, conn: sqlite3.Connection, sent: Sequence[tuple[OutboxRow, int]]) -> None:
-        now = now_us()
-        conn.executemany("DELETE FROM outbox WHERE id = ?", [(r.id,) for r, _ in sent])
-        conn.executemany(
-            "UPDATE tasks SET stream_seq = ?, dispatched_at = ? WHERE id = ? AND dispatch_gen = ?",
-            [(seq, now, r.task_id, r.dispatch_gen) for r, seq in sent],
-        )
+        async def body(tx: Tx) -> None:
+            now = now_us()
+            # One order for every writer of these rows, so two relays cannot deadlock.
+            ordered = sorted(sent, key=lambda s: (s[0].task_id, s[0].id))
+            await tx.executemany("DELETE FROM outbox WHERE id = ?", [(r.id,) for r, _ in ordered])
+            await tx.executemany(
+                "UPDATE tasks SET stream_seq = ?, dispatched_at = ? WHERE id = ? AND dispatch_gen = ?",
+                [(seq, now, r.task_id, r.dispatch_gen) for r, seq in ordered],
+            )
+
+        await self._db.write(body)
 
     async def stale_dispatches(
         self, older_than_s: float, limit: int = 200
     ) -> list[tuple[str, int, int | None]]:
-        """Unfinished tasks whose job was published long ago: (task id, dispatch gen, stream seq).
+        """Claims unfinished tasks whose job was published long ago: (task id, dispatch gen,
+        stream seq).
 
         The sweeper checks each job is still in the stream and re-dispatches those that are not.
+        Claiming moves ``dispatched_at`` to now, so another replica's sweeper leaves these tasks
+        alone for ``older_than_s`` (and so does the next sweep when the job is still there).
         """
-        return await self._run(self._stale_dispatches, older_than_s, limit)
 
-    def _stale_dispatches(self, older_than_s: float, limit: int) -> list[tuple[str, int, int | None]]:
-        assert self._conn is not None
-        now = now_us()
-        cutoff = now - int(older_than_s * 1e6)
-        rows = self._conn.execute(
-            "SELECT id, dispatch_gen, stream_seq FROM tasks WHERE status IN (?, ?)"
-            " AND dispatched_at IS NOT NULL AND dispatched_at < ?"
-            " AND (status = ? OR lease_expires < ?)"
-            " AND (next_attempt_time IS NULL OR next_attempt_time < ?)"
-            " AND id NOT IN (SELECT task_id FROM outbox) ORDER BY dispatched_at LIMIT ?",
-            (Status.QUEUED, Status.RUNNING, cutoff, Status.QUEUED, now, now, limit),
-        ).fetchall()
-        return [(r[0], int(r[1]), r[2]) for r in rows]
+        async def body(tx: Tx) -> list[tuple[str, int, int | None]]:
+            now = now_us()
+            cutoff = now - int(older_than_s * 1e6)
+            rows = await tx.fetch(
+                "UPDATE tasks SET dispatched_at = ? WHERE id IN ("
+                "SELECT id FROM tasks WHERE status IN (?, ?)"
+                " AND dispatched_at IS NOT NULL AND dispatched_at < ?"
+                " AND (status = ? OR lease_expires < ?)"
+                " AND (next_attempt_time IS NULL OR next_attempt_time < ?)"
+                " AND id NOT IN (SELECT task_id FROM outbox)"
+                f" ORDER BY dispatched_at LIMIT ?{self._dialect.skip_locked})"
+                " RETURNING id, dispatch_gen, stream_seq",
+                now,
+                int(Status.QUEUED),
+                int(Status.RUNNING),
+                cutoff,
+                int(Status.QUEUED),
+                now,
+                now,
+                limit,
+            )
+            return [(r[0], int(r[1]), None if r[2] is None else int(r[2])) for r in rows]
+
+        return await self._db.write(body)
 
     async def touch_dispatch(self, task_ids: Iterable[str]) -> None:
-        ids = list(task_ids)
-        await self._run(
-            self._tx,
-            lambda conn: conn.executemany(
-                "UPDATE tasks SET dispatched_at = ? WHERE id = ?", [(now_us(), i) for i in ids]
-            ),
-        )
+        """Marks the jobs of these tasks as seen in the stream just now."""
+        ids = sorted(task_ids)
+
+        async def body(tx: Tx) -> None:
+            now = now_us()
+            await tx.executemany("UPDATE tasks SET dispatched_at = ? WHERE id = ?", [(now, i) for i in ids])
+
+        await self._db.write(body)
 
     async def redispatch(self, task_id: str, seen_gen: int) -> bool:
-        return await self._run(self._tx, lambda conn: self._redispatch(conn, task_id, seen_gen))
+        """Queues a new job for the task unless it ended or was re-dispatched since ``seen_gen``."""
 
-    def _redispatch(self, conn: sqlite3.Connection, task_id: str, seen_gen: int) -> bool:
-        task, row = self._load(conn, task_id)
-        if Status(task.status).terminal or int(row[4]) != seen_gen:
-            return False
-        gen = seen_gen + 1
-        conn.execute("UPDATE tasks SET dispatch_gen = ?, dispatched_at = NULL WHERE id = ?", (gen, task_id))
-        self._enqueue_dispatch(conn, task, gen, now_us())
-        return True
+        async def body(tx: Tx) -> bool:
+            task, row = await self._load(tx, task_id)
+            if Status(task.status).terminal or int(row.dispatch_gen) != seen_gen:
+                return False
+            gen = seen_gen + 1
+            await tx.execute(
+                "UPDATE tasks SET dispatch_gen = ?, dispatched_at = NULL WHERE id = ?", gen, task_id
+            )
+            await self._enqueue_dispatch(tx, task, gen, now_us())
+            return True
+
+        return await self._db.write(body)
 
     async def tenant_of(self, task_id: str) -> str | None:
-        return await self._run(self._tenant_of, task_id)
-
-    def _tenant_of(self, task_id: str) -> str | None:
-        assert self._conn is not None
-        row = self._conn.execute("SELECT tenant FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        row = await self._db.read(lambda tx: tx.fetchrow("SELECT tenant FROM tasks WHERE id = ?", task_id))
         return None if row is None else str(row[0])
 
 
-def _metadata_filter(column: str, tenant: str, metadata: Any) -> tuple[str, list[Any]]:
-    parts: list[str] = []
-    args: list[Any] = []
-    for key, value in sorted(dict(metadata).items()):
-        parts.append(
-            f"AND {column} IN (SELECT task_id FROM task_metadata WHERE tenant = ? AND key = ? AND value = ?)"
-        )
-        args += [tenant, key, value]
-    return " ".join(parts), args
+class SqliteStore(TaskStore):
+    """The task store on a SQLite file (WAL, synchronous=FULL): the embedded default."""
+
+    def __init__(
+        self,
+        path: Path,
+        config: StoreConfig,
+        on_events: Callable[[list[spb.EventEnvelope]], None] | None = None,
+    ) -> None:
+        super().__init__(SqliteBackend(path), config, on_events)
+
+
+class PostgresStore(TaskStore):
+    """The task store on PostgreSQL: the scale-out backend, shared by several replicas."""
+
+    def __init__(
+        self,
+        url: str,
+        config: StoreConfig,
+        on_events: Callable[[list[spb.EventEnvelope]], None] | None = None,
+        *,
+        password: str | None = None,
+        pool_size: int = 10,
+    ) -> None:
+        super().__init__(PostgresBackend(url, password=password, pool_size=pool_size), config, on_events)
+
+
+def is_postgres_url(url: str) -> bool:
+    return url.startswith(("postgresql://", "postgres://"))
+
+
+def open_store(
+    url: str,
+    config: StoreConfig,
+    on_events: Callable[[list[spb.EventEnvelope]], None] | None = None,
+    *,
+    password: str | None = None,
+    pool_size: int = 10,
+) -> TaskStore:
+    """The store for a database URL: ``sqlite:///path`` or ``postgresql://…`` (not opened yet)."""
+    if is_postgres_url(url):
+        return PostgresStore(url, config, on_events, password=password, pool_size=pool_size)
+    if url.startswith("sqlite:///"):
+        return SqliteStore(Path(url[len("sqlite:///") :]), config, on_events)
+    raise ValueError("the database URL must start with sqlite:/// or postgresql://")
 
 
 def _encode_token(created: int, task_id: str) -> str:

@@ -1,0 +1,145 @@
+"""The port between the task logic (:mod:`charai.task_store.store`) and a database.
+
+The store's operations are written once, as ``async`` functions over a :class:`Tx`. A backend
+runs them: :class:`~charai.task_store.sqlite_backend.SqliteBackend` on its one database thread,
+:class:`~charai.task_store.postgres_backend.PostgresBackend` on a pooled asyncpg connection.
+
+SQL is written with ``?`` placeholders (SQLite's style); PostgreSQL's backend numbers them
+(``$1``, ``$2``, …) in one place, :func:`numbered`. What differs between the dialects beyond
+placeholders is small and named in :class:`Dialect`, so the store's logic has no ``if postgres``
+scattered through it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from typing import Any, Protocol, TypeVar
+
+T = TypeVar("T")
+Row = tuple[Any, ...]
+#: One unit of work: a coroutine function over a transaction (or a read-only connection).
+Body = Callable[["Tx"], Coroutine[Any, Any, T]]
+
+
+class Tx(Protocol):
+    """A transaction (writes) or a connection (reads). Placeholders are ``?``."""
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        """Runs one statement; returns the number of rows it changed."""
+        ...
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None: ...
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]: ...
+
+    async def fetchrow(self, sql: str, *args: Any) -> Row | None: ...
+
+    async def fetchval(self, sql: str, *args: Any) -> Any: ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Dialect:
+    """The few things the two databases spell differently."""
+
+    name: str
+    #: Appended to a ``SELECT`` of a task row a transaction is about to change. SQLite needs
+    #: nothing (``BEGIN IMMEDIATE`` already excludes every other writer); PostgreSQL locks the
+    #: row, so two replicas cannot both claim or complete the same task.
+    for_update: str
+    #: Appended to a ``SELECT`` that picks rows to claim: replicas skip rows another is claiming
+    #: instead of queueing behind it.
+    skip_locked: str
+    #: Inserts one event and writes its task row in one statement that first takes the events
+    #: lock, returning the event's sequence (``None``: the portable INSERT then UPDATE, with no
+    #: lock, for SQLite's single writer). On PostgreSQL the lock is transaction-scoped, so it is
+    #: held until commit: sequence order is commit order (see the store). One statement, so the
+    #: lock is held for one round trip and the COMMIT, not for three.
+    append_event: str | None
+    #: True: ``tasks.metadata`` is JSONB and filters use ``@>``; False: rows of ``task_metadata``.
+    metadata_json: bool
+
+
+SQLITE = Dialect(
+    name="sqlite",
+    for_update="",
+    skip_locked="",
+    append_event=None,
+    metadata_json=False,
+)
+
+#: Key of the transaction lock that orders event inserts (an arbitrary constant: "chrE").
+EVENTS_LOCK_KEY = 0x63687245
+#: Key of the session lock that serializes migrators (an arbitrary constant: "chrM").
+MIGRATION_LOCK_KEY = 0x6368724D
+
+POSTGRES = Dialect(
+    name="postgresql",
+    for_update=" FOR UPDATE",
+    skip_locked=" FOR UPDATE SKIP LOCKED",
+    # Parameters: task id, tenant, task type, event type, time, task blob (the event), then
+    # status, attempt, lease expiry, next attempt time (the task row). The INSERT reads from the
+    # lock's CTE, so the sequence is drawn only once the lock is held.
+    append_event=(
+        f"WITH l AS (SELECT pg_advisory_xact_lock({EVENTS_LOCK_KEY})),"
+        " e AS (INSERT INTO events (task_id, tenant, task_type, type, time, task)"
+        " SELECT ?::text, ?::text, ?::integer, ?::integer, ?::bigint, ?::bytea FROM l"
+        " RETURNING seq, task_id, time, task)"
+        " UPDATE tasks SET status = ?::integer, attempt = ?::integer, update_time = e.time,"
+        " lease_expires = ?::bigint, next_attempt_time = ?::bigint, last_seq = e.seq, task = e.task"
+        " FROM e WHERE tasks.id = e.task_id RETURNING e.seq"
+    ),
+    metadata_json=True,
+)
+
+
+class Backend(Protocol):
+    """Runs units of work against one database."""
+
+    dialect: Dialect
+
+    async def open(self) -> None:
+        """Connects and applies the migrations this database lacks."""
+        ...
+
+    async def close(self) -> None:
+        """Waits for the writes in flight, then disconnects. Idempotent."""
+        ...
+
+    async def write(self, body: Body[T], on_commit: Callable[[], None] | None = None) -> T:
+        """Runs ``body`` in one transaction and commits it; then calls ``on_commit``.
+
+        A write that started runs to its end even if the caller stops waiting, so a committed
+        change always reaches ``on_commit`` (which publishes its events).
+        """
+        ...
+
+    async def read(self, body: Body[T]) -> T:
+        """Runs ``body`` without a write transaction."""
+        ...
+
+    def describe(self) -> str:
+        """Where the data lives, for logs: never includes a password."""
+        ...
+
+
+@functools.lru_cache(maxsize=1024)
+def numbered(sql: str) -> str:
+    """``?`` placeholders as PostgreSQL's ``$1, $2, …`` (quoted literals are left alone).
+
+    The store never uses PostgreSQL's ``?`` JSONB operator, so every ``?`` outside a string
+    literal is a parameter.
+    """
+    out: list[str] = []
+    n = 0
+    quoted = False
+    for ch in sql:
+        if ch == "'":
+            quoted = not quoted
+        if ch == "?" and not quoted:
+            n += 1
+            out.append(f"${n}")
+        else:
+            out.append(ch)
+    return "".join(out)

@@ -1,0 +1,716 @@
+"""The task store's contract, run on both backends: a SQLite file and a real PostgreSQL database.
+
+The logic is written once (``charai.task_store.store``); these tests hold both backends to the
+same behaviour: create and idempotency, listing with metadata filters and pages, the state
+machine with fencing and lease takeover, retries, cancel, the event log (by task, by filter,
+``after_sequence``, the head), the envelopes' ``prev_sequence`` chain, the outbox (pending, claims,
+marks), the sweeper's claims and re-dispatch, migrations, and a restart on the same database.
+PostgreSQL-only checks (the GIN index serving the metadata filter, concurrent migrators) are at
+the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from charai.core.domain.errors import ErrorKind
+from charai.core.domain.retry import RetryPolicy
+from charai.core.errors import NotFoundError, StaleAttemptError, TaskEndedError
+from charai.core.validation import RequestInvalidError
+from charai.store.v1 import store_service_pb2 as spb
+from charai.task_store.schema import LATEST_VERSION
+from charai.task_store.store import StoreConfig, TaskStore, open_store
+from charai.tasks.v1 import task_pb2, task_service_pb2
+
+from tests.pg import PgDatabase, PgServer, fresh_database
+
+IMAGE = task_pb2.TASK_TYPE_IMAGE_GENERATION
+TTS = task_pb2.TASK_TYPE_TTS_GENERATION
+QUEUED = task_pb2.TASK_STATUS_QUEUED
+RUNNING = task_pb2.TASK_STATUS_RUNNING
+COMPLETED = task_pb2.TASK_STATUS_COMPLETED
+FAILED = task_pb2.TASK_STATUS_FAILED
+CANCELLED = task_pb2.TASK_STATUS_CANCELLED
+EV = task_pb2.TaskEventType
+RUN = spb.CLAIM_OUTCOME_RUN
+DONE = spb.CLAIM_OUTCOME_DONE
+DEFER = spb.CLAIM_OUTCOME_DEFER
+FAST_RETRY = RetryPolicy(base=0.05, cap=0.2, max_attempts=6)
+
+
+def image_request(
+    character_id: str = "char_001",
+    *,
+    metadata: dict[str, str] | None = None,
+    request_id: str = "",
+    priority: int = task_pb2.PRIORITY_NORMAL,
+    prompt: str = "a knight in silver armour",
+) -> task_service_pb2.CreateTaskRequest:
+    return task_service_pb2.CreateTaskRequest(
+        type=IMAGE,
+        priority=priority,  # type: ignore[arg-type]
+        metadata=metadata or {},
+        request_id=request_id,
+        image=task_pb2.ImagePayload(
+            character_id=character_id,
+            character_name="Aki",
+            prompt=prompt,
+            resolution="1024x1024",
+            view_type="front",
+        ),
+    )
+
+
+def tts_request(
+    character_id: str = "char_001", *, metadata: dict[str, str] | None = None, request_id: str = ""
+) -> task_service_pb2.CreateTaskRequest:
+    return task_service_pb2.CreateTaskRequest(
+        type=TTS,
+        metadata=metadata or {},
+        request_id=request_id,
+        tts=task_pb2.TtsPayload(
+            character_id=character_id, character_name="Aki", text="hi", voice_style="calm"
+        ),
+    )
+
+
+def complete_req(task_id: str, attempt: int) -> spb.CompleteTaskRequest:
+    return spb.CompleteTaskRequest(
+        task_id=task_id,
+        attempt=attempt,
+        image_result=task_pb2.ImageResult(image_url="charai-media:x.png", prompt="p", resolution="1024x1024"),
+    )
+
+
+def fail_req(task_id: str, attempt: int, kind: ErrorKind, message: str = "boom") -> spb.FailTaskRequest:
+    return spb.FailTaskRequest(
+        task_id=task_id,
+        attempt=attempt,
+        error=task_pb2.TaskError(code=int(kind), message=message),  # type: ignore[arg-type]
+    )
+
+
+class Database:
+    """Where a test's store keeps its data, whichever the backend; rows counted from outside."""
+
+    def __init__(self, kind: str, url: str, count: Callable[[str], Any]) -> None:
+        self.kind = kind
+        self.url = url
+        self._count = count
+
+    async def count_rows(self, table: str) -> int:
+        result = self._count(table)
+        if asyncio.iscoroutine(result):
+            result = await result
+        return int(result)
+
+
+class Recorded:
+    """A store plus every envelope it handed to ``on_events``, in the order it handed them."""
+
+    def __init__(self, store: TaskStore, envelopes: list[spb.EventEnvelope]) -> None:
+        self.store = store
+        self.envelopes = envelopes
+
+    async def events(self, task_id: str, tenant: str = "t1", after: int = 0) -> list[task_pb2.TaskEvent]:
+        events, _ = await self.store.list_events(
+            spb.ListEventsRequest(tenant=tenant, task_id=task_id, after_sequence=after)
+        )
+        return events
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
+    if request.param == "sqlite":
+        path = tmp_path / "tasks.db"
+
+        def count(table: str) -> int:
+            with contextlib.closing(sqlite3.connect(path)) as conn:
+                return int(conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+
+        yield Database("sqlite", f"sqlite:///{path}", count)
+        return
+    server: PgServer = request.getfixturevalue("pg_server")
+    async with fresh_database(server) as database:
+        yield Database("postgres", database.url, database.count_rows)
+
+
+@contextlib.asynccontextmanager
+async def opened(db: Database, **config: Any) -> AsyncIterator[Recorded]:
+    config.setdefault("retry", FAST_RETRY)
+    envelopes: list[spb.EventEnvelope] = []
+    store = open_store(db.url, StoreConfig(**config), envelopes.extend)
+    async with store:
+        yield Recorded(store, envelopes)
+
+
+@pytest.fixture
+async def rec(db: Database) -> AsyncIterator[Recorded]:
+    async with opened(db, lease_seconds=5.0) as recorded:
+        yield recorded
+
+
+# -- create, idempotency, listing ------------------------------------------------------------
+async def test_create_queues_a_task_with_its_event_and_its_job(db: Database, rec: Recorded) -> None:
+    store = rec.store
+    task, created = await store.create(
+        "t1", image_request(metadata={"category": "gallery", "characterName": "Set by client"})
+    )
+    assert created
+    assert (task.status, task.progress, task.stage, task.attempt, task.queue_position) == (
+        QUEUED,
+        0,
+        "queued",
+        0,
+        1,
+    )
+    assert dict(task.metadata) == {
+        "category": "gallery",
+        "characterId": "char_001",
+        "characterName": "Set by client",
+        "viewType": "front",
+    }
+    second, _ = await store.create("t1", tts_request("char_002"))
+    assert second.queue_position == 1  # another lane
+    third, _ = await store.create("t1", image_request())
+    assert third.queue_position == 2
+    high, _ = await store.create("t1", image_request(priority=task_pb2.PRIORITY_HIGH))
+    assert high.queue_position == 1
+    assert (await store.get("t1", third.id)).queue_position == 3
+
+    assert [(e.sequence, e.type) for e in await rec.events(task.id)] == [(1, EV.TASK_EVENT_TYPE_QUEUED)]
+    assert [(e.sequence, e.type) for e in await rec.events(second.id)] == [(2, EV.TASK_EVENT_TYPE_QUEUED)]
+    pending = await store.pending_dispatches()
+    assert [(r.task_id, r.dispatch_gen, r.subject) for r in pending] == [
+        (task.id, 1, "charai.jobs.image.normal"),
+        (second.id, 1, "charai.jobs.tts.normal"),
+        (third.id, 1, "charai.jobs.image.normal"),
+        (high.id, 1, "charai.jobs.image.high"),
+    ]
+    assert spb.Job.FromString(pending[0].payload).task_id == task.id
+    with pytest.raises(NotFoundError):
+        await store.get("t2", task.id)
+    with pytest.raises(NotFoundError):
+        await store.get("t1", "task_" + "0" * 32)
+    assert await store.tenant_of(task.id) == "t1"
+    assert await store.tenant_of("task_nope") is None
+    assert await db.count_rows("tasks") == 4
+
+
+async def test_request_id_makes_create_idempotent(db: Database, rec: Recorded) -> None:
+    store = rec.store
+    first, created_first = await store.create("t1", image_request(request_id="req-42"))
+    again, created_again = await store.create("t1", image_request(request_id="req-42", prompt="changed"))
+    assert created_first
+    assert not created_again
+    assert again.id == first.id
+    assert again.image.prompt == first.image.prompt
+    other, created_other = await store.create("t2", image_request(request_id="req-42"))
+    assert created_other
+    assert other.id != first.id
+    with pytest.raises(RequestInvalidError) as err:
+        await store.create("t1", tts_request(request_id="req-42"))
+    assert [v.field for v in err.value.violations] == ["request_id"]
+    assert (await db.count_rows("tasks"), await db.count_rows("outbox"), await db.count_rows("events")) == (
+        2,
+        2,
+        2,
+    )
+
+
+async def test_concurrent_creates_with_one_request_id_make_one_task(db: Database, rec: Recorded) -> None:
+    # On PostgreSQL these run on separate pooled connections, truly at once: the unique index and
+    # ON CONFLICT DO NOTHING decide, and every caller gets the winner.
+    results = await asyncio.gather(
+        *(rec.store.create("t1", image_request(request_id="same")) for _ in range(20))
+    )
+    assert len({task.id for task, _ in results}) == 1
+    assert sum(created for _, created in results) == 1
+    assert (await db.count_rows("tasks"), await db.count_rows("outbox"), await db.count_rows("events")) == (
+        1,
+        1,
+        1,
+    )
+
+
+async def test_list_filters_by_metadata_type_status_and_pages(rec: Recorded) -> None:
+    store = rec.store
+    specs = [
+        ("char_a", "gallery", IMAGE),
+        ("char_a", "voice", TTS),
+        ("char_b", "gallery", IMAGE),
+        ("char_a", "gallery", IMAGE),
+        ("char_b", "voice", TTS),
+        ("char_a", "gallery", TTS),
+        ("char_a", "gallery", IMAGE),
+    ]
+    made: list[task_pb2.Task] = []
+    for character, category, kind in specs:
+        req = image_request(character) if kind == IMAGE else tts_request(character)
+        req.metadata["category"] = category
+        made.append((await store.create("t1", req))[0])
+    await store.create("t2", image_request("char_a", metadata={"category": "gallery"}))
+    newest_first = [t.id for t in reversed(made)]
+
+    async def ids(**kwargs: Any) -> list[str]:
+        tasks, token = await store.list_tasks("t1", task_service_pb2.ListTasksRequest(**kwargs))
+        assert token == ""
+        return [t.id for t in tasks]
+
+    assert await ids() == newest_first
+    char_a = [t.id for t in reversed(made) if t.metadata["characterId"] == "char_a"]
+    assert await ids(metadata={"characterId": "char_a"}) == char_a
+    both = [
+        t.id
+        for t in reversed(made)
+        if t.metadata["characterId"] == "char_a" and t.metadata["category"] == "gallery"
+    ]
+    assert len(both) == 4
+    assert await ids(metadata={"characterId": "char_a", "category": "gallery"}) == both
+    assert await ids(metadata={"characterId": "char_a", "category": "nope"}) == []
+    assert await ids(metadata={"nope": "char_a"}) == []
+    assert await ids(metadata={"characterId": "char_a", "category": "gallery"}, type=TTS) == [made[5].id]
+    assert await ids(type=IMAGE) == [t.id for t in reversed(made) if t.type == IMAGE]
+    await store.cancel("t1", made[2].id)
+    await store.claim(made[3].id, 1, "w")
+    assert await ids(status=CANCELLED) == [made[2].id]
+    assert await ids(status=RUNNING) == [made[3].id]
+    assert await ids(status=QUEUED, metadata={"characterId": "char_b"}) == [made[4].id]
+
+    seen: list[str] = []
+    token = ""
+    pages = 0
+    while True:
+        tasks, token = await store.list_tasks(
+            "t1", task_service_pb2.ListTasksRequest(page_size=3, page_token=token)
+        )
+        pages += 1
+        seen += [t.id for t in tasks]
+        if not token:
+            break
+    assert (pages, seen) == (3, newest_first)
+    page1, token = await store.list_tasks(
+        "t1", task_service_pb2.ListTasksRequest(metadata={"characterId": "char_a"}, page_size=2)
+    )
+    page2, token2 = await store.list_tasks(
+        "t1",
+        task_service_pb2.ListTasksRequest(metadata={"characterId": "char_a"}, page_size=2, page_token=token),
+    )
+    page3, token3 = await store.list_tasks(
+        "t1",
+        task_service_pb2.ListTasksRequest(metadata={"characterId": "char_a"}, page_size=2, page_token=token2),
+    )
+    assert [t.id for t in page1 + page2 + page3] == char_a
+    assert token3 == ""
+    with pytest.raises(RequestInvalidError) as err:
+        await store.list_tasks("t1", task_service_pb2.ListTasksRequest(page_token="not a token!"))
+    assert [v.field for v in err.value.violations] == ["page_token"]
+
+
+# -- the state machine -----------------------------------------------------------------------
+async def test_claim_progress_complete_and_terminal_is_final(rec: Recorded) -> None:
+    store = rec.store
+    task, _ = await store.create("t1", image_request())
+    claim = await store.claim(task.id, 1, "worker-a")
+    assert (claim.outcome, claim.attempt) == (RUN, 1)
+    assert claim.task is not None
+    assert (claim.task.status, claim.task.progress) == (RUNNING, 10)
+    assert await store.progress(task.id, 1, 5, "generating") == RUNNING  # clamped up to 10
+    await store.progress(task.id, 1, 55, "generating")
+    await store.progress(task.id, 1, 30, "generating")  # never goes back: no event
+    await store.progress(task.id, 1, 150, "processing")  # clamped down to 90
+    running = await store.get("t1", task.id)
+    assert (running.progress, running.stage, running.queue_position) == (90, "processing", 0)
+    done = await store.complete(complete_req(task.id, 1))
+    assert (done.status, done.progress, done.image_result.image_url) == (COMPLETED, 100, "charai-media:x.png")
+    assert [e.type for e in await rec.events(task.id)] == [
+        EV.TASK_EVENT_TYPE_QUEUED,
+        EV.TASK_EVENT_TYPE_STARTED,
+        EV.TASK_EVENT_TYPE_PROGRESS,
+        EV.TASK_EVENT_TYPE_PROGRESS,
+        EV.TASK_EVENT_TYPE_PROGRESS,
+        EV.TASK_EVENT_TYPE_COMPLETED,
+    ]
+    head = (await rec.events(task.id))[-1].sequence
+    again = await store.complete(complete_req(task.id, 1))  # the same attempt again (lost ack)
+    assert again.status == COMPLETED
+    with pytest.raises(TaskEndedError):
+        await store.progress(task.id, 1, 95, "processing")
+    with pytest.raises(TaskEndedError):
+        await store.complete(complete_req(task.id, 2))
+    outcome, _, after = await store.fail(fail_req(task.id, 1, ErrorKind.PROVIDER_TIMEOUT))
+    assert (outcome, after.status) == (spb.FAIL_OUTCOME_IGNORED, COMPLETED)
+    assert (await store.cancel("t1", task.id)) == (done, False)
+    assert (await store.claim(task.id, 1, "worker-b")).outcome == DONE
+    assert (await rec.events(task.id))[-1].sequence == head
+
+
+async def test_concurrent_claims_of_one_task_run_it_once(rec: Recorded) -> None:
+    task, _ = await rec.store.create("t1", image_request())
+    claims = await asyncio.gather(*(rec.store.claim(task.id, 1, f"w{i}") for i in range(10)))
+    assert sorted(c.outcome for c in claims) == [RUN] + [DEFER] * 9
+    assert [e.type for e in await rec.events(task.id)].count(EV.TASK_EVENT_TYPE_STARTED) == 1
+
+
+async def test_fencing_with_lease_takeover(db: Database) -> None:
+    async with opened(db, lease_seconds=0.5) as rec:
+        store = rec.store
+        task, _ = await store.create("t1", image_request())
+        assert (await store.claim(task.id, 1, "a")).attempt == 1
+        await asyncio.sleep(0.3)
+        await store.progress(task.id, 1, 40, "generating")  # renews the lease
+        await asyncio.sleep(0.3)
+        assert (await store.claim(task.id, 1, "b")).outcome == DEFER
+        await asyncio.sleep(0.6)
+        second = await store.claim(task.id, 1, "b")
+        assert (second.outcome, second.attempt) == (RUN, 2)
+        assert second.task is not None
+        assert second.task.error.code == task_pb2.ERROR_CODE_WORKER_LOST
+        with pytest.raises(StaleAttemptError):
+            await store.progress(task.id, 1, 60, "generating")
+        with pytest.raises(StaleAttemptError):
+            await store.complete(complete_req(task.id, 1))
+        outcome, _, _ = await store.fail(fail_req(task.id, 1, ErrorKind.PROVIDER_TIMEOUT))
+        assert outcome == spb.FAIL_OUTCOME_IGNORED
+        done = await store.complete(complete_req(task.id, 2))
+        assert (done.status, done.attempt) == (COMPLETED, 2)
+        assert not done.HasField("error")
+
+
+async def test_fail_retries_then_fails_and_claims_wait_for_the_retry(rec: Recorded) -> None:
+    store = rec.store
+    task, _ = await store.create("t1", image_request())
+    for attempt in (1, 2, 3):
+        claim = await store.claim(task.id, 1, "w")
+        while claim.outcome == DEFER:
+            assert 0 < claim.retry_after <= 0.25
+            await asyncio.sleep(claim.retry_after)
+            claim = await store.claim(task.id, 1, "w")
+        assert (claim.outcome, claim.attempt) == (RUN, attempt)
+        outcome, delay, after = await store.fail(
+            fail_req(task.id, attempt, ErrorKind.PROVIDER_BAD_RESPONSE, f"garbage {attempt}")
+        )
+        if attempt < 3:  # PROVIDER_BAD_RESPONSE: 2 retries
+            assert (outcome, after.status, after.stage, after.progress) == (
+                spb.FAIL_OUTCOME_RETRY,
+                QUEUED,
+                "waiting_retry",
+                0,
+            )
+            assert 0 < delay <= 0.2
+            assert after.HasField("next_attempt_time")
+            assert after.error.retryable
+        else:
+            assert (outcome, after.status, after.error.message) == (
+                spb.FAIL_OUTCOME_FAILED,
+                FAILED,
+                "garbage 3",
+            )
+            assert not after.error.retryable
+    assert [e.type for e in await rec.events(task.id)] == [
+        EV.TASK_EVENT_TYPE_QUEUED,
+        EV.TASK_EVENT_TYPE_STARTED,
+        EV.TASK_EVENT_TYPE_RETRY_SCHEDULED,
+        EV.TASK_EVENT_TYPE_STARTED,
+        EV.TASK_EVENT_TYPE_RETRY_SCHEDULED,
+        EV.TASK_EVENT_TYPE_STARTED,
+        EV.TASK_EVENT_TYPE_FAILED,
+    ]
+    other, _ = await store.create("t1", image_request())
+    await store.claim(other.id, 1, "w")
+    outcome, _, after = await store.fail(fail_req(other.id, 1, ErrorKind.CONTENT_REJECTED, "no"))
+    assert (outcome, after.status, after.attempt) == (spb.FAIL_OUTCOME_FAILED, FAILED, 1)
+
+
+async def test_lost_worker_exhausts_attempts_and_fails(db: Database) -> None:
+    retry = RetryPolicy(base=0.05, cap=0.2, max_attempts=2)
+    async with opened(db, lease_seconds=0.2, max_attempts=2, retry=retry) as rec:
+        task, _ = await rec.store.create("t1", image_request())
+        assert (await rec.store.claim(task.id, 1, "a")).attempt == 1
+        await asyncio.sleep(0.3)
+        assert (await rec.store.claim(task.id, 1, "b")).attempt == 2
+        await asyncio.sleep(0.3)
+        assert (await rec.store.claim(task.id, 1, "c")).outcome == DONE
+        failed = await rec.store.get("t1", task.id)
+        assert (failed.status, failed.error.code, failed.attempt) == (
+            FAILED,
+            task_pb2.ERROR_CODE_WORKER_LOST,
+            2,
+        )
+
+
+async def test_cancel_queued_and_running(rec: Recorded) -> None:
+    store = rec.store
+    queued, _ = await store.create("t1", image_request())
+    running, _ = await store.create("t1", image_request())
+    await store.claim(running.id, 1, "w")
+    with pytest.raises(NotFoundError):
+        await store.cancel("t2", queued.id)  # another tenant's task
+    cancelled, was_running = await store.cancel("t1", queued.id)
+    assert (cancelled.status, was_running, cancelled.HasField("end_time")) == (CANCELLED, False, True)
+    cancelled, was_running = await store.cancel("t1", running.id)
+    assert (cancelled.status, was_running) == (CANCELLED, True)
+    assert (await rec.events(running.id))[-1].type == EV.TASK_EVENT_TYPE_CANCELLED
+    assert (await store.claim(queued.id, 1, "w")).outcome == DONE
+    with pytest.raises(TaskEndedError):
+        await store.progress(running.id, 1, 50, "generating")
+
+
+# -- the event log ---------------------------------------------------------------------------
+async def test_events_by_task_and_by_filter_after_sequence(rec: Recorded) -> None:
+    store = rec.store
+    a, _ = await store.create("t1", image_request("char_a", metadata={"category": "gallery"}))
+    b, _ = await store.create("t1", image_request("char_b", metadata={"category": "gallery"}))
+    c, _ = await store.create("t1", tts_request("char_a"))
+    await store.create("t2", image_request("char_a"))
+    await store.claim(a.id, 1, "w")
+    await store.claim(b.id, 1, "w")
+    cursor = (await rec.events(a.id))[-1].sequence
+    await store.progress(a.id, 1, 50, "generating")
+    await store.progress(b.id, 1, 50, "generating")
+    await store.cancel("t1", c.id)
+    await store.complete(complete_req(a.id, 1))
+
+    later = await rec.events(a.id, after=cursor)
+    assert [e.type for e in later] == [EV.TASK_EVENT_TYPE_PROGRESS, EV.TASK_EVENT_TYPE_COMPLETED]
+    assert await rec.events(a.id, tenant="t2") == []
+    events, head = await store.list_events(
+        spb.ListEventsRequest(tenant="t1", metadata={"characterId": "char_a"}, after_sequence=cursor)
+    )
+    assert [(e.task.id, e.type) for e in events] == [
+        (a.id, EV.TASK_EVENT_TYPE_PROGRESS),
+        (c.id, EV.TASK_EVENT_TYPE_CANCELLED),
+        (a.id, EV.TASK_EVENT_TYPE_COMPLETED),
+    ]
+    assert head == events[-1].sequence
+    two_keys, _ = await store.list_events(
+        spb.ListEventsRequest(tenant="t1", metadata={"characterId": "char_a", "category": "gallery"})
+    )
+    assert {e.task.id for e in two_keys} == {a.id}
+    assert len(two_keys) == 4  # queued, started, progress, completed
+    image_only, _ = await store.list_events(
+        spb.ListEventsRequest(
+            tenant="t1", metadata={"characterId": "char_a"}, type=IMAGE, after_sequence=cursor
+        )
+    )
+    assert [e.task.id for e in image_only] == [a.id, a.id]
+    everything, head = await store.list_events(spb.ListEventsRequest(tenant="t1"))
+    assert len(everything) == 9
+    assert head == 10  # t2's queued event counts towards the head, not towards t1's events
+    seqs = [e.sequence for e in everything]
+    assert seqs == sorted(seqs)
+    limited, _ = await store.list_events(spb.ListEventsRequest(tenant="t1", after_sequence=cursor, limit=2))
+    assert [e.sequence for e in limited] == [s for s in seqs if s > cursor][:2]
+    nothing, head_again = await store.list_events(spb.ListEventsRequest(tenant="t1", after_sequence=head))
+    assert (nothing, head_again) == ([], head)
+
+
+async def test_envelopes_chain_per_task_and_match_the_log(db: Database, rec: Recorded) -> None:
+    store = rec.store
+    created = await asyncio.gather(*(store.create("t1", image_request(f"c{i}")) for i in range(12)))
+    ids = [t.id for t, _ in created]
+    await asyncio.gather(*(store.claim(i, 1, "w") for i in ids))
+    await asyncio.gather(
+        *(store.progress(i, 1, 20 + n, "generating") for n, i in enumerate(ids)),
+        *(store.cancel("t1", i) for i in ids[::3]),
+    )
+    await asyncio.gather(
+        *(store.complete(complete_req(i, 1)) for n, i in enumerate(ids) if n % 3 == 1),
+        *(store.fail(fail_req(i, 1, ErrorKind.CONTENT_REJECTED)) for n, i in enumerate(ids) if n % 3 == 2),
+    )
+    sequences = [env.event.sequence for env in rec.envelopes]
+    assert len(set(sequences)) == len(sequences)
+    if db.kind == "sqlite":  # one database thread: handed over in commit order
+        assert sequences == sorted(sequences)
+    last: dict[str, int] = {}
+    for env in sorted(rec.envelopes, key=lambda e: e.event.sequence):
+        task_id = env.event.task.id
+        assert env.tenant == "t1"
+        assert env.prev_sequence == last.get(task_id, 0), f"gap in the chain of {task_id}"
+        last[task_id] = env.event.sequence
+    stored, head = await store.list_events(spb.ListEventsRequest(tenant="t1"))
+    assert [(e.sequence, e.type, e.task.id) for e in stored] == sorted(
+        (env.event.sequence, env.event.type, env.event.task.id) for env in rec.envelopes
+    )
+    assert head == max(sequences)
+    # Sequences have no holes here (nothing rolled back after taking one).
+    assert sorted(sequences) == list(range(1, len(sequences) + 1))
+    for task_id in ids:
+        final = [env for env in rec.envelopes if env.event.task.id == task_id]
+        assert max(final, key=lambda e: e.event.sequence).event.task.status in {COMPLETED, FAILED, CANCELLED}
+
+
+# -- outbox and sweeper ----------------------------------------------------------------------
+async def test_outbox_claims_marks_and_releases(db: Database, rec: Recorded) -> None:
+    store = rec.store
+    tasks = [(await store.create("t1", image_request()))[0] for _ in range(5)]
+    mine = await store.claim_dispatches("relay-a", limit=3)
+    assert [r.task_id for r in mine] == [t.id for t in tasks[:3]]
+    theirs = await store.claim_dispatches("relay-b")
+    assert [r.task_id for r in theirs] == [t.id for t in tasks[3:]]  # never the rows a holds
+    assert await store.claim_dispatches("relay-c") == []
+    assert [r.id for r in await store.claim_dispatches("relay-a")] == [
+        r.id for r in mine
+    ]  # a retries its own
+    assert len(await store.pending_dispatches()) == 5  # a peek sees claimed rows too
+
+    await store.mark_dispatched([(row, 100 + n) for n, row in enumerate(mine[:2])])
+    await store.release_dispatches("relay-b")
+    after_release = await store.claim_dispatches("relay-c")
+    assert [r.task_id for r in after_release] == [t.id for t in tasks[3:]]
+    assert [r.task_id for r in await store.pending_dispatches()] == [t.id for t in tasks[2:]]
+    assert await db.count_rows("outbox") == 3
+
+
+async def test_expired_outbox_claims_go_to_another_relay(db: Database) -> None:
+    async with opened(db, outbox_claim_seconds=0.2) as rec:
+        task, _ = await rec.store.create("t1", image_request())
+        assert [r.task_id for r in await rec.store.claim_dispatches("dead-relay")] == [task.id]
+        assert await rec.store.claim_dispatches("live-relay") == []
+        await asyncio.sleep(0.3)
+        assert [r.task_id for r in await rec.store.claim_dispatches("live-relay")] == [task.id]
+
+
+async def test_stale_dispatches_are_claimed_once_and_redispatched_by_generation(rec: Recorded) -> None:
+    store = rec.store
+    waiting, _ = await store.create("t1", image_request())
+    leased, _ = await store.create("t1", image_request())
+    ended, _ = await store.create("t1", image_request())
+    unsent, _ = await store.create("t1", image_request())
+    rows = await store.claim_dispatches("relay")
+    await store.mark_dispatched([(r, n + 1) for n, r in enumerate(rows) if r.task_id != unsent.id])
+    await store.claim(leased.id, 1, "w")
+    await store.cancel("t1", ended.id)
+    assert await store.stale_dispatches(60.0) == []  # published just now
+    await asyncio.sleep(0.2)
+    stale = await store.stale_dispatches(0.1)
+    assert stale == [(waiting.id, 1, 1)]  # not the live lease, the ended task or the unsent job
+    assert await store.stale_dispatches(0.1) == []  # claimed: nobody looks again for a while
+    await asyncio.sleep(0.2)
+    assert await store.stale_dispatches(0.1) == [(waiting.id, 1, 1)]
+
+    assert await store.redispatch(waiting.id, 1)
+    assert not await store.redispatch(waiting.id, 1)  # another sweeper got there first
+    assert not await store.redispatch(ended.id, 1)
+    jobs = [(r.task_id, r.dispatch_gen) for r in await store.pending_dispatches()]
+    assert jobs == [(unsent.id, 1), (waiting.id, 2)]
+    assert await store.stale_dispatches(0.0) == []  # its new job waits in the outbox
+    await store.touch_dispatch([waiting.id])
+    assert (await store.get("t1", waiting.id)).status == QUEUED
+
+
+# -- migrations and restart ------------------------------------------------------------------
+async def test_restart_keeps_tasks_sequences_and_the_schema_version(db: Database) -> None:
+    async with opened(db) as rec:
+        first, _ = await rec.store.create("t1", image_request(request_id="r1"))
+        second, _ = await rec.store.create("t1", image_request())
+        await rec.store.claim(first.id, 1, "w")
+        await rec.store.progress(first.id, 1, 40, "generating")
+        before, head = await rec.store.list_events(spb.ListEventsRequest(tenant="t1"))
+        assert head == 4
+    async with opened(db) as rec:
+        after, head_after = await rec.store.list_events(spb.ListEventsRequest(tenant="t1"))
+        assert (after, head_after) == (before, head)
+        running = await rec.store.get("t1", first.id)
+        assert (running.status, running.progress, running.attempt) == (RUNNING, 40, 1)
+        again, created = await rec.store.create("t1", image_request(request_id="r1"))
+        assert (again.id, created) == (first.id, False)
+        done = await rec.store.complete(complete_req(first.id, 1))
+        assert done.status == COMPLETED
+        more, _ = await rec.store.list_events(spb.ListEventsRequest(tenant="t1", after_sequence=head))
+        assert [(e.sequence, e.type) for e in more] == [(5, EV.TASK_EVENT_TYPE_COMPLETED)]
+        assert (await rec.store.get("t1", second.id)).queue_position == 1
+    assert await db.count_rows("schema_version") == LATEST_VERSION
+
+
+# -- PostgreSQL only -------------------------------------------------------------------------
+async def test_concurrent_migrators_apply_each_version_once(postgres: PgDatabase) -> None:
+    stores = [open_store(postgres.url, StoreConfig()) for _ in range(4)]
+    try:
+        await asyncio.gather(*(s.open() for s in stores))
+    finally:
+        await asyncio.gather(*(s.close() for s in stores))
+    versions = await postgres.fetchval("SELECT array_agg(version ORDER BY version) FROM schema_version")
+    assert list(versions) == list(range(1, LATEST_VERSION + 1))
+
+
+async def test_metadata_filter_is_served_by_the_gin_index(postgres: PgDatabase) -> None:
+    async with opened_pg(postgres):
+        pass  # migrated
+    conn = await asyncpg.connect(postgres.url)
+    try:
+        # 20 000 tasks of 3 tenants and 500 characters: a selective filter (one character) is
+        # what the GIN index is for; the planner picks it over the tenant's date index.
+        await conn.execute(
+            "INSERT INTO tasks (id, tenant, type, priority, status, max_attempts, create_time,"
+            " update_time, metadata, task)"
+            " SELECT 'task_' || g, 't' || (g % 3), 1, 2, 1, 6, g, g,"
+            " jsonb_build_object('characterId', 'char_' || (g % 500), 'category', 'k' || (g % 4)),"
+            " '\\x00'::bytea FROM generate_series(1, 20000) g"
+        )
+        await conn.execute("ANALYZE tasks")
+        for document in ('{"characterId":"char_2"}', '{"category":"k2","characterId":"char_2"}'):
+            plan = "\n".join(
+                r[0]
+                for r in await conn.fetch(
+                    # The statement list_tasks runs for a metadata filter.
+                    "EXPLAIN SELECT task FROM tasks WHERE tenant = $1 AND metadata @> $2::jsonb"
+                    " ORDER BY create_time DESC, id DESC LIMIT 51",
+                    "t2",
+                    document,
+                )
+            )
+            assert "Bitmap Index Scan on tasks_metadata" in plan, plan
+        column = await conn.fetchval(
+            "SELECT data_type FROM information_schema.columns"
+            " WHERE table_name = 'tasks' AND column_name = 'metadata'"
+        )
+        assert column == "jsonb"
+        index = await conn.fetchval("SELECT indexdef FROM pg_indexes WHERE indexname = 'tasks_metadata'")
+        assert "USING gin (metadata jsonb_path_ops)" in index
+        request_index = await conn.fetchval(
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'tasks_request'"
+        )
+        assert "UNIQUE" in request_index
+        assert "WHERE (request_id IS NOT NULL)" in request_index
+    finally:
+        await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def opened_pg(database: PgDatabase) -> AsyncIterator[Recorded]:
+    async with opened(Database("postgres", database.url, database.count_rows)) as rec:
+        yield rec
+
+
+async def test_database_url_and_password_file_are_read_without_leaking(
+    postgres: PgDatabase, tmp_path: Path
+) -> None:
+    from charai.task_store.postgres_backend import redact_url
+    from charai.task_store.settings import Settings
+
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret\n")
+    settings = Settings(database_url=postgres.url, database_password_file=str(secret))
+    assert settings.is_postgres()
+    assert settings.database_password() == "s3cret"
+    assert "s3cret" not in repr(settings)
+    assert redact_url("postgresql://u:s3cret@db:5432/charai") == "postgresql://u@db:5432/charai"
+    missing = Settings(database_url=postgres.url, database_password_file=str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="CHARAI_DATABASE_PASSWORD_FILE"):
+        missing.database_password()
+    with pytest.raises(ValueError, match="CHARAI_DATABASE_URL") as err:
+        Settings(database_url="mysql://u:s3cret@h/db").resolved_database_url()
+    assert "s3cret" not in str(err.value)
+    # trust authentication ignores the password; the store opens and names itself without one.
+    store = open_store(postgres.url.replace("postgres@", "postgres:s3cret@"), StoreConfig())
+    async with store:
+        assert "s3cret" not in store.describe()
+        assert store.describe().startswith("postgresql: postgresql://postgres@127.0.0.1:")
