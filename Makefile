@@ -67,13 +67,13 @@ compose-check: ## docker-compose accepts compose.yaml (installs Debian's docker-
 
 check: proto-check lint typecheck compose-check ## Everything static: generated code, lint, types, compose.yaml
 
-test: install ts console chromium ## Run every test (unit, integration with real NATS + gRPC, end-to-end through the stack)
+test: install ts console chromium postgres ## Run every test (unit, integration with real NATS + gRPC, end-to-end through the stack)
 	$(PY) -m pytest -n 2 --dist loadfile -q tests
 
 test-unit: install ## Domain core only (fast, no I/O)
 	$(PY) -m pytest -q tests/unit
 
-test-integration: install
+test-integration: install postgres
 	$(PY) -m pytest -q tests/integration
 
 test-e2e: install ts console chromium
@@ -92,7 +92,7 @@ CONSOLE_DIST := services/gateway/src/charai/gateway/console_dist
 CHROMIUM := /usr/bin/chromium
 NPM_CI := npm ci --no-audit --no-fund --loglevel=error
 
-.PHONY: node ts console chromium clean-node
+.PHONY: node ts console chromium postgres clean-node
 
 $(TS_DIR)/node_modules/.installed: $(TS_DIR)/package-lock.json
 	cd $(TS_DIR) && $(NPM_CI)
@@ -115,6 +115,10 @@ $(CONSOLE_DIST)/index.html: $(TS_DIR)/dist/index.js $(CONSOLE_SRC)/node_modules/
 	cd $(CONSOLE_SRC) && npm run --silent build
 
 console: $(CONSOLE_DIST)/index.html ## Build the task console (esbuild) into the gateway, which serves it at /
+
+postgres: ## PostgreSQL server binaries for the tests, which start their own private server (apt-get when missing)
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
 
 $(CHROMIUM):
 	apt-get update -qq
