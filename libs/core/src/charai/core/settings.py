@@ -7,6 +7,7 @@ start-up with a message naming the variable.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, TypeVar
@@ -66,6 +67,7 @@ class CommonSettings(BaseSettings):
 
 
 S = TypeVar("S", bound=BaseSettings)
+_SECRETISH = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|URL", re.IGNORECASE)
 
 
 def load(cls: type[S], **overrides: Any) -> S:
@@ -77,7 +79,10 @@ def load(cls: type[S], **overrides: Any) -> S:
         lines = []
         for err in exc.errors():
             name = prefix + "_".join(str(p) for p in err["loc"]).upper()
-            lines.append(f"  {name}={os.environ.get(name, '<unset>')!r}: {err['msg']}")
+            raw = os.environ.get(name)
+            # Never echo what may be a secret (keys, tokens, URLs with passwords).
+            shown = "<unset>" if raw is None else ("<hidden>" if _SECRETISH.search(name) else repr(raw))
+            lines.append(f"  {name}={shown}: {err['msg']}")
         sys.stderr.write(f"charai: bad setting(s), cannot start:\n{chr(10).join(lines)}\n")
         raise SystemExit(2) from None
 
