@@ -51,7 +51,7 @@ class CommonSettings(BaseSettings):
 
     @field_validator("task_store_addr")
     @classmethod
-    def _addr(cls, value: str) -> str:
+    def _task_store_addr(cls, value: str) -> str:
         return _check_addr(value)
 
     @field_validator("log_level")
