@@ -1,6 +1,10 @@
 """The transactional outbox of task_store against a real nats-server: every accepted task's job
 reaches the JetStream work queue exactly once, through a NATS outage, and is re-dispatched when
-NATS loses it."""
+NATS loses it.
+
+Each test runs on both task_store backends (``db`` from ``test_task_store``: a SQLite file, and a
+fresh database on the private PostgreSQL server), because the outbox is written once over both
+and PostgreSQL's relay claims rows with ``SKIP LOCKED`` where SQLite has one writer."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import nats
+import pytest
 from charai.core.storeclient import StoreClient
 from charai.core.topology import Topology
 from charai.store.v1 import store_service_pb2 as spb
@@ -24,6 +29,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from tests.conftest import eventually
+from tests.integration.test_task_store import BACKENDS, Database, backend_database
 
 if TYPE_CHECKING:
     from tests.conftest import NatsServer
@@ -77,6 +83,13 @@ async def stream_count(js: JetStreamContext) -> int:
     return int((await js.stream_info(STREAM)).state.messages)
 
 
+@pytest.fixture(params=BACKENDS)
+async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
+    """Runs the test once per backend: a SQLite file, then a fresh PostgreSQL database."""
+    async with backend_database(request, tmp_path) as database:
+        yield database
+
+
 @dataclasses.dataclass
 class Running:
     app: TaskStoreApp
@@ -96,11 +109,13 @@ class Running:
 
 
 @contextlib.asynccontextmanager
-async def running(nats_server: NatsServer, tmp_path: Path, **overrides: Any) -> AsyncIterator[Running]:
+async def running(
+    nats_server: NatsServer, tmp_path: Path, db: Database, **overrides: Any
+) -> AsyncIterator[Running]:
     values: dict[str, Any] = {
         "nats_url": nats_server.url,
         "data_dir": tmp_path,
-        "database_url": f"sqlite:///{tmp_path / 'tasks.db'}",
+        "database_url": db.url,
         "lease_seconds": 5.0,
         "retry_base_seconds": 0.05,
         "shutdown_grace_seconds": 1.0,
@@ -125,9 +140,9 @@ def all_published_n(r: Running, n: int) -> Any:
 
 
 async def test_created_jobs_are_published_with_msg_id_and_leave_the_outbox(
-    nats_server: NatsServer, tmp_path: Path
+    nats_server: NatsServer, tmp_path: Path, db: Database
 ) -> None:
-    async with running(nats_server, tmp_path) as r:
+    async with running(nats_server, tmp_path, db) as r:
         cases = [
             (image_request(), "charai.jobs.image.normal"),
             (image_request(task_pb2.PRIORITY_HIGH), "charai.jobs.image.high"),
@@ -161,9 +176,9 @@ async def test_created_jobs_are_published_with_msg_id_and_leave_the_outbox(
 
 
 async def test_tasks_created_during_a_nats_outage_are_published_after_it(
-    nats_server: NatsServer, tmp_path: Path
+    nats_server: NatsServer, tmp_path: Path, db: Database
 ) -> None:
-    async with running(nats_server, tmp_path) as r:
+    async with running(nats_server, tmp_path, db) as r:
         warm = await r.create(image_request())
         await eventually(all_published_n(r, 1), timeout=5)
 
@@ -186,23 +201,27 @@ async def test_tasks_created_during_a_nats_outage_are_published_after_it(
 
 
 async def test_outbox_outlives_a_task_store_restart_during_the_outage(
-    nats_server: NatsServer, tmp_path: Path
+    nats_server: NatsServer, tmp_path: Path, db: Database
 ) -> None:
-    async with running(nats_server, tmp_path) as r:
+    async with running(nats_server, tmp_path, db) as r:
         nats_server.stop()
         created = [await r.create(image_request()) for _ in range(5)]
         assert not await r.outbox_empty()
     # task_store stopped with 5 jobs unpublished; NATS comes back, then a new task_store starts.
     nats_server.start()
-    async with running(nats_server, tmp_path) as r:
+    async with running(nats_server, tmp_path, db) as r:
         await eventually(all_published_n(r, 5), timeout=10)
         jobs = await stream_jobs(r.js)
         assert sorted(j.msg_id for j in jobs) == sorted(f"{t.id}:1" for t in created)
 
 
-async def test_sweeper_redispatches_a_job_that_nats_lost(nats_server: NatsServer, tmp_path: Path) -> None:
+async def test_sweeper_redispatches_a_job_that_nats_lost(
+    nats_server: NatsServer, tmp_path: Path, db: Database
+) -> None:
     # The app's own sweeper is parked (long interval); this test drives a relay's sweep by hand.
-    async with running(nats_server, tmp_path, redispatch_after_seconds=0.3, sweep_interval_seconds=3600) as r:
+    async with running(
+        nats_server, tmp_path, db, redispatch_after_seconds=0.3, sweep_interval_seconds=3600
+    ) as r:
         assert r.app.store is not None
         lost = await r.create(image_request())
         kept = await r.create(image_request())
@@ -245,8 +264,10 @@ async def test_sweeper_redispatches_a_job_that_nats_lost(nats_server: NatsServer
         assert task.task.status == task_pb2.TASK_STATUS_QUEUED
 
 
-async def test_app_sweeper_runs_by_itself(nats_server: NatsServer, tmp_path: Path) -> None:
-    async with running(nats_server, tmp_path, redispatch_after_seconds=0.3, sweep_interval_seconds=0.2) as r:
+async def test_app_sweeper_runs_by_itself(nats_server: NatsServer, tmp_path: Path, db: Database) -> None:
+    async with running(
+        nats_server, tmp_path, db, redispatch_after_seconds=0.3, sweep_interval_seconds=0.2
+    ) as r:
         lost = await r.create(tts_request())
         kept = await r.create(tts_request())
         await eventually(all_published_n(r, 2), timeout=5)

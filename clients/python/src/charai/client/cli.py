@@ -22,7 +22,7 @@ from typing import Any, NoReturn, TextIO
 
 import grpc
 from charai.client.client import TERMINAL_STATUSES, CharaiClient, CharaiError, WatchResumeError
-from charai.tasks.v1 import task_pb2
+from charai.tasks.v1 import task_pb2, task_service_pb2
 from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.message import Message
 from rich.console import Console
@@ -432,6 +432,47 @@ async def cmd_cancel(session: Session) -> int:
     return EXIT_OK
 
 
+async def cmd_retry(session: Session) -> int:
+    """Re-runs a failed task (the dead-letter view is ``charai list --status failed``)."""
+    task = await session.client.retry(session.args.id)
+    if session.out.json_mode:
+        session.out.json(task)
+    else:
+        session.out.line(f"{task.id} {status_name(task)} (attempt budget now {task.max_attempts})")
+    return EXIT_OK
+
+
+def _enum_label(enum: Any, value: int, prefix: str) -> str:
+    return str(enum.Name(value)).removeprefix(prefix).lower() if value in enum.values() else str(value)
+
+
+async def cmd_stats(session: Session) -> int:
+    lanes = await session.client.queue_stats()
+    out = session.out
+    if out.json_mode:
+        out.json(task_service_pb2.GetQueueStatsResponse(lanes=lanes))
+        return EXIT_OK
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for name in ("TYPE", "PRIORITY"):
+        table.add_column(name)
+    for name in ("QUEUED", "WAITING RETRY", "RUNNING", "DONE/MIN", "PER SEC", "MEDIAN WAIT"):
+        table.add_column(name, justify="right")
+    for lane in lanes:
+        wait = f"{lane.median_wait_seconds:.2f} s" if lane.wait_samples else "-"
+        table.add_row(
+            _enum_label(task_pb2.TaskType, lane.type, "TASK_TYPE_"),
+            _enum_label(task_pb2.Priority, lane.priority, "PRIORITY_"),
+            str(lane.depth),
+            str(lane.waiting_retry),
+            str(lane.in_flight),
+            str(lane.completed_last_minute),
+            f"{lane.throughput_per_second:.2f}",
+            wait,
+        )
+    out.render(table)
+    return EXIT_OK
+
+
 async def cmd_list(session: Session) -> int:
     a = session.args
     metadata = parse_pairs(a.metadata)
@@ -713,6 +754,11 @@ def build_parser() -> Parser:
     cancel = command("cancel", "cancel a queued or running task")
     cancel.add_argument("id", metavar="ID")
     cancel.set_defaults(run=cmd_cancel)
+    retry = command("retry", "re-run a failed task (queued again with a fresh attempt budget)")
+    retry.add_argument("id", metavar="ID")
+    retry.set_defaults(run=cmd_retry)
+    stats = command("stats", "queue depth, running, throughput and median wait per lane (type x priority)")
+    stats.set_defaults(run=cmd_stats)
 
     download = command("download", "save the image or audio of a completed task")
     download.add_argument("id", metavar="ID")

@@ -181,6 +181,16 @@ class CharaiClient:
         response = await self._call(self._stub.CancelTask, task_service_pb2.CancelTaskRequest(id=task_id))
         return response.task  # type: ignore[no-any-return]
 
+    async def retry(self, task_id: str) -> task_pb2.Task:
+        """Re-runs a FAILED task (QUEUED again, a fresh attempt budget); FAILED_PRECONDITION otherwise."""
+        response = await self._call(self._stub.RetryTask, task_service_pb2.RetryTaskRequest(id=task_id))
+        return response.task  # type: ignore[no-any-return]
+
+    async def queue_stats(self) -> list[task_service_pb2.LaneStats]:
+        """Depth, in-flight, throughput and median wait of every lane (type x priority)."""
+        response = await self._call(self._stub.GetQueueStats, task_service_pb2.GetQueueStatsRequest())
+        return list(response.lanes)
+
     async def list(
         self,
         metadata: Mapping[str, str] | None = None,

@@ -49,6 +49,11 @@ class UnauthenticatedError(CharaiError):
     reason = "UNAUTHENTICATED"
 
 
+class PermissionDeniedError(CharaiError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "PERMISSION_DENIED"
+
+
 class UnavailableError(CharaiError):
     code = grpc.StatusCode.UNAVAILABLE
     reason = "UNAVAILABLE"

@@ -10,8 +10,10 @@ from typing import Any
 import grpc
 import structlog
 from charai.core.errors import DOMAIN, CharaiError
-from charai.core.validation import RequestInvalidError
+from charai.core.validation import RequestInvalidError, Violation
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
+from google.protobuf.message import Message as ProtoMessage
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -52,7 +54,14 @@ def status_for(exc: BaseException) -> status_pb2.Status | None:
         info = error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=exc.metadata)
         detail = any_pb2.Any()
         detail.Pack(info)
-        return status_pb2.Status(code=exc.code.value[0], message=exc.message, details=[detail])
+        details = [detail]
+        # Errors may carry more google.rpc details (QuotaFailure, RetryInfo for a rate limit).
+        extra: Sequence[ProtoMessage] = getattr(exc, "extra_details", ())
+        for message in extra:
+            packed = any_pb2.Any()
+            packed.Pack(message)
+            details.append(packed)
+        return status_pb2.Status(code=exc.code.value[0], message=exc.message, details=details)
     return None
 
 
@@ -97,15 +106,26 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
     ``authenticate`` (optional) maps the invocation metadata to a principal or raises
     :class:`~charai.core.errors.UnauthenticatedError`; the result is bound as ``tenant``.
+
+    Only ``skip_prefixes`` (health: load balancers and probes carry no token) bypass it.
+    Reflection does not: it describes the whole API, so it sits behind the same authentication
+    as every other RPC (with no tokens configured, ``authenticate`` lets everyone in anyway).
+
+    Requests are decoded here, not by gRPC: bytes that are not the method's message (corrupt
+    wire format, a string field with bad UTF-8) are the client's error, ``INVALID_ARGUMENT``,
+    where gRPC itself would answer ``UNKNOWN`` with the decoder's exception in the message.
     """
 
     def __init__(
         self,
         authenticate: Callable[[dict[str, str], str], str] | None = None,
-        skip_prefixes: Sequence[str] = ("/grpc.health.", "/grpc.reflection."),
+        skip_prefixes: Sequence[str] = ("/grpc.health.",),
+        observe: Callable[[str, str, float], None] | None = None,
     ) -> None:
         self._authenticate = authenticate
         self._skip = tuple(skip_prefixes)
+        #: Called after each RPC with (method, code name, seconds): the metrics hook.
+        self._observe = observe
 
     async def intercept_service(
         self,
@@ -118,6 +138,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             return handler
         metadata = {k: v for k, v in (handler_call_details.invocation_metadata or ()) if isinstance(v, str)}
         authenticate = self._authenticate
+        observe = self._observe
 
         def begin(context: grpc.aio.ServicerContext[Any, Any]) -> None:
             structlog.contextvars.bind_contextvars(rpc=method.rsplit("/", 1)[-1])
@@ -127,19 +148,23 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 structlog.contextvars.bind_contextvars(tenant=tenant)
 
         def finish(start: float, code: str, extra: dict[str, Any]) -> None:
-            elapsed_ms = round((time.perf_counter() - start) * 1000, 2)
+            elapsed = time.perf_counter() - start
+            if observe is not None:
+                observe(method, code, elapsed)
+            elapsed_ms = round(elapsed * 1000, 2)
             level = "warning" if code in {"INTERNAL", "UNKNOWN"} else "info"
             getattr(log, level)("rpc_finished", code=code, elapsed_ms=elapsed_ms, **extra)
 
+        decode = _decoder(handler.request_deserializer, method)
         if handler.unary_unary is not None:
             inner = handler.unary_unary
 
-            async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            async def unary(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 start = time.perf_counter()
                 code = "OK"
                 try:
                     begin(context)
-                    return await inner(request, context)  # type: ignore[arg-type]
+                    return await inner(decode(raw), context)  # type: ignore[arg-type]
                 except BaseException as exc:
                     code = _code_name(exc, context)
                     await abort_for(context, exc)
@@ -148,35 +173,69 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                     finish(start, code, {})
 
             return grpc.unary_unary_rpc_method_handler(
-                unary,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+                unary, request_deserializer=None, response_serializer=handler.response_serializer
             )
         if handler.unary_stream is not None:
-            inner_stream = handler.unary_stream
-
-            async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-                start = time.perf_counter()
-                code = "OK"
-                sent = 0
-                try:
-                    begin(context)
-                    async for item in inner_stream(request, context):  # type: ignore[arg-type,attr-defined]
-                        sent += 1
-                        yield item
-                except BaseException as exc:
-                    code = _code_name(exc, context)
-                    await abort_for(context, exc)
-                    raise
-                finally:
-                    finish(start, code, {"messages": sent})
-
             return grpc.unary_stream_rpc_method_handler(
-                stream,
+                _streaming(begin, finish, handler.unary_stream, decode),
+                request_deserializer=None,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_stream is not None:
+            # Server reflection (a bidirectional stream): authenticated like the rest, answered
+            # before the first request message is read.
+            return grpc.stream_stream_rpc_method_handler(
+                _streaming(begin, finish, handler.stream_stream, lambda requests: requests),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler
+
+
+def _streaming(
+    begin: Callable[[grpc.aio.ServicerContext[Any, Any]], None],
+    finish: Callable[[float, str, dict[str, Any]], None],
+    inner: Any,
+    prepare: Callable[[Any], Any],
+) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
+    """A streaming method wrapped like a unary one: authenticate, translate errors, log once."""
+
+    async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        start = time.perf_counter()
+        code = "OK"
+        sent = 0
+        try:
+            begin(context)
+            async for item in inner(prepare(request), context):
+                sent += 1
+                yield item
+        except BaseException as exc:
+            code = _code_name(exc, context)
+            await abort_for(context, exc)
+            raise
+        finally:
+            finish(start, code, {"messages": sent})
+
+    return stream
+
+
+def _decoder(deserialize: Callable[[bytes], Any] | None, method: str) -> Callable[[bytes], Any]:
+    """The method's request decoder, raising :class:`RequestInvalidError` on bytes that are not
+    its message (so the client learns it sent garbage, and nothing of the decoder leaks)."""
+    if deserialize is None:
+        return lambda raw: raw
+
+    descriptor = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
+    name = descriptor.full_name if descriptor is not None else f"{method.rsplit('/', 1)[-1]} request"
+    description = f"is not a {name} (corrupt wire format, or a string that is not UTF-8)"
+
+    def decode(raw: bytes) -> Any:
+        try:
+            return deserialize(raw)
+        except (DecodeError, UnicodeDecodeError, ValueError):
+            raise RequestInvalidError([Violation("request", description)]) from None
+
+    return decode
 
 
 def _code_name(exc: BaseException, context: grpc.aio.ServicerContext[Any, Any]) -> str:

@@ -48,11 +48,22 @@ class CommonSettings(BaseSettings):
     shutdown_grace_seconds: float = Field(default=10.0, gt=0)
     #: The image model; gateways and task_store check sizes against its documented bounds.
     image_model: str = "glm-image"
+    #: HOST:PORT of this process's Prometheus ``/metrics`` (task_store, workers; empty: off).
+    #: The gateway serves ``/metrics`` on its HTTP port instead.
+    metrics_addr: str = ""
 
     @field_validator("task_store_addr")
     @classmethod
     def _task_store_addr(cls, value: str) -> str:
-        return _check_addr(value)
+        # Gateways and workers may list several replicas: "host1:port,host2:port".
+        for part in value.split(","):
+            _check_addr(part.strip())
+        return value
+
+    @field_validator("metrics_addr")
+    @classmethod
+    def _metrics_addr(cls, value: str) -> str:
+        return _check_addr(value) if value else value
 
     @field_validator("log_level")
     @classmethod

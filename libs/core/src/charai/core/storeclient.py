@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from typing import Any
 
 import grpc
@@ -28,25 +29,62 @@ _SERVICE_CONFIG = json.dumps(
 )
 
 
+def channel_target(addr: str) -> tuple[str, bool]:
+    """The gRPC target for ``CHARAI_TASK_STORE_ADDR``: one ``host:port``, or several separated by
+    commas (replicas). Several are resolved once, at start, into an ``ipv4:``/``ipv6:`` address list
+    that the round_robin policy balances over; returns (target, balanced)."""
+    parts = [p.strip() for p in addr.split(",") if p.strip()]
+    if len(parts) <= 1:
+        return addr.strip(), False
+    v4: list[str] = []
+    v6: list[str] = []
+    for part in parts:
+        host, _, port = part.rpartition(":")
+        host = host.strip("[]")
+        for family, *_, sockaddr in socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM):
+            if family == socket.AF_INET:
+                v4.append(f"{sockaddr[0]}:{port}")
+            elif family == socket.AF_INET6:
+                v6.append(f"[{sockaddr[0]}]:{port}")
+    if v4:
+        return "ipv4:" + ",".join(dict.fromkeys(v4)), True
+    return "ipv6:" + ",".join(dict.fromkeys(v6)), True
+
+
 class StoreClient:
     """A channel and stub to task_store; ``call_metadata`` carries the internal token."""
 
     def __init__(self, addr: str, token: str = "") -> None:
-        self._channel = grpc.aio.insecure_channel(
-            addr,
-            options=[
-                ("grpc.service_config", _SERVICE_CONFIG),
-                ("grpc.enable_retries", 1),
-                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-                ("grpc.keepalive_time_ms", 30_000),
-            ],
-        )
+        target, balanced = channel_target(addr)
+        options: list[tuple[str, Any]] = [
+            ("grpc.service_config", _SERVICE_CONFIG),
+            ("grpc.enable_retries", 1),
+            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+            ("grpc.keepalive_time_ms", 30_000),
+        ]
+        if balanced:
+            # Several task_store replicas: spread calls, and route around one that is down
+            # (its subchannel leaves the pick list), so a worker never stalls on a dead replica.
+            options.append(("grpc.lb_policy_name", "round_robin"))
+        self._channel = grpc.aio.insecure_channel(target, options=options)
         self.stub = store_service_pb2_grpc.TaskStoreServiceStub(self._channel)
         self.metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
         self._closed = False
 
     def kw(self, timeout: float | None = 10.0) -> dict[str, Any]:
         return {"metadata": self.metadata, "timeout": timeout}
+
+    async def serving(self, timeout: float = 2.0) -> bool:
+        """Whether task_store answers its gRPC health check with SERVING (it reports NOT_SERVING
+        while its own dependencies are away), for the callers' health watchers."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        try:
+            response = await stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
 
     async def close(self) -> None:
         if not self._closed:

@@ -10,6 +10,7 @@ import aiohttp
 import structlog
 from charai.core import natsconn
 from charai.core.media import MediaStore
+from charai.core.metrics import Metrics, MetricsServer
 from charai.core.storeclient import StoreClient
 from charai.core.topology import Topology
 from charai.worker.context import Handler
@@ -42,6 +43,9 @@ class WorkerApp:
         self._session: aiohttp.ClientSession | None = None
         self._store: StoreClient | None = None
         self._closed = False
+        #: This process's metrics (served on ``CHARAI_METRICS_ADDR`` when set).
+        self.metrics = Metrics(f"{kind}_worker")
+        self._metrics_server: MetricsServer | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -54,6 +58,8 @@ class WorkerApp:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         self._session = aiohttp.ClientSession(connector=connector)
         provider = ProviderHttp(self._session, self._provider_config)
+        calls = self.metrics.provider_call_duration
+        provider.observe = lambda op, outcome, seconds: calls.labels(self._kind, op, outcome).observe(seconds)
         config = RunnerConfig(
             kind=self._kind,
             concurrency=self._concurrency,
@@ -68,6 +74,10 @@ class WorkerApp:
             config, self._handler, self._nc, js, self._store, MediaStore(bucket), provider, topology
         )
         await self.runner.start()
+        runner = self.runner
+        self.metrics.jobs_in_flight.labels(self._kind).set_function(lambda: runner.in_flight)
+        if s.metrics_addr:
+            self._metrics_server = MetricsServer(self.metrics, s.metrics_addr)
         log.info(
             "provider_configured",
             base_url=self._provider_config.base_url,
@@ -79,6 +89,8 @@ class WorkerApp:
         if self._closed:
             return
         self._closed = True
+        if self._metrics_server is not None:
+            self._metrics_server.close()
         if self.runner is not None:
             await self.runner.close(self.settings.shutdown_grace_seconds)
         if self._session is not None:
@@ -88,6 +100,11 @@ class WorkerApp:
         if self._nc is not None:
             with contextlib.suppress(Exception):
                 await self._nc.drain()
+
+    @property
+    def metrics_port(self) -> int:
+        """The bound ``/metrics`` port (0: metrics not served)."""
+        return 0 if self._metrics_server is None else self._metrics_server.port
 
     async def __aenter__(self) -> WorkerApp:
         await self.start()

@@ -1,5 +1,14 @@
 """HTTP to an AI provider: timeouts, size caps, classification of every failure, and one gate
-per provider so a 429 slows every call of this worker to that provider, not only one task's."""
+per provider so a 429 slows every call of this worker to that provider, not only one task's.
+
+Media the provider points to (a temporary link to a generated image or audio file) is fetched
+with an SSRF guard: the host is resolved once, every address must be public (or, with
+``CHARAI_PROVIDER_ALLOW_PRIVATE_URLS``, loopback/private; link-local and cloud metadata
+addresses never), and the connection goes to exactly the vetted addresses — aiohttp does not
+resolve the name again, so a DNS answer that changes between check and connect (rebinding)
+cannot redirect the fetch. No redirects are followed, no credentials are sent, and size and
+time are capped.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +20,12 @@ import json
 import random
 import socket
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+import aiohttp.abc
 import structlog
 from charai.core.domain import errors
 from charai.core.domain.errors import ProviderFailure
@@ -93,15 +103,38 @@ class ProviderGate:
             await asyncio.sleep(delay + random.uniform(0, min(1.0, delay)))
 
 
+#: Resolves a host name to its addresses (``host, port -> ["203.0.113.7", ...]``).
+Resolve = Callable[[str, int], Awaitable[list[str]]]
+
+
+async def system_resolve(host: str, port: int) -> list[str]:
+    """The system resolver (getaddrinfo), TCP addresses only, in its order, without repeats."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
 class ProviderHttp:
-    """Calls one provider over one aiohttp session."""
+    """Calls one provider over one aiohttp session.
+
+    ``resolve`` looks up media hosts (the system resolver by default; tests pass their own to
+    play a rebinding DNS server).
+    """
 
     def __init__(
-        self, session: aiohttp.ClientSession, config: ProviderConfig, gate: ProviderGate | None = None
+        self,
+        session: aiohttp.ClientSession,
+        config: ProviderConfig,
+        gate: ProviderGate | None = None,
+        resolve: Resolve | None = None,
     ):
         self._session = session
         self.config = config
         self.gate = gate or ProviderGate()
+        self._resolve = resolve or system_resolve
+        #: Called after each provider HTTP call with (operation, outcome, seconds), outcome the
+        #: HTTP status or the failure kind: the worker's provider-call histogram.
+        self.observe: Callable[[str, str, float], None] | None = None
 
     def _headers(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         headers = {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else {}
@@ -122,7 +155,7 @@ class ProviderHttp:
         """One call to ``{base_url}{path}``; non-2xx answers raise a classified ProviderError."""
         await self.gate.wait()
         url = self.config.base_url.rstrip("/") + path
-        response = await self._fetch(method, url, self._headers(headers), json_body, timeout)
+        response = await self._timed_fetch("request", method, url, self._headers(headers), json_body, timeout)
         if response.status >= 300:
             failure = self._classify(response)
             if failure.kind is errors.ErrorKind.RATE_LIMITED:
@@ -131,22 +164,56 @@ class ProviderHttp:
         return response
 
     async def download(self, url: str, timeout: float | None = None) -> Response:
-        """Fetches media the provider pointed to, with the same caps and an SSRF guard."""
-        await check_url(url, allow_private=self.config.allow_private_urls)
-        response = await self._fetch("GET", url, {"User-Agent": "charai-worker/0.1"}, None, timeout)
+        """Fetches media the provider pointed to, with the same caps and an SSRF guard.
+
+        The request goes to the addresses :func:`check_url` vetted and nowhere else: a session of
+        its own whose resolver answers only those (TLS still checks the certificate against the
+        URL's host name). No ``Authorization``: the provider key is for the provider's API, not for
+        whatever host a response names.
+        """
+        addresses = await check_url(url, allow_private=self.config.allow_private_urls, resolve=self._resolve)
+        connector = aiohttp.TCPConnector(
+            resolver=_PinnedResolver(addresses), use_dns_cache=False, force_close=True, limit=4
+        )
+        async with aiohttp.ClientSession(connector=connector, trust_env=False) as session:
+            response = await self._timed_fetch(
+                "download", "GET", url, {"User-Agent": "charai-worker/0.1"}, None, timeout, session=session
+            )
         if response.status != 200:
             raise ProviderError(
                 errors.bad_response(f"media download answered HTTP {response.status}", response.status)
             )
         return response
 
+    async def _timed_fetch(self, operation: str, *args: Any, **kwargs: Any) -> Response:
+        """:meth:`_fetch`, timed for :attr:`observe` (no-op when nobody observes)."""
+        if self.observe is None:
+            return await self._fetch(*args, **kwargs)
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            response = await self._fetch(*args, **kwargs)
+            outcome = str(response.status)
+            return response
+        except ProviderError as exc:
+            outcome = str(exc.failure.kind.name).lower()
+            raise
+        finally:
+            self.observe(operation, outcome, time.perf_counter() - started)
+
     async def _fetch(
-        self, method: str, url: str, headers: dict[str, str], json_body: Any, timeout: float | None
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        json_body: Any,
+        timeout: float | None,
+        session: aiohttp.ClientSession | None = None,
     ) -> Response:
         limit = timeout or self.config.timeout
         try:
             async with asyncio.timeout(limit):
-                async with self._session.request(
+                async with (session or self._session).request(
                     method, url, json=json_body, headers=headers, allow_redirects=False
                 ) as resp:
                     body = await _read_capped(resp.content, self.config.max_body_bytes, resp.content_length)
@@ -205,38 +272,96 @@ async def _chunks(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
         yield chunk
 
 
-_BLOCKED = [
-    ipaddress.ip_network(n)
-    for n in (
-        "0.0.0.0/8",
-        "10.0.0.0/8",
-        "100.64.0.0/10",
-        "127.0.0.0/8",
-        "169.254.0.0/16",
-        "172.16.0.0/12",
-        "192.168.0.0/16",
-        "::1/128",
-        "fc00::/7",
-        "fe80::/10",
-        "::ffff:0:0/96",
-    )
-]
+#: Cloud metadata endpoints: refused even when private addresses are allowed.
+_METADATA = frozenset(
+    ipaddress.ip_address(a) for a in ("169.254.169.254", "169.254.170.2", "100.100.100.200", "fd00:ec2::254")
+)
 
 
-async def check_url(url: str, *, allow_private: bool) -> None:
-    """Refuses media URLs that are not http(s) or that resolve to loopback/private/link-local/
-    metadata addresses (SSRF), unless private addresses are explicitly allowed."""
+def address_allowed(address: ipaddress.IPv4Address | ipaddress.IPv6Address, *, allow_private: bool) -> bool:
+    """Whether media may be fetched from ``address``.
+
+    Public (globally routable) addresses are; with ``allow_private`` loopback and private ones
+    (RFC 1918, ULA) too. Never: link-local (169.254/16, fe80::/10), cloud metadata, unspecified,
+    multicast or reserved addresses, nor an IPv6 address that embeds a refused IPv4 one
+    (IPv4-mapped, 6to4, Teredo).
+    """
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return address_allowed(address.ipv4_mapped, allow_private=allow_private)
+        embedded = address.sixtofour or (address.teredo[1] if address.teredo else None)
+        if embedded is not None and not address_allowed(embedded, allow_private=allow_private):
+            return False
+    if (
+        address in _METADATA
+        or address.is_link_local
+        or address.is_unspecified
+        or address.is_multicast
+        or (address.is_reserved and not address.is_loopback)  # IPv6 ::1 lies in reserved ::/8
+    ):
+        return False
+    if address.is_global:
+        return True
+    return allow_private and (address.is_private or address.is_loopback)
+
+
+async def check_url(url: str, *, allow_private: bool, resolve: Resolve = system_resolve) -> list[str]:
+    """Vets a media URL and returns the addresses the fetch may connect to.
+
+    Refuses (PROVIDER_BAD_RESPONSE, before any connection) a scheme other than http(s), user
+    info in the URL, a host that does not resolve, or one whose addresses include any that
+    :func:`address_allowed` refuses.
+    """
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ProviderError(errors.bad_response(f"refusing a media URL with scheme {parts.scheme!r}"))
-    if allow_private:
-        return
-    loop = asyncio.get_running_loop()
+    if parts.username is not None or parts.password is not None:
+        raise ProviderError(errors.bad_response("refusing a media URL with credentials in it"))
     try:
-        infos = await loop.getaddrinfo(parts.hostname, parts.port or 443, type=socket.SOCK_STREAM)
-    except OSError:
-        raise ProviderError(errors.unreachable("the media host does not resolve")) from None
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0])
-        if any(address in net for net in _BLOCKED):
-            raise ProviderError(errors.bad_response("refusing a media URL on a private or loopback address"))
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise ProviderError(errors.bad_response("refusing a media URL with a bad port")) from None
+    host = parts.hostname
+    try:
+        addresses = [str(ipaddress.ip_address(host))]
+    except ValueError:
+        try:
+            addresses = await resolve(host, port)
+        except OSError:
+            raise ProviderError(errors.unreachable("the media host does not resolve")) from None
+    if not addresses:
+        raise ProviderError(errors.unreachable("the media host does not resolve"))
+    for text in addresses:
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+        if not address_allowed(address, allow_private=allow_private):
+            raise ProviderError(
+                errors.bad_response(
+                    f"refusing a media URL on a private, loopback, link-local or metadata address ({host})"
+                )
+            )
+    return addresses
+
+
+class _PinnedResolver(aiohttp.abc.AbstractResolver):
+    """Answers every lookup with the vetted addresses: the connection cannot go anywhere else."""
+
+    def __init__(self, addresses: list[str]) -> None:
+        self._addresses = addresses
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[aiohttp.abc.ResolveResult]:
+        return [
+            aiohttp.abc.ResolveResult(
+                hostname=host,
+                host=address,
+                port=port,
+                family=socket.AF_INET6 if ":" in address else socket.AF_INET,
+                proto=socket.IPPROTO_TCP,
+                flags=socket.AI_NUMERICHOST,
+            )
+            for address in self._addresses
+        ]
+
+    async def close(self) -> None:
+        return None

@@ -6,6 +6,17 @@ One process holds up to ``concurrency`` jobs in flight. Jobs come from three pri
 empty it long-polls all of them. Each delivered job is claimed from task_store (which fences
 attempts), run by the handler, and acknowledged only after its result or failure is stored:
 ``ack`` when done, ``nak(delay)`` for a retry, ``term`` for a permanent failure.
+
+What a fault costs (the fault tests in ``tests/faults`` hold the runner to this):
+
+* task_store unreachable for a while: progress reports are skipped (best effort) and the
+  outcome of a finished attempt is re-sent until it is recorded (``settle_seconds``), so work
+  already paid for is not thrown away; the store deduplicates a repeat whose answer was lost.
+* NATS unreachable: ``ack``/``nak`` may be lost; JetStream redelivers and the store's fencing
+  turns the repeat into a no-op (``CLAIM_OUTCOME_DONE``) or a fresh attempt.
+* SIGTERM: no new jobs; held jobs get the grace period, then are handed back through the store
+  (``WORKER_LOST``, retried with backoff) so another worker need not wait for the lease to expire.
+* SIGKILL: nothing runs; the lease expires and the next delivery starts a new attempt.
 """
 
 from __future__ import annotations
@@ -16,8 +27,8 @@ import dataclasses
 import heapq
 import itertools
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import grpc
 import structlog
@@ -39,6 +50,13 @@ from nats.js import api as js_api
 from nats.js.errors import BadRequestError
 
 log = structlog.get_logger("worker")
+T = TypeVar("T")
+
+#: task_store answers that mean "not reachable right now", as opposed to a refusal. CANCELLED
+#: is what calls still queued at a task_store get when it stops (SIGTERM) past its grace period.
+_TRANSIENT = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+)
 
 #: Probe order per scheduling round: mostly high first; every 4th round normal first, every 8th low.
 _ORDERS = [(0, 1, 2)] * 5 + [(1, 0, 2), (1, 0, 2), (2, 0, 1)]
@@ -55,6 +73,10 @@ class RunnerConfig:
     max_batch: int = 64
     worker_id: str = "worker"
     replicas: int = 1
+    #: How long a finished attempt keeps re-sending its outcome while task_store is unreachable.
+    settle_seconds: float = 60.0
+    #: Timeout of the hand-back call at shutdown (the process is about to exit).
+    handback_timeout: float = 2.0
 
 
 @dataclasses.dataclass(slots=True)
@@ -90,17 +112,29 @@ class _Context:
         return self._runner.provider
 
     async def progress(self, percent: int, stage: str = Stage.GENERATING) -> None:
+        """Reports progress; a refusal aborts the job, an unreachable task_store does not.
+
+        Why best effort: progress is for watchers, and the heartbeat renews the lease. Failing the
+        attempt because task_store is restarting would cost a provider call and an attempt.
+        """
         r = self._running
         if r.abort_reason:
             raise JobAbortedError(r.abort_reason)
         r.progress, r.stage = max(r.progress, percent), stage
-        await self._runner.report(r)
+        try:
+            await self._runner.report(r)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() not in _TRANSIENT:
+                raise
+            log.warning("progress_not_reported", code=exc.code().name, progress=r.progress)
         if r.abort_reason:
             raise JobAbortedError(r.abort_reason)
 
     async def store_media(self, data: bytes, extension: str, content_type: str) -> MediaRef:
         key = media_key(self._task.id, extension)
         await self._runner.media.put(key, data)
+        # The fault tests kill the worker on this line: the media is stored, the result not yet.
+        log.debug("media_stored", key=key, size=len(data))
         return MediaRef(key, len(data), content_type)
 
 
@@ -267,16 +301,35 @@ class JobRunner:
                 await asyncio.sleep(0.5)
 
     async def _heartbeat(self) -> None:
-        """Keeps held jobs alive: ``in_progress`` to JetStream, lease renewal to task_store."""
-        while True:
-            await asyncio.sleep(self.config.heartbeat_interval)
-            for _, _, _, msg in list(self._ready):
-                with contextlib.suppress(Exception):
-                    await msg.in_progress()
-            for running in list(self._running.values()):
-                with contextlib.suppress(Exception):
-                    await running.msg.in_progress()
-                    await self.report(running)
+        """Keeps held jobs alive: ``in_progress`` to JetStream for every held message, then the
+        lease renewals to task_store in the background, all at once.
+
+        Why apart: while task_store is unreachable a renewal waits (the store client waits for
+        its channel) up to its timeout. Awaited one after the other in this loop, the renewals
+        delayed every later ``in_progress`` past the ack wait, so JetStream redelivered jobs that
+        were still running, and once the lease ran out a second attempt called the provider again
+        beside the first (found by tests/faults/test_task_store_restart.py).
+        """
+        renewals: asyncio.Task[Any] | None = None
+        try:
+            while True:
+                await asyncio.sleep(self.config.heartbeat_interval)
+                held = [msg for _, _, _, msg in self._ready] + [r.msg for r in self._running.values()]
+                for msg in held:
+                    with contextlib.suppress(Exception):
+                        await msg.in_progress()
+                if self._running and (renewals is None or renewals.done()):
+                    renewals = asyncio.create_task(self._renew(list(self._running.values())))
+        finally:
+            if renewals is not None:
+                renewals.cancel()
+
+    async def _renew(self, held: list[_Running]) -> None:
+        async def one(running: _Running) -> None:
+            with contextlib.suppress(Exception):  # an unreachable task_store: try again next beat
+                await self.report(running)
+
+        await asyncio.gather(*(one(r) for r in held))
 
     # -- one job -----------------------------------------------------------------------------
     async def report(self, running: _Running) -> None:
@@ -308,6 +361,89 @@ class JobRunner:
             log.info("job_cancel_requested", task_id=notice.task_id)
             self._abort(running, "the task was cancelled")
 
+    # -- settling ----------------------------------------------------------------------------
+    async def _settle(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Runs a task_store call that records an attempt's outcome, retrying while task_store is
+        unreachable, for up to ``settle_seconds``.
+
+        Why: the attempt's work is done (and the provider paid); handing the job back because
+        task_store is restarting would make the next attempt call the provider again. Meanwhile
+        the heartbeat keeps the JetStream message (and, once task_store is back, the lease) alive.
+        A repeat of a call whose answer was lost is harmless: CompleteTask of the same attempt
+        returns the completed task, and FailTask answers IGNORED (handled by ``_after_fail``).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.settle_seconds
+        delay = 0.1
+        while True:
+            try:
+                return await call()
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in _TRANSIENT or loop.time() + delay > deadline:
+                    raise
+                log.warning("settle_retry", code=exc.code().name, retry_in=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    @staticmethod
+    async def _msg_op(op: str, msg: Msg, delay: float | None = None) -> None:
+        """ack / nak / term that never raises: if NATS is unreachable the settle is lost,
+        JetStream redelivers after the ack wait, and the store fences the repeat."""
+        try:
+            if op == "ack":
+                await msg.ack()
+            elif op == "term":
+                await msg.term()
+            else:
+                await msg.nak(delay=delay)
+        except Exception as exc:
+            log.warning("settle_message_failed", op=op, error=str(exc) or type(exc).__name__)
+
+    async def _after_fail(self, msg: Msg, response: spb.FailTaskResponse) -> str:
+        """Settles the message as the store decided; IGNORED keeps the message if the task still
+        needs it (e.g. a repeated FailTask whose first try scheduled the retry)."""
+        if response.outcome == spb.FAIL_OUTCOME_RETRY:
+            await self._msg_op("nak", msg, response.retry_delay_seconds)
+            return "retry"
+        if response.outcome == spb.FAIL_OUTCOME_FAILED:
+            await self._msg_op("term", msg)
+            return "failed"
+        task = response.task
+        if task.status == task_pb2.TASK_STATUS_QUEUED:
+            wait = 0.0
+            if task.HasField("next_attempt_time"):
+                wait = task.next_attempt_time.ToMicroseconds() / 1e6 - time.time()
+            await self._msg_op("nak", msg, max(0.05, wait))
+            return "requeued"
+        await self._msg_op("ack", msg)
+        return "ignored"
+
+    async def _hand_back(self, running: _Running) -> None:
+        """Gives a job this worker will not finish (shutdown past the grace period) back.
+
+        The store records the attempt as lost to its worker (WORKER_LOST: retried after the usual
+        backoff, or the task fails when that budget is spent) and the message is nak'ed with the
+        store's delay. Why not a bare ``nak``: the task would stay RUNNING under this worker's
+        lease, and every other worker would defer it until the lease expired
+        (``CHARAI_LEASE_SECONDS``). If task_store cannot be reached the bare ``nak`` is the fallback.
+        """
+        error = task_pb2.TaskError(
+            code=int(ErrorKind.WORKER_LOST),  # type: ignore[arg-type]
+            message=f"the worker shut down during attempt {running.attempt} and handed the job back",
+            retryable=True,
+        )
+        request = spb.FailTaskRequest(task_id=running.task_id, attempt=running.attempt, error=error)
+        try:
+            response = await self._store.stub.FailTask(
+                request, **self._store.kw(timeout=self.config.handback_timeout)
+            )
+        except grpc.aio.AioRpcError as exc:
+            log.warning("handback_not_recorded", code=exc.code().name)
+            await self._msg_op("nak", running.msg)
+            return
+        outcome = await self._after_fail(running.msg, response)
+        log.info("job_handed_back", outcome=outcome)
+
     async def _run_job(self, lane: Lane, msg: Msg) -> None:
         started = time.perf_counter()
         outcome = "unknown"
@@ -315,7 +451,7 @@ class JobRunner:
         try:
             job = spb.Job.FromString(msg.data)
         except Exception:
-            await msg.term()
+            await self._msg_op("term", msg)
             log.warning("job_unparseable")
             return
         structlog.contextvars.bind_contextvars(task_id=job.task_id)
@@ -329,14 +465,14 @@ class JobRunner:
         except grpc.aio.AioRpcError as exc:
             outcome = "claim_failed"
             log.warning("claim_failed", code=exc.code().name)
-            await msg.nak(delay=1.0)
+            await self._msg_op("nak", msg, 1.0)
             return
         if claim.outcome == spb.CLAIM_OUTCOME_DONE:
-            await msg.ack()
+            await self._msg_op("ack", msg)
             log.info("job_skipped", reason="task already ended")
             return
         if claim.outcome == spb.CLAIM_OUTCOME_DEFER:
-            await msg.nak(delay=max(0.05, claim.retry_after_seconds))
+            await self._msg_op("nak", msg, max(0.05, claim.retry_after_seconds))
             return
         running = _Running(msg, job.task_id, claim.attempt)
         self._running[job.task_id] = running
@@ -363,13 +499,12 @@ class JobRunner:
             current = asyncio.current_task()
             if current is not None and current.cancelling():
                 # Shutting down past the grace period: hand the job back at once.
-                with contextlib.suppress(Exception):
-                    await msg.nak()
+                await self._hand_back(running)
                 raise
-            await msg.ack()
+            await self._msg_op("ack", msg)
             return "aborted"
         except JobAbortedError:
-            await msg.ack()
+            await self._msg_op("ack", msg)
             return "aborted"
         except ProviderError as exc:
             f = exc.failure
@@ -395,14 +530,15 @@ class JobRunner:
         else:
             request.tts_result.CopyFrom(result)
         try:
-            await self._store.stub.CompleteTask(request, **self._store.kw())
+            await self._settle(lambda: self._store.stub.CompleteTask(request, **self._store.kw()))
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
-                await msg.nak(delay=1.0)
+                log.warning("complete_failed", code=exc.code().name)
+                await self._msg_op("nak", msg, 1.0)
                 return "complete_failed"
-            await msg.ack()
+            await self._msg_op("ack", msg)
             return "aborted"
-        await msg.ack()
+        await self._msg_op("ack", msg)
         self.completed += 1
         return "completed"
 
@@ -414,18 +550,12 @@ class JobRunner:
             retry_after_seconds=retry_after or 0.0,
         )
         try:
-            response = await self._store.stub.FailTask(request, **self._store.kw())
+            response = await self._settle(lambda: self._store.stub.FailTask(request, **self._store.kw()))
         except grpc.aio.AioRpcError:
-            await running.msg.nak(delay=1.0)
+            await self._msg_op("nak", running.msg, 1.0)
             return "fail_report_failed"
-        if response.outcome == spb.FAIL_OUTCOME_RETRY:
-            await running.msg.nak(delay=response.retry_delay_seconds)
-            return f"retry:{task_pb2.ErrorCode.Name(error.code)}"
-        if response.outcome == spb.FAIL_OUTCOME_FAILED:
-            await running.msg.term()
-            return f"failed:{task_pb2.ErrorCode.Name(error.code)}"
-        await running.msg.ack()
-        return "ignored"
+        outcome = await self._after_fail(running.msg, response)
+        return f"{outcome}:{task_pb2.ErrorCode.Name(error.code)}"
 
 
 def _delivered(msg: Msg) -> int:

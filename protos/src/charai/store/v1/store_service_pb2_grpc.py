@@ -80,6 +80,16 @@ class TaskStoreServiceStub:
                 request_serializer=charai_dot_store_dot_v1_dot_store__service__pb2.FailTaskRequest.SerializeToString,
                 response_deserializer=charai_dot_store_dot_v1_dot_store__service__pb2.FailTaskResponse.FromString,
                 _registered_method=True)
+        self.GetQueueStats = channel.unary_unary(
+                '/charai.store.v1.TaskStoreService/GetQueueStats',
+                request_serializer=charai_dot_store_dot_v1_dot_store__service__pb2.GetQueueStatsRequest.SerializeToString,
+                response_deserializer=charai_dot_store_dot_v1_dot_store__service__pb2.GetQueueStatsResponse.FromString,
+                _registered_method=True)
+        self.RetryTask = channel.unary_unary(
+                '/charai.store.v1.TaskStoreService/RetryTask',
+                request_serializer=charai_dot_store_dot_v1_dot_store__service__pb2.RetryTaskRequest.SerializeToString,
+                response_deserializer=charai_dot_store_dot_v1_dot_store__service__pb2.RetryTaskResponse.FromString,
+                _registered_method=True)
 
 
 class TaskStoreServiceServicer:
@@ -149,6 +159,20 @@ class TaskStoreServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetQueueStats(self, request, context):
+        """Per-lane queue statistics over every tenant (computed by SQL, so correct across replicas).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetryTask(self, request, context):
+        """Moves a FAILED task of a tenant back to QUEUED with a fresh attempt budget and a new dispatch.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskStoreServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -196,6 +220,16 @@ def add_TaskStoreServiceServicer_to_server(servicer, server):
                     servicer.FailTask,
                     request_deserializer=charai_dot_store_dot_v1_dot_store__service__pb2.FailTaskRequest.FromString,
                     response_serializer=charai_dot_store_dot_v1_dot_store__service__pb2.FailTaskResponse.SerializeToString,
+            ),
+            'GetQueueStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetQueueStats,
+                    request_deserializer=charai_dot_store_dot_v1_dot_store__service__pb2.GetQueueStatsRequest.FromString,
+                    response_serializer=charai_dot_store_dot_v1_dot_store__service__pb2.GetQueueStatsResponse.SerializeToString,
+            ),
+            'RetryTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryTask,
+                    request_deserializer=charai_dot_store_dot_v1_dot_store__service__pb2.RetryTaskRequest.FromString,
+                    response_serializer=charai_dot_store_dot_v1_dot_store__service__pb2.RetryTaskResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -442,6 +476,60 @@ class TaskStoreService:
             '/charai.store.v1.TaskStoreService/FailTask',
             charai_dot_store_dot_v1_dot_store__service__pb2.FailTaskRequest.SerializeToString,
             charai_dot_store_dot_v1_dot_store__service__pb2.FailTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetQueueStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/charai.store.v1.TaskStoreService/GetQueueStats',
+            charai_dot_store_dot_v1_dot_store__service__pb2.GetQueueStatsRequest.SerializeToString,
+            charai_dot_store_dot_v1_dot_store__service__pb2.GetQueueStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/charai.store.v1.TaskStoreService/RetryTask',
+            charai_dot_store_dot_v1_dot_store__service__pb2.RetryTaskRequest.SerializeToString,
+            charai_dot_store_dot_v1_dot_store__service__pb2.RetryTaskResponse.FromString,
             options,
             channel_credentials,
             insecure,

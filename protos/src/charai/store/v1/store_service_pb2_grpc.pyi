@@ -51,6 +51,10 @@ class TaskStoreServiceStub:
     """Result of the current attempt."""
     FailTask: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.FailTaskRequest, _store_service_pb2.FailTaskResponse]
     """Failure of the current attempt; the store applies the retry policy."""
+    GetQueueStats: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.GetQueueStatsRequest, _store_service_pb2.GetQueueStatsResponse]
+    """Per-lane queue statistics over every tenant (computed by SQL, so correct across replicas)."""
+    RetryTask: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.RetryTaskRequest, _store_service_pb2.RetryTaskResponse]
+    """Moves a FAILED task of a tenant back to QUEUED with a fresh attempt budget and a new dispatch."""
 
 @_typing.type_check_only
 class TaskStoreServiceAsyncStub(TaskStoreServiceStub):
@@ -75,6 +79,10 @@ class TaskStoreServiceAsyncStub(TaskStoreServiceStub):
     """Result of the current attempt."""
     FailTask: _aio.UnaryUnaryMultiCallable[_store_service_pb2.FailTaskRequest, _store_service_pb2.FailTaskResponse]  # type: ignore[assignment]
     """Failure of the current attempt; the store applies the retry policy."""
+    GetQueueStats: _aio.UnaryUnaryMultiCallable[_store_service_pb2.GetQueueStatsRequest, _store_service_pb2.GetQueueStatsResponse]  # type: ignore[assignment]
+    """Per-lane queue statistics over every tenant (computed by SQL, so correct across replicas)."""
+    RetryTask: _aio.UnaryUnaryMultiCallable[_store_service_pb2.RetryTaskRequest, _store_service_pb2.RetryTaskResponse]  # type: ignore[assignment]
+    """Moves a FAILED task of a tenant back to QUEUED with a fresh attempt budget and a new dispatch."""
 
 class TaskStoreServiceServicer(metaclass=_abc_1.ABCMeta):
     """Internal API of task_store: the only writer of task state. Called by gateways and workers, never by clients."""
@@ -150,5 +158,21 @@ class TaskStoreServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_store_service_pb2.FailTaskResponse, _abc.Awaitable[_store_service_pb2.FailTaskResponse]]:
         """Failure of the current attempt; the store applies the retry policy."""
+
+    @_abc_1.abstractmethod
+    def GetQueueStats(
+        self,
+        request: _store_service_pb2.GetQueueStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_service_pb2.GetQueueStatsResponse, _abc.Awaitable[_store_service_pb2.GetQueueStatsResponse]]:
+        """Per-lane queue statistics over every tenant (computed by SQL, so correct across replicas)."""
+
+    @_abc_1.abstractmethod
+    def RetryTask(
+        self,
+        request: _store_service_pb2.RetryTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_service_pb2.RetryTaskResponse, _abc.Awaitable[_store_service_pb2.RetryTaskResponse]]:
+        """Moves a FAILED task of a tenant back to QUEUED with a fresh attempt budget and a new dispatch."""
 
 def add_TaskStoreServiceServicer_to_server(servicer: TaskStoreServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -418,3 +418,144 @@ class WatchTasksResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchTasksResponse: _TypeAlias = WatchTasksResponse  # noqa: Y015
+
+@_typing.final
+class GetQueueStatsRequest(_message.Message):
+    """Request of GetQueueStats."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetQueueStatsRequest: _TypeAlias = GetQueueStatsRequest  # noqa: Y015
+
+@_typing.final
+class LaneStats(_message.Message):
+    """The state of one lane (task type x priority), computed from the shared database."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    DEPTH_FIELD_NUMBER: _builtins.int
+    WAITING_RETRY_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    COMPLETED_LAST_MINUTE_FIELD_NUMBER: _builtins.int
+    THROUGHPUT_PER_SECOND_FIELD_NUMBER: _builtins.int
+    MEDIAN_WAIT_SECONDS_FIELD_NUMBER: _builtins.int
+    WAIT_SAMPLES_FIELD_NUMBER: _builtins.int
+    type: _task_pb2.TaskType.ValueType
+    """The task type of the lane."""
+    priority: _task_pb2.Priority.ValueType
+    """The priority of the lane."""
+    depth: _builtins.int
+    """Queued tasks that a worker may pick up now (not those waiting for a retry)."""
+    waiting_retry: _builtins.int
+    """Queued tasks waiting for their retry time."""
+    in_flight: _builtins.int
+    """Running tasks."""
+    completed_last_minute: _builtins.int
+    """Tasks completed in the last minute."""
+    throughput_per_second: _builtins.float
+    """completed_last_minute / 60."""
+    median_wait_seconds: _builtins.float
+    """Median time from creation to first start, over tasks first started in the last 5 minutes (0: none)."""
+    wait_samples: _builtins.int
+    """How many starts the median is over."""
+    def __init__(
+        self,
+        *,
+        type: _task_pb2.TaskType.ValueType = ...,
+        priority: _task_pb2.Priority.ValueType = ...,
+        depth: _builtins.int = ...,
+        waiting_retry: _builtins.int = ...,
+        in_flight: _builtins.int = ...,
+        completed_last_minute: _builtins.int = ...,
+        throughput_per_second: _builtins.float = ...,
+        median_wait_seconds: _builtins.float = ...,
+        wait_samples: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_last_minute", b"completed_last_minute", "depth", b"depth", "in_flight", b"in_flight", "median_wait_seconds", b"median_wait_seconds", "priority", b"priority", "throughput_per_second", b"throughput_per_second", "type", b"type", "wait_samples", b"wait_samples", "waiting_retry", b"waiting_retry"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LaneStats: _TypeAlias = LaneStats  # noqa: Y015
+
+@_typing.final
+class GetQueueStatsResponse(_message.Message):
+    """Response of GetQueueStats."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LANES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def lanes(self) -> _containers.RepeatedCompositeFieldContainer[Global___LaneStats]:
+        """Every lane, including empty ones, ordered by type then priority (high first)."""
+
+    def __init__(
+        self,
+        *,
+        lanes: _abc.Iterable[Global___LaneStats] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lanes", b"lanes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetQueueStatsResponse: _TypeAlias = GetQueueStatsResponse  # noqa: Y015
+
+@_typing.final
+class RetryTaskRequest(_message.Message):
+    """Request of RetryTask."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The id of a FAILED task."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryTaskRequest: _TypeAlias = RetryTaskRequest  # noqa: Y015
+
+@_typing.final
+class RetryTaskResponse(_message.Message):
+    """Response of RetryTask."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def task(self) -> _task_pb2.Task:
+        """The task, QUEUED again."""
+
+    def __init__(
+        self,
+        *,
+        task: _task_pb2.Task | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryTaskResponse: _TypeAlias = RetryTaskResponse  # noqa: Y015

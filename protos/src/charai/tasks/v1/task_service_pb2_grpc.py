@@ -65,6 +65,16 @@ class TaskServiceStub:
                 request_serializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.WatchTasksRequest.SerializeToString,
                 response_deserializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.WatchTasksResponse.FromString,
                 _registered_method=True)
+        self.GetQueueStats = channel.unary_unary(
+                '/charai.tasks.v1.TaskService/GetQueueStats',
+                request_serializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.GetQueueStatsRequest.SerializeToString,
+                response_deserializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.GetQueueStatsResponse.FromString,
+                _registered_method=True)
+        self.RetryTask = channel.unary_unary(
+                '/charai.tasks.v1.TaskService/RetryTask',
+                request_serializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.RetryTaskRequest.SerializeToString,
+                response_deserializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.RetryTaskResponse.FromString,
+                _registered_method=True)
 
 
 class TaskServiceServicer:
@@ -113,6 +123,20 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetQueueStats(self, request, context):
+        """Depth, in-flight, throughput and median wait of every lane (task type x priority), over all tenants.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetryTask(self, request, context):
+        """Runs a FAILED task again (a dead-letter re-run): back to QUEUED with a fresh attempt budget.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +169,16 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.WatchTasks,
                     request_deserializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.WatchTasksRequest.FromString,
                     response_serializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.WatchTasksResponse.SerializeToString,
+            ),
+            'GetQueueStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetQueueStats,
+                    request_deserializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.GetQueueStatsRequest.FromString,
+                    response_serializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.GetQueueStatsResponse.SerializeToString,
+            ),
+            'RetryTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryTask,
+                    request_deserializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.RetryTaskRequest.FromString,
+                    response_serializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.RetryTaskResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +344,60 @@ class TaskService:
             '/charai.tasks.v1.TaskService/WatchTasks',
             charai_dot_tasks_dot_v1_dot_task__service__pb2.WatchTasksRequest.SerializeToString,
             charai_dot_tasks_dot_v1_dot_task__service__pb2.WatchTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetQueueStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/charai.tasks.v1.TaskService/GetQueueStats',
+            charai_dot_tasks_dot_v1_dot_task__service__pb2.GetQueueStatsRequest.SerializeToString,
+            charai_dot_tasks_dot_v1_dot_task__service__pb2.GetQueueStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/charai.tasks.v1.TaskService/RetryTask',
+            charai_dot_tasks_dot_v1_dot_task__service__pb2.RetryTaskRequest.SerializeToString,
+            charai_dot_tasks_dot_v1_dot_task__service__pb2.RetryTaskResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,10 @@ class TaskServiceStub:
     """Streams the task's current snapshot, then every change; ends after the terminal event."""
     WatchTasks: _grpc.UnaryStreamMultiCallable[_task_service_pb2.WatchTasksRequest, _task_service_pb2.WatchTasksResponse]
     """Streams every event of tasks matching a metadata filter; never ends by itself."""
+    GetQueueStats: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.GetQueueStatsRequest, _task_service_pb2.GetQueueStatsResponse]
+    """Depth, in-flight, throughput and median wait of every lane (task type x priority), over all tenants."""
+    RetryTask: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.RetryTaskRequest, _task_service_pb2.RetryTaskResponse]
+    """Runs a FAILED task again (a dead-letter re-run): back to QUEUED with a fresh attempt budget."""
 
 @_typing.type_check_only
 class TaskServiceAsyncStub(TaskServiceStub):
@@ -63,6 +67,10 @@ class TaskServiceAsyncStub(TaskServiceStub):
     """Streams the task's current snapshot, then every change; ends after the terminal event."""
     WatchTasks: _aio.UnaryStreamMultiCallable[_task_service_pb2.WatchTasksRequest, _task_service_pb2.WatchTasksResponse]  # type: ignore[assignment]
     """Streams every event of tasks matching a metadata filter; never ends by itself."""
+    GetQueueStats: _aio.UnaryUnaryMultiCallable[_task_service_pb2.GetQueueStatsRequest, _task_service_pb2.GetQueueStatsResponse]  # type: ignore[assignment]
+    """Depth, in-flight, throughput and median wait of every lane (task type x priority), over all tenants."""
+    RetryTask: _aio.UnaryUnaryMultiCallable[_task_service_pb2.RetryTaskRequest, _task_service_pb2.RetryTaskResponse]  # type: ignore[assignment]
+    """Runs a FAILED task again (a dead-letter re-run): back to QUEUED with a fresh attempt budget."""
 
 class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
     """Queue, run and follow slow AI generation jobs (character images and voices)."""
@@ -114,5 +122,21 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_task_service_pb2.WatchTasksResponse], _abc.AsyncIterator[_task_service_pb2.WatchTasksResponse]]:
         """Streams every event of tasks matching a metadata filter; never ends by itself."""
+
+    @_abc_1.abstractmethod
+    def GetQueueStats(
+        self,
+        request: _task_service_pb2.GetQueueStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_service_pb2.GetQueueStatsResponse, _abc.Awaitable[_task_service_pb2.GetQueueStatsResponse]]:
+        """Depth, in-flight, throughput and median wait of every lane (task type x priority), over all tenants."""
+
+    @_abc_1.abstractmethod
+    def RetryTask(
+        self,
+        request: _task_service_pb2.RetryTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_service_pb2.RetryTaskResponse, _abc.Awaitable[_task_service_pb2.RetryTaskResponse]]:
+        """Runs a FAILED task again (a dead-letter re-run): back to QUEUED with a fresh attempt budget."""
 
 def add_TaskServiceServicer_to_server(servicer: TaskServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -132,6 +132,7 @@ class RestError(Exception):
         *,
         http_status: int | None = None,
         reason: str = "",
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -139,6 +140,7 @@ class RestError(Exception):
         self.violations = violations or []
         self.http_status = http_status or HTTP_STATUS.get(code, 500)
         self.reason = reason
+        self.retry_after = retry_after
 
     @classmethod
     def invalid(cls, violations: list[tuple[str, str]]) -> RestError:
@@ -150,6 +152,7 @@ class RestError(Exception):
         """The client's view of a failed call: code, message, bad fields (named as in the JSON)."""
         violations: list[tuple[str, str]] = []
         reason = ""
+        retry_after: float | None = None
         status = rpc_status.from_call(exc)  # type: ignore[arg-type]
         if status is not None:
             for detail in status.details:
@@ -161,10 +164,14 @@ class RestError(Exception):
                     info = error_details_pb2.ErrorInfo()
                     detail.Unpack(info)
                     reason = info.reason
+                elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                    retry = error_details_pb2.RetryInfo()
+                    detail.Unpack(retry)
+                    retry_after = retry.retry_delay.ToTimedelta().total_seconds()
         message = exc.details() or exc.code().name.lower()
         if violations:
             message = "invalid request: " + "; ".join(f"{f}: {d}" for f, d in violations)
-        return cls(exc.code(), message, violations, reason=reason)
+        return cls(exc.code(), message, violations, reason=reason, retry_after=retry_after)
 
     def response(self) -> web.Response:
         error: dict[str, Any] = {
@@ -179,6 +186,8 @@ class RestError(Exception):
             headers[hdrs.WWW_AUTHENTICATE] = "Bearer"
         elif self.code == grpc.StatusCode.UNAVAILABLE:
             headers[hdrs.RETRY_AFTER] = "1"
+        elif self.retry_after is not None:  # a rate limit says when to come back
+            headers[hdrs.RETRY_AFTER] = str(max(1, math.ceil(self.retry_after)))
         return web.json_response({"error": error}, status=self.http_status, headers=headers)
 
 

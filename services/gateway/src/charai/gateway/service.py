@@ -11,11 +11,12 @@ from typing import Any
 
 import grpc
 from charai.core import validation
-from charai.core.errors import LimitExceededError
+from charai.core.errors import PermissionDeniedError
 from charai.core.grpcsupport import principal
 from charai.core.media import MEDIA_URL_PREFIX, UrlSigner
 from charai.core.storeclient import StoreClient
 from charai.gateway.events import EventHub, Watcher
+from charai.gateway.limits import QuotaExceededError, SubmitLimiter
 from charai.store.v1 import store_service_pb2 as spb
 from charai.tasks.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
 
@@ -44,8 +45,12 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
         max_streams: int = 10_000,
         max_streams_per_tenant: int = 2_000,
         image_model: str = "glm-image",
+        submit_limiter: SubmitLimiter | None = None,
+        operator_tenants: frozenset[str] = frozenset({"default"}),
     ) -> None:
         self._store = store
+        self._operators = operator_tenants
+        self._submit_limiter = submit_limiter or SubmitLimiter(rate=0, burst=1)
         self._image_model = image_model
         self._hub = hub
         self._signer = signer
@@ -80,6 +85,8 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
     async def CreateTask(
         self, request: task_service_pb2.CreateTaskRequest, context: Context
     ) -> task_service_pb2.CreateTaskResponse:
+        # Before validation: a flood of bad requests costs as much as one of good ones.
+        self._submit_limiter.acquire(principal.get())
         validation.validate_create(request, self._image_model)
         response = await self._store.stub.CreateTask(
             spb.CreateTaskRequest(tenant=principal.get(), request=request), **self._kw(context)
@@ -115,18 +122,44 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
         )
         return task_service_pb2.CancelTaskResponse(task=self.present(response.task))
 
+    async def GetQueueStats(
+        self, request: task_service_pb2.GetQueueStatsRequest, context: Context
+    ) -> task_service_pb2.GetQueueStatsResponse:
+        # Every lane over all tenants: counts only, but they still show other tenants' volume, so
+        # only operator tenants (CHARAI_OPERATOR_TENANTS) may read them.
+        if principal.get() not in self._operators:
+            raise PermissionDeniedError(
+                "queue statistics are for operators: add this tenant to CHARAI_OPERATOR_TENANTS",
+                setting="CHARAI_OPERATOR_TENANTS",
+            )
+        response = await self._store.stub.GetQueueStats(spb.GetQueueStatsRequest(), **self._kw(context))
+        return task_service_pb2.GetQueueStatsResponse(lanes=response.lanes)
+
+    async def RetryTask(
+        self, request: task_service_pb2.RetryTaskRequest, context: Context
+    ) -> task_service_pb2.RetryTaskResponse:
+        # Tenant-scoped like every call: a tenant re-runs its own failed tasks (there are no
+        # operator roles yet; see README, "Operate and scale").
+        validation.validate_task_id("id", request.id)
+        response = await self._store.stub.RetryTask(
+            spb.RetryTaskRequest(tenant=principal.get(), id=request.id), **self._kw(context)
+        )
+        return task_service_pb2.RetryTaskResponse(task=self.present(response.task))
+
     # -- streams -----------------------------------------------------------------------------
     def _open(self, watcher: Watcher) -> None:
         if self._hub.open_streams >= self._max_streams:
-            raise LimitExceededError(
+            raise QuotaExceededError(
                 f"this gateway has {self._max_streams} open watch streams (CHARAI_MAX_WATCH_STREAMS)",
                 limit="max_watch_streams",
+                subject="gateway",
             )
         if self._hub.tenant_streams(watcher.tenant) >= self._max_per_tenant:
-            raise LimitExceededError(
+            raise QuotaExceededError(
                 f"at most {self._max_per_tenant} open watch streams per tenant"
                 " (CHARAI_MAX_WATCH_STREAMS_PER_TENANT)",
                 limit="max_watch_streams_per_tenant",
+                subject=f"tenant:{watcher.tenant}",
             )
         self._hub.add(watcher)
 

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from charai.core.settings import CommonSettings, check_addr
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 #: Where ``make console`` puts the built console (next to this package; gitignored).
 DEFAULT_CONSOLE_DIR = Path(__file__).resolve().parent / "console_dist"
@@ -33,6 +33,22 @@ class Settings(CommonSettings):
     cors_origins: str = ""
     #: The built task console served at ``/`` (default: ``console_dist`` next to the package).
     console_dir: Path = DEFAULT_CONSOLE_DIR
+    #: CreateTask calls a tenant may make per second, sustained (0: no limit, e.g. benchmarks).
+    submit_rate_per_tenant: float = Field(default=50.0, ge=0)
+    #: How many CreateTask calls a tenant may make at once above the sustained rate.
+    submit_burst_per_tenant: int = Field(default=200, ge=1)
+    #: Tenants that may read queue statistics of every tenant (GetQueueStats). With auth off,
+    #: every caller is the tenant "default".
+    operator_tenants: str = "default"
+
+    @property
+    def operators(self) -> frozenset[str]:
+        return frozenset(t.strip() for t in self.operator_tenants.split(",") if t.strip())
+
+    #: PEM certificate (chain) and private key: with both set, the public gRPC and HTTP ports
+    #: speak TLS only.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
 
     @field_validator("gateway_grpc_addr", "gateway_http_addr")
     @classmethod
@@ -47,6 +63,16 @@ class Settings(CommonSettings):
                 raise ValueError(f"{origin!r} is not an origin like https://app.example.com[:port] or *")
         return value
 
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("CHARAI_TLS_CERT_FILE and CHARAI_TLS_KEY_FILE go together: set both or neither")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
+
     @property
     def cors_origin_list(self) -> list[str]:
         """The allow-list, normalised (no trailing slash, no blanks)."""
@@ -56,4 +82,4 @@ class Settings(CommonSettings):
         if self.public_base_url:
             return self.public_base_url.rstrip("/")
         host = self.gateway_http_addr.rpartition(":")[0]
-        return f"http://{host}:{http_port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{http_port}"

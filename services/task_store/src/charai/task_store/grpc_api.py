@@ -83,6 +83,19 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
         outcome, delay, task = await self._store.fail(request)
         return spb.FailTaskResponse(outcome=outcome, retry_delay_seconds=delay, task=task)  # type: ignore[arg-type]
 
+    async def GetQueueStats(
+        self, request: spb.GetQueueStatsRequest, context: Context
+    ) -> spb.GetQueueStatsResponse:
+        lanes, backlog = await self._store.queue_stats()
+        return spb.GetQueueStatsResponse(lanes=lanes, outbox_backlog=backlog)
+
+    async def RetryTask(self, request: spb.RetryTaskRequest, context: Context) -> spb.RetryTaskResponse:
+        validation.validate_task_id("id", request.id)
+        task = await self._store.retry(request.tenant, request.id)
+        if self._on_created is not None:
+            self._on_created()  # wake the relay: the re-run's job is in the outbox
+        return spb.RetryTaskResponse(task=task)
+
 
 def internal_auth(token: str) -> Any:
     """Authenticator for the internal port: callers present the shared ``CHARAI_INTERNAL_TOKEN``."""

@@ -35,11 +35,12 @@ from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
+import grpc
 from charai.core.domain import states
 from charai.core.domain.errors import ErrorKind
 from charai.core.domain.retry import RetryPolicy
 from charai.core.domain.states import Stage, Status, Transition
-from charai.core.errors import NotFoundError, StaleAttemptError, TaskEndedError
+from charai.core.errors import CharaiError, NotFoundError, StaleAttemptError, TaskEndedError
 from charai.core.topology import Topology
 from charai.core.validation import RequestInvalidError, Violation, fill_metadata
 from charai.store.v1 import store_service_pb2 as spb
@@ -59,6 +60,15 @@ EVENT_TYPES = {
     Transition.REQUEUE: task_pb2.TASK_EVENT_TYPE_QUEUED,
 }
 DEFAULT_PAGE = 50
+#: Every lane GetQueueStats reports (empty ones too, so a dashboard's series never vanish).
+LANE_TYPES = (task_pb2.TASK_TYPE_IMAGE_GENERATION, task_pb2.TASK_TYPE_TTS_GENERATION)
+LANE_PRIORITIES = (task_pb2.PRIORITY_HIGH, task_pb2.PRIORITY_NORMAL, task_pb2.PRIORITY_LOW)
+#: Throughput window of GetQueueStats.
+THROUGHPUT_WINDOW_S = 60.0
+#: Median-wait window of GetQueueStats, and how far back in the event log it looks at most
+#: (a bounded primary-key range scan, so the query costs the same on a years-old log).
+WAIT_WINDOW_S = 300.0
+WAIT_SCAN_EVENTS = 50_000
 _TASK_COLUMNS = "task, tenant, attempt, lease_expires, dispatch_gen, last_seq, next_attempt_time, status"
 
 
@@ -97,6 +107,21 @@ class OutboxRow:
     dispatch_gen: int
     subject: str
     payload: bytes
+
+
+class NotFailedError(CharaiError):
+    """RetryTask on a task that is not FAILED (only failed tasks are re-run)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "TASK_NOT_FAILED"
+
+
+def _median(values: list[int]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    if len(ordered) % 2:
+        return float(ordered[mid])
+    return (ordered[mid - 1] + ordered[mid]) / 2
 
 
 class _TaskRow(NamedTuple):
@@ -568,7 +593,7 @@ class TaskStore:
             if lease > now:
                 return Claim(spb.CLAIM_OUTCOME_DEFER, task, retry_after=(lease - now) / 1e6)
             # The attempt that held the task stopped reporting: its worker is gone.
-            delay = self._config.retry.decide(ErrorKind.WORKER_LOST, task.attempt)
+            delay = self._config.retry.decide(ErrorKind.WORKER_LOST, self._run_attempt(task))
             if delay is None:
                 message = f"the worker running attempt {task.attempt} was lost and no attempts are left"
                 self._fail_now(unit, task, row, ErrorKind.WORKER_LOST, message, now)
@@ -663,7 +688,7 @@ class TaskStore:
             if req.error.code in ErrorKind._value2member_map_
             else ErrorKind.INTERNAL
         )
-        delay = self._config.retry.decide(kind, task.attempt, req.retry_after_seconds or None)
+        delay = self._config.retry.decide(kind, self._run_attempt(task), req.retry_after_seconds or None)
         error = task_pb2.TaskError()
         error.CopyFrom(req.error)
         error.retryable = delay is not None
@@ -679,6 +704,123 @@ class TaskStore:
         task.next_attempt_time.FromMicroseconds(next_at)
         self._transition(unit, task, row, Transition.RETRY, now, next_attempt_time=next_at)
         return spb.FAIL_OUTCOME_RETRY, delay, task
+
+    def _run_attempt(self, task: task_pb2.Task) -> int:
+        """The attempt's number within the current run: a task re-run by RetryTask keeps
+        counting attempts (its history stays readable), but the retry policy judges each run
+        from its first attempt, so a re-run gets the whole retry budget again."""
+        base = max(0, task.max_attempts - self._config.max_attempts)
+        return max(1, task.attempt - base)
+
+    # -- operator operations -----------------------------------------------------------------
+    async def retry(self, tenant: str, task_id: str) -> task_pb2.Task:
+        """Re-runs a FAILED task (the dead-letter view's action): QUEUED again, error cleared,
+        ``max_attempts`` extended by the configured budget, a new dispatch generation and its
+        outbox row, and a QUEUED event. Only FAILED: a cancelled task was stopped on purpose,
+        a completed one has its result."""
+        return await self._write(lambda unit: self._retry(unit, tenant, task_id))
+
+    async def _retry(self, unit: _Unit, tenant: str, task_id: str) -> task_pb2.Task:
+        tx = unit.tx
+        task, row = await self._load(tx, task_id, tenant)
+        if task.status != task_pb2.TASK_STATUS_FAILED:
+            raise NotFailedError(
+                f"task {task_id} is {Status(task.status).seed_name}; only failed tasks can be retried",
+                status=Status(task.status).seed_name,
+            )
+        now = now_us()
+        gen = int(row.dispatch_gen) + 1
+        # Deliberately outside the state machine: terminal states are final for the pipeline;
+        # an operator's re-run is the one way out of FAILED, and it happens only here.
+        task.status = task_pb2.TASK_STATUS_QUEUED
+        task.progress = states.PROGRESS_QUEUED
+        task.stage = Stage.QUEUED
+        task.max_attempts = task.attempt + self._config.max_attempts
+        for field in ("error", "end_time", "next_attempt_time"):
+            task.ClearField(field)  # type: ignore[arg-type]
+        await tx.execute(
+            "UPDATE tasks SET dispatch_gen = ?, dispatched_at = NULL, max_attempts = ?, lease_owner = NULL"
+            " WHERE id = ?",
+            gen,
+            task.max_attempts,
+            task_id,
+        )
+        self._save(unit, task, row.tenant, task_pb2.TASK_EVENT_TYPE_QUEUED, now, int(row.last_seq))
+        await self._enqueue_dispatch(tx, task, gen, now)
+        return task
+
+    async def queue_stats(self) -> tuple[list[task_service_pb2.LaneStats], int]:
+        """Every lane's depth, retry wait, in-flight, throughput and median wait, and the outbox
+        backlog: aggregates over the shared database, so every replica answers the same.
+
+        Median wait is creation to *first* start (a retried attempt's wait would include its
+        back-off) over tasks first started in the last :data:`WAIT_WINDOW_S`; the samples are
+        selected by SQL and the median taken here, since SQLite has no percentile function.
+        """
+        return await self._db.read(self._queue_stats)
+
+    async def _queue_stats(self, tx: Tx) -> tuple[list[task_service_pb2.LaneStats], int]:
+        now = now_us()
+        lanes: dict[tuple[int, int], task_service_pb2.LaneStats] = {
+            (t, p): task_service_pb2.LaneStats(type=t, priority=p)
+            for t in LANE_TYPES
+            for p in LANE_PRIORITIES
+        }
+
+        def lane(t: int, p: int) -> task_service_pb2.LaneStats:
+            key = (t, p)
+            if key not in lanes:  # a type or priority this build does not list: still shown
+                lanes[key] = task_service_pb2.LaneStats(type=t, priority=p)  # type: ignore[arg-type]
+            return lanes[key]
+
+        rows = await tx.fetch(
+            "SELECT type, priority,"
+            " SUM(CASE WHEN status = ? AND (next_attempt_time IS NULL OR next_attempt_time <= ?)"
+            " THEN 1 ELSE 0 END),"
+            " SUM(CASE WHEN status = ? AND next_attempt_time > ? THEN 1 ELSE 0 END),"
+            " SUM(CASE WHEN status = ? THEN 1 ELSE 0 END)"
+            " FROM tasks WHERE status IN (?, ?) GROUP BY type, priority",
+            int(Status.QUEUED),
+            now,
+            int(Status.QUEUED),
+            now,
+            int(Status.RUNNING),
+            int(Status.QUEUED),
+            int(Status.RUNNING),
+        )
+        for t, p, depth, waiting, running in rows:
+            stats = lane(int(t), int(p))
+            stats.depth, stats.waiting_retry, stats.in_flight = int(depth), int(waiting), int(running)
+        rows = await tx.fetch(
+            "SELECT type, priority, COUNT(*) FROM tasks WHERE status = ? AND update_time >= ?"
+            " GROUP BY type, priority",
+            int(Status.COMPLETED),
+            now - int(THROUGHPUT_WINDOW_S * 1e6),
+        )
+        for t, p, done in rows:
+            stats = lane(int(t), int(p))
+            stats.completed_last_minute = int(done)
+            stats.throughput_per_second = int(done) / THROUGHPUT_WINDOW_S
+        rows = await tx.fetch(
+            "SELECT t.type, t.priority, e.time - t.create_time FROM events e JOIN tasks t ON t.id = e.task_id"
+            " WHERE e.seq > (SELECT COALESCE(MAX(seq), 0) FROM events) - ? AND e.type = ? AND e.time >= ?"
+            " AND NOT EXISTS (SELECT 1 FROM events p WHERE p.task_id = e.task_id AND p.type = ?"
+            " AND p.seq < e.seq)",
+            WAIT_SCAN_EVENTS,
+            task_pb2.TASK_EVENT_TYPE_STARTED,
+            now - int(WAIT_WINDOW_S * 1e6),
+            task_pb2.TASK_EVENT_TYPE_STARTED,
+        )
+        waits: dict[tuple[int, int], list[int]] = {}
+        for t, p, wait in rows:
+            waits.setdefault((int(t), int(p)), []).append(max(0, int(wait)))
+        for (t, p), samples in waits.items():
+            stats = lane(t, p)
+            stats.median_wait_seconds = _median(samples) / 1e6
+            stats.wait_samples = len(samples)
+        backlog = int(await tx.fetchval("SELECT COUNT(*) FROM outbox"))
+        ordered = sorted(lanes.values(), key=lambda s: (s.type, -s.priority))
+        return ordered, backlog
 
     # -- outbox and sweeper ------------------------------------------------------------------
     async def pending_dispatches(self, limit: int = 256) -> list[OutboxRow]:

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -61,6 +62,14 @@ class Stack:
         free_ports: pick free loopback ports instead of the documented defaults (demo, tests).
         echo: where to print each service's log lines, prefixed with its name (None: keep quiet).
         emulator_args: extra command-line arguments of the emulator.
+        services: which charai services to start (NATS and the emulator come regardless).
+        service_env: extra settings per service name (they win over ``env``), e.g. a debug log
+            level for one worker only.
+
+    The fault tests kill, stop and restart single processes: :meth:`kill_service`,
+    :meth:`stop_service` (any signal), :meth:`restart_service` (same ports, same data, so clients
+    reconnect to the same addresses and NATS keeps its store) and :meth:`wait_ready`.
+    ``history`` keeps every process ever started, so a test can read the logs of one that died.
     """
 
     def __init__(
@@ -72,6 +81,7 @@ class Stack:
         echo: TextIO | None = None,
         emulator_args: list[str] | None = None,
         services: tuple[str, ...] = SERVICES,
+        service_env: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.extra_env = {k: v for k, v in os.environ.items() if k.startswith("CHARAI_")}
@@ -80,7 +90,9 @@ class Stack:
         self.echo = echo
         self.emulator_args = emulator_args or []
         self.services = services
+        self.service_env = {name: dict(values) for name, values in (service_env or {}).items()}
         self.procs: dict[str, Proc] = {}
+        self.history: list[Proc] = []
         self.env: dict[str, str] = {}
         self.emulator_url = ""
         self.nats_url = ""
@@ -111,6 +123,8 @@ class Stack:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         env = dict(self.extra_env)
         env.setdefault("CHARAI_DATA_DIR", str(self.data_dir))
+        # The internal task_store API is never open: a fresh shared secret unless one is set.
+        env.setdefault("CHARAI_INTERNAL_TOKEN", secrets.token_urlsafe(32))
         env["CHARAI_GATEWAY_GRPC_ADDR"] = self._addr("CHARAI_GATEWAY_GRPC_ADDR", "127.0.0.1:50051")
         env["CHARAI_GATEWAY_HTTP_ADDR"] = self._addr("CHARAI_GATEWAY_HTTP_ADDR", "127.0.0.1:8080")
         env["CHARAI_TASK_STORE_ADDR"] = self._addr("CHARAI_TASK_STORE_ADDR", "127.0.0.1:50052")
@@ -179,8 +193,31 @@ class Stack:
         self.emulator_url = str(line["url"])
         del proc
 
-    async def start_service(self, name: str) -> Proc:
-        return await self._spawn(name, [sys.executable, "-m", f"charai.{name}"], env=self.env)
+    async def start_service(self, name: str, env: Mapping[str, str] | None = None) -> Proc:
+        """Starts one charai service with the stack's settings, its ``service_env`` and ``env``."""
+        full = {**self.env, **self.service_env.get(name, {}), **(env or {})}
+        return await self._spawn(name, [sys.executable, "-m", f"charai.{name}"], env=full)
+
+    async def wait_ready(self, name: str, timeout: float = 30.0) -> None:
+        """Waits until a (re)started process serves: health for gRPC services, the start line for
+        workers, the port for NATS."""
+        deadline = time.monotonic() + timeout
+        if name == "nats":
+            await _wait_port("127.0.0.1", self._nats_port, timeout)
+        elif name == "task_store":
+            await self._wait_health(self.task_store_addr, deadline, name)
+        elif name == "gateway":
+            await self._wait_health(self.gateway_grpc, deadline, name)
+            await self.wait_for_line(name, "gateway_listening", deadline - time.monotonic())
+        elif name in ("image_worker", "tts_worker"):
+            await self.wait_for_line(name, "worker_started", timeout)
+
+    def pid(self, name: str) -> int:
+        return int(self.procs[name].process.pid)
+
+    def running(self, name: str) -> bool:
+        proc = self.procs.get(name)
+        return proc is not None and proc.process.returncode is None
 
     async def _spawn(
         self, name: str, args: list[str], env: Mapping[str, str] | None = None, json_lines: bool = True
@@ -198,6 +235,7 @@ class Stack:
         proc = Proc(name, process)
         proc.pump = asyncio.create_task(self._pump(proc, json_lines))
         self.procs[name] = proc
+        self.history.append(proc)
         return proc
 
     async def _pump(self, proc: Proc, json_lines: bool) -> None:
@@ -269,14 +307,30 @@ class Stack:
         return proc.process.returncode
 
     async def kill_service(self, name: str) -> None:
+        """``kill -9``: no drain, no goodbye; whatever the process held is left as it was."""
         await self.stop_service(name, signal.SIGKILL)
 
-    async def restart_service(self, name: str) -> None:
-        await self.stop_service(name)
+    async def restart_service(
+        self,
+        name: str,
+        sig: int = signal.SIGTERM,
+        *,
+        down_for: float = 0.0,
+        wait: bool = True,
+        timeout: float = 30.0,
+    ) -> None:
+        """Stops ``name`` with ``sig``, keeps it down for ``down_for`` seconds, starts it again on
+        the same address (NATS: same port and store directory) and, with ``wait``, waits until
+        it serves."""
+        await self.stop_service(name, sig)
+        if down_for > 0:
+            await asyncio.sleep(down_for)
         if name == "nats":
             await self.start_nats(self._nats_port)
         else:
             await self.start_service(name)
+        if wait:
+            await self.wait_ready(name, timeout)
 
     async def close(self) -> None:
         order = ["gateway", "image_worker", "tts_worker", "task_store", "emulator", "nats"]

@@ -1,0 +1,123 @@
+"""``python -m bench run [--shape B1,B2] [--runs 3] [--n N] [--quick] [--no-peers]``;
+``python -m bench setup`` (installs the peers).
+
+
+Writes bench/results/<timestamp>.json (raw) and BENCHMARKS.md (unless --no-md or --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+from bench import peers, report, suite
+from bench.common import BENCH_DIR, ROOT, commit, log, machine, versions
+
+ANALYSIS = BENCH_DIR / "analysis.md"
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("setup", help="install redis-server, bullmq (npm) and Celery (bench/.venv-celery)")
+    prof = sub.add_parser("profile", help="py-spy on the stack's Python services under one shape's load")
+    prof.add_argument("--shape", choices=("B1", "B2", "B4"), default="B2")
+    prof.add_argument("--n", type=int, default=3000, help="tasks (B1, B2)")
+    prof.add_argument("--seconds", type=float, default=15.0, help="B4: seconds of load")
+    rep = sub.add_parser("report", help="write the report again from a raw results file")
+    rep.add_argument("results", type=Path)
+    rep.add_argument("--md", type=Path, default=ROOT / "BENCHMARKS.md")
+    run = sub.add_parser("run", help="run shapes and write the results")
+    run.add_argument("--shape", default="B1,B2,B3,B4,B5,B6,B7", help="comma-separated, e.g. B1 or B2,B4")
+    run.add_argument(
+        "--runs", type=int, default=None, help="measured runs per system (default 3; 1 with --quick)"
+    )
+    run.add_argument("--n", type=int, default=None, help="the shape's main size (tasks; streams for B5)")
+    run.add_argument("--seconds", type=float, default=None, help="B4: seconds per run")
+    run.add_argument("--latency", default=None, help="B3/B6: provider latency MIN:MAX seconds")
+    run.add_argument("--quick", action="store_true", help="smoke sizes (< 60 s for one shape)")
+    run.add_argument("--no-peers", action="store_true", help="charai only (no BullMQ, Celery or floors)")
+    run.add_argument(
+        "--drain", action="store_true", help="B2: also the pre-filled drain variant (~3 min more)"
+    )
+    run.add_argument("--out-dir", type=Path, default=BENCH_DIR / "results")
+    run.add_argument(
+        "--md", type=Path, default=None, help="where to write the report (default BENCHMARKS.md)"
+    )
+    run.add_argument("--no-md", action="store_true")
+    return parser.parse_args(argv)
+
+
+async def run(args: argparse.Namespace, argv: list[str]) -> Path:
+    shapes = [s.strip().upper() for s in args.shape.split(",") if s.strip()]
+    unknown = [s for s in shapes if s not in suite.SHAPES]
+    if unknown:
+        raise SystemExit(f"unknown shape(s) {unknown}; choose from {sorted(suite.SHAPES)}")
+    options = suite.Options(
+        runs=args.runs or (1 if args.quick else 3),
+        n=args.n,
+        quick=args.quick,
+        peers=not args.no_peers,
+        seconds=args.seconds,
+        latency=args.latency,
+        drain=args.drain,
+    )
+    if options.peers:
+        peers.setup()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    out_file = args.out_dir / f"{stamp}.json"
+    started = time.monotonic()
+    results: dict[str, object] = {
+        "meta": {
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "argv": " ".join(argv),
+            "file": out_file.name,
+            "quick": args.quick,
+            "options": vars(options),
+            "machine": machine(),
+            "commit": commit(),
+            "versions": versions(),
+        },
+        "shapes": {},
+    }
+    for name in shapes:
+        results["shapes"][name] = await suite.run_shape(name, options)  # type: ignore[index]
+        results["meta"]["seconds"] = time.monotonic() - started  # type: ignore[index]
+        out_file.write_text(json.dumps(results, indent=1, default=str))
+    log(f"raw results: {out_file}")
+    if not args.no_md and (args.md or not args.quick):
+        write_report(results, args.md or ROOT / "BENCHMARKS.md")
+    return out_file
+
+
+def write_report(results: dict[str, object], md: Path) -> None:
+    if ANALYSIS.exists():
+        results["notes"] = ANALYSIS.read_text()
+    md.write_text(report.render(results))
+    log(f"report: {md}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse(argv)
+    if args.cmd == "setup":
+        peers.setup()
+        return
+    if args.cmd == "profile":
+        from bench.profile import profile
+
+        asyncio.run(profile(args.shape, args.n, args.seconds))
+        return
+    if args.cmd == "report":
+        write_report(json.loads(args.results.read_text()), args.md)
+        return
+    asyncio.run(run(args, argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""``python -m bench profile --shape B2|B4|B1``: py-spy on every Python service of the stack while
+the shape's load runs; prints where each process spends its CPU (self and inclusive time).
+
+py-spy is installed into bench/.venv-tools (never into the project venv). Raw collapsed stacks
+and the summary go to bench/results/profile-<shape>-<time>/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from charai.client import CharaiClient
+
+from bench import ours
+from bench.common import BENCH_DIR, log
+
+TOOLS = BENCH_DIR / ".venv-tools"
+PY_SPY = TOOLS / "bin" / "py-spy"
+SERVICES = ("task_store", "gateway", "tts_worker")
+
+
+def ensure_py_spy() -> Path:
+    if not PY_SPY.exists():
+        log("installing py-spy into bench/.venv-tools")
+        subprocess.run(["python3", "-m", "venv", str(TOOLS)], check=True)
+        subprocess.run(
+            [str(TOOLS / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", "py-spy"], check=True
+        )
+    return PY_SPY
+
+
+class Spies:
+    def __init__(self, pids: dict[str, int], out: Path, rate: int = 200) -> None:
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.files: dict[str, Path] = {}
+        for name, pid in pids.items():
+            self.files[name] = out / f"{name}.txt"
+            args = [str(PY_SPY), "record", "-p", str(pid), "-r", str(rate), "--nonblocking", "-f", "raw"]
+            args += ["-o", str(self.files[name])]
+            self.procs[name] = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            p.send_signal(signal.SIGINT)
+        for p in self.procs.values():
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def summarize(path: Path, top: int = 20) -> str:
+    self_t: collections.Counter[str] = collections.Counter()
+    incl: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = [f for f in stack.split(";") if f and not f.startswith("process ")]
+        frames = [f for f in frames if not f.startswith("thread (")]
+        if not frames:
+            continue
+        total += n
+        self_t[frames[-1]] += n
+        for f in set(frames):
+            incl[f] += n
+    lines = [f"{path.stem}: {total} samples", "  self:"]
+    lines += [f"    {100 * c / total:5.1f}%  {f}" for f, c in self_t.most_common(top)]
+    lines += ["  inclusive:"]
+    lines += [f"    {100 * c / total:5.1f}%  {f}" for f, c in incl.most_common(top + 15)]
+    return "\n".join(lines)
+
+
+def hops(db: Path, character: str) -> dict[str, float]:
+    """Median time of each hop of a task's pickup, from the store's own timestamps (µs)."""
+    import sqlite3
+    import statistics
+
+    from charai.tasks.v1 import task_pb2
+
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    rows = conn.execute(
+        "SELECT t.create_time, t.dispatched_at, t.task FROM tasks t JOIN task_metadata m ON m.task_id = t.id"
+        " WHERE m.key = 'characterId' AND m.value = ?",
+        (character,),
+    ).fetchall()
+    created_to_dispatched, dispatched_to_started, done = [], [], []
+    for created, dispatched, blob in rows:
+        task = task_pb2.Task.FromString(blob)
+        started = task.start_time.ToMicroseconds()
+        if dispatched:
+            created_to_dispatched.append((dispatched - created) / 1000)
+            dispatched_to_started.append((started - dispatched) / 1000)
+        done.append((task.end_time.ToMicroseconds() - started) / 1000)
+    conn.close()
+    return {
+        "create_commit_to_published_ms_p50": statistics.median(created_to_dispatched),
+        "published_to_claimed_ms_p50": statistics.median(dispatched_to_started),
+        "claimed_to_completed_ms_p50": statistics.median(done),
+    }
+
+
+async def profile(shape: str, n: int, seconds: float) -> Path:
+    ensure_py_spy()
+    out = BENCH_DIR / "results" / f"profile-{shape}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out.mkdir(parents=True, exist_ok=True)
+    if shape == "B4":
+        from bench.load import unary_load
+
+        async with ours.stack(services=("task_store", "gateway")) as s:
+            request = ours.tts_request("b4-prof", "submit capacity").SerializeToString()
+            method = "/charai.tasks.v1.TaskService/CreateTask"
+            await unary_load(s.gateway_grpc, method, request, 100, 3)
+            spies = Spies({k: ours.pid(s, k) for k in ("task_store", "gateway")}, out)
+            await asyncio.sleep(1)
+            res = await unary_load(s.gateway_grpc, method, request, 100, seconds)
+            spies.stop()
+            log(f"B4 under py-spy: {res['rps']:.0f} RPS")
+    else:
+        async with ours.stack() as s, CharaiClient(s.gateway_grpc) as client:
+            if shape == "B1":
+                await ours._b1_once(client, "b1-warm", 30, 0.01)
+                res = await ours._b1_once(client, "b1-idle", 100, 0.05)
+                timeline = hops(s.data_dir / "tasks.db", "b1-idle")
+                log(f"B1 at 20/s: p50 {res['started_at_client_ms_p50']:.2f} ms; store hops: {timeline}")
+                (out / "hops.txt").write_text(f"{res}\n{timeline}\n")
+                spies = Spies({k: ours.pid(s, k) for k in SERVICES}, out)
+                await asyncio.sleep(1)
+                res = await ours._b1_once(client, "b1-prof", n, 0.01)
+                log(f"B1 under py-spy: p50 {res['started_at_client_ms_p50']:.2f} ms")
+            else:
+                await ours._b2_e2e(s, client, "b2-warm", 500, 64)
+                spies = Spies({k: ours.pid(s, k) for k in SERVICES}, out)
+                await asyncio.sleep(1)
+                res = await ours._b2_e2e(s, client, "b2-prof", n, 64)
+                log(f"B2 under py-spy: {res['tasks_per_s']:.0f} tasks/s")
+            spies.stop()
+    text = "\n\n".join(summarize(f) for f in spies.files.values() if f.exists() and f.stat().st_size)
+    (out / "summary.txt").write_text(text)
+    print(text)
+    return out

@@ -1,0 +1,437 @@
+"""The shapes B1-B7: charai, each peer and each floor measured in the same run, and the goals."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from bench import floors, ours, peers
+from bench.common import emulator, log, summarize
+from bench.ours import Draws, ideal_makespan
+
+
+@dataclasses.dataclass
+class Options:
+    runs: int = 3
+    n: int | None = None  # the shape's main count (tasks, or streams for B5)
+    quick: bool = False
+    peers: bool = True
+    seconds: float | None = None  # B4
+    latency: str | None = None  # B3/B6 provider latency MIN:MAX
+    drain: bool = False  # B2: also the pre-filled drain (adds ~3 min)
+
+
+SPEECH = "/api/paas/v4/audio/speech"
+# Defaults of a full run, and of --quick.
+FULL = {"B1": 300, "B2": 5000, "B3": 1000, "B4": 10.0, "B5": 1000, "B6": 1000, "B7": 200}
+QUICK = {"B1": 30, "B2": 200, "B3": 100, "B4": 2.0, "B5": 100, "B6": 200, "B7": 20}
+LATENCY = {"B3": (1.0, 2.0), "B6": (0.5, 1.0)}
+QUICK_LATENCY = {"B3": (0.1, 0.2), "B6": (0.05, 0.1)}
+
+
+def _latency(o: Options, shape: str) -> tuple[float, float]:
+    if o.latency:
+        lo, _, hi = o.latency.partition(":")
+        return float(lo), float(hi or lo)
+    return (QUICK_LATENCY if o.quick else LATENCY)[shape]
+
+
+def _n(o: Options, shape: str) -> int:
+    return int(o.n if o.n is not None else (QUICK if o.quick else FULL)[shape])
+
+
+def system(runs: list[dict[str, Any]], **about: Any) -> dict[str, Any]:
+    return {"about": about, "runs": runs, "summary": summarize(runs)}
+
+
+def med(shape: dict[str, Any], name: str, metric: str) -> float | None:
+    s = shape["systems"].get(name)
+    if not s or metric not in s["summary"]:
+        return None
+    return float(s["summary"][metric]["median"])
+
+
+def goal(
+    figure: str, ours_v: float | None, target: float | None, kind: str, unit: str = "", ref: str = ""
+) -> dict[str, Any]:
+    """kind: 'le' (ours <= target) or 'ge' (ours >= target)."""
+    met = None
+    if ours_v is not None and target is not None:
+        met = ours_v <= target if kind == "le" else ours_v >= target
+    return {
+        "figure": figure,
+        "ours": ours_v,
+        "target": target,
+        "kind": kind,
+        "unit": unit,
+        "ref": ref,
+        "ratio": (ours_v / target) if ours_v is not None and target else None,
+        "met": met,
+    }
+
+
+async def _try(label: str, fn: Callable[[], Awaitable[Any]]) -> Any:
+    """A peer that cannot run is reported as missing rather than sinking the whole run."""
+    try:
+        return await fn()
+    except Exception as exc:
+        log(f"  {label} failed: {type(exc).__name__}: {exc}"[:2000])
+        return None
+
+
+# -- B1 -----------------------------------------------------------------------------------------
+async def b1(o: Options) -> dict[str, Any]:
+    n = _n(o, "B1")
+    out: dict[str, Any] = {
+        "title": "Pickup latency",
+        "params": {"tasks": n, "interval_ms": 10, "runs": o.runs},
+        "systems": {},
+    }
+    out["systems"]["charai"] = system(
+        await ours.b1(o.runs, n), what="submit over gRPC -> started event at the client"
+    )
+    if o.peers:
+        for durable in (True, False):
+            runs = await _try(
+                "bullmq",
+                lambda d=durable: peers.bullmq(d, "pickup", runs=o.runs, n=n, warmup=30, concurrency=1),
+            )
+            if runs:
+                name = "bullmq-durable" if durable else "bullmq"
+                out["systems"][name] = system(
+                    runs,
+                    what="enqueue -> job start in the worker (c=1)",
+                    redis="appendfsync always" if durable else "no persistence",
+                )
+        runs = await _try("celery", lambda: peers.celery("pickup", runs=o.runs, n=n, warmup=30))
+        if runs:
+            out["systems"]["celery"] = system(
+                runs, what="apply_async -> task start (prefork c=2, results on)"
+            )
+        runs = await _try("nats", lambda: floors.nats_pickup(o.runs, n, 0.01))
+        if runs:
+            out["systems"]["floor-jetstream"] = system(runs, what="js.publish -> pull consumer receipt")
+    ref = med(out, "bullmq-durable", "start_ms_p50")
+    out["goals"] = [
+        goal(
+            "submit -> started at client, p50",
+            med(out, "charai", "started_at_client_ms_p50"),
+            ref,
+            "le",
+            "ms",
+            "1.0x BullMQ-durable enqueue -> start p50",
+        ),
+        goal(
+            "submit -> started at client, p99",
+            med(out, "charai", "started_at_client_ms_p99"),
+            10.0,
+            "le",
+            "ms",
+            "10 ms",
+        ),
+    ]
+    return out
+
+
+# -- B2 -----------------------------------------------------------------------------------------
+async def b2(o: Options) -> dict[str, Any]:
+    n = _n(o, "B2")
+    warm = min(n, 500)
+    out: dict[str, Any] = {
+        "title": "Overhead (no-op tasks, one worker process)",
+        "params": {"tasks": n, "runs": o.runs, "provider_latency_s": 0},
+        "systems": {},
+    }
+    got = await ours.b2(o.runs, n, drain=o.drain, warmup=warm)
+    out["systems"]["charai"] = system(
+        got["e2e"], what="e2e: 64 CreateTask in flight, worker concurrency 64 (default)"
+    )
+    if got["drain"]:
+        out["systems"]["charai-drain"] = system(got["drain"], what="pre-filled queue, worker started after")
+    if o.peers:
+        for durable, conc in ((True, 1), (False, 1), (True, 50)):
+            runs = await _try(
+                "bullmq",
+                lambda d=durable, c=conc: peers.bullmq(
+                    d, "e2e", runs=o.runs, n=n, warmup=warm, concurrency=c
+                ),
+            )
+            if runs:
+                name = f"bullmq{'-durable' if durable else ''}-c{conc}"
+                out["systems"][name] = system(
+                    runs,
+                    what=f"e2e: 64 adds in flight, worker concurrency {conc}",
+                    redis="appendfsync always" if durable else "no persistence",
+                )
+        if o.drain:
+            runs = await _try(
+                "bullmq", lambda: peers.bullmq(True, "drain", runs=o.runs, n=n, warmup=warm, concurrency=1)
+            )
+            if runs:
+                out["systems"]["bullmq-durable-c1-drain"] = system(
+                    runs, what="pre-filled queue, worker concurrency 1"
+                )
+        runs = await _try("celery", lambda: peers.celery("e2e", runs=o.runs, n=n, warmup=warm))
+        if runs:
+            out["systems"]["celery"] = system(runs, what="e2e: apply_async loop, prefork c=2, results on")
+        runs = await _try("nats", lambda: floors.nats_throughput(o.runs, max(n, 5000)))
+        if runs:
+            out["systems"]["floor-jetstream"] = system(runs, what="publish_async; fetch(100) + ack")
+    ours_v = med(out, "charai", "tasks_per_s")
+    celery_v = med(out, "celery", "tasks_per_s")
+    out["goals"] = [
+        goal(
+            "e2e tasks/s vs BullMQ-durable c=1",
+            ours_v,
+            med(out, "bullmq-durable-c1", "tasks_per_s"),
+            "ge",
+            "tasks/s",
+            "1.0x BullMQ-durable (c=1)",
+        ),
+        goal(
+            "e2e tasks/s vs Celery",
+            ours_v,
+            2 * celery_v if celery_v else None,
+            "ge",
+            "tasks/s",
+            "2x Celery (results on)",
+        ),
+    ]
+    return out
+
+
+# -- B3 -----------------------------------------------------------------------------------------
+async def b3(o: Options) -> dict[str, Any]:
+    n = _n(o, "B3")
+    lo, hi = _latency(o, "B3")
+    concs = (100, 1000)
+    warm = min(n, 200)
+    out: dict[str, Any] = {
+        "title": "I/O makespan (one worker process)",
+        "params": {"tasks": n, "latency_s": [lo, hi], "in_flight": list(concs), "runs": o.runs},
+        "systems": {},
+    }
+    got = await ours.b3(o.runs, n, concs, lo, hi, warmup=warm)
+    for c in concs:
+        out["systems"][f"charai-c{c}"] = system(
+            got[str(c)], what=f"worker concurrency {c}, 100 CreateTask in flight"
+        )
+    if o.peers:
+        for c in concs:
+            seed = 100 + c
+            async with emulator(lo, hi, seed) as url:
+                runs = await _try(
+                    "asyncio floor",
+                    lambda c=c, url=url, seed=seed: floors.aio_io_floor(
+                        o.runs, n, c, url, Draws(seed, lo, hi), warmup=warm
+                    ),
+                )
+            if runs:
+                out["systems"][f"floor-asyncio-c{c}"] = system(
+                    runs, what=f"asyncio + aiohttp, semaphore {c}, no broker"
+                )
+            makers: dict[str, Callable[[str], Awaitable[Any]]] = {
+                "bullmq-durable": lambda u, c=c: peers.bullmq(
+                    True,
+                    "io",
+                    runs=o.runs,
+                    n=n,
+                    warmup=warm,
+                    concurrency=c,
+                    submit_concurrency=100,
+                    url=u + SPEECH,
+                ),
+                "celery-gevent": lambda u, c=c: peers.celery(
+                    "io", runs=o.runs, n=n, warmup=warm, pool="gevent", concurrency=c, url=u + SPEECH
+                ),
+            }
+            for label, make in makers.items():
+                seed = 200 + c
+                async with emulator(lo, hi, seed) as url:
+                    runs = await _try(label, lambda make=make, url=url: make(url))
+                if not runs:
+                    continue
+                draws = Draws(seed, lo, hi)
+                draws.consumed = warm
+                for r in runs:
+                    r["ideal_s"] = ideal_makespan(draws.window(n), c)
+                    draws.consumed += n
+                    r["efficiency"] = r["ideal_s"] / r["makespan_s"]
+                    delta_kb = r.pop("rss_peak_kb_delta", None)
+                    if delta_kb is None:
+                        delta_kb = (r["rss_peak_mb"] - r["rss_base_mb"]) * 1024
+                    r["kb_per_in_flight"] = delta_kb / min(n, c)
+                out["systems"][f"{label}-c{c}"] = system(runs, what=f"concurrency {c}, same emulator")
+    out["goals"] = [
+        goal("efficiency at 100 in flight", med(out, "charai-c100", "efficiency"), 0.90, "ge", "", "0.90"),
+        goal("efficiency at 1,000 in flight", med(out, "charai-c1000", "efficiency"), 0.85, "ge", "", "0.85"),
+        goal(
+            "RSS per job in flight (C=1000)",
+            med(out, "charai-c1000", "kb_per_in_flight"),
+            37.0,
+            "le",
+            "KB",
+            "37 KB",
+        ),
+    ]
+    return out
+
+
+# -- B4 -----------------------------------------------------------------------------------------
+async def b4(o: Options) -> dict[str, Any]:
+    seconds = float(o.seconds or (QUICK if o.quick else FULL)["B4"])
+    out: dict[str, Any] = {
+        "title": "Submit capacity (CreateTask, 100 in flight)",
+        "params": {"seconds_per_run": seconds, "concurrency": 100, "runs": o.runs},
+        "systems": {},
+    }
+    out["systems"]["charai"] = system(
+        await ours.b4(o.runs, seconds), what="gateway -> task_store (SQLite FULL) -> outbox -> JetStream"
+    )
+    if o.peers:
+        request = ours.tts_request("b4-load", "submit capacity").SerializeToString()
+        runs = await _try("grpc floor", lambda: floors.b4_floor(o.runs, seconds, request))
+        if runs:
+            out["systems"]["floor-grpc"] = system(runs, what="raw grpc.aio no-op unary, same client")
+    floor = med(out, "floor-grpc", "rps")
+    out["goals"] = [
+        goal(
+            "CreateTask RPS",
+            med(out, "charai", "rps"),
+            0.5 * floor if floor else None,
+            "ge",
+            "RPS",
+            "0.5x raw grpc.aio unary",
+        )
+    ]
+    return out
+
+
+# -- B5 -----------------------------------------------------------------------------------------
+async def b5(o: Options) -> dict[str, Any]:
+    streams = _n(o, "B5")
+    tasks = max(1, streams // 10)
+    events = 10 if o.quick else 50
+    out: dict[str, Any] = {
+        "title": "Progress streams (WatchTasks on one gateway)",
+        "params": {"streams": streams, "tasks": tasks, "events_per_task": events, "hz": 20, "runs": o.runs},
+        "systems": {},
+    }
+    out["systems"]["charai"] = system(
+        await ours.b5(o.runs, streams, tasks, events),
+        what="ReportProgress to task_store -> WatchTasks client; 10 streams per task",
+    )
+    if o.peers:
+        runs = await _try("grpc fan-out floor", lambda: floors.b5_floor(o.runs, streams, tasks, events, 20.0))
+        if runs:
+            out["systems"]["floor-grpc-fanout"] = system(
+                runs, what="raw grpc.aio: emit unary -> matching streams"
+            )
+        runs = await _try(
+            "bullmq progress",
+            lambda: peers.bullmq(
+                True,
+                "progress",
+                runs=o.runs,
+                n=tasks,
+                warmup=min(tasks, 10),
+                concurrency=tasks,
+                events=events,
+                interval_ms=50,
+            ),
+        )
+        if runs:
+            out["systems"]["bullmq-durable-progress"] = system(
+                runs, what="job.updateProgress -> one QueueEvents listener (no per-client fan-out)"
+            )
+    out["goals"] = [
+        goal("events lost", med(out, "charai", "lost"), 0, "le", "", "0"),
+        goal("report -> client lag p99", med(out, "charai", "lag_ms_p99"), 10.0, "le", "ms", "10 ms"),
+    ]
+    return out
+
+
+# -- B6 -----------------------------------------------------------------------------------------
+async def b6(o: Options) -> dict[str, Any]:
+    n = _n(o, "B6")
+    lo, hi = _latency(o, "B6")
+    out: dict[str, Any] = {
+        "title": "Burst and backpressure (provider admits 50)",
+        "params": {"tasks": n, "latency_s": [lo, hi], "provider_limit": 50, "runs": o.runs},
+        "systems": {},
+    }
+    out["systems"]["charai"] = system(
+        await ours.b6(o.runs, n, lo, hi, warmup=min(n, 200)),
+        what="one burst, worker concurrency 64 (default) against a limit of 50",
+    )
+    s = out["systems"]["charai"]["summary"]
+    growth = None
+    if "worker_rss_mb_peak" in s:
+        growth = s["worker_rss_mb_peak"]["median"] / max(1e-9, s["worker_rss_mb_first10pct_peak"]["median"])
+    out["goals"] = [
+        goal("makespan / ideal", med(out, "charai", "makespan_vs_ideal"), 1.15, "le", "x", "1.15x ideal"),
+        goal("429s, % of provider calls", med(out, "charai", "pct_429"), 5.0, "le", "%", "5 %"),
+        goal("worker RSS peak / early peak", growth, 1.25, "le", "x", "flat (<= 1.25x)"),
+    ]
+    return out
+
+
+# -- B7 -----------------------------------------------------------------------------------------
+async def b7(o: Options) -> dict[str, Any]:
+    n = _n(o, "B7")
+    out: dict[str, Any] = {
+        "title": "Crash recovery (kill -9 a worker)",
+        "params": {"tasks_in_flight": n, "ack_wait_s": 5, "provider_latency_s": [4, 5], "runs": o.runs},
+        "systems": {},
+    }
+    out["systems"]["charai"] = system(
+        await ours.b7(o.runs, n), what="kill -9 with all jobs at the provider, worker restarted at once"
+    )
+    out["goals"] = [
+        goal("lost tasks", med(out, "charai", "lost"), 0, "le", "", "0"),
+        goal(
+            "redelivery / ack-wait (max)",
+            med(out, "charai", "redelivery_vs_ack_wait"),
+            1.5,
+            "le",
+            "x",
+            "1.5x",
+        ),
+        goal(
+            "duplicate provider calls",
+            med(out, "charai", "duplicate_provider_calls"),
+            float(n),
+            "le",
+            "",
+            "<= in flight",
+        ),
+    ]
+    return out
+
+
+SHAPES: dict[str, Callable[[Options], Awaitable[dict[str, Any]]]] = {
+    "B1": b1,
+    "B2": b2,
+    "B3": b3,
+    "B4": b4,
+    "B5": b5,
+    "B6": b6,
+    "B7": b7,
+}
+
+
+def loadavg() -> list[float]:
+    with open("/proc/loadavg") as f:
+        return [float(x) for x in f.read().split()[:3]]
+
+
+async def run_shape(name: str, o: Options) -> dict[str, Any]:
+    log(f"{name} ...")
+    t0, load0 = time.monotonic(), loadavg()
+    out = await SHAPES[name](o)
+    out["seconds"] = time.monotonic() - t0
+    out["loadavg_before"], out["loadavg_after"] = load0, loadavg()
+    log(f"{name} done in {out['seconds']:.0f} s")
+    return out

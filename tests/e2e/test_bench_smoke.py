@@ -1,0 +1,35 @@
+"""Smoke test of `make bench`: the quick mode of one small shape (B1, 30 tasks, charai only) runs
+the real stack and writes raw results with the expected figures."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.timeout(90)
+def test_bench_quick_b1_writes_its_figures(tmp_path: Path) -> None:
+    args = [sys.executable, "-m", "bench", "run", "--shape", "B1", "--n", "30", "--quick", "--no-peers"]
+    args += ["--out-dir", str(tmp_path), "--no-md"]
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=80, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    files = list(tmp_path.glob("*.json"))
+    assert len(files) == 1
+    results = json.loads(files[0].read_text())
+    assert results["meta"]["machine"]["nproc"] >= 1
+    assert results["meta"]["versions"]["nats-server"]
+    b1 = results["shapes"]["B1"]
+    charai = b1["systems"]["charai"]
+    assert len(charai["runs"]) == 1
+    assert charai["runs"][0]["tasks"] == 30
+    for figure in ("started_at_client_ms_p50", "started_at_client_ms_p99", "first_progress_at_client_ms_p50"):
+        value = charai["summary"][figure]["median"]
+        assert math.isfinite(value) and 0 < value < 5000, (figure, value)
+    assert {g["figure"] for g in b1["goals"]} >= {"submit -> started at client, p99"}

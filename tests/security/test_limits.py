@@ -1,0 +1,295 @@
+"""Limits, each with a clear error naming it: message size (gRPC, gRPC-web, REST), prompt and
+text length, metadata count and size, open watch streams per tenant and per gateway, and
+submissions per tenant per second (a token bucket shared by every transport).
+
+One in-process stack with small limits: 4 watch streams per tenant, 6 per gateway, and 30
+submissions at once then one per two seconds. The rate test has a tenant of its own (C) and a
+slow refill, so it holds on a loaded machine: it checks the bucket's arithmetic (at most the
+burst plus what refilled meanwhile), not how fast the test runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import pytest_asyncio
+from charai.core import validation
+from charai.tasks.v1 import task_service_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pydantic import SecretStr
+
+from tests.conftest import eventually
+from tests.security.harness import (
+    SERVICE,
+    TENANT_A,
+    TOKEN_A,
+    TOKEN_B,
+    Answer,
+    Charai,
+    bearer,
+    grpc_stream_first,
+    grpc_unary,
+    grpcweb,
+    image_request,
+    running_charai,
+    tts_request,
+)
+
+PER_TENANT, PER_GATEWAY = 4, 6
+RATE, BURST = 0.5, 30
+TOKEN_C, TENANT_C = f"tok-c-{uuid.uuid4().hex}", "tenant-c"
+MiB = 1024 * 1024
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def charai(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Charai]:
+    async with running_charai(
+        Path(tmp_path_factory.mktemp("limits")),
+        gateway={
+            "max_watch_streams": PER_GATEWAY,
+            "max_watch_streams_per_tenant": PER_TENANT,
+            "submit_rate_per_tenant": RATE,
+            "submit_burst_per_tenant": BURST,
+            "api_keys": SecretStr(f"{TOKEN_A}={TENANT_A},{TOKEN_B}=tenant-b,{TOKEN_C}={TENANT_C}"),
+        },
+    ) as running:
+        yield running
+
+
+def detail(status: status_pb2.Status | None, cls: type[Any]) -> Any:
+    assert status is not None, "no google.rpc.Status details"
+    for packed in status.details:
+        if packed.Is(cls.DESCRIPTOR):
+            message = cls()
+            packed.Unpack(message)
+            return message
+    raise AssertionError(f"no {cls.__name__} among the details")
+
+
+def violations(answer: Answer) -> dict[str, str]:
+    bad = detail(answer.details, error_details_pb2.BadRequest)
+    return {v.field: v.description for v in bad.field_violations}
+
+
+# -- message size -----------------------------------------------------------------------------
+
+
+async def test_a_2_mib_grpc_message_is_resource_exhausted(charai: Charai) -> None:
+    huge = image_request(prompt="x" * (2 * MiB))
+    answer = await grpc_unary(charai.channel, "CreateTask", huge, bearer(TOKEN_A))
+    assert answer.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert str(MiB) in answer.message or "larger than max" in answer.message, answer.message
+
+
+async def test_oversized_grpc_web_bodies_are_resource_exhausted(charai: Charai) -> None:
+    # 1.5 MiB passes the bridge (2 MiB) and is refused by the gRPC port (1 MiB); 3 MiB never
+    # leaves the bridge.
+    for size in (3 * MiB // 2, 3 * MiB):
+        answer = await grpcweb(
+            charai.http, charai.base, "CreateTask", image_request(prompt="x" * size), TOKEN_A
+        )
+        assert answer.code == grpc.StatusCode.RESOURCE_EXHAUSTED, (size, answer)
+    assert await grpc_health(charai) == "SERVING"
+
+
+async def test_a_2_mib_rest_body_is_413(charai: Charai) -> None:
+    body = json.dumps({"type": "image_generation", "payload": {"prompt": "x" * (2 * MiB)}}).encode()
+    async with charai.http.post(
+        f"{charai.base}/api/tasks",
+        data=io.BytesIO(body),
+        headers={"Authorization": f"Bearer {TOKEN_A}", "Content-Type": "application/json"},
+    ) as resp:
+        assert resp.status == 413
+        error = (await resp.json())["error"]
+    assert error["code"] == "RESOURCE_EXHAUSTED" and str(MiB) in error["message"]
+
+
+async def grpc_health(charai: Charai) -> str:
+    reply = await health_pb2_grpc.HealthStub(charai.channel).Check(health_pb2.HealthCheckRequest())
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+# -- field limits -----------------------------------------------------------------------------
+
+
+async def test_prompt_text_and_metadata_limits_name_the_field(charai: Charai) -> None:
+    cases: list[tuple[task_service_pb2.CreateTaskRequest, str, str]] = [
+        (image_request(prompt="a" * (validation.MAX_PROMPT_CHARS + 1)), "image.prompt", "4000 characters"),
+        # (MAX_PROMPT_BYTES is 4 x MAX_PROMPT_CHARS, so the byte cap cannot bind before the
+        # character cap does: 4000 four-byte characters are exactly 16,000 bytes.)
+        (image_request(prompt="🧙" * (validation.MAX_PROMPT_CHARS + 1)), "image.prompt", "4000 characters"),
+        (tts_request(text="b" * (validation.MAX_TTS_TEXT_CHARS + 1)), "tts.text", "1024 characters"),
+        (tts_request(text="nul\x00inside"), "tts.text", "control characters"),
+    ]
+    many = tts_request()
+    many.metadata.update({f"k{i}": "v" for i in range(validation.MAX_METADATA_ENTRIES + 1)})
+    cases.append((many, "metadata", "at most 32 entries"))
+    big = tts_request()
+    big.metadata.update({f"k{i}": "v" * 500 for i in range(20)})
+    cases.append((big, "metadata", "8192 bytes"))
+    long_value = tts_request()
+    long_value.metadata["note"] = "v" * (validation.MAX_METADATA_VALUE_CHARS + 1)
+    cases.append((long_value, "metadata[note]", "512 characters"))
+    for request, field, words in cases:
+        answer = await grpc_unary(charai.channel, "CreateTask", request, bearer(TOKEN_A))
+        assert answer.code == grpc.StatusCode.INVALID_ARGUMENT, (field, answer)
+        found = violations(answer)
+        assert field in found and words in found[field], (field, found)
+
+
+# -- watch streams ----------------------------------------------------------------------------
+
+
+async def open_watch(charai: Charai, task_id: str, token: str) -> grpc.aio.UnaryStreamCall[Any, Any]:
+    """A WatchTask stream that is open on the gateway (its first message has arrived)."""
+    call = charai.channel.unary_stream(f"{SERVICE}/WatchTask")(
+        task_service_pb2.WatchTaskRequest(id=task_id).SerializeToString(), metadata=bearer(token)
+    )
+    first = await call.read()
+    assert first is not grpc.aio.EOF, await call.details()
+    return call
+
+
+async def test_watch_streams_per_tenant_and_per_gateway(charai: Charai) -> None:
+    a_task = task_service_pb2.CreateTaskResponse.FromString(
+        (await grpc_unary(charai.channel, "CreateTask", tts_request(), bearer(TOKEN_A))).messages[0]
+    ).task
+    b_task = task_service_pb2.CreateTaskResponse.FromString(
+        (await grpc_unary(charai.channel, "CreateTask", tts_request(), bearer(TOKEN_B))).messages[0]
+    ).task
+    held = [await open_watch(charai, a_task.id, TOKEN_A) for _ in range(PER_TENANT)]
+    try:
+        assert await charai.open_streams() == PER_TENANT
+        # Tenant A's next stream is refused on every transport, naming the per-tenant limit.
+        request = task_service_pb2.WatchTaskRequest(id=a_task.id)
+        over = await grpc_stream_first(charai.channel, "WatchTask", request, bearer(TOKEN_A))
+        assert over.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "CHARAI_MAX_WATCH_STREAMS_PER_TENANT" in over.message
+        info = detail(over.details, error_details_pb2.ErrorInfo)
+        assert (info.reason, info.metadata["limit"]) == ("LIMIT_EXCEEDED", "max_watch_streams_per_tenant")
+        quota = detail(over.details, error_details_pb2.QuotaFailure)
+        assert quota.violations[0].subject == f"tenant:{TENANT_A}"
+        web = await grpcweb(charai.http, charai.base, "WatchTask", request, TOKEN_A, first_only=True)
+        assert web.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "PER_TENANT" in web.message
+        async with charai.http.get(
+            f"{charai.base}/api/tasks/{a_task.id}/events", headers={"Authorization": f"Bearer {TOKEN_A}"}
+        ) as resp:
+            assert resp.status == 429
+            assert "CHARAI_MAX_WATCH_STREAMS_PER_TENANT" in (await resp.json())["error"]["message"]
+        # Tenant B still may, until the gateway as a whole is full.
+        held += [await open_watch(charai, b_task.id, TOKEN_B) for _ in range(PER_GATEWAY - PER_TENANT)]
+        over_b = await grpc_stream_first(
+            charai.channel, "WatchTasks", task_service_pb2.WatchTasksRequest(), bearer(TOKEN_B)
+        )
+        assert over_b.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "CHARAI_MAX_WATCH_STREAMS)" in over_b.message
+        assert detail(over_b.details, error_details_pb2.ErrorInfo).metadata["limit"] == "max_watch_streams"
+        assert await charai.open_streams() == PER_GATEWAY
+    finally:
+        for call in held:
+            call.cancel()
+    await eventually(lambda: charai.open_streams_is(0), timeout=5)
+    # Freed slots are usable again.
+    again = await open_watch(charai, a_task.id, TOKEN_A)
+    again.cancel()
+    await eventually(lambda: charai.open_streams_is(0), timeout=5)
+
+
+# -- submissions per tenant per second ------------------------------------------------------
+
+
+async def until_refused(send: Callable[[], Awaitable[Answer]], tries: int = 4) -> tuple[Answer, int]:
+    """Sends until refused (a token may have come back since the last refusal); returns the
+    refusal and how many calls went through before it."""
+    for passed in range(tries):
+        answer = await send()
+        if answer.code != grpc.StatusCode.OK:
+            return answer, passed
+    raise AssertionError(f"{tries} calls in a row went through an exhausted bucket")
+
+
+async def test_submission_rate_limit_is_per_tenant_and_shared_by_every_transport(charai: Charai) -> None:
+    metadata = bearer(TOKEN_C)
+
+    async def submit() -> Answer:
+        return await grpc_unary(charai.channel, "CreateTask", tts_request(), metadata)
+
+    started = time.monotonic()
+    answers = await asyncio.gather(*(submit() for _ in range(BURST)))
+    assert [a.code for a in answers] == [grpc.StatusCode.OK] * BURST  # a fresh bucket holds the burst
+    refused, extra = await until_refused(submit)
+    # Token bucket arithmetic: no more than the burst plus what refilled meanwhile.
+    assert extra <= (time.monotonic() - started) * RATE + 1, extra
+    assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED, refused
+    assert "CHARAI_SUBMIT_RATE_PER_TENANT" in refused.message and "0.5 per second" in refused.message
+    info = detail(refused.details, error_details_pb2.ErrorInfo)
+    assert (info.reason, info.metadata["limit"]) == ("LIMIT_EXCEEDED", "submit_rate_per_tenant")
+    quota = detail(refused.details, error_details_pb2.QuotaFailure)
+    assert quota.violations[0].subject == f"tenant:{TENANT_C}"
+    retry = detail(refused.details, error_details_pb2.RetryInfo)
+    delay = retry.retry_delay.ToTimedelta().total_seconds()
+    assert 0 < delay <= 1 / RATE + 0.01
+    # Invalid requests count too (limited before they are validated), and the bucket is the
+    # tenant's whatever the transport: gRPC-web and REST are refused as well.
+    invalid, _ = await until_refused(
+        lambda: grpc_unary(charai.channel, "CreateTask", tts_request(text=""), metadata)
+    )
+    assert invalid.code == grpc.StatusCode.RESOURCE_EXHAUSTED, invalid
+    web, _ = await until_refused(
+        lambda: grpcweb(charai.http, charai.base, "CreateTask", tts_request(), TOKEN_C)
+    )
+    assert web.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "SUBMIT_RATE" in web.message
+    assert detail(web.details, error_details_pb2.RetryInfo).HasField("retry_delay")
+    body = {
+        "type": "tts_generation",
+        "payload": {"characterId": "c1", "text": "hi", "voiceStyle": "tongtong"},
+    }
+    for _ in range(4):
+        async with charai.http.post(
+            f"{charai.base}/api/tasks", json=body, headers={"Authorization": f"Bearer {TOKEN_C}"}
+        ) as resp:
+            if resp.status == 201:
+                continue  # a token came back meanwhile
+            assert resp.status == 429 and resp.headers["Retry-After"] in {"1", "2"}
+            error = (await resp.json())["error"]
+            break
+    assert error["code"] == "RESOURCE_EXHAUSTED" and error["reason"] == "LIMIT_EXCEEDED"
+    # Another tenant has a bucket of its own.
+    other = await grpc_unary(charai.channel, "CreateTask", tts_request(), bearer(TOKEN_B))
+    assert other.code == grpc.StatusCode.OK
+    # Waiting as told is enough.
+    last, _ = await until_refused(submit)
+    delay = detail(last.details, error_details_pb2.RetryInfo).retry_delay.ToTimedelta().total_seconds()
+    await asyncio.sleep(delay + 0.05)
+    later = await submit()
+    assert later.code == grpc.StatusCode.OK, later.message
+
+
+def test_token_bucket_refills_at_its_rate_and_caps_at_its_burst() -> None:
+    from charai.gateway.limits import QuotaExceededError, SubmitLimiter
+
+    now = [100.0]
+    limiter = SubmitLimiter(rate=2.0, burst=3, clock=lambda: now[0])
+    for _ in range(3):
+        limiter.acquire("t")
+    with pytest.raises(QuotaExceededError) as refused:
+        limiter.acquire("t")
+    assert refused.value.retry_after == pytest.approx(0.5)
+    now[0] += 0.5
+    limiter.acquire("t")  # one token back after 1/rate
+    now[0] += 3600  # a long idle time refills to the burst, not beyond
+    for _ in range(3):
+        limiter.acquire("t")
+    with pytest.raises(QuotaExceededError):
+        limiter.acquire("t")
+    SubmitLimiter(rate=0, burst=1).acquire("anyone")  # 0 = no limit
