@@ -492,7 +492,7 @@ class JobRunner:
         ctx = _Context(self, running, task)
         msg = running.msg
         try:
-            await ctx.progress(10, Stage.STARTING)
+            # The claim already recorded 10 % "starting" (and the lease): no report needed here.
             running.inner = asyncio.create_task(self.handler.run(ctx))
             result = await running.inner
         except asyncio.CancelledError:
