@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import signal
 
 import aiohttp
 import structlog
 from charai.core import natsconn
+from charai.core.lifecycle import run_until_signal
 from charai.core.media import MediaStore
 from charai.core.metrics import Metrics, MetricsServer
 from charai.core.storeclient import StoreClient
@@ -115,10 +114,4 @@ class WorkerApp:
 
 
 async def serve(app: WorkerApp) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    async with app:
-        await stop.wait()
-        log.info("worker_draining")
+    await run_until_signal(app, "worker")

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import secrets
-import signal
 from pathlib import Path
 
 import grpc
 import structlog
 from aiohttp import web
 from charai.core import grpcsupport, logs, natsconn
+from charai.core.lifecycle import run_until_signal
 from charai.core.media import MediaStore, UrlSigner
 from charai.core.metrics import Metrics
 from charai.core.storeclient import StoreClient
@@ -223,10 +222,4 @@ class GatewayApp:
 
 
 async def serve(settings: Settings) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    async with GatewayApp(settings):
-        await stop.wait()
-        log.info("gateway_draining")
+    await run_until_signal(GatewayApp(settings), "gateway")

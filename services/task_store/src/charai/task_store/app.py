@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -13,6 +12,7 @@ import grpc
 import structlog
 from charai.core import grpcsupport, logs, natsconn
 from charai.core.domain.retry import RetryPolicy
+from charai.core.lifecycle import run_until_signal
 from charai.core.metrics import Metrics, MetricsServer
 from charai.core.topology import Topology
 from charai.store.v1 import store_service_pb2, store_service_pb2_grpc
@@ -271,10 +271,4 @@ class TaskStoreApp:
 
 
 async def serve(settings: Settings) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    async with TaskStoreApp(settings):
-        await stop.wait()
-        log.info("task_store_draining")
+    await run_until_signal(TaskStoreApp(settings), "task_store")
