@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 import structlog
+from charai.core import tracing
 from charai.core.errors import DOMAIN, CharaiError
 from charai.core.validation import RequestInvalidError, Violation
 from google.protobuf import any_pb2
@@ -141,7 +142,11 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         observe = self._observe
 
         def begin(context: grpc.aio.ServicerContext[Any, Any]) -> None:
-            structlog.contextvars.bind_contextvars(rpc=method.rsplit("/", 1)[-1])
+            # Continue the caller's W3C trace (or start one): it follows the task to the provider.
+            traceparent = tracing.enter(metadata.get("traceparent", ""))
+            structlog.contextvars.bind_contextvars(
+                rpc=method.rsplit("/", 1)[-1], trace_id=tracing.trace_id(traceparent)
+            )
             if authenticate is not None:
                 tenant = authenticate(metadata, method)
                 principal.set(tenant)

@@ -7,6 +7,7 @@ import socket
 from typing import Any
 
 import grpc
+from charai.core import tracing
 from charai.store.v1 import store_service_pb2_grpc
 
 # Calls wait for task_store to be reachable (it may be restarting) and are retried on UNAVAILABLE.
@@ -72,7 +73,9 @@ class StoreClient:
         self._closed = False
 
     def kw(self, timeout: float | None = 10.0) -> dict[str, Any]:
-        return {"metadata": self.metadata, "timeout": timeout}
+        traceparent = tracing.current.get()
+        metadata = (*self.metadata, ("traceparent", traceparent)) if traceparent else self.metadata
+        return {"metadata": metadata, "timeout": timeout}
 
     async def serving(self, timeout: float = 2.0) -> bool:
         """Whether task_store answers its gRPC health check with SERVING (it reports NOT_SERVING

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import aiohttp.abc
 import structlog
+from charai.core import tracing
 from charai.core.domain import errors
 from charai.core.domain.errors import ProviderFailure
 
@@ -139,6 +140,9 @@ class ProviderHttp:
     def _headers(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         headers = {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else {}
         headers["User-Agent"] = "charai-worker/0.1"
+        if tracing.current.get():
+            # The provider call is a span of the client's trace (W3C trace context).
+            headers["traceparent"] = tracing.child(tracing.current.get())
         if extra:
             headers.update(extra)
         return headers

@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 import grpc
 import structlog
-from charai.core import logs
+from charai.core import logs, tracing
 from charai.core.domain.errors import ErrorKind
 from charai.core.domain.states import Stage
 from charai.core.media import MediaStore, media_key
@@ -454,7 +454,10 @@ class JobRunner:
             await self._msg_op("term", msg)
             log.warning("job_unparseable")
             return
-        structlog.contextvars.bind_contextvars(task_id=job.task_id)
+        # Join the trace of the call that created the task (Job field, or the message header).
+        headers = msg.headers or {}
+        traceparent = tracing.enter(job.traceparent or headers.get("traceparent", ""))
+        structlog.contextvars.bind_contextvars(task_id=job.task_id, trace_id=tracing.trace_id(traceparent))
         try:
             claim = await self._store.stub.ClaimTask(
                 spb.ClaimTaskRequest(

@@ -645,6 +645,7 @@ class Job(_message.Message):
     DISPATCH_GEN_FIELD_NUMBER: _builtins.int
     TYPE_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """The task id."""
     dispatch_gen: _builtins.int
@@ -653,6 +654,10 @@ class Job(_message.Message):
     """The task type."""
     priority: _task_pb2.Priority.ValueType
     """The task priority."""
+    traceparent: _builtins.str
+    """W3C trace context of the call that created the task (also sent as the message's
+    `traceparent` header), so the worker's provider call joins the client's trace.
+    """
     def __init__(
         self,
         *,
@@ -660,10 +665,11 @@ class Job(_message.Message):
         dispatch_gen: _builtins.int = ...,
         type: _task_pb2.TaskType.ValueType = ...,
         priority: _task_pb2.Priority.ValueType = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dispatch_gen", b"dispatch_gen", "priority", b"priority", "task_id", b"task_id", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dispatch_gen", b"dispatch_gen", "priority", b"priority", "task_id", b"task_id", "traceparent", b"traceparent", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -207,6 +207,8 @@ class EmulatorState:
         self.statuses: dict[str, int] = {}
         self.by_key: dict[str, int] = {}
         self.by_text: dict[str, int] = {}
+        #: The W3C ``traceparent`` header of the last call per text (tests follow traces with it).
+        self.traceparents: dict[str, str] = {}
         self.peak = self.current
         self.rejected = 0
         self.cancelled = 0
@@ -229,6 +231,7 @@ class EmulatorState:
             },
             "by_key": dict(self.by_key),
             "by_text": dict(self.by_text),
+            "traceparents": dict(self.traceparents),
             "tasks": {
                 "created": self.tasks_created,
                 "succeeded": self.tasks_succeeded,
@@ -570,6 +573,8 @@ async def _provider_call(
     text = body.get(text_field) if isinstance(body, dict) else None
     text = text if isinstance(text, str) else ""
     call_index = state.count_key(text) if text else 0
+    if text and request.headers.get("traceparent"):
+        state.traceparents[text[:80]] = request.headers["traceparent"]
     denied = _auth_error(request, state)
     if denied is not None:
         return denied

@@ -169,12 +169,11 @@ class OutboxRelay:
 
     async def _publish(self, rows: list[OutboxRow]) -> None:
         async def one(row: OutboxRow) -> tuple[OutboxRow, int]:
-            ack = await self._js.publish(
-                row.subject,
-                row.payload,
-                timeout=5.0,
-                headers={"Nats-Msg-Id": f"{row.task_id}:{row.dispatch_gen}"},
-            )
+            headers = {"Nats-Msg-Id": f"{row.task_id}:{row.dispatch_gen}"}
+            traceparent = spb.Job.FromString(row.payload).traceparent
+            if traceparent:
+                headers["traceparent"] = traceparent
+            ack = await self._js.publish(row.subject, row.payload, timeout=5.0, headers=headers)
             self.published += 1
             if ack.duplicate:
                 self.duplicates += 1

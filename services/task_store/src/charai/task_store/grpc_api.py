@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
-from charai.core import validation
+from charai.core import tracing, validation
 from charai.core.errors import UnauthenticatedError
 from charai.store.v1 import store_service_pb2 as spb
 from charai.store.v1 import store_service_pb2_grpc as spb_grpc
@@ -29,7 +29,7 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
 
     async def CreateTask(self, request: spb.CreateTaskRequest, context: Context) -> spb.CreateTaskResponse:
         validation.validate_create(request.request, self._image_model)
-        task, created = await self._store.create(request.tenant, request.request)
+        task, created = await self._store.create(request.tenant, request.request, tracing.current.get())
         if created and self._on_created is not None:
             self._on_created()
         return spb.CreateTaskResponse(task=task)

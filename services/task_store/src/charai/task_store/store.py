@@ -366,13 +366,16 @@ class TaskStore:
 
     # -- client operations -------------------------------------------------------------------
     async def create(
-        self, tenant: str, req: task_service_pb2.CreateTaskRequest
+        self, tenant: str, req: task_service_pb2.CreateTaskRequest, traceparent: str = ""
     ) -> tuple[task_pb2.Task, bool]:
-        """The new task (and True), or the one this ``request_id`` already created (and False)."""
-        return await self._write(lambda unit: self._create(unit, tenant, req))
+        """The new task (and True), or the one this ``request_id`` already created (and False).
+
+        ``traceparent`` (W3C trace context of the creating call) travels with the job.
+        """
+        return await self._write(lambda unit: self._create(unit, tenant, req, traceparent))
 
     async def _create(
-        self, unit: _Unit, tenant: str, req: task_service_pb2.CreateTaskRequest
+        self, unit: _Unit, tenant: str, req: task_service_pb2.CreateTaskRequest, traceparent: str = ""
     ) -> tuple[task_pb2.Task, bool]:
         tx = unit.tx
         if req.request_id:
@@ -436,7 +439,7 @@ class TaskStore:
                 [(task.id, tenant, k, v) for k, v in task.metadata.items()],
             )
         self._save(unit, task, tenant, task_pb2.TASK_EVENT_TYPE_QUEUED, now, 0)
-        await self._enqueue_dispatch(tx, task, 1, now)
+        await self._enqueue_dispatch(tx, task, 1, now, traceparent)
         await self._position(tx, task)
         return task, True
 
@@ -456,8 +459,12 @@ class TaskStore:
         await self._position(tx, existing)
         return existing
 
-    async def _enqueue_dispatch(self, tx: Tx, task: task_pb2.Task, gen: int, now: int) -> None:
-        job = spb.Job(task_id=task.id, dispatch_gen=gen, type=task.type, priority=task.priority)
+    async def _enqueue_dispatch(
+        self, tx: Tx, task: task_pb2.Task, gen: int, now: int, traceparent: str = ""
+    ) -> None:
+        job = spb.Job(
+            task_id=task.id, dispatch_gen=gen, type=task.type, priority=task.priority, traceparent=traceparent
+        )
         await tx.execute(
             "INSERT INTO outbox (task_id, dispatch_gen, subject, payload, created) VALUES (?, ?, ?, ?, ?)",
             task.id,

@@ -103,7 +103,9 @@ class Stack:
         if name in self.extra_env:
             return self.extra_env[name]
         if self.free_ports:
-            return f"127.0.0.1:{free_port()}"
+            # Port 0: the service binds a free port itself and logs it (no race with other
+            # processes picking "free" ports at the same time); start() then records the real one.
+            return "127.0.0.1:0"
         return default
 
     @property
@@ -147,11 +149,15 @@ class Stack:
         deadline = time.monotonic() + timeout
         if "task_store" in self.services:
             await self.start_service("task_store")
+            line = await self.wait_for_line("task_store", "task_store_listening", deadline - time.monotonic())
+            self.env["CHARAI_TASK_STORE_ADDR"] = str(line["addr"])  # the bound port (restarts keep it)
             await self._wait_health(self.task_store_addr, deadline, "task_store")
         if "gateway" in self.services:
             await self.start_service("gateway")
+            line = await self.wait_for_line("gateway", "gateway_listening", deadline - time.monotonic())
+            self.env["CHARAI_GATEWAY_GRPC_ADDR"] = str(line["grpc"])
+            self.env["CHARAI_GATEWAY_HTTP_ADDR"] = str(line["http"])
             await self._wait_health(self.gateway_grpc, deadline, "gateway")
-            await self.wait_for_line("gateway", "gateway_listening", deadline - time.monotonic())
         for name in ("image_worker", "tts_worker"):
             if name in self.services:
                 await self.start_service(name)
