@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 from collections.abc import Mapping
+from typing import TypeVar
 
 import structlog
 from charai.core.topology import Topology
@@ -52,6 +53,17 @@ class Watcher:
             self.lagged = True
 
 
+K = TypeVar("K")
+
+
+def _discard(index: dict[K, set[Watcher]], key: K, watcher: Watcher) -> None:
+    group = index.get(key)
+    if group is not None:
+        group.discard(watcher)
+        if not group:
+            del index[key]
+
+
 class EventHub:
     """Routes every event envelope to the watchers it matches."""
 
@@ -60,6 +72,11 @@ class EventHub:
         self._topology = topology
         self._by_task: dict[str, set[Watcher]] = {}
         self._filters: set[Watcher] = set()
+        #: Filter watchers indexed by (tenant, one metadata key, its value), and those without a
+        #: metadata filter by tenant: an event is checked only against watchers that can match it,
+        #: not against every open stream (1,000 character galleries, one event: a few checks).
+        self._by_pair: dict[tuple[str, str, str], set[Watcher]] = {}
+        self._by_tenant: dict[str, set[Watcher]] = {}
         self._per_tenant: dict[str, int] = {}
         self._sub: object | None = None
 
@@ -86,6 +103,11 @@ class EventHub:
             self._by_task.setdefault(watcher.task_id, set()).add(watcher)
         else:
             self._filters.add(watcher)
+            pair = self._pair(watcher)
+            if pair is None:
+                self._by_tenant.setdefault(watcher.tenant, set()).add(watcher)
+            else:
+                self._by_pair.setdefault(pair, set()).add(watcher)
         self._per_tenant[watcher.tenant] = self._per_tenant.get(watcher.tenant, 0) + 1
 
     def remove(self, watcher: Watcher) -> None:
@@ -97,11 +119,30 @@ class EventHub:
                     del self._by_task[watcher.task_id]
         else:
             self._filters.discard(watcher)
+            pair = self._pair(watcher)
+            if pair is None:
+                _discard(self._by_tenant, watcher.tenant, watcher)
+            else:
+                _discard(self._by_pair, pair, watcher)
         left = self._per_tenant.get(watcher.tenant, 1) - 1
         if left <= 0:
             self._per_tenant.pop(watcher.tenant, None)
         else:
             self._per_tenant[watcher.tenant] = left
+
+    @staticmethod
+    def _pair(watcher: Watcher) -> tuple[str, str, str] | None:
+        """The index key of a filter watcher: its tenant and one of its metadata pairs."""
+        if not watcher.metadata:
+            return None
+        key, value = min(watcher.metadata.items())
+        return watcher.tenant, key, value
+
+    def _candidates(self, env: spb.EventEnvelope) -> list[Watcher]:
+        found = list(self._by_tenant.get(env.tenant, ()))
+        for key, value in env.event.task.metadata.items():
+            found.extend(self._by_pair.get((env.tenant, key, value), ()))
+        return found
 
     def end_all(self) -> None:
         """Asks every open stream to end now (shutdown): a ``None`` in each queue."""
@@ -121,6 +162,6 @@ class EventHub:
         for watcher in self._by_task.get(env.event.task.id, ()):
             if watcher.matches(env):
                 watcher.offer(env)
-        for watcher in self._filters:
+        for watcher in self._candidates(env):
             if watcher.matches(env):
                 watcher.offer(env)
