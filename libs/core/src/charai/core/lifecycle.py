@@ -3,13 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+from collections.abc import Coroutine
 from contextlib import AbstractAsyncContextManager
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
 log = structlog.get_logger("lifecycle")
+T = TypeVar("T")
+EVENT_LOOPS = ("uvloop", "asyncio")
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run`` on the event loop ``CHARAI_EVENT_LOOP`` names: ``uvloop`` (libuv, the
+    default: less CPU per socket wake-up, which every hop of a task pays) or ``asyncio`` (the
+    standard loop, to rule uvloop out when chasing a bug)."""
+    choice = os.environ.get("CHARAI_EVENT_LOOP", "uvloop").strip().lower() or "uvloop"
+    if choice not in EVENT_LOOPS:
+        raise SystemExit(f"CHARAI_EVENT_LOOP must be one of {', '.join(EVENT_LOOPS)}, not {choice!r}")
+    if choice == "uvloop":
+        import uvloop
+
+        return uvloop.run(main)
+    return asyncio.run(main)
 
 
 async def run_until_signal(component: AbstractAsyncContextManager[Any], name: str) -> None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-
-from charai.core import logs, settings
+from charai.core import lifecycle, logs, settings
 from charai.tts_worker.app import build
 from charai.worker.app import serve
 from charai.worker.settings import TtsWorkerSettings
@@ -13,7 +11,7 @@ from charai.worker.settings import TtsWorkerSettings
 def main() -> None:
     config = settings.load(TtsWorkerSettings)
     logs.configure("tts_worker", config.log_level, config.log_format)
-    asyncio.run(serve(build(config)))
+    lifecycle.run(serve(build(config)))
 
 
 if __name__ == "__main__":
