@@ -4,7 +4,8 @@ implies (counted by the emulator) and with one RETRY_SCHEDULED event per retry.
 
 The cases are independent, so each group runs concurrently once per module (a fixture) and the
 parametrized tests below check one case each. Rate-limit cases run apart from the rest: a 429
-closes the worker's gate to that provider for every task, which would slow the others.
+lowers the worker's limit on calls in flight to that provider (to one, when it is the only call),
+which would slow the others.
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ class Case:
 
     Attributes:
         code: the final error code (FAILED), or 0 (COMPLETED).
-        calls: generation calls the provider must see (1 + retries).
+        calls: generation calls the provider must see.
+        attempts: the task's attempts (1 + RETRY_SCHEDULED events); 0: one per call. Fewer
+            when a 429 with a short Retry-After is called again inside its attempt.
         retry_code: the error code every RETRY_SCHEDULED event carries.
         message: text the final error message must contain.
         provider_status / provider_code: expected on the final error, when set.
@@ -69,6 +72,7 @@ class Case:
     marker: str
     code: int
     calls: int
+    attempts: int = 0
     retry_code: int = 0
     message: str = ""
     provider_status: int = 0
@@ -83,6 +87,10 @@ class Case:
     @property
     def status(self) -> int:
         return FAILED if self.code else COMPLETED
+
+    @property
+    def expected_attempts(self) -> int:
+        return self.attempts or self.calls
 
 
 def fails_at_once(route: str) -> list[Case]:
@@ -190,9 +198,18 @@ def rate_limits(route: str) -> list[Case]:
             "[[rate*2:1]]",
             0,
             3,
+            attempts=1,
+            note="a 429 with Retry-After: 1 is called again inside the attempt, up to 3 times",
+        ),
+        Case(
+            route,
+            "[[rate*4:1]]",
+            0,
+            5,
+            attempts=2,
             retry_code=RATE,
             min_retry_delay=0.95,
-            note="Retry-After: 1 is a floor for the retry delay",
+            note="4 calls of the first attempt refused; Retry-After: 1 is a floor for the retry delay",
         ),
         Case(route, "[[overload*1]]", 0, 2, retry_code=RATE),
     ]
@@ -264,8 +281,8 @@ async def main_outcomes(client: CharaiClient, stack: Stack) -> dict[str, Outcome
 
 @pytest_asyncio.fixture(scope="module")
 async def rate_outcomes(client: CharaiClient, stack: Stack) -> dict[str, Outcome]:
-    # One route at a time per worker: the image and TTS workers have separate gates, so the two
-    # chains run side by side; inside a chain the cases run one after the other.
+    # One case at a time per worker: the image and TTS workers have separate gates (limits), so
+    # the two chains run side by side; inside a chain the cases run one after the other.
     async def chain(route: str) -> dict[str, Outcome]:
         found: dict[str, Outcome] = {}
         for case in rate_limits(route):
@@ -316,10 +333,11 @@ def check(outcome: Outcome) -> None:
         f"{where}: the provider got {outcome.calls} calls, expected {case.calls} ({case.note}); "
         f"events: {describe(log)}"
     )
-    assert final.attempt == case.calls, f"{where}: task.attempt {final.attempt} != {case.calls} calls"
+    attempts = case.expected_attempts
+    assert final.attempt == attempts, f"{where}: task.attempt {final.attempt}, expected {attempts}"
 
     retries = [e for e in log if e.type == C.TASK_EVENT_TYPE_RETRY_SCHEDULED]
-    assert len(retries) == case.calls - 1, f"{where}: {len(retries)} RETRY_SCHEDULED events: {describe(log)}"
+    assert len(retries) == attempts - 1, f"{where}: {len(retries)} RETRY_SCHEDULED events: {describe(log)}"
     for number, event in enumerate(retries, start=1):
         assert event.task.error.code == case.retry_code, (
             f"{where}: retry {number} carries {CODE_NAME(event.task.error.code)}, "

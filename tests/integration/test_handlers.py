@@ -283,15 +283,18 @@ async def test_content_rejection_keeps_provider_message(
 async def test_image_rate_limit_carries_retry_after(
     emu: RunningEmulator, session: aiohttp.ClientSession, model: str
 ) -> None:
+    # Retry-After 6 is over the 5 s a call waits inside its attempt: the error goes to the store,
+    # carrying the Retry-After its retry must honour (shorter ones: test_provider_backpressure.py).
     provider = make_provider(session, emu, model)
-    ctx = image_ctx(provider, "a storm [[rate:2]]")
+    ctx = image_ctx(provider, "a storm [[rate:6]]")
     with pytest.raises(ProviderError) as caught:
         await ImageHandler(poll_interval=0.01).run(ctx)
     failure = caught.value.failure
     assert failure.kind is ErrorKind.RATE_LIMITED
-    assert failure.retry_after == 2
+    assert failure.retry_after == 6
     assert failure.provider_code == "1302"
-    assert provider.gate.closed_for > 1.5  # every call of this worker now waits
+    assert emu.stats()["statuses"] == {"429": 1}  # no retry inside the attempt
+    assert provider.gate.limit == 1  # refused with 1 call in flight: this worker now sends 1 at a time
 
 
 async def test_image_hang_times_out(emu: RunningEmulator, session: aiohttp.ClientSession) -> None:
@@ -445,11 +448,11 @@ async def test_tts_failure_modes(
 async def test_tts_rate_limit_carries_retry_after(
     emu: RunningEmulator, session: aiohttp.ClientSession
 ) -> None:
-    ctx = tts_ctx(make_provider(session, emu, "glm-tts"), "Hurry! [[rate:2]]")
+    ctx = tts_ctx(make_provider(session, emu, "glm-tts"), "Hurry! [[rate:6]]")
     with pytest.raises(ProviderError) as caught:
         await TtsHandler().run(ctx)
     assert caught.value.failure.kind is ErrorKind.RATE_LIMITED
-    assert caught.value.failure.retry_after == 2
+    assert caught.value.failure.retry_after == 6
 
 
 async def test_tts_hang_times_out(emu: RunningEmulator, session: aiohttp.ClientSession) -> None:

@@ -62,8 +62,8 @@ def classify_error_body(error: Any, *, key_setting: str, status: int = 200) -> P
 def raise_inband_error(body: dict[str, Any], provider: ProviderHttp) -> None:
     """Raises PROVIDER_BAD_RESPONSE if a ``200`` JSON answer carries a non-empty ``error``.
 
-    A rate limit reported this way still closes the provider's gate as a 429 would, so every
-    call of this worker slows down, not only this task's retry.
+    A rate limit reported this way still lowers the provider gate's in-flight limit as a 429
+    would, so this worker sends fewer calls at once, not only this task's retry.
     """
     error = body.get("error")
     if error:

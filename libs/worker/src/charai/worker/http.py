@@ -1,5 +1,7 @@
 """HTTP to an AI provider: timeouts, size caps, classification of every failure, and one gate
-per provider so a 429 slows every call of this worker to that provider, not only one task's.
+per provider: an adaptive limit on the calls in flight, so a 429 makes this worker send fewer
+calls at once to that provider instead of stopping them all (:class:`ProviderGate`), and a 429
+with a short Retry-After is retried inside the attempt rather than through the store.
 
 Media the provider points to (a temporary link to a generated image or audio file) is fetched
 with an SSRF guard: the host is resolved once, every address must be public (or, with
@@ -13,6 +15,7 @@ time are capped.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import ipaddress
@@ -55,6 +58,13 @@ class ProviderConfig:
         max_body_bytes: larger answers are refused, not buffered.
         allow_private_urls: whether media URLs on loopback/private addresses may be fetched
             (the local emulator needs it; a real provider never does).
+        rate_limit_retries: how many times one :meth:`ProviderHttp.request` calls again after a
+            429 before it raises RATE_LIMITED (then the store's retry policy takes over).
+        rate_limit_max_wait: the longest Retry-After retried that way, in seconds. 5 s: a
+            concurrency 429 (Retry-After 1 from Zhipu) clears within a call or two, and waiting
+            in the attempt costs nothing but this job's slot; a longer Retry-After means a real
+            rate or quota window, better waited out by the store's delayed redelivery than by a
+            parked job. With 3 retries an attempt waits at most 3 x 5 x 1.25 s on Retry-After.
     """
 
     base_url: str
@@ -64,6 +74,8 @@ class ProviderConfig:
     timeout: float = 120.0
     max_body_bytes: int = 32 * 1024 * 1024
     allow_private_urls: bool = False
+    rate_limit_retries: int = 3
+    rate_limit_max_wait: float = 5.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -81,27 +93,114 @@ class Response:
 
 
 class ProviderGate:
-    """Shared pacing for all calls of this process to one provider.
+    """An adaptive limit on this process's calls in flight to one provider (AIMD).
 
-    After a 429 the gate stays closed until the provider's Retry-After (jittered, so callers do
-    not return in one burst) has passed; every call waits at the gate first.
+    A provider's 429 is almost always its concurrency limit speaking (Zhipu limits concurrent
+    requests per account), so the answer is to send fewer calls at once, not to stop sending:
+    the limit follows what the provider admits, and only the calls beyond it wait, in order of
+    arrival. The call that was refused waits out its own Retry-After (:meth:`ProviderHttp.request`);
+    the others carry on.
+
+    * Decrease: a 429 sets the limit to the calls in flight at that moment minus one (the refused
+      call itself), floor 1, never raising it. A burst of N refusals out of M calls in flight
+      lowers it once per refused call, but each refused call has left the count before the next
+      one is seen, so the burst ends at M - N, the calls the provider accepted: the limit never
+      compounds below that, as a multiplicative cut per 429 would.
+    * Increase: after ``limit`` successful calls in a row without a 429 (about one round trip of
+      calls at the limit), the limit grows by one, up to ``ceiling``; probing upward is how it
+      finds out the provider admits more again. Only successes while the limit binds count (the
+      limit's worth of calls in flight, or calls waiting): in a lull the limit proves nothing,
+      and drifting up then would cost the next burst its 429s all over again.
+
+    Until the first 429 there is no limit (or ``ceiling``): the worker's own concurrency bounds
+    the calls, and one round of refusals teaches the gate the provider's limit.
     """
 
-    def __init__(self) -> None:
-        self._open_at = 0.0
-
-    def pause(self, seconds: float) -> None:
-        until = time.monotonic() + seconds * (1 + random.uniform(0, 0.25))
-        self._open_at = max(self._open_at, until)
+    def __init__(self, ceiling: int | None = None) -> None:
+        if ceiling is not None and ceiling < 1:
+            raise ValueError("ceiling must be >= 1 or None")
+        self._ceiling = ceiling
+        self._limit = ceiling
+        self._in_flight = 0
+        self._successes = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
     @property
-    def closed_for(self) -> float:
-        return max(0.0, self._open_at - time.monotonic())
+    def limit(self) -> int | None:
+        """Calls allowed in flight at once; ``None`` while unlimited (no 429 seen, no ceiling)."""
+        return self._limit
 
-    async def wait(self) -> None:
-        while (delay := self.closed_for) > 0:  # noqa: ASYNC110 - the deadline moves when another 429 arrives
-            # Spread the waiters over a short window instead of releasing them together.
-            await asyncio.sleep(delay + random.uniform(0, min(1.0, delay)))
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def waiting(self) -> int:
+        """Calls queued for a slot."""
+        return len(self._waiters)
+
+    def _has_room(self) -> bool:
+        return self._limit is None or self._in_flight < self._limit
+
+    async def acquire(self) -> None:
+        """Waits for a slot (first come, first served) and takes it; pair with :meth:`release`."""
+        if not self._waiters and self._has_room():
+            self._in_flight += 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # the slot was handed over just as the wait was cancelled
+            else:
+                with contextlib.suppress(ValueError):  # already dropped by _hand_over
+                    self._waiters.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        self._in_flight -= 1
+        self._hand_over()
+
+    def rejected(self) -> None:
+        """A call holding a slot was refused with a rate limit: fewer calls at once from now on."""
+        self._shrink(self._in_flight - 1)
+
+    def succeeded(self) -> None:
+        """A call holding a slot was answered: after ``limit`` of these in a row, one more slot."""
+        if self._limit is None or self._limit == self._ceiling:
+            return
+        if self._in_flight < self._limit and not self._waiters:
+            return
+        self._successes += 1
+        if self._successes >= self._limit:
+            self._limit += 1
+            self._successes = 0
+            self._hand_over()
+
+    def pause(self, seconds: float) -> None:
+        """A rate limit reported outside :meth:`ProviderHttp.request` (a 429-class code inside a
+        200 answer, seen after the call left its slot): lowered like a 429, to the calls still in
+        flight.
+
+        ``seconds`` (the provider's Retry-After) is for the refused task's own retry, which the
+        store schedules; it no longer stops this worker's other calls.
+        """
+        self._shrink(self._in_flight)
+
+    def _shrink(self, target: int) -> None:
+        target = max(1, target)
+        if self._limit is None or target < self._limit:
+            self._limit = target
+        self._successes = 0
+
+    def _hand_over(self) -> None:
+        while self._waiters and self._has_room():
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self._in_flight += 1
+                waiter.set_result(None)
 
 
 #: Resolves a host name to its addresses (``host, port -> ["203.0.113.7", ...]``).
@@ -156,16 +255,68 @@ class ProviderHttp:
         headers: Mapping[str, str] | None = None,
         timeout: float | None = None,
     ) -> Response:
-        """One call to ``{base_url}{path}``; non-2xx answers raise a classified ProviderError."""
-        await self.gate.wait()
+        """One call to ``{base_url}{path}``; non-2xx answers raise a classified ProviderError.
+
+        The call first takes a slot at the :attr:`gate` (waiting at most the call timeout for
+        one). A rate limit whose Retry-After is at most ``config.rate_limit_max_wait`` is called
+        again after that wait (x 1-1.25, so the refused calls do not come back together), up to
+        ``config.rate_limit_retries`` times: the slot is given back while waiting, so the
+        worker's other calls go on. Each call keeps its own timeout.
+        """
         url = self.config.base_url.rstrip("/") + path
-        response = await self._timed_fetch("request", method, url, self._headers(headers), json_body, timeout)
-        if response.status >= 300:
-            failure = self._classify(response)
-            if failure.kind is errors.ErrorKind.RATE_LIMITED:
-                self.gate.pause(failure.retry_after or 1.0)
-            raise ProviderError(failure)
-        return response
+        limit = timeout or self.config.timeout
+        retries_left = self.config.rate_limit_retries
+        while True:
+            await self._take_slot(limit)
+            try:
+                response = await self._timed_fetch(
+                    "request", method, url, self._headers(headers), json_body, timeout
+                )
+                failure = self._classify(response) if response.status >= 300 else None
+                if failure is None:
+                    self.gate.succeeded()
+                elif failure.kind is errors.ErrorKind.RATE_LIMITED:
+                    self.gate.rejected()
+            finally:
+                self.gate.release()
+            if failure is None:
+                return response
+            wait = self._rate_limit_wait(failure) if retries_left > 0 else None
+            if wait is None:
+                raise ProviderError(failure)
+            retries_left -= 1
+            log.info(
+                "provider_rate_limited_retrying_in_attempt",
+                retry_after=failure.retry_after,
+                wait=round(wait, 3),
+                retries_left=retries_left,
+                limit=self.gate.limit,
+            )
+            await asyncio.sleep(wait)
+
+    async def _take_slot(self, seconds: float) -> None:
+        """:meth:`ProviderGate.acquire`, bounded like the call itself: a slot that does not free
+        up within the call timeout means the calls ahead are stuck, and this attempt fails as a
+        timeout (retried by the store) rather than parking its job indefinitely."""
+        try:
+            async with asyncio.timeout(seconds):
+                await self.gate.acquire()
+        except TimeoutError:
+            raise ProviderError(
+                ProviderFailure(
+                    errors.ErrorKind.PROVIDER_TIMEOUT,
+                    f"no free slot to the provider within {seconds:g} s "
+                    f"({self.gate.in_flight} calls in flight, limit {self.gate.limit})",
+                )
+            ) from None
+
+    def _rate_limit_wait(self, failure: ProviderFailure) -> float | None:
+        """Seconds to wait before calling again inside the attempt, or ``None`` to raise instead."""
+        if failure.kind is not errors.ErrorKind.RATE_LIMITED or failure.retry_after is None:
+            return None
+        if failure.retry_after > self.config.rate_limit_max_wait:
+            return None
+        return failure.retry_after * random.uniform(1.0, 1.25)
 
     async def download(self, url: str, timeout: float | None = None) -> Response:
         """Fetches media the provider pointed to, with the same caps and an SSRF guard.
