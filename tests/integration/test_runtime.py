@@ -453,3 +453,57 @@ async def test_long_job_outlives_ack_wait_and_lease_without_redelivery(
         assert done.attempt == 1, "the lease lapsed although the worker was heartbeating"
         assert handler.order == [task.id]
         await h.assert_drained()
+
+
+# -- progress reports ------------------------------------------------------------------------------
+class SteppingHandler:
+    """Reports ``steps`` (percent, stage, pause after) and succeeds; a refusal is seen as the
+    handler's cancellation (JobAbortedError or CancelledError), recorded in ``aborted``."""
+
+    kind = KIND
+
+    def __init__(self, steps: list[tuple[int, str, float]]) -> None:
+        self.steps = steps
+        self.aborted = False
+
+    async def run(self, ctx: JobContext) -> task_pb2.TtsResult:
+        try:
+            for percent, stage, pause in self.steps:
+                await ctx.progress(percent, stage)
+                await asyncio.sleep(pause)
+        except BaseException:
+            self.aborted = True
+            raise
+        return result_for(ctx)
+
+
+def progress_seen(events: list[task_pb2.TaskEvent]) -> list[tuple[int, str]]:
+    return [(e.task.progress, e.task.stage) for e in events if e.type == EV.TASK_EVENT_TYPE_PROGRESS]
+
+
+async def test_reports_superseded_within_the_window_are_coalesced_but_every_stage_is_recorded(
+    h: Harness,
+) -> None:
+    # A call that answers at once: 20, 40, 60 "generating" and 90 "processing" within a few ms.
+    handler = SteppingHandler(
+        [(20, "generating", 0), (40, "generating", 0), (60, "generating", 0), (90, "processing", 0)]
+    )
+    await h.start_worker(handler, concurrency=1)
+    task = await h.create()
+    (done,) = await h.wait_ended([task.id])
+    assert done.status == task_pb2.TASK_STATUS_COMPLETED
+    # The ticks within "generating" gave way to the next stage; "processing" was still recorded
+    # before the result (never after it).
+    assert progress_seen(await h.events(task.id)) == [(90, "processing")]
+
+
+async def test_reports_spaced_wider_than_the_window_all_reach_the_store(h: Harness) -> None:
+    handler = SteppingHandler([(20, "generating", 0.2), (50, "generating", 0.2), (90, "processing", 0.2)])
+    await h.start_worker(handler, concurrency=1)
+    task = await h.create()
+    await h.wait_ended([task.id])
+    assert progress_seen(await h.events(task.id)) == [
+        (20, "generating"),
+        (50, "generating"),
+        (90, "processing"),
+    ]

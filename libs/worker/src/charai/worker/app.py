@@ -66,6 +66,7 @@ class WorkerApp:
             max_deliver=s.max_deliver,
             heartbeat_interval=max(0.2, s.ack_wait_seconds / 3),
             long_poll_seconds=s.long_poll_seconds,
+            progress_coalesce=s.progress_coalesce_seconds,
             worker_id=s.worker_id,
             replicas=s.nats_replicas,
         )

@@ -77,6 +77,10 @@ class RunnerConfig:
     settle_seconds: float = 60.0
     #: Timeout of the hand-back call at shutdown (the process is about to exit).
     handback_timeout: float = 2.0
+    #: Progress reports go out in the background, at most one per this many seconds per job: a
+    #: report superseded within the window (20 % then 90 % of a call that answers at once) is
+    #: never sent, and one still pending when the job ends gives way to the result.
+    progress_coalesce: float = 0.05
 
 
 @dataclasses.dataclass(slots=True)
@@ -89,6 +93,16 @@ class _Running:
     progress: int = 10
     stage: str = Stage.STARTING
     abort_reason: str = ""
+    #: What task_store last recorded for this attempt (the claim wrote 10 % "starting") and
+    #: when (event-loop time), for the coalescing reporter.
+    sent: tuple[int, str] = (10, Stage.STARTING)
+    sent_at: float = 0.0
+    #: The background task sending progress, while there is progress to send.
+    reporter: asyncio.Task[None] | None = None
+    #: A report RPC is on the wire (the reporter must not be cancelled mid-call).
+    sending: bool = False
+    #: The outcome is being settled: no further progress reports.
+    settling: bool = False
 
 
 class _Context:
@@ -112,23 +126,19 @@ class _Context:
         return self._runner.provider
 
     async def progress(self, percent: int, stage: str = Stage.GENERATING) -> None:
-        """Reports progress; a refusal aborts the job, an unreachable task_store does not.
+        """Records progress and returns at once; the runner sends it in the background.
 
-        Why best effort: progress is for watchers, and the heartbeat renews the lease. Failing the
-        attempt because task_store is restarting would cost a provider call and an attempt.
+        A refusal (the task ended) aborts the job, an unreachable task_store does not. Why best
+        effort: progress is for watchers, and the heartbeat renews the lease. Failing the attempt
+        because task_store is restarting would cost a provider call and an attempt. Why in the
+        background: the handler's provider call should not wait for a store round trip, and
+        reports superseded within ``progress_coalesce`` cost the store nothing.
         """
         r = self._running
         if r.abort_reason:
             raise JobAbortedError(r.abort_reason)
         r.progress, r.stage = max(r.progress, percent), stage
-        try:
-            await self._runner.report(r)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() not in _TRANSIENT:
-                raise
-            log.warning("progress_not_reported", code=exc.code().name, progress=r.progress)
-        if r.abort_reason:
-            raise JobAbortedError(r.abort_reason)
+        self._runner.report_soon(r)
 
     async def store_media(self, data: bytes, extension: str, content_type: str) -> MediaRef:
         key = media_key(self._task.id, extension)
@@ -332,6 +342,62 @@ class JobRunner:
         await asyncio.gather(*(one(r) for r in held))
 
     # -- one job -----------------------------------------------------------------------------
+    def report_soon(self, running: _Running) -> None:
+        """Makes sure the job's latest progress reaches task_store (see :meth:`_send_progress`)."""
+        if running.settling or running.abort_reason:
+            return
+        if running.reporter is None or running.reporter.done():
+            running.reporter = asyncio.create_task(self._send_progress(running))
+
+    async def _send_progress(self, running: _Running) -> None:
+        """Sends the job's progress until task_store has the latest, one report per
+        ``progress_coalesce`` seconds: whatever changed meanwhile goes out as one report."""
+        loop = asyncio.get_running_loop()
+
+        def pending() -> bool:
+            if running.settling or running.abort_reason:
+                return False
+            return (running.progress, running.stage) != running.sent
+
+        while pending():
+            wait = running.sent_at + self.config.progress_coalesce - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue  # the job may have ended or moved on meanwhile
+            current = (running.progress, running.stage)
+            running.sending = True
+            try:
+                await self.report(running)
+            except grpc.aio.AioRpcError as exc:
+                # Unreachable (or refusing for another reason): the heartbeat renews the lease
+                # and the next progress tries again.
+                log.warning("progress_not_reported", code=exc.code().name, progress=running.progress)
+                return
+            finally:
+                running.sending = False
+                running.sent_at = loop.time()
+            running.sent = current
+
+    async def _end_reports(self, running: _Running, *, flush: bool) -> None:
+        """Stops progress reporting before the outcome is settled, so task_store never sees
+        progress after the result: a report on the wire is let finish, one waiting out its
+        window is dropped. With ``flush`` (the handler succeeded) a stage task_store has not
+        recorded yet (e.g. 90 % "processing") is still sent: watchers see every stage, only
+        ticks within a stage are coalesced away."""
+        running.settling = True
+        reporter = running.reporter
+        if reporter is not None and not reporter.done():
+            if not running.sending:
+                reporter.cancel()
+            await asyncio.wait([reporter])  # never raises what the reporter raised; our own cancel does
+            if not reporter.cancelled() and reporter.exception() is not None:
+                log.warning("progress_reporter_failed", error=str(reporter.exception()))
+        if flush and not running.abort_reason and running.stage != running.sent[1]:
+            try:
+                await self.report(running)
+            except grpc.aio.AioRpcError as exc:
+                log.warning("progress_not_reported", code=exc.code().name, progress=running.progress)
+
     async def report(self, running: _Running) -> None:
         """Sends progress (and so renews the lease); a refusal aborts the job."""
         request = spb.ReportProgressRequest(
@@ -494,9 +560,10 @@ class JobRunner:
     async def _execute(self, running: _Running, task: task_pb2.Task) -> str:
         ctx = _Context(self, running, task)
         msg = running.msg
+        # The claim already recorded 10 % "starting" (and the lease): no report needed here.
+        running.sent_at = asyncio.get_running_loop().time()
         try:
-            # The claim already recorded 10 % "starting" (and the lease): no report needed here.
-            running.inner = asyncio.create_task(self.handler.run(ctx))
+            running.inner = asyncio.create_task(self._handle(ctx, running))
             result = await running.inner
         except asyncio.CancelledError:
             current = asyncio.current_task()
@@ -544,6 +611,16 @@ class JobRunner:
         await self._msg_op("ack", msg)
         self.completed += 1
         return "completed"
+
+    async def _handle(self, ctx: _Context, running: _Running) -> Result:
+        """The handler's run, then no more progress reports (whatever the outcome)."""
+        try:
+            result = await self.handler.run(ctx)
+        except BaseException:
+            await self._end_reports(running, flush=False)
+            raise
+        await self._end_reports(running, flush=True)
+        return result
 
     async def _fail(self, running: _Running, error: task_pb2.TaskError, retry_after: float | None) -> str:
         request = spb.FailTaskRequest(

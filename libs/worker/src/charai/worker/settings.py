@@ -17,6 +17,9 @@ class WorkerSettings(CommonSettings):
     provider_allow_private_urls: bool = False
     worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     long_poll_seconds: float = Field(default=5.0, gt=0)
+    #: At most one progress report per job per this many seconds; reports superseded meanwhile
+    #: are never sent (0: every report goes out, still without blocking the handler).
+    progress_coalesce_seconds: float = Field(default=0.05, ge=0, le=10)
 
 
 class ImageWorkerSettings(WorkerSettings):
