@@ -17,12 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 import nats
 import pytest
+from charai.core import natsconn
 from charai.core.storeclient import StoreClient
 from charai.core.topology import Topology
 from charai.store.v1 import store_service_pb2 as spb
 from charai.task_store.app import TaskStoreApp
 from charai.task_store.dispatch import OutboxRelay
 from charai.task_store.settings import Settings
+from charai.task_store.store import StoreConfig, TaskStore, open_store
 from charai.tasks.v1 import task_pb2, task_service_pb2
 from nats.aio.client import Client
 from nats.js import JetStreamContext
@@ -281,3 +283,79 @@ async def test_app_sweeper_runs_by_itself(nats_server: NatsServer, tmp_path: Pat
         await asyncio.sleep(1.0)  # several more sweeps
         jobs = await stream_jobs(r.js)
         assert sorted(j.msg_id for j in jobs) == sorted([f"{kept.id}:1", f"{lost.id}:2"])
+
+
+@contextlib.asynccontextmanager
+async def bare_store(
+    nats_server: NatsServer, db: Database, **config: Any
+) -> AsyncIterator[tuple[TaskStore, JetStreamContext]]:
+    """A store and the jobs stream, with no relay running: the test drives relays by hand."""
+    nc = await nats.connect(nats_server.url)
+    store = open_store(db.url, StoreConfig(**config))
+    try:
+        js = nc.jetstream()
+        await natsconn.ensure_jobs_stream(js, TOPOLOGY)
+        async with store:
+            yield store, js
+    finally:
+        await nc.close()
+
+
+def relay_on(store: TaskStore, js: JetStreamContext) -> OutboxRelay:
+    return OutboxRelay(store, js, TOPOLOGY, redispatch_after=60.0, sweep_interval=3600.0)
+
+
+async def test_a_relay_that_dies_before_recording_a_batch_is_deduplicated_by_jetstream(
+    nats_server: NatsServer, db: Database
+) -> None:
+    """The rows a batch published are deleted by the relay's next claim. A relay that dies
+    before it leaves them claimed: when the claims expire another relay publishes them again,
+    JetStream drops the repeats (same Nats-Msg-Id), and that relay's last claim, which finds
+    nothing more, records them."""
+    async with bare_store(nats_server, db, outbox_claim_seconds=0.3) as (store, js):
+        tasks = [(await store.create("t1", image_request()))[0] for _ in range(3)]
+        dead = relay_on(store, js)
+        rows = await store.claim_dispatches(dead.owner)
+        await dead._publish(rows)  # published and acknowledged; the process dies here
+        assert (dead.published, dead.duplicates) == (3, 0)
+        assert len(await store.pending_dispatches()) == 3  # nothing recorded yet
+
+        await asyncio.sleep(0.4)  # the dead relay's claims expire
+        survivor = relay_on(store, js)
+        survivor.start()
+        try:
+            survivor.wake()
+
+            async def drained() -> bool:
+                return await store.pending_dispatches() == []
+
+            await eventually(drained, timeout=5)
+            assert (survivor.published, survivor.duplicates) == (3, 3)
+        finally:
+            await survivor.close()
+        jobs = await stream_jobs(js)
+        assert sorted(j.msg_id for j in jobs) == sorted(f"{t.id}:1" for t in tasks)
+        await asyncio.sleep(0.01)
+        stale = await store.stale_dispatches(0.0)  # every job's stream sequence was recorded
+        assert sorted((task_id, seq) for task_id, _, seq in stale) == sorted(
+            (j.job.task_id, j.seq) for j in jobs
+        )
+
+
+async def test_a_stopping_relay_records_its_last_batch_with_the_give_back(
+    nats_server: NatsServer, db: Database
+) -> None:
+    async with bare_store(nats_server, db) as (store, js):
+        task, _ = await store.create("t1", image_request())
+        unsent, _ = await store.create("t1", image_request())
+        relay = relay_on(store, js)
+        first = await store.claim_dispatches(relay.owner)
+        await relay._publish(first[:1])  # the batch in hand when it is told to stop
+        relay.start()
+        await relay.close()  # stops before claiming again
+        assert [r.task_id for r in await store.pending_dispatches()] == [unsent.id]
+        # Recorded (not re-published), and the unsent row is free for another relay at once.
+        assert [r.task_id for r in await store.claim_dispatches("another")] == [unsent.id]
+        assert [j.msg_id for j in await stream_jobs(js)] == [f"{task.id}:1"]
+        await asyncio.sleep(0.01)
+        assert [(t, seq) for t, _, seq in await store.stale_dispatches(0.0)] == [(task.id, 1)]

@@ -25,6 +25,7 @@ from charai.core.domain.retry import RetryPolicy
 from charai.core.errors import NotFoundError, StaleAttemptError, TaskEndedError
 from charai.core.validation import RequestInvalidError
 from charai.store.v1 import store_service_pb2 as spb
+from charai.task_store import store as store_module
 from charai.task_store.schema import LATEST_VERSION
 from charai.task_store.store import StoreConfig, TaskStore, open_store
 from charai.tasks.v1 import task_pb2, task_service_pb2
@@ -522,6 +523,35 @@ async def test_outbox_claims_marks_and_releases(db: Database, rec: Recorded) -> 
     assert await db.count_rows("outbox") == 3
 
 
+async def test_a_claim_records_the_jobs_sent_before_it_even_when_it_finds_none(
+    db: Database, rec: Recorded
+) -> None:
+    """A relay's next claim deletes the rows it published (one write per batch): first, so its
+    own published rows are not claimed again, and also when it finds nothing more to claim."""
+    store = rec.store
+    tasks = [(await store.create("t1", image_request()))[0] for _ in range(3)]
+    first = await store.claim_dispatches("relay", limit=2)
+    second = await store.claim_dispatches("relay", sent=[(r, 10 + n) for n, r in enumerate(first)])
+    assert [r.task_id for r in second] == [tasks[2].id]
+    assert [r.task_id for r in await store.pending_dispatches()] == [tasks[2].id]
+    assert await store.claim_dispatches("relay", sent=[(second[0], 12)]) == []
+    assert await db.count_rows("outbox") == 0
+    await asyncio.sleep(0.01)
+    # Each job's stream sequence was recorded with it (the sweeper checks the stream by it).
+    stale = sorted(await store.stale_dispatches(0.0))
+    assert stale == sorted((t.id, 1, 10 + n) for n, t in enumerate(tasks))
+
+
+async def test_release_records_the_jobs_sent_and_gives_back_the_rest(db: Database, rec: Recorded) -> None:
+    store = rec.store
+    tasks = [(await store.create("t1", image_request()))[0] for _ in range(3)]
+    rows = await store.claim_dispatches("relay")
+    await store.release_dispatches("relay", sent=[(rows[0], 7)])
+    assert [r.task_id for r in await store.claim_dispatches("other")] == [t.id for t in tasks[1:]]
+    await asyncio.sleep(0.01)
+    assert await store.stale_dispatches(0.0) == [(tasks[0].id, 1, 7)]
+
+
 async def test_expired_outbox_claims_go_to_another_relay(db: Database) -> None:
     async with opened(db, outbox_claim_seconds=0.2) as rec:
         task, _ = await rec.store.create("t1", image_request())
@@ -557,6 +587,73 @@ async def test_stale_dispatches_are_claimed_once_and_redispatched_by_generation(
     assert await store.stale_dispatches(0.0) == []  # its new job waits in the outbox
     await store.touch_dispatch([waiting.id])
     assert (await store.get("t1", waiting.id)).status == QUEUED
+
+
+# -- queue position --------------------------------------------------------------------------
+@pytest.mark.parametrize("behind_scan", [256, 1], ids=["counters", "count-ahead"])
+async def test_queue_position_follows_claims_retries_and_cancels(
+    db: Database, monkeypatch: pytest.MonkeyPatch, behind_scan: int
+) -> None:
+    """Position = 1 + queued tasks of the type ahead (higher priority, or same and older). SQLite
+    reads lane counters kept by triggers; ``behind_scan=1`` makes it count from the front for
+    every task but the last of its lane, so both ways are checked against the same answers."""
+    monkeypatch.setattr(store_module, "BEHIND_SCAN", behind_scan)
+    async with opened(db, lease_seconds=5.0) as rec:
+        store = rec.store
+        normal = [(await store.create("t1", image_request()))[0] for _ in range(4)]
+        assert [t.queue_position for t in normal] == [1, 2, 3, 4]
+        high, _ = await store.create("t2", image_request(priority=task_pb2.PRIORITY_HIGH))
+        low, _ = await store.create("t1", image_request(priority=task_pb2.PRIORITY_LOW))
+        other, _ = await store.create("t1", tts_request())
+        assert (high.queue_position, low.queue_position, other.queue_position) == (1, 6, 1)
+
+        async def positions() -> list[int]:
+            ordered = [("t2", high), *(("t1", t) for t in normal), ("t1", low)]
+            return [(await store.get(tenant, t.id)).queue_position for tenant, t in ordered]
+
+        assert await positions() == [1, 2, 3, 4, 5, 6]
+        assert (await store.claim(normal[0].id, 1, "w")).outcome == RUN
+        assert await positions() == [1, 0, 2, 3, 4, 5]
+        await store.cancel("t1", normal[2].id)
+        assert await positions() == [1, 0, 2, 0, 3, 4]
+        # A failed attempt waiting for its retry is queued again, in its place by creation time.
+        outcome, _, _ = await store.fail(fail_req(normal[0].id, 1, ErrorKind.PROVIDER_TIMEOUT))
+        assert outcome == spb.FAIL_OUTCOME_RETRY
+        assert await positions() == [1, 2, 3, 0, 4, 5]
+        listed, _ = await store.list_tasks("t1", task_service_pb2.ListTasksRequest(type=IMAGE))
+        assert [t.queue_position for t in listed] == [5, 4, 0, 3, 2]  # newest first
+        # A request_id repeated after the queue moved answers the task's current place.
+        keyed, _ = await store.create("t1", image_request(request_id="k"))
+        assert keyed.queue_position == 5  # ahead of the low-priority task
+        await store.claim(high.id, 1, "w")
+        again, created = await store.create("t1", image_request(request_id="k"))
+        assert (again.id, created, again.queue_position) == (keyed.id, False, 4)
+
+
+async def test_sqlite_lane_counters_are_seeded_from_the_tasks_of_an_older_schema(tmp_path: Path) -> None:
+    """A database from before the lane counters (schema 2) gets them counted from its tasks."""
+    path = tmp_path / "tasks.db"
+    db = Database("sqlite", f"sqlite:///{path}", lambda table: 0)
+    async with opened(db) as rec:
+        made = [(await rec.store.create("t1", image_request()))[0] for _ in range(3)]
+        await rec.store.claim(made[0].id, 1, "w")
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        for trigger in ("tasks_queued_insert", "tasks_queued_update", "tasks_queued_delete"):
+            conn.execute(f"DROP TRIGGER {trigger}")
+        conn.execute("DROP TABLE lane_counts")
+        conn.execute("DROP INDEX tasks_queue")
+        conn.execute("CREATE INDEX tasks_lane ON tasks (type, status, priority, create_time)")
+        conn.execute("DELETE FROM schema_version WHERE version = 3")
+        conn.commit()
+    async with opened(db) as rec:
+        assert [(await rec.store.get("t1", t.id)).queue_position for t in made] == [0, 1, 2]
+        newest, _ = await rec.store.create("t1", image_request())
+        assert newest.queue_position == 3
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT type, priority, queued FROM lane_counts").fetchall() == [
+            (int(IMAGE), int(task_pb2.PRIORITY_NORMAL), 3)
+        ]
+        assert conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'tasks_lane'").fetchall() == []
 
 
 # -- migrations and restart ------------------------------------------------------------------

@@ -59,6 +59,9 @@ class Dialect:
     append_event: str | None
     #: True: ``tasks.metadata`` is JSONB and filters use ``@>``; False: rows of ``task_metadata``.
     metadata_json: bool
+    #: True: ``lane_counts`` holds the number of queued tasks per (type, priority), kept exact by
+    #: triggers (see the schema), so ``queue_position`` need not count the queue ahead.
+    lane_counts: bool = False
 
 
 SQLITE = Dialect(
@@ -67,6 +70,7 @@ SQLITE = Dialect(
     skip_locked="",
     append_event=None,
     metadata_json=False,
+    lane_counts=True,
 )
 
 #: Key of the transaction lock that orders event inserts (an arbitrary constant: "chrE").

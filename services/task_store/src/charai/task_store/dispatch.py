@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import uuid
 
 import structlog
@@ -33,11 +34,24 @@ class EventPublisher:
         self._queue: asyncio.Queue[spb.EventEnvelope] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
         self._task: asyncio.Task[None] | None = None
+        #: Envelopes handed over by the database thread, not yet moved to the queue; one wake-up
+        #: of the event loop moves all of them (a group commit hands over many at once).
+        self._incoming: list[spb.EventEnvelope] = []
+        self._incoming_lock = threading.Lock()
 
     def submit_threadsafe(self, envelopes: list[spb.EventEnvelope]) -> None:
-        """Called from the database thread right after commit."""
-        for env in envelopes:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, env)
+        """Called from the database thread right after commit (in commit order)."""
+        with self._incoming_lock:
+            wake = not self._incoming
+            self._incoming.extend(envelopes)
+        if wake:
+            self._loop.call_soon_threadsafe(self._take_incoming)
+
+    def _take_incoming(self) -> None:
+        with self._incoming_lock:
+            batch, self._incoming = self._incoming, []
+        for env in batch:
+            self._queue.put_nowait(env)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="event-publisher")
@@ -62,7 +76,7 @@ class EventPublisher:
             # Let queued events go out before we stop.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(2):
-                    while not self._queue.empty():  # noqa: ASYNC110 - draining a queue we do not own the wake-ups of
+                    while self._incoming or not self._queue.empty():  # noqa: ASYNC110 - draining a queue we do not own the wake-ups of
                         await asyncio.sleep(0.01)
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -74,6 +88,11 @@ class OutboxRelay:
     """Publishes outbox rows to JetStream (``Nats-Msg-Id`` = task id and dispatch generation),
     awaits each PubAck, then deletes the row. A crash in between re-publishes, and JetStream's
     duplicate window (or the store's claim fencing) absorbs the repeat.
+
+    One write per batch: the rows a batch published are deleted (and their stream sequences
+    recorded) in the transaction of the relay's next claim, which the relay makes at once; when
+    that claim finds nothing, it still records them. A relay that stops records them with its
+    give-back; one that dies before either re-publishes them after the claims expire (deduped).
 
     Several replicas may run a relay on one database: each claims the rows it publishes (for
     ``StoreConfig.outbox_claim_seconds``), so no row is published by two relays at once; a relay
@@ -104,6 +123,9 @@ class OutboxRelay:
         self.published = 0
         self.duplicates = 0
         self._stopping = asyncio.Event()
+        #: Jobs published and acknowledged whose outbox rows are not deleted yet: recorded by the
+        #: next claim (or by close()).
+        self._unmarked: list[tuple[OutboxRow, int]] = []
 
     def wake(self) -> None:
         self._wake.set()
@@ -118,8 +140,9 @@ class OutboxRelay:
         ]
 
     async def close(self) -> None:
-        """Stops after the batch in hand (published and marked), then gives back what this relay
-        still holds, so another replica publishes it at once rather than when the claims expire.
+        """Stops after the batch in hand (published), then records what it published and gives
+        back what this relay still holds, in one transaction, so another replica publishes the
+        rest at once rather than when the claims expire.
 
         The relay is not cancelled mid-batch: a claim committed after the give-back would keep
         its rows from the other replicas until it expired.
@@ -140,7 +163,8 @@ class OutboxRelay:
                 await task
         self._tasks = []
         try:
-            await self._store.release_dispatches(self.owner)
+            await self._store.release_dispatches(self.owner, self._unmarked)
+            self._unmarked = []
         except Exception as exc:  # the database is gone: the claims expire by themselves
             log.warning("outbox_release_failed", error=str(exc))
 
@@ -152,9 +176,7 @@ class OutboxRelay:
                     await self._wake.wait()
             self._wake.clear()
             try:
-                while not self._stopping.is_set() and (
-                    rows := await self._store.claim_dispatches(self.owner)
-                ):
+                while not self._stopping.is_set() and (rows := await self._claim()):
                     await self._publish(rows)
                 backoff = 0.1
             except asyncio.CancelledError:
@@ -167,7 +189,16 @@ class OutboxRelay:
                 backoff = min(backoff * 2, 5.0)
                 self._wake.set()
 
+    async def _claim(self) -> list[OutboxRow]:
+        """The next batch; the transaction also records the previous batch's published jobs."""
+        sent = self._unmarked
+        rows = await self._store.claim_dispatches(self.owner, sent=sent)
+        self._unmarked = []  # committed (a failed claim keeps them for the next one)
+        return rows
+
     async def _publish(self, rows: list[OutboxRow]) -> None:
+        """Publishes a batch; the acknowledged jobs wait in ``_unmarked`` for the next claim."""
+
         async def one(row: OutboxRow) -> tuple[OutboxRow, int]:
             headers = {"Nats-Msg-Id": f"{row.task_id}:{row.dispatch_gen}"}
             traceparent = spb.Job.FromString(row.payload).traceparent
@@ -180,9 +211,7 @@ class OutboxRelay:
             return row, int(ack.seq)
 
         results = await asyncio.gather(*(one(r) for r in rows), return_exceptions=True)
-        sent = [r for r in results if isinstance(r, tuple)]
-        if sent:
-            await self._store.mark_dispatched(sent)
+        self._unmarked.extend(r for r in results if isinstance(r, tuple))
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             raise errors[0]

@@ -17,6 +17,11 @@ Differences between the dialects, and why:
   reuses a number after a rollback; the store makes commit order equal sequence order (SQLite has
   one writer; PostgreSQL takes a transaction lock before inserting events).
 - blobs: ``BLOB`` / ``BYTEA``.
+- queued tasks per lane: SQLite keeps them in ``lane_counts``, maintained by triggers on ``tasks``,
+  so ``queue_position`` costs a counter read and a count of the tasks queued *behind* the task
+  (none, for a task just created) instead of a count of the whole queue ahead of it, inside the
+  single writer's transaction. PostgreSQL still counts (replicas write concurrently there, and a
+  counter row per lane would serialize every create and claim of the lane on its lock).
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ class Migration:
     sqlite: tuple[str, ...]
     postgres: tuple[str, ...]
 
+
+#: ``tasks.status`` of a queued task (``TASK_STATUS_QUEUED``), for the SQLite lane counters.
+_QUEUED = 1
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
@@ -151,6 +159,54 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE outbox ADD COLUMN IF NOT EXISTS claimed_until BIGINT",
             "CREATE INDEX IF NOT EXISTS tasks_dispatched ON tasks (status, dispatched_at)",
         ),
+    ),
+    Migration(
+        3,
+        "queued-task counters per lane (SQLite); lane index covers the tie-break on id",
+        sqlite=(
+            # queue_position without counting the queue: a create (the newest task of its lane)
+            # reads these counters and counts only the few tasks queued behind it, so the cost of
+            # CreateTask no longer grows with the backlog. Triggers keep the counters exact in the
+            # same transaction as the status change (a rolled-back unit rolls its counts back).
+            """CREATE TABLE IF NOT EXISTS lane_counts (
+                type INTEGER NOT NULL,
+                priority INTEGER NOT NULL,
+                queued INTEGER NOT NULL,
+                PRIMARY KEY (type, priority)
+            ) WITHOUT ROWID""",
+            f"INSERT INTO lane_counts (type, priority, queued) SELECT type, priority, COUNT(*)"
+            f" FROM tasks WHERE status = {_QUEUED} GROUP BY type, priority",
+            f"""CREATE TRIGGER IF NOT EXISTS tasks_queued_insert AFTER INSERT ON tasks
+                WHEN NEW.status = {_QUEUED}
+            BEGIN
+                INSERT INTO lane_counts (type, priority, queued) VALUES (NEW.type, NEW.priority, 1)
+                ON CONFLICT (type, priority) DO UPDATE SET queued = queued + 1;
+            END""",
+            f"""CREATE TRIGGER IF NOT EXISTS tasks_queued_update AFTER UPDATE OF status, type, priority
+                ON tasks
+                WHEN (OLD.status = {_QUEUED} OR NEW.status = {_QUEUED}) AND (OLD.status <> NEW.status
+                    OR OLD.type <> NEW.type OR OLD.priority <> NEW.priority)
+            BEGIN
+                UPDATE lane_counts SET queued = queued - 1
+                WHERE OLD.status = {_QUEUED} AND type = OLD.type AND priority = OLD.priority;
+                INSERT INTO lane_counts (type, priority, queued)
+                SELECT NEW.type, NEW.priority, 1 WHERE NEW.status = {_QUEUED}
+                ON CONFLICT (type, priority) DO UPDATE SET queued = queued + 1;
+            END""",
+            f"""CREATE TRIGGER IF NOT EXISTS tasks_queued_delete AFTER DELETE ON tasks
+                WHEN OLD.status = {_QUEUED}
+            BEGIN
+                UPDATE lane_counts SET queued = queued - 1
+                WHERE type = OLD.type AND priority = OLD.priority;
+            END""",
+            # The tasks queued behind a task are a range of this index (no table lookups for the
+            # tie-break on id); it replaces tasks_lane, a prefix of it.
+            "CREATE INDEX IF NOT EXISTS tasks_queue ON tasks (type, status, priority, create_time, id)",
+            "DROP INDEX IF EXISTS tasks_lane",
+        ),
+        # PostgreSQL counts in the creating transaction as before (several replicas write; a
+        # counter row per lane would be one more lock every create and claim queues on).
+        postgres=(),
     ),
 )
 

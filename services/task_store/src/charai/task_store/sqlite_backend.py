@@ -78,6 +78,21 @@ class _Job:
     loop: asyncio.AbstractEventLoop
 
 
+#: A unit of work that ran: its job, its result, or the error it raised.
+_Outcome = tuple[_Job, Any, BaseException | None]
+
+
+def _settle(outcomes: list[_Outcome]) -> None:
+    """On the callers' event loop: answers each of them."""
+    for job, result, error in outcomes:
+        if job.future.done():
+            continue  # the caller gave up (cancelled); the work is done all the same
+        if error is not None:
+            job.future.set_exception(error)
+        else:
+            job.future.set_result(result)
+
+
 class SqliteBackend:
     """:class:`~charai.task_store.backend.Backend` on a SQLite file.
 
@@ -205,44 +220,40 @@ class SqliteBackend:
                     self._queue.put(None)  # stop after this batch
                     break
                 batch.append(job)
-            for job in batch:
-                if not job.write:
-                    self._run_read(job)
+            # Reads are answered before the writes' commit (they do not wait for its fsync).
+            reads = [self._run_read(job) for job in batch if not job.write]
+            if reads:
+                self._answer(reads)
             writes = [job for job in batch if job.write]
             if writes:
-                self._run_writes(writes)
+                self._answer(self._run_writes(writes))
 
     @staticmethod
-    def _answer(job: _Job, result: Any = None, error: BaseException | None = None) -> None:
-        def settle() -> None:
-            if job.future.done():
-                return  # the caller gave up (cancelled); the work is done all the same
-            if error is not None:
-                job.future.set_exception(error)
-            else:
-                job.future.set_result(result)
+    def _answer(outcomes: list[_Outcome]) -> None:
+        """Settles the callers' futures: one wake-up of each event loop per batch (not one per
+        unit of work), in the order the units ran."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
+        for outcome in outcomes:
+            by_loop.setdefault(outcome[0].loop, []).append(outcome)
+        for loop, settled in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the caller's loop is closed
+                loop.call_soon_threadsafe(_settle, settled)
 
-        with contextlib.suppress(RuntimeError):  # the caller's loop is closed
-            job.loop.call_soon_threadsafe(settle)
-
-    def _run_read(self, job: _Job) -> None:
+    def _run_read(self, job: _Job) -> _Outcome:
         try:
             conn = self._conn
             result = run_to_completion(job.body(SqliteTx(conn) if conn is not None else None))  # type: ignore[arg-type]
         except BaseException as exc:
-            self._answer(job, error=exc)
-        else:
-            self._answer(job, result)
+            return job, None, exc
+        return job, result, None
 
-    def _run_writes(self, writes: list[_Job]) -> None:
+    def _run_writes(self, writes: list[_Job]) -> list[_Outcome]:
         try:
             conn = self._connection()
             conn.execute("BEGIN IMMEDIATE")
         except BaseException as exc:
-            for job in writes:
-                self._answer(job, error=exc)
-            return
-        outcomes: list[tuple[_Job, Any, BaseException | None]] = []
+            return [(job, None, exc) for job in writes]
+        outcomes: list[_Outcome] = []
         for job in writes:
             try:
                 conn.execute("SAVEPOINT unit")
@@ -259,10 +270,9 @@ class SqliteBackend:
         except BaseException as exc:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
-            for job in writes:
-                self._answer(job, error=exc)
-            return
+            return [(job, None, exc) for job in writes]
         self.commits += 1
+        answers: list[_Outcome] = []
         for job, result, error in outcomes:
             if error is None:
                 self.committed_units += 1
@@ -270,6 +280,7 @@ class SqliteBackend:
                     try:
                         job.on_commit()
                     except Exception as exc:
-                        self._answer(job, error=exc)
+                        answers.append((job, None, exc))
                         continue
-            self._answer(job, result, error)
+            answers.append((job, result, error))
+        return answers

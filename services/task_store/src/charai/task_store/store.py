@@ -69,6 +69,9 @@ THROUGHPUT_WINDOW_S = 60.0
 #: (a bounded primary-key range scan, so the query costs the same on a years-old log).
 WAIT_WINDOW_S = 300.0
 WAIT_SCAN_EVENTS = 50_000
+#: How many tasks queued behind a task ``queue_position`` counts before it counts the ones ahead
+#: instead (SQLite's lane counters; see :meth:`TaskStore._position`).
+BEHIND_SCAN = 256
 _TASK_COLUMNS = "task, tenant, attempt, lease_expires, dispatch_gen, last_seq, next_attempt_time, status"
 
 
@@ -141,7 +144,9 @@ class _TaskRow(NamedTuple):
 class _Save:
     """A task change waiting for its event (written at the end of the unit of work)."""
 
-    task: task_pb2.Task
+    #: The event's envelope, all but its sequences (known once the event is inserted); its
+    #: ``event.task`` is the snapshot of the task.
+    envelope: spb.EventEnvelope
     blob: bytes
     tenant: str
     event_type: int
@@ -223,17 +228,17 @@ class TaskStore:
         last: dict[str, int] = {}
         envelopes = []
         for save in unit.saves:
-            task = save.task
+            envelope = save.envelope
+            task_id = envelope.event.task.id
             seq = await self._append_event(unit.tx, save)
-            event = task_pb2.TaskEvent(sequence=seq, type=save.event_type, task=task)  # type: ignore[arg-type]
-            event.time.FromMicroseconds(save.now)
-            prev = last.get(task.id, save.prev_seq)
-            envelopes.append(spb.EventEnvelope(tenant=save.tenant, prev_sequence=prev, event=event))
-            last[task.id] = seq
+            envelope.event.sequence = seq
+            envelope.prev_sequence = last.get(task_id, save.prev_seq)
+            envelopes.append(envelope)
+            last[task_id] = seq
         return envelopes
 
     async def _append_event(self, tx: Tx, save: _Save) -> int:
-        task = save.task
+        task = save.envelope.event.task
         event_args = (task.id, save.tenant, int(task.type), save.event_type, save.now, save.blob)
         if self._dialect.append_event is not None:
             seq = await tx.fetchval(
@@ -294,11 +299,14 @@ class TaskStore:
         unit (:meth:`_append_events`), so an operation must not read the row back after this."""
         task.update_time.FromMicroseconds(now)
         task.queue_position = 0
-        snapshot = task_pb2.Task()
+        envelope = spb.EventEnvelope(tenant=tenant)
+        envelope.event.type = event_type  # type: ignore[assignment]
+        envelope.event.time.FromMicroseconds(now)
+        snapshot = envelope.event.task
         snapshot.CopyFrom(task)
         unit.saves.append(
             _Save(
-                task=snapshot,
+                envelope=envelope,
                 blob=snapshot.SerializeToString(),
                 tenant=tenant,
                 event_type=event_type,
@@ -322,10 +330,22 @@ class TaskStore:
         self._save(unit, task, row.tenant, EVENT_TYPES[transition], now, int(row.last_seq), **kwargs)
 
     async def _position(self, tx: Tx, task: task_pb2.Task) -> None:
+        """Fills ``queue_position``: 1 + the queued tasks of its type ahead of it (higher
+        priority, or the same priority and created earlier), counted in SQL, so it is right
+        whichever replica answers.
+
+        With lane counters (SQLite) this does not count the queue: the queued tasks of the lanes
+        at or above the task's priority (counters) minus those queued behind it in its lane (an
+        index range, empty for a task just created). Only a task deep in a long queue is counted
+        from the front instead, over the tasks ahead of it in its lane.
+        """
         if task.status != task_pb2.TASK_STATUS_QUEUED:
             task.queue_position = 0
             return
         created = task.create_time.ToMicroseconds()
+        if self._dialect.lane_counts:
+            await self._position_from_counters(tx, task, created)
+            return
         ahead = await tx.fetchval(
             "SELECT COUNT(*) FROM tasks WHERE type = ? AND status = ? AND (priority > ? OR"
             " (priority = ? AND (create_time < ? OR (create_time = ? AND id < ?))))",
@@ -338,6 +358,41 @@ class TaskStore:
             task.id,
         )
         task.queue_position = int(ahead) + 1
+
+    async def _position_from_counters(self, tx: Tx, task: task_pb2.Task, created: int) -> None:
+        kind, priority, queued = int(task.type), int(task.priority), int(Status.QUEUED)
+        row = await tx.fetchrow(
+            "SELECT (SELECT COALESCE(SUM(queued), 0) FROM lane_counts WHERE type = ? AND priority >= ?),"
+            " (SELECT COUNT(*) FROM (SELECT 1 FROM tasks WHERE type = ? AND status = ? AND priority = ?"
+            " AND (create_time, id) > (?, ?) LIMIT ?))",
+            kind,
+            priority,
+            kind,
+            queued,
+            priority,
+            created,
+            task.id,
+            BEHIND_SCAN,
+        )
+        assert row is not None
+        from_here, behind = int(row[0]), int(row[1])
+        if behind < BEHIND_SCAN:
+            task.queue_position = max(1, from_here - behind)
+            return
+        row = await tx.fetchrow(
+            "SELECT (SELECT COALESCE(SUM(queued), 0) FROM lane_counts WHERE type = ? AND priority > ?),"
+            " (SELECT COUNT(*) FROM tasks WHERE type = ? AND status = ? AND priority = ?"
+            " AND (create_time, id) < (?, ?))",
+            kind,
+            priority,
+            kind,
+            queued,
+            priority,
+            created,
+            task.id,
+        )
+        assert row is not None
+        task.queue_position = int(row[0]) + int(row[1]) + 1
 
     def _metadata_filter(
         self, column: str, tenant: str, metadata: Mapping[str, str]
@@ -842,15 +897,26 @@ class TaskStore:
 
         return await self._db.read(body)
 
-    async def claim_dispatches(self, owner: str, limit: int = 256) -> list[OutboxRow]:
+    async def claim_dispatches(
+        self, owner: str, limit: int = 256, sent: Sequence[tuple[OutboxRow, int]] = ()
+    ) -> list[OutboxRow]:
         """Claims up to ``limit`` unpublished jobs for ``owner`` (a relay), oldest first.
 
         A row is claimable when nobody holds it, its claim expired, or ``owner`` already holds it
         (so a relay retries its own failures at once). ``SKIP LOCKED``: two replicas claiming at
         the same moment take different rows instead of waiting for each other.
+
+        ``sent``: the jobs ``owner`` published since its previous claim, with their JetStream
+        sequences. They are recorded first, in the same transaction (see :meth:`mark_dispatched`),
+        so a relay writes once per batch rather than twice, and its own published rows are gone
+        before it claims again. A relay that dies before this commits leaves them claimed: they
+        are re-published when the claims expire, and JetStream drops the repeats (same
+        ``Nats-Msg-Id``).
         """
 
         async def body(tx: Tx) -> list[OutboxRow]:
+            if sent:
+                await self._mark(tx, sent)
             now = now_us()
             until = now + int(self._config.outbox_claim_seconds * 1e6)
             rows = await tx.fetch(
@@ -869,10 +935,13 @@ class TaskStore:
 
         return await self._db.write(body)
 
-    async def release_dispatches(self, owner: str) -> None:
-        """Gives back the rows ``owner`` claimed and did not publish (a relay that stops)."""
+    async def release_dispatches(self, owner: str, sent: Sequence[tuple[OutboxRow, int]] = ()) -> None:
+        """Gives back the rows ``owner`` claimed and did not publish (a relay that stops), after
+        recording ``sent``, the jobs it published since its last claim (one transaction)."""
 
         async def body(tx: Tx) -> None:
+            if sent:
+                await self._mark(tx, sent)
             await tx.execute(
                 "UPDATE outbox SET claimed_by = NULL, claimed_until = NULL WHERE claimed_by = ?", owner
             )
@@ -881,18 +950,17 @@ class TaskStore:
 
     async def mark_dispatched(self, sent: Sequence[tuple[OutboxRow, int]]) -> None:
         """Records the JetStream sequence of each published job and drops its outbox row."""
+        await self._db.write(lambda tx: self._mark(tx, sent))
 
-        async def body(tx: Tx) -> None:
-            now = now_us()
-            # One order for every writer of these rows, so two relays cannot deadlock.
-            ordered = sorted(sent, key=lambda s: (s[0].task_id, s[0].id))
-            await tx.executemany("DELETE FROM outbox WHERE id = ?", [(r.id,) for r, _ in ordered])
-            await tx.executemany(
-                "UPDATE tasks SET stream_seq = ?, dispatched_at = ? WHERE id = ? AND dispatch_gen = ?",
-                [(seq, now, r.task_id, r.dispatch_gen) for r, seq in ordered],
-            )
-
-        await self._db.write(body)
+    async def _mark(self, tx: Tx, sent: Sequence[tuple[OutboxRow, int]]) -> None:
+        now = now_us()
+        # One order for every writer of these rows, so two relays cannot deadlock.
+        ordered = sorted(sent, key=lambda s: (s[0].task_id, s[0].id))
+        await tx.executemany("DELETE FROM outbox WHERE id = ?", [(r.id,) for r, _ in ordered])
+        await tx.executemany(
+            "UPDATE tasks SET stream_seq = ?, dispatched_at = ? WHERE id = ? AND dispatch_gen = ?",
+            [(seq, now, r.task_id, r.dispatch_gen) for r, seq in ordered],
+        )
 
     async def stale_dispatches(
         self, older_than_s: float, limit: int = 200
