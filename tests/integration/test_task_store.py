@@ -351,6 +351,36 @@ async def test_claim_progress_complete_and_terminal_is_final(rec: Recorded) -> N
     assert (await store.get("t1", other.id)).status == CANCELLED
 
 
+async def test_complete_records_the_progress_it_carries_first_in_the_same_commit(rec: Recorded) -> None:
+    store = rec.store
+    task, _ = await store.create("t1", image_request())
+    await store.claim(task.id, 1, "worker-a")
+    before = len(rec.envelopes)
+    request = complete_req(task.id, 1)
+    request.progress, request.stage = 150, "processing"  # clamped to 90 like a report
+    done = await store.complete(request)
+    assert (done.status, done.progress) == (COMPLETED, 100)
+    events = await rec.events(task.id)
+    assert [(e.type, e.task.progress, e.task.stage) for e in events[-2:]] == [
+        (EV.TASK_EVENT_TYPE_PROGRESS, 90, "processing"),
+        (EV.TASK_EVENT_TYPE_COMPLETED, 100, "completed"),
+    ]
+    # One unit: both envelopes handed over together, chained (the completion names the progress).
+    progress_env, completed_env = rec.envelopes[before:]
+    assert completed_env.prev_sequence == progress_env.event.sequence
+
+    # Progress that is no news (same value and stage, or backwards) adds no event.
+    other, _ = await store.create("t1", image_request())
+    await store.claim(other.id, 1, "worker-a")
+    await store.progress(other.id, 1, 90, "processing")
+    request = complete_req(other.id, 1)
+    request.progress, request.stage = 40, "processing"
+    await store.complete(request)
+    types = [e.type for e in await rec.events(other.id)]
+    assert types[-2:] == [EV.TASK_EVENT_TYPE_PROGRESS, EV.TASK_EVENT_TYPE_COMPLETED]
+    assert types.count(EV.TASK_EVENT_TYPE_PROGRESS) == 1
+
+
 async def test_fencing_after_lease_expiry(db: Database) -> None:
     async with open_store(db, lease_seconds=0.5) as rec:
         store = rec.store

@@ -378,12 +378,11 @@ class JobRunner:
                 running.sent_at = loop.time()
             running.sent = current
 
-    async def _end_reports(self, running: _Running, *, flush: bool) -> None:
+    async def _end_reports(self, running: _Running) -> None:
         """Stops progress reporting before the outcome is settled, so task_store never sees
         progress after the result: a report on the wire is let finish, one waiting out its
-        window is dropped. With ``flush`` (the handler succeeded) a stage task_store has not
-        recorded yet (e.g. 90 % "processing") is still sent: watchers see every stage, only
-        ticks within a stage are coalesced away."""
+        window is dropped (a stage it would have recorded travels with the result instead, see
+        :meth:`_execute`)."""
         running.settling = True
         reporter = running.reporter
         if reporter is not None and not reporter.done():
@@ -392,11 +391,6 @@ class JobRunner:
             await asyncio.wait([reporter])  # never raises what the reporter raised; our own cancel does
             if not reporter.cancelled() and reporter.exception() is not None:
                 log.warning("progress_reporter_failed", error=str(reporter.exception()))
-        if flush and not running.abort_reason and running.stage != running.sent[1]:
-            try:
-                await self.report(running)
-            except grpc.aio.AioRpcError as exc:
-                log.warning("progress_not_reported", code=exc.code().name, progress=running.progress)
 
     async def report(self, running: _Running) -> None:
         """Sends progress (and so renews the lease); a refusal aborts the job."""
@@ -595,6 +589,10 @@ class JobRunner:
             )
             return await self._fail(running, error, None)
         request = spb.CompleteTaskRequest(task_id=running.task_id, attempt=running.attempt)
+        if running.stage != running.sent[1]:
+            # A stage task_store has not recorded yet (e.g. 90 % "processing" of a call that
+            # answered at once): recorded with the result, one call and one commit for both.
+            request.progress, request.stage = running.progress, running.stage
         if isinstance(result, task_pb2.ImageResult):
             request.image_result.CopyFrom(result)
         else:
@@ -615,12 +613,9 @@ class JobRunner:
     async def _handle(self, ctx: _Context, running: _Running) -> Result:
         """The handler's run, then no more progress reports (whatever the outcome)."""
         try:
-            result = await self.handler.run(ctx)
-        except BaseException:
-            await self._end_reports(running, flush=False)
-            raise
-        await self._end_reports(running, flush=True)
-        return result
+            return await self.handler.run(ctx)
+        finally:
+            await self._end_reports(running)
 
     async def _fail(self, running: _Running, error: task_pb2.TaskError, retry_after: float | None) -> str:
         request = spb.FailTaskRequest(

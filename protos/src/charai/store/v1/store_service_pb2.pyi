@@ -513,10 +513,19 @@ class CompleteTaskRequest(_message.Message):
     ATTEMPT_FIELD_NUMBER: _builtins.int
     IMAGE_RESULT_FIELD_NUMBER: _builtins.int
     TTS_RESULT_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    STAGE_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """The task id."""
     attempt: _builtins.int
     """The attempt from ClaimTask."""
+    progress: _builtins.int
+    """The last progress the attempt reached and did not report yet (0: none). Recorded as a
+    progress event just before the completion, in the same transaction: a watcher still sees
+    the stage (e.g. 90 "processing"), without a ReportProgress call of its own.
+    """
+    stage: _builtins.str
+    """The stage of that progress (with progress > 0)."""
     @_builtins.property
     def image_result(self) -> _task_pb2.ImageResult:
         """Output of an image task."""
@@ -532,10 +541,12 @@ class CompleteTaskRequest(_message.Message):
         attempt: _builtins.int = ...,
         image_result: _task_pb2.ImageResult | None = ...,
         tts_result: _task_pb2.TtsResult | None = ...,
+        progress: _builtins.int = ...,
+        stage: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["image_result", b"image_result", "result", b"result", "tts_result", b"tts_result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "image_result", b"image_result", "result", b"result", "task_id", b"task_id", "tts_result", b"tts_result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "image_result", b"image_result", "progress", b"progress", "result", b"result", "stage", b"stage", "task_id", b"task_id", "tts_result", b"tts_result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["image_result", "tts_result"]  # noqa: Y015
     _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015

@@ -724,6 +724,14 @@ class TaskStore:
             return task  # a repeated completion of the same attempt (e.g. the ack was lost)
         task, row = await self._fenced(unit.tx, req.task_id, req.attempt)
         now = now_us()
+        if req.progress > 0:
+            # The attempt's last progress, sent with the result instead of a report of its own:
+            # recorded first (its own event) when it is news, in this same transaction.
+            progress = states.clamp_progress(task.progress, req.progress)
+            stage = req.stage[:32] or task.stage
+            if (progress, stage) != (task.progress, task.stage):
+                task.progress, task.stage = progress, stage
+                self._transition(unit, task, row, Transition.PROGRESS, now)
         if req.WhichOneof("result") == "image_result":
             task.image_result.CopyFrom(req.image_result)
         else:
