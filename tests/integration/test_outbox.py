@@ -359,3 +359,60 @@ async def test_a_stopping_relay_records_its_last_batch_with_the_give_back(
         assert [j.msg_id for j in await stream_jobs(js)] == [f"{task.id}:1"]
         await asyncio.sleep(0.01)
         assert [(t, seq) for t, _, seq in await store.stale_dispatches(0.0)] == [(task.id, 1)]
+
+
+async def test_created_jobs_are_handed_to_the_relay_and_published_once_without_a_claim(
+    nats_server: NatsServer, db: Database
+) -> None:
+    """With a relay to hand to, a create writes its job claimed by that relay and hands it over
+    after commit: published once (no duplicate from the relay's own claim running alongside),
+    then recorded, under concurrent creates."""
+    async with bare_store(nats_server, db) as (store, js):
+        relay = relay_on(store, js)
+        handed: list[str] = []
+
+        def take(rows: list[Any]) -> None:
+            handed.extend(r.task_id for r in rows)
+            relay.take_threadsafe(rows)
+
+        store.hand_off(relay.owner, take)
+        task, _ = await store.create("t1", image_request())
+        # Claimed by the relay in the create's own transaction (nobody else may take it).
+        assert [r.task_id for r in await store.claim_dispatches("another relay")] == []
+        assert handed == [task.id]
+        relay.start()
+        try:
+            created = await asyncio.gather(*(store.create("t1", tts_request()) for _ in range(40)))
+            ids = {task.id, *(t.id for t, _ in created)}
+
+            async def drained() -> bool:
+                return await store.pending_dispatches() == []
+
+            await eventually(drained, timeout=5)
+            assert (relay.published, relay.duplicates) == (41, 0)
+        finally:
+            await relay.close()
+        assert sorted(handed) == sorted(ids)
+        assert sorted(j.job.task_id for j in await stream_jobs(js)) == sorted(ids)
+
+
+async def test_a_job_handed_to_a_relay_that_died_is_published_by_another_after_the_short_claim(
+    nats_server: NatsServer, db: Database
+) -> None:
+    async with bare_store(nats_server, db, hand_off_claim_seconds=0.3) as (store, js):
+        store.hand_off("relay-that-dies", lambda rows: None)  # the process dies before publishing
+        task, _ = await store.create("t1", image_request())
+        survivor = relay_on(store, js)
+        assert await store.claim_dispatches(survivor.owner) == []  # still claimed
+        await asyncio.sleep(0.4)
+        survivor.start()
+        try:
+            survivor.wake()
+
+            async def drained() -> bool:
+                return await store.pending_dispatches() == []
+
+            await eventually(drained, timeout=5)
+        finally:
+            await survivor.close()
+        assert [j.msg_id for j in await stream_jobs(js)] == [f"{task.id}:1"]

@@ -135,12 +135,12 @@ class TaskStoreApp:
         js = self._nc.jetstream()
         await natsconn.ensure_jobs_stream(js, self._topology, s.nats_replicas)
         self._publisher = EventPublisher(self._nc, self._topology)
-        relay_box: list[OutboxRelay] = []
         await self.store.open()
         self._relay = OutboxRelay(
             self.store, js, self._topology, s.redispatch_after_seconds, s.sweep_interval_seconds
         )
-        relay_box.append(self._relay)
+        # New jobs go straight to this relay after their create commits (no claim in between).
+        self.store.hand_off(self._relay.owner, self._relay.take_threadsafe)
         self._publisher.start()
         self._relay.start()
         self._relay.wake()  # publish whatever a previous run left in the outbox

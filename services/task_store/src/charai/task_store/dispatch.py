@@ -94,6 +94,10 @@ class OutboxRelay:
     that claim finds nothing, it still records them. A relay that stops records them with its
     give-back; one that dies before either re-publishes them after the claims expire (deduped).
 
+    New jobs skip the claim: a create writes its job already claimed by this relay and hands it
+    over in memory after commit (``TaskStore.hand_off``), so it is published one transaction
+    sooner; a job the relay also finds in a claim meanwhile is published once.
+
     Several replicas may run a relay on one database: each claims the rows it publishes (for
     ``StoreConfig.outbox_claim_seconds``), so no row is published by two relays at once; a relay
     that stops gives its unpublished claims back, and a relay that dies loses them when they
@@ -126,6 +130,18 @@ class OutboxRelay:
         #: Jobs published and acknowledged whose outbox rows are not deleted yet: recorded by the
         #: next claim (or by close()).
         self._unmarked: list[tuple[OutboxRow, int]] = []
+        #: Jobs handed over by the store right after their create committed, already claimed for
+        #: this relay (``TaskStore.hand_off``), by outbox row id: published without a claim.
+        self._handed: dict[int, OutboxRow] = {}
+
+    def take_threadsafe(self, rows: list[OutboxRow]) -> None:
+        """Called by the store right after a commit that queued jobs for this relay."""
+        self._loop.call_soon_threadsafe(self._take, rows)
+
+    def _take(self, rows: list[OutboxRow]) -> None:
+        for row in rows:
+            self._handed[row.id] = row
+        self._wake.set()
 
     def wake(self) -> None:
         self._wake.set()
@@ -176,7 +192,7 @@ class OutboxRelay:
                     await self._wake.wait()
             self._wake.clear()
             try:
-                while not self._stopping.is_set() and (rows := await self._claim()):
+                while not self._stopping.is_set() and (rows := await self._next_batch()):
                     await self._publish(rows)
                 backoff = 0.1
             except asyncio.CancelledError:
@@ -188,6 +204,17 @@ class OutboxRelay:
                         await self._stopping.wait()
                 backoff = min(backoff * 2, 5.0)
                 self._wake.set()
+
+    async def _next_batch(self) -> list[OutboxRow]:
+        """Handed-over jobs first (no transaction before publishing them), then claimed ones."""
+        if self._handed:
+            rows = list(self._handed.values())
+            self._handed.clear()
+            return rows
+        rows = await self._claim()
+        for row in rows:  # handed over while the claim ran: publish it once, from the claim
+            self._handed.pop(row.id, None)
+        return rows
 
     async def _claim(self) -> list[OutboxRow]:
         """The next batch; the transaction also records the previous batch's published jobs."""
