@@ -22,10 +22,10 @@ from charai.gateway.http import CorsPolicy, console_routes, health_routes, insta
 from charai.gateway.limits import SubmitLimiter
 from charai.gateway.ops import HealthWatcher, metrics_routes
 from charai.gateway.rest import RestApi
-from charai.gateway.service import TaskService
+from charai.gateway.service import TaskService, add_to_server
 from charai.gateway.settings import Settings
 from charai.gateway.tls import TlsFiles
-from charai.tasks.v1 import task_service_pb2, task_service_pb2_grpc
+from charai.tasks.v1 import task_service_pb2
 from nats.aio.client import Client
 
 log = structlog.get_logger("gateway")
@@ -112,7 +112,7 @@ class GatewayApp:
             interceptors=[grpcsupport.ServerInterceptor(auth.grpc_check, observe=self.metrics.observe_rpc)],
             options=grpcsupport.SERVER_OPTIONS,
         )
-        task_service_pb2_grpc.add_TaskServiceServicer_to_server(self.service, server)
+        add_to_server(self.service, server)
         self._health = await grpcsupport.add_health_and_reflection(
             server, [task_service_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name]
         )

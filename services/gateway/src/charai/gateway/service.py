@@ -1,6 +1,9 @@
 """The public TaskService: authenticate, validate, forward to task_store, stream events.
 
 Every task leaving the gateway has its media references turned into signed capability URLs.
+
+The watch streams yield their responses already serialized (see :func:`add_to_server`): a live
+event is encoded once and the same bytes go to every stream that receives it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from charai.gateway.events import EventHub, Watcher
 from charai.gateway.limits import QuotaExceededError, SubmitLimiter
 from charai.store.v1 import store_service_pb2 as spb
 from charai.tasks.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
+from google.protobuf import message_factory
 
 Context = grpc.aio.ServicerContext[Any, Any]
 TERMINAL_EVENTS = {
@@ -32,6 +36,33 @@ TERMINAL_STATUSES = {
     task_pb2.TASK_STATUS_CANCELLED,
 }
 HEAD = 2**62
+
+
+def add_to_server(servicer: TaskService, server: grpc.aio.Server) -> None:
+    """Registers ``servicer`` like the generated ``add_TaskServiceServicer_to_server``, except
+    that the server-streaming methods have no response serializer: they yield bytes, each the
+    serialized response, so one live event is encoded once for all the streams it reaches.
+
+    Built from the service descriptor, so every unary method keeps the generated (de)serializers.
+    """
+    service = task_service_pb2.DESCRIPTOR.services_by_name["TaskService"]
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for method in service.methods:
+        request = message_factory.GetMessageClass(method.input_type)
+        response = message_factory.GetMessageClass(method.output_type)
+        behaviour = getattr(servicer, method.name)
+        if method.server_streaming:
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                behaviour, request_deserializer=request.FromString, response_serializer=None
+            )
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                behaviour,
+                request_deserializer=request.FromString,
+                response_serializer=response.SerializeToString,
+            )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 class TaskService(task_service_pb2_grpc.TaskServiceServicer):
@@ -80,6 +111,15 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
         if event.HasField("task"):
             self.present(event.task)
         return event
+
+    def _wire(self, event: task_pb2.TaskEvent) -> bytes:
+        """A stream response carrying ``event``, presented and serialized. Presented on a copy:
+        a live event is shared by every stream that receives it, so it stays as task_store sent
+        it. ``WatchTaskResponse`` and ``WatchTasksResponse`` are the same message (``TaskEvent
+        event = 1``), so these bytes serve both kinds of stream."""
+        response = task_service_pb2.WatchTasksResponse(event=event)
+        self._present_event(response.event)
+        return response.SerializeToString()
 
     # -- unary -------------------------------------------------------------------------------
     async def CreateTask(
@@ -173,9 +213,9 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
                 return events, response.head_sequence
             request.after_sequence = response.events[-1].sequence
 
-    async def WatchTask(
+    async def WatchTask(  # type: ignore[override]  # serialized responses: see add_to_server
         self, request: task_service_pb2.WatchTaskRequest, context: Context
-    ) -> AsyncIterator[task_service_pb2.WatchTaskResponse]:
+    ) -> AsyncIterator[bytes]:
         validation.validate_task_id("id", request.id)
         if request.after_sequence < 0:
             raise validation.RequestInvalidError(
@@ -206,7 +246,7 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
                 else:
                     snapshot.task.CopyFrom(current.task)
                 last = snapshot.sequence
-                yield task_service_pb2.WatchTaskResponse(event=self._present_event(snapshot))
+                yield self._wire(snapshot)
                 if snapshot.task.status in TERMINAL_STATUSES:
                     return
             else:
@@ -218,18 +258,18 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
                     # Nothing more will happen: send what the client missed, then end.
                     missed, _ = await self._events(query)
                     for event in missed:
-                        yield task_service_pb2.WatchTaskResponse(event=self._present_event(event))
+                        yield self._wire(event)
                     return
-            async for event in self._follow(watcher, query, last, single_task=True):
-                yield task_service_pb2.WatchTaskResponse(event=event)
-                if event.type in TERMINAL_EVENTS:
+            async for kind, wire in self._follow(watcher, query, last, single_task=True):
+                yield wire
+                if kind in TERMINAL_EVENTS:
                     return
         finally:
             self._hub.remove(watcher)
 
-    async def WatchTasks(
+    async def WatchTasks(  # type: ignore[override]  # serialized responses: see add_to_server
         self, request: task_service_pb2.WatchTasksRequest, context: Context
-    ) -> AsyncIterator[task_service_pb2.WatchTasksResponse]:
+    ) -> AsyncIterator[bytes]:
         validation.validate_watch_filter(request.metadata, request.type, request.after_sequence)
         tenant = principal.get()
         watcher = Watcher(tenant=tenant, metadata=dict(request.metadata), task_type=request.type)
@@ -246,76 +286,77 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
             if last == 0:
                 probe = spb.ListEventsRequest(tenant=tenant, task_id="", after_sequence=HEAD, limit=1)
                 _, last = await self._events(probe)
-            async for event in self._follow(watcher, query, last, single_task=False):
-                yield task_service_pb2.WatchTasksResponse(event=event)
+            async for _, wire in self._follow(watcher, query, last, single_task=False):
+                yield wire
         finally:
             self._hub.remove(watcher)
 
     async def _follow(
         self, watcher: Watcher, query: spb.ListEventsRequest, floor: int, *, single_task: bool
-    ) -> AsyncIterator[task_pb2.TaskEvent]:
+    ) -> AsyncIterator[tuple[int, bytes]]:
         """Replays the log after ``floor``, then follows live events, each exactly once and, per
-        task, in sequence order.
+        task, in sequence order; yields each event's type and serialized stream response.
 
         ``floor``: every event up to it has been delivered (or was not wanted). ``seen`` holds the
         last delivered sequence of each task above the floor.
         """
         seen: dict[str, int] = {}
 
-        async def catch_up() -> AsyncIterator[task_pb2.TaskEvent]:
+        async def catch_up() -> AsyncIterator[tuple[int, bytes]]:
             nonlocal floor
             query.after_sequence = floor
             events, head = await self._events(query)
             for event in events:
                 if event.sequence > seen.get(event.task.id, floor):
                     seen[event.task.id] = event.sequence
-                    yield self._present_event(event)
+                    yield event.type, self._wire(event)
             # Everything up to the head we read is now delivered; forget per-task marks below it.
             floor = max(floor, events[-1].sequence if events else floor, head if not single_task else floor)
             for task_id in [t for t, s in seen.items() if s <= floor]:
                 del seen[task_id]
 
-        async for event in catch_up():
-            yield event
+        def heartbeat() -> tuple[int, bytes]:
+            event = task_pb2.TaskEvent(type=task_pb2.TASK_EVENT_TYPE_HEARTBEAT, sequence=floor)
+            event.time.GetCurrentTime()
+            return event.type, self._wire(event)
+
+        async for item in catch_up():
+            yield item
         if not single_task:
             # Tell the client at once that the watch is in place and from which sequence on it
             # is complete (the resume floor), instead of only after the first idle interval.
-            heartbeat = task_pb2.TaskEvent(type=task_pb2.TASK_EVENT_TYPE_HEARTBEAT, sequence=floor)
-            heartbeat.time.GetCurrentTime()
-            yield heartbeat
+            yield heartbeat()
         while not self.stopping.is_set():
             if watcher.lagged:
-                watcher.lagged = False
-                while not watcher.queue.empty():
-                    watcher.queue.get_nowait()
-                async for event in catch_up():
-                    yield event
-            try:
-                async with asyncio.timeout(self._heartbeat):
-                    env = await watcher.queue.get()
-                if env is None:
-                    return  # the gateway is shutting down: end the stream, the client resumes elsewhere
-            except TimeoutError:
+                watcher.clear()
+                async for item in catch_up():
+                    yield item
+            # Everything that arrived while the previous batch was being sent, in one go.
+            batch = await watcher.take(self._heartbeat)
+            if not batch:
                 delivered = False
-                async for event in catch_up():
+                async for item in catch_up():
                     delivered = True
-                    yield event
+                    yield item
                 if not delivered:
-                    heartbeat = task_pb2.TaskEvent(type=task_pb2.TASK_EVENT_TYPE_HEARTBEAT, sequence=floor)
-                    heartbeat.time.GetCurrentTime()
-                    yield heartbeat
+                    yield heartbeat()
                 continue
-            event = env.event
-            known = seen.get(event.task.id, floor)
-            if event.sequence <= known:
-                continue  # already delivered (replay or catch-up)
-            if env.prev_sequence > known:
-                # A gap: the previous event of this task never reached us live. Read the log.
-                async for caught in catch_up():
-                    yield caught
-                continue
-            seen[event.task.id] = event.sequence
-            if single_task:
-                floor = event.sequence
-                seen.clear()
-            yield self._present_event(event)
+            for live in batch:
+                if live is None:
+                    return  # the gateway is shutting down: end the stream, the client resumes elsewhere
+                env = live.env
+                event = env.event
+                known = seen.get(event.task.id, floor)
+                if event.sequence <= known:
+                    continue  # already delivered (replay or catch-up)
+                if env.prev_sequence > known:
+                    # A gap: the previous event of this task never reached us live. Read the log
+                    # (the rest of the batch is then skipped as already delivered, or follows it).
+                    async for item in catch_up():
+                        yield item
+                    continue
+                seen[event.task.id] = event.sequence
+                if single_task:
+                    floor = event.sequence
+                    seen.clear()
+                yield event.type, live.wire(self._wire)
