@@ -377,8 +377,10 @@ async def test_created_jobs_are_handed_to_the_relay_and_published_once_without_a
 
         store.hand_off(relay.owner, take)
         task, _ = await store.create("t1", image_request())
-        # Claimed by the relay in the create's own transaction (nobody else may take it).
-        assert [r.task_id for r in await store.claim_dispatches("another relay")] == []
+        # Claimed for the hand-off in the create's own transaction: no claim takes it, not even
+        # the relay's own (the hand-off is its only publisher).
+        assert await store.claim_dispatches("another relay") == []
+        assert await store.claim_dispatches(relay.owner) == []
         assert handed == [task.id]
         relay.start()
         try:

@@ -96,7 +96,8 @@ class OutboxRelay:
 
     New jobs skip the claim: a create writes its job already claimed by this relay and hands it
     over in memory after commit (``TaskStore.hand_off``), so it is published one transaction
-    sooner; a job the relay also finds in a claim meanwhile is published once.
+    sooner. Claims skip such a job until its short hand-off claim expires (a publish that failed
+    is retried from a claim then).
 
     Several replicas may run a relay on one database: each claims the rows it publishes (for
     ``StoreConfig.outbox_claim_seconds``), so no row is published by two relays at once; a relay
@@ -211,10 +212,7 @@ class OutboxRelay:
             rows = list(self._handed.values())
             self._handed.clear()
             return rows
-        rows = await self._claim()
-        for row in rows:  # handed over while the claim ran: publish it once, from the claim
-            self._handed.pop(row.id, None)
-        return rows
+        return await self._claim()
 
     async def _claim(self) -> list[OutboxRow]:
         """The next batch; the transaction also records the previous batch's published jobs."""

@@ -79,6 +79,12 @@ def now_us() -> int:
     return time.time_ns() // 1000
 
 
+def handed_claimant(owner: str) -> str:
+    """Who holds the outbox row of a job handed to relay ``owner`` (``TaskStore.hand_off``):
+    not ``owner`` itself, whose claims re-take their own rows at once."""
+    return f"{owner}+handed"
+
+
 def tenant_token(tenant: str) -> str:
     """A subject-safe token for a tenant name."""
     return hashlib.sha256(tenant.encode()).hexdigest()[:16]
@@ -211,12 +217,14 @@ class TaskStore:
     def hand_off(self, owner: str, take: Callable[[list[OutboxRow]], None]) -> None:
         """Hands the jobs a create queues straight to the local relay ``owner`` after commit.
 
-        Why: the job's outbox row is written claimed by ``owner`` (for ``hand_off_claim_seconds``)
-        in the create's own transaction, so the relay publishes it at once instead of first
-        claiming it in a transaction of its own (one commit less between a create and its
-        pickup). Other replicas' relays leave the row alone while the claim lasts; if this
-        process dies before publishing, the claim expires and any relay publishes it. ``take``
-        is called right after commit, possibly from the database thread.
+        Why: the job's outbox row is written claimed for that relay (for
+        ``hand_off_claim_seconds``) in the create's own transaction, so the relay publishes it at
+        once instead of first claiming it in a transaction of its own (one commit less between a
+        create and its pickup). Every relay's claims, the owner's included, leave the row alone
+        while that claim lasts (:func:`handed_claimant`: the hand-off is its only publisher, so
+        no claim racing the hand-off publishes it twice); if the relay dies or fails to publish
+        it, the claim expires and any relay publishes it. ``take`` is called right after commit,
+        possibly from the database thread.
         """
         self._hand_off_owner = owner
         self._hand_off = take
@@ -576,7 +584,7 @@ class TaskStore:
             subject,
             payload,
             now,
-            self._hand_off_owner,
+            handed_claimant(self._hand_off_owner),
             now + int(self._config.hand_off_claim_seconds * 1e6),
         )
         unit.handed.append(OutboxRow(int(row_id), task.id, gen, subject, payload))
@@ -1003,7 +1011,9 @@ class TaskStore:
             if sent:
                 await self._mark(tx, sent)
             await tx.execute(
-                "UPDATE outbox SET claimed_by = NULL, claimed_until = NULL WHERE claimed_by = ?", owner
+                "UPDATE outbox SET claimed_by = NULL, claimed_until = NULL WHERE claimed_by IN (?, ?)",
+                owner,
+                handed_claimant(owner),
             )
 
         await self._db.write(body)
