@@ -1,4 +1,4 @@
-"""``python -m bench profile --shape B2|B4|B1``: py-spy on every Python service of the stack while
+"""``python -m bench profile --shape B2|B4|B1|B5``: py-spy on every Python service of the stack while
 the shape's load runs; prints where each process spends its CPU (self and inclusive time).
 
 py-spy is installed into bench/.venv-tools (never into the project venv). Raw collapsed stacks
@@ -14,7 +14,9 @@ import subprocess
 import time
 from pathlib import Path
 
+import grpc
 from charai.client import CharaiClient
+from charai.store.v1 import store_service_pb2_grpc as spb_grpc
 
 from bench import ours
 from bench.common import BENCH_DIR, log
@@ -107,6 +109,32 @@ def hops(db: Path, character: str) -> dict[str, float]:
     }
 
 
+async def _profile_b5(out: Path, streams: int) -> Spies:
+    """B5 (``streams`` watchers, 100 tasks x 50 reports at 20 Hz) with task_store and the gateway
+    under py-spy."""
+    env = {"CHARAI_WATCH_HEARTBEAT_SECONDS": "1"}
+    async with (
+        ours.stack(env=env, services=("task_store", "gateway")) as s,
+        CharaiClient(s.gateway_grpc) as client,
+    ):
+        channels = [grpc.aio.insecure_channel(s.gateway_grpc) for _ in range(max(1, streams // 100))]
+        store = grpc.aio.insecure_channel(s.task_store_addr)
+        stub = spb_grpc.TaskStoreServiceStub(store)
+        try:
+            await ours._b5_once(s, client, channels, stub, "b5-warm", 100, 10, 50, 20.0)
+            spies = Spies({k: ours.pid(s, k) for k in ("task_store", "gateway")}, out)
+            await asyncio.sleep(1)
+            res = await ours._b5_once(s, client, channels, stub, "b5-prof", streams, 100, 50, 20.0)
+            spies.stop()
+            lag, report = res["lag_ms_p99"], res["report_rpc_ms_p50"]
+            log(f"B5 under py-spy: lag p99 {lag:.0f} ms, report p50 {report:.1f} ms")
+        finally:
+            for ch in channels:
+                await ch.close()
+            await store.close()
+    return spies
+
+
 async def profile(shape: str, n: int, seconds: float) -> Path:
     ensure_py_spy()
     out = BENCH_DIR / "results" / f"profile-{shape}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -123,6 +151,8 @@ async def profile(shape: str, n: int, seconds: float) -> Path:
             res = await unary_load(s.gateway_grpc, method, request, 100, seconds)
             spies.stop()
             log(f"B4 under py-spy: {res['rps']:.0f} RPS")
+    elif shape == "B5":
+        spies = await _profile_b5(out, n)
     else:
         async with ours.stack() as s, CharaiClient(s.gateway_grpc) as client:
             if shape == "B1":
