@@ -507,3 +507,20 @@ async def test_reports_spaced_wider_than_the_window_all_reach_the_store(h: Harne
         (50, "generating"),
         (90, "processing"),
     ]
+
+
+async def test_store_calls_in_flight_are_bounded_and_every_job_still_completes(h: Harness) -> None:
+    # 30 jobs at once, each with a claim, a report and a completion, through 2 store-call slots.
+    h.worker_settings["store_calls_in_flight"] = 2
+    h.worker_settings["progress_coalesce_seconds"] = 0
+    handler = SteppingHandler([(20, "generating", 0.05), (90, "processing", 0)])
+    app = await h.start_worker(handler, concurrency=30)
+    tasks = [await h.create() for _ in range(30)]
+    done = await h.wait_ended([t.id for t in tasks], timeout=20)
+    assert {t.status for t in done} == {task_pb2.TASK_STATUS_COMPLETED}
+    assert app.runner is not None
+    assert app.runner.store_calls_peak == 2
+    assert app.runner.store_calls == 0
+    firsts = [progress_seen(await h.events(t.id))[0] for t in tasks]
+    assert firsts == [(20, "generating")] * len(tasks)
+    await h.assert_drained()

@@ -67,6 +67,7 @@ class WorkerApp:
             heartbeat_interval=max(0.2, s.ack_wait_seconds / 3),
             long_poll_seconds=s.long_poll_seconds,
             progress_coalesce=s.progress_coalesce_seconds,
+            store_calls=s.store_calls_in_flight,
             worker_id=s.worker_id,
             replicas=s.nats_replicas,
         )

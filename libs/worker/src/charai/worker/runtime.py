@@ -81,6 +81,9 @@ class RunnerConfig:
     #: report superseded within the window (20 % then 90 % of a call that answers at once) is
     #: never sent, and one still pending when the job ends gives way to the result.
     progress_coalesce: float = 0.05
+    #: task_store calls (claims, reports, outcomes) in flight at once from this worker; the
+    #: rest wait their turn here (see :meth:`JobRunner._store_call`).
+    store_calls: int = 64
 
 
 @dataclasses.dataclass(slots=True)
@@ -182,6 +185,10 @@ class JobRunner:
         self._cancel_sub: Any = None
         self._closed = False
         self.completed = 0
+        self._store_slots = asyncio.Semaphore(config.store_calls)
+        #: task_store calls in flight now, and the most at once (metrics and tests).
+        self.store_calls = 0
+        self.store_calls_peak = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -398,7 +405,7 @@ class JobRunner:
             task_id=running.task_id, attempt=running.attempt, progress=running.progress, stage=running.stage
         )
         try:
-            await self._store.stub.ReportProgress(request, **self._store.kw())
+            await self._store_call(lambda: self._store.stub.ReportProgress(request, **self._store.kw()))
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
                 self._abort(running, exc.details() or "the task ended")
@@ -422,6 +429,24 @@ class JobRunner:
             self._abort(running, "the task was cancelled")
 
     # -- settling ----------------------------------------------------------------------------
+    async def _store_call(self, call: Callable[[], Awaitable[T]]) -> T:
+        """One task_store call, with at most ``store_calls`` of them in flight from this worker.
+
+        Why: with 1,000 jobs in flight their claims, reports and outcomes come in bursts (a batch
+        of jobs starts together, their calls return together); queued here each costs a waiting
+        coroutine, queued in the gRPC core each costs a call's native buffers, most of a worker's
+        memory per job in ``make bench`` B3. task_store answers them a commit batch at a time,
+        so the bound costs no throughput. The hand-back at shutdown bypasses it (it must not wait
+        behind calls that are stuck on an unreachable task_store).
+        """
+        async with self._store_slots:
+            self.store_calls += 1
+            self.store_calls_peak = max(self.store_calls_peak, self.store_calls)
+            try:
+                return await call()
+            finally:
+                self.store_calls -= 1
+
     async def _settle(self, call: Callable[[], Awaitable[T]]) -> T:
         """Runs a task_store call that records an attempt's outcome, retrying while task_store is
         unreachable, for up to ``settle_seconds``.
@@ -519,12 +544,10 @@ class JobRunner:
         traceparent = tracing.enter(job.traceparent or headers.get("traceparent", ""))
         structlog.contextvars.bind_contextvars(task_id=job.task_id, trace_id=tracing.trace_id(traceparent))
         try:
-            claim = await self._store.stub.ClaimTask(
-                spb.ClaimTaskRequest(
-                    task_id=job.task_id, dispatch_gen=job.dispatch_gen, worker_id=self.config.worker_id
-                ),
-                **self._store.kw(),
+            request = spb.ClaimTaskRequest(
+                task_id=job.task_id, dispatch_gen=job.dispatch_gen, worker_id=self.config.worker_id
             )
+            claim = await self._store_call(lambda: self._store.stub.ClaimTask(request, **self._store.kw()))
         except grpc.aio.AioRpcError as exc:
             outcome = "claim_failed"
             log.warning("claim_failed", code=exc.code().name)
@@ -598,7 +621,9 @@ class JobRunner:
         else:
             request.tts_result.CopyFrom(result)
         try:
-            await self._settle(lambda: self._store.stub.CompleteTask(request, **self._store.kw()))
+            await self._settle(
+                lambda: self._store_call(lambda: self._store.stub.CompleteTask(request, **self._store.kw()))
+            )
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
                 log.warning("complete_failed", code=exc.code().name)
@@ -625,7 +650,9 @@ class JobRunner:
             retry_after_seconds=retry_after or 0.0,
         )
         try:
-            response = await self._settle(lambda: self._store.stub.FailTask(request, **self._store.kw()))
+            response = await self._settle(
+                lambda: self._store_call(lambda: self._store.stub.FailTask(request, **self._store.kw()))
+            )
         except grpc.aio.AioRpcError:
             await self._msg_op("nak", running.msg, 1.0)
             return "fail_report_failed"

@@ -20,6 +20,8 @@ class WorkerSettings(CommonSettings):
     #: At most one progress report per job per this many seconds; reports superseded meanwhile
     #: are never sent (0: every report goes out, still without blocking the handler).
     progress_coalesce_seconds: float = Field(default=0.05, ge=0, le=10)
+    #: task_store calls (claims, progress, outcomes) in flight at once from one worker process.
+    store_calls_in_flight: int = Field(default=64, ge=1, le=10_000)
 
 
 class ImageWorkerSettings(WorkerSettings):
