@@ -186,14 +186,14 @@ async def test_a_slot_handed_over_to_a_cancelled_wait_is_given_back() -> None:
 
 
 async def test_a_rate_limit_reported_after_the_call_left_lowers_to_the_calls_in_flight() -> None:
-    """answers.py calls pause() for a 1302 inside a 200 answer: that call has already released
-    its slot, so the calls still in flight are what the provider accepted."""
+    """answers.py calls rejected_after_release() for a 1302 inside a 200 answer: that call has
+    already released its slot, so the calls still in flight are what the provider accepted."""
     gate = ProviderGate()
     await hold(gate, 6)
     answer(gate)
-    gate.pause(1.0)
+    gate.rejected_after_release()
     assert (gate.limit, gate.in_flight) == (5, 5)
     [waiter] = await started(gate, 1)
-    assert not waiter.done(), "pause() closes nothing, but the limit is reached"
+    assert not waiter.done(), "nothing closes, but the limit is reached"
     answer(gate)
     await asyncio.wait_for(waiter, 0.1)

@@ -69,7 +69,7 @@ def raise_inband_error(body: dict[str, Any], provider: ProviderHttp) -> None:
     if error:
         failure = classify_error_body(error, key_setting=provider.config.key_setting)
         if failure.kind is ErrorKind.RATE_LIMITED:
-            provider.gate.pause(failure.retry_after or 1.0)
+            provider.gate.rejected_after_release()
         code = str(error.get("code") or "") if isinstance(error, dict) else ""
         message = str(error.get("message") or "")[:300] if isinstance(error, dict) else str(error)[:300]
         detail = f"a 200 answer carrying an error (code {code or 'none'}: {message or 'no message'})"

@@ -179,14 +179,10 @@ class ProviderGate:
             self._successes = 0
             self._hand_over()
 
-    def pause(self, seconds: float) -> None:
+    def rejected_after_release(self) -> None:
         """A rate limit reported outside :meth:`ProviderHttp.request` (a 429-class code inside a
         200 answer, seen after the call left its slot): lowered like a 429, to the calls still in
-        flight.
-
-        ``seconds`` (the provider's Retry-After) is for the refused task's own retry, which the
-        store schedules; it no longer stops this worker's other calls.
-        """
+        flight. The refused task's own retry (with its Retry-After) is the store's to schedule."""
         self._shrink(self._in_flight)
 
     def _shrink(self, target: int) -> None:
