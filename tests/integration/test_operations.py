@@ -163,8 +163,7 @@ async def test_retry_requeues_a_failed_task_with_a_fresh_budget(store: TaskStore
 
 
 async def test_retry_refuses_other_tenants_and_tasks_that_did_not_fail(store: TaskStore) -> None:
-    from charai.core.errors import NotFoundError
-    from charai.task_store.store import NotFailedError
+    from charai.core.errors import NotFailedError, NotFoundError
 
     task, _ = await store.create("t1", image_request())
     with pytest.raises(NotFailedError):

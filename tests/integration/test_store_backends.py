@@ -25,7 +25,7 @@ from charai.core.domain.retry import RetryPolicy
 from charai.core.errors import NotFoundError, StaleAttemptError, TaskEndedError
 from charai.core.validation import RequestInvalidError
 from charai.store.v1 import store_service_pb2 as spb
-from charai.task_store import store as store_module
+from charai.task_store import queries as store_module
 from charai.task_store.schema import LATEST_VERSION
 from charai.task_store.store import StoreConfig, TaskStore, open_store
 from charai.tasks.v1 import task_pb2, task_service_pb2

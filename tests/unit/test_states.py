@@ -32,7 +32,7 @@ EXPECTED: dict[tuple[Status, Transition], Status] = {
     (R, Transition.FAIL): F,
     (Q, Transition.CANCEL): X,
     (R, Transition.CANCEL): X,
-    (R, Transition.REQUEUE): Q,
+    (F, Transition.RERUN): Q,  # an operator re-runs a failed task (RetryTask)
 }
 
 ALL_PAIRS = [(s, t) for s in Status for t in Transition]
@@ -74,10 +74,20 @@ def test_transition_table(status: Status, transition: Transition) -> None:
 
 @pytest.mark.parametrize("status", sorted(TERMINAL))
 def test_terminal_statuses_are_final(status: Status) -> None:
+    """Final for the pipeline; the one way out is an operator's re-run of a FAILED task."""
     for transition in Transition:
+        if (status, transition) == (F, Transition.RERUN):
+            assert apply(status, transition) is Q
+            continue
         assert not can_apply(status, transition)
         with pytest.raises(IllegalTransitionError):
             apply(status, transition)
+
+
+def test_every_transition_records_its_own_event_type() -> None:
+    for transition in Transition:
+        assert transition.event.name.lower() == transition.value
+        assert task_pb2.TaskEventType.Value(f"TASK_EVENT_TYPE_{transition.event.name}") == transition.event
 
 
 @given(st.lists(st.sampled_from(list(Transition)), max_size=40))
@@ -88,18 +98,20 @@ def test_random_sequences_never_leave_a_terminal_status(transitions: list[Transi
         legal = (status, transition) in EXPECTED
         assert can_apply(status, transition) is legal
         if legal:
-            assert not status.terminal
+            assert not status.terminal or transition is Transition.RERUN
             new = apply(status, transition)
             assert new is EXPECTED[(status, transition)]
             status = new
             if status.terminal:
                 terminals_reached.append(status)
+            if transition is Transition.RERUN:
+                terminals_reached.clear()  # an operator's re-run starts a new run
         else:
             before = status
             with pytest.raises(IllegalTransitionError):
                 apply(status, transition)
             assert status is before
-    # A task reaches at most one terminal status, and once there it stays.
+    # A run reaches at most one terminal status, and once there it stays (but for a re-run).
     assert len(terminals_reached) <= 1
     if terminals_reached:
         assert status is terminals_reached[0]

@@ -39,6 +39,13 @@ class TaskEndedError(CharaiError):
     reason = "TASK_ENDED"
 
 
+class NotFailedError(CharaiError):
+    """RetryTask on a task that is not FAILED (only failed tasks are re-run)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "TASK_NOT_FAILED"
+
+
 class LimitExceededError(CharaiError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = "LIMIT_EXCEEDED"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 from charai.tasks.v1 import task_pb2
 
@@ -17,6 +18,11 @@ LANE_BY_PRIORITY: dict[int, str] = {
     task_pb2.PRIORITY_UNSPECIFIED: "normal",
 }
 LANES = ("high", "normal", "low")
+
+
+def tenant_token(tenant: str) -> str:
+    """A subject-safe token for a tenant name (event subjects carry it, not the name)."""
+    return hashlib.sha256(tenant.encode()).hexdigest()[:16]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -9,9 +9,10 @@ import threading
 import uuid
 
 import structlog
-from charai.core.topology import Topology
+from charai.core.topology import Topology, tenant_token
 from charai.store.v1 import store_service_pb2 as spb
-from charai.task_store.store import OutboxRow, TaskStore, tenant_token
+from charai.task_store.outbox import OutboxRow
+from charai.task_store.store import TaskStore
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError as JsNotFoundError

@@ -27,16 +27,37 @@ class Status(enum.IntEnum):
 TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED})
 
 
-class Transition(enum.Enum):
-    """Everything that can happen to a task, named after the event it produces."""
+class EventType(enum.IntEnum):
+    """What an event in a task's log records. Values equal the proto's TaskEventType numbers
+    (the proto's SNAPSHOT and HEARTBEAT are stream messages, never stored, so absent here)."""
 
-    START = "started"  # a worker claimed it
+    QUEUED = 2
+    STARTED = 3
+    PROGRESS = 4
+    RETRY_SCHEDULED = 5
+    COMPLETED = 6
+    FAILED = 7
+    CANCELLED = 8
+
+
+class Transition(enum.Enum):
+    """Everything that can happen to an existing task, named after the event it produces.
+
+    (Creation is not a transition: a task starts QUEUED, see ``lifecycle.create``.)
+    """
+
+    START = "started"  # a worker claimed it (or took over an attempt whose lease expired)
     PROGRESS = "progress"  # the running attempt reports progress
     RETRY = "retry_scheduled"  # the running attempt failed and another is scheduled
     COMPLETE = "completed"
     FAIL = "failed"
     CANCEL = "cancelled"
-    REQUEUE = "queued"  # a running attempt was lost (lease expired) and the task waits again
+    RERUN = "queued"  # an operator re-runs a FAILED task (RetryTask): the one way out of a terminal state
+
+    @property
+    def event(self) -> EventType:
+        """The event type this transition records."""
+        return EventType[self.value.upper()]
 
 
 _LEGAL: dict[Transition, frozenset[Status]] = {
@@ -46,7 +67,7 @@ _LEGAL: dict[Transition, frozenset[Status]] = {
     Transition.COMPLETE: frozenset({Status.RUNNING}),
     Transition.FAIL: frozenset({Status.QUEUED, Status.RUNNING}),  # QUEUED: attempts exhausted on claim
     Transition.CANCEL: frozenset({Status.QUEUED, Status.RUNNING}),
-    Transition.REQUEUE: frozenset({Status.RUNNING}),
+    Transition.RERUN: frozenset({Status.FAILED}),
 }
 
 _TARGET: dict[Transition, Status] = {
@@ -56,7 +77,7 @@ _TARGET: dict[Transition, Status] = {
     Transition.COMPLETE: Status.COMPLETED,
     Transition.FAIL: Status.FAILED,
     Transition.CANCEL: Status.CANCELLED,
-    Transition.REQUEUE: Status.QUEUED,
+    Transition.RERUN: Status.QUEUED,
 }
 
 
@@ -74,7 +95,8 @@ def can_apply(status: Status, transition: Transition) -> bool:
 
 
 def apply(status: Status, transition: Transition) -> Status:
-    """Returns the status after ``transition``; terminal statuses are final."""
+    """Returns the status after ``transition``; terminal statuses are final, except that an
+    operator may re-run a FAILED task (:attr:`Transition.RERUN`)."""
     if not can_apply(status, transition):
         raise IllegalTransitionError(status, transition)
     return _TARGET[transition]

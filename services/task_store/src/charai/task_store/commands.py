@@ -1,0 +1,323 @@
+"""Command handlers: load the task, let the lifecycle core decide, persist the decision.
+
+Each handler is one unit of work (one transaction). The rules themselves live in
+:mod:`charai.core.domain.lifecycle`; what is left here is the I/O around them and the mapping of
+a refusal to the error a caller sees.
+
+**Fencing.** A write reads the task row ``FOR UPDATE`` (PostgreSQL; SQLite's ``BEGIN IMMEDIATE``
+excludes every other writer), lets the core check the transition and the attempt, then writes.
+Two replicas cannot both claim, complete or cancel the same task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import uuid
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from charai.core.clock import Clock
+from charai.core.domain import lifecycle
+from charai.core.domain.lifecycle import Decision, Policy, Rejection, RejectReason, TaskState
+from charai.core.domain.states import EventType
+from charai.core.errors import CharaiError, NotFailedError, NotFoundError, StaleAttemptError, TaskEndedError
+from charai.core.validation import RequestInvalidError, Violation, fill_metadata
+from charai.store.v1 import store_service_pb2 as spb
+from charai.task_store import rows
+from charai.task_store.backend import Backend
+from charai.task_store.outbox import Job, Outbox
+from charai.task_store.queries import Queries
+from charai.task_store.rows import TaskRow
+from charai.task_store.units import Unit, UnitRunner
+from charai.tasks.v1 import task_pb2, task_service_pb2
+
+A = TypeVar("A")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ClaimResult:
+    """A claim's answer: the proto's ClaimOutcome, the task, the attempt to run under, and for
+    DEFER when to ask again."""
+
+    outcome: int
+    task: task_pb2.Task | None
+    attempt: int = 0
+    retry_after: float = 0.0
+
+
+def rejection_error(task_id: str, refused: Rejection, attempt: int = 0) -> CharaiError:
+    """The error a caller sees for a command the core refused."""
+    status = refused.status.seed_name
+    if refused.reason is RejectReason.TASK_ENDED:
+        return TaskEndedError(f"task {task_id} already {status}", status=status)
+    if refused.reason is RejectReason.STALE_ATTEMPT:
+        return StaleAttemptError(
+            f"attempt {attempt} of task {task_id} no longer holds it"
+            f" (current attempt {refused.current_attempt})"
+        )
+    return NotFailedError(
+        f"task {task_id} is {status}; only failed tasks can be retried",
+        status=status,
+    )
+
+
+class Commands:
+    """The store's writes."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        units: UnitRunner,
+        outbox: Outbox,
+        queries: Queries,
+        policy: Policy,
+        clock: Clock,
+    ) -> None:
+        self._lock = backend.dialect.for_update
+        self._metadata_json = backend.dialect.metadata_json
+        self._units = units
+        self._outbox = outbox
+        self._queries = queries
+        self._policy = policy
+        self._clock = clock
+
+    # -- the common path ---------------------------------------------------------------------
+    async def _persist(
+        self,
+        unit: Unit,
+        task: task_pb2.Task,
+        row: TaskRow,
+        before: TaskState,
+        decision: Decision[Any],
+        on_event: Callable[[lifecycle.Event], None] | None = None,
+    ) -> None:
+        """Writes what ``decision`` changed: the columns no event carries, then each event with
+        the task as it was right after it (the unit appends them last), then the new job.
+        ``on_event`` may change the task message (a result) before an event's snapshot."""
+        after, now = decision.state, self._clock.now_us()
+        columns: dict[str, Any] = {}
+        if after.lease_owner != before.lease_owner:
+            columns["lease_owner"] = after.lease_owner
+        if after.max_attempts != before.max_attempts:
+            columns["max_attempts"] = after.max_attempts
+        if decision.dispatch is not None:
+            columns["dispatch_gen"] = decision.dispatch
+            columns["dispatched_at"] = None
+        if not decision.events and after.lease_expires != before.lease_expires:
+            columns["lease_expires"] = after.lease_expires  # a lease renewed without an event
+        if columns:
+            assignments = ", ".join(f"{name} = ?" for name in columns)
+            await unit.tx.execute(f"UPDATE tasks SET {assignments} WHERE id = ?", *columns.values(), task.id)
+        for event in decision.events:
+            if on_event is not None:
+                on_event(event)
+            rows.write_state(task, event.state)
+            unit.save(
+                task,
+                row.tenant,
+                int(event.type),
+                now,
+                int(row.last_seq),
+                lease_expires=event.state.lease_expires,
+                next_attempt_time=event.state.next_attempt_time,
+            )
+        if decision.dispatch is not None:
+            job = Job(task.id, decision.dispatch, int(task.type), int(task.priority))
+            await self._outbox.enqueue(unit.tx, job, now)
+
+    async def _load(
+        self, unit: Unit, task_id: str, tenant: str | None = None
+    ) -> tuple[task_pb2.Task, TaskRow, TaskState]:
+        task, row = await rows.load(unit.tx, self._lock, task_id, tenant)
+        return task, row, rows.state_of(task, row)
+
+    # -- client commands ---------------------------------------------------------------------
+    async def create(
+        self, tenant: str, req: task_service_pb2.CreateTaskRequest, traceparent: str = ""
+    ) -> tuple[task_pb2.Task, bool]:
+        """The new task (and True), or the one this ``request_id`` already created (and False).
+
+        ``traceparent`` (W3C trace context of the creating call) travels with the job.
+        """
+        return await self._units.write(lambda unit: self._create(unit, tenant, req, traceparent))
+
+    def _new_task(self, req: task_service_pb2.CreateTaskRequest, state: TaskState, now: int) -> task_pb2.Task:
+        task = task_pb2.Task(
+            id=f"task_{uuid.uuid4().hex}",
+            type=req.type,
+            priority=req.priority or task_pb2.PRIORITY_NORMAL,
+            metadata=fill_metadata(req),
+            request_id=req.request_id,
+        )
+        rows.write_state(task, state)
+        if req.WhichOneof("payload") == "image":
+            task.image.CopyFrom(req.image)
+        else:
+            task.tts.CopyFrom(req.tts)
+        task.create_time.FromMicroseconds(now)
+        task.update_time.FromMicroseconds(now)
+        return task
+
+    async def _create(
+        self, unit: Unit, tenant: str, req: task_service_pb2.CreateTaskRequest, traceparent: str
+    ) -> tuple[task_pb2.Task, bool]:
+        if req.request_id:
+            existing = await self._by_request_id(unit, tenant, req)
+            if existing is not None:
+                return existing, False
+        now = self._clock.now_us()
+        decision = lifecycle.create(self._policy, now)
+        task = self._new_task(req, decision.state, now)
+        if not await self._insert(unit, tenant, task, now):
+            # A concurrent create with the same request_id (another replica, a retried call) made
+            # this insert do nothing; that task is then the answer.
+            existing = await self._by_request_id(unit, tenant, req)
+            if existing is None:  # pragma: no cover - the conflicting row is committed by now
+                raise RuntimeError("request_id conflict without a task")
+            return existing, False
+        for event in decision.events:
+            unit.save(task, tenant, int(event.type), now, 0)
+        job = Job(task.id, decision.state.dispatch_gen, int(task.type), int(task.priority), traceparent)
+        handed = await self._outbox.enqueue(unit.tx, job, now, hand_off=True)
+        if handed is not None:
+            unit.handed.append(handed)
+        await self._queries.position(unit.tx, task)
+        return task, True
+
+    async def _insert(self, unit: Unit, tenant: str, task: task_pb2.Task, now: int) -> bool:
+        """Inserts the task row (and its metadata rows on SQLite); False if its request_id is
+        taken."""
+        columns = "id, tenant, request_id, type, priority, status, attempt, max_attempts,"
+        columns += " create_time, update_time, dispatch_gen, task"
+        values = "?, ?, ?, ?, ?, ?, 0, ?, ?, ?, 1, ?"
+        args: list[Any] = [task.id, tenant, task.request_id or None, int(task.type), int(task.priority)]
+        args += [int(task.status), task.max_attempts, now, now, task.SerializeToString()]
+        if self._metadata_json:
+            columns += ", metadata"
+            values += ", ?::jsonb"
+            args.append(json.dumps(dict(task.metadata), separators=(",", ":")))
+        inserted = await unit.tx.fetchval(
+            f"INSERT INTO tasks ({columns}) VALUES ({values})"
+            " ON CONFLICT (tenant, request_id) WHERE request_id IS NOT NULL DO NOTHING RETURNING id",
+            *args,
+        )
+        if inserted is None:
+            return False
+        if not self._metadata_json:
+            await unit.tx.executemany(
+                "INSERT INTO task_metadata (task_id, tenant, key, value) VALUES (?, ?, ?, ?)",
+                [(task.id, tenant, k, v) for k, v in task.metadata.items()],
+            )
+        return True
+
+    async def _by_request_id(
+        self, unit: Unit, tenant: str, req: task_service_pb2.CreateTaskRequest
+    ) -> task_pb2.Task | None:
+        row = await unit.tx.fetchrow(
+            "SELECT id FROM tasks WHERE tenant = ? AND request_id = ?", tenant, req.request_id
+        )
+        if row is None:
+            return None
+        existing, _ = await rows.load(unit.tx, "", row[0])
+        if existing.type != req.type:
+            raise RequestInvalidError(
+                [Violation("request_id", "was already used for a task of another type")]
+            )
+        await self._queries.position(unit.tx, existing)
+        return existing
+
+    async def cancel(self, tenant: str, task_id: str) -> tuple[task_pb2.Task, bool]:
+        """Cancels the task; returns it and whether a worker was running it."""
+
+        async def op(unit: Unit) -> tuple[task_pb2.Task, bool]:
+            task, row, state = await self._load(unit, task_id, tenant)
+            decision = lifecycle.cancel(state, lifecycle.Cancel(), self._clock.now_us())
+            await self._persist(unit, task, row, state, decision)
+            return task, bool(decision.answer)
+
+        return await self._units.write(op)
+
+    async def rerun(self, tenant: str, task_id: str) -> task_pb2.Task:
+        """Re-runs a FAILED task (RetryTask, the dead-letter view's action)."""
+
+        async def op(unit: Unit) -> task_pb2.Task:
+            task, row, state = await self._load(unit, task_id, tenant)
+            decision = lifecycle.rerun(state, lifecycle.Rerun(), self._clock.now_us(), self._policy)
+            if isinstance(decision.answer, Rejection):
+                raise rejection_error(task_id, decision.answer)
+            await self._persist(unit, task, row, state, decision)
+            return task
+
+        return await self._units.write(op)
+
+    # -- worker commands ---------------------------------------------------------------------
+    async def claim(self, task_id: str, worker_id: str) -> ClaimResult:
+        async def op(unit: Unit) -> ClaimResult:
+            try:
+                task, row, state = await self._load(unit, task_id)
+            except NotFoundError:
+                return ClaimResult(spb.CLAIM_OUTCOME_DONE, None)
+            decision = lifecycle.claim(state, lifecycle.Claim(worker_id), self._clock.now_us(), self._policy)
+            await self._persist(unit, task, row, state, decision)
+            answer = decision.answer
+            assert not isinstance(answer, Rejection)
+            return ClaimResult(int(answer.outcome), task, answer.attempt, answer.retry_after)
+
+        return await self._units.write(op)
+
+    async def progress(self, task_id: str, attempt: int, progress: int, stage: str) -> int:
+        async def op(unit: Unit) -> int:
+            task, row, state = await self._load(unit, task_id)
+            command = lifecycle.Report(attempt, progress, stage)
+            decision = lifecycle.report(state, command, self._clock.now_us(), self._policy)
+            if isinstance(decision.answer, Rejection):
+                raise rejection_error(task_id, decision.answer, attempt)
+            await self._persist(unit, task, row, state, decision)
+            return int(decision.answer)
+
+        return await self._units.write(op)
+
+    async def complete(self, req: spb.CompleteTaskRequest) -> task_pb2.Task:
+        async def op(unit: Unit) -> task_pb2.Task:
+            task, row, state = await self._load(unit, req.task_id)
+            command = lifecycle.Complete(req.attempt, req.progress, req.stage)
+            decision = lifecycle.complete(state, command, self._clock.now_us())
+            if isinstance(decision.answer, Rejection):
+                raise rejection_error(req.task_id, decision.answer, req.attempt)
+
+            def with_result(event: lifecycle.Event) -> None:
+                if event.type is EventType.COMPLETED:  # the progress event before it has none yet
+                    if req.WhichOneof("result") == "image_result":
+                        task.image_result.CopyFrom(req.image_result)
+                    else:
+                        task.tts_result.CopyFrom(req.tts_result)
+
+            await self._persist(unit, task, row, state, decision, with_result)
+            return task
+
+        return await self._units.write(op)
+
+    async def fail(self, req: spb.FailTaskRequest) -> tuple[int, float, task_pb2.Task]:
+        async def op(unit: Unit) -> tuple[int, float, task_pb2.Task]:
+            task, row, state = await self._load(unit, req.task_id)
+            command = lifecycle.Fail(req.attempt, rows.failure_of(req.error), req.retry_after_seconds or None)
+            decision = lifecycle.fail(state, command, self._clock.now_us(), self._policy)
+            await self._persist(unit, task, row, state, decision)
+            answer = decision.answer
+            assert not isinstance(answer, Rejection)
+            return int(answer.outcome), answer.delay, task
+
+        return await self._units.write(op)
+
+    # -- the sweeper -------------------------------------------------------------------------
+    async def redispatch(self, task_id: str, seen_gen: int) -> bool:
+        """Queues a new job for the task unless it ended or was re-dispatched since ``seen_gen``."""
+
+        async def op(unit: Unit) -> bool:
+            task, row, state = await self._load(unit, task_id)
+            decision = lifecycle.redispatch(state, lifecycle.Redispatch(seen_gen), self._clock.now_us())
+            await self._persist(unit, task, row, state, decision)
+            return bool(decision.answer)
+
+        return await self._units.write(op)

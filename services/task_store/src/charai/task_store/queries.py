@@ -1,0 +1,225 @@
+"""Reads: one task, lists of tasks, the event log, queue positions and queue statistics.
+
+Every answer is computed from the shared database, so it is the same whichever replica answers.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from charai.core.clock import Clock
+from charai.core.domain.states import Status
+from charai.core.validation import RequestInvalidError, Violation
+from charai.store.v1 import store_service_pb2 as spb
+from charai.task_store import rows
+from charai.task_store.backend import Backend, Tx
+from charai.tasks.v1 import task_pb2, task_service_pb2
+
+DEFAULT_PAGE = 50
+#: How many tasks queued behind a task ``queue_position`` counts before it counts the ones ahead
+#: instead (SQLite's lane counters; see :meth:`Queries.position`).
+BEHIND_SCAN = 256
+
+
+def encode_page_token(created: int, task_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{created}:{task_id}".encode()).decode().rstrip("=")
+
+
+def decode_page_token(token: str) -> tuple[int, str]:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        created, task_id = raw.split(":", 1)
+        return int(created), task_id
+    except (ValueError, UnicodeDecodeError):
+        raise RequestInvalidError([Violation("page_token", "is not a token this server issued")]) from None
+
+
+class Queries:
+    """The store's reads."""
+
+    def __init__(self, backend: Backend, clock: Clock) -> None:
+        self._db = backend
+        self._dialect = backend.dialect
+        self._clock = clock
+
+    # -- tasks -------------------------------------------------------------------------------
+    async def get(self, tenant: str, task_id: str) -> task_pb2.Task:
+        async def body(tx: Tx) -> task_pb2.Task:
+            task, _ = await rows.load(tx, "", task_id, tenant)
+            await self.position(tx, task)
+            return task
+
+        return await self._db.read(body)
+
+    async def tenant_of(self, task_id: str) -> str | None:
+        row = await self._db.read(lambda tx: tx.fetchrow("SELECT tenant FROM tasks WHERE id = ?", task_id))
+        return None if row is None else str(row[0])
+
+    async def list_tasks(
+        self, tenant: str, req: task_service_pb2.ListTasksRequest
+    ) -> tuple[list[task_pb2.Task], str]:
+        return await self._db.read(lambda tx: self._list_tasks(tx, tenant, req))
+
+    async def _list_tasks(
+        self, tx: Tx, tenant: str, req: task_service_pb2.ListTasksRequest
+    ) -> tuple[list[task_pb2.Task], str]:
+        sql = ["SELECT task FROM tasks WHERE tenant = ?"]
+        args: list[Any] = [tenant]
+        sql_filter, filter_args = self.metadata_filter("id", tenant, req.metadata)
+        sql.append(sql_filter)
+        args += filter_args
+        if req.type:
+            sql.append("AND type = ?")
+            args.append(int(req.type))
+        if req.status:
+            sql.append("AND status = ?")
+            args.append(int(req.status))
+        if req.page_token:
+            created, last_id = decode_page_token(req.page_token)
+            sql.append("AND (create_time < ? OR (create_time = ? AND id < ?))")
+            args += [created, created, last_id]
+        size = req.page_size or DEFAULT_PAGE
+        sql.append("ORDER BY create_time DESC, id DESC LIMIT ?")
+        args.append(size + 1)
+        found = await tx.fetch(" ".join(sql), *args)
+        tasks = [task_pb2.Task.FromString(r[0]) for r in found[:size]]
+        for task in tasks:
+            await self.position(tx, task)
+        token = ""
+        if len(found) > size:
+            last = tasks[-1]
+            token = encode_page_token(last.create_time.ToMicroseconds(), last.id)
+        return tasks, token
+
+    def metadata_filter(self, column: str, tenant: str, metadata: Mapping[str, str]) -> tuple[str, list[Any]]:
+        """SQL (starting with ``AND``) keeping rows whose task ``column`` has every pair."""
+        pairs = dict(sorted(dict(metadata).items()))
+        if not pairs:
+            return "", []
+        if self._dialect.metadata_json:
+            document = json.dumps(pairs, separators=(",", ":"))
+            if column == "id":
+                return "AND metadata @> ?::jsonb", [document]
+            return (
+                f"AND {column} IN (SELECT id FROM tasks WHERE tenant = ? AND metadata @> ?::jsonb)",
+                [tenant, document],
+            )
+        parts: list[str] = []
+        args: list[Any] = []
+        for key, value in pairs.items():
+            parts.append(
+                f"AND {column} IN (SELECT task_id FROM task_metadata"
+                " WHERE tenant = ? AND key = ? AND value = ?)"
+            )
+            args += [tenant, key, value]
+        return " ".join(parts), args
+
+    # -- queue position ----------------------------------------------------------------------
+    async def position(self, tx: Tx, task: task_pb2.Task) -> None:
+        """Fills ``queue_position``: 1 + the queued tasks of its type ahead of it (higher
+        priority, or the same priority and created earlier), counted in SQL, so it is right
+        whichever replica answers.
+
+        With lane counters (SQLite) this does not count the queue: the queued tasks of the lanes
+        at or above the task's priority (counters) minus those queued behind it in its lane (an
+        index range, empty for a task just created). Only a task deep in a long queue is counted
+        from the front instead, over the tasks ahead of it in its lane.
+        """
+        if task.status != task_pb2.TASK_STATUS_QUEUED:
+            task.queue_position = 0
+            return
+        created = task.create_time.ToMicroseconds()
+        if self._dialect.lane_counts:
+            await self._position_from_counters(tx, task, created)
+            return
+        ahead = await tx.fetchval(
+            "SELECT COUNT(*) FROM tasks WHERE type = ? AND status = ? AND (priority > ? OR"
+            " (priority = ? AND (create_time < ? OR (create_time = ? AND id < ?))))",
+            int(task.type),
+            int(Status.QUEUED),
+            int(task.priority),
+            int(task.priority),
+            created,
+            created,
+            task.id,
+        )
+        task.queue_position = int(ahead) + 1
+
+    async def _position_from_counters(self, tx: Tx, task: task_pb2.Task, created: int) -> None:
+        kind, priority, queued = int(task.type), int(task.priority), int(Status.QUEUED)
+        row = await tx.fetchrow(
+            "SELECT (SELECT COALESCE(SUM(queued), 0) FROM lane_counts WHERE type = ? AND priority >= ?),"
+            " (SELECT COUNT(*) FROM (SELECT 1 FROM tasks WHERE type = ? AND status = ? AND priority = ?"
+            " AND (create_time, id) > (?, ?) LIMIT ?))",
+            kind,
+            priority,
+            kind,
+            queued,
+            priority,
+            created,
+            task.id,
+            BEHIND_SCAN,
+        )
+        assert row is not None
+        from_here, behind = int(row[0]), int(row[1])
+        if behind < BEHIND_SCAN:
+            task.queue_position = max(1, from_here - behind)
+            return
+        row = await tx.fetchrow(
+            "SELECT (SELECT COALESCE(SUM(queued), 0) FROM lane_counts WHERE type = ? AND priority > ?),"
+            " (SELECT COUNT(*) FROM tasks WHERE type = ? AND status = ? AND priority = ?"
+            " AND (create_time, id) < (?, ?))",
+            kind,
+            priority,
+            kind,
+            queued,
+            priority,
+            created,
+            task.id,
+        )
+        assert row is not None
+        task.queue_position = int(row[0]) + int(row[1]) + 1
+
+    # -- the event log -----------------------------------------------------------------------
+    async def list_events(self, req: spb.ListEventsRequest) -> tuple[list[task_pb2.TaskEvent], int]:
+        """Events after ``req.after_sequence`` in sequence order, and the head sequence.
+
+        The head is read *before* the events: every event up to it is committed (sequence order is
+        commit order), so all of those that match are in the answer (unless ``limit`` cut it) and
+        a watcher may move its cursor to the head.
+        """
+        return await self._db.read(lambda tx: self._list_events(tx, req))
+
+    async def _list_events(self, tx: Tx, req: spb.ListEventsRequest) -> tuple[list[task_pb2.TaskEvent], int]:
+        limit = min(req.limit or 500, 5000)
+        head = int(await tx.fetchval("SELECT COALESCE(MAX(seq), 0) FROM events"))
+        if req.task_id:
+            found = await tx.fetch(
+                "SELECT seq, type, time, task FROM events WHERE task_id = ? AND tenant = ? AND seq > ?"
+                " ORDER BY seq LIMIT ?",
+                req.task_id,
+                req.tenant,
+                req.after_sequence,
+                limit,
+            )
+        else:
+            sql_filter, filter_args = self.metadata_filter("task_id", req.tenant, req.metadata)
+            type_sql = "AND task_type = ?" if req.type else ""
+            args: list[Any] = [req.tenant, req.after_sequence, *filter_args]
+            if req.type:
+                args.append(int(req.type))
+            found = await tx.fetch(
+                "SELECT seq, type, time, task FROM events WHERE tenant = ? AND seq > ?"
+                f" {sql_filter} {type_sql} ORDER BY seq LIMIT ?",
+                *args,
+                limit,
+            )
+        events = []
+        for seq, etype, etime, blob in found:
+            event = task_pb2.TaskEvent(sequence=seq, type=etype, task=task_pb2.Task.FromString(blob))
+            event.time.FromMicroseconds(etime)
+            events.append(event)
+        return events, head

@@ -1,0 +1,170 @@
+"""Units of work: one write transaction, its task changes appended as events last, and what
+happens right after its commit (events to the bus, new jobs to the local relay).
+
+**No gap for watchers.** Events of a transaction are inserted at its very end, after the events
+lock (:attr:`Dialect.append_event`): on PostgreSQL a transaction-scoped advisory lock, held until
+commit, so the transaction that takes sequence N commits before any transaction can take N+1.
+Sequence order is therefore commit order, and a watcher that has read up to N never later sees a
+committed event below N. SQLite gets the same property from its single writer. The cost is that
+event-writing commits are serialized, as on SQLite (README, "PostgreSQL", has the numbers).
+
+Envelopes of new events are handed to ``on_events`` right after commit (see the backends for the
+thread and the order).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from charai.store.v1 import store_service_pb2 as spb
+from charai.task_store.backend import Backend, Tx
+from charai.task_store.outbox import OutboxRow
+from charai.tasks.v1 import task_pb2
+
+T = TypeVar("T")
+EventsHook = Callable[[list[spb.EventEnvelope]], None]
+HandOffHook = Callable[[list[OutboxRow]], None]
+
+
+@dataclasses.dataclass(slots=True)
+class _Save:
+    """A task change waiting for its event (written at the end of the unit of work)."""
+
+    #: The event's envelope, all but its sequences (known once the event is inserted); its
+    #: ``event.task`` is the snapshot of the task.
+    envelope: spb.EventEnvelope
+    blob: bytes
+    tenant: str
+    event_type: int
+    now: int
+    prev_seq: int
+    lease_expires: int | None
+    next_attempt_time: int | None
+
+
+@dataclasses.dataclass(slots=True)
+class Unit:
+    """One write transaction and the task changes it will commit."""
+
+    tx: Tx
+    saves: list[_Save] = dataclasses.field(default_factory=list)
+    #: Jobs this unit queued already claimed for the local relay (see ``TaskStore.hand_off``).
+    handed: list[OutboxRow] = dataclasses.field(default_factory=list)
+
+    def save(
+        self,
+        task: task_pb2.Task,
+        tenant: str,
+        event_type: int,
+        now: int,
+        prev_seq: int,
+        *,
+        lease_expires: int | None = None,
+        next_attempt_time: int | None = None,
+    ) -> None:
+        """Records the task as it is now, with its event; its row and its event are written at
+        the end of the unit (:meth:`UnitRunner._append_events`), so an operation must not read
+        the row back after this. ``task`` may change further: the snapshot is a copy."""
+        task.update_time.FromMicroseconds(now)
+        task.queue_position = 0
+        envelope = spb.EventEnvelope(tenant=tenant)
+        envelope.event.type = event_type  # type: ignore[assignment]
+        envelope.event.time.FromMicroseconds(now)
+        snapshot = envelope.event.task
+        snapshot.CopyFrom(task)
+        self.saves.append(
+            _Save(
+                envelope=envelope,
+                blob=snapshot.SerializeToString(),
+                tenant=tenant,
+                event_type=event_type,
+                now=now,
+                prev_seq=prev_seq,
+                lease_expires=lease_expires,
+                next_attempt_time=next_attempt_time,
+            )
+        )
+
+
+class UnitRunner:
+    """Runs units of work on a backend and publishes what they committed."""
+
+    def __init__(self, backend: Backend, on_events: EventsHook | None = None) -> None:
+        self._db = backend
+        self._append_sql = backend.dialect.append_event
+        self._on_events = on_events
+        self.hand_off: HandOffHook | None = None
+
+    async def write(self, op: Callable[[Unit], Coroutine[Any, Any, T]]) -> T:
+        """Runs ``op`` in one transaction, appends its events last, publishes them after commit."""
+        envelopes: list[spb.EventEnvelope] = []
+        handed: list[OutboxRow] = []
+
+        async def body(tx: Tx) -> T:
+            envelopes.clear()  # a retried transaction starts over
+            handed.clear()
+            unit = Unit(tx)
+            result = await op(unit)
+            envelopes.extend(await self._append_events(unit))
+            handed.extend(unit.handed)
+            return result
+
+        def committed() -> None:
+            if handed and self.hand_off is not None:
+                self.hand_off(list(handed))
+            if envelopes and self._on_events is not None:
+                self._on_events(list(envelopes))
+
+        return await self._db.write(body, committed)
+
+    async def _append_events(self, unit: Unit) -> list[spb.EventEnvelope]:
+        """Inserts the unit's events and writes its task rows, under the events lock.
+
+        Last in the transaction on purpose: the lock is held from here to commit, so the shorter
+        this tail, the less event-writing transactions wait for each other.
+        """
+        last: dict[str, int] = {}
+        envelopes = []
+        for save in unit.saves:
+            envelope = save.envelope
+            task_id = envelope.event.task.id
+            seq = await self._append_event(unit.tx, save)
+            envelope.event.sequence = seq
+            envelope.prev_sequence = last.get(task_id, save.prev_seq)
+            envelopes.append(envelope)
+            last[task_id] = seq
+        return envelopes
+
+    async def _append_event(self, tx: Tx, save: _Save) -> int:
+        task = save.envelope.event.task
+        event_args = (task.id, save.tenant, int(task.type), save.event_type, save.now, save.blob)
+        if self._append_sql is not None:
+            seq = await tx.fetchval(
+                self._append_sql,
+                *event_args,
+                int(task.status),
+                task.attempt,
+                save.lease_expires,
+                save.next_attempt_time,
+            )
+            return int(seq)
+        seq = await tx.fetchval(
+            "INSERT INTO events (task_id, tenant, task_type, type, time, task)"
+            " VALUES (?, ?, ?, ?, ?, ?) RETURNING seq",
+            *event_args,
+        )
+        await tx.execute(
+            "UPDATE tasks SET status = ?, attempt = ?, update_time = ?, lease_expires = ?,"
+            " next_attempt_time = ?, last_seq = ?, task = ? WHERE id = ?",
+            int(task.status),
+            task.attempt,
+            save.now,
+            save.lease_expires,
+            save.next_attempt_time,
+            int(seq),
+            save.blob,
+            task.id,
+        )
+        return int(seq)
