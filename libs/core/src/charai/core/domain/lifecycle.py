@@ -90,6 +90,11 @@ class Policy:
     def retry_delay(
         self, kind: ErrorKind, state: TaskState, retry_after: float | None = None
     ) -> float | None:
+        """Seconds until the next attempt after ``state``'s attempt failed with ``kind``, or None
+        when the task must fail now (the kind allows no more retries, or the task's own attempt
+        budget is spent)."""
+        if state.attempt >= state.max_attempts:
+            return None
         return self.retry.decide(kind, self.run_attempt(state), retry_after, self.rng)
 
 
