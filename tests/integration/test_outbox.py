@@ -2,7 +2,7 @@
 reaches the JetStream work queue exactly once, through a NATS outage, and is re-dispatched when
 NATS loses it.
 
-Each test runs on both task_store backends (``db`` from ``test_task_store``: a SQLite file, and a
+Each test runs on both task_store backends (``db`` from the integration conftest: a SQLite file, and a
 fresh database on the private PostgreSQL server), because the outbox is written once over both
 and PostgreSQL's relay claims rows with ``SKIP LOCKED`` where SQLite has one writer."""
 
@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import nats
-import pytest
 from charai.core import natsconn
 from charai.core.storeclient import StoreClient
 from charai.core.topology import Topology
@@ -31,7 +30,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from tests.conftest import eventually
-from tests.integration.test_task_store import BACKENDS, Database, backend_database
+from tests.integration.conftest import Database
 
 if TYPE_CHECKING:
     from tests.conftest import NatsServer
@@ -83,13 +82,6 @@ async def stream_jobs(js: JetStreamContext) -> list[StoredJob]:
 
 async def stream_count(js: JetStreamContext) -> int:
     return int((await js.stream_info(STREAM)).state.messages)
-
-
-@pytest.fixture(params=BACKENDS)
-async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
-    """Runs the test once per backend: a SQLite file, then a fresh PostgreSQL database."""
-    async with backend_database(request, tmp_path) as database:
-        yield database
 
 
 @dataclasses.dataclass

@@ -60,20 +60,27 @@ class ManualClock:
 
     ``advance(s)`` moves the wall clock and the monotonic clock together and wakes every
     :meth:`sleep` whose time has come, in deadline order. Both clocks start at given values so a
-    test can tell stored times apart from real ones.
+    test can tell stored times apart from real ones. With ``tick``, every wall-clock read moves
+    the wall clock on by that much, so things created one after the other get increasing times
+    (as they do on a real clock) while the test still decides when a lease or a delay is over.
     """
 
-    def __init__(self, start: float = 1_800_000_000.0, monotonic_start: float = 1_000.0) -> None:
+    def __init__(
+        self, start: float = 1_800_000_000.0, monotonic_start: float = 1_000.0, *, tick: float = 0.0
+    ) -> None:
         self._wall = start
         self._mono = monotonic_start
+        self._tick = tick
         self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
         self._order = itertools.count()
 
     def time(self) -> float:
-        return self._wall
+        now = self._wall
+        self._wall += self._tick
+        return now
 
     def now_us(self) -> int:
-        return round(self._wall * 1_000_000)
+        return round(self.time() * 1_000_000)
 
     def monotonic(self) -> float:
         return self._mono
