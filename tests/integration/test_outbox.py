@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import nats
 from charai.core import natsconn
+from charai.core.clock import ManualClock
 from charai.core.storeclient import StoreClient
 from charai.core.topology import Topology
 from charai.store.v1 import store_service_pb2 as spb
@@ -280,15 +281,17 @@ async def test_app_sweeper_runs_by_itself(nats_server: NatsServer, tmp_path: Pat
 @contextlib.asynccontextmanager
 async def bare_store(
     nats_server: NatsServer, db: Database, **config: Any
-) -> AsyncIterator[tuple[TaskStore, JetStreamContext]]:
-    """A store and the jobs stream, with no relay running: the test drives relays by hand."""
+) -> AsyncIterator[tuple[TaskStore, JetStreamContext, ManualClock]]:
+    """A store, the jobs stream and the store's clock, with no relay running: the test drives
+    relays by hand, and moves time."""
     nc = await nats.connect(nats_server.url)
-    store = open_store(db.url, StoreConfig(**config))
+    clock = ManualClock(tick=1e-6)
+    store = open_store(db.url, StoreConfig(**config), clock=clock)
     try:
         js = nc.jetstream()
         await natsconn.ensure_jobs_stream(js, TOPOLOGY)
         async with store:
-            yield store, js
+            yield store, js, clock
     finally:
         await nc.close()
 
@@ -304,7 +307,7 @@ async def test_a_relay_that_dies_before_recording_a_batch_is_deduplicated_by_jet
     before it leaves them claimed: when the claims expire another relay publishes them again,
     JetStream drops the repeats (same Nats-Msg-Id), and that relay's last claim, which finds
     nothing more, records them."""
-    async with bare_store(nats_server, db, outbox_claim_seconds=0.3) as (store, js):
+    async with bare_store(nats_server, db, outbox_claim_seconds=0.3) as (store, js, clock):
         tasks = [(await store.create("t1", image_request()))[0] for _ in range(3)]
         dead = relay_on(store, js)
         rows = await store.claim_dispatches(dead.owner)
@@ -312,7 +315,7 @@ async def test_a_relay_that_dies_before_recording_a_batch_is_deduplicated_by_jet
         assert (dead.published, dead.duplicates) == (3, 0)
         assert len(await store.pending_dispatches()) == 3  # nothing recorded yet
 
-        await asyncio.sleep(0.4)  # the dead relay's claims expire
+        clock.advance(0.31)  # the dead relay's claims expire
         survivor = relay_on(store, js)
         survivor.start()
         try:
@@ -327,7 +330,7 @@ async def test_a_relay_that_dies_before_recording_a_batch_is_deduplicated_by_jet
             await survivor.close()
         jobs = await stream_jobs(js)
         assert sorted(j.msg_id for j in jobs) == sorted(f"{t.id}:1" for t in tasks)
-        await asyncio.sleep(0.01)
+        clock.advance(0.01)
         stale = await store.stale_dispatches(0.0)  # every job's stream sequence was recorded
         assert sorted((task_id, seq) for task_id, _, seq in stale) == sorted(
             (j.job.task_id, j.seq) for j in jobs
@@ -337,7 +340,7 @@ async def test_a_relay_that_dies_before_recording_a_batch_is_deduplicated_by_jet
 async def test_a_stopping_relay_records_its_last_batch_with_the_give_back(
     nats_server: NatsServer, db: Database
 ) -> None:
-    async with bare_store(nats_server, db) as (store, js):
+    async with bare_store(nats_server, db) as (store, js, clock):
         task, _ = await store.create("t1", image_request())
         unsent, _ = await store.create("t1", image_request())
         relay = relay_on(store, js)
@@ -349,7 +352,7 @@ async def test_a_stopping_relay_records_its_last_batch_with_the_give_back(
         # Recorded (not re-published), and the unsent row is free for another relay at once.
         assert [r.task_id for r in await store.claim_dispatches("another")] == [unsent.id]
         assert [j.msg_id for j in await stream_jobs(js)] == [f"{task.id}:1"]
-        await asyncio.sleep(0.01)
+        clock.advance(0.01)
         assert [(t, seq) for t, _, seq in await store.stale_dispatches(0.0)] == [(task.id, 1)]
 
 
@@ -359,7 +362,7 @@ async def test_created_jobs_are_handed_to_the_relay_and_published_once_without_a
     """With a relay to hand to, a create writes its job claimed by that relay and hands it over
     after commit: published once (no duplicate from the relay's own claim running alongside),
     then recorded, under concurrent creates."""
-    async with bare_store(nats_server, db) as (store, js):
+    async with bare_store(nats_server, db) as (store, js, clock):
         relay = relay_on(store, js)
         handed: list[str] = []
 
@@ -393,12 +396,12 @@ async def test_created_jobs_are_handed_to_the_relay_and_published_once_without_a
 async def test_a_job_handed_to_a_relay_that_died_is_published_by_another_after_the_short_claim(
     nats_server: NatsServer, db: Database
 ) -> None:
-    async with bare_store(nats_server, db, hand_off_claim_seconds=0.3) as (store, js):
+    async with bare_store(nats_server, db, hand_off_claim_seconds=0.3) as (store, js, clock):
         store.hand_off("relay-that-dies", lambda rows: None)  # the process dies before publishing
         task, _ = await store.create("t1", image_request())
         survivor = relay_on(store, js)
         assert await store.claim_dispatches(survivor.owner) == []  # still claimed
-        await asyncio.sleep(0.4)
+        clock.advance(0.31)
         survivor.start()
         try:
             survivor.wake()

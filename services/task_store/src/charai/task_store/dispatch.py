@@ -9,6 +9,7 @@ import threading
 import uuid
 
 import structlog
+from charai.core.clock import SYSTEM, Clock
 from charai.core.topology import Topology, tenant_token
 from charai.store.v1 import store_service_pb2 as spb
 from charai.task_store.outbox import OutboxRow
@@ -113,8 +114,10 @@ class OutboxRelay:
         topology: Topology,
         redispatch_after: float,
         sweep_interval: float,
+        clock: Clock = SYSTEM,
     ) -> None:
         self._store = store
+        self._clock = clock
         self._js = js
         self._topology = topology
         self._wake = asyncio.Event()
@@ -244,7 +247,7 @@ class OutboxRelay:
 
     async def _sweep(self) -> None:
         while True:
-            await asyncio.sleep(self._sweep_interval)
+            await self._clock.sleep(self._sweep_interval)
             try:
                 await self.sweep_once()
             except asyncio.CancelledError:
