@@ -362,7 +362,7 @@ async def test_created_jobs_are_handed_to_the_relay_and_published_once_without_a
     """With a relay to hand to, a create writes its job claimed by that relay and hands it over
     after commit: published once (no duplicate from the relay's own claim running alongside),
     then recorded, under concurrent creates."""
-    async with bare_store(nats_server, db) as (store, js, clock):
+    async with bare_store(nats_server, db) as (store, js, _clock):
         relay = relay_on(store, js)
         handed: list[str] = []
 
