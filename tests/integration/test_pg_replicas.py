@@ -147,7 +147,8 @@ async def test_200_creates_over_two_replicas_publish_each_job_once(
 
         await eventually(all_out, timeout=20)
         published_s = time.monotonic() - started
-        await asyncio.sleep(1.5)  # a relay polls every second: a late double publish would show now
+        # An empty outbox means no relay holds anything more to publish (a row leaves the outbox
+        # only once its publish was acknowledged), so no later publish can come.
         msg_ids = await stream_msg_ids(js)
         assert len(msg_ids) == 200
         assert len(set(msg_ids)) == 200
@@ -281,6 +282,27 @@ async def test_concurrent_writes_on_both_replicas_keep_sequences_gap_free_for_wa
         )
 
 
+class Burst:
+    """200 creates kept :attr:`WINDOW` in flight, the odd ones sent to replica a until it goes
+    away. It goes away once it has accepted :attr:`CUT` creates (``cut`` is set): a moment the
+    test arranges, with creates still in flight on both replicas, whatever the machine's speed."""
+
+    WINDOW = 20
+    CUT = 30
+
+    def __init__(self) -> None:
+        self.window = asyncio.Semaphore(self.WINDOW)
+        self.cut = asyncio.Event()
+        self.accepted: dict[str, str] = {}
+        self.by_a = 0
+
+    def accepted_by_a(self, task_id: str, request: task_service_pb2.CreateTaskRequest) -> None:
+        self.accepted[request.request_id] = task_id
+        self.by_a += 1
+        if self.by_a == self.CUT:
+            self.cut.set()
+
+
 async def test_a_replica_closed_mid_burst_leaves_its_jobs_to_the_other(
     nats_server: NatsServer, postgres: PgDatabase, tmp_path: Path
 ) -> None:
@@ -296,25 +318,23 @@ async def test_a_replica_closed_mid_burst_leaves_its_jobs_to_the_other(
             StoreClient(f"127.0.0.1:{a_app.port}") as a_client,  # outlives a: callers see it go
         ):
             a = Replica("a", a_app, a_client)
-            a_closed = asyncio.Event()
-            accepted: dict[str, str] = {}
+            burst = Burst()
             retried_on_b = 0
 
             async def submit(n: int) -> None:
                 nonlocal retried_on_b
                 request = image_request(n, request_id=f"burst-{n}")
-                await asyncio.sleep(n * 0.004)  # a burst spread over ~0.8 s
-                if n % 2 and not a_closed.is_set():
-                    try:
-                        accepted[request.request_id] = (await a.create(request, timeout=3.0)).id
-                        return
-                    except grpc.aio.AioRpcError:
-                        retried_on_b += 1  # a went away: the caller retries elsewhere, same request_id
-                accepted[request.request_id] = (await b.create(request)).id
+                async with burst.window:
+                    if n % 2 and not burst.cut.is_set():
+                        try:
+                            burst.accepted_by_a((await a.create(request, timeout=3.0)).id, request)
+                            return
+                        except grpc.aio.AioRpcError:
+                            retried_on_b += 1  # a went away: the caller retries elsewhere, same request_id
+                    burst.accepted[request.request_id] = (await b.create(request)).id
 
             async def close_a() -> None:
-                await asyncio.sleep(0.35)
-                a_closed.set()
+                await burst.cut.wait()
                 await a_app.close()  # what `async with` does on the way out; closing twice is a no-op
 
             started = time.monotonic()
@@ -326,8 +346,8 @@ async def test_a_replica_closed_mid_burst_leaves_its_jobs_to_the_other(
 
             await eventually(all_out, timeout=20)
             done_s = time.monotonic() - started
-            await asyncio.sleep(1.5)
             msg_ids = await stream_msg_ids(js)
+            accepted = burst.accepted
             assert len(accepted) == 200
             assert len(set(accepted.values())) == 200
             assert await postgres.count_rows("tasks") == 200
@@ -338,7 +358,8 @@ async def test_a_replica_closed_mid_burst_leaves_its_jobs_to_the_other(
             # JetStream dropped as a duplicate: the stream holds each job once either way.
             assert a_published + b.published - a_duplicates - b.duplicates == 200
             print(
-                f"\nreplica a closed 0.35 s into a burst of 200 creates: a published {a_published},"
+                f"\nreplica a closed after accepting {burst.by_a} of a burst of 200 creates:"
+                f" a published {a_published},"
                 f" b published {b.published} ({b.duplicates} duplicates dropped by JetStream),"
                 f" {retried_on_b} creates retried on b; all 200 jobs in the stream once after {done_s:.2f} s"
             )
@@ -381,32 +402,28 @@ async def test_a_replica_killed_mid_burst_leaves_its_jobs_to_the_other(
             StoreClient(f"127.0.0.1:{port}") as a_client,
         ):
             await a_client.stub.ListEvents(spb.ListEventsRequest(tenant=TENANT), **a_client.kw(30.0))  # ready
-            a_killed = asyncio.Event()
-            accepted: dict[str, str] = {}
-            by_a = 0
+            burst = Burst()
             retried_on_b = 0
             left_claimed = 0
 
             async def submit(n: int) -> None:
-                nonlocal by_a, retried_on_b
+                nonlocal retried_on_b
                 request = image_request(n, request_id=f"kill-{n}")
-                await asyncio.sleep(n * 0.004)
-                if n % 2 and not a_killed.is_set():
-                    try:
-                        response = await a_client.stub.CreateTask(
-                            spb.CreateTaskRequest(tenant=TENANT, request=request), **a_client.kw(2.0)
-                        )
-                        accepted[request.request_id] = response.task.id
-                        by_a += 1
-                        return
-                    except grpc.aio.AioRpcError:
-                        retried_on_b += 1
-                accepted[request.request_id] = (await b.create(request)).id
+                async with burst.window:
+                    if n % 2 and not burst.cut.is_set():
+                        try:
+                            response = await a_client.stub.CreateTask(
+                                spb.CreateTaskRequest(tenant=TENANT, request=request), **a_client.kw(2.0)
+                            )
+                            burst.accepted_by_a(response.task.id, request)
+                            return
+                        except grpc.aio.AioRpcError:
+                            retried_on_b += 1
+                    burst.accepted[request.request_id] = (await b.create(request)).id
 
             async def kill_a() -> None:
                 nonlocal left_claimed
-                await asyncio.sleep(0.35)
-                a_killed.set()
+                await burst.cut.wait()
                 proc.send_signal(signal.SIGKILL)
                 await proc.wait()
                 assert b.app.relay is not None
@@ -425,14 +442,14 @@ async def test_a_replica_killed_mid_burst_leaves_its_jobs_to_the_other(
 
             await eventually(all_out, timeout=20)
             done_s = time.monotonic() - started
-            await asyncio.sleep(1.5)
             msg_ids = await stream_msg_ids(js)
+            accepted = burst.accepted
             assert len(accepted) == 200
             assert len(set(accepted.values())) == 200
             assert await postgres.count_rows("tasks") == 200
             assert sorted(msg_ids) == sorted(f"{task_id}:1" for task_id in accepted.values())
             print(
-                f"\nreplica a SIGKILLed 0.35 s into a burst of 200 creates: a had accepted {by_a},"
+                f"\nreplica a SIGKILLed mid-burst of 200 creates: a had accepted {burst.by_a},"
                 f" {retried_on_b} creates failed on a and were retried on b, {left_claimed} outbox rows"
                 f" were left claimed by a; b published {b.published} ({b.duplicates} dropped by"
                 f" JetStream as duplicates); all 200 jobs in the stream once after {done_s:.2f} s"
