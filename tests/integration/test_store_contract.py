@@ -25,7 +25,13 @@ import asyncpg
 import pytest
 from charai.core.domain.errors import ErrorKind
 from charai.core.domain.retry import RetryPolicy
-from charai.core.errors import NotFailedError, NotFoundError, StaleAttemptError, TaskEndedError
+from charai.core.errors import (
+    NotFailedError,
+    NotFoundError,
+    StaleAttemptError,
+    TaskEndedError,
+    TaskNotFinishedError,
+)
 from charai.core.validation import RequestInvalidError
 from charai.store.v1 import store_service_pb2 as spb
 from charai.task_store import queries
@@ -911,3 +917,61 @@ async def test_database_url_and_password_file_are_read_without_leaking(
     async with store:
         assert "s3cret" not in store.describe()
         assert store.describe().startswith("postgresql: postgresql://postgres@127.0.0.1:")
+
+
+# -- delete and retention --------------------------------------------------------------------
+async def test_delete_removes_an_ended_task_with_its_events_and_refuses_the_rest(
+    db: Database, rec: Recorded
+) -> None:
+    store = rec.store
+    done, _ = await store.create("t1", image_request("char_a", metadata={"category": "gallery"}))
+    await store.claim(done.id, 1, "w")
+    await store.complete(complete_req(done.id, 1))
+    queued, _ = await store.create("t1", image_request("char_a"))
+    running, _ = await store.create("t1", image_request("char_a"))
+    await store.claim(running.id, 1, "w")
+    for task in (queued, running):
+        with pytest.raises(TaskNotFinishedError):
+            await store.deletable("t1", task.id)
+        with pytest.raises(TaskNotFinishedError):
+            await store.delete("t1", task.id)
+    with pytest.raises(NotFoundError):
+        await store.deletable("t2", done.id)  # another tenant's task does not exist for t2
+    assert not await store.delete("t2", done.id)
+    before = [await db.count_rows(t) for t in ("tasks", "events")]
+    assert (await store.deletable("t1", done.id)).image_result.image_url == "charai-media:x.png"
+    assert await store.delete("t1", done.id)
+    assert not await store.delete("t1", done.id)  # gone already
+    with pytest.raises(NotFoundError):
+        await store.get("t1", done.id)
+    assert await rec.events(done.id) == []
+    assert [await db.count_rows(t) for t in ("tasks", "events")] == [before[0] - 1, before[1] - 3]
+    listed, _ = await store.list_tasks(
+        "t1", task_service_pb2.ListTasksRequest(metadata={"characterId": "char_a"})
+    )
+    assert {t.id for t in listed} == {queued.id, running.id}
+    filtered, _ = await store.list_tasks(
+        "t1", task_service_pb2.ListTasksRequest(metadata={"category": "gallery"})
+    )
+    assert filtered == []  # its metadata rows went with it
+    # The others are still whole, and positions count the queue without it.
+    assert (await store.get("t1", queued.id)).queue_position == 1
+    cancelled, _ = await store.cancel("t1", queued.id)
+    assert await store.delete("t1", cancelled.id)
+
+
+async def test_ended_tasks_are_listed_for_retention_by_their_last_change(rec: Recorded) -> None:
+    store, clock = rec.store, rec.clock
+    old, _ = await store.create("t1", image_request())
+    await store.cancel("t1", old.id)
+    clock.advance(3600)
+    kept, _ = await store.create("t2", image_request())
+    await store.cancel("t2", kept.id)
+    waiting, _ = await store.create("t1", image_request())
+    cutoff = clock.now_us() - 1800 * 1_000_000
+    assert [(tenant, task.id) for tenant, task in await store.ended_before(cutoff)] == [("t1", old.id)]
+    clock.advance(3600)
+    later = clock.now_us() - 1800 * 1_000_000
+    assert [task.id for _, task in await store.ended_before(later)] == [old.id, kept.id]  # not the queued one
+    assert [task.id for _, task in await store.ended_before(later, limit=1)] == [old.id]
+    assert waiting.status == QUEUED

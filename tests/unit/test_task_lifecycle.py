@@ -70,6 +70,7 @@ COMMANDS: dict[str, lc.Command] = {
     "cancel": lc.Cancel(),
     "rerun": lc.Rerun(),
     "redispatch": lc.Redispatch(seen_gen=1),
+    "delete": lc.Delete(),
 }
 
 
@@ -125,6 +126,11 @@ EXPECTED: dict[tuple[Status, str], tuple[str, tuple[str, ...], int | None]] = {
     (C, "redispatch"): ("False", (), None),
     (F, "redispatch"): ("False", (), None),
     (X, "redispatch"): ("False", (), None),
+    (Q, "delete"): ("NOT_FINISHED", (), None),  # cancel it first
+    (R, "delete"): ("NOT_FINISHED", (), None),
+    (C, "delete"): ("True", (), None),  # True: remove it, its events and its media
+    (F, "delete"): ("True", (), None),
+    (X, "delete"): ("True", (), None),
 }
 
 

@@ -46,6 +46,13 @@ class NotFailedError(CharaiError):
     reason = "TASK_NOT_FAILED"
 
 
+class TaskNotFinishedError(CharaiError):
+    """DeleteTask on a task that is still queued or running (cancel it first)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "TASK_NOT_FINISHED"
+
+
 class LimitExceededError(CharaiError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = "LIMIT_EXCEEDED"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import re
@@ -56,6 +57,23 @@ class MediaStore:
         if result.info is not None and getattr(result.info, "deleted", False):
             return None
         return bytes(result.data or b"")
+
+    async def delete(self, key: str) -> None:
+        """Removes the object; one already gone is no error (deleting twice is deleting once)."""
+        from nats.js.errors import NotFoundError, ObjectNotFoundError
+
+        with contextlib.suppress(NotFoundError, ObjectNotFoundError):
+            await self._bucket.delete(key)
+
+
+def media_keys(task: Any) -> list[str]:
+    """The media objects a task's result points to (``charai-media:<key>`` references)."""
+    refs = []
+    if task.HasField("image_result"):
+        refs.append(task.image_result.image_url)
+    if task.HasField("tts_result"):
+        refs.append(task.tts_result.audio_url)
+    return [r[len(MEDIA_URL_PREFIX) :] for r in refs if r.startswith(MEDIA_URL_PREFIX)]
 
 
 class UrlSigner:

@@ -90,6 +90,11 @@ class TaskStoreServiceStub:
                 request_serializer=charai_dot_store_dot_v1_dot_store__service__pb2.RetryTaskRequest.SerializeToString,
                 response_deserializer=charai_dot_store_dot_v1_dot_store__service__pb2.RetryTaskResponse.FromString,
                 _registered_method=True)
+        self.DeleteTask = channel.unary_unary(
+                '/charai.store.v1.TaskStoreService/DeleteTask',
+                request_serializer=charai_dot_store_dot_v1_dot_store__service__pb2.DeleteTaskRequest.SerializeToString,
+                response_deserializer=charai_dot_store_dot_v1_dot_store__service__pb2.DeleteTaskResponse.FromString,
+                _registered_method=True)
 
 
 class TaskStoreServiceServicer:
@@ -173,6 +178,13 @@ class TaskStoreServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteTask(self, request, context):
+        """Removes a finished or cancelled task of a tenant: its media objects first, then its rows and events.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskStoreServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -230,6 +242,11 @@ def add_TaskStoreServiceServicer_to_server(servicer, server):
                     servicer.RetryTask,
                     request_deserializer=charai_dot_store_dot_v1_dot_store__service__pb2.RetryTaskRequest.FromString,
                     response_serializer=charai_dot_store_dot_v1_dot_store__service__pb2.RetryTaskResponse.SerializeToString,
+            ),
+            'DeleteTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteTask,
+                    request_deserializer=charai_dot_store_dot_v1_dot_store__service__pb2.DeleteTaskRequest.FromString,
+                    response_serializer=charai_dot_store_dot_v1_dot_store__service__pb2.DeleteTaskResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -530,6 +547,33 @@ class TaskStoreService:
             '/charai.store.v1.TaskStoreService/RetryTask',
             charai_dot_store_dot_v1_dot_store__service__pb2.RetryTaskRequest.SerializeToString,
             charai_dot_store_dot_v1_dot_store__service__pb2.RetryTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/charai.store.v1.TaskStoreService/DeleteTask',
+            charai_dot_store_dot_v1_dot_store__service__pb2.DeleteTaskRequest.SerializeToString,
+            charai_dot_store_dot_v1_dot_store__service__pb2.DeleteTaskResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -55,6 +55,8 @@ class TaskStoreServiceStub:
     """Per-lane queue statistics over every tenant (computed by SQL, so correct across replicas)."""
     RetryTask: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.RetryTaskRequest, _store_service_pb2.RetryTaskResponse]
     """Moves a FAILED task of a tenant back to QUEUED with a fresh attempt budget and a new dispatch."""
+    DeleteTask: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.DeleteTaskRequest, _store_service_pb2.DeleteTaskResponse]
+    """Removes a finished or cancelled task of a tenant: its media objects first, then its rows and events."""
 
 @_typing.type_check_only
 class TaskStoreServiceAsyncStub(TaskStoreServiceStub):
@@ -83,6 +85,8 @@ class TaskStoreServiceAsyncStub(TaskStoreServiceStub):
     """Per-lane queue statistics over every tenant (computed by SQL, so correct across replicas)."""
     RetryTask: _aio.UnaryUnaryMultiCallable[_store_service_pb2.RetryTaskRequest, _store_service_pb2.RetryTaskResponse]  # type: ignore[assignment]
     """Moves a FAILED task of a tenant back to QUEUED with a fresh attempt budget and a new dispatch."""
+    DeleteTask: _aio.UnaryUnaryMultiCallable[_store_service_pb2.DeleteTaskRequest, _store_service_pb2.DeleteTaskResponse]  # type: ignore[assignment]
+    """Removes a finished or cancelled task of a tenant: its media objects first, then its rows and events."""
 
 class TaskStoreServiceServicer(metaclass=_abc_1.ABCMeta):
     """Internal API of task_store: the only writer of task state. Called by gateways and workers, never by clients."""
@@ -174,5 +178,13 @@ class TaskStoreServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_store_service_pb2.RetryTaskResponse, _abc.Awaitable[_store_service_pb2.RetryTaskResponse]]:
         """Moves a FAILED task of a tenant back to QUEUED with a fresh attempt budget and a new dispatch."""
+
+    @_abc_1.abstractmethod
+    def DeleteTask(
+        self,
+        request: _store_service_pb2.DeleteTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_service_pb2.DeleteTaskResponse, _abc.Awaitable[_store_service_pb2.DeleteTaskResponse]]:
+        """Removes a finished or cancelled task of a tenant: its media objects first, then its rows and events."""
 
 def add_TaskStoreServiceServicer_to_server(servicer: TaskStoreServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

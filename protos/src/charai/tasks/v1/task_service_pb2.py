@@ -23,9 +23,11 @@ _sym_db = _symbol_database.Default()
 
 
 from charai.tasks.v1 import task_pb2 as charai_dot_tasks_dot_v1_dot_task__pb2
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"charai/tasks/v1/task_service.proto\x12\x0f\x63harai.tasks.v1\x1a\x1a\x63harai/tasks/v1/task.proto\"\xd9\x02\n\x11\x43reateTaskRequest\x12\'\n\x04type\x18\x01 \x01(\x0e\x32\x19.charai.tasks.v1.TaskType\x12+\n\x08priority\x18\x02 \x01(\x0e\x32\x19.charai.tasks.v1.Priority\x12\x42\n\x08metadata\x18\x03 \x03(\x0b\x32\x30.charai.tasks.v1.CreateTaskRequest.MetadataEntry\x12.\n\x05image\x18\x04 \x01(\x0b\x32\x1d.charai.tasks.v1.ImagePayloadH\x00\x12*\n\x03tts\x18\x05 \x01(\x0b\x32\x1b.charai.tasks.v1.TtsPayloadH\x00\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\t\n\x07payload\"9\n\x12\x43reateTaskResponse\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.charai.tasks.v1.Task\"\x1c\n\x0eGetTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"6\n\x0fGetTaskResponse\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.charai.tasks.v1.Task\"\x83\x02\n\x10ListTasksRequest\x12\x41\n\x08metadata\x18\x01 \x03(\x0b\x32/.charai.tasks.v1.ListTasksRequest.MetadataEntry\x12\'\n\x04type\x18\x02 \x01(\x0e\x32\x19.charai.tasks.v1.TaskType\x12+\n\x06status\x18\x03 \x01(\x0e\x32\x1b.charai.tasks.v1.TaskStatus\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"R\n\x11ListTasksResponse\x12$\n\x05tasks\x18\x01 \x03(\x0b\x32\x15.charai.tasks.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\x11\x43\x61ncelTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"9\n\x12\x43\x61ncelTaskResponse\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.charai.tasks.v1.Task\"6\n\x10WatchTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\">\n\x11WatchTaskResponse\x12)\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1a.charai.tasks.v1.TaskEvent\"\xc9\x01\n\x11WatchTasksRequest\x12\x42\n\x08metadata\x18\x01 \x03(\x0b\x32\x30.charai.tasks.v1.WatchTasksRequest.MetadataEntry\x12\'\n\x04type\x18\x02 \x01(\x0e\x32\x19.charai.tasks.v1.TaskType\x12\x16\n\x0e\x61\x66ter_sequence\x18\x03 \x01(\x03\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"?\n\x12WatchTasksResponse\x12)\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1a.charai.tasks.v1.TaskEvent\"\x16\n\x14GetQueueStatsRequest\"\x8b\x02\n\tLaneStats\x12\'\n\x04type\x18\x01 \x01(\x0e\x32\x19.charai.tasks.v1.TaskType\x12+\n\x08priority\x18\x02 \x01(\x0e\x32\x19.charai.tasks.v1.Priority\x12\r\n\x05\x64\x65pth\x18\x03 \x01(\x03\x12\x15\n\rwaiting_retry\x18\x04 \x01(\x03\x12\x11\n\tin_flight\x18\x05 \x01(\x03\x12\x1d\n\x15\x63ompleted_last_minute\x18\x06 \x01(\x03\x12\x1d\n\x15throughput_per_second\x18\x07 \x01(\x01\x12\x1b\n\x13median_wait_seconds\x18\x08 \x01(\x01\x12\x14\n\x0cwait_samples\x18\t \x01(\x03\"B\n\x15GetQueueStatsResponse\x12)\n\x05lanes\x18\x01 \x03(\x0b\x32\x1a.charai.tasks.v1.LaneStats\"\x1e\n\x10RetryTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"8\n\x11RetryTaskResponse\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.charai.tasks.v1.Task2\xc0\x05\n\x0bTaskService\x12U\n\nCreateTask\x12\".charai.tasks.v1.CreateTaskRequest\x1a#.charai.tasks.v1.CreateTaskResponse\x12L\n\x07GetTask\x12\x1f.charai.tasks.v1.GetTaskRequest\x1a .charai.tasks.v1.GetTaskResponse\x12R\n\tListTasks\x12!.charai.tasks.v1.ListTasksRequest\x1a\".charai.tasks.v1.ListTasksResponse\x12U\n\nCancelTask\x12\".charai.tasks.v1.CancelTaskRequest\x1a#.charai.tasks.v1.CancelTaskResponse\x12T\n\tWatchTask\x12!.charai.tasks.v1.WatchTaskRequest\x1a\".charai.tasks.v1.WatchTaskResponse0\x01\x12W\n\nWatchTasks\x12\".charai.tasks.v1.WatchTasksRequest\x1a#.charai.tasks.v1.WatchTasksResponse0\x01\x12^\n\rGetQueueStats\x12%.charai.tasks.v1.GetQueueStatsRequest\x1a&.charai.tasks.v1.GetQueueStatsResponse\x12R\n\tRetryTask\x12!.charai.tasks.v1.RetryTaskRequest\x1a\".charai.tasks.v1.RetryTaskResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"charai/tasks/v1/task_service.proto\x12\x0f\x63harai.tasks.v1\x1a\x1a\x63harai/tasks/v1/task.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd9\x02\n\x11\x43reateTaskRequest\x12\'\n\x04type\x18\x01 \x01(\x0e\x32\x19.charai.tasks.v1.TaskType\x12+\n\x08priority\x18\x02 \x01(\x0e\x32\x19.charai.tasks.v1.Priority\x12\x42\n\x08metadata\x18\x03 \x03(\x0b\x32\x30.charai.tasks.v1.CreateTaskRequest.MetadataEntry\x12.\n\x05image\x18\x04 \x01(\x0b\x32\x1d.charai.tasks.v1.ImagePayloadH\x00\x12*\n\x03tts\x18\x05 \x01(\x0b\x32\x1b.charai.tasks.v1.TtsPayloadH\x00\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\t\n\x07payload\"9\n\x12\x43reateTaskResponse\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.charai.tasks.v1.Task\"\x1c\n\x0eGetTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"6\n\x0fGetTaskResponse\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.charai.tasks.v1.Task\"\x83\x02\n\x10ListTasksRequest\x12\x41\n\x08metadata\x18\x01 \x03(\x0b\x32/.charai.tasks.v1.ListTasksRequest.MetadataEntry\x12\'\n\x04type\x18\x02 \x01(\x0e\x32\x19.charai.tasks.v1.TaskType\x12+\n\x06status\x18\x03 \x01(\x0e\x32\x1b.charai.tasks.v1.TaskStatus\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"R\n\x11ListTasksResponse\x12$\n\x05tasks\x18\x01 \x03(\x0b\x32\x15.charai.tasks.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\x11\x43\x61ncelTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"9\n\x12\x43\x61ncelTaskResponse\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.charai.tasks.v1.Task\"6\n\x10WatchTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\">\n\x11WatchTaskResponse\x12)\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1a.charai.tasks.v1.TaskEvent\"\xc9\x01\n\x11WatchTasksRequest\x12\x42\n\x08metadata\x18\x01 \x03(\x0b\x32\x30.charai.tasks.v1.WatchTasksRequest.MetadataEntry\x12\'\n\x04type\x18\x02 \x01(\x0e\x32\x19.charai.tasks.v1.TaskType\x12\x16\n\x0e\x61\x66ter_sequence\x18\x03 \x01(\x03\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"?\n\x12WatchTasksResponse\x12)\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1a.charai.tasks.v1.TaskEvent\"\x16\n\x14GetQueueStatsRequest\"\x8b\x02\n\tLaneStats\x12\'\n\x04type\x18\x01 \x01(\x0e\x32\x19.charai.tasks.v1.TaskType\x12+\n\x08priority\x18\x02 \x01(\x0e\x32\x19.charai.tasks.v1.Priority\x12\r\n\x05\x64\x65pth\x18\x03 \x01(\x03\x12\x15\n\rwaiting_retry\x18\x04 \x01(\x03\x12\x11\n\tin_flight\x18\x05 \x01(\x03\x12\x1d\n\x15\x63ompleted_last_minute\x18\x06 \x01(\x03\x12\x1d\n\x15throughput_per_second\x18\x07 \x01(\x01\x12\x1b\n\x13median_wait_seconds\x18\x08 \x01(\x01\x12\x14\n\x0cwait_samples\x18\t \x01(\x03\"B\n\x15GetQueueStatsResponse\x12)\n\x05lanes\x18\x01 \x03(\x0b\x32\x1a.charai.tasks.v1.LaneStats\"\x1e\n\x10RetryTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"8\n\x11RetryTaskResponse\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.charai.tasks.v1.Task\"\x1f\n\x11\x44\x65leteTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65leteTaskResponse\"\xe6\x01\n\x18\x43reateAccessTokenRequest\x12\x10\n\x08task_ids\x18\x01 \x03(\t\x12I\n\x08metadata\x18\x02 \x03(\x0b\x32\x37.charai.tasks.v1.CreateAccessTokenRequest.MetadataEntry\x12\x14\n\x0c\x61llow_create\x18\x03 \x01(\x08\x12&\n\x03ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"[\n\x19\x43reateAccessTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\x83\x07\n\x0bTaskService\x12U\n\nCreateTask\x12\".charai.tasks.v1.CreateTaskRequest\x1a#.charai.tasks.v1.CreateTaskResponse\x12L\n\x07GetTask\x12\x1f.charai.tasks.v1.GetTaskRequest\x1a .charai.tasks.v1.GetTaskResponse\x12R\n\tListTasks\x12!.charai.tasks.v1.ListTasksRequest\x1a\".charai.tasks.v1.ListTasksResponse\x12U\n\nCancelTask\x12\".charai.tasks.v1.CancelTaskRequest\x1a#.charai.tasks.v1.CancelTaskResponse\x12T\n\tWatchTask\x12!.charai.tasks.v1.WatchTaskRequest\x1a\".charai.tasks.v1.WatchTaskResponse0\x01\x12W\n\nWatchTasks\x12\".charai.tasks.v1.WatchTasksRequest\x1a#.charai.tasks.v1.WatchTasksResponse0\x01\x12^\n\rGetQueueStats\x12%.charai.tasks.v1.GetQueueStatsRequest\x1a&.charai.tasks.v1.GetQueueStatsResponse\x12R\n\tRetryTask\x12!.charai.tasks.v1.RetryTaskRequest\x1a\".charai.tasks.v1.RetryTaskResponse\x12U\n\nDeleteTask\x12\".charai.tasks.v1.DeleteTaskRequest\x1a#.charai.tasks.v1.DeleteTaskResponse\x12j\n\x11\x43reateAccessToken\x12).charai.tasks.v1.CreateAccessTokenRequest\x1a*.charai.tasks.v1.CreateAccessTokenResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,46 +40,58 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTTASKSREQUEST_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_WATCHTASKSREQUEST_METADATAENTRY']._loaded_options = None
   _globals['_WATCHTASKSREQUEST_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_CREATETASKREQUEST']._serialized_start=84
-  _globals['_CREATETASKREQUEST']._serialized_end=429
-  _globals['_CREATETASKREQUEST_METADATAENTRY']._serialized_start=371
-  _globals['_CREATETASKREQUEST_METADATAENTRY']._serialized_end=418
-  _globals['_CREATETASKRESPONSE']._serialized_start=431
-  _globals['_CREATETASKRESPONSE']._serialized_end=488
-  _globals['_GETTASKREQUEST']._serialized_start=490
-  _globals['_GETTASKREQUEST']._serialized_end=518
-  _globals['_GETTASKRESPONSE']._serialized_start=520
-  _globals['_GETTASKRESPONSE']._serialized_end=574
-  _globals['_LISTTASKSREQUEST']._serialized_start=577
-  _globals['_LISTTASKSREQUEST']._serialized_end=836
-  _globals['_LISTTASKSREQUEST_METADATAENTRY']._serialized_start=371
-  _globals['_LISTTASKSREQUEST_METADATAENTRY']._serialized_end=418
-  _globals['_LISTTASKSRESPONSE']._serialized_start=838
-  _globals['_LISTTASKSRESPONSE']._serialized_end=920
-  _globals['_CANCELTASKREQUEST']._serialized_start=922
-  _globals['_CANCELTASKREQUEST']._serialized_end=953
-  _globals['_CANCELTASKRESPONSE']._serialized_start=955
-  _globals['_CANCELTASKRESPONSE']._serialized_end=1012
-  _globals['_WATCHTASKREQUEST']._serialized_start=1014
-  _globals['_WATCHTASKREQUEST']._serialized_end=1068
-  _globals['_WATCHTASKRESPONSE']._serialized_start=1070
-  _globals['_WATCHTASKRESPONSE']._serialized_end=1132
-  _globals['_WATCHTASKSREQUEST']._serialized_start=1135
-  _globals['_WATCHTASKSREQUEST']._serialized_end=1336
-  _globals['_WATCHTASKSREQUEST_METADATAENTRY']._serialized_start=371
-  _globals['_WATCHTASKSREQUEST_METADATAENTRY']._serialized_end=418
-  _globals['_WATCHTASKSRESPONSE']._serialized_start=1338
-  _globals['_WATCHTASKSRESPONSE']._serialized_end=1401
-  _globals['_GETQUEUESTATSREQUEST']._serialized_start=1403
-  _globals['_GETQUEUESTATSREQUEST']._serialized_end=1425
-  _globals['_LANESTATS']._serialized_start=1428
-  _globals['_LANESTATS']._serialized_end=1695
-  _globals['_GETQUEUESTATSRESPONSE']._serialized_start=1697
-  _globals['_GETQUEUESTATSRESPONSE']._serialized_end=1763
-  _globals['_RETRYTASKREQUEST']._serialized_start=1765
-  _globals['_RETRYTASKREQUEST']._serialized_end=1795
-  _globals['_RETRYTASKRESPONSE']._serialized_start=1797
-  _globals['_RETRYTASKRESPONSE']._serialized_end=1853
-  _globals['_TASKSERVICE']._serialized_start=1856
-  _globals['_TASKSERVICE']._serialized_end=2560
+  _globals['_CREATEACCESSTOKENREQUEST_METADATAENTRY']._loaded_options = None
+  _globals['_CREATEACCESSTOKENREQUEST_METADATAENTRY']._serialized_options = b'8\001'
+  _globals['_CREATETASKREQUEST']._serialized_start=149
+  _globals['_CREATETASKREQUEST']._serialized_end=494
+  _globals['_CREATETASKREQUEST_METADATAENTRY']._serialized_start=436
+  _globals['_CREATETASKREQUEST_METADATAENTRY']._serialized_end=483
+  _globals['_CREATETASKRESPONSE']._serialized_start=496
+  _globals['_CREATETASKRESPONSE']._serialized_end=553
+  _globals['_GETTASKREQUEST']._serialized_start=555
+  _globals['_GETTASKREQUEST']._serialized_end=583
+  _globals['_GETTASKRESPONSE']._serialized_start=585
+  _globals['_GETTASKRESPONSE']._serialized_end=639
+  _globals['_LISTTASKSREQUEST']._serialized_start=642
+  _globals['_LISTTASKSREQUEST']._serialized_end=901
+  _globals['_LISTTASKSREQUEST_METADATAENTRY']._serialized_start=436
+  _globals['_LISTTASKSREQUEST_METADATAENTRY']._serialized_end=483
+  _globals['_LISTTASKSRESPONSE']._serialized_start=903
+  _globals['_LISTTASKSRESPONSE']._serialized_end=985
+  _globals['_CANCELTASKREQUEST']._serialized_start=987
+  _globals['_CANCELTASKREQUEST']._serialized_end=1018
+  _globals['_CANCELTASKRESPONSE']._serialized_start=1020
+  _globals['_CANCELTASKRESPONSE']._serialized_end=1077
+  _globals['_WATCHTASKREQUEST']._serialized_start=1079
+  _globals['_WATCHTASKREQUEST']._serialized_end=1133
+  _globals['_WATCHTASKRESPONSE']._serialized_start=1135
+  _globals['_WATCHTASKRESPONSE']._serialized_end=1197
+  _globals['_WATCHTASKSREQUEST']._serialized_start=1200
+  _globals['_WATCHTASKSREQUEST']._serialized_end=1401
+  _globals['_WATCHTASKSREQUEST_METADATAENTRY']._serialized_start=436
+  _globals['_WATCHTASKSREQUEST_METADATAENTRY']._serialized_end=483
+  _globals['_WATCHTASKSRESPONSE']._serialized_start=1403
+  _globals['_WATCHTASKSRESPONSE']._serialized_end=1466
+  _globals['_GETQUEUESTATSREQUEST']._serialized_start=1468
+  _globals['_GETQUEUESTATSREQUEST']._serialized_end=1490
+  _globals['_LANESTATS']._serialized_start=1493
+  _globals['_LANESTATS']._serialized_end=1760
+  _globals['_GETQUEUESTATSRESPONSE']._serialized_start=1762
+  _globals['_GETQUEUESTATSRESPONSE']._serialized_end=1828
+  _globals['_RETRYTASKREQUEST']._serialized_start=1830
+  _globals['_RETRYTASKREQUEST']._serialized_end=1860
+  _globals['_RETRYTASKRESPONSE']._serialized_start=1862
+  _globals['_RETRYTASKRESPONSE']._serialized_end=1918
+  _globals['_DELETETASKREQUEST']._serialized_start=1920
+  _globals['_DELETETASKREQUEST']._serialized_end=1951
+  _globals['_DELETETASKRESPONSE']._serialized_start=1953
+  _globals['_DELETETASKRESPONSE']._serialized_end=1973
+  _globals['_CREATEACCESSTOKENREQUEST']._serialized_start=1976
+  _globals['_CREATEACCESSTOKENREQUEST']._serialized_end=2206
+  _globals['_CREATEACCESSTOKENREQUEST_METADATAENTRY']._serialized_start=436
+  _globals['_CREATEACCESSTOKENREQUEST_METADATAENTRY']._serialized_end=483
+  _globals['_CREATEACCESSTOKENRESPONSE']._serialized_start=2208
+  _globals['_CREATEACCESSTOKENRESPONSE']._serialized_end=2299
+  _globals['_TASKSERVICE']._serialized_start=2302
+  _globals['_TASKSERVICE']._serialized_end=3201
 # @@protoc_insertion_point(module_scope)

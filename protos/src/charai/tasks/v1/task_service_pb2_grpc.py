@@ -75,6 +75,16 @@ class TaskServiceStub:
                 request_serializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.RetryTaskRequest.SerializeToString,
                 response_deserializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.RetryTaskResponse.FromString,
                 _registered_method=True)
+        self.DeleteTask = channel.unary_unary(
+                '/charai.tasks.v1.TaskService/DeleteTask',
+                request_serializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.DeleteTaskRequest.SerializeToString,
+                response_deserializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.DeleteTaskResponse.FromString,
+                _registered_method=True)
+        self.CreateAccessToken = channel.unary_unary(
+                '/charai.tasks.v1.TaskService/CreateAccessToken',
+                request_serializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.CreateAccessTokenRequest.SerializeToString,
+                response_deserializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.CreateAccessTokenResponse.FromString,
+                _registered_method=True)
 
 
 class TaskServiceServicer:
@@ -137,6 +147,28 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteTask(self, request, context):
+        """Removes a finished (completed or failed) or cancelled task, its events and its media: its media
+        URLs answer 404 afterwards. A queued or running task is refused (FAILED_PRECONDITION): cancel it first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateAccessToken(self, request, context):
+        """Issues a short-lived access token that a backend hands to one browser instead of its tenant key.
+        Callable with a tenant API key only. The token is used like an API key (bearer token; on the SSE
+        routes also ?access_token=) and reaches only the tasks named in task_ids and the tasks whose metadata
+        has every pair of metadata: it may get, list, watch and cancel them, and with allow_create create
+        tasks whose metadata (after the gateway fills it from the payload) has those pairs. Anything else is
+        refused: PERMISSION_DENIED for a call outside the scope, NOT_FOUND for a task outside it,
+        UNAUTHENTICATED once expired (ErrorInfo reason ACCESS_TOKEN_EXPIRED). A list or watch filter is
+        narrowed to the scope, never widened. Every gateway verifies tokens by their signature alone.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -179,6 +211,16 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.RetryTask,
                     request_deserializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.RetryTaskRequest.FromString,
                     response_serializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.RetryTaskResponse.SerializeToString,
+            ),
+            'DeleteTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteTask,
+                    request_deserializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.DeleteTaskRequest.FromString,
+                    response_serializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.DeleteTaskResponse.SerializeToString,
+            ),
+            'CreateAccessToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateAccessToken,
+                    request_deserializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.CreateAccessTokenRequest.FromString,
+                    response_serializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.CreateAccessTokenResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -398,6 +440,60 @@ class TaskService:
             '/charai.tasks.v1.TaskService/RetryTask',
             charai_dot_tasks_dot_v1_dot_task__service__pb2.RetryTaskRequest.SerializeToString,
             charai_dot_tasks_dot_v1_dot_task__service__pb2.RetryTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/charai.tasks.v1.TaskService/DeleteTask',
+            charai_dot_tasks_dot_v1_dot_task__service__pb2.DeleteTaskRequest.SerializeToString,
+            charai_dot_tasks_dot_v1_dot_task__service__pb2.DeleteTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateAccessToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/charai.tasks.v1.TaskService/CreateAccessToken',
+            charai_dot_tasks_dot_v1_dot_task__service__pb2.CreateAccessTokenRequest.SerializeToString,
+            charai_dot_tasks_dot_v1_dot_task__service__pb2.CreateAccessTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,6 +49,20 @@ class TaskServiceStub:
     """Depth, in-flight, throughput and median wait of every lane (task type x priority), over all tenants."""
     RetryTask: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.RetryTaskRequest, _task_service_pb2.RetryTaskResponse]
     """Runs a FAILED task again (a dead-letter re-run): back to QUEUED with a fresh attempt budget."""
+    DeleteTask: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.DeleteTaskRequest, _task_service_pb2.DeleteTaskResponse]
+    """Removes a finished (completed or failed) or cancelled task, its events and its media: its media
+    URLs answer 404 afterwards. A queued or running task is refused (FAILED_PRECONDITION): cancel it first.
+    """
+    CreateAccessToken: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.CreateAccessTokenRequest, _task_service_pb2.CreateAccessTokenResponse]
+    """Issues a short-lived access token that a backend hands to one browser instead of its tenant key.
+    Callable with a tenant API key only. The token is used like an API key (bearer token; on the SSE
+    routes also ?access_token=) and reaches only the tasks named in task_ids and the tasks whose metadata
+    has every pair of metadata: it may get, list, watch and cancel them, and with allow_create create
+    tasks whose metadata (after the gateway fills it from the payload) has those pairs. Anything else is
+    refused: PERMISSION_DENIED for a call outside the scope, NOT_FOUND for a task outside it,
+    UNAUTHENTICATED once expired (ErrorInfo reason ACCESS_TOKEN_EXPIRED). A list or watch filter is
+    narrowed to the scope, never widened. Every gateway verifies tokens by their signature alone.
+    """
 
 @_typing.type_check_only
 class TaskServiceAsyncStub(TaskServiceStub):
@@ -71,6 +85,20 @@ class TaskServiceAsyncStub(TaskServiceStub):
     """Depth, in-flight, throughput and median wait of every lane (task type x priority), over all tenants."""
     RetryTask: _aio.UnaryUnaryMultiCallable[_task_service_pb2.RetryTaskRequest, _task_service_pb2.RetryTaskResponse]  # type: ignore[assignment]
     """Runs a FAILED task again (a dead-letter re-run): back to QUEUED with a fresh attempt budget."""
+    DeleteTask: _aio.UnaryUnaryMultiCallable[_task_service_pb2.DeleteTaskRequest, _task_service_pb2.DeleteTaskResponse]  # type: ignore[assignment]
+    """Removes a finished (completed or failed) or cancelled task, its events and its media: its media
+    URLs answer 404 afterwards. A queued or running task is refused (FAILED_PRECONDITION): cancel it first.
+    """
+    CreateAccessToken: _aio.UnaryUnaryMultiCallable[_task_service_pb2.CreateAccessTokenRequest, _task_service_pb2.CreateAccessTokenResponse]  # type: ignore[assignment]
+    """Issues a short-lived access token that a backend hands to one browser instead of its tenant key.
+    Callable with a tenant API key only. The token is used like an API key (bearer token; on the SSE
+    routes also ?access_token=) and reaches only the tasks named in task_ids and the tasks whose metadata
+    has every pair of metadata: it may get, list, watch and cancel them, and with allow_create create
+    tasks whose metadata (after the gateway fills it from the payload) has those pairs. Anything else is
+    refused: PERMISSION_DENIED for a call outside the scope, NOT_FOUND for a task outside it,
+    UNAUTHENTICATED once expired (ErrorInfo reason ACCESS_TOKEN_EXPIRED). A list or watch filter is
+    narrowed to the scope, never widened. Every gateway verifies tokens by their signature alone.
+    """
 
 class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
     """Queue, run and follow slow AI generation jobs (character images and voices)."""
@@ -138,5 +166,31 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_task_service_pb2.RetryTaskResponse, _abc.Awaitable[_task_service_pb2.RetryTaskResponse]]:
         """Runs a FAILED task again (a dead-letter re-run): back to QUEUED with a fresh attempt budget."""
+
+    @_abc_1.abstractmethod
+    def DeleteTask(
+        self,
+        request: _task_service_pb2.DeleteTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_service_pb2.DeleteTaskResponse, _abc.Awaitable[_task_service_pb2.DeleteTaskResponse]]:
+        """Removes a finished (completed or failed) or cancelled task, its events and its media: its media
+        URLs answer 404 afterwards. A queued or running task is refused (FAILED_PRECONDITION): cancel it first.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateAccessToken(
+        self,
+        request: _task_service_pb2.CreateAccessTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_service_pb2.CreateAccessTokenResponse, _abc.Awaitable[_task_service_pb2.CreateAccessTokenResponse]]:
+        """Issues a short-lived access token that a backend hands to one browser instead of its tenant key.
+        Callable with a tenant API key only. The token is used like an API key (bearer token; on the SSE
+        routes also ?access_token=) and reaches only the tasks named in task_ids and the tasks whose metadata
+        has every pair of metadata: it may get, list, watch and cancel them, and with allow_create create
+        tasks whose metadata (after the gateway fills it from the payload) has those pairs. Anything else is
+        refused: PERMISSION_DENIED for a call outside the scope, NOT_FOUND for a task outside it,
+        UNAUTHENTICATED once expired (ErrorInfo reason ACCESS_TOKEN_EXPIRED). A list or watch filter is
+        narrowed to the scope, never widened. Every gateway verifies tokens by their signature alone.
+        """
 
 def add_TaskServiceServicer_to_server(servicer: TaskServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

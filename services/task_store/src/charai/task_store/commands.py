@@ -21,7 +21,14 @@ from charai.core.clock import Clock
 from charai.core.domain import lifecycle
 from charai.core.domain.lifecycle import Decision, Policy, Rejection, RejectReason, TaskState
 from charai.core.domain.states import EventType
-from charai.core.errors import CharaiError, NotFailedError, NotFoundError, StaleAttemptError, TaskEndedError
+from charai.core.errors import (
+    CharaiError,
+    NotFailedError,
+    NotFoundError,
+    StaleAttemptError,
+    TaskEndedError,
+    TaskNotFinishedError,
+)
 from charai.core.validation import RequestInvalidError, Violation, fill_metadata
 from charai.store.v1 import store_service_pb2 as spb
 from charai.task_store import rows
@@ -56,10 +63,12 @@ def rejection_error(task_id: str, refused: Rejection, attempt: int = 0) -> Chara
             f"attempt {attempt} of task {task_id} no longer holds it"
             f" (current attempt {refused.current_attempt})"
         )
-    return NotFailedError(
-        f"task {task_id} is {status}; only failed tasks can be retried",
-        status=status,
-    )
+    if refused.reason is RejectReason.NOT_FINISHED:
+        return TaskNotFinishedError(
+            f"task {task_id} is {status}; only a finished or cancelled task can be deleted (cancel it first)",
+            status=status,
+        )
+    return NotFailedError(f"task {task_id} is {status}; only failed tasks can be retried", status=status)
 
 
 class Commands:
@@ -74,6 +83,7 @@ class Commands:
         policy: Policy,
         clock: Clock,
     ) -> None:
+        self._read = backend.read
         self._lock = backend.dialect.for_update
         self._metadata_json = backend.dialect.metadata_json
         self._units = units
@@ -248,6 +258,42 @@ class Commands:
                 raise rejection_error(task_id, decision.answer)
             await self._persist(unit, task, row, state, decision)
             return task
+
+        return await self._units.write(op)
+
+    async def deletable(self, tenant: str, task_id: str) -> task_pb2.Task:
+        """The task, if it may be deleted now (ended); else the refusal. A read: the caller
+        removes the task's media, then :meth:`delete` removes the task."""
+
+        async def body(tx: Any) -> task_pb2.Task:
+            task, row = await rows.load(tx, "", task_id, tenant)
+            refused = lifecycle.delete(
+                rows.state_of(task, row), lifecycle.Delete(), self._clock.now_us()
+            ).answer
+            if isinstance(refused, Rejection):
+                raise rejection_error(task_id, refused)
+            return task
+
+        return await self._read(body)
+
+    async def delete(self, tenant: str, task_id: str) -> bool:
+        """Removes an ended task, its events, metadata rows and any leftover job (one
+        transaction); False when it was already gone."""
+
+        async def op(unit: Unit) -> bool:
+            try:
+                _, _, state = await self._load(unit, task_id, tenant)
+            except NotFoundError:
+                return False
+            decision = lifecycle.delete(state, lifecycle.Delete(), self._clock.now_us())
+            if isinstance(decision.answer, Rejection):
+                raise rejection_error(task_id, decision.answer)
+            await unit.tx.execute("DELETE FROM events WHERE task_id = ?", task_id)
+            await unit.tx.execute("DELETE FROM outbox WHERE task_id = ?", task_id)
+            if not self._metadata_json:
+                await unit.tx.execute("DELETE FROM task_metadata WHERE task_id = ?", task_id)
+            await unit.tx.execute("DELETE FROM tasks WHERE id = ?", task_id)
+            return True
 
         return await self._units.write(op)
 

@@ -9,6 +9,7 @@ from charai.core import tracing, validation
 from charai.core.errors import UnauthenticatedError
 from charai.store.v1 import store_service_pb2 as spb
 from charai.store.v1 import store_service_pb2_grpc as spb_grpc
+from charai.task_store.removal import MediaRemover, remove_task
 from charai.task_store.store import TaskStore
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -21,8 +22,10 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
         on_created: Any = None,
         lease_seconds: float = 30.0,
         image_model: str = "glm-image",
+        media: MediaRemover | None = None,
     ) -> None:
         self._store = store
+        self._media = media
         self._image_model = image_model
         self._on_created = on_created
         self._lease_seconds = lease_seconds
@@ -88,6 +91,11 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
     ) -> spb.GetQueueStatsResponse:
         lanes, backlog = await self._store.queue_stats()
         return spb.GetQueueStatsResponse(lanes=lanes, outbox_backlog=backlog)
+
+    async def DeleteTask(self, request: spb.DeleteTaskRequest, context: Context) -> spb.DeleteTaskResponse:
+        validation.validate_task_id("id", request.id)
+        await remove_task(self._store, self._media, request.tenant, request.id)
+        return spb.DeleteTaskResponse()
 
     async def RetryTask(self, request: spb.RetryTaskRequest, context: Context) -> spb.RetryTaskResponse:
         validation.validate_task_id("id", request.id)

@@ -117,6 +117,22 @@ class Queries:
             args += [tenant, key, value]
         return " ".join(parts), args
 
+    async def ended_before(self, cutoff_us: int, limit: int = 200) -> list[tuple[str, task_pb2.Task]]:
+        """Ended tasks (completed, failed, cancelled) last changed before ``cutoff_us``, oldest
+        first, with their tenants: the retention sweeper's candidates (served by ``tasks_ended``)."""
+        # The statuses are literals, not parameters: only then can the planner see that the
+        # partial index's condition holds (the same literals as in the schema).
+        ended = f"{int(Status.COMPLETED)}, {int(Status.FAILED)}, {int(Status.CANCELLED)}"
+        found = await self._db.read(
+            lambda tx: tx.fetch(
+                f"SELECT tenant, task FROM tasks WHERE status IN ({ended}) AND update_time < ?"
+                " ORDER BY update_time LIMIT ?",
+                cutoff_us,
+                limit,
+            )
+        )
+        return [(str(r[0]), task_pb2.Task.FromString(r[1])) for r in found]
+
     # -- queue position ----------------------------------------------------------------------
     async def position(self, tx: Tx, task: task_pb2.Task) -> None:
         """Fills ``queue_position``: 1 + the queued tasks of its type ahead of it (higher

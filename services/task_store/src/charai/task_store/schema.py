@@ -208,6 +208,12 @@ MIGRATIONS: tuple[Migration, ...] = (
         # counter row per lane would be one more lock every create and claim queues on).
         postgres=(),
     ),
+    Migration(
+        4,
+        "index of ended tasks by update time (the retention sweeper's scan)",
+        sqlite=("CREATE INDEX IF NOT EXISTS tasks_ended ON tasks (update_time) WHERE status IN (3, 4, 5)",),
+        postgres=("CREATE INDEX IF NOT EXISTS tasks_ended ON tasks (update_time) WHERE status IN (3, 4, 5)",),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -149,6 +149,15 @@ class TaskStore:
     async def tenant_of(self, task_id: str) -> str | None:
         return await self.queries.tenant_of(task_id)
 
+    async def deletable(self, tenant: str, task_id: str) -> task_pb2.Task:
+        return await self.commands.deletable(tenant, task_id)
+
+    async def delete(self, tenant: str, task_id: str) -> bool:
+        return await self.commands.delete(tenant, task_id)
+
+    async def ended_before(self, cutoff_us: int, limit: int = 200) -> list[tuple[str, task_pb2.Task]]:
+        return await self.queries.ended_before(cutoff_us, limit)
+
     # -- worker operations -------------------------------------------------------------------
     async def claim(self, task_id: str, dispatch_gen: int, worker_id: str) -> ClaimResult:
         return await self.commands.claim(task_id, worker_id)

@@ -112,6 +112,7 @@ class RejectReason(enum.Enum):
     TASK_ENDED = "TASK_ENDED"  # a report for a task that already reached a terminal state
     STALE_ATTEMPT = "STALE_ATTEMPT"  # a report from an attempt that no longer holds the task
     NOT_FAILED = "TASK_NOT_FAILED"  # a re-run of a task that is not FAILED
+    NOT_FINISHED = "TASK_NOT_FINISHED"  # a delete of a task that is still queued or running
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -227,7 +228,12 @@ class Redispatch:
     seen_gen: int
 
 
-Command = Claim | Report | Complete | Fail | Cancel | Rerun | Redispatch
+@dataclasses.dataclass(frozen=True, slots=True)
+class Delete:
+    """A client removes the task (DeleteTask), or the retention sweeper does."""
+
+
+Command = Claim | Report | Complete | Fail | Cancel | Rerun | Redispatch | Delete
 
 
 # -- the rules -------------------------------------------------------------------------------
@@ -421,6 +427,15 @@ def redispatch(state: TaskState, cmd: Redispatch, now: int) -> Decision[bool]:
     return Decision(dataclasses.replace(state, dispatch_gen=gen), True, dispatch=gen)
 
 
+def delete(state: TaskState, cmd: Delete, now: int) -> Decision[bool]:
+    """Only an ended task may be removed (answer True: remove it, its events and its media); a
+    queued or running one must be cancelled first, so no worker is left holding a job for a task
+    that is gone."""
+    if not state.status.terminal:
+        return Decision(state, Rejection(RejectReason.NOT_FINISHED, state.status, state.attempt))
+    return Decision(state, True)
+
+
 def decide(state: TaskState, cmd: Command, now: int, policy: Policy) -> Decision[object]:
     """Any command (for property tests and generic callers; handlers call the rule directly)."""
     match cmd:
@@ -438,3 +453,5 @@ def decide(state: TaskState, cmd: Command, now: int, policy: Policy) -> Decision
             return rerun(state, cmd, now, policy)
         case Redispatch():
             return redispatch(state, cmd, now)
+        case Delete():
+            return delete(state, cmd, now)
