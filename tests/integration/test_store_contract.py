@@ -448,7 +448,7 @@ async def test_fail_retries_retryable_kinds_up_to_their_limit(rec: Recorded) -> 
                 spb.FAIL_OUTCOME_RETRY,
                 QUEUED,
                 "waiting_retry",
-                0,
+                10,  # a retry shows in stage, attempt and its event: the bar never goes back
             )
             assert 0 < delay <= 0.2
             assert after.HasField("next_attempt_time")
@@ -531,7 +531,7 @@ async def test_retry_re_runs_only_a_failed_task_of_its_tenant_with_a_new_job(
     rows = await store.claim_dispatches("relay")
     await store.mark_dispatched([(r, 1) for r in rows])
     again = await store.retry("t1", task.id)
-    assert (again.status, again.progress, again.stage, again.max_attempts) == (QUEUED, 0, "queued", 7)
+    assert (again.status, again.progress, again.stage, again.max_attempts) == (QUEUED, 10, "queued", 7)
     assert not again.HasField("error")
     assert not again.HasField("end_time")
     assert [(r.task_id, r.dispatch_gen) for r in await store.pending_dispatches()] == [(task.id, 2)]

@@ -265,7 +265,12 @@ def test_a_retryable_failure_schedules_the_next_attempt() -> None:
     assert answer.outcome is FailOutcome.RETRY
     assert 0.5 <= answer.delay <= 1.0  # equal jitter of the first step (base 1 s)
     s = decision.state
-    assert (s.status, s.progress, s.stage, s.lease_expires) == (Q, 0, Stage.WAITING_RETRY, None)
+    assert (s.status, s.progress, s.stage, s.lease_expires) == (
+        Q,
+        60,
+        Stage.WAITING_RETRY,
+        None,
+    )  # never back
     assert s.next_attempt_time == NOW + int(answer.delay * S)
     assert s.error == dataclasses.replace(LOST, retryable=True)
 
@@ -311,19 +316,14 @@ def test_cancel_of_a_task_waiting_for_its_retry_clears_the_retry_time() -> None:
 
 
 def test_rerun_queues_a_failed_task_again_with_a_new_job() -> None:
-    failed = task(F, attempt=2, dispatch_gen=4, lease_owner="w9")
+    failed = task(F, attempt=2, dispatch_gen=4, lease_owner="w9", progress=70)
     decision = lc.rerun(failed, lc.Rerun(), NOW, POLICY)
     s = decision.state
-    assert (s.status, s.progress, s.stage, s.error, s.end_time, s.lease_owner) == (
-        Q,
-        0,
-        Stage.QUEUED,
-        None,
-        None,
-        None,
-    )
+    assert (s.status, s.stage, s.error, s.end_time, s.lease_owner) == (Q, Stage.QUEUED, None, None, None)
     assert (s.attempt, s.max_attempts, s.dispatch_gen, decision.dispatch) == (2, 5, 5, 5)
     assert s.start_time == failed.start_time  # its history stays readable
+    assert s.progress == 70  # a re-run does not move the bar back either
+    assert lc.claim(s, lc.Claim(), NOW, POLICY).state.progress == 70
 
 
 def test_redispatch_is_conditional_on_the_generation_seen() -> None:
@@ -375,6 +375,11 @@ class OneTask(RuleBasedStateMachine):
             if event.type is EventType.QUEUED:  # a re-run starts a new run
                 self.terminal_events = 0
         after = decision.state
+        progress = before.progress
+        for event in decision.events:
+            assert event.state.progress >= progress, (before, event)  # never backwards, in any event
+            progress = event.state.progress
+        assert after.progress >= before.progress
         if decision.rejected:
             assert after == before
         if not decision.events:  # no event: only the lease or the dispatch generation may move

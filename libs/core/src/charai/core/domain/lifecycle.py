@@ -13,6 +13,11 @@ to append (each with the state right after it, so a watcher sees every step), th
 returns a :class:`Rejection` as its answer and changes nothing.
 
 Times are integers in microseconds since the epoch, as the store keeps them.
+
+Progress never decreases over a task's life, whatever happens to it (a retry, a lost worker, a
+cancel, an operator's re-run): a progress bar must not go backwards. A retry shows in ``stage``
+(``waiting_retry``), ``attempt`` and its own event instead; a new attempt starts at the progress
+the task already has (at least 10).
 """
 
 from __future__ import annotations
@@ -300,7 +305,7 @@ def claim(state: TaskState, cmd: Claim, now: int, policy: Policy) -> Decision[Cl
         state,
         Transition.START,
         attempt=attempt,
-        progress=states.PROGRESS_STARTED,
+        progress=max(state.progress, states.PROGRESS_STARTED),
         stage=Stage.STARTING,
         start_time=state.start_time if state.start_time is not None else now,
         lease_expires=policy.lease_until(now),
@@ -381,7 +386,6 @@ def fail(state: TaskState, cmd: Fail, now: int, policy: Policy) -> Decision[Fail
         state,
         Transition.RETRY,
         error=error,
-        progress=states.PROGRESS_QUEUED,
         stage=Stage.WAITING_RETRY,
         next_attempt_time=now + int(delay * 1_000_000),
     )
@@ -407,7 +411,6 @@ def rerun(state: TaskState, cmd: Rerun, now: int, policy: Policy) -> Decision[No
     queued = _step(
         state,
         Transition.RERUN,
-        progress=states.PROGRESS_QUEUED,
         stage=Stage.QUEUED,
         max_attempts=state.attempt + policy.max_attempts,
         error=None,
