@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 import grpc
-from charai.client.client import TERMINAL_STATUSES, CharaiClient, CharaiError, WatchResumeError
+from charai.client.client import CharaiClient, CharaiError, WatchResumeError
+from charai.taskapi import TERMINAL_STATUSES
 from charai.tasks.v1 import task_pb2, task_service_pb2
 from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.message import Message

@@ -8,20 +8,9 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import grpc
+from charai.taskapi import error_details, is_final
 from charai.tasks.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
-TERMINAL_EVENTS = {
-    task_pb2.TASK_EVENT_TYPE_COMPLETED,
-    task_pb2.TASK_EVENT_TYPE_FAILED,
-    task_pb2.TASK_EVENT_TYPE_CANCELLED,
-}
-TERMINAL_STATUSES = {
-    task_pb2.TASK_STATUS_COMPLETED,
-    task_pb2.TASK_STATUS_FAILED,
-    task_pb2.TASK_STATUS_CANCELLED,
-}
 _RESUMABLE = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.INTERNAL,
@@ -44,14 +33,7 @@ class CharaiError(Exception):
 
     @classmethod
     def from_rpc(cls, exc: grpc.aio.AioRpcError) -> CharaiError:
-        fields: list[tuple[str, str]] = []
-        status = rpc_status.from_call(exc)  # type: ignore[arg-type]
-        if status is not None:
-            for detail in status.details:
-                if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                    bad = error_details_pb2.BadRequest()
-                    detail.Unpack(bad)
-                    fields += [(v.field, v.description) for v in bad.field_violations]
+        fields = list(error_details(exc).field_violations)
         return cls(exc.code(), exc.details() or "", fields)
 
 
@@ -235,10 +217,7 @@ class CharaiClient:
                     if event.sequence:
                         last = max(last, event.sequence)
                     yield event
-                    if event.type in TERMINAL_EVENTS or (
-                        event.type == task_pb2.TASK_EVENT_TYPE_SNAPSHOT
-                        and event.task.status in TERMINAL_STATUSES
-                    ):
+                    if is_final(event):
                         return
                 # The stream ended without the terminal event (e.g. the gateway is draining): resume.
                 failures += 1
