@@ -165,7 +165,7 @@ async def store_log(store: StoreClient, task_id: str) -> list[task_pb2.TaskEvent
     after = 0
     while True:
         request = spb.ListEventsRequest(tenant=TENANT, task_id=task_id, after_sequence=after, limit=500)
-        response = await store.stub.ListEvents(request, **store.kw(20.0))
+        response = await store.list_events(request, timeout=20.0)
         events.extend(response.events)
         if len(response.events) < 500:
             return events

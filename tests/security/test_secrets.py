@@ -310,10 +310,8 @@ async def test_task_store_refuses_callers_without_the_internal_token(run: Run) -
     # With the token the same call goes through (NOT_FOUND: it asked for no real task).
     async with StoreClient(addr, run.internal_token) as store:
         with pytest.raises(grpc.aio.AioRpcError) as missing:
-            await store.stub.GetTask(request, **store.kw())
+            await store.get_task(request.tenant, request.id)
         assert missing.value.code() == grpc.StatusCode.NOT_FOUND
         if run.task_ids:  # the gateway and the workers, which hold the token, did their work
-            task = await store.stub.GetTask(
-                spb.GetTaskRequest(tenant=TENANT, id=run.task_ids[0]), **store.kw()
-            )
-            assert task.task.status == task_pb2.TASK_STATUS_COMPLETED
+            task = await store.get_task(TENANT, run.task_ids[0])
+            assert task.status == task_pb2.TASK_STATUS_COMPLETED
