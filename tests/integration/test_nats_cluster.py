@@ -24,13 +24,12 @@ from charai.emulator import EmulatorConfig, running_emulator
 from charai.store.v1 import store_service_pb2 as spb
 from charai.task_store.app import TaskStoreApp
 from charai.task_store.settings import Settings
+from charai.taskapi import TERMINAL_STATUSES
 from charai.tasks.v1 import task_pb2, task_service_pb2
 from charai.tts_worker.app import build
 from charai.worker.settings import TtsWorkerSettings
 
 from tests.conftest import eventually, free_port
-
-TERMINAL = {task_pb2.TASK_STATUS_COMPLETED, task_pb2.TASK_STATUS_FAILED, task_pb2.TASK_STATUS_CANCELLED}
 
 
 class Cluster:
@@ -193,7 +192,7 @@ async def test_killing_one_node_of_three_loses_nothing(cluster: Cluster, tmp_pat
         unfinished = 0
         for task_id in first:
             task = await store.get_task("t", task_id)
-            unfinished += task.status not in TERMINAL
+            unfinished += task.status not in TERMINAL_STATUSES
         assert unfinished > 0, "the node must die while tasks are still in flight"
         cluster.kill(1)
         second = await asyncio.gather(*(create(t) for t in texts[30:]))
@@ -203,7 +202,7 @@ async def test_killing_one_node_of_three_loses_nothing(cluster: Cluster, tmp_pat
         async def all_ended() -> bool:
             for task_id in ids:
                 task = await store.get_task("t", task_id)
-                if task.status not in TERMINAL:
+                if task.status not in TERMINAL_STATUSES:
                     return False
             return True
 

@@ -24,6 +24,7 @@ from charai.core.topology import LANES, Topology
 from charai.store.v1 import store_service_pb2 as spb
 from charai.task_store.app import TaskStoreApp
 from charai.task_store.settings import Settings
+from charai.taskapi import TERMINAL_STATUSES
 from charai.tasks.v1 import task_pb2, task_service_pb2
 from charai.worker.app import WorkerApp
 from charai.worker.context import Handler, JobContext
@@ -41,7 +42,6 @@ TOPOLOGY = Topology()
 KIND = "tts"
 HIGH, NORMAL, LOW = task_pb2.PRIORITY_HIGH, task_pb2.PRIORITY_NORMAL, task_pb2.PRIORITY_LOW
 EV = task_pb2.TaskEventType
-TERMINAL = {task_pb2.TASK_STATUS_COMPLETED, task_pb2.TASK_STATUS_FAILED, task_pb2.TASK_STATUS_CANCELLED}
 PROVIDER = ProviderConfig(
     base_url="http://127.0.0.1:9/v4", api_key="", model="glm-tts", key_setting="CHARAI_TTS_API_KEY"
 )
@@ -166,7 +166,7 @@ class Harness:
     async def wait_ended(self, task_ids: list[str], timeout: float = 10.0) -> list[task_pb2.Task]:
         async def ended() -> bool:
             tasks = await asyncio.gather(*(self.get(i) for i in task_ids))
-            return all(t.status in TERMINAL for t in tasks)
+            return all(t.status in TERMINAL_STATUSES for t in tasks)
 
         await eventually(ended, timeout=timeout, interval=0.02)
         return list(await asyncio.gather(*(self.get(i) for i in task_ids)))
