@@ -221,20 +221,16 @@ class CharaiClient:
                         return
                 # The stream ended without the terminal event (e.g. the gateway is draining): resume.
                 failures += 1
-                if failures > self._reconnect_attempts:
-                    raise WatchResumeError(f"gave up resuming after {failures} attempts")
-                self._reconnecting(on_reconnect, failures, "the stream ended before the task did", last)
-                await asyncio.sleep(min(2.0, 0.1 * 2**failures))
+                reason = "the stream ended before the task did"
+                give_up = f"gave up resuming after {failures} attempts"
+                await self._resume(failures, reason, last, on_reconnect, give_up)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in _RESUMABLE:
                     raise CharaiError.from_rpc(exc) from None
                 failures += 1
-                if failures > self._reconnect_attempts:
-                    raise WatchResumeError(
-                        f"gave up resuming after {failures} attempts: {exc.details()}"
-                    ) from None
-                self._reconnecting(on_reconnect, failures, f"{exc.code().name}: {exc.details()}", last)
-                await asyncio.sleep(min(2.0, 0.1 * 2**failures))
+                reason = f"{exc.code().name}: {exc.details()}"
+                give_up = f"gave up resuming after {failures} attempts: {exc.details()}"
+                await self._resume(failures, reason, last, on_reconnect, give_up)
             finally:
                 call.cancel()
 
@@ -285,15 +281,20 @@ class CharaiClient:
                 call.cancel()
             # A clean end and a dropped connection are both resumed, with the same backoff.
             failures += 1
-            if failures > self._reconnect_attempts:
-                raise WatchResumeError(f"gave up resuming after {failures} attempts: {reason}")
-            self._reconnecting(on_reconnect, failures, reason, floor)
-            await asyncio.sleep(min(2.0, 0.1 * 2**failures))
+            give_up = f"gave up resuming after {failures} attempts: {reason}"
+            await self._resume(failures, reason, floor, on_reconnect, give_up)
 
-    def _reconnecting(self, hook: ReconnectHook | None, attempt: int, reason: str, after: int) -> None:
+    async def _resume(
+        self, attempt: int, reason: str, after: int, hook: ReconnectHook | None, give_up: str
+    ) -> None:
+        """Before resume ``attempt`` of a dropped stream: tells ``hook`` and backs off, or raises
+        WatchResumeError(``give_up``) once the reconnect budget is spent."""
+        if attempt > self._reconnect_attempts:
+            raise WatchResumeError(give_up) from None
         self.reconnects += 1
         if hook is not None:
             hook(attempt, reason, after)
+        await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
 
     @staticmethod
     async def download(url: str) -> bytes:

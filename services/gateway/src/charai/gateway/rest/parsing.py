@@ -110,26 +110,41 @@ def create_request(body: Any, idempotency_key: str | None) -> task_service_pb2.C
     elif request.type == task_pb2.TASK_TYPE_TTS_GENERATION:
         _put_fields(request.tts, payload, TTS_FIELDS, "payload", bad)
         request.tts.SetInParent()
-    metadata = body.get("metadata")
-    if metadata is not None:
-        if not isinstance(metadata, dict):
-            bad.append(("metadata", "must be an object of strings"))
+    _put_metadata(request, body.get("metadata"), bad)
+    _put_request_id(request, body.get("requestId"), idempotency_key, bad)
+    if bad:
+        raise RestError.invalid(bad)
+    return request
+
+
+def _put_metadata(
+    request: task_service_pb2.CreateTaskRequest, metadata: Any, bad: list[tuple[str, str]]
+) -> None:
+    if metadata is None:
+        return
+    if not isinstance(metadata, dict):
+        bad.append(("metadata", "must be an object of strings"))
+        return
+    for key, value in metadata.items():
+        if not isinstance(value, str):
+            bad.append((f"metadata.{key}", "must be a string"))
         else:
-            for key, value in metadata.items():
-                if not isinstance(value, str):
-                    bad.append((f"metadata.{key}", "must be a string"))
-                else:
-                    request.metadata[key] = value
-    request_id = body.get("requestId")
+            request.metadata[key] = value
+
+
+def _put_request_id(
+    request: task_service_pb2.CreateTaskRequest,
+    request_id: Any,
+    idempotency_key: str | None,
+    bad: list[tuple[str, str]],
+) -> None:
+    """``requestId`` or the ``Idempotency-Key`` header (both: they must agree)."""
     if request_id is not None and not isinstance(request_id, str):
         bad.append(("requestId", "must be a string"))
     elif request_id and idempotency_key and request_id != idempotency_key:
         bad.append(("requestId", "differs from the Idempotency-Key header"))
     else:
         request.request_id = request_id or idempotency_key or ""
-    if bad:
-        raise RestError.invalid(bad)
-    return request
 
 
 def list_request(query: Mapping[str, str], items: list[tuple[str, str]]) -> task_service_pb2.ListTasksRequest:
