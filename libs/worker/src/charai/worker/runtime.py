@@ -18,10 +18,11 @@ What a fault costs (the fault tests in ``tests/faults`` hold the runner to this)
   (``WORKER_LOST``, retried with backoff) so another worker need not wait for the lease to expire.
 * SIGKILL: nothing runs; the lease expires and the next delivery starts a new attempt.
 
-This module schedules jobs and runs each one's flow; the parts live beside it: one attempt's
-state and JobContext (:mod:`charai.worker.attempt`), its progress reports
-(:mod:`charai.worker.progress`), its outcome and message settling (:mod:`charai.worker.outcome`),
-and the bound on task_store calls in flight (:mod:`charai.worker.storecalls`).
+This module pulls and schedules jobs and keeps held ones alive; the parts live beside it: one
+job's flow from claim to outcome (:mod:`charai.worker.jobs`), one attempt's state and JobContext
+(:mod:`charai.worker.attempt`), its progress reports (:mod:`charai.worker.progress`), its outcome
+and message settling (:mod:`charai.worker.outcome`), and the bound on task_store calls in flight
+(:mod:`charai.worker.storecalls`).
 """
 
 from __future__ import annotations
@@ -31,23 +32,19 @@ import contextlib
 import dataclasses
 import heapq
 import itertools
-import time
 from collections.abc import Sequence
 from typing import Any
 
-import grpc
 import structlog
-from charai.core import logs, tracing
+from charai.core import logs
 from charai.core.media import MediaStore
 from charai.core.storeclient import StoreClient
 from charai.core.topology import LANES, Topology
-from charai.store.v1 import store_service_pb2 as spb
-from charai.tasks.v1 import task_pb2
-from charai.worker.attempt import Attempt, AttemptContext
-from charai.worker.context import Handler, JobAbortedError, Result
-from charai.worker.http import ProviderError, ProviderHttp
+from charai.worker.context import Handler
+from charai.worker.http import ProviderHttp
+from charai.worker.jobs import Jobs
 from charai.worker.lanes import Lane
-from charai.worker.outcome import Outcomes, crash_failure, provider_failure, settle_message
+from charai.worker.outcome import Outcomes
 from charai.worker.progress import ProgressReporter
 from charai.worker.storecalls import StoreCalls
 from nats.aio.client import Client
@@ -109,7 +106,6 @@ class JobRunner:
         self._store = store
         self._topology = topology
         self._lanes: list[Lane] = []
-        self._running: dict[str, Attempt] = {}
         self._ready: list[tuple[int, int, Lane, Msg]] = []
         self._counter = itertools.count()
         self._rounds = itertools.count()
@@ -119,10 +115,12 @@ class JobRunner:
         self._job_tasks: set[asyncio.Task[Any]] = set()
         self._cancel_sub: Any = None
         self._closed = False
-        self.completed = 0
         self._calls = StoreCalls(config.store_calls)
         self._reporter = ProgressReporter(store, self._calls, config.progress_coalesce)
-        self._outcomes = Outcomes(store, self._calls, config.settle_seconds, config.handback_timeout)
+        outcomes = Outcomes(store, self._calls, config.settle_seconds, config.handback_timeout)
+        self._jobs = Jobs(
+            handler, store, provider, media, config.worker_id, self._calls, self._reporter, outcomes
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -135,7 +133,7 @@ class JobRunner:
             lane = Lane(self._nc, stream, consumer, lane_name, rank, self._on_message, self._wake.set)
             await lane.start()
             self._lanes.append(lane)
-        self._cancel_sub = await self._nc.subscribe(self._topology.cancel_wildcard, cb=self._on_cancel)
+        self._cancel_sub = await self._nc.subscribe(self._topology.cancel_wildcard, cb=self._jobs.on_cancel)
         self._tasks = [
             asyncio.create_task(self._schedule(), name=f"{self.config.kind}-scheduler"),
             asyncio.create_task(self._heartbeat(), name=f"{self.config.kind}-heartbeat"),
@@ -194,7 +192,12 @@ class JobRunner:
 
     @property
     def in_flight(self) -> int:
-        return len(self._running)
+        return len(self._jobs.running)
+
+    @property
+    def completed(self) -> int:
+        """Jobs completed by this runner."""
+        return self._jobs.completed
 
     @property
     def store_calls(self) -> int:
@@ -220,7 +223,7 @@ class JobRunner:
         self._wake.set()
 
     def _spawn(self, lane: Lane, msg: Msg) -> None:
-        task = asyncio.create_task(self._run_job(lane, msg))
+        task = asyncio.create_task(self._jobs.run(lane, msg))
         self._job_tasks.add(task)
         task.add_done_callback(self._job_done)
 
@@ -275,111 +278,13 @@ class JobRunner:
         try:
             while True:
                 await asyncio.sleep(self.config.heartbeat_interval)
-                held = [msg for _, _, _, msg in self._ready] + [r.msg for r in self._running.values()]
+                running = self._jobs.running
+                held = [msg for _, _, _, msg in self._ready] + [r.msg for r in running.values()]
                 for msg in held:
                     with contextlib.suppress(Exception):
                         await msg.in_progress()
-                if self._running and (renewals is None or renewals.done()):
-                    renewals = asyncio.create_task(self._reporter.renew(list(self._running.values())))
+                if running and (renewals is None or renewals.done()):
+                    renewals = asyncio.create_task(self._reporter.renew(list(running.values())))
         finally:
             if renewals is not None:
                 renewals.cancel()
-
-    async def _on_cancel(self, msg: Msg) -> None:
-        try:
-            notice = spb.CancelNotice.FromString(msg.data)
-        except Exception:
-            return
-        running = self._running.get(notice.task_id)
-        if running is not None:
-            log.info("job_cancel_requested", task_id=notice.task_id)
-            running.abort("the task was cancelled")
-
-    # -- one job -----------------------------------------------------------------------------
-    async def _run_job(self, lane: Lane, msg: Msg) -> None:
-        """Claims the delivered job from task_store (which fences attempts), then runs it."""
-        started = time.perf_counter()
-        structlog.contextvars.bind_contextvars(lane=lane.name)
-        try:
-            job = spb.Job.FromString(msg.data)
-        except Exception:
-            await settle_message("term", msg)
-            log.warning("job_unparseable")
-            return
-        # Join the trace of the call that created the task (Job field, or the message header).
-        headers = msg.headers or {}
-        traceparent = tracing.enter(job.traceparent or headers.get("traceparent", ""))
-        structlog.contextvars.bind_contextvars(task_id=job.task_id, trace_id=tracing.trace_id(traceparent))
-        worker_id = self.config.worker_id
-        try:
-            claim = await self._calls.run(
-                lambda: self._store.claim_task(job.task_id, job.dispatch_gen, worker_id)
-            )
-        except grpc.aio.AioRpcError as exc:
-            log.warning("claim_failed", code=exc.code().name)
-            await settle_message("nak", msg, 1.0)
-            return
-        if claim.outcome == spb.CLAIM_OUTCOME_DONE:
-            await settle_message("ack", msg)
-            log.info("job_skipped", reason="task already ended")
-            return
-        if claim.outcome == spb.CLAIM_OUTCOME_DEFER:
-            await settle_message("nak", msg, max(0.05, claim.retry_after_seconds))
-            return
-        running = Attempt(msg, job.task_id, claim.attempt)
-        self._running[job.task_id] = running
-        structlog.contextvars.bind_contextvars(attempt=claim.attempt)
-        outcome = "unknown"
-        try:
-            outcome = await self._execute(running, claim.task)
-        finally:
-            self._running.pop(job.task_id, None)
-            log.info(
-                "job_finished",
-                outcome=outcome,
-                elapsed_ms=round((time.perf_counter() - started) * 1000, 1),
-                deliveries=_delivered(msg),
-            )
-
-    async def _execute(self, running: Attempt, task: task_pb2.Task) -> str:
-        """Runs the handler and settles the attempt as it ended; returns the outcome."""
-        ctx = AttemptContext(running, task, self._reporter, self.provider, self.media)
-        # The claim already recorded 10 % "starting" (and the lease): no report needed here.
-        running.sent_at = asyncio.get_running_loop().time()
-        try:
-            running.inner = asyncio.create_task(self._handle(ctx, running))
-            result = await running.inner
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
-                # Shutting down past the grace period: hand the job back at once.
-                await self._outcomes.hand_back(running)
-                raise
-            await settle_message("ack", running.msg)
-            return "aborted"
-        except JobAbortedError:
-            await settle_message("ack", running.msg)
-            return "aborted"
-        except ProviderError as exc:
-            return await self._outcomes.fail(running, provider_failure(exc), exc.failure.retry_after)
-        except Exception as exc:
-            log.exception("handler_crashed")
-            return await self._outcomes.fail(running, crash_failure(exc), None)
-        outcome = await self._outcomes.complete(running, result)
-        if outcome == "completed":
-            self.completed += 1
-        return outcome
-
-    async def _handle(self, ctx: AttemptContext, running: Attempt) -> Result:
-        """The handler's run, then no more progress reports (whatever the outcome)."""
-        try:
-            return await self.handler.run(ctx)
-        finally:
-            await self._reporter.end(running)
-
-
-def _delivered(msg: Msg) -> int:
-    try:
-        return int(msg.metadata.num_delivered)
-    except Exception:
-        return 0
