@@ -85,6 +85,8 @@ class CallDefaults:
         self._timeout = timeout
 
     def apply(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        """``details`` with the headers added (to its own metadata, in place: StoreClient's methods
+        never pass metadata, so grpc.aio made it for this call) and the default deadline."""
         metadata = details.metadata
         if metadata is None:
             metadata = grpc.aio.Metadata()
