@@ -14,6 +14,10 @@ PROTO_FILES := $(shell find protos/charai -name '*.proto' | sort)
 BUF_VERSION := 1.75.0
 BUF := $(TOOLS)/node_modules/.bin/buf
 GEN_DIR := protos/src
+# The packages protoc writes under $(GEN_DIR)/charai; `make proto` replaces them. Beside them,
+# $(GEN_DIR)/charai/taskapi is hand-written (shared helpers of the messages): never deleted, never diffed.
+GEN_PACKAGES := tasks store
+HAND_WRITTEN := taskapi
 
 .PHONY: help install proto proto-check lint format typecheck compose-check check test test-unit test-integration test-e2e demo run bench clean
 
@@ -34,7 +38,7 @@ $(VENV)/.installed: uv.lock pyproject.toml $(wildcard */pyproject.toml */*/pypro
 install: $(VENV)/.installed ## Create .venv with every package (uv workspace, locked)
 
 proto: install ## Regenerate protos/src from protos/charai (grpcio-tools + mypy-protobuf)
-	rm -rf $(GEN_DIR)/charai/tasks $(GEN_DIR)/charai/store
+	rm -rf $(addprefix $(GEN_DIR)/charai/,$(GEN_PACKAGES))
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m grpc_tools.protoc -I protos \
 	  --python_out=$(GEN_DIR) --grpc_python_out=$(GEN_DIR) \
 	  --mypy_out=$(GEN_DIR) --mypy_grpc_out=$(GEN_DIR) $(PROTO_FILES)
@@ -43,7 +47,7 @@ proto-check: install ## Fail when the committed generated code is stale
 	@tmp=$$(mktemp -d); \
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m grpc_tools.protoc -I protos --python_out=$$tmp --grpc_python_out=$$tmp \
 	  --mypy_out=$$tmp --mypy_grpc_out=$$tmp $(PROTO_FILES) && \
-	diff -r $$tmp/charai $(GEN_DIR)/charai -x __pycache__ -x py.typed >/dev/null \
+	diff -r $$tmp/charai $(GEN_DIR)/charai -x __pycache__ -x py.typed $(addprefix -x ,$(HAND_WRITTEN)) >/dev/null \
 	  || { echo "generated code in $(GEN_DIR) is stale: run 'make proto' and commit"; rm -rf $$tmp; exit 1; }; \
 	rm -rf $$tmp; echo "generated code is up to date"
 
@@ -57,7 +61,7 @@ format: install ## Apply ruff fixes and formatting
 	$(VENV)/bin/ruff format .
 
 typecheck: install ## mypy --strict over every package
-	$(VENV)/bin/mypy libs/core/src libs/worker/src services/*/src clients/python/src tools/devstack/src
+	$(VENV)/bin/mypy $(addprefix $(GEN_DIR)/charai/,$(HAND_WRITTEN)) libs/core/src libs/worker/src services/*/src clients/python/src tools/devstack/src
 
 compose-check: ## docker-compose accepts compose.yaml (installs Debian's docker-compose if missing)
 	@command -v docker-compose >/dev/null || { apt-get update -qq && apt-get install -y -qq docker-compose >/dev/null; }

@@ -15,15 +15,8 @@ from typing import Any
 import grpc
 from charai.client import CharaiClient
 from charai.devstack.stack import Stack
+from charai.taskapi import TERMINAL_EVENTS
 from charai.tasks.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
-
-TERMINAL_EVENTS = frozenset(
-    {
-        task_pb2.TASK_EVENT_TYPE_COMPLETED,
-        task_pb2.TASK_EVENT_TYPE_FAILED,
-        task_pb2.TASK_EVENT_TYPE_CANCELLED,
-    }
-)
 
 
 def EVENT_NAME(value: int) -> str:

@@ -18,6 +18,7 @@ import pytest
 import pytest_asyncio
 from charai.client import CharaiClient
 from charai.devstack.stack import Stack
+from charai.taskapi import TERMINAL_EVENTS, TERMINAL_STATUSES
 from charai.tasks.v1 import task_pb2
 
 from tests.e2e.conftest import fast_stack
@@ -25,7 +26,6 @@ from tests.e2e.conftest import fast_stack
 from .helpers import (
     CODE_NAME,
     STATUS_NAME,
-    TERMINAL_EVENTS,
     check_one_terminal_at_end,
     check_sequences,
     collect,
@@ -38,7 +38,6 @@ from .helpers import (
 )
 
 C = task_pb2
-TERMINAL_STATUSES = {C.TASK_STATUS_COMPLETED, C.TASK_STATUS_FAILED, C.TASK_STATUS_CANCELLED}
 COMPLETED, FAILED = C.TASK_STATUS_COMPLETED, C.TASK_STATUS_FAILED
 AUTH, CONTENT, INVALID = (
     C.ERROR_CODE_PROVIDER_AUTH,

@@ -14,10 +14,10 @@ import grpc
 import pytest
 from charai.client import CharaiClient, CharaiError
 from charai.devstack.stack import Stack
+from charai.taskapi import TERMINAL_EVENTS
 from charai.tasks.v1 import task_pb2, task_service_pb2
 
 from .helpers import (
-    TERMINAL_EVENTS,
     RawWatch,
     check_one_terminal_at_end,
     check_sequences,

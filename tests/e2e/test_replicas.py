@@ -36,6 +36,7 @@ import pytest
 import pytest_asyncio
 from charai.client import CharaiClient, CharaiError
 from charai.devstack.stack import free_port, nats_server_binary
+from charai.taskapi import TERMINAL_EVENTS, TERMINAL_STATUSES
 from charai.tasks.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -44,9 +45,7 @@ from tests.pg import PgServer, fresh_database
 COMPLETED = task_pb2.TASK_STATUS_COMPLETED
 CANCELLED = task_pb2.TASK_STATUS_CANCELLED
 RUNNING = task_pb2.TASK_STATUS_RUNNING
-TERMINAL_STATUSES = {COMPLETED, task_pb2.TASK_STATUS_FAILED, CANCELLED}
 EV = task_pb2.TaskEventType
-TERMINAL_EVENTS = {EV.TASK_EVENT_TYPE_COMPLETED, EV.TASK_EVENT_TYPE_FAILED, EV.TASK_EVENT_TYPE_CANCELLED}
 
 # Short timers so a lost worker, a lost job or a dead relay's outbox claims are taken over in
 # seconds (the values; the outbox claim is shortened for the same reason).

@@ -38,27 +38,18 @@ from charai.core.storeclient import StoreClient
 from charai.core.topology import LANES, Topology
 from charai.devstack.stack import Stack
 from charai.store.v1 import store_service_pb2 as spb
+from charai.taskapi import TERMINAL_EVENTS, TERMINAL_STATUSES, error_code_name, status_label
 from charai.tasks.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
 from nats.js.errors import NotFoundError
 
 from tests.e2e.helpers import call_key, describe, emulator_stats
 
 TENANT = "default"  # auth is off on the test stacks: every caller is this tenant
-TERMINAL_STATUSES = frozenset(
-    {task_pb2.TASK_STATUS_COMPLETED, task_pb2.TASK_STATUS_FAILED, task_pb2.TASK_STATUS_CANCELLED}
-)
-TERMINAL_EVENTS = frozenset(
-    {task_pb2.TASK_EVENT_TYPE_COMPLETED, task_pb2.TASK_EVENT_TYPE_FAILED, task_pb2.TASK_EVENT_TYPE_CANCELLED}
-)
 TOPOLOGY = Topology()
 
 
 def status_name(value: int) -> str:
-    return task_pb2.TaskStatus.Name(value).removeprefix("TASK_STATUS_")  # type: ignore[arg-type]
-
-
-def code_name(value: int) -> str:
-    return task_pb2.ErrorCode.Name(value).removeprefix("ERROR_CODE_")  # type: ignore[arg-type]
+    return status_label(value).upper()
 
 
 def seconds_of(timestamp: Any) -> float:
@@ -101,7 +92,7 @@ class TaskFacts:
 
     def describe(self) -> str:
         t = self.task
-        error = f" {code_name(t.error.code)}: {t.error.message!r}" if t.error.code else ""
+        error = f" {error_code_name(t.error.code)}: {t.error.message!r}" if t.error.code else ""
         return (
             f"{t.id} {status_name(t.status)} attempt {t.attempt}{error}, {self.calls} provider calls,"
             f" {len(self.objects)} objects; log: {describe(self.log)}"
@@ -165,7 +156,7 @@ async def store_log(store: StoreClient, task_id: str) -> list[task_pb2.TaskEvent
     after = 0
     while True:
         request = spb.ListEventsRequest(tenant=TENANT, task_id=task_id, after_sequence=after, limit=500)
-        response = await store.stub.ListEvents(request, **store.kw(20.0))
+        response = await store.list_events(request, timeout=20.0)
         events.extend(response.events)
         if len(response.events) < 500:
             return events

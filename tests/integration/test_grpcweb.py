@@ -26,9 +26,10 @@ from charai.gateway.app import GatewayApp
 from charai.gateway.settings import Settings as GatewaySettings
 from charai.task_store.app import TaskStoreApp
 from charai.task_store.settings import Settings as StoreSettings
+from charai.taskapi import status_details
 from charai.tasks.v1 import task_pb2, task_service_pb2
 from google.protobuf.message import Message
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import code_pb2, status_pb2
 from pydantic import SecretStr
 
 from tests.conftest import NatsServer, eventually
@@ -275,13 +276,7 @@ async def test_invalid_argument_is_trailers_only_with_bad_request_details(env: E
     assert reply.headers["content-type"] == "application/grpc-web+proto"
     rich = reply.rich_status()
     assert rich.code == code_pb2.INVALID_ARGUMENT
-    fields = []
-    for detail in rich.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            fields += [v.field for v in bad.field_violations]
-    assert fields == ["image.prompt"]
+    assert [field for field, _ in status_details(rich).field_violations] == ["image.prompt"]
 
 
 async def test_same_auth_and_tenancy_as_the_grpc_port(env: Env) -> None:

@@ -24,13 +24,12 @@ from charai.emulator import EmulatorConfig, running_emulator
 from charai.store.v1 import store_service_pb2 as spb
 from charai.task_store.app import TaskStoreApp
 from charai.task_store.settings import Settings
+from charai.taskapi import TERMINAL_STATUSES
 from charai.tasks.v1 import task_pb2, task_service_pb2
 from charai.tts_worker.app import build
 from charai.worker.settings import TtsWorkerSettings
 
 from tests.conftest import eventually, free_port
-
-TERMINAL = {task_pb2.TASK_STATUS_COMPLETED, task_pb2.TASK_STATUS_FAILED, task_pb2.TASK_STATUS_CANCELLED}
 
 
 class Cluster:
@@ -183,10 +182,8 @@ async def test_killing_one_node_of_three_loses_nothing(cluster: Cluster, tmp_pat
             )
             for _ in range(50):  # a client retries (same request_id) while the cluster re-elects
                 with contextlib.suppress(Exception):
-                    response = await store.stub.CreateTask(
-                        spb.CreateTaskRequest(tenant="t", request=request), **store.kw(5.0)
-                    )
-                    return str(response.task.id)
+                    task = await store.create_task("t", request, timeout=5.0)
+                    return str(task.id)
                 await asyncio.sleep(0.2)
             raise AssertionError(f"could not create {text!r}")
 
@@ -194,8 +191,8 @@ async def test_killing_one_node_of_three_loses_nothing(cluster: Cluster, tmp_pat
         await asyncio.sleep(0.5)  # jobs in flight on the workers
         unfinished = 0
         for task_id in first:
-            response = await store.stub.GetTask(spb.GetTaskRequest(tenant="t", id=task_id), **store.kw())
-            unfinished += response.task.status not in TERMINAL
+            task = await store.get_task("t", task_id)
+            unfinished += task.status not in TERMINAL_STATUSES
         assert unfinished > 0, "the node must die while tasks are still in flight"
         cluster.kill(1)
         second = await asyncio.gather(*(create(t) for t in texts[30:]))
@@ -204,16 +201,14 @@ async def test_killing_one_node_of_three_loses_nothing(cluster: Cluster, tmp_pat
 
         async def all_ended() -> bool:
             for task_id in ids:
-                response = await store.stub.GetTask(spb.GetTaskRequest(tenant="t", id=task_id), **store.kw())
-                if response.task.status not in TERMINAL:
+                task = await store.get_task("t", task_id)
+                if task.status not in TERMINAL_STATUSES:
                     return False
             return True
 
         await eventually(all_ended, timeout=90, interval=0.5)
         for task_id in ids:
-            response = await store.stub.ListEvents(
-                spb.ListEventsRequest(tenant="t", task_id=task_id), **store.kw()
-            )
+            response = await store.list_events(spb.ListEventsRequest(tenant="t", task_id=task_id))
             kinds = [e.type for e in response.events]
             assert kinds.count(task_pb2.TASK_EVENT_TYPE_COMPLETED) == 1, (task_id, kinds)
             assert kinds[-1] == task_pb2.TASK_EVENT_TYPE_COMPLETED

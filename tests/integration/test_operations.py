@@ -203,29 +203,20 @@ async def test_queue_position_and_stats_agree_across_two_postgres_replicas(
         created: list[task_pb2.Task] = []
         for n in range(6):
             client = a if n % 2 == 0 else b
-            response = await client.stub.CreateTask(
-                spb.CreateTaskRequest(tenant="t1", request=image_request(n)), **client.kw()
-            )
-            created.append(response.task)
-            assert response.task.queue_position == n + 1
-        high = await b.stub.CreateTask(
-            spb.CreateTaskRequest(tenant="t2", request=image_request(99, HIGH)), **b.kw()
-        )
-        assert high.task.queue_position == 1  # high goes ahead of every normal task
+            task = await client.create_task("t1", image_request(n))
+            created.append(task)
+            assert task.queue_position == n + 1
+        high = await b.create_task("t2", image_request(99, HIGH))
+        assert high.queue_position == 1  # high goes ahead of every normal task
         for client in (a, b):
-            positions = [
-                (
-                    await client.stub.GetTask(spb.GetTaskRequest(tenant="t1", id=t.id), **client.kw())
-                ).task.queue_position
-                for t in created
-            ]
+            positions = [(await client.get_task("t1", t.id)).queue_position for t in created]
             assert positions == [2, 3, 4, 5, 6, 7]
         # A worker claims the oldest normal task through replica b: everyone behind it moves up.
-        claim = await b.stub.ClaimTask(spb.ClaimTaskRequest(task_id=created[0].id, dispatch_gen=1), **b.kw())
+        claim = await b.claim_task(created[0].id, 1, "")
         assert claim.outcome == spb.CLAIM_OUTCOME_RUN
-        got = await a.stub.GetTask(spb.GetTaskRequest(tenant="t1", id=created[5].id), **a.kw())
-        assert got.task.queue_position == 6
-        stats = [await c.stub.GetQueueStats(spb.GetQueueStatsRequest(), **c.kw()) for c in (a, b)]
+        got = await a.get_task("t1", created[5].id)
+        assert got.queue_position == 6
+        stats = [await c.get_queue_stats() for c in (a, b)]
         for answer in stats:
             image_normal = lane(list(answer.lanes), IMAGE, NORMAL)
             assert (image_normal.depth, image_normal.in_flight, image_normal.wait_samples) == (5, 1, 1)
@@ -238,14 +229,12 @@ async def test_retry_task_over_grpc_codes(
     nats_server: NatsServer, postgres: PgDatabase, tmp_path: Path
 ) -> None:
     async with store_replica(nats_server.url, postgres.url, tmp_path / "a") as client:
-        created = await client.stub.CreateTask(
-            spb.CreateTaskRequest(tenant="t1", request=image_request()), **client.kw()
-        )
+        created = await client.create_task("t1", image_request())
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await client.stub.RetryTask(spb.RetryTaskRequest(tenant="t1", id=created.task.id), **client.kw())
+            await client.retry_task("t1", created.id)
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await client.stub.RetryTask(spb.RetryTaskRequest(tenant="t2", id=created.task.id), **client.kw())
+            await client.retry_task("t2", created.id)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 

@@ -93,10 +93,7 @@ class Running:
     js: JetStreamContext
 
     async def create(self, request: task_service_pb2.CreateTaskRequest, tenant: str = "t1") -> task_pb2.Task:
-        response = await self.client.stub.CreateTask(
-            spb.CreateTaskRequest(tenant=tenant, request=request), **self.client.kw()
-        )
-        return response.task
+        return await self.client.create_task(tenant, request)
 
     async def outbox_empty(self) -> bool:
         assert self.app.store is not None
@@ -225,11 +222,9 @@ async def test_sweeper_redispatches_a_job_that_nats_lost(
         await eventually(all_published_n(r, 4), timeout=5)
         seq_of = {j.job.task_id: j.seq for j in await stream_jobs(r.js)}
 
-        claim = await r.client.stub.ClaimTask(
-            spb.ClaimTaskRequest(task_id=leased.id, dispatch_gen=1, worker_id="w"), **r.client.kw()
-        )
+        claim = await r.client.claim_task(leased.id, 1, "w")
         assert claim.outcome == spb.CLAIM_OUTCOME_RUN
-        await r.client.stub.CancelTask(spb.CancelTaskRequest(tenant="t1", id=ended.id), **r.client.kw())
+        await r.client.cancel_task("t1", ended.id)
         # NATS loses three jobs: a waiting task's, a running (live lease) task's and an ended task's.
         for task in (lost, leased, ended):
             assert await r.js.delete_msg(STREAM, seq_of[task.id])
@@ -255,8 +250,8 @@ async def test_sweeper_redispatches_a_job_that_nats_lost(
         await asyncio.sleep(0.4)
         assert await relay.sweep_once() == 0
         assert await stream_count(r.js) == 2
-        task = await r.client.stub.GetTask(spb.GetTaskRequest(tenant="t1", id=lost.id), **r.client.kw())
-        assert task.task.status == task_pb2.TASK_STATUS_QUEUED
+        task = await r.client.get_task("t1", lost.id)
+        assert task.status == task_pb2.TASK_STATUS_QUEUED
 
 
 async def test_app_sweeper_runs_by_itself(nats_server: NatsServer, tmp_path: Path, db: Database) -> None:

@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import grpc
 import nats
@@ -64,10 +64,7 @@ class Replica:
     async def create(
         self, request: task_service_pb2.CreateTaskRequest, timeout: float = 10.0
     ) -> task_pb2.Task:
-        response = await self.client.stub.CreateTask(
-            spb.CreateTaskRequest(tenant=TENANT, request=request), **self.client.kw(timeout)
-        )
-        return response.task
+        return await self.client.create_task(TENANT, request, timeout=timeout)
 
     @property
     def published(self) -> int:
@@ -176,9 +173,8 @@ class Watcher:
 
     async def poll(self) -> None:
         while True:
-            response = await self.replica.client.stub.ListEvents(
-                spb.ListEventsRequest(tenant=TENANT, metadata=self.metadata, after_sequence=self.cursor),
-                **self.replica.client.kw(),
+            response = await self.replica.client.list_events(
+                spb.ListEventsRequest(tenant=TENANT, metadata=self.metadata, after_sequence=self.cursor)
             )
             self.reads += 1
             sequences = [e.sequence for e in response.events]
@@ -213,43 +209,19 @@ async def test_concurrent_writes_on_both_replicas_keep_sequences_gap_free_for_wa
             while not stop.is_set():
                 await watcher.poll()
 
-        async def call(n: int, method: str, request: Any) -> Any:
-            replica = replicas[n % 2]  # each task's reports alternate between the replicas
-            return await getattr(replica.client.stub, method)(request, **replica.client.kw())
+        def on(n: int) -> StoreClient:
+            return replicas[n % 2].client  # each task's reports alternate between the replicas
 
         watching = [asyncio.create_task(watch(w)) for w in watchers]
         started = time.monotonic()
-        claims = await asyncio.gather(
-            *(
-                call(n, "ClaimTask", spb.ClaimTaskRequest(task_id=t.id, dispatch_gen=1, worker_id=f"w{n}"))
-                for n, t in enumerate(tasks)
-            )
-        )
+        claims = await asyncio.gather(*(on(n).claim_task(t.id, 1, f"w{n}") for n, t in enumerate(tasks)))
         assert all(c.outcome == spb.CLAIM_OUTCOME_RUN for c in claims)
         for step, progress in enumerate(range(20, 90, 10)):
             await asyncio.gather(
-                *(
-                    call(
-                        n + step,
-                        "ReportProgress",
-                        spb.ReportProgressRequest(
-                            task_id=t.id, attempt=1, progress=progress, stage="generating"
-                        ),
-                    )
-                    for n, t in enumerate(tasks)
-                )
+                *(on(n + step).report_progress(t.id, 1, progress, "generating") for n, t in enumerate(tasks))
             )
         results = task_pb2.ImageResult(image_url="charai-media:x.png", prompt="p", resolution="1024x1024")
-        await asyncio.gather(
-            *(
-                call(
-                    n + 1,
-                    "CompleteTask",
-                    spb.CompleteTaskRequest(task_id=t.id, attempt=1, image_result=results),
-                )
-                for n, t in enumerate(tasks)
-            )
-        )
+        await asyncio.gather(*(on(n + 1).complete_task(t.id, 1, results) for n, t in enumerate(tasks)))
         writes_s = time.monotonic() - started
         stop.set()
         await asyncio.gather(*watching)
@@ -401,7 +373,7 @@ async def test_a_replica_killed_mid_burst_leaves_its_jobs_to_the_other(
             replica("b", nats_server.url, postgres.url, tmp_path) as b,
             StoreClient(f"127.0.0.1:{port}") as a_client,
         ):
-            await a_client.stub.ListEvents(spb.ListEventsRequest(tenant=TENANT), **a_client.kw(30.0))  # ready
+            await a_client.list_events(spb.ListEventsRequest(tenant=TENANT), timeout=30.0)  # ready
             burst = Burst()
             retried_on_b = 0
             left_claimed = 0
@@ -412,10 +384,8 @@ async def test_a_replica_killed_mid_burst_leaves_its_jobs_to_the_other(
                 async with burst.window:
                     if n % 2 and not burst.cut.is_set():
                         try:
-                            response = await a_client.stub.CreateTask(
-                                spb.CreateTaskRequest(tenant=TENANT, request=request), **a_client.kw(2.0)
-                            )
-                            burst.accepted_by_a(response.task.id, request)
+                            task = await a_client.create_task(TENANT, request, timeout=2.0)
+                            burst.accepted_by_a(task.id, request)
                             return
                         except grpc.aio.AioRpcError:
                             retried_on_b += 1

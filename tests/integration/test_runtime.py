@@ -24,6 +24,7 @@ from charai.core.topology import LANES, Topology
 from charai.store.v1 import store_service_pb2 as spb
 from charai.task_store.app import TaskStoreApp
 from charai.task_store.settings import Settings
+from charai.taskapi import TERMINAL_STATUSES
 from charai.tasks.v1 import task_pb2, task_service_pb2
 from charai.worker.app import WorkerApp
 from charai.worker.context import Handler, JobContext
@@ -41,7 +42,6 @@ TOPOLOGY = Topology()
 KIND = "tts"
 HIGH, NORMAL, LOW = task_pb2.PRIORITY_HIGH, task_pb2.PRIORITY_NORMAL, task_pb2.PRIORITY_LOW
 EV = task_pb2.TaskEventType
-TERMINAL = {task_pb2.TASK_STATUS_COMPLETED, task_pb2.TASK_STATUS_FAILED, task_pb2.TASK_STATUS_CANCELLED}
 PROVIDER = ProviderConfig(
     base_url="http://127.0.0.1:9/v4", api_key="", model="glm-tts", key_setting="CHARAI_TTS_API_KEY"
 )
@@ -151,30 +151,22 @@ class Harness:
         return await self.stack.enter_async_context(WorkerApp(settings, KIND, handler, PROVIDER, concurrency))
 
     async def create(self, priority: int = NORMAL) -> task_pb2.Task:
-        response = await self.client.stub.CreateTask(
-            spb.CreateTaskRequest(tenant="t1", request=tts_request(priority)), **self.client.kw()
-        )
-        return response.task
+        return await self.client.create_task("t1", tts_request(priority))
 
     async def create_many(self, priorities: list[int]) -> list[task_pb2.Task]:
         return [await self.create(p) for p in priorities]
 
     async def get(self, task_id: str) -> task_pb2.Task:
-        response = await self.client.stub.GetTask(
-            spb.GetTaskRequest(tenant="t1", id=task_id), **self.client.kw()
-        )
-        return response.task
+        return await self.client.get_task("t1", task_id)
 
     async def events(self, task_id: str) -> list[task_pb2.TaskEvent]:
-        response = await self.client.stub.ListEvents(
-            spb.ListEventsRequest(tenant="t1", task_id=task_id), **self.client.kw()
-        )
+        response = await self.client.list_events(spb.ListEventsRequest(tenant="t1", task_id=task_id))
         return list(response.events)
 
     async def wait_ended(self, task_ids: list[str], timeout: float = 10.0) -> list[task_pb2.Task]:
         async def ended() -> bool:
             tasks = await asyncio.gather(*(self.get(i) for i in task_ids))
-            return all(t.status in TERMINAL for t in tasks)
+            return all(t.status in TERMINAL_STATUSES for t in tasks)
 
         await eventually(ended, timeout=timeout, interval=0.02)
         return list(await asyncio.gather(*(self.get(i) for i in task_ids)))
@@ -415,18 +407,14 @@ async def test_cancel_aborts_the_running_handler(h: Harness) -> None:
     waiting = await h.create()  # stays queued behind the running one (concurrency 1)
 
     asked = time.monotonic()
-    response = await h.client.stub.CancelTask(
-        spb.CancelTaskRequest(tenant="t1", id=running.id), **h.client.kw()
-    )
-    assert response.task.status == task_pb2.TASK_STATUS_CANCELLED
+    cancelled = await h.client.cancel_task("t1", running.id)
+    assert cancelled.status == task_pb2.TASK_STATUS_CANCELLED
     await eventually(lambda: running.id in handler.cancelled_at, timeout=2)
     assert handler.cancelled_at[running.id] - asked < 2.0
     # The slot is free again: the next job runs (and finishes once the gate opens).
     await handler.wait_started(waiting.id)
     cancelled_queued = await h.create()
-    await h.client.stub.CancelTask(
-        spb.CancelTaskRequest(tenant="t1", id=cancelled_queued.id), **h.client.kw()
-    )
+    await h.client.cancel_task("t1", cancelled_queued.id)
     handler.gate.set()
 
     after = {t.id: t for t in await h.wait_ended([running.id, waiting.id, cancelled_queued.id])}

@@ -17,9 +17,8 @@ from charai.core.storeclient import StoreClient
 from charai.store.v1 import store_service_pb2 as spb
 from charai.task_store.app import TaskStoreApp
 from charai.task_store.settings import Settings
+from charai.taskapi import error_details
 from charai.tasks.v1 import task_service_pb2
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from tests.integration.conftest import Database, sqlite_database
 from tests.integration.store_requests import (
@@ -30,8 +29,8 @@ from tests.integration.store_requests import (
     QUEUED,
     RUN,
     RUNNING,
-    complete_req,
     image_request,
+    image_result,
     tts_request,
 )
 
@@ -62,14 +61,8 @@ async def running_app(settings: Settings) -> AsyncIterator[tuple[TaskStoreApp, S
 
 
 def bad_fields(exc: grpc.aio.AioRpcError) -> list[str]:
-    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
-    assert status is not None, "INVALID_ARGUMENT without google.rpc.Status details"
-    fields: list[str] = []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            fields += [v.field for v in bad.field_violations]
+    fields = [field for field, _ in error_details(exc).field_violations]
+    assert fields, "INVALID_ARGUMENT without google.rpc.BadRequest details"
     return fields
 
 
@@ -77,7 +70,6 @@ async def test_grpc_rejects_invalid_create_and_stores_nothing(
     nats_server: NatsServer, tmp_path: Path, db: Database
 ) -> None:
     async with running_app(app_settings(nats_server, tmp_path, db)) as (app, client):
-        stub = client.stub
         bad_image = image_request(prompt="")
         bad_image.image.resolution = "10x10"
         bad_image.metadata["1bad key"] = "x"
@@ -95,18 +87,18 @@ async def test_grpc_rejects_invalid_create_and_stores_nothing(
         ]
         for request, expected in cases:
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await stub.CreateTask(spb.CreateTaskRequest(tenant="t1", request=request), **client.kw())
+                await client.create_task("t1", request)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             fields = bad_fields(err.value)
             assert expected <= set(fields), fields
 
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await stub.CreateTask(spb.CreateTaskRequest(tenant="t1", request=bad_image), **client.kw())
+            await client.create_task("t1", bad_image)
         assert any(f.startswith("metadata[") for f in bad_fields(err.value))
 
-        listed = await stub.ListTasks(spb.ListTasksRequest(tenant="t1"), **client.kw())
+        listed = await client.list_tasks("t1", task_service_pb2.ListTasksRequest())
         assert list(listed.tasks) == []
-        events = await stub.ListEvents(spb.ListEventsRequest(tenant="t1"), **client.kw())
+        events = await client.list_events(spb.ListEventsRequest(tenant="t1"))
         assert (list(events.events), events.head_sequence) == ([], 0)
         assert app.store is not None
         assert await app.store.pending_dispatches() == []
@@ -115,39 +107,29 @@ async def test_grpc_rejects_invalid_create_and_stores_nothing(
 
         # A bad page token is INVALID_ARGUMENT naming page_token, through the API too.
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await stub.ListTasks(
-                spb.ListTasksRequest(
-                    tenant="t1", request=task_service_pb2.ListTasksRequest(page_token="%%%")
-                ),
-                **client.kw(),
-            )
+            await client.list_tasks("t1", task_service_pb2.ListTasksRequest(page_token="%%%"))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert bad_fields(err.value) == ["page_token"]
 
 
 async def test_grpc_hides_other_tenants_tasks(nats_server: NatsServer, tmp_path: Path, db: Database) -> None:
     async with running_app(app_settings(nats_server, tmp_path, db)) as (_, client):
-        stub = client.stub
-        created = await stub.CreateTask(
-            spb.CreateTaskRequest(tenant="alice", request=image_request()), **client.kw()
-        )
-        task_id = created.task.id
+        created = await client.create_task("alice", image_request())
+        task_id = created.id
         for call in (
-            stub.GetTask(spb.GetTaskRequest(tenant="bob", id=task_id), **client.kw()),
-            stub.CancelTask(spb.CancelTaskRequest(tenant="bob", id=task_id), **client.kw()),
-            stub.GetTask(spb.GetTaskRequest(tenant="alice", id="task_" + "0" * 32), **client.kw()),
+            client.get_task("bob", task_id),
+            client.cancel_task("bob", task_id),
+            client.get_task("alice", "task_" + "0" * 32),
         ):
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await call
             assert err.value.code() == grpc.StatusCode.NOT_FOUND
-        bob_list = await stub.ListTasks(spb.ListTasksRequest(tenant="bob"), **client.kw())
+        bob_list = await client.list_tasks("bob", task_service_pb2.ListTasksRequest())
         assert list(bob_list.tasks) == []
-        bob_events = await stub.ListEvents(
-            spb.ListEventsRequest(tenant="bob", task_id=task_id), **client.kw()
-        )
+        bob_events = await client.list_events(spb.ListEventsRequest(tenant="bob", task_id=task_id))
         assert list(bob_events.events) == []
-        mine = await stub.GetTask(spb.GetTaskRequest(tenant="alice", id=task_id), **client.kw())
-        assert mine.task.status == QUEUED  # bob's cancel changed nothing
+        mine = await client.get_task("alice", task_id)
+        assert mine.status == QUEUED  # bob's cancel changed nothing
 
 
 async def test_restart_keeps_tasks_and_continues_sequences(
@@ -155,51 +137,41 @@ async def test_restart_keeps_tasks_and_continues_sequences(
 ) -> None:
     settings = app_settings(nats_server, tmp_path, db)
     async with running_app(settings) as (_, client):
-        stub, kw = client.stub, client.kw()
         ids = []
         for i in range(3):
-            created = await stub.CreateTask(
-                spb.CreateTaskRequest(tenant="t1", request=image_request(f"c{i}", request_id=f"r{i}")), **kw
-            )
-            ids.append(created.task.id)
-        claim = await stub.ClaimTask(
-            spb.ClaimTaskRequest(task_id=ids[0], dispatch_gen=1, worker_id="w"), **kw
-        )
+            created = await client.create_task("t1", image_request(f"c{i}", request_id=f"r{i}"))
+            ids.append(created.id)
+        claim = await client.claim_task(ids[0], 1, "w")
         assert claim.outcome == RUN
-        await stub.ReportProgress(
-            spb.ReportProgressRequest(task_id=ids[0], attempt=1, progress=40, stage="generating"), **kw
-        )
-        await stub.CancelTask(spb.CancelTaskRequest(tenant="t1", id=ids[1]), **kw)
-        before = await stub.ListEvents(spb.ListEventsRequest(tenant="t1"), **kw)
+        await client.report_progress(ids[0], 1, 40, "generating")
+        await client.cancel_task("t1", ids[1])
+        before = await client.list_events(spb.ListEventsRequest(tenant="t1"))
         assert before.head_sequence == 6
 
     async with running_app(settings) as (_, client):
-        stub, kw = client.stub, client.kw()
-        after = await stub.ListEvents(spb.ListEventsRequest(tenant="t1"), **kw)
+        after = await client.list_events(spb.ListEventsRequest(tenant="t1"))
         assert list(after.events) == list(before.events)
         assert after.head_sequence == before.head_sequence
-        running = await stub.GetTask(spb.GetTaskRequest(tenant="t1", id=ids[0]), **kw)
-        assert (running.task.status, running.task.progress, running.task.attempt) == (RUNNING, 40, 1)
-        cancelled = await stub.GetTask(spb.GetTaskRequest(tenant="t1", id=ids[1]), **kw)
-        assert cancelled.task.status == CANCELLED
+        running = await client.get_task("t1", ids[0])
+        assert (running.status, running.progress, running.attempt) == (RUNNING, 40, 1)
+        cancelled = await client.get_task("t1", ids[1])
+        assert cancelled.status == CANCELLED
         # request_id still deduplicates after the restart.
-        again = await stub.CreateTask(
-            spb.CreateTaskRequest(tenant="t1", request=image_request("c2", request_id="r2")), **kw
-        )
-        assert again.task.id == ids[2]
+        again = await client.create_task("t1", image_request("c2", request_id="r2"))
+        assert again.id == ids[2]
         # The running attempt can still finish, and sequences continue where they stopped.
-        done = await stub.CompleteTask(complete_req(ids[0], 1), **kw)
-        assert done.task.status == COMPLETED
-        new = await stub.CreateTask(spb.CreateTaskRequest(tenant="t1", request=tts_request()), **kw)
-        events = await stub.ListEvents(
-            spb.ListEventsRequest(tenant="t1", after_sequence=before.head_sequence), **kw
+        done = await client.complete_task(ids[0], 1, image_result())
+        assert done.status == COMPLETED
+        new = await client.create_task("t1", tts_request())
+        events = await client.list_events(
+            spb.ListEventsRequest(tenant="t1", after_sequence=before.head_sequence)
         )
         assert [(e.sequence, e.type, e.task.id) for e in events.events] == [
             (7, EV.TASK_EVENT_TYPE_COMPLETED, ids[0]),
-            (8, EV.TASK_EVENT_TYPE_QUEUED, new.task.id),
+            (8, EV.TASK_EVENT_TYPE_QUEUED, new.id),
         ]
-        listed = await stub.ListTasks(spb.ListTasksRequest(tenant="t1"), **kw)
-        assert [t.id for t in listed.tasks] == [new.task.id, *reversed(ids)]
+        listed = await client.list_tasks("t1", task_service_pb2.ListTasksRequest())
+        assert [t.id for t in listed.tasks] == [new.id, *reversed(ids)]
 
 
 # -- SQLite only -----------------------------------------------------------------------------
@@ -209,9 +181,7 @@ async def test_sqlite_file_is_in_wal_mode_after_the_app_ran(nats_server: NatsSer
     path = tmp_path / "tasks.db"
     sqlite_db = sqlite_database(path)
     async with running_app(app_settings(nats_server, tmp_path, sqlite_db)) as (_, client):
-        await client.stub.CreateTask(
-            spb.CreateTaskRequest(tenant="t1", request=image_request()), **client.kw()
-        )
+        await client.create_task("t1", image_request())
     with contextlib.closing(sqlite3.connect(path)) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert await sqlite_db.count_rows("tasks") == 1

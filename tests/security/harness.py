@@ -104,18 +104,14 @@ class Charai:
         app._closed = True  # nothing left to close
 
     async def stored(self, tenant: str, task_id: str) -> task_pb2.Task:
-        response = await self.store.stub.GetTask(
-            spb.GetTaskRequest(tenant=tenant, id=task_id), **self.store.kw()
-        )
-        return response.task
+        return await self.store.get_task(tenant, task_id)
 
     async def store_events(self, tenant: str, task_id: str) -> list[task_pb2.TaskEvent]:
         events: list[task_pb2.TaskEvent] = []
         after = 0
         while True:
-            response = await self.store.stub.ListEvents(
-                spb.ListEventsRequest(tenant=tenant, task_id=task_id, after_sequence=after, limit=500),
-                **self.store.kw(),
+            response = await self.store.list_events(
+                spb.ListEventsRequest(tenant=tenant, task_id=task_id, after_sequence=after, limit=500)
             )
             events += response.events
             if len(response.events) < 500:

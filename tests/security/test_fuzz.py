@@ -26,7 +26,6 @@ import pytest
 import pytest_asyncio
 from charai.core import validation
 from charai.core.grpcsupport import MAX_MESSAGE_BYTES
-from charai.store.v1 import store_service_pb2 as spb
 from charai.tasks.v1 import task_pb2, task_service_pb2
 from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, Phase, given, settings
@@ -436,12 +435,8 @@ async def everything_stored(charai: Charai, tenant: str) -> list[task_pb2.Task]:
     tasks: list[task_pb2.Task] = []
     token = ""
     while True:
-        response = await charai.store.stub.ListTasks(
-            spb.ListTasksRequest(
-                tenant=tenant,
-                request=task_service_pb2.ListTasksRequest(page_size=500, page_token=token),
-            ),
-            **charai.store.kw(),
+        response = await charai.store.list_tasks(
+            tenant, task_service_pb2.ListTasksRequest(page_size=500, page_token=token)
         )
         tasks += response.tasks
         token = response.next_page_token

@@ -23,6 +23,7 @@ import grpc
 import pytest
 import pytest_asyncio
 from charai.core import validation
+from charai.taskapi import status_details
 from charai.tasks.v1 import task_service_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -77,8 +78,8 @@ def detail(status: status_pb2.Status | None, cls: type[Any]) -> Any:
 
 
 def violations(answer: Answer) -> dict[str, str]:
-    bad = detail(answer.details, error_details_pb2.BadRequest)
-    return {v.field: v.description for v in bad.field_violations}
+    assert answer.details is not None, "no google.rpc.Status details"
+    return dict(status_details(answer.details).field_violations)
 
 
 # -- message size -----------------------------------------------------------------------------
@@ -175,7 +176,7 @@ async def test_watch_streams_per_tenant_and_per_gateway(charai: Charai) -> None:
         over = await grpc_stream_first(charai.channel, "WatchTask", request, bearer(TOKEN_A))
         assert over.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "CHARAI_MAX_WATCH_STREAMS_PER_TENANT" in over.message
-        info = detail(over.details, error_details_pb2.ErrorInfo)
+        info = status_details(over.details)
         assert (info.reason, info.metadata["limit"]) == ("LIMIT_EXCEEDED", "max_watch_streams_per_tenant")
         quota = detail(over.details, error_details_pb2.QuotaFailure)
         assert quota.violations[0].subject == f"tenant:{TENANT_A}"
@@ -193,7 +194,7 @@ async def test_watch_streams_per_tenant_and_per_gateway(charai: Charai) -> None:
         )
         assert over_b.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "CHARAI_MAX_WATCH_STREAMS)" in over_b.message
-        assert detail(over_b.details, error_details_pb2.ErrorInfo).metadata["limit"] == "max_watch_streams"
+        assert status_details(over_b.details).metadata["limit"] == "max_watch_streams"
         assert await charai.open_streams() == PER_GATEWAY
     finally:
         for call in held:
@@ -232,13 +233,12 @@ async def test_submission_rate_limit_is_per_tenant_and_shared_by_every_transport
     assert extra <= (time.monotonic() - started) * RATE + 1, extra
     assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED, refused
     assert "CHARAI_SUBMIT_RATE_PER_TENANT" in refused.message and "0.5 per second" in refused.message
-    info = detail(refused.details, error_details_pb2.ErrorInfo)
+    info = status_details(refused.details)
     assert (info.reason, info.metadata["limit"]) == ("LIMIT_EXCEEDED", "submit_rate_per_tenant")
     quota = detail(refused.details, error_details_pb2.QuotaFailure)
     assert quota.violations[0].subject == f"tenant:{TENANT_C}"
-    retry = detail(refused.details, error_details_pb2.RetryInfo)
-    delay = retry.retry_delay.ToTimedelta().total_seconds()
-    assert 0 < delay <= 1 / RATE + 0.01
+    delay = info.retry_after
+    assert delay is not None and 0 < delay <= 1 / RATE + 0.01
     # Invalid requests count too (limited before they are validated), and the bucket is the
     # tenant's whatever the transport: gRPC-web and REST are refused as well.
     invalid, _ = await until_refused(
@@ -269,7 +269,8 @@ async def test_submission_rate_limit_is_per_tenant_and_shared_by_every_transport
     assert other.code == grpc.StatusCode.OK
     # Waiting as told is enough.
     last, _ = await until_refused(submit)
-    delay = detail(last.details, error_details_pb2.RetryInfo).retry_delay.ToTimedelta().total_seconds()
+    delay = status_details(last.details).retry_after
+    assert delay is not None
     await asyncio.sleep(delay + 0.05)
     later = await submit()
     assert later.code == grpc.StatusCode.OK, later.message

@@ -41,6 +41,7 @@ from charai.devstack.stack import Stack
 from charai.emulator import EmulatorConfig, running_emulator
 from charai.store.v1 import store_service_pb2 as spb
 from charai.store.v1 import store_service_pb2_grpc
+from charai.taskapi import TERMINAL_STATUSES
 from charai.tasks.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -52,7 +53,6 @@ from tests.security.harness import grpcweb, image_request, tts_request
 CANARY_KEY = f"sk-canary-{uuid.uuid4().hex}"
 CANARY_TOKEN = f"tok-canary-{uuid.uuid4().hex}"
 TENANT = "tenant-canary"
-TERMINAL = {task_pb2.TASK_STATUS_COMPLETED, task_pb2.TASK_STATUS_FAILED, task_pb2.TASK_STATUS_CANCELLED}
 
 
 class Run:
@@ -188,7 +188,7 @@ async def exercise(run: Run) -> None:
                     )
                     for i in run.task_ids
                 ]
-                return all(t.task.status in TERMINAL for t in tasks)
+                return all(t.task.status in TERMINAL_STATUSES for t in tasks)
 
             await eventually(ended, timeout=40, interval=0.2)
             for task_id in run.task_ids:
@@ -310,10 +310,8 @@ async def test_task_store_refuses_callers_without_the_internal_token(run: Run) -
     # With the token the same call goes through (NOT_FOUND: it asked for no real task).
     async with StoreClient(addr, run.internal_token) as store:
         with pytest.raises(grpc.aio.AioRpcError) as missing:
-            await store.stub.GetTask(request, **store.kw())
+            await store.get_task(request.tenant, request.id)
         assert missing.value.code() == grpc.StatusCode.NOT_FOUND
         if run.task_ids:  # the gateway and the workers, which hold the token, did their work
-            task = await store.stub.GetTask(
-                spb.GetTaskRequest(tenant=TENANT, id=run.task_ids[0]), **store.kw()
-            )
-            assert task.task.status == task_pb2.TASK_STATUS_COMPLETED
+            task = await store.get_task(TENANT, run.task_ids[0])
+            assert task.status == task_pb2.TASK_STATUS_COMPLETED

@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import grpc
 import pytest
 import pytest_asyncio
+from charai.taskapi import TERMINAL_EVENTS, TERMINAL_STATUSES, event_type_label
 from charai.tasks.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -41,12 +42,6 @@ from hypothesis.stateful import (
 from tests.conftest import eventually
 from tests.security.harness import TENANT_A, TOKEN_A, Charai, bearer, running_charai, tts_request
 
-TERMINAL_EVENTS = {
-    task_pb2.TASK_EVENT_TYPE_COMPLETED,
-    task_pb2.TASK_EVENT_TYPE_FAILED,
-    task_pb2.TASK_EVENT_TYPE_CANCELLED,
-}
-TERMINAL = {task_pb2.TASK_STATUS_COMPLETED, task_pb2.TASK_STATUS_FAILED, task_pb2.TASK_STATUS_CANCELLED}
 MARKERS = {
     "ok": "",
     "slow": "[[latency:0.6]]",
@@ -70,9 +65,7 @@ async def charai(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Char
 
 
 def describe(events: list[task_pb2.TaskEvent]) -> list[tuple[int, str]]:
-    return [
-        (e.sequence, task_pb2.TaskEventType.Name(e.type).removeprefix("TASK_EVENT_TYPE_")) for e in events
-    ]
+    return [(e.sequence, event_type_label(e.type).upper()) for e in events]
 
 
 def check_log(task_id: str, log: list[task_pb2.TaskEvent]) -> None:
@@ -169,7 +162,7 @@ class TaskMachine(RuleBasedStateMachine):
         except grpc.aio.AioRpcError as exc:  # it had ended already
             assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION, exc.details()
             return
-        assert response.task.status in {*TERMINAL, task_pb2.TASK_STATUS_RUNNING}
+        assert response.task.status in {*TERMINAL_STATUSES, task_pb2.TASK_STATUS_RUNNING}
 
     @rule(task_id=accepted, data=st.data())
     def watch_with_resume(self, task_id: str, data: st.DataObject) -> None:
@@ -198,7 +191,7 @@ class TaskMachine(RuleBasedStateMachine):
 
         async def all_ended() -> bool:
             tasks = [await charai.stored(TENANT_A, t) for t in self.tasks]
-            return all(t.status in TERMINAL for t in tasks)
+            return all(t.status in TERMINAL_STATUSES for t in tasks)
 
         self.run(eventually(all_ended, timeout=30, interval=0.1))
         for task_id in self.tasks:

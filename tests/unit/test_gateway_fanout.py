@@ -30,27 +30,18 @@ TASK_ID = "task_" + "0123456789abcdef" * 2
 HEAD = 7
 
 
-class FakeStoreStub:
+class FakeStore:
     """task_store's answers: an empty event log at sequence HEAD, and one task."""
 
     def __init__(self) -> None:
         self.list_calls = 0
 
-    async def ListEvents(self, request: spb.ListEventsRequest, **_: Any) -> spb.ListEventsResponse:
+    async def list_events(self, request: spb.ListEventsRequest, **_: Any) -> spb.ListEventsResponse:
         self.list_calls += 1
         return spb.ListEventsResponse(head_sequence=HEAD)
 
-    async def GetTask(self, request: spb.GetTaskRequest, **_: Any) -> spb.GetTaskResponse:
-        task = task_pb2.Task(id=request.id, status=task_pb2.TASK_STATUS_RUNNING, progress=40)
-        return spb.GetTaskResponse(task=task)
-
-
-class FakeStore:
-    def __init__(self) -> None:
-        self.stub = FakeStoreStub()
-
-    def kw(self, timeout: float | None = 10.0) -> dict[str, Any]:
-        return {}
+    async def get_task(self, tenant: str, task_id: str, **_: Any) -> task_pb2.Task:
+        return task_pb2.Task(id=task_id, status=task_pb2.TASK_STATUS_RUNNING, progress=40)
 
 
 class FakeContext:

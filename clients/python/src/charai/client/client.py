@@ -8,20 +8,9 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import grpc
+from charai.taskapi import error_details, is_final
 from charai.tasks.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
-TERMINAL_EVENTS = {
-    task_pb2.TASK_EVENT_TYPE_COMPLETED,
-    task_pb2.TASK_EVENT_TYPE_FAILED,
-    task_pb2.TASK_EVENT_TYPE_CANCELLED,
-}
-TERMINAL_STATUSES = {
-    task_pb2.TASK_STATUS_COMPLETED,
-    task_pb2.TASK_STATUS_FAILED,
-    task_pb2.TASK_STATUS_CANCELLED,
-}
 _RESUMABLE = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.INTERNAL,
@@ -44,14 +33,7 @@ class CharaiError(Exception):
 
     @classmethod
     def from_rpc(cls, exc: grpc.aio.AioRpcError) -> CharaiError:
-        fields: list[tuple[str, str]] = []
-        status = rpc_status.from_call(exc)  # type: ignore[arg-type]
-        if status is not None:
-            for detail in status.details:
-                if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                    bad = error_details_pb2.BadRequest()
-                    detail.Unpack(bad)
-                    fields += [(v.field, v.description) for v in bad.field_violations]
+        fields = list(error_details(exc).field_violations)
         return cls(exc.code(), exc.details() or "", fields)
 
 
@@ -235,27 +217,20 @@ class CharaiClient:
                     if event.sequence:
                         last = max(last, event.sequence)
                     yield event
-                    if event.type in TERMINAL_EVENTS or (
-                        event.type == task_pb2.TASK_EVENT_TYPE_SNAPSHOT
-                        and event.task.status in TERMINAL_STATUSES
-                    ):
+                    if is_final(event):
                         return
                 # The stream ended without the terminal event (e.g. the gateway is draining): resume.
                 failures += 1
-                if failures > self._reconnect_attempts:
-                    raise WatchResumeError(f"gave up resuming after {failures} attempts")
-                self._reconnecting(on_reconnect, failures, "the stream ended before the task did", last)
-                await asyncio.sleep(min(2.0, 0.1 * 2**failures))
+                reason = "the stream ended before the task did"
+                give_up = f"gave up resuming after {failures} attempts"
+                await self._resume(failures, reason, last, on_reconnect, give_up)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in _RESUMABLE:
                     raise CharaiError.from_rpc(exc) from None
                 failures += 1
-                if failures > self._reconnect_attempts:
-                    raise WatchResumeError(
-                        f"gave up resuming after {failures} attempts: {exc.details()}"
-                    ) from None
-                self._reconnecting(on_reconnect, failures, f"{exc.code().name}: {exc.details()}", last)
-                await asyncio.sleep(min(2.0, 0.1 * 2**failures))
+                reason = f"{exc.code().name}: {exc.details()}"
+                give_up = f"gave up resuming after {failures} attempts: {exc.details()}"
+                await self._resume(failures, reason, last, on_reconnect, give_up)
             finally:
                 call.cancel()
 
@@ -306,15 +281,20 @@ class CharaiClient:
                 call.cancel()
             # A clean end and a dropped connection are both resumed, with the same backoff.
             failures += 1
-            if failures > self._reconnect_attempts:
-                raise WatchResumeError(f"gave up resuming after {failures} attempts: {reason}")
-            self._reconnecting(on_reconnect, failures, reason, floor)
-            await asyncio.sleep(min(2.0, 0.1 * 2**failures))
+            give_up = f"gave up resuming after {failures} attempts: {reason}"
+            await self._resume(failures, reason, floor, on_reconnect, give_up)
 
-    def _reconnecting(self, hook: ReconnectHook | None, attempt: int, reason: str, after: int) -> None:
+    async def _resume(
+        self, attempt: int, reason: str, after: int, hook: ReconnectHook | None, give_up: str
+    ) -> None:
+        """Before resume ``attempt`` of a dropped stream: tells ``hook`` and backs off, or raises
+        WatchResumeError(``give_up``) once the reconnect budget is spent."""
+        if attempt > self._reconnect_attempts:
+            raise WatchResumeError(give_up) from None
         self.reconnects += 1
         if hook is not None:
             hook(attempt, reason, after)
+        await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
 
     @staticmethod
     async def download(url: str) -> bytes:

@@ -1,14 +1,28 @@
-"""Client of the internal task_store API, shared by gateways and workers."""
+"""Client of the internal task_store API, shared by gateways and workers.
+
+:class:`StoreClient` has one typed method per ``TaskStoreService`` RPC. What every call carries
+is added in one place, :class:`CallDefaults`, a client interceptor on the channel: the internal
+bearer token, the caller's trace (``traceparent``) and a deadline when the caller set none.
+"""
 
 from __future__ import annotations
 
 import json
 import socket
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from charai.core import tracing
+from charai.store.v1 import store_service_pb2 as spb
 from charai.store.v1 import store_service_pb2_grpc
+from charai.tasks.v1 import task_pb2, task_service_pb2
+
+if TYPE_CHECKING:
+    from charai.store.v1.store_service_pb2_grpc import TaskStoreServiceAsyncStub
+
+#: The deadline of a call whose caller gave none.
+DEFAULT_TIMEOUT = 10.0
 
 # Calls wait for task_store to be reachable (it may be restarting) and are retried on UNAVAILABLE.
 _SERVICE_CONFIG = json.dumps(
@@ -52,10 +66,86 @@ def channel_target(addr: str) -> tuple[str, bool]:
     return "ipv6:" + ",".join(dict.fromkeys(v6)), True
 
 
-class StoreClient:
-    """A channel and stub to task_store; ``call_metadata`` carries the internal token."""
+class CallDefaults:
+    """What every call to task_store carries, added by a client interceptor.
 
-    def __init__(self, addr: str, token: str = "") -> None:
+    * ``authorization: Bearer <internal token>`` (when there is a token);
+    * ``traceparent``: the trace of the work the call is part of (``charai.core.tracing.current``),
+      so task_store's logs and the events it publishes join it;
+    * a deadline of ``timeout`` seconds when the caller set none (an explicit one is kept).
+
+    Cheap on purpose: the headers go into the call's own metadata (grpc.aio makes a fresh one
+    per call), and the call details are copied only to set the default deadline.
+    """
+
+    __slots__ = ("_authorization", "_timeout")
+
+    def __init__(self, token: str = "", timeout: float = DEFAULT_TIMEOUT) -> None:
+        self._authorization = f"Bearer {token}" if token else ""
+        self._timeout = timeout
+
+    def apply(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        """``details`` with the headers added (to its own metadata, in place: StoreClient's methods
+        never pass metadata, so grpc.aio made it for this call) and the default deadline."""
+        metadata = details.metadata
+        if metadata is None:
+            metadata = grpc.aio.Metadata()
+        if self._authorization:
+            metadata.add("authorization", self._authorization)
+        traceparent = tracing.current.get()
+        if traceparent:
+            metadata.add("traceparent", traceparent)
+        if details.timeout is not None and metadata is details.metadata:
+            return details
+        return grpc.aio.ClientCallDetails(
+            details.method,
+            self._timeout if details.timeout is None else details.timeout,
+            metadata,
+            details.credentials,
+            details.wait_for_ready,
+        )
+
+    def interceptors(self) -> list[grpc.aio.ClientInterceptor]:
+        """These defaults as grpc.aio client interceptors, unary-unary and unary-stream (a
+        channel files each interceptor object under one kind of call only)."""
+        return [_UnaryUnaryDefaults(self), _UnaryStreamDefaults(self)]
+
+
+class _UnaryUnaryDefaults(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, defaults: CallDefaults) -> None:
+        self._defaults = defaults
+
+    async def intercept_unary_unary(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Awaitable[Any]],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        return await continuation(self._defaults.apply(client_call_details), request)
+
+
+class _UnaryStreamDefaults(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, defaults: CallDefaults) -> None:
+        self._defaults = defaults
+
+    async def intercept_unary_stream(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Awaitable[Any]],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        return await continuation(self._defaults.apply(client_call_details), request)
+
+
+class StoreClient:
+    """A channel to task_store and one typed method per ``TaskStoreService`` RPC.
+
+    Every method takes ``timeout`` (seconds); without it the call gets the client's default
+    deadline. Failures raise ``grpc.aio.AioRpcError`` as task_store answered them. Calls wait for
+    task_store to be reachable and are retried on UNAVAILABLE (the channel's service config).
+    """
+
+    def __init__(self, addr: str, token: str = "", *, timeout: float = DEFAULT_TIMEOUT) -> None:
         target, balanced = channel_target(addr)
         options: list[tuple[str, Any]] = [
             ("grpc.service_config", _SERVICE_CONFIG),
@@ -67,16 +157,111 @@ class StoreClient:
             # Several task_store replicas: spread calls, and route around one that is down
             # (its subchannel leaves the pick list), so a worker never stalls on a dead replica.
             options.append(("grpc.lb_policy_name", "round_robin"))
-        self._channel = grpc.aio.insecure_channel(target, options=options)
-        self.stub = store_service_pb2_grpc.TaskStoreServiceStub(self._channel)
-        self.metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
+        self._channel = grpc.aio.insecure_channel(
+            target, options=options, interceptors=CallDefaults(token, timeout).interceptors()
+        )
+        self._stub: TaskStoreServiceAsyncStub = store_service_pb2_grpc.TaskStoreServiceStub(self._channel)  # type: ignore[assignment]
         self._closed = False
 
-    def kw(self, timeout: float | None = 10.0) -> dict[str, Any]:
-        traceparent = tracing.current.get()
-        metadata = (*self.metadata, ("traceparent", traceparent)) if traceparent else self.metadata
-        return {"metadata": metadata, "timeout": timeout}
+    # -- the public API's tasks, on behalf of a tenant (gateways) -------------------------
+    async def create_task(
+        self, tenant: str, request: task_service_pb2.CreateTaskRequest, *, timeout: float | None = None
+    ) -> task_pb2.Task:
+        """Accepts a validated task (or returns the one an earlier request with the same
+        ``request_id`` created)."""
+        response = await self._stub.CreateTask(
+            spb.CreateTaskRequest(tenant=tenant, request=request), timeout=timeout
+        )
+        return response.task
 
+    async def get_task(self, tenant: str, task_id: str, *, timeout: float | None = None) -> task_pb2.Task:
+        response = await self._stub.GetTask(spb.GetTaskRequest(tenant=tenant, id=task_id), timeout=timeout)
+        return response.task
+
+    async def list_tasks(
+        self, tenant: str, request: task_service_pb2.ListTasksRequest, *, timeout: float | None = None
+    ) -> spb.ListTasksResponse:
+        """One page of the tenant's tasks (``tasks`` and ``next_page_token``)."""
+        return await self._stub.ListTasks(
+            spb.ListTasksRequest(tenant=tenant, request=request), timeout=timeout
+        )
+
+    async def cancel_task(self, tenant: str, task_id: str, *, timeout: float | None = None) -> task_pb2.Task:
+        response = await self._stub.CancelTask(
+            spb.CancelTaskRequest(tenant=tenant, id=task_id), timeout=timeout
+        )
+        return response.task
+
+    async def retry_task(self, tenant: str, task_id: str, *, timeout: float | None = None) -> task_pb2.Task:
+        """Queues a FAILED task again with a fresh attempt budget."""
+        response = await self._stub.RetryTask(
+            spb.RetryTaskRequest(tenant=tenant, id=task_id), timeout=timeout
+        )
+        return response.task
+
+    async def list_events(
+        self, request: spb.ListEventsRequest, *, timeout: float | None = None
+    ) -> spb.ListEventsResponse:
+        """One page of the event log after ``request.after_sequence`` (``events``, and the log's
+        ``head_sequence``). The request is passed as is, so a pager can move its cursor."""
+        return await self._stub.ListEvents(request, timeout=timeout)
+
+    async def get_queue_stats(self, *, timeout: float | None = None) -> spb.GetQueueStatsResponse:
+        """Every lane over all tenants, and the outbox backlog."""
+        return await self._stub.GetQueueStats(spb.GetQueueStatsRequest(), timeout=timeout)
+
+    # -- one attempt of a task (workers) --------------------------------------------------
+    async def claim_task(
+        self, task_id: str, dispatch_gen: int, worker_id: str, *, timeout: float | None = None
+    ) -> spb.ClaimTaskResponse:
+        """Starts an attempt for a delivered job, or says to skip (DONE) or defer it."""
+        request = spb.ClaimTaskRequest(task_id=task_id, dispatch_gen=dispatch_gen, worker_id=worker_id)
+        return await self._stub.ClaimTask(request, timeout=timeout)
+
+    async def report_progress(
+        self, task_id: str, attempt: int, progress: int, stage: str, *, timeout: float | None = None
+    ) -> task_pb2.TaskStatus.ValueType:
+        """Records progress and renews the attempt's lease; returns the task's status.
+        FAILED_PRECONDITION once the attempt is no longer the task's current one."""
+        request = spb.ReportProgressRequest(task_id=task_id, attempt=attempt, progress=progress, stage=stage)
+        response = await self._stub.ReportProgress(request, timeout=timeout)
+        return response.status
+
+    async def complete_task(
+        self,
+        task_id: str,
+        attempt: int,
+        result: task_pb2.ImageResult | task_pb2.TtsResult,
+        *,
+        progress: int = 0,
+        stage: str = "",
+        timeout: float | None = None,
+    ) -> task_pb2.Task:
+        """Records the attempt's result (with a last progress and stage, when given)."""
+        request = spb.CompleteTaskRequest(task_id=task_id, attempt=attempt, progress=progress, stage=stage)
+        if isinstance(result, task_pb2.ImageResult):
+            request.image_result.CopyFrom(result)
+        else:
+            request.tts_result.CopyFrom(result)
+        response = await self._stub.CompleteTask(request, timeout=timeout)
+        return response.task
+
+    async def fail_task(
+        self,
+        task_id: str,
+        attempt: int,
+        error: task_pb2.TaskError,
+        *,
+        retry_after_seconds: float = 0.0,
+        timeout: float | None = None,
+    ) -> spb.FailTaskResponse:
+        """Records the attempt's failure; the answer says whether a retry is scheduled."""
+        request = spb.FailTaskRequest(
+            task_id=task_id, attempt=attempt, error=error, retry_after_seconds=retry_after_seconds
+        )
+        return await self._stub.FailTask(request, timeout=timeout)
+
+    # -- the channel ------------------------------------------------------------------------
     async def serving(self, timeout: float = 2.0) -> bool:
         """Whether task_store answers its gRPC health check with SERVING (it reports NOT_SERVING
         while its own dependencies are away), for the callers' health watchers."""

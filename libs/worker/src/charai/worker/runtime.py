@@ -17,6 +17,12 @@ What a fault costs (the fault tests in ``tests/faults`` hold the runner to this)
 * SIGTERM: no new jobs; held jobs get the grace period, then are handed back through the store
   (``WORKER_LOST``, retried with backoff) so another worker need not wait for the lease to expire.
 * SIGKILL: nothing runs; the lease expires and the next delivery starts a new attempt.
+
+This module pulls and schedules jobs and keeps held ones alive; the parts live beside it: one
+job's flow from claim to outcome (:mod:`charai.worker.jobs`), one attempt's state and JobContext
+(:mod:`charai.worker.attempt`), its progress reports (:mod:`charai.worker.progress`), its outcome
+and message settling (:mod:`charai.worker.outcome`), and the bound on task_store calls in flight
+(:mod:`charai.worker.storecalls`).
 """
 
 from __future__ import annotations
@@ -26,23 +32,21 @@ import contextlib
 import dataclasses
 import heapq
 import itertools
-import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
-import grpc
 import structlog
-from charai.core import logs, tracing
-from charai.core.domain.errors import ErrorKind
-from charai.core.domain.states import Stage
-from charai.core.media import MediaStore, media_key
+from charai.core import logs
+from charai.core.media import MediaStore
 from charai.core.storeclient import StoreClient
 from charai.core.topology import LANES, Topology
-from charai.store.v1 import store_service_pb2 as spb
-from charai.tasks.v1 import task_pb2
-from charai.worker.context import Handler, JobAbortedError, MediaRef, Result
-from charai.worker.http import ProviderError, ProviderHttp
+from charai.worker.context import Handler
+from charai.worker.http import ProviderHttp
+from charai.worker.jobs import Jobs
 from charai.worker.lanes import Lane
+from charai.worker.outcome import Outcomes
+from charai.worker.progress import ProgressReporter
+from charai.worker.storecalls import StoreCalls
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -50,13 +54,6 @@ from nats.js import api as js_api
 from nats.js.errors import BadRequestError
 
 log = structlog.get_logger("worker")
-T = TypeVar("T")
-
-#: task_store answers that mean "not reachable right now", as opposed to a refusal. CANCELLED
-#: is what calls still queued at a task_store get when it stops (SIGTERM) past its grace period.
-_TRANSIENT = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
-)
 
 #: Probe order per scheduling round: mostly high first; every 4th round normal first, every 8th low.
 _ORDERS = [(0, 1, 2)] * 5 + [(1, 0, 2), (1, 0, 2), (2, 0, 1)]
@@ -82,73 +79,8 @@ class RunnerConfig:
     #: never sent, and one still pending when the job ends gives way to the result.
     progress_coalesce: float = 0.05
     #: task_store calls (claims, reports, outcomes) in flight at once from this worker; the
-    #: rest wait their turn here (see :meth:`JobRunner._store_call`).
+    #: rest wait their turn in the worker (see :class:`charai.worker.storecalls.StoreCalls`).
     store_calls: int = 64
-
-
-@dataclasses.dataclass(slots=True)
-class _Running:
-    msg: Msg
-    task_id: str
-    attempt: int
-    job_task: asyncio.Task[Any] | None = None
-    inner: asyncio.Task[Result] | None = None
-    progress: int = 10
-    stage: str = Stage.STARTING
-    abort_reason: str = ""
-    #: What task_store last recorded for this attempt (the claim wrote 10 % "starting") and
-    #: when (event-loop time), for the coalescing reporter.
-    sent: tuple[int, str] = (10, Stage.STARTING)
-    sent_at: float = 0.0
-    #: The background task sending progress, while there is progress to send.
-    reporter: asyncio.Task[None] | None = None
-    #: A report RPC is on the wire (the reporter must not be cancelled mid-call).
-    sending: bool = False
-    #: The outcome is being settled: no further progress reports.
-    settling: bool = False
-
-
-class _Context:
-    """JobContext of one attempt: progress goes to task_store, media to the bucket."""
-
-    def __init__(self, runner: JobRunner, running: _Running, task: task_pb2.Task) -> None:
-        self._runner = runner
-        self._running = running
-        self._task = task
-
-    @property
-    def task(self) -> task_pb2.Task:
-        return self._task
-
-    @property
-    def attempt(self) -> int:
-        return self._running.attempt
-
-    @property
-    def provider(self) -> ProviderHttp:
-        return self._runner.provider
-
-    async def progress(self, percent: int, stage: str = Stage.GENERATING) -> None:
-        """Records progress and returns at once; the runner sends it in the background.
-
-        A refusal (the task ended) aborts the job, an unreachable task_store does not. Why best
-        effort: progress is for watchers, and the heartbeat renews the lease. Failing the attempt
-        because task_store is restarting would cost a provider call and an attempt. Why in the
-        background: the handler's provider call should not wait for a store round trip, and
-        reports superseded within ``progress_coalesce`` cost the store nothing.
-        """
-        r = self._running
-        if r.abort_reason:
-            raise JobAbortedError(r.abort_reason)
-        r.progress, r.stage = max(r.progress, percent), stage
-        self._runner.report_soon(r)
-
-    async def store_media(self, data: bytes, extension: str, content_type: str) -> MediaRef:
-        key = media_key(self._task.id, extension)
-        await self._runner.media.put(key, data)
-        # The fault tests kill the worker on this line: the media is stored, the result not yet.
-        log.debug("media_stored", key=key, size=len(data))
-        return MediaRef(key, len(data), content_type)
 
 
 class JobRunner:
@@ -174,7 +106,6 @@ class JobRunner:
         self._store = store
         self._topology = topology
         self._lanes: list[Lane] = []
-        self._running: dict[str, _Running] = {}
         self._ready: list[tuple[int, int, Lane, Msg]] = []
         self._counter = itertools.count()
         self._rounds = itertools.count()
@@ -184,11 +115,12 @@ class JobRunner:
         self._job_tasks: set[asyncio.Task[Any]] = set()
         self._cancel_sub: Any = None
         self._closed = False
-        self.completed = 0
-        self._store_slots = asyncio.Semaphore(config.store_calls)
-        #: task_store calls in flight now, and the most at once (metrics and tests).
-        self.store_calls = 0
-        self.store_calls_peak = 0
+        self._calls = StoreCalls(config.store_calls)
+        self._reporter = ProgressReporter(store, self._calls, config.progress_coalesce)
+        outcomes = Outcomes(store, self._calls, config.settle_seconds, config.handback_timeout)
+        self._jobs = Jobs(
+            handler, store, provider, media, config.worker_id, self._calls, self._reporter, outcomes
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -201,7 +133,7 @@ class JobRunner:
             lane = Lane(self._nc, stream, consumer, lane_name, rank, self._on_message, self._wake.set)
             await lane.start()
             self._lanes.append(lane)
-        self._cancel_sub = await self._nc.subscribe(self._topology.cancel_wildcard, cb=self._on_cancel)
+        self._cancel_sub = await self._nc.subscribe(self._topology.cancel_wildcard, cb=self._jobs.on_cancel)
         self._tasks = [
             asyncio.create_task(self._schedule(), name=f"{self.config.kind}-scheduler"),
             asyncio.create_task(self._heartbeat(), name=f"{self.config.kind}-heartbeat"),
@@ -260,7 +192,22 @@ class JobRunner:
 
     @property
     def in_flight(self) -> int:
-        return len(self._running)
+        return len(self._jobs.running)
+
+    @property
+    def completed(self) -> int:
+        """Jobs completed by this runner."""
+        return self._jobs.completed
+
+    @property
+    def store_calls(self) -> int:
+        """task_store calls in flight now (metrics and tests)."""
+        return self._calls.in_flight
+
+    @property
+    def store_calls_peak(self) -> int:
+        """The most task_store calls in flight at once so far."""
+        return self._calls.peak
 
     # -- scheduling --------------------------------------------------------------------------
     def _on_message(self, lane: Lane, msg: Msg) -> None:
@@ -276,7 +223,7 @@ class JobRunner:
         self._wake.set()
 
     def _spawn(self, lane: Lane, msg: Msg) -> None:
-        task = asyncio.create_task(self._run_job(lane, msg))
+        task = asyncio.create_task(self._jobs.run(lane, msg))
         self._job_tasks.add(task)
         task.add_done_callback(self._job_done)
 
@@ -331,337 +278,13 @@ class JobRunner:
         try:
             while True:
                 await asyncio.sleep(self.config.heartbeat_interval)
-                held = [msg for _, _, _, msg in self._ready] + [r.msg for r in self._running.values()]
+                running = self._jobs.running
+                held = [msg for _, _, _, msg in self._ready] + [r.msg for r in running.values()]
                 for msg in held:
                     with contextlib.suppress(Exception):
                         await msg.in_progress()
-                if self._running and (renewals is None or renewals.done()):
-                    renewals = asyncio.create_task(self._renew(list(self._running.values())))
+                if running and (renewals is None or renewals.done()):
+                    renewals = asyncio.create_task(self._reporter.renew(list(running.values())))
         finally:
             if renewals is not None:
                 renewals.cancel()
-
-    async def _renew(self, held: list[_Running]) -> None:
-        async def one(running: _Running) -> None:
-            with contextlib.suppress(Exception):  # an unreachable task_store: try again next beat
-                await self.report(running)
-
-        await asyncio.gather(*(one(r) for r in held))
-
-    # -- one job -----------------------------------------------------------------------------
-    def report_soon(self, running: _Running) -> None:
-        """Makes sure the job's latest progress reaches task_store (see :meth:`_send_progress`)."""
-        if running.settling or running.abort_reason:
-            return
-        if running.reporter is None or running.reporter.done():
-            running.reporter = asyncio.create_task(self._send_progress(running))
-
-    async def _send_progress(self, running: _Running) -> None:
-        """Sends the job's progress until task_store has the latest, one report per
-        ``progress_coalesce`` seconds: whatever changed meanwhile goes out as one report."""
-        loop = asyncio.get_running_loop()
-
-        def pending() -> bool:
-            if running.settling or running.abort_reason:
-                return False
-            return (running.progress, running.stage) != running.sent
-
-        while pending():
-            wait = running.sent_at + self.config.progress_coalesce - loop.time()
-            if wait > 0:
-                await asyncio.sleep(wait)
-                continue  # the job may have ended or moved on meanwhile
-            current = (running.progress, running.stage)
-            running.sending = True
-            try:
-                await self.report(running)
-            except grpc.aio.AioRpcError as exc:
-                # Unreachable (or refusing for another reason): the heartbeat renews the lease
-                # and the next progress tries again.
-                log.warning("progress_not_reported", code=exc.code().name, progress=running.progress)
-                return
-            finally:
-                running.sending = False
-                running.sent_at = loop.time()
-            running.sent = current
-
-    async def _end_reports(self, running: _Running) -> None:
-        """Stops progress reporting before the outcome is settled, so task_store never sees
-        progress after the result: a report on the wire is let finish, one waiting out its
-        window is dropped (a stage it would have recorded travels with the result instead, see
-        :meth:`_execute`)."""
-        running.settling = True
-        reporter = running.reporter
-        if reporter is not None and not reporter.done():
-            if not running.sending:
-                reporter.cancel()
-            await asyncio.wait([reporter])  # never raises what the reporter raised; our own cancel does
-            if not reporter.cancelled() and reporter.exception() is not None:
-                log.warning("progress_reporter_failed", error=str(reporter.exception()))
-
-    async def report(self, running: _Running) -> None:
-        """Sends progress (and so renews the lease); a refusal aborts the job."""
-        request = spb.ReportProgressRequest(
-            task_id=running.task_id, attempt=running.attempt, progress=running.progress, stage=running.stage
-        )
-        try:
-            await self._store_call(lambda: self._store.stub.ReportProgress(request, **self._store.kw()))
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                self._abort(running, exc.details() or "the task ended")
-            else:
-                raise
-
-    def _abort(self, running: _Running, reason: str) -> None:
-        if not running.abort_reason:
-            running.abort_reason = reason
-            if running.inner is not None:
-                running.inner.cancel()
-
-    async def _on_cancel(self, msg: Msg) -> None:
-        try:
-            notice = spb.CancelNotice.FromString(msg.data)
-        except Exception:
-            return
-        running = self._running.get(notice.task_id)
-        if running is not None:
-            log.info("job_cancel_requested", task_id=notice.task_id)
-            self._abort(running, "the task was cancelled")
-
-    # -- settling ----------------------------------------------------------------------------
-    async def _store_call(self, call: Callable[[], Awaitable[T]]) -> T:
-        """One task_store call, with at most ``store_calls`` of them in flight from this worker.
-
-        Why: with 1,000 jobs in flight their claims, reports and outcomes come in bursts (a batch
-        of jobs starts together, their calls return together); queued here each costs a waiting
-        coroutine, queued in the gRPC core each costs a call's native buffers, most of a worker's
-        memory per job in ``make bench`` B3. task_store answers them a commit batch at a time,
-        so the bound costs no throughput. The hand-back at shutdown bypasses it (it must not wait
-        behind calls that are stuck on an unreachable task_store).
-        """
-        async with self._store_slots:
-            self.store_calls += 1
-            self.store_calls_peak = max(self.store_calls_peak, self.store_calls)
-            try:
-                return await call()
-            finally:
-                self.store_calls -= 1
-
-    async def _settle(self, call: Callable[[], Awaitable[T]]) -> T:
-        """Runs a task_store call that records an attempt's outcome, retrying while task_store is
-        unreachable, for up to ``settle_seconds``.
-
-        Why: the attempt's work is done (and the provider paid); handing the job back because
-        task_store is restarting would make the next attempt call the provider again. Meanwhile
-        the heartbeat keeps the JetStream message (and, once task_store is back, the lease) alive.
-        A repeat of a call whose answer was lost is harmless: CompleteTask of the same attempt
-        returns the completed task, and FailTask answers IGNORED (handled by ``_after_fail``).
-        """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.settle_seconds
-        delay = 0.1
-        while True:
-            try:
-                return await call()
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() not in _TRANSIENT or loop.time() + delay > deadline:
-                    raise
-                log.warning("settle_retry", code=exc.code().name, retry_in=delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
-
-    @staticmethod
-    async def _msg_op(op: str, msg: Msg, delay: float | None = None) -> None:
-        """ack / nak / term that never raises: if NATS is unreachable the settle is lost,
-        JetStream redelivers after the ack wait, and the store fences the repeat."""
-        try:
-            if op == "ack":
-                await msg.ack()
-            elif op == "term":
-                await msg.term()
-            else:
-                await msg.nak(delay=delay)
-        except Exception as exc:
-            log.warning("settle_message_failed", op=op, error=str(exc) or type(exc).__name__)
-
-    async def _after_fail(self, msg: Msg, response: spb.FailTaskResponse) -> str:
-        """Settles the message as the store decided; IGNORED keeps the message if the task still
-        needs it (e.g. a repeated FailTask whose first try scheduled the retry)."""
-        if response.outcome == spb.FAIL_OUTCOME_RETRY:
-            await self._msg_op("nak", msg, response.retry_delay_seconds)
-            return "retry"
-        if response.outcome == spb.FAIL_OUTCOME_FAILED:
-            await self._msg_op("term", msg)
-            return "failed"
-        task = response.task
-        if task.status == task_pb2.TASK_STATUS_QUEUED:
-            wait = 0.0
-            if task.HasField("next_attempt_time"):
-                wait = task.next_attempt_time.ToMicroseconds() / 1e6 - time.time()
-            await self._msg_op("nak", msg, max(0.05, wait))
-            return "requeued"
-        await self._msg_op("ack", msg)
-        return "ignored"
-
-    async def _hand_back(self, running: _Running) -> None:
-        """Gives a job this worker will not finish (shutdown past the grace period) back.
-
-        The store records the attempt as lost to its worker (WORKER_LOST: retried after the usual
-        backoff, or the task fails when that budget is spent) and the message is nak'ed with the
-        store's delay. Why not a bare ``nak``: the task would stay RUNNING under this worker's
-        lease, and every other worker would defer it until the lease expired
-        (``CHARAI_LEASE_SECONDS``). If task_store cannot be reached the bare ``nak`` is the fallback.
-        """
-        error = task_pb2.TaskError(
-            code=int(ErrorKind.WORKER_LOST),  # type: ignore[arg-type]
-            message=f"the worker shut down during attempt {running.attempt} and handed the job back",
-            retryable=True,
-        )
-        request = spb.FailTaskRequest(task_id=running.task_id, attempt=running.attempt, error=error)
-        try:
-            response = await self._store.stub.FailTask(
-                request, **self._store.kw(timeout=self.config.handback_timeout)
-            )
-        except grpc.aio.AioRpcError as exc:
-            log.warning("handback_not_recorded", code=exc.code().name)
-            await self._msg_op("nak", running.msg)
-            return
-        outcome = await self._after_fail(running.msg, response)
-        log.info("job_handed_back", outcome=outcome)
-
-    async def _run_job(self, lane: Lane, msg: Msg) -> None:
-        started = time.perf_counter()
-        outcome = "unknown"
-        structlog.contextvars.bind_contextvars(lane=lane.name)
-        try:
-            job = spb.Job.FromString(msg.data)
-        except Exception:
-            await self._msg_op("term", msg)
-            log.warning("job_unparseable")
-            return
-        # Join the trace of the call that created the task (Job field, or the message header).
-        headers = msg.headers or {}
-        traceparent = tracing.enter(job.traceparent or headers.get("traceparent", ""))
-        structlog.contextvars.bind_contextvars(task_id=job.task_id, trace_id=tracing.trace_id(traceparent))
-        try:
-            request = spb.ClaimTaskRequest(
-                task_id=job.task_id, dispatch_gen=job.dispatch_gen, worker_id=self.config.worker_id
-            )
-            claim = await self._store_call(lambda: self._store.stub.ClaimTask(request, **self._store.kw()))
-        except grpc.aio.AioRpcError as exc:
-            outcome = "claim_failed"
-            log.warning("claim_failed", code=exc.code().name)
-            await self._msg_op("nak", msg, 1.0)
-            return
-        if claim.outcome == spb.CLAIM_OUTCOME_DONE:
-            await self._msg_op("ack", msg)
-            log.info("job_skipped", reason="task already ended")
-            return
-        if claim.outcome == spb.CLAIM_OUTCOME_DEFER:
-            await self._msg_op("nak", msg, max(0.05, claim.retry_after_seconds))
-            return
-        running = _Running(msg, job.task_id, claim.attempt)
-        self._running[job.task_id] = running
-        structlog.contextvars.bind_contextvars(attempt=claim.attempt)
-        try:
-            outcome = await self._execute(running, claim.task)
-        finally:
-            self._running.pop(job.task_id, None)
-            log.info(
-                "job_finished",
-                outcome=outcome,
-                elapsed_ms=round((time.perf_counter() - started) * 1000, 1),
-                deliveries=_delivered(msg),
-            )
-
-    async def _execute(self, running: _Running, task: task_pb2.Task) -> str:
-        ctx = _Context(self, running, task)
-        msg = running.msg
-        # The claim already recorded 10 % "starting" (and the lease): no report needed here.
-        running.sent_at = asyncio.get_running_loop().time()
-        try:
-            running.inner = asyncio.create_task(self._handle(ctx, running))
-            result = await running.inner
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
-                # Shutting down past the grace period: hand the job back at once.
-                await self._hand_back(running)
-                raise
-            await self._msg_op("ack", msg)
-            return "aborted"
-        except JobAbortedError:
-            await self._msg_op("ack", msg)
-            return "aborted"
-        except ProviderError as exc:
-            f = exc.failure
-            error = task_pb2.TaskError(
-                code=int(f.kind),  # type: ignore[arg-type]
-                message=f.message,
-                retryable=f.retryable,
-                provider_status=f.http_status,
-                provider_code=f.provider_code,
-            )
-            return await self._fail(running, error, f.retry_after)
-        except Exception as exc:
-            log.exception("handler_crashed")
-            error = task_pb2.TaskError(
-                code=int(ErrorKind.INTERNAL),  # type: ignore[arg-type]
-                message=f"the worker failed unexpectedly ({type(exc).__name__})",
-                retryable=True,
-            )
-            return await self._fail(running, error, None)
-        request = spb.CompleteTaskRequest(task_id=running.task_id, attempt=running.attempt)
-        if running.stage != running.sent[1]:
-            # A stage task_store has not recorded yet (e.g. 90 % "processing" of a call that
-            # answered at once): recorded with the result, one call and one commit for both.
-            request.progress, request.stage = running.progress, running.stage
-        if isinstance(result, task_pb2.ImageResult):
-            request.image_result.CopyFrom(result)
-        else:
-            request.tts_result.CopyFrom(result)
-        try:
-            await self._settle(
-                lambda: self._store_call(lambda: self._store.stub.CompleteTask(request, **self._store.kw()))
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
-                log.warning("complete_failed", code=exc.code().name)
-                await self._msg_op("nak", msg, 1.0)
-                return "complete_failed"
-            await self._msg_op("ack", msg)
-            return "aborted"
-        await self._msg_op("ack", msg)
-        self.completed += 1
-        return "completed"
-
-    async def _handle(self, ctx: _Context, running: _Running) -> Result:
-        """The handler's run, then no more progress reports (whatever the outcome)."""
-        try:
-            return await self.handler.run(ctx)
-        finally:
-            await self._end_reports(running)
-
-    async def _fail(self, running: _Running, error: task_pb2.TaskError, retry_after: float | None) -> str:
-        request = spb.FailTaskRequest(
-            task_id=running.task_id,
-            attempt=running.attempt,
-            error=error,
-            retry_after_seconds=retry_after or 0.0,
-        )
-        try:
-            response = await self._settle(
-                lambda: self._store_call(lambda: self._store.stub.FailTask(request, **self._store.kw()))
-            )
-        except grpc.aio.AioRpcError:
-            await self._msg_op("nak", running.msg, 1.0)
-            return "fail_report_failed"
-        outcome = await self._after_fail(running.msg, response)
-        return f"{outcome}:{task_pb2.ErrorCode.Name(error.code)}"
-
-
-def _delivered(msg: Msg) -> int:
-    try:
-        return int(msg.metadata.num_delivered)
-    except Exception:
-        return 0

@@ -19,23 +19,17 @@ from charai.core.grpcsupport import principal
 from charai.core.media import MEDIA_URL_PREFIX, UrlSigner
 from charai.core.storeclient import StoreClient
 from charai.gateway.events import EventHub, Watcher
+from charai.gateway.follow import Follower, read_log
 from charai.gateway.limits import QuotaExceededError, SubmitLimiter
 from charai.store.v1 import store_service_pb2 as spb
+from charai.taskapi import TERMINAL_EVENTS, TERMINAL_STATUSES
 from charai.tasks.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
 from google.protobuf import message_factory
 
 Context = grpc.aio.ServicerContext[Any, Any]
-TERMINAL_EVENTS = {
-    task_pb2.TASK_EVENT_TYPE_COMPLETED,
-    task_pb2.TASK_EVENT_TYPE_FAILED,
-    task_pb2.TASK_EVENT_TYPE_CANCELLED,
-}
-TERMINAL_STATUSES = {
-    task_pb2.TASK_STATUS_COMPLETED,
-    task_pb2.TASK_STATUS_FAILED,
-    task_pb2.TASK_STATUS_CANCELLED,
-}
 HEAD = 2**62
+#: The longest task_store may take for one call made on a client's behalf.
+STORE_TIMEOUT = 30.0
 
 
 def add_to_server(servicer: TaskService, server: grpc.aio.Server) -> None:
@@ -92,9 +86,11 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
         self.stopping = asyncio.Event()
 
     # -- helpers -----------------------------------------------------------------------------
-    def _kw(self, context: Context | None = None) -> dict[str, Any]:
-        remaining = context.time_remaining() if context is not None else None
-        return self._store.kw(timeout=min(remaining, 30.0) if remaining else 30.0)
+    @staticmethod
+    def _timeout(context: Context) -> float:
+        """task_store's deadline for a call: the client's remaining time, at most 30 s."""
+        remaining = context.time_remaining()
+        return min(remaining, STORE_TIMEOUT) if remaining else STORE_TIMEOUT
 
     def present(self, task: task_pb2.Task) -> task_pb2.Task:
         """Turns internal media references into signed URLs (in place) and returns the task."""
@@ -128,27 +124,21 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
         # Before validation: a flood of bad requests costs as much as one of good ones.
         self._submit_limiter.acquire(principal.get())
         validation.validate_create(request, self._image_model)
-        response = await self._store.stub.CreateTask(
-            spb.CreateTaskRequest(tenant=principal.get(), request=request), **self._kw(context)
-        )
-        return task_service_pb2.CreateTaskResponse(task=self.present(response.task))
+        task = await self._store.create_task(principal.get(), request, timeout=self._timeout(context))
+        return task_service_pb2.CreateTaskResponse(task=self.present(task))
 
     async def GetTask(
         self, request: task_service_pb2.GetTaskRequest, context: Context
     ) -> task_service_pb2.GetTaskResponse:
         validation.validate_task_id("id", request.id)
-        response = await self._store.stub.GetTask(
-            spb.GetTaskRequest(tenant=principal.get(), id=request.id), **self._kw(context)
-        )
-        return task_service_pb2.GetTaskResponse(task=self.present(response.task))
+        task = await self._store.get_task(principal.get(), request.id, timeout=self._timeout(context))
+        return task_service_pb2.GetTaskResponse(task=self.present(task))
 
     async def ListTasks(
         self, request: task_service_pb2.ListTasksRequest, context: Context
     ) -> task_service_pb2.ListTasksResponse:
         validation.validate_list(request)
-        response = await self._store.stub.ListTasks(
-            spb.ListTasksRequest(tenant=principal.get(), request=request), **self._kw(context)
-        )
+        response = await self._store.list_tasks(principal.get(), request, timeout=self._timeout(context))
         return task_service_pb2.ListTasksResponse(
             tasks=[self.present(t) for t in response.tasks], next_page_token=response.next_page_token
         )
@@ -157,10 +147,8 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
         self, request: task_service_pb2.CancelTaskRequest, context: Context
     ) -> task_service_pb2.CancelTaskResponse:
         validation.validate_task_id("id", request.id)
-        response = await self._store.stub.CancelTask(
-            spb.CancelTaskRequest(tenant=principal.get(), id=request.id), **self._kw(context)
-        )
-        return task_service_pb2.CancelTaskResponse(task=self.present(response.task))
+        task = await self._store.cancel_task(principal.get(), request.id, timeout=self._timeout(context))
+        return task_service_pb2.CancelTaskResponse(task=self.present(task))
 
     async def GetQueueStats(
         self, request: task_service_pb2.GetQueueStatsRequest, context: Context
@@ -172,7 +160,7 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
                 "queue statistics are for operators: add this tenant to CHARAI_OPERATOR_TENANTS",
                 setting="CHARAI_OPERATOR_TENANTS",
             )
-        response = await self._store.stub.GetQueueStats(spb.GetQueueStatsRequest(), **self._kw(context))
+        response = await self._store.get_queue_stats(timeout=self._timeout(context))
         return task_service_pb2.GetQueueStatsResponse(lanes=response.lanes)
 
     async def RetryTask(
@@ -181,10 +169,8 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
         # Tenant-scoped like every call: a tenant re-runs its own failed tasks (there are no
         # operator roles yet; see README, "Operate and scale").
         validation.validate_task_id("id", request.id)
-        response = await self._store.stub.RetryTask(
-            spb.RetryTaskRequest(tenant=principal.get(), id=request.id), **self._kw(context)
-        )
-        return task_service_pb2.RetryTaskResponse(task=self.present(response.task))
+        task = await self._store.retry_task(principal.get(), request.id, timeout=self._timeout(context))
+        return task_service_pb2.RetryTaskResponse(task=self.present(task))
 
     # -- streams -----------------------------------------------------------------------------
     def _open(self, watcher: Watcher) -> None:
@@ -203,15 +189,19 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
             )
         self._hub.add(watcher)
 
-    async def _events(self, request: spb.ListEventsRequest) -> tuple[list[task_pb2.TaskEvent], int]:
-        """All events after ``request.after_sequence`` (paged), and the store's head sequence."""
-        events: list[task_pb2.TaskEvent] = []
-        while True:
-            response = await self._store.stub.ListEvents(request, **self._store.kw(30.0))
-            events.extend(response.events)
-            if len(response.events) < (request.limit or 500):
-                return events, response.head_sequence
-            request.after_sequence = response.events[-1].sequence
+    def _follower(
+        self, watcher: Watcher, query: spb.ListEventsRequest, floor: int, *, single_task: bool
+    ) -> Follower:
+        return Follower(
+            self._store,
+            watcher,
+            query,
+            floor,
+            single_task=single_task,
+            wire=self._wire,
+            heartbeat_seconds=self._heartbeat,
+            stopping=self.stopping,
+        )
 
     async def WatchTask(  # type: ignore[override]  # serialized responses: see add_to_server
         self, request: task_service_pb2.WatchTaskRequest, context: Context
@@ -231,41 +221,41 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
             query = spb.ListEventsRequest(
                 tenant=tenant, task_id=request.id, after_sequence=request.after_sequence
             )
+            current = await self._store.get_task(tenant, request.id, timeout=STORE_TIMEOUT)
             if request.after_sequence == 0:
-                # The snapshot: the task as of its latest event (so resuming from it misses nothing).
-                current = await self._store.stub.GetTask(
-                    spb.GetTaskRequest(tenant=tenant, id=request.id), **self._kw()
-                )
-                history, _ = await self._events(query)
-                snapshot = task_pb2.TaskEvent(type=task_pb2.TASK_EVENT_TYPE_SNAPSHOT)
-                if history:
-                    snapshot.sequence = history[-1].sequence
-                    snapshot.task.CopyFrom(history[-1].task)
-                    snapshot.time.CopyFrom(history[-1].time)
-                    snapshot.task.queue_position = current.task.queue_position
-                else:
-                    snapshot.task.CopyFrom(current.task)
+                snapshot = await self._snapshot(current, query)
                 last = snapshot.sequence
                 yield self._wire(snapshot)
                 if snapshot.task.status in TERMINAL_STATUSES:
                     return
             else:
-                current = await self._store.stub.GetTask(
-                    spb.GetTaskRequest(tenant=tenant, id=request.id), **self._kw()
-                )
                 last = request.after_sequence
-                if current.task.status in TERMINAL_STATUSES:
+                if current.status in TERMINAL_STATUSES:
                     # Nothing more will happen: send what the client missed, then end.
-                    missed, _ = await self._events(query)
+                    missed, _ = await read_log(self._store, query)
                     for event in missed:
                         yield self._wire(event)
                     return
-            async for kind, wire in self._follow(watcher, query, last, single_task=True):
+            async for kind, wire in self._follower(watcher, query, last, single_task=True).stream():
                 yield wire
                 if kind in TERMINAL_EVENTS:
                     return
         finally:
             self._hub.remove(watcher)
+
+    async def _snapshot(self, current: task_pb2.Task, query: spb.ListEventsRequest) -> task_pb2.TaskEvent:
+        """The task as of its latest event (so resuming from it misses nothing), with the queue
+        position of ``current``."""
+        history, _ = await read_log(self._store, query)
+        snapshot = task_pb2.TaskEvent(type=task_pb2.TASK_EVENT_TYPE_SNAPSHOT)
+        if history:
+            snapshot.sequence = history[-1].sequence
+            snapshot.task.CopyFrom(history[-1].task)
+            snapshot.time.CopyFrom(history[-1].time)
+            snapshot.task.queue_position = current.queue_position
+        else:
+            snapshot.task.CopyFrom(current)
+        return snapshot
 
     async def WatchTasks(  # type: ignore[override]  # serialized responses: see add_to_server
         self, request: task_service_pb2.WatchTasksRequest, context: Context
@@ -285,78 +275,8 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
             last = request.after_sequence
             if last == 0:
                 probe = spb.ListEventsRequest(tenant=tenant, task_id="", after_sequence=HEAD, limit=1)
-                _, last = await self._events(probe)
-            async for _, wire in self._follow(watcher, query, last, single_task=False):
+                _, last = await read_log(self._store, probe)
+            async for _, wire in self._follower(watcher, query, last, single_task=False).stream():
                 yield wire
         finally:
             self._hub.remove(watcher)
-
-    async def _follow(
-        self, watcher: Watcher, query: spb.ListEventsRequest, floor: int, *, single_task: bool
-    ) -> AsyncIterator[tuple[int, bytes]]:
-        """Replays the log after ``floor``, then follows live events, each exactly once and, per
-        task, in sequence order; yields each event's type and serialized stream response.
-
-        ``floor``: every event up to it has been delivered (or was not wanted). ``seen`` holds the
-        last delivered sequence of each task above the floor.
-        """
-        seen: dict[str, int] = {}
-
-        async def catch_up() -> AsyncIterator[tuple[int, bytes]]:
-            nonlocal floor
-            query.after_sequence = floor
-            events, head = await self._events(query)
-            for event in events:
-                if event.sequence > seen.get(event.task.id, floor):
-                    seen[event.task.id] = event.sequence
-                    yield event.type, self._wire(event)
-            # Everything up to the head we read is now delivered; forget per-task marks below it.
-            floor = max(floor, events[-1].sequence if events else floor, head if not single_task else floor)
-            for task_id in [t for t, s in seen.items() if s <= floor]:
-                del seen[task_id]
-
-        def heartbeat() -> tuple[int, bytes]:
-            event = task_pb2.TaskEvent(type=task_pb2.TASK_EVENT_TYPE_HEARTBEAT, sequence=floor)
-            event.time.GetCurrentTime()
-            return event.type, self._wire(event)
-
-        async for item in catch_up():
-            yield item
-        if not single_task:
-            # Tell the client at once that the watch is in place and from which sequence on it
-            # is complete (the resume floor), instead of only after the first idle interval.
-            yield heartbeat()
-        while not self.stopping.is_set():
-            if watcher.lagged:
-                watcher.clear()
-                async for item in catch_up():
-                    yield item
-            # Everything that arrived while the previous batch was being sent, in one go.
-            batch = await watcher.take(self._heartbeat)
-            if not batch:
-                delivered = False
-                async for item in catch_up():
-                    delivered = True
-                    yield item
-                if not delivered:
-                    yield heartbeat()
-                continue
-            for live in batch:
-                if live is None:
-                    return  # the gateway is shutting down: end the stream, the client resumes elsewhere
-                env = live.env
-                event = env.event
-                known = seen.get(event.task.id, floor)
-                if event.sequence <= known:
-                    continue  # already delivered (replay or catch-up)
-                if env.prev_sequence > known:
-                    # A gap: the previous event of this task never reached us live. Read the log
-                    # (the rest of the batch is then skipped as already delivered, or follows it).
-                    async for item in catch_up():
-                        yield item
-                    continue
-                seen[event.task.id] = event.sequence
-                if single_task:
-                    floor = event.sequence
-                    seen.clear()
-                yield event.type, live.wire(self._wire)

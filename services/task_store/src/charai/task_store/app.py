@@ -20,6 +20,7 @@ from charai.task_store.dispatch import EventPublisher, OutboxRelay
 from charai.task_store.grpc_api import TaskStoreServicer, internal_auth
 from charai.task_store.settings import Settings
 from charai.task_store.store import StoreConfig, TaskStore, open_store
+from charai.taskapi import error_code_label, priority_label, type_label
 from charai.tasks.v1 import task_pb2
 from grpc_health.v1 import health_pb2
 from nats.aio.client import Client
@@ -33,23 +34,6 @@ GAUGE_REFRESH_S = 5.0
 _SERVICE = store_service_pb2.DESCRIPTOR.services_by_name["TaskStoreService"].full_name
 
 
-def label(enum: Any, value: int, prefix: str) -> str:
-    """``TASK_TYPE_IMAGE_GENERATION`` → ``image_generation``: short, stable label values."""
-    try:
-        name: str = enum.Name(value)
-    except ValueError:
-        return str(value)
-    return name.removeprefix(prefix).lower()
-
-
-def type_label(value: int) -> str:
-    return label(task_pb2.TaskType, value, "TASK_TYPE_")
-
-
-def priority_label(value: int) -> str:
-    return label(task_pb2.Priority, value, "PRIORITY_")
-
-
 def record_events(metrics: Metrics, envelopes: list[store_service_pb2.EventEnvelope]) -> None:
     """Counts committed transitions (called right after commit, from the database thread on
     SQLite: prometheus-client's metrics are thread-safe). The replica that commits an event
@@ -61,13 +45,13 @@ def record_events(metrics: Metrics, envelopes: list[store_service_pb2.EventEnvel
         if event.type == task_pb2.TASK_EVENT_TYPE_QUEUED and env.prev_sequence == 0:
             metrics.tasks_created.labels(kind).inc()
         elif event.type == task_pb2.TASK_EVENT_TYPE_RETRY_SCHEDULED:
-            reason = label(task_pb2.ErrorCode, task.error.code, "ERROR_CODE_")
+            reason = error_code_label(task.error.code)
             metrics.task_retries.labels(kind, reason).inc()
         elif event.type == task_pb2.TASK_EVENT_TYPE_COMPLETED:
             metrics.tasks_completed.labels(kind).inc()
             ended = "completed"
         elif event.type == task_pb2.TASK_EVENT_TYPE_FAILED:
-            code = label(task_pb2.ErrorCode, task.error.code, "ERROR_CODE_")
+            code = error_code_label(task.error.code)
             metrics.tasks_failed.labels(kind, code).inc()
             ended = "failed"
         elif event.type == task_pb2.TASK_EVENT_TYPE_CANCELLED:

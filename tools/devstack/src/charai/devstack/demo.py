@@ -11,6 +11,7 @@ from pathlib import Path
 
 from charai.client import CharaiClient
 from charai.devstack.stack import Stack
+from charai.taskapi import status_label
 from charai.tasks.v1 import task_pb2
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
@@ -22,7 +23,7 @@ async def follow(client: CharaiClient, task: task_pb2.Task, progress: Progress, 
     last = task
     async for event in client.watch(task.id):
         last = event.task
-        status = task_pb2.TaskStatus.Name(last.status).removeprefix("TASK_STATUS_").lower()
+        status = status_label(last.status)
         progress.update(bar, completed=last.progress, stage=f"{status}: {last.stage}")
     return last
 

@@ -1,0 +1,75 @@
+"""How tasks read as text: names, URLs, times, failures; and ``k=v`` arguments."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from charai.client.cli.exits import EXIT_INVALID, CliError
+from charai.taskapi import error_code_name
+from charai.tasks.v1 import task_pb2
+from google.protobuf import json_format, timestamp_pb2
+from google.protobuf.message import Message
+
+#: The CLI's short names of the task types (``--type image``).
+TYPES = {"image": task_pb2.TASK_TYPE_IMAGE_GENERATION, "tts": task_pb2.TASK_TYPE_TTS_GENERATION}
+_TYPE_NAMES = {value: name for name, value in TYPES.items()}
+#: The colour of a status in tables.
+STATUS_STYLE = {"completed": "green", "failed": "red", "cancelled": "yellow", "running": "cyan"}
+
+
+def type_name(task: task_pb2.Task) -> str:
+    return _TYPE_NAMES.get(task.type, "?")
+
+
+def media_url(task: task_pb2.Task) -> str:
+    if task.HasField("image_result"):
+        return task.image_result.image_url
+    if task.HasField("tts_result"):
+        return task.tts_result.audio_url
+    return ""
+
+
+def to_json(message: Message) -> str:
+    """Proto3 JSON (lowerCamelCase names, enum names) on one line, the form ``--json`` promises."""
+    return json.dumps(json_format.MessageToDict(message), ensure_ascii=False, separators=(",", ":"))
+
+
+def when(stamp: timestamp_pb2.Timestamp) -> str:
+    local = stamp.ToDatetime(tzinfo=UTC).astimezone()
+    return local.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def failure_text(task: task_pb2.Task) -> str:
+    text = (
+        f"{error_code_name(task.error.code)}: {task.error.message}"
+        if task.error.code
+        else "no error recorded"
+    )
+    status, code = task.error.provider_status, task.error.provider_code
+    provider = " ".join(dict.fromkeys(part for part in (str(status or ""), code) if part))
+    if provider:  # e.g. "(provider 400 1301)"; a code that repeats the HTTP status is shown once
+        text += f" (provider {provider})"
+    return text
+
+
+def retry_text(task: task_pb2.Task) -> str:
+    text = f"retry scheduled (attempt {task.attempt + 1} of {task.max_attempts})"
+    if task.HasField("next_attempt_time"):
+        wait = task.next_attempt_time.ToDatetime(tzinfo=UTC) - datetime.now(UTC)
+        text += f" in {max(wait.total_seconds(), 0.0):.1f} s"
+    if task.error.code:
+        text += f" after {failure_text(task)}"
+    return text
+
+
+def parse_pairs(pairs: Sequence[str] | None) -> dict[str, str]:
+    """``k=v`` arguments into a dict; a malformed one is invalid input (exit 3), named as typed."""
+    result: dict[str, str] = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CliError(f"--metadata {pair!r}: expected key=value", EXIT_INVALID)
+        result[key] = value
+    return result

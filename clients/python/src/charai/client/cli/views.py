@@ -1,0 +1,103 @@
+"""Tables: the task list, one task's details, the queue lanes."""
+
+from __future__ import annotations
+
+from charai.client.cli.output import Output
+from charai.client.cli.text import STATUS_STYLE, failure_text, media_url, type_name, when
+from charai.taskapi import priority_label, status_label, type_label
+from charai.tasks.v1 import task_pb2, task_service_pb2
+from rich.markup import escape
+from rich.table import Table
+
+
+def task_table(tasks: list[task_pb2.Task]) -> Table:
+    """``charai list``: one row per task."""
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    table.add_column("ID", no_wrap=True, min_width=37)
+    table.add_column("TYPE")
+    table.add_column("STATUS")
+    table.add_column("PROGRESS", justify="right")
+    table.add_column("STAGE")
+    table.add_column("CHARACTER", overflow="fold")
+    table.add_column("CATEGORY", overflow="fold")
+    table.add_column("CREATED", no_wrap=True)
+    for task in tasks:
+        status = status_label(task.status)
+        style = STATUS_STYLE.get(status, "")
+        table.add_row(
+            task.id,
+            type_name(task),
+            f"[{style}]{status}[/]" if style else status,
+            f"{task.progress}%",
+            escape(task.stage),
+            escape(task.metadata.get("characterId", "")),
+            escape(task.metadata.get("category", "")),
+            when(task.create_time) if task.HasField("create_time") else "",
+        )
+    return table
+
+
+def lanes_table(lanes: list[task_service_pb2.LaneStats]) -> Table:
+    """``charai stats``: one row per lane (type x priority)."""
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for name in ("TYPE", "PRIORITY"):
+        table.add_column(name)
+    for name in ("QUEUED", "WAITING RETRY", "RUNNING", "DONE/MIN", "PER SEC", "MEDIAN WAIT"):
+        table.add_column(name, justify="right")
+    for lane in lanes:
+        wait = f"{lane.median_wait_seconds:.2f} s" if lane.wait_samples else "-"
+        table.add_row(
+            type_label(lane.type),
+            priority_label(lane.priority),
+            str(lane.depth),
+            str(lane.waiting_retry),
+            str(lane.in_flight),
+            str(lane.completed_last_minute),
+            f"{lane.throughput_per_second:.2f}",
+            wait,
+        )
+    return table
+
+
+def print_task(out: Output, task: task_pb2.Task) -> None:
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column(overflow="fold")
+    status = status_label(task.status)
+    style = STATUS_STYLE.get(status, "")
+    rows: list[tuple[str, str]] = [
+        ("id", task.id),
+        ("type", type_name(task)),
+        ("status", f"[{style}]{status}[/]" if style else status),
+        ("progress", f"{task.progress}% {escape(task.stage)}"),
+        ("priority", priority_label(task.priority)),
+        ("attempt", f"{task.attempt} of {task.max_attempts}"),
+    ]
+    if task.status == task_pb2.TASK_STATUS_QUEUED and task.queue_position:
+        rows.append(("queue position", str(task.queue_position)))
+    if task.HasField("image"):
+        p = task.image
+        rows += [("prompt", escape(p.prompt)), ("resolution", p.resolution), ("view", escape(p.view_type))]
+    elif task.HasField("tts"):
+        t = task.tts
+        rows += [("text", escape(t.text)), ("voice", escape(t.voice_style))]
+        if t.response_format:
+            rows.append(("format", t.response_format))
+    for key in sorted(task.metadata):
+        rows.append((f"metadata.{escape(key)}", escape(task.metadata[key])))
+    if task.HasField("create_time"):
+        rows.append(("created", when(task.create_time)))
+    if task.HasField("start_time"):
+        rows.append(("started", when(task.start_time)))
+    if task.HasField("end_time"):
+        rows.append(("ended", when(task.end_time)))
+    if task.HasField("next_attempt_time"):
+        rows.append(("next attempt", when(task.next_attempt_time)))
+    url = media_url(task)
+    if url:
+        rows.append(("url", escape(url)))
+    if task.error.code:
+        rows.append(("error", f"[red]{escape(failure_text(task))}[/]"))
+    for label, value in rows:
+        grid.add_row(label, value)
+    out.render(grid)

@@ -1,0 +1,102 @@
+"""One attempt of one task inside the runner: its state, and the JobContext its handler gets."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import TYPE_CHECKING
+
+import structlog
+from charai.core.domain.states import Stage
+from charai.core.media import MediaStore, media_key
+from charai.tasks.v1 import task_pb2
+from charai.worker.context import JobAbortedError, MediaRef, Result
+from charai.worker.http import ProviderHttp
+from nats.aio.msg import Msg
+
+if TYPE_CHECKING:
+    from charai.worker.progress import ProgressReporter
+
+log = structlog.get_logger("worker")
+
+
+@dataclasses.dataclass(slots=True)
+class Attempt:
+    """A claimed job being run: the message that delivered it, and where its progress stands."""
+
+    msg: Msg
+    task_id: str
+    attempt: int
+    inner: asyncio.Task[Result] | None = None
+    progress: int = 10
+    stage: str = Stage.STARTING
+    abort_reason: str = ""
+    #: What task_store last recorded for this attempt (the claim wrote 10 % "starting") and
+    #: when (event-loop time), for the coalescing reporter.
+    sent: tuple[int, str] = (10, Stage.STARTING)
+    sent_at: float = 0.0
+    #: The background task sending progress, while there is progress to send.
+    reporter: asyncio.Task[None] | None = None
+    #: A report RPC is on the wire (the reporter must not be cancelled mid-call).
+    sending: bool = False
+    #: The outcome is being settled: no further progress reports.
+    settling: bool = False
+
+    def abort(self, reason: str) -> None:
+        """Stops the handler: the task ended (cancelled) or this attempt no longer holds it."""
+        if not self.abort_reason:
+            self.abort_reason = reason
+            if self.inner is not None:
+                self.inner.cancel()
+
+
+class AttemptContext:
+    """JobContext of one attempt: progress goes to task_store, media to the bucket."""
+
+    def __init__(
+        self,
+        attempt: Attempt,
+        task: task_pb2.Task,
+        reporter: ProgressReporter,
+        provider: ProviderHttp,
+        media: MediaStore,
+    ) -> None:
+        self._attempt = attempt
+        self._task = task
+        self._reporter = reporter
+        self._provider = provider
+        self._media = media
+
+    @property
+    def task(self) -> task_pb2.Task:
+        return self._task
+
+    @property
+    def attempt(self) -> int:
+        return self._attempt.attempt
+
+    @property
+    def provider(self) -> ProviderHttp:
+        return self._provider
+
+    async def progress(self, percent: int, stage: str = Stage.GENERATING) -> None:
+        """Records progress and returns at once; the runner sends it in the background.
+
+        A refusal (the task ended) aborts the job, an unreachable task_store does not. Why best
+        effort: progress is for watchers, and the heartbeat renews the lease. Failing the attempt
+        because task_store is restarting would cost a provider call and an attempt. Why in the
+        background: the handler's provider call should not wait for a store round trip, and
+        reports superseded within ``progress_coalesce`` cost the store nothing.
+        """
+        a = self._attempt
+        if a.abort_reason:
+            raise JobAbortedError(a.abort_reason)
+        a.progress, a.stage = max(a.progress, percent), stage
+        self._reporter.soon(a)
+
+    async def store_media(self, data: bytes, extension: str, content_type: str) -> MediaRef:
+        key = media_key(self._task.id, extension)
+        await self._media.put(key, data)
+        # The fault tests kill the worker on this line: the media is stored, the result not yet.
+        log.debug("media_stored", key=key, size=len(data))
+        return MediaRef(key, len(data), content_type)

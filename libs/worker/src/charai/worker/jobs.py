@@ -1,0 +1,150 @@
+"""One delivered job, start to end: claimed from task_store, run by the handler, settled."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import structlog
+from charai.core import tracing
+from charai.core.media import MediaStore
+from charai.core.storeclient import StoreClient
+from charai.store.v1 import store_service_pb2 as spb
+from charai.tasks.v1 import task_pb2
+from charai.worker.attempt import Attempt, AttemptContext
+from charai.worker.context import Handler, JobAbortedError, Result
+from charai.worker.http import ProviderError, ProviderHttp
+from charai.worker.lanes import Lane
+from charai.worker.outcome import Outcomes, crash_failure, provider_failure, settle_message
+from charai.worker.progress import ProgressReporter
+from charai.worker.storecalls import StoreCalls
+from nats.aio.msg import Msg
+
+log = structlog.get_logger("worker")
+
+
+class Jobs:
+    """Runs delivered jobs; ``running`` holds the attempts in progress, by task id."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        store: StoreClient,
+        provider: ProviderHttp,
+        media: MediaStore,
+        worker_id: str,
+        calls: StoreCalls,
+        reporter: ProgressReporter,
+        outcomes: Outcomes,
+    ) -> None:
+        self._handler = handler
+        self._store = store
+        self._provider = provider
+        self._media = media
+        self._worker_id = worker_id
+        self._calls = calls
+        self._reporter = reporter
+        self._outcomes = outcomes
+        self.running: dict[str, Attempt] = {}
+        #: Jobs completed by this process.
+        self.completed = 0
+
+    async def on_cancel(self, msg: Msg) -> None:
+        """A task was cancelled (``CancelNotice``): abort its attempt if this worker runs it."""
+        try:
+            notice = spb.CancelNotice.FromString(msg.data)
+        except Exception:
+            return
+        running = self.running.get(notice.task_id)
+        if running is not None:
+            log.info("job_cancel_requested", task_id=notice.task_id)
+            running.abort("the task was cancelled")
+
+    async def run(self, lane: Lane, msg: Msg) -> None:
+        """Claims the delivered job from task_store (which fences attempts), then runs it."""
+        started = time.perf_counter()
+        structlog.contextvars.bind_contextvars(lane=lane.name)
+        try:
+            job = spb.Job.FromString(msg.data)
+        except Exception:
+            await settle_message("term", msg)
+            log.warning("job_unparseable")
+            return
+        # Join the trace of the call that created the task (Job field, or the message header).
+        headers = msg.headers or {}
+        traceparent = tracing.enter(job.traceparent or headers.get("traceparent", ""))
+        structlog.contextvars.bind_contextvars(task_id=job.task_id, trace_id=tracing.trace_id(traceparent))
+        worker_id = self._worker_id
+        try:
+            claim = await self._calls.run(
+                lambda: self._store.claim_task(job.task_id, job.dispatch_gen, worker_id)
+            )
+        except grpc.aio.AioRpcError as exc:
+            log.warning("claim_failed", code=exc.code().name)
+            await settle_message("nak", msg, 1.0)
+            return
+        if claim.outcome == spb.CLAIM_OUTCOME_DONE:
+            await settle_message("ack", msg)
+            log.info("job_skipped", reason="task already ended")
+            return
+        if claim.outcome == spb.CLAIM_OUTCOME_DEFER:
+            await settle_message("nak", msg, max(0.05, claim.retry_after_seconds))
+            return
+        running = Attempt(msg, job.task_id, claim.attempt)
+        self.running[job.task_id] = running
+        structlog.contextvars.bind_contextvars(attempt=claim.attempt)
+        outcome = "unknown"
+        try:
+            outcome = await self._execute(running, claim.task)
+        finally:
+            self.running.pop(job.task_id, None)
+            log.info(
+                "job_finished",
+                outcome=outcome,
+                elapsed_ms=round((time.perf_counter() - started) * 1000, 1),
+                deliveries=_delivered(msg),
+            )
+
+    async def _execute(self, running: Attempt, task: task_pb2.Task) -> str:
+        """Runs the handler and settles the attempt as it ended; returns the outcome."""
+        ctx = AttemptContext(running, task, self._reporter, self._provider, self._media)
+        # The claim already recorded 10 % "starting" (and the lease): no report needed here.
+        running.sent_at = asyncio.get_running_loop().time()
+        try:
+            running.inner = asyncio.create_task(self._handle(ctx, running))
+            result = await running.inner
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                # Shutting down past the grace period: hand the job back at once.
+                await self._outcomes.hand_back(running)
+                raise
+            await settle_message("ack", running.msg)
+            return "aborted"
+        except JobAbortedError:
+            await settle_message("ack", running.msg)
+            return "aborted"
+        except ProviderError as exc:
+            return await self._outcomes.fail(running, provider_failure(exc), exc.failure.retry_after)
+        except Exception as exc:
+            log.exception("handler_crashed")
+            return await self._outcomes.fail(running, crash_failure(exc), None)
+        outcome = await self._outcomes.complete(running, result)
+        if outcome == "completed":
+            self.completed += 1
+        return outcome
+
+    async def _handle(self, ctx: AttemptContext, running: Attempt) -> Result:
+        """The handler's run, then no more progress reports (whatever the outcome)."""
+        try:
+            return await self._handler.run(ctx)
+        finally:
+            await self._reporter.end(running)
+
+
+def _delivered(msg: Msg) -> int:
+    try:
+        return int(msg.metadata.num_delivered)
+    except Exception:
+        return 0

@@ -1,0 +1,136 @@
+"""One watch stream's events, each exactly once: the log replayed after a floor, then live.
+
+The live events come from the stream's :class:`~charai.gateway.events.Watcher`; the log is
+task_store's (ListEvents), read again whenever the live feed may have missed something (the
+watcher lagged, an event arrived whose predecessor never did, or the stream was idle).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+from charai.core.storeclient import StoreClient
+from charai.gateway.events import LiveEvent, Watcher
+from charai.store.v1 import store_service_pb2 as spb
+from charai.tasks.v1 import task_pb2
+
+#: task_store's deadline for one page of the log.
+LOG_TIMEOUT = 30.0
+#: What :meth:`Follower._accept` answers for a live event whose predecessor never arrived.
+_GAP = (0, b"")
+
+
+async def read_log(
+    store: StoreClient, request: spb.ListEventsRequest
+) -> tuple[list[task_pb2.TaskEvent], int]:
+    """All events after ``request.after_sequence`` (paged), and the store's head sequence."""
+    events: list[task_pb2.TaskEvent] = []
+    while True:
+        response = await store.list_events(request, timeout=LOG_TIMEOUT)
+        events.extend(response.events)
+        if len(response.events) < (request.limit or 500):
+            return events, response.head_sequence
+        request.after_sequence = response.events[-1].sequence
+
+
+class Follower:
+    """Replays the log after ``floor``, then follows live events, each exactly once and, per
+    task, in sequence order; yields each event's type and serialized stream response.
+
+    ``floor``: every event up to it has been delivered (or was not wanted). ``seen`` holds the
+    last delivered sequence of each task above the floor. A single-task stream keeps its floor
+    at the task's last delivered event; a multi-task stream raises it to the log's head after
+    each catch-up and tells the client in its heartbeats (the resume point).
+    """
+
+    def __init__(
+        self,
+        store: StoreClient,
+        watcher: Watcher,
+        query: spb.ListEventsRequest,
+        floor: int,
+        *,
+        single_task: bool,
+        wire: Callable[[task_pb2.TaskEvent], bytes],
+        heartbeat_seconds: float,
+        stopping: asyncio.Event,
+    ) -> None:
+        self._store = store
+        self._watcher = watcher
+        self._query = query
+        self._floor = floor
+        self._seen: dict[str, int] = {}
+        self._single_task = single_task
+        self._wire = wire
+        self._heartbeat_seconds = heartbeat_seconds
+        self._stopping = stopping
+
+    async def stream(self) -> AsyncIterator[tuple[int, bytes]]:
+        async for item in self._catch_up():
+            yield item
+        if not self._single_task:
+            # Tell the client at once that the watch is in place and from which sequence on it
+            # is complete (the resume floor), instead of only after the first idle interval.
+            yield self._heartbeat()
+        watcher = self._watcher
+        while not self._stopping.is_set():
+            if watcher.lagged:
+                watcher.clear()
+                async for item in self._catch_up():
+                    yield item
+            # Everything that arrived while the previous batch was being sent, in one go.
+            batch = await watcher.take(self._heartbeat_seconds)
+            if not batch:
+                delivered = False
+                async for item in self._catch_up():
+                    delivered = True
+                    yield item
+                if not delivered:
+                    yield self._heartbeat()
+                continue
+            for live in batch:
+                if live is None:
+                    return  # the gateway is shutting down: end the stream, the client resumes elsewhere
+                accepted = self._accept(live)
+                if accepted is _GAP:
+                    # The rest of the batch is then skipped as already delivered, or follows it.
+                    async for item in self._catch_up():
+                        yield item
+                elif accepted is not None:
+                    yield accepted
+
+    def _accept(self, live: LiveEvent) -> tuple[int, bytes] | None:
+        """A live event to deliver, None when it was delivered already, or ``_GAP`` when the
+        previous event of its task never reached us live (the log must be read)."""
+        event = live.env.event
+        known = self._seen.get(event.task.id, self._floor)
+        if event.sequence <= known:
+            return None  # already delivered (replay or catch-up)
+        if live.env.prev_sequence > known:
+            return _GAP
+        self._seen[event.task.id] = event.sequence
+        if self._single_task:
+            self._floor = event.sequence
+            self._seen.clear()
+        return event.type, live.wire(self._wire)
+
+    async def _catch_up(self) -> AsyncIterator[tuple[int, bytes]]:
+        """The log after the floor, less what was delivered live; then the floor moves up."""
+        floor, seen = self._floor, self._seen
+        self._query.after_sequence = floor
+        events, head = await read_log(self._store, self._query)
+        for event in events:
+            if event.sequence > seen.get(event.task.id, floor):
+                seen[event.task.id] = event.sequence
+                yield event.type, self._wire(event)
+        # Everything up to the head we read is now delivered; forget per-task marks below it.
+        last = events[-1].sequence if events else floor
+        self._floor = floor = max(floor, last, floor if self._single_task else head)
+        for task_id in [t for t, s in seen.items() if s <= floor]:
+            del seen[task_id]
+
+    def _heartbeat(self) -> tuple[int, bytes]:
+        event = task_pb2.TaskEvent(type=task_pb2.TASK_EVENT_TYPE_HEARTBEAT, sequence=self._floor)
+        event.time.GetCurrentTime()
+        return event.type, self._wire(event)

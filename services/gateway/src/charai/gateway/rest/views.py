@@ -1,0 +1,129 @@
+"""The seed's JSON out: tasks and events as its frontend reads them, and events as Server-Sent Events."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from charai.taskapi import (
+    PRIORITIES,
+    STATUSES,
+    TASK_TYPES,
+    TERMINAL_EVENTS,
+    TERMINAL_STATUSES,
+    error_code_name,
+    event_type_label,
+    status_label,
+)
+from charai.tasks.v1 import task_pb2
+from google.protobuf import json_format, timestamp_pb2
+
+_TYPE_NAMES = {v: k for k, v in TASK_TYPES.items()}
+_PRIORITY_NAMES = {v: k for k, v in PRIORITIES.items()}
+_STATUS_NAMES = {v: k for k, v in STATUSES.items()}
+
+
+def _time(ts: timestamp_pb2.Timestamp) -> str | None:
+    return ts.ToJsonString() if (ts.seconds or ts.nanos) else None
+
+
+def _message(message: Any) -> dict[str, Any]:
+    return json_format.MessageToDict(message)
+
+
+def result_json(task: task_pb2.Task) -> dict[str, Any] | None:
+    """The result in the seed's shape (plus charai's extra fields), numbers as numbers."""
+    kind = task.WhichOneof("result")
+    if kind is None:
+        return None
+    result = _message(getattr(task, kind))
+    if "sizeBytes" in result:
+        result["sizeBytes"] = int(result["sizeBytes"])
+    if kind == "tts_result" and "durationSeconds" in result:
+        result["duration"] = result["durationSeconds"]  # the seed's TTSGenerationResult.duration
+    return result
+
+
+def error_json(task: task_pb2.Task) -> dict[str, Any] | None:
+    if not task.HasField("error"):
+        return None
+    error = task.error
+    out: dict[str, Any] = {
+        "code": error_code_name(error.code),
+        "message": error.message,
+        "retryable": error.retryable,
+    }
+    if error.provider_status:
+        out["providerStatus"] = error.provider_status
+    if error.provider_code:
+        out["providerCode"] = error.provider_code
+    return out
+
+
+def task_json(task: task_pb2.Task) -> dict[str, Any]:
+    """A task as the seed's frontend reads it: status strings, payload/result in lowerCamelCase."""
+    kind = task.WhichOneof("payload")
+    return {
+        "id": task.id,
+        "type": _TYPE_NAMES.get(task.type),
+        "priority": _PRIORITY_NAMES.get(task.priority, "normal"),
+        "status": _STATUS_NAMES.get(task.status),
+        "progress": task.progress,
+        "stage": task.stage,
+        "metadata": dict(task.metadata),
+        "payload": _message(getattr(task, kind)) if kind else None,
+        "result": result_json(task),
+        "error": error_json(task),
+        "attempt": task.attempt,
+        "maxAttempts": task.max_attempts,
+        "createdAt": _time(task.create_time),
+        "startedAt": _time(task.start_time),
+        "completedAt": _time(task.end_time),
+        "updatedAt": _time(task.update_time),
+        "nextAttemptAt": _time(task.next_attempt_time),
+        "queuePosition": task.queue_position,
+        "requestId": task.request_id or None,
+    }
+
+
+def event_name(event: task_pb2.TaskEvent) -> str:
+    """The seed's WebSocket event name of a TaskEvent."""
+    if event.type in TERMINAL_EVENTS:
+        return f"task:{event_type_label(event.type)}"
+    if event.type == task_pb2.TASK_EVENT_TYPE_SNAPSHOT and event.task.status in TERMINAL_STATUSES:
+        return f"task:{status_label(event.task.status)}"
+    return "task:progress"
+
+
+def event_json(event: task_pb2.TaskEvent) -> dict[str, Any]:
+    """The seed's event data ``{taskId, progress, status, stage, metadata, result?, error?}``, plus
+    the sequence, charai's event type and the whole task (what ``subscribeToTask`` callbacks get)."""
+    task = task_json(event.task)
+    data: dict[str, Any] = {
+        "taskId": task["id"],
+        "progress": task["progress"],
+        "status": task["status"],
+        "stage": task["stage"],
+        "metadata": task["metadata"],
+    }
+    if task["result"] is not None:
+        data["result"] = task["result"]
+    if task["error"] is not None:
+        data["error"] = task["error"]
+    data["sequence"] = event.sequence
+    data["eventType"] = event_type_label(event.type)
+    data["task"] = task
+    return data
+
+
+def sse_block(event: task_pb2.TaskEvent) -> bytes:
+    """One Server-Sent Event; heartbeats are comments (they keep proxies and the socket awake
+    without waking the page)."""
+    if event.type == task_pb2.TASK_EVENT_TYPE_HEARTBEAT:
+        return b": heartbeat\n\n"
+    lines = []
+    if event.sequence > 0:
+        lines.append(f"id: {event.sequence}")
+    lines.append(f"event: {event_name(event)}")
+    lines.append("data: " + json.dumps(event_json(event), ensure_ascii=False, separators=(",", ":")))
+    return ("\n".join(lines) + "\n\n").encode()
