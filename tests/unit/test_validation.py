@@ -611,7 +611,17 @@ def test_fill_metadata_from_image_payload() -> None:
 
 def test_fill_metadata_from_tts_payload() -> None:
     req = seed_tts()
+    # The seed's tasks carry a character callback: they are character_design, as its query expects.
+    assert fill_metadata(req) == {
+        "characterId": "char_001",
+        "characterName": "李明",
+        "category": "character_design",
+    }
+    req.tts.ClearField("callback")
     assert fill_metadata(req) == {"characterId": "char_001", "characterName": "李明"}
+    req.tts.callback.type = "character_voice"
+    req.metadata["category"] = "voice_lines"
+    assert fill_metadata(req)["category"] == "voice_lines"  # the client's own category wins
 
 
 def test_fill_metadata_keeps_what_the_client_set() -> None:

@@ -199,6 +199,10 @@ class StoreClient:
         )
         return response.task
 
+    async def delete_task(self, tenant: str, task_id: str, *, timeout: float | None = None) -> None:
+        """Removes an ended task, its events and its media."""
+        await self._stub.DeleteTask(spb.DeleteTaskRequest(tenant=tenant, id=task_id), timeout=timeout)
+
     async def list_events(
         self, request: spb.ListEventsRequest, *, timeout: float | None = None
     ) -> spb.ListEventsResponse:

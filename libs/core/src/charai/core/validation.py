@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from charai.tasks.v1 import task_pb2, task_service_pb2
 
@@ -23,6 +23,10 @@ MAX_METADATA_VALUE_CHARS = 512
 MAX_METADATA_BYTES = 8192
 MAX_REQUEST_ID_CHARS = 128
 MAX_PAGE_SIZE = 500
+#: Task ids one access token may name.
+MAX_TOKEN_TASKS = 100
+#: ``metadata.category`` of a task submitted with a character callback (the seed's query).
+CHARACTER_CATEGORY = "character_design"
 #: Custom image sizes each model accepts (zhipu-api.md): (min side, max side, multiple of, max pixels).
 SIZE_RULES = {"glm-image": (1024, 2048, 32, 2**22)}
 #: Sizes the docs recommend even where they fall outside the custom-size rule.
@@ -242,7 +246,36 @@ def fill_metadata(req: task_service_pb2.CreateTaskRequest) -> dict[str, str]:
         }
     elif kind == "tts":
         derived = {"characterId": req.tts.character_id, "characterName": req.tts.character_name}
+    callback = (req.image if kind == "image" else req.tts).HasField("callback") if kind else False
+    if callback:
+        # Tasks the seed's frontend submits carry a character callback and no metadata; its own
+        # query (metadata.category=character_design) must find them.
+        derived["category"] = CHARACTER_CATEGORY
     for key, value in derived.items():
         if value and key not in metadata:
             metadata[key] = value
     return metadata
+
+
+def validate_access_token_request(
+    task_ids: Sequence[str],
+    metadata: Mapping[str, str],
+    allow_create: bool,
+    ttl_seconds: float,
+    max_ttl: float,
+) -> None:
+    """Raises :class:`RequestInvalidError` naming every bad field of a CreateAccessTokenRequest."""
+    c = _Checker()
+    if not task_ids and not metadata:
+        c.add("task_ids", "give task_ids or metadata: a token that reaches nothing is of no use")
+    if len(task_ids) > MAX_TOKEN_TASKS:
+        c.add("task_ids", f"must name at most {MAX_TOKEN_TASKS} tasks (got {len(task_ids)})")
+    for n, task_id in enumerate(task_ids[:MAX_TOKEN_TASKS]):
+        if not _TASK_ID.fullmatch(task_id):
+            c.add(f"task_ids[{n}]", "must be a task id like task_<32 hex digits>")
+    validate_metadata(c, "metadata", metadata)
+    if allow_create and not metadata:
+        c.add("allow_create", "needs metadata: a token creates tasks only inside its metadata scope")
+    if not (math.isfinite(ttl_seconds) and 0 < ttl_seconds <= max_ttl):
+        c.add("ttl", f"must be more than 0 and at most {max_ttl:g} s (CHARAI_ACCESS_TOKEN_MAX_TTL_SECONDS)")
+    c.raise_if_any()

@@ -65,6 +65,8 @@ class Watcher:
     task_id: str = ""
     metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
     task_type: int = 0
+    #: For an access token that names its tasks: only events of these tasks (empty: no limit).
+    task_ids: frozenset[str] = frozenset()
     #: Routed events not yet taken by the stream; ``None`` asks it to end (shutdown).
     inbox: collections.deque[LiveEvent | None] = dataclasses.field(default_factory=collections.deque)
     #: Set when the inbox overflowed: the stream must re-read the event log.
@@ -80,6 +82,8 @@ class Watcher:
         if self.task_id:
             return task.id == self.task_id
         if self.task_type and task.type != self.task_type:
+            return False
+        if self.task_ids and task.id not in self.task_ids:
             return False
         return self.metadata.items() <= pairs
 

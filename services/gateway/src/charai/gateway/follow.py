@@ -120,7 +120,10 @@ class Follower:
         floor, seen = self._floor, self._seen
         self._query.after_sequence = floor
         events, head = await read_log(self._store, self._query)
+        only = self._watcher.task_ids
         for event in events:
+            if only and event.task.id not in only:
+                continue  # outside an access token's tasks (the log query cannot filter by id)
             if event.sequence > seen.get(event.task.id, floor):
                 seen[event.task.id] = event.sequence
                 yield event.type, self._wire(event)

@@ -9,6 +9,7 @@ event is encoded once and the same bytes go to every stream that receives it.
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -18,9 +19,11 @@ from charai.core.errors import PermissionDeniedError
 from charai.core.grpcsupport import principal
 from charai.core.media import MEDIA_URL_PREFIX, UrlSigner
 from charai.core.storeclient import StoreClient
+from charai.gateway import access
 from charai.gateway.events import EventHub, Watcher
 from charai.gateway.follow import Follower, read_log
 from charai.gateway.limits import QuotaExceededError, SubmitLimiter
+from charai.gateway.tokens import DEFAULT_MAX_TTL_SECONDS, DEFAULT_TTL_SECONDS, AccessTokens, Scope
 from charai.store.v1 import store_service_pb2 as spb
 from charai.taskapi import TERMINAL_EVENTS, TERMINAL_STATUSES
 from charai.tasks.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
@@ -72,8 +75,10 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
         image_model: str = "glm-image",
         submit_limiter: SubmitLimiter | None = None,
         operator_tenants: frozenset[str] = frozenset({"default"}),
+        tokens: AccessTokens | None = None,
     ) -> None:
         self._store = store
+        self._tokens = tokens or AccessTokens([secrets.token_bytes(32)], DEFAULT_MAX_TTL_SECONDS)
         self._operators = operator_tenants
         self._submit_limiter = submit_limiter or SubmitLimiter(rate=0, burst=1)
         self._image_model = image_model
@@ -122,8 +127,9 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
         self, request: task_service_pb2.CreateTaskRequest, context: Context
     ) -> task_service_pb2.CreateTaskResponse:
         # Before validation: a flood of bad requests costs as much as one of good ones.
-        self._submit_limiter.acquire(principal.get())
+        self._submit_limiter.acquire(principal.get())  # a token's creates count for its tenant
         validation.validate_create(request, self._image_model)
+        access.check_create(validation.fill_metadata(request))
         task = await self._store.create_task(principal.get(), request, timeout=self._timeout(context))
         return task_service_pb2.CreateTaskResponse(task=self.present(task))
 
@@ -132,21 +138,55 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
     ) -> task_service_pb2.GetTaskResponse:
         validation.validate_task_id("id", request.id)
         task = await self._store.get_task(principal.get(), request.id, timeout=self._timeout(context))
-        return task_service_pb2.GetTaskResponse(task=self.present(task))
+        return task_service_pb2.GetTaskResponse(task=self.present(access.check_task(task)))
 
     async def ListTasks(
         self, request: task_service_pb2.ListTasksRequest, context: Context
     ) -> task_service_pb2.ListTasksResponse:
         validation.validate_list(request)
-        response = await self._store.list_tasks(principal.get(), request, timeout=self._timeout(context))
+        ids = access.id_scope()
+        if ids is not None:
+            tasks = await self._tasks_by_id(ids, request, self._timeout(context))
+            return task_service_pb2.ListTasksResponse(tasks=[self.present(t) for t in tasks])
+        scoped = task_service_pb2.ListTasksRequest()
+        scoped.CopyFrom(request)
+        scoped.metadata.clear()
+        scoped.metadata.update(access.narrow(request.metadata))
+        response = await self._store.list_tasks(principal.get(), scoped, timeout=self._timeout(context))
         return task_service_pb2.ListTasksResponse(
             tasks=[self.present(t) for t in response.tasks], next_page_token=response.next_page_token
         )
+
+    async def _tasks_by_id(
+        self, ids: frozenset[str], request: task_service_pb2.ListTasksRequest, timeout: float
+    ) -> list[task_pb2.Task]:
+        """ListTasks for a token that names its tasks (no metadata scope): those of them that
+        exist and match the filter, newest first, on one page."""
+        found: list[task_pb2.Task] = []
+        for task_id in sorted(ids):
+            try:
+                task = await self._store.get_task(principal.get(), task_id, timeout=timeout)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    continue  # deleted since the token was made
+                raise
+            if request.type and task.type != request.type:
+                continue
+            if request.status and task.status != request.status:
+                continue
+            if dict(request.metadata).items() <= dict(task.metadata).items():
+                found.append(task)
+        found.sort(key=lambda t: (t.create_time.ToMicroseconds(), t.id), reverse=True)
+        return found
 
     async def CancelTask(
         self, request: task_service_pb2.CancelTaskRequest, context: Context
     ) -> task_service_pb2.CancelTaskResponse:
         validation.validate_task_id("id", request.id)
+        if access.scope() is not None:  # a token may cancel only what it reaches
+            access.check_task(
+                await self._store.get_task(principal.get(), request.id, timeout=self._timeout(context))
+            )
         task = await self._store.cancel_task(principal.get(), request.id, timeout=self._timeout(context))
         return task_service_pb2.CancelTaskResponse(task=self.present(task))
 
@@ -155,6 +195,7 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
     ) -> task_service_pb2.GetQueueStatsResponse:
         # Every lane over all tenants: counts only, but they still show other tenants' volume, so
         # only operator tenants (CHARAI_OPERATOR_TENANTS) may read them.
+        access.require_tenant_key("GetQueueStats")
         if principal.get() not in self._operators:
             raise PermissionDeniedError(
                 "queue statistics are for operators: add this tenant to CHARAI_OPERATOR_TENANTS",
@@ -168,9 +209,32 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
     ) -> task_service_pb2.RetryTaskResponse:
         # Tenant-scoped like every call: a tenant re-runs its own failed tasks (there are no
         # operator roles yet; see README, "Operate and scale").
+        access.require_tenant_key("RetryTask")
         validation.validate_task_id("id", request.id)
         task = await self._store.retry_task(principal.get(), request.id, timeout=self._timeout(context))
         return task_service_pb2.RetryTaskResponse(task=self.present(task))
+
+    async def DeleteTask(
+        self, request: task_service_pb2.DeleteTaskRequest, context: Context
+    ) -> task_service_pb2.DeleteTaskResponse:
+        access.require_tenant_key("DeleteTask")
+        validation.validate_task_id("id", request.id)
+        await self._store.delete_task(principal.get(), request.id, timeout=self._timeout(context))
+        return task_service_pb2.DeleteTaskResponse()
+
+    async def CreateAccessToken(
+        self, request: task_service_pb2.CreateAccessTokenRequest, context: Context
+    ) -> task_service_pb2.CreateAccessTokenResponse:
+        access.require_tenant_key("CreateAccessToken")
+        ttl = request.ttl.ToTimedelta().total_seconds() if request.HasField("ttl") else DEFAULT_TTL_SECONDS
+        validation.validate_access_token_request(
+            list(request.task_ids), request.metadata, request.allow_create, ttl, self._tokens.max_ttl_seconds
+        )
+        scope = Scope.of(request.task_ids, request.metadata, request.allow_create)
+        token, expires = self._tokens.issue(principal.get(), scope, ttl)
+        response = task_service_pb2.CreateAccessTokenResponse(token=token)
+        response.expire_time.FromNanoseconds(int(expires * 1e9))
+        return response
 
     # -- streams -----------------------------------------------------------------------------
     def _open(self, watcher: Watcher) -> None:
@@ -212,6 +276,8 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
                 [validation.Violation("after_sequence", "must not be negative")]
             )
         tenant = principal.get()
+        if access.scope() is not None:  # a token watches only what it reaches (NOT_FOUND otherwise)
+            access.check_task(await self._store.get_task(tenant, request.id, timeout=STORE_TIMEOUT))
         watcher = Watcher(tenant=tenant, task_id=request.id)
         self._open(watcher)
         try:
@@ -262,13 +328,17 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
     ) -> AsyncIterator[bytes]:
         validation.validate_watch_filter(request.metadata, request.type, request.after_sequence)
         tenant = principal.get()
-        watcher = Watcher(tenant=tenant, metadata=dict(request.metadata), task_type=request.type)
+        ids = access.id_scope()
+        metadata = access.narrow(request.metadata)
+        watcher = Watcher(
+            tenant=tenant, metadata=metadata, task_type=request.type, task_ids=ids or frozenset()
+        )
         self._open(watcher)
         try:
             await context.send_initial_metadata(())
             query = spb.ListEventsRequest(
                 tenant=tenant,
-                metadata=request.metadata,
+                metadata=metadata,
                 type=request.type,
                 after_sequence=request.after_sequence,
             )

@@ -34,6 +34,8 @@ ISSUER = "charai"
 ALGORITHM = "HS256"
 #: Lifetime when the request names none.
 DEFAULT_TTL_SECONDS = 15 * 60
+#: The longest lifetime a token may be given (``CHARAI_ACCESS_TOKEN_MAX_TTL_SECONDS``).
+DEFAULT_MAX_TTL_SECONDS = 24 * 3600
 
 
 class AccessTokenError(UnauthenticatedError):
