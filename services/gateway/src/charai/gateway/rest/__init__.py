@@ -7,13 +7,15 @@ JSON out and Server-Sent Events (:mod:`.views`), gRPC status codes as HTTP statu
 (:mod:`.errors`); :mod:`.routes` serves them.
 
 Routes: ``POST /api/tasks``, ``GET /api/tasks/{id}``, ``GET /api/tasks?metadata.characterId=…``,
-``POST /api/tasks/{id}/cancel``, ``GET /api/tasks/{id}/events`` (SSE, resumable with
-``Last-Event-ID``).
+``POST /api/tasks/{id}/cancel``, ``DELETE /api/tasks/{id}``, ``GET /api/tasks/{id}/events`` and
+``GET /api/tasks/events?metadata.…`` (SSE, resumable with ``Last-Event-ID``, :mod:`.streams`),
+``POST /api/access-tokens``.
 """
 
 from charai.gateway.rest.errors import HTTP_STATUS, RestError, json_field
 from charai.gateway.rest.parsing import create_request, list_request
-from charai.gateway.rest.routes import CALL_TIMEOUT, MAX_BODY_BYTES, SSE_RETRY_MS, RestApi
+from charai.gateway.rest.routes import CALL_TIMEOUT, MAX_BODY_BYTES, RestApi
+from charai.gateway.rest.streams import SSE_RETRY_MS
 from charai.gateway.rest.views import event_json, event_name, sse_block, task_json
 
 __all__ = [

@@ -117,9 +117,7 @@ def create_request(body: Any, idempotency_key: str | None) -> task_service_pb2.C
     return request
 
 
-def _put_metadata(
-    request: task_service_pb2.CreateTaskRequest, metadata: Any, bad: list[tuple[str, str]]
-) -> None:
+def _put_metadata(request: Any, metadata: Any, bad: list[tuple[str, str]]) -> None:
     if metadata is None:
         return
     if not isinstance(metadata, dict):
@@ -147,33 +145,56 @@ def _put_request_id(
         request.request_id = request_id or idempotency_key or ""
 
 
-def list_request(query: Mapping[str, str], items: list[tuple[str, str]]) -> task_service_pb2.ListTasksRequest:
-    """``?metadata.characterId=…&metadata.category=…&type=&status=&pageSize=&pageToken=``."""
-    request = task_service_pb2.ListTasksRequest()
-    bad: list[tuple[str, str]] = []
+#: Tasks ``GET /api/tasks`` returns when the query names no ``pageSize`` (the seed's
+#: ``getCharacterTasks`` reads one answer); more are paged with ``X-Next-Page-Token``.
+LIST_CAP = 1000
+
+
+def _filter_param(key: str, value: str, target: Any, bad: list[tuple[str, str]]) -> bool:
+    """``metadata.<key>``, ``type`` and ``status`` into ``target`` (a list or watch request with
+    ``metadata`` and ``type``; ``status`` only where it has one). False: not a filter key."""
+    if key.startswith("metadata."):
+        target.metadata[key[len("metadata.") :]] = value
+    elif key == "type":
+        if value not in TASK_TYPES:
+            bad.append((key, "must be image_generation or tts_generation"))
+        else:
+            target.type = TASK_TYPES[value]
+    elif key == "status":
+        if value not in STATUSES:
+            bad.append((key, f"must be one of {', '.join(STATUSES)}"))
+        elif hasattr(target, "status"):
+            target.status = STATUSES[value]
+    else:
+        return False
+    return True
+
+
+def _unique(items: list[tuple[str, str]], bad: list[tuple[str, str]]) -> list[tuple[str, str]]:
     seen: set[str] = set()
+    kept = []
     for key, value in items:
         if key in seen:
             bad.append((key, "given more than once"))
+        else:
+            seen.add(key)
+            kept.append((key, value))
+    return kept
+
+
+def list_request(query: Mapping[str, str], items: list[tuple[str, str]]) -> task_service_pb2.ListTasksRequest:
+    """``?metadata.characterId=…&metadata.category=…&type=&status=&pageSize=&pageToken=``;
+    ``pageSize`` up to :data:`LIST_CAP` (0 or absent: :data:`LIST_CAP`)."""
+    request = task_service_pb2.ListTasksRequest()
+    bad: list[tuple[str, str]] = []
+    for key, value in _unique(items, bad):
+        if _filter_param(key, value, request, bad):
             continue
-        seen.add(key)
-        if key.startswith("metadata."):
-            request.metadata[key[len("metadata.") :]] = value
-        elif key == "type":
-            if value not in TASK_TYPES:
-                bad.append((key, "must be image_generation or tts_generation"))
+        if key == "pageSize":
+            if not value.isdigit() or int(value) > LIST_CAP:
+                bad.append((key, f"must be a whole number from 0 to {LIST_CAP}"))
             else:
-                request.type = TASK_TYPES[value]
-        elif key == "status":
-            if value not in STATUSES:
-                bad.append((key, f"must be one of {', '.join(STATUSES)}"))
-            else:
-                request.status = STATUSES[value]
-        elif key == "pageSize":
-            if not value.isdigit():
-                bad.append((key, "must be a whole number"))
-            else:
-                request.page_size = min(int(value), 2**31 - 1)
+                request.page_size = int(value)
         elif key == "pageToken":
             request.page_token = value
         elif key != "_":  # ``_`` is the usual cache-buster
@@ -183,3 +204,58 @@ def list_request(query: Mapping[str, str], items: list[tuple[str, str]]) -> task
     if bad:
         raise RestError.invalid(bad)
     return request
+
+
+def watch_request(items: list[tuple[str, str]], after: int) -> tuple[task_service_pb2.WatchTasksRequest, int]:
+    """``GET /api/tasks/events?metadata.<key>=…&type=&status=`` as a WatchTasksRequest resuming
+    after ``after``, and the status to keep (0: any; WatchTasks itself has no status filter)."""
+    request = task_service_pb2.WatchTasksRequest(after_sequence=after)
+    status = task_service_pb2.ListTasksRequest()
+    bad: list[tuple[str, str]] = []
+    for key, value in _unique(items, bad):
+        target = status if key == "status" else request
+        if _filter_param(key, value, target, bad) or key in {"_", "after", "access_token"}:
+            continue
+        bad.append((key, "unknown query parameter (use metadata.<key>, type, status, after)"))
+    if bad:
+        raise RestError.invalid(bad)
+    return request, int(status.status)
+
+
+def access_token_request(body: Any) -> task_service_pb2.CreateAccessTokenRequest:
+    """``POST /api/access-tokens``: ``{taskIds?, metadata?, allowCreate?, ttl?}``, ``ttl`` in
+    seconds (a number) or as a proto3 JSON duration (``"900s"``)."""
+    if not isinstance(body, dict):
+        raise RestError.invalid([("", "the body must be a JSON object")])
+    request = task_service_pb2.CreateAccessTokenRequest()
+    bad: list[tuple[str, str]] = [
+        (key, "unknown field") for key in body if key not in {"taskIds", "metadata", "allowCreate", "ttl"}
+    ]
+    ids = body.get("taskIds") or []
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        bad.append(("taskIds", "must be an array of task ids"))
+    else:
+        request.task_ids.extend(ids)
+    _put_metadata(request, body.get("metadata"), bad)
+    allow = body.get("allowCreate", False)
+    if not isinstance(allow, bool):
+        bad.append(("allowCreate", "must be true or false"))
+    request.allow_create = allow is True
+    ttl = body.get("ttl")
+    if isinstance(ttl, str) and ttl.endswith("s") and _is_number(ttl[:-1]):
+        ttl = float(ttl[:-1])
+    if ttl is not None:
+        if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl) or ttl <= 0:
+            bad.append(("ttl", 'must be a number of seconds (or a duration such as "900s")'))
+        else:
+            request.ttl.FromNanoseconds(int(ttl * 1e9))
+    if bad:
+        raise RestError.invalid(bad)
+    return request
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False

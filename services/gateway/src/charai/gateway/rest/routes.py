@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from aiohttp import hdrs, web
+from charai.core.validation import MAX_PAGE_SIZE
+from charai.gateway.rest.calls import call_metadata
 from charai.gateway.rest.errors import RestError
-from charai.gateway.rest.parsing import create_request, list_request
-from charai.gateway.rest.views import sse_block, task_json
+from charai.gateway.rest.parsing import LIST_CAP, access_token_request, create_request, list_request
+from charai.gateway.rest.streams import EventStreams
+from charai.gateway.rest.views import task_json
 from charai.tasks.v1 import task_service_pb2, task_service_pb2_grpc
 
 if TYPE_CHECKING:
@@ -21,19 +23,30 @@ if TYPE_CHECKING:
 CALL_TIMEOUT = 30.0
 #: Largest JSON body (the HTTP app's ``client_max_size``).
 MAX_BODY_BYTES = 1024 * 1024
-#: How long a browser's EventSource waits before it reconnects with ``Last-Event-ID``.
-SSE_RETRY_MS = 1000
 _JSON_TYPE = re.compile(r"^application/([a-z0-9.+\-]+\+)?json$")
 
 
-def _call_metadata(request: web.Request) -> list[tuple[str, str]]:
-    metadata = []
-    authorization = request.headers.get(hdrs.AUTHORIZATION)
-    if authorization is not None and all(0x20 <= ord(c) <= 0x7E for c in authorization):
-        metadata.append(("authorization", authorization))
-    if request.remote:
-        metadata.append(("x-forwarded-for", request.remote))
-    return metadata
+async def _json_body(request: web.Request, what: str) -> Any:
+    """The request's JSON body (415 when it is not JSON, 413 when too large, 400 when broken)."""
+    mime = request.headers.get(hdrs.CONTENT_TYPE, "").split(";")[0].strip().lower()
+    if not _JSON_TYPE.match(mime):
+        raise RestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"send {what} as JSON (Content-Type: application/json)",
+            http_status=415,
+        )
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise RestError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"the body is larger than {MAX_BODY_BYTES} bytes",
+            http_status=413,
+        ) from None
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RestError.invalid([("", f"the body is not valid JSON ({exc})")]) from None
 
 
 class RestApi:
@@ -45,35 +58,22 @@ class RestApi:
         self._timeout = call_timeout
 
     def routes(self) -> list[web.RouteDef]:
+        streams = EventStreams(self._stub)
         return [
             web.post("/api/tasks", self.create),
             web.get("/api/tasks", self.list_tasks),
+            # Before /api/tasks/{id}, which would take "events" for an id.
+            web.get("/api/tasks/events", streams.many),
             web.get("/api/tasks/{id}", self.get),
+            web.delete("/api/tasks/{id}", self.delete),
             web.post("/api/tasks/{id}/cancel", self.cancel),
-            web.get("/api/tasks/{id}/events", self.events),
+            web.get("/api/tasks/{id}/events", streams.one),
+            web.post("/api/access-tokens", self.create_access_token),
         ]
 
     async def create(self, request: web.Request) -> web.Response:
         try:
-            mime = request.headers.get(hdrs.CONTENT_TYPE, "").split(";")[0].strip().lower()
-            if not _JSON_TYPE.match(mime):
-                raise RestError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    "send the task as JSON (Content-Type: application/json)",
-                    http_status=415,
-                )
-            try:
-                raw = await request.read()
-            except web.HTTPRequestEntityTooLarge:
-                raise RestError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"the body is larger than {MAX_BODY_BYTES} bytes",
-                    http_status=413,
-                ) from None
-            try:
-                body = json.loads(raw)
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise RestError.invalid([("", f"the body is not valid JSON ({exc})")]) from None
+            body = await _json_body(request, "the task")
             create = create_request(body, request.headers.get("Idempotency-Key"))
             response = await self._unary(self._stub.CreateTask, create, request)
         except RestError as exc:
@@ -103,78 +103,62 @@ class RestApi:
             return exc.response()
         return web.json_response(task_json(response.task))
 
+    async def delete(self, request: web.Request) -> web.Response:
+        try:
+            await self._unary(
+                self._stub.DeleteTask,
+                task_service_pb2.DeleteTaskRequest(id=request.match_info["id"]),
+                request,
+            )
+        except RestError as exc:
+            return exc.response()
+        return web.Response(status=204)
+
+    async def create_access_token(self, request: web.Request) -> web.Response:
+        try:
+            body = await _json_body(request, "the token request")
+            message = access_token_request(body)
+            response = await self._unary(self._stub.CreateAccessToken, message, request)
+        except RestError as exc:
+            return exc.response()
+        return web.json_response(
+            {"token": response.token, "expireTime": response.expire_time.ToJsonString()},
+            status=201,
+            headers={hdrs.CACHE_CONTROL: "no-store"},
+        )
+
     async def list_tasks(self, request: web.Request) -> web.Response:
-        """A JSON array (``getCharacterTasks`` expects ``Task[]``); the next page's token is in
-        ``X-Next-Page-Token`` and a ``Link: <…>; rel="next"`` header."""
+        """A JSON array (``getCharacterTasks`` expects ``Task[]``) of up to ``pageSize`` tasks,
+        :data:`LIST_CAP` when not given, read from TaskService a page of at most 500 at a time;
+        the next page's token is in ``X-Next-Page-Token`` and a ``Link: <…>; rel="next"`` header."""
         try:
             query = list_request(request.query, list(request.query.items()))
-            response = await self._unary(self._stub.ListTasks, query, request)
+            tasks, token = await self._list(query, request)
         except RestError as exc:
             return exc.response()
         headers = {}
-        if response.next_page_token:
-            headers["X-Next-Page-Token"] = response.next_page_token
-            next_url = request.rel_url.update_query(pageToken=response.next_page_token)
+        if token:
+            headers["X-Next-Page-Token"] = token
+            next_url = request.rel_url.update_query(pageToken=token)
             headers[hdrs.LINK] = f'<{next_url}>; rel="next"'
-        return web.json_response([task_json(t) for t in response.tasks], headers=headers)
+        return web.json_response([task_json(t) for t in tasks], headers=headers)
+
+    async def _list(
+        self, query: task_service_pb2.ListTasksRequest, request: web.Request
+    ) -> tuple[list[Any], str]:
+        wanted = query.page_size or LIST_CAP
+        tasks: list[Any] = []
+        while True:
+            query.page_size = min(wanted - len(tasks), MAX_PAGE_SIZE)
+            response = await self._unary(self._stub.ListTasks, query, request)
+            tasks.extend(response.tasks)
+            token = str(response.next_page_token)
+            if not token or len(tasks) >= wanted:
+                return tasks, token
+            query.page_token = token
 
     async def _unary(self, method: Any, message: Any, request: web.Request) -> Any:
         try:
-            return await method(message, metadata=_call_metadata(request), timeout=self._timeout)
+            return await method(message, metadata=call_metadata(request), timeout=self._timeout)
         except grpc.aio.AioRpcError as exc:
             raise RestError.from_rpc(exc) from None
-
-    async def events(self, request: web.Request) -> web.StreamResponse:
-        """WatchTask as Server-Sent Events, ending after the terminal event.
-
-        A reconnecting EventSource sends ``Last-Event-ID`` and gets exactly the later events; when
-        there are none and the task has ended, 204 tells it to stop reconnecting.
-        """
-        raw_after = request.headers.get("Last-Event-ID") or request.query.get("after") or "0"
-        if not raw_after.strip().isdigit():
-            field = "Last-Event-ID" if "Last-Event-ID" in request.headers else "after"
-            return RestError.invalid([(field, "must be an event id (a whole number)")]).response()
-        after = int(raw_after.strip())
-        if after >= 2**63:
-            return RestError.invalid([("after", "is too large")]).response()
-        call = self._stub.WatchTask(
-            task_service_pb2.WatchTaskRequest(id=request.match_info["id"], after_sequence=after),
-            metadata=_call_metadata(request),
-        )
-        try:
-            return await self._stream(request, call)
-        except asyncio.CancelledError:
-            # The page closed the stream: release the server-side watcher at once.
-            call.cancel()
-            raise
-
-    async def _stream(self, request: web.Request, call: Any) -> web.StreamResponse:
-        events = call.__aiter__()
-        try:
-            first = await anext(events)
-        except StopAsyncIteration:
-            return web.Response(status=204)
-        except grpc.aio.AioRpcError as exc:
-            return RestError.from_rpc(exc).response()
-        response = web.StreamResponse(
-            status=200,
-            headers={
-                hdrs.CONTENT_TYPE: "text/event-stream; charset=utf-8",
-                hdrs.CACHE_CONTROL: "no-cache, no-store",
-                "X-Accel-Buffering": "no",
-            },
-        )
-        try:
-            await response.prepare(request)
-            await response.write(f"retry: {SSE_RETRY_MS}\n\n".encode() + sse_block(first.event))
-            try:
-                async for message in events:
-                    await response.write(sse_block(message.event))
-            except grpc.aio.AioRpcError as exc:
-                error = RestError.from_rpc(exc)
-                data = json.dumps({"error": {"code": error.code.name, "message": error.message}})
-                await response.write(f"event: error\ndata: {data}\n\n".encode())
-            await response.write_eof()
-        except ConnectionResetError:
-            call.cancel()
-        return response

@@ -73,7 +73,9 @@ def task_json(task: task_pb2.Task) -> dict[str, Any]:
         "metadata": dict(task.metadata),
         "payload": _message(getattr(task, kind)) if kind else None,
         "result": result_json(task),
-        "error": error_json(task),
+        # The seed prints `${task.error}`: the message itself; the structure is errorDetail.
+        "error": task.error.message if task.HasField("error") else None,
+        "errorDetail": error_json(task),
         "attempt": task.attempt,
         "maxAttempts": task.max_attempts,
         "createdAt": _time(task.create_time),
@@ -110,16 +112,22 @@ def event_json(event: task_pb2.TaskEvent) -> dict[str, Any]:
         data["result"] = task["result"]
     if task["error"] is not None:
         data["error"] = task["error"]
+        data["errorDetail"] = task["errorDetail"]
     data["sequence"] = event.sequence
     data["eventType"] = event_type_label(event.type)
     data["task"] = task
     return data
 
 
-def sse_block(event: task_pb2.TaskEvent) -> bytes:
+def sse_block(event: task_pb2.TaskEvent, *, resume_point: bool = False) -> bytes:
     """One Server-Sent Event; heartbeats are comments (they keep proxies and the socket awake
-    without waking the page)."""
+    without waking the page). With ``resume_point`` a heartbeat also carries ``id:`` (the
+    stream's floor: everything up to it was delivered), which moves the EventSource's
+    Last-Event-ID without dispatching anything, so a feed that saw no event for a while still
+    resumes from where it was, not from "now"."""
     if event.type == task_pb2.TASK_EVENT_TYPE_HEARTBEAT:
+        if resume_point and event.sequence > 0:
+            return f": heartbeat\nid: {event.sequence}\n\n".encode()
         return b": heartbeat\n\n"
     lines = []
     if event.sequence > 0:

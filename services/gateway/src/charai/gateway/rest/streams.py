@@ -1,0 +1,125 @@
+"""Server-Sent Events: one task's events (``GET /api/tasks/{id}/events``, WatchTask) and every
+event of the tasks a filter matches (``GET /api/tasks/events``, WatchTasks: the seed's WebSocket
+listener as one EventSource).
+
+Both resume with ``Last-Event-ID`` (an EventSource sends it by itself when it reconnects) or
+``?after=``, and accept ``?access_token=`` because EventSource cannot send headers. The token in
+the URL is never logged: the HTTP server keeps no access log, and the responses tell the browser
+not to send the URL on as a referrer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from aiohttp import hdrs, web
+from charai.gateway.rest.calls import call_metadata
+from charai.gateway.rest.errors import RestError
+from charai.gateway.rest.parsing import watch_request
+from charai.gateway.rest.views import sse_block
+from charai.tasks.v1 import task_pb2, task_service_pb2
+
+if TYPE_CHECKING:
+    from charai.tasks.v1.task_service_pb2_grpc import TaskServiceAsyncStub
+
+#: How long a browser's EventSource waits before it reconnects with ``Last-Event-ID``.
+SSE_RETRY_MS = 1000
+_HEADERS = {
+    hdrs.CONTENT_TYPE: "text/event-stream; charset=utf-8",
+    hdrs.CACHE_CONTROL: "no-cache, no-store",
+    "X-Accel-Buffering": "no",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def resume_after(request: web.Request) -> int:
+    """The sequence to resume after: ``Last-Event-ID``, else ``?after=``, else 0."""
+    raw = request.headers.get("Last-Event-ID") or request.query.get("after") or "0"
+    field = "Last-Event-ID" if "Last-Event-ID" in request.headers else "after"
+    if not raw.strip().isdigit():
+        raise RestError.invalid([(field, "must be an event id (a whole number)")])
+    after = int(raw.strip())
+    if after >= 2**63:
+        raise RestError.invalid([(field, "is too large")])
+    return after
+
+
+class EventStreams:
+    """The two SSE routes over TaskService's watch streams."""
+
+    def __init__(self, stub: TaskServiceAsyncStub) -> None:
+        self._stub = stub
+
+    async def one(self, request: web.Request) -> web.StreamResponse:
+        """WatchTask as Server-Sent Events, ending after the terminal event. A reconnecting
+        EventSource gets exactly the later events; when there are none and the task has ended,
+        204 tells it to stop reconnecting."""
+        try:
+            after = resume_after(request)
+        except RestError as exc:
+            return exc.response()
+        watch = task_service_pb2.WatchTaskRequest(id=request.match_info["id"], after_sequence=after)
+        call = self._stub.WatchTask(watch, metadata=call_metadata(request, query_token=True))
+        return await self._serve(request, call, resume_points=False)
+
+    async def many(self, request: web.Request) -> web.StreamResponse:
+        """WatchTasks as Server-Sent Events: every event of the tasks matching ``metadata.<key>``
+        (any number), ``type`` and ``status`` that the caller may see (no filter: all of them),
+        until the client goes away. Heartbeats carry the resume point as ``id:``."""
+        try:
+            watch, status = watch_request(list(request.query.items()), resume_after(request))
+        except RestError as exc:
+            return exc.response()
+        call = self._stub.WatchTasks(watch, metadata=call_metadata(request, query_token=True))
+        return await self._serve(request, call, resume_points=True, status=status)
+
+    async def _serve(
+        self, request: web.Request, call: Any, *, resume_points: bool, status: int = 0
+    ) -> web.StreamResponse:
+        try:
+            return await self._stream(request, call, resume_points, status)
+        except asyncio.CancelledError:
+            # The page closed the stream: release the server-side watcher at once.
+            call.cancel()
+            raise
+
+    async def _stream(
+        self, request: web.Request, call: Any, resume_points: bool, status: int
+    ) -> web.StreamResponse:
+        events = _kept(call, status)
+        try:
+            first = await anext(events)
+        except StopAsyncIteration:
+            return web.Response(status=204)
+        except grpc.aio.AioRpcError as exc:
+            return RestError.from_rpc(exc).response()
+        response = web.StreamResponse(status=200, headers=_HEADERS)
+        try:
+            await response.prepare(request)
+            await response.write(
+                f"retry: {SSE_RETRY_MS}\n\n".encode() + sse_block(first, resume_point=resume_points)
+            )
+            try:
+                async for event in events:
+                    await response.write(sse_block(event, resume_point=resume_points))
+            except grpc.aio.AioRpcError as exc:
+                error = RestError.from_rpc(exc)
+                data = json.dumps({"error": {"code": error.code.name, "message": error.message}})
+                await response.write(f"event: error\ndata: {data}\n\n".encode())
+            await response.write_eof()
+        except ConnectionResetError:
+            call.cancel()
+        return response
+
+
+async def _kept(call: Any, status: int) -> AsyncIterator[task_pb2.TaskEvent]:
+    """The stream's events; with ``status``, only those of tasks in that status (and heartbeats)."""
+    async for message in call:
+        event = message.event
+        if status and event.type != task_pb2.TASK_EVENT_TYPE_HEARTBEAT and event.task.status != status:
+            continue
+        yield event
