@@ -49,11 +49,11 @@ class WorkerApp:
     async def start(self) -> None:
         s = self.settings
         topology = Topology(s.namespace)
-        self._nc = await natsconn.connect(s.nats_servers, f"charai-{self._kind}-worker")
+        self._nc = await natsconn.connect(s.nats_url, f"charai-{self._kind}-worker")
         js = self._nc.jetstream()
         await natsconn.ensure_jobs_stream(js, topology, s.nats_replicas)
         bucket = await natsconn.ensure_media_bucket(js, topology, s.nats_replicas)
-        self._store = StoreClient(s.task_store_addr, s.internal_token)
+        self._store = StoreClient(s.task_store_addr, s.internal_token.get_secret_value())
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         self._session = aiohttp.ClientSession(connector=connector)
         provider = ProviderHttp(self._session, self._provider_config)

@@ -15,7 +15,7 @@ from charai.core.media import MediaStore, UrlSigner
 from charai.core.metrics import Metrics
 from charai.core.storeclient import StoreClient
 from charai.core.topology import Topology
-from charai.gateway.auth import Authenticator, is_loopback
+from charai.gateway.auth import Authenticator
 from charai.gateway.events import EventHub
 from charai.gateway.grpcweb import GrpcWebBridge, loopback_channel
 from charai.gateway.http import CorsPolicy, console_routes, health_routes, install_cors, media_routes
@@ -34,8 +34,8 @@ log = structlog.get_logger("gateway")
 def signing_key(settings: Settings) -> bytes:
     """The media URL signing secret: the setting, or one kept in the data dir (so URLs survive a
     restart of ``make run``)."""
-    if settings.media_signing_key:
-        return settings.media_signing_key.encode()
+    if configured := settings.media_signing_key.get_secret_value():
+        return configured.encode()
     path = Path(settings.data_dir) / "media-signing.key"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -71,30 +71,23 @@ class GatewayApp:
 
     async def start(self) -> None:
         s = self.settings
-        auth = Authenticator.from_settings(s.api_keys.get_secret_value(), s.api_keys_file)
+        auth = Authenticator.from_tokens(
+            s.client_tokens
+        )  # a public address without tokens: settings refuse it
         if not auth.enabled:
-            for name, addr in (
-                ("CHARAI_GATEWAY_GRPC_ADDR", s.gateway_grpc_addr),
-                ("CHARAI_GATEWAY_HTTP_ADDR", s.gateway_http_addr),
-            ):
-                if not is_loopback(addr):
-                    raise SystemExit(
-                        f"gateway: refusing to listen on {addr} ({name}) without client tokens; "
-                        "set CHARAI_API_KEYS or CHARAI_API_KEYS_FILE, or listen on 127.0.0.1"
-                    )
             log.warning(
                 "auth_disabled",
                 note="no CHARAI_API_KEYS: listening on loopback only, every caller is tenant 'default'",
             )
         tls = TlsFiles.load(s.tls_cert_file, s.tls_key_file) if s.tls_cert_file and s.tls_key_file else None
         topology = Topology(s.namespace)
-        self._nc = await natsconn.connect(s.nats_servers, "charai-gateway")
+        self._nc = await natsconn.connect(s.nats_url, "charai-gateway")
         js = self._nc.jetstream()
         bucket = await natsconn.ensure_media_bucket(js, topology, s.nats_replicas)
         media = MediaStore(bucket)
         self.hub = EventHub(self._nc, topology)
         await self.hub.start()
-        self._store = StoreClient(s.task_store_addr, s.internal_token)
+        self._store = StoreClient(s.task_store_addr, s.internal_token.get_secret_value())
         signer = UrlSigner(signing_key(s), s.media_url_ttl_seconds)
         self.service = TaskService(
             self._store,
@@ -106,7 +99,7 @@ class GatewayApp:
             max_streams_per_tenant=s.max_watch_streams_per_tenant,
             image_model=s.image_model,
             submit_limiter=SubmitLimiter(s.submit_rate_per_tenant, s.submit_burst_per_tenant),
-            operator_tenants=s.operators,
+            operator_tenants=s.operator_tenants,
         )
         server = grpc.aio.server(
             interceptors=[grpcsupport.ServerInterceptor(auth.grpc_check, observe=self.metrics.observe_rpc)],
@@ -144,7 +137,7 @@ class GatewayApp:
         app.add_routes(RestApi(self._loopback).routes())
         app.add_routes(GrpcWebBridge(self._loopback).routes())
         app.add_routes(console_routes(s.console_dir))
-        install_cors(app, CorsPolicy(s.cors_origin_list))
+        install_cors(app, CorsPolicy(list(s.cors_origins)))
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
         host, _, port = s.gateway_http_addr.rpartition(":")

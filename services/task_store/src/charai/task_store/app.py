@@ -83,12 +83,7 @@ class TaskStoreApp:
 
     def __init__(self, settings: Settings, listen_addr: str | None = None) -> None:
         self.settings = settings
-        self._listen = listen_addr or settings.task_store_addr
-        if "," in self._listen:
-            raise SystemExit(
-                "task_store: CHARAI_TASK_STORE_ADDR is this replica's own listen address here; "
-                "give it one HOST:PORT (only gateways and workers take a list)"
-            )
+        self._listen = listen_addr or settings.listen_addr  # one HOST:PORT: the settings check it
         self._topology = Topology(settings.namespace)
         self.port = 0
         self._server: grpc.aio.Server | None = None
@@ -131,7 +126,7 @@ class TaskStoreApp:
         )
         # Built (not opened) first: a bad database setting stops start-up before anything connects.
         self.store = self._build_store(config, on_events)
-        self._nc = await natsconn.connect(s.nats_servers, "charai-task-store")
+        self._nc = await natsconn.connect(s.nats_url, "charai-task-store")
         js = self._nc.jetstream()
         await natsconn.ensure_jobs_stream(js, self._topology, s.nats_replicas)
         self._publisher = EventPublisher(self._nc, self._topology)
@@ -148,7 +143,7 @@ class TaskStoreApp:
         server = grpc.aio.server(
             interceptors=[
                 grpcsupport.ServerInterceptor(
-                    internal_auth(s.internal_token), observe=self.metrics.observe_rpc
+                    internal_auth(s.internal_token.get_secret_value()), observe=self.metrics.observe_rpc
                 )
             ],
             options=grpcsupport.SERVER_OPTIONS,
