@@ -90,29 +90,11 @@ class GatewayApp:
         self.hub = hub = EventHub(nc, topology)
         stack.push_async_callback(hub.close)
         await hub.start()
-        self.service = service = TaskService(
-            store,
-            hub,
-            signer,
-            lambda: s.base_url(self.http_port),
-            heartbeat_seconds=s.watch_heartbeat_seconds,
-            max_streams=s.max_watch_streams,
-            max_streams_per_tenant=s.max_watch_streams_per_tenant,
-            image_model=s.image_model,
-            submit_limiter=SubmitLimiter(s.submit_rate_per_tenant, s.submit_burst_per_tenant),
-            operator_tenants=s.operator_tenants,
-        )
-        server = grpc.aio.server(
-            interceptors=[grpcsupport.ServerInterceptor(auth.grpc_check, observe=self.metrics.observe_rpc)],
-            options=grpcsupport.SERVER_OPTIONS,
-        )
-        add_to_server(service, server)
-        health = await grpcsupport.add_health_and_reflection(server, [_SERVICE])
-        self._listen_grpc(server, tls)
+        self.service = self._task_service(store, hub, signer)
+        server, health = await self._grpc_server(auth, self.service, tls)
         stack.push_async_callback(server.stop, None)  # only matters when a later step fails
         await server.start()
         self.metrics.gauge_from(self.metrics.watch_streams, lambda: hub.open_streams)
-
         self._loopback = loopback = (
             loopback_channel(s.gateway_grpc_addr, self.grpc_port)
             if tls is None
@@ -121,7 +103,7 @@ class GatewayApp:
         stack.push_async_callback(loopback.close)
         await self._serve_http(stack, media, signer, loopback, tls)
 
-        # From here on, what shutdown does first: entered last.
+        # What shutdown does first is entered last.
         stack.push_async_callback(server.stop, s.shutdown_grace_seconds)
         stack.push_async_callback(_not_serving, health)
 
@@ -139,6 +121,35 @@ class GatewayApp:
             public_base_url=s.base_url(self.http_port),
             tls=tls is not None,
         )
+
+    def _task_service(self, store: StoreClient, hub: EventHub, signer: UrlSigner) -> TaskService:
+        s = self.settings
+        return TaskService(
+            store,
+            hub,
+            signer,
+            lambda: s.base_url(self.http_port),
+            heartbeat_seconds=s.watch_heartbeat_seconds,
+            max_streams=s.max_watch_streams,
+            max_streams_per_tenant=s.max_watch_streams_per_tenant,
+            image_model=s.image_model,
+            submit_limiter=SubmitLimiter(s.submit_rate_per_tenant, s.submit_burst_per_tenant),
+            operator_tenants=s.operator_tenants,
+        )
+
+    async def _grpc_server(
+        self, auth: Authenticator, service: TaskService, tls: TlsFiles | None
+    ) -> tuple[grpc.aio.Server, Any]:
+        """The gRPC server (not started yet) with TaskService, health and reflection, bound to
+        its ports; returns it and its health servicer."""
+        server = grpc.aio.server(
+            interceptors=[grpcsupport.ServerInterceptor(auth.grpc_check, observe=self.metrics.observe_rpc)],
+            options=grpcsupport.SERVER_OPTIONS,
+        )
+        add_to_server(service, server)
+        health = await grpcsupport.add_health_and_reflection(server, [_SERVICE])
+        self._listen_grpc(server, tls)
+        return server, health
 
     def _listen_grpc(self, server: grpc.aio.Server, tls: TlsFiles | None) -> None:
         s = self.settings
