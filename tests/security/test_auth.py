@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
@@ -18,10 +19,11 @@ from typing import Any
 
 import aiohttp
 import grpc
+import pydantic
 import pytest
 import pytest_asyncio
+from charai.core import settings
 from charai.core.media import UrlSigner
-from charai.gateway.app import GatewayApp
 from charai.gateway.settings import Settings as GatewaySettings
 from charai.tasks.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
 from google.protobuf import message_factory
@@ -226,16 +228,57 @@ async def test_reflection_needs_the_token_health_does_not(charai: Charai) -> Non
         assert answer.code == expected, (token, answer)
 
 
-async def test_without_tokens_the_gateway_refuses_a_public_address(tmp_path: Path) -> None:
+def test_without_tokens_the_gateway_refuses_a_public_address(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for var in [v for v in os.environ if v.startswith("CHARAI_")]:
+        monkeypatch.delenv(var)
     for name, field in (
         ("CHARAI_GATEWAY_GRPC_ADDR", "gateway_grpc_addr"),
         ("CHARAI_GATEWAY_HTTP_ADDR", "gateway_http_addr"),
     ):
         values = {"gateway_grpc_addr": "127.0.0.1:0", "gateway_http_addr": "127.0.0.1:0", field: "0.0.0.0:0"}
-        settings = GatewaySettings(data_dir=tmp_path, nats_url="nats://127.0.0.1:1", **values)
-        with pytest.raises(SystemExit) as refused:
-            await GatewayApp(settings).start()
-        assert name in str(refused.value) and "CHARAI_API_KEYS" in str(refused.value)
+        # The policy is part of the settings: nothing is built, nothing connects.
+        with pytest.raises(pydantic.ValidationError) as refused:
+            GatewaySettings(data_dir=tmp_path, nats_url="nats://127.0.0.1:1", **values)
+        message = str(refused.value)
+        assert name in message and "CHARAI_API_KEYS" in message and "CHARAI_API_KEYS_FILE" in message
+        # As the process reads it: start-up stops with a message naming the settings.
+        monkeypatch.setenv(name, "0.0.0.0:0")
+        with pytest.raises(SystemExit) as stopped:
+            settings.load(GatewaySettings)
+        assert stopped.value.code == 2
+        err = capsys.readouterr().err
+        assert name in err and "CHARAI_API_KEYS" in err and "CHARAI_API_KEYS_FILE" in err
+        monkeypatch.delenv(name)
+    # With client tokens (inline or from the file), a public address is allowed.
+    keys = tmp_path / "keys"
+    keys.write_text(f"# operators\n{TOKEN_A}=tenant-f\n")
+    public = {"gateway_grpc_addr": "0.0.0.0:0", "gateway_http_addr": "0.0.0.0:0"}
+    for tokens in ({"api_keys_file": keys}, {"api_keys": pydantic.SecretStr(f"{TOKEN_B}=tenant-b")}):
+        config = GatewaySettings(data_dir=tmp_path, **public, **tokens)  # type: ignore[arg-type]
+        assert len(config.client_tokens) == 1
+
+
+def test_client_tokens_are_parsed_once_in_the_settings(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text(f"# comment\n\n  {TOKEN_B} = tenant-file \n")
+    config = GatewaySettings(
+        data_dir=tmp_path, api_keys=pydantic.SecretStr(f"{TOKEN_A}=tenant-a, "), api_keys_file=keys
+    )
+    assert [(t.get_secret_value(), tenant) for t, tenant in config.client_tokens] == [
+        (TOKEN_A, "tenant-a"),
+        (TOKEN_B, "tenant-file"),
+    ]
+    assert TOKEN_A not in repr(config) and TOKEN_B not in repr(config)
+    assert {TOKEN_A, TOKEN_B} <= set(config.secret_values())  # what the log scrubber is given
+    for bad in ("just-a-token-7f3a9c", "token-7f3a9c=", "=tenant-7f3a9c"):
+        with pytest.raises(pydantic.ValidationError) as refused:
+            GatewaySettings(data_dir=tmp_path, api_keys=pydantic.SecretStr(f"{TOKEN_A}=a,{bad}"))
+        assert "token=tenant" in str(refused.value)
+        assert "7f3a9c" not in str(refused.value) and TOKEN_A not in str(refused.value)
+    with pytest.raises(pydantic.ValidationError, match="CHARAI_API_KEYS_FILE"):
+        GatewaySettings(data_dir=tmp_path, api_keys_file=tmp_path / "missing")
 
 
 # -- tenant isolation -------------------------------------------------------------------------

@@ -8,11 +8,21 @@ this shows what happens if some day it does.)
 from __future__ import annotations
 
 import io
+import json
 import logging
+import os
+import re
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
 from charai.core import logs
+from charai.core.settings import CommonSettings
+from charai.gateway.settings import Settings as GatewaySettings
+from charai.task_store.settings import Settings as TaskStoreSettings
+from charai.worker.settings import ImageWorkerSettings, TtsWorkerSettings
+from pydantic import SecretStr
 
 
 def test_secret_settings_are_found_in_the_environment(tmp_path: Path) -> None:
@@ -85,3 +95,71 @@ def test_registered_secrets_are_scrubbed_from_every_field_and_library_line() -> 
         library.removeHandler(handler)
     output = stream.getvalue()
     assert secret not in output and "retrying with [redacted]" in output and "boom [redacted]" in output
+
+
+SETTINGS_CLASSES = (
+    CommonSettings,
+    GatewaySettings,
+    TaskStoreSettings,
+    ImageWorkerSettings,
+    TtsWorkerSettings,
+)
+
+
+def test_every_secret_setting_is_a_secret_str() -> None:
+    # A SecretStr prints as ********** (a settings object in a log or a traceback shows no
+    # secret) and is what ``secret_values()`` hands to the scrubber.
+    secretish = re.compile(r"key|token|secret|password")
+    for cls in SETTINGS_CLASSES:
+        for name, field in cls.model_fields.items():
+            if secretish.search(name) and not name.endswith("_file"):
+                assert field.annotation is SecretStr, f"{cls.__name__}.{name} is not a SecretStr"
+
+
+def test_the_loaded_settings_feed_the_scrubber(tmp_path: Path) -> None:
+    """Each service's ``__main__`` gives ``logs.configure`` its settings' secret values,
+    including those no variable name gives away: a password inside ``CHARAI_DATABASE_URL``, the
+    tokens in the file ``CHARAI_API_KEYS_FILE`` names. It passes ``CHARAI_EVENT_LOOP`` on too."""
+    canary = uuid.uuid4().hex
+    keys = tmp_path / "keys"
+    keys.write_text(f"file-token-{canary}=tenant-f\n")
+    secrets = {
+        "charai.task_store": f"pg-password-{canary}",
+        "charai.gateway": f"file-token-{canary}",
+        "charai.image_worker": f"sk-image-{canary}",
+        "charai.tts_worker": f"internal-{canary}",
+    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHARAI_")}
+    env.update(
+        CHARAI_DATA_DIR=str(tmp_path),
+        CHARAI_EVENT_LOOP="asyncio",
+        CHARAI_DATABASE_URL=f"postgresql://charai:{secrets['charai.task_store']}@127.0.0.1:1/charai",
+        CHARAI_API_KEYS_FILE=str(keys),
+        CHARAI_IMAGE_API_KEY=secrets["charai.image_worker"],
+        CHARAI_INTERNAL_TOKEN=secrets["charai.tts_worker"],
+        CHARAI_LOG_LEVEL="info",
+    )
+    # The real main(), with the event loop's run replaced by a line that leaks every secret.
+    program = """
+import sys, runpy
+from charai.core import lifecycle, logs
+def leak(main, event_loop):
+    main.close()
+    logs.get_logger().warning("oops", detail=sys.argv[1], loop=event_loop)
+lifecycle.run = leak
+runpy.run_module(sys.argv[2], run_name="__main__")
+"""
+    for module, secret in secrets.items():
+        done = subprocess.run(
+            [sys.executable, "-c", program, f"connect failed: {secret}", module],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        (line,) = [json.loads(raw) for raw in done.stdout.splitlines() if '"oops"' in raw]
+        assert line["loop"] == "asyncio", line
+        assert line["detail"] == "connect failed: [redacted]", (module, line)
+        assert canary not in done.stdout + done.stderr, module

@@ -145,6 +145,23 @@ def test_every_substituted_charai_variable_is_a_setting() -> None:
     assert used <= ALL_SETTINGS, f"not settings: {sorted(used - ALL_SETTINGS)}"
 
 
+def mounted_secrets(service: dict[str, Any]) -> dict[str, str]:
+    """``/run/secrets/<name>`` → the file compose mounts there for ``service``: the operator's
+    copy, or (in a checkout, where it is not made yet) the committed ``.example`` it is made from.
+    Settings read such files (``CHARAI_API_KEYS_FILE``), so the example must be valid too."""
+    assert yaml is not None
+    declared = yaml.safe_load(COMPOSE.read_text()).get("secrets") or {}
+    mounts: dict[str, str] = {}
+    for entry in service.get("secrets") or []:
+        name = entry if isinstance(entry, str) else entry["source"]
+        source = ROOT / declared[name]["file"]
+        if not source.exists():
+            source = source.with_name(source.name + ".example")
+        assert source.exists(), f"secret {name}: neither {declared[name]['file']} nor its .example"
+        mounts[f"/run/secrets/{name}"] = str(source)
+    return mounts
+
+
 def test_each_service_environment_is_valid_for_its_settings(
     services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -153,11 +170,13 @@ def test_each_service_environment_is_valid_for_its_settings(
         cls = SETTINGS_OF_TARGET[target]
         if cls is None:
             continue
+        mounts = mounted_secrets(svc)
         with monkeypatch.context() as patch:
             for var in [v for v in os.environ if v.startswith("CHARAI_")]:
                 patch.delenv(var)
-            for var, value in environment(svc).items():
-                patch.setenv(var, interpolate(value))
+            for var, raw in environment(svc).items():
+                value = interpolate(raw)
+                patch.setenv(var, mounts.get(value, value))
             try:
                 cls()
             except ValueError as exc:  # pydantic's ValidationError: it names the bad variable

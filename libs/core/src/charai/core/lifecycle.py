@@ -3,27 +3,27 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 from collections.abc import Coroutine
 from contextlib import AbstractAsyncContextManager
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 import structlog
+from charai.core.settings import EventLoop
 
 log = structlog.get_logger("lifecycle")
 T = TypeVar("T")
-EVENT_LOOPS = ("uvloop", "asyncio")
+EVENT_LOOPS: tuple[str, ...] = get_args(EventLoop)
 
 
-def run(main: Coroutine[Any, Any, T]) -> T:
-    """``asyncio.run`` on the event loop ``CHARAI_EVENT_LOOP`` names: ``uvloop`` (libuv, the
-    default: less CPU per socket wake-up, which every hop of a task pays) or ``asyncio`` (the
-    standard loop, to rule uvloop out when chasing a bug)."""
-    choice = os.environ.get("CHARAI_EVENT_LOOP", "uvloop").strip().lower() or "uvloop"
-    if choice not in EVENT_LOOPS:
-        raise SystemExit(f"CHARAI_EVENT_LOOP must be one of {', '.join(EVENT_LOOPS)}, not {choice!r}")
-    if choice == "uvloop":
+def run(main: Coroutine[Any, Any, T], event_loop: EventLoop = "uvloop") -> T:
+    """``asyncio.run`` on the event loop the settings name (``CHARAI_EVENT_LOOP``, checked there):
+    ``uvloop`` (libuv, the default: less CPU per socket wake-up, which every hop of a task pays)
+    or ``asyncio`` (the standard loop, to rule uvloop out when chasing a bug)."""
+    if event_loop not in EVENT_LOOPS:
+        main.close()
+        raise ValueError(f"event_loop must be one of {', '.join(EVENT_LOOPS)}, not {event_loop!r}")
+    if event_loop == "uvloop":
         import uvloop
 
         return uvloop.run(main)

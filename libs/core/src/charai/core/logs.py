@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
 
 import structlog
+from charai.core.settings import parse_api_keys
 
 _SECRET_KEYS = re.compile(r"(authorization|api[_-]?key|token|secret|password)", re.IGNORECASE)
 _BEARER = re.compile(r"(?i)bearer\s+[A-Za-z0-9._~+/=-]+")
@@ -35,21 +36,20 @@ def register_secrets(values: Iterable[str]) -> None:
 
 
 def secrets_from_env(environ: Mapping[str, str]) -> list[str]:
-    """The secret values among ``CHARAI_*`` settings: provider keys, tokens, signing keys, and the
-    tokens of ``CHARAI_API_KEYS`` / ``CHARAI_API_KEYS_FILE``."""
+    """The secret values among ``CHARAI_*`` variables, found by their names: provider keys,
+    tokens, signing keys, the files of passwords, and the tokens of ``CHARAI_API_KEYS`` /
+    ``CHARAI_API_KEYS_FILE``. A net under :func:`configure`'s ``secrets`` (the loaded settings'
+    own values): it also covers variables no settings class of this process reads."""
     found: list[str] = []
     for name, value in environ.items():
         if not _SECRET_SETTINGS.match(name):
             continue
-        if name.endswith("_FILE"):
-            content = _read_small(value)
-            if name == "CHARAI_API_KEYS_FILE":
-                lines = [line for line in content.splitlines() if not line.lstrip().startswith("#")]
-                found += [line.partition("=")[0] for line in lines]
-            else:
-                found.append(content)
+        if name == "CHARAI_API_KEYS_FILE":
+            found += [token for token, _ in parse_api_keys("", _read_small(value))]
         elif name == "CHARAI_API_KEYS":
-            found += [part.partition("=")[0] for part in value.split(",")]
+            found += [token for token, _ in parse_api_keys(value)]
+        elif name.endswith("_FILE"):
+            found.append(_read_small(value))
         else:
             found.append(value)
     return found
@@ -108,10 +108,14 @@ class _ScrubFilter(logging.Filter):
 _announcer: Any = None
 
 
-def configure(service: str, level: str = "info", fmt: str = "json") -> None:
-    """Configures structlog and the stdlib root logger once per process."""
+def configure(service: str, level: str = "info", fmt: str = "json", secrets: Iterable[str] = ()) -> None:
+    """Configures structlog and the stdlib root logger once per process.
+
+    ``secrets``: the values of the process's secret settings (``settings.secret_values()``),
+    scrubbed from every line; variables named like secrets are scrubbed too (:func:`secrets_from_env`).
+    """
     global _announcer  # noqa: PLW0603 - one process-wide logger, built here once
-    register_secrets(secrets_from_env(os.environ))
+    register_secrets([*secrets, *secrets_from_env(os.environ)])
     numeric = getattr(logging, level.upper(), logging.INFO)
     renderer: Any = structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer()
     processors = [

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Sequence
 from typing import Any
 
 import nats
@@ -15,7 +17,7 @@ from nats.js.errors import BadRequestError, NotFoundError
 log = structlog.get_logger("nats")
 
 
-async def connect(servers: list[str], name: str, **options: Any) -> Client:
+async def connect(servers: Sequence[str], name: str, **options: Any) -> Client:
     """Connects with endless reconnects, so a NATS restart heals by itself."""
 
     async def on_error(exc: Exception) -> None:
@@ -28,7 +30,7 @@ async def connect(servers: list[str], name: str, **options: Any) -> Client:
         log.info("nats_reconnected")
 
     return await nats.connect(
-        servers=servers,
+        servers=list(servers),
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
@@ -39,6 +41,13 @@ async def connect(servers: list[str], name: str, **options: Any) -> Client:
         reconnected_cb=on_reconnect,
         **options,
     )
+
+
+async def drain(nc: Client) -> None:
+    """Drains ``nc`` (what it published is flushed, its subscriptions finish their messages) and
+    closes it; a connection that is already closed, or whose server is away, is simply let go."""
+    with contextlib.suppress(Exception):
+        await nc.drain()
 
 
 async def ensure_jobs_stream(js: JetStreamContext, topology: Topology, replicas: int = 1) -> None:

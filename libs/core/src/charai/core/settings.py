@@ -1,7 +1,13 @@
 """Settings shared by every service: environment variables with the ``CHARAI_`` prefix.
 
 Each service has one Settings object, read once at start in ``__main__``; a bad value stops
-start-up with a message naming the variable.
+start-up with a message naming the variable (never echoing a secret).
+
+One home per fact: every value is parsed here, into the type the code uses. Lists are
+comma-separated strings in the environment (``CHARAI_NATS_URL=nats://a:4222,nats://b:4222``) and
+tuples here (:data:`CommaList`); secrets are :class:`pydantic.SecretStr`, so a settings object
+printed or logged by mistake shows ``**********``, and :meth:`CommonSettings.secret_values` hands
+their values to the log scrubber.
 """
 
 from __future__ import annotations
@@ -9,13 +15,16 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BeforeValidator, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ZHIPU_BASE_URL = "https://open.bigmodel.cn/api/paas/v4"
+#: The event loops a service may run on (``CHARAI_EVENT_LOOP``).
+EventLoop = Literal["uvloop", "asyncio"]
 
 
 def _check_addr(value: str) -> str:
@@ -25,26 +34,51 @@ def _check_addr(value: str) -> str:
     return value
 
 
+def check_addr(value: str) -> str:
+    """``value`` when it is ``HOST:PORT``; ValueError otherwise."""
+    return _check_addr(value)
+
+
+def split_commas(value: Any) -> Any:
+    """``"a, b,,c"`` → ``("a", "b", "c")``; any other value (a list given in code) passes through."""
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
+
+
+#: A comma-separated list in the environment, a tuple of non-blank strings in code.
+#: ``NoDecode``: pydantic-settings would otherwise expect JSON for a sequence field.
+CommaList = Annotated[tuple[str, ...], NoDecode, BeforeValidator(split_commas)]
+
+
+def _event_loop(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.strip().lower() or "uvloop"
+    return value
+
+
 class CommonSettings(BaseSettings):
     """Settings every charai process reads."""
 
     model_config = SettingsConfigDict(env_prefix="CHARAI_", extra="ignore", frozen=True)
 
-    nats_url: str = Field(
-        default="nats://127.0.0.1:4222", description="NATS with JetStream (comma-separated seeds)"
-    )
-    task_store_addr: str = "127.0.0.1:50052"
+    #: NATS with JetStream: one URL or several seeds, comma-separated.
+    nats_url: Annotated[CommaList, Field(min_length=1)] = ("nats://127.0.0.1:4222",)
+    #: task_store's address; gateways and workers may list several replicas, comma-separated.
+    task_store_addr: Annotated[CommaList, Field(min_length=1)] = ("127.0.0.1:50052",)
     data_dir: Path = Path("./.data")
     log_level: str = "info"
     log_format: str = "json"
+    #: ``uvloop`` (libuv: less CPU per socket wake-up) or ``asyncio`` (the standard loop).
+    event_loop: Annotated[EventLoop, BeforeValidator(_event_loop)] = "uvloop"
     #: Stream and bucket replicas (3 on a NATS cluster).
     nats_replicas: int = Field(default=1, ge=1, le=5)
     #: Prefix of every NATS subject, stream and bucket, so two stacks can share one NATS.
     namespace: str = Field(default="charai", pattern=r"^[a-z][a-z0-9_]{0,30}$")
     #: Shared secret that gateways and workers present to task_store (empty: internal auth off).
-    internal_token: str = Field(default="", repr=False)
+    internal_token: SecretStr = SecretStr("")
     #: Secret that signs media URLs (gateway) — also known to nobody else.
-    media_signing_key: str = Field(default="", repr=False)
+    media_signing_key: SecretStr = SecretStr("")
     shutdown_grace_seconds: float = Field(default=10.0, gt=0)
     #: The image model; gateways and task_store check sizes against its documented bounds.
     image_model: str = "glm-image"
@@ -54,10 +88,9 @@ class CommonSettings(BaseSettings):
 
     @field_validator("task_store_addr")
     @classmethod
-    def _task_store_addr(cls, value: str) -> str:
-        # Gateways and workers may list several replicas: "host1:port,host2:port".
-        for part in value.split(","):
-            _check_addr(part.strip())
+    def _each_task_store_addr(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for part in value:
+            _check_addr(part)
         return value
 
     @field_validator("metrics_addr")
@@ -72,9 +105,40 @@ class CommonSettings(BaseSettings):
             raise ValueError("must be debug, info, warning or error")
         return value.lower()
 
-    @property
-    def nats_servers(self) -> list[str]:
-        return [s.strip() for s in self.nats_url.split(",") if s.strip()]
+    def secret_values(self) -> list[str]:
+        """Every secret this process holds (non-empty), for the log scrubber
+        (:func:`charai.core.logs.configure`): each ``SecretStr`` setting, plus what a service's
+        settings derive from them (:meth:`derived_secrets`)."""
+        values = [
+            value.get_secret_value()
+            for name in type(self).model_fields
+            if isinstance(value := getattr(self, name), SecretStr)
+        ]
+        values += self.derived_secrets()
+        return [v for v in values if v]
+
+    def derived_secrets(self) -> Iterator[str]:
+        """Secrets that are not a ``SecretStr`` field of their own (client tokens read from a
+        file, a password inside a URL). None here."""
+        return iter(())
+
+
+def parse_api_keys(inline: str, file_text: str = "") -> list[tuple[str, str]]:
+    """``CHARAI_API_KEYS`` (``token=tenant`` pairs, comma-separated) and the text of
+    ``CHARAI_API_KEYS_FILE`` (one pair per line, ``#`` comments) as ``(token, tenant)`` pairs, in
+    order. An entry without ``=`` or without a tenant comes back with tenant ``""`` (its text as
+    the token): the gateway refuses it, the log scrubber still hides it.
+
+    The one parser of that format: gateway settings and :mod:`charai.core.logs` both use it.
+    """
+    pairs: list[tuple[str, str]] = []
+    for raw in [*inline.split(","), *file_text.splitlines()]:
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        token, _, tenant = line.partition("=")
+        pairs.append((token.strip(), tenant.strip()))
+    return pairs
 
 
 S = TypeVar("S", bound=BaseSettings)
@@ -86,17 +150,23 @@ def load(cls: type[S], **overrides: Any) -> S:
     try:
         return cls(**overrides)
     except ValidationError as exc:
-        prefix = str(cls.model_config.get("env_prefix", ""))
-        lines = []
-        for err in exc.errors():
-            name = prefix + "_".join(str(p) for p in err["loc"]).upper()
-            raw = os.environ.get(name)
-            # Never echo what may be a secret (keys, tokens, URLs with passwords).
-            shown = "<unset>" if raw is None else ("<hidden>" if _SECRETISH.search(name) else repr(raw))
-            lines.append(f"  {name}={shown}: {err['msg']}")
-        sys.stderr.write(f"charai: bad setting(s), cannot start:\n{chr(10).join(lines)}\n")
+        sys.stderr.write(f"charai: bad setting(s), cannot start:\n{describe_errors(cls, exc)}\n")
         raise SystemExit(2) from None
 
 
-def check_addr(value: str) -> str:
-    return _check_addr(value)
+def describe_errors(cls: type[BaseSettings], exc: ValidationError) -> str:
+    """One line per error: the variable, its value unless it may be a secret, and what is wrong.
+    A check across several settings (a model validator) names its variables in its message."""
+    prefix = str(cls.model_config.get("env_prefix", ""))
+    lines = []
+    for err in exc.errors():
+        message = str(err["msg"]).removeprefix("Value error, ")
+        if not err["loc"]:
+            lines.append(f"  {message}")
+            continue
+        name = prefix + str(err["loc"][0]).upper()
+        raw = os.environ.get(name)
+        # Never echo what may be a secret (keys, tokens, URLs with passwords).
+        shown = "<unset>" if raw is None else ("<hidden>" if _SECRETISH.search(name) else repr(raw))
+        lines.append(f"  {name}={shown}: {message}")
+    return "\n".join(lines)

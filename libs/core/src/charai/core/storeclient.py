@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -44,13 +44,15 @@ _SERVICE_CONFIG = json.dumps(
 )
 
 
-def channel_target(addr: str) -> tuple[str, bool]:
-    """The gRPC target for ``CHARAI_TASK_STORE_ADDR``: one ``host:port``, or several separated by
-    commas (replicas). Several are resolved once, at start, into an ``ipv4:``/``ipv6:`` address list
-    that the round_robin policy balances over; returns (target, balanced)."""
-    parts = [p.strip() for p in addr.split(",") if p.strip()]
+def channel_target(addr: str | Sequence[str]) -> tuple[str, bool]:
+    """The gRPC target for ``CHARAI_TASK_STORE_ADDR`` (the settings' tuple, or one string, which
+    may list several separated by commas): one ``host:port``, or several (replicas), resolved once,
+    at start, into an ``ipv4:``/``ipv6:`` address list that the round_robin policy balances over;
+    returns (target, balanced)."""
+    given = addr.split(",") if isinstance(addr, str) else addr
+    parts = [p.strip() for p in given if p.strip()]
     if len(parts) <= 1:
-        return addr.strip(), False
+        return (parts[0] if parts else ""), False
     v4: list[str] = []
     v6: list[str] = []
     for part in parts:
@@ -145,7 +147,7 @@ class StoreClient:
     task_store to be reachable and are retried on UNAVAILABLE (the channel's service config).
     """
 
-    def __init__(self, addr: str, token: str = "", *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, addr: str | Sequence[str], token: str = "", *, timeout: float = DEFAULT_TIMEOUT) -> None:
         target, balanced = channel_target(addr)
         options: list[tuple[str, Any]] = [
             ("grpc.service_config", _SERVICE_CONFIG),

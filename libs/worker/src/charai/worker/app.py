@@ -9,7 +9,8 @@ import structlog
 from charai.core import natsconn
 from charai.core.lifecycle import run_until_signal
 from charai.core.media import MediaStore
-from charai.core.metrics import Metrics, MetricsServer
+from charai.core.metrics import Metrics
+from charai.core.metrics_endpoint import MetricsEndpoint
 from charai.core.storeclient import StoreClient
 from charai.core.topology import Topology
 from charai.worker.context import Handler
@@ -22,7 +23,13 @@ log = structlog.get_logger("worker")
 
 
 class WorkerApp:
-    """One worker process: ``async with WorkerApp(...)`` runs it until closed."""
+    """One worker process: ``async with WorkerApp(...)`` runs it until closed.
+
+    Its parts are entered into one :class:`contextlib.AsyncExitStack`, so a start that fails
+    half-way closes exactly what it opened and ``close()`` (idempotent) undoes the rest in reverse
+    order of entry: the metrics endpoint, the job runner (in-flight jobs finish within the grace
+    or are handed back), the provider HTTP session, the task_store client, NATS.
+    """
 
     def __init__(
         self,
@@ -41,22 +48,33 @@ class WorkerApp:
         self._nc: Client | None = None
         self._session: aiohttp.ClientSession | None = None
         self._store: StoreClient | None = None
-        self._closed = False
         #: This process's metrics (served on ``CHARAI_METRICS_ADDR`` when set).
         self.metrics = Metrics(f"{kind}_worker")
-        self._metrics_server: MetricsServer | None = None
+        self._metrics_endpoint: MetricsEndpoint | None = None
+        self._exit = contextlib.AsyncExitStack()
+        self._closed = False
 
     async def start(self) -> None:
+        try:
+            await self._open(self._exit)
+        except BaseException:
+            await self.close()  # what was opened so far, and only that
+            raise
+
+    async def _open(self, stack: contextlib.AsyncExitStack) -> None:
         s = self.settings
         topology = Topology(s.namespace)
-        self._nc = await natsconn.connect(s.nats_servers, f"charai-{self._kind}-worker")
-        js = self._nc.jetstream()
+        self._nc = nc = await natsconn.connect(s.nats_url, f"charai-{self._kind}-worker")
+        stack.push_async_callback(natsconn.drain, nc)
+        js = nc.jetstream()
         await natsconn.ensure_jobs_stream(js, topology, s.nats_replicas)
         bucket = await natsconn.ensure_media_bucket(js, topology, s.nats_replicas)
-        self._store = StoreClient(s.task_store_addr, s.internal_token)
+        self._store = store = await stack.enter_async_context(
+            StoreClient(s.task_store_addr, s.internal_token.get_secret_value())
+        )
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
-        self._session = aiohttp.ClientSession(connector=connector)
-        provider = ProviderHttp(self._session, self._provider_config)
+        self._session = session = await stack.enter_async_context(aiohttp.ClientSession(connector=connector))
+        provider = ProviderHttp(session, self._provider_config)
         calls = self.metrics.provider_call_duration
         provider.observe = lambda op, outcome, seconds: calls.labels(self._kind, op, outcome).observe(seconds)
         config = RunnerConfig(
@@ -71,14 +89,18 @@ class WorkerApp:
             worker_id=s.worker_id,
             replicas=s.nats_replicas,
         )
-        self.runner = JobRunner(
-            config, self._handler, self._nc, js, self._store, MediaStore(bucket), provider, topology
+        self.runner = runner = JobRunner(
+            config, self._handler, nc, js, store, MediaStore(bucket), provider, topology
         )
-        await self.runner.start()
-        runner = self.runner
-        self.metrics.jobs_in_flight.labels(self._kind).set_function(lambda: runner.in_flight)
-        if s.metrics_addr:
-            self._metrics_server = MetricsServer(self.metrics, s.metrics_addr)
+        stack.push_async_callback(runner.close, s.shutdown_grace_seconds)
+        await runner.start()
+        self._metrics_endpoint = await stack.enter_async_context(
+            MetricsEndpoint(
+                self.metrics,
+                s.metrics_addr,
+                live=[(self.metrics.jobs_in_flight.labels(self._kind), lambda: runner.in_flight)],
+            )
+        )
         log.info(
             "provider_configured",
             base_url=self._provider_config.base_url,
@@ -87,25 +109,16 @@ class WorkerApp:
         )
 
     async def close(self) -> None:
+        """Stops what :meth:`start` opened, in the documented order; idempotent."""
         if self._closed:
             return
         self._closed = True
-        if self._metrics_server is not None:
-            self._metrics_server.close()
-        if self.runner is not None:
-            await self.runner.close(self.settings.shutdown_grace_seconds)
-        if self._session is not None:
-            await self._session.close()
-        if self._store is not None:
-            await self._store.close()
-        if self._nc is not None:
-            with contextlib.suppress(Exception):
-                await self._nc.drain()
+        await self._exit.aclose()
 
     @property
     def metrics_port(self) -> int:
         """The bound ``/metrics`` port (0: metrics not served)."""
-        return 0 if self._metrics_server is None else self._metrics_server.port
+        return 0 if self._metrics_endpoint is None else self._metrics_endpoint.port
 
     async def __aenter__(self) -> WorkerApp:
         await self.start()

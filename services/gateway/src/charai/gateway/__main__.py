@@ -9,8 +9,8 @@ from charai.gateway.settings import Settings
 
 def main() -> None:
     config = settings.load(Settings)
-    logs.configure("gateway", config.log_level, config.log_format)
-    lifecycle.run(serve(config))
+    logs.configure("gateway", config.log_level, config.log_format, secrets=config.secret_values())
+    lifecycle.run(serve(config), config.event_loop)
 
 
 if __name__ == "__main__":

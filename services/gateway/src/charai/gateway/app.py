@@ -1,104 +1,132 @@
-"""Composition root of the gateway: gRPC port, HTTP port, event hub, task_store client."""
+"""Composition root of the gateway: gRPC port, HTTP port, event hub, task_store client.
+
+Every part is entered into one :class:`contextlib.AsyncExitStack`, so a start that fails half-way
+closes exactly what it opened, and ``close()`` undoes the rest in reverse order of entry. The
+parts are entered so that shutdown runs: end the watch streams, stop the health watcher, health
+NOT_SERVING, stop the gRPC server with its grace (bridged HTTP calls finish too: the HTTP port is
+still up), the HTTP runner, the loopback channel, the event hub, the task_store client, NATS.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import secrets
-from pathlib import Path
+from typing import Any
 
 import grpc
 import structlog
 from aiohttp import web
 from charai.core import grpcsupport, logs, natsconn
+from charai.core.clock import SYSTEM, Clock
+from charai.core.health import HealthWatcher
 from charai.core.lifecycle import run_until_signal
 from charai.core.media import MediaStore, UrlSigner
 from charai.core.metrics import Metrics
 from charai.core.storeclient import StoreClient
 from charai.core.topology import Topology
-from charai.gateway.auth import Authenticator, is_loopback
+from charai.gateway.auth import Authenticator
 from charai.gateway.events import EventHub
 from charai.gateway.grpcweb import GrpcWebBridge, loopback_channel
 from charai.gateway.http import CorsPolicy, console_routes, health_routes, install_cors, media_routes
 from charai.gateway.limits import SubmitLimiter
-from charai.gateway.ops import HealthWatcher, metrics_routes
+from charai.gateway.ops import metrics_routes
 from charai.gateway.rest import RestApi
 from charai.gateway.service import TaskService, add_to_server
 from charai.gateway.settings import Settings
-from charai.gateway.tls import TlsFiles
+from charai.gateway.signing import url_signer
+from charai.gateway.tls import TlsFiles, load_tls
 from charai.tasks.v1 import task_service_pb2
 from nats.aio.client import Client
 
 log = structlog.get_logger("gateway")
-
-
-def signing_key(settings: Settings) -> bytes:
-    """The media URL signing secret: the setting, or one kept in the data dir (so URLs survive a
-    restart of ``make run``)."""
-    if settings.media_signing_key:
-        return settings.media_signing_key.encode()
-    path = Path(settings.data_dir) / "media-signing.key"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(secrets.token_urlsafe(32))
-        path.chmod(0o600)
-    return path.read_text().strip().encode()
-
-
-async def _false() -> bool:
-    return False
+_SERVICE = task_service_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name
 
 
 class GatewayApp:
-    def __init__(self, settings: Settings) -> None:
+    """The gateway process as one ``async with``-able component."""
+
+    def __init__(self, settings: Settings, *, clock: Clock = SYSTEM) -> None:
         self.settings = settings
+        self._clock = clock
         self.grpc_port = 0
         self.http_port = 0
         #: The plaintext loopback-only gRPC port the HTTP bridge uses when the public one is TLS.
         self.bridge_port = 0
         self.service: TaskService | None = None
         self.hub: EventHub | None = None
-        self._server: grpc.aio.Server | None = None
-        self._runner: web.AppRunner | None = None
-        self._store: StoreClient | None = None
-        self._nc: Client | None = None
-        self._health = None
-        #: gRPC-web and REST reach the servicer through the gateway's own gRPC port.
-        self._loopback: grpc.aio.Channel | None = None
-        self._closed = False
         #: This process's Prometheus metrics (``GET /metrics`` on the HTTP port).
         self.metrics = Metrics("gateway")
         self.health_watcher: HealthWatcher | None = None
+        self._nc: Client | None = None
+        #: gRPC-web and REST reach the servicer through the gateway's own gRPC port.
+        self._loopback: grpc.aio.Channel | None = None
+        self._exit = contextlib.AsyncExitStack()
+        self._closed = False
 
     async def start(self) -> None:
+        try:
+            await self._open(self._exit)
+        except BaseException:
+            await self.close()  # what was opened so far, and only that
+            raise
+
+    async def _open(self, stack: contextlib.AsyncExitStack) -> None:
         s = self.settings
-        auth = Authenticator.from_settings(s.api_keys.get_secret_value(), s.api_keys_file)
+        auth = Authenticator.from_tokens(s.client_tokens)
         if not auth.enabled:
-            for name, addr in (
-                ("CHARAI_GATEWAY_GRPC_ADDR", s.gateway_grpc_addr),
-                ("CHARAI_GATEWAY_HTTP_ADDR", s.gateway_http_addr),
-            ):
-                if not is_loopback(addr):
-                    raise SystemExit(
-                        f"gateway: refusing to listen on {addr} ({name}) without client tokens; "
-                        "set CHARAI_API_KEYS or CHARAI_API_KEYS_FILE, or listen on 127.0.0.1"
-                    )
             log.warning(
                 "auth_disabled",
                 note="no CHARAI_API_KEYS: listening on loopback only, every caller is tenant 'default'",
             )
-        tls = TlsFiles.load(s.tls_cert_file, s.tls_key_file) if s.tls_cert_file and s.tls_key_file else None
+        tls = load_tls(s)  # bad files stop start-up before anything connects
+        signer = url_signer(s)
         topology = Topology(s.namespace)
-        self._nc = await natsconn.connect(s.nats_servers, "charai-gateway")
-        js = self._nc.jetstream()
-        bucket = await natsconn.ensure_media_bucket(js, topology, s.nats_replicas)
-        media = MediaStore(bucket)
-        self.hub = EventHub(self._nc, topology)
-        await self.hub.start()
-        self._store = StoreClient(s.task_store_addr, s.internal_token)
-        signer = UrlSigner(signing_key(s), s.media_url_ttl_seconds)
-        self.service = TaskService(
-            self._store,
-            self.hub,
+
+        self._nc = nc = await natsconn.connect(s.nats_url, "charai-gateway")
+        stack.push_async_callback(natsconn.drain, nc)
+        store = await stack.enter_async_context(
+            StoreClient(s.task_store_addr, s.internal_token.get_secret_value())
+        )
+        media = MediaStore(await natsconn.ensure_media_bucket(nc.jetstream(), topology, s.nats_replicas))
+        self.hub = hub = EventHub(nc, topology)
+        stack.push_async_callback(hub.close)
+        await hub.start()
+        self.service = self._task_service(store, hub, signer)
+        server, health = await self._grpc_server(auth, self.service, tls)
+        stack.push_async_callback(server.stop, None)  # only matters when a later step fails
+        await server.start()
+        self.metrics.gauge_from(self.metrics.watch_streams, lambda: hub.open_streams)
+        self._loopback = loopback = (
+            loopback_channel(s.gateway_grpc_addr, self.grpc_port)
+            if tls is None
+            else loopback_channel("127.0.0.1:0", self.bridge_port)
+        )
+        stack.push_async_callback(loopback.close)
+        await self._serve_http(stack, media, signer, loopback, tls)
+
+        # What shutdown does first is entered last.
+        stack.push_async_callback(server.stop, s.shutdown_grace_seconds)
+        stack.push_async_callback(_not_serving, health)
+
+        async def dependencies_ok() -> bool:
+            return nc.is_connected and await store.serving()
+
+        self.health_watcher = await stack.enter_async_context(
+            HealthWatcher(health, [_SERVICE], dependencies_ok, clock=self._clock)
+        )
+        stack.callback(self._end_streams)
+        logs.announce(
+            "gateway_listening",
+            grpc=f"{s.gateway_grpc_addr.rpartition(':')[0]}:{self.grpc_port}",
+            http=f"{s.gateway_http_addr.rpartition(':')[0]}:{self.http_port}",
+            public_base_url=s.base_url(self.http_port),
+            tls=tls is not None,
+        )
+
+    def _task_service(self, store: StoreClient, hub: EventHub, signer: UrlSigner) -> TaskService:
+        s = self.settings
+        return TaskService(
+            store,
+            hub,
             signer,
             lambda: s.base_url(self.http_port),
             heartbeat_seconds=s.watch_heartbeat_seconds,
@@ -106,16 +134,25 @@ class GatewayApp:
             max_streams_per_tenant=s.max_watch_streams_per_tenant,
             image_model=s.image_model,
             submit_limiter=SubmitLimiter(s.submit_rate_per_tenant, s.submit_burst_per_tenant),
-            operator_tenants=s.operators,
+            operator_tenants=s.operator_tenants,
         )
+
+    async def _grpc_server(
+        self, auth: Authenticator, service: TaskService, tls: TlsFiles | None
+    ) -> tuple[grpc.aio.Server, Any]:
+        """The gRPC server (not started yet) with TaskService, health and reflection, bound to
+        its ports; returns it and its health servicer."""
         server = grpc.aio.server(
             interceptors=[grpcsupport.ServerInterceptor(auth.grpc_check, observe=self.metrics.observe_rpc)],
             options=grpcsupport.SERVER_OPTIONS,
         )
-        add_to_server(self.service, server)
-        self._health = await grpcsupport.add_health_and_reflection(
-            server, [task_service_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name]
-        )
+        add_to_server(service, server)
+        health = await grpcsupport.add_health_and_reflection(server, [_SERVICE])
+        self._listen_grpc(server, tls)
+        return server, health
+
+    def _listen_grpc(self, server: grpc.aio.Server, tls: TlsFiles | None) -> None:
+        s = self.settings
         if tls is None:
             self.grpc_port = server.add_insecure_port(s.gateway_grpc_addr)
         else:
@@ -124,10 +161,17 @@ class GatewayApp:
             self.bridge_port = server.add_insecure_port("127.0.0.1:0")
         if self.grpc_port == 0:
             raise SystemExit(f"gateway: cannot listen on {s.gateway_grpc_addr} (CHARAI_GATEWAY_GRPC_ADDR)")
-        await server.start()
-        self._server = server
-        self._start_ops()
 
+    async def _serve_http(
+        self,
+        stack: contextlib.AsyncExitStack,
+        media: MediaStore,
+        signer: UrlSigner,
+        loopback: grpc.aio.Channel,
+        tls: TlsFiles | None,
+    ) -> None:
+        """The HTTP port: media, metrics, health, REST, gRPC-web, the console."""
+        s = self.settings
         app = web.Application(client_max_size=1024 * 1024)
         app.add_routes(media_routes(media, signer) + metrics_routes(self.metrics))
         app.add_routes(
@@ -136,20 +180,16 @@ class GatewayApp:
                 lambda: {"open_watch_streams": self.hub.open_streams if self.hub is not None else 0},
             )
         )
-        self._loopback = (
-            loopback_channel(s.gateway_grpc_addr, self.grpc_port)
-            if tls is None
-            else loopback_channel("127.0.0.1:0", self.bridge_port)
-        )
-        app.add_routes(RestApi(self._loopback).routes())
-        app.add_routes(GrpcWebBridge(self._loopback).routes())
+        app.add_routes(RestApi(loopback).routes())
+        app.add_routes(GrpcWebBridge(loopback).routes())
         app.add_routes(console_routes(s.console_dir))
-        install_cors(app, CorsPolicy(s.cors_origin_list))
-        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-        await self._runner.setup()
+        install_cors(app, CorsPolicy(list(s.cors_origins)))
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
         host, _, port = s.gateway_http_addr.rpartition(":")
         site = web.TCPSite(
-            self._runner,
+            runner,
             host,
             int(port),
             reuse_address=True,
@@ -163,55 +203,23 @@ class GatewayApp:
             ) from None
         server_sock = site._server.sockets[0]  # type: ignore[union-attr]
         self.http_port = int(server_sock.getsockname()[1])
-        grpc_host = s.gateway_grpc_addr.rpartition(":")[0]
-        logs.announce(
-            "gateway_listening",
-            grpc=f"{grpc_host}:{self.grpc_port}",
-            http=f"{host}:{self.http_port}",
-            public_base_url=s.base_url(self.http_port),
-            tls=tls is not None,
-        )
 
-    def _start_ops(self) -> None:
-        """The open-streams gauge, and the watcher that reports NOT_SERVING while NATS or
-        task_store is out of reach."""
-        hub, store, nc = self.hub, self._store, self._nc
-        assert hub is not None and store is not None and nc is not None
-        self.metrics.gauge_from(self.metrics.watch_streams, lambda: hub.open_streams)
-        self.health_watcher = HealthWatcher(
-            self._health,
-            [task_service_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name],
-            lambda: store.serving() if nc.is_connected else _false(),
-        )
-        self.health_watcher.start()
+    def _end_streams(self) -> None:
+        """Watch streams end cleanly (clients resume elsewhere) before anything else stops."""
+        if self.service is not None:
+            self.service.stopping.set()
+        if self.hub is not None:
+            self.hub.end_all()
 
     async def close(self) -> None:
+        """Stops what :meth:`start` opened, in the documented order; idempotent."""
         if self._closed:
             return
         self._closed = True
-        if self.service is not None:
-            self.service.stopping.set()  # watch streams end cleanly; clients resume elsewhere
-            if self.hub is not None:
-                self.hub.end_all()
-        if self.health_watcher is not None:
-            await self.health_watcher.close()
-        if self._health is not None:
-            with contextlib.suppress(Exception):
-                await self._health.enter_graceful_shutdown()
-        if self._server is not None:
-            await self._server.stop(self.settings.shutdown_grace_seconds)
-        if self._runner is not None:
-            await self._runner.cleanup()
-        if self._loopback is not None:
-            await self._loopback.close()
-        if self.hub is not None:
-            await self.hub.close()
-        if self._store is not None:
-            await self._store.close()
-        if self._nc is not None:
-            with contextlib.suppress(Exception):
-                await self._nc.drain()
-        logs.announce("gateway_stopped")
+        try:
+            await self._exit.aclose()
+        finally:
+            logs.announce("gateway_stopped")
 
     async def __aenter__(self) -> GatewayApp:
         await self.start()
@@ -219,6 +227,12 @@ class GatewayApp:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+async def _not_serving(health: Any) -> None:
+    """Health answers NOT_SERVING from now on, so probes stop sending work here."""
+    with contextlib.suppress(Exception):
+        await health.enter_graceful_shutdown()
 
 
 async def serve(settings: Settings) -> None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
-from pathlib import Path
+from collections.abc import Iterable
 
 from charai.core.errors import UnauthenticatedError
+from pydantic import SecretStr
 
 DEFAULT_TENANT = "default"
 
@@ -23,23 +23,9 @@ class Authenticator:
         self._entries = [(_hash(token), tenant) for token, tenant in pairs]
 
     @classmethod
-    def from_settings(cls, inline: str, file: Path | None) -> Authenticator:
-        lines = [part for part in inline.split(",")]
-        if file is not None:
-            try:
-                lines += file.read_text().splitlines()
-            except OSError as exc:
-                raise SystemExit(f"gateway: cannot read CHARAI_API_KEYS_FILE ({exc.strerror})") from None
-        pairs = []
-        for raw in lines:
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            token, sep, tenant = line.partition("=")
-            if not sep or not token.strip() or not tenant.strip():
-                raise SystemExit("gateway: CHARAI_API_KEYS entries must look like token=tenant")
-            pairs.append((token.strip(), tenant.strip()))
-        return cls(pairs)
+    def from_tokens(cls, tokens: Iterable[tuple[SecretStr, str]]) -> Authenticator:
+        """From the parsed settings (``Settings.client_tokens``)."""
+        return cls([(token.get_secret_value(), tenant) for token, tenant in tokens])
 
     @property
     def enabled(self) -> bool:
@@ -62,13 +48,3 @@ class Authenticator:
 
     def grpc_check(self, metadata: dict[str, str], method: str) -> str:
         return self.tenant_for(metadata.get("authorization", ""))
-
-
-def is_loopback(addr: str) -> bool:
-    host = addr.rpartition(":")[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

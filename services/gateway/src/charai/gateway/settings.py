@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Annotated
 
-from charai.core.settings import CommonSettings, check_addr
-from pydantic import Field, SecretStr, field_validator, model_validator
+from charai.core.settings import CommaList, CommonSettings, check_addr, parse_api_keys, split_commas
+from pydantic import BeforeValidator, Field, PrivateAttr, SecretStr, field_validator, model_validator
+from pydantic_settings import NoDecode
 
 #: Where ``make console`` puts the built console (next to this package; gitignored).
 DEFAULT_CONSOLE_DIR = Path(__file__).resolve().parent / "console_dist"
@@ -22,6 +26,8 @@ class Settings(CommonSettings):
     api_keys: SecretStr = SecretStr("")
     #: A file with one ``token=tenant`` per line (``#`` comments allowed).
     api_keys_file: Path | None = None
+    #: Both of the above, parsed: (token, tenant) pairs (:attr:`client_tokens`).
+    _client_tokens: tuple[tuple[SecretStr, str], ...] = PrivateAttr(default=())
     media_url_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=60)
     #: An idle watch stream carries a heartbeat event this often.
     watch_heartbeat_seconds: float = Field(default=5.0, gt=0)
@@ -29,21 +35,20 @@ class Settings(CommonSettings):
     max_watch_streams_per_tenant: int = Field(default=2_000, ge=1)
     #: Browser origins allowed to call gRPC-web and REST from another origin, comma-separated
     #: (``https://app.example.com,http://localhost:5173``; ``*`` = any origin, without
-    #: credentials). Empty: no cross-origin access (the console at ``/`` is same-origin).
-    cors_origins: str = ""
+    #: credentials), kept without a trailing slash. Empty: no cross-origin access (the console
+    #: at ``/`` is same-origin).
+    cors_origins: CommaList = ()
     #: The built task console served at ``/`` (default: ``console_dist`` next to the package).
     console_dir: Path = DEFAULT_CONSOLE_DIR
     #: CreateTask calls a tenant may make per second, sustained (0: no limit, e.g. benchmarks).
     submit_rate_per_tenant: float = Field(default=50.0, ge=0)
     #: How many CreateTask calls a tenant may make at once above the sustained rate.
     submit_burst_per_tenant: int = Field(default=200, ge=1)
-    #: Tenants that may read queue statistics of every tenant (GetQueueStats). With auth off,
-    #: every caller is the tenant "default".
-    operator_tenants: str = "default"
-
-    @property
-    def operators(self) -> frozenset[str]:
-        return frozenset(t.strip() for t in self.operator_tenants.split(",") if t.strip())
+    #: Tenants that may read queue statistics of every tenant (GetQueueStats), comma-separated.
+    #: With auth off, every caller is the tenant "default".
+    operator_tenants: Annotated[frozenset[str], NoDecode, BeforeValidator(split_commas)] = frozenset(
+        {"default"}
+    )
 
     #: PEM certificate (chain) and private key: with both set, the public gRPC and HTTP ports
     #: speak TLS only.
@@ -57,11 +62,12 @@ class Settings(CommonSettings):
 
     @field_validator("cors_origins")
     @classmethod
-    def _origins(cls, value: str) -> str:
-        for origin in (part.strip().rstrip("/") for part in value.split(",")):
-            if origin and origin != "*" and not _ORIGIN.match(origin):
+    def _origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        origins = tuple(o for o in (part.rstrip("/") for part in value) if o)
+        for origin in origins:
+            if origin != "*" and not _ORIGIN.match(origin):
                 raise ValueError(f"{origin!r} is not an origin like https://app.example.com[:port] or *")
-        return value
+        return origins
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Settings:
@@ -69,17 +75,62 @@ class Settings(CommonSettings):
             raise ValueError("CHARAI_TLS_CERT_FILE and CHARAI_TLS_KEY_FILE go together: set both or neither")
         return self
 
+    @model_validator(mode="after")
+    def _client_tokens_or_loopback(self) -> Settings:
+        """Parses the client tokens, and refuses a non-loopback address without any: with auth
+        off every caller is tenant "default", which is only safe when nobody else can connect."""
+        file_text = ""
+        if self.api_keys_file is not None:
+            try:
+                file_text = self.api_keys_file.read_text()
+            except OSError as exc:
+                raise ValueError(
+                    f"CHARAI_API_KEYS_FILE: cannot read {self.api_keys_file} ({exc.strerror})"
+                ) from None
+        pairs = parse_api_keys(self.api_keys.get_secret_value(), file_text)
+        if any(not token or not tenant for token, tenant in pairs):
+            # Never echo the entry: it may be a token without its "=tenant".
+            raise ValueError("CHARAI_API_KEYS / CHARAI_API_KEYS_FILE entries must look like token=tenant")
+        self._client_tokens = tuple((SecretStr(token), tenant) for token, tenant in pairs)
+        if not pairs:
+            for name, addr in (
+                ("CHARAI_GATEWAY_GRPC_ADDR", self.gateway_grpc_addr),
+                ("CHARAI_GATEWAY_HTTP_ADDR", self.gateway_http_addr),
+            ):
+                if not is_loopback(addr):
+                    raise ValueError(
+                        f"gateway: refusing to listen on {addr} ({name}) without client tokens; "
+                        "set CHARAI_API_KEYS or CHARAI_API_KEYS_FILE, or listen on 127.0.0.1"
+                    )
+        return self
+
+    @property
+    def client_tokens(self) -> tuple[tuple[SecretStr, str], ...]:
+        """(token, tenant) of every entry of ``CHARAI_API_KEYS`` and ``CHARAI_API_KEYS_FILE``;
+        empty: auth off (and the gateway listens on loopback only)."""
+        return self._client_tokens
+
+    def derived_secrets(self) -> Iterator[str]:
+        for token, _ in self._client_tokens:
+            yield token.get_secret_value()
+
     @property
     def tls(self) -> bool:
         return self.tls_cert_file is not None
-
-    @property
-    def cors_origin_list(self) -> list[str]:
-        """The allow-list, normalised (no trailing slash, no blanks)."""
-        return [o for o in (part.strip().rstrip("/") for part in self.cors_origins.split(",")) if o]
 
     def base_url(self, http_port: int) -> str:
         if self.public_base_url:
             return self.public_base_url.rstrip("/")
         host = self.gateway_http_addr.rpartition(":")[0]
         return f"{'https' if self.tls else 'http'}://{host}:{http_port}"
+
+
+def is_loopback(addr: str) -> bool:
+    """Whether ``HOST:PORT`` listens on loopback only (``localhost``, 127.0.0.0/8, ``::1``)."""
+    host = addr.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -18,6 +18,15 @@ import ssl
 from pathlib import Path
 
 import grpc
+from charai.gateway.settings import Settings
+
+
+def load_tls(settings: Settings) -> TlsFiles | None:
+    """The certificate and key the settings name, read and checked (a bad file stops start-up
+    naming its setting); None: the public ports speak plaintext."""
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    return TlsFiles.load(settings.tls_cert_file, settings.tls_key_file)
 
 
 @dataclasses.dataclass(frozen=True)

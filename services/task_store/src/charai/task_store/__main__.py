@@ -9,8 +9,8 @@ from charai.task_store.settings import Settings
 
 def main() -> None:
     config = settings.load(Settings)
-    logs.configure("task_store", config.log_level, config.log_format)
-    lifecycle.run(serve(config))
+    logs.configure("task_store", config.log_level, config.log_format, secrets=config.secret_values())
+    lifecycle.run(serve(config), config.event_loop)
 
 
 if __name__ == "__main__":

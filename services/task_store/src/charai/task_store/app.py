@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import Callable
 from typing import Any
@@ -11,9 +10,12 @@ from urllib.parse import urlsplit
 import grpc
 import structlog
 from charai.core import grpcsupport, logs, natsconn
+from charai.core.clock import SYSTEM, Clock
 from charai.core.domain.retry import RetryPolicy
+from charai.core.health import HealthWatcher
 from charai.core.lifecycle import run_until_signal
-from charai.core.metrics import Metrics, MetricsServer
+from charai.core.metrics import Metrics
+from charai.core.metrics_endpoint import MetricsEndpoint
 from charai.core.topology import Topology
 from charai.store.v1 import store_service_pb2, store_service_pb2_grpc
 from charai.task_store.dispatch import EventPublisher, OutboxRelay
@@ -22,12 +24,10 @@ from charai.task_store.settings import Settings
 from charai.task_store.store import StoreConfig, TaskStore, open_store
 from charai.taskapi import error_code_label, priority_label, type_label
 from charai.tasks.v1 import task_pb2
-from grpc_health.v1 import health_pb2
 from nats.aio.client import Client
 
 log = structlog.get_logger("task_store")
-#: How often the health watcher probes NATS and the database, and how long a probe may take.
-HEALTH_INTERVAL_S = 1.0
+#: How long a health probe of NATS and the database may take.
 HEALTH_PROBE_TIMEOUT_S = 2.0
 #: How often the queue gauges are refreshed from the database (only when metrics are on).
 GAUGE_REFRESH_S = 5.0
@@ -63,47 +63,148 @@ def record_events(metrics: Metrics, envelopes: list[store_service_pb2.EventEnvel
 
 
 class TaskStoreApp:
-    """Everything task_store runs, as one ``async with``-able component."""
+    """Everything task_store runs, as one ``async with``-able component.
 
-    def __init__(self, settings: Settings, listen_addr: str | None = None) -> None:
+    Its parts are entered into one :class:`contextlib.AsyncExitStack`, so a start that fails
+    half-way closes exactly what it opened and ``close()`` (idempotent) undoes the rest in reverse
+    order of entry: the health watcher and the metrics endpoint, the gRPC server (calls in flight
+    finish within the grace), the outbox relay (gives back what it holds), the event publisher
+    (flushes), the store, NATS.
+    """
+
+    def __init__(self, settings: Settings, listen_addr: str | None = None, *, clock: Clock = SYSTEM) -> None:
         self.settings = settings
-        self._listen = listen_addr or settings.task_store_addr
-        if "," in self._listen:
-            raise SystemExit(
-                "task_store: CHARAI_TASK_STORE_ADDR is this replica's own listen address here; "
-                "give it one HOST:PORT (only gateways and workers take a list)"
-            )
+        self._listen = listen_addr or settings.listen_addr
         self._topology = Topology(settings.namespace)
+        self._clock = clock
         self.port = 0
-        self._server: grpc.aio.Server | None = None
-        self._publisher: EventPublisher | None = None
         self._relay: OutboxRelay | None = None
         self._nc: Client | None = None
         self.store: TaskStore | None = None
-        self._closed = False
         #: This process's metrics (always collected; exposed when ``CHARAI_METRICS_ADDR`` is set).
         self.metrics = Metrics("task_store")
-        self._metrics_server: MetricsServer | None = None
-        self._health: Any = None
-        self._background: list[asyncio.Task[None]] = []
-        #: Last health verdict (True: SERVING), for logs and tests.
-        self.serving = False
+        self._metrics_endpoint: MetricsEndpoint | None = None
+        self._health_watcher: HealthWatcher | None = None
+        self._exit = contextlib.AsyncExitStack()
+        self._closed = False
+
+    @property
+    def serving(self) -> bool:
+        """Last health verdict (True: SERVING), for logs and tests."""
+        return self._health_watcher is not None and self._health_watcher.serving
 
     async def start(self) -> None:
         try:
-            await self._start()
+            await self._open(self._exit)
         except BaseException:
-            await self.close()  # what started so far (NATS, the pool) is let go
+            await self.close()  # what was opened so far (NATS, the pool), and only that
             raise
 
-    async def _start(self) -> None:
+    async def _open(self, stack: contextlib.AsyncExitStack) -> None:
         s = self.settings
+        publisher: EventPublisher | None = None
 
         def on_events(envelopes: list[store_service_pb2.EventEnvelope]) -> None:
-            assert self._publisher is not None
-            self._publisher.submit_threadsafe(envelopes)
+            assert publisher is not None
+            publisher.submit_threadsafe(envelopes)
             record_events(self.metrics, envelopes)
 
+        # Built (not opened) first: a bad database setting stops start-up before anything connects.
+        self.store = store = self._build_store(on_events)
+        self._nc = nc = await natsconn.connect(s.nats_url, "charai-task-store")
+        stack.push_async_callback(natsconn.drain, nc)
+        js = nc.jetstream()
+        await natsconn.ensure_jobs_stream(js, self._topology, s.nats_replicas)
+        publisher = EventPublisher(nc, self._topology)
+        stack.push_async_callback(store.close)
+        await store.open()
+        stack.push_async_callback(publisher.close)
+        publisher.start()
+        self._relay = relay = OutboxRelay(
+            store, js, self._topology, s.redispatch_after_seconds, s.sweep_interval_seconds
+        )
+        # New jobs go straight to this relay after their create commits (no claim in between).
+        store.hand_off(relay.owner, relay.take_threadsafe)
+        stack.push_async_callback(relay.close)
+        relay.start()
+        relay.wake()  # publish whatever a previous run left in the outbox
+
+        server = grpc.aio.server(
+            interceptors=[
+                grpcsupport.ServerInterceptor(
+                    internal_auth(s.internal_token.get_secret_value()), observe=self.metrics.observe_rpc
+                )
+            ],
+            options=grpcsupport.SERVER_OPTIONS,
+        )
+        store_service_pb2_grpc.add_TaskStoreServiceServicer_to_server(
+            TaskStoreServicer(store, relay.wake, s.lease_seconds, s.image_model), server
+        )
+        health = await grpcsupport.add_health_and_reflection(server, [_SERVICE])
+        self.port = server.add_insecure_port(self._listen)
+        if self.port == 0:
+            raise SystemExit(f"task_store: cannot listen on {self._listen} (CHARAI_TASK_STORE_ADDR)")
+        stack.push_async_callback(server.stop, s.shutdown_grace_seconds)
+        await server.start()
+        self._metrics_endpoint = await stack.enter_async_context(
+            MetricsEndpoint(
+                self.metrics,
+                s.metrics_addr,
+                refresh=self._refresh_gauges,
+                refresh_every=GAUGE_REFRESH_S,
+                clock=self._clock,
+            )
+        )
+        self._health_watcher = await stack.enter_async_context(
+            HealthWatcher(
+                health,
+                [_SERVICE],
+                self._dependencies_ok,
+                probe_timeout=HEALTH_PROBE_TIMEOUT_S,
+                clock=self._clock,
+            )
+        )
+        host = self._listen.rpartition(":")[0]
+        logs.announce("task_store_listening", addr=f"{host}:{self.port}", database=store.describe())
+
+    @property
+    def metrics_port(self) -> int:
+        """The bound ``/metrics`` port (0: metrics not served)."""
+        return 0 if self._metrics_endpoint is None else self._metrics_endpoint.port
+
+    async def _dependencies_ok(self) -> bool:
+        """NATS connected and the database answering a trivial query (in time: the watcher
+        gives up on a probe after ``HEALTH_PROBE_TIMEOUT_S``)."""
+        if self._nc is None or not self._nc.is_connected or self.store is None:
+            return False
+        await self.store.backend.read(lambda tx: tx.fetchval("SELECT 1"))
+        return True
+
+    async def _refresh_gauges(self) -> None:
+        """Queue gauges from the shared database (the same on every replica)."""
+        assert self.store is not None
+        try:
+            lanes, backlog = await self.store.queue_stats()
+        except Exception as exc:  # the database is away: keep the last values, try again
+            log.warning("queue_gauges_failed", error=str(exc))
+            return
+        m = self.metrics
+        for lane in lanes:
+            labels = (type_label(lane.type), priority_label(lane.priority))
+            m.queue_depth.labels(*labels).set(lane.depth)
+            m.queue_waiting_retry.labels(*labels).set(lane.waiting_retry)
+            m.queue_in_flight.labels(*labels).set(lane.in_flight)
+        m.outbox_backlog.set(backlog)
+
+    @property
+    def relay(self) -> OutboxRelay | None:
+        """The outbox relay (tests and metrics read its counters)."""
+        return self._relay
+
+    def _build_store(self, on_events: Callable[[list[store_service_pb2.EventEnvelope]], None]) -> TaskStore:
+        """The store ``CHARAI_DATABASE_URL`` names; a bad setting stops start-up with a message
+        naming it (and never the URL itself, which may carry a password)."""
+        s = self.settings
         config = StoreConfig(
             max_attempts=s.max_attempts,
             lease_seconds=s.lease_seconds,
@@ -113,109 +214,6 @@ class TaskStoreApp:
             namespace=s.namespace,
             outbox_claim_seconds=s.outbox_claim_seconds,
         )
-        # Built (not opened) first: a bad database setting stops start-up before anything connects.
-        self.store = self._build_store(config, on_events)
-        self._nc = await natsconn.connect(s.nats_servers, "charai-task-store")
-        js = self._nc.jetstream()
-        await natsconn.ensure_jobs_stream(js, self._topology, s.nats_replicas)
-        self._publisher = EventPublisher(self._nc, self._topology)
-        await self.store.open()
-        self._relay = OutboxRelay(
-            self.store, js, self._topology, s.redispatch_after_seconds, s.sweep_interval_seconds
-        )
-        # New jobs go straight to this relay after their create commits (no claim in between).
-        self.store.hand_off(self._relay.owner, self._relay.take_threadsafe)
-        self._publisher.start()
-        self._relay.start()
-        self._relay.wake()  # publish whatever a previous run left in the outbox
-
-        server = grpc.aio.server(
-            interceptors=[
-                grpcsupport.ServerInterceptor(
-                    internal_auth(s.internal_token), observe=self.metrics.observe_rpc
-                )
-            ],
-            options=grpcsupport.SERVER_OPTIONS,
-        )
-        store_service_pb2_grpc.add_TaskStoreServiceServicer_to_server(
-            TaskStoreServicer(self.store, self._relay.wake, s.lease_seconds, s.image_model), server
-        )
-        self._health = await grpcsupport.add_health_and_reflection(server, [_SERVICE])
-        self.port = server.add_insecure_port(self._listen)
-        if self.port == 0:
-            raise SystemExit(f"task_store: cannot listen on {self._listen} (CHARAI_TASK_STORE_ADDR)")
-        await server.start()
-        self._server = server
-        self.serving = True
-        self._background.append(asyncio.create_task(self._watch_health(), name="health-watcher"))
-        if s.metrics_addr:
-            self._metrics_server = MetricsServer(self.metrics, s.metrics_addr)
-            self._background.append(asyncio.create_task(self._refresh_gauges(), name="queue-gauges"))
-            log.info("metrics_listening", port=self._metrics_server.port)
-        host = self._listen.rpartition(":")[0]
-        logs.announce("task_store_listening", addr=f"{host}:{self.port}", database=self.store.describe())
-
-    @property
-    def metrics_port(self) -> int:
-        """The bound ``/metrics`` port (0: metrics not served)."""
-        return 0 if self._metrics_server is None else self._metrics_server.port
-
-    async def _dependencies_ok(self) -> bool:
-        """NATS connected and the database answering a trivial query in time."""
-        if self._nc is None or not self._nc.is_connected or self.store is None:
-            return False
-        try:
-            async with asyncio.timeout(HEALTH_PROBE_TIMEOUT_S):
-                await self.store.backend.read(lambda tx: tx.fetchval("SELECT 1"))
-        except Exception:
-            return False
-        return True
-
-    async def _watch_health(self) -> None:
-        """Flips gRPC health to NOT_SERVING while NATS or the database is out of reach (a load
-        balancer then sends calls to a replica that can serve them), and back when both are."""
-        while True:
-            await asyncio.sleep(HEALTH_INTERVAL_S)
-            ok = await self._dependencies_ok()
-            if ok == self.serving:
-                continue
-            self.serving = ok
-            status = (
-                health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
-            )
-            for name in (_SERVICE, ""):
-                await self._health.set(name, status)
-            log.warning("health_changed", serving=ok)
-
-    async def _refresh_gauges(self) -> None:
-        """Queue gauges from the shared database (the same on every replica)."""
-        while True:
-            assert self.store is not None
-            try:
-                lanes, backlog = await self.store.queue_stats()
-            except Exception as exc:  # the database is away: keep the last values, try again
-                log.warning("queue_gauges_failed", error=str(exc))
-            else:
-                m = self.metrics
-                for lane in lanes:
-                    labels = (type_label(lane.type), priority_label(lane.priority))
-                    m.queue_depth.labels(*labels).set(lane.depth)
-                    m.queue_waiting_retry.labels(*labels).set(lane.waiting_retry)
-                    m.queue_in_flight.labels(*labels).set(lane.in_flight)
-                m.outbox_backlog.set(backlog)
-            await asyncio.sleep(GAUGE_REFRESH_S)
-
-    @property
-    def relay(self) -> OutboxRelay | None:
-        """The outbox relay (tests and metrics read its counters)."""
-        return self._relay
-
-    def _build_store(
-        self, config: StoreConfig, on_events: Callable[[list[store_service_pb2.EventEnvelope]], None]
-    ) -> TaskStore:
-        """The store ``CHARAI_DATABASE_URL`` names; a bad setting stops start-up with a message
-        naming it (and never the URL itself, which may carry a password)."""
-        s = self.settings
         try:
             url = s.resolved_database_url()
             password = s.database_password() if s.is_postgres() and urlsplit(url).password is None else None
@@ -224,27 +222,14 @@ class TaskStoreApp:
         return open_store(url, config, on_events, password=password, pool_size=s.database_pool_size)
 
     async def close(self) -> None:
+        """Stops what :meth:`start` opened, in the documented order; idempotent."""
         if self._closed:
             return
         self._closed = True
-        for task in self._background:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if self._metrics_server is not None:
-            self._metrics_server.close()
-        if self._server is not None:
-            await self._server.stop(self.settings.shutdown_grace_seconds)
-        if self._relay is not None:
-            await self._relay.close()
-        if self._publisher is not None:
-            await self._publisher.close()
-        if self.store is not None:
-            await self.store.close()
-        if self._nc is not None:
-            with contextlib.suppress(Exception):
-                await self._nc.drain()
-        logs.announce("task_store_stopped")
+        try:
+            await self._exit.aclose()
+        finally:
+            logs.announce("task_store_stopped")
 
     async def __aenter__(self) -> TaskStoreApp:
         await self.start()

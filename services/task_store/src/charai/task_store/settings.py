@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from charai.core.settings import CommonSettings
-from pydantic import Field
+from pydantic import Field, field_validator
 
 #: Where Docker (compose) mounts the ``postgres_password`` secret.
 DEFAULT_PASSWORD_FILE = "/run/secrets/postgres_password"  # noqa: S105 - a path, not a password
@@ -33,6 +35,32 @@ class Settings(CommonSettings):
     #: How long an outbox relay owns the jobs it claimed: a replica that dies while publishing
     #: leaves them to the other replicas after this.
     outbox_claim_seconds: float = Field(default=30.0, gt=0)
+
+    @field_validator("task_store_addr")
+    @classmethod
+    def _one_listen_addr(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        # Gateways and workers may list several replicas; task_store reads it as its own address.
+        if len(value) != 1:
+            raise ValueError(
+                "must be one HOST:PORT for task_store: it is this replica's own listen address "
+                "(only gateways and workers take a list)"
+            )
+        return value
+
+    @property
+    def listen_addr(self) -> str:
+        """This replica's own gRPC address (``CHARAI_TASK_STORE_ADDR``: one HOST:PORT here)."""
+        return self.task_store_addr[0]
+
+    def derived_secrets(self) -> Iterator[str]:
+        """The PostgreSQL password: inside the URL or read from its file."""
+        try:
+            url = self.resolved_database_url()
+            password = urlsplit(url).password
+            from_file = self.database_password() if url.startswith(("postgresql://", "postgres://")) else None
+        except ValueError:  # start-up stops on it, with a message naming the setting
+            return
+        yield from (p for p in (password, from_file) if p)
 
     def resolved_database_url(self) -> str:
         """The database URL (the SQLite default filled in); raises ValueError naming the
