@@ -147,7 +147,8 @@ async def test_retry_requeues_a_failed_task_with_a_fresh_budget(store: TaskStore
     assert outcome == spb.FAIL_OUTCOME_FAILED and failed.status == task_pb2.TASK_STATUS_FAILED
 
     retried = await store.retry("t1", task.id)
-    assert (retried.status, retried.stage, retried.progress) == (task_pb2.TASK_STATUS_QUEUED, "queued", 0)
+    # Progress never goes back, not even on a re-run: stage and the QUEUED event show it.
+    assert (retried.status, retried.stage, retried.progress) == (task_pb2.TASK_STATUS_QUEUED, "queued", 10)
     assert not retried.HasField("error") and not retried.HasField("end_time")
     assert (retried.attempt, retried.max_attempts) == (1, 4)  # history kept, budget extended by 3
     events, _ = await store.list_events(spb.ListEventsRequest(tenant="t1", task_id=task.id))

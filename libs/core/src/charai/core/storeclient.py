@@ -147,7 +147,9 @@ class StoreClient:
     task_store to be reachable and are retried on UNAVAILABLE (the channel's service config).
     """
 
-    def __init__(self, addr: str | Sequence[str], token: str = "", *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self, addr: str | Sequence[str], token: str = "", *, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
         target, balanced = channel_target(addr)
         options: list[tuple[str, Any]] = [
             ("grpc.service_config", _SERVICE_CONFIG),
