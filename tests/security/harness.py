@@ -153,6 +153,8 @@ async def running_charai(
                 "api_keys": SecretStr(f"{TOKEN_A}={TENANT_A},{TOKEN_B}={TENANT_B}"),
                 "internal_token": INTERNAL_TOKEN,
                 "media_signing_key": SIGNING_KEY,
+                # Expiring media URLs (the default never expires): the tamper tests move the expiry.
+                "media_url_ttl": 3600,
                 "watch_heartbeat_seconds": 0.5,
                 "shutdown_grace_seconds": 1.0,
                 "console_dir": tmp / "console",

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 
 import jwt
 import pytest
 from charai.core.clock import ManualClock
-from charai.gateway.tokens import (
-    AccessTokenError,
-    AccessTokens,
-    Scope,
-    key_id,
-    load_keys,
-    looks_like_access_token,
-)
+from charai.gateway.settings import Settings
+from charai.gateway.signing import access_tokens
+from charai.gateway.tokens import AccessTokenError, AccessTokens, Scope, key_id, looks_like_access_token
+from pydantic import SecretStr, ValidationError
 
 KEY = b"k" * 32
 OLD = b"o" * 32
@@ -116,12 +113,21 @@ def _tamper(token: str) -> str:
     return f"{head}.{raw}.{sig}"
 
 
-def test_keys_come_from_the_setting_or_are_generated_once_into_the_data_dir(tmp_path: object) -> None:
-    from pathlib import Path
-
-    data = Path(str(tmp_path))
-    assert load_keys(" new , old ", data) == [b"new", b"old"]
-    first = load_keys("", data)
-    assert load_keys("", data) == first  # kept: tokens survive a restart
-    assert len(first[0]) >= 32
-    assert (data / "access-token.key").stat().st_mode & 0o777 == 0o600
+def test_keys_come_from_the_setting_or_are_generated_once_into_the_data_dir(tmp_path: Path) -> None:
+    clock = ManualClock()
+    scope = Scope.of(["task_1"], {}, allow_create=False)
+    new, old = "n" * 32, "o" * 40
+    configured = access_tokens(
+        Settings(data_dir=tmp_path, access_token_keys=SecretStr(f"{new}, {old}")), clock
+    )
+    old_token, _ = tokens(clock, old.encode()).issue("acme", scope, 600)
+    assert configured.verify(old_token).tenant == "acme"  # the old key still verifies
+    new_token, _ = configured.issue("acme", scope, 600)
+    assert jwt.get_unverified_header(new_token)["kid"] == key_id(new.encode())  # the first one signs
+    with pytest.raises(ValidationError, match="at least 32 characters") as err:
+        Settings(data_dir=tmp_path, access_token_keys=SecretStr("short-secret-key"))
+    assert "short-secret-key" not in str(err.value)
+    first = access_tokens(Settings(data_dir=tmp_path), clock)
+    token, _ = first.issue("acme", scope, 600)
+    assert access_tokens(Settings(data_dir=tmp_path), clock).verify(token).tenant == "acme"  # kept
+    assert (tmp_path / "access-token.key").stat().st_mode & 0o777 == 0o600

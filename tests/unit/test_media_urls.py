@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import urllib.parse
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -253,3 +254,30 @@ def test_signed_urls_verify_until_expiry(
 )
 def test_verify_of_arbitrary_ascii_is_false(exp: str, sig: str) -> None:
     assert UrlSigner(SECRET, TTL).verify(KEY, exp, sig, now=NOW) is False
+
+
+# --- durable URLs (CHARAI_MEDIA_URL_TTL=0, the default) and key rotation ---------------------------------
+
+
+def test_a_url_of_a_signer_without_ttl_never_expires_and_cannot_be_given_an_expiry() -> None:
+    signer = UrlSigner(SECRET, 0)
+    url = signer.sign("https://charai.example", KEY, now=NOW)
+    query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
+    assert set(query) == {"sig"}  # no exp: nothing to run out
+    assert signer.verify(KEY, "", query["sig"], now=NOW + 10 * 365 * 86_400)
+    assert not signer.verify(KEY, str(NOW + 3600), query["sig"], now=NOW)  # an added expiry breaks it
+    assert not signer.verify(f"{TASK_ID}.wav", "", query["sig"], now=NOW)
+    assert not UrlSigner(b"another secret", 0).verify(KEY, "", query["sig"], now=NOW)
+    # An expiring URL cannot be turned into a lasting one by dropping its expiry.
+    _, _, _, sig = split(UrlSigner(SECRET, TTL).sign("http://h", KEY, now=NOW))
+    assert not signer.verify(KEY, "", sig, now=NOW)
+
+
+def test_rotated_secrets_keep_old_urls_working_until_the_old_secret_is_dropped() -> None:
+    old_url = UrlSigner(b"old secret", 0).sign("http://h", KEY)
+    sig = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(old_url).query))["sig"]
+    rotated = UrlSigner([b"new secret", b"old secret"], 0)
+    assert rotated.verify(KEY, "", sig)
+    new_sig = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(rotated.sign("http://h", KEY)).query))["sig"]
+    assert UrlSigner(b"new secret", 0).verify(KEY, "", new_sig)  # the first secret signs
+    assert not UrlSigner(b"new secret", 0).verify(KEY, "", sig)  # dropping a secret revokes its URLs

@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import re
 import time
+from collections.abc import Sequence
 from typing import Any
 
 MEDIA_URL_PREFIX = "charai-media:"
@@ -77,26 +78,46 @@ def media_keys(task: Any) -> list[str]:
 
 
 class UrlSigner:
-    """Signs media URLs: ``/media/{key}?exp=…&sig=…``; HMAC-SHA256 over key and expiry."""
+    """Signs media URLs: ``/media/{key}?sig=…`` (``&exp=…`` when URLs expire); HMAC-SHA256 over
+    key and expiry.
 
-    def __init__(self, secret: bytes, ttl_seconds: int) -> None:
-        self._secret = secret
+    Several secrets: the first signs, every one verifies, so rotating in a new secret keeps the
+    URLs signed with the old ones working for as long as the old secret stays listed (removing a
+    secret revokes every URL it signed). ``ttl_seconds`` 0: URLs never expire (apps store them,
+    as the seed stores ``result.imageUrl``); they stop working only when the task is deleted
+    (404) or their secret is removed.
+    """
+
+    def __init__(self, secret: bytes | Sequence[bytes], ttl_seconds: int) -> None:
+        keys = [secret] if isinstance(secret, bytes) else list(secret)
+        if not keys:
+            raise ValueError("media URLs need at least one signing secret")
+        self._secrets = keys
         self._ttl = ttl_seconds
 
-    def _sig(self, key: str, exp: int) -> str:
-        mac = hmac.new(self._secret, f"{key}\n{exp}".encode(), hashlib.sha256).digest()
+    @staticmethod
+    def _sig(secret: bytes, key: str, exp: int) -> str:
+        mac = hmac.new(secret, f"{key}\n{exp}".encode(), hashlib.sha256).digest()
         return base64.urlsafe_b64encode(mac[:20]).decode().rstrip("=")
 
     def sign(self, base_url: str, key: str, now: float | None = None) -> str:
+        base = f"{base_url.rstrip('/')}/media/{key}"
+        if self._ttl <= 0:
+            return f"{base}?sig={self._sig(self._secrets[0], key, 0)}"
         exp = int((time.time() if now is None else now) + self._ttl)
         # Round the expiry so repeated reads of a task give the same URL (browsers cache it).
         exp -= exp % 3600
         exp += 3600
-        return f"{base_url.rstrip('/')}/media/{key}?exp={exp}&sig={self._sig(key, exp)}"
+        return f"{base}?exp={exp}&sig={self._sig(self._secrets[0], key, exp)}"
 
     def verify(self, key: str, exp: str, sig: str, now: float | None = None) -> bool:
-        if not (exp.isascii() and exp.isdigit() and len(exp) <= 12):
+        """Whether ``sig`` signs ``key`` until ``exp`` ("" for a URL that never expires)."""
+        if exp == "":
+            expires = 0
+        elif exp.isascii() and exp.isdigit() and len(exp) <= 12 and int(exp) > 0:
+            expires = int(exp)
+            if expires < (time.time() if now is None else now):
+                return False
+        else:
             return False
-        if int(exp) < (time.time() if now is None else now):
-            return False
-        return hmac.compare_digest(self._sig(key, int(exp)), sig)
+        return any(hmac.compare_digest(self._sig(secret, key, expires), sig) for secret in self._secrets)

@@ -32,8 +32,9 @@ from charai.gateway.ops import metrics_routes
 from charai.gateway.rest import RestApi
 from charai.gateway.service import TaskService, add_to_server
 from charai.gateway.settings import Settings
-from charai.gateway.signing import url_signer
+from charai.gateway.signing import access_tokens, url_signer
 from charai.gateway.tls import TlsFiles, load_tls
+from charai.gateway.tokens import AccessTokens
 from charai.tasks.v1 import task_service_pb2
 from nats.aio.client import Client
 
@@ -71,7 +72,8 @@ class GatewayApp:
 
     async def _open(self, stack: contextlib.AsyncExitStack) -> None:
         s = self.settings
-        auth = Authenticator.from_tokens(s.client_tokens)
+        tokens = access_tokens(s, self._clock)
+        auth = Authenticator.from_tokens(s.client_tokens, tokens)
         if not auth.enabled:
             log.warning(
                 "auth_disabled",
@@ -90,7 +92,7 @@ class GatewayApp:
         self.hub = hub = EventHub(nc, topology)
         stack.push_async_callback(hub.close)
         await hub.start()
-        self.service = self._task_service(store, hub, signer)
+        self.service = self._task_service(store, hub, signer, tokens)
         server, health = await self._grpc_server(auth, self.service, tls)
         stack.push_async_callback(server.stop, None)  # only matters when a later step fails
         await server.start()
@@ -122,7 +124,9 @@ class GatewayApp:
             tls=tls is not None,
         )
 
-    def _task_service(self, store: StoreClient, hub: EventHub, signer: UrlSigner) -> TaskService:
+    def _task_service(
+        self, store: StoreClient, hub: EventHub, signer: UrlSigner, tokens: AccessTokens
+    ) -> TaskService:
         s = self.settings
         return TaskService(
             store,
@@ -135,6 +139,7 @@ class GatewayApp:
             image_model=s.image_model,
             submit_limiter=SubmitLimiter(s.submit_rate_per_tenant, s.submit_burst_per_tenant),
             operator_tenants=s.operator_tenants,
+            tokens=tokens,
         )
 
     async def _grpc_server(

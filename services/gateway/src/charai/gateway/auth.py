@@ -1,4 +1,9 @@
-"""Client tokens → tenants. Tokens are kept only as SHA-256 hashes and compared in constant time."""
+"""Bearer tokens → tenants: tenant API keys (kept only as SHA-256 hashes, compared in constant
+time) and scoped access tokens (verified by their signature; :mod:`charai.gateway.tokens`).
+
+An access token makes the call's :data:`charai.gateway.access.current` the token, so the servicer
+holds the call to the token's scope; a tenant key leaves it None.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ import hmac
 from collections.abc import Iterable
 
 from charai.core.errors import UnauthenticatedError
+from charai.gateway import access
+from charai.gateway.tokens import AccessTokens, looks_like_access_token
 from pydantic import SecretStr
 
 DEFAULT_TENANT = "default"
@@ -17,27 +24,37 @@ def _hash(token: str) -> bytes:
 
 
 class Authenticator:
-    """Maps a bearer token to its tenant; with no tokens configured every caller is ``default``."""
+    """Maps a bearer token to its tenant; with no API keys configured every caller is
+    ``default`` (an access token, which carries its tenant, is still honoured with its scope)."""
 
-    def __init__(self, pairs: list[tuple[str, str]]) -> None:
+    def __init__(self, pairs: list[tuple[str, str]], tokens: AccessTokens | None = None) -> None:
         self._entries = [(_hash(token), tenant) for token, tenant in pairs]
+        self._tokens = tokens
 
     @classmethod
-    def from_tokens(cls, tokens: Iterable[tuple[SecretStr, str]]) -> Authenticator:
-        """From the parsed settings (``Settings.client_tokens``)."""
-        return cls([(token.get_secret_value(), tenant) for token, tenant in tokens])
+    def from_tokens(
+        cls, tokens: Iterable[tuple[SecretStr, str]], access_tokens: AccessTokens | None = None
+    ) -> Authenticator:
+        """From the parsed settings (``Settings.client_tokens``) and the access-token keys."""
+        return cls([(token.get_secret_value(), tenant) for token, tenant in tokens], access_tokens)
 
     @property
     def enabled(self) -> bool:
         return bool(self._entries)
 
     def tenant_for(self, authorization: str) -> str:
+        access.current.set(None)
+        scheme, _, bearer = authorization.partition(" ")
+        bearer = bearer.strip()
+        if self._tokens is not None and scheme.lower() == "bearer" and looks_like_access_token(bearer):
+            verified = self._tokens.verify(bearer)
+            access.current.set(verified)
+            return verified.tenant
         if not self._entries:
             return DEFAULT_TENANT
-        scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        if scheme.lower() != "bearer" or not bearer:
             raise UnauthenticatedError("missing bearer token: send 'authorization: Bearer <token>'")
-        presented = _hash(token.strip())
+        presented = _hash(bearer)
         found = ""
         for digest, tenant in self._entries:
             if hmac.compare_digest(digest, presented):

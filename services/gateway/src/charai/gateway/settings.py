@@ -28,7 +28,15 @@ class Settings(CommonSettings):
     api_keys_file: Path | None = None
     #: Both of the above, parsed: (token, tenant) pairs (:attr:`client_tokens`).
     _client_tokens: tuple[tuple[SecretStr, str], ...] = PrivateAttr(default=())
-    media_url_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=60)
+    #: Lifetime of a media URL in seconds; 0 (the default): media URLs never expire (apps store
+    #: them); otherwise at least 60.
+    media_url_ttl: int = Field(default=0, ge=0)
+    #: Secrets that sign access tokens, comma-separated: the first signs, all verify (rotate by
+    #: putting a new one first and dropping the old one after the longest token lifetime).
+    #: Unset: one generated into the data dir (replicas behind one load balancer need the setting).
+    access_token_keys: SecretStr = SecretStr("")
+    #: The longest lifetime CreateAccessToken may give a token.
+    access_token_max_ttl_seconds: int = Field(default=24 * 3600, ge=60)
     #: An idle watch stream carries a heartbeat event this often.
     watch_heartbeat_seconds: float = Field(default=5.0, gt=0)
     max_watch_streams: int = Field(default=10_000, ge=1)
@@ -68,6 +76,21 @@ class Settings(CommonSettings):
             if origin != "*" and not _ORIGIN.match(origin):
                 raise ValueError(f"{origin!r} is not an origin like https://app.example.com[:port] or *")
         return origins
+
+    @field_validator("access_token_keys")
+    @classmethod
+    def _access_token_keys(cls, value: SecretStr) -> SecretStr:
+        keys = [k.strip() for k in value.get_secret_value().split(",") if k.strip()]
+        if any(len(k) < 32 for k in keys):  # RFC 7518 3.2: an HS256 key of at least 256 bits
+            raise ValueError("each key must be at least 32 characters (e.g. openssl rand -base64 32)")
+        return value
+
+    @field_validator("media_url_ttl")
+    @classmethod
+    def _media_url_ttl(cls, value: int) -> int:
+        if 0 < value < 60:
+            raise ValueError("must be 0 (media URLs never expire) or at least 60 seconds")
+        return value
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Settings:

@@ -1,4 +1,4 @@
-"""The secret that signs media URLs: ``CHARAI_MEDIA_SIGNING_KEY``, or one kept in the data dir.
+"""The secrets that sign media URLs and access tokens: from the settings, or kept in the data dir.
 
 Why a file when the setting is unset: ``make run`` restarts would otherwise invalidate every media
 URL handed out before (apps store them, as the seed stores ``result.imageUrl``). Replicas behind
@@ -11,19 +11,27 @@ import os
 import secrets
 from pathlib import Path
 
+from charai.core.clock import SYSTEM, Clock
 from charai.core.media import UrlSigner
 from charai.gateway.settings import Settings
+from charai.gateway.tokens import AccessTokens
 
 #: The generated key's file, inside ``CHARAI_DATA_DIR``.
 KEY_FILE = "media-signing.key"
 
 
-def media_signing_key(settings: Settings) -> bytes:
-    """The setting's value, or the data dir's key (generated, readable by its owner only, on
-    first use)."""
-    if configured := settings.media_signing_key.get_secret_value():
-        return configured.encode()
-    path = Path(settings.data_dir) / KEY_FILE
+#: The generated access-token key's file, inside ``CHARAI_DATA_DIR``.
+TOKEN_KEY_FILE = "access-token.key"  # noqa: S105 - a file name, not a secret
+
+
+def _keys(configured: str, data_dir: Path, file: str) -> list[bytes]:
+    """The comma-separated secrets of a setting (newest first), or the data dir's one."""
+    keys = [k.strip().encode() for k in configured.split(",") if k.strip()]
+    return keys or [_generated(Path(data_dir) / file)]
+
+
+def _generated(path: Path) -> bytes:
+    """The key in ``path`` (generated, readable by its owner only, on first use)."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         try:  # created with its final mode: never readable by others, not even for a moment
@@ -36,6 +44,18 @@ def media_signing_key(settings: Settings) -> bytes:
     return path.read_text().strip().encode()
 
 
+def media_signing_keys(settings: Settings) -> list[bytes]:
+    """``CHARAI_MEDIA_SIGNING_KEY`` (comma-separated: the first signs, all verify), or the data
+    dir's key."""
+    return _keys(settings.media_signing_key.get_secret_value(), settings.data_dir, KEY_FILE)
+
+
 def url_signer(settings: Settings) -> UrlSigner:
-    """Signs and checks media URLs with :func:`media_signing_key` and the configured lifetime."""
-    return UrlSigner(media_signing_key(settings), settings.media_url_ttl_seconds)
+    """Signs and checks media URLs with :func:`media_signing_keys` and the configured lifetime."""
+    return UrlSigner(media_signing_keys(settings), settings.media_url_ttl)
+
+
+def access_tokens(settings: Settings, clock: Clock = SYSTEM) -> AccessTokens:
+    """Issues and verifies access tokens with ``CHARAI_ACCESS_TOKEN_KEYS`` (or the data dir's key)."""
+    keys = _keys(settings.access_token_keys.get_secret_value(), settings.data_dir, TOKEN_KEY_FILE)
+    return AccessTokens(keys, settings.access_token_max_ttl_seconds, clock)

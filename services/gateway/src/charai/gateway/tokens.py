@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import secrets
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import jwt
@@ -156,17 +154,3 @@ class AccessTokens:
         raw = claims["scope"]
         scope = Scope.of(raw.get("tasks", ()), raw.get("metadata", {}), bool(raw.get("create", False)))
         return AccessToken(str(claims["sub"]), scope, expires, str(claims.get("jti", "")))
-
-
-def load_keys(configured: str, data_dir: Path) -> list[bytes]:
-    """The signing keys: ``CHARAI_ACCESS_TOKEN_KEYS`` (comma-separated, newest first), or one
-    generated into the data dir on first start (kept, so tokens survive a restart)."""
-    keys = [k.strip().encode() for k in configured.split(",") if k.strip()]
-    if keys:
-        return keys
-    path = Path(data_dir) / "access-token.key"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(secrets.token_urlsafe(32))
-        path.chmod(0o600)
-    return [path.read_text().strip().encode()]
