@@ -23,6 +23,7 @@ from typing import Any
 
 import aiohttp
 import grpc
+from charai.core.clock import SYSTEM, Clock
 from charai.core.storeclient import StoreClient
 from charai.emulator import EmulatorConfig, RunningEmulator, running_emulator
 from charai.gateway.app import GatewayApp
@@ -127,6 +128,7 @@ async def running_charai(
     store: Mapping[str, Any] | None = None,
     with_worker: bool = False,
     worker: Mapping[str, Any] | None = None,
+    gateway_clock: Clock = SYSTEM,
 ) -> AsyncIterator[Charai]:
     """nats-server, task_store and gateway (tokens A and B), plus the emulator and a TTS worker
     settings object when ``with_worker`` (the worker itself starts with ``start_worker``)."""
@@ -160,7 +162,7 @@ async def running_charai(
                 "console_dir": tmp / "console",
             }
             settings = GatewaySettings(**{**gateway_values, **(gateway or {})})
-            gateway_app = await stack.enter_async_context(GatewayApp(settings))
+            gateway_app = await stack.enter_async_context(GatewayApp(settings, clock=gateway_clock))
             client = await stack.enter_async_context(
                 StoreClient(f"127.0.0.1:{store_app.port}", INTERNAL_TOKEN)
             )
@@ -233,6 +235,8 @@ class Answer:
     messages: list[bytes]
     details: status_pb2.Status | None = None
     http_status: int = 200
+    #: A REST refusal's ``error`` object (its ``reason`` is ErrorInfo's).
+    rest: dict[str, Any] | None = None
 
     def first(self, cls: type[Any]) -> Any:
         return cls.FromString(self.messages[0])

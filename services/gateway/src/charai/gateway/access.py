@@ -20,7 +20,11 @@ from charai.tasks.v1 import task_pb2
 #: The access token of the current RPC; None when it came with a tenant API key.
 current: contextvars.ContextVar[AccessToken | None] = contextvars.ContextVar("access_token", default=None)
 
-REASON = "ACCESS_TOKEN_SCOPE"
+
+class OutOfScopeError(PermissionDeniedError):
+    """A call an access token may not make (ErrorInfo reason ``ACCESS_TOKEN_SCOPE``)."""
+
+    reason = "ACCESS_TOKEN_SCOPE"
 
 
 def scope() -> Scope | None:
@@ -31,10 +35,8 @@ def scope() -> Scope | None:
 def require_tenant_key(what: str) -> None:
     """Refuses a call that only a tenant key may make (``what``: e.g. "GetQueueStats")."""
     if current.get() is not None:
-        raise PermissionDeniedError(
-            f"{what} needs the tenant's API key; an access token cannot call it",
-            reason=REASON,
-            method=what,
+        raise OutOfScopeError(
+            f"{what} needs the tenant's API key; an access token cannot call it", method=what
         )
 
 
@@ -52,13 +54,9 @@ def check_create(metadata: Mapping[str, str]) -> None:
     if granted is None or granted.may_create(metadata):
         return
     if not granted.allow_create:
-        raise PermissionDeniedError(
-            "this access token may not create tasks (ask for one with allow_create)", reason=REASON
-        )
+        raise OutOfScopeError("this access token may not create tasks (ask for one with allow_create)")
     wanted = ", ".join(f"{k}={v}" for k, v in granted.metadata) or "a metadata scope"
-    raise PermissionDeniedError(
-        f"this access token may only create tasks with {wanted} in their metadata", reason=REASON
-    )
+    raise OutOfScopeError(f"this access token may only create tasks with {wanted} in their metadata")
 
 
 def narrow(metadata: Mapping[str, str]) -> dict[str, str]:
@@ -71,9 +69,8 @@ def narrow(metadata: Mapping[str, str]) -> dict[str, str]:
         return wanted
     for key, value in granted.metadata:
         if wanted.setdefault(key, value) != value:
-            raise PermissionDeniedError(
-                f"the filter asks for {key}={wanted[key]}, outside this access token's scope ({key}={value})",
-                reason=REASON,
+            raise OutOfScopeError(
+                f"the filter asks for {key}={wanted[key]}, outside this access token's scope ({key}={value})"
             )
     return wanted
 
