@@ -13,12 +13,14 @@ from charai.core.clock import SYSTEM, Clock
 from charai.core.domain.retry import RetryPolicy
 from charai.core.health import HealthWatcher
 from charai.core.lifecycle import run_until_signal
+from charai.core.media import MediaStore
 from charai.core.metrics import Metrics
 from charai.core.metrics_endpoint import MetricsEndpoint
 from charai.core.topology import Topology
 from charai.store.v1 import store_service_pb2, store_service_pb2_grpc
 from charai.task_store.dispatch import EventPublisher, OutboxRelay
 from charai.task_store.grpc_api import TaskStoreServicer, internal_auth
+from charai.task_store.removal import RetentionSweeper
 from charai.task_store.settings import Settings
 from charai.task_store.store import StoreConfig, TaskStore, open_store
 from charai.taskapi import error_code_label, priority_label, type_label
@@ -84,6 +86,8 @@ class TaskStoreApp:
         self.metrics = Metrics("task_store")
         self._metrics_endpoint: MetricsEndpoint | None = None
         self._health_watcher: HealthWatcher | None = None
+        #: Deletes ended tasks after ``CHARAI_RETENTION_DAYS`` (idle when 0).
+        self.retention: RetentionSweeper | None = None
         self._exit = contextlib.AsyncExitStack()
         self._closed = False
 
@@ -120,7 +124,7 @@ class TaskStoreApp:
         stack.push_async_callback(publisher.close)
         publisher.start()
         self._relay = relay = OutboxRelay(
-            store, js, self._topology, s.redispatch_after_seconds, s.sweep_interval_seconds
+            store, js, self._topology, s.redispatch_after_seconds, s.sweep_interval_seconds, self._clock
         )
         # New jobs go straight to this relay after their create commits (no claim in between).
         store.hand_off(relay.owner, relay.take_threadsafe)
@@ -136,8 +140,13 @@ class TaskStoreApp:
             ],
             options=grpcsupport.SERVER_OPTIONS,
         )
+        # DeleteTask and the retention sweeper remove media too (media first, then the task).
+        media = MediaStore(await natsconn.ensure_media_bucket(js, self._topology, s.nats_replicas))
+        self.retention = retention = RetentionSweeper(store, media, s.retention_days, self._clock)
+        stack.push_async_callback(retention.close)
+        retention.start()
         store_service_pb2_grpc.add_TaskStoreServiceServicer_to_server(
-            TaskStoreServicer(store, relay.wake, s.lease_seconds, s.image_model), server
+            TaskStoreServicer(store, relay.wake, s.lease_seconds, s.image_model, media), server
         )
         health = await grpcsupport.add_health_and_reflection(server, [_SERVICE])
         self.port = server.add_insecure_port(self._listen)
@@ -218,7 +227,9 @@ class TaskStoreApp:
             password = s.database_password() if s.is_postgres() and urlsplit(url).password is None else None
         except ValueError as exc:
             raise SystemExit(f"task_store: {exc}") from None
-        return open_store(url, config, on_events, password=password, pool_size=s.database_pool_size)
+        return open_store(
+            url, config, on_events, password=password, pool_size=s.database_pool_size, clock=self._clock
+        )
 
     async def close(self) -> None:
         """Stops what :meth:`start` opened, in the documented order; idempotent."""

@@ -35,6 +35,9 @@ class Settings(CommonSettings):
     #: How long an outbox relay owns the jobs it claimed: a replica that dies while publishing
     #: leaves them to the other replicas after this.
     outbox_claim_seconds: float = Field(default=30.0, gt=0)
+    #: Ended tasks (completed, failed, cancelled) are deleted with their events and media this
+    #: many days after their last change; 0 (the default): kept for good.
+    retention_days: float = Field(default=0.0, ge=0)
 
     @field_validator("task_store_addr")
     @classmethod
