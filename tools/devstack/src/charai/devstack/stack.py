@@ -46,11 +46,35 @@ def nats_server_binary() -> str:
 
 @dataclasses.dataclass
 class Proc:
+    """One process the stack started: its JSON log lines, every raw line (stdout and stderr, in
+    arrival order) and, apart, its stderr lines (tracebacks, start-up errors)."""
+
     name: str
     process: asyncio.subprocess.Process
     lines: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     raw: list[str] = dataclasses.field(default_factory=list)
+    stderr: list[str] = dataclasses.field(default_factory=list)
     pump: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int:
+        return int(self.process.pid)
+
+    def exit_reason(self) -> str:
+        """``exit code N`` or ``killed by SIGKILL`` ('' while it runs)."""
+        code = self.process.returncode
+        if code is None:
+            return ""
+        if code < 0:
+            try:
+                return f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"killed by signal {-code}"
+        return f"exit code {code}"
+
+    def last_lines(self, count: int = 10) -> list[str]:
+        """Its last stderr lines, or its last output lines when it wrote nothing to stderr."""
+        return (self.stderr or self.raw)[-count:]
 
 
 class Stack:
@@ -97,6 +121,7 @@ class Stack:
         self.emulator_url = ""
         self.nats_url = ""
         self._nats_port = 0
+        self._emulator_port = 0
 
     # -- addresses ---------------------------------------------------------------------------
     def _addr(self, name: str, default: str) -> str:
@@ -122,6 +147,23 @@ class Stack:
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self, timeout: float = 60.0) -> None:
+        """Starts everything and waits until each charai service serves."""
+        await self.prepare()
+        deadline = time.monotonic() + timeout
+        for name in ("task_store", "gateway"):
+            if name in self.services:
+                await self.start_service(name)
+                await self.wait_ready(name, deadline - time.monotonic())
+        workers = [name for name in ("image_worker", "tts_worker") if name in self.services]
+        for name in workers:
+            await self.start_service(name)
+        for name in workers:
+            await self.wait_ready(name, deadline - time.monotonic())
+
+    async def prepare(self) -> None:
+        """The settings every service gets, NATS (unless ``CHARAI_NATS_URL`` names one) and the
+        emulator (unless both provider keys are set). The charai services are started next, in
+        :meth:`service_order`."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         env = dict(self.extra_env)
         env.setdefault("CHARAI_DATA_DIR", str(self.data_dir))
@@ -146,26 +188,18 @@ class Stack:
                 env.setdefault("CHARAI_TTS_API_BASE_URL", api_base)
             env.setdefault("CHARAI_PROVIDER_ALLOW_PRIVATE_URLS", "true")
         self.env = env
-        deadline = time.monotonic() + timeout
-        if "task_store" in self.services:
-            await self.start_service("task_store")
-            line = await self.wait_for_line("task_store", "task_store_listening", deadline - time.monotonic())
-            self.env["CHARAI_TASK_STORE_ADDR"] = str(line["addr"])  # the bound port (restarts keep it)
-            await self._wait_health(self.task_store_addr, deadline, "task_store")
-        if "gateway" in self.services:
-            await self.start_service("gateway")
-            line = await self.wait_for_line("gateway", "gateway_listening", deadline - time.monotonic())
-            self.env["CHARAI_GATEWAY_GRPC_ADDR"] = str(line["grpc"])
-            self.env["CHARAI_GATEWAY_HTTP_ADDR"] = str(line["http"])
-            await self._wait_health(self.gateway_grpc, deadline, "gateway")
-        for name in ("image_worker", "tts_worker"):
-            if name in self.services:
-                await self.start_service(name)
-        for name in ("image_worker", "tts_worker"):
-            if name in self.services:
-                await self.wait_for_line(name, "worker_started", deadline - time.monotonic())
+
+    def service_order(self) -> list[str]:
+        """The charai services to start, in the order they depend on each other."""
+        return [name for name in SERVICES if name in self.services]
 
     async def start_nats(self, port: int | None = None) -> None:
+        await self.spawn_nats(port)
+        await _wait_port("127.0.0.1", self._nats_port, 20)
+
+    async def spawn_nats(self, port: int | None = None) -> Proc:
+        """nats-server with JetStream on ``port`` (or the port it had, or a free one), keeping its
+        store in the data dir; not waited for (see :meth:`wait_ready`)."""
         self._nats_port = port or self._nats_port or free_port()
         store_dir = self.data_dir / "nats"
         store_dir.mkdir(parents=True, exist_ok=True)
@@ -179,11 +213,16 @@ class Stack:
             "-sd",
             str(store_dir),
         ]
-        await self._spawn("nats", args, json_lines=False)
+        proc = await self._spawn("nats", args, json_lines=False)
         self.nats_url = f"nats://127.0.0.1:{self._nats_port}"
-        await _wait_port("127.0.0.1", self._nats_port, 20)
+        return proc
 
     async def _start_emulator(self) -> None:
+        await self.spawn_emulator()
+        await self.wait_ready("emulator", 20)
+
+    async def spawn_emulator(self) -> Proc:
+        """The provider emulator, on the port it had before (first time: one it picks)."""
         args = [
             sys.executable,
             "-m",
@@ -191,13 +230,19 @@ class Stack:
             "--host",
             "127.0.0.1",
             "--port",
-            "0",
+            str(self._emulator_port),
             *self.emulator_args,
         ]
-        proc = await self._spawn("emulator", args)
-        line = await self.wait_for_line("emulator", "emulator_listening", 20)
-        self.emulator_url = str(line["url"])
-        del proc
+        return await self._spawn("emulator", args)
+
+    async def respawn(self, name: str) -> Proc:
+        """Starts ``name`` (a service, ``nats`` or ``emulator``) again with the same settings and
+        addresses, without waiting for it (see :meth:`wait_ready`)."""
+        if name == "nats":
+            return await self.spawn_nats(self._nats_port)
+        if name == "emulator":
+            return await self.spawn_emulator()
+        return await self.start_service(name)
 
     async def start_service(self, name: str, env: Mapping[str, str] | None = None) -> Proc:
         """Starts one charai service with the stack's settings, its ``service_env`` and ``env``."""
@@ -205,16 +250,26 @@ class Stack:
         return await self._spawn(name, [sys.executable, "-m", f"charai.{name}"], env=full)
 
     async def wait_ready(self, name: str, timeout: float = 30.0) -> None:
-        """Waits until a (re)started process serves: health for gRPC services, the start line for
-        workers, the port for NATS."""
+        """Waits until a (re)started process serves: its listening line (whose address is kept,
+        so a restart binds the same one) and health for gRPC services, the start line for
+        workers and the emulator, the port for NATS. Raises RuntimeError if it exits first,
+        TimeoutError if it is not ready in time."""
         deadline = time.monotonic() + timeout
         if name == "nats":
-            await _wait_port("127.0.0.1", self._nats_port, timeout)
+            await _wait_port("127.0.0.1", self._nats_port, timeout, self.procs.get("nats"))
+        elif name == "emulator":
+            line = await self.wait_for_line(name, "emulator_listening", timeout)
+            self.emulator_url = str(line["url"])
+            self._emulator_port = int(self.emulator_url.rpartition(":")[2])
         elif name == "task_store":
+            line = await self.wait_for_line(name, "task_store_listening", timeout)
+            self.env["CHARAI_TASK_STORE_ADDR"] = str(line["addr"])  # the bound port (restarts keep it)
             await self._wait_health(self.task_store_addr, deadline, name)
         elif name == "gateway":
+            line = await self.wait_for_line(name, "gateway_listening", timeout)
+            self.env["CHARAI_GATEWAY_GRPC_ADDR"] = str(line["grpc"])
+            self.env["CHARAI_GATEWAY_HTTP_ADDR"] = str(line["http"])
             await self._wait_health(self.gateway_grpc, deadline, name)
-            await self.wait_for_line(name, "gateway_listening", deadline - time.monotonic())
         elif name in ("image_worker", "tts_worker"):
             await self.wait_for_line(name, "worker_started", timeout)
 
@@ -234,7 +289,7 @@ class Stack:
         process = await asyncio.create_subprocess_exec(
             *args,
             stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
+            stderr=asyncio.subprocess.PIPE,
             env=full_env,
             start_new_session=True,
         )
@@ -245,10 +300,20 @@ class Stack:
         return proc
 
     async def _pump(self, proc: Proc, json_lines: bool) -> None:
-        assert proc.process.stdout is not None
-        while raw := await proc.process.stdout.readline():
+        assert proc.process.stdout is not None and proc.process.stderr is not None
+        await asyncio.gather(
+            self._read(proc, proc.process.stdout, json_lines, None),
+            self._read(proc, proc.process.stderr, False, proc.stderr),
+        )
+
+    async def _read(
+        self, proc: Proc, stream: asyncio.StreamReader, json_lines: bool, keep: list[str] | None
+    ) -> None:
+        while raw := await stream.readline():
             text = raw.decode(errors="replace").rstrip()
             proc.raw.append(text)
+            if keep is not None:
+                keep.append(text)
             if json_lines and text.startswith("{"):
                 with contextlib.suppress(ValueError):
                     proc.lines.append(json.loads(text))
@@ -331,10 +396,7 @@ class Stack:
         await self.stop_service(name, sig)
         if down_for > 0:
             await asyncio.sleep(down_for)
-        if name == "nats":
-            await self.start_nats(self._nats_port)
-        else:
-            await self.start_service(name)
+        await self.respawn(name)
         if wait:
             await self.wait_ready(name, timeout)
 
@@ -361,7 +423,7 @@ class Stack:
         return self.procs[name].lines
 
 
-async def _wait_port(host: str, port: int, timeout: float) -> None:
+async def _wait_port(host: str, port: int, timeout: float, proc: Proc | None = None) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -370,6 +432,10 @@ async def _wait_port(host: str, port: int, timeout: float) -> None:
             await writer.wait_closed()
             return
         except OSError:
+            if proc is not None and proc.process.returncode is not None:
+                raise RuntimeError(
+                    f"{proc.name} exited with {proc.process.returncode}:\n" + "\n".join(proc.raw[-20:])
+                ) from None
             if time.monotonic() > deadline:
                 raise TimeoutError(f"nothing listening on {host}:{port}") from None
             await asyncio.sleep(0.05)

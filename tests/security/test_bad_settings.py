@@ -1,0 +1,67 @@
+"""A bad setting stops a process at start with a message naming the variable — and never echoes a
+secret: each service's real ``python -m`` entry point, given bad values next to canary secrets."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+CANARY = uuid.uuid4().hex
+
+
+def start(module: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("CHARAI_")}
+    full.update(CHARAI_DATA_DIR=str(tmp_path), CHARAI_IMAGE_API_KEY=f"sk-{CANARY}", **env)
+    return subprocess.run(
+        [sys.executable, "-m", module], env=full, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+@pytest.mark.parametrize(
+    ("module", "env", "named"),
+    [
+        ("charai.task_store", {"CHARAI_EVENT_LOOP": "trio"}, ["CHARAI_EVENT_LOOP='trio'"]),
+        (
+            "charai.task_store",
+            {"CHARAI_TASK_STORE_ADDR": "127.0.0.1:1,127.0.0.1:2"},
+            ["CHARAI_TASK_STORE_ADDR", "one HOST:PORT"],
+        ),
+        (
+            "charai.gateway",
+            {"CHARAI_GATEWAY_HTTP_ADDR": "0.0.0.0:0", "CHARAI_INTERNAL_TOKEN": f"internal-{CANARY}"},
+            ["CHARAI_GATEWAY_HTTP_ADDR", "CHARAI_API_KEYS", "CHARAI_API_KEYS_FILE"],
+        ),
+        (
+            "charai.gateway",
+            {"CHARAI_API_KEYS": f"tok-{CANARY}", "CHARAI_MEDIA_SIGNING_KEY": f"signing-{CANARY}"},
+            ["CHARAI_API_KEYS", "token=tenant"],
+        ),
+        ("charai.gateway", {"CHARAI_CORS_ORIGINS": "not an origin"}, ["CHARAI_CORS_ORIGINS"]),
+        (
+            "charai.image_worker",
+            # Another setting is bad; the URL (it may carry a password) is not shown either.
+            {
+                "CHARAI_NATS_URL": f"nats://u:{CANARY}@h:4222",
+                "CHARAI_LOG_LEVEL": "nonsense",
+                "CHARAI_EVENT_LOOP": "",
+            },
+            ["CHARAI_LOG_LEVEL='nonsense'"],
+        ),
+        ("charai.image_worker", {"CHARAI_NATS_URL": " , "}, ["CHARAI_NATS_URL"]),
+        ("charai.tts_worker", {"CHARAI_TASK_STORE_ADDR": "nohost"}, ["CHARAI_TASK_STORE_ADDR='nohost'"]),
+    ],
+)
+def test_a_bad_setting_stops_start_up_naming_it_without_a_secret(
+    tmp_path: Path, module: str, env: dict[str, str], named: list[str]
+) -> None:
+    done = start(module, tmp_path, **env)
+    assert done.returncode == 2, (done.stdout[-2000:], done.stderr[-2000:])
+    assert "bad setting" in done.stderr
+    for words in named:
+        assert words in done.stderr, done.stderr
+    assert CANARY not in done.stdout + done.stderr
