@@ -172,8 +172,8 @@ async def completed_exactly_once(run: Run, client: CharaiClient, ids: list[str])
     await eventually(done, 180, "every task completed")
     async with StoreClient(run.env["CHARAI_TASK_STORE_ADDR"], INTERNAL_TOKEN) as store:
         for task_id in ids:
-            response = await store.stub.ListEvents(
-                spb.ListEventsRequest(tenant=TENANT, task_id=task_id, limit=500), **store.kw(20.0)
+            response = await store.list_events(
+                spb.ListEventsRequest(tenant=TENANT, task_id=task_id, limit=500), timeout=20.0
             )
             kinds = [e.type for e in response.events]
             assert kinds.count(task_pb2.TASK_EVENT_TYPE_COMPLETED) == 1, (task_id, kinds)

@@ -93,11 +93,13 @@ test("the seed's calls: submit an image and a voice, follow both to the end, lis
     "newest first",
   );
   assert.ok(all.every((t) => t.status === TaskStatus.COMPLETED));
+  // Both carry a character callback: the voice, submitted without metadata, is character_design too.
   const design = await charai.getCharacterTasks(characterId, { category: "character_design" });
   assert.deepEqual(
     design.map((t) => t.id),
-    [image.id],
+    [voice.id, image.id],
   );
+  assert.deepEqual(await charai.getCharacterTasks(characterId, { category: "sketches" }), []);
   assert.equal((await charai.getTask(voice.id)).status, TaskStatus.COMPLETED);
 });
 
