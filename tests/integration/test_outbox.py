@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import nats
 from charai.core import natsconn
-from charai.core.clock import ManualClock
+from charai.core.clock import SYSTEM, Clock, ManualClock
 from charai.core.storeclient import StoreClient
 from charai.core.topology import Topology
 from charai.store.v1 import store_service_pb2 as spb
@@ -102,7 +102,7 @@ class Running:
 
 @contextlib.asynccontextmanager
 async def running(
-    nats_server: NatsServer, tmp_path: Path, db: Database, **overrides: Any
+    nats_server: NatsServer, tmp_path: Path, db: Database, clock: Clock = SYSTEM, **overrides: Any
 ) -> AsyncIterator[Running]:
     values: dict[str, Any] = {
         "nats_url": nats_server.url,
@@ -116,7 +116,7 @@ async def running(
     nc = await nats.connect(nats_server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
     try:
         async with (
-            TaskStoreApp(Settings(**values), listen_addr="127.0.0.1:0") as app,
+            TaskStoreApp(Settings(**values), listen_addr="127.0.0.1:0", clock=clock) as app,
             StoreClient(f"127.0.0.1:{app.port}") as client,
         ):
             yield Running(app, client, nc, nc.jetstream())
@@ -163,7 +163,8 @@ async def test_created_jobs_are_published_with_msg_id_and_leave_the_outbox(
         again = await r.create(request)
         assert again.id == first.id
         await eventually(all_published_n(r, len(cases) + 1), timeout=5)
-        await asyncio.sleep(0.3)
+        # (An empty outbox means no relay has anything left to publish: a row leaves it only
+        # once JetStream acknowledged its job. So the count cannot grow later.)
         assert await stream_count(r.js) == len(cases) + 1
 
 
@@ -180,11 +181,9 @@ async def test_tasks_created_during_a_nats_outage_are_published_after_it(
         )
         assert all(t.status == task_pb2.TASK_STATUS_QUEUED for t in created)
         assert not await r.outbox_empty()  # accepted, waiting in the outbox
-        await asyncio.sleep(0.5)
         nats_server.start()
 
         await eventually(all_published_n(r, 21), timeout=10)
-        await asyncio.sleep(0.5)  # a late duplicate publish would show up now
         jobs = await stream_jobs(r.js)
         assert len(jobs) == 21
         assert sorted(j.msg_id for j in jobs) == sorted(f"{t.id}:1" for t in [warm, *created])
@@ -210,9 +209,11 @@ async def test_outbox_outlives_a_task_store_restart_during_the_outage(
 async def test_sweeper_redispatches_a_job_that_nats_lost(
     nats_server: NatsServer, tmp_path: Path, db: Database
 ) -> None:
-    # The app's own sweeper is parked (long interval); this test drives a relay's sweep by hand.
+    # The app's own sweeper is parked (long interval); this test drives a relay's sweep by hand,
+    # and the store's time.
+    clock = ManualClock(tick=1e-6)
     async with running(
-        nats_server, tmp_path, db, redispatch_after_seconds=0.3, sweep_interval_seconds=3600
+        nats_server, tmp_path, db, clock, redispatch_after_seconds=0.3, sweep_interval_seconds=3600
     ) as r:
         assert r.app.store is not None
         lost = await r.create(image_request())
@@ -231,7 +232,7 @@ async def test_sweeper_redispatches_a_job_that_nats_lost(
 
         relay = OutboxRelay(r.app.store, r.js, TOPOLOGY, redispatch_after=0.3, sweep_interval=3600)
         assert await relay.sweep_once() == 0  # published too recently to be suspect
-        await asyncio.sleep(0.4)
+        clock.advance(0.4)
         assert await relay.sweep_once() == 1
 
         async def regenerated() -> bool:
@@ -247,7 +248,7 @@ async def test_sweeper_redispatches_a_job_that_nats_lost(
         assert jobs[1].subject == "charai.jobs.image.normal"
 
         # Once the new job is in the stream, nothing more is re-dispatched.
-        await asyncio.sleep(0.4)
+        clock.advance(0.4)
         assert await relay.sweep_once() == 0
         assert await stream_count(r.js) == 2
         task = await r.client.get_task("t1", lost.id)
@@ -255,20 +256,35 @@ async def test_sweeper_redispatches_a_job_that_nats_lost(
 
 
 async def test_app_sweeper_runs_by_itself(nats_server: NatsServer, tmp_path: Path, db: Database) -> None:
+    clock = ManualClock(tick=1e-6)
     async with running(
-        nats_server, tmp_path, db, redispatch_after_seconds=0.3, sweep_interval_seconds=0.2
+        nats_server, tmp_path, db, clock, redispatch_after_seconds=0.3, sweep_interval_seconds=0.2
     ) as r:
+        relay = r.app.relay
+        assert relay is not None
         lost = await r.create(tts_request())
         kept = await r.create(tts_request())
         await eventually(all_published_n(r, 2), timeout=5)
         first = {j.job.task_id: j.seq for j in await stream_jobs(r.js)}
         assert await r.js.delete_msg(STREAM, first[lost.id])
 
+        async def sweeps_done(n: int) -> None:
+            """Moves time a sweep interval at a time until the app's sweeper ran ``n`` more."""
+            target = relay.sweeps + n
+
+            async def swept() -> bool:
+                if relay.sweeps < target and clock.sleepers:
+                    clock.advance(0.2)
+                return relay.sweeps >= target
+
+            await eventually(swept, timeout=10)
+
         async def regenerated() -> bool:
+            await sweeps_done(1)
             return any(j.msg_id == f"{lost.id}:2" for j in await stream_jobs(r.js))
 
-        await eventually(regenerated, timeout=5)
-        await asyncio.sleep(1.0)  # several more sweeps
+        await eventually(regenerated, timeout=10)
+        await sweeps_done(3)  # several more sweeps: nothing more is re-dispatched
         jobs = await stream_jobs(r.js)
         assert sorted(j.msg_id for j in jobs) == sorted([f"{kept.id}:1", f"{lost.id}:2"])
 

@@ -131,6 +131,8 @@ class OutboxRelay:
         #: recognised as duplicates (same ``Nats-Msg-Id``) and dropped.
         self.published = 0
         self.duplicates = 0
+        #: Sweeps the relay's own loop completed (tests, metrics).
+        self.sweeps = 0
         self._stopping = asyncio.Event()
         #: Jobs published and acknowledged whose outbox rows are not deleted yet: recorded by the
         #: next claim (or by close()).
@@ -250,6 +252,7 @@ class OutboxRelay:
             await self._clock.sleep(self._sweep_interval)
             try:
                 await self.sweep_once()
+                self.sweeps += 1
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
