@@ -19,7 +19,7 @@ GEN_DIR := protos/src
 GEN_PACKAGES := tasks store
 HAND_WRITTEN := taskapi
 
-.PHONY: help install proto proto-check lint format typecheck compose-check check test test-unit test-integration test-e2e demo run bench clean
+.PHONY: help install proto proto-check lint breaking format typecheck compose-check check test test-unit test-integration test-e2e demo run bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -69,7 +69,10 @@ compose-check: ## docker-compose accepts compose.yaml (installs Debian's docker-
 	CHARAI_INTERNAL_TOKEN=check CHARAI_MEDIA_SIGNING_KEY=check docker-compose -f compose.yaml --profile emulator config -q
 	@echo "compose.yaml is valid"
 
-check: proto-check lint typecheck compose-check ## Everything static: generated code, lint, types, compose.yaml
+breaking: $(BUF) ## buf breaking: the protos change nothing a client of main relies on (wire and JSON, file level)
+	cd protos && $(CURDIR)/$(BUF) breaking --against '$(CURDIR)/.git#branch=main,subdir=protos'
+
+check: proto-check lint breaking typecheck compose-check ## Everything static: generated code, lint, proto compatibility, types, compose.yaml
 
 test: install ts console chromium postgres ## Run every test (unit, integration with real NATS + gRPC, end-to-end through the stack)
 	$(PY) -m pytest -n 2 --dist loadfile -q tests
