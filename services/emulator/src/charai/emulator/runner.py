@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from charai.emulator.app import API_PREFIX, STATE_KEY, EmulatorConfig, EmulatorState, build_app
+from charai.emulator.app import API_PREFIX, build_app
+from charai.emulator.config import EmulatorConfig
+from charai.emulator.state import STATE_KEY, EmulatorState
 
 SHUTDOWN_TIMEOUT = 1.0
 """Seconds to let in-flight calls finish on stop before they are cancelled; short because a
