@@ -14,11 +14,14 @@ Routes (``API_PREFIX`` = ``/api/paas/v4``):
 * ``POST {API_PREFIX}/audio/speech``: GLM-TTS (raw wav/pcm, optional SSE stream).
 * ``GET /files/{name}``: the "temporary links" the API hands out (no auth, like a CDN).
 * ``GET /healthz``, ``GET /_emulator/stats``, ``POST /_emulator/reset``.
+* ``GET|POST /_emulator/gate``: while the gate is closed (``{"open": false}``) every
+  generation call waits after it was received, until it opens (:mod:`charai.emulator.gate`).
 
 This module only wires them: the image routes live in :mod:`charai.emulator.images`, the
 TTS route in :mod:`charai.emulator.speech`, their shared front half in
 :mod:`charai.emulator.calls`, failure modes in :mod:`charai.emulator.failures`, the rest in
-:mod:`charai.emulator.control`, and the counters in :mod:`charai.emulator.state`.
+:mod:`charai.emulator.control`, the counters in :mod:`charai.emulator.state`, and the gate in
+:mod:`charai.emulator.gate`.
 """
 
 from __future__ import annotations
@@ -86,4 +89,6 @@ def build_app(config: EmulatorConfig | None = None) -> web.Application:
     app.router.add_get("/healthz", control.handle_health)
     app.router.add_get("/_emulator/stats", control.handle_stats)
     app.router.add_post("/_emulator/reset", control.handle_reset)
+    app.router.add_get("/_emulator/gate", control.handle_gate)
+    app.router.add_post("/_emulator/gate", control.handle_gate)
     return app

@@ -1,5 +1,5 @@
 """The front half every generation call shares: count it, authenticate, enforce the
-concurrency limit, parse the body and its directives into a :class:`Call`."""
+concurrency limit, hold it at a closed gate, parse the body and its directives into a :class:`Call`."""
 
 from __future__ import annotations
 
@@ -85,8 +85,9 @@ async def provider_call(
 
     Order matters and mirrors a real gateway: count the call (also per call key, so tests
     see retries even when they are rejected), authenticate, enforce the concurrency limit,
-    then parse and hand over to the route. The in-flight counter is released in
-    ``finally`` so cancelled (client-disconnected) calls never leak concurrency.
+    wait while the gate is closed (in flight already), then parse and hand over to the route.
+    The in-flight counter is released in ``finally`` so cancelled (client-disconnected) calls
+    never leak concurrency.
     """
     state = request.app[STATE_KEY]
     state.calls[route] += 1
@@ -102,6 +103,7 @@ async def provider_call(
     if not state.enter():
         return zhipu_error(429, "1302", "Rate limit reached for requests (concurrency)", {"Retry-After": "1"})
     try:
+        await state.gate.passage()
         if isinstance(body, web.Response):
             return body
         return await impl(request, state, _make_call(request, body, text, call_index))

@@ -1,5 +1,6 @@
 """Routes that are not generation calls: the temporary file links, liveness, and the
-``/_emulator`` control routes tests and benchmarks use to read and reset the counters."""
+``/_emulator`` control routes tests and benchmarks use to read and reset the counters and to
+open and close the gate."""
 
 from __future__ import annotations
 
@@ -36,3 +37,23 @@ async def handle_reset(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE_KEY]
     state.reset()
     return json_response(state.snapshot())
+
+
+async def handle_gate(request: web.Request) -> web.StreamResponse:
+    """``GET /_emulator/gate``: whether the gate is open and how many calls it holds;
+    ``POST`` with ``{"open": false}`` closes it (generation calls wait), ``{"open": true}``
+    opens it (the held calls go on). Both answer the gate's state."""
+    state = request.app[STATE_KEY]
+    if request.method == "POST":
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        wanted = body.get("open") if isinstance(body, dict) else None
+        if not isinstance(wanted, bool):
+            return zhipu_error(400, "400", 'the body must be {"open": true} or {"open": false}')
+        if wanted:
+            state.gate.open()
+        else:
+            state.gate.close()
+    return json_response(state.gate_snapshot())

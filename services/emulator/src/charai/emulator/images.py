@@ -139,13 +139,15 @@ async def handle_async_result(request: web.Request) -> web.StreamResponse:
     """``GET /async-result/{id}``: PROCESSING until ready and polled enough, then the result.
 
     Body-shaped failure modes (truncated, huge, redirect...) apply to the final answer,
-    because that is the response a worker parses for the image.
+    because that is the response a worker parses for the image. While the gate is closed a
+    poll waits (after authentication) and does not count as one.
     """
     state = request.app[STATE_KEY]
     state.calls["async-result"] += 1
     denied = auth_error(request, state)
     if denied is not None:
         return denied
+    await state.gate.passage()  # a closed gate holds the task's progress too
     task = state.tasks.get(request.match_info["task_id"])
     if task is None:
         return zhipu_error(404, "404", "Task not found")

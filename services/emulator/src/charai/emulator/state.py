@@ -1,5 +1,5 @@
 """What one emulator app remembers between calls: the call log and counters behind
-``/_emulator/stats``, the generated files behind ``/files``, and async image tasks."""
+``/_emulator/stats``, the generated files behind ``/files``, async image tasks, and the gate."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 from charai.emulator.config import EmulatorConfig
+from charai.emulator.gate import Gate
 from charai.emulator.modes import Marker
 from charai.emulator.validation import ImageParams
 
@@ -53,10 +54,12 @@ class EmulatorState:
         self.files: OrderedDict[str, tuple[bytes, str]] = OrderedDict()
         self.tasks: OrderedDict[str, AsyncTask] = OrderedDict()
         self.current = 0
+        #: Holds generation calls while closed (tests arrange "calls in flight" with it).
+        self.gate = Gate()
         self.reset()
 
     def reset(self) -> None:
-        """Zero all counters (including ``*N`` progress); keep files, tasks and in-flight count."""
+        """Zero all counters (including ``*N`` progress); keep files, tasks, in-flight count and gate."""
         self.calls: dict[str, int] = dict.fromkeys(ROUTES, 0)
         self.modes: dict[str, int] = {}
         self.statuses: dict[str, int] = {}
@@ -94,7 +97,12 @@ class EmulatorState:
             },
             "cancelled": self.cancelled,
             "files_stored": len(self.files),
+            "gate": self.gate_snapshot(),
         }
+
+    def gate_snapshot(self) -> dict[str, Any]:
+        """The gate's state (the ``/_emulator/gate`` body): open or not, calls held now."""
+        return {"open": self.gate.is_open, "held": self.gate.held}
 
     def count_key(self, text: str) -> int:
         """Count one call for ``text``'s call key; return how many calls preceded it."""
