@@ -26,6 +26,8 @@ import pytest
 from charai.emulator import EmulatorConfig, RunningEmulator, running_emulator
 from charai.emulator.media import PNG_SIGNATURE, make_png, make_wav, png_size
 
+from tests.conftest import eventually
+
 FAST = EmulatorConfig(latency_min=0.0, latency_max=0.01, async_poll_steps=2, seed=1)
 
 
@@ -639,6 +641,118 @@ async def test_stats_and_reset_endpoints(emu: RunningEmulator, http: aiohttp.Cli
     after = await (await http.get(f"{emu.url}/_emulator/stats")).json()
     assert after["total_calls"] == 0
     assert after["by_key"] == {} and after["by_text"] == {} and after["modes"] == {}
+
+
+# --------------------------------------------------------------------------- gate
+
+
+async def submit_async(http: aiohttp.ClientSession, emu: RunningEmulator, prompt: str) -> str:
+    resp = await http.post(
+        f"{emu.api_base}/async/images/generations", json={"model": "glm-image", "prompt": prompt}
+    )
+    assert resp.status == 200
+    return str((await resp.json())["id"])
+
+
+async def test_closed_gate_holds_every_generation_call_until_opened(
+    emu: RunningEmulator, http: aiohttp.ClientSession
+) -> None:
+    emu.close_gate()
+    calls = [
+        asyncio.create_task(post_image(http, emu, "held image")),
+        asyncio.create_task(post_speech(http, emu, "held voice")),
+        asyncio.create_task(submit_async(http, emu, "held async")),
+    ]
+    await emu.wait_held(3, timeout=10)
+    assert emu.held == 3
+    assert not any(call.done() for call in calls)
+    stats = emu.stats()
+    assert stats["gate"] == {"open": False, "held": 3}
+    assert stats["concurrency"]["current"] == 3  # received and in flight, not yet answered
+    assert stats["total_calls"] == 3
+    emu.open_gate()
+    image, speech, task_id = await asyncio.gather(*calls)
+    assert (image.status, speech.status) == (200, 200)
+    assert task_id
+    assert emu.held == 0
+    assert emu.stats()["gate"] == {"open": True, "held": 0}
+
+
+async def test_closed_gate_holds_async_task_progress(
+    emu: RunningEmulator, http: aiohttp.ClientSession
+) -> None:
+    task_id = await submit_async(http, emu, "castle")
+    emu.close_gate()
+    poll = asyncio.create_task(http.get(f"{emu.api_base}/async-result/{task_id}"))
+    await emu.wait_held(1, timeout=10)
+    assert not poll.done()
+    assert emu.state.tasks[task_id].polls == 0  # a held poll has not counted yet
+    emu.open_gate()
+    assert (await poll).status == 200
+    _, final = await poll_until_done(http, emu, task_id)
+    assert final["task_status"] == "SUCCESS"
+
+
+async def test_calls_held_when_the_gate_opens_go_on_even_if_it_closes_again(
+    emu: RunningEmulator, http: aiohttp.ClientSession
+) -> None:
+    emu.close_gate()
+    first = [asyncio.create_task(post_image(http, emu, f"first {i}")) for i in range(2)]
+    await emu.wait_held(2, timeout=10)
+    emu.open_gate()
+    emu.close_gate()
+    assert [r.status for r in await asyncio.gather(*first)] == [200, 200]
+    late = asyncio.create_task(post_image(http, emu, "late"))
+    await emu.wait_held(1, timeout=10)
+    assert not late.done()
+    emu.open_gate()
+    assert (await late).status == 200
+
+
+async def test_wait_held_times_out_when_nothing_is_held(emu: RunningEmulator) -> None:
+    emu.close_gate()
+    with pytest.raises(TimeoutError):
+        await emu.wait_held(1, timeout=0.05)
+
+
+async def test_a_held_call_whose_client_gives_up_leaves_the_count(
+    emu: RunningEmulator, http: aiohttp.ClientSession
+) -> None:
+    emu.close_gate()
+    call = asyncio.create_task(post_image(http, emu, "abandoned"))
+    await emu.wait_held(1, timeout=10)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+
+    def released() -> bool:
+        stats = emu.stats()
+        return stats["gate"]["held"] == 0 and stats["concurrency"]["current"] == 0
+
+    await eventually(released, timeout=10)
+    assert emu.stats()["cancelled"] == 1
+
+
+async def test_gate_over_http(emu: RunningEmulator, http: aiohttp.ClientSession) -> None:
+    gate = f"{emu.url}/_emulator/gate"
+    assert await (await http.get(gate)).json() == {"open": True, "held": 0}
+    closed = await http.post(gate, json={"open": False})
+    assert closed.status == 200
+    assert await closed.json() == {"open": False, "held": 0}
+    call = asyncio.create_task(post_speech(http, emu, "held over http"))
+
+    async def one_held() -> bool:
+        return bool((await (await http.get(gate)).json())["held"] == 1)
+
+    await eventually(one_held, timeout=10)
+    opened = await http.post(gate, json={"open": True})
+    assert (await opened.json())["open"] is True
+    assert (await call).status == 200
+    for bad in ({"open": "no"}, {}, [False]):
+        resp = await http.post(gate, json=bad)
+        assert resp.status == 400
+    assert (await http.post(gate, data=b"{not json")).status == 400
+    assert emu.stats()["gate"] == {"open": True, "held": 0}
 
 
 # --------------------------------------------------------------------------- process

@@ -30,7 +30,8 @@ from charai.tasks.v1 import task_pb2
 from charai.tts_worker import TtsHandler
 from charai.tts_worker.audio import mp3_info, wav_info
 from charai.worker.context import MediaRef
-from charai.worker.http import ProviderConfig, ProviderError, ProviderHttp
+from charai.worker.http import ProviderConfig, ProviderHttp
+from charai.worker.provider import ProviderError
 from PIL import Image
 
 FAST = EmulatorConfig(latency_min=0, latency_max=0.01)

@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import grpc
 import nats
 import pytest
 from charai.core.storeclient import StoreClient
@@ -187,21 +188,28 @@ async def test_killing_one_node_of_three_loses_nothing(cluster: Cluster, tmp_pat
                 await asyncio.sleep(0.2)
             raise AssertionError(f"could not create {text!r}")
 
+        # The provider holds every call until the node has died: the first jobs are certainly
+        # in flight (claimed, calling the provider) when it does, however slow the machine.
+        emu.close_gate()
         first = await asyncio.gather(*(create(t) for t in texts[:30]))
-        await asyncio.sleep(0.5)  # jobs in flight on the workers
+        await emu.wait_held(10, timeout=60)
         unfinished = 0
         for task_id in first:
             task = await store.get_task("t", task_id)
             unfinished += task.status not in TERMINAL_STATUSES
         assert unfinished > 0, "the node must die while tasks are still in flight"
         cluster.kill(1)
+        emu.open_gate()
         second = await asyncio.gather(*(create(t) for t in texts[30:]))
         ids = first + second
         assert len(set(ids)) == 60
 
         async def all_ended() -> bool:
             for task_id in ids:
-                task = await store.get_task("t", task_id)
+                try:
+                    task = await store.get_task("t", task_id)
+                except grpc.aio.AioRpcError:
+                    return False  # a slow answer while the cluster recovers: ask again, like create
                 if task.status not in TERMINAL_STATUSES:
                     return False
             return True

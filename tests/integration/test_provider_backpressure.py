@@ -17,7 +17,9 @@ import aiohttp
 import pytest
 from charai.core.domain.errors import ErrorKind
 from charai.emulator import EmulatorConfig, RunningEmulator, running_emulator
-from charai.worker.http import ProviderConfig, ProviderError, ProviderGate, ProviderHttp, Response
+from charai.worker.gate import ProviderGate
+from charai.worker.http import ProviderConfig, ProviderHttp
+from charai.worker.provider import ProviderError, Response
 
 FAST = EmulatorConfig(latency_min=0, latency_max=0.01)
 

@@ -28,7 +28,8 @@ from charai.taskapi import TERMINAL_STATUSES
 from charai.tasks.v1 import task_pb2, task_service_pb2
 from charai.worker.app import WorkerApp
 from charai.worker.context import Handler, JobContext
-from charai.worker.http import ProviderConfig, ProviderError
+from charai.worker.http import ProviderConfig
+from charai.worker.provider import ProviderError
 from charai.worker.settings import WorkerSettings
 from nats.aio.client import Client
 from nats.js import JetStreamContext

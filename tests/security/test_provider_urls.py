@@ -21,7 +21,9 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 from charai.core.domain.errors import ErrorKind
-from charai.worker.http import ProviderConfig, ProviderError, ProviderHttp, Resolve
+from charai.worker.egress import Resolve
+from charai.worker.http import ProviderConfig, ProviderHttp
+from charai.worker.provider import ProviderError
 
 CANARY_KEY = "sk-canary-provider-key-for-ssrf"
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from charai.worker.http import ProviderGate
+from charai.worker.gate import ProviderGate
 
 
 async def hold(gate: ProviderGate, n: int) -> None:

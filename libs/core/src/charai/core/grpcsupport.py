@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
@@ -138,63 +139,84 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler is None or method.startswith(self._skip):
             return handler
         metadata = {k: v for k, v in (handler_call_details.invocation_metadata or ()) if isinstance(v, str)}
-        authenticate = self._authenticate
-        observe = self._observe
+        return _wrap(handler, _RpcScope(method, metadata, self._authenticate, self._observe))
 
-        def begin(context: grpc.aio.ServicerContext[Any, Any]) -> None:
-            # Continue the caller's W3C trace (or start one): it follows the task to the provider.
-            traceparent = tracing.enter(metadata.get("traceparent", ""))
-            structlog.contextvars.bind_contextvars(
-                rpc=method.rsplit("/", 1)[-1], trace_id=tracing.trace_id(traceparent)
-            )
-            if authenticate is not None:
-                tenant = authenticate(metadata, method)
-                principal.set(tenant)
-                structlog.contextvars.bind_contextvars(tenant=tenant)
 
-        def finish(start: float, code: str, extra: dict[str, Any]) -> None:
-            elapsed = time.perf_counter() - start
-            if observe is not None:
-                observe(method, code, elapsed)
-            elapsed_ms = round(elapsed * 1000, 2)
-            level = "warning" if code in {"INTERNAL", "UNKNOWN"} else "info"
-            getattr(log, level)("rpc_finished", code=code, elapsed_ms=elapsed_ms, **extra)
+@dataclasses.dataclass(frozen=True, slots=True)
+class _RpcScope:
+    """What every wrapped RPC does around its handler: :meth:`begin` (trace, log context,
+    authentication) before it, :meth:`finish` (metrics hook, the canonical log line) after it."""
 
-        decode = _decoder(handler.request_deserializer, method)
-        if handler.unary_unary is not None:
-            inner = handler.unary_unary
+    method: str
+    metadata: dict[str, str]
+    authenticate: Callable[[dict[str, str], str], str] | None
+    observe: Callable[[str, str, float], None] | None
 
-            async def unary(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                start = time.perf_counter()
-                code = "OK"
-                try:
-                    begin(context)
-                    return await inner(decode(raw), context)  # type: ignore[arg-type]
-                except BaseException as exc:
-                    code = _code_name(exc, context)
-                    await abort_for(context, exc)
-                    raise
-                finally:
-                    finish(start, code, {})
+    def begin(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        # Continue the caller's W3C trace (or start one): it follows the task to the provider.
+        traceparent = tracing.enter(self.metadata.get("traceparent", ""))
+        structlog.contextvars.bind_contextvars(
+            rpc=self.method.rsplit("/", 1)[-1], trace_id=tracing.trace_id(traceparent)
+        )
+        if self.authenticate is not None:
+            tenant = self.authenticate(self.metadata, self.method)
+            principal.set(tenant)
+            structlog.contextvars.bind_contextvars(tenant=tenant)
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary, request_deserializer=None, response_serializer=handler.response_serializer
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                _streaming(begin, finish, handler.unary_stream, decode),
-                request_deserializer=None,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_stream is not None:
-            # Server reflection (a bidirectional stream): authenticated like the rest, answered
-            # before the first request message is read.
-            return grpc.stream_stream_rpc_method_handler(
-                _streaming(begin, finish, handler.stream_stream, lambda requests: requests),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+    def finish(self, start: float, code: str, extra: dict[str, Any]) -> None:
+        elapsed = time.perf_counter() - start
+        if self.observe is not None:
+            self.observe(self.method, code, elapsed)
+        elapsed_ms = round(elapsed * 1000, 2)
+        level = "warning" if code in {"INTERNAL", "UNKNOWN"} else "info"
+        getattr(log, level)("rpc_finished", code=code, elapsed_ms=elapsed_ms, **extra)
+
+
+def _wrap(handler: Any, scope: _RpcScope) -> Any:
+    """The method handler with ``scope`` around it, for each kind of RPC charai serves."""
+    decode = _decoder(handler.request_deserializer, scope.method)
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(
+            _unary(scope, handler.unary_unary, decode),
+            request_deserializer=None,
+            response_serializer=handler.response_serializer,
+        )
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(
+            _streaming(scope.begin, scope.finish, handler.unary_stream, decode),
+            request_deserializer=None,
+            response_serializer=handler.response_serializer,
+        )
+    if handler.stream_stream is not None:
+        # Server reflection (a bidirectional stream): authenticated like the rest, answered
+        # before the first request message is read.
+        return grpc.stream_stream_rpc_method_handler(
+            _streaming(scope.begin, scope.finish, handler.stream_stream, lambda requests: requests),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    return handler
+
+
+def _unary(
+    scope: _RpcScope, inner: Any, decode: Callable[[bytes], Any]
+) -> Callable[[bytes, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
+    """A unary method wrapped: decode the request, authenticate, translate errors, log once."""
+
+    async def unary(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        start = time.perf_counter()
+        code = "OK"
+        try:
+            scope.begin(context)
+            return await inner(decode(raw), context)
+        except BaseException as exc:
+            code = _code_name(exc, context)
+            await abort_for(context, exc)
+            raise
+        finally:
+            scope.finish(start, code, {})
+
+    return unary
 
 
 def _streaming(

@@ -14,7 +14,8 @@ from typing import Any
 
 from charai.core.domain import errors
 from charai.core.domain.errors import ErrorKind, ProviderFailure
-from charai.worker.http import ProviderError, ProviderHttp, Response
+from charai.worker.http import ProviderHttp
+from charai.worker.provider import ProviderError, Response
 
 INVALID_CODES = frozenset({"1210", "1211", "1212", "1213", "1214", "1215", "1221", "1222", "1261"})
 """Zhipu codes that come with HTTP 400 (bad parameter, unknown model, prompt too long)."""

@@ -7,7 +7,8 @@ in the prompt or the ``X-Emulator-Mode`` header). See :mod:`charai.emulator.app`
 
 from __future__ import annotations
 
-from charai.emulator.app import EmulatorConfig, build_app
+from charai.emulator.app import build_app
+from charai.emulator.config import EmulatorConfig
 from charai.emulator.runner import RunningEmulator, running_emulator
 
 __all__ = ["EmulatorConfig", "RunningEmulator", "build_app", "running_emulator"]

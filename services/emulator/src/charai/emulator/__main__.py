@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 
-from charai.emulator.app import EmulatorConfig
+from charai.emulator.config import EmulatorConfig
 from charai.emulator.runner import running_emulator
 
 ADDR_ENV = "CHARAI_EMULATOR_ADDR"

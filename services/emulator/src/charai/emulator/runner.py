@@ -6,6 +6,7 @@ reliably, with direct access to the counters without an extra HTTP round trip.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,7 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from charai.emulator.app import API_PREFIX, STATE_KEY, EmulatorConfig, EmulatorState, build_app
+from charai.emulator.app import API_PREFIX, build_app
+from charai.emulator.config import EmulatorConfig
+from charai.emulator.state import STATE_KEY, EmulatorState
 
 SHUTDOWN_TIMEOUT = 1.0
 """Seconds to let in-flight calls finish on stop before they are cancelled; short because a
@@ -30,7 +33,8 @@ def _url_host(host: str) -> str:
 
 @dataclass
 class RunningEmulator:
-    """Handle on a started emulator.
+    """Handle on a started emulator: its addresses, its counters, and its gate (a test closes
+    it to hold provider calls in flight, waits until they are held, then opens it).
 
     Attributes:
         url: Root URL, e.g. ``http://127.0.0.1:40123`` (files, healthz, stats live here).
@@ -56,6 +60,28 @@ class RunningEmulator:
     def reset(self) -> None:
         """Same as ``POST /_emulator/reset``."""
         self.state.reset()
+
+    def close_gate(self) -> None:
+        """Hold every generation call from now on (``POST /_emulator/gate {"open": false}``)."""
+        self.state.gate.close()
+
+    def open_gate(self) -> None:
+        """Let the held calls go on, and later calls pass (``{"open": true}``)."""
+        self.state.gate.open()
+
+    @property
+    def held(self) -> int:
+        """Calls waiting at the closed gate right now."""
+        return self.state.gate.held
+
+    async def wait_held(self, count: int = 1, timeout: float = 30.0) -> None:
+        """Wait until the closed gate holds at least ``count`` calls.
+
+        Raises:
+            TimeoutError: Fewer were held after ``timeout`` seconds.
+        """
+        async with asyncio.timeout(timeout):
+            await self.state.gate.wait_held(count)
 
 
 @asynccontextmanager
@@ -93,4 +119,5 @@ async def running_emulator(
         url = f"http://{_url_host(host)}:{bound_port}"
         yield RunningEmulator(url=url, api_base=url + API_PREFIX, port=bound_port, app=app)
     finally:
+        app[STATE_KEY].gate.open()  # calls a test left held go on, rather than wait out the shutdown
         await runner.cleanup()

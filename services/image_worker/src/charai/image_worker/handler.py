@@ -15,7 +15,7 @@ from charai.image_worker.media import ImageRejectedError, inspect_image
 from charai.tasks.v1 import task_pb2
 from charai.worker.answers import classify_error_body, decode_base64, json_object, raise_inband_error
 from charai.worker.context import JobContext, advancing_progress
-from charai.worker.http import ProviderError
+from charai.worker.provider import ProviderError
 
 log = structlog.get_logger("image_worker")
 

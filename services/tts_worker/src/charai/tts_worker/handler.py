@@ -24,7 +24,7 @@ from charai.tts_worker.audio import (
 )
 from charai.worker.answers import decode_base64, raise_inband_error
 from charai.worker.context import JobContext, advancing_progress
-from charai.worker.http import ProviderError
+from charai.worker.provider import ProviderError
 
 FORMATS = ("wav", "pcm", "mp3")
 DEFAULT_VOICE = "tongtong"

@@ -1,0 +1,135 @@
+"""The SSRF guard on media the provider points to (a temporary link to a generated image or
+audio file).
+
+The host is resolved once, every address must be public (or, with
+``CHARAI_PROVIDER_ALLOW_PRIVATE_URLS``, loopback/private; link-local and cloud metadata
+addresses never), and the connection goes to exactly the vetted addresses
+(:func:`pinned_connector`) — aiohttp does not resolve the name again, so a DNS answer that
+changes between check and connect (rebinding) cannot redirect the fetch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
+
+import aiohttp
+import aiohttp.abc
+from charai.core.domain import errors
+from charai.worker.provider import ProviderError
+
+#: Resolves a host name to its addresses (``host, port -> ["203.0.113.7", ...]``).
+Resolve = Callable[[str, int], Awaitable[list[str]]]
+
+
+async def system_resolve(host: str, port: int) -> list[str]:
+    """The system resolver (getaddrinfo), TCP addresses only, in its order, without repeats."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+#: Cloud metadata endpoints: refused even when private addresses are allowed.
+_METADATA = frozenset(
+    ipaddress.ip_address(a) for a in ("169.254.169.254", "169.254.170.2", "100.100.100.200", "fd00:ec2::254")
+)
+
+
+def address_allowed(address: ipaddress.IPv4Address | ipaddress.IPv6Address, *, allow_private: bool) -> bool:
+    """Whether media may be fetched from ``address``.
+
+    Public (globally routable) addresses are; with ``allow_private`` loopback and private ones
+    (RFC 1918, ULA) too. Never: link-local (169.254/16, fe80::/10), cloud metadata, unspecified,
+    multicast or reserved addresses, nor an IPv6 address that embeds a refused IPv4 one
+    (IPv4-mapped, 6to4, Teredo).
+    """
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return address_allowed(address.ipv4_mapped, allow_private=allow_private)
+        embedded = address.sixtofour or (address.teredo[1] if address.teredo else None)
+        if embedded is not None and not address_allowed(embedded, allow_private=allow_private):
+            return False
+    if (
+        address in _METADATA
+        or address.is_link_local
+        or address.is_unspecified
+        or address.is_multicast
+        or (address.is_reserved and not address.is_loopback)  # IPv6 ::1 lies in reserved ::/8
+    ):
+        return False
+    if address.is_global:
+        return True
+    return allow_private and (address.is_private or address.is_loopback)
+
+
+async def check_url(url: str, *, allow_private: bool, resolve: Resolve = system_resolve) -> list[str]:
+    """Vets a media URL and returns the addresses the fetch may connect to.
+
+    Refuses (PROVIDER_BAD_RESPONSE, before any connection) a scheme other than http(s), user
+    info in the URL, a host that does not resolve, or one whose addresses include any that
+    :func:`address_allowed` refuses.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ProviderError(errors.bad_response(f"refusing a media URL with scheme {parts.scheme!r}"))
+    if parts.username is not None or parts.password is not None:
+        raise ProviderError(errors.bad_response("refusing a media URL with credentials in it"))
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise ProviderError(errors.bad_response("refusing a media URL with a bad port")) from None
+    host = parts.hostname
+    try:
+        addresses = [str(ipaddress.ip_address(host))]
+    except ValueError:
+        try:
+            addresses = await resolve(host, port)
+        except OSError:
+            raise ProviderError(errors.unreachable("the media host does not resolve")) from None
+    if not addresses:
+        raise ProviderError(errors.unreachable("the media host does not resolve"))
+    for text in addresses:
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+        if not address_allowed(address, allow_private=allow_private):
+            raise ProviderError(
+                errors.bad_response(
+                    f"refusing a media URL on a private, loopback, link-local or metadata address ({host})"
+                )
+            )
+    return addresses
+
+
+def pinned_connector(addresses: list[str]) -> aiohttp.TCPConnector:
+    """A connector that connects to ``addresses`` (vetted by :func:`check_url`) and nowhere else:
+    no DNS cache, no kept-alive connection, at most 4 connections."""
+    return aiohttp.TCPConnector(
+        resolver=_PinnedResolver(addresses), use_dns_cache=False, force_close=True, limit=4
+    )
+
+
+class _PinnedResolver(aiohttp.abc.AbstractResolver):
+    """Answers every lookup with the vetted addresses: the connection cannot go anywhere else."""
+
+    def __init__(self, addresses: list[str]) -> None:
+        self._addresses = addresses
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[aiohttp.abc.ResolveResult]:
+        return [
+            aiohttp.abc.ResolveResult(
+                hostname=host,
+                host=address,
+                port=port,
+                family=socket.AF_INET6 if ":" in address else socket.AF_INET,
+                proto=socket.IPPROTO_TCP,
+                flags=socket.AI_NUMERICHOST,
+            )
+            for address in self._addresses
+        ]
+
+    async def close(self) -> None:
+        return None
