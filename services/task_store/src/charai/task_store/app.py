@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
@@ -26,6 +27,7 @@ from charai.task_store.store import StoreConfig, TaskStore, open_store
 from charai.taskapi import error_code_label, priority_label, type_label
 from charai.tasks.v1 import task_pb2
 from nats.aio.client import Client
+from nats.js import JetStreamContext
 
 log = structlog.get_logger("task_store")
 #: How long a health probe of NATS and the database may take.
@@ -123,6 +125,23 @@ class TaskStoreApp:
         await store.open()
         stack.push_async_callback(publisher.close)
         publisher.start()
+        relay = self._start_relay(stack, store, js)
+        # DeleteTask and the retention sweeper remove media too (media first, then the task).
+        media = MediaStore(await natsconn.ensure_media_bucket(js, self._topology, s.nats_replicas))
+        self.retention = retention = RetentionSweeper(store, media, s.retention_days, self._clock)
+        stack.push_async_callback(retention.close)
+        retention.start()
+        health = await self._serve(
+            stack, TaskStoreServicer(store, relay.wake, s.lease_seconds, s.image_model, media)
+        )
+        await self._start_ops(stack, health)
+        host = self._listen.rpartition(":")[0]
+        logs.announce("task_store_listening", addr=f"{host}:{self.port}", database=store.describe())
+
+    def _start_relay(
+        self, stack: contextlib.AsyncExitStack, store: TaskStore, js: JetStreamContext
+    ) -> OutboxRelay:
+        s = self.settings
         self._relay = relay = OutboxRelay(
             store, js, self._topology, s.redispatch_after_seconds, s.sweep_interval_seconds, self._clock
         )
@@ -131,7 +150,12 @@ class TaskStoreApp:
         stack.push_async_callback(relay.close)
         relay.start()
         relay.wake()  # publish whatever a previous run left in the outbox
+        return relay
 
+    async def _serve(self, stack: contextlib.AsyncExitStack, servicer: TaskStoreServicer) -> Any:
+        """The gRPC server (the internal API, health, reflection) on its port; returns its health
+        servicer."""
+        s = self.settings
         server = grpc.aio.server(
             interceptors=[
                 grpcsupport.ServerInterceptor(
@@ -140,24 +164,21 @@ class TaskStoreApp:
             ],
             options=grpcsupport.SERVER_OPTIONS,
         )
-        # DeleteTask and the retention sweeper remove media too (media first, then the task).
-        media = MediaStore(await natsconn.ensure_media_bucket(js, self._topology, s.nats_replicas))
-        self.retention = retention = RetentionSweeper(store, media, s.retention_days, self._clock)
-        stack.push_async_callback(retention.close)
-        retention.start()
-        store_service_pb2_grpc.add_TaskStoreServiceServicer_to_server(
-            TaskStoreServicer(store, relay.wake, s.lease_seconds, s.image_model, media), server
-        )
+        store_service_pb2_grpc.add_TaskStoreServiceServicer_to_server(servicer, server)
         health = await grpcsupport.add_health_and_reflection(server, [_SERVICE])
         self.port = server.add_insecure_port(self._listen)
         if self.port == 0:
             raise SystemExit(f"task_store: cannot listen on {self._listen} (CHARAI_TASK_STORE_ADDR)")
         stack.push_async_callback(server.stop, s.shutdown_grace_seconds)
         await server.start()
+        return health
+
+    async def _start_ops(self, stack: contextlib.AsyncExitStack, health: Any) -> None:
+        """/metrics (when configured) and the health watcher."""
         self._metrics_endpoint = await stack.enter_async_context(
             MetricsEndpoint(
                 self.metrics,
-                s.metrics_addr,
+                self.settings.metrics_addr,
                 refresh=self._refresh_gauges,
                 refresh_every=GAUGE_REFRESH_S,
                 clock=self._clock,
@@ -172,8 +193,6 @@ class TaskStoreApp:
                 clock=self._clock,
             )
         )
-        host = self._listen.rpartition(":")[0]
-        logs.announce("task_store_listening", addr=f"{host}:{self.port}", database=store.describe())
 
     @property
     def metrics_port(self) -> int:
