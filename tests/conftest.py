@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+import structlog
 from charai.devstack.stack import nats_server_binary
 
 from tests.pg import pg_server, postgres  # noqa: F401 - PostgreSQL fixtures for every test module
@@ -90,6 +92,19 @@ async def nats_url(nats_server: NatsServer) -> AsyncIterator[str]:
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("CHARAI_LOG_LEVEL", "warning")
+    # The services running inside the test process log as in production (JSON lines, warnings and
+    # up), not with structlog's development renderer: its rich tracebacks with local variables take
+    # a fraction of a second each, which stalls the shared event loop when many jobs fail at once.
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        cache_logger_on_first_use=False,
+    )
 
 
 async def eventually(predicate: object, timeout: float = 10.0, interval: float = 0.05) -> None:
