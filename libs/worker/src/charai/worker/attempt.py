@@ -7,12 +7,15 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 import structlog
+from charai.core.domain.errors import storage_unavailable
 from charai.core.domain.states import Stage
 from charai.core.media import MediaStore, media_key
 from charai.tasks.v1 import task_pb2
 from charai.worker.context import JobAbortedError, MediaRef, Result
 from charai.worker.http import ProviderHttp
+from charai.worker.provider import ProviderError
 from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
 
 if TYPE_CHECKING:
     from charai.worker.progress import ProgressReporter
@@ -96,7 +99,12 @@ class AttemptContext:
 
     async def store_media(self, data: bytes, extension: str, content_type: str) -> MediaRef:
         key = media_key(self._task.id, extension)
-        await self._media.put(key, data)
+        try:
+            await self._media.put(key, data)
+        except (TimeoutError, NatsError, OSError) as exc:
+            # The media store (JetStream) is briefly away, e.g. re-electing a leader: a transient
+            # failure of this attempt, retried like an unreachable provider, not a handler crash.
+            raise ProviderError(storage_unavailable(str(exc) or type(exc).__name__)) from exc
         # The fault tests kill the worker on this line: the media is stored, the result not yet.
         log.debug("media_stored", key=key, size=len(data))
         return MediaRef(key, len(data), content_type)

@@ -117,6 +117,14 @@ def unreachable(reason: str) -> ProviderFailure:
     return ProviderFailure(ErrorKind.PROVIDER_UNAVAILABLE, f"could not reach the provider: {reason}")
 
 
+def storage_unavailable(reason: str) -> ProviderFailure:
+    """The generated media could not be stored (charai's media store, e.g. NATS re-electing a
+    leader): transient, so the attempt is retried like an unreachable provider."""
+    return ProviderFailure(
+        ErrorKind.PROVIDER_UNAVAILABLE, f"could not store the generated media: {reason}; it will be retried"
+    )
+
+
 def bad_response(reason: str, status: int = 200, code: str = "") -> ProviderFailure:
     return ProviderFailure(
         ErrorKind.PROVIDER_BAD_RESPONSE, f"the provider sent a bad response: {reason}", status, code
