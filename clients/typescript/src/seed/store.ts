@@ -58,7 +58,7 @@ export interface TaskStoreState {
   /** The latest known state of every task the store has seen, by id. */
   readonly tasks: Readonly<Record<string, Task>>;
   readonly connection: ConnectionState;
-  /** Why the connection is `failed` (or the last fetch that failed); null otherwise. */
+  /** Why the connection is `failed` or `reconnecting` (when the store could find out); null once live. */
   readonly error: SeedApiError | null;
   readonly subscribeToTask: TaskStore["subscribeToTask"];
 }
@@ -285,7 +285,6 @@ export function createTaskStore(config: StoreConfig): TaskStore {
           return;
         }
         end(sub);
-        setState({ error });
         reportError(error, sub);
         return;
       }
@@ -322,7 +321,6 @@ export function createTaskStore(config: StoreConfig): TaskStore {
         setTimeout(() => void primeList(sub, attempt + 1), backoff(attempt + 1));
         return;
       }
-      setState({ error });
       reportError(error, sub);
       return;
     }
