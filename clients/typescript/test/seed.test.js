@@ -3,7 +3,7 @@
 // package's fetch-based EventSource, which follows the standard's reconnect rules).
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import { createSeedClient, createUseTask, SeedApiError } from "../dist/seed/index.js";
+import { createSeedClient, createUseTask, FetchEventSource, SeedApiError } from "../dist/seed/index.js";
 import { baseUrl, health, startProxy, uniqueCharacter, until, waitForHealth } from "./helpers.js";
 
 /** Resolves with every state `subscribeToTask` hands over, once the task has ended. */
@@ -385,4 +385,38 @@ test("scripted: replays are dropped, states never go back, a refused stream is d
   assert.equal(calls[0], calls[1], "a stable subscribe per task id (React would resubscribe otherwise)");
   assert.equal(useTask(undefined), undefined);
   taskStore.close();
+});
+
+test("scripted: the fetch-based EventSource parses as the standard says and reconnects with Last-Event-ID", async () => {
+  const encoder = new TextEncoder();
+  const requests = [];
+  // The first answer arrives in awkward chunks: a BOM, CRLF split across chunks, a lone CR, a
+  // comment, `retry:`, a two-line `data`, an `id` alone (a heartbeat with the resume point).
+  const first = ["\uFEFFretry: 10\r", "\n: heartbeat\r\nid: 4\r\n\r", "\nid: 5\nevent: task:progress\n", "data: {\"a\":\r", "data: 1}\n\n", "id: 9\n\n", "event: x\ndata: cut"];
+  const answers = [
+    () => new Response(new ReadableStream({
+      start(c) {
+        for (const part of first) c.enqueue(encoder.encode(part));
+        c.close();
+      },
+    }), { status: 200, headers: { "content-type": "text/event-stream; charset=utf-8" } }),
+    () => new Response(null, { status: 204 }),
+  ];
+  const es = new FetchEventSource("https://charai.test/api/tasks/events", {
+    fetch: async (url, init) => {
+      requests.push(init.headers);
+      return answers[requests.length - 1]();
+    },
+  });
+  const seen = [];
+  es.addEventListener("open", () => seen.push("open"));
+  es.addEventListener("task:progress", (e) => seen.push(`progress ${e.data} #${e.lastEventId}`));
+  es.addEventListener("x", () => seen.push("an unfinished event was dispatched"));
+  es.onerror = () => seen.push(`error ${es.readyState}`);
+  await until(() => seen.includes("error 2"), 2000, "the second answer (204) to close it");
+  assert.deepEqual(seen, ["open", "progress {\"a\":\n1} #5", "error 0", "error 2"]);
+  assert.equal(requests[0]["Last-Event-ID"], undefined);
+  assert.equal(requests[1]["Last-Event-ID"], "9", "the heartbeat's id is the resume point");
+  assert.equal(es.lastEventId, "9");
+  assert.equal(es.readyState, FetchEventSource.CLOSED);
 });

@@ -197,7 +197,9 @@ export function createTaskStore(config: StoreConfig): TaskStore {
   let failures = 0;
   let timer: ReturnType<typeof setTimeout> | undefined;
   let lingerTimer: ReturnType<typeof setTimeout> | undefined;
+  /** The ticket of the open() in progress (0: none); a close or a newer open() voids it. */
   let opening = 0;
+  let tickets = 0;
 
   const initial: TaskStoreState = { tasks: {}, connection: "idle", error: null, subscribeToTask };
   let state: TaskStoreState = initial;
@@ -223,7 +225,9 @@ export function createTaskStore(config: StoreConfig): TaskStore {
     if (isNewer(task, seq, entry?.mark)) {
       entries.set(task.id, { task, mark: markOf(task, seq) });
       setState({ tasks: { ...state.tasks, [task.id]: task } });
-    } else if (entry && seq > 0 && entry.mark.seq < seq && !entry.mark.terminal) {
+    } else if (seq === 0) {
+      return; // a fetched state the store already has (or has a newer one of): nothing new to tell
+    } else if (entry && entry.mark.seq < seq && !entry.mark.terminal) {
       entry.mark.seq = seq; // same state, now with its sequence
     }
     for (const sub of [...subs]) {
@@ -360,12 +364,14 @@ export function createTaskStore(config: StoreConfig): TaskStore {
   }
 
   async function open(): Promise<void> {
-    const ticket = ++opening;
+    const ticket = ++tickets;
+    opening = ticket;
     const after = cursor;
     let token: string | undefined;
     try {
       token = await resolveToken(config.token);
     } catch (err) {
+      if (ticket !== opening) return;
       opening = 0;
       refused(asError(err));
       return;
