@@ -115,7 +115,7 @@ $(CONSOLE_SRC)/node_modules/.installed: $(CONSOLE_SRC)/package-lock.json
 node: $(TS_DIR)/node_modules/.installed $(CONSOLE_SRC)/node_modules/.installed ## npm packages of the TypeScript client and the console (npm ci, locked)
 
 $(TS_DIR)/dist/index.js: $(TS_DIR)/node_modules/.installed $(PROTO_FILES) $(TS_DIR)/buf.gen.yaml $(TS_DIR)/tsconfig.json \
-		$(wildcard $(TS_DIR)/src/*.ts $(TS_DIR)/proto/google/rpc/*.proto)
+		$(wildcard $(TS_DIR)/src/*.ts $(TS_DIR)/src/seed/*.ts $(TS_DIR)/proto/google/rpc/*.proto)
 	cd $(TS_DIR) && npm run --silent build
 
 ts: $(TS_DIR)/dist/index.js ## TypeScript client: generate code from the protos (buf + protoc-gen-es), build with tsc

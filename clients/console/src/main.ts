@@ -1,17 +1,18 @@
-// The task console: one character's tasks, live, over gRPC-web (same origin as the gateway).
+// The task console: one character's tasks, live. Calls go over gRPC-web (@charai/client); the
+// live feed is @charai/client/seed's task store, one EventSource on GET /api/tasks/events, the
+// same layer the seed's React app uses. Same origin as the gateway.
+import { createCharaiClient, describeError, toSeedTask } from "@charai/client";
 import {
-  createCharaiClient,
-  createdAt,
-  describeError,
-  errorCodeName,
+  type ConnectionState,
+  createSeedClient,
+  type ImageGenerationPayload,
+  type ImageGenerationResult,
   isTerminal,
-  statusName,
+  SeedApiError,
   type Task,
-  type TaskEvent,
-  TaskEventType,
-  TaskStatus,
-  updatedAtMs,
-} from "@charai/client";
+  type TTSGenerationPayload,
+  type TTSGenerationResult,
+} from "@charai/client/seed";
 
 const $ = <T extends HTMLElement>(id: string): T => {
   const el = document.getElementById(id);
@@ -46,10 +47,9 @@ const ui = {
 ui.token.value = sessionStorage.getItem("charai.token") ?? "";
 ui.token.addEventListener("change", () => sessionStorage.setItem("charai.token", ui.token.value));
 
-const charai = createCharaiClient({
-  baseUrl: window.location.origin,
-  token: () => ui.token.value.trim() || undefined,
-});
+const token = (): string | undefined => ui.token.value.trim() || undefined;
+const charai = createCharaiClient({ baseUrl: window.location.origin, token });
+const { taskStore } = createSeedClient({ baseUrl: window.location.origin, token });
 
 // -- small DOM helper ------------------------------------------------------------------------
 type Child = Node | string | null | undefined | false;
@@ -72,9 +72,15 @@ function clearError(): void {
   for (const el of document.querySelectorAll(".field-error")) el.remove();
 }
 
+/** `{code, message, fields}` of a gRPC-web error or a REST one (the feed's). */
+function explain(err: unknown): { code: string; message: string; fields: { field: string; description: string }[] } {
+  if (err instanceof SeedApiError) return { code: err.code.toLowerCase(), message: err.message, fields: err.fieldViolations };
+  return describeError(err);
+}
+
 function showError(action: string, err: unknown): void {
   clearError();
-  const d = describeError(err);
+  const d = explain(err);
   const title = h("strong", {}, `${action} failed: `);
   const code = h("code", {}, d.code);
   ui.error.append(title, code, " ", d.fields.length ? "" : d.message);
@@ -99,6 +105,19 @@ function setConnection(state: "idle" | "connecting" | "live" | "reconnecting", t
   ui.connection.textContent = text;
 }
 
+const CONNECTION_TEXT: Record<ConnectionState, [state: "idle" | "connecting" | "live" | "reconnecting", text: string]> = {
+  idle: ["idle", "not connected"],
+  connecting: ["connecting", "connecting…"],
+  live: ["live", "live"],
+  reconnecting: ["reconnecting", "reconnecting…"],
+  failed: ["idle", "disconnected"],
+};
+taskStore.subscribe((state, previous) => {
+  if (state.connection === previous.connection) return;
+  setConnection(...CONNECTION_TEXT[state.connection]);
+  if (state.connection === "failed" && state.error) showError("Following the tasks", state.error);
+});
+
 // -- the task list ---------------------------------------------------------------------------
 interface Row {
   task: Task;
@@ -109,8 +128,8 @@ const rows = new Map<string, Row>();
 function isNewer(candidate: Task, current: Task): boolean {
   if (isTerminal(current) && !isTerminal(candidate)) return false;
   if (isTerminal(candidate) && !isTerminal(current)) return true;
-  const a = updatedAtMs(candidate);
-  const b = updatedAtMs(current);
+  const a = Date.parse(candidate.updatedAt ?? "") || 0;
+  const b = Date.parse(current.updatedAt ?? "") || 0;
   if (a !== b) return a > b;
   return candidate.progress >= current.progress;
 }
@@ -138,7 +157,7 @@ function upsert(task: Task): void {
 }
 
 function createdMs(task: Task): number {
-  return createdAt(task)?.getTime() ?? Date.now();
+  return Date.parse(task.createdAt ?? "") || Date.now();
 }
 
 function updateCount(): void {
@@ -150,29 +169,29 @@ function updateCount(): void {
 }
 
 function timeText(task: Task): string {
-  const d = createdAt(task);
-  return d ? d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" }) : "";
+  return task.createdAt
+    ? new Date(task.createdAt).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" })
+    : "";
 }
 
 /** (Re)draws one task in place; the <img>/<audio> element is kept once made, so playback survives. */
 function render(row: Row): void {
   const { task, el } = row;
-  const status = statusName(task.status);
+  const status = task.status;
+  const image = task.type === "image_generation" ? (task.payload as ImageGenerationPayload) : undefined;
+  const voice = task.type === "tts_generation" ? (task.payload as TTSGenerationPayload) : undefined;
   el.dataset["status"] = status;
   el.className = `task status-${status}`;
 
   let header = el.querySelector<HTMLElement>(".task-head");
   if (!header) {
-    const kind = task.payload.case === "image" ? "Image" : "Voice";
-    const detail =
-      task.payload.case === "image"
-        ? [task.payload.value.viewType, task.payload.value.resolution, task.payload.value.costumeId]
-            .filter(Boolean)
-            .join(" · ")
-        : task.payload.case === "tts"
-          ? [task.payload.value.voiceStyle, task.payload.value.responseFormat || "wav"].join(" · ")
-          : "";
-    const text = task.payload.case === "image" ? task.payload.value.prompt : task.payload.case === "tts" ? task.payload.value.text : "";
+    const kind = image ? "Image" : "Voice";
+    const detail = image
+      ? [image.viewType, image.resolution, image.costumeId].filter(Boolean).join(" · ")
+      : voice
+        ? [voice.voiceStyle, voice.responseFormat || "wav"].join(" · ")
+        : "";
+    const text = image ? image.prompt : voice ? voice.text : "";
     header = h(
       "div",
       { class: "task-head" },
@@ -201,7 +220,7 @@ function render(row: Row): void {
 
   const stage = el.querySelector<HTMLElement>(".stage")!;
   const parts = [`${task.progress}%`, task.stage];
-  if (task.status === TaskStatus.QUEUED && task.queuePosition > 0) parts.push(`#${task.queuePosition} in queue`);
+  if (task.status === "queued" && task.queuePosition > 0) parts.push(`#${task.queuePosition} in queue`);
   if (task.attempt > 1) parts.push(`attempt ${task.attempt}/${task.maxAttempts}`);
   stage.textContent = parts.filter(Boolean).join(" · ");
 
@@ -218,8 +237,8 @@ function render(row: Row): void {
   }
 
   const result = el.querySelector<HTMLElement>(".task-result")!;
-  if (task.result.case === "imageResult" && !result.querySelector("img")) {
-    const r = task.result.value;
+  if (image && task.result && !result.querySelector("img")) {
+    const r = task.result as ImageGenerationResult;
     const img = h("img", {
       src: r.imageUrl,
       alt: r.prompt,
@@ -228,24 +247,24 @@ function render(row: Row): void {
       loading: "lazy",
     });
     result.replaceChildren(h("a", { href: r.imageUrl, target: "_blank", rel: "noopener" }, img));
-  } else if (task.result.case === "ttsResult" && !result.querySelector("audio")) {
-    const r = task.result.value;
+  } else if (voice && task.result && !result.querySelector("audio")) {
+    const r = task.result as TTSGenerationResult;
     result.replaceChildren(
       h("audio", { controls: "", preload: "metadata", src: r.audioUrl }),
-      h("span", { class: "muted" }, `${r.durationSeconds.toFixed(1)} s · ${r.contentType}`),
+      h("span", { class: "muted" }, `${(r.duration ?? 0).toFixed(1)} s · ${r.contentType ?? ""}`),
     );
-  } else if (task.error && (task.status === TaskStatus.FAILED || task.stage === "waiting_retry")) {
-    const retrying = task.status !== TaskStatus.FAILED;
+  } else if (task.errorDetail && (task.status === "failed" || task.stage === "waiting_retry")) {
+    const retrying = task.status !== "failed";
     result.replaceChildren(
       h(
         "p",
         { class: retrying ? "task-error retrying" : "task-error" },
-        h("code", {}, errorCodeName(task.error.code)),
-        ` ${task.error.message}`,
+        h("code", {}, task.errorDetail.code),
+        ` ${task.errorDetail.message}`,
         retrying ? " (retrying)" : "",
       ),
     );
-  } else if (task.status === TaskStatus.CANCELLED && !result.childElementCount) {
+  } else if (task.status === "cancelled" && !result.childElementCount) {
     result.replaceChildren(h("p", { class: "muted" }, "Cancelled."));
   }
   updateCount();
@@ -255,7 +274,7 @@ async function cancelTask(id: string, button: HTMLButtonElement): Promise<void> 
   button.disabled = true;
   button.textContent = "Cancelling…";
   try {
-    upsert(await charai.cancelTask(id));
+    upsert(toSeedTask(await charai.cancelTask(id)));
   } catch (err) {
     showError("Cancel", err);
     button.disabled = false;
@@ -264,15 +283,13 @@ async function cancelTask(id: string, button: HTMLButtonElement): Promise<void> 
 }
 
 // -- the open character ------------------------------------------------------------------------
-let current: { characterId: string; stop: AbortController } | undefined;
+let current: { characterId: string; stop: () => void } | undefined;
 
-async function openCharacter(characterId: string, characterName: string): Promise<void> {
-  current?.stop.abort();
+function openCharacter(characterId: string, characterName: string): void {
+  current?.stop();
   rows.clear();
   ui.tasks.replaceChildren();
   clearError();
-  const stop = new AbortController();
-  current = { characterId, stop };
   updateCount();
   const url = new URL(window.location.href);
   url.searchParams.set("character", characterId);
@@ -282,30 +299,13 @@ async function openCharacter(characterId: string, characterName: string): Promis
   localStorage.setItem("charai.character", JSON.stringify({ characterId, characterName }));
   document.getElementById("tasks-title")!.textContent = `Tasks of ${characterName || characterId}`;
 
-  setConnection("connecting", "connecting…");
-  // Watch first, then list: whatever changes in between arrives as an event, and the newer
-  // state of each task wins.
-  const onEvent = (event: TaskEvent): void => {
-    if (event.task && event.type !== TaskEventType.HEARTBEAT) upsert(event.task);
-  };
-  charai
-    .watchCharacter(characterId, onEvent, {
-      signal: stop.signal,
-      onConnected: () => setConnection("live", "live"),
-      onReconnect: (info) => setConnection("reconnecting", `reconnecting (attempt ${info.attempt})…`),
-    })
-    .catch((err: unknown) => {
-      if (stop.signal.aborted) return;
-      setConnection("idle", "disconnected");
-      showError("Following the tasks", err);
-    });
-  try {
-    const tasks = await charai.getCharacterTasks(characterId, { signal: stop.signal, limit: 200 });
-    for (const task of tasks) upsert(task);
-    if (!stop.signal.aborted && ui.connection.classList.contains("pill-connecting")) setConnection("live", "live");
-  } catch (err) {
-    if (!stop.signal.aborted) showError("Loading the tasks", err);
-  }
+  // One subscription: the character's tasks as they are (listed once the stream is open), then
+  // every change; the store hands each task's states over in order, never an older one.
+  const stop = taskStore.subscribe({ metadata: { characterId } }, (task) => upsert(task), {
+    current: true,
+    onError: (err) => showError("Loading the tasks", err),
+  });
+  current = { characterId, stop };
   updateCount();
 }
 
@@ -315,7 +315,7 @@ function characterName(): string {
 
 ui.characterForm.addEventListener("submit", (e) => {
   e.preventDefault();
-  void openCharacter(ui.characterId.value.trim(), characterName());
+  openCharacter(ui.characterId.value.trim(), characterName());
 });
 
 async function submit(button: HTMLButtonElement, action: string, call: () => Promise<Task>): Promise<void> {
@@ -337,15 +337,15 @@ async function submit(button: HTMLButtonElement, action: string, call: () => Pro
 ui.imageForm.addEventListener("submit", (e) => {
   e.preventDefault();
   const characterId = current?.characterId ?? "";
-  void submit(ui.imageSubmit, "Submitting the image", () =>
-    charai.submitImageTask({
+  void submit(ui.imageSubmit, "Submitting the image", async () =>
+    toSeedTask(await charai.submitImageTask({
       characterId,
       characterName: characterName(),
       viewType: ui.imageView.value,
       prompt: ui.imagePrompt.value,
       resolution: ui.imageResolution.value,
       ...(ui.imageCostume.value.trim() ? { costumeId: ui.imageCostume.value.trim() } : {}),
-    }),
+    })),
   );
 });
 
@@ -353,14 +353,14 @@ ui.voiceForm.addEventListener("submit", (e) => {
   e.preventDefault();
   const characterId = current?.characterId ?? "";
   const format = ui.voiceFormat.value === "mp3" ? "mp3" : "wav";
-  void submit(ui.voiceSubmit, "Submitting the voice", () =>
-    charai.submitTTSTask({
+  void submit(ui.voiceSubmit, "Submitting the voice", async () =>
+    toSeedTask(await charai.submitTTSTask({
       characterId,
       characterName: characterName(),
       text: ui.voiceText.value,
       voiceStyle: ui.voiceStyle.value.trim(),
       options: { responseFormat: format, speed: Number(ui.voiceSpeed.value || "1") },
-    }),
+    })),
   );
 });
 
@@ -383,5 +383,5 @@ ui.voiceForm.addEventListener("submit", (e) => {
   }
   ui.characterId.value = id || "char_001";
   ui.characterName.value = id ? name : "Li Ming";
-  void openCharacter(ui.characterId.value, ui.characterName.value);
+  openCharacter(ui.characterId.value, ui.characterName.value);
 }

@@ -1,5 +1,5 @@
 import { Code, ConnectError } from "@connectrpc/connect";
-import { BadRequestSchema } from "./gen/google/rpc/error_details_pb.js";
+import { BadRequestSchema, ErrorInfoSchema } from "./gen/google/rpc/error_details_pb.js";
 
 /** One bad field of a rejected request (from the `google.rpc.BadRequest` error detail). */
 export interface FieldViolation {
@@ -19,6 +19,11 @@ export interface DescribedError {
   message: string;
   /** Each bad field, when the server sent a `BadRequest` detail. */
   fields: FieldViolation[];
+  /**
+   * The `google.rpc.ErrorInfo` reason, when the server sent one (e.g. `ACCESS_TOKEN_EXPIRED`,
+   * `ACCESS_TOKEN_SCOPE`, `LIMIT_EXCEEDED`); "" otherwise.
+   */
+  reason: string;
 }
 
 /** The bad fields a rejected call named (empty for any other error). */
@@ -37,6 +42,7 @@ export function describeError(error: unknown): DescribedError {
     grpcCode: err.code,
     message: err.rawMessage,
     fields: fieldViolations(err),
+    reason: err.findDetails(ErrorInfoSchema)[0]?.reason ?? "",
   };
 }
 

@@ -45,8 +45,9 @@ export {
   updatedAtMs,
 } from "./format.js";
 export type { ReconnectOptions } from "./retry.js";
+export { toSeedTask } from "./seed-json.js";
 export * from "./gen/charai/tasks/v1/task_pb.js";
 export * from "./gen/charai/tasks/v1/task_service_pb.js";
-export { BadRequestSchema, type BadRequest } from "./gen/google/rpc/error_details_pb.js";
+export { BadRequestSchema, type BadRequest, ErrorInfoSchema, type ErrorInfo } from "./gen/google/rpc/error_details_pb.js";
 export { StatusSchema, type Status } from "./gen/google/rpc/status_pb.js";
 export { Code, ConnectError } from "@connectrpc/connect";

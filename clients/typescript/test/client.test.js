@@ -51,9 +51,12 @@ test("the seed's calls: submit an image and a voice, follow both to the end, lis
     text: "Hello, I am Li Ming.",
     voiceStyle: "tongtong",
     options: { speed: 1.2, volume: 1, responseFormat: "mp3" },
+    // A task with a character callback gets category character_design unless it has its own.
+    metadata: { category: "voice_lines" },
   });
   assert.equal(voice.type, TaskType.TTS_GENERATION);
   assert.equal(voice.metadata.characterName, "Li Ming");
+  assert.equal(voice.metadata.category, "voice_lines");
 
   const seen = { [image.id]: [], [voice.id]: [] };
   const [doneImage, doneVoice] = await Promise.all([

@@ -39,16 +39,33 @@ export async function until(predicate, timeoutMs, what) {
   }
 }
 
+const UNAVAILABLE_BODY = '{"error":{"code":"UNAVAILABLE","message":"restarting","fieldViolations":[]}}';
+const UNAVAILABLE =
+  "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n" +
+  `Content-Length: ${UNAVAILABLE_BODY.length}\r\n\r\n${UNAVAILABLE_BODY}`;
+
 /**
  * A loopback TCP proxy in front of the gateway. `cut()` destroys every open connection at once
- * (both sides), like a network drop; new connections keep working.
+ * (both sides), like a network drop; new connections keep working. `mode` plays a restarting
+ * gateway to new connections: "refuse" (closed at once: a network error), "unavailable" (an HTTP
+ * 503, as a gateway answers while what it needs is still starting), "pass" (the default).
  */
 export async function startProxy(target = baseUrl) {
   const { hostname, port } = new URL(target);
   const sockets = new Set();
   let connections = 0;
+  let mode = "pass";
   const server = net.createServer((client) => {
     connections += 1;
+    if (mode === "refuse") {
+      client.destroy();
+      return;
+    }
+    if (mode === "unavailable") {
+      client.on("error", () => {});
+      client.once("data", () => client.end(UNAVAILABLE));
+      return;
+    }
     const upstream = net.connect(Number(port), hostname);
     for (const s of [client, upstream]) {
       sockets.add(s);
@@ -65,6 +82,12 @@ export async function startProxy(target = baseUrl) {
     url: `http://127.0.0.1:${server.address().port}`,
     get connections() {
       return connections;
+    },
+    get mode() {
+      return mode;
+    },
+    set mode(value) {
+      mode = value;
     },
     cut() {
       for (const s of sockets) s.destroy();

@@ -1,0 +1,151 @@
+// The seed's plain JSON shapes, as the gateway's REST routes and Server-Sent Events send them
+// (services/gateway/src/charai/gateway/rest/views.py). No protobuf here: `@charai/client/seed`
+// is fetch + EventSource only.
+
+/** The seed's task types. */
+export type TaskType = "image_generation" | "tts_generation";
+
+/** The seed's status strings. */
+export type TaskStatus = "queued" | "running" | "completed" | "failed" | "cancelled";
+
+/** The seed's priorities. */
+export type TaskPriority = "low" | "normal" | "high";
+
+/** A view of a character, e.g. "front", "side", "back" (free text on the wire). */
+export type ViewType = string;
+
+/** Where the result goes in the seed's app (`payload.callback`). */
+export interface TaskCallback {
+  type: "character_view" | "character_costume" | "character_voice" | (string & {});
+  characterId: string;
+  viewType?: ViewType;
+  costumeId?: string;
+}
+
+export interface ImageGenerationPayload {
+  characterId: string;
+  characterName?: string;
+  prompt: string;
+  resolution: string;
+  viewType: ViewType;
+  costumeId?: string;
+  callback?: TaskCallback;
+}
+
+export interface ImageGenerationResult {
+  /** charai's own signed media URL: `<img src>` loads it without a token; it survives restarts. */
+  imageUrl: string;
+  prompt: string;
+  resolution: string;
+  generatedAt: string;
+  contentType?: string;
+  width?: number;
+  height?: number;
+  sizeBytes?: number;
+}
+
+/** The seed's `TTSOptions`. */
+export interface TTSOptions {
+  /** 0.5 to 2 (default 1). */
+  speed?: number;
+  /** More than 0, at most 10 (default 1). */
+  volume?: number;
+  /** "wav" (default), "pcm" or "mp3". */
+  responseFormat?: "wav" | "pcm" | "mp3";
+}
+
+export interface TTSGenerationPayload extends TTSOptions {
+  characterId: string;
+  characterName?: string;
+  text: string;
+  voiceStyle: string;
+  callback?: TaskCallback;
+}
+
+export interface TTSGenerationResult {
+  /** charai's own signed media URL (`<audio src>` needs no token). */
+  audioUrl: string;
+  text: string;
+  voiceStyle: string;
+  /** Seconds (the seed's field; `durationSeconds` is the same number). */
+  duration?: number;
+  durationSeconds?: number;
+  generatedAt: string;
+  contentType?: string;
+  sizeBytes?: number;
+}
+
+/** The structured error of a failed task (`error` is its message). */
+export interface TaskErrorDetail {
+  /** e.g. "CONTENT_REJECTED", "PROVIDER_AUTH", "QUOTA_EXHAUSTED". */
+  code: string;
+  message: string;
+  retryable: boolean;
+  providerStatus?: number;
+  providerCode?: string;
+}
+
+/** A task as the seed's frontend reads it. */
+export interface Task<
+  P = ImageGenerationPayload | TTSGenerationPayload,
+  R = ImageGenerationResult | TTSGenerationResult,
+> {
+  id: string;
+  type: TaskType;
+  priority: TaskPriority;
+  status: TaskStatus;
+  /** 0 to 100; never decreases over the task's life. */
+  progress: number;
+  /** A short word for the current step ("queued", "generating", "waiting_retry", ...). */
+  stage: string;
+  metadata: Record<string, string>;
+  payload: P;
+  /** Set once completed. */
+  result: R | null;
+  /** The failure's message once failed (the seed prints `${task.error}`); null otherwise. */
+  error: string | null;
+  errorDetail: TaskErrorDetail | null;
+  attempt: number;
+  maxAttempts: number;
+  createdAt: string | null;
+  startedAt: string | null;
+  completedAt: string | null;
+  updatedAt: string | null;
+  nextAttemptAt?: string | null;
+  /** 1-based position while queued, 0 otherwise. */
+  queuePosition: number;
+  requestId: string | null;
+}
+
+/** The seed's WebSocket event names (the SSE `event:` field). */
+export type TaskEventName = "task:progress" | "task:completed" | "task:failed" | "task:cancelled";
+
+/** The data of one event: the seed's fields plus the sequence, charai's event type and the whole task. */
+export interface TaskEventData {
+  taskId: string;
+  progress: number;
+  status: TaskStatus;
+  stage: string;
+  metadata: Record<string, string>;
+  result?: ImageGenerationResult | TTSGenerationResult;
+  error?: string;
+  errorDetail?: TaskErrorDetail;
+  /** Monotonic over the whole event log: the resume cursor (the SSE `id:`). */
+  sequence: number;
+  /** "queued", "started", "progress", "retry_scheduled", "completed", "failed", "cancelled", "snapshot". */
+  eventType: string;
+  task: Task;
+}
+
+/** One event as the seed's WebSocket listener saw it: `{event, data}`. */
+export interface TaskEvent {
+  event: TaskEventName;
+  data: TaskEventData;
+}
+
+export const TERMINAL_STATUSES: ReadonlySet<TaskStatus> = new Set<TaskStatus>(["completed", "failed", "cancelled"]);
+
+/** Whether the task has ended (completed, failed or cancelled). */
+export function isTerminal(task: Pick<Task, "status">): boolean {
+  return TERMINAL_STATUSES.has(task.status);
+}
