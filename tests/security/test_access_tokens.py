@@ -370,9 +370,27 @@ async def test_a_watch_with_a_token_carries_only_the_scope(world: World) -> None
         sse_seen: list[str] = []
         while mine.id not in sse_seen:
             block = (await sse.content.readuntil(b"\n\n")).decode()
+            if "event: heartbeat" in block:
+                continue  # the resume point, no task
             for line in block.splitlines():
                 if line.startswith("data: "):
                     sse_seen.append(json.loads(line[6:])["taskId"])
     call.cancel()
     assert other.id not in seen and theirs.id not in seen
     assert other.id not in sse_seen and theirs.id not in sse_seen
+
+
+async def test_an_open_watch_ends_when_its_token_expires(world: World) -> None:
+    """A token is checked when a call starts and, on a stream, at every message (heartbeats come
+    every half second here): a watch opened with a token does not outlive it."""
+    short = await mint(world.charai, ttl=60, metadata={"characterId": "char_001"})
+    call = world.charai.channel.unary_stream("/charai.tasks.v1.TaskService/WatchTasks")(
+        task_service_pb2.WatchTasksRequest().SerializeToString(), metadata=bearer(short), timeout=30
+    )
+    assert await call.read() is not grpc.aio.EOF  # open: its first heartbeat
+    CLOCK.advance(61)
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        while await call.read() is not grpc.aio.EOF:
+            pass
+    assert ended.value.code() == UNAUTHENTICATED
+    assert "expired" in (ended.value.details() or "")

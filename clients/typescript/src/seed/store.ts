@@ -422,6 +422,12 @@ export function createTaskStore(config: StoreConfig): TaskStore {
       }
     });
     for (const name of EVENT_NAMES) source.addEventListener(name, (ev) => es === source && onMessage(ev));
+    // The stream's resume point: a feed of many tasks carries it on heartbeats only (an event's own
+    // sequence is no safe place to resume a stream of many tasks from).
+    source.addEventListener("heartbeat", (ev) => {
+      const id = (ev as MessageEvent).lastEventId;
+      if (es === source && id) cursor = id;
+    });
   }
 
   /** The EventSource gave up: find out why, then try again later (or fail for good on 4xx). */

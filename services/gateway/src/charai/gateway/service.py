@@ -23,7 +23,13 @@ from charai.gateway import access
 from charai.gateway.events import EventHub, Watcher
 from charai.gateway.follow import Follower, read_log
 from charai.gateway.limits import QuotaExceededError, SubmitLimiter
-from charai.gateway.tokens import DEFAULT_MAX_TTL_SECONDS, DEFAULT_TTL_SECONDS, AccessTokens, Scope
+from charai.gateway.tokens import (
+    DEFAULT_MAX_TTL_SECONDS,
+    DEFAULT_TTL_SECONDS,
+    AccessTokens,
+    Scope,
+    expired_error,
+)
 from charai.store.v1 import store_service_pb2 as spb
 from charai.taskapi import TERMINAL_EVENTS, TERMINAL_STATUSES
 from charai.tasks.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
@@ -253,6 +259,16 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
             )
         self._hub.add(watcher)
 
+    async def _until_expiry(self, follower: Follower) -> AsyncIterator[tuple[int, bytes]]:
+        """The follower's messages; for an access token, only until it expires: the stream then
+        ends with UNAUTHENTICATED (ACCESS_TOKEN_EXPIRED), noticed at the latest with the next
+        heartbeat."""
+        token = access.current.get()
+        async for item in follower.stream():
+            if token is not None and self._tokens.expired(token):
+                raise expired_error()
+            yield item
+
     def _follower(
         self, watcher: Watcher, query: spb.ListEventsRequest, floor: int, *, single_task: bool
     ) -> Follower:
@@ -302,7 +318,9 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
                     for event in missed:
                         yield self._wire(event)
                     return
-            async for kind, wire in self._follower(watcher, query, last, single_task=True).stream():
+            async for kind, wire in self._until_expiry(
+                self._follower(watcher, query, last, single_task=True)
+            ):
                 yield wire
                 if kind in TERMINAL_EVENTS:
                     return
@@ -346,7 +364,7 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
             if last == 0:
                 probe = spb.ListEventsRequest(tenant=tenant, task_id="", after_sequence=HEAD, limit=1)
                 _, last = await read_log(self._store, probe)
-            async for _, wire in self._follower(watcher, query, last, single_task=False).stream():
+            async for _, wire in self._until_expiry(self._follower(watcher, query, last, single_task=False)):
                 yield wire
         finally:
             self._hub.remove(watcher)

@@ -81,6 +81,12 @@ class AccessToken:
     token_id: str
 
 
+def expired_error() -> AccessTokenError:
+    return AccessTokenError(
+        "the access token has expired: ask your backend for a new one", "ACCESS_TOKEN_EXPIRED"
+    )
+
+
 def looks_like_access_token(bearer: str) -> bool:
     """A JWT (three base64url parts, the header starting ``{"``) rather than an API key."""
     return bearer.startswith("eyJ") and bearer.count(".") == 2
@@ -125,6 +131,10 @@ class AccessTokens:
         headers = {"typ": TOKEN_TYPE, "kid": key_id(self._signing)}
         return jwt.encode(claims, self._signing, algorithm=ALGORITHM, headers=headers), expires
 
+    def expired(self, token: AccessToken) -> bool:
+        """Whether a token verified earlier has expired since (open streams end then)."""
+        return token.expires_at <= self._clock.time()
+
     def verify(self, token: str) -> AccessToken:
         """The token's tenant and scope; :class:`AccessTokenError` when it is not valid now."""
         try:
@@ -148,9 +158,7 @@ class AccessTokens:
             raise AccessTokenError("the access token is not valid", "ACCESS_TOKEN_INVALID") from None
         expires = float(claims["exp"])
         if expires <= self._clock.time():
-            raise AccessTokenError(
-                "the access token has expired: ask your backend for a new one", "ACCESS_TOKEN_EXPIRED"
-            )
+            raise expired_error()
         raw = claims["scope"]
         scope = Scope.of(raw.get("tasks", ()), raw.get("metadata", {}), bool(raw.get("create", False)))
         return AccessToken(str(claims["sub"]), scope, expires, str(claims.get("jti", "")))

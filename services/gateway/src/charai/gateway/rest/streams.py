@@ -64,32 +64,30 @@ class EventStreams:
             return exc.response()
         watch = task_service_pb2.WatchTaskRequest(id=request.match_info["id"], after_sequence=after)
         call = self._stub.WatchTask(watch, metadata=call_metadata(request, query_token=True))
-        return await self._serve(request, call, resume_points=False)
+        return await self._serve(request, call, many=False)
 
     async def many(self, request: web.Request) -> web.StreamResponse:
         """WatchTasks as Server-Sent Events: every event of the tasks matching ``metadata.<key>``
         (any number), ``type`` and ``status`` that the caller may see (no filter: all of them),
-        until the client goes away. Heartbeats carry the resume point as ``id:``."""
+        until the client goes away. Heartbeats carry the resume point (see ``sse_block``)."""
         try:
             watch, status = watch_request(list(request.query.items()), resume_after(request))
         except RestError as exc:
             return exc.response()
         call = self._stub.WatchTasks(watch, metadata=call_metadata(request, query_token=True))
-        return await self._serve(request, call, resume_points=True, status=status)
+        return await self._serve(request, call, many=True, status=status)
 
     async def _serve(
-        self, request: web.Request, call: Any, *, resume_points: bool, status: int = 0
+        self, request: web.Request, call: Any, *, many: bool, status: int = 0
     ) -> web.StreamResponse:
         try:
-            return await self._stream(request, call, resume_points, status)
+            return await self._stream(request, call, many, status)
         except asyncio.CancelledError:
             # The page closed the stream: release the server-side watcher at once.
             call.cancel()
             raise
 
-    async def _stream(
-        self, request: web.Request, call: Any, resume_points: bool, status: int
-    ) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, call: Any, many: bool, status: int) -> web.StreamResponse:
         events = _kept(call, status)
         try:
             first = await anext(events)
@@ -100,12 +98,10 @@ class EventStreams:
         response = web.StreamResponse(status=200, headers=_HEADERS)
         try:
             await response.prepare(request)
-            await response.write(
-                f"retry: {SSE_RETRY_MS}\n\n".encode() + sse_block(first, resume_point=resume_points)
-            )
+            await response.write(f"retry: {SSE_RETRY_MS}\n\n".encode() + sse_block(first, many=many))
             try:
                 async for event in events:
-                    await response.write(sse_block(event, resume_point=resume_points))
+                    await response.write(sse_block(event, many=many))
             except grpc.aio.AioRpcError as exc:
                 error = RestError.from_rpc(exc)
                 data = json.dumps({"error": {"code": error.code.name, "message": error.message}})

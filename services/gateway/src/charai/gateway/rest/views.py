@@ -119,18 +119,27 @@ def event_json(event: task_pb2.TaskEvent) -> dict[str, Any]:
     return data
 
 
-def sse_block(event: task_pb2.TaskEvent, *, resume_point: bool = False) -> bytes:
-    """One Server-Sent Event; heartbeats are comments (they keep proxies and the socket awake
-    without waking the page). With ``resume_point`` a heartbeat also carries ``id:`` (the
-    stream's floor: everything up to it was delivered), which moves the EventSource's
-    Last-Event-ID without dispatching anything, so a feed that saw no event for a while still
-    resumes from where it was, not from "now"."""
+def sse_block(event: task_pb2.TaskEvent, *, many: bool = False) -> bytes:
+    """One Server-Sent Event.
+
+    One task's stream (``many`` False): each event's ``id:`` is its sequence (a task's events come
+    in order, so resuming after it misses nothing); heartbeats are comments (they keep proxies
+    and the socket awake without waking the page).
+
+    A stream of many tasks (``many``): events of different tasks may arrive out of sequence order
+    (a live event can overtake one that is read back from the log), so an event's own sequence is
+    no safe place to resume from. Its events carry no ``id:``; its heartbeats are ``event:
+    heartbeat`` with ``id:`` and ``data: {"resumePoint": N}``, N being the stream's floor (every
+    matching event up to N was delivered). The EventSource then resumes from N by itself, a page
+    can read N (a listener for ``heartbeat``), and events repeated by a resume are recognised by
+    their ``sequence`` (per task)."""
     if event.type == task_pb2.TASK_EVENT_TYPE_HEARTBEAT:
-        if resume_point and event.sequence > 0:
-            return f": heartbeat\nid: {event.sequence}\n\n".encode()
+        if many and event.sequence > 0:
+            data = json.dumps({"resumePoint": event.sequence}, separators=(",", ":"))
+            return f"event: heartbeat\nid: {event.sequence}\ndata: {data}\n\n".encode()
         return b": heartbeat\n\n"
     lines = []
-    if event.sequence > 0:
+    if event.sequence > 0 and not many:
         lines.append(f"id: {event.sequence}")
     lines.append(f"event: {event_name(event)}")
     lines.append("data: " + json.dumps(event_json(event), ensure_ascii=False, separators=(",", ":")))
