@@ -6,8 +6,8 @@ truth from each place that holds a piece of it and compares:
 1. every accepted task reaches exactly one terminal state (GetTask through the gateway, within
    a deadline: a task still waiting is *stuck* and named);
 2. its event log (task_store's ListEvents, the source every watcher resumes from) has strictly
-   increasing sequences, starts QUEUED, each attempt started once and in order, and holds
-   exactly one terminal event, last;
+   increasing sequences, starts QUEUED, each attempt started once and in order, holds exactly
+   one terminal event, last, and its progress never goes back (whatever crashed meanwhile);
 3. the gateway tells the same story: a fresh WatchTask snapshot sits on the last event, and a
    WatchTasks replay over the test's metadata yields every logged event once, in order;
 4. a completed task has exactly one media object in the bucket (the key is made from the task
@@ -174,6 +174,10 @@ def log_problems(facts: TaskFacts) -> list[str]:
         problems.append(f"{where}: sequences do not strictly increase: {describe(log)}")
     if log[0].type != task_pb2.TASK_EVENT_TYPE_QUEUED:
         problems.append(f"{where}: the log does not start QUEUED: {describe(log)}")
+    progress = [e.task.progress for e in log]
+    if not all(b >= a for a, b in itertools.pairwise(progress)):
+        # Through retries, lost workers, restarts and crashes of every process: never back.
+        problems.append(f"{where}: progress went back: {progress}")
     terminal = [e for e in log if e.type in TERMINAL_EVENTS]
     if len(terminal) != 1 or log[-1].type not in TERMINAL_EVENTS:
         problems.append(f"{where}: {len(terminal)} terminal events, last is not terminal: {describe(log)}")
