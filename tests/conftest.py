@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import socket
 import subprocess
@@ -92,8 +91,8 @@ async def nats_url(nats_server: NatsServer) -> AsyncIterator[str]:
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("CHARAI_LOG_LEVEL", "warning")
-    # The services running inside the test process log as in production (JSON lines, warnings and
-    # up), not with structlog's development renderer: its rich tracebacks with local variables take
+    # The services running inside the test process log as in production (JSON lines), not with
+    # structlog's development renderer: its rich tracebacks with local variables take
     # a fraction of a second each, which stalls the shared event loop when many jobs fail at once.
     structlog.configure(
         processors=[
@@ -102,7 +101,8 @@ def pytest_configure(config: pytest.Config) -> None:
             structlog.processors.format_exc_info,
             structlog.processors.JSONRenderer(),
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        # No level filter here: structlog.testing.capture_logs (which swaps the processors only)
+        # must still see every level.
         cache_logger_on_first_use=False,
     )
 

@@ -9,14 +9,20 @@ import itertools
 import json
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
 
 import grpc
+import nats
+import nats.js.errors
 from charai.client import CharaiClient
+from charai.core.topology import Topology
 from charai.devstack.stack import Stack
-from charai.taskapi import TERMINAL_EVENTS
+from charai.store.v1 import store_service_pb2 as spb
+from charai.taskapi import TERMINAL_EVENTS, TERMINAL_STATUSES
 from charai.tasks.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
+
+from tests.conftest import eventually
 
 
 def EVENT_NAME(value: int) -> str:
@@ -145,33 +151,66 @@ async def drain_for(call: Any, seconds_: float) -> tuple[list[task_pb2.TaskEvent
     return events, ended
 
 
+async def jobs_left(stack: Stack, task_ids: Iterable[str]) -> set[str]:
+    """The tasks among ``task_ids`` that still have a job in the jobs stream (a work queue: a job
+    leaves it when a worker acknowledges it). A task without one can be run by no worker again,
+    so no event of a run can be stored for it any more."""
+    wanted = set(task_ids)
+    left: set[str] = set()
+    topology = Topology()
+    nc = await nats.connect(stack.nats_url)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(topology.jobs_stream)
+        seq = info.state.first_seq
+        while info.state.messages and seq <= info.state.last_seq:
+            try:
+                msg = await js.get_msg(topology.jobs_stream, seq, subject=topology.jobs_subjects, next=True)
+            except nats.js.errors.NotFoundError:
+                break
+            task_id = spb.Job.FromString(msg.data or b"").task_id
+            if task_id in wanted:
+                left.add(task_id)
+            seq = int(msg.seq or seq) + 1
+    finally:
+        await nc.close()
+    return left
+
+
+async def no_jobs_left(stack: Stack, task_ids: Iterable[str]) -> bool:
+    return not await jobs_left(stack, task_ids)
+
+
 async def terminal_counts(
-    client: CharaiClient, metadata: Mapping[str, str], task_ids: Sequence[str], timeout: float = 20.0
+    client: CharaiClient,
+    stack: Stack,
+    metadata: Mapping[str, str],
+    task_ids: Sequence[str],
+    timeout: float = 30.0,
 ) -> dict[str, int]:
     """Terminal events per task in the event log, read through WatchTasks from the start of the log.
 
-    Reads until every task's terminal event arrived, then one heartbeat interval more, so a second
-    terminal event stored for the same task would show up too.
+    Waits until every task has ended and none has a job left (nothing can run them again), then
+    reads the log up to its head (a multi-task stream's first heartbeat comes once it has sent
+    everything up to the head), so a second terminal event stored for a task is counted too.
     """
-    counts = dict.fromkeys(task_ids, 0)
-    wanted = set(task_ids)
 
-    async def read() -> None:
-        async for event in client.watch_tasks(metadata, after_sequence=1):
+    async def ended() -> bool:
+        tasks = await asyncio.gather(*(client.get(i) for i in task_ids))
+        return all(t.status in TERMINAL_STATUSES for t in tasks)
+
+    await eventually(ended, timeout=timeout, interval=0.1)
+    await eventually(lambda: no_jobs_left(stack, task_ids), timeout=timeout, interval=0.1)
+    counts = dict.fromkeys(task_ids, 0)
+    async with RawWatch(stack.gateway_grpc) as raw, asyncio.timeout(timeout):
+        call = raw.watch_tasks(metadata, after_sequence=1)
+        async for response in call:
+            event = response.event
+            if event.type == task_pb2.TASK_EVENT_TYPE_HEARTBEAT:
+                break  # everything up to the log's head has been sent
             if event.task.id in counts and event.type in TERMINAL_EVENTS:
                 counts[event.task.id] += 1
-                wanted.discard(event.task.id)
-
-    reader = asyncio.create_task(read())
-    try:
-        async with asyncio.timeout(timeout):
-            while wanted:
-                await asyncio.sleep(0.05)
-        await asyncio.sleep(1.5)
-    finally:
-        reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reader
+        call.cancel()
     return counts
 
 

@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest_asyncio
 from charai.client import CharaiClient
 from charai.devstack.stack import Stack, free_port
 from charai.tasks.v1 import task_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.conftest import eventually
 
 from .conftest import FAST_SETTINGS
 from .helpers import history, unique
@@ -295,9 +295,7 @@ class PtyCli:
         return ANSI.sub("", b"".join(self.chunks).decode(errors="replace"))
 
     async def wait_for(self, text: str, timeout: float) -> None:
-        async with asyncio.timeout(timeout):
-            while text not in self.text:
-                await asyncio.sleep(0.05)
+        await eventually(lambda: text in self.text, timeout=timeout)
 
     async def wait(self, timeout: float) -> tuple[int, str]:
         assert self.process is not None
@@ -335,17 +333,6 @@ async def reaped(*processes: asyncio.subprocess.Process | PtyCli) -> AsyncIterat
                 await process.communicate()
 
 
-async def wait_healthy(addr: str, timeout: float) -> None:
-    async with grpc.aio.insecure_channel(addr) as channel, asyncio.timeout(timeout):
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            await asyncio.sleep(0.1)
-
-
 async def read_until(stream: asyncio.StreamReader, predicate: Any, timeout: float) -> list[str]:
     lines: list[str] = []
     async with asyncio.timeout(timeout):
@@ -377,8 +364,7 @@ async def test_following_survives_a_gateway_restart(stack: Stack, client: Charai
 
             before = await client.get(task_id)
             assert before.status == task_pb2.TASK_STATUS_RUNNING, "the task ended before the restart"
-            await stack.restart_service("gateway")
-            await wait_healthy(stack.gateway_grpc, 20)
+            await stack.restart_service("gateway")  # back once its health says SERVING
 
             json_run = await finish(json_cli, 40)
             plain_run = await finish(plain_cli, 40)

@@ -256,8 +256,8 @@ async def run_group(client: CharaiClient, stack: Stack, cases: Sequence[Case]) -
     results = await asyncio.gather(*(run_case(client, stack, c, run) for c in cases))
     ids = [o.task_id for o in results if o.task_id]
     try:
-        counts = await terminal_counts(client, {"e2eRun": run}, ids)
-    except TimeoutError:
+        counts = await terminal_counts(client, stack, {"e2eRun": run}, ids)
+    except (TimeoutError, AssertionError):
         counts = {}
     for outcome in results:
         outcome.terminal_events = counts.get(outcome.task_id, -1)

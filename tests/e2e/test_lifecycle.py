@@ -17,6 +17,8 @@ from charai.devstack.stack import Stack
 from charai.taskapi import TERMINAL_EVENTS
 from charai.tasks.v1 import task_pb2, task_service_pb2
 
+from tests.conftest import eventually
+
 from .helpers import (
     RawWatch,
     check_one_terminal_at_end,
@@ -24,7 +26,9 @@ from .helpers import (
     collect,
     describe,
     drain_for,
+    emulator_stats,
     history,
+    no_jobs_left,
     provider_calls,
     unique,
 )
@@ -36,13 +40,6 @@ HEARTBEAT = C.TASK_EVENT_TYPE_HEARTBEAT
 def char(label: str) -> str:
     """A character id of its own for one test (ids allow letters, digits, '_', '-', '.', ':')."""
     return f"char_{label}_{uuid.uuid4().hex[:10]}"
-
-
-async def until(predicate: object, timeout: float, what: str) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():  # type: ignore[operator]
-            await asyncio.sleep(0.02)
-    del what
 
 
 @contextlib.asynccontextmanager
@@ -81,11 +78,12 @@ async def test_cancel_queued_task_never_reaches_the_provider(client: CharaiClien
         again = await client.cancel(task.id)
         assert again.status == C.TASK_STATUS_CANCELLED
     # The worker is back: it must skip the cancelled job. A later task of the same lane completing
-    # shows the worker has consumed the queue past it.
+    # shows the worker has consumed the queue past it; the cancelled task's job leaving the jobs
+    # stream (acknowledged, or never sent) shows no worker can run it any more.
     after = await client.create_tts(character, unique("after the restart"))
     done = await collect(client, after.id, timeout=30)
     assert done[-1].task.status == C.TASK_STATUS_COMPLETED, describe(done)
-    await asyncio.sleep(0.5)
+    await eventually(lambda: no_jobs_left(stack, [task.id]), timeout=20)
     log = await history(client, task.id, timeout=10)
     assert C.TASK_EVENT_TYPE_STARTED not in [e.type for e in log], describe(log)
     assert [e.type for e in log][-1:] == [C.TASK_EVENT_TYPE_CANCELLED], describe(log)
@@ -104,9 +102,11 @@ async def test_cancel_running_task_aborts_the_provider_call(client: CharaiClient
         async for event in client.watch(task.id):
             events.append(event)
 
+    cut_before = emulator_stats(stack)["cancelled"]
     watcher = asyncio.create_task(follow())
     try:
-        await until(lambda: any(e.task.progress >= 20 for e in events), 10, "provider call started")
+        # The provider call is under way (the emulator holds it for 30 s).
+        await eventually(lambda: any(e.task.progress >= 20 for e in events), timeout=20)
         cancelled = await client.cancel(task.id)
         assert cancelled.status == C.TASK_STATUS_CANCELLED, cancelled
         async with asyncio.timeout(5):
@@ -122,8 +122,11 @@ async def test_cancel_running_task_aborts_the_provider_call(client: CharaiClient
         10,
         where=lambda line: line.get("task_id") == task.id and line.get("outcome") == "aborted",
     )
-    # Aborted well before the 3 s provider timeout: the worker did not wait the call out.
-    assert line["elapsed_ms"] < 2500, line
+    # The worker did not wait the call out: "aborted" is the outcome of the cancel notice only (a
+    # provider timeout would be a failure), and the emulator saw the held call cut off by its
+    # client rather than answered.
+    assert line["outcome"] == "aborted", line
+    await eventually(lambda: emulator_stats(stack)["cancelled"] > cut_before, timeout=20)
     assert await provider_calls(stack, text) == 1
     log = await history(client, task.id, timeout=10)
     check_one_terminal_at_end(log, "cancelled running task")
@@ -161,12 +164,12 @@ async def test_watch_task_resumes_after_any_sequence(client: CharaiClient, stack
     # stream must not repeat anything and should end by itself.
     async with RawWatch(stack.gateway_grpc) as raw:
         call = raw.watch_task(task.id, after_sequence=full[-1].sequence)
-        events, ended = await drain_for(call, 3.5)
+        events, ended = await drain_for(call, 30)  # a hang guard: the stream must end by itself
     real = [e for e in events if e.type != HEARTBEAT]
     assert not real, f"events repeated after the terminal one: {describe(real)}"
     assert ended, (
         "WatchTask(after_sequence=<the terminal event's sequence>) on a finished task never ends: "
-        f"it sent {len(events)} heartbeats in 3.5 s and stayed open (DESIGN: WatchTask ends after the "
+        f"it sent {len(events)} heartbeats in 30 s and stayed open (DESIGN: WatchTask ends after the "
         "terminal event; a reconnecting client, e.g. an SSE EventSource with Last-Event-ID, waits forever)"
     )
 

@@ -21,6 +21,7 @@ import pytest
 import pytest_asyncio
 from charai.devstack.stack import Stack
 
+from tests.conftest import eventually
 from tests.e2e.conftest import FAST_SETTINGS
 
 FRONTEND = "http://frontend.example:5173"
@@ -103,13 +104,21 @@ class Api:
             return resp.status, await resp.json()
 
     async def until_done(self, task_id: str, timeout: float = 30.0) -> dict[str, Any]:
-        async with asyncio.timeout(timeout):
-            while True:
-                status, task = await self.get(f"/api/tasks/{task_id}")
-                assert status == 200, task
-                if task["status"] in {"completed", "failed", "cancelled"}:
-                    return task
-                await asyncio.sleep(0.1)
+        async def done() -> bool:
+            status, task = await self.get(f"/api/tasks/{task_id}")
+            assert status == 200, task
+            return task["status"] in {"completed", "failed", "cancelled"}
+
+        await eventually(done, timeout=timeout, interval=0.1)
+        status, task = await self.get(f"/api/tasks/{task_id}")
+        assert status == 200, task
+        return task  # type: ignore[no-any-return]
+
+    async def until_status(self, task_id: str, status: str, timeout: float = 30.0) -> None:
+        async def reached() -> bool:
+            return bool((await self.get(f"/api/tasks/{task_id}"))[1]["status"] == status)
+
+        await eventually(reached, timeout=timeout)
 
     async def download(self, url: str) -> tuple[str, bytes]:
         async with self.http.get(url) as resp:
@@ -267,9 +276,7 @@ async def test_cancel_a_running_task(api: Api) -> None:
     )
     status, task = await api.post("/api/tasks", body)
     assert status == 201
-    async with asyncio.timeout(15):
-        while (await api.get(f"/api/tasks/{task['id']}"))[1]["status"] != "running":
-            await asyncio.sleep(0.05)
+    await api.until_status(task["id"], "running", timeout=15)
     status, cancelled = await api.post(f"/api/tasks/{task['id']}/cancel")
     assert (status, cancelled["status"], cancelled["stage"]) == (200, "cancelled", "cancelled")
     assert (await api.until_done(task["id"]))["status"] == "cancelled"

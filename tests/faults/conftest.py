@@ -43,9 +43,6 @@ FAULT_SETTINGS: dict[str, str] = {
 }
 EMULATOR_ARGS = ["--latency", "0.05:0.15", "--async-poll-steps", "1"]
 GRACE = float(FAULT_SETTINGS["CHARAI_SHUTDOWN_GRACE_SECONDS"])
-#: What "exits within its grace period" may take beyond the grace: closing connections and the
-#: interpreter's own teardown, on a loaded two-core machine.
-STOP_SLACK = 3.0
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -356,14 +356,26 @@ async def test_watch_tasks_never_shows_another_tenants_events(charai: Charai) ->
     readers = [asyncio.create_task(follow(who, call)) for who, call in calls.items()]
     async with asyncio.timeout(5):
         await asyncio.gather(*(event.wait() for event in ready.values()))
-    try:
-        task = await create(charai, TOKEN_A, "char_watched")
+
+    async def created_and_cancelled(token: str, who: str) -> str:
+        """A task of ``token``'s tenant, created and cancelled; returns once ``who``'s stream
+        delivered both its events (queued, cancelled)."""
+        task = await create(charai, token, "char_watched")
         await grpc_unary(
-            charai.channel, "CancelTask", task_service_pb2.CancelTaskRequest(id=task.id), bearer(TOKEN_A)
+            charai.channel, "CancelTask", task_service_pb2.CancelTaskRequest(id=task.id), bearer(token)
         )
-        await eventually(lambda: seen["a"].count(task.id) >= 2, timeout=5)  # queued, cancelled
-        await asyncio.sleep(0.5)  # time enough for a leak to show
-        assert seen["b"] == []
+        await eventually(lambda: seen[who].count(task.id) >= 2, timeout=5)
+        return task.id
+
+    try:
+        a_task = await created_and_cancelled(TOKEN_A, "a")
+        # A stream delivers the log in order: once B's stream has its own later task's events,
+        # anything of A's earlier task it were to leak would have come before them.
+        b_task = await created_and_cancelled(TOKEN_B, "b")
+        assert seen["b"] == [b_task, b_task], seen["b"]
+        # And the other way round.
+        a_later = await created_and_cancelled(TOKEN_A, "a")
+        assert seen["a"] == [a_task, a_task, a_later, a_later], seen["a"]
     finally:
         for call in calls.values():
             call.cancel()

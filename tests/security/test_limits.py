@@ -3,9 +3,10 @@ text length, metadata count and size, open watch streams per tenant and per gate
 submissions per tenant per second (a token bucket shared by every transport).
 
 One in-process stack with small limits: 4 watch streams per tenant, 6 per gateway, and 30
-submissions at once then one per two seconds. The rate test has a tenant of its own (C) and a
-slow refill, so it holds on a loaded machine: it checks the bucket's arithmetic (at most the
-burst plus what refilled meanwhile), not how fast the test runs.
+submissions at once then one per two seconds. The rate test has a stack of its own whose gateway
+runs on a ManualClock: no token comes back unless the test moves the clock, so it checks the
+bucket's arithmetic exactly (the burst and not one more; one token per 1/rate seconds), however
+fast or slow the machine runs the test.
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import grpc
 import pytest
 import pytest_asyncio
 from charai.core import validation
+from charai.core.clock import ManualClock
 from charai.taskapi import status_details
 from charai.tasks.v1 import task_service_pb2
 from google.rpc import error_details_pb2, status_pb2
@@ -52,19 +53,29 @@ TOKEN_C, TENANT_C = f"tok-c-{uuid.uuid4().hex}", "tenant-c"
 MiB = 1024 * 1024
 
 
+LIMITS = {
+    "max_watch_streams": PER_GATEWAY,
+    "max_watch_streams_per_tenant": PER_TENANT,
+    "submit_rate_per_tenant": RATE,
+    "submit_burst_per_tenant": BURST,
+    "api_keys": SecretStr(f"{TOKEN_A}={TENANT_A},{TOKEN_B}=tenant-b,{TOKEN_C}={TENANT_C}"),
+}
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def charai(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Charai]:
-    async with running_charai(
-        Path(tmp_path_factory.mktemp("limits")),
-        gateway={
-            "max_watch_streams": PER_GATEWAY,
-            "max_watch_streams_per_tenant": PER_TENANT,
-            "submit_rate_per_tenant": RATE,
-            "submit_burst_per_tenant": BURST,
-            "api_keys": SecretStr(f"{TOKEN_A}={TENANT_A},{TOKEN_B}=tenant-b,{TOKEN_C}={TENANT_C}"),
-        },
-    ) as running:
+    async with running_charai(Path(tmp_path_factory.mktemp("limits")), gateway=LIMITS) as running:
         yield running
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def on_clock(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[Charai, ManualClock]]:
+    """The same limits on a gateway whose clock moves only when the test says so."""
+    clock = ManualClock()
+    async with running_charai(
+        Path(tmp_path_factory.mktemp("rate")), gateway=LIMITS, gateway_clock=clock
+    ) as running:
+        yield running, clock
 
 
 def detail(status: status_pb2.Status | None, cls: type[Any]) -> Any:
@@ -209,71 +220,59 @@ async def test_watch_streams_per_tenant_and_per_gateway(charai: Charai) -> None:
 # -- submissions per tenant per second ------------------------------------------------------
 
 
-async def until_refused(send: Callable[[], Awaitable[Answer]], tries: int = 4) -> tuple[Answer, int]:
-    """Sends until refused (a token may have come back since the last refusal); returns the
-    refusal and how many calls went through before it."""
-    for passed in range(tries):
-        answer = await send()
-        if answer.code != grpc.StatusCode.OK:
-            return answer, passed
-    raise AssertionError(f"{tries} calls in a row went through an exhausted bucket")
-
-
-async def test_submission_rate_limit_is_per_tenant_and_shared_by_every_transport(charai: Charai) -> None:
+async def test_submission_rate_limit_is_per_tenant_and_shared_by_every_transport(
+    on_clock: tuple[Charai, ManualClock],
+) -> None:
+    charai, clock = on_clock
     metadata = bearer(TOKEN_C)
 
     async def submit() -> Answer:
         return await grpc_unary(charai.channel, "CreateTask", tts_request(), metadata)
 
-    started = time.monotonic()
     answers = await asyncio.gather(*(submit() for _ in range(BURST)))
     assert [a.code for a in answers] == [grpc.StatusCode.OK] * BURST  # a fresh bucket holds the burst
-    refused, extra = await until_refused(submit)
-    # Token bucket arithmetic: no more than the burst plus what refilled meanwhile.
-    assert extra <= (time.monotonic() - started) * RATE + 1, extra
+    # The clock stands still: nothing refills, so the burst is all there is.
+    refused = await submit()
     assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED, refused
     assert "CHARAI_SUBMIT_RATE_PER_TENANT" in refused.message and "0.5 per second" in refused.message
     info = status_details(refused.details)
     assert (info.reason, info.metadata["limit"]) == ("LIMIT_EXCEEDED", "submit_rate_per_tenant")
     quota = detail(refused.details, error_details_pb2.QuotaFailure)
     assert quota.violations[0].subject == f"tenant:{TENANT_C}"
-    delay = info.retry_after
-    assert delay is not None and 0 < delay <= 1 / RATE + 0.01
+    assert info.retry_after == pytest.approx(1 / RATE)  # an empty bucket: one token's refill time
     # Invalid requests count too (limited before they are validated), and the bucket is the
     # tenant's whatever the transport: gRPC-web and REST are refused as well.
-    invalid, _ = await until_refused(
-        lambda: grpc_unary(charai.channel, "CreateTask", tts_request(text=""), metadata)
-    )
+    invalid = await grpc_unary(charai.channel, "CreateTask", tts_request(text=""), metadata)
     assert invalid.code == grpc.StatusCode.RESOURCE_EXHAUSTED, invalid
-    web, _ = await until_refused(
-        lambda: grpcweb(charai.http, charai.base, "CreateTask", tts_request(), TOKEN_C)
-    )
+    web = await grpcweb(charai.http, charai.base, "CreateTask", tts_request(), TOKEN_C)
     assert web.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "SUBMIT_RATE" in web.message
     assert detail(web.details, error_details_pb2.RetryInfo).HasField("retry_delay")
     body = {
         "type": "tts_generation",
         "payload": {"characterId": "c1", "text": "hi", "voiceStyle": "tongtong"},
     }
-    for _ in range(4):
-        async with charai.http.post(
-            f"{charai.base}/api/tasks", json=body, headers={"Authorization": f"Bearer {TOKEN_C}"}
-        ) as resp:
-            if resp.status == 201:
-                continue  # a token came back meanwhile
-            assert resp.status == 429 and resp.headers["Retry-After"] in {"1", "2"}
-            error = (await resp.json())["error"]
-            break
+    async with charai.http.post(
+        f"{charai.base}/api/tasks", json=body, headers={"Authorization": f"Bearer {TOKEN_C}"}
+    ) as resp:
+        assert resp.status == 429 and resp.headers["Retry-After"] == "2"
+        error = (await resp.json())["error"]
     assert error["code"] == "RESOURCE_EXHAUSTED" and error["reason"] == "LIMIT_EXCEEDED"
     # Another tenant has a bucket of its own.
     other = await grpc_unary(charai.channel, "CreateTask", tts_request(), bearer(TOKEN_B))
     assert other.code == grpc.StatusCode.OK
-    # Waiting as told is enough.
-    last, _ = await until_refused(submit)
-    delay = status_details(last.details).retry_after
-    assert delay is not None
-    await asyncio.sleep(delay + 0.05)
+    # Half the wait refills half a token: still refused, told to wait the other half.
+    delay = status_details((await submit()).details).retry_after
+    assert delay == pytest.approx(1 / RATE)
+    clock.advance(delay / 2)
+    early = await submit()
+    assert early.code == grpc.StatusCode.RESOURCE_EXHAUSTED, early.message
+    rest = status_details(early.details).retry_after
+    assert rest == pytest.approx(delay / 2)
+    # Waiting as told is enough, for one submission.
+    clock.advance(delay / 2)
     later = await submit()
     assert later.code == grpc.StatusCode.OK, later.message
+    assert (await submit()).code == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def test_token_bucket_refills_at_its_rate_and_caps_at_its_burst() -> None:

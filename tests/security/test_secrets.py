@@ -22,7 +22,6 @@ gateway and workers (which have it) do their work.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import sys
@@ -37,11 +36,12 @@ import nats
 import pytest
 import pytest_asyncio
 from charai.core.storeclient import StoreClient
+from charai.core.topology import Topology
 from charai.devstack.stack import Stack
 from charai.emulator import EmulatorConfig, running_emulator
 from charai.store.v1 import store_service_pb2 as spb
 from charai.store.v1 import store_service_pb2_grpc
-from charai.taskapi import TERMINAL_STATUSES
+from charai.taskapi import TERMINAL_EVENTS, TERMINAL_STATUSES
 from charai.tasks.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -114,9 +114,15 @@ async def exercise(run: Run) -> None:
     """Submits tasks that succeed and fail in every way, and calls that fail authentication."""
     stack = run.stack
     nc = await nats.connect(stack.nats_url)
+    events_prefix = Topology().events_wildcard.removesuffix(">")
+    ended_on_nats: set[str] = set()  # tasks whose terminal event the subscription received
 
     async def record(msg: Any) -> None:
         run.nats_seen.append(msg.subject.encode() + b" " + repr(msg.headers).encode() + b" " + msg.data)
+        if msg.subject.startswith(events_prefix):
+            event = spb.EventEnvelope.FromString(msg.data).event
+            if event.type in TERMINAL_EVENTS:
+                ended_on_nats.add(event.task.id)
 
     sub = await nc.subscribe(">", cb=record)
     try:
@@ -206,7 +212,8 @@ async def exercise(run: Run) -> None:
                     task_service_pb2.ListTasksRequest(page_size=100), metadata=[("authorization", good[0])]
                 )
                 run.client_saw.append(repr(listed))
-        await asyncio.sleep(0.3)  # the last events reach the subscription
+        # The last events (each task's terminal one) reach the subscription too.
+        await eventually(lambda: ended_on_nats >= set(run.task_ids), timeout=20)
     finally:
         await sub.unsubscribe()
         await nc.close()

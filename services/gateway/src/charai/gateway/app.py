@@ -137,7 +137,9 @@ class GatewayApp:
             max_streams=s.max_watch_streams,
             max_streams_per_tenant=s.max_watch_streams_per_tenant,
             image_model=s.image_model,
-            submit_limiter=SubmitLimiter(s.submit_rate_per_tenant, s.submit_burst_per_tenant),
+            submit_limiter=SubmitLimiter(
+                s.submit_rate_per_tenant, s.submit_burst_per_tenant, clock=self._clock.monotonic
+            ),
             operator_tenants=s.operator_tenants,
             tokens=tokens,
         )

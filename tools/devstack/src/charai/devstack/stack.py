@@ -94,6 +94,10 @@ class Stack:
     :meth:`stop_service` (any signal), :meth:`restart_service` (same ports, same data, so clients
     reconnect to the same addresses and NATS keeps its store) and :meth:`wait_ready`.
     ``history`` keeps every process ever started, so a test can read the logs of one that died.
+
+    Replicas: ``start_service("task_store_2", service="task_store")`` runs another process of a
+    service under a name of its own, with that name's ``service_env``; the address it binds is
+    kept in its ``service_env`` (not the stack's), so it too restarts on the same one.
     """
 
     def __init__(
@@ -117,6 +121,8 @@ class Stack:
         self.service_env = {name: dict(values) for name, values in (service_env or {}).items()}
         self.procs: dict[str, Proc] = {}
         self.history: list[Proc] = []
+        #: The charai service each started name runs (itself, unless it is a replica).
+        self.service_of: dict[str, str] = {}
         self.env: dict[str, str] = {}
         self.emulator_url = ""
         self.nats_url = ""
@@ -244,10 +250,18 @@ class Stack:
             return await self.spawn_emulator()
         return await self.start_service(name)
 
-    async def start_service(self, name: str, env: Mapping[str, str] | None = None) -> Proc:
-        """Starts one charai service with the stack's settings, its ``service_env`` and ``env``."""
+    async def start_service(
+        self, name: str, env: Mapping[str, str] | None = None, *, service: str | None = None
+    ) -> Proc:
+        """Starts one charai service with the stack's settings, its ``service_env`` and ``env``.
+
+        ``service``: the charai service to run under ``name`` (a replica); by default ``name``
+        itself, or what ``name`` ran before.
+        """
+        service = service or self.service_of.get(name, name)
+        self.service_of[name] = service
         full = {**self.env, **self.service_env.get(name, {}), **(env or {})}
-        return await self._spawn(name, [sys.executable, "-m", f"charai.{name}"], env=full)
+        return await self._spawn(name, [sys.executable, "-m", f"charai.{service}"], env=full)
 
     async def wait_ready(self, name: str, timeout: float = 30.0) -> None:
         """Waits until a (re)started process serves: its listening line (whose address is kept,
@@ -255,22 +269,26 @@ class Stack:
         workers and the emulator, the port for NATS. Raises RuntimeError if it exits first,
         TimeoutError if it is not ready in time."""
         deadline = time.monotonic() + timeout
+        service = self.service_of.get(name, name)
+        # The bound addresses (restarts keep them): the stack's own for its one process of a
+        # service, the replica's own settings for a replica.
+        bound = self.env if service == name else self.service_env.setdefault(name, {})
         if name == "nats":
             await _wait_port("127.0.0.1", self._nats_port, timeout, self.procs.get("nats"))
         elif name == "emulator":
             line = await self.wait_for_line(name, "emulator_listening", timeout)
             self.emulator_url = str(line["url"])
             self._emulator_port = int(self.emulator_url.rpartition(":")[2])
-        elif name == "task_store":
+        elif service == "task_store":
             line = await self.wait_for_line(name, "task_store_listening", timeout)
-            self.env["CHARAI_TASK_STORE_ADDR"] = str(line["addr"])  # the bound port (restarts keep it)
-            await self._wait_health(self.task_store_addr, deadline, name)
-        elif name == "gateway":
+            bound["CHARAI_TASK_STORE_ADDR"] = str(line["addr"])
+            await self._wait_health(str(line["addr"]), deadline, name)
+        elif service == "gateway":
             line = await self.wait_for_line(name, "gateway_listening", timeout)
-            self.env["CHARAI_GATEWAY_GRPC_ADDR"] = str(line["grpc"])
-            self.env["CHARAI_GATEWAY_HTTP_ADDR"] = str(line["http"])
-            await self._wait_health(self.gateway_grpc, deadline, name)
-        elif name in ("image_worker", "tts_worker"):
+            bound["CHARAI_GATEWAY_GRPC_ADDR"] = str(line["grpc"])
+            bound["CHARAI_GATEWAY_HTTP_ADDR"] = str(line["http"])
+            await self._wait_health(str(line["grpc"]), deadline, name)
+        elif service in ("image_worker", "tts_worker"):
             await self.wait_for_line(name, "worker_started", timeout)
 
     def pid(self, name: str) -> int:
@@ -401,12 +419,17 @@ class Stack:
             await self.wait_ready(name, timeout)
 
     async def close(self) -> None:
+        """Stops every process, those that depend on others first; the replicas of one service
+        together."""
         order = ["gateway", "image_worker", "tts_worker", "task_store", "emulator", "nats"]
-        for name in order:
-            if name in self.procs:
-                await self.stop_service(name)
-        for name in list(self.procs):
-            await self.stop_service(name)
+
+        def rank(name: str) -> int:
+            service = self.service_of.get(name, name)
+            return order.index(service) if service in order else len(order)
+
+        names = list(self.procs)
+        for step in sorted({rank(name) for name in names}):
+            await asyncio.gather(*(self.stop_service(name) for name in names if rank(name) == step))
 
     async def __aenter__(self) -> Stack:
         try:
