@@ -75,7 +75,7 @@ breaking: $(BUF) ## buf breaking: the protos change nothing a client of main rel
 check: proto-check lint breaking typecheck compose-check ## Everything static: generated code, lint, proto compatibility, types, compose.yaml
 
 test: install ts console chromium postgres ## Run every test (unit, integration with real NATS + gRPC, end-to-end through the stack)
-	$(PY) -m pytest -n 2 --dist loadfile -q tests
+	$(PY) -m pytest -n 2 --dist loadfile -q --durations=25 tests
 
 test-unit: install ## Domain core only (fast, no I/O)
 	$(PY) -m pytest -q tests/unit

@@ -187,7 +187,11 @@ const harness = {
 
   /** Before the restart: the feed of char_001 and a slow task followed with subscribeToTask. */
   async startSurvivor(prompt: string) {
-    taskStore.subscribe({ metadata: { characterId: "char_001" } }, (_t, e) => e && feed.push(seen(e)));
+    // Every state the subscription is handed: from an event, or (sequence 0) the created task the
+    // store was given by submitImageTask's own answer, which may come before the QUEUED event.
+    taskStore.subscribe({ metadata: { characterId: "char_001" } }, (t, e) =>
+      feed.push(e ? seen(e) : { taskId: t.id, sequence: 0, eventType: "", status: t.status, progress: t.progress }),
+    );
     await until(() => taskStore.getState().connection === "live", 10_000, "the SSE stream");
     const task = await characterTasksApi.submitImageTask({
       characterId: "char_001",

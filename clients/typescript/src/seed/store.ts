@@ -217,8 +217,14 @@ export function createTaskStore(config: StoreConfig): TaskStore {
 
   // -- states in --------------------------------------------------------------------------------
 
-  /** One state of a task, from an event (`seq` > 0) or a fetch (0). Stores it and tells every matching subscriber. */
-  function apply(task: Task, seq: number, event?: TaskEventData, force = false): void {
+  /**
+   * One state of a task, from an event (`seq` > 0) or a fetch (0). Stores it; a state from an
+   * event (or handed in with `ingest`) is told to every matching subscriber. A fetched state is
+   * not: the subscriber that asked for it is handed it by its caller, and the others keep getting
+   * the task's events from the stream (a fetch racing the stream must not swallow the event of
+   * the same state for them).
+   */
+  function apply(task: Task, seq: number, event?: TaskEventData, force = false, tell = seq > 0): void {
     const entry = entries.get(task.id);
     const wanted = force || entry !== undefined || [...subs].some((s) => wants(s, task));
     if (!wanted) return;
@@ -230,6 +236,7 @@ export function createTaskStore(config: StoreConfig): TaskStore {
     } else if (entry && entry.mark.seq < seq && !entry.mark.terminal) {
       entry.mark.seq = seq; // same state, now with its sequence
     }
+    if (!tell) return;
     for (const sub of [...subs]) {
       if (sub.active && wants(sub, task)) deliver(sub, task, seq, event);
     }
@@ -599,7 +606,9 @@ export function createTaskStore(config: StoreConfig): TaskStore {
     getTask: (taskId) => state.tasks[taskId],
     taskSource,
     ingest(tasks) {
-      for (const task of Array.isArray(tasks) ? (tasks as readonly Task[]) : [tasks as Task]) apply(task, 0, undefined, true);
+      for (const task of Array.isArray(tasks) ? (tasks as readonly Task[]) : [tasks as Task]) {
+        apply(task, 0, undefined, true, true); // what the app itself hands in is news for everyone
+      }
     },
     forget(taskId) {
       if (!entries.delete(taskId)) return;
