@@ -33,6 +33,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.conftest import free_port
 
+#: A whole ``make run`` starts inside the first test (module fixture), and every wait is on a
+#: condition: give a loaded machine room (a deadline, not a speed claim).
+pytestmark = pytest.mark.timeout(300)
 INTERNAL_TOKEN = f"internal-{uuid.uuid4().hex}"
 TENANT = "default"  # auth is off: every caller is this tenant
 #: Short timers: a killed worker's job is redelivered after 3 s, its attempt's lease lapses after 5.
@@ -236,7 +239,6 @@ async def test_a_killed_task_store_is_restarted_on_its_address_and_tasks_complet
     assert died == [("task_store", str(old_pid))], died
 
 
-@pytest.mark.timeout(300)
 async def test_a_service_that_keeps_crashing_at_start_stops_the_stack_naming_it(tmp_path: Path) -> None:
     with socket.socket() as taken:  # the gateway's HTTP port is someone else's: it cannot start
         taken.bind(("127.0.0.1", 0))
