@@ -107,6 +107,24 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+#: Scheduling order of the test directories: ``make test`` hands whole files to two workers in
+#: collection order, so the long files (real processes, faults, browsers) go first and the many
+#: short ones fill the gaps at the end, instead of one long file running alone at the tail.
+_ORDER = ("faults", "e2e", "security", "integration", "unit")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        parts = item.path.parts
+        for n, name in enumerate(_ORDER):
+            if name in parts:
+                return n
+        return len(_ORDER)
+
+    items.sort(key=rank)  # stable: within a directory, files and tests keep their order
+
+
 async def eventually(predicate: object, timeout: float = 10.0, interval: float = 0.05) -> None:
     """Waits until ``predicate()`` (sync or async) is true."""
     deadline = time.monotonic() + timeout
