@@ -60,8 +60,8 @@ format: install ## Apply ruff fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-typecheck: install ## mypy --strict over every package
-	$(VENV)/bin/mypy $(addprefix $(GEN_DIR)/charai/,$(HAND_WRITTEN)) libs/core/src libs/worker/src services/*/src clients/python/src tools/devstack/src
+typecheck: install ## mypy --strict over every package and the tests
+	$(VENV)/bin/mypy $(addprefix $(GEN_DIR)/charai/,$(HAND_WRITTEN)) libs/core/src libs/worker/src services/*/src clients/python/src tools/devstack/src tests
 
 compose-check: ## docker-compose accepts compose.yaml (installs Debian's docker-compose if missing)
 	@command -v docker-compose >/dev/null || { apt-get update -qq && apt-get install -y -qq docker-compose >/dev/null; }

@@ -33,7 +33,7 @@ import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
@@ -47,6 +47,9 @@ from tests.conftest import eventually
 from tests.pg import PgServer, fresh_database
 
 from .helpers import no_jobs_left, provider_calls
+
+if TYPE_CHECKING:
+    from charai.tasks.v1.task_service_pb2_grpc import TaskServiceAsyncStub
 
 COMPLETED = task_pb2.TASK_STATUS_COMPLETED
 CANCELLED = task_pb2.TASK_STATUS_CANCELLED
@@ -181,7 +184,7 @@ async def clients(replicas: Replicas) -> AsyncIterator[dict[str, CharaiClient]]:
 
 
 @contextlib.asynccontextmanager
-async def raw_stub(addr: str) -> AsyncIterator[task_service_pb2_grpc.TaskServiceStub]:
+async def raw_stub(addr: str) -> AsyncIterator[TaskServiceAsyncStub]:
     """The TaskService stub without CharaiClient's resume-and-dedupe logic, so a duplicate event
     sent by a gateway would be seen rather than silently dropped."""
     async with grpc.aio.insecure_channel(addr) as channel:

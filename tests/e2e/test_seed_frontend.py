@@ -197,7 +197,10 @@ async def test_seed_frontend_with_an_access_token_in_headless_chromium(
                         break
                     if message["need"] == "short-token":
                         short = await backend.mint(ttl_seconds=2)
-                        answer = {"token": short.token, "expireTime": short.expire_time.ToJsonString()}
+                        answer: dict[str, str | float] = {
+                            "token": short.token,
+                            "expireTime": short.expire_time.ToJsonString(),
+                        }
                     elif message["need"] == "restart":
                         started = time.monotonic()
                         await stacks.aclose()  # the whole stack, gateway first

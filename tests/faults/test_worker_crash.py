@@ -17,10 +17,10 @@ import pytest
 from charai.client import CharaiClient
 from charai.tasks.v1 import task_pb2
 
-from tests.e2e.helpers import provider_calls
+from tests.e2e.helpers import describe, provider_calls
 
 from .conftest import StackFactory
-from .invariants import check_invariants, describe
+from .invariants import check_invariants
 from .load import ids, run_id, specs, submit, submit_all, wait_calls, wait_until
 
 C = task_pb2

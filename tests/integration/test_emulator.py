@@ -658,11 +658,10 @@ async def test_closed_gate_holds_every_generation_call_until_opened(
     emu: RunningEmulator, http: aiohttp.ClientSession
 ) -> None:
     emu.close_gate()
-    calls = [
-        asyncio.create_task(post_image(http, emu, "held image")),
-        asyncio.create_task(post_speech(http, emu, "held voice")),
-        asyncio.create_task(submit_async(http, emu, "held async")),
-    ]
+    image_call = asyncio.create_task(post_image(http, emu, "held image"))
+    speech_call = asyncio.create_task(post_speech(http, emu, "held voice"))
+    async_call = asyncio.create_task(submit_async(http, emu, "held async"))
+    calls = (image_call, speech_call, async_call)
     await emu.wait_held(3, timeout=10)
     assert emu.held == 3
     assert not any(call.done() for call in calls)
@@ -671,7 +670,7 @@ async def test_closed_gate_holds_every_generation_call_until_opened(
     assert stats["concurrency"]["current"] == 3  # received and in flight, not yet answered
     assert stats["total_calls"] == 3
     emu.open_gate()
-    image, speech, task_id = await asyncio.gather(*calls)
+    image, speech, task_id = await asyncio.gather(image_call, speech_call, async_call)
     assert (image.status, speech.status) == (200, 200)
     assert task_id
     assert emu.held == 0
@@ -727,7 +726,7 @@ async def test_a_held_call_whose_client_gives_up_leaves_the_count(
 
     def released() -> bool:
         stats = emu.stats()
-        return stats["gate"]["held"] == 0 and stats["concurrency"]["current"] == 0
+        return bool(stats["gate"]["held"] == 0 and stats["concurrency"]["current"] == 0)
 
     await eventually(released, timeout=10)
     assert emu.stats()["cancelled"] == 1

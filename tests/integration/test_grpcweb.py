@@ -382,7 +382,7 @@ async def test_grpc_timeout_ends_a_stream_with_deadline_exceeded(env: Env) -> No
     request = task_service_pb2.WatchTaskRequest(id=task.id)
     start = time.monotonic()
     short, longer = await asyncio.gather(
-        call(env, "WatchTask", request, **{"Grpc-Timeout": "1m"}),
+        call(env, "WatchTask", request, text=False, **{"Grpc-Timeout": "1m"}),  # text named: not in the dict
         call(env, "WatchTask", request, text=True, **{"Grpc-Timeout": "600m"}),
     )
     elapsed = time.monotonic() - start
@@ -446,7 +446,7 @@ async def test_sse_sends_heartbeat_comments_on_an_idle_task(env: Env) -> None:
     async with env.http.get(f"{env.base}/api/tasks/{task.id}/events", headers=rest_auth()) as resp:
         assert resp.status == 200
         assert resp.headers["Cache-Control"].startswith("no-cache")
-        blocks = []
+        blocks: list[bytes] = []
         async with asyncio.timeout(5):
             while not any(b.startswith(b": heartbeat") for b in blocks):
                 blocks.append(await resp.content.readuntil(b"\n\n"))

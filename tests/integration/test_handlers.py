@@ -547,12 +547,13 @@ def scripted_ctx(session: aiohttp.ClientSession, base_url: str) -> RecordingCont
     return image_ctx(ProviderHttp(session, config), "a scripted scene")
 
 
-SUCCESS = {
+#: Provider answers (JSON bodies) the scripts replay.
+SUCCESS: dict[str, object] = {
     "task_status": "SUCCESS",
     "image_result": [{"b64_json": base64.b64encode(make_png(1280, 1280)).decode()}],
 }
-PROCESSING = {"task_status": "PROCESSING"}
-SERVER_ERROR = {"error": {"code": "1234", "message": "Network error"}}
+PROCESSING: dict[str, object] = {"task_status": "PROCESSING"}
+SERVER_ERROR: dict[str, object] = {"error": {"code": "1234", "message": "Network error"}}
 
 
 async def test_auto_mode_falls_back_to_sync_without_an_async_route(session: aiohttp.ClientSession) -> None:

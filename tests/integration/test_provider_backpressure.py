@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -77,7 +77,7 @@ def calls(emu: RunningEmulator, text: str) -> int:
 RETRYING = "provider_rate_limited_retrying_in_attempt"
 
 
-def waits(lines: list[dict[str, Any]]) -> list[float]:
+def waits(lines: Sequence[Mapping[str, Any]]) -> list[float]:
     """The waits (seconds) ProviderHttp announced before calling again inside the attempt."""
     return [float(line["wait"]) for line in lines if line["event"] == RETRYING]
 

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -180,7 +180,7 @@ class Harness:
     async def create(self, priority: int = NORMAL) -> task_pb2.Task:
         return await self.client.create_task("t1", tts_request(priority))
 
-    async def create_many(self, priorities: list[int]) -> list[task_pb2.Task]:
+    async def create_many(self, priorities: Sequence[int]) -> list[task_pb2.Task]:
         return [await self.create(p) for p in priorities]
 
     async def get(self, task_id: str) -> task_pb2.Task:
@@ -267,7 +267,7 @@ async def h(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[Harness]:
         yield harness
 
 
-def inversions(priorities: list[int]) -> int:
+def inversions(priorities: Sequence[int]) -> int:
     """Pairs that ran lower priority first."""
     return sum(1 for i, a in enumerate(priorities) for b in priorities[i + 1 :] if a < b)
 

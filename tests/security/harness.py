@@ -254,7 +254,7 @@ async def grpc_unary(
 ) -> Answer:
     """One unary call with raw bytes in and out (so the request may be anything at all)."""
     raw = request if isinstance(request, bytes) else request.SerializeToString()
-    call = channel.unary_unary(f"{SERVICE}/{method}")
+    call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(f"{SERVICE}/{method}")
     try:
         reply = await call(raw, metadata=metadata or [], timeout=timeout)
     except grpc.aio.AioRpcError as exc:
@@ -270,9 +270,8 @@ async def grpc_stream_first(
     timeout: float = 10.0,
 ) -> Answer:
     """Opens a server stream and returns its status after the first message (then cancels it)."""
-    call = channel.unary_stream(f"{SERVICE}/{method}")(
-        request.SerializeToString(), metadata=metadata or [], timeout=timeout
-    )
+    open_stream: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(f"{SERVICE}/{method}")
+    call = open_stream(request.SerializeToString(), metadata=metadata or [], timeout=timeout)
     try:
         first = await call.read()
     except grpc.aio.AioRpcError as exc:
@@ -280,6 +279,7 @@ async def grpc_stream_first(
     if first is grpc.aio.EOF:
         code = await call.code()
         return Answer(code, await call.details() or "", [])
+    assert isinstance(first, bytes)  # no deserializer: the raw message
     call.cancel()
     return Answer(grpc.StatusCode.OK, "", [first])
 

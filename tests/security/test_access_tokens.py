@@ -106,6 +106,8 @@ REST = {
     "WatchTasks": ("GET", "/api/tasks/events"),
 }
 STREAMS = {"WatchTask", "WatchTasks"}
+#: WatchTasks called with raw bytes (the streaming tests below read what the gateway sends as is).
+WATCH_TASKS = "/charai.tasks.v1.TaskService/WatchTasks"
 
 
 async def via_grpc(world: World, method: str, token: str, request: Any) -> Answer:
@@ -167,7 +169,7 @@ def reason_of(answer: Answer) -> str:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
             detail.Unpack(info)
-            return info.reason
+            return str(info.reason)  # google.rpc has no stubs: info is Any
     return ""
 
 
@@ -350,7 +352,8 @@ async def test_a_watch_with_a_token_carries_only_the_scope(world: World) -> None
     """A multi-task watch narrowed to the token's scope: events of char_001 only, over gRPC and
     over the SSE route (the EventSource way: ``?access_token=``)."""
     charai = world.charai
-    call = charai.channel.unary_stream("/charai.tasks.v1.TaskService/WatchTasks")(
+    watch: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = charai.channel.unary_stream(WATCH_TASKS)
+    call = watch(
         task_service_pb2.WatchTasksRequest().SerializeToString(), metadata=bearer(world.token), timeout=30
     )
     url = f"{charai.base}/api/tasks/events?{urllib.parse.urlencode({'access_token': world.token})}"
@@ -364,6 +367,7 @@ async def test_a_watch_with_a_token_carries_only_the_scope(world: World) -> None
         seen: list[str] = []
         while mine.id not in seen:
             message = await call.read()
+            assert isinstance(message, bytes)  # not grpc.aio.EOF: this stream never ends by itself
             event = task_service_pb2.WatchTasksResponse.FromString(message).event
             if event.type != task_pb2.TASK_EVENT_TYPE_HEARTBEAT:
                 seen.append(event.task.id)
@@ -384,9 +388,8 @@ async def test_an_open_watch_ends_when_its_token_expires(world: World) -> None:
     """A token is checked when a call starts and, on a stream, at every message (heartbeats come
     every half second here): a watch opened with a token does not outlive it."""
     short = await mint(world.charai, ttl=60, metadata={"characterId": "char_001"})
-    call = world.charai.channel.unary_stream("/charai.tasks.v1.TaskService/WatchTasks")(
-        task_service_pb2.WatchTasksRequest().SerializeToString(), metadata=bearer(short), timeout=30
-    )
+    watch: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = world.charai.channel.unary_stream(WATCH_TASKS)
+    call = watch(task_service_pb2.WatchTasksRequest().SerializeToString(), metadata=bearer(short), timeout=30)
     assert await call.read() is not grpc.aio.EOF  # open: its first heartbeat
     CLOCK.advance(61)
     with pytest.raises(grpc.aio.AioRpcError) as ended:

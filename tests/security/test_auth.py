@@ -102,6 +102,11 @@ KNOWN = {
 }
 
 
+def empty_request(cls: type[Message]) -> Callable[[str], Message]:
+    """Makes an empty ``cls`` whatever the task id."""
+    return lambda _: cls()
+
+
 def every_rpc() -> list[Rpc]:
     """Every method of TaskService, from its descriptor: an RPC added later is covered at once
     (its request empty, its success not presumed, but it must refuse a bad token)."""
@@ -112,7 +117,7 @@ def every_rpc() -> list[Rpc]:
         else:
             empty = message_factory.GetMessageClass(method.input_type)
             anything = frozenset(grpc.StatusCode) - {UNAUTHENTICATED}
-            rpcs.append(Rpc(method.name, method.server_streaming, lambda _, cls=empty: cls(), anything))
+            rpcs.append(Rpc(method.name, method.server_streaming, empty_request(empty), anything))
     return rpcs
 
 
@@ -240,7 +245,12 @@ def test_without_tokens_the_gateway_refuses_a_public_address(
         values = {"gateway_grpc_addr": "127.0.0.1:0", "gateway_http_addr": "127.0.0.1:0", field: "0.0.0.0:0"}
         # The policy is part of the settings: nothing is built, nothing connects.
         with pytest.raises(pydantic.ValidationError) as refused:
-            GatewaySettings(data_dir=tmp_path, nats_url="nats://127.0.0.1:1", **values)
+            GatewaySettings(
+                data_dir=tmp_path,
+                nats_url="nats://127.0.0.1:1",
+                gateway_grpc_addr=values["gateway_grpc_addr"],
+                gateway_http_addr=values["gateway_http_addr"],
+            )
         message = str(refused.value)
         assert name in message and "CHARAI_API_KEYS" in message and "CHARAI_API_KEYS_FILE" in message
         # As the process reads it: start-up stops with a message naming the settings.

@@ -162,11 +162,12 @@ async def test_prompt_text_and_metadata_limits_name_the_field(charai: Charai) ->
 # -- watch streams ----------------------------------------------------------------------------
 
 
-async def open_watch(charai: Charai, task_id: str, token: str) -> grpc.aio.UnaryStreamCall[Any, Any]:
+async def open_watch(charai: Charai, task_id: str, token: str) -> grpc.aio.UnaryStreamCall[bytes, bytes]:
     """A WatchTask stream that is open on the gateway (its first message has arrived)."""
-    call = charai.channel.unary_stream(f"{SERVICE}/WatchTask")(
-        task_service_pb2.WatchTaskRequest(id=task_id).SerializeToString(), metadata=bearer(token)
+    watch: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = charai.channel.unary_stream(
+        f"{SERVICE}/WatchTask"
     )
+    call = watch(task_service_pb2.WatchTaskRequest(id=task_id).SerializeToString(), metadata=bearer(token))
     first = await call.read()
     assert first is not grpc.aio.EOF, await call.details()
     return call
@@ -262,11 +263,13 @@ async def test_submission_rate_limit_is_per_tenant_and_shared_by_every_transport
     assert other.code == grpc.StatusCode.OK
     # Half the wait refills half a token: still refused, told to wait the other half.
     delay = status_details((await submit()).details).retry_after
+    assert delay is not None
     assert delay == pytest.approx(1 / RATE)
     clock.advance(delay / 2)
     early = await submit()
     assert early.code == grpc.StatusCode.RESOURCE_EXHAUSTED, early.message
     rest = status_details(early.details).retry_after
+    assert rest is not None
     assert rest == pytest.approx(delay / 2)
     # Waiting as told is enough, for one submission.
     clock.advance(delay / 2)

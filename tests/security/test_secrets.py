@@ -227,13 +227,12 @@ async def jetstream_messages(url: str) -> list[tuple[str, bytes]]:
         found: list[tuple[str, bytes]] = []
         infos: list[StreamInfo] = await js.streams_info()
         for info in infos:
-            state = info.state
+            state, name = info.state, info.config.name
+            assert name is not None  # a stream the server lists has its name
             for seq in range(state.first_seq, state.last_seq + 1):
                 with contextlib.suppress(nats.js.errors.NotFoundError):
-                    msg = await js.get_msg(info.config.name, seq)
-                    found.append(
-                        (f"{info.config.name}#{seq}", repr(msg.headers).encode() + b" " + (msg.data or b""))
-                    )
+                    msg = await js.get_msg(name, seq)
+                    found.append((f"{name}#{seq}", repr(msg.headers).encode() + b" " + (msg.data or b"")))
         return found
     finally:
         await nc.close()
@@ -289,7 +288,7 @@ async def test_task_store_refuses_callers_without_the_internal_token(run: Run) -
     request = spb.GetTaskRequest(tenant=TENANT, id="task_" + "0" * 32)
     async with grpc.aio.insecure_channel(addr) as channel:
         stub = store_service_pb2_grpc.TaskStoreServiceStub(channel)
-        wrong = (
+        wrong: tuple[list[tuple[str, str]], ...] = (
             [],
             [("authorization", "Bearer wrong")],
             [("authorization", f"Bearer {run.internal_token}x")],

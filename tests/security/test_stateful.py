@@ -96,6 +96,7 @@ async def watch(charai: Charai, task_id: str, after: int) -> tuple[list[task_pb2
             if response is grpc.aio.EOF:
                 assert await call.code() == grpc.StatusCode.OK, await call.details()
                 return events, True
+            assert isinstance(response, task_service_pb2.WatchTaskResponse)
             if response.event.type != task_pb2.TASK_EVENT_TYPE_HEARTBEAT:
                 events.append(response.event)
     finally:
@@ -136,7 +137,8 @@ async def cancel(charai: Charai, task_id: str) -> task_service_pb2.CancelTaskRes
 
 class TaskMachine(RuleBasedStateMachine):
     charai: ClassVar[Charai]
-    run: ClassVar[Callable[[Coroutine[Any, Any, Any]], Any]]
+    #: Runs a coroutine on the test's loop (set by the test, as a staticmethod: no ``self``).
+    run: ClassVar[staticmethod[[Coroutine[Any, Any, Any]], Any]]
     runs: ClassVar[dict[str, int]] = {"crashes": 0, "watches": 0, "tasks": 0, "cancels": 0, "retried": 0}
 
     accepted = Bundle("accepted")
@@ -212,7 +214,7 @@ def in_loop(loop: asyncio.AbstractEventLoop) -> Callable[[Coroutine[Any, Any, An
 
 async def test_submit_cancel_watch_and_crash_keep_every_promise(charai: Charai) -> None:
     TaskMachine.charai = charai
-    TaskMachine.run = staticmethod(in_loop(asyncio.get_running_loop()))  # type: ignore[assignment]
+    TaskMachine.run = staticmethod(in_loop(asyncio.get_running_loop()))
     config = settings(
         max_examples=10,
         stateful_step_count=15,

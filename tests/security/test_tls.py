@@ -14,6 +14,7 @@ import ssl
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TypedDict
 
 import aiohttp
 import grpc
@@ -163,15 +164,32 @@ async def test_the_bridge_port_is_loopback_and_still_needs_a_token(tls_charai: t
     ), addresses
 
 
+class GatewayBase(TypedDict):
+    """Settings every gateway of the test below shares (typed, so ``**`` passes them checked)."""
+
+    data_dir: Path
+    nats_url: str
+    gateway_grpc_addr: str
+
+
+class TlsFiles(TypedDict):
+    tls_cert_file: Path
+    tls_key_file: Path
+
+
 async def test_bad_tls_settings_stop_start_up_naming_the_setting(tmp_path: Path) -> None:
     cert, key = make_certificate(tmp_path)
     other_cert, _ = make_certificate(tmp_path, "other")
-    base = {"data_dir": tmp_path, "nats_url": "nats://127.0.0.1:1", "gateway_grpc_addr": "127.0.0.1:0"}
+    base: GatewayBase = {
+        "data_dir": tmp_path,
+        "nats_url": "nats://127.0.0.1:1",
+        "gateway_grpc_addr": "127.0.0.1:0",
+    }
     with pytest.raises(pydantic.ValidationError, match="CHARAI_TLS_KEY_FILE go together"):
         GatewaySettings(**base, tls_cert_file=cert)
     not_pem = tmp_path / "not.pem"
     not_pem.write_text("hello")
-    cases = {
+    cases: dict[str, TlsFiles] = {
         "CHARAI_TLS_CERT_FILE": {"tls_cert_file": tmp_path / "missing.crt", "tls_key_file": key},
         "CHARAI_TLS_KEY_FILE": {"tls_cert_file": cert, "tls_key_file": not_pem},
         "matching private key": {"tls_cert_file": other_cert, "tls_key_file": key},

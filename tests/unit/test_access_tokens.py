@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import jwt
@@ -87,8 +88,8 @@ def test_forged_or_foreign_tokens_are_refused(case: str) -> None:
     claims = jwt.decode(
         good, KEY, algorithms=["HS256"], audience="charai-tasks", options={"verify_signature": False}
     )
-    header = {"typ": "charai-at+jwt", "kid": key_id(KEY)}
-    forged = {
+    header: dict[str, object] = {"typ": "charai-at+jwt", "kid": key_id(KEY)}
+    forgeries: dict[str, Callable[[], str]] = {
         "wrong key": lambda: _forge(header, claims, b"x" * 32),
         "no typ": lambda: _forge({"kid": key_id(KEY)}, claims, KEY),
         "other audience": lambda: _forge(header, {**claims, "aud": "billing"}, KEY),
@@ -97,7 +98,8 @@ def test_forged_or_foreign_tokens_are_refused(case: str) -> None:
         "tampered": lambda: _tamper(good),
         "garbage": lambda: "eyJ.not.a-token",
         "unknown kid": lambda: _forge({**header, "kid": "nope"}, claims, KEY),
-    }[case]()
+    }
+    forged = forgeries[case]()
     with pytest.raises(AccessTokenError) as err:
         issuer.verify(forged)
     assert err.value.reason == "ACCESS_TOKEN_INVALID"

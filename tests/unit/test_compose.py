@@ -24,7 +24,9 @@ from pydantic_settings import BaseSettings
 try:
     import yaml
 except ImportError:  # pragma: no cover - depends on the dev group
-    yaml = None
+    HAVE_YAML = False
+else:
+    HAVE_YAML = True
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose.yaml"
@@ -64,7 +66,7 @@ ALL_SETTINGS = set().union(*(env_names(cls) for cls in SETTINGS_CLASSES)) | EMUL
 
 @pytest.fixture(scope="module")
 def services() -> dict[str, dict[str, Any]]:
-    if yaml is None:
+    if not HAVE_YAML:
         pytest.fail(
             "PyYAML is not installed in the venv: add 'pyyaml' to [dependency-groups] dev in the root "
             "pyproject.toml (then uv lock) so tests/unit/test_compose.py can read compose.yaml",
@@ -149,7 +151,7 @@ def mounted_secrets(service: dict[str, Any]) -> dict[str, str]:
     """``/run/secrets/<name>`` → the file compose mounts there for ``service``: the operator's
     copy, or (in a checkout, where it is not made yet) the committed ``.example`` it is made from.
     Settings read such files (``CHARAI_API_KEYS_FILE``), so the example must be valid too."""
-    assert yaml is not None
+    assert HAVE_YAML
     declared = yaml.safe_load(COMPOSE.read_text()).get("secrets") or {}
     mounts: dict[str, str] = {}
     for entry in service.get("secrets") or []:

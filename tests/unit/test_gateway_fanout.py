@@ -11,9 +11,9 @@ through keeps every unary method's (de)serializers.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
@@ -25,6 +25,9 @@ from charai.gateway.events import EventHub, LiveEvent, Watcher
 from charai.gateway.service import TaskService, add_to_server
 from charai.store.v1 import store_service_pb2 as spb
 from charai.tasks.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
+
+if TYPE_CHECKING:
+    from charai.tasks.v1.task_service_pb2_grpc import TaskServiceAsyncStub
 
 TASK_ID = "task_" + "0123456789abcdef" * 2
 HEAD = 7
@@ -84,12 +87,13 @@ def envelope(tenant: str, character: str, sequence: int, *, image_key: str = "")
     return spb.EventEnvelope(tenant=tenant, prev_sequence=0, event=event)
 
 
-async def open_watch(service: TaskService, character: str) -> AsyncIterator[bytes]:
+async def open_watch(service: TaskService, character: str) -> AsyncGenerator[bytes, None]:
     """A WatchTasks stream past its opening heartbeat."""
     stream = service.WatchTasks(
         task_service_pb2.WatchTasksRequest(metadata={"characterId": character}),
         FakeContext(),  # type: ignore[arg-type]
     )
+    assert isinstance(stream, AsyncGenerator)  # an async generator function: the tests aclose() it
     first = task_service_pb2.WatchTasksResponse.FromString(await anext(stream))
     assert first.event.type == task_pb2.TASK_EVENT_TYPE_HEARTBEAT
     assert first.event.sequence == HEAD
@@ -177,7 +181,7 @@ async def test_an_overflowing_inbox_is_marked_lagged_but_shutdown_still_gets_in(
 
 
 @pytest.fixture
-async def served() -> AsyncIterator[tuple[task_service_pb2_grpc.TaskServiceStub, EventHub]]:
+async def served() -> AsyncIterator[tuple[TaskServiceAsyncStub, EventHub]]:
     service, hub = service_and_hub()
     server = grpc.aio.server(interceptors=[ServerInterceptor()])
     add_to_server(service, server)
@@ -192,7 +196,7 @@ async def served() -> AsyncIterator[tuple[task_service_pb2_grpc.TaskServiceStub,
 
 
 async def test_registration_keeps_unary_methods_and_streams_pass_bytes_through(
-    served: tuple[task_service_pb2_grpc.TaskServiceStub, EventHub],
+    served: tuple[TaskServiceAsyncStub, EventHub],
 ) -> None:
     stub, hub = served
     # A unary method: the generated serializer still encodes the servicer's message.
@@ -201,13 +205,16 @@ async def test_registration_keeps_unary_methods_and_streams_pass_bytes_through(
     # A stream: the servicer's bytes arrive as the typed response a normal client decodes.
     call = stub.WatchTasks(task_service_pb2.WatchTasksRequest(metadata={"characterId": "c9"}), timeout=5)
     first = await call.read()
+    assert isinstance(first, task_service_pb2.WatchTasksResponse)  # not grpc.aio.EOF
     assert first.event.type == task_pb2.TASK_EVENT_TYPE_HEARTBEAT
     await hub._on_msg(FakeMsg(envelope("default", "c9", HEAD + 1).SerializeToString()))  # type: ignore[arg-type]
     second = await call.read()
+    assert isinstance(second, task_service_pb2.WatchTasksResponse)
     assert second.event.sequence == HEAD + 1 and second.event.task.metadata["characterId"] == "c9"
     call.cancel()
     # Single-task stream: snapshot first, then live events.
     single = stub.WatchTask(task_service_pb2.WatchTaskRequest(id=TASK_ID), timeout=5)
     snapshot = await single.read()
+    assert isinstance(snapshot, task_service_pb2.WatchTaskResponse)
     assert snapshot.event.type == task_pb2.TASK_EVENT_TYPE_SNAPSHOT and snapshot.event.task.id == TASK_ID
     single.cancel()

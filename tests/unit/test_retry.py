@@ -37,7 +37,8 @@ kinds = st.sampled_from(list(ErrorKind))
 
 
 def step_of(policy: RetryPolicy, attempt: int) -> float:
-    return min(policy.cap, policy.base * 2 ** max(0, attempt - 1))
+    factor: int = 2 ** max(0, attempt - 1)  # int ** int is Any to mypy (a negative exponent gives a float)
+    return min(policy.cap, policy.base * factor)
 
 
 def run_until_failure(policy: RetryPolicy, kind: ErrorKind, rng: random.Random) -> int:

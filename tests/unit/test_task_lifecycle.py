@@ -18,7 +18,6 @@ from charai.core.domain.errors import ErrorKind
 from charai.core.domain.lifecycle import (
     ClaimOutcome,
     Decision,
-    EventType,
     FailOutcome,
     Failure,
     Policy,
@@ -27,7 +26,7 @@ from charai.core.domain.lifecycle import (
     TaskState,
 )
 from charai.core.domain.retry import RetryPolicy
-from charai.core.domain.states import Stage, Status
+from charai.core.domain.states import EventType, Stage, Status
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
@@ -133,8 +132,11 @@ EXPECTED: dict[tuple[Status, str], tuple[str, tuple[str, ...], int | None]] = {
     (X, "delete"): ("True", (), None),
 }
 
+#: The (status, command) pairs in order (named: parametrize's object-typed argument hides the key's type).
+CASES: list[tuple[Status, str]] = sorted(EXPECTED, key=lambda k: (k[0], k[1]))
 
-@pytest.mark.parametrize(("status", "command"), sorted(EXPECTED, key=lambda k: (k[0], k[1])))
+
+@pytest.mark.parametrize(("status", "command"), CASES)
 def test_every_status_and_command(status: Status, command: str) -> None:
     before = task(status)
     decision = lc.decide(before, COMMANDS[command], NOW, POLICY)

@@ -359,8 +359,9 @@ maybe_float = st.none() | st.floats(allow_nan=True, allow_infinity=True)
 @st.composite
 def arbitrary_requests(draw: st.DrawFn) -> task_service_pb2.CreateTaskRequest:
     req = task_service_pb2.CreateTaskRequest(
-        type=draw(st.sampled_from([0, IMAGE, TTS, 7, -1])),
-        priority=draw(st.sampled_from([0, 1, 2, 3, 4, -5])),
+        # numbers outside the enums on purpose: ValueType is an int on the wire, unknown ones included
+        type=task_pb2.TaskType.ValueType(draw(st.sampled_from([0, IMAGE, TTS, 7, -1]))),
+        priority=task_pb2.Priority.ValueType(draw(st.sampled_from([0, 1, 2, 3, 4, -5]))),
         request_id=draw(any_text),
         metadata=draw(st.dictionaries(any_text, any_text, max_size=5)),
     )
