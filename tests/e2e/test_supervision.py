@@ -22,6 +22,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import aiohttp
 import grpc
 import pytest
 import pytest_asyncio
@@ -59,6 +60,7 @@ class Run:
         self.proc = proc
         self.env = env
         self.lines: list[str] = []
+        self.emulator_url = ""
         self._reader = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
@@ -129,7 +131,8 @@ async def start_run(tmp: Path, **extra: str) -> Run:
 async def run(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Run]:
     running = await start_run(Path(tmp_path_factory.mktemp("supervised")))
     try:
-        await running.wait_for("charai is running")
+        match = await running.wait_for(r"charai is running: .*, emulator (http://\S+)")
+        running.emulator_url = match[1]
         yield running
     finally:
         code = await running.stop()
@@ -143,6 +146,10 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float, what:
                 await asyncio.sleep(0.2)
     except TimeoutError:
         raise AssertionError(f"not within {timeout:.0f} s: {what}") from None
+
+
+async def _at_least(count: Awaitable[int], floor: int) -> bool:
+    return await count >= floor
 
 
 async def statuses(client: CharaiClient, ids: list[str]) -> list[int]:
@@ -166,6 +173,12 @@ async def all_running(client: CharaiClient, ids: list[str]) -> None:
     await eventually(check, 120, "every task running")
 
 
+async def hung_calls(run: Run) -> int:
+    """How many ``[[hang]]`` calls the emulator has received so far."""
+    async with aiohttp.ClientSession() as http, http.get(f"{run.emulator_url}/_emulator/stats") as reply:
+        return int((await reply.json())["modes"].get("hang", 0))
+
+
 async def completed_exactly_once(run: Run, client: CharaiClient, ids: list[str]) -> list[task_pb2.Task]:
     async def done() -> bool:
         found = await statuses(client, ids)
@@ -187,6 +200,7 @@ async def completed_exactly_once(run: Run, client: CharaiClient, ids: list[str])
 async def test_a_killed_image_worker_is_restarted_and_its_jobs_complete_once(run: Run) -> None:
     async with CharaiClient(run.env["CHARAI_GATEWAY_GRPC_ADDR"]) as client:
         marker = uuid.uuid4().hex[:8]
+        hung = await hung_calls(run)
         # The first call of each prompt hangs (until the worker making it dies); later ones answer.
         tasks = [
             await client.create_image("char_sup", f"knight {marker}-{n} [[hang*1]]", resolution="1024x1024")
@@ -194,6 +208,9 @@ async def test_a_killed_image_worker_is_restarted_and_its_jobs_complete_once(run
         ]
         ids = [t.id for t in tasks]
         await all_running(client, ids)
+        # RUNNING is written before the provider call: wait until the emulator holds all four, or
+        # a call the killed worker never made would be the restarted worker's first (and hang).
+        await eventually(lambda: _at_least(hung_calls(run), hung + 4), 120, "four calls hanging")
         old_pid = run.ready_pid("image_worker")
         since = len(run.lines)
         os.kill(old_pid, signal.SIGKILL)
