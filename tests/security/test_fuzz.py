@@ -28,6 +28,7 @@ from charai.core import validation
 from charai.core.grpcsupport import MAX_MESSAGE_BYTES
 from charai.tasks.v1 import task_pb2, task_service_pb2
 from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -462,3 +463,38 @@ async def test_arbitrary_create_requests(charai: Charai, transport: str) -> None
             revalidate(task)
     ids = {task.id for tenant in (TENANT_A, TENANT_B) for task in await everything_stored(charai, tenant)}
     assert {task_id for _, task_id in record.accepted} <= ids
+
+
+def bad_everywhere() -> task_service_pb2.CreateTaskRequest:
+    """The worst refusal to describe: every field bad, 32 metadata keys of 4-byte characters
+    (each named in the answer), a prompt full of control characters. Fuzzing found one like it
+    whose status (3 KiB message + 5 KiB details) outgrew the 8 KiB a gRPC client accepts in
+    trailers, so the caller saw RESOURCE_EXHAUSTED instead of the violations."""
+    return task_service_pb2.CreateTaskRequest(
+        type=-21474836,  # type: ignore[arg-type]
+        priority=99,  # type: ignore[arg-type]
+        request_id="\u202e" * 200,
+        image=task_pb2.ImagePayload(
+            character_id="../" * 60, prompt="\x07\x1b" * 2000, resolution="9x9", view_type="\x00" * 100
+        ),
+        metadata={f"{n:02d}" + "🧙" * 60: "\x1b" * 500 for n in range(32)},
+    )
+
+
+@pytest.mark.parametrize("transport", ["grpc", "grpc-web"])
+async def test_a_request_bad_in_every_field_is_refused_within_the_trailer_limit(
+    charai: Charai, transport: str
+) -> None:
+    raw = bad_everywhere().SerializeToString()
+    if transport == "grpc":
+        answer = await grpc_unary(charai.channel, "CreateTask", raw, bearer(TOKEN_A))
+    else:
+        answer = await grpcweb(charai.http, charai.base, "CreateTask", raw, TOKEN_A)
+    assert answer.code == grpc.StatusCode.INVALID_ARGUMENT, answer.message
+    assert answer.message.startswith("invalid request: type: must be"), answer.message
+    assert answer.message.endswith(" more)"), answer.message
+    assert answer.details is not None
+    bad = error_details_pb2.BadRequest()
+    assert answer.details.details[0].Unpack(bad)
+    fields = [v.field for v in bad.field_violations]
+    assert fields[0] == "type" and len(fields) >= 5, fields

@@ -41,15 +41,7 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
 def status_for(exc: BaseException) -> status_pb2.Status | None:
     """The google.rpc.Status for an exception a client may see, or None for a bug."""
     if isinstance(exc, RequestInvalidError):
-        bad = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                for v in exc.violations
-            ]
-        )
-        detail = any_pb2.Any()
-        detail.Pack(bad)
-        return status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=str(exc), details=[detail])
+        return _invalid_status(exc.violations)
     if isinstance(exc, grpc.aio.AioRpcError):
         return _upstream_status(exc)
     if isinstance(exc, CharaiError):
@@ -65,6 +57,37 @@ def status_for(exc: BaseException) -> status_pb2.Status | None:
             details.append(packed)
         return status_pb2.Status(code=exc.code.value[0], message=exc.message, details=details)
     return None
+
+
+#: A status travels in HTTP/2 trailers, which gRPC clients refuse above 8 KiB in all (the message
+#: percent-encoded, the details base64): a request bad in many fields is answered with the
+#: violations that fit these budgets, in order, and the count of the others.
+MESSAGE_BUDGET_BYTES = 1024
+DETAILS_BUDGET_BYTES = 2048
+
+
+def _invalid_status(violations: Sequence[Violation]) -> status_pb2.Status:
+    """INVALID_ARGUMENT with a ``BadRequest`` naming the bad fields, within the budgets."""
+    shown: list[error_details_pb2.BadRequest.FieldViolation] = []
+    size = 0
+    for v in violations:
+        item = error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+        size += item.ByteSize() + 3  # + the field's tag and length
+        if size > DETAILS_BUDGET_BYTES:
+            break
+        shown.append(item)
+    hidden = len(violations) - len(shown)
+    more = f" (and {hidden} more)" if hidden else ""
+    summary = "; ".join(f"{v.field}: {v.description}" for v in shown)
+    room = MESSAGE_BUDGET_BYTES - len(more.encode())
+    if len(f"invalid request: {summary}".encode()) > room:
+        clipped = f"invalid request: {summary}".encode()[: room - 3].decode("utf-8", "ignore")
+        message = clipped + "..." + more
+    else:
+        message = f"invalid request: {summary}{more}"
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.BadRequest(field_violations=shown))
+    return status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=message, details=[detail])
 
 
 #: Codes of an internal call that a client may see as they are; anything else is our problem.
