@@ -64,6 +64,28 @@ def emulator_stats(stack: Stack) -> dict[str, Any]:
         return json.loads(response.read())  # type: ignore[no-any-return]
 
 
+def _gate(stack: Stack, body: bytes | None) -> dict[str, Any]:
+    request = urllib.request.Request(
+        stack.emulator_url + "/_emulator/gate", data=body, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())  # type: ignore[no-any-return]
+
+
+async def set_gate(stack: Stack, *, open: bool) -> None:
+    """Closes the emulator's gate (generation calls wait there) or opens it (they go on)."""
+    await asyncio.to_thread(_gate, stack, json.dumps({"open": open}).encode())
+
+
+async def wait_held(stack: Stack, count: int, timeout: float = 60.0) -> None:
+    """Waits until the closed gate holds ``count`` calls."""
+
+    async def held() -> bool:
+        return int((await asyncio.to_thread(_gate, stack, None))["held"]) >= count
+
+    await eventually(held, timeout=timeout, interval=0.05)
+
+
 def call_key(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 

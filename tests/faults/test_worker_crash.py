@@ -11,13 +11,17 @@ of being redelivered forever, and its neighbours are not dragged down with it.
 from __future__ import annotations
 
 import asyncio
-import time
+import contextlib
+import signal
+from collections.abc import Iterator
 
+import grpc
 import pytest
 from charai.client import CharaiClient
 from charai.tasks.v1 import task_pb2
 
-from tests.e2e.helpers import describe, provider_calls
+from tests.conftest import eventually
+from tests.e2e.helpers import describe, provider_calls, set_gate, wait_held
 
 from .conftest import StackFactory
 from .invariants import check_invariants
@@ -62,33 +66,81 @@ async def test_kill_workers_during_the_provider_call(make_stack: StackFactory) -
         assert all(finished.get(i, 0) >= 2 for i in ids(submitted)), f"deliveries: {finished}"
 
 
-@pytest.mark.parametrize("kill_after", [1, 20], ids=["first-store", "mid-burst"])
-async def test_kill_worker_between_media_store_and_ack(make_stack: StackFactory, kill_after: int) -> None:
-    """60 TTS tasks finish together; the worker is killed the moment it has logged its
-    ``kill_after``-th ``media_stored`` (debug) line, so jobs are caught with the media stored but
-    the result not recorded, or recorded but not acknowledged.
+#: Tasks caught between storing their media and their ack.
+BETWEEN = 10
 
-    Stored-not-recorded: the next attempt calls the provider again and overwrites the object
-    under the same key (one object, matching the result). Recorded-not-acked: the redelivery
-    finds the task ended (``job_skipped``) and only acks. Either way: completed once.
+
+@contextlib.contextmanager
+def frozen(process: asyncio.subprocess.Process) -> Iterator[None]:
+    """SIGSTOP ``process`` for the block (SIGCONT after it, whatever happens)."""
+    process.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGCONT)
+
+
+@pytest.mark.parametrize("recorded", [False, True], ids=["stored-not-recorded", "recorded-not-acked"])
+async def test_kill_worker_between_media_store_and_ack(make_stack: StackFactory, recorded: bool) -> None:
+    """The worker is killed with jobs caught between storing their media and their ack, arranged,
+    not raced: the provider holds all ten calls at its gate until task_store is frozen (SIGSTOP),
+    so the worker stores each task's media and then cannot record the result.
+
+    Stored-not-recorded: the worker is killed then. The next attempt calls the provider again
+    and overwrites the object under the same key (one object, matching the result).
+    Recorded-not-acked: NATS is killed, then task_store thawed: the worker records every result
+    but holds the acks while it reconnects, and is killed with them. The redelivery finds the
+    task ended (``job_skipped``) and only acks. Either way: completed once.
     """
+    settings = {"CHARAI_TTS_TIMEOUT_SECONDS": "120"}  # the calls wait at the gate meanwhile
     worker_env = {"tts_worker": {"CHARAI_LOG_LEVEL": "debug"}}
-    async with make_stack(service_env=worker_env) as stack, CharaiClient(stack.gateway_grpc) as client:
+    async with (
+        make_stack(settings, service_env=worker_env) as stack,
+        CharaiClient(stack.gateway_grpc) as client,
+    ):
         character = run_id()
-        submitted = await submit_all(client, character, specs("tts", 60, "store-then-die", "[[latency:1]]"))
+        await set_gate(stack, open=False)
+        submitted = await submit_all(client, character, specs("tts", BETWEEN, "store-then-die"))
+        await wait_held(stack, BETWEEN)  # every job claimed, its provider call made
         victim = stack.procs["tts_worker"]
-        end = time.monotonic() + 30
-        while sum(1 for line in victim.lines if line.get("event") == "media_stored") < kill_after:
-            assert time.monotonic() < end, "the worker never logged media_stored"
-            await asyncio.sleep(0.002)
-        await stack.kill_service("tts_worker")
-        stored = {
-            line["task_id"]: int(line["attempt"])
-            for line in victim.lines
-            if line.get("event") == "media_stored"
-        }
+
+        def media_stored() -> dict[str, int]:
+            lines = victim.lines
+            return {
+                line["task_id"]: int(line["attempt"]) for line in lines if line.get("event") == "media_stored"
+            }
+
+        with frozen(stack.procs["task_store"].process):
+            await set_gate(stack, open=True)
+            await eventually(lambda: len(media_stored()) == BETWEEN, timeout=60)
+            if recorded:
+                # The acks will have nowhere to go: the worker keeps them while it reconnects.
+                await stack.stop_service("nats", signal.SIGKILL)
+        if recorded:
+
+            async def all_recorded() -> bool:
+                try:
+                    tasks = await asyncio.gather(*(client.get(i) for i in ids(submitted)))
+                except grpc.aio.AioRpcError:
+                    return False  # task_store is only just thawing
+                return all(t.status == COMPLETED for t in tasks)
+
+            await eventually(all_recorded, timeout=60)
+        stored = media_stored()
+        await stack.kill_service("tts_worker")  # with the unsent acks
+        if recorded:
+            await stack.start_nats()
         await stack.start_service("tts_worker")
         await stack.wait_ready("tts_worker")
+        successor = stack.procs["tts_worker"]
+
+        def skipped() -> set[str]:
+            return {line["task_id"] for line in successor.lines if line.get("event") == "job_skipped"}
+
+        if recorded:
+            # Redelivered once the ack wait runs out, found ended, acknowledged without a call.
+            await eventually(lambda: skipped() == set(ids(submitted)), timeout=90)
 
         report = await check_invariants(
             stack,
@@ -96,25 +148,22 @@ async def test_kill_worker_between_media_store_and_ack(make_stack: StackFactory,
             ids(submitted),
             metadata={"characterId": character},
             deadline=40,
-            media_rewrites=True,
+            media_rewrites=not recorded,
         )
         assert all(f.task.status == COMPLETED for f in report.tasks.values()), report.summary()
-        successor = stack.procs["tts_worker"]
-        skipped = {line["task_id"] for line in successor.lines if line.get("event") == "job_skipped"}
-        rewritten = []
+        assert set(stored) == set(ids(submitted))
         for task_id, attempt in stored.items():
             facts = report.tasks[task_id]
             completed_by = facts.log[-1].task.attempt
-            if completed_by != attempt:
-                rewritten.append(task_id)
+            assert len(facts.objects) == 1, facts.describe()
+            if recorded:
+                # Recorded by the killed worker's call, redelivered, found ended, acknowledged.
+                assert (completed_by, facts.calls) == (attempt, attempt), facts.describe()
+            else:
                 # The dead attempt's media was stored; the next one called again and overwrote it.
                 assert completed_by == attempt + 1 and facts.calls == attempt + 1, facts.describe()
-                assert len(facts.objects) == 1, facts.describe()
-        recorded_not_acked = skipped & set(stored)
-        assert rewritten or recorded_not_acked, (
-            f"the kill hit no job between storing its media and its ack ({len(stored)} stored when killed)"
-        )
-        if rewritten:
+        if not recorded:
+            assert not skipped(), skipped()
             assert report.media_extra_messages > 0, "an overwrite left no trace in the media stream"
 
 
