@@ -8,6 +8,8 @@ TOOLS := .tools
 UV := $(TOOLS)/bin/uv
 VENV := .venv
 PY := $(VENV)/bin/python
+# Test processes: three on two cores keeps both busy while the long fault tests wait on servers.
+TEST_WORKERS ?= 3
 export UV_PROJECT_ENVIRONMENT := $(CURDIR)/$(VENV)
 export UV_LINK_MODE := copy
 PROTO_FILES := $(shell find protos/charai -name '*.proto' | sort)
@@ -75,7 +77,7 @@ breaking: $(BUF) ## buf breaking: the protos change nothing a client of main rel
 check: proto-check lint breaking typecheck compose-check ## Everything static: generated code, lint, proto compatibility, types, compose.yaml
 
 test: install ts console chromium postgres ## Run every test (unit, integration with real NATS + gRPC, end-to-end through the stack)
-	$(PY) -m pytest -n 2 --dist loadfile -q --durations=25 tests
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -q --durations=25 tests
 
 test-unit: install ## Domain core only (fast, no I/O)
 	$(PY) -m pytest -q tests/unit
