@@ -207,6 +207,58 @@ class StoreClient:
         """Removes an ended task, its events and its media."""
         await self._stub.DeleteTask(spb.DeleteTaskRequest(tenant=tenant, id=task_id), timeout=timeout)
 
+    # -- webhooks ----------------------------------------------------------------------------
+    async def get_webhook_secret(self, tenant: str, *, timeout: float | None = None) -> str:
+        """The tenant's current webhook signing secret (``whsec_…``)."""
+        response = await self._stub.GetWebhookSecret(
+            spb.GetWebhookSecretRequest(tenant=tenant), timeout=timeout
+        )
+        return response.response.secret
+
+    async def rotate_webhook_secret(
+        self, tenant: str, *, timeout: float | None = None
+    ) -> task_service_pb2.RotateWebhookSecretResponse:
+        """A new secret; the old one keeps signing for the grace period."""
+        response = await self._stub.RotateWebhookSecret(
+            spb.RotateWebhookSecretRequest(tenant=tenant), timeout=timeout
+        )
+        return response.response
+
+    async def list_webhook_deliveries(
+        self,
+        tenant: str,
+        request: task_service_pb2.ListWebhookDeliveriesRequest,
+        *,
+        timeout: float | None = None,
+    ) -> task_service_pb2.ListWebhookDeliveriesResponse:
+        response = await self._stub.ListWebhookDeliveries(
+            spb.ListWebhookDeliveriesRequest(tenant=tenant, request=request), timeout=timeout
+        )
+        return response.response
+
+    async def redeliver_webhook(
+        self, tenant: str, request: task_service_pb2.RedeliverWebhookRequest, *, timeout: float | None = None
+    ) -> int:
+        """Queues deliveries again; how many."""
+        response = await self._stub.RedeliverWebhook(
+            spb.RedeliverWebhookRequest(tenant=tenant, request=request), timeout=timeout
+        )
+        return response.response.redelivered
+
+    async def claim_webhook_delivery(
+        self, delivery_id: str, sender_id: str, *, timeout: float | None = None
+    ) -> spb.ClaimWebhookDeliveryResponse:
+        """What a sender should send for a published delivery (or why not now)."""
+        return await self._stub.ClaimWebhookDelivery(
+            spb.ClaimWebhookDeliveryRequest(delivery_id=delivery_id, sender_id=sender_id), timeout=timeout
+        )
+
+    async def settle_webhook_delivery(
+        self, request: spb.SettleWebhookDeliveryRequest, *, timeout: float | None = None
+    ) -> spb.SettleWebhookDeliveryResponse:
+        """Records an attempt; the answer says whether to ack or retry later."""
+        return await self._stub.SettleWebhookDelivery(request, timeout=timeout)
+
     async def list_events(
         self, request: spb.ListEventsRequest, *, timeout: float | None = None
     ) -> spb.ListEventsResponse:

@@ -42,6 +42,15 @@ class Topology:
     def jobs_subjects(self) -> str:
         return f"{self.namespace}.jobs.>"
 
+    @property
+    def webhook_subject(self) -> str:
+        """Webhook deliveries that are due (in the jobs stream, pulled by webhook senders)."""
+        return f"{self.namespace}.jobs.webhook.deliver"
+
+    @property
+    def webhook_consumer(self) -> str:
+        return f"{self.namespace}-webhook-sender"
+
     def lane_subject(self, kind: str, lane: str) -> str:
         return f"{self.namespace}.jobs.{kind}.{lane}"
 

@@ -10,7 +10,9 @@ import dataclasses
 import math
 import re
 from collections.abc import Mapping, Sequence
+from urllib.parse import urlsplit
 
+from charai.core.domain.webhooks import parse_events
 from charai.tasks.v1 import task_pb2, task_service_pb2
 
 MAX_PROMPT_CHARS = 4000
@@ -22,6 +24,7 @@ MAX_METADATA_KEY_CHARS = 64
 MAX_METADATA_VALUE_CHARS = 512
 MAX_METADATA_BYTES = 8192
 MAX_REQUEST_ID_CHARS = 128
+MAX_WEBHOOK_URL_CHARS = 2048
 MAX_PAGE_SIZE = 500
 #: Task ids one access token may name.
 MAX_TOKEN_TASKS = 100
@@ -196,7 +199,32 @@ def validate_create(req: task_service_pb2.CreateTaskRequest, image_model: str = 
     validate_metadata(c, "metadata", req.metadata)
     if len(req.request_id) > MAX_REQUEST_ID_CHARS or _CONTROL.search(req.request_id):
         c.add("request_id", f"must be at most {MAX_REQUEST_ID_CHARS} printable characters")
+    if req.HasField("webhook"):
+        validate_webhook(c, "webhook", req.webhook)
     c.raise_if_any()
+
+
+def validate_webhook(c: _Checker, field: str, hook: task_pb2.Webhook) -> None:
+    """An http(s) URL with a host, no credentials, and known event names (each once)."""
+    url = hook.url
+    if not url:
+        c.add(f"{field}.url", "is required")
+    elif len(url) > MAX_WEBHOOK_URL_CHARS or _CONTROL.search(url) or " " in url:
+        c.add(f"{field}.url", f"must be an http(s) URL of at most {MAX_WEBHOOK_URL_CHARS} characters")
+    else:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            c.add(f"{field}.url", "must be an http(s) URL with a host")
+        elif parts.username or parts.password:
+            c.add(f"{field}.url", "must not carry credentials (sign-in is by signature)")
+    names = list(hook.events)
+    try:
+        parse_events(names)
+    except ValueError as exc:
+        c.add(f"{field}.events", str(exc))
+    else:
+        if len(set(names)) != len(names):
+            c.add(f"{field}.events", "must not repeat an event")
 
 
 def validate_task_id(field: str, value: str) -> None:

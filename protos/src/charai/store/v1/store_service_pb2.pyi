@@ -7,6 +7,7 @@ from charai.tasks.v1 import task_pb2 as _task_pb2
 from charai.tasks.v1 import task_service_pb2 as _task_service_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -76,6 +77,30 @@ FAIL_OUTCOME_FAILED: FailOutcome.ValueType  # 2
 FAIL_OUTCOME_IGNORED: FailOutcome.ValueType  # 3
 """The attempt was stale or the task had already ended: ack the message."""
 Global___FailOutcome: _TypeAlias = FailOutcome  # noqa: Y015
+
+class _SettleOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SettleOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SettleOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SETTLE_OUTCOME_UNSPECIFIED: _SettleOutcome.ValueType  # 0
+    """Not set."""
+    SETTLE_OUTCOME_DONE: _SettleOutcome.ValueType  # 1
+    """Delivered, failed for good, or the claim was stale: ack the message."""
+    SETTLE_OUTCOME_RETRY: _SettleOutcome.ValueType  # 2
+    """Another attempt after retry_after_seconds: nak the message with that delay."""
+
+class SettleOutcome(_SettleOutcome, metaclass=_SettleOutcomeEnumTypeWrapper):
+    """What a sender does after settling."""
+
+SETTLE_OUTCOME_UNSPECIFIED: SettleOutcome.ValueType  # 0
+"""Not set."""
+SETTLE_OUTCOME_DONE: SettleOutcome.ValueType  # 1
+"""Delivered, failed for good, or the claim was stale: ack the message."""
+SETTLE_OUTCOME_RETRY: SettleOutcome.ValueType  # 2
+"""Another attempt after retry_after_seconds: nak the message with that delay."""
+Global___SettleOutcome: _TypeAlias = SettleOutcome  # noqa: Y015
 
 @_typing.final
 class CreateTaskRequest(_message.Message):
@@ -877,3 +902,369 @@ class DeleteTaskResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteTaskResponse: _TypeAlias = DeleteTaskResponse  # noqa: Y015
+
+@_typing.final
+class GetWebhookSecretRequest(_message.Message):
+    """Request of GetWebhookSecret."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """The tenant."""
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetWebhookSecretRequest: _TypeAlias = GetWebhookSecretRequest  # noqa: Y015
+
+@_typing.final
+class RotateWebhookSecretRequest(_message.Message):
+    """Request of RotateWebhookSecret."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """The tenant."""
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateWebhookSecretRequest: _TypeAlias = RotateWebhookSecretRequest  # noqa: Y015
+
+@_typing.final
+class ListWebhookDeliveriesRequest(_message.Message):
+    """Request of ListWebhookDeliveries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """The tenant."""
+    @_builtins.property
+    def request(self) -> _task_service_pb2.ListWebhookDeliveriesRequest:
+        """The client's request."""
+
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        request: _task_service_pb2.ListWebhookDeliveriesRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request", b"request", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWebhookDeliveriesRequest: _TypeAlias = ListWebhookDeliveriesRequest  # noqa: Y015
+
+@_typing.final
+class RedeliverWebhookRequest(_message.Message):
+    """Request of RedeliverWebhook."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """The tenant."""
+    @_builtins.property
+    def request(self) -> _task_service_pb2.RedeliverWebhookRequest:
+        """The client's request."""
+
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        request: _task_service_pb2.RedeliverWebhookRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request", b"request", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RedeliverWebhookRequest: _TypeAlias = RedeliverWebhookRequest  # noqa: Y015
+
+@_typing.final
+class WebhookJob(_message.Message):
+    """What the outbox publishes for a webhook delivery that is due (the head of its task's queue)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELIVERY_ID_FIELD_NUMBER: _builtins.int
+    delivery_id: _builtins.str
+    """The delivery (its webhook-id)."""
+    def __init__(
+        self,
+        *,
+        delivery_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery_id", b"delivery_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WebhookJob: _TypeAlias = WebhookJob  # noqa: Y015
+
+@_typing.final
+class ClaimWebhookDeliveryRequest(_message.Message):
+    """Request of ClaimWebhookDelivery."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELIVERY_ID_FIELD_NUMBER: _builtins.int
+    SENDER_ID_FIELD_NUMBER: _builtins.int
+    delivery_id: _builtins.str
+    """The delivery of the job."""
+    sender_id: _builtins.str
+    """Who sends (holds the delivery for a while)."""
+    def __init__(
+        self,
+        *,
+        delivery_id: _builtins.str = ...,
+        sender_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery_id", b"delivery_id", "sender_id", b"sender_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClaimWebhookDeliveryRequest: _TypeAlias = ClaimWebhookDeliveryRequest  # noqa: Y015
+
+@_typing.final
+class ClaimWebhookDeliveryResponse(_message.Message):
+    """Response of ClaimWebhookDelivery."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    RETRY_AFTER_SECONDS_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    EVENT_TYPE_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
+    SECRETS_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    outcome: Global___ClaimOutcome.ValueType
+    """RUN: send it now; DONE: ack (delivered, failed, or not the head of its queue);
+    DEFER: nak with retry_after_seconds (not due yet, or another sender holds it).
+    """
+    retry_after_seconds: _builtins.float
+    """With DEFER."""
+    url: _builtins.str
+    """With RUN: the endpoint."""
+    event_type: _builtins.str
+    """With RUN: the payload type (task.completed ...)."""
+    attempt: _builtins.int
+    """With RUN: the attempt about to be made (1-based)."""
+    @_builtins.property
+    def event(self) -> _task_pb2.TaskEvent:
+        """With RUN: the task as the event left it."""
+
+    @_builtins.property
+    def secrets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """With RUN: the signing secrets (whsec_...), newest first; more than one while a rotation's grace lasts."""
+
+    def __init__(
+        self,
+        *,
+        outcome: Global___ClaimOutcome.ValueType = ...,
+        retry_after_seconds: _builtins.float = ...,
+        url: _builtins.str = ...,
+        event_type: _builtins.str = ...,
+        event: _task_pb2.TaskEvent | None = ...,
+        secrets: _abc.Iterable[_builtins.str] | None = ...,
+        attempt: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "event", b"event", "event_type", b"event_type", "outcome", b"outcome", "retry_after_seconds", b"retry_after_seconds", "secrets", b"secrets", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClaimWebhookDeliveryResponse: _TypeAlias = ClaimWebhookDeliveryResponse  # noqa: Y015
+
+@_typing.final
+class SettleWebhookDeliveryRequest(_message.Message):
+    """Request of SettleWebhookDelivery."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELIVERY_ID_FIELD_NUMBER: _builtins.int
+    SENDER_ID_FIELD_NUMBER: _builtins.int
+    HTTP_STATUS_FIELD_NUMBER: _builtins.int
+    LATENCY_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    RETRY_AFTER_SECONDS_FIELD_NUMBER: _builtins.int
+    delivery_id: _builtins.str
+    """The delivery."""
+    sender_id: _builtins.str
+    """The sender that claimed it."""
+    http_status: _builtins.int
+    """The receiver's HTTP status; 0 when there was none (connection error, timeout)."""
+    error: _builtins.str
+    """What went wrong, if anything."""
+    retry_after_seconds: _builtins.float
+    """The receiver's Retry-After in seconds; negative when it gave none."""
+    @_builtins.property
+    def latency(self) -> _duration_pb2.Duration:
+        """From sending to the answer (or the error)."""
+
+    def __init__(
+        self,
+        *,
+        delivery_id: _builtins.str = ...,
+        sender_id: _builtins.str = ...,
+        http_status: _builtins.int = ...,
+        latency: _duration_pb2.Duration | None = ...,
+        error: _builtins.str = ...,
+        retry_after_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["latency", b"latency"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery_id", b"delivery_id", "error", b"error", "http_status", b"http_status", "latency", b"latency", "retry_after_seconds", b"retry_after_seconds", "sender_id", b"sender_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SettleWebhookDeliveryRequest: _TypeAlias = SettleWebhookDeliveryRequest  # noqa: Y015
+
+@_typing.final
+class SettleWebhookDeliveryResponse(_message.Message):
+    """Response of SettleWebhookDelivery."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    RETRY_AFTER_SECONDS_FIELD_NUMBER: _builtins.int
+    outcome: Global___SettleOutcome.ValueType
+    """What to do with the message."""
+    retry_after_seconds: _builtins.float
+    """With RETRY."""
+    def __init__(
+        self,
+        *,
+        outcome: Global___SettleOutcome.ValueType = ...,
+        retry_after_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome", "retry_after_seconds", b"retry_after_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SettleWebhookDeliveryResponse: _TypeAlias = SettleWebhookDeliveryResponse  # noqa: Y015
+
+@_typing.final
+class GetWebhookSecretResponse(_message.Message):
+    """Response of GetWebhookSecret."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def response(self) -> _task_service_pb2.GetWebhookSecretResponse:
+        """The answer for the client."""
+
+    def __init__(
+        self,
+        *,
+        response: _task_service_pb2.GetWebhookSecretResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetWebhookSecretResponse: _TypeAlias = GetWebhookSecretResponse  # noqa: Y015
+
+@_typing.final
+class RotateWebhookSecretResponse(_message.Message):
+    """Response of RotateWebhookSecret."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def response(self) -> _task_service_pb2.RotateWebhookSecretResponse:
+        """The answer for the client."""
+
+    def __init__(
+        self,
+        *,
+        response: _task_service_pb2.RotateWebhookSecretResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateWebhookSecretResponse: _TypeAlias = RotateWebhookSecretResponse  # noqa: Y015
+
+@_typing.final
+class ListWebhookDeliveriesResponse(_message.Message):
+    """Response of ListWebhookDeliveries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def response(self) -> _task_service_pb2.ListWebhookDeliveriesResponse:
+        """The answer for the client."""
+
+    def __init__(
+        self,
+        *,
+        response: _task_service_pb2.ListWebhookDeliveriesResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWebhookDeliveriesResponse: _TypeAlias = ListWebhookDeliveriesResponse  # noqa: Y015
+
+@_typing.final
+class RedeliverWebhookResponse(_message.Message):
+    """Response of RedeliverWebhook."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def response(self) -> _task_service_pb2.RedeliverWebhookResponse:
+        """The answer for the client."""
+
+    def __init__(
+        self,
+        *,
+        response: _task_service_pb2.RedeliverWebhookResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RedeliverWebhookResponse: _TypeAlias = RedeliverWebhookResponse  # noqa: Y015

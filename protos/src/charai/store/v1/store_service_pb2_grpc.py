@@ -95,6 +95,36 @@ class TaskStoreServiceStub:
                 request_serializer=charai_dot_store_dot_v1_dot_store__service__pb2.DeleteTaskRequest.SerializeToString,
                 response_deserializer=charai_dot_store_dot_v1_dot_store__service__pb2.DeleteTaskResponse.FromString,
                 _registered_method=True)
+        self.GetWebhookSecret = channel.unary_unary(
+                '/charai.store.v1.TaskStoreService/GetWebhookSecret',
+                request_serializer=charai_dot_store_dot_v1_dot_store__service__pb2.GetWebhookSecretRequest.SerializeToString,
+                response_deserializer=charai_dot_store_dot_v1_dot_store__service__pb2.GetWebhookSecretResponse.FromString,
+                _registered_method=True)
+        self.RotateWebhookSecret = channel.unary_unary(
+                '/charai.store.v1.TaskStoreService/RotateWebhookSecret',
+                request_serializer=charai_dot_store_dot_v1_dot_store__service__pb2.RotateWebhookSecretRequest.SerializeToString,
+                response_deserializer=charai_dot_store_dot_v1_dot_store__service__pb2.RotateWebhookSecretResponse.FromString,
+                _registered_method=True)
+        self.ListWebhookDeliveries = channel.unary_unary(
+                '/charai.store.v1.TaskStoreService/ListWebhookDeliveries',
+                request_serializer=charai_dot_store_dot_v1_dot_store__service__pb2.ListWebhookDeliveriesRequest.SerializeToString,
+                response_deserializer=charai_dot_store_dot_v1_dot_store__service__pb2.ListWebhookDeliveriesResponse.FromString,
+                _registered_method=True)
+        self.RedeliverWebhook = channel.unary_unary(
+                '/charai.store.v1.TaskStoreService/RedeliverWebhook',
+                request_serializer=charai_dot_store_dot_v1_dot_store__service__pb2.RedeliverWebhookRequest.SerializeToString,
+                response_deserializer=charai_dot_store_dot_v1_dot_store__service__pb2.RedeliverWebhookResponse.FromString,
+                _registered_method=True)
+        self.ClaimWebhookDelivery = channel.unary_unary(
+                '/charai.store.v1.TaskStoreService/ClaimWebhookDelivery',
+                request_serializer=charai_dot_store_dot_v1_dot_store__service__pb2.ClaimWebhookDeliveryRequest.SerializeToString,
+                response_deserializer=charai_dot_store_dot_v1_dot_store__service__pb2.ClaimWebhookDeliveryResponse.FromString,
+                _registered_method=True)
+        self.SettleWebhookDelivery = channel.unary_unary(
+                '/charai.store.v1.TaskStoreService/SettleWebhookDelivery',
+                request_serializer=charai_dot_store_dot_v1_dot_store__service__pb2.SettleWebhookDeliveryRequest.SerializeToString,
+                response_deserializer=charai_dot_store_dot_v1_dot_store__service__pb2.SettleWebhookDeliveryResponse.FromString,
+                _registered_method=True)
 
 
 class TaskStoreServiceServicer:
@@ -185,6 +215,48 @@ class TaskStoreServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetWebhookSecret(self, request, context):
+        """The tenant's current webhook signing secret.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateWebhookSecret(self, request, context):
+        """Replaces the tenant's webhook signing secret (the old one signs too for the grace period).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWebhookDeliveries(self, request, context):
+        """Lists a tenant's webhook deliveries.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RedeliverWebhook(self, request, context):
+        """Queues deliveries of a tenant again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClaimWebhookDelivery(self, request, context):
+        """A webhook sender takes a published delivery: what to send and how to sign it, or why not now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SettleWebhookDelivery(self, request, context):
+        """A webhook sender reports how an attempt went; the store decides what comes next.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskStoreServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -247,6 +319,36 @@ def add_TaskStoreServiceServicer_to_server(servicer, server):
                     servicer.DeleteTask,
                     request_deserializer=charai_dot_store_dot_v1_dot_store__service__pb2.DeleteTaskRequest.FromString,
                     response_serializer=charai_dot_store_dot_v1_dot_store__service__pb2.DeleteTaskResponse.SerializeToString,
+            ),
+            'GetWebhookSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetWebhookSecret,
+                    request_deserializer=charai_dot_store_dot_v1_dot_store__service__pb2.GetWebhookSecretRequest.FromString,
+                    response_serializer=charai_dot_store_dot_v1_dot_store__service__pb2.GetWebhookSecretResponse.SerializeToString,
+            ),
+            'RotateWebhookSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateWebhookSecret,
+                    request_deserializer=charai_dot_store_dot_v1_dot_store__service__pb2.RotateWebhookSecretRequest.FromString,
+                    response_serializer=charai_dot_store_dot_v1_dot_store__service__pb2.RotateWebhookSecretResponse.SerializeToString,
+            ),
+            'ListWebhookDeliveries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWebhookDeliveries,
+                    request_deserializer=charai_dot_store_dot_v1_dot_store__service__pb2.ListWebhookDeliveriesRequest.FromString,
+                    response_serializer=charai_dot_store_dot_v1_dot_store__service__pb2.ListWebhookDeliveriesResponse.SerializeToString,
+            ),
+            'RedeliverWebhook': grpc.unary_unary_rpc_method_handler(
+                    servicer.RedeliverWebhook,
+                    request_deserializer=charai_dot_store_dot_v1_dot_store__service__pb2.RedeliverWebhookRequest.FromString,
+                    response_serializer=charai_dot_store_dot_v1_dot_store__service__pb2.RedeliverWebhookResponse.SerializeToString,
+            ),
+            'ClaimWebhookDelivery': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClaimWebhookDelivery,
+                    request_deserializer=charai_dot_store_dot_v1_dot_store__service__pb2.ClaimWebhookDeliveryRequest.FromString,
+                    response_serializer=charai_dot_store_dot_v1_dot_store__service__pb2.ClaimWebhookDeliveryResponse.SerializeToString,
+            ),
+            'SettleWebhookDelivery': grpc.unary_unary_rpc_method_handler(
+                    servicer.SettleWebhookDelivery,
+                    request_deserializer=charai_dot_store_dot_v1_dot_store__service__pb2.SettleWebhookDeliveryRequest.FromString,
+                    response_serializer=charai_dot_store_dot_v1_dot_store__service__pb2.SettleWebhookDeliveryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -574,6 +676,168 @@ class TaskStoreService:
             '/charai.store.v1.TaskStoreService/DeleteTask',
             charai_dot_store_dot_v1_dot_store__service__pb2.DeleteTaskRequest.SerializeToString,
             charai_dot_store_dot_v1_dot_store__service__pb2.DeleteTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetWebhookSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/charai.store.v1.TaskStoreService/GetWebhookSecret',
+            charai_dot_store_dot_v1_dot_store__service__pb2.GetWebhookSecretRequest.SerializeToString,
+            charai_dot_store_dot_v1_dot_store__service__pb2.GetWebhookSecretResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateWebhookSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/charai.store.v1.TaskStoreService/RotateWebhookSecret',
+            charai_dot_store_dot_v1_dot_store__service__pb2.RotateWebhookSecretRequest.SerializeToString,
+            charai_dot_store_dot_v1_dot_store__service__pb2.RotateWebhookSecretResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWebhookDeliveries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/charai.store.v1.TaskStoreService/ListWebhookDeliveries',
+            charai_dot_store_dot_v1_dot_store__service__pb2.ListWebhookDeliveriesRequest.SerializeToString,
+            charai_dot_store_dot_v1_dot_store__service__pb2.ListWebhookDeliveriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RedeliverWebhook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/charai.store.v1.TaskStoreService/RedeliverWebhook',
+            charai_dot_store_dot_v1_dot_store__service__pb2.RedeliverWebhookRequest.SerializeToString,
+            charai_dot_store_dot_v1_dot_store__service__pb2.RedeliverWebhookResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClaimWebhookDelivery(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/charai.store.v1.TaskStoreService/ClaimWebhookDelivery',
+            charai_dot_store_dot_v1_dot_store__service__pb2.ClaimWebhookDeliveryRequest.SerializeToString,
+            charai_dot_store_dot_v1_dot_store__service__pb2.ClaimWebhookDeliveryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SettleWebhookDelivery(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/charai.store.v1.TaskStoreService/SettleWebhookDelivery',
+            charai_dot_store_dot_v1_dot_store__service__pb2.SettleWebhookDeliveryRequest.SerializeToString,
+            charai_dot_store_dot_v1_dot_store__service__pb2.SettleWebhookDeliveryResponse.FromString,
             options,
             channel_credentials,
             insecure,

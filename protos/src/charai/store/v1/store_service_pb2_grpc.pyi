@@ -57,6 +57,18 @@ class TaskStoreServiceStub:
     """Moves a FAILED task of a tenant back to QUEUED with a fresh attempt budget and a new dispatch."""
     DeleteTask: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.DeleteTaskRequest, _store_service_pb2.DeleteTaskResponse]
     """Removes a finished or cancelled task of a tenant: its media objects first, then its rows and events."""
+    GetWebhookSecret: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.GetWebhookSecretRequest, _store_service_pb2.GetWebhookSecretResponse]
+    """The tenant's current webhook signing secret."""
+    RotateWebhookSecret: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.RotateWebhookSecretRequest, _store_service_pb2.RotateWebhookSecretResponse]
+    """Replaces the tenant's webhook signing secret (the old one signs too for the grace period)."""
+    ListWebhookDeliveries: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.ListWebhookDeliveriesRequest, _store_service_pb2.ListWebhookDeliveriesResponse]
+    """Lists a tenant's webhook deliveries."""
+    RedeliverWebhook: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.RedeliverWebhookRequest, _store_service_pb2.RedeliverWebhookResponse]
+    """Queues deliveries of a tenant again."""
+    ClaimWebhookDelivery: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.ClaimWebhookDeliveryRequest, _store_service_pb2.ClaimWebhookDeliveryResponse]
+    """A webhook sender takes a published delivery: what to send and how to sign it, or why not now."""
+    SettleWebhookDelivery: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.SettleWebhookDeliveryRequest, _store_service_pb2.SettleWebhookDeliveryResponse]
+    """A webhook sender reports how an attempt went; the store decides what comes next."""
 
 @_typing.type_check_only
 class TaskStoreServiceAsyncStub(TaskStoreServiceStub):
@@ -87,6 +99,18 @@ class TaskStoreServiceAsyncStub(TaskStoreServiceStub):
     """Moves a FAILED task of a tenant back to QUEUED with a fresh attempt budget and a new dispatch."""
     DeleteTask: _aio.UnaryUnaryMultiCallable[_store_service_pb2.DeleteTaskRequest, _store_service_pb2.DeleteTaskResponse]  # type: ignore[assignment]
     """Removes a finished or cancelled task of a tenant: its media objects first, then its rows and events."""
+    GetWebhookSecret: _aio.UnaryUnaryMultiCallable[_store_service_pb2.GetWebhookSecretRequest, _store_service_pb2.GetWebhookSecretResponse]  # type: ignore[assignment]
+    """The tenant's current webhook signing secret."""
+    RotateWebhookSecret: _aio.UnaryUnaryMultiCallable[_store_service_pb2.RotateWebhookSecretRequest, _store_service_pb2.RotateWebhookSecretResponse]  # type: ignore[assignment]
+    """Replaces the tenant's webhook signing secret (the old one signs too for the grace period)."""
+    ListWebhookDeliveries: _aio.UnaryUnaryMultiCallable[_store_service_pb2.ListWebhookDeliveriesRequest, _store_service_pb2.ListWebhookDeliveriesResponse]  # type: ignore[assignment]
+    """Lists a tenant's webhook deliveries."""
+    RedeliverWebhook: _aio.UnaryUnaryMultiCallable[_store_service_pb2.RedeliverWebhookRequest, _store_service_pb2.RedeliverWebhookResponse]  # type: ignore[assignment]
+    """Queues deliveries of a tenant again."""
+    ClaimWebhookDelivery: _aio.UnaryUnaryMultiCallable[_store_service_pb2.ClaimWebhookDeliveryRequest, _store_service_pb2.ClaimWebhookDeliveryResponse]  # type: ignore[assignment]
+    """A webhook sender takes a published delivery: what to send and how to sign it, or why not now."""
+    SettleWebhookDelivery: _aio.UnaryUnaryMultiCallable[_store_service_pb2.SettleWebhookDeliveryRequest, _store_service_pb2.SettleWebhookDeliveryResponse]  # type: ignore[assignment]
+    """A webhook sender reports how an attempt went; the store decides what comes next."""
 
 class TaskStoreServiceServicer(metaclass=_abc_1.ABCMeta):
     """Internal API of task_store: the only writer of task state. Called by gateways and workers, never by clients."""
@@ -186,5 +210,53 @@ class TaskStoreServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_store_service_pb2.DeleteTaskResponse, _abc.Awaitable[_store_service_pb2.DeleteTaskResponse]]:
         """Removes a finished or cancelled task of a tenant: its media objects first, then its rows and events."""
+
+    @_abc_1.abstractmethod
+    def GetWebhookSecret(
+        self,
+        request: _store_service_pb2.GetWebhookSecretRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_service_pb2.GetWebhookSecretResponse, _abc.Awaitable[_store_service_pb2.GetWebhookSecretResponse]]:
+        """The tenant's current webhook signing secret."""
+
+    @_abc_1.abstractmethod
+    def RotateWebhookSecret(
+        self,
+        request: _store_service_pb2.RotateWebhookSecretRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_service_pb2.RotateWebhookSecretResponse, _abc.Awaitable[_store_service_pb2.RotateWebhookSecretResponse]]:
+        """Replaces the tenant's webhook signing secret (the old one signs too for the grace period)."""
+
+    @_abc_1.abstractmethod
+    def ListWebhookDeliveries(
+        self,
+        request: _store_service_pb2.ListWebhookDeliveriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_service_pb2.ListWebhookDeliveriesResponse, _abc.Awaitable[_store_service_pb2.ListWebhookDeliveriesResponse]]:
+        """Lists a tenant's webhook deliveries."""
+
+    @_abc_1.abstractmethod
+    def RedeliverWebhook(
+        self,
+        request: _store_service_pb2.RedeliverWebhookRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_service_pb2.RedeliverWebhookResponse, _abc.Awaitable[_store_service_pb2.RedeliverWebhookResponse]]:
+        """Queues deliveries of a tenant again."""
+
+    @_abc_1.abstractmethod
+    def ClaimWebhookDelivery(
+        self,
+        request: _store_service_pb2.ClaimWebhookDeliveryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_service_pb2.ClaimWebhookDeliveryResponse, _abc.Awaitable[_store_service_pb2.ClaimWebhookDeliveryResponse]]:
+        """A webhook sender takes a published delivery: what to send and how to sign it, or why not now."""
+
+    @_abc_1.abstractmethod
+    def SettleWebhookDelivery(
+        self,
+        request: _store_service_pb2.SettleWebhookDeliveryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_service_pb2.SettleWebhookDeliveryResponse, _abc.Awaitable[_store_service_pb2.SettleWebhookDeliveryResponse]]:
+        """A webhook sender reports how an attempt went; the store decides what comes next."""
 
 def add_TaskStoreServiceServicer_to_server(servicer: TaskStoreServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -542,6 +542,7 @@ class Task(_message.Message):
     QUEUE_POSITION_FIELD_NUMBER: _builtins.int
     NEXT_ATTEMPT_TIME_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    WEBHOOK_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned identifier."""
     type: Global___TaskType.ValueType
@@ -606,6 +607,10 @@ class Task(_message.Message):
     def next_attempt_time(self) -> _timestamp_pb2.Timestamp:
         """When the next attempt starts, while a retry is scheduled."""
 
+    @_builtins.property
+    def webhook(self) -> Global___Webhook:
+        """Where the task's events are delivered by webhook, if anywhere (README, "Webhooks")."""
+
     def __init__(
         self,
         *,
@@ -630,10 +635,11 @@ class Task(_message.Message):
         queue_position: _builtins.int = ...,
         next_attempt_time: _timestamp_pb2.Timestamp | None = ...,
         request_id: _builtins.str = ...,
+        webhook: Global___Webhook | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "image", b"image", "image_result", b"image_result", "next_attempt_time", b"next_attempt_time", "payload", b"payload", "result", b"result", "start_time", b"start_time", "tts", b"tts", "tts_result", b"tts_result", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "image", b"image", "image_result", b"image_result", "next_attempt_time", b"next_attempt_time", "payload", b"payload", "result", b"result", "start_time", b"start_time", "tts", b"tts", "tts_result", b"tts_result", "update_time", b"update_time", "webhook", b"webhook"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "id", b"id", "image", b"image", "image_result", b"image_result", "max_attempts", b"max_attempts", "metadata", b"metadata", "next_attempt_time", b"next_attempt_time", "payload", b"payload", "priority", b"priority", "progress", b"progress", "queue_position", b"queue_position", "request_id", b"request_id", "result", b"result", "stage", b"stage", "start_time", b"start_time", "status", b"status", "tts", b"tts", "tts_result", b"tts_result", "type", b"type", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "id", b"id", "image", b"image", "image_result", b"image_result", "max_attempts", b"max_attempts", "metadata", b"metadata", "next_attempt_time", b"next_attempt_time", "payload", b"payload", "priority", b"priority", "progress", b"progress", "queue_position", b"queue_position", "request_id", b"request_id", "result", b"result", "stage", b"stage", "start_time", b"start_time", "status", b"status", "tts", b"tts", "tts_result", b"tts_result", "type", b"type", "update_time", b"update_time", "webhook", b"webhook"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["image", "tts"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
@@ -645,6 +651,36 @@ class Task(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
 
 Global___Task: _TypeAlias = Task  # noqa: Y015
+
+@_typing.final
+class Webhook(_message.Message):
+    """A webhook of one task: the task's events are POSTed to url, signed (Standard Webhooks v1)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URL_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    """http(s) URL the deliveries are POSTed to (at most 2,048 characters; no redirects are followed)."""
+    @_builtins.property
+    def events(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Which events are delivered: started, progress, completed, failed, cancelled.
+        Empty: the terminal ones (completed, failed, cancelled).
+        """
+
+    def __init__(
+        self,
+        *,
+        url: _builtins.str = ...,
+        events: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Webhook: _TypeAlias = Webhook  # noqa: Y015
 
 @_typing.final
 class TaskEvent(_message.Message):

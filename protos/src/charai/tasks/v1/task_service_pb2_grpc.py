@@ -85,6 +85,26 @@ class TaskServiceStub:
                 request_serializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.CreateAccessTokenRequest.SerializeToString,
                 response_deserializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.CreateAccessTokenResponse.FromString,
                 _registered_method=True)
+        self.GetWebhookSecret = channel.unary_unary(
+                '/charai.tasks.v1.TaskService/GetWebhookSecret',
+                request_serializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.GetWebhookSecretRequest.SerializeToString,
+                response_deserializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.GetWebhookSecretResponse.FromString,
+                _registered_method=True)
+        self.RotateWebhookSecret = channel.unary_unary(
+                '/charai.tasks.v1.TaskService/RotateWebhookSecret',
+                request_serializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.RotateWebhookSecretRequest.SerializeToString,
+                response_deserializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.RotateWebhookSecretResponse.FromString,
+                _registered_method=True)
+        self.ListWebhookDeliveries = channel.unary_unary(
+                '/charai.tasks.v1.TaskService/ListWebhookDeliveries',
+                request_serializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.ListWebhookDeliveriesRequest.SerializeToString,
+                response_deserializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.ListWebhookDeliveriesResponse.FromString,
+                _registered_method=True)
+        self.RedeliverWebhook = channel.unary_unary(
+                '/charai.tasks.v1.TaskService/RedeliverWebhook',
+                request_serializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.RedeliverWebhookRequest.SerializeToString,
+                response_deserializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.RedeliverWebhookResponse.FromString,
+                _registered_method=True)
 
 
 class TaskServiceServicer:
@@ -169,6 +189,38 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetWebhookSecret(self, request, context):
+        """Returns the tenant's current webhook signing secret (whsec_...), with which receivers verify the
+        webhook-signature header. Callable with a tenant API key only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateWebhookSecret(self, request, context):
+        """Replaces the tenant's webhook signing secret. The old one keeps signing beside the new one (two
+        signatures in webhook-signature) for CHARAI_WEBHOOK_SECRET_GRACE_SECONDS (24 h by default).
+        Callable with a tenant API key only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWebhookDeliveries(self, request, context):
+        """Lists the tenant's webhook deliveries, newest first, each with its attempts. Tenant key only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RedeliverWebhook(self, request, context):
+        """Sends a delivery again (same webhook-id), or every failed delivery since a time; re-enables a
+        disabled endpoint. Tenant key only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -221,6 +273,26 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.CreateAccessToken,
                     request_deserializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.CreateAccessTokenRequest.FromString,
                     response_serializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.CreateAccessTokenResponse.SerializeToString,
+            ),
+            'GetWebhookSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetWebhookSecret,
+                    request_deserializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.GetWebhookSecretRequest.FromString,
+                    response_serializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.GetWebhookSecretResponse.SerializeToString,
+            ),
+            'RotateWebhookSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateWebhookSecret,
+                    request_deserializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.RotateWebhookSecretRequest.FromString,
+                    response_serializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.RotateWebhookSecretResponse.SerializeToString,
+            ),
+            'ListWebhookDeliveries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWebhookDeliveries,
+                    request_deserializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.ListWebhookDeliveriesRequest.FromString,
+                    response_serializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.ListWebhookDeliveriesResponse.SerializeToString,
+            ),
+            'RedeliverWebhook': grpc.unary_unary_rpc_method_handler(
+                    servicer.RedeliverWebhook,
+                    request_deserializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.RedeliverWebhookRequest.FromString,
+                    response_serializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.RedeliverWebhookResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -494,6 +566,114 @@ class TaskService:
             '/charai.tasks.v1.TaskService/CreateAccessToken',
             charai_dot_tasks_dot_v1_dot_task__service__pb2.CreateAccessTokenRequest.SerializeToString,
             charai_dot_tasks_dot_v1_dot_task__service__pb2.CreateAccessTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetWebhookSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/charai.tasks.v1.TaskService/GetWebhookSecret',
+            charai_dot_tasks_dot_v1_dot_task__service__pb2.GetWebhookSecretRequest.SerializeToString,
+            charai_dot_tasks_dot_v1_dot_task__service__pb2.GetWebhookSecretResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateWebhookSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/charai.tasks.v1.TaskService/RotateWebhookSecret',
+            charai_dot_tasks_dot_v1_dot_task__service__pb2.RotateWebhookSecretRequest.SerializeToString,
+            charai_dot_tasks_dot_v1_dot_task__service__pb2.RotateWebhookSecretResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWebhookDeliveries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/charai.tasks.v1.TaskService/ListWebhookDeliveries',
+            charai_dot_tasks_dot_v1_dot_task__service__pb2.ListWebhookDeliveriesRequest.SerializeToString,
+            charai_dot_tasks_dot_v1_dot_task__service__pb2.ListWebhookDeliveriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RedeliverWebhook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/charai.tasks.v1.TaskService/RedeliverWebhook',
+            charai_dot_tasks_dot_v1_dot_task__service__pb2.RedeliverWebhookRequest.SerializeToString,
+            charai_dot_tasks_dot_v1_dot_task__service__pb2.RedeliverWebhookResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -63,6 +63,21 @@ class TaskServiceStub:
     UNAUTHENTICATED once expired (ErrorInfo reason ACCESS_TOKEN_EXPIRED). A list or watch filter is
     narrowed to the scope, never widened. Every gateway verifies tokens by their signature alone.
     """
+    GetWebhookSecret: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.GetWebhookSecretRequest, _task_service_pb2.GetWebhookSecretResponse]
+    """Returns the tenant's current webhook signing secret (whsec_...), with which receivers verify the
+    webhook-signature header. Callable with a tenant API key only.
+    """
+    RotateWebhookSecret: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.RotateWebhookSecretRequest, _task_service_pb2.RotateWebhookSecretResponse]
+    """Replaces the tenant's webhook signing secret. The old one keeps signing beside the new one (two
+    signatures in webhook-signature) for CHARAI_WEBHOOK_SECRET_GRACE_SECONDS (24 h by default).
+    Callable with a tenant API key only.
+    """
+    ListWebhookDeliveries: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.ListWebhookDeliveriesRequest, _task_service_pb2.ListWebhookDeliveriesResponse]
+    """Lists the tenant's webhook deliveries, newest first, each with its attempts. Tenant key only."""
+    RedeliverWebhook: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.RedeliverWebhookRequest, _task_service_pb2.RedeliverWebhookResponse]
+    """Sends a delivery again (same webhook-id), or every failed delivery since a time; re-enables a
+    disabled endpoint. Tenant key only.
+    """
 
 @_typing.type_check_only
 class TaskServiceAsyncStub(TaskServiceStub):
@@ -98,6 +113,21 @@ class TaskServiceAsyncStub(TaskServiceStub):
     refused: PERMISSION_DENIED for a call outside the scope, NOT_FOUND for a task outside it,
     UNAUTHENTICATED once expired (ErrorInfo reason ACCESS_TOKEN_EXPIRED). A list or watch filter is
     narrowed to the scope, never widened. Every gateway verifies tokens by their signature alone.
+    """
+    GetWebhookSecret: _aio.UnaryUnaryMultiCallable[_task_service_pb2.GetWebhookSecretRequest, _task_service_pb2.GetWebhookSecretResponse]  # type: ignore[assignment]
+    """Returns the tenant's current webhook signing secret (whsec_...), with which receivers verify the
+    webhook-signature header. Callable with a tenant API key only.
+    """
+    RotateWebhookSecret: _aio.UnaryUnaryMultiCallable[_task_service_pb2.RotateWebhookSecretRequest, _task_service_pb2.RotateWebhookSecretResponse]  # type: ignore[assignment]
+    """Replaces the tenant's webhook signing secret. The old one keeps signing beside the new one (two
+    signatures in webhook-signature) for CHARAI_WEBHOOK_SECRET_GRACE_SECONDS (24 h by default).
+    Callable with a tenant API key only.
+    """
+    ListWebhookDeliveries: _aio.UnaryUnaryMultiCallable[_task_service_pb2.ListWebhookDeliveriesRequest, _task_service_pb2.ListWebhookDeliveriesResponse]  # type: ignore[assignment]
+    """Lists the tenant's webhook deliveries, newest first, each with its attempts. Tenant key only."""
+    RedeliverWebhook: _aio.UnaryUnaryMultiCallable[_task_service_pb2.RedeliverWebhookRequest, _task_service_pb2.RedeliverWebhookResponse]  # type: ignore[assignment]
+    """Sends a delivery again (same webhook-id), or every failed delivery since a time; re-enables a
+    disabled endpoint. Tenant key only.
     """
 
 class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -191,6 +221,45 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         refused: PERMISSION_DENIED for a call outside the scope, NOT_FOUND for a task outside it,
         UNAUTHENTICATED once expired (ErrorInfo reason ACCESS_TOKEN_EXPIRED). A list or watch filter is
         narrowed to the scope, never widened. Every gateway verifies tokens by their signature alone.
+        """
+
+    @_abc_1.abstractmethod
+    def GetWebhookSecret(
+        self,
+        request: _task_service_pb2.GetWebhookSecretRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_service_pb2.GetWebhookSecretResponse, _abc.Awaitable[_task_service_pb2.GetWebhookSecretResponse]]:
+        """Returns the tenant's current webhook signing secret (whsec_...), with which receivers verify the
+        webhook-signature header. Callable with a tenant API key only.
+        """
+
+    @_abc_1.abstractmethod
+    def RotateWebhookSecret(
+        self,
+        request: _task_service_pb2.RotateWebhookSecretRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_service_pb2.RotateWebhookSecretResponse, _abc.Awaitable[_task_service_pb2.RotateWebhookSecretResponse]]:
+        """Replaces the tenant's webhook signing secret. The old one keeps signing beside the new one (two
+        signatures in webhook-signature) for CHARAI_WEBHOOK_SECRET_GRACE_SECONDS (24 h by default).
+        Callable with a tenant API key only.
+        """
+
+    @_abc_1.abstractmethod
+    def ListWebhookDeliveries(
+        self,
+        request: _task_service_pb2.ListWebhookDeliveriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_service_pb2.ListWebhookDeliveriesResponse, _abc.Awaitable[_task_service_pb2.ListWebhookDeliveriesResponse]]:
+        """Lists the tenant's webhook deliveries, newest first, each with its attempts. Tenant key only."""
+
+    @_abc_1.abstractmethod
+    def RedeliverWebhook(
+        self,
+        request: _task_service_pb2.RedeliverWebhookRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_service_pb2.RedeliverWebhookResponse, _abc.Awaitable[_task_service_pb2.RedeliverWebhookResponse]]:
+        """Sends a delivery again (same webhook-id), or every failed delivery since a time; re-enables a
+        disabled endpoint. Tenant key only.
         """
 
 def add_TaskServiceServicer_to_server(servicer: TaskServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -242,6 +242,37 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
         response.expire_time.FromNanoseconds(int(expires * 1e9))
         return response
 
+    # -- webhooks ----------------------------------------------------------------------------
+    async def GetWebhookSecret(
+        self, request: task_service_pb2.GetWebhookSecretRequest, context: Context
+    ) -> task_service_pb2.GetWebhookSecretResponse:
+        access.require_tenant_key("GetWebhookSecret")
+        secret = await self._store.get_webhook_secret(principal.get(), timeout=self._timeout(context))
+        return task_service_pb2.GetWebhookSecretResponse(secret=secret)
+
+    async def RotateWebhookSecret(
+        self, request: task_service_pb2.RotateWebhookSecretRequest, context: Context
+    ) -> task_service_pb2.RotateWebhookSecretResponse:
+        access.require_tenant_key("RotateWebhookSecret")
+        return await self._store.rotate_webhook_secret(principal.get(), timeout=self._timeout(context))
+
+    async def ListWebhookDeliveries(
+        self, request: task_service_pb2.ListWebhookDeliveriesRequest, context: Context
+    ) -> task_service_pb2.ListWebhookDeliveriesResponse:
+        access.require_tenant_key("ListWebhookDeliveries")
+        if request.task_id:
+            validation.validate_task_id("task_id", request.task_id)
+        return await self._store.list_webhook_deliveries(
+            principal.get(), request, timeout=self._timeout(context)
+        )
+
+    async def RedeliverWebhook(
+        self, request: task_service_pb2.RedeliverWebhookRequest, context: Context
+    ) -> task_service_pb2.RedeliverWebhookResponse:
+        access.require_tenant_key("RedeliverWebhook")
+        count = await self._store.redeliver_webhook(principal.get(), request, timeout=self._timeout(context))
+        return task_service_pb2.RedeliverWebhookResponse(redelivered=count)
+
     # -- streams -----------------------------------------------------------------------------
     def _open(self, watcher: Watcher) -> None:
         if self._hub.open_streams >= self._max_streams:

@@ -7,11 +7,8 @@ one load balancer need the setting: each would generate a key of its own.
 
 from __future__ import annotations
 
-import os
-import secrets
-from pathlib import Path
-
 from charai.core.clock import SYSTEM, Clock
+from charai.core.keys import keys
 from charai.core.media import UrlSigner
 from charai.gateway.settings import Settings
 from charai.gateway.tokens import AccessTokens
@@ -24,38 +21,18 @@ KEY_FILE = "media-signing.key"
 TOKEN_KEY_FILE = "access-token.key"  # noqa: S105 - a file name, not a secret
 
 
-def _keys(configured: str, data_dir: Path, file: str) -> list[bytes]:
-    """The comma-separated secrets of a setting (newest first), or the data dir's one."""
-    keys = [k.strip().encode() for k in configured.split(",") if k.strip()]
-    return keys or [_generated(Path(data_dir) / file)]
-
-
-def _generated(path: Path) -> bytes:
-    """The key in ``path`` (generated, readable by its owner only, on first use)."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:  # created with its final mode: never readable by others, not even for a moment
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another gateway on the same data dir was first
-            pass
-        else:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(secrets.token_urlsafe(32))
-    return path.read_text().strip().encode()
-
-
-def media_signing_keys(settings: Settings) -> list[bytes]:
+def media_signingkeys(settings: Settings) -> list[bytes]:
     """``CHARAI_MEDIA_SIGNING_KEY`` (comma-separated: the first signs, all verify), or the data
     dir's key."""
-    return _keys(settings.media_signing_key.get_secret_value(), settings.data_dir, KEY_FILE)
+    return keys(settings.media_signing_key.get_secret_value(), settings.data_dir, KEY_FILE)
 
 
 def url_signer(settings: Settings) -> UrlSigner:
     """Signs and checks media URLs with :func:`media_signing_keys` and the configured lifetime."""
-    return UrlSigner(media_signing_keys(settings), settings.media_url_ttl)
+    return UrlSigner(media_signingkeys(settings), settings.media_url_ttl)
 
 
 def access_tokens(settings: Settings, clock: Clock = SYSTEM) -> AccessTokens:
     """Issues and verifies access tokens with ``CHARAI_ACCESS_TOKEN_KEYS`` (or the data dir's key)."""
-    keys = _keys(settings.access_token_keys.get_secret_value(), settings.data_dir, TOKEN_KEY_FILE)
-    return AccessTokens(keys, settings.access_token_max_ttl_seconds, clock)
+    found = keys(settings.access_token_keys.get_secret_value(), settings.data_dir, TOKEN_KEY_FILE)
+    return AccessTokens(found, settings.access_token_max_ttl_seconds, clock)

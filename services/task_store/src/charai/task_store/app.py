@@ -13,6 +13,7 @@ from charai.core import grpcsupport, logs, natsconn
 from charai.core.clock import SYSTEM, Clock
 from charai.core.domain.retry import RetryPolicy
 from charai.core.health import HealthWatcher
+from charai.core.keys import keys
 from charai.core.lifecycle import run_until_signal
 from charai.core.media import MediaStore
 from charai.core.metrics import Metrics
@@ -24,12 +25,16 @@ from charai.task_store.grpc_api import TaskStoreServicer, internal_auth
 from charai.task_store.removal import RetentionSweeper
 from charai.task_store.settings import Settings
 from charai.task_store.store import StoreConfig, TaskStore, open_store
+from charai.task_store.webhooks import WebhookConfig
 from charai.taskapi import error_code_label, priority_label, type_label
 from charai.tasks.v1 import task_pb2
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 log = structlog.get_logger("task_store")
+
+#: The generated webhook signing key's file, inside ``CHARAI_DATA_DIR``.
+WEBHOOK_KEY_FILE = "webhook-signing.key"
 #: How long a health probe of NATS and the database may take.
 HEALTH_PROBE_TIMEOUT_S = 2.0
 #: How often the queue gauges are refreshed from the database (only when metrics are on).
@@ -147,6 +152,7 @@ class TaskStoreApp:
         )
         # New jobs go straight to this relay after their create commits (no claim in between).
         store.hand_off(relay.owner, relay.take_threadsafe)
+        store.on_outbox(relay.wake_threadsafe)  # webhook deliveries that are due
         stack.push_async_callback(relay.close)
         relay.start()
         relay.wake()  # publish whatever a previous run left in the outbox
@@ -240,6 +246,13 @@ class TaskStoreApp:
             ),
             namespace=s.namespace,
             outbox_claim_seconds=s.outbox_claim_seconds,
+            webhooks=WebhookConfig(
+                signing_key=keys(s.webhook_signing_key.get_secret_value(), s.data_dir, WEBHOOK_KEY_FILE)[0],
+                schedule=s.webhook_schedule(),
+                disable_after=s.webhook_disable_after,
+                progress_interval_seconds=s.webhook_progress_interval_ms / 1000,
+                secret_grace_seconds=s.webhook_secret_grace_seconds,
+            ),
         )
         try:
             url = s.resolved_database_url()

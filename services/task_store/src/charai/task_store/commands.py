@@ -160,6 +160,8 @@ class Commands:
             metadata=fill_metadata(req),
             request_id=req.request_id,
         )
+        if req.HasField("webhook"):
+            task.webhook.CopyFrom(req.webhook)
         rows.write_state(task, state)
         if req.WhichOneof("payload") == "image":
             task.image.CopyFrom(req.image)
@@ -290,6 +292,8 @@ class Commands:
                 raise rejection_error(task_id, decision.answer)
             await unit.tx.execute("DELETE FROM events WHERE task_id = ?", task_id)
             await unit.tx.execute("DELETE FROM outbox WHERE task_id = ?", task_id)
+            if self._units.webhooks is not None:
+                await self._units.webhooks.forget_task(unit.tx, task_id)
             if not self._metadata_json:
                 await unit.tx.execute("DELETE FROM task_metadata WHERE task_id = ?", task_id)
             await unit.tx.execute("DELETE FROM tasks WHERE id = ?", task_id)

@@ -11,6 +11,7 @@ from charai.store.v1 import store_service_pb2 as spb
 from charai.store.v1 import store_service_pb2_grpc as spb_grpc
 from charai.task_store.removal import MediaRemover, remove_task
 from charai.task_store.store import TaskStore
+from charai.tasks.v1 import task_service_pb2 as tpb
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -103,6 +104,47 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
         if self._on_created is not None:
             self._on_created()  # wake the relay: the re-run's job is in the outbox
         return spb.RetryTaskResponse(task=task)
+
+    # -- webhooks ----------------------------------------------------------------------------
+    def _wake(self, queued: int) -> None:
+        if queued and self._on_created is not None:
+            self._on_created()  # the relay publishes the deliveries now due
+
+    async def GetWebhookSecret(
+        self, request: spb.GetWebhookSecretRequest, context: Context
+    ) -> spb.GetWebhookSecretResponse:
+        secret = await self._store.webhooks.secret(request.tenant)
+        return spb.GetWebhookSecretResponse(response=tpb.GetWebhookSecretResponse(secret=secret))
+
+    async def RotateWebhookSecret(
+        self, request: spb.RotateWebhookSecretRequest, context: Context
+    ) -> spb.RotateWebhookSecretResponse:
+        return spb.RotateWebhookSecretResponse(response=await self._store.webhooks.rotate(request.tenant))
+
+    async def ListWebhookDeliveries(
+        self, request: spb.ListWebhookDeliveriesRequest, context: Context
+    ) -> spb.ListWebhookDeliveriesResponse:
+        page = await self._store.webhooks.list_deliveries(request.tenant, request.request)
+        return spb.ListWebhookDeliveriesResponse(response=page)
+
+    async def RedeliverWebhook(
+        self, request: spb.RedeliverWebhookRequest, context: Context
+    ) -> spb.RedeliverWebhookResponse:
+        count, queued = await self._store.webhooks.redeliver(request.tenant, request.request)
+        self._wake(queued)
+        return spb.RedeliverWebhookResponse(response=tpb.RedeliverWebhookResponse(redelivered=count))
+
+    async def ClaimWebhookDelivery(
+        self, request: spb.ClaimWebhookDeliveryRequest, context: Context
+    ) -> spb.ClaimWebhookDeliveryResponse:
+        return await self._store.webhooks.claim(request.delivery_id, request.sender_id)
+
+    async def SettleWebhookDelivery(
+        self, request: spb.SettleWebhookDeliveryRequest, context: Context
+    ) -> spb.SettleWebhookDeliveryResponse:
+        response, queued = await self._store.webhooks.settle(request)
+        self._wake(queued)
+        return response
 
 
 def internal_auth(token: str) -> Any:

@@ -6,8 +6,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from charai.core.settings import CommonSettings
-from pydantic import Field, field_validator
+from charai.core.domain.webhooks import SCHEDULE
+from charai.core.settings import CommaList, CommonSettings
+from pydantic import Field, SecretStr, field_validator
 
 #: Where Docker (compose) mounts the ``postgres_password`` secret.
 DEFAULT_PASSWORD_FILE = "/run/secrets/postgres_password"  # noqa: S105 - a path, not a password
@@ -38,6 +39,31 @@ class Settings(CommonSettings):
     #: Ended tasks (completed, failed, cancelled) are deleted with their events and media this
     #: many days after their last change; 0 (the default): kept for good.
     retention_days: float = Field(default=0.0, ge=0)
+    #: Secret from which each tenant's webhook signing secret is derived (unset: generated into
+    #: the data dir; replicas sharing one database need the same value).
+    webhook_signing_key: SecretStr = SecretStr("")
+    #: Delays before each webhook attempt, the first included (seconds, comma-separated).
+    webhook_retry_schedule: CommaList = tuple(str(d) for d in SCHEDULE)
+    #: Consecutive failed attempts after which an endpoint is disabled (0: only a 410 does).
+    webhook_disable_after: int = Field(default=20, ge=0)
+    #: At most one progress delivery per task per this many milliseconds (latest wins).
+    webhook_progress_interval_ms: int = Field(default=1000, ge=0)
+    #: How long a rotated-out webhook secret keeps signing beside the new one.
+    webhook_secret_grace_seconds: float = Field(default=86400.0, ge=0)
+
+    @field_validator("webhook_retry_schedule")
+    @classmethod
+    def _schedule(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        try:
+            delays = [float(v) for v in value]
+        except ValueError:
+            raise ValueError("must be seconds, comma-separated (e.g. 0,5,300)") from None
+        if not delays or len(delays) > 20 or any(not 0 <= d <= 86400 for d in delays):
+            raise ValueError("must be 1 to 20 delays, each between 0 and 86400 seconds")
+        return value
+
+    def webhook_schedule(self) -> tuple[float, ...]:
+        return tuple(float(v) for v in self.webhook_retry_schedule)
 
     @field_validator("task_store_addr")
     @classmethod

@@ -34,6 +34,7 @@ from charai.task_store.queries import Queries
 from charai.task_store.sqlite_backend import SqliteBackend
 from charai.task_store.stats import QueueStats
 from charai.task_store.units import EventsHook, UnitRunner
+from charai.task_store.webhooks import WebhookConfig, Webhooks
 from charai.tasks.v1 import task_pb2, task_service_pb2
 
 __all__ = [
@@ -59,6 +60,7 @@ class StoreConfig:
     #: How long a job handed straight to the local relay stays claimed by it (short: it only has
     #: to cover one publish; a relay that died before publishing holds it no longer than this).
     hand_off_claim_seconds: float = 5.0
+    webhooks: WebhookConfig = dataclasses.field(default_factory=WebhookConfig)
 
     @property
     def policy(self) -> Policy:
@@ -88,6 +90,8 @@ class TaskStore:
         self.queries = Queries(backend, clock)
         self.commands = Commands(backend, self._units, self.outbox, self.queries, config.policy, clock)
         self._stats = QueueStats(backend, clock)
+        self.webhooks = Webhooks(backend, Topology(config.namespace).webhook_subject, clock, config.webhooks)
+        self._units.webhooks = self.webhooks
 
     @property
     def backend(self) -> Backend:
@@ -125,6 +129,11 @@ class TaskStore:
         """
         self.outbox.hand_off_owner = owner
         self._units.hand_off = take
+
+    def on_outbox(self, wake: Callable[[], None]) -> None:
+        """Calls ``wake`` after a commit that wrote outbox rows nobody was handed (webhook
+        deliveries), possibly from the database thread."""
+        self._units.on_outbox = wake
 
     # -- client operations -------------------------------------------------------------------
     async def create(

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from charai.store.v1 import store_service_pb2 as spb
 from charai.task_store.backend import Backend, Tx
 from charai.task_store.outbox import OutboxRow
 from charai.tasks.v1 import task_pb2
+
+if TYPE_CHECKING:
+    from charai.task_store.webhooks import Webhooks
 
 T = TypeVar("T")
 EventsHook = Callable[[list[spb.EventEnvelope]], None]
@@ -52,6 +55,8 @@ class Unit:
     saves: list[_Save] = dataclasses.field(default_factory=list)
     #: Jobs this unit queued already claimed for the local relay (see ``TaskStore.hand_off``).
     handed: list[OutboxRow] = dataclasses.field(default_factory=list)
+    #: Other outbox rows this unit wrote (webhook deliveries): the relay is woken after commit.
+    queued: int = 0
 
     def save(
         self,
@@ -96,11 +101,16 @@ class UnitRunner:
         self._append_sql = backend.dialect.append_event
         self._on_events = on_events
         self.hand_off: HandOffHook | None = None
+        #: Records the webhook deliveries of stored events (None: no webhooks).
+        self.webhooks: Webhooks | None = None
+        #: Called after a commit that wrote outbox rows not handed off (may be another thread).
+        self.on_outbox: Callable[[], None] | None = None
 
     async def write(self, op: Callable[[Unit], Coroutine[Any, Any, T]]) -> T:
         """Runs ``op`` in one transaction, appends its events last, publishes them after commit."""
         envelopes: list[spb.EventEnvelope] = []
         handed: list[OutboxRow] = []
+        queued = [0]
 
         async def body(tx: Tx) -> T:
             envelopes.clear()  # a retried transaction starts over
@@ -109,11 +119,14 @@ class UnitRunner:
             result = await op(unit)
             envelopes.extend(await self._append_events(unit))
             handed.extend(unit.handed)
+            queued[0] = unit.queued
             return result
 
         def committed() -> None:
             if handed and self.hand_off is not None:
                 self.hand_off(list(handed))
+            if queued[0] and self.on_outbox is not None:
+                self.on_outbox()
             if envelopes and self._on_events is not None:
                 self._on_events(list(envelopes))
 
@@ -132,6 +145,8 @@ class UnitRunner:
             task_id = envelope.event.task.id
             seq = await self._append_event(unit.tx, save)
             envelope.event.sequence = seq
+            if self.webhooks is not None and envelope.event.task.HasField("webhook"):
+                unit.queued += await self.webhooks.on_event(unit.tx, save.tenant, envelope.event, save.now)
             envelope.prev_sequence = last.get(task_id, save.prev_seq)
             envelopes.append(envelope)
             last[task_id] = seq

@@ -23,7 +23,7 @@ from typing import Any, TextIO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-SERVICES = ("task_store", "gateway", "image_worker", "tts_worker")
+SERVICES = ("task_store", "gateway", "image_worker", "tts_worker", "webhook_sender")
 
 
 def free_port() -> int:
@@ -160,7 +160,7 @@ class Stack:
             if name in self.services:
                 await self.start_service(name)
                 await self.wait_ready(name, deadline - time.monotonic())
-        workers = [name for name in ("image_worker", "tts_worker") if name in self.services]
+        workers = [name for name in ("image_worker", "tts_worker", "webhook_sender") if name in self.services]
         for name in workers:
             await self.start_service(name)
         for name in workers:
@@ -290,6 +290,8 @@ class Stack:
             await self._wait_health(str(line["grpc"]), deadline, name)
         elif service in ("image_worker", "tts_worker"):
             await self.wait_for_line(name, "worker_started", timeout)
+        elif service == "webhook_sender":
+            await self.wait_for_line(name, "webhook_sender_started", timeout)
 
     def pid(self, name: str) -> int:
         return int(self.procs[name].process.pid)
@@ -421,7 +423,7 @@ class Stack:
     async def close(self) -> None:
         """Stops every process, those that depend on others first; the replicas of one service
         together."""
-        order = ["gateway", "image_worker", "tts_worker", "task_store", "emulator", "nats"]
+        order = ["gateway", "webhook_sender", "image_worker", "tts_worker", "task_store", "emulator", "nats"]
 
         def rank(name: str) -> int:
             service = self.service_of.get(name, name)

@@ -1,0 +1,437 @@
+"""Webhook deliveries: written with their event (outbox), dispatched one at a time per task and
+endpoint, claimed and settled by webhook senders, listed and replayed by tenants.
+
+**Order.** A task's deliveries to one endpoint leave in event order: only the head of that queue
+(its pending delivery with the lowest sequence) is ever published to JetStream; settling it for
+good publishes the next. A receiver never gets ``completed`` before ``started``.
+
+**Progress coalescing.** A progress delivery waits ``progress_interval`` before it may be sent;
+a later event of the same task replaces a progress delivery not yet attempted (latest wins), so
+an endpoint gets at most one progress per task per interval.
+
+**Secrets** are never stored: a tenant's secret is derived from the signing key (a setting, or
+a file in the data dir) and the tenant's secret version, the one thing the database holds.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import hmac
+import random
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from charai.core.clock import Clock
+from charai.core.domain import webhooks as rules
+from charai.core.domain.webhooks import DeliveryStatus
+from charai.core.errors import NotFoundError
+from charai.core.validation import RequestInvalidError, Violation
+from charai.store.v1 import store_service_pb2 as spb
+from charai.task_store.backend import Backend, Tx
+from charai.task_store.queries import decode_page_token, encode_page_token
+from charai.tasks.v1 import task_pb2, task_service_pb2
+
+_PENDING, _DELIVERED, _FAILED = (
+    int(DeliveryStatus.PENDING),
+    int(DeliveryStatus.DELIVERED),
+    int(DeliveryStatus.FAILED),
+)
+_COLUMNS = "id, task_id, url, event_type, seq, status, next_attempt_at, created, event"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WebhookConfig:
+    """The delivery rules' settings (README, "Webhooks")."""
+
+    #: Secret from which every tenant's signing secrets are derived (empty: webhooks unsigned
+    #: is not an option, the app always passes one).
+    signing_key: bytes = b""
+    schedule: tuple[float, ...] = rules.SCHEDULE
+    #: Consecutive failures after which an endpoint is disabled (0: never).
+    disable_after: int = 20
+    progress_interval_seconds: float = 1.0
+    secret_grace_seconds: float = 86400.0
+    #: How long a sender holds a claimed delivery (more than its HTTP timeout).
+    claim_seconds: float = 60.0
+
+
+def derive_secret(signing_key: bytes, tenant: str, version: int) -> str:
+    """A tenant's ``whsec_`` secret of one version."""
+    raw = hmac.new(signing_key, f"charai-webhook\x00{tenant}\x00{version}".encode(), hashlib.sha256).digest()
+    return "whsec_" + base64.b64encode(raw).decode()
+
+
+class Webhooks:
+    """The store's webhook operations (the gRPC API and the units of work call these)."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        subject: str,
+        clock: Clock,
+        config: WebhookConfig,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._db = backend
+        self._subject = subject
+        self._clock = clock
+        self.config = config
+        self._rng = rng or random.Random()
+
+    # -- inside a unit of work ---------------------------------------------------------------
+    async def on_event(self, tx: Tx, tenant: str, event: task_pb2.TaskEvent, now: int) -> int:
+        """Records the delivery of a stored event (if the task's webhook wants it); returns how
+        many jobs it queued in the outbox (0 or 1)."""
+        hook = event.task.webhook
+        if not hook.url or not rules.wanted(rules.parse_events(hook.events), event.type):
+            return 0
+        task_id, url = event.task.id, hook.url
+        # A progress delivery not yet attempted is superseded by any later event (latest wins).
+        await tx.execute(
+            "DELETE FROM webhook_deliveries WHERE task_id = ? AND url = ? AND status = ? AND event_type = ?"
+            " AND attempts = 0 AND (claimed_until IS NULL OR claimed_until < ?)",
+            task_id,
+            url,
+            _PENDING,
+            int(rules.EVENT_NAMES["progress"]),
+            now,
+        )
+        disabled = await tx.fetchval(
+            "SELECT disabled_at FROM webhook_endpoints WHERE tenant = ? AND url = ?", tenant, url
+        )
+        due = now + (int(self.config.progress_interval_seconds * 1e6) if rules.is_progress(event.type) else 0)
+        await tx.execute(
+            "INSERT INTO webhook_deliveries (id, tenant, task_id, url, event_type, seq, event, status,"
+            " next_attempt_at, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"msg_{uuid.uuid4().hex}",
+            tenant,
+            task_id,
+            url,
+            int(event.type),
+            event.sequence,
+            event.SerializeToString(),
+            _PENDING if disabled is None else _FAILED,
+            due,
+            now,
+            now,
+        )
+        return await self._dispatch_head(tx, task_id, url, now)
+
+    async def _dispatch_head(self, tx: Tx, task_id: str, url: str, now: int) -> int:
+        """Publishes (through the outbox) the head of a task's queue for ``url`` unless it is
+        already out; returns how many jobs it queued."""
+        row = await tx.fetchrow(
+            "SELECT id, dispatched, dispatch_gen FROM webhook_deliveries"
+            " WHERE task_id = ? AND url = ? AND status = ? ORDER BY seq LIMIT 1",
+            task_id,
+            url,
+            _PENDING,
+        )
+        if row is None or row[1]:
+            return 0
+        gen = int(row[2]) + 1
+        await tx.execute(
+            "UPDATE webhook_deliveries SET dispatched = 1, dispatch_gen = ? WHERE id = ?", gen, row[0]
+        )
+        await tx.execute(
+            "INSERT INTO outbox (task_id, dispatch_gen, subject, payload, created) VALUES (?, ?, ?, ?, ?)",
+            row[0],
+            gen,
+            self._subject,
+            spb.WebhookJob(delivery_id=row[0]).SerializeToString(),
+            now,
+        )
+        return 1
+
+    async def forget_task(self, tx: Tx, task_id: str) -> None:
+        """Removes a deleted task's deliveries and their attempts."""
+        await tx.execute(
+            "DELETE FROM webhook_attempts"
+            " WHERE delivery_id IN (SELECT id FROM webhook_deliveries WHERE task_id = ?)",
+            task_id,
+        )
+        await tx.execute("DELETE FROM webhook_deliveries WHERE task_id = ?", task_id)
+
+    # -- senders -----------------------------------------------------------------------------
+    async def claim(self, delivery_id: str, sender_id: str) -> spb.ClaimWebhookDeliveryResponse:
+        """What to send now, or why not (see ``ClaimWebhookDeliveryResponse``)."""
+
+        async def body(tx: Tx) -> spb.ClaimWebhookDeliveryResponse:
+            now = self._clock.now_us()
+            row = await tx.fetchrow(
+                "SELECT id, task_id, url, event_type, seq, status, next_attempt_at, attempts,"
+                " claimed_by, claimed_until, event, tenant FROM webhook_deliveries"
+                f" WHERE id = ?{self._db.dialect.for_update}",
+                delivery_id,
+            )
+            if row is None or int(row[5]) != _PENDING:
+                return spb.ClaimWebhookDeliveryResponse(outcome=spb.CLAIM_OUTCOME_DONE)
+            head = await tx.fetchval(
+                "SELECT id FROM webhook_deliveries WHERE task_id = ? AND url = ? AND status = ?"
+                " ORDER BY seq LIMIT 1",
+                row[1],
+                row[2],
+                _PENDING,
+            )
+            if head != delivery_id:  # settled out of order by a redelivery: the head goes first
+                await tx.execute("UPDATE webhook_deliveries SET dispatched = 0 WHERE id = ?", delivery_id)
+                return spb.ClaimWebhookDeliveryResponse(outcome=spb.CLAIM_OUTCOME_DONE)
+            wait_us = max(int(row[6]) - now, 0)
+            if row[8] and row[8] != sender_id and row[9] is not None and int(row[9]) > now:
+                wait_us = max(wait_us, int(row[9]) - now)
+            if wait_us > 0:
+                return spb.ClaimWebhookDeliveryResponse(
+                    outcome=spb.CLAIM_OUTCOME_DEFER, retry_after_seconds=wait_us / 1e6
+                )
+            await tx.execute(
+                "UPDATE webhook_deliveries SET claimed_by = ?, claimed_until = ? WHERE id = ?",
+                sender_id,
+                now + int(self.config.claim_seconds * 1e6),
+                delivery_id,
+            )
+            return spb.ClaimWebhookDeliveryResponse(
+                outcome=spb.CLAIM_OUTCOME_RUN,
+                url=row[2],
+                event_type=rules.payload_type(int(row[3])),
+                event=task_pb2.TaskEvent.FromString(bytes(row[10])),
+                secrets=await self._secrets(tx, str(row[11]), now),
+                attempt=int(row[7]) + 1,
+            )
+
+        return await self._db.write(body)
+
+    async def settle(
+        self, req: spb.SettleWebhookDeliveryRequest
+    ) -> tuple[spb.SettleWebhookDeliveryResponse, int]:
+        """Records an attempt and decides what follows; also returns how many jobs it queued."""
+        queued = 0
+
+        async def body(tx: Tx) -> spb.SettleWebhookDeliveryResponse:
+            nonlocal queued
+            queued = 0
+            now = self._clock.now_us()
+            row = await tx.fetchrow(
+                "SELECT tenant, task_id, url, status, attempts, claimed_by FROM webhook_deliveries"
+                f" WHERE id = ?{self._db.dialect.for_update}",
+                req.delivery_id,
+            )
+            if row is None or int(row[3]) != _PENDING or row[5] != req.sender_id:
+                return spb.SettleWebhookDeliveryResponse(outcome=spb.SETTLE_OUTCOME_DONE)
+            tenant, task_id, url, attempts = str(row[0]), str(row[1]), str(row[2]), int(row[4]) + 1
+            latency_us = req.latency.seconds * 1_000_000 + req.latency.nanos // 1000
+            await tx.execute(
+                "INSERT INTO webhook_attempts (delivery_id, n, time, http_status, latency_us, error)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                req.delivery_id,
+                attempts,
+                now - latency_us,
+                req.http_status,
+                latency_us,
+                req.error[:500],
+            )
+            streak = await tx.fetchval(
+                "SELECT streak FROM webhook_endpoints WHERE tenant = ? AND url = ?", tenant, url
+            )
+            decision = rules.after_attempt(
+                attempts,
+                req.http_status,
+                req.retry_after_seconds if req.retry_after_seconds >= 0 else None,
+                int(streak or 0),
+                disable_after=self.config.disable_after,
+                schedule=self.config.schedule,
+                rng=self._rng,
+            )
+            await self._endpoint(tx, tenant, url, decision.streak, now if decision.disable else None)
+            next_at = now + int((decision.retry_in or 0) * 1e6)
+            await tx.execute(
+                "UPDATE webhook_deliveries SET status = ?, attempts = ?, next_attempt_at = ?, updated = ?,"
+                " claimed_by = NULL, claimed_until = NULL WHERE id = ?",
+                int(decision.status),
+                attempts,
+                next_at,
+                now,
+                req.delivery_id,
+            )
+            if decision.disable:
+                await tx.execute(
+                    "UPDATE webhook_deliveries SET status = ?, updated = ?"
+                    " WHERE tenant = ? AND url = ? AND status = ?",
+                    _FAILED,
+                    now,
+                    tenant,
+                    url,
+                    _PENDING,
+                )
+            if decision.status is DeliveryStatus.PENDING:
+                return spb.SettleWebhookDeliveryResponse(
+                    outcome=spb.SETTLE_OUTCOME_RETRY, retry_after_seconds=decision.retry_in or 0.0
+                )
+            await tx.execute("UPDATE webhook_deliveries SET dispatched = 0 WHERE id = ?", req.delivery_id)
+            queued = await self._dispatch_head(tx, task_id, url, now)
+            return spb.SettleWebhookDeliveryResponse(outcome=spb.SETTLE_OUTCOME_DONE)
+
+        response = await self._db.write(body)
+        return response, queued
+
+    async def _endpoint(self, tx: Tx, tenant: str, url: str, streak: int, disabled_at: int | None) -> None:
+        await tx.execute(
+            "INSERT INTO webhook_endpoints (tenant, url, streak, disabled_at) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (tenant, url) DO UPDATE SET streak = excluded.streak,"
+            " disabled_at = COALESCE(excluded.disabled_at, webhook_endpoints.disabled_at)",
+            tenant,
+            url,
+            streak,
+            disabled_at,
+        )
+
+    # -- tenants -----------------------------------------------------------------------------
+    async def list_deliveries(
+        self, tenant: str, req: task_service_pb2.ListWebhookDeliveriesRequest
+    ) -> task_service_pb2.ListWebhookDeliveriesResponse:
+        size = req.page_size or 50
+        if not 0 < size <= 500:
+            raise RequestInvalidError([Violation("page_size", "must be between 1 and 500")])
+        where: list[str] = ["tenant = ?"]
+        args: list[Any] = [tenant]
+        for column, value in (("task_id", req.task_id), ("url", req.url)):
+            if value:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if req.status:
+            where.append("status = ?")
+            args.append(int(req.status))
+        if req.page_token:
+            created, last_id = decode_page_token(req.page_token)
+            where.append("(created < ? OR (created = ? AND id < ?))")
+            args.extend([created, created, last_id])
+
+        async def body(tx: Tx) -> task_service_pb2.ListWebhookDeliveriesResponse:
+            rows = await tx.fetch(
+                f"SELECT {_COLUMNS} FROM webhook_deliveries WHERE {' AND '.join(where)}"
+                " ORDER BY created DESC, id DESC LIMIT ?",
+                *args,
+                size + 1,
+            )
+            out = task_service_pb2.ListWebhookDeliveriesResponse()
+            for row in rows[:size]:
+                out.deliveries.append(await self._delivery(tx, row))
+            if len(rows) > size:
+                last = rows[size - 1]
+                out.next_page_token = encode_page_token(int(last[7]), str(last[0]))
+            return out
+
+        return await self._db.read(body)
+
+    async def _delivery(self, tx: Tx, row: Sequence[Any]) -> task_service_pb2.WebhookDelivery:
+        delivery = task_service_pb2.WebhookDelivery(
+            id=row[0],
+            task_id=row[1],
+            url=row[2],
+            event_type=rules.payload_type(int(row[3])),
+            sequence=int(row[4]),
+            status=int(row[5]),  # type: ignore[arg-type]
+        )
+        if int(row[5]) == _PENDING:
+            delivery.next_attempt_time.FromMicroseconds(int(row[6]))
+        delivery.create_time.FromMicroseconds(int(row[7]))
+        for time, status, latency_us, error in await tx.fetch(
+            "SELECT time, http_status, latency_us, error FROM webhook_attempts"
+            " WHERE delivery_id = ? ORDER BY n",
+            row[0],
+        ):
+            attempt = delivery.attempts.add(http_status=int(status), error=str(error))
+            attempt.time.FromMicroseconds(int(time))
+            attempt.latency.FromMicroseconds(int(latency_us))
+        return delivery
+
+    async def redeliver(self, tenant: str, req: task_service_pb2.RedeliverWebhookRequest) -> tuple[int, int]:
+        """Queues deliveries again (same ids) and re-enables their endpoints; (how many, jobs queued)."""
+        if bool(req.delivery_id) == req.HasField("since"):
+            raise RequestInvalidError([Violation("delivery_id", "give exactly one of delivery_id and since")])
+
+        async def body(tx: Tx) -> tuple[int, int]:
+            now = self._clock.now_us()
+            if req.delivery_id:
+                rows = await tx.fetch(
+                    "SELECT id, task_id, url FROM webhook_deliveries WHERE tenant = ? AND id = ?",
+                    tenant,
+                    req.delivery_id,
+                )
+                if not rows:
+                    raise NotFoundError(
+                        f"webhook delivery {req.delivery_id} not found", resource="webhook delivery"
+                    )
+            else:
+                rows = await tx.fetch(
+                    "SELECT id, task_id, url FROM webhook_deliveries"
+                    " WHERE tenant = ? AND status = ? AND created >= ?",
+                    tenant,
+                    _FAILED,
+                    req.since.ToMicroseconds(),
+                )
+            queued = 0
+            for delivery_id, _, url in rows:
+                await tx.execute(
+                    "UPDATE webhook_deliveries SET status = ?, next_attempt_at = ?, dispatched = 0,"
+                    " claimed_by = NULL, claimed_until = NULL, updated = ? WHERE id = ?",
+                    _PENDING,
+                    now,
+                    now,
+                    delivery_id,
+                )
+                await self._endpoint(tx, tenant, url, 0, None)
+                await tx.execute(
+                    "UPDATE webhook_endpoints SET disabled_at = NULL WHERE tenant = ? AND url = ?",
+                    tenant,
+                    url,
+                )
+            for task_id, url in sorted({(str(r[1]), str(r[2])) for r in rows}):
+                queued += await self._dispatch_head(tx, task_id, url, now)
+            return len(rows), queued
+
+        return await self._db.write(body)
+
+    async def _version(self, tx: Tx, tenant: str) -> tuple[int, int]:
+        row = await tx.fetchrow(
+            "SELECT version, previous_until FROM webhook_secrets WHERE tenant = ?", tenant
+        )
+        return (1, 0) if row is None else (int(row[0]), int(row[1]))
+
+    async def _secrets(self, tx: Tx, tenant: str, now: int) -> list[str]:
+        version, previous_until = await self._version(tx, tenant)
+        key = self.config.signing_key
+        out = [derive_secret(key, tenant, version)]
+        if version > 1 and previous_until > now:
+            out.append(derive_secret(key, tenant, version - 1))
+        return out
+
+    async def secret(self, tenant: str) -> str:
+        async def body(tx: Tx) -> str:
+            version, _ = await self._version(tx, tenant)
+            return derive_secret(self.config.signing_key, tenant, version)
+
+        return await self._db.read(body)
+
+    async def rotate(self, tenant: str) -> task_service_pb2.RotateWebhookSecretResponse:
+        async def body(tx: Tx) -> task_service_pb2.RotateWebhookSecretResponse:
+            now = self._clock.now_us()
+            version, _ = await self._version(tx, tenant)
+            until = now + int(self.config.secret_grace_seconds * 1e6)
+            await tx.execute(
+                "INSERT INTO webhook_secrets (tenant, version, previous_until) VALUES (?, ?, ?)"
+                " ON CONFLICT (tenant) DO UPDATE SET version = excluded.version,"
+                " previous_until = excluded.previous_until",
+                tenant,
+                version + 1,
+                until,
+            )
+            out = task_service_pb2.RotateWebhookSecretResponse(
+                secret=derive_secret(self.config.signing_key, tenant, version + 1)
+            )
+            out.previous_expire_time.FromMicroseconds(until)
+            return out
+
+        return await self._db.write(body)

@@ -1,0 +1,1 @@
+"""charai webhook sender: posts task events to backends, signed with Standard Webhooks."""

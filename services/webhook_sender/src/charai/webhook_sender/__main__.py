@@ -1,0 +1,17 @@
+"""``python -m charai.webhook_sender``"""
+
+from __future__ import annotations
+
+from charai.core import lifecycle, logs, settings
+from charai.webhook_sender.app import SenderApp, serve
+from charai.webhook_sender.settings import SenderSettings
+
+
+def main() -> None:
+    config = settings.load(SenderSettings)
+    logs.configure("webhook_sender", config.log_level, config.log_format, secrets=config.secret_values())
+    lifecycle.run(serve(SenderApp(config)), config.event_loop)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""One attempt: the payload (Standard Webhooks), its signatures, the POST and what came back.
+
+The body is built from the event as task_store stored it (the task as the REST JSON shows it),
+so every attempt of one delivery carries the same ``webhook-id`` and, media URLs aside (they are
+signed again), the same body. ``webhook-timestamp`` is the attempt's time, as the standard asks
+(receivers reject stale timestamps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import email.utils
+import ipaddress
+import json
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from charai.store.v1 import store_service_pb2 as spb
+from charai.taskapi.json import task_json
+from charai.tasks.v1 import task_pb2
+from charai.worker.egress import Resolve, address_allowed, pinned_connector, system_resolve
+from standardwebhooks.webhooks import Webhook
+
+#: Payloads stay under this (the issue's ~20 kB): past it the task's input is left out.
+MAX_PAYLOAD_BYTES = 20_000
+#: ``http_status`` of an attempt refused before sending (the URL's host is not allowed).
+REFUSED = -1
+USER_AGENT = "charai-webhooks/1"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Answer:
+    """What one attempt got: the HTTP status (0: none; -1: refused before sending), how long it
+    took, what went wrong, and the receiver's ``Retry-After`` in seconds (None: not given)."""
+
+    http_status: int
+    latency: float
+    error: str = ""
+    retry_after: float | None = None
+
+
+def payload(
+    claim: spb.ClaimWebhookDeliveryResponse, present: Callable[[task_pb2.Task], task_pb2.Task]
+) -> bytes:
+    """``{"type": "task.completed", "timestamp": …, "data": <task JSON>}``, compact UTF-8."""
+    task = present(task_pb2.Task.FromString(claim.event.task.SerializeToString()))
+    body: dict[str, Any] = {
+        "type": claim.event_type,
+        "timestamp": claim.event.time.ToJsonString(),
+        "data": {**task_json(task), "sequence": claim.event.sequence},
+    }
+    data = _dump(body)
+    if len(data) > MAX_PAYLOAD_BYTES:
+        body["data"]["payload"] = None  # the input is the client's own; the result matters here
+        data = _dump(body)
+    return data
+
+
+def _dump(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def headers(delivery_id: str, secrets: Sequence[str], body: bytes, now: dt.datetime) -> dict[str, str]:
+    """The Standard Webhooks headers: one ``v1,`` signature per secret (two while a rotation's
+    grace lasts), space-separated."""
+    signatures = " ".join(Webhook(secret).sign(delivery_id, now, body) for secret in secrets)
+    return {
+        "webhook-id": delivery_id,
+        "webhook-timestamp": str(int(now.timestamp())),
+        "webhook-signature": signatures,
+        "content-type": "application/json",
+        "user-agent": USER_AGENT,
+    }
+
+
+def retry_after(value: str | None, now: float) -> float | None:
+    """``Retry-After`` as seconds: a number of seconds or an HTTP date; None if absent or bad."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - now)
+
+
+async def vet(url: str, *, allow_private: bool, resolve: Resolve = system_resolve) -> list[str] | str:
+    """The addresses a delivery may connect to, or why it may not (the SSRF guard)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "not an http(s) URL"
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return "bad port"
+    try:
+        addresses = [str(ipaddress.ip_address(parts.hostname))]
+    except ValueError:
+        try:
+            addresses = await resolve(parts.hostname, port)
+        except OSError:
+            return ""  # does not resolve now: retried like a connection error
+    for text in addresses:
+        if not address_allowed(ipaddress.ip_address(text.split("%", 1)[0]), allow_private=allow_private):
+            return "the host is on a private, loopback, link-local or metadata address"
+    return addresses or ""
+
+
+async def post(
+    url: str,
+    head: dict[str, str],
+    body: bytes,
+    *,
+    timeout: float,
+    allow_private: bool,
+    resolve: Resolve = system_resolve,
+) -> Answer:
+    """POSTs ``body`` once: no redirects followed (a 3xx is the receiver's answer)."""
+    started = time.monotonic()
+    addresses = await vet(url, allow_private=allow_private, resolve=resolve)
+    if isinstance(addresses, str):
+        if addresses:
+            return Answer(REFUSED, 0.0, f"refused: {addresses}")
+        return Answer(0, time.monotonic() - started, "the host does not resolve")
+    try:
+        async with (
+            aiohttp.ClientSession(connector=pinned_connector(addresses)) as session,
+            session.post(
+                url,
+                data=body,
+                headers=head,
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as response,
+        ):
+            await response.content.read(4096)  # the answer's body is not used; read a little
+            status = response.status
+            wait = retry_after(response.headers.get("Retry-After"), time.time())
+    except TimeoutError:
+        return Answer(0, time.monotonic() - started, f"no answer within {timeout:g} s")
+    except aiohttp.ClientError as exc:
+        return Answer(0, time.monotonic() - started, f"{type(exc).__name__}: {exc}"[:300])
+    except OSError as exc:
+        return Answer(0, time.monotonic() - started, f"{type(exc).__name__}: {exc.strerror or exc}"[:300])
+    latency = time.monotonic() - started
+    if 300 <= status < 400:
+        return Answer(status, latency, f"redirect ({status}) not followed", wait)
+    if not 200 <= status < 300:
+        return Answer(status, latency, f"HTTP {status}", wait)
+    return Answer(status, latency, "", wait)

@@ -1,0 +1,194 @@
+"""The delivery loop: pull due deliveries from JetStream, claim each in task_store, post it,
+report the answer, and settle the message as the store decided (ack, or nak with the delay of
+the next attempt: JetStream holds the schedule, task_store the truth)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+from collections.abc import Callable
+
+import grpc
+import structlog
+from charai.core.storeclient import StoreClient
+from charai.core.topology import Topology
+from charai.store.v1 import store_service_pb2 as spb
+from charai.tasks.v1 import task_pb2
+from charai.webhook_sender import post as attempt
+from charai.worker.egress import Resolve, system_resolve
+from charai.worker.outcome import settle_message
+from google.protobuf import duration_pb2
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from nats.js.errors import FetchTimeoutError
+
+log = structlog.get_logger("webhook_sender")
+
+#: Delay before a job whose claim or settle could not reach task_store is tried again.
+STORE_RETRY_SECONDS = 1.0
+
+
+class Sender:
+    """Posts deliveries, at most ``concurrency`` at once."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        store: StoreClient,
+        topology: Topology,
+        *,
+        sender_id: str,
+        present: Callable[[task_pb2.Task], task_pb2.Task],
+        concurrency: int = 64,
+        timeout: float = 15.0,
+        allow_private: bool = False,
+        ack_wait: float = 60.0,
+        replicas: int = 1,
+        resolve: Resolve = system_resolve,
+    ) -> None:
+        self._js = js
+        self._store = store
+        self._topology = topology
+        self._sender_id = sender_id
+        self._present = present
+        self._concurrency = concurrency
+        self._timeout = timeout
+        self._allow_private = allow_private
+        self._ack_wait = ack_wait
+        self._replicas = replicas
+        self._resolve = resolve
+        self._slots = asyncio.Semaphore(concurrency)
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+        #: Attempts made and deliveries that ended delivered (tests, logs).
+        self.attempts = 0
+        self.delivered = 0
+
+    async def start(self) -> None:
+        config = js_api.ConsumerConfig(
+            durable_name=self._topology.webhook_consumer,
+            ack_policy=js_api.AckPolicy.EXPLICIT,
+            ack_wait=self._ack_wait,
+            max_deliver=-1,
+            max_ack_pending=self._concurrency * 4,
+            filter_subject=self._topology.webhook_subject,
+            num_replicas=self._replicas,
+        )
+        self._sub = await self._js.pull_subscribe(
+            self._topology.webhook_subject,
+            durable=self._topology.webhook_consumer,
+            stream=self._topology.jobs_stream,
+            config=config,
+        )
+        self._loop_task = asyncio.create_task(self._pull(), name="webhook-pull")
+
+    async def close(self, grace: float = 10.0) -> None:
+        """Stops pulling; deliveries being posted finish within ``grace`` (else JetStream
+        redelivers them after the ack wait, with the same webhook-id)."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+            self._loop_task = None
+        if self._inflight:
+            await asyncio.wait(self._inflight, timeout=grace)
+        for task in list(self._inflight):
+            task.cancel()
+
+    async def _pull(self) -> None:
+        while True:
+            await self._slots.acquire()
+            free = 1
+            while free < 32 and not self._slots.locked():
+                await self._slots.acquire()
+                free += 1
+            try:
+                msgs = await self._sub.fetch(batch=free, timeout=5.0)
+            except (FetchTimeoutError, TimeoutError):
+                msgs = []
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("webhook_fetch_failed", error=str(exc) or type(exc).__name__)
+                msgs = []
+                await asyncio.sleep(0.5)
+            for _ in range(free - len(msgs)):
+                self._slots.release()
+            for msg in msgs:
+                task = asyncio.create_task(self._one(msg))
+                self._inflight.add(task)
+                task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        self._slots.release()
+
+    async def _one(self, msg: Msg) -> None:
+        delivery_id = spb.WebhookJob.FromString(msg.data).delivery_id
+        try:
+            claim = await self._store.claim_webhook_delivery(delivery_id, self._sender_id)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("webhook_claim_failed", delivery_id=delivery_id, code=exc.code().name)
+            await settle_message("nak", msg, STORE_RETRY_SECONDS)
+            return
+        if claim.outcome == spb.CLAIM_OUTCOME_DONE:
+            await settle_message("ack", msg)
+            return
+        if claim.outcome == spb.CLAIM_OUTCOME_DEFER:
+            await settle_message("nak", msg, max(0.05, claim.retry_after_seconds))
+            return
+        answer = await self._send(delivery_id, claim)
+        request = spb.SettleWebhookDeliveryRequest(
+            delivery_id=delivery_id,
+            sender_id=self._sender_id,
+            http_status=answer.http_status,
+            latency=duration_pb2.Duration(seconds=int(answer.latency), nanos=int((answer.latency % 1) * 1e9)),
+            error=answer.error,
+            retry_after_seconds=-1.0 if answer.retry_after is None else answer.retry_after,
+        )
+        try:
+            settled = await self._store.settle_webhook_delivery(request)
+        except grpc.aio.AioRpcError as exc:
+            # Unrecorded: the claim expires and the delivery goes again (same webhook-id).
+            log.warning("webhook_settle_failed", delivery_id=delivery_id, code=exc.code().name)
+            await settle_message("nak", msg, STORE_RETRY_SECONDS)
+            return
+        if settled.outcome == spb.SETTLE_OUTCOME_RETRY:
+            await settle_message("nak", msg, max(0.0, settled.retry_after_seconds))
+        else:
+            await settle_message("ack", msg)
+
+    async def _send(self, delivery_id: str, claim: spb.ClaimWebhookDeliveryResponse) -> attempt.Answer:
+        body = attempt.payload(claim, self._present)
+        head = attempt.headers(delivery_id, claim.secrets, body, dt.datetime.now(dt.UTC))
+        answer = await attempt.post(
+            claim.url,
+            head,
+            body,
+            timeout=self._timeout,
+            allow_private=self._allow_private,
+            resolve=self._resolve,
+        )
+        self.attempts += 1
+        if 200 <= answer.http_status < 300:
+            self.delivered += 1
+        log.info(
+            "webhook_attempt",
+            delivery_id=delivery_id,
+            task_id=claim.event.task.id,
+            event_type=claim.event_type,
+            attempt=claim.attempt,
+            http_status=answer.http_status,
+            latency_ms=round(answer.latency * 1000, 1),
+            error=answer.error or None,
+            host=_host(claim.url),
+        )
+        return answer
+
+
+def _host(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).hostname or ""

@@ -1,0 +1,255 @@
+"""Webhooks through the whole stack (task_store's outbox, JetStream, the webhook sender) to a
+real HTTP receiver that verifies every signature with the ``standardwebhooks`` library.
+
+The receiver answers by path: ``/flaky`` answers each webhook-id 500, then resets the
+connection, then 200; ``/throttled`` answers 429 with ``Retry-After: 2`` once per id; ``/gone``
+410; ``/moved`` a 302 to ``/ok``; ``/ok`` 200.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import pytest
+import pytest_asyncio
+from aiohttp import web
+from charai.devstack.stack import Stack
+from charai.tasks.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from tests.conftest import eventually
+
+from .conftest import fast_stack
+
+if TYPE_CHECKING:
+    from charai.tasks.v1.task_service_pb2_grpc import TaskServiceAsyncStub as Api
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+SETTINGS = {
+    "CHARAI_WEBHOOK_ALLOW_PRIVATE_URLS": "true",  # the receiver is on loopback
+    "CHARAI_WEBHOOK_RETRY_SCHEDULE": "0,0.2,0.2,0.2,0.2",
+    "CHARAI_WEBHOOK_DISABLE_AFTER": "0",  # only a 410 disables
+    "CHARAI_WEBHOOK_PROGRESS_INTERVAL_MS": "100",
+}
+DELIVERED = task_service_pb2.WEBHOOK_DELIVERY_STATUS_DELIVERED
+FAILED = task_service_pb2.WEBHOOK_DELIVERY_STATUS_FAILED
+
+
+@dataclasses.dataclass
+class Hit:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    time: float
+    answered: int  # 0: the connection was reset
+
+    @property
+    def id(self) -> str:
+        return self.headers["webhook-id"]
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        return dict(json.loads(self.body))
+
+
+class Receiver:
+    """A real HTTP server on a free loopback port that records every request."""
+
+    def __init__(self) -> None:
+        self.hits: list[Hit] = []
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    def seen(self, path: str, delivery_id: str) -> int:
+        return sum(1 for h in self.hits if h.path == path and h.id == delivery_id)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        path = request.path
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        body = await request.read()
+        earlier = self.seen(path, headers.get("webhook-id", ""))
+        status = {"/ok": 200, "/gone": 410, "/moved": 302}.get(path, 200)
+        if path == "/flaky":
+            status = (500, 0, 200)[min(earlier, 2)]
+        elif path == "/throttled":
+            status = 429 if earlier == 0 else 200
+        self.hits.append(Hit(path, headers, body, time.monotonic(), status))
+        if status == 0:
+            assert request.transport is not None
+            request.transport.abort()  # a connection reset, no answer
+            raise asyncio.CancelledError
+        if status == 302:
+            raise web.HTTPFound(f"{self.url}/ok")
+        response = web.Response(status=status)
+        if status == 429:
+            response.headers["Retry-After"] = "2"
+        return response
+
+    async def __aenter__(self) -> Receiver:
+        app = web.Application()
+        app.router.add_post("/{tail:.*}", self.handle)
+        self._runner = web.AppRunner(app, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    async with fast_stack(tmp_path_factory, **SETTINGS) as running:
+        yield running
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def receiver() -> AsyncIterator[Receiver]:
+    async with Receiver() as running:
+        yield running
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def api(stack: Stack) -> AsyncIterator[Api]:
+    async with grpc.aio.insecure_channel(stack.gateway_grpc) as channel:
+        yield task_service_pb2_grpc.TaskServiceStub(channel)  # type: ignore[misc]
+
+
+async def submit(api: Api, url: str, events: list[str] | None = None) -> task_pb2.Task:
+    request = task_service_pb2.CreateTaskRequest(
+        type=task_pb2.TASK_TYPE_TTS_GENERATION,
+        tts=task_pb2.TtsPayload(
+            text="Hello there.", voice_style="tongtong", character_id=f"c_{uuid.uuid4().hex[:8]}"
+        ),
+        webhook=task_pb2.Webhook(url=url, events=events or []),
+    )
+    return (await api.CreateTask(request)).task
+
+
+async def deliveries(api: Api, task_id: str) -> list[task_service_pb2.WebhookDelivery]:
+    page = await api.ListWebhookDeliveries(task_service_pb2.ListWebhookDeliveriesRequest(task_id=task_id))
+    return sorted(page.deliveries, key=lambda d: d.sequence)
+
+
+async def settled(api: Api, task_id: str, count: int) -> None:
+    """Waits until the task has ``count`` deliveries and none is pending."""
+
+    async def done() -> bool:
+        found = await deliveries(api, task_id)
+        return len(found) >= count and all(d.status in (DELIVERED, FAILED) for d in found)
+
+    await eventually(done, timeout=90, interval=0.1)
+
+
+async def secret(api: Api) -> str:
+    return str((await api.GetWebhookSecret(task_service_pb2.GetWebhookSecretRequest())).secret)
+
+
+async def test_each_event_arrives_signed_in_order_and_once_per_webhook_id_after_500_and_a_reset(
+    api: Api, receiver: Receiver
+) -> None:
+    task = await submit(api, f"{receiver.url}/flaky", ["started", "completed"])
+    await settled(api, task.id, 2)
+    found = await deliveries(api, task.id)
+    assert [d.event_type for d in found] == ["task.started", "task.completed"]
+    assert all(d.status == DELIVERED for d in found), found
+    signer = Webhook(await secret(api))
+    hits = [h for h in receiver.hits if h.path == "/flaky" and h.payload["data"]["id"] == task.id]
+    for delivery in found:
+        mine = [h for h in hits if h.id == delivery.id]
+        # 500, then a reset, then 200: three requests with one webhook-id, nothing after the 200.
+        assert [h.answered for h in mine] == [500, 0, 200], delivery
+        assert [a.http_status for a in delivery.attempts] == [500, 0, 200]
+        assert delivery.attempts[1].error  # the reset is recorded
+        for hit in mine:
+            signer.verify(hit.body, hit.headers)  # raises on a bad signature
+            assert hit.payload["type"] == delivery.event_type
+            assert hit.payload["data"]["sequence"] == delivery.sequence
+    # Order: the completed delivery was first sent after started was delivered.
+    started_ok = next(h.time for h in hits if h.id == found[0].id and h.answered == 200)
+    assert min(h.time for h in hits if h.id == found[1].id) >= started_ok
+    final = [h for h in hits if h.id == found[1].id][-1].payload["data"]
+    assert final["status"] == "completed" and final["result"]["audioUrl"].startswith("http")
+
+
+async def test_a_forged_or_stale_signature_is_refused_by_the_library(api: Api, receiver: Receiver) -> None:
+    """The control: verification can fail, so the passes above mean something."""
+    task = await submit(api, f"{receiver.url}/ok")
+    await settled(api, task.id, 1)
+    hit = next(h for h in receiver.hits if h.path == "/ok" and h.payload["data"]["id"] == task.id)
+    Webhook(await secret(api)).verify(hit.body, hit.headers)
+    with pytest.raises(WebhookVerificationError):
+        Webhook("whsec_" + "A" * 43 + "=").verify(hit.body, hit.headers)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(await secret(api)).verify(hit.body.replace(b"completed", b"failed"), hit.headers)
+
+
+async def test_retry_after_on_a_429_delays_the_next_attempt(api: Api, receiver: Receiver) -> None:
+    task = await submit(api, f"{receiver.url}/throttled")
+    await settled(api, task.id, 1)
+    (delivery,) = await deliveries(api, task.id)
+    assert [a.http_status for a in delivery.attempts] == [429, 200]
+    first, second = (h.time for h in receiver.hits if h.path == "/throttled" and h.id == delivery.id)
+    assert second - first >= 2.0  # the schedule alone would retry after 0.2 s
+
+
+async def test_a_410_disables_the_endpoint_and_a_redirect_is_a_failure(api: Api, receiver: Receiver) -> None:
+    moved = await submit(api, f"{receiver.url}/moved")
+    await settled(api, moved.id, 1)
+    (delivery,) = await deliveries(api, moved.id)
+    assert delivery.status == FAILED
+    assert [a.http_status for a in delivery.attempts] == [302]
+    assert "redirect" in delivery.attempts[0].error
+    assert not [h for h in receiver.hits if h.path == "/ok" and h.payload["data"]["id"] == moved.id]
+
+    gone = await submit(api, f"{receiver.url}/gone")
+    await settled(api, gone.id, 1)
+    (first,) = await deliveries(api, gone.id)
+    assert first.status == FAILED and [a.http_status for a in first.attempts] == [410]
+    later = await submit(api, f"{receiver.url}/gone")
+    await settled(api, later.id, 1)
+    (second,) = await deliveries(api, later.id)
+    assert second.status == FAILED and not second.attempts  # disabled: never sent
+    assert receiver.seen("/gone", second.id) == 0
+
+    # A redelivery re-enables the endpoint and sends the same webhook-id again.
+    answer = await api.RedeliverWebhook(task_service_pb2.RedeliverWebhookRequest(delivery_id=second.id))
+    assert answer.redelivered == 1
+    await eventually(lambda: receiver.seen("/gone", second.id) == 1, timeout=60)
+
+
+async def test_rotation_signs_with_both_secrets_during_the_grace(api: Api, receiver: Receiver) -> None:
+    old = await secret(api)
+    rotated = await api.RotateWebhookSecret(task_service_pb2.RotateWebhookSecretRequest())
+    assert rotated.secret.startswith("whsec_") and rotated.secret != old
+    assert await secret(api) == rotated.secret
+    task = await submit(api, f"{receiver.url}/ok")
+    await settled(api, task.id, 1)
+    hit = next(h for h in receiver.hits if h.path == "/ok" and h.payload["data"]["id"] == task.id)
+    assert len(hit.headers["webhook-signature"].split(" ")) == 2
+    Webhook(old).verify(hit.body, hit.headers)
+    Webhook(rotated.secret).verify(hit.body, hit.headers)
+
+
+async def test_bad_webhooks_are_refused_naming_the_field(api: Api) -> None:
+    for url, events, field in (
+        ("ftp://example.com/x", [], "webhook.url"),
+        ("https://user:pw@example.com/x", [], "webhook.url"),
+        ("https://example.com/x", ["finished"], "webhook.events"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await submit(api, url, events)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in (caught.value.details() or ""), caught.value.details()
