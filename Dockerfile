@@ -1,6 +1,6 @@
 # One Dockerfile, one target per service:
 #   docker build --target gateway -t charai/gateway .
-# Targets: task_store, gateway, image_worker, tts_worker, emulator (the same names as the
+# Targets: task_store, gateway, image_worker, tts_worker, webhook_sender, emulator (the same names as the
 # `charai.<target>` modules they run). compose.yaml builds them all.
 #
 # Why this shape: each image holds one self-contained virtualenv with only its own package and
@@ -33,6 +33,7 @@ COPY services/task_store/pyproject.toml services/task_store/
 COPY services/gateway/pyproject.toml services/gateway/
 COPY services/image_worker/pyproject.toml services/image_worker/
 COPY services/tts_worker/pyproject.toml services/tts_worker/
+COPY services/webhook_sender/pyproject.toml services/webhook_sender/
 COPY services/emulator/pyproject.toml services/emulator/
 COPY clients/python/pyproject.toml clients/python/
 COPY tools/devstack/pyproject.toml tools/devstack/
@@ -70,6 +71,14 @@ COPY libs/core/ libs/core/
 COPY libs/worker/ libs/worker/
 COPY services/tts_worker/ services/tts_worker/
 RUN uv sync --frozen --no-dev --no-editable --package charai-tts-worker
+
+FROM builder AS webhook_sender-build
+RUN uv sync --frozen --no-dev --no-editable --no-install-workspace --package charai-webhook-sender
+COPY protos/ protos/
+COPY libs/core/ libs/core/
+COPY libs/worker/ libs/worker/
+COPY services/webhook_sender/ services/webhook_sender/
+RUN uv sync --frozen --no-dev --no-editable --package charai-webhook-sender
 
 FROM builder AS emulator-build
 RUN uv sync --frozen --no-dev --no-editable --no-install-workspace --package charai-emulator
@@ -132,6 +141,11 @@ FROM runtime AS tts_worker
 COPY --from=tts_worker-build /app/.venv /app/.venv
 HEALTHCHECK --interval=30s --timeout=5s --retries=3 CMD ["python", "-c", "import os; os.kill(1, 0)"]
 CMD ["python", "-m", "charai.tts_worker"]
+
+FROM runtime AS webhook_sender
+COPY --from=webhook_sender-build /app/.venv /app/.venv
+HEALTHCHECK --interval=30s --timeout=5s --retries=3 CMD ["python", "-c", "import os; os.kill(1, 0)"]
+CMD ["python", "-m", "charai.webhook_sender"]
 
 # The provider emulator (a local Zhipu look-alike for demos and load tests, never production).
 FROM runtime AS emulator

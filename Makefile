@@ -67,8 +67,8 @@ typecheck: install ## mypy --strict over every package and the tests
 
 compose-check: ## docker-compose accepts compose.yaml (installs Debian's docker-compose if missing)
 	@command -v docker-compose >/dev/null || { apt-get update -qq && apt-get install -y -qq docker-compose >/dev/null; }
-	CHARAI_INTERNAL_TOKEN=check CHARAI_MEDIA_SIGNING_KEY=check docker-compose -f compose.yaml config -q
-	CHARAI_INTERNAL_TOKEN=check CHARAI_MEDIA_SIGNING_KEY=check docker-compose -f compose.yaml --profile emulator config -q
+	CHARAI_INTERNAL_TOKEN=check CHARAI_MEDIA_SIGNING_KEY=check CHARAI_WEBHOOK_SIGNING_KEY=check docker-compose -f compose.yaml config -q
+	CHARAI_INTERNAL_TOKEN=check CHARAI_MEDIA_SIGNING_KEY=check CHARAI_WEBHOOK_SIGNING_KEY=check docker-compose -f compose.yaml --profile emulator config -q
 	@echo "compose.yaml is valid"
 
 breaking: $(BUF) ## buf breaking: the protos change nothing a client of main relies on (wire and JSON, file level)

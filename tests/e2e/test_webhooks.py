@@ -16,6 +16,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import grpc
 import pytest
 import pytest_asyncio
@@ -253,3 +254,41 @@ async def test_bad_webhooks_are_refused_naming_the_field(api: Api) -> None:
             await submit(api, url, events)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert field in (caught.value.details() or ""), caught.value.details()
+
+
+async def test_an_access_token_cannot_reach_the_webhook_calls(api: Api) -> None:
+    """Browser tokens reach tasks, never the tenant's webhook secret or deliveries."""
+    issued = await api.CreateAccessToken(
+        task_service_pb2.CreateAccessTokenRequest(metadata={"characterId": "char_001"})
+    )
+    bearer = (("authorization", f"Bearer {issued.token}"),)
+    calls: list[Any] = [
+        api.GetWebhookSecret(task_service_pb2.GetWebhookSecretRequest(), metadata=bearer),
+        api.RotateWebhookSecret(task_service_pb2.RotateWebhookSecretRequest(), metadata=bearer),
+        api.ListWebhookDeliveries(task_service_pb2.ListWebhookDeliveriesRequest(), metadata=bearer),
+        api.RedeliverWebhook(task_service_pb2.RedeliverWebhookRequest(delivery_id="msg_x"), metadata=bearer),
+    ]
+    for call in calls:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED, caught.value.details()
+
+
+async def test_rest_takes_a_webhook_and_names_a_bad_one(stack: Stack, api: Api, receiver: Receiver) -> None:
+    body = {
+        "type": "tts_generation",
+        "payload": {"characterId": "char_rest", "text": "Hi.", "voiceStyle": "tongtong"},
+        "webhook": {"url": f"{receiver.url}/ok", "events": ["completed"]},
+    }
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{stack.gateway_http}/api/tasks", json=body) as response:
+            assert response.status in (200, 201), await response.text()
+            task = await response.json()
+        assert task["webhook"] == {"url": f"{receiver.url}/ok", "events": ["completed"]}
+        await settled(api, task["id"], 1)
+        assert [d.status for d in await deliveries(api, task["id"])] == [DELIVERED]
+        bad = {**body, "webhook": {"url": f"{receiver.url}/ok", "events": "completed", "secret": "x"}}
+        async with http.post(f"{stack.gateway_http}/api/tasks", json=bad) as response:
+            assert response.status == 400
+            text = await response.text()
+        assert "webhook.events" in text and "webhook.secret" in text

@@ -18,6 +18,7 @@ import pytest
 from charai.core.settings import CommonSettings
 from charai.gateway.settings import Settings as GatewaySettings
 from charai.task_store.settings import Settings as TaskStoreSettings
+from charai.webhook_sender.settings import SenderSettings
 from charai.worker.settings import ImageWorkerSettings, TtsWorkerSettings
 from pydantic_settings import BaseSettings
 
@@ -38,6 +39,7 @@ SETTINGS_OF_TARGET: dict[str, type[BaseSettings] | None] = {
     "gateway": GatewaySettings,
     "image_worker": ImageWorkerSettings,
     "tts_worker": TtsWorkerSettings,
+    "webhook_sender": SenderSettings,
     "emulator": None,  # argparse, with two environment fallbacks (below)
 }
 EMULATOR_VARS = {"CHARAI_EMULATOR_ADDR", "CHARAI_EMULATOR_API_KEY"}
@@ -60,6 +62,7 @@ SETTINGS_CLASSES = (
     GatewaySettings,
     ImageWorkerSettings,
     TtsWorkerSettings,
+    SenderSettings,
 )
 ALL_SETTINGS = set().union(*(env_names(cls) for cls in SETTINGS_CLASSES)) | EMULATOR_VARS
 

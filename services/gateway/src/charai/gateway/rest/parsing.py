@@ -42,7 +42,7 @@ CALLBACK_FIELDS = {
     "viewType": ("view_type", _STR),
     "costumeId": ("costume_id", _STR),
 }
-TOP_LEVEL_FIELDS = frozenset({"type", "priority", "payload", "metadata", "requestId"})
+TOP_LEVEL_FIELDS = frozenset({"type", "priority", "payload", "metadata", "requestId", "webhook"})
 LIST_PARAMS = frozenset({"type", "status", "pageSize", "pageToken"})
 
 
@@ -112,9 +112,31 @@ def create_request(body: Any, idempotency_key: str | None) -> task_service_pb2.C
         request.tts.SetInParent()
     _put_metadata(request, body.get("metadata"), bad)
     _put_request_id(request, body.get("requestId"), idempotency_key, bad)
+    _put_webhook(request, body.get("webhook"), bad)
     if bad:
         raise RestError.invalid(bad)
     return request
+
+
+def _put_webhook(
+    request: task_service_pb2.CreateTaskRequest, webhook: Any, bad: list[tuple[str, str]]
+) -> None:
+    """``webhook: {url, events?}`` (README, "Webhooks")."""
+    if webhook is None:
+        return
+    if not isinstance(webhook, dict):
+        bad.append(("webhook", "must be an object: {url, events}"))
+        return
+    bad.extend((f"webhook.{key}", "unknown field") for key in webhook if key not in ("url", "events"))
+    url, events = webhook.get("url"), webhook.get("events", [])
+    if not isinstance(url, str):
+        bad.append(("webhook.url", "must be a string"))
+    else:
+        request.webhook.url = url
+    if not isinstance(events, list) or not all(isinstance(e, str) for e in events):
+        bad.append(("webhook.events", "must be a list of event names"))
+    else:
+        request.webhook.events.extend(events)
 
 
 def _put_metadata(request: Any, metadata: Any, bad: list[tuple[str, str]]) -> None:
