@@ -40,6 +40,55 @@ class Migration:
 #: ``tasks.status`` of a queued task (``TASK_STATUS_QUEUED``), for the SQLite lane counters.
 _QUEUED = 1
 
+
+def _webhook_tables(blob: str) -> tuple[str, ...]:
+    """Migration 5 in either dialect (only the blob type differs)."""
+    return (
+        f"""CREATE TABLE IF NOT EXISTS webhook_deliveries (
+            id TEXT PRIMARY KEY,
+            tenant TEXT NOT NULL,
+            task_id TEXT NOT NULL,
+            url TEXT NOT NULL,
+            event_type INTEGER NOT NULL,
+            seq BIGINT NOT NULL,
+            event {blob} NOT NULL,
+            status INTEGER NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at BIGINT NOT NULL,
+            dispatched INTEGER NOT NULL DEFAULT 0,
+            dispatch_gen INTEGER NOT NULL DEFAULT 0,
+            claimed_by TEXT,
+            claimed_until BIGINT,
+            created BIGINT NOT NULL,
+            updated BIGINT NOT NULL
+        )""",
+        "CREATE INDEX IF NOT EXISTS webhook_deliveries_queue"
+        " ON webhook_deliveries (task_id, url, status, seq)",
+        "CREATE INDEX IF NOT EXISTS webhook_deliveries_tenant ON webhook_deliveries (tenant, created, id)",
+        """CREATE TABLE IF NOT EXISTS webhook_attempts (
+            delivery_id TEXT NOT NULL,
+            n INTEGER NOT NULL,
+            time BIGINT NOT NULL,
+            http_status INTEGER NOT NULL,
+            latency_us BIGINT NOT NULL,
+            error TEXT NOT NULL,
+            PRIMARY KEY (delivery_id, n)
+        )""",
+        """CREATE TABLE IF NOT EXISTS webhook_endpoints (
+            tenant TEXT NOT NULL,
+            url TEXT NOT NULL,
+            streak INTEGER NOT NULL DEFAULT 0,
+            disabled_at BIGINT,
+            PRIMARY KEY (tenant, url)
+        )""",
+        """CREATE TABLE IF NOT EXISTS webhook_secrets (
+            tenant TEXT PRIMARY KEY,
+            version INTEGER NOT NULL,
+            previous_until BIGINT NOT NULL
+        )""",
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         1,
@@ -217,96 +266,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         5,
         "webhook deliveries (written with their events), their attempts, endpoints and secret versions",
-        sqlite=(
-            """CREATE TABLE IF NOT EXISTS webhook_deliveries (
-                id TEXT PRIMARY KEY,
-                tenant TEXT NOT NULL,
-                task_id TEXT NOT NULL,
-                url TEXT NOT NULL,
-                event_type INTEGER NOT NULL,
-                seq BIGINT NOT NULL,
-                event BLOB NOT NULL,
-                status INTEGER NOT NULL,
-                attempts INTEGER NOT NULL DEFAULT 0,
-                next_attempt_at BIGINT NOT NULL,
-                dispatched INTEGER NOT NULL DEFAULT 0,
-                dispatch_gen INTEGER NOT NULL DEFAULT 0,
-                claimed_by TEXT,
-                claimed_until BIGINT,
-                created BIGINT NOT NULL,
-                updated BIGINT NOT NULL
-            )""",
-            "CREATE INDEX IF NOT EXISTS webhook_deliveries_queue"
-            " ON webhook_deliveries (task_id, url, status, seq)",
-            "CREATE INDEX IF NOT EXISTS webhook_deliveries_tenant"
-            " ON webhook_deliveries (tenant, created, id)",
-            """CREATE TABLE IF NOT EXISTS webhook_attempts (
-                delivery_id TEXT NOT NULL,
-                n INTEGER NOT NULL,
-                time BIGINT NOT NULL,
-                http_status INTEGER NOT NULL,
-                latency_us BIGINT NOT NULL,
-                error TEXT NOT NULL,
-                PRIMARY KEY (delivery_id, n)
-            )""",
-            """CREATE TABLE IF NOT EXISTS webhook_endpoints (
-                tenant TEXT NOT NULL,
-                url TEXT NOT NULL,
-                streak INTEGER NOT NULL DEFAULT 0,
-                disabled_at BIGINT,
-                PRIMARY KEY (tenant, url)
-            )""",
-            """CREATE TABLE IF NOT EXISTS webhook_secrets (
-                tenant TEXT PRIMARY KEY,
-                version INTEGER NOT NULL,
-                previous_until BIGINT NOT NULL
-            )""",
-        ),
-        postgres=(
-            """CREATE TABLE IF NOT EXISTS webhook_deliveries (
-                id TEXT PRIMARY KEY,
-                tenant TEXT NOT NULL,
-                task_id TEXT NOT NULL,
-                url TEXT NOT NULL,
-                event_type INTEGER NOT NULL,
-                seq BIGINT NOT NULL,
-                event BYTEA NOT NULL,
-                status INTEGER NOT NULL,
-                attempts INTEGER NOT NULL DEFAULT 0,
-                next_attempt_at BIGINT NOT NULL,
-                dispatched INTEGER NOT NULL DEFAULT 0,
-                dispatch_gen INTEGER NOT NULL DEFAULT 0,
-                claimed_by TEXT,
-                claimed_until BIGINT,
-                created BIGINT NOT NULL,
-                updated BIGINT NOT NULL
-            )""",
-            "CREATE INDEX IF NOT EXISTS webhook_deliveries_queue"
-            " ON webhook_deliveries (task_id, url, status, seq)",
-            "CREATE INDEX IF NOT EXISTS webhook_deliveries_tenant"
-            " ON webhook_deliveries (tenant, created, id)",
-            """CREATE TABLE IF NOT EXISTS webhook_attempts (
-                delivery_id TEXT NOT NULL,
-                n INTEGER NOT NULL,
-                time BIGINT NOT NULL,
-                http_status INTEGER NOT NULL,
-                latency_us BIGINT NOT NULL,
-                error TEXT NOT NULL,
-                PRIMARY KEY (delivery_id, n)
-            )""",
-            """CREATE TABLE IF NOT EXISTS webhook_endpoints (
-                tenant TEXT NOT NULL,
-                url TEXT NOT NULL,
-                streak INTEGER NOT NULL DEFAULT 0,
-                disabled_at BIGINT,
-                PRIMARY KEY (tenant, url)
-            )""",
-            """CREATE TABLE IF NOT EXISTS webhook_secrets (
-                tenant TEXT PRIMARY KEY,
-                version INTEGER NOT NULL,
-                previous_until BIGINT NOT NULL
-            )""",
-        ),
+        sqlite=_webhook_tables("BLOB"),
+        postgres=_webhook_tables("BYTEA"),
     ),
 )
 
