@@ -23,7 +23,9 @@ import random
 import uuid
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
+import structlog
 from charai.core.clock import Clock
 from charai.core.domain import webhooks as rules
 from charai.core.domain.webhooks import DeliveryStatus
@@ -33,6 +35,8 @@ from charai.store.v1 import store_service_pb2 as spb
 from charai.task_store.backend import Backend, Tx
 from charai.task_store.queries import decode_page_token, encode_page_token
 from charai.tasks.v1 import task_pb2, task_service_pb2
+
+log = structlog.get_logger("task_store")
 
 _PENDING, _DELIVERED, _FAILED = (
     int(DeliveryStatus.PENDING),
@@ -221,60 +225,89 @@ class Webhooks:
             if row is None or int(row[3]) != _PENDING or row[5] != req.sender_id:
                 return spb.SettleWebhookDeliveryResponse(outcome=spb.SETTLE_OUTCOME_DONE)
             tenant, task_id, url, attempts = str(row[0]), str(row[1]), str(row[2]), int(row[4]) + 1
-            latency_us = req.latency.seconds * 1_000_000 + req.latency.nanos // 1000
-            await tx.execute(
-                "INSERT INTO webhook_attempts (delivery_id, n, time, http_status, latency_us, error)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                req.delivery_id,
-                attempts,
-                now - latency_us,
-                req.http_status,
-                latency_us,
-                req.error[:500],
-            )
-            streak = await tx.fetchval(
-                "SELECT streak FROM webhook_endpoints WHERE tenant = ? AND url = ?", tenant, url
-            )
-            decision = rules.after_attempt(
-                attempts,
-                req.http_status,
-                req.retry_after_seconds if req.retry_after_seconds >= 0 else None,
-                int(streak or 0),
-                disable_after=self.config.disable_after,
-                schedule=self.config.schedule,
-                rng=self._rng,
-            )
-            await self._endpoint(tx, tenant, url, decision.streak, now if decision.disable else None)
-            next_at = now + int((decision.retry_in or 0) * 1e6)
-            await tx.execute(
-                "UPDATE webhook_deliveries SET status = ?, attempts = ?, next_attempt_at = ?, updated = ?,"
-                " claimed_by = NULL, claimed_until = NULL WHERE id = ?",
-                int(decision.status),
-                attempts,
-                next_at,
-                now,
-                req.delivery_id,
-            )
-            if decision.disable:
-                await tx.execute(
-                    "UPDATE webhook_deliveries SET status = ?, updated = ?"
-                    " WHERE tenant = ? AND url = ? AND status = ?",
-                    _FAILED,
-                    now,
-                    tenant,
-                    url,
-                    _PENDING,
-                )
+            await self._record_attempt(tx, req, attempts, now)
+            decision = await self._decide(tx, req, tenant, url, attempts)
+            await self._apply(tx, req.delivery_id, tenant, url, attempts, decision, now)
             if decision.status is DeliveryStatus.PENDING:
                 return spb.SettleWebhookDeliveryResponse(
                     outcome=spb.SETTLE_OUTCOME_RETRY, retry_after_seconds=decision.retry_in or 0.0
                 )
-            await tx.execute("UPDATE webhook_deliveries SET dispatched = 0 WHERE id = ?", req.delivery_id)
             queued = await self._dispatch_head(tx, task_id, url, now)
             return spb.SettleWebhookDeliveryResponse(outcome=spb.SETTLE_OUTCOME_DONE)
 
         response = await self._db.write(body)
         return response, queued
+
+    async def _record_attempt(
+        self, tx: Tx, req: spb.SettleWebhookDeliveryRequest, number: int, now: int
+    ) -> None:
+        latency_us = req.latency.seconds * 1_000_000 + req.latency.nanos // 1000
+        await tx.execute(
+            "INSERT INTO webhook_attempts (delivery_id, n, time, http_status, latency_us, error)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            req.delivery_id,
+            number,
+            now - latency_us,
+            req.http_status,
+            latency_us,
+            req.error[:500],
+        )
+
+    async def _decide(
+        self, tx: Tx, req: spb.SettleWebhookDeliveryRequest, tenant: str, url: str, attempts: int
+    ) -> rules.AfterAttempt:
+        streak = await tx.fetchval(
+            "SELECT streak FROM webhook_endpoints WHERE tenant = ? AND url = ?", tenant, url
+        )
+        return rules.after_attempt(
+            attempts,
+            req.http_status,
+            req.retry_after_seconds if req.retry_after_seconds >= 0 else None,
+            int(streak or 0),
+            disable_after=self.config.disable_after,
+            schedule=self.config.schedule,
+            rng=self._rng,
+        )
+
+    async def _apply(
+        self,
+        tx: Tx,
+        delivery_id: str,
+        tenant: str,
+        url: str,
+        attempts: int,
+        decision: rules.AfterAttempt,
+        now: int,
+    ) -> None:
+        """Writes the decision: the delivery, the endpoint's streak, and on disabling, every
+        delivery still pending for that endpoint fails (none is sent)."""
+        await self._endpoint(tx, tenant, url, decision.streak, now if decision.disable else None)
+        await tx.execute(
+            "UPDATE webhook_deliveries SET status = ?, attempts = ?, next_attempt_at = ?, updated = ?,"
+            " dispatched = ?, claimed_by = NULL, claimed_until = NULL WHERE id = ?",
+            int(decision.status),
+            attempts,
+            now + int((decision.retry_in or 0) * 1e6),
+            now,
+            1 if decision.status is DeliveryStatus.PENDING else 0,
+            delivery_id,
+        )
+        if decision.disable:
+            await tx.execute(
+                "UPDATE webhook_deliveries SET status = ?, updated = ?"
+                " WHERE tenant = ? AND url = ? AND status = ?",
+                _FAILED,
+                now,
+                tenant,
+                url,
+                _PENDING,
+            )
+            log.warning(
+                "webhook_endpoint_disabled",
+                tenant=tenant,
+                host=urlsplit(url).hostname,
+                streak=decision.streak,
+            )
 
     async def _endpoint(self, tx: Tx, tenant: str, url: str, streak: int, disabled_at: int | None) -> None:
         await tx.execute(
