@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 from charai.client import CharaiClient
-from charai.devstack.stack import Stack
+from charai.devstack.stack import SERVICES, Stack
 
 FAST_SETTINGS = {
     "CHARAI_RETRY_BASE_SECONDS": "0.2",
@@ -36,7 +36,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @contextlib.asynccontextmanager
-async def fast_stack(tmp_path_factory: pytest.TempPathFactory, **extra_env: str) -> AsyncIterator[Stack]:
+async def fast_stack(
+    tmp_path_factory: pytest.TempPathFactory, services: tuple[str, ...] = SERVICES, **extra_env: str
+) -> AsyncIterator[Stack]:
     """The devstack with FAST_SETTINGS (plus ``extra_env``) on free ports."""
     data = tmp_path_factory.mktemp("stack")
     env = {**FAST_SETTINGS, **extra_env}
@@ -47,6 +49,7 @@ async def fast_stack(tmp_path_factory: pytest.TempPathFactory, **extra_env: str)
         free_ports=True,
         echo=echo,
         emulator_args=["--latency", "0.05:0.15", "--async-poll-steps", "2"],
+        services=services,
     ) as running:
         yield running
 

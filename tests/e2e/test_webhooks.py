@@ -21,7 +21,7 @@ import grpc
 import pytest
 import pytest_asyncio
 from aiohttp import web
-from charai.devstack.stack import Stack
+from charai.devstack.stack import ALL_SERVICES, Stack
 from charai.tasks.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
@@ -112,7 +112,7 @@ class Receiver:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
-    async with fast_stack(tmp_path_factory, **SETTINGS) as running:
+    async with fast_stack(tmp_path_factory, ALL_SERVICES, **SETTINGS) as running:
         yield running
 
 

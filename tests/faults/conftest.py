@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from charai.client import CharaiClient
-from charai.devstack.stack import Stack
+from charai.devstack.stack import SERVICES, Stack
 
 #: Short timers: JetStream redelivers an unacknowledged job after 2 s, a silent attempt loses
 #: its lease after 3 s, retries start at 0.1 s. The retry cap stays above the emulator's
@@ -99,6 +99,7 @@ async def make_stack(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIte
         *,
         service_env: Mapping[str, Mapping[str, str]] | None = None,
         emulator_args: list[str] | None = None,
+        services: tuple[str, ...] = SERVICES,
     ) -> AsyncIterator[Stack]:
         echo = sys.stderr if os.environ.get("CHARAI_TEST_ECHO") else None
         stack = Stack(
@@ -108,6 +109,7 @@ async def make_stack(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIte
             echo=echo,
             emulator_args=emulator_args if emulator_args is not None else EMULATOR_ARGS,
             service_env=service_env,
+            services=services,
         )
         stacks.append(stack)
         async with stack:

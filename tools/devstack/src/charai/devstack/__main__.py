@@ -9,7 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
-from charai.devstack.stack import Stack
+from charai.devstack.stack import ALL_SERVICES, Stack
 from charai.devstack.supervisor import CrashLoopError, Supervisor
 
 
@@ -20,7 +20,8 @@ async def run(data_dir: Path) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with Supervisor(Stack(data_dir, free_ports=False, echo=sys.stdout)) as supervisor:
+    stack = Stack(data_dir, free_ports=False, echo=sys.stdout, services=ALL_SERVICES)
+    async with Supervisor(stack) as supervisor:
         starting = asyncio.create_task(supervisor.start())
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)

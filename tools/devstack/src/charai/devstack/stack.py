@@ -23,7 +23,10 @@ from typing import Any, TextIO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-SERVICES = ("task_store", "gateway", "image_worker", "tts_worker", "webhook_sender")
+#: What a stack runs unless told otherwise (tests, the demo).
+SERVICES = ("task_store", "gateway", "image_worker", "tts_worker")
+#: What ``make run`` runs: the webhook sender too (tests that deliver webhooks ask for it).
+ALL_SERVICES = (*SERVICES, "webhook_sender")
 
 
 def free_port() -> int:
@@ -197,7 +200,7 @@ class Stack:
 
     def service_order(self) -> list[str]:
         """The charai services to start, in the order they depend on each other."""
-        return [name for name in SERVICES if name in self.services]
+        return [name for name in ALL_SERVICES if name in self.services]
 
     async def start_nats(self, port: int | None = None) -> None:
         await self.spawn_nats(port)
