@@ -252,6 +252,7 @@ class TaskStoreApp:
                 disable_after=s.webhook_disable_after,
                 progress_interval_seconds=s.webhook_progress_interval_ms / 1000,
                 secret_grace_seconds=s.webhook_secret_grace_seconds,
+                claim_seconds=s.webhook_claim_seconds,
             ),
         )
         try:

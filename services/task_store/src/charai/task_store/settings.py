@@ -48,6 +48,9 @@ class Settings(CommonSettings):
     webhook_disable_after: int = Field(default=20, ge=0)
     #: At most one progress delivery per task per this many milliseconds (latest wins).
     webhook_progress_interval_ms: int = Field(default=1000, ge=0)
+    #: How long a sender holds a delivery it claimed (more than CHARAI_WEBHOOK_TIMEOUT_SECONDS): a
+    #: dead sender's deliveries go to another after this.
+    webhook_claim_seconds: float = Field(default=60.0, gt=0)
     #: How long a rotated-out webhook secret keeps signing beside the new one.
     webhook_secret_grace_seconds: float = Field(default=86400.0, ge=0)
 
