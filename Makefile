@@ -94,7 +94,7 @@ run: install console ## Run the whole stack on loopback in the foreground (Ctrl-
 demo: install ## Start the stack, generate one image and one voice with live progress, save them, stop
 	$(PY) -m charai.devstack demo
 
-bench: install ## Benchmarks vs BullMQ, Celery and floors (B1-B7, ~11 min idle); writes BENCHMARKS.md. BENCH_ARGS="--shape B1 --quick"
+bench: install ## Benchmarks vs BullMQ, Celery and floors (B1-B7 and W1); writes BENCHMARKS.md. BENCH_ARGS="--shape B1 --quick"
 	$(PY) -m bench run $(BENCH_ARGS)
 
 # -- Node: the TypeScript client, the task console, the browser test ---------------------------

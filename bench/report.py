@@ -63,6 +63,10 @@ HEADLINES: dict[str, list[tuple[str, str, list[str]]]] = {
         ("429s, % of calls", "pct_429", ["charai"]),
         ("queue wait p99, s", "queue_wait_s_p99", ["charai"]),
     ],
+    "W1": [
+        ("deliveries/s", "deliveries_per_s", ["charai", "floor-aiohttp"]),
+        ("event -> delivery p99, ms", "latency_ms_p99", ["charai", "floor-aiohttp"]),
+    ],
     "B7": [
         ("lost", "lost", ["charai"]),
         ("redelivery max / ack-wait", "redelivery_vs_ack_wait", ["charai"]),

@@ -7,7 +7,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from bench import floors, ours, peers
+from bench import floors, ours, peers, webhooks
 from bench.common import emulator, log, summarize
 from bench.ours import Draws, ideal_makespan
 
@@ -25,8 +25,8 @@ class Options:
 
 SPEECH = "/api/paas/v4/audio/speech"
 # Defaults of a full run, and of --quick.
-FULL = {"B1": 300, "B2": 5000, "B3": 1000, "B4": 10.0, "B5": 1000, "B6": 1000, "B7": 200}
-QUICK = {"B1": 30, "B2": 200, "B3": 100, "B4": 2.0, "B5": 100, "B6": 200, "B7": 20}
+FULL = {"B1": 300, "B2": 5000, "B3": 1000, "B4": 10.0, "B5": 1000, "B6": 1000, "B7": 200, "W1": 10000}
+QUICK = {"B1": 30, "B2": 200, "B3": 100, "B4": 2.0, "B5": 100, "B6": 200, "B7": 20, "W1": 200}
 LATENCY = {"B3": (1.0, 2.0), "B6": (0.5, 1.0)}
 QUICK_LATENCY = {"B3": (0.1, 0.2), "B6": (0.05, 0.1)}
 
@@ -411,6 +411,40 @@ async def b7(o: Options) -> dict[str, Any]:
     return out
 
 
+# -- W1 -----------------------------------------------------------------------------------------
+async def w1(o: Options) -> dict[str, Any]:
+    n = _n(o, "W1")
+    paced, rate = (100, 50.0) if o.quick else (1000, 100.0)
+    out: dict[str, Any] = {
+        "title": "Webhook deliveries to a local receiver",
+        "params": {"deliveries": n, "paced_deliveries": paced, "paced_rate_per_s": rate, "runs": o.runs},
+        "systems": {},
+    }
+    out["systems"]["charai"] = system(
+        await webhooks.w1(o.runs, n, paced, rate),
+        what="drain: n completed tasks' deliveries, sender started after; latency: tasks at a steady rate",
+    )
+    body = med(out, "charai", "body_bytes_median") or 1500.0
+    if o.peers:
+        runs = await _try("floor-aiohttp W1", lambda: webhooks.w1_floor(o.runs, n, int(body)))
+        if runs:
+            out["systems"]["floor-aiohttp"] = system(
+                runs, what="bare keep-alive aiohttp client, same bodies, 64 in flight, no signing or store"
+            )
+    floor = med(out, "floor-aiohttp", "deliveries_per_s")
+    out["goals"] = [
+        goal(
+            "deliveries/s vs the bare floor",
+            med(out, "charai", "deliveries_per_s"),
+            floor,
+            "ge",
+            "/s",
+            "floor",
+        ),
+    ]
+    return out
+
+
 SHAPES: dict[str, Callable[[Options], Awaitable[dict[str, Any]]]] = {
     "B1": b1,
     "B2": b2,
@@ -419,6 +453,7 @@ SHAPES: dict[str, Callable[[Options], Awaitable[dict[str, Any]]]] = {
     "B5": b5,
     "B6": b6,
     "B7": b7,
+    "W1": w1,
 }
 
 

@@ -8,6 +8,9 @@ connection, then 200; ``/throttled`` answers 429 with ``Retry-After: 2`` once pe
 
 from __future__ import annotations
 
+import asyncio
+import json
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -222,3 +225,49 @@ async def test_rest_takes_a_webhook_and_names_a_bad_one(stack: Stack, api: Api, 
             assert response.status == 400
             text = await response.text()
         assert "webhook.events" in text and "webhook.secret" in text
+
+
+async def cli(stack: Stack, *args: str) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "charai.client.cli",
+        "--target",
+        stack.gateway_grpc,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await process.communicate()
+    return int(process.returncode or 0), out.decode()
+
+
+async def test_the_cli_submits_with_a_webhook_lists_and_redelivers(
+    stack: Stack, api: Api, receiver: Receiver
+) -> None:
+    code, out = await cli(
+        stack,
+        "tts",
+        "--character",
+        "char_cli",
+        "--text",
+        "Hi.",
+        "--webhook",
+        f"{receiver.url}/ok",
+        "--no-follow",
+    )
+    assert code == 0, out
+    task_id = out.strip().splitlines()[-1]
+    await settled(api, task_id, 1)
+    code, out = await cli(stack, "webhooks", "list", "--task", task_id, "--json")
+    assert code == 0, out
+    (delivery,) = json.loads(out)["deliveries"]
+    assert (delivery["status"], delivery["eventType"]) == (
+        "WEBHOOK_DELIVERY_STATUS_DELIVERED",
+        "task.completed",
+    )
+    code, out = await cli(stack, "webhooks", "redeliver", delivery["id"])
+    assert (code, out.strip()) == (0, "1 queued again")
+    await eventually(lambda: receiver.seen("/ok", delivery["id"]) == 2, timeout=60)
+    code, out = await cli(stack, "webhooks", "secret")
+    assert code == 0 and out.strip() == await secret(api)

@@ -94,6 +94,7 @@ class CharaiClient:
         metadata: Mapping[str, str] | None = None,
         priority: int = task_pb2.PRIORITY_NORMAL,
         request_id: str = "",
+        webhook: task_pb2.Webhook | None = None,
     ) -> task_pb2.Task:
         payload = task_pb2.ImagePayload(
             character_id=character_id,
@@ -116,6 +117,7 @@ class CharaiClient:
                 image=payload,
                 metadata=dict(metadata or {}),
                 request_id=request_id,
+                webhook=webhook,
             )
         )
 
@@ -132,6 +134,7 @@ class CharaiClient:
         metadata: Mapping[str, str] | None = None,
         priority: int = task_pb2.PRIORITY_NORMAL,
         request_id: str = "",
+        webhook: task_pb2.Webhook | None = None,
     ) -> task_pb2.Task:
         payload = task_pb2.TtsPayload(
             character_id=character_id,
@@ -152,6 +155,7 @@ class CharaiClient:
                 tts=payload,
                 metadata=dict(metadata or {}),
                 request_id=request_id,
+                webhook=webhook,
             )
         )
 
@@ -167,6 +171,46 @@ class CharaiClient:
         """Re-runs a FAILED task (QUEUED again, a fresh attempt budget); FAILED_PRECONDITION otherwise."""
         response = await self._call(self._stub.RetryTask, task_service_pb2.RetryTaskRequest(id=task_id))
         return response.task  # type: ignore[no-any-return]
+
+    # -- webhooks (tenant key only) -------------------------------------------------------------
+    async def webhook_secret(self) -> str:
+        """The tenant's current webhook signing secret (``whsec_…``)."""
+        response = await self._call(self._stub.GetWebhookSecret, task_service_pb2.GetWebhookSecretRequest())
+        return str(response.secret)
+
+    async def rotate_webhook_secret(self) -> task_service_pb2.RotateWebhookSecretResponse:
+        """A new secret; the old one keeps signing beside it for the grace period."""
+        request = task_service_pb2.RotateWebhookSecretRequest()
+        return await self._call(self._stub.RotateWebhookSecret, request)  # type: ignore[no-any-return]
+
+    async def webhook_deliveries(
+        self, *, task_id: str = "", url: str = "", status: int = 0, limit: int = 50
+    ) -> list[task_service_pb2.WebhookDelivery]:
+        """Deliveries, newest first, each with its attempts (at most ``limit``)."""
+        found: list[task_service_pb2.WebhookDelivery] = []
+        token = ""
+        while len(found) < limit:
+            request = task_service_pb2.ListWebhookDeliveriesRequest(
+                task_id=task_id,
+                url=url,
+                status=status,  # type: ignore[arg-type]
+                page_size=min(500, limit - len(found)),
+                page_token=token,
+            )
+            page = await self._call(self._stub.ListWebhookDeliveries, request)
+            found.extend(page.deliveries)
+            token = page.next_page_token
+            if not token:
+                break
+        return found
+
+    async def redeliver_webhook(self, delivery_id: str = "", since: float | None = None) -> int:
+        """Sends one delivery again, or every failed one since ``since`` (Unix seconds)."""
+        request = task_service_pb2.RedeliverWebhookRequest(delivery_id=delivery_id)
+        if since is not None:
+            request.since.FromNanoseconds(int(since * 1e9))
+        response = await self._call(self._stub.RedeliverWebhook, request)
+        return int(response.redelivered)
 
     async def queue_stats(self) -> list[task_service_pb2.LaneStats]:
         """Depth, in-flight, throughput and median wait of every lane (type x priority)."""

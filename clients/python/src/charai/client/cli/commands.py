@@ -80,6 +80,7 @@ async def cmd_image(session: Session) -> int:
         metadata=_metadata(a),
         priority=PRIORITIES[a.priority],
         request_id=a.request_id,
+        webhook=_webhook(a),
     )
     return await submitted(session, task)
 
@@ -97,8 +98,15 @@ async def cmd_tts(session: Session) -> int:
         metadata=_metadata(a),
         priority=PRIORITIES[a.priority],
         request_id=a.request_id,
+        webhook=_webhook(a),
     )
     return await submitted(session, task)
+
+
+def _webhook(a: argparse.Namespace) -> task_pb2.Webhook | None:
+    if not a.webhook:
+        return None
+    return task_pb2.Webhook(url=a.webhook, events=a.webhook_events or [])
 
 
 def _metadata(a: argparse.Namespace) -> dict[str, str]:
@@ -144,6 +152,70 @@ async def cmd_retry(session: Session) -> int:
         session.out.json(task)
     else:
         session.out.line(f"{task.id} {status_label(task.status)} (attempt budget now {task.max_attempts})")
+    return EXIT_OK
+
+
+async def cmd_webhook_secret(session: Session) -> int:
+    """Prints the tenant's webhook secret (``--rotate``: a new one; the old keeps signing a while)."""
+    out = session.out
+    if session.args.rotate:
+        rotated = await session.client.rotate_webhook_secret()
+        if out.json_mode:
+            out.json(rotated)
+        else:
+            until = rotated.previous_expire_time.ToJsonString()
+            out.line(rotated.secret)
+            out.line(f"the previous secret signs too until {until}")
+        return EXIT_OK
+    secret = await session.client.webhook_secret()
+    if out.json_mode:
+        out.json(task_service_pb2.GetWebhookSecretResponse(secret=secret))
+    else:
+        out.line(secret)
+    return EXIT_OK
+
+
+_DELIVERY_STATUS = task_service_pb2.WebhookDeliveryStatus
+_DELIVERY_PREFIX = "WEBHOOK_DELIVERY_STATUS_"
+
+
+async def cmd_webhook_list(session: Session) -> int:
+    a = session.args
+    status = (
+        task_service_pb2.WebhookDeliveryStatus.Value(f"WEBHOOK_DELIVERY_STATUS_{a.status.upper()}")
+        if a.status
+        else 0
+    )
+    found = await session.client.webhook_deliveries(
+        task_id=a.task or "", url=a.url or "", status=status, limit=a.limit
+    )
+    out = session.out
+    if out.json_mode:
+        out.json(task_service_pb2.ListWebhookDeliveriesResponse(deliveries=found))
+        return EXIT_OK
+    for d in found:
+        state = (
+            task_service_pb2.WebhookDeliveryStatus.Name(d.status)
+            .removeprefix("WEBHOOK_DELIVERY_STATUS_")
+            .lower()
+        )
+        answers = ",".join(str(x.http_status) if x.http_status else "none" for x in d.attempts) or "-"
+        last = d.attempts[-1].error if d.attempts else ""
+        out.line(
+            f"{d.id} {d.task_id} {d.event_type} {state} attempts={answers} {d.url}"
+            + (f" ({last})" if last else "")
+        )
+    return EXIT_OK
+
+
+async def cmd_webhook_redeliver(session: Session) -> int:
+    a = session.args
+    count = await session.client.redeliver_webhook(a.id or "", a.since)
+    out = session.out
+    if out.json_mode:
+        out.json(task_service_pb2.RedeliverWebhookResponse(redelivered=count))
+    else:
+        out.line(f"{count} queued again")
     return EXIT_OK
 
 

@@ -18,6 +18,9 @@ from charai.client.cli.commands import (
     cmd_stats,
     cmd_tts,
     cmd_watch,
+    cmd_webhook_list,
+    cmd_webhook_redeliver,
+    cmd_webhook_secret,
 )
 from charai.client.cli.exits import EXIT_CODES, EXIT_INVALID
 from charai.client.cli.text import TYPES
@@ -91,6 +94,14 @@ def _submit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-follow", action="store_true", help="print the task id (--json: the task) and return at once"
     )
+    p.add_argument("--webhook", default="", metavar="URL", help="POST the task's events here (signed)")
+    p.add_argument(
+        "--webhook-events",
+        action="extend",
+        nargs="+",
+        metavar="EVENT",
+        help="started, progress, completed, failed, cancelled (default: the last three)",
+    )
 
 
 def _submit_commands(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
@@ -144,6 +155,29 @@ def _id_commands(command: Callable[[str, str], argparse.ArgumentParser]) -> None
     retry.set_defaults(run=cmd_retry)
 
 
+def _webhook_commands(command: Callable[[str, str], argparse.ArgumentParser], common: Parser) -> None:
+    """``webhooks secret|list|redeliver`` (a tenant API key, not an access token)."""
+    hooks = command("webhooks", "webhook secret, deliveries and redelivery")
+    sub = hooks.add_subparsers(dest="webhooks_command", required=True, metavar="WHAT")
+    secret = sub.add_parser("secret", help="print the signing secret", parents=[common])
+    secret.add_argument(
+        "--rotate", action="store_true", help="make a new one (the old one keeps signing a while)"
+    )
+    secret.set_defaults(run=cmd_webhook_secret)
+    listing = sub.add_parser("list", help="deliveries, newest first, with their attempts", parents=[common])
+    listing.add_argument("--task", metavar="ID")
+    listing.add_argument("--url", metavar="URL")
+    listing.add_argument("--status", choices=["pending", "delivered", "failed"])
+    listing.add_argument("--limit", type=int, default=50, metavar="N")
+    listing.set_defaults(run=cmd_webhook_list)
+    again = sub.add_parser(
+        "redeliver", help="send a delivery again, or every failed one --since", parents=[common]
+    )
+    again.add_argument("id", nargs="?", metavar="DELIVERY_ID")
+    again.add_argument("--since", type=float, metavar="UNIX_SECONDS", help="every failed delivery since then")
+    again.set_defaults(run=cmd_webhook_redeliver)
+
+
 def build_parser() -> Parser:
     common = _common()
     parser = Parser(
@@ -175,6 +209,7 @@ def build_parser() -> Parser:
         "-o", "--output", required=True, metavar="FILE", help="where to save it ('-': stdout)"
     )
     download.set_defaults(run=cmd_download)
+    _webhook_commands(command, common)
     return parser
 
 
