@@ -44,14 +44,15 @@ FAILED = task_service_pb2.WEBHOOK_DELIVERY_STATUS_FAILED
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
-    async with fast_stack(tmp_path_factory, ALL_SERVICES, **SETTINGS) as running:
+async def receiver() -> AsyncIterator[Receiver]:
+    async with Receiver() as running:
         yield running
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def receiver() -> AsyncIterator[Receiver]:
-    async with Receiver() as running:
+async def stack(tmp_path_factory: pytest.TempPathFactory, receiver: Receiver) -> AsyncIterator[Stack]:
+    defaults = {"CHARAI_TENANT_WEBHOOKS": f"default={receiver.url}/default"}
+    async with fast_stack(tmp_path_factory, ALL_SERVICES, **SETTINGS, **defaults) as running:
         yield running
 
 
@@ -271,3 +272,17 @@ async def test_the_cli_submits_with_a_webhook_lists_and_redelivers(
     await eventually(lambda: receiver.seen("/ok", delivery["id"]) == 2, timeout=60)
     code, out = await cli(stack, "webhooks", "secret")
     assert code == 0 and out.strip() == await secret(api)
+
+
+async def test_a_task_without_a_webhook_goes_to_the_tenants_default_endpoint(
+    api: Api, receiver: Receiver
+) -> None:
+    request = task_service_pb2.CreateTaskRequest(
+        type=task_pb2.TASK_TYPE_TTS_GENERATION,
+        tts=task_pb2.TtsPayload(text="Default.", voice_style="tongtong", character_id="char_default"),
+    )
+    task = (await api.CreateTask(request)).task
+    assert task.webhook.url == f"{receiver.url}/default"
+    await settled(api, task.id, 1)
+    (delivery,) = await deliveries(api, task.id)
+    assert delivery.status == DELIVERED and receiver.seen("/default", delivery.id) == 1

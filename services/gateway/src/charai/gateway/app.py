@@ -142,6 +142,7 @@ class GatewayApp:
             ),
             operator_tenants=s.operator_tenants,
             tokens=tokens,
+            default_webhooks=s.default_webhooks(),
         )
 
     async def _grpc_server(

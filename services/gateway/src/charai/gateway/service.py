@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import grpc
@@ -82,8 +82,10 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
         submit_limiter: SubmitLimiter | None = None,
         operator_tenants: frozenset[str] = frozenset({"default"}),
         tokens: AccessTokens | None = None,
+        default_webhooks: Mapping[str, str] | None = None,
     ) -> None:
         self._store = store
+        self._default_webhooks = dict(default_webhooks or {})
         self._tokens = tokens or AccessTokens([secrets.token_bytes(32)], DEFAULT_MAX_TTL_SECONDS)
         self._operators = operator_tenants
         self._submit_limiter = submit_limiter or SubmitLimiter(rate=0, burst=1)
@@ -134,6 +136,8 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
     ) -> task_service_pb2.CreateTaskResponse:
         # Before validation: a flood of bad requests costs as much as one of good ones.
         self._submit_limiter.acquire(principal.get())  # a token's creates count for its tenant
+        if not request.HasField("webhook") and (url := self._default_webhooks.get(principal.get())):
+            request.webhook.url = url  # the tenant's default endpoint (CHARAI_TENANT_WEBHOOKS)
         validation.validate_create(request, self._image_model)
         access.check_create(validation.fill_metadata(request))
         task = await self._store.create_task(principal.get(), request, timeout=self._timeout(context))

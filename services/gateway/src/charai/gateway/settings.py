@@ -58,6 +58,10 @@ class Settings(CommonSettings):
         {"default"}
     )
 
+    #: Each tenant's default webhook endpoint, for tasks created without a webhook:
+    #: ``tenant=https://…`` pairs, comma-separated (events: the terminal ones).
+    tenant_webhooks: CommaList = ()
+
     #: PEM certificate (chain) and private key: with both set, the public gRPC and HTTP ports
     #: speak TLS only.
     tls_cert_file: Path | None = None
@@ -76,6 +80,19 @@ class Settings(CommonSettings):
             if origin != "*" and not _ORIGIN.match(origin):
                 raise ValueError(f"{origin!r} is not an origin like https://app.example.com[:port] or *")
         return origins
+
+    @field_validator("tenant_webhooks")
+    @classmethod
+    def _tenant_webhooks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for pair in value:
+            tenant, _, url = pair.partition("=")
+            if not tenant.strip() or not url.strip().startswith(("http://", "https://")):
+                raise ValueError(f"{pair!r} is not tenant=http(s)://host/path")
+        return value
+
+    def default_webhooks(self) -> dict[str, str]:
+        """Tenant -> default webhook URL."""
+        return {t.strip(): u.strip() for t, _, u in (pair.partition("=") for pair in self.tenant_webhooks)}
 
     @field_validator("access_token_keys")
     @classmethod
