@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -37,7 +37,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @contextlib.asynccontextmanager
 async def fast_stack(
-    tmp_path_factory: pytest.TempPathFactory, services: tuple[str, ...] = SERVICES, **extra_env: str
+    tmp_path_factory: pytest.TempPathFactory,
+    services: tuple[str, ...] = SERVICES,
+    service_env: Mapping[str, Mapping[str, str]] | None = None,
+    **extra_env: str,
 ) -> AsyncIterator[Stack]:
     """The devstack with FAST_SETTINGS (plus ``extra_env``) on free ports."""
     data = tmp_path_factory.mktemp("stack")
@@ -50,6 +53,7 @@ async def fast_stack(
         echo=echo,
         emulator_args=["--latency", "0.05:0.15", "--async-poll-steps", "2"],
         services=services,
+        service_env=service_env,
     ) as running:
         yield running
 

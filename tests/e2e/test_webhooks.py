@@ -19,7 +19,7 @@ import aiohttp
 import grpc
 import pytest
 import pytest_asyncio
-from charai.devstack.stack import ALL_SERVICES, Stack
+from charai.devstack.stack import ALL_SERVICES, Stack, free_port
 from charai.tasks.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
@@ -39,6 +39,7 @@ SETTINGS = {
     "CHARAI_WEBHOOK_DISABLE_AFTER": "0",  # only a 410 disables
     "CHARAI_WEBHOOK_PROGRESS_INTERVAL_MS": "100",
 }
+METRICS_PORT = free_port()
 DELIVERED = task_service_pb2.WEBHOOK_DELIVERY_STATUS_DELIVERED
 FAILED = task_service_pb2.WEBHOOK_DELIVERY_STATUS_FAILED
 
@@ -52,7 +53,8 @@ async def receiver() -> AsyncIterator[Receiver]:
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def stack(tmp_path_factory: pytest.TempPathFactory, receiver: Receiver) -> AsyncIterator[Stack]:
     defaults = {"CHARAI_TENANT_WEBHOOKS": f"default={receiver.url}/default"}
-    async with fast_stack(tmp_path_factory, ALL_SERVICES, **SETTINGS, **defaults) as running:
+    metrics = {"webhook_sender": {"CHARAI_METRICS_ADDR": f"127.0.0.1:{METRICS_PORT}"}}
+    async with fast_stack(tmp_path_factory, ALL_SERVICES, metrics, **SETTINGS, **defaults) as running:
         yield running
 
 
@@ -286,3 +288,16 @@ async def test_a_task_without_a_webhook_goes_to_the_tenants_default_endpoint(
     await settled(api, task.id, 1)
     (delivery,) = await deliveries(api, task.id)
     assert delivery.status == DELIVERED and receiver.seen("/default", delivery.id) == 1
+
+
+async def test_the_sender_counts_attempts_by_host_and_outcome(api: Api, receiver: Receiver) -> None:
+    task = await submit(api, f"{receiver.url}/flaky")
+    await settled(api, task.id, 1)
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{METRICS_PORT}/metrics") as response,
+    ):
+        text = await response.text()
+    for outcome in ("500", "none", "200"):
+        assert f'charai_webhook_attempts_total{{host="127.0.0.1",outcome="{outcome}"}}' in text, outcome
+    assert "charai_webhook_attempt_duration_seconds_bucket" in text and "charai_webhooks_in_flight" in text

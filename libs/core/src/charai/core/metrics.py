@@ -17,6 +17,8 @@ Where each family is fed:
   aggregate them with ``max``, not ``sum``.
 - workers: ``charai_worker_jobs_in_flight`` and ``charai_provider_call_duration_seconds``.
 - gateway: ``charai_watch_streams_open``.
+- webhook sender: ``charai_webhook_attempts_total`` (by endpoint host and outcome),
+  ``charai_webhook_attempt_duration_seconds`` (by host) and ``charai_webhooks_in_flight``.
 - every gRPC server: ``charai_rpc_requests_total`` and ``charai_rpc_duration_seconds`` by method
   and code.
 """
@@ -88,6 +90,22 @@ class Metrics:
             registry=r,
         )
         self.watch_streams = Gauge("charai_watch_streams_open", "Open watch streams", registry=r)
+        self.webhook_attempts = Counter(
+            "charai_webhook_attempts",
+            "Webhook delivery attempts, by endpoint host and outcome (HTTP status, none, refused)",
+            ["host", "outcome"],
+            registry=r,
+        )
+        self.webhook_duration = Histogram(
+            "charai_webhook_attempt_duration_seconds",
+            "Webhook delivery attempts, send to answer, by endpoint host",
+            ["host"],
+            buckets=_CALL_BUCKETS,
+            registry=r,
+        )
+        self.webhooks_in_flight = Gauge(
+            "charai_webhooks_in_flight", "Webhook deliveries this sender is posting", registry=r
+        )
         self.rpc_requests = Counter(
             "charai_rpc_requests", "gRPC calls served, by method and code", ["method", "code"], registry=r
         )

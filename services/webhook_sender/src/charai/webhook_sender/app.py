@@ -9,6 +9,8 @@ from charai.core import logs, natsconn
 from charai.core.keys import keys
 from charai.core.lifecycle import run_until_signal
 from charai.core.media import MEDIA_URL_PREFIX, UrlSigner
+from charai.core.metrics import Metrics
+from charai.core.metrics_endpoint import MetricsEndpoint
 from charai.core.storeclient import StoreClient
 from charai.core.topology import Topology
 from charai.tasks.v1 import task_pb2
@@ -28,6 +30,7 @@ class SenderApp:
     def __init__(self, settings: SenderSettings) -> None:
         self.settings = settings
         self.sender: Sender | None = None
+        self.metrics = Metrics("webhook_sender")
         self._exit = contextlib.AsyncExitStack()
         self._closed = False
 
@@ -74,10 +77,22 @@ class SenderApp:
             allow_private=s.webhook_allow_private_urls,
             ack_wait=s.webhook_ack_wait_seconds,
             replicas=s.nats_replicas,
+            observe=self._observe,
         )
         await sender.start()
         stack.push_async_callback(sender.close, s.shutdown_grace_seconds)
+        await stack.enter_async_context(
+            MetricsEndpoint(
+                self.metrics,
+                s.metrics_addr,
+                live=[(self.metrics.webhooks_in_flight, lambda: sender.in_flight)],
+            )
+        )
         logs.announce("webhook_sender_started", concurrency=s.webhook_concurrency, sender_id=s.sender_id)
+
+    def _observe(self, host: str, outcome: str, seconds: float) -> None:
+        self.metrics.webhook_attempts.labels(host, outcome).inc()
+        self.metrics.webhook_duration.labels(host).observe(seconds)
 
     async def close(self) -> None:
         if self._closed:

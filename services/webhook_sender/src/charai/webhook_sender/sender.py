@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import datetime as dt
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 import grpc
 import structlog
@@ -47,8 +48,11 @@ class Sender:
         ack_wait: float = 60.0,
         replicas: int = 1,
         resolve: Resolve = system_resolve,
+        observe: Callable[[str, str, float], None] | None = None,
     ) -> None:
         self._js = js
+        #: Called with (endpoint host, outcome, seconds) after each attempt (metrics).
+        self._observe = observe
         self._store = store
         self._topology = topology
         self._sender_id = sender_id
@@ -121,6 +125,10 @@ class Sender:
                 self._inflight.add(task)
                 task.add_done_callback(self._done)
 
+    @property
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
     def _done(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
         self._slots.release()
@@ -174,6 +182,10 @@ class Sender:
         self.attempts += 1
         if 200 <= answer.http_status < 300:
             self.delivered += 1
+        host = _host(claim.url)
+        if self._observe is not None:
+            outcome = {0: "none", attempt.REFUSED: "refused"}.get(answer.http_status, str(answer.http_status))
+            self._observe(host, outcome, answer.latency)
         log.info(
             "webhook_attempt",
             delivery_id=delivery_id,
@@ -183,12 +195,10 @@ class Sender:
             http_status=answer.http_status,
             latency_ms=round(answer.latency * 1000, 1),
             error=answer.error or None,
-            host=_host(claim.url),
+            host=host,
         )
         return answer
 
 
 def _host(url: str) -> str:
-    from urllib.parse import urlsplit
-
     return urlsplit(url).hostname or ""
