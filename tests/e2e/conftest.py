@@ -40,11 +40,13 @@ async def fast_stack(
     tmp_path_factory: pytest.TempPathFactory,
     services: tuple[str, ...] = SERVICES,
     service_env: Mapping[str, Mapping[str, str]] | None = None,
+    env: Mapping[str, str] | None = None,
     **extra_env: str,
 ) -> AsyncIterator[Stack]:
-    """The devstack with FAST_SETTINGS (plus ``extra_env``) on free ports."""
+    """The devstack with FAST_SETTINGS (plus ``env`` and ``extra_env``) on free ports; only
+    ``services`` (the webhook sender only when a test asks), each with its ``service_env``."""
     data = tmp_path_factory.mktemp("stack")
-    env = {**FAST_SETTINGS, **extra_env}
+    env = {**FAST_SETTINGS, **(env or {}), **extra_env}
     echo = sys.stderr if os.environ.get("CHARAI_TEST_ECHO") else None
     async with Stack(
         Path(data),

@@ -14,15 +14,35 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-from charai.devstack.stack import Stack
+import pytest
+import pytest_asyncio
+from charai.devstack.stack import ALL_SERVICES, Stack
+
+from .conftest import fast_stack
 
 ROOT = Path(__file__).resolve().parents[2]
 CONSOLE = ROOT / "clients/console"
 CONSOLE_DIST = ROOT / "services/gateway/src/charai/gateway/console_dist"
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = Path("/usr/bin/chromium")
+
+
+#: Every task of the page gets the tenant's default webhook, to a port nobody listens on: each
+#: delivery fails after one attempt, and the console lists it with a Redeliver button.
+WEBHOOKS = {
+    "CHARAI_TENANT_WEBHOOKS": "default=http://127.0.0.1:9/refused",
+    "CHARAI_WEBHOOK_ALLOW_PRIVATE_URLS": "true",
+    "CHARAI_WEBHOOK_RETRY_SCHEDULE": "0",
+}
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    async with fast_stack(tmp_path_factory, ALL_SERVICES, env=WEBHOOKS) as running:
+        yield running
 
 
 def prepare() -> Path:
@@ -73,6 +93,8 @@ async def test_console_in_headless_chromium(stack: Stack) -> None:
     assert "image.prompt" in seen["errorBanner"]
     assert seen["connection"] == "live"
     assert seen["problems"] == []
+    # The webhook panel: the tasks' failed deliveries (no answer), one queued again.
+    assert seen["webhookRows"] >= 1 and seen["webhookAttempts"].startswith("none"), seen
     # A reloaded or closed tab releases its watch stream on the gateway at once.
     assert seen["openWatchStreams"] == 1
     assert seen["openWatchStreamsAfterClose"] == 0

@@ -54,7 +54,7 @@ async def receiver() -> AsyncIterator[Receiver]:
 async def stack(tmp_path_factory: pytest.TempPathFactory, receiver: Receiver) -> AsyncIterator[Stack]:
     defaults = {"CHARAI_TENANT_WEBHOOKS": f"default={receiver.url}/default"}
     metrics = {"webhook_sender": {"CHARAI_METRICS_ADDR": f"127.0.0.1:{METRICS_PORT}"}}
-    async with fast_stack(tmp_path_factory, ALL_SERVICES, metrics, **SETTINGS, **defaults) as running:
+    async with fast_stack(tmp_path_factory, ALL_SERVICES, metrics, {**SETTINGS, **defaults}) as running:
         yield running
 
 

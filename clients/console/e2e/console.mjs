@@ -153,6 +153,16 @@ async function main() {
   assert.equal(ids[2], imageId, `newest first: ${ids}`);
   assert.deepEqual(statuses, ["cancelled", "completed", "completed"]);
 
+  // 6. Webhook deliveries: every task here went to the tenant's default endpoint, which refuses
+  // connections, so each delivery failed after its one attempt; Redeliver queues one again.
+  await page.click("#webhooks-refresh");
+  const failedRow = page.locator("#webhooks tr.status-failed").first();
+  await failedRow.waitFor();
+  seen.webhookRows = await page.locator("#webhooks tbody tr").count();
+  seen.webhookAttempts = (await failedRow.locator("td").nth(4).innerText()).trim();
+  await failedRow.locator("button.redeliver").click();
+  await page.locator("#webhooks-note").filter({ hasText: "1 queued again" }).waitFor();
+
   // The reload closed the old page's stream on the gateway at once: only the new page's is open.
   await page.locator("#connection.pill-live").waitFor();
   seen.openWatchStreams = await waitForStreams((n) => n === 1);

@@ -40,6 +40,10 @@ const ui = {
   voiceSpeed: $<HTMLInputElement>("voice-speed"),
   voiceSubmit: $<HTMLButtonElement>("voice-submit"),
   tasks: $<HTMLOListElement>("tasks"),
+  webhooks: $<HTMLTableElement>("webhooks"),
+  webhooksEmpty: $("webhooks-empty"),
+  webhooksNote: $("webhooks-note"),
+  webhooksRefresh: $<HTMLButtonElement>("webhooks-refresh"),
   taskCount: $("task-count"),
   empty: $("empty"),
 };
@@ -363,6 +367,71 @@ ui.voiceForm.addEventListener("submit", (e) => {
     })),
   );
 });
+
+// -- webhook deliveries (the tenant's newest; a tenant key is needed, not an access token) ----
+const DELIVERY_STATUS: Record<number, string> = { 1: "pending", 2: "delivered", 3: "failed" };
+
+function attemptsText(attempts: { httpStatus: number; error: string }[]): string {
+  return attempts.map((a) => (a.httpStatus > 0 ? String(a.httpStatus) : a.httpStatus < 0 ? "refused" : "none")).join(", ") || "–";
+}
+
+async function loadWebhooks(): Promise<void> {
+  let page;
+  try {
+    page = await charai.raw.listWebhookDeliveries({ pageSize: 20 });
+  } catch (err) {
+    const d = explain(err);
+    ui.webhooksNote.dataset["error"] = "true";
+    ui.webhooksNote.textContent = d.code === "permission_denied" ? "needs a tenant API key" : `not available: ${d.message}`;
+    return;
+  }
+  if (ui.webhooksNote.dataset["error"]) {
+    delete ui.webhooksNote.dataset["error"];
+    ui.webhooksNote.textContent = "";
+  }
+  const body = ui.webhooks.tBodies[0]!;
+  body.replaceChildren();
+  for (const d of page.deliveries) {
+    const status = DELIVERY_STATUS[d.status] ?? "unknown";
+    const last = d.attempts.at(-1);
+    const actions = h("td");
+    if (status === "failed") {
+      const again = h("button", { type: "button", class: "secondary redeliver", "data-delivery-id": d.id }, "Redeliver");
+      again.addEventListener("click", () => void redeliver(d.id));
+      actions.append(again);
+    }
+    body.append(
+      h(
+        "tr",
+        { class: `status-${status}`, "data-delivery-id": d.id },
+        h("td", {}, d.eventType),
+        h("td", {}, h("code", {}, d.taskId.slice(0, 13))),
+        h("td", { class: "endpoint", title: d.url }, d.url),
+        h("td", {}, h("span", { class: "badge" }, status)),
+        h("td", {}, attemptsText(d.attempts), last?.error ? h("div", { class: "attempt-error" }, last.error) : null),
+        actions,
+      ),
+    );
+  }
+  ui.webhooks.hidden = page.deliveries.length === 0;
+  ui.webhooksEmpty.hidden = page.deliveries.length > 0;
+}
+
+async function redeliver(deliveryId: string): Promise<void> {
+  try {
+    const answer = await charai.raw.redeliverWebhook({ deliveryId });
+    ui.webhooksNote.textContent = `${answer.redelivered} queued again`;
+  } catch (err) {
+    showError("Redelivering a webhook", err);
+  }
+  await loadWebhooks();
+}
+
+ui.webhooksRefresh.addEventListener("click", () => void loadWebhooks());
+setInterval(() => {
+  if (document.visibilityState === "visible") void loadWebhooks();
+}, 5000);
+void loadWebhooks();
 
 // Start with the character from the URL (?character=...&name=...), else the last one opened.
 {
