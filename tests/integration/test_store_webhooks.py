@@ -105,6 +105,8 @@ async def test_retry_after_is_a_lower_bound_and_the_schedule_ends(db: Database) 
 
 async def test_a_streak_disables_the_endpoint_and_redelivery_enables_it(db: Database) -> None:
     async with opened(db, webhooks=CONFIG) as rec:
+        disabled: list[tuple[str, str]] = []
+        rec.store.webhooks.on_disabled = lambda tenant, host: disabled.append((tenant, host))
         ids = []
         for _ in range(3):
             task, _ = await rec.store.create("t1", hooked())
@@ -113,6 +115,7 @@ async def test_a_streak_disables_the_endpoint_and_redelivery_enables_it(db: Data
             await rec.store.webhooks.claim(delivery.id, "s1")
             await rec.store.webhooks.settle(settle(delivery.id, 400))  # final, counts in the streak
             ids.append(task.id)
+        assert disabled == [("t1", "hooks.example.com")]  # once, on the third failure in a row
         later, _ = await rec.store.create("t1", hooked())
         await run_to_completion(rec, later.id)
         (skipped,) = await listed(rec, later.id)

@@ -17,6 +17,7 @@ Where each family is fed:
   aggregate them with ``max``, not ``sum``.
 - workers: ``charai_worker_jobs_in_flight`` and ``charai_provider_call_duration_seconds``.
 - gateway: ``charai_watch_streams_open``.
+- task_store also: ``charai_webhook_endpoints_disabled_total`` (by endpoint host).
 - webhook sender: ``charai_webhook_attempts_total`` (by endpoint host and outcome),
   ``charai_webhook_attempt_duration_seconds`` (by host) and ``charai_webhooks_in_flight``.
 - every gRPC server: ``charai_rpc_requests_total`` and ``charai_rpc_duration_seconds`` by method
@@ -101,6 +102,12 @@ class Metrics:
             "Webhook delivery attempts, send to answer, by endpoint host",
             ["host"],
             buckets=_CALL_BUCKETS,
+            registry=r,
+        )
+        self.webhook_endpoints_disabled = Counter(
+            "charai_webhook_endpoints_disabled",
+            "Webhook endpoints disabled (a 410, or too many failures in a row), by host",
+            ["host"],
             registry=r,
         )
         self.webhooks_in_flight = Gauge(

@@ -153,6 +153,8 @@ class TaskStoreApp:
         # New jobs go straight to this relay after their create commits (no claim in between).
         store.hand_off(relay.owner, relay.take_threadsafe)
         store.on_outbox(relay.wake_threadsafe)  # webhook deliveries that are due
+        disabled = self.metrics.webhook_endpoints_disabled
+        store.webhooks.on_disabled = lambda tenant, host: disabled.labels(host).inc()
         stack.push_async_callback(relay.close)
         relay.start()
         relay.wake()  # publish whatever a previous run left in the outbox

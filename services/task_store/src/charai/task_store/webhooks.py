@@ -21,7 +21,7 @@ import hashlib
 import hmac
 import random
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -84,6 +84,8 @@ class Webhooks:
         self._clock = clock
         self.config = config
         self._rng = rng or random.Random()
+        #: Called after a commit that disabled an endpoint, with (tenant, endpoint host) (metrics).
+        self.on_disabled: Callable[[str, str], None] | None = None
 
     # -- inside a unit of work ---------------------------------------------------------------
     async def on_event(self, tx: Tx, tenant: str, event: task_pb2.TaskEvent, now: int) -> int:
@@ -212,10 +214,12 @@ class Webhooks:
     ) -> tuple[spb.SettleWebhookDeliveryResponse, int]:
         """Records an attempt and decides what follows; also returns how many jobs it queued."""
         queued = 0
+        disabled: list[tuple[str, str]] = []
 
         async def body(tx: Tx) -> spb.SettleWebhookDeliveryResponse:
             nonlocal queued
             queued = 0
+            disabled.clear()
             now = self._clock.now_us()
             row = await tx.fetchrow(
                 "SELECT tenant, task_id, url, status, attempts, claimed_by FROM webhook_deliveries"
@@ -228,6 +232,8 @@ class Webhooks:
             await self._record_attempt(tx, req, attempts, now)
             decision = await self._decide(tx, req, tenant, url, attempts)
             await self._apply(tx, req.delivery_id, tenant, url, attempts, decision, now)
+            if decision.disable:
+                disabled.append((tenant, urlsplit(url).hostname or ""))
             if decision.status is DeliveryStatus.PENDING:
                 return spb.SettleWebhookDeliveryResponse(
                     outcome=spb.SETTLE_OUTCOME_RETRY, retry_after_seconds=decision.retry_in or 0.0
@@ -236,6 +242,9 @@ class Webhooks:
             return spb.SettleWebhookDeliveryResponse(outcome=spb.SETTLE_OUTCOME_DONE)
 
         response = await self._db.write(body)
+        for tenant, host in disabled:
+            if self.on_disabled is not None:
+                self.on_disabled(tenant, host)
         return response, queued
 
     async def _record_attempt(
