@@ -424,3 +424,52 @@ async def test_a_job_handed_to_a_relay_that_died_is_published_by_another_after_t
         finally:
             await survivor.close()
         assert [j.msg_id for j in await stream_jobs(js)] == [f"{task.id}:1"]
+
+
+async def test_sweeper_redispatches_a_webhook_job_that_nats_lost(
+    nats_server: NatsServer, tmp_path: Path, db: Database
+) -> None:
+    """A delivery's job is published, its JetStream sequence recorded; NATS loses it; once the
+    delivery is overdue and unclaimed, the sweep publishes it again (a new generation), and no
+    more once the new one is in the stream."""
+    clock = ManualClock(tick=1e-6)
+    async with running(
+        nats_server, tmp_path, db, clock, redispatch_after_seconds=0.3, sweep_interval_seconds=3600
+    ) as r:
+        assert r.app.store is not None
+        request = tts_request()
+        request.webhook.url = "https://hooks.example.com/charai"
+        task = await r.create(request)
+        await r.client.claim_task(task.id, 1, "w")
+        await r.client.complete_task(task.id, 1, task_pb2.TtsResult(audio_url="charai-media:x.wav"))
+        subject = TOPOLOGY.webhook_subject
+
+        async def webhook_jobs() -> list[tuple[int, str]]:
+            state = (await r.js.stream_info(STREAM)).state
+            found = []
+            for seq in range(state.first_seq, state.last_seq + 1):
+                try:
+                    msg = await r.js.get_msg(STREAM, seq)
+                except NotFoundError:
+                    continue
+                if msg.subject == subject:
+                    found.append((seq, (msg.headers or {}).get("Nats-Msg-Id", "")))
+            return found
+
+        async def published(n: int) -> bool:
+            return len(await webhook_jobs()) == n and await r.outbox_empty()
+
+        await eventually(lambda: published(1), timeout=5)
+        ((seq, first_id),) = await webhook_jobs()
+        assert first_id.endswith(":1")
+        assert await r.js.delete_msg(STREAM, seq)
+
+        relay = OutboxRelay(r.app.store, r.js, TOPOLOGY, redispatch_after=0.3, sweep_interval=3600)
+        assert await relay.sweep_once() == 0  # not overdue yet
+        clock.advance(0.4)
+        assert await relay.sweep_once() == 1
+        await eventually(lambda: published(1), timeout=5)
+        ((_, again_id),) = await webhook_jobs()
+        assert again_id == first_id[:-2] + ":2"
+        clock.advance(0.4)
+        assert await relay.sweep_once() == 0  # the new job is there

@@ -269,9 +269,29 @@ class OutboxRelay:
             if await self._store.redispatch(task_id, gen):
                 redispatched += 1
                 log.warning("job_redispatched", task_id=task_id, previous_gen=gen)
+        redispatched += await self._sweep_webhooks()
         if redispatched:
             self.wake()
         return redispatched
+
+    async def _sweep_webhooks(self) -> int:
+        """The same for webhook deliveries whose job nobody took long after it was due."""
+        redispatched = 0
+        webhooks = self._store.webhooks
+        for delivery_id, gen, seq in await webhooks.stale(self._redispatch_after):
+            if seq is not None and await self._webhook_job_in_stream(delivery_id, seq):
+                continue
+            if await webhooks.redispatch(delivery_id, gen):
+                redispatched += 1
+                log.warning("webhook_redispatched", delivery_id=delivery_id, previous_gen=gen)
+        return redispatched
+
+    async def _webhook_job_in_stream(self, delivery_id: str, seq: int) -> bool:
+        try:
+            msg = await self._js.get_msg(self._topology.jobs_stream, seq)
+        except JsNotFoundError:
+            return False
+        return spb.WebhookJob.FromString(msg.data or b"").delivery_id == delivery_id
 
     async def _job_in_stream(self, task_id: str, seq: int) -> bool:
         try:

@@ -182,10 +182,17 @@ class Outbox:
         # One order for every writer of these rows, so two relays cannot deadlock.
         ordered = sorted(sent, key=lambda s: (s[0].task_id, s[0].id))
         await tx.executemany("DELETE FROM outbox WHERE id = ?", [(r.id,) for r, _ in ordered])
-        await tx.executemany(
-            "UPDATE tasks SET stream_seq = ?, dispatched_at = ? WHERE id = ? AND dispatch_gen = ?",
-            [(seq, now, r.task_id, r.dispatch_gen) for r, seq in ordered],
-        )
+        webhook = self._topology.webhook_subject
+        jobs = [(seq, now, r.task_id, r.dispatch_gen) for r, seq in ordered if r.subject != webhook]
+        if jobs:
+            await tx.executemany(
+                "UPDATE tasks SET stream_seq = ?, dispatched_at = ? WHERE id = ? AND dispatch_gen = ?", jobs
+            )
+        deliveries = [(seq, r.task_id, r.dispatch_gen) for r, seq in ordered if r.subject == webhook]
+        if deliveries:  # a webhook job's row names its delivery where a task job's names the task
+            await tx.executemany(
+                "UPDATE webhook_deliveries SET stream_seq = ? WHERE id = ? AND dispatch_gen = ?", deliveries
+            )
 
     # -- the sweeper -------------------------------------------------------------------------
     async def stale(self, older_than_s: float, limit: int = 200) -> list[tuple[str, int, int | None]]:

@@ -269,6 +269,20 @@ MIGRATIONS: tuple[Migration, ...] = (
         sqlite=_webhook_tables("BLOB"),
         postgres=_webhook_tables("BYTEA"),
     ),
+    Migration(
+        6,
+        "the JetStream sequence of a webhook delivery's job, and an index of due deliveries (lost-job sweep)",
+        sqlite=(
+            "ALTER TABLE webhook_deliveries ADD COLUMN stream_seq BIGINT",
+            "CREATE INDEX IF NOT EXISTS webhook_deliveries_due"
+            " ON webhook_deliveries (status, next_attempt_at)",
+        ),
+        postgres=(
+            "ALTER TABLE webhook_deliveries ADD COLUMN IF NOT EXISTS stream_seq BIGINT",
+            "CREATE INDEX IF NOT EXISTS webhook_deliveries_due"
+            " ON webhook_deliveries (status, next_attempt_at)",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -152,6 +152,50 @@ class Webhooks:
         )
         return 1
 
+    # -- the lost-job sweep (the relay's sweeper) ---------------------------------------------
+    async def stale(self, older_than_s: float, limit: int = 200) -> list[tuple[str, int, int | None]]:
+        """Claims pending deliveries whose job is out but that nobody took for ``older_than_s``
+        past their due time: (delivery id, dispatch gen, stream seq), for the sweeper to check
+        the job is still in the stream. Claiming moves their due time to now, so the next sweeps
+        leave them alone for ``older_than_s`` (as the task sweep does with ``dispatched_at``)."""
+
+        async def body(tx: Tx) -> list[tuple[str, int, int | None]]:
+            now = self._clock.now_us()
+            rows = await tx.fetch(
+                "UPDATE webhook_deliveries SET next_attempt_at = ? WHERE id IN ("
+                "SELECT id FROM webhook_deliveries WHERE status = ? AND dispatched = 1"
+                " AND next_attempt_at < ? AND (claimed_until IS NULL OR claimed_until < ?)"
+                f" ORDER BY next_attempt_at LIMIT ?{self._db.dialect.skip_locked})"
+                " RETURNING id, dispatch_gen, stream_seq",
+                now,
+                _PENDING,
+                now - int(older_than_s * 1e6),
+                now,
+                limit,
+            )
+            return [(str(r[0]), int(r[1]), None if r[2] is None else int(r[2])) for r in rows]
+
+        return await self._db.write(body)
+
+    async def redispatch(self, delivery_id: str, seen_gen: int) -> bool:
+        """Publishes a delivery's job again (a new generation) if it is still pending with the
+        generation the sweeper saw; True if it did."""
+
+        async def body(tx: Tx) -> bool:
+            row = await tx.fetchrow(
+                "SELECT task_id, url FROM webhook_deliveries"
+                f" WHERE id = ? AND status = ? AND dispatch_gen = ?{self._db.dialect.for_update}",
+                delivery_id,
+                _PENDING,
+                seen_gen,
+            )
+            if row is None:
+                return False
+            await tx.execute("UPDATE webhook_deliveries SET dispatched = 0 WHERE id = ?", delivery_id)
+            return await self._dispatch_head(tx, str(row[0]), str(row[1]), self._clock.now_us()) > 0
+
+        return await self._db.write(body)
+
     async def forget_task(self, tx: Tx, task_id: str) -> None:
         """Removes a deleted task's deliveries and their attempts."""
         await tx.execute(
