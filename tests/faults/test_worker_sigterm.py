@@ -52,6 +52,8 @@ async def test_worker_sigterm_finishes_or_hands_back(make_stack: StackFactory, k
 
         stopping = stack.procs[worker]
         stopping.process.send_signal(signal.SIGTERM)
+        # Submitted once it drains (the signal is asynchronous): none of these may start.
+        await stack.wait_for_line(worker, "worker_draining", 60)
         late = await submit_all(client, character, specs(kind, 5, "after-sigterm"))
         # A hang guard only (far beyond the grace): the worker must end by itself.
         code = await asyncio.wait_for(stopping.process.wait(), 60)

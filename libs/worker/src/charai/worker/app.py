@@ -27,8 +27,9 @@ class WorkerApp:
 
     Its parts are entered into one :class:`contextlib.AsyncExitStack`, so a start that fails
     half-way closes exactly what it opened and ``close()`` (idempotent) undoes the rest in reverse
-    order of entry: the metrics endpoint, the job runner (in-flight jobs finish within the grace
-    or are handed back), the provider HTTP session, the task_store client, NATS.
+    order of entry: the job runner first (it stops taking jobs; in-flight ones finish within the
+    grace or are handed back), the metrics endpoint, the provider HTTP session, the task_store
+    client, NATS.
     """
 
     def __init__(
@@ -92,8 +93,6 @@ class WorkerApp:
         self.runner = runner = JobRunner(
             config, self._handler, nc, js, store, MediaStore(bucket), provider, topology
         )
-        stack.push_async_callback(runner.close, s.shutdown_grace_seconds)
-        await runner.start()
         self._metrics_endpoint = await stack.enter_async_context(
             MetricsEndpoint(
                 self.metrics,
@@ -101,6 +100,10 @@ class WorkerApp:
                 live=[(self.metrics.jobs_in_flight.labels(self._kind), lambda: runner.in_flight)],
             )
         )
+        # Closed first (entered last): on SIGTERM the runner stops taking jobs before anything
+        # else is awaited, so no job starts once draining began.
+        stack.push_async_callback(runner.close, s.shutdown_grace_seconds)
+        await runner.start()
         log.info(
             "provider_configured",
             base_url=self._provider_config.base_url,
