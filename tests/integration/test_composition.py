@@ -109,7 +109,8 @@ async def test_worker_start_failing_at_its_metrics_port_closes_what_it_opened(
             app = build_image_worker(settings)
             with pytest.raises(SystemExit, match="CHARAI_METRICS_ADDR"):
                 await app.start()
-        assert app.runner is not None and app.runner._closed
+        # The metrics port is taken before the runner starts: it never took a job or a lane.
+        assert app.runner is not None and not app.runner._lanes and not app.runner._tasks
         assert app._session is not None and app._session.closed
         assert app._store is not None and app._store._closed
         assert app._nc is not None and app._nc.is_closed
