@@ -221,7 +221,10 @@ async def test_seed_frontend_with_an_access_token_in_headless_chromium(
         assert seen is not None, f"the page driver printed no result; stderr:\n{errors[-4000:]}"
         report = json.dumps(seen, ensure_ascii=False, indent=1)
         await asyncio.to_thread((ARTIFACTS / "seed-frontend.json").write_text, report)  # what the page saw
-        assert proc.returncode == 0, f"{seen.get('error')}\n{json.dumps(seen)[:3000]}\n{errors[-3000:]}"
+        assert proc.returncode == 0, (
+            f"{seen.get('error')}\n{json.dumps(seen.get('atFailure'))[:3000]}\n{json.dumps(seen)[:3000]}"
+            f"\n{errors[-3000:]}"
+        )
         assert seen["pageErrors"] == []
 
         # (a) Created over gRPC-web with the token, watched over gRPC-web and over SSE.

@@ -102,7 +102,9 @@ async function main() {
     viewport: { width: 1100, height: 900 },
   });
   const page = context.pages()[0] ?? (await context.newPage());
-  page.setDefaultTimeout(30_000);
+  openPage = page;
+  // Generous: a waited-for state that never comes fails here, a slow machine does not.
+  page.setDefaultTimeout(90_000);
   page.on("pageerror", (err) => result.pageErrors.push(err.message));
   page.on("console", (msg) => msg.type() === "error" && result.consoleErrors.push(msg.text()));
   // What the app's backend handed over when it rendered the page: where the gateway is, and a
@@ -177,12 +179,24 @@ async function main() {
   await page.close();
 }
 
+let openPage;
 let failed = false;
 try {
   await main();
 } catch (err) {
   failed = true;
   result.error = String(err?.stack ?? err);
+  // What the seed's handlers had done when it failed (the full result is long; this comes first).
+  result.atFailure = await openPage
+    ?.evaluate(() => ({
+      calls: Object.fromEntries(Object.entries(window.harness.calls).map(([k, v]) => [k, v.length])),
+      toasts: window.harness.calls.toast,
+      connection: window.harness.connection(),
+      states: Object.fromEntries(
+        Object.entries(window.harness.states).map(([id, s]) => [id, s.map((x) => `${x.status}:${x.progress}`).join(" ")]),
+      ),
+    }))
+    .catch((e) => String(e));
 } finally {
   await context?.close().catch(() => {});
   server?.close();
