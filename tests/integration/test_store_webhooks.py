@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 from charai.core.clock import ManualClock
 from charai.store.v1 import store_service_pb2 as spb
-from charai.task_store.webhooks import WebhookConfig, derive_secret
+from charai.task_store.webhook_secrets import derive_secret
+from charai.task_store.webhooks import WebhookConfig
 from charai.tasks.v1 import task_pb2, task_service_pb2
 from google.protobuf import timestamp_pb2
 
@@ -147,10 +148,10 @@ async def test_a_pending_progress_delivery_is_replaced_by_the_next_event(db: Dat
 async def test_rotation_signs_with_both_secrets_until_the_grace_ends(db: Database) -> None:
     async with opened(db, webhooks=CONFIG, clock=ManualClock(tick=1e-6)) as rec:
         webhooks = rec.store.webhooks
-        old = await webhooks.secret("t1")
-        assert old == derive_secret(KEY, "t1", 1) and old != await webhooks.secret("t2")
-        rotated = await webhooks.rotate("t1")
-        assert rotated.secret == await webhooks.secret("t1") != old
+        old = await webhooks.secrets.current("t1")
+        assert old == derive_secret(KEY, "t1", 1) and old != await webhooks.secrets.current("t2")
+        rotated = await webhooks.secrets.rotate("t1")
+        assert rotated.secret == await webhooks.secrets.current("t1") != old
         task, _ = await rec.store.create("t1", hooked())
         await run_to_completion(rec, task.id)
         (delivery,) = await listed(rec, task.id)

@@ -52,6 +52,14 @@ class Metrics:
         self.service = service
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        self._tasks(r)
+        self._queues(r)
+        self._workers(r)
+        self._webhooks(r)
+        self._rpcs(r)
+
+    def _tasks(self, r: CollectorRegistry) -> None:
+        """task_store: every transition, counted once by the replica that committed it."""
         self.tasks_created = Counter("charai_tasks_created", "Tasks accepted", ["type"], registry=r)
         self.tasks_completed = Counter("charai_tasks_completed", "Tasks completed", ["type"], registry=r)
         self.tasks_failed = Counter(
@@ -68,6 +76,9 @@ class Metrics:
             buckets=_TASK_BUCKETS,
             registry=r,
         )
+
+    def _queues(self, r: CollectorRegistry) -> None:
+        """task_store: gauges refreshed from the database."""
         self.queue_depth = Gauge(
             "charai_queue_depth", "Queued tasks a worker may pick up now", ["type", "priority"], registry=r
         )
@@ -80,6 +91,9 @@ class Metrics:
         self.outbox_backlog = Gauge(
             "charai_outbox_backlog", "Jobs not yet confirmed published to JetStream", registry=r
         )
+
+    def _workers(self, r: CollectorRegistry) -> None:
+        """Workers and the gateway's watch streams."""
         self.jobs_in_flight = Gauge(
             "charai_worker_jobs_in_flight", "Jobs this worker holds", ["kind"], registry=r
         )
@@ -91,6 +105,9 @@ class Metrics:
             registry=r,
         )
         self.watch_streams = Gauge("charai_watch_streams_open", "Open watch streams", registry=r)
+
+    def _webhooks(self, r: CollectorRegistry) -> None:
+        """The webhook sender (attempts) and task_store (disabled endpoints)."""
         self.webhook_attempts = Counter(
             "charai_webhook_attempts",
             "Webhook delivery attempts, by endpoint host and outcome (HTTP status, none, refused)",
@@ -113,6 +130,9 @@ class Metrics:
         self.webhooks_in_flight = Gauge(
             "charai_webhooks_in_flight", "Webhook deliveries this sender is posting", registry=r
         )
+
+    def _rpcs(self, r: CollectorRegistry) -> None:
+        """Every gRPC server."""
         self.rpc_requests = Counter(
             "charai_rpc_requests", "gRPC calls served, by method and code", ["method", "code"], registry=r
         )

@@ -113,13 +113,15 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
     async def GetWebhookSecret(
         self, request: spb.GetWebhookSecretRequest, context: Context
     ) -> spb.GetWebhookSecretResponse:
-        secret = await self._store.webhooks.secret(request.tenant)
+        secret = await self._store.webhooks.secrets.current(request.tenant)
         return spb.GetWebhookSecretResponse(response=tpb.GetWebhookSecretResponse(secret=secret))
 
     async def RotateWebhookSecret(
         self, request: spb.RotateWebhookSecretRequest, context: Context
     ) -> spb.RotateWebhookSecretResponse:
-        return spb.RotateWebhookSecretResponse(response=await self._store.webhooks.rotate(request.tenant))
+        return spb.RotateWebhookSecretResponse(
+            response=await self._store.webhooks.secrets.rotate(request.tenant)
+        )
 
     async def ListWebhookDeliveries(
         self, request: spb.ListWebhookDeliveriesRequest, context: Context

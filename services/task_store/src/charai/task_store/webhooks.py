@@ -9,16 +9,13 @@ good publishes the next. A receiver never gets ``completed`` before ``started``.
 a later event of the same task replaces a progress delivery not yet attempted (latest wins), so
 an endpoint gets at most one progress per task per interval.
 
-**Secrets** are never stored: a tenant's secret is derived from the signing key (a setting, or
-a file in the data dir) and the tenant's secret version, the one thing the database holds.
+**Secrets** are never stored (``webhook_secrets``): derived from the signing key and the
+tenant's secret version, the one thing the database holds.
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import hashlib
-import hmac
 import random
 import uuid
 from collections.abc import Callable, Sequence
@@ -34,6 +31,7 @@ from charai.core.validation import RequestInvalidError, Violation
 from charai.store.v1 import store_service_pb2 as spb
 from charai.task_store.backend import Backend, Tx
 from charai.task_store.queries import decode_page_token, encode_page_token
+from charai.task_store.webhook_secrets import WebhookSecrets
 from charai.tasks.v1 import task_pb2, task_service_pb2
 
 log = structlog.get_logger("task_store")
@@ -62,12 +60,6 @@ class WebhookConfig:
     claim_seconds: float = 60.0
 
 
-def derive_secret(signing_key: bytes, tenant: str, version: int) -> str:
-    """A tenant's ``whsec_`` secret of one version."""
-    raw = hmac.new(signing_key, f"charai-webhook\x00{tenant}\x00{version}".encode(), hashlib.sha256).digest()
-    return "whsec_" + base64.b64encode(raw).decode()
-
-
 class Webhooks:
     """The store's webhook operations (the gRPC API and the units of work call these)."""
 
@@ -83,6 +75,7 @@ class Webhooks:
         self._subject = subject
         self._clock = clock
         self.config = config
+        self.secrets = WebhookSecrets(backend, clock, config.signing_key, config.secret_grace_seconds)
         self._rng = rng or random.Random()
         #: Called after a commit that disabled an endpoint, with (tenant, endpoint host) (metrics).
         self.on_disabled: Callable[[str, str], None] | None = None
@@ -247,7 +240,7 @@ class Webhooks:
                 url=row[2],
                 event_type=rules.payload_type(int(row[3])),
                 event=task_pb2.TaskEvent.FromString(bytes(row[10])),
-                secrets=await self._secrets(tx, str(row[11]), now),
+                secrets=await self.secrets.signing(tx, str(row[11]), now),
                 attempt=int(row[7]) + 1,
             )
 
@@ -477,47 +470,5 @@ class Webhooks:
             for task_id, url in sorted({(str(r[1]), str(r[2])) for r in rows}):
                 queued += await self._dispatch_head(tx, task_id, url, now)
             return len(rows), queued
-
-        return await self._db.write(body)
-
-    async def _version(self, tx: Tx, tenant: str) -> tuple[int, int]:
-        row = await tx.fetchrow(
-            "SELECT version, previous_until FROM webhook_secrets WHERE tenant = ?", tenant
-        )
-        return (1, 0) if row is None else (int(row[0]), int(row[1]))
-
-    async def _secrets(self, tx: Tx, tenant: str, now: int) -> list[str]:
-        version, previous_until = await self._version(tx, tenant)
-        key = self.config.signing_key
-        out = [derive_secret(key, tenant, version)]
-        if version > 1 and previous_until > now:
-            out.append(derive_secret(key, tenant, version - 1))
-        return out
-
-    async def secret(self, tenant: str) -> str:
-        async def body(tx: Tx) -> str:
-            version, _ = await self._version(tx, tenant)
-            return derive_secret(self.config.signing_key, tenant, version)
-
-        return await self._db.read(body)
-
-    async def rotate(self, tenant: str) -> task_service_pb2.RotateWebhookSecretResponse:
-        async def body(tx: Tx) -> task_service_pb2.RotateWebhookSecretResponse:
-            now = self._clock.now_us()
-            version, _ = await self._version(tx, tenant)
-            until = now + int(self.config.secret_grace_seconds * 1e6)
-            await tx.execute(
-                "INSERT INTO webhook_secrets (tenant, version, previous_until) VALUES (?, ?, ?)"
-                " ON CONFLICT (tenant) DO UPDATE SET version = excluded.version,"
-                " previous_until = excluded.previous_until",
-                tenant,
-                version + 1,
-                until,
-            )
-            out = task_service_pb2.RotateWebhookSecretResponse(
-                secret=derive_secret(self.config.signing_key, tenant, version + 1)
-            )
-            out.previous_expire_time.FromMicroseconds(until)
-            return out
 
         return await self._db.write(body)
