@@ -983,3 +983,20 @@ async def test_ended_tasks_are_listed_for_retention_by_their_last_change(rec: Re
     assert [task.id for _, task in await store.ended_before(later)] == [old.id, kept.id]  # not the queued one
     assert [task.id for _, task in await store.ended_before(later, limit=1)] == [old.id]
     assert waiting.status == QUEUED
+
+
+async def test_create_many_is_one_transaction_answered_in_order(rec: Recorded) -> None:
+    store = rec.store
+    earlier, _ = await store.create("t1", tts_request(request_id="again"))
+    requests = [image_request(), tts_request(request_id="again"), tts_request(request_id="fresh")]
+    requests.append(tts_request(request_id="fresh"))  # the same key twice in one batch
+    made = await store.create_many("t1", requests)
+    assert [created for _, created in made] == [True, False, True, False]
+    tasks = [task for task, _ in made]
+    assert tasks[1].id == earlier.id and tasks[3].id == tasks[2].id
+    assert [t.type for t in tasks] == [IMAGE, TTS, TTS, TTS]
+    # Each new task has its QUEUED event and its job, like a single create.
+    for task in (tasks[0], tasks[2]):
+        assert [e.type for e in await rec.events(task.id)] == [EV.TASK_EVENT_TYPE_QUEUED]
+    pending = {row.task_id for row in await store.pending_dispatches()}
+    assert {tasks[0].id, tasks[2].id} <= pending

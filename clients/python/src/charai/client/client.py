@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -81,6 +81,15 @@ class CharaiClient:
     async def create(self, request: task_service_pb2.CreateTaskRequest) -> task_pb2.Task:
         response = await self._call(self._stub.CreateTask, request)
         return response.task  # type: ignore[no-any-return]
+
+    async def create_many(
+        self, requests: Sequence[task_service_pb2.CreateTaskRequest]
+    ) -> list[task_pb2.Task]:
+        """BatchCreateTasks: up to 100 tasks in one call, all or none, answered in order (e.g. a
+        character's views and a voice line). Give each a ``request_id`` to make retries safe."""
+        batch = task_service_pb2.BatchCreateTasksRequest(requests=list(requests))
+        response = await self._call(self._stub.BatchCreateTasks, batch)
+        return list(response.tasks)
 
     async def create_image(
         self,

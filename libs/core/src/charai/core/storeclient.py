@@ -178,6 +178,19 @@ class StoreClient:
         )
         return response.task
 
+    async def batch_create_tasks(
+        self,
+        tenant: str,
+        requests: Sequence[task_service_pb2.CreateTaskRequest],
+        *,
+        timeout: float | None = None,
+    ) -> list[task_pb2.Task]:
+        """Creates several tasks in one transaction (all or none); the tasks in request order."""
+        response = await self._stub.BatchCreateTasks(
+            spb.BatchCreateTasksRequest(tenant=tenant, requests=requests), timeout=timeout
+        )
+        return list(response.tasks)
+
     async def get_task(self, tenant: str, task_id: str, *, timeout: float | None = None) -> task_pb2.Task:
         response = await self._stub.GetTask(spb.GetTaskRequest(tenant=tenant, id=task_id), timeout=timeout)
         return response.task

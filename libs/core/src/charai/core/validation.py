@@ -25,6 +25,8 @@ MAX_METADATA_VALUE_CHARS = 512
 MAX_METADATA_BYTES = 8192
 MAX_REQUEST_ID_CHARS = 128
 MAX_WEBHOOK_URL_CHARS = 2048
+#: Requests one BatchCreateTasks call may carry.
+MAX_BATCH_CREATE = 100
 MAX_PAGE_SIZE = 500
 #: Task ids one access token may name.
 MAX_TOKEN_TASKS = 100
@@ -202,6 +204,30 @@ def validate_create(req: task_service_pb2.CreateTaskRequest, image_model: str = 
     if req.HasField("webhook"):
         validate_webhook(c, "webhook", req.webhook)
     c.raise_if_any()
+
+
+def validate_batch_size(requests: Sequence[object]) -> None:
+    """1 to :data:`MAX_BATCH_CREATE` requests (checked before anything else is looked at)."""
+    if not 1 <= len(requests) <= MAX_BATCH_CREATE:
+        raise RequestInvalidError(
+            [Violation("requests", f"must hold 1 to {MAX_BATCH_CREATE} requests, not {len(requests)}")]
+        )
+
+
+def validate_batch(
+    requests: Sequence[task_service_pb2.CreateTaskRequest], image_model: str = "glm-image"
+) -> None:
+    """Every request as CreateTask checks it; the violations of all of them at once, each field
+    named ``requests[i].field`` (all or nothing: one bad request refuses the batch)."""
+    validate_batch_size(requests)
+    violations: list[Violation] = []
+    for index, request in enumerate(requests):
+        try:
+            validate_create(request, image_model)
+        except RequestInvalidError as exc:
+            violations += [Violation(f"requests[{index}].{v.field}", v.description) for v in exc.violations]
+    if violations:
+        raise RequestInvalidError(violations)
 
 
 def validate_webhook(c: _Checker, field: str, hook: task_pb2.Webhook) -> None:

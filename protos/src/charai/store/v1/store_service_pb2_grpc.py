@@ -40,6 +40,11 @@ class TaskStoreServiceStub:
                 request_serializer=charai_dot_store_dot_v1_dot_store__service__pb2.CreateTaskRequest.SerializeToString,
                 response_deserializer=charai_dot_store_dot_v1_dot_store__service__pb2.CreateTaskResponse.FromString,
                 _registered_method=True)
+        self.BatchCreateTasks = channel.unary_unary(
+                '/charai.store.v1.TaskStoreService/BatchCreateTasks',
+                request_serializer=charai_dot_store_dot_v1_dot_store__service__pb2.BatchCreateTasksRequest.SerializeToString,
+                response_deserializer=charai_dot_store_dot_v1_dot_store__service__pb2.BatchCreateTasksResponse.FromString,
+                _registered_method=True)
         self.GetTask = channel.unary_unary(
                 '/charai.store.v1.TaskStoreService/GetTask',
                 request_serializer=charai_dot_store_dot_v1_dot_store__service__pb2.GetTaskRequest.SerializeToString,
@@ -133,6 +138,13 @@ class TaskStoreServiceServicer:
 
     def CreateTask(self, request, context):
         """Validates and stores a task and its dispatch (outbox) in one transaction.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchCreateTasks(self, request, context):
+        """Validates and stores several tasks and their dispatches in one transaction (all or none).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -265,6 +277,11 @@ def add_TaskStoreServiceServicer_to_server(servicer, server):
                     request_deserializer=charai_dot_store_dot_v1_dot_store__service__pb2.CreateTaskRequest.FromString,
                     response_serializer=charai_dot_store_dot_v1_dot_store__service__pb2.CreateTaskResponse.SerializeToString,
             ),
+            'BatchCreateTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchCreateTasks,
+                    request_deserializer=charai_dot_store_dot_v1_dot_store__service__pb2.BatchCreateTasksRequest.FromString,
+                    response_serializer=charai_dot_store_dot_v1_dot_store__service__pb2.BatchCreateTasksResponse.SerializeToString,
+            ),
             'GetTask': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTask,
                     request_deserializer=charai_dot_store_dot_v1_dot_store__service__pb2.GetTaskRequest.FromString,
@@ -379,6 +396,33 @@ class TaskStoreService:
             '/charai.store.v1.TaskStoreService/CreateTask',
             charai_dot_store_dot_v1_dot_store__service__pb2.CreateTaskRequest.SerializeToString,
             charai_dot_store_dot_v1_dot_store__service__pb2.CreateTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchCreateTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/charai.store.v1.TaskStoreService/BatchCreateTasks',
+            charai_dot_store_dot_v1_dot_store__service__pb2.BatchCreateTasksRequest.SerializeToString,
+            charai_dot_store_dot_v1_dot_store__service__pb2.BatchCreateTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -35,6 +35,8 @@ class TaskStoreServiceStub:
     def __new__(cls, channel: _aio.Channel) -> TaskStoreServiceAsyncStub: ...
     CreateTask: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.CreateTaskRequest, _store_service_pb2.CreateTaskResponse]
     """Validates and stores a task and its dispatch (outbox) in one transaction."""
+    BatchCreateTasks: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.BatchCreateTasksRequest, _store_service_pb2.BatchCreateTasksResponse]
+    """Validates and stores several tasks and their dispatches in one transaction (all or none)."""
     GetTask: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.GetTaskRequest, _store_service_pb2.GetTaskResponse]
     """One task of a tenant."""
     ListTasks: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.ListTasksRequest, _store_service_pb2.ListTasksResponse]
@@ -77,6 +79,8 @@ class TaskStoreServiceAsyncStub(TaskStoreServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateTask: _aio.UnaryUnaryMultiCallable[_store_service_pb2.CreateTaskRequest, _store_service_pb2.CreateTaskResponse]  # type: ignore[assignment]
     """Validates and stores a task and its dispatch (outbox) in one transaction."""
+    BatchCreateTasks: _aio.UnaryUnaryMultiCallable[_store_service_pb2.BatchCreateTasksRequest, _store_service_pb2.BatchCreateTasksResponse]  # type: ignore[assignment]
+    """Validates and stores several tasks and their dispatches in one transaction (all or none)."""
     GetTask: _aio.UnaryUnaryMultiCallable[_store_service_pb2.GetTaskRequest, _store_service_pb2.GetTaskResponse]  # type: ignore[assignment]
     """One task of a tenant."""
     ListTasks: _aio.UnaryUnaryMultiCallable[_store_service_pb2.ListTasksRequest, _store_service_pb2.ListTasksResponse]  # type: ignore[assignment]
@@ -122,6 +126,14 @@ class TaskStoreServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_store_service_pb2.CreateTaskResponse, _abc.Awaitable[_store_service_pb2.CreateTaskResponse]]:
         """Validates and stores a task and its dispatch (outbox) in one transaction."""
+
+    @_abc_1.abstractmethod
+    def BatchCreateTasks(
+        self,
+        request: _store_service_pb2.BatchCreateTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_service_pb2.BatchCreateTasksResponse, _abc.Awaitable[_store_service_pb2.BatchCreateTasksResponse]]:
+        """Validates and stores several tasks and their dispatches in one transaction (all or none)."""
 
     @_abc_1.abstractmethod
     def GetTask(

@@ -40,6 +40,11 @@ class TaskServiceStub:
                 request_serializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.CreateTaskRequest.SerializeToString,
                 response_deserializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.CreateTaskResponse.FromString,
                 _registered_method=True)
+        self.BatchCreateTasks = channel.unary_unary(
+                '/charai.tasks.v1.TaskService/BatchCreateTasks',
+                request_serializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.BatchCreateTasksRequest.SerializeToString,
+                response_deserializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.BatchCreateTasksResponse.FromString,
+                _registered_method=True)
         self.GetTask = channel.unary_unary(
                 '/charai.tasks.v1.TaskService/GetTask',
                 request_serializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.GetTaskRequest.SerializeToString,
@@ -113,6 +118,17 @@ class TaskServiceServicer:
 
     def CreateTask(self, request, context):
         """Accepts an image or TTS task and returns it QUEUED. Retrying with the same request_id returns the same task.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchCreateTasks(self, request, context):
+        """Accepts up to 100 tasks in one call (e.g. a character's front, side and back views and a voice
+        line), all or none: a request bad in any field refuses the whole batch (INVALID_ARGUMENT naming
+        requests[i].field) and stores nothing. Answers the tasks in the order of requests; each request's
+        request_id makes a retry of the batch return the same tasks. Counts as one submission per task
+        against the tenant's rate limit.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -229,6 +245,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     request_deserializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.CreateTaskRequest.FromString,
                     response_serializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.CreateTaskResponse.SerializeToString,
             ),
+            'BatchCreateTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchCreateTasks,
+                    request_deserializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.BatchCreateTasksRequest.FromString,
+                    response_serializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.BatchCreateTasksResponse.SerializeToString,
+            ),
             'GetTask': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTask,
                     request_deserializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.GetTaskRequest.FromString,
@@ -323,6 +344,33 @@ class TaskService:
             '/charai.tasks.v1.TaskService/CreateTask',
             charai_dot_tasks_dot_v1_dot_task__service__pb2.CreateTaskRequest.SerializeToString,
             charai_dot_tasks_dot_v1_dot_task__service__pb2.CreateTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchCreateTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/charai.tasks.v1.TaskService/BatchCreateTasks',
+            charai_dot_tasks_dot_v1_dot_task__service__pb2.BatchCreateTasksRequest.SerializeToString,
+            charai_dot_tasks_dot_v1_dot_task__service__pb2.BatchCreateTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -35,6 +35,13 @@ class TaskServiceStub:
     def __new__(cls, channel: _aio.Channel) -> TaskServiceAsyncStub: ...
     CreateTask: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.CreateTaskRequest, _task_service_pb2.CreateTaskResponse]
     """Accepts an image or TTS task and returns it QUEUED. Retrying with the same request_id returns the same task."""
+    BatchCreateTasks: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.BatchCreateTasksRequest, _task_service_pb2.BatchCreateTasksResponse]
+    """Accepts up to 100 tasks in one call (e.g. a character's front, side and back views and a voice
+    line), all or none: a request bad in any field refuses the whole batch (INVALID_ARGUMENT naming
+    requests[i].field) and stores nothing. Answers the tasks in the order of requests; each request's
+    request_id makes a retry of the batch return the same tasks. Counts as one submission per task
+    against the tenant's rate limit.
+    """
     GetTask: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.GetTaskRequest, _task_service_pb2.GetTaskResponse]
     """Returns one task, with its queue_position while queued."""
     ListTasks: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.ListTasksRequest, _task_service_pb2.ListTasksResponse]
@@ -86,6 +93,13 @@ class TaskServiceAsyncStub(TaskServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateTask: _aio.UnaryUnaryMultiCallable[_task_service_pb2.CreateTaskRequest, _task_service_pb2.CreateTaskResponse]  # type: ignore[assignment]
     """Accepts an image or TTS task and returns it QUEUED. Retrying with the same request_id returns the same task."""
+    BatchCreateTasks: _aio.UnaryUnaryMultiCallable[_task_service_pb2.BatchCreateTasksRequest, _task_service_pb2.BatchCreateTasksResponse]  # type: ignore[assignment]
+    """Accepts up to 100 tasks in one call (e.g. a character's front, side and back views and a voice
+    line), all or none: a request bad in any field refuses the whole batch (INVALID_ARGUMENT naming
+    requests[i].field) and stores nothing. Answers the tasks in the order of requests; each request's
+    request_id makes a retry of the batch return the same tasks. Counts as one submission per task
+    against the tenant's rate limit.
+    """
     GetTask: _aio.UnaryUnaryMultiCallable[_task_service_pb2.GetTaskRequest, _task_service_pb2.GetTaskResponse]  # type: ignore[assignment]
     """Returns one task, with its queue_position while queued."""
     ListTasks: _aio.UnaryUnaryMultiCallable[_task_service_pb2.ListTasksRequest, _task_service_pb2.ListTasksResponse]  # type: ignore[assignment]
@@ -140,6 +154,19 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_task_service_pb2.CreateTaskResponse, _abc.Awaitable[_task_service_pb2.CreateTaskResponse]]:
         """Accepts an image or TTS task and returns it QUEUED. Retrying with the same request_id returns the same task."""
+
+    @_abc_1.abstractmethod
+    def BatchCreateTasks(
+        self,
+        request: _task_service_pb2.BatchCreateTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_service_pb2.BatchCreateTasksResponse, _abc.Awaitable[_task_service_pb2.BatchCreateTasksResponse]]:
+        """Accepts up to 100 tasks in one call (e.g. a character's front, side and back views and a voice
+        line), all or none: a request bad in any field refuses the whole batch (INVALID_ARGUMENT naming
+        requests[i].field) and stores nothing. Answers the tasks in the order of requests; each request's
+        request_id makes a retry of the batch return the same tasks. Counts as one submission per task
+        against the tenant's rate limit.
+        """
 
     @_abc_1.abstractmethod
     def GetTask(

@@ -72,8 +72,9 @@ class SubmitLimiter:
     def enabled(self) -> bool:
         return self.rate > 0
 
-    def acquire(self, tenant: str) -> None:
-        """Takes one token of ``tenant``'s bucket or raises :class:`QuotaExceededError`."""
+    def acquire(self, tenant: str, count: int = 1) -> None:
+        """Takes ``count`` tokens of ``tenant``'s bucket (all or none; a batch of creates) or
+        raises :class:`QuotaExceededError`."""
         if not self.enabled:
             return
         now = self._clock()
@@ -85,10 +86,10 @@ class SubmitLimiter:
         else:
             bucket.tokens = min(float(self.burst), bucket.tokens + (now - bucket.updated) * self.rate)
             bucket.updated = now
-        if bucket.tokens >= 1.0:
-            bucket.tokens -= 1.0
+        if bucket.tokens >= count:
+            bucket.tokens -= count
             return
-        wait = (1.0 - bucket.tokens) / self.rate
+        wait = (count - bucket.tokens) / self.rate
         raise QuotaExceededError(
             f"too many tasks submitted: at most {_number(self.rate)} per second per tenant, "
             f"{self.burst} at once (CHARAI_SUBMIT_RATE_PER_TENANT, CHARAI_SUBMIT_BURST_PER_TENANT); "

@@ -136,12 +136,31 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
     ) -> task_service_pb2.CreateTaskResponse:
         # Before validation: a flood of bad requests costs as much as one of good ones.
         self._submit_limiter.acquire(principal.get())  # a token's creates count for its tenant
-        if not request.HasField("webhook") and (url := self._default_webhooks.get(principal.get())):
-            request.webhook.url = url  # the tenant's default endpoint (CHARAI_TENANT_WEBHOOKS)
+        self._fill_webhook(request)
         validation.validate_create(request, self._image_model)
         access.check_create(validation.fill_metadata(request))
         task = await self._store.create_task(principal.get(), request, timeout=self._timeout(context))
         return task_service_pb2.CreateTaskResponse(task=self.present(task))
+
+    async def BatchCreateTasks(
+        self, request: task_service_pb2.BatchCreateTasksRequest, context: Context
+    ) -> task_service_pb2.BatchCreateTasksResponse:
+        validation.validate_batch_size(request.requests)
+        self._submit_limiter.acquire(principal.get(), len(request.requests))  # one per task
+        for one in request.requests:
+            self._fill_webhook(one)
+        validation.validate_batch(request.requests, self._image_model)  # all or none
+        for one in request.requests:
+            access.check_create(validation.fill_metadata(one))
+        tasks = await self._store.batch_create_tasks(
+            principal.get(), request.requests, timeout=self._timeout(context)
+        )
+        return task_service_pb2.BatchCreateTasksResponse(tasks=[self.present(t) for t in tasks])
+
+    def _fill_webhook(self, request: task_service_pb2.CreateTaskRequest) -> None:
+        """The tenant's default endpoint (CHARAI_TENANT_WEBHOOKS) for a request without one."""
+        if not request.HasField("webhook") and (url := self._default_webhooks.get(principal.get())):
+            request.webhook.url = url
 
     async def GetTask(
         self, request: task_service_pb2.GetTaskRequest, context: Context

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from charai.core.clock import Clock
@@ -151,6 +151,18 @@ class Commands:
         ``traceparent`` (W3C trace context of the creating call) travels with the job.
         """
         return await self._units.write(lambda unit: self._create(unit, tenant, req, traceparent))
+
+    async def create_many(
+        self, tenant: str, requests: Sequence[task_service_pb2.CreateTaskRequest], traceparent: str = ""
+    ) -> list[tuple[task_pb2.Task, bool]]:
+        """Several creates in one transaction (all or none), answered in order; a request whose
+        ``request_id`` is already taken (earlier, or by an earlier request of this batch) answers
+        that task."""
+
+        async def op(unit: Unit) -> list[tuple[task_pb2.Task, bool]]:
+            return [await self._create(unit, tenant, req, traceparent) for req in requests]
+
+        return await self._units.write(op)
 
     def _new_task(self, req: task_service_pb2.CreateTaskRequest, state: TaskState, now: int) -> task_pb2.Task:
         task = task_pb2.Task(

@@ -38,6 +38,15 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
             self._on_created()
         return spb.CreateTaskResponse(task=task)
 
+    async def BatchCreateTasks(
+        self, request: spb.BatchCreateTasksRequest, context: Context
+    ) -> spb.BatchCreateTasksResponse:
+        validation.validate_batch(request.requests, self._image_model)
+        made = await self._store.create_many(request.tenant, request.requests, tracing.current.get())
+        if any(created for _, created in made) and self._on_created is not None:
+            self._on_created()
+        return spb.BatchCreateTasksResponse(tasks=[task for task, _ in made])
+
     async def GetTask(self, request: spb.GetTaskRequest, context: Context) -> spb.GetTaskResponse:
         validation.validate_task_id("id", request.id)
         return spb.GetTaskResponse(task=await self._store.get(request.tenant, request.id))

@@ -141,6 +141,11 @@ class TaskStore:
     ) -> tuple[task_pb2.Task, bool]:
         return await self.commands.create(tenant, req, traceparent)
 
+    async def create_many(
+        self, tenant: str, requests: Sequence[task_service_pb2.CreateTaskRequest], traceparent: str = ""
+    ) -> list[tuple[task_pb2.Task, bool]]:
+        return await self.commands.create_many(tenant, requests, traceparent)
+
     async def get(self, tenant: str, task_id: str) -> task_pb2.Task:
         return await self.queries.get(tenant, task_id)
 

@@ -6,7 +6,8 @@ gRPC port's own. This package only translates: the seed's JSON in (:mod:`.parsin
 JSON out and Server-Sent Events (:mod:`.views`), gRPC status codes as HTTP statuses
 (:mod:`.errors`); :mod:`.routes` serves them.
 
-Routes: ``POST /api/tasks``, ``GET /api/tasks/{id}``, ``GET /api/tasks?metadata.characterId=…``,
+Routes: ``POST /api/tasks``, ``POST /api/tasks:batchCreate``, ``GET /api/tasks/{id}``,
+``GET /api/tasks?metadata.characterId=…``,
 ``POST /api/tasks/{id}/cancel``, ``DELETE /api/tasks/{id}``, ``GET /api/tasks/{id}/events`` and
 ``GET /api/tasks/events?metadata.…`` (SSE, resumable with ``Last-Event-ID``, :mod:`.streams`),
 ``POST /api/access-tokens``.

@@ -88,9 +88,15 @@ class RestError(Exception):
         return web.json_response({"error": error}, status=self.http_status, headers=headers)
 
 
+_BATCH_ITEM = re.compile(r"^(requests\[\d+\])\.(.+)$")
+
+
 def json_field(path: str) -> str:
     """A violation's proto field path in the seed's JSON terms: ``image.character_id`` →
     ``payload.characterId``, ``request_id`` → ``requestId``; metadata keys stay as they are."""
+    batch = _BATCH_ITEM.match(path)  # requests[2].image.prompt -> requests[2].payload.prompt
+    if batch:
+        return f"{batch.group(1)}.{json_field(batch.group(2))}"
     head, bracket, tail = path.partition("[")
     parts = []
     for i, name in enumerate(head.split(".")):

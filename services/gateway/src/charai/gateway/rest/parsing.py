@@ -118,6 +118,26 @@ def create_request(body: Any, idempotency_key: str | None) -> task_service_pb2.C
     return request
 
 
+def batch_create_request(body: Any) -> task_service_pb2.BatchCreateTasksRequest:
+    """``{"requests": [<a POST /api/tasks body>, …]}``; every item's bad fields named
+    ``requests[i].…`` (the semantic checks, all or none, are the gRPC port's)."""
+    if not isinstance(body, dict) or not isinstance(body.get("requests"), list):
+        raise RestError.invalid([("requests", 'the body must be {"requests": [task, …]}')])
+    bad: list[tuple[str, str]] = [(key, "unknown field") for key in body if key != "requests"]
+    batch = task_service_pb2.BatchCreateTasksRequest()
+    for index, item in enumerate(body["requests"]):
+        try:
+            batch.requests.append(create_request(item, None))
+        except RestError as exc:
+            bad += [
+                (f"requests[{index}].{field}" if field else f"requests[{index}]", d)
+                for field, d in exc.violations
+            ]
+    if bad:
+        raise RestError.invalid(bad)
+    return batch
+
+
 def _put_webhook(
     request: task_service_pb2.CreateTaskRequest, webhook: Any, bad: list[tuple[str, str]]
 ) -> None:

@@ -11,7 +11,13 @@ from aiohttp import hdrs, web
 from charai.core.validation import MAX_PAGE_SIZE
 from charai.gateway.rest.calls import call_metadata
 from charai.gateway.rest.errors import RestError
-from charai.gateway.rest.parsing import LIST_CAP, access_token_request, create_request, list_request
+from charai.gateway.rest.parsing import (
+    LIST_CAP,
+    access_token_request,
+    batch_create_request,
+    create_request,
+    list_request,
+)
 from charai.gateway.rest.streams import EventStreams
 from charai.gateway.rest.views import task_json
 from charai.tasks.v1 import task_service_pb2, task_service_pb2_grpc
@@ -61,6 +67,7 @@ class RestApi:
         streams = EventStreams(self._stub)
         return [
             web.post("/api/tasks", self.create),
+            web.post("/api/tasks:batchCreate", self.batch_create),
             web.get("/api/tasks", self.list_tasks),
             # Before /api/tasks/{id}, which would take "events" for an id.
             web.get("/api/tasks/events", streams.many),
@@ -82,6 +89,15 @@ class RestApi:
         return web.json_response(
             task_json(task), status=201, headers={hdrs.LOCATION: f"/api/tasks/{task.id}"}
         )
+
+    async def batch_create(self, request: web.Request) -> web.Response:
+        """AIP-233 over REST: ``{"requests": [...]}`` → ``{"tasks": [...]}`` in the same order."""
+        try:
+            body = await _json_body(request, "the batch")
+            response = await self._unary(self._stub.BatchCreateTasks, batch_create_request(body), request)
+        except RestError as exc:
+            return exc.response()
+        return web.json_response({"tasks": [task_json(task) for task in response.tasks]})
 
     async def get(self, request: web.Request) -> web.Response:
         try:
