@@ -48,6 +48,7 @@ HEADLINES: dict[str, list[tuple[str, str, list[str]]]] = {
     "B4": [
         ("RPS at 100 in flight", "rps", ["charai", "floor-grpc"]),
         ("p99, ms", "p99_ms", ["charai", "floor-grpc"]),
+        ("B4b: tasks/s via BatchCreateTasks(4)", "tasks_per_s", ["charai-batch4"]),
     ],
     "B5": [
         (
