@@ -87,8 +87,9 @@ async def test_kill_worker_between_media_store_and_ack(make_stack: StackFactory,
     not raced: the provider holds all ten calls at its gate until task_store is frozen (SIGSTOP),
     so the worker stores each task's media and then cannot record the result.
 
-    Stored-not-recorded: the worker is killed then. The next attempt calls the provider again
-    and overwrites the object under the same key (one object, matching the result).
+    Stored-not-recorded: task_store (still frozen, the results unread in its socket) and the
+    worker are killed, task_store restarted. The next attempt calls the provider again and
+    overwrites the object under the same key (one object, matching the result).
     Recorded-not-acked: NATS is killed, then task_store thawed: the worker records every result
     but holds the acks while it reconnects, and is killed with them. The redelivery finds the
     task ended (``job_skipped``) and only acks. Either way: completed once.
@@ -117,6 +118,10 @@ async def test_kill_worker_between_media_store_and_ack(make_stack: StackFactory,
             if recorded:
                 # The acks will have nowhere to go: the worker keeps them while it reconnects.
                 await stack.stop_service("nats", signal.SIGKILL)
+            else:
+                # The results the worker sent wait unread in the frozen task_store's socket: it
+                # dies with them (a thawed one would record them after the worker's death).
+                await stack.kill_service("task_store")
         if recorded:
 
             async def all_recorded() -> bool:
@@ -131,6 +136,9 @@ async def test_kill_worker_between_media_store_and_ack(make_stack: StackFactory,
         await stack.kill_service("tts_worker")  # with the unsent acks
         if recorded:
             await stack.start_nats()
+        else:
+            await stack.start_service("task_store")
+            await stack.wait_ready("task_store")
         await stack.start_service("tts_worker")
         await stack.wait_ready("tts_worker")
         successor = stack.procs["tts_worker"]
