@@ -5,7 +5,10 @@ gRPC (the Python client), REST (``POST /api/tasks:batchCreate``) and an access t
 
 from __future__ import annotations
 
+import asyncio
+import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -15,6 +18,7 @@ from charai.client import CharaiClient
 from charai.client.client import CharaiError
 from charai.devstack.stack import Stack
 from charai.tasks.v1 import task_pb2, task_service_pb2
+from google.protobuf import json_format
 
 from tests.conftest import eventually
 
@@ -130,3 +134,23 @@ async def test_an_access_token_creates_a_batch_only_inside_its_scope(
             await browser.create_many([line(character), line("someone_else")])
         assert caught.value.code == grpc.StatusCode.PERMISSION_DENIED
     assert len(await listed(client, character)) == 2  # the refused batch stored nothing
+
+
+async def test_the_cli_submits_a_batch_file(stack: Stack, client: CharaiClient, tmp_path: Path) -> None:
+    character = f"char_{uuid.uuid4().hex[:8]}"
+    batch = task_service_pb2.BatchCreateTasksRequest(requests=sheet(character))
+    path = tmp_path / "sheet.json"
+    path.write_text(json_format.MessageToJson(batch))
+    run = [sys.executable, "-m", "charai.client.cli", "--target", stack.gateway_grpc, "batch"]
+    process = await asyncio.create_subprocess_exec(*run, str(path), stdout=asyncio.subprocess.PIPE)
+    out, _ = await process.communicate()
+    assert process.returncode == 0
+    ids = out.decode().split()  # one id per line, in request order
+    assert len(ids) == 4 and sorted(ids) == sorted(t.id for t in await listed(client, character))
+    assert [(await client.get(i)).image.view_type for i in ids] == ["front", "side", "back", ""]
+    path.write_text('{"requests": [{"type": "TASK_TYPE_TTS_GENERATION", "tts": {"text": ""}}]}')
+    process = await asyncio.create_subprocess_exec(
+        *run, str(path), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await process.communicate()
+    assert process.returncode == 3 and b"requests[0].tts.text" in err, err

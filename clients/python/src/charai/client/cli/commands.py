@@ -155,6 +155,24 @@ async def cmd_retry(session: Session) -> int:
     return EXIT_OK
 
 
+async def cmd_batch(session: Session) -> int:
+    """BatchCreateTasks from a file of ``{"requests": [CreateTaskRequest, ...]}`` (proto3 JSON):
+    all or none; prints each task's id in request order (``--json``: the tasks)."""
+    path = session.args.file
+    try:
+        text = sys.stdin.read() if path == "-" else await asyncio.to_thread(Path(path).read_text)
+        batch = json_format.Parse(text, task_service_pb2.BatchCreateTasksRequest())
+    except (OSError, json_format.ParseError) as exc:
+        raise CliError(f"{path}: {exc}", EXIT_INVALID) from None
+    tasks = await session.client.create_many(batch.requests)
+    if session.out.json_mode:
+        session.out.json(task_service_pb2.BatchCreateTasksResponse(tasks=tasks))
+    else:
+        for task in tasks:
+            session.out.line(task.id)
+    return EXIT_OK
+
+
 async def cmd_webhook_secret(session: Session) -> int:
     """Prints the tenant's webhook secret (``--rotate``: a new one; the old keeps signing a while)."""
     out = session.out

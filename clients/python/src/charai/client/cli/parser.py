@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from charai.client.cli.commands import (
+    cmd_batch,
     cmd_cancel,
     cmd_download,
     cmd_get,
@@ -209,6 +210,11 @@ def build_parser() -> Parser:
         "-o", "--output", required=True, metavar="FILE", help="where to save it ('-': stdout)"
     )
     download.set_defaults(run=cmd_download)
+    batch = command("batch", "submit up to 100 tasks in one call, all or none (BatchCreateTasks)")
+    batch.add_argument(
+        "file", metavar="FILE", help='{"requests": [CreateTaskRequest, ...]} as proto3 JSON ("-": stdin)'
+    )
+    batch.set_defaults(run=cmd_batch)
     _webhook_commands(command, common)
     return parser
 
