@@ -65,22 +65,30 @@ def address_allowed(address: ipaddress.IPv4Address | ipaddress.IPv6Address, *, a
     return allow_private and (address.is_private or address.is_loopback)
 
 
-async def check_url(url: str, *, allow_private: bool, resolve: Resolve = system_resolve) -> list[str]:
-    """Vets a media URL and returns the addresses the fetch may connect to.
+class EgressRefusedError(Exception):
+    """A URL egress may not reach: ``reason`` says why; ``unresolved`` when its host did not
+    resolve (worth trying again later), otherwise the URL itself is refused."""
 
-    Refuses (PROVIDER_BAD_RESPONSE, before any connection) a scheme other than http(s), user
-    info in the URL, a host that does not resolve, or one whose addresses include any that
-    :func:`address_allowed` refuses.
-    """
+    def __init__(self, reason: str, *, unresolved: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.unresolved = unresolved
+
+
+async def vet_url(url: str, *, allow_private: bool, resolve: Resolve = system_resolve) -> list[str]:
+    """The addresses a request to ``url`` may connect to, or :class:`EgressRefusedError`: a scheme other
+    than http(s), user info in the URL, a bad port, a host that does not resolve, or one whose
+    addresses include any that :func:`address_allowed` refuses. The one guard of every egress
+    (provider media, webhooks)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ProviderError(errors.bad_response(f"refusing a media URL with scheme {parts.scheme!r}"))
+        raise EgressRefusedError(f"with scheme {parts.scheme!r}")
     if parts.username is not None or parts.password is not None:
-        raise ProviderError(errors.bad_response("refusing a media URL with credentials in it"))
+        raise EgressRefusedError("with credentials in it")
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
-        raise ProviderError(errors.bad_response("refusing a media URL with a bad port")) from None
+        raise EgressRefusedError("with a bad port") from None
     host = parts.hostname
     try:
         addresses = [str(ipaddress.ip_address(host))]
@@ -88,18 +96,25 @@ async def check_url(url: str, *, allow_private: bool, resolve: Resolve = system_
         try:
             addresses = await resolve(host, port)
         except OSError:
-            raise ProviderError(errors.unreachable("the media host does not resolve")) from None
+            raise EgressRefusedError("the host does not resolve", unresolved=True) from None
     if not addresses:
-        raise ProviderError(errors.unreachable("the media host does not resolve"))
+        raise EgressRefusedError("the host does not resolve", unresolved=True)
     for text in addresses:
         address = ipaddress.ip_address(text.split("%", 1)[0])
         if not address_allowed(address, allow_private=allow_private):
-            raise ProviderError(
-                errors.bad_response(
-                    f"refusing a media URL on a private, loopback, link-local or metadata address ({host})"
-                )
-            )
+            raise EgressRefusedError(f"on a private, loopback, link-local or metadata address ({host})")
     return addresses
+
+
+async def check_url(url: str, *, allow_private: bool, resolve: Resolve = system_resolve) -> list[str]:
+    """Vets a media URL the provider gave (:func:`vet_url`): a refusal is PROVIDER_BAD_RESPONSE,
+    a host that does not resolve is an unreachable provider (retried), before any connection."""
+    try:
+        return await vet_url(url, allow_private=allow_private, resolve=resolve)
+    except EgressRefusedError as refused:
+        if refused.unresolved:
+            raise ProviderError(errors.unreachable("the media host does not resolve")) from None
+        raise ProviderError(errors.bad_response(f"refusing a media URL {refused.reason}")) from None
 
 
 def pinned_connector(addresses: list[str]) -> aiohttp.TCPConnector:

@@ -11,18 +11,16 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import email.utils
-import ipaddress
 import json
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 from charai.store.v1 import store_service_pb2 as spb
 from charai.taskapi.json import task_json
 from charai.tasks.v1 import task_pb2
-from charai.worker.egress import Resolve, address_allowed, pinned_connector, system_resolve
+from charai.worker.egress import EgressRefusedError, Resolve, pinned_connector, system_resolve, vet_url
 from standardwebhooks.webhooks import Webhook
 
 #: Payloads stay under this (the issue's ~20 kB): past it the task's input is left out.
@@ -47,7 +45,9 @@ def payload(
     claim: spb.ClaimWebhookDeliveryResponse, present: Callable[[task_pb2.Task], task_pb2.Task]
 ) -> bytes:
     """``{"type": "task.completed", "timestamp": …, "data": <task JSON>}``, compact UTF-8."""
-    task = present(task_pb2.Task.FromString(claim.event.task.SerializeToString()))
+    copy = task_pb2.Task()
+    copy.CopyFrom(claim.event.task)  # present() signs media URLs in place
+    task = present(copy)
     body: dict[str, Any] = {
         "type": claim.event_type,
         "timestamp": claim.event.time.ToJsonString(),
@@ -91,28 +91,6 @@ def retry_after(value: str | None, now: float) -> float | None:
     return max(0.0, when.timestamp() - now)
 
 
-async def vet(url: str, *, allow_private: bool, resolve: Resolve = system_resolve) -> list[str] | str:
-    """The addresses a delivery may connect to, or why it may not (the SSRF guard)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return "not an http(s) URL"
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        return "bad port"
-    try:
-        addresses = [str(ipaddress.ip_address(parts.hostname))]
-    except ValueError:
-        try:
-            addresses = await resolve(parts.hostname, port)
-        except OSError:
-            return ""  # does not resolve now: retried like a connection error
-    for text in addresses:
-        if not address_allowed(ipaddress.ip_address(text.split("%", 1)[0]), allow_private=allow_private):
-            return "the host is on a private, loopback, link-local or metadata address"
-    return addresses or ""
-
-
 async def post(
     url: str,
     head: dict[str, str],
@@ -124,11 +102,12 @@ async def post(
 ) -> Answer:
     """POSTs ``body`` once: no redirects followed (a 3xx is the receiver's answer)."""
     started = time.monotonic()
-    addresses = await vet(url, allow_private=allow_private, resolve=resolve)
-    if isinstance(addresses, str):
-        if addresses:
-            return Answer(REFUSED, 0.0, f"refused: {addresses}")
-        return Answer(0, time.monotonic() - started, "the host does not resolve")
+    try:
+        addresses = await vet_url(url, allow_private=allow_private, resolve=resolve)
+    except EgressRefusedError as refused:
+        if refused.unresolved:  # may resolve later: retried like a connection error
+            return Answer(0, time.monotonic() - started, refused.reason)
+        return Answer(REFUSED, 0.0, f"refused: a URL {refused.reason}")
     try:
         async with (
             aiohttp.ClientSession(connector=pinned_connector(addresses)) as session,
