@@ -114,15 +114,15 @@ async def exercise(run: Run) -> None:
     """Submits tasks that succeed and fail in every way, and calls that fail authentication."""
     stack = run.stack
     nc = await nats.connect(stack.nats_url)
-    events_prefix = Topology().events_wildcard.removesuffix(">")
+    events_subject = Topology().events_subject
     ended_on_nats: set[str] = set()  # tasks whose terminal event the subscription received
 
     async def record(msg: Any) -> None:
         run.nats_seen.append(msg.subject.encode() + b" " + repr(msg.headers).encode() + b" " + msg.data)
-        if msg.subject.startswith(events_prefix):
-            event = spb.EventEnvelope.FromString(msg.data).event
-            if event.type in TERMINAL_EVENTS:
-                ended_on_nats.add(event.task.id)
+        if msg.subject == events_subject:
+            for envelope in spb.EventBatch.FromString(msg.data).envelopes:
+                if envelope.event.type in TERMINAL_EVENTS:
+                    ended_on_nats.add(envelope.event.task.id)
 
     sub = await nc.subscribe(">", cb=record)
     try:

@@ -206,6 +206,20 @@ def test_claim_defers_while_the_lease_lives_and_takes_over_once_it_expired() -> 
     assert s.error == Failure(ErrorKind.WORKER_LOST, "the worker running attempt 1 was lost", retryable=True)
 
 
+def test_the_holders_claim_asked_again_after_a_lost_answer_is_answered_again() -> None:
+    # The first answer was lost: the same attempt, no event, nothing changed; the holder does
+    # not wait for its own lease to expire.
+    running = task(R, lease_expires=NOW + 5 * S, lease_owner="w1")
+    again = lc.claim(running, lc.Claim("w1", again=True), NOW, POLICY)
+    assert again.answer == lc.ClaimAnswer(ClaimOutcome.RUN, attempt=1)
+    assert again.events == () and again.state == running
+    # A plain redelivery to the holder (it may have run the attempt), another worker asking
+    # "again", or a claim without an id: all wait for the lease, as before.
+    for claim in (lc.Claim("w1"), lc.Claim("w2", again=True), lc.Claim(again=True)):
+        answer = lc.claim(running, claim, NOW, POLICY).answer
+        assert answer == lc.ClaimAnswer(ClaimOutcome.DEFER, retry_after=5.0), claim
+
+
 def test_a_lost_worker_on_the_last_allowed_attempt_fails_the_task() -> None:
     # WORKER_LOST allows 2 retries: the third lost attempt is final.
     running = task(R, attempt=3, lease_expires=NOW - 1)
@@ -402,12 +416,15 @@ class OneTask(RuleBasedStateMachine):
     def time_passes(self, seconds: int) -> None:
         self.now += seconds * S
 
-    @rule(worker=st.sampled_from(["w1", "w2"]))
-    def claim(self, worker: str) -> None:
-        decision = self.run(lc.Claim(worker))
+    @rule(worker=st.sampled_from(["w1", "w2"]), again=st.booleans())
+    def claim(self, worker: str, again: bool) -> None:
+        before = self.state
+        decision = self.run(lc.Claim(worker, again))
         answer = decision.answer
         if isinstance(answer, lc.ClaimAnswer) and answer.outcome is ClaimOutcome.RUN:
             assert answer.attempt == self.state.attempt
+            if not decision.events:  # answered again: only its holder, asking again, in time
+                assert again and before.lease_owner == worker and before.status is R
             self.issued.append(answer.attempt)
 
     @rule(pick=st.integers(0, 10), progress=st.integers(-50, 150), stage=st.sampled_from(["", "generating"]))

@@ -19,6 +19,18 @@ _RESUMABLE = {
 }
 
 
+#: What the watches ask for (``max_events_per_message``): a stream that fell behind sends what it
+#: has queued in one message, which the watches unpack and still yield one event at a time.
+EVENTS_PER_MESSAGE = 256
+
+
+def _events(
+    response: task_service_pb2.WatchTaskResponse | task_service_pb2.WatchTasksResponse,
+) -> Sequence[task_pb2.TaskEvent]:
+    """A stream message's events: ``events`` when set (several at once), else ``event``."""
+    return response.events or (response.event,)
+
+
 class CharaiError(Exception):
     """A failed call, with the gRPC code and the names of any bad fields."""
 
@@ -258,20 +270,21 @@ class CharaiClient:
         last = after_sequence
         failures = 0
         while True:
-            call = self._stub.WatchTask(
-                task_service_pb2.WatchTaskRequest(id=task_id, after_sequence=last), metadata=self._metadata
+            request = task_service_pb2.WatchTaskRequest(
+                id=task_id, after_sequence=last, max_events_per_message=EVENTS_PER_MESSAGE
             )
+            call = self._stub.WatchTask(request, metadata=self._metadata)
             try:
                 async for response in call:
                     failures = 0
-                    event = response.event
-                    if event.type == task_pb2.TASK_EVENT_TYPE_HEARTBEAT:
-                        continue
-                    if event.sequence:
-                        last = max(last, event.sequence)
-                    yield event
-                    if is_final(event):
-                        return
+                    for event in _events(response):
+                        if event.type == task_pb2.TASK_EVENT_TYPE_HEARTBEAT:
+                            continue
+                        if event.sequence:
+                            last = max(last, event.sequence)
+                        yield event
+                        if is_final(event):
+                            return
                 # The stream ended without the terminal event (e.g. the gateway is draining): resume.
                 failures += 1
                 reason = "the stream ended before the task did"
@@ -310,21 +323,22 @@ class CharaiClient:
                     metadata=dict(metadata),
                     type=task_type,  # type: ignore[arg-type]
                     after_sequence=floor,
+                    max_events_per_message=EVENTS_PER_MESSAGE,
                 ),
                 metadata=self._metadata,
             )
             try:
                 async for response in call:
                     failures = 0
-                    event = response.event
-                    if event.type == task_pb2.TASK_EVENT_TYPE_HEARTBEAT:
-                        floor = max(floor, event.sequence)
-                        seen = {t: s for t, s in seen.items() if s > floor}
-                        continue
-                    if event.sequence <= max(floor, seen.get(event.task.id, 0)):
-                        continue  # replayed after a resume: already yielded
-                    seen[event.task.id] = event.sequence
-                    yield event
+                    for event in _events(response):
+                        if event.type == task_pb2.TASK_EVENT_TYPE_HEARTBEAT:
+                            floor = max(floor, event.sequence)
+                            seen = {t: s for t, s in seen.items() if s > floor}
+                            continue
+                        if event.sequence <= max(floor, seen.get(event.task.id, 0)):
+                            continue  # replayed after a resume: already yielded
+                        seen[event.task.id] = event.sequence
+                        yield event
                 reason = "the stream ended (the gateway may be draining)"
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in _RESUMABLE:

@@ -21,7 +21,8 @@ Where each family is fed:
 - webhook sender: ``charai_webhook_attempts_total`` (by endpoint host and outcome),
   ``charai_webhook_attempt_duration_seconds`` (by host) and ``charai_webhooks_in_flight``.
 - every gRPC server: ``charai_rpc_requests_total`` and ``charai_rpc_duration_seconds`` by method
-  and code.
+  and code; task_store also ``charai_exchange_commands`` (commands per ``Exchange`` call, by the
+  kind of the first command: how well gateways and workers coalesce).
 """
 
 from __future__ import annotations
@@ -141,6 +142,14 @@ class Metrics:
             "gRPC call latency by method",
             ["method"],
             buckets=_RPC_BUCKETS,
+            registry=r,
+        )
+
+        self.exchange_commands = Histogram(
+            "charai_exchange_commands",
+            "Commands per Exchange call (task_store: how well callers' calls coalesce)",
+            ["kind"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000),
             registry=r,
         )
 

@@ -7,6 +7,7 @@ bearer token, the caller's trace (``traceparent``) and a deadline when the calle
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 from collections.abc import Awaitable, Callable, Sequence
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 from charai.core import tracing
+from charai.core.coalesce import Coalescer, error_bytes
 from charai.store.v1 import store_service_pb2 as spb
 from charai.store.v1 import store_service_pb2_grpc
 from charai.tasks.v1 import task_pb2, task_service_pb2
@@ -145,10 +147,20 @@ class StoreClient:
     Every method takes ``timeout`` (seconds); without it the call gets the client's default
     deadline. Failures raise ``grpc.aio.AioRpcError`` as task_store answered them. Calls wait for
     task_store to be reachable and are retried on UNAVAILABLE (the channel's service config).
+
+    With ``coalesce`` (gateways and workers), creates, claims, progress reports and outcomes
+    made without their own ``timeout`` travel batched in ``Exchange`` calls
+    (:mod:`charai.core.coalesce`): same answers and errors, far fewer calls. A task_store that
+    does not know ``Exchange`` yet (an older version during a rolling upgrade) gets unary calls.
     """
 
     def __init__(
-        self, addr: str | Sequence[str], token: str = "", *, timeout: float = DEFAULT_TIMEOUT
+        self,
+        addr: str | Sequence[str],
+        token: str = "",
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        coalesce: bool = False,
     ) -> None:
         target, balanced = channel_target(addr)
         options: list[tuple[str, Any]] = [
@@ -166,6 +178,46 @@ class StoreClient:
         )
         self._stub: TaskStoreServiceAsyncStub = store_service_pb2_grpc.TaskStoreServiceStub(self._channel)  # type: ignore[assignment]
         self._closed = False
+        self._exchange_known = True
+        #: The batcher of :meth:`exchange` (None: every call is unary).
+        self.coalescer = Coalescer(self._send_exchange) if coalesce else None
+
+    # -- the batched data plane ---------------------------------------------------------------
+    async def _command(self, command: spb.StoreCommand, timeout: float | None) -> spb.StoreAnswer | None:
+        """The command's answer through the coalescer, or None: make the unary call instead."""
+        if self.coalescer is None or timeout is not None or not self._exchange_known:
+            return None
+        return await self.coalescer.call(command)
+
+    async def _send_exchange(self, commands: list[spb.StoreCommand]) -> spb.ExchangeResponse:
+        if self._exchange_known:
+            try:
+                return await self._stub.Exchange(spb.ExchangeRequest(commands=commands))
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                self._exchange_known = False
+        return await self._one_by_one(commands)
+
+    async def _one_by_one(self, commands: list[spb.StoreCommand]) -> spb.ExchangeResponse:
+        """Exchange's answers from unary calls (a task_store without ``Exchange``)."""
+
+        async def one(command: spb.StoreCommand) -> spb.StoreAnswer:
+            kind = command.WhichOneof("command")
+            try:
+                if kind == "create":
+                    return spb.StoreAnswer(create=await self._stub.CreateTask(command.create))
+                if kind == "claim":
+                    return spb.StoreAnswer(claim=await self._stub.ClaimTask(command.claim))
+                if kind == "progress":
+                    return spb.StoreAnswer(progress=await self._stub.ReportProgress(command.progress))
+                if kind == "complete":
+                    return spb.StoreAnswer(complete=await self._stub.CompleteTask(command.complete))
+                return spb.StoreAnswer(fail=await self._stub.FailTask(command.fail))
+            except grpc.aio.AioRpcError as exc:
+                return spb.StoreAnswer(error=error_bytes(exc))
+
+        return spb.ExchangeResponse(answers=await asyncio.gather(*(one(c) for c in commands)))
 
     # -- the public API's tasks, on behalf of a tenant (gateways) -------------------------
     async def create_task(
@@ -173,9 +225,12 @@ class StoreClient:
     ) -> task_pb2.Task:
         """Accepts a validated task (or returns the one an earlier request with the same
         ``request_id`` created)."""
-        response = await self._stub.CreateTask(
-            spb.CreateTaskRequest(tenant=tenant, request=request), timeout=timeout
-        )
+        create = spb.CreateTaskRequest(tenant=tenant, request=request)
+        command = spb.StoreCommand(create=create, traceparent=tracing.current.get())
+        answer = await self._command(command, timeout)
+        if answer is not None:
+            return answer.create.task
+        response = await self._stub.CreateTask(create, timeout=timeout)
         return response.task
 
     async def batch_create_tasks(
@@ -285,10 +340,22 @@ class StoreClient:
 
     # -- one attempt of a task (workers) --------------------------------------------------
     async def claim_task(
-        self, task_id: str, dispatch_gen: int, worker_id: str, *, timeout: float | None = None
+        self,
+        task_id: str,
+        dispatch_gen: int,
+        worker_id: str,
+        *,
+        again: bool = False,
+        timeout: float | None = None,
     ) -> spb.ClaimTaskResponse:
-        """Starts an attempt for a delivered job, or says to skip (DONE) or defer it."""
-        request = spb.ClaimTaskRequest(task_id=task_id, dispatch_gen=dispatch_gen, worker_id=worker_id)
+        """Starts an attempt for a delivered job, or says to skip (DONE) or defer it; ``again``:
+        this worker's earlier claim of the job got no answer (ClaimTaskRequest.again)."""
+        request = spb.ClaimTaskRequest(
+            task_id=task_id, dispatch_gen=dispatch_gen, worker_id=worker_id, again=again
+        )
+        answer = await self._command(spb.StoreCommand(claim=request), timeout)
+        if answer is not None:
+            return answer.claim
         return await self._stub.ClaimTask(request, timeout=timeout)
 
     async def report_progress(
@@ -297,6 +364,9 @@ class StoreClient:
         """Records progress and renews the attempt's lease; returns the task's status.
         FAILED_PRECONDITION once the attempt is no longer the task's current one."""
         request = spb.ReportProgressRequest(task_id=task_id, attempt=attempt, progress=progress, stage=stage)
+        answer = await self._command(spb.StoreCommand(progress=request), timeout)
+        if answer is not None:
+            return answer.progress.status
         response = await self._stub.ReportProgress(request, timeout=timeout)
         return response.status
 
@@ -316,6 +386,9 @@ class StoreClient:
             request.image_result.CopyFrom(result)
         else:
             request.tts_result.CopyFrom(result)
+        answer = await self._command(spb.StoreCommand(complete=request), timeout)
+        if answer is not None:
+            return answer.complete.task
         response = await self._stub.CompleteTask(request, timeout=timeout)
         return response.task
 
@@ -332,6 +405,9 @@ class StoreClient:
         request = spb.FailTaskRequest(
             task_id=task_id, attempt=attempt, error=error, retry_after_seconds=retry_after_seconds
         )
+        answer = await self._command(spb.StoreCommand(fail=request), timeout)
+        if answer is not None:
+            return answer.fail
         return await self._stub.FailTask(request, timeout=timeout)
 
     # -- the channel ------------------------------------------------------------------------
@@ -350,6 +426,8 @@ class StoreClient:
     async def close(self) -> None:
         if not self._closed:
             self._closed = True
+            if self.coalescer is not None:
+                await self.coalescer.close()
             await self._channel.close()
 
     async def __aenter__(self) -> StoreClient:

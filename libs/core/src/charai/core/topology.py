@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 
 from charai.tasks.v1 import task_pb2
 
@@ -18,11 +17,6 @@ LANE_BY_PRIORITY: dict[int, str] = {
     task_pb2.PRIORITY_UNSPECIFIED: "normal",
 }
 LANES = ("high", "normal", "low")
-
-
-def tenant_token(tenant: str) -> str:
-    """A subject-safe token for a tenant name (event subjects carry it, not the name)."""
-    return hashlib.sha256(tenant.encode()).hexdigest()[:16]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -57,11 +51,19 @@ class Topology:
     def consumer(self, kind: str, lane: str) -> str:
         return f"{self.namespace}-{kind}-{lane}"
 
-    def event_subject(self, tenant_token: str, task_id: str) -> str:
-        return f"{self.namespace}.events.{tenant_token}.{task_id}"
+    @property
+    def events_subject(self) -> str:
+        """The event bus: one message (an ``EventBatch``) per publish of task_store, carrying the
+        envelopes of every commit since its previous one, in commit order. Events are not
+        published per task any more (one message per event was the bus's cost); every consumer
+        reads this subject and handles the batch's envelopes one by one."""
+        return f"{self.namespace}.events.batch"
 
     @property
     def events_wildcard(self) -> str:
+        """Everything under ``events.``: the batch subject, and the per-task subjects
+        (``<ns>.events.<tenant token>.<task id>``, one ``EventEnvelope`` each) that task_store
+        published before it batched, which a gateway still reads during a rolling upgrade."""
         return f"{self.namespace}.events.>"
 
     def cancel_subject(self, task_id: str) -> str:

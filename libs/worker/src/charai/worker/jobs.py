@@ -22,6 +22,19 @@ from charai.worker.storecalls import StoreCalls
 from nats.aio.msg import Msg
 
 log = structlog.get_logger("worker")
+#: How long a redelivered copy of a running job waits before JetStream offers it again.
+_REDELIVERED_WAIT = 5.0
+#: Claim failures after which the store may have taken the claim (its answer was lost).
+_ANSWER_LOST = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+    }
+)
+_UNANSWERED_MAX = 10_000
 
 
 class Jobs:
@@ -47,6 +60,10 @@ class Jobs:
         self._reporter = reporter
         self._outcomes = outcomes
         self.running: dict[str, Attempt] = {}
+        #: Jobs (task id, dispatch generation) whose claim got no answer: the next delivery
+        #: claims ``again``, so a claim the store did take is answered, not left to expire.
+        #: Bounded: forgetting one only costs the wait for its lease, as before.
+        self._unanswered: dict[tuple[str, int], None] = {}
         #: Jobs completed by this process.
         self.completed = 0
 
@@ -75,13 +92,25 @@ class Jobs:
         headers = msg.headers or {}
         traceparent = tracing.enter(job.traceparent or headers.get("traceparent", ""))
         structlog.contextvars.bind_contextvars(task_id=job.task_id, trace_id=tracing.trace_id(traceparent))
-        worker_id = self._worker_id
+        if job.task_id in self.running:
+            # JetStream redelivered a job this process is still running (an ack-wait ran out):
+            # the attempt in hand acks it when it ends. Claiming again would answer the same
+            # attempt (the store re-answers its holder) and run it twice.
+            await settle_message("nak", msg, _REDELIVERED_WAIT)
+            return
+        worker_id, key = self._worker_id, (job.task_id, job.dispatch_gen)
+        again = key in self._unanswered
+        self._unanswered.pop(key, None)
         try:
             claim = await self._calls.run(
-                lambda: self._store.claim_task(job.task_id, job.dispatch_gen, worker_id)
+                lambda: self._store.claim_task(job.task_id, job.dispatch_gen, worker_id, again=again)
             )
         except grpc.aio.AioRpcError as exc:
             log.warning("claim_failed", code=exc.code().name)
+            if exc.code() in _ANSWER_LOST:
+                self._unanswered[key] = None
+                while len(self._unanswered) > _UNANSWERED_MAX:
+                    del self._unanswered[next(iter(self._unanswered))]
             await settle_message("nak", msg, 1.0)
             return
         if claim.outcome == spb.CLAIM_OUTCOME_DONE:

@@ -411,22 +411,30 @@ class ClaimTaskRequest(_message.Message):
     TASK_ID_FIELD_NUMBER: _builtins.int
     DISPATCH_GEN_FIELD_NUMBER: _builtins.int
     WORKER_ID_FIELD_NUMBER: _builtins.int
+    AGAIN_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """The task id from the job message."""
     dispatch_gen: _builtins.int
     """The dispatch generation from the job message."""
     worker_id: _builtins.str
     """Who asks (for logs and the lease)."""
+    again: _builtins.bool
+    """This worker's earlier claim of this job got no answer (the call failed in transport, so the
+    store may have taken it): if that claim took the task (the task is RUNNING under a live lease
+    held by worker_id), answer RUN again with the same attempt instead of DEFER. Set only by a
+    worker that has not started the attempt; a redelivery after a run never sets it.
+    """
     def __init__(
         self,
         *,
         task_id: _builtins.str = ...,
         dispatch_gen: _builtins.int = ...,
         worker_id: _builtins.str = ...,
+        again: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dispatch_gen", b"dispatch_gen", "task_id", b"task_id", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["again", b"again", "dispatch_gen", b"dispatch_gen", "task_id", b"task_id", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1320,3 +1328,190 @@ class BatchCreateTasksResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BatchCreateTasksResponse: _TypeAlias = BatchCreateTasksResponse  # noqa: Y015
+
+@_typing.final
+class StoreCommand(_message.Message):
+    """One command of Exchange: the request of one of the unary RPCs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREATE_FIELD_NUMBER: _builtins.int
+    CLAIM_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    COMPLETE_FIELD_NUMBER: _builtins.int
+    FAIL_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
+    traceparent: _builtins.str
+    """W3C trace context of the call the command comes from (a create's job carries it on)."""
+    @_builtins.property
+    def create(self) -> Global___CreateTaskRequest:
+        """As CreateTask."""
+
+    @_builtins.property
+    def claim(self) -> Global___ClaimTaskRequest:
+        """As ClaimTask."""
+
+    @_builtins.property
+    def progress(self) -> Global___ReportProgressRequest:
+        """As ReportProgress."""
+
+    @_builtins.property
+    def complete(self) -> Global___CompleteTaskRequest:
+        """As CompleteTask."""
+
+    @_builtins.property
+    def fail(self) -> Global___FailTaskRequest:
+        """As FailTask."""
+
+    def __init__(
+        self,
+        *,
+        create: Global___CreateTaskRequest | None = ...,
+        claim: Global___ClaimTaskRequest | None = ...,
+        progress: Global___ReportProgressRequest | None = ...,
+        complete: Global___CompleteTaskRequest | None = ...,
+        fail: Global___FailTaskRequest | None = ...,
+        traceparent: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["claim", b"claim", "command", b"command", "complete", b"complete", "create", b"create", "fail", b"fail", "progress", b"progress"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["claim", b"claim", "command", b"command", "complete", b"complete", "create", b"create", "fail", b"fail", "progress", b"progress", "traceparent", b"traceparent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_command: _TypeAlias = _typing.Literal["create", "claim", "progress", "complete", "fail"]  # noqa: Y015
+    _WhichOneofArgType_command: _TypeAlias = _typing.Literal["command", b"command"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_command) -> _WhichOneofReturnType_command | None: ...
+
+Global___StoreCommand: _TypeAlias = StoreCommand  # noqa: Y015
+
+@_typing.final
+class StoreAnswer(_message.Message):
+    """The answer to one StoreCommand: the response its unary RPC would return, or its error."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREATE_FIELD_NUMBER: _builtins.int
+    CLAIM_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    COMPLETE_FIELD_NUMBER: _builtins.int
+    FAIL_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    error: _builtins.bytes
+    """The command was refused or failed: a serialized google.rpc.Status (code, message and
+    details such as ErrorInfo or BadRequest), as its unary RPC would have ended.
+    """
+    @_builtins.property
+    def create(self) -> Global___CreateTaskResponse:
+        """As CreateTask's."""
+
+    @_builtins.property
+    def claim(self) -> Global___ClaimTaskResponse:
+        """As ClaimTask's."""
+
+    @_builtins.property
+    def progress(self) -> Global___ReportProgressResponse:
+        """As ReportProgress's."""
+
+    @_builtins.property
+    def complete(self) -> Global___CompleteTaskResponse:
+        """As CompleteTask's."""
+
+    @_builtins.property
+    def fail(self) -> Global___FailTaskResponse:
+        """As FailTask's."""
+
+    def __init__(
+        self,
+        *,
+        create: Global___CreateTaskResponse | None = ...,
+        claim: Global___ClaimTaskResponse | None = ...,
+        progress: Global___ReportProgressResponse | None = ...,
+        complete: Global___CompleteTaskResponse | None = ...,
+        fail: Global___FailTaskResponse | None = ...,
+        error: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "claim", b"claim", "complete", b"complete", "create", b"create", "error", b"error", "fail", b"fail", "progress", b"progress"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "claim", b"claim", "complete", b"complete", "create", b"create", "error", b"error", "fail", b"fail", "progress", b"progress"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_answer: _TypeAlias = _typing.Literal["create", "claim", "progress", "complete", "fail", "error"]  # noqa: Y015
+    _WhichOneofArgType_answer: _TypeAlias = _typing.Literal["answer", b"answer"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_answer) -> _WhichOneofReturnType_answer | None: ...
+
+Global___StoreAnswer: _TypeAlias = StoreAnswer  # noqa: Y015
+
+@_typing.final
+class ExchangeRequest(_message.Message):
+    """Request of Exchange."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMANDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def commands(self) -> _containers.RepeatedCompositeFieldContainer[Global___StoreCommand]:
+        """The commands, at most 1,000."""
+
+    def __init__(
+        self,
+        *,
+        commands: _abc.Iterable[Global___StoreCommand] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commands", b"commands"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExchangeRequest: _TypeAlias = ExchangeRequest  # noqa: Y015
+
+@_typing.final
+class ExchangeResponse(_message.Message):
+    """Response of Exchange."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ANSWERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def answers(self) -> _containers.RepeatedCompositeFieldContainer[Global___StoreAnswer]:
+        """One answer per command, in the order of the commands."""
+
+    def __init__(
+        self,
+        *,
+        answers: _abc.Iterable[Global___StoreAnswer] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers", b"answers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExchangeResponse: _TypeAlias = ExchangeResponse  # noqa: Y015
+
+@_typing.final
+class EventBatch(_message.Message):
+    """What task_store publishes on the event bus (core NATS, subject `<namespace>.events.batch`): the
+    envelopes of one or more commits, in commit order, one bus message for all of them instead of one
+    per event. A publisher hands over everything committed since its previous message, split so that
+    a message holds at most 256 envelopes and 512 KiB (one larger envelope goes alone). Consumers
+    handle each envelope as before (per task, prev_sequence still makes a gap visible).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENVELOPES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def envelopes(self) -> _containers.RepeatedCompositeFieldContainer[Global___EventEnvelope]:
+        """The envelopes, in commit order."""
+
+    def __init__(
+        self,
+        *,
+        envelopes: _abc.Iterable[Global___EventEnvelope] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["envelopes", b"envelopes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EventBatch: _TypeAlias = EventBatch  # noqa: Y015

@@ -130,6 +130,11 @@ class TaskStoreServiceStub:
                 request_serializer=charai_dot_store_dot_v1_dot_store__service__pb2.SettleWebhookDeliveryRequest.SerializeToString,
                 response_deserializer=charai_dot_store_dot_v1_dot_store__service__pb2.SettleWebhookDeliveryResponse.FromString,
                 _registered_method=True)
+        self.Exchange = channel.unary_unary(
+                '/charai.store.v1.TaskStoreService/Exchange',
+                request_serializer=charai_dot_store_dot_v1_dot_store__service__pb2.ExchangeRequest.SerializeToString,
+                response_deserializer=charai_dot_store_dot_v1_dot_store__service__pb2.ExchangeResponse.FromString,
+                _registered_method=True)
 
 
 class TaskStoreServiceServicer:
@@ -269,6 +274,19 @@ class TaskStoreServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Exchange(self, request, context):
+        """The batched data plane: many creates, claims, progress reports and outcomes in one call.
+        Each command is decided on its own, exactly as its unary RPC above would decide it (same
+        fencing, same idempotency, same errors), and answered in order; the writes of one call share
+        one commit where the database allows (SQLite: one group commit, so one fsync). The call
+        returns once every command's outcome is durable: "acknowledged = on disk" holds per command.
+        Gateways and workers coalesce their concurrent calls into it (natural batching: a call goes
+        out at once when none is in flight; while one is, the next ones gather for the next call).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskStoreServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -366,6 +384,11 @@ def add_TaskStoreServiceServicer_to_server(servicer, server):
                     servicer.SettleWebhookDelivery,
                     request_deserializer=charai_dot_store_dot_v1_dot_store__service__pb2.SettleWebhookDeliveryRequest.FromString,
                     response_serializer=charai_dot_store_dot_v1_dot_store__service__pb2.SettleWebhookDeliveryResponse.SerializeToString,
+            ),
+            'Exchange': grpc.unary_unary_rpc_method_handler(
+                    servicer.Exchange,
+                    request_deserializer=charai_dot_store_dot_v1_dot_store__service__pb2.ExchangeRequest.FromString,
+                    response_serializer=charai_dot_store_dot_v1_dot_store__service__pb2.ExchangeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -882,6 +905,33 @@ class TaskStoreService:
             '/charai.store.v1.TaskStoreService/SettleWebhookDelivery',
             charai_dot_store_dot_v1_dot_store__service__pb2.SettleWebhookDeliveryRequest.SerializeToString,
             charai_dot_store_dot_v1_dot_store__service__pb2.SettleWebhookDeliveryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Exchange(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/charai.store.v1.TaskStoreService/Exchange',
+            charai_dot_store_dot_v1_dot_store__service__pb2.ExchangeRequest.SerializeToString,
+            charai_dot_store_dot_v1_dot_store__service__pb2.ExchangeResponse.FromString,
             options,
             channel_credentials,
             insecure,

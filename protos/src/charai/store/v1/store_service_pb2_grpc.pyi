@@ -71,6 +71,15 @@ class TaskStoreServiceStub:
     """A webhook sender takes a published delivery: what to send and how to sign it, or why not now."""
     SettleWebhookDelivery: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.SettleWebhookDeliveryRequest, _store_service_pb2.SettleWebhookDeliveryResponse]
     """A webhook sender reports how an attempt went; the store decides what comes next."""
+    Exchange: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.ExchangeRequest, _store_service_pb2.ExchangeResponse]
+    """The batched data plane: many creates, claims, progress reports and outcomes in one call.
+    Each command is decided on its own, exactly as its unary RPC above would decide it (same
+    fencing, same idempotency, same errors), and answered in order; the writes of one call share
+    one commit where the database allows (SQLite: one group commit, so one fsync). The call
+    returns once every command's outcome is durable: "acknowledged = on disk" holds per command.
+    Gateways and workers coalesce their concurrent calls into it (natural batching: a call goes
+    out at once when none is in flight; while one is, the next ones gather for the next call).
+    """
 
 @_typing.type_check_only
 class TaskStoreServiceAsyncStub(TaskStoreServiceStub):
@@ -115,6 +124,15 @@ class TaskStoreServiceAsyncStub(TaskStoreServiceStub):
     """A webhook sender takes a published delivery: what to send and how to sign it, or why not now."""
     SettleWebhookDelivery: _aio.UnaryUnaryMultiCallable[_store_service_pb2.SettleWebhookDeliveryRequest, _store_service_pb2.SettleWebhookDeliveryResponse]  # type: ignore[assignment]
     """A webhook sender reports how an attempt went; the store decides what comes next."""
+    Exchange: _aio.UnaryUnaryMultiCallable[_store_service_pb2.ExchangeRequest, _store_service_pb2.ExchangeResponse]  # type: ignore[assignment]
+    """The batched data plane: many creates, claims, progress reports and outcomes in one call.
+    Each command is decided on its own, exactly as its unary RPC above would decide it (same
+    fencing, same idempotency, same errors), and answered in order; the writes of one call share
+    one commit where the database allows (SQLite: one group commit, so one fsync). The call
+    returns once every command's outcome is durable: "acknowledged = on disk" holds per command.
+    Gateways and workers coalesce their concurrent calls into it (natural batching: a call goes
+    out at once when none is in flight; while one is, the next ones gather for the next call).
+    """
 
 class TaskStoreServiceServicer(metaclass=_abc_1.ABCMeta):
     """Internal API of task_store: the only writer of task state. Called by gateways and workers, never by clients."""
@@ -270,5 +288,20 @@ class TaskStoreServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_store_service_pb2.SettleWebhookDeliveryResponse, _abc.Awaitable[_store_service_pb2.SettleWebhookDeliveryResponse]]:
         """A webhook sender reports how an attempt went; the store decides what comes next."""
+
+    @_abc_1.abstractmethod
+    def Exchange(
+        self,
+        request: _store_service_pb2.ExchangeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_service_pb2.ExchangeResponse, _abc.Awaitable[_store_service_pb2.ExchangeResponse]]:
+        """The batched data plane: many creates, claims, progress reports and outcomes in one call.
+        Each command is decided on its own, exactly as its unary RPC above would decide it (same
+        fencing, same idempotency, same errors), and answered in order; the writes of one call share
+        one commit where the database allows (SQLite: one group commit, so one fsync). The call
+        returns once every command's outcome is durable: "acknowledged = on disk" holds per command.
+        Gateways and workers coalesce their concurrent calls into it (natural batching: a call goes
+        out at once when none is in flight; while one is, the next ones gather for the next call).
+        """
 
 def add_TaskStoreServiceServicer_to_server(servicer: TaskStoreServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -390,19 +390,29 @@ class WatchTaskRequest(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    MAX_EVENTS_PER_MESSAGE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The task id."""
     after_sequence: _builtins.int
     """Resume after this event sequence (0: start with a snapshot)."""
+    max_events_per_message: _builtins.int
+    """Opts in to several events per stream message, for a client that reads the responses' `events`.
+    0 (unset) or 1: one event per message, in `event`, exactly as before this field existed. N >= 2:
+    when the stream has more than one event ready to send at once (it fell behind: a burst of events
+    arrived while the previous message was being sent, or a resume replays the log), it sends up to N
+    of them in one message, in `events`. The server may send fewer per message (it keeps a message
+    under 512 KiB unless a single event is larger). Negative: INVALID_ARGUMENT.
+    """
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
         after_sequence: _builtins.int = ...,
+        max_events_per_message: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "id", b"id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "id", b"id", "max_events_per_message", b"max_events_per_message"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -410,23 +420,32 @@ Global___WatchTaskRequest: _TypeAlias = WatchTaskRequest  # noqa: Y015
 
 @_typing.final
 class WatchTaskResponse(_message.Message):
-    """One message of the WatchTask stream."""
+    """One message of the WatchTask stream: one event in `event`, or (opted in) several in `events`."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     EVENT_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def event(self) -> _task_pb2.TaskEvent:
-        """The event."""
+        """The event, when the message carries exactly one. Unset when `events` is set."""
+
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.TaskEvent]:
+        """Two or more events, in stream order (as if each had come in its own message), and `event` unset.
+        Only sent to a client that asked for it with max_events_per_message >= 2; such a client reads a
+        message's events as `events` when it is not empty, else `event`. Heartbeats always come alone.
+        """
 
     def __init__(
         self,
         *,
         event: _task_pb2.TaskEvent | None = ...,
+        events: _abc.Iterable[_task_pb2.TaskEvent] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "events", b"events"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -461,10 +480,19 @@ class WatchTasksRequest(_message.Message):
     METADATA_FIELD_NUMBER: _builtins.int
     TYPE_FIELD_NUMBER: _builtins.int
     AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    MAX_EVENTS_PER_MESSAGE_FIELD_NUMBER: _builtins.int
     type: _task_pb2.TaskType.ValueType
     """Only this type (unset: any)."""
     after_sequence: _builtins.int
     """Resume after this event sequence (0: only new events)."""
+    max_events_per_message: _builtins.int
+    """Opts in to several events per stream message, for a client that reads the responses' `events`.
+    0 (unset) or 1: one event per message, in `event`, exactly as before this field existed. N >= 2:
+    when the stream has more than one event ready to send at once (it fell behind: a burst of events
+    arrived while the previous message was being sent, or a resume replays the log), it sends up to N
+    of them in one message, in `events`. The server may send fewer per message (it keeps a message
+    under 512 KiB unless a single event is larger). Negative: INVALID_ARGUMENT.
+    """
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Exact match on every given key (e.g. characterId)."""
@@ -475,10 +503,11 @@ class WatchTasksRequest(_message.Message):
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         type: _task_pb2.TaskType.ValueType = ...,
         after_sequence: _builtins.int = ...,
+        max_events_per_message: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "metadata", b"metadata", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "max_events_per_message", b"max_events_per_message", "metadata", b"metadata", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -486,23 +515,32 @@ Global___WatchTasksRequest: _TypeAlias = WatchTasksRequest  # noqa: Y015
 
 @_typing.final
 class WatchTasksResponse(_message.Message):
-    """One message of the WatchTasks stream."""
+    """One message of the WatchTasks stream: one event in `event`, or (opted in) several in `events`."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     EVENT_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def event(self) -> _task_pb2.TaskEvent:
-        """The event."""
+        """The event, when the message carries exactly one. Unset when `events` is set."""
+
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.TaskEvent]:
+        """Two or more events, in stream order (as if each had come in its own message), and `event` unset.
+        Only sent to a client that asked for it with max_events_per_message >= 2; such a client reads a
+        message's events as `events` when it is not empty, else `event`. Heartbeats always come alone.
+        """
 
     def __init__(
         self,
         *,
         event: _task_pb2.TaskEvent | None = ...,
+        events: _abc.Iterable[_task_pb2.TaskEvent] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "events", b"events"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

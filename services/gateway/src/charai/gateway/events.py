@@ -3,9 +3,12 @@
 Live events are best effort; a watcher fills any gap from task_store's event log (each envelope
 names the previous sequence of its task, so a gap is visible) and catches up when idle.
 
-One event usually reaches several streams (ten browser tabs on one character): it is decoded once
-here and serialized once by the first stream that sends it (:class:`LiveEvent`), so the cost per
-extra stream is a queue append and a socket write, not a protobuf copy and encode.
+One bus message carries a whole commit batch (``EventBatch``): it is decoded once here and each
+of its envelopes routed on its own. One event usually reaches several streams (ten browser tabs
+on one character): it is serialized once by the first stream that sends it (:class:`LiveEvent`),
+so the cost per extra stream is a queue append and a socket write, not a protobuf copy and encode.
+A stream that fell behind takes everything queued at once (:meth:`Watcher.take`) and, when its
+client opted in, sends it in one message (``charai.gateway.follow.pack``).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
-from collections.abc import Callable, ItemsView, Mapping
+from collections.abc import Callable, ItemsView, Iterable, Mapping
 from typing import TypeVar
 
 import structlog
@@ -140,6 +143,7 @@ class EventHub:
     def __init__(self, nc: Client, topology: Topology) -> None:
         self._nc = nc
         self._topology = topology
+        self._batch_subject = topology.events_subject
         self._by_task: dict[str, set[Watcher]] = {}
         self._filters: set[Watcher] = set()
         #: Filter watchers indexed by (tenant, one metadata key, its value), and those without a
@@ -151,6 +155,7 @@ class EventHub:
         self._sub: object | None = None
 
     async def start(self) -> None:
+        # The wildcard, not only the batch subject: see _on_msg.
         self._sub = await self._nc.subscribe(
             self._topology.events_wildcard, cb=self._on_msg, pending_msgs_limit=500_000
         )
@@ -221,11 +226,23 @@ class EventHub:
                 watcher.end()
 
     async def _on_msg(self, msg: Msg) -> None:
+        """One bus message: an ``EventBatch`` (decoded once, its envelopes routed in commit
+        order), or on a per-task subject one ``EventEnvelope`` from a task_store of an earlier
+        release (a rolling upgrade). A task_store publishes only one of the two forms, so no
+        event reaches the hub twice (and a stream drops repeats by sequence anyway)."""
         try:
-            env = spb.EventEnvelope.FromString(msg.data)
+            if msg.subject == self._batch_subject:
+                envelopes: Iterable[spb.EventEnvelope] = spb.EventBatch.FromString(msg.data).envelopes
+            else:
+                envelopes = (spb.EventEnvelope.FromString(msg.data),)
         except Exception:
             log.warning("event_unparseable", subject=msg.subject)
             return
+        for env in envelopes:
+            self._route(env)
+
+    def _route(self, env: spb.EventEnvelope) -> None:
+        """Offers one envelope to every watcher it matches, as one :class:`LiveEvent` they share."""
         event = LiveEvent(env)
         tenant, task = env.tenant, env.event.task
         pairs = dict(task.metadata).items()

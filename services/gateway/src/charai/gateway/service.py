@@ -21,7 +21,7 @@ from charai.core.media import MEDIA_URL_PREFIX, UrlSigner
 from charai.core.storeclient import StoreClient
 from charai.gateway import access
 from charai.gateway.events import EventHub, Watcher
-from charai.gateway.follow import Follower, read_log
+from charai.gateway.follow import Follower, Item, pack, read_log
 from charai.gateway.limits import QuotaExceededError, SubmitLimiter
 from charai.gateway.tokens import (
     DEFAULT_MAX_TTL_SECONDS,
@@ -66,6 +66,15 @@ def add_to_server(servicer: TaskService, server: grpc.aio.Server) -> None:
             )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)
+
+
+def _events_per_message(value: int) -> int:
+    """A watch request's ``max_events_per_message`` (below 2: one event per message, as before)."""
+    if value < 0:
+        raise validation.RequestInvalidError(
+            [validation.Violation("max_events_per_message", "must not be negative")]
+        )
+    return value
 
 
 class TaskService(task_service_pb2_grpc.TaskServiceServicer):
@@ -125,7 +134,8 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
         """A stream response carrying ``event``, presented and serialized. Presented on a copy:
         a live event is shared by every stream that receives it, so it stays as task_store sent
         it. ``WatchTaskResponse`` and ``WatchTasksResponse`` are the same message (``TaskEvent
-        event = 1``), so these bytes serve both kinds of stream."""
+        event = 1``, ``repeated TaskEvent events = 2``), so these bytes serve both kinds of
+        stream, and :func:`~charai.gateway.follow.pack` turns several into one ``events``."""
         response = task_service_pb2.WatchTasksResponse(event=event)
         self._present_event(response.event)
         return response.SerializeToString()
@@ -313,15 +323,15 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
             )
         self._hub.add(watcher)
 
-    async def _until_expiry(self, follower: Follower) -> AsyncIterator[tuple[int, bytes]]:
-        """The follower's messages; for an access token, only until it expires: the stream then
-        ends with UNAUTHENTICATED (ACCESS_TOKEN_EXPIRED), noticed at the latest with the next
-        heartbeat."""
+    async def _until_expiry(self, follower: Follower) -> AsyncIterator[list[Item]]:
+        """The follower's groups of events; for an access token, only until it expires: the
+        stream then ends with UNAUTHENTICATED (ACCESS_TOKEN_EXPIRED), noticed at the latest with
+        the next heartbeat."""
         token = access.current.get()
-        async for item in follower.stream():
+        async for group in follower.stream():
             if token is not None and self._tokens.expired(token):
                 raise expired_error()
-            yield item
+            yield group
 
     def _follower(
         self, watcher: Watcher, query: spb.ListEventsRequest, floor: int, *, single_task: bool
@@ -345,6 +355,7 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
             raise validation.RequestInvalidError(
                 [validation.Violation("after_sequence", "must not be negative")]
             )
+        per_message = _events_per_message(request.max_events_per_message)
         tenant = principal.get()
         if access.scope() is not None:  # a token watches only what it reaches (NOT_FOUND otherwise)
             access.check_task(await self._store.get_task(tenant, request.id, timeout=STORE_TIMEOUT))
@@ -369,15 +380,15 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
                 if current.status in TERMINAL_STATUSES:
                     # Nothing more will happen: send what the client missed, then end.
                     missed, _ = await read_log(self._store, query)
-                    for event in missed:
-                        yield self._wire(event)
+                    for message in pack([(e.type, self._wire(e)) for e in missed], per_message):
+                        yield message
                     return
-            async for kind, wire in self._until_expiry(
-                self._follower(watcher, query, last, single_task=True)
-            ):
-                yield wire
-                if kind in TERMINAL_EVENTS:
-                    return
+            async for group in self._until_expiry(self._follower(watcher, query, last, single_task=True)):
+                ends = next((n for n, (kind, _) in enumerate(group) if kind in TERMINAL_EVENTS), None)
+                for message in pack(group if ends is None else group[: ends + 1], per_message):
+                    yield message
+                if ends is not None:
+                    return  # the terminal event is the stream's last
         finally:
             self._hub.remove(watcher)
 
@@ -399,6 +410,7 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
         self, request: task_service_pb2.WatchTasksRequest, context: Context
     ) -> AsyncIterator[bytes]:
         validation.validate_watch_filter(request.metadata, request.type, request.after_sequence)
+        per_message = _events_per_message(request.max_events_per_message)
         tenant = principal.get()
         ids = access.id_scope()
         metadata = access.narrow(request.metadata)
@@ -418,7 +430,8 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
             if last == 0:
                 probe = spb.ListEventsRequest(tenant=tenant, task_id="", after_sequence=HEAD, limit=1)
                 _, last = await read_log(self._store, probe)
-            async for _, wire in self._until_expiry(self._follower(watcher, query, last, single_task=False)):
-                yield wire
+            async for group in self._until_expiry(self._follower(watcher, query, last, single_task=False)):
+                for message in pack(group, per_message):
+                    yield message
         finally:
             self._hub.remove(watcher)

@@ -137,7 +137,7 @@ class TaskStoreApp:
         stack.push_async_callback(retention.close)
         retention.start()
         health = await self._serve(
-            stack, TaskStoreServicer(store, relay.wake, s.lease_seconds, s.image_model, media)
+            stack, TaskStoreServicer(store, relay.wake, s.lease_seconds, s.image_model, media, self.metrics)
         )
         await self._start_ops(stack, health)
         host = self._listen.rpartition(":")[0]

@@ -314,13 +314,15 @@ class Commands:
         return await self._units.write(op)
 
     # -- worker commands ---------------------------------------------------------------------
-    async def claim(self, task_id: str, worker_id: str) -> ClaimResult:
+    async def claim(self, task_id: str, worker_id: str, again: bool = False) -> ClaimResult:
         async def op(unit: Unit) -> ClaimResult:
             try:
                 task, row, state = await self._load(unit, task_id)
             except NotFoundError:
                 return ClaimResult(spb.CLAIM_OUTCOME_DONE, None)
-            decision = lifecycle.claim(state, lifecycle.Claim(worker_id), self._clock.now_us(), self._policy)
+            decision = lifecycle.claim(
+                state, lifecycle.Claim(worker_id, again), self._clock.now_us(), self._policy
+            )
             await self._persist(unit, task, row, state, decision)
             answer = decision.answer
             assert not isinstance(answer, Rejection)

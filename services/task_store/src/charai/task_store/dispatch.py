@@ -1,5 +1,6 @@
-"""After-commit work: publish events in commit order, relay the outbox to JetStream, sweep for
-jobs that NATS lost. Each loop heals by itself after a NATS outage."""
+"""After-commit work: publish events in commit order (one bus message per commit batch), relay
+the outbox to JetStream, sweep for jobs that NATS lost. Each loop heals by itself after a NATS
+outage."""
 
 from __future__ import annotations
 
@@ -7,13 +8,16 @@ import asyncio
 import contextlib
 import threading
 import uuid
+from collections.abc import Iterator
 
 import structlog
+from charai.core import wire
 from charai.core.clock import SYSTEM, Clock
-from charai.core.topology import Topology, tenant_token
+from charai.core.topology import Topology
 from charai.store.v1 import store_service_pb2 as spb
 from charai.task_store.outbox import OutboxRow
 from charai.task_store.store import TaskStore
+from charai.tasks.v1 import task_pb2
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError as JsNotFoundError
@@ -23,8 +27,40 @@ log = structlog.get_logger("dispatch")
 _STOP_TIMEOUT = 7.0
 
 
+#: One bus message holds at most this many envelopes ...
+BATCH_MAX_ENVELOPES = 256
+#: ... and at most this many bytes, unless its one envelope is larger: well under NATS's
+#: ``max_payload`` (1 MiB by default), which refuses the whole message, not part of it.
+BATCH_MAX_BYTES = 512 * 1024
+
+
+def event_batches(
+    envelopes: list[spb.EventEnvelope],
+    max_envelopes: int = BATCH_MAX_ENVELOPES,
+    max_bytes: int = BATCH_MAX_BYTES,
+) -> Iterator[tuple[bytes, list[spb.EventEnvelope]]]:
+    """``envelopes`` as serialized ``EventBatch`` messages within the limits, in order, each with
+    the envelopes it carries. Each envelope is encoded once; the batch is their concatenation."""
+    parts: list[bytes] = []
+    chunk: list[spb.EventEnvelope] = []
+    size = 0
+    for env in envelopes:
+        framed = wire.message_field(1, env.SerializeToString())  # EventBatch.envelopes = 1
+        if chunk and (len(chunk) >= max_envelopes or size + len(framed) > max_bytes):
+            yield b"".join(parts), chunk
+            parts, chunk, size = [], [], 0
+        parts.append(framed)
+        chunk.append(env)
+        size += len(framed)
+    if chunk:
+        yield b"".join(parts), chunk
+
+
 class EventPublisher:
-    """Publishes event envelopes on core NATS, in the order the store committed them.
+    """Publishes event envelopes on core NATS, in the order the store committed them: one
+    ``EventBatch`` message on ``Topology.events_subject`` for everything committed since the
+    previous message (a group commit hands over many envelopes at once), not one per event, so
+    the bus and every gateway pay per batch. Past the limits a batch is split, in order.
 
     Best effort by design: watchers fill any gap from the event log (the envelope carries the
     previous sequence of the same task, so a gap is visible).
@@ -33,13 +69,16 @@ class EventPublisher:
     def __init__(self, nc: Client, topology: Topology) -> None:
         self._nc = nc
         self._topology = topology
-        self._queue: asyncio.Queue[spb.EventEnvelope] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
         self._task: asyncio.Task[None] | None = None
-        #: Envelopes handed over by the database thread, not yet moved to the queue; one wake-up
-        #: of the event loop moves all of them (a group commit hands over many at once).
+        #: Envelopes handed over by the database thread, not yet published; one wake-up of the
+        #: event loop publishes all of them.
         self._incoming: list[spb.EventEnvelope] = []
         self._incoming_lock = threading.Lock()
+        self._ready = asyncio.Event()
+        self._busy = False
+        #: Messages published on the event bus (tests, metrics).
+        self.messages = 0
 
     def submit_threadsafe(self, envelopes: list[spb.EventEnvelope]) -> None:
         """Called from the database thread right after commit (in commit order)."""
@@ -47,38 +86,47 @@ class EventPublisher:
             wake = not self._incoming
             self._incoming.extend(envelopes)
         if wake:
-            self._loop.call_soon_threadsafe(self._take_incoming)
-
-    def _take_incoming(self) -> None:
-        with self._incoming_lock:
-            batch, self._incoming = self._incoming, []
-        for env in batch:
-            self._queue.put_nowait(env)
+            self._loop.call_soon_threadsafe(self._ready.set)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="event-publisher")
 
     async def _run(self) -> None:
         while True:
-            env = await self._queue.get()
-            subject = self._topology.event_subject(tenant_token(env.tenant), env.event.task.id)
+            await self._ready.wait()
+            self._ready.clear()
+            with self._incoming_lock:
+                envelopes, self._incoming = self._incoming, []
+            self._busy = True
             try:
-                await self._nc.publish(subject, env.SerializeToString())
-                event_type = env.event.type
-                if event_type == 8:  # TASK_EVENT_TYPE_CANCELLED: tell the worker holding it
+                for data, chunk in event_batches(envelopes):
+                    await self._publish(data, chunk)
+            finally:
+                self._busy = False
+
+    async def _publish(self, data: bytes, chunk: list[spb.EventEnvelope]) -> None:
+        """One batch, then a cancel notice for each CANCELLED event in it (the worker holding
+        that task aborts; after the batch, so a watcher hears of the cancel no later)."""
+        try:
+            await self._nc.publish(self._topology.events_subject, data)
+            self.messages += 1
+            for env in chunk:
+                if env.event.type == task_pb2.TASK_EVENT_TYPE_CANCELLED:
                     notice = spb.CancelNotice(task_id=env.event.task.id)
                     await self._nc.publish(
                         self._topology.cancel_subject(env.event.task.id), notice.SerializeToString()
                     )
-            except Exception as exc:
-                log.warning("event_publish_failed", error=str(exc), seq=env.event.sequence)
+        except Exception as exc:
+            log.warning(
+                "event_publish_failed", error=str(exc), first_seq=chunk[0].event.sequence, events=len(chunk)
+            )
 
     async def close(self) -> None:
         if self._task is not None:
-            # Let queued events go out before we stop.
+            # Let handed-over events go out before we stop.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(2):
-                    while self._incoming or not self._queue.empty():  # noqa: ASYNC110 - draining a queue we do not own the wake-ups of
+                    while self._incoming or self._ready.is_set() or self._busy:  # noqa: ASYNC110 - draining a list filled by another thread
                         await asyncio.sleep(0.01)
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

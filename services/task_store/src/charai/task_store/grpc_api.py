@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import grpc
+import structlog
 from charai.core import tracing, validation
 from charai.core.errors import UnauthenticatedError
+from charai.core.grpcsupport import status_for
+from charai.core.metrics import Metrics
+from charai.core.validation import RequestInvalidError, Violation
 from charai.store.v1 import store_service_pb2 as spb
 from charai.store.v1 import store_service_pb2_grpc as spb_grpc
 from charai.task_store.removal import MediaRemover, remove_task
 from charai.task_store.store import TaskStore
 from charai.tasks.v1 import task_service_pb2 as tpb
+from google.rpc import code_pb2, status_pb2
 
 Context = grpc.aio.ServicerContext[Any, Any]
+log = structlog.get_logger("task_store")
+#: Commands per Exchange call at most.
+MAX_EXCHANGE = 1000
 
 
 class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
@@ -24,8 +33,10 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
         lease_seconds: float = 30.0,
         image_model: str = "glm-image",
         media: MediaRemover | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._store = store
+        self._metrics = metrics
         self._media = media
         self._image_model = image_model
         self._on_created = on_created
@@ -70,7 +81,9 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
         return spb.ListEventsResponse(events=events, head_sequence=head)
 
     async def ClaimTask(self, request: spb.ClaimTaskRequest, context: Context) -> spb.ClaimTaskResponse:
-        claim = await self._store.claim(request.task_id, request.dispatch_gen, request.worker_id)
+        claim = await self._store.claim(
+            request.task_id, request.dispatch_gen, request.worker_id, request.again
+        )
         response = spb.ClaimTaskResponse(
             outcome=claim.outcome,  # type: ignore[arg-type]
             attempt=claim.attempt,
@@ -113,6 +126,40 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
         if self._on_created is not None:
             self._on_created()  # wake the relay: the re-run's job is in the outbox
         return spb.RetryTaskResponse(task=task)
+
+    # -- the batched data plane ------------------------------------------------------------
+    async def Exchange(self, request: spb.ExchangeRequest, context: Context) -> spb.ExchangeResponse:
+        """Each command as its unary RPC, all at once: their writes queue together, so SQLite
+        commits them in one group commit; answers in order, refusals per command."""
+        if len(request.commands) > MAX_EXCHANGE:
+            raise RequestInvalidError([Violation("commands", f"at most {MAX_EXCHANGE} commands per call")])
+        if self._metrics is not None and request.commands:
+            kind = request.commands[0].WhichOneof("command") or "none"
+            self._metrics.exchange_commands.labels(kind).observe(len(request.commands))
+        answers = await asyncio.gather(*(self._answer(command, context) for command in request.commands))
+        return spb.ExchangeResponse(answers=answers)
+
+    async def _answer(self, command: spb.StoreCommand, context: Context) -> spb.StoreAnswer:
+        kind = command.WhichOneof("command")
+        try:
+            if kind == "create":
+                tracing.current.set(command.traceparent)  # this command's own task (gather)
+                return spb.StoreAnswer(create=await self.CreateTask(command.create, context))
+            if kind == "claim":
+                return spb.StoreAnswer(claim=await self.ClaimTask(command.claim, context))
+            if kind == "progress":
+                return spb.StoreAnswer(progress=await self.ReportProgress(command.progress, context))
+            if kind == "complete":
+                return spb.StoreAnswer(complete=await self.CompleteTask(command.complete, context))
+            if kind == "fail":
+                return spb.StoreAnswer(fail=await self.FailTask(command.fail, context))
+            raise RequestInvalidError([Violation("commands.command", "must be set")])
+        except Exception as exc:
+            status = status_for(exc)
+            if status is None:
+                log.exception("exchange_command_failed", command=kind)
+                status = status_pb2.Status(code=code_pb2.INTERNAL, message="internal error")
+            return spb.StoreAnswer(error=status.SerializeToString())
 
     # -- webhooks ----------------------------------------------------------------------------
     def _wake(self, queued: int) -> None:

@@ -173,8 +173,10 @@ class TaskStore:
         return await self.queries.ended_before(cutoff_us, limit)
 
     # -- worker operations -------------------------------------------------------------------
-    async def claim(self, task_id: str, dispatch_gen: int, worker_id: str) -> ClaimResult:
-        return await self.commands.claim(task_id, worker_id)
+    async def claim(
+        self, task_id: str, dispatch_gen: int, worker_id: str, again: bool = False
+    ) -> ClaimResult:
+        return await self.commands.claim(task_id, worker_id, again)
 
     async def progress(self, task_id: str, attempt: int, progress: int, stage: str) -> int:
         return await self.commands.progress(task_id, attempt, progress, stage)

@@ -182,9 +182,11 @@ class FailAnswer:
 # -- commands --------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True, slots=True)
 class Claim:
-    """A worker asks to run the task's delivered job."""
+    """A worker asks to run the task's delivered job; ``again``: its earlier claim of this job
+    got no answer (see :func:`claim`)."""
 
     worker_id: str = ""
+    again: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -277,7 +279,8 @@ def claim(state: TaskState, cmd: Claim, now: int, policy: Policy) -> Decision[Cl
     """Run, defer or drop a delivered job.
 
     QUEUED: deferred until its retry is due; failed when no attempts are left; else started.
-    RUNNING: deferred while the current attempt's lease lives; once it expired, that attempt's
+    RUNNING: deferred while the current attempt's lease lives (unless its holder asks again
+    because the answer to its claim was lost: the same attempt again); once it expired, that attempt's
     worker is gone: the task is taken over by a new attempt (a WORKER_LOST retry), or fails when
     the retry policy allows no more.
     """
@@ -294,6 +297,10 @@ def claim(state: TaskState, cmd: Claim, now: int, policy: Policy) -> Decision[Cl
     else:
         lease = state.lease_expires or 0
         if lease > now:
+            if cmd.again and cmd.worker_id and cmd.worker_id == state.lease_owner:
+                # The holder asks again because its claim's answer was lost (it has not run the
+                # attempt): answered again, not left waiting for the lease to expire.
+                return Decision(state, ClaimAnswer(ClaimOutcome.RUN, attempt=state.attempt))
             return Decision(state, ClaimAnswer(ClaimOutcome.DEFER, retry_after=(lease - now) / 1e6))
         lost = f"the worker running attempt {state.attempt} was lost"
         if policy.retry_delay(ErrorKind.WORKER_LOST, state) is None:

@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 
 #: How long a browser's EventSource waits before it reconnects with ``Last-Event-ID``.
 SSE_RETRY_MS = 1000
+#: What the SSE routes ask of the watch streams they read (``max_events_per_message``): a stream
+#: that fell behind hands over what it has queued in one message, written in one socket write.
+SSE_EVENTS_PER_WRITE = 256
 _HEADERS = {
     hdrs.CONTENT_TYPE: "text/event-stream; charset=utf-8",
     hdrs.CACHE_CONTROL: "no-cache, no-store",
@@ -62,7 +65,9 @@ class EventStreams:
             after = resume_after(request)
         except RestError as exc:
             return exc.response()
-        watch = task_service_pb2.WatchTaskRequest(id=request.match_info["id"], after_sequence=after)
+        watch = task_service_pb2.WatchTaskRequest(
+            id=request.match_info["id"], after_sequence=after, max_events_per_message=SSE_EVENTS_PER_WRITE
+        )
         call = self._stub.WatchTask(watch, metadata=call_metadata(request, query_token=True))
         return await self._serve(request, call, many=False)
 
@@ -74,6 +79,7 @@ class EventStreams:
             watch, status = watch_request(list(request.query.items()), resume_after(request))
         except RestError as exc:
             return exc.response()
+        watch.max_events_per_message = SSE_EVENTS_PER_WRITE
         call = self._stub.WatchTasks(watch, metadata=call_metadata(request, query_token=True))
         return await self._serve(request, call, many=True, status=status)
 
@@ -98,10 +104,10 @@ class EventStreams:
         response = web.StreamResponse(status=200, headers=_HEADERS)
         try:
             await response.prepare(request)
-            await response.write(f"retry: {SSE_RETRY_MS}\n\n".encode() + sse_block(first, many=many))
+            await response.write(f"retry: {SSE_RETRY_MS}\n\n".encode() + _blocks(first, many))
             try:
-                async for event in events:
-                    await response.write(sse_block(event, many=many))
+                async for group in events:
+                    await response.write(_blocks(group, many))
             except grpc.aio.AioRpcError as exc:
                 error = RestError.from_rpc(exc)
                 data = json.dumps({"error": {"code": error.code.name, "message": error.message}})
@@ -112,10 +118,19 @@ class EventStreams:
         return response
 
 
-async def _kept(call: Any, status: int) -> AsyncIterator[task_pb2.TaskEvent]:
-    """The stream's events; with ``status``, only those of tasks in that status (and heartbeats)."""
+def _blocks(events: list[task_pb2.TaskEvent], many: bool) -> bytes:
+    """The SSE blocks of events that arrived in one stream message, for one socket write."""
+    return b"".join(sse_block(event, many=many) for event in events)
+
+
+async def _kept(call: Any, status: int) -> AsyncIterator[list[task_pb2.TaskEvent]]:
+    """The events of each stream message (never an empty list); with ``status``, only those of
+    tasks in that status (and heartbeats)."""
     async for message in call:
-        event = message.event
-        if status and event.type != task_pb2.TASK_EVENT_TYPE_HEARTBEAT and event.task.status != status:
-            continue
-        yield event
+        kept = [
+            event
+            for event in (message.events or [message.event])
+            if not status or event.type == task_pb2.TASK_EVENT_TYPE_HEARTBEAT or event.task.status == status
+        ]
+        if kept:
+            yield kept

@@ -1,0 +1,122 @@
+"""Natural batching of task_store calls into ``Exchange``: many commands per gRPC call.
+
+Why: a unary call costs task_store about as much CPU as the command it carries (HTTP/2 stream,
+interceptors, a task per call), so a worker with 64 jobs in flight paid 64 calls where one
+would do. Callers still await one command each and get its own answer or its own error.
+
+**No added wait.** Commands submitted during one turn of the event loop leave together on the
+next turn; while ``max_in_flight`` calls are on the wire, later commands gather and leave as
+one call as soon as one returns. An idle caller is answered as fast as with a unary call;
+a busy one sends fewer, fatter calls.
+
+**Errors.** A command the store refused ends as the ``grpc.aio.AioRpcError`` its unary RPC
+would have raised (same code, message and rich details), so callers keep one error path. A
+call that failed as a whole (task_store unreachable, deadline) fails each of its commands with
+that error; callers already retry those as they would a unary call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import grpc
+from charai.store.v1 import store_service_pb2 as spb
+from google.rpc import status_pb2
+
+#: Commands per Exchange at most (task_store refuses more than 1,000).
+MAX_BATCH = 256
+#: Exchange calls on the wire at once from one client.
+MAX_IN_FLIGHT = 2
+
+Send = Callable[[list[spb.StoreCommand]], Awaitable[spb.ExchangeResponse]]
+_Pending = tuple[spb.StoreCommand, "asyncio.Future[spb.StoreAnswer]"]
+
+
+def answer_error(raw: bytes) -> grpc.aio.AioRpcError:
+    """The error of a refused command, as its unary RPC would have raised it."""
+    status = status_pb2.Status.FromString(raw)
+    code = next((c for c in grpc.StatusCode if c.value[0] == status.code), grpc.StatusCode.UNKNOWN)
+    trailing = grpc.aio.Metadata(("grpc-status-details-bin", raw)) if status.details else grpc.aio.Metadata()
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing, details=status.message)
+
+
+def error_bytes(exc: grpc.aio.AioRpcError) -> bytes:
+    """A unary call's error as an answer's ``error`` (the inverse of :func:`answer_error`)."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
+            return bytes(value)
+    code: int = exc.code().value[0]
+    data: bytes = status_pb2.Status(code=code, message=exc.details() or "").SerializeToString()
+    return data
+
+
+class Coalescer:
+    """Sends the commands of concurrent callers as few ``Exchange`` calls (see the module)."""
+
+    def __init__(self, send: Send, max_batch: int = MAX_BATCH, max_in_flight: int = MAX_IN_FLIGHT) -> None:
+        self._send = send
+        self._max_batch = max_batch
+        self._max_in_flight = max_in_flight
+        self._pending: list[_Pending] = []
+        self._in_flight = 0
+        self._scheduled = False
+        self._calls: set[asyncio.Task[None]] = set()
+        #: Exchange calls made and commands sent (metrics and tests).
+        self.calls = 0
+        self.commands = 0
+
+    async def call(self, command: spb.StoreCommand) -> spb.StoreAnswer:
+        """The command's answer; raises ``grpc.aio.AioRpcError`` as its unary RPC would."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[spb.StoreAnswer] = loop.create_future()
+        self._pending.append((command, future))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        answer = await future
+        if answer.WhichOneof("answer") == "error":
+            raise answer_error(answer.error)
+        return answer
+
+    def _flush(self) -> None:
+        """Sends what is pending, as long as a call may go out."""
+        self._scheduled = False
+        while self._pending and self._in_flight < self._max_in_flight:
+            batch = [p for p in self._pending[: self._max_batch] if not p[1].done()]
+            del self._pending[: self._max_batch]
+            if not batch:
+                continue  # every caller of these gave up before they left: nothing to send
+            self._in_flight += 1
+            task = asyncio.create_task(self._exchange(batch))
+            self._calls.add(task)
+            task.add_done_callback(self._calls.discard)
+
+    async def _exchange(self, batch: list[_Pending]) -> None:
+        try:
+            self.calls += 1
+            self.commands += len(batch)
+            response = await self._send([command for command, _ in batch])
+        except BaseException as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        finally:
+            self._in_flight -= 1
+            if self._pending and not self._scheduled:
+                self._scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush)
+        for (_, future), answer in zip(batch, response.answers, strict=False):
+            if not future.done():
+                future.set_result(answer)
+        for _, future in batch[len(response.answers) :]:
+            if not future.done():
+                future.set_exception(RuntimeError("task_store answered fewer commands than it was sent"))
+
+    async def close(self) -> None:
+        """Waits for the calls on the wire (their callers are still waiting for them)."""
+        if self._calls:
+            await asyncio.wait(set(self._calls))

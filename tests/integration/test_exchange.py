@@ -1,0 +1,144 @@
+"""The batched data plane: ``Exchange`` on a real task_store (both backends) and the coalescing
+StoreClient that gateways and workers use. Concurrent calls share Exchange calls, each command is
+answered as its unary RPC would be (refusals with the same code and details), one command's
+refusal leaves the others alone, and a task_store without ``Exchange`` gets unary calls."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+import pytest
+from charai.core.storeclient import StoreClient
+from charai.store.v1 import store_service_pb2 as spb
+from charai.store.v1 import store_service_pb2_grpc as spb_grpc
+from charai.task_store.app import TaskStoreApp
+from charai.task_store.grpc_api import MAX_EXCHANGE, TaskStoreServicer
+from charai.task_store.settings import Settings
+from charai.taskapi import error_details
+from charai.tasks.v1 import task_service_pb2
+
+from tests.integration.conftest import Database
+from tests.integration.store_requests import (
+    COMPLETED,
+    DEFER,
+    EV,
+    RUN,
+    image_request,
+    image_result,
+    tts_request,
+)
+from tests.integration.test_task_store_api import app_settings
+
+if TYPE_CHECKING:
+    from tests.conftest import NatsServer
+
+
+@contextlib.asynccontextmanager
+async def coalescing(settings: Settings) -> AsyncIterator[tuple[TaskStoreApp, StoreClient]]:
+    async with (
+        TaskStoreApp(settings, listen_addr="127.0.0.1:0") as app,
+        StoreClient(f"127.0.0.1:{app.port}", coalesce=True) as client,
+    ):
+        yield app, client
+
+
+async def test_concurrent_calls_share_exchange_calls(
+    nats_server: NatsServer, tmp_path: Path, db: Database
+) -> None:
+    async with coalescing(app_settings(nats_server, tmp_path, db)) as (app, client):
+        assert client.coalescer is not None
+        tasks = await asyncio.gather(*(client.create_task("acme", image_request()) for _ in range(50)))
+        assert len({t.id for t in tasks}) == 50
+        # Created together: one call carried them (two at most, if the first left early).
+        assert client.coalescer.commands == 50
+        assert client.coalescer.calls <= 2
+        registry = app.metrics.registry
+        assert registry.get_sample_value("charai_exchange_commands_sum", {"kind": "create"}) == 50
+        assert registry.get_sample_value("charai_exchange_commands_count", {"kind": "create"}) == (
+            client.coalescer.calls
+        )
+        claims = await asyncio.gather(*(client.claim_task(t.id, 1, "w1") for t in tasks))
+        assert [c.outcome for c in claims] == [RUN] * 50
+        assert [c.task.id for c in claims] == [t.id for t in tasks]  # answers in order
+        done = await asyncio.gather(*(client.complete_task(t.id, 1, image_result()) for t in tasks))
+        assert {t.status for t in done} == {COMPLETED}
+        assert client.coalescer.calls <= 6
+
+
+async def test_a_refused_command_fails_alone_with_its_unary_error(
+    nats_server: NatsServer, tmp_path: Path, db: Database
+) -> None:
+    async with coalescing(app_settings(nats_server, tmp_path, db)) as (_, client):
+        a, b = await asyncio.gather(
+            client.create_task("acme", image_request()), client.create_task("acme", tts_request())
+        )
+        await asyncio.gather(client.claim_task(a.id, 1, "w1"), client.claim_task(b.id, 1, "w1"))
+        results = await asyncio.gather(
+            client.report_progress(a.id, 1, 50, "generating"),
+            client.report_progress(b.id, 7, 50, "generating"),  # not b's attempt
+            client.create_task("acme", image_request(prompt="")),  # invalid
+            return_exceptions=True,
+        )
+        assert results[0] == 2  # TASK_STATUS_RUNNING
+        stale = results[1]
+        assert isinstance(stale, grpc.aio.AioRpcError)
+        assert stale.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "no longer holds it" in (stale.details() or "")
+        assert error_details(stale).reason == "STALE_ATTEMPT"
+        invalid = results[2]
+        assert isinstance(invalid, grpc.aio.AioRpcError)
+        assert invalid.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert [f for f, _ in error_details(invalid).field_violations] == ["image.prompt"]
+        listed = await client.list_tasks("acme", task_service_pb2.ListTasksRequest(page_size=100))
+        assert len(listed.tasks) == 2  # the invalid create stored nothing
+
+
+async def test_exchange_refuses_too_many_commands(
+    nats_server: NatsServer, tmp_path: Path, db: Database
+) -> None:
+    async with (
+        coalescing(app_settings(nats_server, tmp_path, db)) as (app, _),
+        grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel,
+    ):
+        stub = spb_grpc.TaskStoreServiceStub(channel)
+        command = spb.StoreCommand(claim=spb.ClaimTaskRequest(task_id="task_x", dispatch_gen=1))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Exchange(spb.ExchangeRequest(commands=[command] * (MAX_EXCHANGE + 1)))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert [f for f, _ in error_details(refused.value).field_violations] == ["commands"]
+
+
+async def test_a_task_store_without_exchange_gets_unary_calls(
+    nats_server: NatsServer, tmp_path: Path, db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An older task_store (rolling upgrade): the generated base answers UNIMPLEMENTED.
+    monkeypatch.setattr(TaskStoreServicer, "Exchange", spb_grpc.TaskStoreServiceServicer.Exchange)
+    async with coalescing(app_settings(nats_server, tmp_path, db)) as (_, client):
+        tasks = await asyncio.gather(*(client.create_task("acme", image_request()) for _ in range(5)))
+        assert len({t.id for t in tasks}) == 5
+        with pytest.raises(grpc.aio.AioRpcError) as stale:
+            await client.report_progress(tasks[0].id, 3, 50, "generating")
+        assert stale.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        claim = await client.claim_task(tasks[0].id, 1, "w1")
+        assert claim.outcome == RUN
+
+
+async def test_a_claim_asked_again_after_a_lost_answer_gets_the_same_attempt(
+    nats_server: NatsServer, tmp_path: Path, db: Database
+) -> None:
+    async with coalescing(app_settings(nats_server, tmp_path, db)) as (_, client):
+        task = await client.create_task("acme", image_request())
+        first = await client.claim_task(task.id, 1, "w1")
+        # The answer of `first` was lost: w1 asks again and runs the attempt the store gave it.
+        again = await client.claim_task(task.id, 1, "w1", again=True)
+        assert (again.outcome, again.attempt) == (RUN, first.attempt)
+        # A plain redelivery (the worker may have run it) and another worker still wait.
+        assert (await client.claim_task(task.id, 1, "w1")).outcome == DEFER
+        assert (await client.claim_task(task.id, 1, "w2", again=True)).outcome == DEFER
+        page = await client.list_events(spb.ListEventsRequest(tenant="acme", task_id=task.id))
+        assert [e.type for e in page.events].count(EV.TASK_EVENT_TYPE_STARTED) == 1
