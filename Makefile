@@ -88,7 +88,7 @@ test-integration: install postgres
 test-e2e: install ts console chromium
 	$(PY) -m pytest -q tests/e2e
 
-run: install console ## Run the whole stack on loopback in the foreground (Ctrl-C stops it)
+run: install console ## Run the whole stack on loopback in the foreground (Ctrl-C stops it); CHARAI_GATEWAY_PROCESSES=N: a gateway of N processes
 	$(PY) -m charai.devstack run
 
 demo: install ## Start the stack, generate one image and one voice with live progress, save them, stop

@@ -34,8 +34,17 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
+    # Off: a second server on a taken port fails to start instead of silently sharing it (grpc's
+    # default is on). Only the gateway's processes share their ports, on purpose (server_options).
     ("grpc.so_reuseport", 0),
 ]
+
+
+def server_options(*, reuse_port: bool = False) -> list[tuple[str, Any]]:
+    """:data:`SERVER_OPTIONS`, with SO_REUSEPORT on when ``reuse_port``: for processes that bind
+    the same port on purpose (``CHARAI_GATEWAY_PROCESSES``), the kernel spreading connections
+    over them. Everywhere else it stays off, so two services never share a port by mistake."""
+    return [(k, int(reuse_port) if k == "grpc.so_reuseport" else v) for k, v in SERVER_OPTIONS]
 
 
 def status_for(exc: BaseException) -> status_pb2.Status | None:

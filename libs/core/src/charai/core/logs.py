@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import sys
+import threading
 from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
 
@@ -105,6 +106,23 @@ class _ScrubFilter(logging.Filter):
         return True
 
 
+class LineWriter:
+    """structlog's ``PrintLogger`` with each line written in one ``write``: ``print`` writes the
+    text and its newline separately, so processes that share one stdout (the gateway's processes,
+    unbuffered under ``make run``) could interleave two lines into one broken JSON line. Writes
+    to the current ``sys.stdout``, as ``PrintLogger`` does, so test capture sees the lines."""
+
+    _lock = threading.Lock()
+
+    def msg(self, message: str) -> None:
+        with self._lock:
+            sys.stdout.write(message + "\n")
+            sys.stdout.flush()
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
 _announcer: Any = None
 
 
@@ -126,13 +144,12 @@ def configure(service: str, level: str = "info", fmt: str = "json", secrets: Ite
         redact,
         renderer,
     ]
-    _announcer = structlog.wrap_logger(
-        structlog.PrintLogger(sys.stdout), processors=processors, wrapper_class=structlog.BoundLogger
-    )
+    writer = LineWriter()
+    _announcer = structlog.wrap_logger(writer, processors=processors, wrapper_class=structlog.BoundLogger)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        logger_factory=lambda *_: writer,
         cache_logger_on_first_use=True,
     )
     structlog.contextvars.clear_contextvars()

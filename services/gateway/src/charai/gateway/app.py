@@ -10,6 +10,7 @@ still up), the HTTP runner, the loopback channel, the event hub, the task_store 
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any
 
 import grpc
@@ -21,8 +22,10 @@ from charai.core.health import HealthWatcher
 from charai.core.lifecycle import run_until_signal
 from charai.core.media import MediaStore, UrlSigner
 from charai.core.metrics import Metrics
+from charai.core.metrics_endpoint import MetricsEndpoint
 from charai.core.storeclient import StoreClient
 from charai.core.topology import Topology
+from charai.gateway import processes
 from charai.gateway.auth import Authenticator
 from charai.gateway.events import EventHub
 from charai.gateway.grpcweb import GrpcWebBridge, loopback_channel
@@ -43,15 +46,27 @@ _SERVICE = task_service_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name
 
 
 class GatewayApp:
-    """The gateway process as one ``async with``-able component."""
+    """The gateway process as one ``async with``-able component.
 
-    def __init__(self, settings: Settings, *, clock: Clock = SYSTEM) -> None:
+    ``process``: this process's index among the gateway's processes (``CHARAI_GATEWAY_PROCESSES``,
+    started by :mod:`charai.gateway.processes`); None when it is the only one. One of several binds
+    the public ports with SO_REUSEPORT, bridges gRPC-web and REST through a loopback port of its
+    own (the shared one could lead to another process), serves ``/metrics`` on its own port
+    (:meth:`Settings.metrics_addr_of`) and says ``gateway_process_listening`` (the parent says
+    ``gateway_listening`` once every process listens).
+    """
+
+    def __init__(self, settings: Settings, *, clock: Clock = SYSTEM, process: int | None = None) -> None:
         self.settings = settings
         self._clock = clock
+        self.process = process
         self.grpc_port = 0
         self.http_port = 0
-        #: The plaintext loopback-only gRPC port the HTTP bridge uses when the public one is TLS.
+        #: The plaintext loopback-only gRPC port the HTTP bridge uses when the public one is TLS
+        #: or shared by several processes.
         self.bridge_port = 0
+        #: This process's own ``/metrics`` port (0: ``CHARAI_METRICS_ADDR`` unset).
+        self.metrics_port = 0
         self.service: TaskService | None = None
         self.hub: EventHub | None = None
         #: This process's Prometheus metrics (``GET /metrics`` on the HTTP port).
@@ -86,7 +101,7 @@ class GatewayApp:
         self._nc = nc = await natsconn.connect(s.nats_url, "charai-gateway")
         stack.push_async_callback(natsconn.drain, nc)
         store = await stack.enter_async_context(
-            StoreClient(s.task_store_addr, s.internal_token.get_secret_value())
+            StoreClient(s.task_store_addr, s.internal_token.get_secret_value(), coalesce=True)
         )
         media = MediaStore(await natsconn.ensure_media_bucket(nc.jetstream(), topology, s.nats_replicas))
         self.hub = hub = EventHub(nc, topology)
@@ -99,11 +114,14 @@ class GatewayApp:
         self.metrics.gauge_from(self.metrics.watch_streams, lambda: hub.open_streams)
         self._loopback = loopback = (
             loopback_channel(s.gateway_grpc_addr, self.grpc_port)
-            if tls is None
+            if self.bridge_port == 0
             else loopback_channel("127.0.0.1:0", self.bridge_port)
         )
         stack.push_async_callback(loopback.close)
         await self._serve_http(stack, media, signer, loopback, tls)
+        if metrics_addr := s.metrics_addr_of(self.process):
+            endpoint = await stack.enter_async_context(MetricsEndpoint(self.metrics, metrics_addr))
+            self.metrics_port = endpoint.port
 
         # What shutdown does first is entered last.
         stack.push_async_callback(server.stop, s.shutdown_grace_seconds)
@@ -116,13 +134,24 @@ class GatewayApp:
             HealthWatcher(health, [_SERVICE], dependencies_ok, clock=self._clock)
         )
         stack.callback(self._end_streams)
-        logs.announce(
-            "gateway_listening",
-            grpc=f"{s.gateway_grpc_addr.rpartition(':')[0]}:{self.grpc_port}",
-            http=f"{s.gateway_http_addr.rpartition(':')[0]}:{self.http_port}",
-            public_base_url=s.base_url(self.http_port),
-            tls=tls is not None,
-        )
+        self._announce(tls is not None)
+
+    def _announce(self, tls: bool) -> None:
+        """The listening line supervisors wait for: ``gateway_listening`` from the only process,
+        ``gateway_process_listening`` from one of several (their parent says the first)."""
+        s = self.settings
+        where = {
+            "grpc": f"{s.gateway_grpc_addr.rpartition(':')[0]}:{self.grpc_port}",
+            "http": f"{s.gateway_http_addr.rpartition(':')[0]}:{self.http_port}",
+            "public_base_url": s.base_url(self.http_port),
+            "tls": tls,
+        }
+        if self.metrics_port:
+            where["metrics_port"] = self.metrics_port
+        if self.process is None:
+            logs.announce("gateway_listening", **where)
+        else:
+            logs.announce("gateway_process_listening", pid=os.getpid(), bridge_port=self.bridge_port, **where)
 
     def _task_service(
         self, store: StoreClient, hub: EventHub, signer: UrlSigner, tokens: AccessTokens
@@ -152,7 +181,7 @@ class GatewayApp:
         its ports; returns it and its health servicer."""
         server = grpc.aio.server(
             interceptors=[grpcsupport.ServerInterceptor(auth.grpc_check, observe=self.metrics.observe_rpc)],
-            options=grpcsupport.SERVER_OPTIONS,
+            options=grpcsupport.server_options(reuse_port=self.process is not None),
         )
         add_to_server(service, server)
         health = await grpcsupport.add_health_and_reflection(server, [_SERVICE])
@@ -165,7 +194,9 @@ class GatewayApp:
             self.grpc_port = server.add_insecure_port(s.gateway_grpc_addr)
         else:
             self.grpc_port = server.add_secure_port(s.gateway_grpc_addr, tls.grpc_credentials())
-            # gRPC-web and REST reach the servicer over loopback, in plaintext (see tls.py).
+        if tls is not None or self.process is not None:
+            # gRPC-web and REST reach the servicer over loopback, in plaintext (see tls.py), on a
+            # port of this process alone: through a shared public port they could reach another.
             self.bridge_port = server.add_insecure_port("127.0.0.1:0")
         if self.grpc_port == 0:
             raise SystemExit(f"gateway: cannot listen on {s.gateway_grpc_addr} (CHARAI_GATEWAY_GRPC_ADDR)")
@@ -201,6 +232,7 @@ class GatewayApp:
             host,
             int(port),
             reuse_address=True,
+            reuse_port=self.process is not None,
             ssl_context=tls.ssl_context() if tls is not None else None,
         )
         try:
@@ -243,5 +275,11 @@ async def _not_serving(health: Any) -> None:
         await health.enter_graceful_shutdown()
 
 
-async def serve(settings: Settings) -> None:
-    await run_until_signal(GatewayApp(settings), "gateway")
+async def serve(settings: Settings, process: int | None = None, ready_fd: int = -1) -> None:
+    """Runs the gateway until SIGTERM: the only process, or (``process`` set) one of several,
+    which tells its parent on ``ready_fd`` once it listens (:func:`processes.as_child`)."""
+    app = GatewayApp(settings, process=process)
+    if process is None:
+        await run_until_signal(app, "gateway")
+    else:
+        await run_until_signal(processes.as_child(app, ready_fd), "gateway")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,9 +18,21 @@ DEFAULT_CONSOLE_DIR = Path(__file__).resolve().parent / "console_dist"
 _ORIGIN = re.compile(r"^https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?$|^https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")
 
 
+def cpu_cores() -> int:
+    """The CPU cores this process may run on (its affinity, e.g. ``taskset``; a container's CPU
+    quota is not read), at least 1."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
 class Settings(CommonSettings):
     gateway_grpc_addr: str = "127.0.0.1:50051"
     gateway_http_addr: str = "127.0.0.1:8080"
+    #: Processes serving the public ports together (SO_REUSEPORT: the kernel spreads connections
+    #: over them), each with its own event fan-out; ``0`` or ``auto``: one per CPU core
+    #: (:func:`cpu_cores`). Parsed into the count, at least 1 (see :mod:`charai.gateway.processes`).
+    gateway_processes: int = 1
     #: How media URLs are written (default: http://<gateway HTTP address>).
     public_base_url: str = ""
     #: ``token=tenant`` pairs, comma-separated. Unset: auth off, loopback only.
@@ -72,6 +85,16 @@ class Settings(CommonSettings):
     def _addr(cls, value: str) -> str:
         return check_addr(value)
 
+    @field_validator("gateway_processes", mode="before")
+    @classmethod
+    def _processes(cls, value: object) -> int:
+        text = str(value).strip().lower()
+        if text == "auto":
+            return cpu_cores()
+        if isinstance(value, bool) or not text.isdigit():
+            raise ValueError("must be a number of processes (1 or more), or 0 / auto for one per CPU core")
+        return int(text) or cpu_cores()
+
     @field_validator("cors_origins")
     @classmethod
     def _origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -108,6 +131,16 @@ class Settings(CommonSettings):
         if 0 < value < 60:
             raise ValueError("must be 0 (media URLs never expire) or at least 60 seconds")
         return value
+
+    @model_validator(mode="after")
+    def _metrics_ports_fit(self) -> Settings:
+        port = int(self.metrics_addr.rpartition(":")[2] or 0)
+        if port and port + self.gateway_processes - 1 > 65535:
+            raise ValueError(
+                f"CHARAI_METRICS_ADDR: gateway process i serves /metrics on port {port} + i, and "
+                f"{self.gateway_processes} processes (CHARAI_GATEWAY_PROCESSES) go past 65535"
+            )
+        return self
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Settings:
@@ -157,6 +190,15 @@ class Settings(CommonSettings):
     @property
     def tls(self) -> bool:
         return self.tls_cert_file is not None
+
+    def metrics_addr_of(self, process: int | None) -> str:
+        """Where process ``process`` (0-based; None: the only one) serves ``/metrics`` of its own:
+        ``CHARAI_METRICS_ADDR`` with the port moved up by the index, so the processes never
+        collide (port 0: each binds a free one and logs it); '' when the setting is unset."""
+        if not self.metrics_addr or not process:
+            return self.metrics_addr
+        host, _, port = self.metrics_addr.rpartition(":")
+        return f"{host}:{int(port) + process}" if int(port) else self.metrics_addr
 
     def base_url(self, http_port: int) -> str:
         if self.public_base_url:

@@ -37,9 +37,11 @@ async def run(data_dir: Path) -> int:
             supervisor.report(exc)
             return 1
         stack = supervisor.stack
+        processes = len(stack.gateway_processes())
         print(
             f"\ncharai is running: gRPC {stack.gateway_grpc}, HTTP {stack.gateway_http}"
-            f", NATS {stack.nats_url}"
+            + (f" ({processes} gateway processes)" if processes else "")
+            + f", NATS {stack.nats_url}"
             + (f", emulator {stack.emulator_url}" if stack.emulator_url else "")
             + "\nA service that dies is restarted; Ctrl-C stops them all.\n",
             flush=True,

@@ -98,6 +98,11 @@ class Stack:
     reconnect to the same addresses and NATS keeps its store) and :meth:`wait_ready`.
     ``history`` keeps every process ever started, so a test can read the logs of one that died.
 
+    A gateway with ``CHARAI_GATEWAY_PROCESSES`` > 1 in its settings is one parent (its name, its
+    :meth:`pid`, what :meth:`kill_service` and :meth:`restart_service` act on) of that many
+    processes on the same ports (:meth:`gateway_processes`); it is ready when the parent says
+    ``gateway_listening``, which it does once every process listens.
+
     Replicas: ``start_service("task_store_2", service="task_store")`` runs another process of a
     service under a name of its own, with that name's ``service_env``; the address it binds is
     kept in its ``service_env`` (not the stack's), so it too restarts on the same one.
@@ -298,6 +303,16 @@ class Stack:
 
     def pid(self, name: str) -> int:
         return int(self.procs[name].process.pid)
+
+    def gateway_processes(self, name: str = "gateway") -> dict[int, int]:
+        """Index → pid of each process of a gateway run as several (``CHARAI_GATEWAY_PROCESSES``
+        > 1; :meth:`pid` is their parent's), from the latest listening line of each, so a
+        restarted process shows its new pid; empty for a gateway of one process."""
+        found: dict[int, int] = {}
+        for line in self.procs[name].lines:
+            if line.get("event") == "gateway_process_listening":
+                found[int(line["gateway_process"])] = int(line["pid"])
+        return found
 
     def running(self, name: str) -> bool:
         proc = self.procs.get(name)

@@ -15,76 +15,17 @@ with a non-zero exit. Only Ctrl-C / SIGTERM stop a healthy stack (draining, as `
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import sys
 from typing import TextIO
 
 from charai.core.clock import SYSTEM, Clock
+from charai.core.restarts import RestartPolicy, RestartTracker, Verdict
 from charai.devstack.stack import Proc, Stack
+
+__all__ = ["CrashLoopError", "RestartPolicy", "RestartTracker", "Supervisor", "Verdict"]
 
 #: NATS and the emulator first (the services need them), then the services in dependency order.
 SUPPORT = ("nats", "emulator")
-
-
-@dataclasses.dataclass(frozen=True)
-class RestartPolicy:
-    """When to restart a process that died, and when to give up on it."""
-
-    #: Backoff before the first restart; it doubles with each crash up to ``max_delay``.
-    first_delay: float = 0.5
-    max_delay: float = 10.0
-    #: A process that stayed up (ready) this long starts from ``first_delay`` again.
-    stable_after: float = 30.0
-    #: This many crashes in a row before becoming ready, within ``start_crash_window`` seconds,
-    #: and the stack gives up.
-    max_start_crashes: int = 5
-    start_crash_window: float = 60.0
-    #: How long a (re)started process may take to become ready; past that it counts as a crash
-    #: at start (and is killed).
-    ready_timeout: float = 60.0
-
-
-@dataclasses.dataclass(frozen=True)
-class Verdict:
-    """What to do after a crash: restart after ``delay`` seconds, or give up."""
-
-    give_up: bool
-    delay: float = 0.0
-    start_crashes: int = 0
-
-
-class RestartTracker:
-    """The restart decisions for one process: pure (times are passed in), so tested without a
-    process or a loop."""
-
-    def __init__(self, policy: RestartPolicy) -> None:
-        self.policy = policy
-        self._delay = policy.first_delay
-        self._ready_at: float | None = None
-        self._start_crashes: list[float] = []
-
-    def started(self) -> None:
-        """A new process was spawned: it is not ready yet."""
-        self._ready_at = None
-
-    def ready(self, now: float) -> None:
-        self._ready_at = now
-        self._start_crashes.clear()
-
-    def crashed(self, now: float) -> Verdict:
-        """The process exited (or never became ready) at ``now``."""
-        p = self.policy
-        if self._ready_at is None:
-            self._start_crashes = [t for t in self._start_crashes if now - t < p.start_crash_window]
-            self._start_crashes.append(now)
-            if len(self._start_crashes) >= p.max_start_crashes:
-                return Verdict(give_up=True, start_crashes=len(self._start_crashes))
-        elif now - self._ready_at >= p.stable_after:
-            self._delay = p.first_delay  # it had been fine for a while: this is a new incident
-        delay = self._delay
-        self._delay = min(self._delay * 2, p.max_delay)
-        self._ready_at = None
-        return Verdict(give_up=False, delay=delay, start_crashes=len(self._start_crashes))
 
 
 class CrashLoopError(Exception):
