@@ -1,4 +1,4 @@
-import { create } from "@bufbuild/protobuf";
+import { create, isMessage } from "@bufbuild/protobuf";
 import {
   type CallOptions,
   type Client,
@@ -9,7 +9,7 @@ import {
   type Transport,
 } from "@connectrpc/connect";
 import { createGrpcWebTransport } from "@connectrpc/connect-web";
-import { isResumable, WatchResumeError } from "./errors.js";
+import { invalidFields, isResumable, WatchResumeError } from "./errors.js";
 import { Attempt, backoffDelay, type ReconnectOptions, resolveReconnect, sleep } from "./retry.js";
 import {
   CallbackSchema,
@@ -21,7 +21,11 @@ import {
   TaskType,
   TtsPayloadSchema,
 } from "./gen/charai/tasks/v1/task_pb.js";
-import { TaskService } from "./gen/charai/tasks/v1/task_service_pb.js";
+import {
+  type CreateTaskRequest,
+  CreateTaskRequestSchema,
+  TaskService,
+} from "./gen/charai/tasks/v1/task_service_pb.js";
 import { isTerminalEvent, isTerminalStatus } from "./format.js";
 
 /** How to reach the gateway. */
@@ -92,6 +96,16 @@ export interface SubmitTTSParams extends SubmitCommon {
   options?: TTSOptions;
 }
 
+/**
+ * One task of `createMany`: `{image: <submitImageTask's parameters>}`, `{tts: <submitTTSTask's
+ * parameters>}`, or a `CreateTaskRequest` message (`create(CreateTaskRequestSchema, {...})`) as is.
+ * The keys are the proto's, so a refusal's `requests[2].image.prompt` names `items[2].image.prompt`.
+ */
+export type CreateManyItem =
+  | { image: SubmitImageParams; tts?: never }
+  | { tts: SubmitTTSParams; image?: never }
+  | CreateTaskRequest;
+
 /** Options of `getCharacterTasks`. */
 export interface CharacterTasksQuery {
   /** Only tasks whose metadata has this `category`. */
@@ -143,6 +157,14 @@ export interface CharaiClient {
   submitImageTask(params: SubmitImageParams, options?: { signal?: AbortSignal }): Promise<Task>;
   /** Submits a TTS task; resolves with it QUEUED. */
   submitTTSTask(params: SubmitTTSParams, options?: { signal?: AbortSignal }): Promise<Task>;
+  /**
+   * BatchCreateTasks: 1 to 100 tasks in one call (e.g. a character's views and a voice line), all
+   * or none; resolves with them QUEUED, in the order of `items`. One bad item refuses the whole
+   * batch and stores nothing: a `ConnectError` INVALID_ARGUMENT whose `fieldViolations(err)` name
+   * `requests[i].<field>` (e.g. `requests[2].image.prompt`). A `requestId` left out is a random one
+   * per item; give your own to make a retried batch return the same tasks.
+   */
+  createMany(items: readonly CreateManyItem[], options?: { signal?: AbortSignal }): Promise<Task[]>;
   /** Every task of a character (metadata `characterId`), newest first. */
   getCharacterTasks(characterId: string, query?: CharacterTasksQuery): Promise<Task[]>;
   /** One task by id (with `queuePosition` while queued). */
@@ -177,11 +199,13 @@ const PRIORITIES: Record<string, Priority> = {
   high: Priority.HIGH,
 };
 
-function priorityOf(value: PriorityInput | undefined): Priority {
+function priorityOf(value: PriorityInput | undefined, field = "priority"): Priority {
   if (value === undefined) return Priority.NORMAL;
   if (typeof value === "number") return value;
   const known = PRIORITIES[value];
-  if (known === undefined) throw new ConnectError(`priority: unknown value ${String(value)}`, Code.InvalidArgument);
+  if (known === undefined) {
+    throw invalidFields([{ field, description: `unknown value ${String(value)}: low, normal or high` }]);
+  }
   return known;
 }
 
@@ -194,6 +218,58 @@ function randomId(): string {
 function required(task: Task | undefined, rpc: string): Task {
   if (task === undefined) throw new ConnectError(`${rpc}: the response carried no task`, Code.Internal);
   return task;
+}
+
+/** The CreateTask request of `submitImageTask` (the callback filled as the seed does). */
+function imageRequest(params: SubmitImageParams, priorityField?: string): CreateTaskRequest {
+  const costumeId = params.costumeId ?? "";
+  return create(CreateTaskRequestSchema, {
+    type: TaskType.IMAGE_GENERATION,
+    priority: priorityOf(params.priority, priorityField),
+    metadata: params.metadata ?? {},
+    requestId: params.requestId ?? randomId(),
+    payload: {
+      case: "image",
+      value: create(ImagePayloadSchema, {
+        characterId: params.characterId,
+        characterName: params.characterName ?? "",
+        prompt: params.prompt,
+        resolution: params.resolution,
+        viewType: params.viewType,
+        costumeId,
+        callback: create(CallbackSchema, {
+          type: costumeId ? "character_costume" : "character_view",
+          characterId: params.characterId,
+          viewType: params.viewType,
+          costumeId,
+        }),
+      }),
+    },
+  });
+}
+
+/** The CreateTask request of `submitTTSTask`. */
+function ttsRequest(params: SubmitTTSParams, priorityField?: string): CreateTaskRequest {
+  const o = params.options ?? {};
+  return create(CreateTaskRequestSchema, {
+    type: TaskType.TTS_GENERATION,
+    priority: priorityOf(params.priority, priorityField),
+    metadata: params.metadata ?? {},
+    requestId: params.requestId ?? randomId(),
+    payload: {
+      case: "tts",
+      value: create(TtsPayloadSchema, {
+        characterId: params.characterId,
+        characterName: params.characterName ?? "",
+        text: params.text,
+        voiceStyle: params.voiceStyle,
+        ...(o.speed !== undefined ? { speed: o.speed } : {}),
+        ...(o.volume !== undefined ? { volume: o.volume } : {}),
+        responseFormat: o.responseFormat ?? "",
+        callback: create(CallbackSchema, { type: "character_voice", characterId: params.characterId }),
+      }),
+    },
+  });
 }
 
 /** Creates a client. `createCharaiClient({baseUrl: "http://127.0.0.1:8080"})`. */
@@ -216,61 +292,28 @@ export function createCharaiClient(options: CharaiClientOptions): CharaiClient {
   const unary = (signal?: AbortSignal): CallOptions => (signal ? { timeoutMs, signal } : { timeoutMs });
 
   async function submitImageTask(params: SubmitImageParams, opts?: { signal?: AbortSignal }): Promise<Task> {
-    const costumeId = params.costumeId ?? "";
-    const response = await raw.createTask(
-      {
-        type: TaskType.IMAGE_GENERATION,
-        priority: priorityOf(params.priority),
-        metadata: params.metadata ?? {},
-        requestId: params.requestId ?? randomId(),
-        payload: {
-          case: "image",
-          value: create(ImagePayloadSchema, {
-            characterId: params.characterId,
-            characterName: params.characterName ?? "",
-            prompt: params.prompt,
-            resolution: params.resolution,
-            viewType: params.viewType,
-            costumeId,
-            callback: create(CallbackSchema, {
-              type: costumeId ? "character_costume" : "character_view",
-              characterId: params.characterId,
-              viewType: params.viewType,
-              costumeId,
-            }),
-          }),
-        },
-      },
-      unary(opts?.signal),
-    );
-    return required(response.task, "CreateTask");
+    return required((await raw.createTask(imageRequest(params), unary(opts?.signal))).task, "CreateTask");
   }
 
   async function submitTTSTask(params: SubmitTTSParams, opts?: { signal?: AbortSignal }): Promise<Task> {
-    const o = params.options ?? {};
-    const response = await raw.createTask(
-      {
-        type: TaskType.TTS_GENERATION,
-        priority: priorityOf(params.priority),
-        metadata: params.metadata ?? {},
-        requestId: params.requestId ?? randomId(),
-        payload: {
-          case: "tts",
-          value: create(TtsPayloadSchema, {
-            characterId: params.characterId,
-            characterName: params.characterName ?? "",
-            text: params.text,
-            voiceStyle: params.voiceStyle,
-            ...(o.speed !== undefined ? { speed: o.speed } : {}),
-            ...(o.volume !== undefined ? { volume: o.volume } : {}),
-            responseFormat: o.responseFormat ?? "",
-            callback: create(CallbackSchema, { type: "character_voice", characterId: params.characterId }),
-          }),
-        },
-      },
-      unary(opts?.signal),
-    );
-    return required(response.task, "CreateTask");
+    return required((await raw.createTask(ttsRequest(params), unary(opts?.signal))).task, "CreateTask");
+  }
+
+  async function createMany(items: readonly CreateManyItem[], opts?: { signal?: AbortSignal }): Promise<Task[]> {
+    const requests = items.map((item, i) => {
+      if (isMessage(item, CreateTaskRequestSchema)) return item;
+      if (item.image !== undefined) return imageRequest(item.image, `requests[${i}].priority`);
+      if (item.tts !== undefined) return ttsRequest(item.tts, `requests[${i}].priority`);
+      throw invalidFields([{ field: `requests[${i}]`, description: "must be {image}, {tts} or a CreateTaskRequest" }]);
+    });
+    const response = await raw.batchCreateTasks({ requests }, unary(opts?.signal));
+    if (response.tasks.length !== requests.length) {
+      throw new ConnectError(
+        `BatchCreateTasks: ${response.tasks.length} tasks for ${requests.length} requests`,
+        Code.Internal,
+      );
+    }
+    return response.tasks;
   }
 
   async function getCharacterTasks(characterId: string, query: CharacterTasksQuery = {}): Promise<Task[]> {
@@ -427,6 +470,7 @@ export function createCharaiClient(options: CharaiClientOptions): CharaiClient {
   return {
     submitImageTask,
     submitTTSTask,
+    createMany,
     getCharacterTasks,
     getTask,
     cancelTask,

@@ -1,3 +1,4 @@
+import { create } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { BadRequestSchema, ErrorInfoSchema } from "./gen/google/rpc/error_details_pb.js";
 
@@ -51,6 +52,17 @@ export function errorText(error: unknown): string {
   const d = describeError(error);
   const detail = d.fields.map((f) => `${f.field}: ${f.description}`).join("; ");
   return `${d.code}: ${detail || d.message}`;
+}
+
+/**
+ * A request refused before it was sent, as the gateway would refuse it: INVALID_ARGUMENT with a
+ * `BadRequest` detail, so `fieldViolations` and `describeError` read it like a server's refusal.
+ */
+export function invalidFields(fields: FieldViolation[]): ConnectError {
+  const message = fields.map((f) => `${f.field}: ${f.description}`).join("; ");
+  return new ConnectError(message, Code.InvalidArgument, undefined, [
+    { desc: BadRequestSchema, value: create(BadRequestSchema, { fieldViolations: fields }) },
+  ]);
 }
 
 function snake(name: string): string {

@@ -6,6 +6,7 @@
  * const task = await charai.submitImageTask({ characterId: "char_001", viewType: "front",
  *   prompt: "a young swordsman", resolution: "1024x1024" });
  * const done = await charai.watchTask(task.id, (e) => console.log(e.task?.progress, e.task?.stage));
+ * const [front, side, voice] = await charai.createMany([{ image: {...} }, { image: {...} }, { tts: {...} }]);
  * ```
  */
 export {
@@ -13,6 +14,7 @@ export {
   type CharaiClient,
   type CharaiClientOptions,
   createCharaiClient,
+  type CreateManyItem,
   type PriorityInput,
   type ReconnectInfo,
   type SubmitCommon,

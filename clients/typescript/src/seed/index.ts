@@ -100,6 +100,27 @@ export interface SubmitTTSParams {
   requestId?: string;
 }
 
+/**
+ * One task of `createMany`: `{image: <submitImageTask's parameters>}` or `{tts: <submitTTSTask's
+ * parameters>}`. A refusal names the item's fields as in the JSON body: `requests[2].payload.prompt`.
+ */
+export type CreateManyItem = { image: SubmitImageParams; tts?: never } | { tts: SubmitTTSParams; image?: never };
+
+/** `createCharacterSheet`'s tasks: a character's views and, optionally, a voice line. */
+export interface CharacterSheet {
+  /** One image task per view, in this order. `resolution` defaults to the sheet's. */
+  views: Array<{ viewType: ViewType; prompt: string; resolution?: string; costumeId?: string }>;
+  /** A voice line (a TTS task after the views). */
+  voice?: { text: string; voiceStyle: string; options?: TTSOptions };
+  /** Of every view without its own (default "": the model's default). */
+  resolution?: string;
+  characterName?: string;
+  priority?: TaskPriority;
+  metadata?: Record<string, string>;
+  /** Idempotency of the whole sheet: the tasks get `<requestId>-0`, `<requestId>-1`, ... in order. */
+  requestId?: string;
+}
+
 /** Options of `getCharacterTasks` / `listTasks`. */
 export interface TaskQuery {
   category?: string;
@@ -115,6 +136,17 @@ export interface TaskQuery {
 export interface CharacterTasksApi {
   submitImageTask(params: SubmitImageParams): Promise<Task<ImageGenerationPayload>>;
   submitTTSTask(params: SubmitTTSParams): Promise<Task<TTSGenerationPayload>>;
+  /**
+   * `POST /api/tasks:batchCreate`: 1 to 100 tasks in one request, all or none; resolves with
+   * them queued, in the order of `items`. One bad item refuses the batch (a 400 `SeedApiError`
+   * whose `fieldViolations` name `requests[i].payload.…`) and nothing is created.
+   */
+  createMany(items: readonly CreateManyItem[]): Promise<Task[]>;
+  /** A character's views and voice line in one `createMany` (all or none). */
+  createCharacterSheet(
+    characterId: string,
+    sheet: CharacterSheet,
+  ): Promise<{ views: Task<ImageGenerationPayload>[]; voice: Task<TTSGenerationPayload> | undefined }>;
   /** `GET /api/tasks?metadata.characterId=…` (newest first, up to 1000). */
   getCharacterTasks(characterId: string, query?: TaskQuery): Promise<Task[]>;
   /** Any metadata/type/status filter; `nextPageToken` when there are more. */
@@ -178,6 +210,48 @@ function applyOptions(config: MutableConfig, options: SeedOptions): void {
   if ("onError" in options) config.onError = options.onError;
 }
 
+// Exactly the seed's bodies (src/lib/api/character-tasks.ts), plus the optional extras when given.
+function imageBody(params: SubmitImageParams): Record<string, unknown> {
+  const callback: Record<string, string> = {
+    type: params.costumeId ? "character_costume" : "character_view",
+    characterId: params.characterId,
+    viewType: params.viewType,
+  };
+  if (params.costumeId) callback["costumeId"] = params.costumeId;
+  return {
+    type: "image_generation",
+    priority: params.priority ?? "normal",
+    payload: {
+      characterId: params.characterId,
+      ...(params.characterName ? { characterName: params.characterName } : {}),
+      viewType: params.viewType,
+      prompt: params.prompt,
+      resolution: params.resolution,
+      ...(params.costumeId ? { costumeId: params.costumeId } : {}),
+      callback,
+    },
+    ...(params.metadata ? { metadata: params.metadata } : {}),
+    ...(params.requestId ? { requestId: params.requestId } : {}),
+  };
+}
+
+function ttsBody(params: SubmitTTSParams): Record<string, unknown> {
+  return {
+    type: "tts_generation",
+    priority: params.priority ?? "normal",
+    payload: {
+      characterId: params.characterId,
+      ...(params.characterName ? { characterName: params.characterName } : {}),
+      text: params.text,
+      voiceStyle: params.voiceStyle,
+      ...params.options,
+      callback: { type: "character_voice", characterId: params.characterId },
+    },
+    ...(params.metadata ? { metadata: params.metadata } : {}),
+    ...(params.requestId ? { requestId: params.requestId } : {}),
+  };
+}
+
 function createApi(config: HttpConfig, store: TaskStore): CharacterTasksApi {
   const post = async <T>(path: string, body: unknown): Promise<T> => (await request<T>(config, "POST", path, { body })).data;
 
@@ -201,46 +275,39 @@ function createApi(config: HttpConfig, store: TaskStore): CharacterTasksApi {
     return { tasks: data, nextPageToken: headers.get("X-Next-Page-Token") ?? undefined };
   }
 
+  async function createMany(items: readonly CreateManyItem[]): Promise<Task[]> {
+    const requests = items.map((item) => {
+      if (item.image !== undefined) return imageBody(item.image);
+      if (item.tts !== undefined) return ttsBody(item.tts);
+      return item; // not typed so (plain JS): sent as it is, for the gateway to name what is wrong
+    });
+    const { tasks } = await post<{ tasks: Task[] }>("/api/tasks:batchCreate", { requests });
+    store.ingest(tasks);
+    return tasks;
+  }
+
   return {
-    // Exactly the seed's bodies (src/lib/api/character-tasks.ts), plus the optional extras when given.
-    submitImageTask(params) {
-      const callback: Record<string, string> = {
-        type: params.costumeId ? "character_costume" : "character_view",
-        characterId: params.characterId,
-        viewType: params.viewType,
+    submitImageTask: (params) => submit<ImageGenerationPayload>(imageBody(params)),
+    submitTTSTask: (params) => submit<TTSGenerationPayload>(ttsBody(params)),
+    createMany,
+    async createCharacterSheet(characterId, sheet) {
+      const common = {
+        characterId,
+        ...(sheet.characterName !== undefined ? { characterName: sheet.characterName } : {}),
+        ...(sheet.priority !== undefined ? { priority: sheet.priority } : {}),
+        ...(sheet.metadata !== undefined ? { metadata: sheet.metadata } : {}),
       };
-      if (params.costumeId) callback["costumeId"] = params.costumeId;
-      return submit<ImageGenerationPayload>({
-        type: "image_generation",
-        priority: params.priority ?? "normal",
-        payload: {
-          characterId: params.characterId,
-          ...(params.characterName ? { characterName: params.characterName } : {}),
-          viewType: params.viewType,
-          prompt: params.prompt,
-          resolution: params.resolution,
-          ...(params.costumeId ? { costumeId: params.costumeId } : {}),
-          callback,
-        },
-        ...(params.metadata ? { metadata: params.metadata } : {}),
-        ...(params.requestId ? { requestId: params.requestId } : {}),
-      });
-    },
-    submitTTSTask(params) {
-      return submit<TTSGenerationPayload>({
-        type: "tts_generation",
-        priority: params.priority ?? "normal",
-        payload: {
-          characterId: params.characterId,
-          ...(params.characterName ? { characterName: params.characterName } : {}),
-          text: params.text,
-          voiceStyle: params.voiceStyle,
-          ...params.options,
-          callback: { type: "character_voice", characterId: params.characterId },
-        },
-        ...(params.metadata ? { metadata: params.metadata } : {}),
-        ...(params.requestId ? { requestId: params.requestId } : {}),
-      });
+      const requestId = (i: number): { requestId?: string } =>
+        sheet.requestId ? { requestId: `${sheet.requestId}-${i}` } : {};
+      const items: CreateManyItem[] = sheet.views.map((view, i) => ({
+        image: { ...common, ...view, resolution: view.resolution ?? sheet.resolution ?? "", ...requestId(i) },
+      }));
+      if (sheet.voice) items.push({ tts: { ...common, ...sheet.voice, ...requestId(items.length) } });
+      const tasks = await createMany(items);
+      return {
+        views: tasks.slice(0, sheet.views.length) as Task<ImageGenerationPayload>[],
+        voice: sheet.voice ? (tasks[sheet.views.length] as Task<TTSGenerationPayload>) : undefined,
+      };
     },
     async getCharacterTasks(characterId, query = {}) {
       return (await listTasks({ ...query, metadata: { ...(query.metadata ?? {}), characterId } })).tasks;
