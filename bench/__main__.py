@@ -44,6 +44,19 @@ def parse(argv: list[str]) -> argparse.Namespace:
     run.add_argument(
         "--drain", action="store_true", help="B2: also the pre-filled drain variant (~3 min more)"
     )
+    run.add_argument(
+        "--gateway-processes",
+        type=int,
+        default=1,
+        help="B4/B4b: CHARAI_GATEWAY_PROCESSES of charai's gateway (0: one per core; default 1)",
+    )
+    run.add_argument(
+        "--channels",
+        type=int,
+        default=1,
+        help="B4/B4b: client connections the load is spread over (default 1; the kernel gives each "
+        "connection to one gateway process, so give at least as many as --gateway-processes)",
+    )
     run.add_argument("--out-dir", type=Path, default=BENCH_DIR / "results")
     run.add_argument(
         "--md", type=Path, default=None, help="where to write the report (default BENCHMARKS.md)"
@@ -65,6 +78,8 @@ async def run(args: argparse.Namespace, argv: list[str]) -> Path:
         seconds=args.seconds,
         latency=args.latency,
         drain=args.drain,
+        gateway_processes=args.gateway_processes,
+        channels=max(1, args.channels),
     )
     if options.peers:
         peers.setup()

@@ -14,11 +14,14 @@ from bench.ours import stack, tts_request
 BATCH = 4
 
 
-async def b4_batch(runs: int, seconds: float, concurrency: int = 100) -> list[dict[str, Any]]:
+async def b4_batch(
+    runs: int, seconds: float, concurrency: int = 100, *, gateway_processes: int = 1, channels: int = 1
+) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     one = tts_request("b4b-load", "submit capacity")
     request = task_service_pb2.BatchCreateTasksRequest(requests=[one] * BATCH).SerializeToString()
-    async with stack(services=("task_store", "gateway")) as s:
+    env = {"CHARAI_GATEWAY_PROCESSES": str(gateway_processes)}
+    async with stack(env=env, services=("task_store", "gateway")) as s:
         for r in range(runs + 1):
             res = await unary_load(
                 s.gateway_grpc,
@@ -26,6 +29,7 @@ async def b4_batch(runs: int, seconds: float, concurrency: int = 100) -> list[di
                 request,
                 concurrency,
                 seconds if r else min(seconds, 3.0),
+                channels,
             )
             res["tasks_per_s"] = res["rps"] * BATCH
             if r:

@@ -15,7 +15,10 @@ from bench.common import pct
 async def unary_load(
     target: str, method: str, request: bytes, concurrency: int, seconds: float, channels: int = 1
 ) -> dict[str, Any]:
-    chans = [grpc.aio.insecure_channel(target) for _ in range(channels)]
+    # A local subchannel pool: channels to one target would share one connection otherwise, and
+    # a multi-process gateway is spread over connections, not calls.
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    chans = [grpc.aio.insecure_channel(target, options=options) for _ in range(channels)]
     calls = [ch.unary_unary(method) for ch in chans]  # no serializers: bytes pass through
     latencies: list[float] = []
     errors = 0

@@ -362,23 +362,46 @@ async def _b3_once(
 
 
 # -- B4 -----------------------------------------------------------------------------------------
-async def b4(runs: int, seconds: float, concurrency: int = 100) -> list[dict[str, Any]]:
+async def b4(
+    runs: int, seconds: float, concurrency: int = 100, *, gateway_processes: int = 1, channels: int = 1
+) -> list[dict[str, Any]]:
+    """CreateTask calls answered per second. ``gateway_processes``: CHARAI_GATEWAY_PROCESSES;
+    ``channels``: client connections (each is served by one gateway process). Each run also
+    records the CPU seconds the gateway (every process) and task_store spent, per call."""
     from bench.load import unary_load
 
     results: list[dict[str, Any]] = []
-    async with stack(services=("task_store", "gateway")) as s:
+    env = {"CHARAI_GATEWAY_PROCESSES": str(gateway_processes)}
+    async with stack(env=env, services=("task_store", "gateway")) as s:
         request = tts_request("b4-load", "submit capacity").SerializeToString()
+        procs = {
+            "gateway": [pid(s, "gateway"), *s.gateway_processes().values()],
+            "task_store": [pid(s, "task_store")],
+        }
+
+        def cpu() -> dict[str, float]:
+            return {name: sum(map(cpu_seconds, pids)) for name, pids in procs.items()}
+
         for r in range(runs + 1):
+            cpu0 = cpu()
             res = await unary_load(
                 s.gateway_grpc,
                 "/charai.tasks.v1.TaskService/CreateTask",
                 request,
                 concurrency,
                 seconds if r else min(seconds, 3.0),
+                channels,
             )
+            for name, spent in cpu().items():
+                res[f"{name}_cpu_ms_per_call"] = 1000 * (spent - cpu0[name]) / max(1, res["calls"])
+            res["gateway_processes"] = len(procs["gateway"]) - 1 or 1
             if r:
                 results.append(res)
-                log(f"  charai B4 run {r}: {res['rps']:.0f} RPS, p99 {res['p99_ms']:.1f} ms")
+                log(
+                    f"  charai B4 run {r}: {res['rps']:.0f} RPS, p99 {res['p99_ms']:.1f} ms, CPU/call "
+                    f"gateway {res['gateway_cpu_ms_per_call']:.2f} ms, "
+                    f"task_store {res['task_store_cpu_ms_per_call']:.2f} ms"
+                )
     return results
 
 

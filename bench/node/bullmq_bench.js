@@ -6,8 +6,10 @@
 //
 //   node bullmq_bench.js '<json options>'    prints one JSON line per measured run, then {"done":true}
 //
-// options: {redis, mode: pickup|e2e|drain|io|progress, runs, n, warmup, concurrency,
-//           interval_ms, submit_concurrency, url}
+// options: {redis, mode: pickup|e2e|drain|io|progress|addbulk, runs, n, warmup, concurrency,
+//           interval_ms, submit_concurrency, url, seconds, batch}
+// addbulk (B4b's peer): submit capacity only, `submit_concurrency` addBulk calls of `batch` jobs
+// in flight for `seconds`; the worker does not run (as charai's B4 runs no workers).
 const { fork } = require('child_process');
 const { Queue, Worker, QueueEvents } = require('bullmq');
 const IORedis = require('ioredis');
@@ -50,7 +52,7 @@ function runWorker(o) {
       }
     }
     return { ok: true };
-  }, { connection, concurrency: o.concurrency, autorun: o.mode !== 'drain' });
+  }, { connection, concurrency: o.concurrency, autorun: o.mode !== 'drain' && o.mode !== 'addbulk' });
   worker.on('completed', () => {
     count += 1;
     lastEnd = now();
@@ -118,6 +120,28 @@ async function runProducer(o) {
     await Promise.all(Array.from({ length: Math.min(conc, n) }, lane));
   }
 
+  async function addBulkLoad(seconds, tag) {
+    const until = now() + seconds * 1000;
+    let calls = 0;
+    let k = 0;
+    const lane = async () => {
+      while (now() < until) {
+        const base = k;
+        k += o.batch;
+        const jobs = Array.from({ length: o.batch }, (_, j) => ({
+          name: 'job', data: { text: `bull ${tag} ${base + j}` }, opts: { jobId: `${tag}-${base + j}` },
+        }));
+        await queue.addBulk(jobs);
+        calls++;
+      }
+    };
+    const t = now();
+    await Promise.all(Array.from({ length: o.submit_concurrency }, lane));
+    const secs = (now() - t) / 1000;
+    await queue.drain(true); // the next run starts from an empty queue
+    return { calls_per_s: calls / secs, tasks_per_s: (calls * o.batch) / secs };
+  }
+
   for (let r = 0; r <= o.runs; r++) {
     const n = r ? o.n : Math.min(o.n, o.warmup);
     const tag = `r${r}-${Date.now()}`;
@@ -165,6 +189,8 @@ async function runProducer(o) {
       child.send({ t: r === 0 ? 'run' : 'resume' });
       const d = await next('done');
       result = { tasks: n, tasks_per_s: (n - 1) / ((d.lastEnd - d.firstStart) / 1000), worker_cpu_ms: d.cpuMs };
+    } else if (o.mode === 'addbulk') {
+      result = await addBulkLoad(r ? o.seconds : Math.min(o.seconds, 3), tag);
     } else if (o.mode === 'progress') {
       progress.length = 0;
       await addMany(n, n, tag, () => ({}));
