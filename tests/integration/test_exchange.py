@@ -142,3 +142,26 @@ async def test_a_claim_asked_again_after_a_lost_answer_gets_the_same_attempt(
         assert (await client.claim_task(task.id, 1, "w2", again=True)).outcome == DEFER
         page = await client.list_events(spb.ListEventsRequest(tenant="acme", task_id=task.id))
         assert [e.type for e in page.events].count(EV.TASK_EVENT_TYPE_STARTED) == 1
+
+
+async def test_batch_creates_travel_in_exchange_and_stay_all_or_none(
+    nats_server: NatsServer, tmp_path: Path, db: Database
+) -> None:
+    async with coalescing(app_settings(nats_server, tmp_path, db)) as (app, client):
+        sheet = [image_request(view_type=v) for v in ("front", "side", "back")] + [tts_request()]
+        bad = [image_request(), image_request(prompt="")]
+        made, refused, single = await asyncio.gather(
+            client.batch_create_tasks("acme", sheet),
+            client.batch_create_tasks("acme", bad),
+            client.create_task("acme", tts_request()),
+            return_exceptions=True,
+        )
+        assert isinstance(made, list) and [t.image.view_type for t in made[:3]] == ["front", "side", "back"]
+        assert isinstance(refused, grpc.aio.AioRpcError)
+        assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert [f for f, _ in error_details(refused).field_violations] == ["requests[1].image.prompt"]
+        assert not isinstance(single, BaseException)
+        listed = await client.list_tasks("acme", task_service_pb2.ListTasksRequest(page_size=100))
+        assert len(listed.tasks) == 5  # the sheet and the single create; nothing of the bad batch
+        registry = app.metrics.registry
+        assert registry.get_sample_value("charai_exchange_commands_count", {"kind": "batch_create"}) == 1

@@ -29,8 +29,10 @@ MAX_BATCH = 256
 #: Exchange calls on the wire at once from one client.
 MAX_IN_FLIGHT = 2
 
-Send = Callable[[list[spb.StoreCommand]], Awaitable[spb.ExchangeResponse]]
-_Pending = tuple[spb.StoreCommand, "asyncio.Future[spb.StoreAnswer]"]
+#: Sends one Exchange: the commands, and the call's timeout (None: the client's default).
+Send = Callable[[list[spb.StoreCommand], float | None], Awaitable[spb.ExchangeResponse]]
+#: A command waiting to leave: the command, its caller's future, its deadline (loop time) or None.
+_Pending = tuple[spb.StoreCommand, "asyncio.Future[spb.StoreAnswer]", float | None]
 
 
 def answer_error(raw: bytes) -> grpc.aio.AioRpcError:
@@ -51,6 +53,15 @@ def error_bytes(exc: grpc.aio.AioRpcError) -> bytes:
     return data
 
 
+def _deadline_exceeded() -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata(),
+        details="Deadline Exceeded",
+    )
+
+
 class Coalescer:
     """Sends the commands of concurrent callers as few ``Exchange`` calls (see the module)."""
 
@@ -66,15 +77,27 @@ class Coalescer:
         self.calls = 0
         self.commands = 0
 
-    async def call(self, command: spb.StoreCommand) -> spb.StoreAnswer:
-        """The command's answer; raises ``grpc.aio.AioRpcError`` as its unary RPC would."""
+    async def call(self, command: spb.StoreCommand, timeout: float | None = None) -> spb.StoreAnswer:
+        """The command's answer; raises ``grpc.aio.AioRpcError`` as its unary RPC would.
+
+        ``timeout``: the caller waits at most this long (DEADLINE_EXCEEDED then, and the command
+        does not leave if it has not yet; one that left may still be applied, as with a unary
+        call whose deadline passed). The Exchange carrying it gets the latest deadline of its
+        commands."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[spb.StoreAnswer] = loop.create_future()
-        self._pending.append((command, future))
+        deadline = None if timeout is None else loop.time() + timeout
+        self._pending.append((command, future, deadline))
         if not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._flush)
-        answer = await future
+        if timeout is None:
+            answer = await future
+        else:
+            try:
+                answer = await asyncio.wait_for(future, timeout)
+            except TimeoutError:
+                raise _deadline_exceeded() from None
         if answer.WhichOneof("answer") == "error":
             raise answer_error(answer.error)
         return answer
@@ -83,7 +106,7 @@ class Coalescer:
         """Sends what is pending, as long as a call may go out."""
         self._scheduled = False
         while self._pending and self._in_flight < self._max_in_flight:
-            batch = [p for p in self._pending[: self._max_batch] if not p[1].done()]
+            batch = [p for p in self._pending[: self._max_batch] if not p[1].done()]  # not given up
             del self._pending[: self._max_batch]
             if not batch:
                 continue  # every caller of these gave up before they left: nothing to send
@@ -93,12 +116,16 @@ class Coalescer:
             task.add_done_callback(self._calls.discard)
 
     async def _exchange(self, batch: list[_Pending]) -> None:
+        deadlines = [deadline for _, _, deadline in batch]
+        timeout = None
+        if None not in deadlines:
+            timeout = max(0.0, max(d for d in deadlines if d is not None) - asyncio.get_running_loop().time())
         try:
             self.calls += 1
             self.commands += len(batch)
-            response = await self._send([command for command, _ in batch])
+            response = await self._send([command for command, _, _ in batch], timeout)
         except BaseException as exc:
-            for _, future in batch:
+            for _, future, _ in batch:
                 if not future.done():
                     future.set_exception(exc)
             if not isinstance(exc, Exception):
@@ -109,10 +136,10 @@ class Coalescer:
             if self._pending and not self._scheduled:
                 self._scheduled = True
                 asyncio.get_running_loop().call_soon(self._flush)
-        for (_, future), answer in zip(batch, response.answers, strict=False):
+        for (_, future, _), answer in zip(batch, response.answers, strict=False):
             if not future.done():
                 future.set_result(answer)
-        for _, future in batch[len(response.answers) :]:
+        for _, future, _ in batch[len(response.answers) :]:
             if not future.done():
                 future.set_exception(RuntimeError("task_store answered fewer commands than it was sent"))
 

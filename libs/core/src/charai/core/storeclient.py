@@ -149,9 +149,9 @@ class StoreClient:
     task_store to be reachable and are retried on UNAVAILABLE (the channel's service config).
 
     With ``coalesce`` (gateways and workers), creates, claims, progress reports and outcomes
-    made without their own ``timeout`` travel batched in ``Exchange`` calls
-    (:mod:`charai.core.coalesce`): same answers and errors, far fewer calls. A task_store that
-    does not know ``Exchange`` yet (an older version during a rolling upgrade) gets unary calls.
+    travel batched in ``Exchange`` calls (:mod:`charai.core.coalesce`): same answers, errors and
+    deadlines, far fewer calls. A task_store that does not know ``Exchange`` yet (an older
+    version during a rolling upgrade) gets unary calls.
     """
 
     def __init__(
@@ -183,37 +183,47 @@ class StoreClient:
         self.coalescer = Coalescer(self._send_exchange) if coalesce else None
 
     # -- the batched data plane ---------------------------------------------------------------
-    async def _command(self, command: spb.StoreCommand, timeout: float | None) -> spb.StoreAnswer | None:
+    async def _command(
+        self, command: spb.StoreCommand, timeout: float | None, batched: bool = True
+    ) -> spb.StoreAnswer | None:
         """The command's answer through the coalescer, or None: make the unary call instead."""
-        if self.coalescer is None or timeout is not None or not self._exchange_known:
+        if self.coalescer is None or not batched or not self._exchange_known:
             return None
-        return await self.coalescer.call(command)
+        return await self.coalescer.call(command, timeout)
 
-    async def _send_exchange(self, commands: list[spb.StoreCommand]) -> spb.ExchangeResponse:
+    async def _send_exchange(
+        self, commands: list[spb.StoreCommand], timeout: float | None
+    ) -> spb.ExchangeResponse:
         if self._exchange_known:
             try:
-                return await self._stub.Exchange(spb.ExchangeRequest(commands=commands))
+                return await self._stub.Exchange(spb.ExchangeRequest(commands=commands), timeout=timeout)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
                     raise
                 self._exchange_known = False
-        return await self._one_by_one(commands)
+        return await self._one_by_one(commands, timeout)
 
-    async def _one_by_one(self, commands: list[spb.StoreCommand]) -> spb.ExchangeResponse:
+    async def _one_by_one(
+        self, commands: list[spb.StoreCommand], timeout: float | None
+    ) -> spb.ExchangeResponse:
         """Exchange's answers from unary calls (a task_store without ``Exchange``)."""
+        stub, t = self._stub, timeout
 
         async def one(command: spb.StoreCommand) -> spb.StoreAnswer:
             kind = command.WhichOneof("command")
             try:
                 if kind == "create":
-                    return spb.StoreAnswer(create=await self._stub.CreateTask(command.create))
+                    return spb.StoreAnswer(create=await stub.CreateTask(command.create, timeout=t))
+                if kind == "batch_create":
+                    batch = await stub.BatchCreateTasks(command.batch_create, timeout=t)
+                    return spb.StoreAnswer(batch_create=batch)
                 if kind == "claim":
-                    return spb.StoreAnswer(claim=await self._stub.ClaimTask(command.claim))
+                    return spb.StoreAnswer(claim=await stub.ClaimTask(command.claim, timeout=t))
                 if kind == "progress":
-                    return spb.StoreAnswer(progress=await self._stub.ReportProgress(command.progress))
+                    return spb.StoreAnswer(progress=await stub.ReportProgress(command.progress, timeout=t))
                 if kind == "complete":
-                    return spb.StoreAnswer(complete=await self._stub.CompleteTask(command.complete))
-                return spb.StoreAnswer(fail=await self._stub.FailTask(command.fail))
+                    return spb.StoreAnswer(complete=await stub.CompleteTask(command.complete, timeout=t))
+                return spb.StoreAnswer(fail=await stub.FailTask(command.fail, timeout=t))
             except grpc.aio.AioRpcError as exc:
                 return spb.StoreAnswer(error=error_bytes(exc))
 
@@ -241,9 +251,12 @@ class StoreClient:
         timeout: float | None = None,
     ) -> list[task_pb2.Task]:
         """Creates several tasks in one transaction (all or none); the tasks in request order."""
-        response = await self._stub.BatchCreateTasks(
-            spb.BatchCreateTasksRequest(tenant=tenant, requests=requests), timeout=timeout
-        )
+        batch = spb.BatchCreateTasksRequest(tenant=tenant, requests=requests)
+        command = spb.StoreCommand(batch_create=batch, traceparent=tracing.current.get())
+        answer = await self._command(command, timeout)
+        if answer is not None:
+            return list(answer.batch_create.tasks)
+        response = await self._stub.BatchCreateTasks(batch, timeout=timeout)
         return list(response.tasks)
 
     async def get_task(self, tenant: str, task_id: str, *, timeout: float | None = None) -> task_pb2.Task:
@@ -400,12 +413,15 @@ class StoreClient:
         *,
         retry_after_seconds: float = 0.0,
         timeout: float | None = None,
+        batched: bool = True,
     ) -> spb.FailTaskResponse:
-        """Records the attempt's failure; the answer says whether a retry is scheduled."""
+        """Records the attempt's failure; the answer says whether a retry is scheduled.
+        ``batched=False``: a unary call even on a coalescing client (the hand-back at shutdown
+        must not wait behind calls stuck on an unreachable task_store)."""
         request = spb.FailTaskRequest(
             task_id=task_id, attempt=attempt, error=error, retry_after_seconds=retry_after_seconds
         )
-        answer = await self._command(spb.StoreCommand(fail=request), timeout)
+        answer = await self._command(spb.StoreCommand(fail=request), timeout, batched)
         if answer is not None:
             return answer.fail
         return await self._stub.FailTask(request, timeout=timeout)

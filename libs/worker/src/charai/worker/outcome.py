@@ -134,7 +134,7 @@ class Outcomes:
         )
         try:
             response = await self._store.fail_task(
-                attempt.task_id, attempt.attempt, error, timeout=self._handback_timeout
+                attempt.task_id, attempt.attempt, error, timeout=self._handback_timeout, batched=False
             )
         except grpc.aio.AioRpcError as exc:
             log.warning("handback_not_recorded", code=exc.code().name)

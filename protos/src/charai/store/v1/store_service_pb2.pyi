@@ -1340,6 +1340,7 @@ class StoreCommand(_message.Message):
     PROGRESS_FIELD_NUMBER: _builtins.int
     COMPLETE_FIELD_NUMBER: _builtins.int
     FAIL_FIELD_NUMBER: _builtins.int
+    BATCH_CREATE_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
     traceparent: _builtins.str
     """W3C trace context of the call the command comes from (a create's job carries it on)."""
@@ -1363,6 +1364,10 @@ class StoreCommand(_message.Message):
     def fail(self) -> Global___FailTaskRequest:
         """As FailTask."""
 
+    @_builtins.property
+    def batch_create(self) -> Global___BatchCreateTasksRequest:
+        """As BatchCreateTasks (all or none within this command)."""
+
     def __init__(
         self,
         *,
@@ -1371,13 +1376,14 @@ class StoreCommand(_message.Message):
         progress: Global___ReportProgressRequest | None = ...,
         complete: Global___CompleteTaskRequest | None = ...,
         fail: Global___FailTaskRequest | None = ...,
+        batch_create: Global___BatchCreateTasksRequest | None = ...,
         traceparent: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["claim", b"claim", "command", b"command", "complete", b"complete", "create", b"create", "fail", b"fail", "progress", b"progress"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch_create", b"batch_create", "claim", b"claim", "command", b"command", "complete", b"complete", "create", b"create", "fail", b"fail", "progress", b"progress"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["claim", b"claim", "command", b"command", "complete", b"complete", "create", b"create", "fail", b"fail", "progress", b"progress", "traceparent", b"traceparent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_create", b"batch_create", "claim", b"claim", "command", b"command", "complete", b"complete", "create", b"create", "fail", b"fail", "progress", b"progress", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_command: _TypeAlias = _typing.Literal["create", "claim", "progress", "complete", "fail"]  # noqa: Y015
+    _WhichOneofReturnType_command: _TypeAlias = _typing.Literal["create", "claim", "progress", "complete", "fail", "batch_create"]  # noqa: Y015
     _WhichOneofArgType_command: _TypeAlias = _typing.Literal["command", b"command"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_command) -> _WhichOneofReturnType_command | None: ...
 
@@ -1394,6 +1400,7 @@ class StoreAnswer(_message.Message):
     PROGRESS_FIELD_NUMBER: _builtins.int
     COMPLETE_FIELD_NUMBER: _builtins.int
     FAIL_FIELD_NUMBER: _builtins.int
+    BATCH_CREATE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     error: _builtins.bytes
     """The command was refused or failed: a serialized google.rpc.Status (code, message and
@@ -1419,6 +1426,10 @@ class StoreAnswer(_message.Message):
     def fail(self) -> Global___FailTaskResponse:
         """As FailTask's."""
 
+    @_builtins.property
+    def batch_create(self) -> Global___BatchCreateTasksResponse:
+        """As BatchCreateTasks'."""
+
     def __init__(
         self,
         *,
@@ -1427,13 +1438,14 @@ class StoreAnswer(_message.Message):
         progress: Global___ReportProgressResponse | None = ...,
         complete: Global___CompleteTaskResponse | None = ...,
         fail: Global___FailTaskResponse | None = ...,
+        batch_create: Global___BatchCreateTasksResponse | None = ...,
         error: _builtins.bytes = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "claim", b"claim", "complete", b"complete", "create", b"create", "error", b"error", "fail", b"fail", "progress", b"progress"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "batch_create", b"batch_create", "claim", b"claim", "complete", b"complete", "create", b"create", "error", b"error", "fail", b"fail", "progress", b"progress"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "claim", b"claim", "complete", b"complete", "create", b"create", "error", b"error", "fail", b"fail", "progress", b"progress"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "batch_create", b"batch_create", "claim", b"claim", "complete", b"complete", "create", b"create", "error", b"error", "fail", b"fail", "progress", b"progress"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_answer: _TypeAlias = _typing.Literal["create", "claim", "progress", "complete", "fail", "error"]  # noqa: Y015
+    _WhichOneofReturnType_answer: _TypeAlias = _typing.Literal["create", "claim", "progress", "complete", "fail", "batch_create", "error"]  # noqa: Y015
     _WhichOneofArgType_answer: _TypeAlias = _typing.Literal["answer", b"answer"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_answer) -> _WhichOneofReturnType_answer | None: ...
 

@@ -275,7 +275,7 @@ class TaskStoreServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Exchange(self, request, context):
-        """The batched data plane: many creates, claims, progress reports and outcomes in one call.
+        """The batched data plane: many creates (single or batch), claims, progress reports and outcomes in one call.
         Each command is decided on its own, exactly as its unary RPC above would decide it (same
         fencing, same idempotency, same errors), and answered in order; the writes of one call share
         one commit where the database allows (SQLite: one group commit, so one fsync). The call

@@ -72,7 +72,7 @@ class TaskStoreServiceStub:
     SettleWebhookDelivery: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.SettleWebhookDeliveryRequest, _store_service_pb2.SettleWebhookDeliveryResponse]
     """A webhook sender reports how an attempt went; the store decides what comes next."""
     Exchange: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.ExchangeRequest, _store_service_pb2.ExchangeResponse]
-    """The batched data plane: many creates, claims, progress reports and outcomes in one call.
+    """The batched data plane: many creates (single or batch), claims, progress reports and outcomes in one call.
     Each command is decided on its own, exactly as its unary RPC above would decide it (same
     fencing, same idempotency, same errors), and answered in order; the writes of one call share
     one commit where the database allows (SQLite: one group commit, so one fsync). The call
@@ -125,7 +125,7 @@ class TaskStoreServiceAsyncStub(TaskStoreServiceStub):
     SettleWebhookDelivery: _aio.UnaryUnaryMultiCallable[_store_service_pb2.SettleWebhookDeliveryRequest, _store_service_pb2.SettleWebhookDeliveryResponse]  # type: ignore[assignment]
     """A webhook sender reports how an attempt went; the store decides what comes next."""
     Exchange: _aio.UnaryUnaryMultiCallable[_store_service_pb2.ExchangeRequest, _store_service_pb2.ExchangeResponse]  # type: ignore[assignment]
-    """The batched data plane: many creates, claims, progress reports and outcomes in one call.
+    """The batched data plane: many creates (single or batch), claims, progress reports and outcomes in one call.
     Each command is decided on its own, exactly as its unary RPC above would decide it (same
     fencing, same idempotency, same errors), and answered in order; the writes of one call share
     one commit where the database allows (SQLite: one group commit, so one fsync). The call
@@ -295,7 +295,7 @@ class TaskStoreServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _store_service_pb2.ExchangeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_store_service_pb2.ExchangeResponse, _abc.Awaitable[_store_service_pb2.ExchangeResponse]]:
-        """The batched data plane: many creates, claims, progress reports and outcomes in one call.
+        """The batched data plane: many creates (single or batch), claims, progress reports and outcomes in one call.
         Each command is decided on its own, exactly as its unary RPC above would decide it (same
         fencing, same idempotency, same errors), and answered in order; the writes of one call share
         one commit where the database allows (SQLite: one group commit, so one fsync). The call

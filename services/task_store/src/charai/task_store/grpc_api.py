@@ -142,9 +142,13 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
     async def _answer(self, command: spb.StoreCommand, context: Context) -> spb.StoreAnswer:
         kind = command.WhichOneof("command")
         try:
+            tracing.current.set(command.traceparent)  # this command's own task (gather)
             if kind == "create":
-                tracing.current.set(command.traceparent)  # this command's own task (gather)
                 return spb.StoreAnswer(create=await self.CreateTask(command.create, context))
+            if kind == "batch_create":
+                return spb.StoreAnswer(
+                    batch_create=await self.BatchCreateTasks(command.batch_create, context)
+                )
             if kind == "claim":
                 return spb.StoreAnswer(claim=await self.ClaimTask(command.claim, context))
             if kind == "progress":
