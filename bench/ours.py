@@ -17,9 +17,9 @@ from typing import Any
 import aiohttp
 import grpc
 from charai.client import CharaiClient
+from charai.core.storeclient import StoreClient
 from charai.devstack.stack import Stack
 from charai.store.v1 import store_service_pb2 as spb
-from charai.store.v1 import store_service_pb2_grpc as spb_grpc
 from charai.tasks.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
 
 from bench.common import RssSampler, cpu_seconds, log, pct, rss_kb
@@ -53,6 +53,11 @@ def pid(s: Stack, name: str) -> int:
 
 def pids(s: Stack) -> dict[str, int]:
     return {n: pid(s, n) for n in STACK_PROCS if n in s.procs and s.procs[n].process.returncode is None}
+
+
+def worker_store(s: Stack) -> StoreClient:
+    """task_store as a worker process reaches it: progress and claims coalesced into Exchange."""
+    return StoreClient(s.task_store_addr, s.env.get("CHARAI_INTERNAL_TOKEN", ""), coalesce=True)
 
 
 def internal(s: Stack) -> tuple[tuple[str, str], ...]:
@@ -407,8 +412,14 @@ async def b4(
 
 # -- B5 -----------------------------------------------------------------------------------------
 async def b5(
-    runs: int, streams: int = 1000, tasks: int = 100, events: int = 50, hz: float = 20.0
+    runs: int,
+    streams: int = 1000,
+    tasks: int = 100,
+    events: int = 50,
+    hz: float = 20.0,
+    per_message: int = 0,
 ) -> list[dict[str, Any]]:
+    """``per_message``: the streams' ``max_events_per_message`` (0: one event per message)."""
     results: list[dict[str, Any]] = []
     env = {"CHARAI_WATCH_HEARTBEAT_SECONDS": "1"}
     async with (
@@ -416,23 +427,27 @@ async def b5(
         CharaiClient(s.gateway_grpc) as client,
     ):
         channels = [grpc.aio.insecure_channel(s.gateway_grpc) for _ in range(max(1, streams // 100))]
-        store = grpc.aio.insecure_channel(s.task_store_addr)
+        store = worker_store(s)
         try:
             for r in range(runs + 1):
                 res = await _b5_once(
                     s,
                     client,
                     channels,
-                    spb_grpc.TaskStoreServiceStub(store),
+                    store,
                     f"b5-{r}-{uuid.uuid4().hex[:6]}",
                     streams if r else min(streams, 100),
                     tasks if r else min(tasks, 10),
                     events,
                     hz,
+                    per_message,
                 )
                 if r:
                     results.append(res)
-                    log(f"  charai B5 run {r}: lost {res['lost']}, lag p99 {res['lag_ms_p99']:.1f} ms")
+                    log(
+                        f"  charai B5 (per message {per_message or 1}) run {r}: lost {res['lost']},"
+                        f" lag p99 {res['lag_ms_p99']:.1f} ms"
+                    )
         finally:
             for ch in channels:
                 await ch.close()
@@ -444,12 +459,13 @@ async def _b5_once(
     s: Stack,
     client: CharaiClient,
     channels: list[grpc.aio.Channel],
-    store: spb_grpc.TaskStoreServiceStub,
+    store: StoreClient,
     prefix: str,
     streams: int,
     tasks: int,
     events: int,
     hz: float,
+    per_message: int = 0,
 ) -> dict[str, Any]:
     ids: list[str] = []
     for k in range(tasks):
@@ -463,28 +479,27 @@ async def _b5_once(
     async def watch(j: int) -> None:
         stub = task_service_pb2_grpc.TaskServiceStub(channels[j % len(channels)])
         call = stub.WatchTasks(
-            task_service_pb2.WatchTasksRequest(metadata={"characterId": f"{prefix}-{j % tasks}"})
+            task_service_pb2.WatchTasksRequest(
+                metadata={"characterId": f"{prefix}-{j % tasks}"}, max_events_per_message=per_message
+            )
         )
         mine = received[j]
         async for response in call:
-            event = response.event
-            if event.type == E.TASK_EVENT_TYPE_PROGRESS:
-                mine[f"{event.task.id}:{event.task.progress}"] = time.time()
-            elif event.type == E.TASK_EVENT_TYPE_HEARTBEAT:
-                registered[j].set()
+            at = time.time()
+            for event in response.events or [response.event]:
+                if event.type == E.TASK_EVENT_TYPE_PROGRESS:
+                    mine[f"{event.task.id}:{event.task.progress}"] = at
+                elif event.type == E.TASK_EVENT_TYPE_HEARTBEAT:
+                    registered[j].set()
 
     watchers = [asyncio.create_task(watch(j)) for j in range(streams)]
     async with asyncio.timeout(60):
         for ev in registered:
             await ev.wait()
     rss1 = rss_kb(gateway)
-    for task_id in ids:
-        claim = await store.ClaimTask(
-            spb.ClaimTaskRequest(task_id=task_id, dispatch_gen=1, worker_id="bench"), metadata=internal(s)
-        )
-        assert claim.outcome == spb.CLAIM_OUTCOME_RUN, claim
+    claims = await asyncio.gather(*(store.claim_task(task_id, 1, "bench") for task_id in ids))
+    assert all(c.outcome == spb.CLAIM_OUTCOME_RUN for c in claims), claims
     report_ms: list[float] = []
-    auth = internal(s)
 
     async def reporter(task_id: str, offset: float) -> None:
         await asyncio.sleep(offset)
@@ -496,10 +511,7 @@ async def _b5_once(
             progress = 11 + i
             emitted[f"{task_id}:{progress}"] = time.time()
             t0 = time.perf_counter()
-            await store.ReportProgress(
-                spb.ReportProgressRequest(task_id=task_id, attempt=1, progress=progress, stage="generating"),
-                metadata=auth,
-            )
+            await store.report_progress(task_id, 1, progress, "generating")
             report_ms.append((time.perf_counter() - t0) * 1000)
 
     gateway_cpu0 = cpu_seconds(gateway)

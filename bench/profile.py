@@ -16,7 +16,6 @@ from pathlib import Path
 
 import grpc
 from charai.client import CharaiClient
-from charai.store.v1 import store_service_pb2_grpc as spb_grpc
 
 from bench import ours
 from bench.common import BENCH_DIR, log
@@ -118,8 +117,8 @@ async def _profile_b5(out: Path, streams: int) -> Spies:
         CharaiClient(s.gateway_grpc) as client,
     ):
         channels = [grpc.aio.insecure_channel(s.gateway_grpc) for _ in range(max(1, streams // 100))]
-        store = grpc.aio.insecure_channel(s.task_store_addr)
-        stub = spb_grpc.TaskStoreServiceStub(store)
+        store = ours.worker_store(s)
+        stub = store
         try:
             await ours._b5_once(s, client, channels, stub, "b5-warm", 100, 10, 50, 20.0)
             spies = Spies({k: ours.pid(s, k) for k in ("task_store", "gateway")}, out)

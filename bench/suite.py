@@ -403,8 +403,12 @@ async def b5(o: Options) -> dict[str, Any]:
         "systems": {},
     }
     out["systems"]["charai"] = system(
+        await ours.b5(o.runs, streams, tasks, events, per_message=64),
+        what="ReportProgress -> WatchTasks client (max_events_per_message 64); 10 streams per task",
+    )
+    out["systems"]["charai-one-per-message"] = system(
         await ours.b5(o.runs, streams, tasks, events),
-        what="ReportProgress to task_store -> WatchTasks client; 10 streams per task",
+        what="the same, streams not opted in: one event per message (older clients)",
     )
     if o.peers:
         runs = await _try("grpc fan-out floor", lambda: floors.b5_floor(o.runs, streams, tasks, events, 20.0))
