@@ -25,8 +25,23 @@ import {
   type CreateTaskRequest,
   CreateTaskRequestSchema,
   TaskService,
+  type WatchTaskResponse,
+  type WatchTasksResponse,
 } from "./gen/charai/tasks/v1/task_service_pb.js";
 import { isTerminalEvent, isTerminalStatus } from "./format.js";
+
+/**
+ * What the watches ask for (`maxEventsPerMessage`): a stream that fell behind (a burst of events,
+ * or a resume replaying the log) sends what it has queued in one message. The watches unpack it
+ * and still call `onEvent` once per event, in stream order.
+ */
+const EVENTS_PER_MESSAGE = 256;
+
+/** A watch stream message's events: `events` when the server packed several, else `event` (or none). */
+function eventsOf(response: WatchTaskResponse | WatchTasksResponse): readonly TaskEvent[] {
+  if (response.events.length > 0) return response.events;
+  return response.event === undefined ? [] : [response.event];
+}
 
 /** How to reach the gateway. */
 export interface CharaiClientOptions {
@@ -396,20 +411,26 @@ export function createCharaiClient(options: CharaiClientOptions): CharaiClient {
   ): Promise<Task> {
     let last = BigInt(opts.afterSequence ?? 0);
     return resumeLoop(opts, async (attempt, delivered) => {
-      const stream = raw.watchTask({ id, afterSequence: last }, { signal: attempt.signal });
+      const stream = raw.watchTask(
+        { id, afterSequence: last, maxEventsPerMessage: EVENTS_PER_MESSAGE },
+        { signal: attempt.signal },
+      );
       for await (const response of stream) {
         delivered();
-        const event = response.event;
-        if (event === undefined || event.type === TaskEventType.HEARTBEAT) continue;
-        if (event.sequence !== 0n && event.sequence <= last) continue; // never hand out an event twice
-        if (event.sequence > last) last = event.sequence;
-        onEvent(event);
-        const task = event.task;
-        if (
-          task !== undefined &&
-          (isTerminalEvent(event.type) || (event.type === TaskEventType.SNAPSHOT && isTerminalStatus(task.status)))
-        ) {
-          return { done: task };
+        for (const event of eventsOf(response)) {
+          if (event.type === TaskEventType.HEARTBEAT) continue;
+          if (event.sequence !== 0n && event.sequence <= last) continue; // never hand out an event twice
+          // Aborted by an earlier onEvent of the same message: deliver nothing more, as before.
+          opts.signal?.throwIfAborted();
+          if (event.sequence > last) last = event.sequence;
+          onEvent(event);
+          const task = event.task;
+          if (
+            task !== undefined &&
+            (isTerminalEvent(event.type) || (event.type === TaskEventType.SNAPSHOT && isTerminalStatus(task.status)))
+          ) {
+            return { done: task };
+          }
         }
       }
       return undefined;
@@ -440,24 +461,31 @@ export function createCharaiClient(options: CharaiClientOptions): CharaiClient {
     try {
       await resumeLoop(opts, async (attempt, delivered) => {
         const stream = raw.watchTasks(
-          { metadata, type: opts.type ?? TaskType.UNSPECIFIED, afterSequence: cursor() },
+          {
+            metadata,
+            type: opts.type ?? TaskType.UNSPECIFIED,
+            afterSequence: cursor(),
+            maxEventsPerMessage: EVENTS_PER_MESSAGE,
+          },
           { signal: attempt.signal },
         );
         for await (const response of stream) {
           delivered();
-          const event = response.event;
-          if (event === undefined) continue;
-          if (event.type === TaskEventType.HEARTBEAT) {
-            if (event.sequence > floor) {
-              floor = event.sequence;
-              for (const [taskId, s] of seen) if (s <= floor) seen.delete(taskId);
+          for (const event of eventsOf(response)) {
+            if (event.type === TaskEventType.HEARTBEAT) {
+              if (event.sequence > floor) {
+                floor = event.sequence;
+                for (const [taskId, s] of seen) if (s <= floor) seen.delete(taskId);
+              }
+              continue;
             }
-            continue;
+            const taskId = event.task?.id ?? "";
+            if (event.sequence <= (seen.get(taskId) ?? floor)) continue; // already delivered
+            // Aborted by an earlier onEvent of the same message: deliver nothing more, as before.
+            opts.signal?.throwIfAborted();
+            seen.set(taskId, event.sequence);
+            onEvent(event);
           }
-          const taskId = event.task?.id ?? "";
-          if (event.sequence <= (seen.get(taskId) ?? floor)) continue; // already delivered
-          seen.set(taskId, event.sequence);
-          onEvent(event);
         }
         return undefined;
       });
