@@ -35,8 +35,12 @@ async def test_the_clients_trace_reaches_the_provider_call(stack: Stack, client:
     # Every hop logged the same trace id, each as its own span (the id is not the client's span).
     gateway_lines = [x for x in logged("gateway", "rpc_finished") if x.get("rpc") == "CreateTask"]
     assert any(x.get("trace_id") == trace_id for x in gateway_lines)
-    store_lines = [x for x in logged("task_store", "rpc_finished") if x.get("rpc") == "CreateTask"]
+    # The gateway's creates reach task_store inside Exchange calls: each command logs its own
+    # canonical line, with its own trace.
+    store_lines = [x for x in logged("task_store", "command_finished") if x.get("command") == "CreateTask"]
     assert any(x.get("trace_id") == trace_id for x in store_lines)
+    claims = [x for x in logged("task_store", "command_finished") if x.get("command") == "ClaimTask"]
+    assert any(x.get("trace_id") == trace_id for x in claims)  # the worker's claim, same trace
     # The worker logs its canonical line just after the result is stored (the client may be first).
     worker_line = await stack.wait_for_line(
         "tts_worker", "job_finished", 10, where=lambda x: x.get("task_id") == created.task.id

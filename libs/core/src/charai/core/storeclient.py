@@ -189,6 +189,8 @@ class StoreClient:
         """The command's answer through the coalescer, or None: make the unary call instead."""
         if self.coalescer is None or not batched or not self._exchange_known:
             return None
+        if not command.traceparent:
+            command.traceparent = tracing.current.get()  # each command keeps its own trace
         return await self.coalescer.call(command, timeout)
 
     async def _send_exchange(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import grpc
@@ -23,6 +24,16 @@ Context = grpc.aio.ServicerContext[Any, Any]
 log = structlog.get_logger("task_store")
 #: Commands per Exchange call at most.
 MAX_EXCHANGE = 1000
+#: Each command's name in its log line: the unary RPC it stands for.
+_COMMAND_NAMES = {
+    "create": "CreateTask",
+    "batch_create": "BatchCreateTasks",
+    "claim": "ClaimTask",
+    "progress": "ReportProgress",
+    "complete": "CompleteTask",
+    "fail": "FailTask",
+}
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
@@ -140,30 +151,39 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
         return spb.ExchangeResponse(answers=answers)
 
     async def _answer(self, command: spb.StoreCommand, context: Context) -> spb.StoreAnswer:
+        """One command, in its own asyncio task (gather): its own trace and canonical log line."""
         kind = command.WhichOneof("command")
+        start, code = time.perf_counter(), "OK"
+        traceparent = tracing.enter(command.traceparent)
+        name = _COMMAND_NAMES.get(kind or "", "none")
+        structlog.contextvars.bind_contextvars(command=name, trace_id=tracing.trace_id(traceparent))
         try:
-            tracing.current.set(command.traceparent)  # this command's own task (gather)
-            if kind == "create":
-                return spb.StoreAnswer(create=await self.CreateTask(command.create, context))
-            if kind == "batch_create":
-                return spb.StoreAnswer(
-                    batch_create=await self.BatchCreateTasks(command.batch_create, context)
-                )
-            if kind == "claim":
-                return spb.StoreAnswer(claim=await self.ClaimTask(command.claim, context))
-            if kind == "progress":
-                return spb.StoreAnswer(progress=await self.ReportProgress(command.progress, context))
-            if kind == "complete":
-                return spb.StoreAnswer(complete=await self.CompleteTask(command.complete, context))
-            if kind == "fail":
-                return spb.StoreAnswer(fail=await self.FailTask(command.fail, context))
-            raise RequestInvalidError([Violation("commands.command", "must be set")])
+            return await self._decide(command, kind, context)
         except Exception as exc:
             status = status_for(exc)
             if status is None:
-                log.exception("exchange_command_failed", command=kind)
+                log.exception("exchange_command_failed")
                 status = status_pb2.Status(code=code_pb2.INTERNAL, message="internal error")
+            code = _CODES[status.code].name if status.code in _CODES else "UNKNOWN"
             return spb.StoreAnswer(error=status.SerializeToString())
+        finally:
+            log.info("command_finished", code=code, elapsed_ms=round((time.perf_counter() - start) * 1000, 2))
+
+    async def _decide(self, command: spb.StoreCommand, kind: str | None, context: Context) -> spb.StoreAnswer:
+        """The command as its unary RPC."""
+        if kind == "create":
+            return spb.StoreAnswer(create=await self.CreateTask(command.create, context))
+        if kind == "batch_create":
+            return spb.StoreAnswer(batch_create=await self.BatchCreateTasks(command.batch_create, context))
+        if kind == "claim":
+            return spb.StoreAnswer(claim=await self.ClaimTask(command.claim, context))
+        if kind == "progress":
+            return spb.StoreAnswer(progress=await self.ReportProgress(command.progress, context))
+        if kind == "complete":
+            return spb.StoreAnswer(complete=await self.CompleteTask(command.complete, context))
+        if kind == "fail":
+            return spb.StoreAnswer(fail=await self.FailTask(command.fail, context))
+        raise RequestInvalidError([Violation("commands.command", "must be set")])
 
     # -- webhooks ----------------------------------------------------------------------------
     def _wake(self, queued: int) -> None:
