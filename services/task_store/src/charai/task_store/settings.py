@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 
 from charai.core.domain.webhooks import SCHEDULE
 from charai.core.settings import CommaList, CommonSettings
+from charai.core.tenants import Tenants, load_tenants
 from pydantic import Field, SecretStr, field_validator
 
 #: Where Docker (compose) mounts the ``postgres_password`` secret.
@@ -53,6 +54,13 @@ class Settings(CommonSettings):
     webhook_claim_seconds: float = Field(default=60.0, gt=0)
     #: How long a rotated-out webhook secret keeps signing beside the new one.
     webhook_secret_grace_seconds: float = Field(default=86400.0, ge=0)
+    #: Per-tenant fair-share weights and budgets (TOML, see :mod:`charai.core.tenants`); unset:
+    #: every tenant weight 1, no budget.
+    tenants_file: Path | None = None
+
+    def tenants(self) -> Tenants:
+        """The tenants file, parsed; raises ValueError naming ``CHARAI_TENANTS_FILE``."""
+        return load_tenants(self.tenants_file)
 
     @field_validator("webhook_retry_schedule")
     @classmethod
