@@ -44,8 +44,14 @@ def test_no_file_means_weight_one_and_no_budget() -> None:
         ("[tenants.a]\nweight = 0", "tenants.a.weight"),
         ("[tenants.a]\nweight = true", "tenants.a.weight"),
         ("[tenants.a]\nwieght = 2", "tenants.a has unknown keys"),
-        ('[tenants.a]\nbudgets = [{ period = "week", limit = 1, unit = "usd" }]', "tenants.a.budgets[0].period"),
-        ('[tenants.a]\nbudgets = [{ period = "day", limit = -1, unit = "usd" }]', "tenants.a.budgets[0].limit"),
+        (
+            '[tenants.a]\nbudgets = [{ period = "week", limit = 1, unit = "usd" }]',
+            "tenants.a.budgets[0].period",
+        ),
+        (
+            '[tenants.a]\nbudgets = [{ period = "day", limit = -1, unit = "usd" }]',
+            "tenants.a.budgets[0].limit",
+        ),
         ('[tenants.a]\nbudgets = [{ period = "day", limit = 1, unit = "eur" }]', "tenants.a.budgets[0].unit"),
         ('[tenants.a]\nbudgets = [{ period = "day", limit = 1 }]', "tenants.a.budgets[0] must be"),
         (

@@ -16,6 +16,7 @@ from charai.core.validation import RequestInvalidError, Violation
 from charai.store.v1 import store_service_pb2 as spb
 from charai.task_store import rows
 from charai.task_store.backend import Backend, Tx
+from charai.task_store.eta import EtaBook
 from charai.tasks.v1 import task_pb2, task_service_pb2
 
 DEFAULT_PAGE = 50
@@ -40,10 +41,11 @@ def decode_page_token(token: str) -> tuple[int, str]:
 class Queries:
     """The store's reads."""
 
-    def __init__(self, backend: Backend, clock: Clock) -> None:
+    def __init__(self, backend: Backend, clock: Clock, eta: EtaBook | None = None) -> None:
         self._db = backend
         self._dialect = backend.dialect
         self._clock = clock
+        self._eta = eta
 
     # -- tasks -------------------------------------------------------------------------------
     async def get(self, tenant: str, task_id: str) -> task_pb2.Task:
@@ -135,6 +137,12 @@ class Queries:
 
     # -- queue position ----------------------------------------------------------------------
     async def position(self, tx: Tx, task: task_pb2.Task) -> None:
+        """Fills ``queue_position`` and, from it, the estimated start (or end) time."""
+        await self._position(tx, task)
+        if self._eta is not None:
+            self._eta.fill(task, self._clock.time())
+
+    async def _position(self, tx: Tx, task: task_pb2.Task) -> None:
         """Fills ``queue_position``: 1 + the queued tasks of its type ahead of it (higher
         priority, or the same priority and created earlier), counted in SQL, so it is right
         whichever replica answers.

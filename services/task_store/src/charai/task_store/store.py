@@ -28,6 +28,7 @@ from charai.core.topology import Topology
 from charai.store.v1 import store_service_pb2 as spb
 from charai.task_store.backend import Backend
 from charai.task_store.commands import ClaimResult, Commands
+from charai.task_store.eta import EtaBook
 from charai.task_store.outbox import Outbox, OutboxRow
 from charai.task_store.postgres_backend import PostgresBackend
 from charai.task_store.queries import Queries
@@ -79,7 +80,16 @@ class TaskStore:
         clock: Clock = SYSTEM,
     ) -> None:
         self._db = backend
-        self._units = UnitRunner(backend, on_events)
+        #: Lanes' start rates and run times, fed by every commit (estimated times of tasks).
+        self.eta = EtaBook()
+
+        def committed(envelopes: list[spb.EventEnvelope]) -> None:
+            self.eta.observe(envelopes)
+            if on_events is not None:
+                on_events(envelopes)
+
+        self._units = UnitRunner(backend, committed)
+        self._units.eta = self.eta
         self.outbox = Outbox(
             backend,
             Topology(config.namespace),
@@ -87,7 +97,7 @@ class TaskStore:
             config.outbox_claim_seconds,
             config.hand_off_claim_seconds,
         )
-        self.queries = Queries(backend, clock)
+        self.queries = Queries(backend, clock, self.eta)
         self.commands = Commands(backend, self._units, self.outbox, self.queries, config.policy, clock)
         self._stats = QueueStats(backend, clock)
         self.webhooks = Webhooks(backend, Topology(config.namespace).webhook_subject, clock, config.webhooks)

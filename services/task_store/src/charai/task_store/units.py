@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from charai.store.v1 import store_service_pb2 as spb
 from charai.task_store.backend import Backend, Tx
+from charai.task_store.eta import EtaBook
 from charai.task_store.outbox import OutboxRow
 from charai.tasks.v1 import task_pb2
 
@@ -53,6 +54,8 @@ class Unit:
 
     tx: Tx
     saves: list[_Save] = dataclasses.field(default_factory=list)
+    #: Fills each saved task's estimated start/end time (None: left as they are).
+    eta: EtaBook | None = None
     #: Jobs this unit queued already claimed for the local relay (see ``TaskStore.hand_off``).
     handed: list[OutboxRow] = dataclasses.field(default_factory=list)
     #: Other outbox rows this unit wrote (webhook deliveries): the relay is woken after commit.
@@ -74,6 +77,8 @@ class Unit:
         the row back after this. ``task`` may change further: the snapshot is a copy."""
         task.update_time.FromMicroseconds(now)
         task.queue_position = 0
+        if self.eta is not None:
+            self.eta.fill(task, now / 1e6)
         envelope = spb.EventEnvelope(tenant=tenant)
         envelope.event.type = event_type  # type: ignore[assignment]
         envelope.event.time.FromMicroseconds(now)
@@ -100,6 +105,8 @@ class UnitRunner:
         self._db = backend
         self._append_sql = backend.dialect.append_event
         self._on_events = on_events
+        #: Estimated times for the events' task snapshots (see :class:`Unit`).
+        self.eta: EtaBook | None = None
         self.hand_off: HandOffHook | None = None
         #: Records the webhook deliveries of stored events (None: no webhooks).
         self.webhooks: Webhooks | None = None
@@ -115,7 +122,7 @@ class UnitRunner:
         async def body(tx: Tx) -> T:
             envelopes.clear()  # a retried transaction starts over
             handed.clear()
-            unit = Unit(tx)
+            unit = Unit(tx, eta=self.eta)
             result = await op(unit)
             envelopes.extend(await self._append_events(unit))
             handed.extend(unit.handed)

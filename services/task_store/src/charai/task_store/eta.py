@@ -1,0 +1,73 @@
+"""What task_store has seen its lanes do, for the estimated start and end times of tasks
+(:mod:`charai.core.domain.eta` has the arithmetic).
+
+Fed with the events this replica commits (``started`` gives a lane's start rate, ``completed``
+its run time), right after each commit, from whichever thread commits. With several replicas
+each one measures the starts it committed itself: their claims are spread over the replicas,
+so each one's rate is its share of the lane's, and estimates run long by about the number of
+replicas (README, "Estimated times"; a shared measure is future work).
+"""
+
+from __future__ import annotations
+
+import threading
+
+from charai.core.domain.eta import MeanDuration, StartRate, end_estimate, start_estimate
+from charai.store.v1 import store_service_pb2 as spb
+from charai.tasks.v1 import task_pb2
+
+_STARTED = task_pb2.TASK_EVENT_TYPE_STARTED
+_COMPLETED = task_pb2.TASK_EVENT_TYPE_COMPLETED
+_QUEUED = task_pb2.TASK_STATUS_QUEUED
+_RUNNING = task_pb2.TASK_STATUS_RUNNING
+
+
+class EtaBook:
+    """Start rate and mean run time per task type; fills a task's estimates."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._rates: dict[int, StartRate] = {}
+        self._runs: dict[int, MeanDuration] = {}
+
+    def observe(self, envelopes: list[spb.EventEnvelope]) -> None:
+        """Committed events: starts and completions update their lane's figures."""
+        with self._lock:
+            for envelope in envelopes:
+                event = envelope.event
+                if event.type == _STARTED:
+                    kind = int(event.task.type)
+                    self._rates.setdefault(kind, StartRate()).observe(event.time.ToMicroseconds() / 1e6)
+                elif event.type == _COMPLETED and event.task.HasField("start_time"):
+                    task = event.task
+                    seconds = (task.end_time.ToMicroseconds() - task.start_time.ToMicroseconds()) / 1e6
+                    self._runs.setdefault(int(task.type), MeanDuration()).observe(seconds)
+
+    def rate(self, kind: int, now: float) -> float:
+        """Tasks of type ``kind`` started per second lately (0: none seen)."""
+        with self._lock:
+            found = self._rates.get(kind)
+            return 0.0 if found is None else found.rate(now)
+
+    def fill(self, task: task_pb2.Task, now: float) -> None:
+        """Sets (or clears) ``estimated_start_time`` of a queued task, from its ``queue_position``
+        (0: unknown, so only a scheduled retry's own time is known), and ``estimated_end_time``
+        of a running one."""
+        task.ClearField("estimated_start_time")
+        task.ClearField("estimated_end_time")
+        if task.status == _QUEUED:
+            not_before = (
+                task.next_attempt_time.ToMicroseconds() / 1e6 if task.HasField("next_attempt_time") else None
+            )
+            at = start_estimate(now, task.queue_position, self.rate(int(task.type), now), not_before)
+            if at is None and not_before is not None and not_before > now:
+                at = not_before  # a retry waiting for its time starts no earlier, whatever the queue
+            if at is not None:
+                task.estimated_start_time.FromMicroseconds(int(at * 1e6))
+        elif task.status == _RUNNING and task.HasField("start_time"):
+            with self._lock:
+                run = self._runs.get(int(task.type))
+                mean = None if run is None else run.value
+            end = end_estimate(now, task.start_time.ToMicroseconds() / 1e6, task.progress, mean)
+            if end is not None:
+                task.estimated_end_time.FromMicroseconds(int(end * 1e6))
