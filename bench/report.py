@@ -64,6 +64,11 @@ HEADLINES: dict[str, list[tuple[str, str, list[str]]]] = {
         ("429s, % of calls", "pct_429", ["charai"]),
         ("queue wait p99, s", "queue_wait_s_p99", ["charai"]),
     ],
+    "E1": [
+        ("|error| of estimated wait, median %", "abs_error_pct_median", ["charai"]),
+        ("|error| p90 %", "abs_error_pct_p90", ["charai"]),
+        ("within +-30 %, share", "within_30pct_share", ["charai"]),
+    ],
     "W1": [
         ("deliveries/s", "deliveries_per_s", ["charai", "floor-aiohttp"]),
         ("event -> delivery p99, ms", "latency_ms_p99", ["charai", "floor-aiohttp"]),

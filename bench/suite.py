@@ -7,7 +7,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from bench import batch, floors, ours, peers, webhooks
+from bench import batch, eta, floors, ours, peers, webhooks
 from bench.common import emulator, log, summarize
 from bench.ours import Draws, ideal_makespan
 
@@ -27,10 +27,20 @@ class Options:
 
 SPEECH = "/api/paas/v4/audio/speech"
 # Defaults of a full run, and of --quick.
-FULL = {"B1": 300, "B2": 5000, "B3": 1000, "B4": 10.0, "B5": 1000, "B6": 1000, "B7": 200, "W1": 10000}
-QUICK = {"B1": 30, "B2": 200, "B3": 100, "B4": 2.0, "B5": 100, "B6": 200, "B7": 20, "W1": 200}
-LATENCY = {"B3": (1.0, 2.0), "B6": (0.5, 1.0)}
-QUICK_LATENCY = {"B3": (0.1, 0.2), "B6": (0.05, 0.1)}
+FULL = {
+    "B1": 300,
+    "B2": 5000,
+    "B3": 1000,
+    "B4": 10.0,
+    "B5": 1000,
+    "B6": 1000,
+    "B7": 200,
+    "W1": 10000,
+    "E1": 600,
+}
+QUICK = {"B1": 30, "B2": 200, "B3": 100, "B4": 2.0, "B5": 100, "B6": 200, "B7": 20, "W1": 200, "E1": 120}
+LATENCY = {"B3": (1.0, 2.0), "B6": (0.5, 1.0), "E1": (0.4, 0.6)}
+QUICK_LATENCY = {"B3": (0.1, 0.2), "B6": (0.05, 0.1), "E1": (0.2, 0.3)}
 
 
 def _latency(o: Options, shape: str) -> tuple[float, float]:
@@ -543,6 +553,33 @@ async def w1(o: Options) -> dict[str, Any]:
     return out
 
 
+# -- E1 -----------------------------------------------------------------------------------------
+async def e1(o: Options) -> dict[str, Any]:
+    n = _n(o, "E1")
+    lo, hi = _latency(o, "E1")
+    out: dict[str, Any] = {
+        "title": "Estimated start time vs actual start, steady backlog",
+        "params": {"tasks": n, "latency_s": [lo, hi], "slots": eta.SLOTS, "runs": o.runs},
+        "systems": {},
+    }
+    out["systems"]["charai"] = system(
+        await eta.e1(o.runs, n, lo, hi),
+        what="one TTS lane of 8 slots; queued tasks read after a tenth of the backlog started",
+    )
+    out["goals"] = [
+        goal(
+            "|error| of the estimated wait, median",
+            med(out, "charai", "abs_error_pct_median"),
+            30.0,
+            "le",
+            "%",
+            "30 %",
+        ),
+        goal("samples within +-30 %", med(out, "charai", "within_30pct_share"), 0.8, "ge", "", ">= 80 %"),
+    ]
+    return out
+
+
 SHAPES: dict[str, Callable[[Options], Awaitable[dict[str, Any]]]] = {
     "B1": b1,
     "B2": b2,
@@ -552,6 +589,7 @@ SHAPES: dict[str, Callable[[Options], Awaitable[dict[str, Any]]]] = {
     "B6": b6,
     "B7": b7,
     "W1": w1,
+    "E1": e1,
 }
 
 

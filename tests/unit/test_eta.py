@@ -121,3 +121,17 @@ def test_a_scheduled_retry_starts_no_earlier_than_its_time() -> None:
     task.next_attempt_time.FromSeconds(2000)
     book.fill(task, 1990.0)
     assert task.estimated_start_time.ToSeconds() == 2000
+
+
+def test_cli_says_when_a_task_should_start_or_end() -> None:
+    from charai.client.cli.text import eta_text
+
+    queued = task_pb2.Task(status=task_pb2.TASK_STATUS_QUEUED)
+    assert eta_text(queued, now=100.0) == ""
+    queued.estimated_start_time.FromSeconds(142)
+    assert eta_text(queued, now=100.0) == "(starts in ~42 s)"
+    queued.estimated_start_time.FromSeconds(400)
+    assert eta_text(queued, now=100.0) == "(starts in ~5 min)"
+    running = task_pb2.Task(status=task_pb2.TASK_STATUS_RUNNING)
+    running.estimated_end_time.FromSeconds(100)
+    assert eta_text(running, now=100.0) == "(ends any moment)"

@@ -225,6 +225,8 @@ function render(row: Row): void {
   const stage = el.querySelector<HTMLElement>(".stage")!;
   const parts = [`${task.progress}%`, task.stage];
   if (task.status === "queued" && task.queuePosition > 0) parts.push(`#${task.queuePosition} in queue`);
+  const eta = task.status === "queued" ? task.estimatedStartAt : task.status === "running" ? task.estimatedEndAt : null;
+  if (eta) parts.push(`${task.status === "queued" ? "starts" : "ends"} ${untilText(eta)}`);
   if (task.attempt > 1) parts.push(`attempt ${task.attempt}/${task.maxAttempts}`);
   stage.textContent = parts.filter(Boolean).join(" · ");
 
@@ -453,4 +455,12 @@ void loadWebhooks();
   ui.characterId.value = id || "char_001";
   ui.characterName.value = id ? name : "Li Ming";
   openCharacter(ui.characterId.value, ui.characterName.value);
+}
+
+/** "in ~42 s" / "in ~3 min" / "any moment" until an ISO time (estimates are coarse: rounded). */
+function untilText(iso: string): string {
+  const seconds = Math.round((Date.parse(iso) - Date.now()) / 1000);
+  if (!(seconds > 1)) return "any moment";
+  if (seconds < 90) return `in ~${seconds} s`;
+  return `in ~${Math.round(seconds / 60)} min`;
 }

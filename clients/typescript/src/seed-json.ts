@@ -67,6 +67,8 @@ export function toSeedTask(task: Task): seed.Task {
     updatedAt: time(task.updateTime),
     nextAttemptAt: time(task.nextAttemptTime),
     queuePosition: task.queuePosition,
+    estimatedStartAt: time(task.estimatedStartTime),
+    estimatedEndAt: time(task.estimatedEndTime),
     requestId: task.requestId || null,
   };
 }

@@ -114,6 +114,10 @@ export interface Task<
   nextAttemptAt?: string | null;
   /** 1-based position while queued, 0 otherwise. */
   queuePosition: number;
+  /** charai's addition: when a queued task should start (from its lane's live start rate); null when unknown. */
+  estimatedStartAt?: string | null;
+  /** charai's addition: when a running task should end (its lane's run time, its own progress); null when unknown. */
+  estimatedEndAt?: string | null;
   requestId: string | null;
 }
 

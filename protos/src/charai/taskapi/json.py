@@ -75,6 +75,8 @@ def task_json(task: task_pb2.Task) -> dict[str, Any]:
         "updatedAt": _time(task.update_time),
         "nextAttemptAt": _time(task.next_attempt_time),
         "queuePosition": task.queue_position,
+        "estimatedStartAt": _time(task.estimated_start_time),
+        "estimatedEndAt": _time(task.estimated_end_time),
         "requestId": task.request_id or None,
         "webhook": {"url": task.webhook.url, "events": list(task.webhook.events)}
         if task.HasField("webhook")

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from charai.client.cli.exits import EXIT_ERROR, EXIT_NOT_FINISHED, STATUS_EXIT, CliError
-from charai.client.cli.text import failure_text, media_url, retry_text, to_json
+from charai.client.cli.text import eta_text, failure_text, media_url, retry_text, to_json
 from charai.client.client import CharaiError
 from charai.taskapi import status_label
 from charai.tasks.v1 import task_pb2
@@ -142,6 +142,7 @@ class Follower:
         stage = task.stage if task.stage and task.stage != status else ""
         if task.status == task_pb2.TASK_STATUS_QUEUED and task.queue_position:
             stage = f"{stage} (position {task.queue_position})".strip()
+        stage = f"{stage} {eta_text(task)}".strip()
         if self._progress is not None and self._bar is not None:
             self._progress.update(self._bar, completed=task.progress, description=status, stage=escape(stage))
             return

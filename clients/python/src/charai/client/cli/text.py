@@ -41,6 +41,22 @@ def when(stamp: timestamp_pb2.Timestamp) -> str:
     return local.strftime("%Y-%m-%d %H:%M:%S")
 
 
+def eta_text(task: task_pb2.Task, now: float | None = None) -> str:
+    """``starts in ~42 s`` for a queued task, ``ends in ~3 min`` for a running one; '' when the
+    store has no estimate (no task of its lane started or ended lately)."""
+    if task.status == task_pb2.TASK_STATUS_QUEUED and task.HasField("estimated_start_time"):
+        verb, stamp = "starts", task.estimated_start_time
+    elif task.status == task_pb2.TASK_STATUS_RUNNING and task.HasField("estimated_end_time"):
+        verb, stamp = "ends", task.estimated_end_time
+    else:
+        return ""
+    now = datetime.now(UTC).timestamp() if now is None else now
+    seconds = round(stamp.ToMicroseconds() / 1e6 - now)
+    if seconds <= 1:
+        return f"({verb} any moment)"
+    return f"({verb} in ~{seconds} s)" if seconds < 90 else f"({verb} in ~{round(seconds / 60)} min)"
+
+
 def failure_text(task: task_pb2.Task) -> str:
     text = (
         f"{error_code_name(task.error.code)}: {task.error.message}"

@@ -93,6 +93,10 @@ def print_task(out: Output, task: task_pb2.Task) -> None:
         rows.append(("ended", when(task.end_time)))
     if task.HasField("next_attempt_time"):
         rows.append(("next attempt", when(task.next_attempt_time)))
+    if task.HasField("estimated_start_time"):
+        rows.append(("expected start", when(task.estimated_start_time)))
+    if task.HasField("estimated_end_time"):
+        rows.append(("expected end", when(task.estimated_end_time)))
     url = media_url(task)
     if url:
         rows.append(("url", escape(url)))
