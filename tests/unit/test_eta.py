@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 from charai.core.domain.eta import MeanDuration, StartRate, end_estimate, start_estimate
 from charai.store.v1 import store_service_pb2 as spb
@@ -14,26 +12,35 @@ from hypothesis import strategies as st
 
 
 def test_steady_starts_give_their_rate() -> None:
-    rate = StartRate(tau=30.0)
+    rate = StartRate()
     for i in range(600):  # 2 per second for 5 minutes
         rate.observe(1000.0 + i * 0.5)
     assert rate.rate(1300.0) == pytest.approx(2.0, rel=0.05)
 
 
-def test_rate_of_a_young_lane_is_not_diluted_by_the_warm_up() -> None:
-    rate = StartRate(tau=30.0)
-    for i in range(10):  # 2 per second for 5 s
-        rate.observe(100.0 + i * 0.5)
-    assert rate.rate(105.0) == pytest.approx(2.0, rel=0.25)
+def test_a_lane_busy_again_after_a_lull_shows_its_new_rate_at_once() -> None:
+    rate = StartRate()
+    for i in range(200):  # 1 per second
+        rate.observe(float(i))
+    for i in range(40):  # idle for 10 minutes, then 10 per second for 4 s
+        rate.observe(800.0 + i * 0.1)
+    assert rate.rate(804.0) == pytest.approx(10.0, rel=0.05)
 
 
-def test_an_idle_lane_rate_decays() -> None:
-    rate = StartRate(tau=30.0)
-    for i in range(120):
-        rate.observe(i * 0.5)
-    busy = rate.rate(60.0)
-    assert rate.rate(120.0) == pytest.approx(busy * math.exp(-2), rel=0.05)
+def test_an_idle_lane_rate_falls_then_is_unknown() -> None:
+    rate = StartRate(window=120.0)
+    for i in range(60):
+        rate.observe(i * 0.5)  # 2 per second for 30 s
+    assert rate.rate(30.0) == pytest.approx(2.0, rel=0.05)
+    assert rate.rate(60.0) == pytest.approx(1.0, rel=0.05)  # the same starts over twice the time
+    assert rate.rate(500.0) == 0.0
     assert StartRate().rate(5.0) == 0.0
+
+
+def test_a_burst_at_one_instant_is_not_an_endless_rate() -> None:
+    rate = StartRate()
+    rate.observe(10.0, count=8)
+    assert rate.rate(10.0) == 8.0
 
 
 def test_start_is_position_over_rate_and_never_before_a_retry_time() -> None:

@@ -7,11 +7,11 @@ starts in about p / r seconds. The rate is measured, not configured: it already 
 limit that applies (workers, the provider's admitted calls, the tenant's fair share as the
 queue position counts it), which is why the estimate follows the lane when any of them changes.
 
-**Rate.** An exponentially weighted count of starts: each start adds 1, and the sum decays
-with a time constant ``tau``; sum / tau is the rate. Recent starts weigh most, a burst fades in
-a few ``tau``, and an idle lane's rate falls toward 0 (its estimates grow instead of staying
-optimistic). Until ``tau`` has passed since the first start the sum is divided by the time seen
-instead, so the first estimates are not too late by the warm-up.
+**Rate.** The recent starts themselves: the last ``count`` starts within ``window`` seconds,
+divided by the time from the oldest of them to now. A steady lane gives its rate after a few
+starts (no warm-up, and no memory of an earlier busy spell to unlearn after an idle one), and a
+lane that stops starting tasks sees its rate fall as ``now`` moves on, so its estimates grow
+instead of staying optimistic.
 
 **End.** A running task's end is its start plus the lane's recent mean run time; once it is
 late, or its own progress says more (provider progress between 20 and 80 % moves with time),
@@ -20,43 +20,38 @@ the progress rate extrapolates instead.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-import math
 
-#: Time constant of the start rate and run-time averages, in seconds.
-DEFAULT_TAU = 30.0
+#: Starts a lane's rate is measured over, at most, and how far back they may go (seconds).
+DEFAULT_COUNT, DEFAULT_WINDOW = 64, 120.0
 #: Progress at which the call starts (worker picked it up), and the end of the scale.
 _PROGRESS_START, _PROGRESS_END = 10, 100
 
 
 @dataclasses.dataclass(slots=True)
 class StartRate:
-    """Starts per second of one lane, decaying with ``tau`` (see the module docstring)."""
+    """Starts per second of one lane, from its recent starts (see the module docstring)."""
 
-    tau: float = DEFAULT_TAU
-    _weight: float = 0.0
-    _at: float | None = None
-    _first: float | None = None
-
-    def _decayed(self, now: float) -> float:
-        if self._at is None:
-            return 0.0
-        return self._weight * math.exp(-max(0.0, now - self._at) / self.tau)
+    count: int = DEFAULT_COUNT
+    window: float = DEFAULT_WINDOW
+    _starts: collections.deque[float] = dataclasses.field(default_factory=collections.deque)
 
     def observe(self, now: float, count: int = 1) -> None:
         """``count`` tasks started at ``now``."""
-        self._weight = self._decayed(now) + count
-        self._at = now if self._at is None else max(self._at, now)
-        if self._first is None:
-            self._first = now
+        for _ in range(min(count, self.count)):
+            self._starts.append(now)
+        while len(self._starts) > self.count:
+            self._starts.popleft()
 
     def rate(self, now: float) -> float:
-        """Starts per second lately; 0 when none were seen."""
-        if self._first is None:
+        """Starts per second lately; 0 when none were seen within the window."""
+        while self._starts and self._starts[0] < now - self.window:
+            self._starts.popleft()
+        if not self._starts:
             return 0.0
-        # While younger than tau, the decayed sum has not filled up: divide by the time seen.
-        span = min(self.tau, max(now - self._first, 1.0))
-        return self._decayed(now) / span
+        # At least a second: a burst of starts at one instant (free slots filling) is no rate.
+        return len(self._starts) / max(now - self._starts[0], 1.0)
 
 
 @dataclasses.dataclass(slots=True)
