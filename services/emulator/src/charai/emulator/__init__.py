@@ -1,4 +1,5 @@
-"""charai provider emulator: a local HTTP server that speaks the Zhipu v4 image and TTS API.
+"""charai provider emulator: a local HTTP server that speaks the Zhipu v4 and the OpenAI image and
+speech APIs (``--dialect zhipu,openai``).
 
 Why: tests, ``make demo`` and benchmarks need a provider that costs nothing, needs no key or
 network, answers byte-compatible responses and misbehaves on demand (``[[mode]]`` markers

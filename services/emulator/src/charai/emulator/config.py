@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from charai.emulator.dialects import DIALECTS, ZHIPU
+
 
 @dataclass
 class EmulatorConfig:
@@ -22,6 +24,9 @@ class EmulatorConfig:
         max_tasks: How many async tasks are remembered (oldest dropped first).
         public_url: Base for returned file URLs; default is the request's own scheme and
             Host header, so clients reach the files at the address they already use.
+        dialects: The APIs served: ``zhipu`` (under ``/api/paas/v4``) and/or ``openai`` (under
+            ``/v1``); the routes of the others answer 404.
+        call_log_size: How many calls the ``log`` of ``/_emulator/stats`` keeps (oldest dropped).
     """
 
     latency_min: float = 0.2
@@ -33,6 +38,8 @@ class EmulatorConfig:
     file_cache_size: int = 256
     max_tasks: int = 10_000
     public_url: str | None = None
+    dialects: frozenset[str] = frozenset({ZHIPU})
+    call_log_size: int = 2000
 
     def __post_init__(self) -> None:
         """Reject nonsense early, at start-up, rather than on the first request."""
@@ -44,3 +51,9 @@ class EmulatorConfig:
             raise ValueError("max_concurrency must be >= 1 or None")
         if self.file_cache_size < 1 or self.max_tasks < 1:
             raise ValueError("file_cache_size and max_tasks must be >= 1")
+        if not self.dialects or not set(self.dialects) <= set(DIALECTS):
+            raise ValueError(
+                f"dialects must be a non-empty subset of {DIALECTS}, got {sorted(self.dialects)}"
+            )
+        if self.call_log_size < 0:
+            raise ValueError("call_log_size must be >= 0")

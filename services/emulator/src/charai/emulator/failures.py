@@ -8,6 +8,7 @@ from typing import Any
 
 from aiohttp import web
 from charai.emulator.calls import Call
+from charai.emulator.dialects import OPENAI, ZHIPU
 from charai.emulator.modes import (
     DEFAULT_HANG_SECONDS,
     DEFAULT_HUGE_MIB,
@@ -15,9 +16,10 @@ from charai.emulator.modes import (
     ERROR_MODES,
     REDIRECT_TARGET,
     Marker,
+    mode_for_code,
 )
 from charai.emulator.state import EmulatorState
-from charai.emulator.wire import dumps, stream_body, zhipu_error
+from charai.emulator.wire import dumps, openai_error, stream_body, zhipu_error
 
 BAD_B64_PNG = "iVBORw0KGgo%%%"
 """Starts like a base64 PNG but is invalid base64 even for lenient decoders (11 alphabet
@@ -34,22 +36,36 @@ HUGE_PLACEHOLDER = "@@HUGE-PAYLOAD@@"
 """Stands for the huge string field in a payload given to :func:`stream_huge_json`."""
 
 
-def _mode_error(mode: Marker) -> web.Response:
-    status, code, message = ERROR_MODES[mode.name]
+def _mode_error(mode: Marker, dialect: str) -> web.Response:
+    """The error answer of an error mode, from the one table, in the call's dialect."""
+    row = ERROR_MODES[mode.name]
     headers: dict[str, str] | None = None
     if mode.name == "rate":
         seconds = mode.float_arg(1.0)
         headers = {"Retry-After": str(int(seconds)) if seconds == int(seconds) else str(seconds)}
-    return zhipu_error(status, code, message, headers)
+    if dialect == OPENAI:
+        oai = row.openai
+        return openai_error(oai.status, oai.message, type_=oai.type, code=oai.code, headers=headers)
+    return zhipu_error(row.status, row.code, row.message, headers)
 
 
-def _json_error_200(mode: Marker) -> web.Response:
+def _json_error_200(mode: Marker, dialect: str) -> web.Response:
     code = (mode.arg or DEFAULT_JSON_ERROR_CODE).strip() or DEFAULT_JSON_ERROR_CODE
-    message = next((m for _, c, m in ERROR_MODES.values() if c == code), "Request failed")
-    return zhipu_error(200, code, message)
+    row = mode_for_code(code)
+    if dialect == OPENAI and row is not None:
+        return openai_error(200, row.openai.message, type_=row.openai.type, code=row.openai.code)
+    if dialect == OPENAI:
+        return openai_error(200, "Request failed", code=code)
+    return zhipu_error(200, code, row.message if row else "Request failed")
 
 
-def generic_body_mode(mode: Marker | None) -> web.Response | None:
+def delivers_normally(mode: Marker | None) -> bool:
+    """Whether a call with this mode ends in a normal, complete answer (the call log counts what
+    such answers deliver): no mode, or one that only delays (``hang:s``) or changes nothing."""
+    return mode is None or mode.name in ("hang", "crash")
+
+
+def generic_body_mode(mode: Marker | None, dialect: str = ZHIPU) -> web.Response | None:
     """Body modes that look the same on every route: redirect, wrong type, error-in-200."""
     if mode is None:
         return None
@@ -58,7 +74,7 @@ def generic_body_mode(mode: Marker | None) -> web.Response | None:
     if mode.name == "wrong-type":
         return web.Response(text=WRONG_TYPE_HTML, content_type="text/html")
     if mode.name == "json-error-200":
-        return _json_error_200(mode)
+        return _json_error_200(mode, dialect)
     return None
 
 
@@ -102,7 +118,7 @@ async def apply_front_mode(
         return None
     state.count_mode(mode.name)
     if mode.name in ERROR_MODES and mode.name not in deferred:
-        return _mode_error(mode)
+        return _mode_error(mode, call.dialect)
     if mode.name == "hang":
         # Cancelled by aiohttp (handler_cancellation) if the client disconnects.
         await asyncio.sleep(mode.float_arg(DEFAULT_HANG_SECONDS))
@@ -120,4 +136,4 @@ async def simulate_generation(state: EmulatorState, call: Call) -> web.Response 
     if early is not None:
         return early
     await asyncio.sleep(state.latency(call.directives.latency))
-    return generic_body_mode(call.mode)
+    return generic_body_mode(call.mode, call.dialect)

@@ -18,6 +18,7 @@ from charai.emulator.failures import (
     BAD_B64_PNG,
     HUGE_PLACEHOLDER,
     apply_front_mode,
+    delivers_normally,
     generic_body_mode,
     huge_bytes,
     simulate_generation,
@@ -77,10 +78,19 @@ async def _image_answer(
     return json_response(payload), items
 
 
+def _note_request(call: Call, params: ImageParams) -> None:
+    """The effective request in the call log (size and response format with defaults applied)."""
+    record = call.record
+    record.model, record.size, record.n = params.model, f"{params.width}x{params.height}", 1
+    record.width, record.height = params.width, params.height
+    record.response_format = "b64_json" if params.b64 else "url"
+
+
 async def _sync_image_impl(request: web.Request, state: EmulatorState, call: Call) -> web.StreamResponse:
     params = validate_image(call.body, async_route=False)
     if isinstance(params, web.Response):
         return params
+    _note_request(call, params)
     answered = await simulate_generation(state, call)
     if answered is not None:
         return answered
@@ -96,6 +106,8 @@ async def _sync_image_impl(request: web.Request, state: EmulatorState, call: Cal
     if call.mode is not None and call.mode.name == "bad-b64":
         params = ImageParams(params.model, params.prompt, params.width, params.height, True)
     response, _ = await _image_answer(request, state, mode=call.mode, items=None, params=params, build=build)
+    if delivers_normally(call.mode):
+        call.record.images = 1
     return response
 
 
@@ -108,6 +120,7 @@ async def _async_submit_impl(request: web.Request, state: EmulatorState, call: C
     params = validate_image(call.body, async_route=True)
     if isinstance(params, web.Response):
         return params
+    _note_request(call, params)
     early = await apply_front_mode(state, call, deferred=ASYNC_TASK_FAIL_MODES)
     if early is not None:
         return early
@@ -118,6 +131,7 @@ async def _async_submit_impl(request: web.Request, state: EmulatorState, call: C
         ready_at=time.monotonic() + state.latency(call.directives.latency),
         params=params,
         mode=call.mode,
+        record=call.record,
     )
     state.add_task(task)
     return json_response(
@@ -167,8 +181,8 @@ async def _task_outcome(request: web.Request, state: EmulatorState, task: AsyncT
         if not task.finished:
             task.finished = True
             state.tasks_failed += 1
-        _, code, message = ERROR_MODES[mode.name]
-        return json_response({**base, "task_status": "FAIL", **error_body(code, message)})
+        row = ERROR_MODES[mode.name]
+        return json_response({**base, "task_status": "FAIL", **error_body(row.code, row.message)})
     generic = generic_body_mode(mode)
     if generic is not None:
         return generic
@@ -184,4 +198,6 @@ async def _task_outcome(request: web.Request, state: EmulatorState, task: AsyncT
     if not task.finished:
         task.finished = True
         state.tasks_succeeded += 1
+        if task.record is not None and delivers_normally(mode):
+            task.record.images = 1
     return response

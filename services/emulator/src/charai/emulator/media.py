@@ -116,6 +116,11 @@ def audio_seconds(text: str, speed: float) -> float:
     return max(MIN_SECONDS, SECONDS_PER_CHAR * len(text) / speed)
 
 
+def sample_count(text: str, speed: float, sample_rate: int = DEFAULT_SAMPLE_RATE) -> int:
+    """Samples :func:`make_pcm` renders for ``text``: the exact duration the call log reports."""
+    return max(1, round(audio_seconds(text, speed) * sample_rate))
+
+
 def _period(samples: int, amplitude: int) -> bytes:
     """One period of a sine wave as native-endian int16 samples."""
     wave_samples = array("h", (int(amplitude * math.sin(2 * math.pi * i / samples)) for i in range(samples)))
@@ -144,7 +149,7 @@ def make_pcm(
         Little-endian signed 16-bit samples, mono, no header; length is even.
     """
     speed = speed if speed > 0 else 1.0
-    total = max(1, round(audio_seconds(text, speed) * sample_rate))
+    total = sample_count(text, speed, sample_rate)
     per_char = max(1, round(SECONDS_PER_CHAR * sample_rate / speed))
     amplitude = max(1, min(32000, int(6000 * volume)))
     scale = sample_rate / DEFAULT_SAMPLE_RATE

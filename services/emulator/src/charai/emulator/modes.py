@@ -1,4 +1,4 @@
-"""Failure-mode markers and the Zhipu error table the emulator answers with.
+"""Failure-mode markers and the error table (Zhipu and OpenAI answers) the emulator answers with.
 
 Why markers in the prompt: the text is the one thing that travels unchanged from a test,
 through the gateway, the queue and the worker, to the provider. Putting ``[[server*2]]`` in
@@ -17,27 +17,119 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
-ERROR_MODES: dict[str, tuple[int, str, str]] = {
-    "auth": (401, "1000", "Authentication Failed"),
-    "forbidden": (403, "1220", "You do not have permission to access this API"),
-    "content": (
+
+class OpenAIError(NamedTuple):
+    """How an error mode looks in the OpenAI dialect: ``{"error": {message, type, param, code}}``."""
+
+    status: int
+    type: str
+    code: str | None
+    message: str
+
+
+class ErrorMode(NamedTuple):
+    """One error mode in both dialects.
+
+    Why one row per mode for both: a test that scripts ``[[quota]]`` means "the account is out of
+    money" whatever dialect the worker speaks, so both answers are derived from the same row.
+    """
+
+    status: int
+    code: str
+    message: str
+    openai: OpenAIError
+
+
+_OPENAI_SERVER = OpenAIError(
+    500, "server_error", None, "The server had an error while processing your request. Sorry about that!"
+)
+
+ERROR_MODES: dict[str, ErrorMode] = {
+    "auth": ErrorMode(
+        401,
+        "1000",
+        "Authentication Failed",
+        OpenAIError(
+            401,
+            "invalid_request_error",
+            "invalid_api_key",
+            "Incorrect API key provided. You can find your API key at https://platform.openai.com/account/api-keys.",
+        ),
+    ),
+    "forbidden": ErrorMode(
+        403,
+        "1220",
+        "You do not have permission to access this API",
+        OpenAIError(
+            403,
+            "invalid_request_error",
+            "unsupported_country_region_territory",
+            "Country, region, or territory not supported",
+        ),
+    ),
+    "content": ErrorMode(
         400,
         "1301",
         "System detected potentially unsafe or sensitive content in input or generation. "
         "Please avoid using prompts that may generate sensitive content.",
+        OpenAIError(
+            400,
+            "invalid_request_error",
+            "content_policy_violation",
+            "Your request was rejected as a result of our safety system. Your prompt may contain text "
+            "that is not allowed by our safety system.",
+        ),
     ),
-    "invalid": (400, "1214", "Invalid parameter"),
-    "model": (400, "1211", "Unknown Model, please check the model code."),
-    "too-long": (400, "1261", "Prompt exceeds max length"),
-    "quota": (429, "1113", "Insufficient balance or no resource package. Please recharge."),
-    "rate": (429, "1302", "Rate limit reached for requests"),
-    "overload": (429, "1305", "The service may be temporarily overloaded, please try again later"),
-    "server": (500, "500", "Internal Error"),
-    "zhipu-500": (500, "1234", "Network error, please contact customer service"),
+    "invalid": ErrorMode(
+        400, "1214", "Invalid parameter", OpenAIError(400, "invalid_request_error", None, "Invalid parameter")
+    ),
+    "model": ErrorMode(
+        400,
+        "1211",
+        "Unknown Model, please check the model code.",
+        OpenAIError(
+            404,
+            "invalid_request_error",
+            "model_not_found",
+            "The model does not exist or you do not have access to it.",
+        ),
+    ),
+    "too-long": ErrorMode(
+        400,
+        "1261",
+        "Prompt exceeds max length",
+        OpenAIError(400, "invalid_request_error", "string_above_max_length", "Prompt exceeds max length"),
+    ),
+    "quota": ErrorMode(
+        429,
+        "1113",
+        "Insufficient balance or no resource package. Please recharge.",
+        OpenAIError(
+            429,
+            "insufficient_quota",
+            "insufficient_quota",
+            "You exceeded your current quota, please check your plan and billing details.",
+        ),
+    ),
+    "rate": ErrorMode(
+        429,
+        "1302",
+        "Rate limit reached for requests",
+        OpenAIError(429, "requests", "rate_limit_exceeded", "Rate limit reached for requests"),
+    ),
+    "overload": ErrorMode(
+        429,
+        "1305",
+        "The service may be temporarily overloaded, please try again later",
+        OpenAIError(503, "server_error", None, "The engine is currently overloaded, please try again later"),
+    ),
+    "server": ErrorMode(500, "500", "Internal Error", _OPENAI_SERVER),
+    "zhipu-500": ErrorMode(500, "1234", "Network error, please contact customer service", _OPENAI_SERVER),
 }
-"""Mode name -> (HTTP status, Zhipu string code, message), per the [ERR]/[ERRZ] table."""
+"""Mode name -> its Zhipu answer (HTTP status, string code, message, per the [ERR]/[ERRZ] table) and
+its OpenAI answer (status, ``type``, ``code``, message)."""
 
 BODY_MODES: frozenset[str] = frozenset(
     {
@@ -67,6 +159,8 @@ server-side request forgery on the provider's say-so."""
 DEFAULT_HANG_SECONDS = 3600.0
 DEFAULT_HUGE_MIB = 64.0
 DEFAULT_JSON_ERROR_CODE = "1301"
+"""``json-error-200`` without an argument: the content-filter error (Zhipu 1301, OpenAI
+``content_policy_violation``); the argument may name either dialect's code."""
 
 _MARKER = re.compile(r"\[\[([a-z0-9][a-z0-9-]*)(?:\*(\d+))?(?::([^\]]*))?\]\]")
 _SPEC = re.compile(r"^\s*([a-z0-9][a-z0-9-]*)(?:\*(\d+))?(?::(.*?))?\s*$")
@@ -174,3 +268,15 @@ def directives(text: str, header_mode: str | None, header_latency: str | None) -
 def error_body(code: str, message: str) -> dict[str, Any]:
     """The Zhipu error envelope: ``{"error": {"code": "<string>", "message": ...}}``."""
     return {"error": {"code": str(code), "message": message}}
+
+
+def openai_error_body(
+    message: str, type_: str = "invalid_request_error", code: str | None = None, param: str | None = None
+) -> dict[str, Any]:
+    """OpenAI's error envelope: ``{"error": {"message", "type", "param", "code"}}`` (nulls kept)."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def mode_for_code(code: str) -> ErrorMode | None:
+    """The error mode whose Zhipu or OpenAI code is ``code`` (``json-error-200:<code>``)."""
+    return next((m for m in ERROR_MODES.values() if code in (m.code, m.openai.code)), None)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from charai.emulator.app import API_PREFIX, build_app
+from charai.emulator.app import API_PREFIX, OPENAI_PREFIX, build_app
 from charai.emulator.config import EmulatorConfig
 from charai.emulator.state import STATE_KEY, EmulatorState
 
@@ -47,6 +47,11 @@ class RunningEmulator:
     api_base: str
     port: int
     app: web.Application
+
+    @property
+    def openai_base(self) -> str:
+        """What a worker uses as its OpenAI base URL (``url + /v1``; served with ``dialects`` openai)."""
+        return self.url + OPENAI_PREFIX
 
     @property
     def state(self) -> EmulatorState:

@@ -12,7 +12,13 @@ from typing import Any
 from aiohttp import web
 from charai.emulator import media
 from charai.emulator.calls import Call, base_url, provider_call
-from charai.emulator.failures import BAD_B64_WAV, huge_bytes, simulate_generation, truncated_json
+from charai.emulator.failures import (
+    BAD_B64_WAV,
+    delivers_normally,
+    huge_bytes,
+    simulate_generation,
+    truncated_json,
+)
 from charai.emulator.state import EmulatorState
 from charai.emulator.validation import SpeechParams, validate_speech
 from charai.emulator.wire import dumps, json_response, stream_body
@@ -65,6 +71,8 @@ async def _speech_stream(request: web.Request, call: Call, params: SpeechParams)
             await response.write(line)
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
+        if delivers_normally(call.mode):
+            _note_audio(call, params, len(pcm))
     except ConnectionError:
         log.debug("client went away during a TTS stream")
     return response
@@ -104,13 +112,23 @@ async def _json_audio(
     else:
         payload = {"audio_content": base64.b64encode(wav).decode("ascii")}
     truncated = call.mode is not None and call.mode.name == "truncated"
+    if not truncated and delivers_normally(call.mode):
+        _note_audio(call, params, len(wav))
     return truncated_json(payload) if truncated else json_response(payload)
+
+
+def _note_audio(call: Call, params: SpeechParams, size: int) -> None:
+    """What a complete answer delivered, in the call log."""
+    rate = media.DEFAULT_SAMPLE_RATE
+    call.record.audio_seconds = media.sample_count(params.text, params.speed, rate) / rate
+    call.record.audio_bytes = size
 
 
 async def _speech_impl(request: web.Request, state: EmulatorState, call: Call) -> web.StreamResponse:
     params = validate_speech(call.body)
     if isinstance(params, web.Response):
         return params
+    call.record.response_format, call.record.speed = params.response_format, params.speed
     answered = await simulate_generation(state, call)
     if answered is not None:
         return answered
@@ -128,6 +146,8 @@ async def _speech_impl(request: web.Request, state: EmulatorState, call: Call) -
     )
     if call.mode is not None and call.mode.name == "truncated":
         audio = audio[: len(audio) // 2 + 1]  # odd length: not whole s16 samples either
+    elif delivers_normally(call.mode):
+        _note_audio(call, params, len(audio))
     return web.Response(body=audio, content_type=content_type)
 
 

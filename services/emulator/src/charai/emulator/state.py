@@ -6,11 +6,12 @@ from __future__ import annotations
 import hashlib
 import random
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from charai.emulator.calllog import CallRecord
 from charai.emulator.config import EmulatorConfig
 from charai.emulator.gate import Gate
 from charai.emulator.modes import Marker
@@ -21,6 +22,8 @@ ROUTES: tuple[str, ...] = (
     "async.images.generations",
     "async-result",
     "audio.speech",
+    "openai.images.generations",
+    "openai.audio.speech",
     "files",
 )
 """Names used as keys of ``stats()["calls"]``."""
@@ -36,6 +39,7 @@ class AsyncTask:
     ready_at: float
     params: ImageParams
     mode: Marker | None
+    record: CallRecord | None = None
     polls: int = 0
     items: list[dict[str, str]] | None = None
     finished: bool = False
@@ -73,6 +77,9 @@ class EmulatorState:
         self.tasks_created = 0
         self.tasks_succeeded = 0
         self.tasks_failed = 0
+        #: One :class:`CallRecord` per generation call, oldest first (bounded).
+        self.call_log: deque[CallRecord] = deque(maxlen=self.config.call_log_size)
+        self.calls_logged = 0
 
     def snapshot(self) -> dict[str, Any]:
         """A JSON-ready copy of the counters (the ``/_emulator/stats`` body)."""
@@ -98,6 +105,9 @@ class EmulatorState:
             "cancelled": self.cancelled,
             "files_stored": len(self.files),
             "gate": self.gate_snapshot(),
+            "dialects": sorted(self.config.dialects),
+            "log": [record.as_dict() for record in self.call_log],
+            "log_dropped": self.calls_logged - len(self.call_log),
         }
 
     def gate_snapshot(self) -> dict[str, Any]:
@@ -112,6 +122,11 @@ class EmulatorState:
         short = text[:80]
         self.by_text[short] = self.by_text.get(short, 0) + 1
         return prior
+
+    def log_call(self, record: CallRecord) -> None:
+        """Append a call's record (it is filled in as the call goes on)."""
+        self.call_log.append(record)
+        self.calls_logged += 1
 
     def count_mode(self, name: str) -> None:
         """Record that a failure mode actually fired."""

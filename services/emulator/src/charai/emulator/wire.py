@@ -1,5 +1,5 @@
-"""How the emulator puts answers on the wire: compact JSON, Zhipu's error envelope, and
-streamed bodies too large to hold in memory."""
+"""How the emulator puts answers on the wire: compact JSON, Zhipu's and OpenAI's error envelopes,
+and streamed bodies too large to hold in memory."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 from typing import Any
 
 from aiohttp import web
-from charai.emulator.modes import error_body
+from charai.emulator.modes import error_body, openai_error_body
 
 log = logging.getLogger("charai.emulator")
 
@@ -28,6 +28,19 @@ def json_response(payload: Any, status: int = 200, headers: dict[str, str] | Non
 def zhipu_error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
     """An error in Zhipu's envelope: ``{"error": {"code": "<string>", "message": ...}}``."""
     return json_response(error_body(code, message), status=status, headers=headers)
+
+
+def openai_error(
+    status: int,
+    message: str,
+    *,
+    type_: str = "invalid_request_error",
+    code: str | None = None,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    """An error in OpenAI's envelope: ``{"error": {"message", "type", "param", "code"}}``."""
+    return json_response(openai_error_body(message, type_, code, param), status=status, headers=headers)
 
 
 def invalid(message: str) -> web.Response:

@@ -29,6 +29,26 @@ SERVICES = ("task_store", "gateway", "image_worker", "tts_worker")
 ALL_SERVICES = (*SERVICES, "webhook_sender")
 
 
+#: Where the emulator serves each provider dialect (``python -m charai.emulator --dialect``).
+EMULATOR_API_PREFIXES = {"zhipu": "/api/paas/v4", "openai": "/v1"}
+#: The model a worker asks the emulator for in the OpenAI dialect when ``CHARAI_<KIND>_MODEL`` is unset.
+OPENAI_DEFAULT_MODELS = {"IMAGE": "gpt-image-1", "TTS": "gpt-4o-mini-tts"}
+
+
+def emulated_providers(env: Mapping[str, str]) -> dict[str, str]:
+    """The provider dialect (``CHARAI_<KIND>_PROVIDER``, default zhipu) of each worker kind
+    without a key (``IMAGE``/``TTS``): those the emulator stands in for."""
+    wanted: dict[str, str] = {}
+    for kind in ("IMAGE", "TTS"):
+        if env.get(f"CHARAI_{kind}_API_KEY", ""):
+            continue
+        dialect = (env.get(f"CHARAI_{kind}_PROVIDER") or "zhipu").strip().lower()
+        if dialect not in EMULATOR_API_PREFIXES:
+            raise ValueError(f"CHARAI_{kind}_PROVIDER must be zhipu or openai, got {dialect!r}")
+        wanted[kind] = dialect
+    return wanted
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -136,6 +156,7 @@ class Stack:
         self.nats_url = ""
         self._nats_port = 0
         self._emulator_port = 0
+        self._emulator_dialects = ["zhipu"]
 
     # -- addresses ---------------------------------------------------------------------------
     def _addr(self, name: str, default: str) -> str:
@@ -176,8 +197,9 @@ class Stack:
 
     async def prepare(self) -> None:
         """The settings every service gets, NATS (unless ``CHARAI_NATS_URL`` names one) and the
-        emulator (unless both provider keys are set). The charai services are started next, in
-        :meth:`service_order`."""
+        emulator (unless both provider keys are set; it speaks the dialect each keyless worker's
+        ``CHARAI_<KIND>_PROVIDER`` names, at that dialect's base URL). The charai services are
+        started next, in :meth:`service_order`."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         env = dict(self.extra_env)
         env.setdefault("CHARAI_DATA_DIR", str(self.data_dir))
@@ -186,20 +208,21 @@ class Stack:
         env["CHARAI_GATEWAY_GRPC_ADDR"] = self._addr("CHARAI_GATEWAY_GRPC_ADDR", "127.0.0.1:50051")
         env["CHARAI_GATEWAY_HTTP_ADDR"] = self._addr("CHARAI_GATEWAY_HTTP_ADDR", "127.0.0.1:8080")
         env["CHARAI_TASK_STORE_ADDR"] = self._addr("CHARAI_TASK_STORE_ADDR", "127.0.0.1:50052")
+        emulated = emulated_providers(env)  # a bad provider setting stops us before anything starts
         if "CHARAI_NATS_URL" not in env:
             await self.start_nats()
             env["CHARAI_NATS_URL"] = self.nats_url
         else:
             self.nats_url = env["CHARAI_NATS_URL"]
-        image_key = env.get("CHARAI_IMAGE_API_KEY", "")
-        tts_key = env.get("CHARAI_TTS_API_KEY", "")
-        if not (image_key and tts_key):
+        if emulated:
+            # The emulator speaks the dialect of each worker it stands in for, at that dialect's base.
+            self._emulator_dialects = sorted(set(emulated.values()))
             await self._start_emulator()
-            api_base = self.emulator_url + "/api/paas/v4"
-            if not image_key:
-                env.setdefault("CHARAI_IMAGE_API_BASE_URL", api_base)
-            if not tts_key:
-                env.setdefault("CHARAI_TTS_API_BASE_URL", api_base)
+            for kind, dialect in emulated.items():
+                base = self.emulator_url + EMULATOR_API_PREFIXES[dialect]
+                env.setdefault(f"CHARAI_{kind}_API_BASE_URL", base)
+                if dialect == "openai":
+                    env.setdefault(f"CHARAI_{kind}_MODEL", OPENAI_DEFAULT_MODELS[kind])
             env.setdefault("CHARAI_PROVIDER_ALLOW_PRIVATE_URLS", "true")
         self.env = env
 
@@ -245,6 +268,7 @@ class Stack:
             "127.0.0.1",
             "--port",
             str(self._emulator_port),
+            *([] if "--dialect" in self.emulator_args else ["--dialect", ",".join(self._emulator_dialects)]),
             *self.emulator_args,
         ]
         return await self._spawn("emulator", args)
