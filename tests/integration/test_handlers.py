@@ -22,6 +22,7 @@ import pytest
 from aiohttp import web
 from charai.core.domain.errors import ErrorKind
 from charai.core.domain.states import Stage
+from charai.core.domain.usage import Metered
 from charai.emulator import EmulatorConfig, RunningEmulator, running_emulator
 from charai.emulator.media import PNG_SIGNATURE, audio_seconds, make_png, png_size
 from charai.emulator.modes import strip_markers
@@ -46,9 +47,13 @@ class RecordingContext:
     attempt: int = 1
     progress_calls: list[tuple[int, str]] = dataclasses.field(default_factory=list)
     media: dict[str, tuple[bytes, str]] = dataclasses.field(default_factory=dict)
+    metered: list[Metered] = dataclasses.field(default_factory=list)
 
     async def progress(self, percent: int, stage: str = Stage.GENERATING) -> None:
         self.progress_calls.append((percent, stage))
+
+    def meter(self, usage: Metered) -> None:
+        self.metered.append(usage)
 
     async def store_media(self, data: bytes, extension: str, content_type: str) -> MediaRef:
         key = f"{self.task.id}.{extension}"

@@ -116,7 +116,11 @@ class CharaiClient:
         priority: int = task_pb2.PRIORITY_NORMAL,
         request_id: str = "",
         webhook: task_pb2.Webhook | None = None,
+        quality: str = "",
+        output_format: str = "",
+        seed: int | None = None,
     ) -> task_pb2.Task:
+        """``seed``: makes the request repeatable, so an identical one (same seed) reuses its image."""
         payload = task_pb2.ImagePayload(
             character_id=character_id,
             character_name=character_name,
@@ -124,6 +128,8 @@ class CharaiClient:
             resolution=resolution,
             view_type=view_type,
             costume_id=costume_id,
+            quality=quality,
+            output_format=output_format,
             callback=task_pb2.Callback(
                 type="character_costume" if costume_id else "character_view",
                 character_id=character_id,
@@ -131,6 +137,8 @@ class CharaiClient:
                 costume_id=costume_id,
             ),
         )
+        if seed is not None:
+            payload.seed = seed
         return await self.create(
             task_service_pb2.CreateTaskRequest(
                 type=task_pb2.TASK_TYPE_IMAGE_GENERATION,
@@ -156,7 +164,9 @@ class CharaiClient:
         priority: int = task_pb2.PRIORITY_NORMAL,
         request_id: str = "",
         webhook: task_pb2.Webhook | None = None,
+        reuse: bool | None = None,
     ) -> task_pb2.Task:
+        """``reuse=False``: call the provider even when an identical request's audio could be reused."""
         payload = task_pb2.TtsPayload(
             character_id=character_id,
             character_name=character_name,
@@ -169,6 +179,8 @@ class CharaiClient:
             payload.speed = speed
         if volume is not None:
             payload.volume = volume
+        if reuse is not None:
+            payload.reuse = reuse
         return await self.create(
             task_service_pb2.CreateTaskRequest(
                 type=task_pb2.TASK_TYPE_TTS_GENERATION,
@@ -237,6 +249,25 @@ class CharaiClient:
         """Depth, in-flight, throughput and median wait of every lane (type x priority)."""
         response = await self._call(self._stub.GetQueueStats, task_service_pb2.GetQueueStatsRequest())
         return list(response.lanes)
+
+    async def usage(
+        self, *, tenant: str = "", all_tenants: bool = False, start_day: str = "", end_day: str = ""
+    ) -> task_service_pb2.GetUsageResponse:
+        """Metered usage by tenant, provider, model and day (UTC, ``YYYY-MM-DD``, inclusive;
+        default: this month so far) with the tenant's budgets, every page read. Another
+        ``tenant`` or ``all_tenants`` needs an operator tenant's key."""
+        request = task_service_pb2.GetUsageRequest(
+            tenant=tenant, all_tenants=all_tenants, start_day=start_day, end_day=end_day
+        )
+        answer = task_service_pb2.GetUsageResponse()
+        while True:
+            page = await self._call(self._stub.GetUsage, request)
+            answer.rows.extend(page.rows)
+            if not page.next_page_token:
+                answer.budgets.extend(page.budgets)
+                answer.start_day, answer.end_day = page.start_day, page.end_day
+                return answer
+            request.page_token = page.next_page_token
 
     async def list(
         self,

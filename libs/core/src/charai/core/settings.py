@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BeforeValidator, Field, SecretStr, ValidationError, field_validator
+from pydantic import BeforeValidator, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ZHIPU_BASE_URL = "https://open.bigmodel.cn/api/paas/v4"
@@ -57,6 +57,34 @@ def _event_loop(value: Any) -> Any:
     return value
 
 
+#: The provider API dialects (``CHARAI_IMAGE_PROVIDER``, ``CHARAI_TTS_PROVIDER``).
+Provider = Literal["zhipu", "openai"]
+#: The model used when ``CHARAI_IMAGE_MODEL`` is unset, per provider.
+DEFAULT_IMAGE_MODELS = {"zhipu": "glm-image", "openai": "gpt-image-1"}
+#: The model used when ``CHARAI_TTS_MODEL`` is unset, per provider.
+DEFAULT_TTS_MODELS = {"zhipu": "glm-tts", "openai": "gpt-4o-mini-tts"}
+OPENAI_BASE_URL = "https://api.openai.com/v1"
+#: The provider's base URL when ``CHARAI_IMAGE_API_BASE_URL`` / ``CHARAI_TTS_API_BASE_URL`` is unset.
+DEFAULT_BASE_URLS = {"zhipu": ZHIPU_BASE_URL, "openai": OPENAI_BASE_URL}
+
+
+def _provider(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.strip().lower() or "zhipu"
+    return value
+
+
+def provider_default(data: Any, provider_field: str, field: str, defaults: dict[str, str]) -> Any:
+    """Fills ``data[field]`` (a settings input dict) with ``defaults[provider]`` when it is unset or
+    blank, so a setting's default follows the configured provider (``CHARAI_IMAGE_PROVIDER=openai``
+    alone switches the model and base URL too). An unknown provider is left for its own check."""
+    if isinstance(data, dict) and not str(data.get(field) or "").strip():
+        provider = _provider(data.get(provider_field) or "zhipu")
+        if provider in defaults:
+            return {**data, field: defaults[provider]}
+    return data
+
+
 class CommonSettings(BaseSettings):
     """Settings every charai process reads."""
 
@@ -80,11 +108,26 @@ class CommonSettings(BaseSettings):
     #: Secret that signs media URLs (gateway) — also known to nobody else.
     media_signing_key: SecretStr = SecretStr("")
     shutdown_grace_seconds: float = Field(default=10.0, gt=0)
-    #: The image model; gateways and task_store check sizes against its documented bounds.
-    image_model: str = "glm-image"
+    #: The API dialect of the image provider: ``zhipu`` (GLM-Image / CogView) or ``openai``
+    #: (``images/generations`` of OpenAI or a compatible server).
+    image_provider: Annotated[Provider, BeforeValidator(_provider)] = "zhipu"
+    #: The API dialect of the TTS provider: ``zhipu`` (GLM-TTS) or ``openai`` (``audio/speech``).
+    tts_provider: Annotated[Provider, BeforeValidator(_provider)] = "zhipu"
+    #: The image model (default per provider: :data:`DEFAULT_IMAGE_MODELS`); gateways and task_store
+    #: check sizes and prompt length against its documented limits.
+    image_model: str = ""
+    #: The TTS model (default per provider); gateways and task_store check text length, voices
+    #: and formats against it.
+    tts_model: str = ""
     #: HOST:PORT of this process's Prometheus ``/metrics`` (task_store, workers; empty: off).
     #: The gateway serves ``/metrics`` on its HTTP port instead.
     metrics_addr: str = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_models(cls, data: Any) -> Any:
+        data = provider_default(data, "image_provider", "image_model", DEFAULT_IMAGE_MODELS)
+        return provider_default(data, "tts_provider", "tts_model", DEFAULT_TTS_MODELS)
 
     @field_validator("task_store_addr")
     @classmethod

@@ -12,12 +12,18 @@ import re
 from collections.abc import Mapping, Sequence
 from urllib.parse import urlsplit
 
+from charai.core.domain import provider_models
+from charai.core.domain.provider_models import ImageModel, ProviderModels, TtsModel
 from charai.core.domain.webhooks import parse_events
 from charai.tasks.v1 import task_pb2, task_service_pb2
 
+#: Limits of the default models (glm-image, GLM-TTS); other models have their own
+#: (:mod:`charai.core.domain.provider_models`). UTF-8 bytes are capped at 4 per character.
 MAX_PROMPT_CHARS = 4000
 MAX_PROMPT_BYTES = 16_000
 MAX_TTS_TEXT_CHARS = 1024  # GLM-TTS `input` maxLength
+#: Largest image seed: 2^53 - 1, so a JavaScript client (a JSON number) keeps it exact.
+MAX_SEED = 2**53 - 1
 MAX_NAME_CHARS = 200
 MAX_METADATA_ENTRIES = 32
 MAX_METADATA_KEY_CHARS = 64
@@ -32,16 +38,11 @@ MAX_PAGE_SIZE = 500
 MAX_TOKEN_TASKS = 100
 #: ``metadata.category`` of a task submitted with a character callback (the seed's query).
 CHARACTER_CATEGORY = "character_design"
-#: Custom image sizes each model accepts (zhipu-api.md): (min side, max side, multiple of, max pixels).
-SIZE_RULES = {"glm-image": (1024, 2048, 32, 2**22)}
-#: Sizes the docs recommend even where they fall outside the custom-size rule.
-RECOMMENDED_SIZES = {"glm-image": frozenset({(1728, 960), (960, 1728)})}
-DEFAULT_SIZE_RULE = (512, 2048, 16, 2**21)
 CALLBACK_TYPES: dict[int, tuple[str, ...]] = {
     task_pb2.TASK_TYPE_IMAGE_GENERATION: ("character_view", "character_costume"),
     task_pb2.TASK_TYPE_TTS_GENERATION: ("character_voice",),
 }
-AUDIO_FORMATS = ("wav", "pcm", "mp3")
+AUDIO_FORMATS = provider_models.AUDIO_FORMATS
 _IDENT = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
 _KEY = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]{0,63}")
 _RESOLUTION = re.compile(r"([0-9]{3,4})[x×]([0-9]{3,4})")
@@ -98,18 +99,28 @@ class _Checker:
 
 
 def size_rule(model: str) -> tuple[int, int, int, int]:
-    return SIZE_RULES.get(model, DEFAULT_SIZE_RULE)
+    """The custom-size rule of Zhipu image model ``model``."""
+    return provider_models.image_model(provider_models.ZHIPU, model).size_rule
 
 
-def parse_resolution(value: str, model: str = "glm-image") -> tuple[int, int] | None:
-    """``"1024x1024"`` → (1024, 1024); None when malformed or outside the model's documented bounds."""
+def parse_resolution(value: str, model: str | ImageModel = "glm-image") -> tuple[int, int] | None:
+    """``"1024x1024"`` → (1024, 1024); None when malformed or outside the model's documented bounds.
+
+    ``model`` is a Zhipu model name or any model's rules (OpenAI's models take a fixed list of
+    sizes; their ``auto`` is not a ``WxH`` and is checked by the caller).
+    """
+    rules = (
+        model if isinstance(model, ImageModel) else provider_models.image_model(provider_models.ZHIPU, model)
+    )
     match = _RESOLUTION.fullmatch(value)
     if not match:
         return None
     width, height = int(match.group(1)), int(match.group(2))
-    if (width, height) in RECOMMENDED_SIZES.get(model, ()):
+    if rules.sizes:
+        return (width, height) if f"{width}x{height}" in rules.sizes else None
+    if (width, height) in rules.recommended:
         return width, height
-    low, high, multiple, pixels = size_rule(model)
+    low, high, multiple, pixels = rules.size_rule
     if not (low <= width <= high and low <= height <= high):
         return None
     if width * height > pixels or width % multiple or height % multiple:
@@ -149,11 +160,17 @@ def _callback(c: _Checker, field: str, cb: task_pb2.Callback, task_type: int, ha
     c.ident(f"{field}.costume_id", cb.costume_id, required=False)
 
 
-def validate_create(req: task_service_pb2.CreateTaskRequest, image_model: str = "glm-image") -> None:
+def validate_create(
+    req: task_service_pb2.CreateTaskRequest, models: ProviderModels | str = "glm-image"
+) -> None:
     """Raises :class:`RequestInvalidError` naming every bad field of a CreateTaskRequest.
 
-    ``image_model`` (the ``CHARAI_IMAGE_MODEL`` setting) decides which sizes are valid.
+    ``models`` (the ``CHARAI_IMAGE_PROVIDER``/``_MODEL`` and ``CHARAI_TTS_PROVIDER``/``_MODEL``
+    settings) decides the limits: sizes, prompt and text length, qualities, formats, voices,
+    speeds. A bare string is a Zhipu image model name (the TTS model then GLM-TTS).
     """
+    if isinstance(models, str):
+        models = ProviderModels(image_model=models)
     c = _Checker()
     kind = req.WhichOneof("payload")
     if req.type not in CALLBACK_TYPES:
@@ -167,43 +184,74 @@ def validate_create(req: task_service_pb2.CreateTaskRequest, image_model: str = 
     elif req.type == task_pb2.TASK_TYPE_TTS_GENERATION and kind != "tts":
         c.add("payload", "a TTS task needs the tts payload")
     if kind == "image" and req.type == task_pb2.TASK_TYPE_IMAGE_GENERATION:
-        p = req.image
-        c.ident("image.character_id", p.character_id, required=True)
-        c.text("image.character_name", p.character_name, required=False, max_chars=MAX_NAME_CHARS)
-        c.text(
-            "image.prompt", p.prompt, required=True, max_chars=MAX_PROMPT_CHARS, max_bytes=MAX_PROMPT_BYTES
-        )
-        if p.resolution and parse_resolution(p.resolution, image_model) is None:
-            low, high, multiple, pixels = size_rule(image_model)
-            c.add(
-                "image.resolution",
-                f"must be WxH with each side {low}-{high} px, a multiple of {multiple}, "
-                f"at most {pixels} pixels in all, for model {image_model} (e.g. 1024x1024)",
-            )
-        c.ident("image.view_type", p.view_type, required=False)
-        c.ident("image.costume_id", p.costume_id, required=False)
-        _callback(c, "image.callback", p.callback, req.type, p.HasField("callback"))
+        _image_payload(c, req.image, models.image, models.image_provider)
+        _callback(c, "image.callback", req.image.callback, req.type, req.image.HasField("callback"))
     if kind == "tts" and req.type == task_pb2.TASK_TYPE_TTS_GENERATION:
-        t = req.tts
-        c.ident("tts.character_id", t.character_id, required=True)
-        c.text("tts.character_name", t.character_name, required=False, max_chars=MAX_NAME_CHARS)
-        c.text(
-            "tts.text", t.text, required=True, max_chars=MAX_TTS_TEXT_CHARS, max_bytes=4 * MAX_TTS_TEXT_CHARS
-        )
-        c.ident("tts.voice_style", t.voice_style, required=True)
-        if t.HasField("speed") and not (math.isfinite(t.speed) and 0.5 <= t.speed <= 2.0):
-            c.add("tts.speed", "must be between 0.5 and 2")
-        if t.HasField("volume") and not (math.isfinite(t.volume) and 0 < t.volume <= 10):
-            c.add("tts.volume", "must be greater than 0 and at most 10")
-        if t.response_format and t.response_format not in AUDIO_FORMATS:
-            c.add("tts.response_format", "must be wav, pcm or mp3")
-        _callback(c, "tts.callback", t.callback, req.type, t.HasField("callback"))
+        _tts_payload(c, req.tts, models.tts, models.tts_provider)
+        _callback(c, "tts.callback", req.tts.callback, req.type, req.tts.HasField("callback"))
     validate_metadata(c, "metadata", req.metadata)
     if len(req.request_id) > MAX_REQUEST_ID_CHARS or _CONTROL.search(req.request_id):
         c.add("request_id", f"must be at most {MAX_REQUEST_ID_CHARS} printable characters")
     if req.HasField("webhook"):
         validate_webhook(c, "webhook", req.webhook)
     c.raise_if_any()
+
+
+def _image_payload(c: _Checker, p: task_pb2.ImagePayload, rules: ImageModel, provider: str) -> None:
+    """The image payload against the configured image model's limits."""
+    model = f"model {rules.name} (CHARAI_IMAGE_PROVIDER={provider})"
+    c.ident("image.character_id", p.character_id, required=True)
+    c.text("image.character_name", p.character_name, required=False, max_chars=MAX_NAME_CHARS)
+    prompt_bytes = (
+        MAX_PROMPT_BYTES if rules.max_prompt_chars == MAX_PROMPT_CHARS else 4 * rules.max_prompt_chars
+    )
+    c.text("image.prompt", p.prompt, required=True, max_chars=rules.max_prompt_chars, max_bytes=prompt_bytes)
+    auto = p.resolution == "auto" and "auto" in rules.sizes
+    if p.resolution and not auto and parse_resolution(p.resolution, rules) is None:
+        if rules.sizes:
+            c.add("image.resolution", f"must be one of {', '.join(rules.sizes)} for {model}")
+        else:
+            low, high, multiple, pixels = rules.size_rule
+            c.add(
+                "image.resolution",
+                f"must be WxH with each side {low}-{high} px, a multiple of {multiple}, "
+                f"at most {pixels} pixels in all, for {model} (e.g. 1024x1024)",
+            )
+    if p.quality:
+        if rules.qualities is None:
+            c.ident("image.quality", p.quality, required=False)
+        elif p.quality not in rules.qualities:
+            allowed = ", ".join(rules.qualities) or "none"
+            c.add("image.quality", f"must be one of {allowed} for {model}")
+    if p.output_format and p.output_format not in rules.output_formats:
+        if rules.output_formats:
+            c.add("image.output_format", f"must be one of {', '.join(rules.output_formats)} for {model}")
+        else:
+            c.add("image.output_format", f"is not supported by {model}: leave it empty")
+    if p.HasField("seed") and not 0 <= p.seed <= MAX_SEED:
+        c.add("image.seed", f"must be a whole number from 0 to {MAX_SEED}")
+    c.ident("image.view_type", p.view_type, required=False)
+    c.ident("image.costume_id", p.costume_id, required=False)
+
+
+def _tts_payload(c: _Checker, t: task_pb2.TtsPayload, rules: TtsModel, provider: str) -> None:
+    """The TTS payload against the configured TTS model's limits."""
+    model = f"model {rules.name} (CHARAI_TTS_PROVIDER={provider})"
+    c.ident("tts.character_id", t.character_id, required=True)
+    c.text("tts.character_name", t.character_name, required=False, max_chars=MAX_NAME_CHARS)
+    c.text(
+        "tts.text", t.text, required=True, max_chars=rules.max_text_chars, max_bytes=4 * rules.max_text_chars
+    )
+    c.ident("tts.voice_style", t.voice_style, required=True)
+    if t.voice_style and rules.voices is not None and t.voice_style not in rules.voices:
+        c.add("tts.voice_style", f"must be one of {', '.join(sorted(rules.voices))} for {model}")
+    low, high = rules.min_speed, rules.max_speed
+    if t.HasField("speed") and not (math.isfinite(t.speed) and low <= t.speed <= high):
+        c.add("tts.speed", f"must be between {low:g} and {high:g}")
+    if t.HasField("volume") and not (math.isfinite(t.volume) and 0 < t.volume <= 10):
+        c.add("tts.volume", "must be greater than 0 and at most 10")
+    if t.response_format and t.response_format not in AUDIO_FORMATS:
+        c.add("tts.response_format", "must be wav, pcm or mp3")
 
 
 def validate_batch_size(requests: Sequence[object]) -> None:
@@ -215,7 +263,7 @@ def validate_batch_size(requests: Sequence[object]) -> None:
 
 
 def validate_batch(
-    requests: Sequence[task_service_pb2.CreateTaskRequest], image_model: str = "glm-image"
+    requests: Sequence[task_service_pb2.CreateTaskRequest], models: ProviderModels | str = "glm-image"
 ) -> None:
     """Every request as CreateTask checks it; the violations of all of them at once, each field
     named ``requests[i].field`` (all or nothing: one bad request refuses the batch)."""
@@ -223,7 +271,7 @@ def validate_batch(
     violations: list[Violation] = []
     for index, request in enumerate(requests):
         try:
-            validate_create(request, image_model)
+            validate_create(request, models)
         except RequestInvalidError as exc:
             violations += [Violation(f"requests[{index}].{v.field}", v.description) for v in exc.violations]
     if violations:

@@ -30,7 +30,8 @@ def json_object(response: Response) -> dict[str, Any]:
 
 
 def classify_error_body(error: Any, *, key_setting: str, status: int = 200) -> ProviderFailure:
-    """Classifies an ``{"code", "message"}`` error carried inside a ``200`` answer.
+    """Classifies an ``{"code", "message"}`` error (Zhipu's, or OpenAI's with ``type``) carried
+    inside a ``200`` answer.
 
     The code decides, as it would for an HTTP error: codes of Zhipu's 400 family are classified
     as if the status were 400 (retrying a bad parameter cannot help), and a code that is itself
@@ -42,10 +43,11 @@ def classify_error_body(error: Any, *, key_setting: str, status: int = 200) -> P
         key_setting: The setting to name if the code says the key was refused.
         status: The HTTP status the answer came with.
     """
-    code, message = "", ""
+    code, message, error_type = "", "", ""
     if isinstance(error, dict):
         code = str(error.get("code") or "")
         message = str(error.get("message") or "")[:500]
+        error_type = str(error.get("type") or "")  # OpenAI's envelope
     elif isinstance(error, str):
         message = error[:500]
     effective = status
@@ -53,7 +55,7 @@ def classify_error_body(error: Any, *, key_setting: str, status: int = 200) -> P
         effective = 400
     elif len(code) == 3 and code.isdigit() and 400 <= int(code) < 600:
         effective = int(code)
-    failure = errors.classify_http(effective, code, message, key_setting=key_setting)
+    failure = errors.classify_http(effective, code, message, error_type=error_type, key_setting=key_setting)
     if failure.kind is ErrorKind.PROVIDER_BAD_RESPONSE:
         detail = f"an error inside a {status} answer (code {code or 'none'}: {message or 'no message'})"
         return errors.bad_response(detail, status, code)

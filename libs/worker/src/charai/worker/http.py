@@ -44,6 +44,9 @@ class ProviderConfig:
         base_url: e.g. ``https://open.bigmodel.cn/api/paas/v4``.
         api_key: sent as ``Authorization: Bearer``; never logged.
         model: the model name sent in each request.
+        dialect: the API the provider speaks: ``zhipu`` (GLM-Image / GLM-TTS) or ``openai``
+            (OpenAI's ``images/generations`` and ``audio/speech``, or a compatible server); the
+            handlers shape their requests and read answers by it.
         key_setting: the setting an operator must fix when the key is refused.
         timeout: seconds for one whole call (connect + answer).
         max_body_bytes: larger answers are refused, not buffered.
@@ -62,6 +65,7 @@ class ProviderConfig:
     api_key: str
     model: str
     key_setting: str
+    dialect: str = "zhipu"
     timeout: float = 120.0
     max_body_bytes: int = 32 * 1024 * 1024
     allow_private_urls: bool = False

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Any
 
-from charai.core.settings import ZHIPU_BASE_URL, CommonSettings
-from pydantic import Field, SecretStr
+from charai.core.settings import DEFAULT_BASE_URLS, CommonSettings, provider_default
+from pydantic import Field, SecretStr, model_validator
 
 
 class WorkerSettings(CommonSettings):
@@ -25,7 +26,8 @@ class WorkerSettings(CommonSettings):
 
 
 class ImageWorkerSettings(WorkerSettings):
-    image_api_base_url: str = ZHIPU_BASE_URL
+    #: Default: the provider's own API (Zhipu v4, or ``https://api.openai.com/v1`` for openai).
+    image_api_base_url: str = ""
     image_api_key: SecretStr = SecretStr("")
     image_concurrency: int = Field(default=64, ge=1, le=10_000)
     image_timeout_seconds: float = Field(default=180.0, gt=0)
@@ -33,10 +35,20 @@ class ImageWorkerSettings(WorkerSettings):
     image_async_mode: str = Field(default="auto", pattern="^(auto|async|sync)$")
     image_poll_seconds: float = Field(default=1.0, gt=0)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_base_url(cls, data: Any) -> Any:
+        return provider_default(data, "image_provider", "image_api_base_url", DEFAULT_BASE_URLS)
+
 
 class TtsWorkerSettings(WorkerSettings):
-    tts_api_base_url: str = ZHIPU_BASE_URL
+    #: Default: the provider's own API (Zhipu v4, or ``https://api.openai.com/v1`` for openai).
+    tts_api_base_url: str = ""
     tts_api_key: SecretStr = SecretStr("")
-    tts_model: str = "glm-tts"
     tts_concurrency: int = Field(default=64, ge=1, le=10_000)
     tts_timeout_seconds: float = Field(default=60.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_base_url(cls, data: Any) -> Any:
+        return provider_default(data, "tts_provider", "tts_api_base_url", DEFAULT_BASE_URLS)

@@ -263,6 +263,9 @@ class ImagePayload(_message.Message):
     VIEW_TYPE_FIELD_NUMBER: _builtins.int
     COSTUME_ID_FIELD_NUMBER: _builtins.int
     CALLBACK_FIELD_NUMBER: _builtins.int
+    QUALITY_FIELD_NUMBER: _builtins.int
+    OUTPUT_FORMAT_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
     character_id: _builtins.str
     """The character."""
     character_name: _builtins.str
@@ -275,6 +278,22 @@ class ImagePayload(_message.Message):
     """Which view of the character."""
     costume_id: _builtins.str
     """The costume variant, if any."""
+    quality: _builtins.str
+    """Rendering quality, empty for the model's default. Checked against the configured image
+    model (CHARAI_IMAGE_MODEL): glm-image "hd"; cogview "hd" | "standard"; dall-e-3 "hd" |
+    "standard"; gpt-image-* "low" | "medium" | "high" | "auto"; dall-e-2 none.
+    """
+    output_format: _builtins.str
+    """File format of the image, empty for the model's default (PNG). Only gpt-image-* models
+    produce another one: "png" | "jpeg" | "webp".
+    """
+    seed: _builtins.int
+    """Makes the request repeatable (0 to 2^53-1): an image request with a seed, identical to a
+    completed or running one of the same tenant (same provider, model, prompt, resolution,
+    quality, output_format and seed), reuses that task's image instead of calling the provider
+    again (README, "Identical requests are reused"). Not sent to the provider. Unset: every
+    request generates a new image.
+    """
     @_builtins.property
     def callback(self) -> Global___Callback:
         """What the frontend does with the result."""
@@ -289,12 +308,17 @@ class ImagePayload(_message.Message):
         view_type: _builtins.str = ...,
         costume_id: _builtins.str = ...,
         callback: Global___Callback | None = ...,
+        quality: _builtins.str = ...,
+        output_format: _builtins.str = ...,
+        seed: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["callback", b"callback"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "callback", b"callback", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["callback", b"callback", "character_id", b"character_id", "character_name", b"character_name", "costume_id", b"costume_id", "prompt", b"prompt", "resolution", b"resolution", "view_type", b"view_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "callback", b"callback", "character_id", b"character_id", "character_name", b"character_name", "costume_id", b"costume_id", "output_format", b"output_format", "prompt", b"prompt", "quality", b"quality", "resolution", b"resolution", "seed", b"seed", "view_type", b"view_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
+    _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
 
 Global___ImagePayload: _TypeAlias = ImagePayload  # noqa: Y015
 
@@ -312,20 +336,27 @@ class TtsPayload(_message.Message):
     VOLUME_FIELD_NUMBER: _builtins.int
     RESPONSE_FORMAT_FIELD_NUMBER: _builtins.int
     CALLBACK_FIELD_NUMBER: _builtins.int
+    REUSE_FIELD_NUMBER: _builtins.int
     character_id: _builtins.str
     """The character."""
     character_name: _builtins.str
     """Display name of the character."""
     text: _builtins.str
-    """What to say (at most 1024 characters for GLM-TTS)."""
+    """What to say (at most 1024 characters for GLM-TTS, 4096 for an OpenAI TTS model)."""
     voice_style: _builtins.str
-    """The provider's voice, e.g. "tongtong"."""
+    """The provider's voice, e.g. "tongtong" (GLM-TTS) or "alloy" (OpenAI)."""
     speed: _builtins.float
     """0.5 to 2; default 1."""
     volume: _builtins.float
     """Greater than 0, at most 10; default 1."""
     response_format: _builtins.str
     """"wav" (default), "pcm" or "mp3"."""
+    reuse: _builtins.bool
+    """Reuse of identical speech (README, "Identical requests are reused"): unset or true, a request
+    identical to a completed or running one of the same tenant (same provider, model, text,
+    voice_style, speed, volume and response_format) completes with that task's audio, without a
+    provider call. false: always call the provider.
+    """
     @_builtins.property
     def callback(self) -> Global___Callback:
         """What the frontend does with the result."""
@@ -341,15 +372,20 @@ class TtsPayload(_message.Message):
         volume: _builtins.float | None = ...,
         response_format: _builtins.str = ...,
         callback: Global___Callback | None = ...,
+        reuse: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_speed", b"_speed", "_volume", b"_volume", "callback", b"callback", "speed", b"speed", "volume", b"volume"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_reuse", b"_reuse", "_speed", b"_speed", "_volume", b"_volume", "callback", b"callback", "reuse", b"reuse", "speed", b"speed", "volume", b"volume"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_speed", b"_speed", "_volume", b"_volume", "callback", b"callback", "character_id", b"character_id", "character_name", b"character_name", "response_format", b"response_format", "speed", b"speed", "text", b"text", "voice_style", b"voice_style", "volume", b"volume"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_reuse", b"_reuse", "_speed", b"_speed", "_volume", b"_volume", "callback", b"callback", "character_id", b"character_id", "character_name", b"character_name", "response_format", b"response_format", "reuse", b"reuse", "speed", b"speed", "text", b"text", "voice_style", b"voice_style", "volume", b"volume"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__reuse: _TypeAlias = _typing.Literal["reuse"]  # noqa: Y015
+    _WhichOneofArgType__reuse: _TypeAlias = _typing.Literal["_reuse", b"_reuse"]  # noqa: Y015
     _WhichOneofReturnType__speed: _TypeAlias = _typing.Literal["speed"]  # noqa: Y015
     _WhichOneofArgType__speed: _TypeAlias = _typing.Literal["_speed", b"_speed"]  # noqa: Y015
     _WhichOneofReturnType__volume: _TypeAlias = _typing.Literal["volume"]  # noqa: Y015
     _WhichOneofArgType__volume: _TypeAlias = _typing.Literal["_volume", b"_volume"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__reuse) -> _WhichOneofReturnType__reuse | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__speed) -> _WhichOneofReturnType__speed | None: ...
     @_typing.overload
@@ -371,6 +407,8 @@ class ImageResult(_message.Message):
     WIDTH_FIELD_NUMBER: _builtins.int
     HEIGHT_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    REUSED_FIELD_NUMBER: _builtins.int
+    REUSED_FROM_TASK_ID_FIELD_NUMBER: _builtins.int
     image_url: _builtins.str
     """charai's own URL of the stored image (signed, with an expiry)."""
     prompt: _builtins.str
@@ -385,6 +423,12 @@ class ImageResult(_message.Message):
     """Pixel height."""
     size_bytes: _builtins.int
     """Size of the stored file."""
+    reused: _builtins.bool
+    """True when this task made no provider call: it completed with the image of an identical
+    earlier request (same media object).
+    """
+    reused_from_task_id: _builtins.str
+    """When reused: the task whose provider call produced the image."""
     @_builtins.property
     def generated_at(self) -> _timestamp_pb2.Timestamp:
         """When the image was generated."""
@@ -400,10 +444,12 @@ class ImageResult(_message.Message):
         width: _builtins.int = ...,
         height: _builtins.int = ...,
         size_bytes: _builtins.int = ...,
+        reused: _builtins.bool = ...,
+        reused_from_task_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["generated_at", b"generated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "generated_at", b"generated_at", "height", b"height", "image_url", b"image_url", "prompt", b"prompt", "resolution", b"resolution", "size_bytes", b"size_bytes", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "generated_at", b"generated_at", "height", b"height", "image_url", b"image_url", "prompt", b"prompt", "resolution", b"resolution", "reused", b"reused", "reused_from_task_id", b"reused_from_task_id", "size_bytes", b"size_bytes", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -422,6 +468,8 @@ class TtsResult(_message.Message):
     GENERATED_AT_FIELD_NUMBER: _builtins.int
     CONTENT_TYPE_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    REUSED_FIELD_NUMBER: _builtins.int
+    REUSED_FROM_TASK_ID_FIELD_NUMBER: _builtins.int
     audio_url: _builtins.str
     """charai's own URL of the stored audio (signed, with an expiry)."""
     text: _builtins.str
@@ -434,6 +482,12 @@ class TtsResult(_message.Message):
     """MIME type of the audio."""
     size_bytes: _builtins.int
     """Size of the stored file."""
+    reused: _builtins.bool
+    """True when this task made no provider call: it completed with the audio of an identical
+    earlier request (same media object).
+    """
+    reused_from_task_id: _builtins.str
+    """When reused: the task whose provider call produced the audio."""
     @_builtins.property
     def generated_at(self) -> _timestamp_pb2.Timestamp:
         """When the audio was generated."""
@@ -448,10 +502,12 @@ class TtsResult(_message.Message):
         generated_at: _timestamp_pb2.Timestamp | None = ...,
         content_type: _builtins.str = ...,
         size_bytes: _builtins.int = ...,
+        reused: _builtins.bool = ...,
+        reused_from_task_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["generated_at", b"generated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio_url", b"audio_url", "content_type", b"content_type", "duration_seconds", b"duration_seconds", "generated_at", b"generated_at", "size_bytes", b"size_bytes", "text", b"text", "voice_style", b"voice_style"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio_url", b"audio_url", "content_type", b"content_type", "duration_seconds", b"duration_seconds", "generated_at", b"generated_at", "reused", b"reused", "reused_from_task_id", b"reused_from_task_id", "size_bytes", b"size_bytes", "text", b"text", "voice_style", b"voice_style"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -543,6 +599,9 @@ class Task(_message.Message):
     NEXT_ATTEMPT_TIME_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     WEBHOOK_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    ESTIMATED_START_TIME_FIELD_NUMBER: _builtins.int
+    ESTIMATED_END_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned identifier."""
     type: Global___TaskType.ValueType
@@ -611,6 +670,26 @@ class Task(_message.Message):
     def webhook(self) -> Global___Webhook:
         """Where the task's events are delivered by webhook, if anywhere (README, "Webhooks")."""
 
+    @_builtins.property
+    def usage(self) -> Global___Usage:
+        """What the task's provider calls used and cost, summed over its attempts (README, "Usage and
+        budgets"); unset until a charged call (or a reused result) is recorded.
+        """
+
+    @_builtins.property
+    def estimated_start_time(self) -> _timestamp_pb2.Timestamp:
+        """While queued: when the task is expected to start, from the live start rate of its lane
+        (tasks of its type started per second, recently) and its queue_position; a scheduled retry
+        never before next_attempt_time. Unset while no start has been seen to measure the rate.
+        Refreshed on every read and every event of the task (README, "Estimated times").
+        """
+
+    @_builtins.property
+    def estimated_end_time(self) -> _timestamp_pb2.Timestamp:
+        """While running: when the task is expected to end, from the recent run time of its lane and
+        its own progress so far. Unset before any task of its type has ended.
+        """
+
     def __init__(
         self,
         *,
@@ -636,10 +715,13 @@ class Task(_message.Message):
         next_attempt_time: _timestamp_pb2.Timestamp | None = ...,
         request_id: _builtins.str = ...,
         webhook: Global___Webhook | None = ...,
+        usage: Global___Usage | None = ...,
+        estimated_start_time: _timestamp_pb2.Timestamp | None = ...,
+        estimated_end_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "image", b"image", "image_result", b"image_result", "next_attempt_time", b"next_attempt_time", "payload", b"payload", "result", b"result", "start_time", b"start_time", "tts", b"tts", "tts_result", b"tts_result", "update_time", b"update_time", "webhook", b"webhook"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "estimated_end_time", b"estimated_end_time", "estimated_start_time", b"estimated_start_time", "image", b"image", "image_result", b"image_result", "next_attempt_time", b"next_attempt_time", "payload", b"payload", "result", b"result", "start_time", b"start_time", "tts", b"tts", "tts_result", b"tts_result", "update_time", b"update_time", "usage", b"usage", "webhook", b"webhook"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "id", b"id", "image", b"image", "image_result", b"image_result", "max_attempts", b"max_attempts", "metadata", b"metadata", "next_attempt_time", b"next_attempt_time", "payload", b"payload", "priority", b"priority", "progress", b"progress", "queue_position", b"queue_position", "request_id", b"request_id", "result", b"result", "stage", b"stage", "start_time", b"start_time", "status", b"status", "tts", b"tts", "tts_result", b"tts_result", "type", b"type", "update_time", b"update_time", "webhook", b"webhook"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "estimated_end_time", b"estimated_end_time", "estimated_start_time", b"estimated_start_time", "id", b"id", "image", b"image", "image_result", b"image_result", "max_attempts", b"max_attempts", "metadata", b"metadata", "next_attempt_time", b"next_attempt_time", "payload", b"payload", "priority", b"priority", "progress", b"progress", "queue_position", b"queue_position", "request_id", b"request_id", "result", b"result", "stage", b"stage", "start_time", b"start_time", "status", b"status", "tts", b"tts", "tts_result", b"tts_result", "type", b"type", "update_time", b"update_time", "usage", b"usage", "webhook", b"webhook"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["image", "tts"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
@@ -719,3 +801,66 @@ class TaskEvent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TaskEvent: _TypeAlias = TaskEvent  # noqa: Y015
+
+@_typing.final
+class Usage(_message.Message):
+    """What provider calls used: metered by the worker (one attempt's calls, with CompleteTask or
+    FailTask) and priced by task_store from its price table (CHARAI_PRICES_FILE); on a Task, the
+    sum over its attempts.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    CALLS_FIELD_NUMBER: _builtins.int
+    IMAGES_FIELD_NUMBER: _builtins.int
+    IMAGE_SIZE_FIELD_NUMBER: _builtins.int
+    IMAGE_QUALITY_FIELD_NUMBER: _builtins.int
+    SPEECH_CHARACTERS_FIELD_NUMBER: _builtins.int
+    AUDIO_SECONDS_FIELD_NUMBER: _builtins.int
+    COST_USD_FIELD_NUMBER: _builtins.int
+    REUSED_FIELD_NUMBER: _builtins.int
+    provider: _builtins.str
+    """Provider dialect of the calls: "zhipu" or "openai"."""
+    model: _builtins.str
+    """The model called."""
+    calls: _builtins.int
+    """Provider calls charged."""
+    images: _builtins.int
+    """Images generated."""
+    image_size: _builtins.str
+    """Size of the images asked for, "WxH"."""
+    image_quality: _builtins.str
+    """Quality of the images asked for ("standard", "hd", "low", ...); empty: the model's default."""
+    speech_characters: _builtins.int
+    """Characters of text spoken."""
+    audio_seconds: _builtins.float
+    """Seconds of audio produced."""
+    cost_usd: _builtins.float
+    """Price in US dollars from the price table when recorded (set by task_store; a worker's
+    report leaves it 0).
+    """
+    reused: _builtins.bool
+    """The result was reused from another execution: nothing charged, no units."""
+    def __init__(
+        self,
+        *,
+        provider: _builtins.str = ...,
+        model: _builtins.str = ...,
+        calls: _builtins.int = ...,
+        images: _builtins.int = ...,
+        image_size: _builtins.str = ...,
+        image_quality: _builtins.str = ...,
+        speech_characters: _builtins.int = ...,
+        audio_seconds: _builtins.float = ...,
+        cost_usd: _builtins.float = ...,
+        reused: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio_seconds", b"audio_seconds", "calls", b"calls", "cost_usd", b"cost_usd", "image_quality", b"image_quality", "image_size", b"image_size", "images", b"images", "model", b"model", "provider", b"provider", "reused", b"reused", "speech_characters", b"speech_characters"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Usage: _TypeAlias = Usage  # noqa: Y015

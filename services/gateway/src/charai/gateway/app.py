@@ -18,6 +18,7 @@ import structlog
 from aiohttp import web
 from charai.core import grpcsupport, logs, natsconn
 from charai.core.clock import SYSTEM, Clock
+from charai.core.domain.provider_models import ProviderModels
 from charai.core.health import HealthWatcher
 from charai.core.lifecycle import run_until_signal
 from charai.core.media import MediaStore, UrlSigner
@@ -165,7 +166,7 @@ class GatewayApp:
             heartbeat_seconds=s.watch_heartbeat_seconds,
             max_streams=s.max_watch_streams,
             max_streams_per_tenant=s.max_watch_streams_per_tenant,
-            image_model=s.image_model,
+            models=ProviderModels.of(s),
             submit_limiter=SubmitLimiter(
                 s.submit_rate_per_tenant, s.submit_burst_per_tenant, clock=self._clock.monotonic
             ),

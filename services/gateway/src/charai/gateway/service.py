@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 from charai.core import validation
+from charai.core.domain.provider_models import ProviderModels
 from charai.core.errors import PermissionDeniedError
 from charai.core.grpcsupport import principal
 from charai.core.media import MEDIA_URL_PREFIX, UrlSigner
@@ -39,6 +40,8 @@ Context = grpc.aio.ServicerContext[Any, Any]
 HEAD = 2**62
 #: The longest task_store may take for one call made on a client's behalf.
 STORE_TIMEOUT = 30.0
+#: Longest tenant name GetUsage accepts.
+MAX_TENANT_CHARS = 200
 
 
 def add_to_server(servicer: TaskService, server: grpc.aio.Server) -> None:
@@ -87,7 +90,7 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
         heartbeat_seconds: float = 5.0,
         max_streams: int = 10_000,
         max_streams_per_tenant: int = 2_000,
-        image_model: str = "glm-image",
+        models: ProviderModels | str = "glm-image",
         submit_limiter: SubmitLimiter | None = None,
         operator_tenants: frozenset[str] = frozenset({"default"}),
         tokens: AccessTokens | None = None,
@@ -98,7 +101,8 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
         self._tokens = tokens or AccessTokens([secrets.token_bytes(32)], DEFAULT_MAX_TTL_SECONDS)
         self._operators = operator_tenants
         self._submit_limiter = submit_limiter or SubmitLimiter(rate=0, burst=1)
-        self._image_model = image_model
+        #: The configured providers and models, whose limits requests are checked against.
+        self._models = models
         self._hub = hub
         self._signer = signer
         self._base_url = base_url
@@ -147,7 +151,7 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
         # Before validation: a flood of bad requests costs as much as one of good ones.
         self._submit_limiter.acquire(principal.get())  # a token's creates count for its tenant
         self._fill_webhook(request)
-        validation.validate_create(request, self._image_model)
+        validation.validate_create(request, self._models)
         access.check_create(validation.fill_metadata(request))
         task = await self._store.create_task(principal.get(), request, timeout=self._timeout(context))
         return task_service_pb2.CreateTaskResponse(task=self.present(task))
@@ -159,7 +163,7 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
         self._submit_limiter.acquire(principal.get(), len(request.requests))  # one per task
         for one in request.requests:
             self._fill_webhook(one)
-        validation.validate_batch(request.requests, self._image_model)  # all or none
+        validation.validate_batch(request.requests, self._models)  # all or none
         for one in request.requests:
             access.check_create(validation.fill_metadata(one))
         tasks = await self._store.batch_create_tasks(
@@ -242,6 +246,29 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
             )
         response = await self._store.get_queue_stats(timeout=self._timeout(context))
         return task_service_pb2.GetQueueStatsResponse(lanes=response.lanes)
+
+    async def GetUsage(
+        self, request: task_service_pb2.GetUsageRequest, context: Context
+    ) -> task_service_pb2.GetUsageResponse:
+        # A tenant reads its own usage and budgets; another tenant's, or every tenant's, names
+        # other tenants and their volume: operator tenants only (CHARAI_OPERATOR_TENANTS).
+        access.require_tenant_key("GetUsage")
+        caller = principal.get()
+        if request.all_tenants and request.tenant:
+            raise validation.RequestInvalidError(
+                [validation.Violation("tenant", "must be empty with all_tenants")]
+            )
+        if len(request.tenant) > MAX_TENANT_CHARS:
+            raise validation.RequestInvalidError(
+                [validation.Violation("tenant", f"at most {MAX_TENANT_CHARS} characters")]
+            )
+        whose = "" if request.all_tenants else (request.tenant or caller)
+        if whose != caller and caller not in self._operators:
+            raise PermissionDeniedError(
+                "another tenant's usage is for operators: add this tenant to CHARAI_OPERATOR_TENANTS",
+                setting="CHARAI_OPERATOR_TENANTS",
+            )
+        return await self._store.get_usage(whose, request, timeout=self._timeout(context))
 
     async def RetryTask(
         self, request: task_service_pb2.RetryTaskRequest, context: Context
@@ -402,6 +429,11 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
             snapshot.task.CopyFrom(history[-1].task)
             snapshot.time.CopyFrom(history[-1].time)
             snapshot.task.queue_position = current.queue_position
+            for field in ("estimated_start_time", "estimated_end_time"):
+                if current.HasField(field):
+                    getattr(snapshot.task, field).CopyFrom(getattr(current, field))
+                else:
+                    snapshot.task.ClearField(field)
         else:
             snapshot.task.CopyFrom(current)
         return snapshot

@@ -14,6 +14,7 @@ def build(settings: ImageWorkerSettings) -> WorkerApp:
         api_key=settings.image_api_key.get_secret_value(),
         model=settings.image_model,
         key_setting="CHARAI_IMAGE_API_KEY",
+        dialect=settings.image_provider,
         timeout=settings.image_timeout_seconds,
         allow_private_urls=settings.provider_allow_private_urls,
     )

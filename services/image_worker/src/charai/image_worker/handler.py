@@ -8,7 +8,7 @@ from typing import Any
 from urllib.parse import quote
 
 import structlog
-from charai.core.domain import errors
+from charai.core.domain import errors, provider_models, usage
 from charai.core.domain.errors import ErrorKind
 from charai.core.domain.states import PROGRESS_CALL_END, PROGRESS_CALL_START, PROGRESS_PROCESSING, Stage
 from charai.image_worker.media import ImageRejectedError, inspect_image
@@ -51,7 +51,15 @@ def poll_progress(last: int, elapsed: float, expected_seconds: float) -> int:
 
 
 class ImageHandler:
-    """Runs image jobs against Zhipu's (or an OpenAI-compatible) image API.
+    """Runs image jobs against Zhipu's or an OpenAI-compatible image API
+    (``ProviderConfig.dialect``).
+
+    Zhipu: glm-image through the async submit-and-poll endpoint (real progress), other models
+    through ``POST /images/generations``; ``quality`` is sent when the task asks. OpenAI: only
+    ``POST /images/generations`` (no async endpoint); DALL-E models get ``response_format``
+    (``b64_json`` unless ``response_format`` says ``url``), GPT image models never (they refuse
+    it and always answer ``b64_json``) and get ``output_format`` when the task asks. A URL answer
+    is downloaded at once (OpenAI's expire after 60 minutes).
 
     Args:
         async_mode: ``auto`` (glm-image uses the async endpoint and falls back to the synchronous
@@ -61,7 +69,9 @@ class ImageHandler:
         expected_seconds: Typical generation time; shapes the progress curve only.
         response_format: Sent as ``response_format`` on the synchronous endpoint when set
             (``b64_json`` or ``url``). Zhipu does not document it, so by default it is not sent
-            and the answer's ``url`` or ``b64_json`` is taken, whichever comes.
+            and the answer's ``url`` or ``b64_json`` is taken, whichever comes; the OpenAI
+            dialect sends ``b64_json`` by default (no second download, nothing that expires) to
+            the models that take the field.
     """
 
     kind = "image"
@@ -90,10 +100,13 @@ class ImageHandler:
         # Zhipu's docs write some sizes with "×"; the API wants an ASCII "x".
         size = (payload.resolution or default_size(model)).replace("×", "x")
         data: bytes | None = None
-        if model in ASYNC_MODELS and self._async_mode != "sync":
+        zhipu = ctx.provider.config.dialect != provider_models.OPENAI
+        if zhipu and model in ASYNC_MODELS and self._async_mode != "sync":
             data = await self._generate_async(ctx, model, payload.prompt, size)
         if data is None:
-            data = await self._generate_sync(ctx, model, payload.prompt, size)
+            data = await self._generate_sync(ctx, self._sync_body(ctx, model, size))
+        # The provider delivered (and charges for) the picture, whatever happens to it next.
+        ctx.meter(usage.image_call(ctx.provider.config.dialect, model, size, payload.quality))
         try:
             # Decoding a few megapixels takes tens of milliseconds: keep the event loop (and the
             # other jobs' progress reports) running meanwhile.
@@ -117,10 +130,24 @@ class ImageHandler:
         result.generated_at.GetCurrentTime()
         return result
 
-    async def _generate_sync(self, ctx: JobContext, model: str, prompt: str, size: str) -> bytes:
-        body: dict[str, Any] = {"model": model, "prompt": prompt, "size": size, "n": 1}
-        if self._response_format:
-            body["response_format"] = self._response_format
+    def _sync_body(self, ctx: JobContext, model: str, size: str) -> dict[str, Any]:
+        """The ``images/generations`` request in the provider's dialect."""
+        payload = ctx.task.image
+        body: dict[str, Any] = {"model": model, "prompt": payload.prompt, "size": size, "n": 1}
+        if payload.quality:
+            body["quality"] = payload.quality
+        if ctx.provider.config.dialect != provider_models.OPENAI:
+            if self._response_format:
+                body["response_format"] = self._response_format
+            return body
+        rules = provider_models.image_model(provider_models.OPENAI, model)
+        if rules.response_format:
+            body["response_format"] = self._response_format or "b64_json"
+        if payload.output_format and rules.output_formats:
+            body["output_format"] = payload.output_format
+        return body
+
+    async def _generate_sync(self, ctx: JobContext, body: dict[str, Any]) -> bytes:
         async with advancing_progress(ctx, self._expected_seconds):
             response = await ctx.provider.request("POST", "/images/generations", json_body=body)
             answer = json_object(response)
@@ -139,7 +166,7 @@ class ImageHandler:
             response = await ctx.provider.request(
                 "POST",
                 "/async/images/generations",
-                json_body={"model": model, "prompt": prompt, "size": size},
+                json_body=_async_body(ctx.task.image, model, prompt, size),
             )
         except ProviderError as exc:
             if self._async_mode == "auto" and exc.failure.http_status in (404, 405):
@@ -184,6 +211,13 @@ class ImageHandler:
                 last = value
                 await ctx.progress(value, Stage.GENERATING)
         return await _image_bytes(ctx, item)
+
+
+def _async_body(payload: task_pb2.ImagePayload, model: str, prompt: str, size: str) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model, "prompt": prompt, "size": size}
+    if payload.quality:
+        body["quality"] = payload.quality
+    return body
 
 
 def _async_outcome(answer: dict[str, Any], *, key_setting: str, at_submit: bool) -> Any:

@@ -14,6 +14,7 @@ def build(settings: TtsWorkerSettings) -> WorkerApp:
         api_key=settings.tts_api_key.get_secret_value(),
         model=settings.tts_model,
         key_setting="CHARAI_TTS_API_KEY",
+        dialect=settings.tts_provider,
         timeout=settings.tts_timeout_seconds,
         allow_private_urls=settings.provider_allow_private_urls,
     )

@@ -1,4 +1,5 @@
-"""The TTS job: ask GLM-TTS for speech, check it is audio, convert it to the requested format,
+"""The TTS job: ask the provider (GLM-TTS or an OpenAI-compatible ``audio/speech``) for speech,
+check it is audio, convert it to the requested format where the provider cannot produce it,
 copy it into charai's store."""
 
 from __future__ import annotations
@@ -8,13 +9,14 @@ import dataclasses
 import json
 from typing import Any
 
-from charai.core.domain import errors
+from charai.core.domain import errors, provider_models, usage
 from charai.core.domain.errors import ErrorKind, ProviderFailure
 from charai.core.domain.states import PROGRESS_PROCESSING, Stage
 from charai.tasks.v1 import task_pb2
 from charai.tts_worker.audio import (
     DEFAULT_RATE,
     BadAudioError,
+    apply_gain,
     encode_mp3,
     looks_like_json,
     mp3_info,
@@ -29,6 +31,8 @@ from charai.worker.provider import ProviderError
 FORMATS = ("wav", "pcm", "mp3")
 DEFAULT_VOICE = "tongtong"
 """GLM-TTS's default voice; sent when the payload names none, since the API requires ``voice``."""
+DEFAULT_OPENAI_VOICE = "alloy"
+"""The voice sent to an OpenAI-compatible API when the payload names none (``voice`` is required)."""
 
 WAV_TYPES = frozenset({"audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave"})
 MP3_TYPES = frozenset({"audio/mpeg", "audio/mp3", "audio/mpeg3", "audio/x-mpeg"})
@@ -69,7 +73,8 @@ def decode_audio(data: bytes, content_type: str, asked: str) -> Pcm | bytes:
         data: The audio bytes.
         content_type: Their media type, lower case without parameters; "" if unknown (base64
             inside JSON).
-        asked: The format requested from the provider: ``wav`` or ``pcm``.
+        asked: The format requested from the provider: ``wav``, ``pcm`` or ``mp3`` (then MPEG
+            frames without an ID3 tag and without an MPEG content type are taken too).
 
     Raises:
         BadAudioError: The bytes are not usable audio.
@@ -79,7 +84,8 @@ def decode_audio(data: bytes, content_type: str, asked: str) -> Pcm | bytes:
     if data[:4] == b"RIFF" or content_type in WAV_TYPES:
         pcm, rate, channels, width = wav_to_pcm(data)
         return Pcm(pcm, rate, channels, width)
-    if content_type in MP3_TYPES or data[:3] == b"ID3":
+    frame_sync = len(data) > 1 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0
+    if content_type in MP3_TYPES or data[:3] == b"ID3" or (asked == "mp3" and frame_sync):
         mp3_info(data)  # validates the frames
         return data
     if content_type.startswith(NOT_AUDIO_PREFIXES):
@@ -113,8 +119,70 @@ def convert(audio: Pcm | bytes, requested: str) -> Encoded:
     return Encoded(encode_mp3(audio.data, audio.rate, audio.channels), "mp3", "audio/mpeg", duration)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class SpeechRequest:
+    """One ``audio/speech`` call and what to do with its answer.
+
+    Attributes:
+        body: The JSON request.
+        asked: The format asked of the provider (``wav``, ``pcm`` or ``mp3``).
+        gain: Volume to apply to the samples here (1: none), for a provider without ``volume``.
+    """
+
+    body: dict[str, Any]
+    asked: str
+    gain: float = 1.0
+
+
+def speech_request(dialect: str, model: str, payload: task_pb2.TtsPayload, requested: str) -> SpeechRequest:
+    """The provider call for ``payload`` in ``dialect``: ask for the format the client wants when
+    the provider produces it, convert only when it cannot.
+
+    GLM-TTS produces wav and pcm and takes ``volume``: mp3 is asked as wav and encoded here.
+    OpenAI produces wav, pcm and mp3 but has no ``volume``: a volume other than 1 is applied to
+    the samples here, so then wav is asked (self-describing samples) and encoded as requested.
+    """
+    speed = payload.speed if payload.HasField("speed") else 1.0
+    volume = payload.volume if payload.HasField("volume") else 1.0
+    rules = provider_models.tts_model(dialect, model)
+    if dialect == provider_models.OPENAI:
+        gain = 1.0 if volume == 1.0 else volume
+        asked = requested if requested in rules.native_formats and gain == 1.0 else "wav"
+        voice = payload.voice_style or DEFAULT_OPENAI_VOICE
+        body = {
+            "model": model,
+            "input": payload.text,
+            "voice": voice,
+            "response_format": asked,
+            "speed": speed,
+        }
+        return SpeechRequest(body, asked, gain)
+    asked = requested if requested in rules.native_formats else "wav"  # GLM-TTS has no mp3: we encode it
+    voice = payload.voice_style or DEFAULT_VOICE
+    body = {
+        "model": model,
+        "input": payload.text,
+        "voice": voice,
+        "response_format": asked,
+        "speed": speed,
+        "volume": volume,
+    }
+    return SpeechRequest(body, asked)
+
+
+def finish(data: bytes, content_type: str, plan: SpeechRequest, requested: str) -> Encoded:
+    """The provider's answer as the requested format: decoded, gain applied, converted."""
+    audio = decode_audio(data, content_type, plan.asked)
+    if plan.gain != 1.0:
+        if not isinstance(audio, Pcm):
+            raise BadAudioError(f"the provider sent MP3 when {plan.asked} was asked; cannot apply the volume")
+        audio = dataclasses.replace(audio, data=apply_gain(audio.data, plan.gain))
+    return convert(audio, requested)
+
+
 class TtsHandler:
-    """Runs TTS jobs against GLM-TTS (``POST /audio/speech``, non-streaming).
+    """Runs TTS jobs against GLM-TTS or an OpenAI-compatible API (``POST /audio/speech``,
+    non-streaming; ``ProviderConfig.dialect`` decides the request, :func:`speech_request`).
 
     Args:
         expected_seconds: Typical synthesis time; shapes the progress curve only.
@@ -133,32 +201,25 @@ class TtsHandler:
             # The gateway validates this; a task that still carries it cannot succeed on retry.
             message = f"unsupported response_format {payload.response_format!r}; use wav, pcm or mp3"
             raise ProviderError(ProviderFailure(ErrorKind.INVALID_REQUEST, message))
-        asked = "wav" if requested == "mp3" else requested  # GLM-TTS has no mp3: we encode it
-        voice = payload.voice_style or DEFAULT_VOICE
-        body = {
-            "model": ctx.provider.config.model,
-            "input": payload.text,
-            "voice": voice,
-            "response_format": asked,
-            "speed": payload.speed if payload.HasField("speed") else 1.0,
-            "volume": payload.volume if payload.HasField("volume") else 1.0,
-        }
+        config = ctx.provider.config
+        plan = speech_request(config.dialect, config.model, payload, requested)
         async with advancing_progress(ctx, self._expected_seconds):
-            response = await ctx.provider.request("POST", "/audio/speech", json_body=body)
+            response = await ctx.provider.request("POST", "/audio/speech", json_body=plan.body)
             data, content_type = await _audio_bytes(ctx, response.body, response.content_type)
+        config = ctx.provider.config  # the provider answered with audio: the call is charged
         try:
             # Encoding MP3 takes CPU time in proportion to the clip; keep the event loop free.
-            encoded = await asyncio.to_thread(
-                lambda: convert(decode_audio(data, content_type, asked), requested)
-            )
+            encoded = await asyncio.to_thread(finish, data, content_type, plan, requested)
         except BadAudioError as exc:
+            ctx.meter(usage.speech_call(config.dialect, config.model, payload.text, 0.0))
             raise ProviderError(errors.bad_response(str(exc))) from None
+        ctx.meter(usage.speech_call(config.dialect, config.model, payload.text, encoded.duration_seconds))
         await ctx.progress(PROGRESS_PROCESSING, Stage.PROCESSING)
         ref = await ctx.store_media(encoded.data, encoded.extension, encoded.content_type)
         result = task_pb2.TtsResult(
             audio_url=ref.url,
             text=payload.text,
-            voice_style=voice,
+            voice_style=str(plan.body["voice"]),
             duration_seconds=encoded.duration_seconds,
             content_type=encoded.content_type,
             size_bytes=len(encoded.data),

@@ -51,6 +51,11 @@ QUOTA_CODES = frozenset(
 RATE_CODES = frozenset({"1302", "1303", "1305"})
 SERVER_CODES = frozenset({"1200", "1230", "1234"})
 OPENAI_CONTENT = frozenset({"content_policy_violation", "moderation_blocked"})
+#: OpenAI's error codes (``error.code`` or ``error.type``) by meaning; they decide whatever the
+#: status a compatible server sends them with.
+OPENAI_AUTH = frozenset({"invalid_api_key", "invalid_organization", "unsupported_country_region_territory"})
+OPENAI_QUOTA = frozenset({"insufficient_quota", "billing_hard_limit_reached"})
+OPENAI_RATE = frozenset({"rate_limit_exceeded"})
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -77,7 +82,11 @@ def classify_http(
     retry_after: float | None = None,
     key_setting: str = "the provider API key setting",
 ) -> ProviderFailure:
-    """Classifies a non-2xx answer from Zhipu or an OpenAI-compatible API.
+    """Classifies a non-2xx answer from Zhipu or an OpenAI-compatible API (DESIGN.md section 4).
+
+    The body's code decides before the status where it is specific (Zhipu's numeric codes,
+    OpenAI's words such as ``invalid_api_key``, ``insufficient_quota``, ``rate_limit_exceeded``,
+    ``content_policy_violation``): a 429 is a quota or a rate limit only by its code.
 
     Args:
         status: HTTP status.
@@ -88,13 +97,13 @@ def classify_http(
         key_setting: the setting an operator must check when the key is refused.
     """
     words = {code, error_type}
-    if status in (401, 403) or code in AUTH_CODES:
+    if status in (401, 403) or code in AUTH_CODES or words & OPENAI_AUTH:
         text = f"the provider refused the API key ({message or status}); check {key_setting}"
         return ProviderFailure(ErrorKind.PROVIDER_AUTH, text, status, code)
     if code in CONTENT_CODES or words & OPENAI_CONTENT:
         return ProviderFailure(ErrorKind.CONTENT_REJECTED, message or "content rejected", status, code)
-    if status == 429 or code in RATE_CODES or code in QUOTA_CODES:
-        if code in QUOTA_CODES or "insufficient_quota" in words:
+    if status == 429 or code in RATE_CODES or code in QUOTA_CODES or words & (OPENAI_QUOTA | OPENAI_RATE):
+        if code in QUOTA_CODES or words & OPENAI_QUOTA:
             text = message or "the provider account has no balance or quota left"
             return ProviderFailure(ErrorKind.QUOTA_EXHAUSTED, text, status, code)
         text = message or "rate limited by the provider"

@@ -17,6 +17,8 @@ from charai.tasks.v1 import task_pb2, task_service_pb2
 _STR = "string"
 _NUM = "number"
 _OBJ = "object"
+_BOOL = "boolean"
+_INT = "integer"
 IMAGE_FIELDS = {
     "characterId": ("character_id", _STR),
     "characterName": ("character_name", _STR),
@@ -25,6 +27,9 @@ IMAGE_FIELDS = {
     "viewType": ("view_type", _STR),
     "costumeId": ("costume_id", _STR),
     "callback": ("callback", _OBJ),
+    "quality": ("quality", _STR),
+    "outputFormat": ("output_format", _STR),
+    "seed": ("seed", _INT),
 }
 TTS_FIELDS = {
     "characterId": ("character_id", _STR),
@@ -35,6 +40,7 @@ TTS_FIELDS = {
     "volume": ("volume", _NUM),
     "responseFormat": ("response_format", _STR),
     "callback": ("callback", _OBJ),
+    "reuse": ("reuse", _BOOL),
 }
 CALLBACK_FIELDS = {
     "type": ("type", _STR),
@@ -72,6 +78,17 @@ def _put_fields(
                 bad.append((path, "must be a number"))
             else:
                 setattr(target, proto_name, float(value))
+        elif kind == _BOOL:
+            if not isinstance(value, bool):
+                bad.append((path, "must be true or false"))
+            else:
+                setattr(target, proto_name, value)
+        elif kind == _INT:
+            # The range is the gRPC port's check; here only what fits the field (int64).
+            if isinstance(value, bool) or not isinstance(value, int) or not -(2**63) <= value < 2**63:
+                bad.append((path, "must be a whole number"))
+            else:
+                setattr(target, proto_name, value)
         elif not isinstance(value, dict):
             bad.append((path, "must be an object"))
         else:
