@@ -266,9 +266,15 @@ async def run_group(client: CharaiClient, stack: Stack, cases: Sequence[Case]) -
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
-    # Short provider timeouts: the timeout row must not take long to show.
+    # Short provider timeouts: the timeout row must not take long to show. Each row is one task's
+    # own handling of one answer, so each worker adapts on its own: with the credential's shared
+    # breaker, the first auth or quota refusal would fail every other row's task at once, without
+    # a provider call (that behaviour is tests/integration/test_provider_sharing.py's).
     async with fast_stack(
-        tmp_path_factory, CHARAI_IMAGE_TIMEOUT_SECONDS="3", CHARAI_TTS_TIMEOUT_SECONDS="3"
+        tmp_path_factory,
+        CHARAI_IMAGE_TIMEOUT_SECONDS="3",
+        CHARAI_TTS_TIMEOUT_SECONDS="3",
+        CHARAI_PROVIDER_SHARED_LIMITS="false",
     ) as running:
         yield running
 

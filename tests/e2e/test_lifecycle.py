@@ -244,7 +244,9 @@ async def test_list_tasks_filters_orders_and_pages(client: CharaiClient, stack: 
         await client.create_image(
             x, unique("costume 2"), resolution="1024x1024", metadata={"category": "costume"}
         ),
-        await client.create_image(x, unique("refused") + " [[auth]]", resolution="1024x1024"),
+        # A content refusal fails this task alone (an auth refusal would open the credential's
+        # breaker and fail the other tests' images too: README, "Providers are shared").
+        await client.create_image(x, unique("refused") + " [[content]]", resolution="1024x1024"),
     ]
     finals = {t.id: (await collect(client, t.id))[-1].task.status for t in created}
     assert list(finals.values()) == [C.TASK_STATUS_COMPLETED] * 3 + [C.TASK_STATUS_FAILED], finals

@@ -140,17 +140,35 @@ async def exercise(run: Run) -> None:
                 image_request(prompt="a good image"),
                 tts_request(text="rejected [[content]]"),
                 image_request(prompt="rejected [[content]]"),
-                tts_request(text="provider says 401 [[auth]]"),
-                image_request(prompt="provider says 403 [[forbidden]]"),
                 tts_request(text="provider 500 once [[server*1]]"),
                 tts_request(text="provider 500 always [[server]]"),
                 image_request(prompt="garbage body [[garbage]]"),
                 tts_request(text="json error in a 200 [[json-error-200]]"),
                 image_request(prompt="redirected [[redirect]]"),
             ]
-            for request in requests:
-                created = await stub.CreateTask(request, metadata=[("authorization", good[0])])
-                run.task_ids.append(created.task.id)
+            # Last, once the others ended: a refused key opens its credential's breaker, and the
+            # tasks after it would fail without calling the provider (README, "Providers are shared").
+            refusals = [
+                tts_request(text="provider says 401 [[auth]]"),
+                image_request(prompt="provider says 403 [[forbidden]]"),
+            ]
+            for batch in (requests, refusals):
+                ids = [
+                    (await stub.CreateTask(request, metadata=[("authorization", good[0])])).task.id
+                    for request in batch
+                ]
+                run.task_ids.extend(ids)
+
+                async def batch_ended(ids: list[str] = ids) -> bool:
+                    for i in ids:
+                        got = await stub.GetTask(
+                            task_service_pb2.GetTaskRequest(id=i), metadata=[("authorization", good[0])]
+                        )
+                        if got.task.status not in TERMINAL_STATUSES:
+                            return False
+                    return True
+
+                await eventually(batch_ended, timeout=40, interval=0.2)
             for authorization in bad:
                 for call in (
                     stub.CreateTask(tts_request(), metadata=[("authorization", authorization)]),

@@ -33,6 +33,11 @@ class HealthWatcher:
 
     ``probe`` returns whether every dependency answers; raising, or taking longer than
     ``probe_timeout``, counts as "no". ``async with`` starts it; ``close()`` (idempotent) stops it.
+
+    ``degraded`` (optional) names what works only in part (e.g. a provider credential whose
+    breaker is open: its tasks fail at once, every other one runs). Degraded is not down: the
+    service stays SERVING (a load balancer must keep routing to it; another replica would be no
+    better off), and :attr:`degraded` holds the reasons for an HTTP health route to show.
     """
 
     def __init__(
@@ -44,6 +49,7 @@ class HealthWatcher:
         interval: float = HEALTH_INTERVAL_S,
         probe_timeout: float | None = None,
         clock: Clock = SYSTEM,
+        degraded: Callable[[], Sequence[str]] | None = None,
     ) -> None:
         self._health = health
         #: "" is the whole server's status (what a probe without a service name asks for).
@@ -54,6 +60,9 @@ class HealthWatcher:
         self._clock = clock
         #: The last verdict (the health service starts SERVING).
         self.serving = True
+        self._degraded_probe = degraded
+        #: What works only in part, as of the last probe (empty: nothing).
+        self.degraded: tuple[str, ...] = ()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -72,6 +81,7 @@ class HealthWatcher:
                 ok = bool(await self._probe())
         except Exception:  # a failing or hanging probe means a dependency is not answering
             ok = False
+        self._check_degraded()
         if ok != self.serving:
             self.serving = ok
             status = (
@@ -81,6 +91,17 @@ class HealthWatcher:
                 await self._health.set(name, status)
             log.warning("health_changed", serving=ok)
         return ok
+
+    def _check_degraded(self) -> None:
+        if self._degraded_probe is None:
+            return
+        try:
+            degraded = tuple(self._degraded_probe())
+        except Exception:  # a failing degraded probe must not take the service down
+            degraded = ()
+        if degraded != self.degraded:
+            self.degraded = degraded
+            log.warning("health_degraded" if degraded else "health_not_degraded", reasons=list(degraded))
 
     async def close(self) -> None:
         if self._task is not None:

@@ -15,7 +15,9 @@ Where each family is fed:
   ``charai_queue_waiting_retry``, ``charai_queue_in_flight`` (per type and priority) and
   ``charai_outbox_backlog``. The gauges are the same on every replica (they come from SQL):
   aggregate them with ``max``, not ``sum``.
-- workers: ``charai_worker_jobs_in_flight`` and ``charai_provider_call_duration_seconds``.
+- workers: ``charai_worker_jobs_in_flight`` and ``charai_provider_call_duration_seconds``; with
+  shared provider limits also ``charai_provider_breaker_state``, ``charai_provider_limit`` and
+  ``charai_provider_in_flight`` per credential (the same on every worker: aggregate with ``max``).
 - gateway: ``charai_watch_streams_open``.
 - task_store also: ``charai_webhook_endpoints_disabled_total`` (by endpoint host).
 - webhook sender: ``charai_webhook_attempts_total`` (by endpoint host and outcome),
@@ -106,6 +108,27 @@ class Metrics:
             registry=r,
         )
         self.watch_streams = Gauge("charai_watch_streams_open", "Open watch streams", registry=r)
+        # One provider credential's shared limiter and breaker, as this worker sees them (the
+        # same on every worker of the credential: aggregate with max).
+        labels = ["kind", "credential", "model"]
+        self.provider_breaker_state = Gauge(
+            "charai_provider_breaker_state",
+            "Breaker of a provider credential: 0 closed, 1 half-open (one probe out), 2 open",
+            labels,
+            registry=r,
+        )
+        self.provider_limit = Gauge(
+            "charai_provider_limit",
+            "Calls allowed in flight to a provider credential, shared by every worker (0: no limit yet)",
+            labels,
+            registry=r,
+        )
+        self.provider_in_flight = Gauge(
+            "charai_provider_in_flight",
+            "Calls in flight to a provider credential from every worker (others as of their last write)",
+            labels,
+            registry=r,
+        )
 
     def _webhooks(self, r: CollectorRegistry) -> None:
         """The webhook sender (attempts) and task_store (disabled endpoints)."""

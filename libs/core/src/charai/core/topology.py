@@ -76,3 +76,8 @@ class Topology:
     @property
     def media_bucket(self) -> str:
         return f"{self.namespace}-media"
+
+    @property
+    def providers_bucket(self) -> str:
+        """KV bucket of the provider credentials' shared limiters and breakers."""
+        return f"{self.namespace}-providers"

@@ -6,6 +6,50 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
+from typing import Protocol
+
+from charai.core.domain.errors import ProviderFailure
+
+
+@dataclasses.dataclass(eq=False)
+class Slot:
+    """One call's place at a gate that tells calls apart (the shared gate): whether the call is
+    the breaker's half-open probe, and the timer that vouches for an unverified key."""
+
+    probe: bool = False
+    trial: asyncio.Task[None] | None = None
+
+
+class Gate(Protocol):
+    """What :class:`~charai.worker.http.ProviderHttp` needs of a gate: this per-process one, or
+    the one shared by every worker through NATS (:class:`~charai.worker.shared_gate.SharedGate`).
+
+    A call takes a slot (:meth:`acquire`, which may also refuse it at once: an open breaker),
+    reports how it went (:meth:`succeeded`, :meth:`rejected` for a 429, :meth:`failed` for any
+    other failure), then gives the slot back (:meth:`release`).
+    """
+
+    @property
+    def limit(self) -> int | None: ...
+
+    @property
+    def in_flight(self) -> int: ...
+
+    @property
+    def waiting(self) -> int: ...
+
+    async def acquire(self) -> Slot | None: ...
+
+    def release(self, slot: Slot | None = None) -> None: ...
+
+    def succeeded(self, slot: Slot | None = None) -> None: ...
+
+    def rejected(self, slot: Slot | None = None, retry_after: float | None = None) -> None: ...
+
+    def failed(self, slot: Slot | None, failure: ProviderFailure) -> None: ...
+
+    def rejected_after_release(self) -> None: ...
 
 
 class ProviderGate:
@@ -75,15 +119,19 @@ class ProviderGate:
                     self._waiters.remove(waiter)
             raise
 
-    def release(self) -> None:
+    def release(self, slot: Slot | None = None) -> None:
         self._in_flight -= 1
         self._hand_over()
 
-    def rejected(self) -> None:
-        """A call holding a slot was refused with a rate limit: fewer calls at once from now on."""
+    def rejected(self, slot: Slot | None = None, retry_after: float | None = None) -> None:
+        """A call holding a slot was refused with a rate limit: fewer calls at once from now on.
+        (Its Retry-After is the refused call's own wait, in :meth:`ProviderHttp.request`.)"""
         self._shrink(self._in_flight - 1)
 
-    def succeeded(self) -> None:
+    def failed(self, slot: Slot | None, failure: ProviderFailure) -> None:
+        """Another failure: nothing to learn for the in-flight limit (this gate has no breaker)."""
+
+    def succeeded(self, slot: Slot | None = None) -> None:
         """A call holding a slot was answered: after ``limit`` of these in a row, one more slot."""
         if self._limit is None or self._limit == self._ceiling:
             return

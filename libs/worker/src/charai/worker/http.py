@@ -1,7 +1,9 @@
 """HTTP to an AI provider: timeouts, size caps, classification of every failure, and one gate
-per provider: an adaptive limit on the calls in flight, so a 429 makes this worker send fewer
-calls at once to that provider instead of stopping them all (:class:`~charai.worker.gate.ProviderGate`),
-and a 429 with a short Retry-After is retried inside the attempt rather than through the store.
+per provider: an adaptive limit on the calls in flight, so a 429 makes the workers send fewer
+calls at once to that provider instead of stopping them all (per process:
+:class:`~charai.worker.gate.ProviderGate`; shared by every worker through NATS, with the
+credential's circuit breaker: :class:`~charai.worker.shared_gate.SharedGate`), and a 429 with a
+short Retry-After is retried inside the attempt rather than through the store.
 
 Media the provider points to (a temporary link to a generated image or audio file) is fetched
 with the SSRF guard of :mod:`charai.worker.egress`: vetted addresses only, the connection pinned
@@ -28,7 +30,7 @@ from charai.core import tracing
 from charai.core.domain import errors
 from charai.core.domain.errors import ProviderFailure
 from charai.worker.egress import Resolve, check_url, pinned_connector, system_resolve
-from charai.worker.gate import ProviderGate
+from charai.worker.gate import Gate, ProviderGate, Slot
 from charai.worker.provider import ProviderError, Response
 
 __all__ = ["ProviderConfig", "ProviderError", "ProviderHttp", "Response"]
@@ -84,12 +86,13 @@ class ProviderHttp:
         self,
         session: aiohttp.ClientSession,
         config: ProviderConfig,
-        gate: ProviderGate | None = None,
+        gate: Gate | None = None,
         resolve: Resolve | None = None,
     ):
         self._session = session
         self.config = config
-        self.gate = gate or ProviderGate()
+        #: This process's own gate, or the one shared through NATS (limiter and breaker).
+        self.gate: Gate = gate or ProviderGate()
         self._resolve = resolve or system_resolve
         #: Called after each provider HTTP call with (operation, outcome, seconds), outcome the
         #: HTTP status or the failure kind: the worker's provider-call histogram.
@@ -126,18 +129,24 @@ class ProviderHttp:
         limit = timeout or self.config.timeout
         retries_left = self.config.rate_limit_retries
         while True:
-            await self._take_slot(limit)
+            slot = await self._take_slot(limit)
             try:
-                response = await self._timed_fetch(
-                    "request", method, url, self._headers(headers), json_body, timeout
-                )
+                try:
+                    response = await self._timed_fetch(
+                        "request", method, url, self._headers(headers), json_body, timeout
+                    )
+                except ProviderError as exc:  # timeout, unreachable, cut-off body
+                    self.gate.failed(slot, exc.failure)
+                    raise
                 failure = self._classify(response) if response.status >= 300 else None
                 if failure is None:
-                    self.gate.succeeded()
+                    self.gate.succeeded(slot)
                 elif failure.kind is errors.ErrorKind.RATE_LIMITED:
-                    self.gate.rejected()
+                    self.gate.rejected(slot, failure.retry_after)
+                else:
+                    self.gate.failed(slot, failure)
             finally:
-                self.gate.release()
+                self.gate.release(slot)
             if failure is None:
                 return response
             wait = self._rate_limit_wait(failure) if retries_left > 0 else None
@@ -153,13 +162,14 @@ class ProviderHttp:
             )
             await asyncio.sleep(wait)
 
-    async def _take_slot(self, seconds: float) -> None:
-        """:meth:`ProviderGate.acquire`, bounded like the call itself: a slot that does not free
-        up within the call timeout means the calls ahead are stuck, and this attempt fails as a
-        timeout (retried by the store) rather than parking its job indefinitely."""
+    async def _take_slot(self, seconds: float) -> Slot | None:
+        """:meth:`Gate.acquire`, bounded like the call itself: a slot that does not free up
+        within the call timeout means the calls ahead are stuck, and this attempt fails as a
+        timeout (retried by the store) rather than parking its job indefinitely. An open
+        breaker refuses the call here, with its error and no provider call."""
         try:
             async with asyncio.timeout(seconds):
-                await self.gate.acquire()
+                return await self.gate.acquire()
         except TimeoutError:
             raise ProviderError(
                 ProviderFailure(

@@ -23,6 +23,16 @@ class WorkerSettings(CommonSettings):
     progress_coalesce_seconds: float = Field(default=0.05, ge=0, le=10)
     #: task_store calls (claims, progress, outcomes) in flight at once from one worker process.
     store_calls_in_flight: int = Field(default=64, ge=1, le=10_000)
+    #: One adaptive limit and one breaker per provider credential, shared by every worker through
+    #: the NATS KV bucket ``<namespace>-providers``; false: each process adapts on its own, no breaker.
+    provider_shared_limits: bool = True
+    #: A worker's slots of the shared limit go back to the others this long after its last
+    #: heartbeat (it crashed); it writes one every third of this.
+    provider_lease_seconds: float = Field(default=15.0, ge=0.3, le=3600)
+    #: Seconds the breaker stays open after an auth or quota refusal before one call probes
+    #: the provider again; doubled after each failed probe, up to the max.
+    provider_breaker_backoff_seconds: float = Field(default=30.0, gt=0, le=86_400)
+    provider_breaker_max_backoff_seconds: float = Field(default=900.0, gt=0, le=86_400)
 
 
 class ImageWorkerSettings(WorkerSettings):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import mimetypes
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 
 from aiohttp import hdrs, web
@@ -75,14 +75,21 @@ def _parse_range(value: str, size: int) -> tuple[int, int] | None:
 
 
 def health_routes(
-    ready: Callable[[], bool], stats: Callable[[], Mapping[str, int]] | None = None
+    ready: Callable[[], bool],
+    stats: Callable[[], Mapping[str, int]] | None = None,
+    degraded: Callable[[], Sequence[str]] | None = None,
 ) -> list[web.RouteDef]:
     """``GET /healthz``: serving or not, plus live counters (``open_watch_streams``) so operators
-    and tests can see that closed browser tabs really released their watchers."""
+    and tests can see that closed browser tabs really released their watchers. While something
+    works only in part (a provider credential's breaker is open), ``"status": "degraded"`` with
+    the reasons in ``degraded``, still HTTP 200: degraded is not down."""
 
     async def healthz(request: web.Request) -> web.Response:
         ok = ready()
-        body: dict[str, object] = {"status": "serving" if ok else "not_serving"}
+        reasons = list(degraded()) if degraded is not None and ok else []
+        body: dict[str, object] = {"status": ("degraded" if reasons else "serving") if ok else "not_serving"}
+        if reasons:
+            body["degraded"] = reasons
         if stats is not None:
             body.update(stats())
         return web.json_response(body, status=200 if ok else 503)
