@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from charai.core.clock import ManualClock
 from charai.store.v1 import store_service_pb2 as spb
+from charai.task_store.backlog import FairConfig
 from charai.task_store.store import StoreConfig, TaskStore, open_store
 from charai.tasks.v1 import task_pb2
 
@@ -87,10 +88,13 @@ class Recorded:
 
 @contextlib.asynccontextmanager
 async def opened(db: Database, clock: ManualClock | None = None, **config: Any) -> AsyncIterator[Recorded]:
-    """The store on ``db`` with ``config`` (fast retries unless given), opened; on a clock of
-    its own unless ``clock`` is passed (a restart keeps the time line). The clock ticks 1 µs per
-    read, so tasks created one after the other are ordered by creation time as in production."""
+    """The store on ``db`` with ``config`` (fast retries and no fair-share holding unless given),
+    opened; on a clock of its own unless ``clock`` is passed (a restart keeps the time line). The
+    clock ticks 1 µs per read, so tasks created one after the other are ordered by creation time
+    as in production."""
     config.setdefault("retry", FAST_RETRY)
+    # Every job queued at create, unless a test asks for fair share's holding (test_fair_share.py).
+    config.setdefault("fair", FairConfig(buffer=10_000))
     envelopes: list[spb.EventEnvelope] = []
     clock = clock or ManualClock(tick=1e-6)
     store = open_store(db.url, StoreConfig(**config), envelopes.extend, clock=clock)

@@ -31,6 +31,7 @@ from charai.gateway.settings import Settings as GatewaySettings
 from charai.image_worker.app import build as build_image_worker
 from charai.store.v1 import store_service_pb2 as spb
 from charai.task_store.app import TaskStoreApp
+from charai.task_store.backlog import FairConfig
 from charai.task_store.settings import Settings
 from charai.task_store.settings import Settings as StoreSettings
 from charai.task_store.store import StoreConfig, TaskStore, open_store
@@ -89,7 +90,8 @@ def complete_req(task_id: str, attempt: int) -> spb.CompleteTaskRequest:
 
 @pytest.fixture(params=["sqlite", "postgres"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[TaskStore]:
-    config = StoreConfig(max_attempts=3, retry=SLOW_RETRY, lease_seconds=5.0)
+    # Every job queued at create (no fair-share holding: the lanes' counts are under test).
+    config = StoreConfig(max_attempts=3, retry=SLOW_RETRY, lease_seconds=5.0, fair=FairConfig(buffer=10_000))
     if request.param == "sqlite":
         async with open_store(f"sqlite:///{tmp_path / 'tasks.db'}", config) as opened:
             yield opened
@@ -185,7 +187,11 @@ async def test_retry_refuses_other_tenants_and_tasks_that_did_not_fail(store: Ta
 @contextlib.asynccontextmanager
 async def store_replica(nats_url: str, database_url: str, data_dir: Path) -> AsyncIterator[StoreClient]:
     settings = Settings(
-        nats_url=nats_url, data_dir=data_dir, database_url=database_url, shutdown_grace_seconds=1.0
+        nats_url=nats_url,
+        data_dir=data_dir,
+        database_url=database_url,
+        shutdown_grace_seconds=1.0,
+        dispatch_buffer=10_000,  # every job queued at create: positions by lane, as below
     )
     app = TaskStoreApp(settings, listen_addr="127.0.0.1:0")
     async with app, StoreClient(f"127.0.0.1:{app.port}") as client:
@@ -422,8 +428,13 @@ async def test_every_service_exposes_its_metrics(stack: Stack) -> None:
     assert as_json["completedLastMinute"] == "2" and as_json["waitSamples"] == "3"
     code, out = await stack.charai("stats")
     assert code == 0
-    header, *rows = out.splitlines()
+    lanes_text, providers_text = out.split("\n\n")  # the lanes, then the provider credentials
+    header, *rows = lanes_text.splitlines()
     assert header.split()[:3] == ["TYPE", "PRIORITY", "QUEUED"] and len(rows) == 6
+    credential = stack.worker.gate.base.credential if stack.worker.gate else "?"
+    assert providers_text.splitlines()[1].split()[:5] == [
+        "zhipu", "image_generation", "glm-image", credential, "closed"
+    ]  # fmt: skip
     assert rows[1].split()[:7] == ["image_generation", "normal", "0", "0", "0", "2", "0.03"], rows
 
     store = await stack.scrape(stack.store.metrics_port)

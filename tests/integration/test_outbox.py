@@ -22,6 +22,7 @@ from charai.core.storeclient import StoreClient
 from charai.core.topology import Topology
 from charai.store.v1 import store_service_pb2 as spb
 from charai.task_store.app import TaskStoreApp
+from charai.task_store.backlog import FairConfig
 from charai.task_store.dispatch import OutboxRelay
 from charai.task_store.settings import Settings
 from charai.task_store.store import StoreConfig, TaskStore, open_store
@@ -111,6 +112,9 @@ async def running(
         "lease_seconds": 5.0,
         "retry_base_seconds": 0.05,
         "shutdown_grace_seconds": 1.0,
+        # Every job released at once (these tests are about the outbox; tasks held for fair
+        # share are test_fair_share.py's).
+        "dispatch_buffer": 1000,
     }
     values.update(overrides)
     nc = await nats.connect(nats_server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
@@ -297,6 +301,7 @@ async def bare_store(
     relays by hand, and moves time."""
     nc = await nats.connect(nats_server.url)
     clock = ManualClock(tick=1e-6)
+    config.setdefault("fair", FairConfig(buffer=1000))  # every job released at once, as above
     store = open_store(db.url, StoreConfig(**config), clock=clock)
     try:
         js = nc.jetstream()

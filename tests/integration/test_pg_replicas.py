@@ -85,6 +85,9 @@ def settings(nats_url: str, database_url: str, data_dir: Path) -> Settings:
         lease_seconds=5.0,
         retry_base_seconds=0.05,
         shutdown_grace_seconds=1.0,
+        # Every job released at once: these tests are about the outbox and the event log across
+        # replicas (replicas releasing held tasks together are test_fair_share.py's).
+        dispatch_buffer=1000,
     )
 
 

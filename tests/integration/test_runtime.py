@@ -244,12 +244,21 @@ async def make_harness(
         retry_base_seconds=0.05,
         retry_cap_seconds=0.5,
         shutdown_grace_seconds=1.0,
+        # Every task here says the same line on purpose (the runtime is under test, not reuse):
+        # each must reach the handler, so identical speech is not reused.
+        reuse_ttl_seconds=0.0,
+        # Every job released at once: these tests are about the runtime's lanes (tasks held for
+        # fair share are test_fair_share.py's).
+        dispatch_buffer=1000,
     )
     worker_settings = {
         "ack_wait_seconds": ack_wait_seconds,
         "long_poll_seconds": 1.0,
         "shutdown_grace_seconds": 2.0,
         "worker_id": "test-worker",
+        # The handlers here never call a provider, so no provider gate may bound how many jobs the
+        # worker takes (the shared gate admits one call until a call verifies the key).
+        "provider_shared_limits": False,
     }
     async with contextlib.AsyncExitStack() as stack:
         nc = await nats.connect(nats_server.url)

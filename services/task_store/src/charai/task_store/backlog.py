@@ -1,0 +1,346 @@
+"""Fair share between tenants: queued tasks wait here (*held*) and are released to the workers
+in fair order, a short buffer at a time.
+
+Why: JetStream delivers a lane in order, so once a tenant's 1,000 jobs are published, another
+tenant's 5 wait behind all of them. So task_store keeps the backlog itself and publishes
+(through the outbox) only as many jobs per task type as the workers will take soon: the
+*buffer* of released jobs not claimed yet is kept at ``max(CHARAI_DISPATCH_BUFFER, tasks of that
+type running now)`` (one more round of whatever the workers run at once). Each claim or end
+makes room, and the :class:`~charai.task_store.release.Releaser` fills it with the next held
+tasks in the order of :mod:`charai.core.domain.fairshare` (weighted turns between tenants,
+priority with aging within one). A job released by a tenant's turn reaches a worker after at most
+one buffer's worth of other jobs: about one round of the provider's slots.
+
+What is stored (schema migration 7): a held task has ``tasks.held = 1`` and a ``backlog`` row
+(what its job needs, and its rank within its tenant); each tenant's turn per task type is a
+``fair_tenants`` row, each type's virtual time and turn count a ``fair_lanes`` row. All of it is
+in the database: a held task survives restarts, replicas share one order, and the sweeper never
+sees a held task as a lost job (it was never published: ``dispatched_at`` is unset).
+
+Cost: a create counts the buffer (a partial index holding only the buffer) and, when it must
+hold, writes its backlog row and bumps its tenant's counter; a release reads the next tenants
+from one ordered index (``budget`` rows, however many tenants wait), their next tasks, and moves
+them to the outbox. Nothing scans the backlog or the tenants.
+
+With room in the buffer and nothing held, a create releases its own job at once (handed to the
+local relay, as before): an idle system pays one count per create. A re-run (RetryTask) and a
+re-dispatch of a lost job go to the outbox directly: they were released once already.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any
+
+from charai.core.domain import fairshare
+from charai.core.domain.fairshare import Turn
+from charai.core.domain.states import Status
+from charai.core.tenants import Tenants
+from charai.task_store.backend import Backend, Tx
+from charai.task_store.outbox import Job, Outbox
+from charai.task_store.units import Unit
+from charai.tasks.v1 import task_pb2
+
+#: Priority → urgency (steps below the highest) for :func:`fairshare.rank`.
+URGENCY: dict[int, int] = {
+    task_pb2.PRIORITY_HIGH: 0,
+    task_pb2.PRIORITY_NORMAL: 1,
+    task_pb2.PRIORITY_UNSPECIFIED: 1,
+    task_pb2.PRIORITY_LOW: 2,
+}
+#: Counts of the buffer and of running tasks stop here (the buffer is never larger).
+MAX_BUFFER = 10_000
+#: How many tasks queued behind a held task its place counts before it counts those ahead.
+BEHIND_SCAN = 256
+#: A held task's place counts the turns of at most this many tenants due before it (the first
+#: in turn order): exact up to there, a lower bound beyond, so reading it costs the same with
+#: 10,000 tenants waiting.
+PLACE_SCAN = 1000
+
+_QUEUED, _RUNNING = int(Status.QUEUED), int(Status.RUNNING)
+#: The released jobs nobody claimed yet (the condition of the partial index ``tasks_buffer``,
+#: spelled with the same literals so the planner uses it).
+_BUFFER = f"status = {_QUEUED} AND held = 0 AND next_attempt_time IS NULL"
+#: The queued tasks not held: the buffer and the retries waiting for their time (the partial
+#: index ``tasks_released``).
+_RELEASED = f"status = {_QUEUED} AND held = 0"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FairConfig:
+    """Fair-share settings (task_store: ``CHARAI_TENANTS_FILE``, ``CHARAI_DISPATCH_BUFFER``,
+    ``CHARAI_PRIORITY_AGING_SECONDS``)."""
+
+    #: Tenants' weights.
+    tenants: Tenants = dataclasses.field(default_factory=Tenants)
+    #: Released jobs not claimed yet, per task type, at least (more while more tasks run).
+    buffer: int = 4
+    #: A task's priority step is worth this much waiting within its tenant.
+    aging_seconds: float = 60.0
+    #: Tasks released per transaction at most.
+    batch: int = 256
+
+
+class Backlog:
+    """The held tasks, their fair order and their release into the outbox."""
+
+    def __init__(self, backend: Backend, outbox: Outbox, config: FairConfig) -> None:
+        self._lock = backend.dialect.for_update
+        self._outbox = outbox
+        self._config = config
+        self._aging_us = int(config.aging_seconds * 1e6)
+
+    def weight(self, tenant: str) -> int:
+        return self._config.tenants.weight(tenant)
+
+    def _target(self, running: int) -> int:
+        return min(MAX_BUFFER, max(self._config.buffer, running))
+
+    async def measure(self, tx: Tx, kind: int) -> tuple[int, int, bool]:
+        """(tasks of type ``kind`` running, released jobs not claimed yet, whether any is held)."""
+        row = await tx.fetchrow(
+            "SELECT (SELECT COUNT(*) FROM (SELECT 1 FROM tasks WHERE type = ?"
+            f" AND status = {_RUNNING} LIMIT ?) AS r),"
+            f" (SELECT COUNT(*) FROM (SELECT 1 FROM tasks WHERE type = ? AND {_BUFFER} LIMIT ?) AS b),"
+            " (SELECT COUNT(*) FROM (SELECT 1 FROM fair_tenants WHERE type = ? AND held > 0 LIMIT 1) AS h)",
+            kind,
+            MAX_BUFFER,
+            kind,
+            MAX_BUFFER,
+            kind,
+        )
+        assert row is not None
+        return int(row[0]), int(row[1]), bool(row[2])
+
+    # -- creates -------------------------------------------------------------------------------
+    async def admit(self, unit: Unit, tenant: str, job: Job, created_us: int) -> bool:
+        """Holds the new task's job (True), or leaves it to the caller to queue at once (False:
+        the buffer has room and nothing else is held). A batch of creates measures once."""
+        room = unit.room.get(job.type)
+        if room is None:
+            running, released, held = await self.measure(unit.tx, job.type)
+            # The new task is in the count already (inserted not held): room before it.
+            room = 0 if held else self._target(running) - (released - 1)
+        if room > 0:
+            unit.room[job.type] = room - 1
+            return False
+        unit.room[job.type] = 0
+        await self._hold(unit.tx, tenant, job, created_us)
+        return True
+
+    async def _hold(self, tx: Tx, tenant: str, job: Job, created_us: int) -> None:
+        rank = fairshare.rank(URGENCY.get(job.priority, 1), created_us, self._aging_us)
+        await tx.execute("UPDATE tasks SET held = 1 WHERE id = ?", job.task_id)
+        await tx.execute(
+            "INSERT INTO backlog (task_id, type, tenant, rank, priority, dispatch_gen, traceparent)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            job.task_id,
+            job.type,
+            tenant,
+            rank,
+            job.priority,
+            job.dispatch_gen,
+            job.traceparent,
+        )
+        vtime = await tx.fetchval("SELECT vtime FROM fair_lanes WHERE type = ?", job.type)
+        if vtime is None:  # a task type the migration did not know
+            await tx.execute(
+                "INSERT INTO fair_lanes (type, vtime, turns) VALUES (?, 0, 0) ON CONFLICT DO NOTHING",
+                job.type,
+            )
+        # fairshare.joined, in one statement so concurrent creates of one tenant cannot lose a
+        # count: a tenant that held nothing joins at the lane's virtual time or later.
+        await tx.execute(
+            "INSERT INTO fair_tenants (type, tenant, due, served, held, stride) VALUES (?, ?, ?, 0, 1, ?)"
+            " ON CONFLICT (type, tenant) DO UPDATE SET"
+            " due = CASE WHEN fair_tenants.held <= 0 AND fair_tenants.due < excluded.due"
+            " THEN excluded.due ELSE fair_tenants.due END,"
+            " held = CASE WHEN fair_tenants.held < 0 THEN 1 ELSE fair_tenants.held + 1 END,"
+            " stride = excluded.stride",
+            job.type,
+            tenant,
+            int(vtime or 0),
+            fairshare.stride(self.weight(tenant)),
+        )
+
+    async def drop(self, tx: Tx, task_id: str) -> None:
+        """A held task ended without running (cancelled): out of the backlog and its tenant's count."""
+        row = await tx.fetchrow("DELETE FROM backlog WHERE task_id = ? RETURNING type, tenant", task_id)
+        if row is not None:
+            await tx.execute("UPDATE tasks SET held = 0 WHERE id = ?", task_id)
+            await tx.execute(
+                "UPDATE fair_tenants SET held = held - 1 WHERE type = ? AND tenant = ? AND held > 0",
+                int(row[0]),
+                str(row[1]),
+            )
+
+    # -- releases ------------------------------------------------------------------------------
+    async def held_anywhere(self, tx: Tx, kinds: tuple[int, ...]) -> list[int]:
+        """The task types with held tasks (one index probe each)."""
+        found = []
+        for kind in kinds:
+            if await tx.fetchval("SELECT 1 FROM fair_tenants WHERE type = ? AND held > 0 LIMIT 1", kind):
+                found.append(kind)
+        return found
+
+    async def release(self, unit: Unit, kind: int, now: int) -> tuple[int, bool]:
+        """Releases held tasks of type ``kind`` into the outbox, in fair order, up to the room in
+        the buffer (and the batch size); returns (how many, whether the batch size stopped it).
+
+        The lane's row is locked first (PostgreSQL), so two replicas releasing one lane take
+        turns instead of both filling the same room. Their jobs are handed to the local relay.
+        """
+        tx = unit.tx
+        lane = await tx.fetchrow(f"SELECT vtime, turns FROM fair_lanes WHERE type = ?{self._lock}", kind)
+        if lane is None:
+            return 0, False
+        running, released, held = await self.measure(tx, kind)
+        room = self._target(running) - released
+        budget = min(room, self._config.batch)
+        if budget <= 0 or not held:
+            return 0, False
+        found = await tx.fetch(
+            "SELECT tenant, due, served, held FROM fair_tenants WHERE type = ? AND held > 0"
+            " ORDER BY due, served, tenant LIMIT ?",
+            kind,
+            budget,
+        )
+        turns = [Turn(str(r[0]), int(r[1]), int(r[2]), int(r[3])) for r in found]
+        step = fairshare.plan(turns, budget, self.weight, int(lane[0]), int(lane[1]))
+        jobs = await self._next_tasks(tx, kind, step.order)
+        live = await self._unhold(tx, [job.task_id for job in jobs])
+        for job in jobs:
+            if job.task_id in live:
+                handed = await self._outbox.enqueue(tx, job, now, hand_off=True)
+                if handed is not None:
+                    unit.handed.append(handed)
+        wanted = collections.Counter(step.order)
+        await tx.executemany(
+            "UPDATE fair_tenants SET due = ?, served = ?, stride = ?,"
+            " held = CASE WHEN held > ? THEN held - ? ELSE 0 END WHERE type = ? AND tenant = ?",
+            [
+                (t.due, t.served, fairshare.stride(self.weight(name)), wanted[name], wanted[name], kind, name)
+                for name, t in sorted(step.after.items())
+            ],
+        )
+        await tx.execute(
+            "UPDATE fair_lanes SET vtime = ?, turns = ? WHERE type = ?", step.vtime, step.turns, kind
+        )
+        return len(live), budget == self._config.batch and room > budget
+
+    async def _next_tasks(self, tx: Tx, kind: int, order: tuple[str, ...]) -> list[Job]:
+        """The jobs of the planned turns, in turn order: a tenant's n-th turn takes its n-th task.
+        A tenant with fewer tasks than its count said (a count off) gives fewer."""
+        queues: dict[str, collections.deque[Job]] = {}
+        for tenant, n in collections.Counter(order).items():
+            rows = await tx.fetch(
+                "SELECT task_id, priority, dispatch_gen, traceparent FROM backlog"
+                " WHERE type = ? AND tenant = ? ORDER BY rank, task_id LIMIT ?",
+                kind,
+                tenant,
+                n,
+            )
+            queues[tenant] = collections.deque(
+                Job(str(r[0]), int(r[2]), kind, int(r[1]), str(r[3])) for r in rows
+            )
+        jobs = []
+        for tenant in order:
+            if queues[tenant]:
+                jobs.append(queues[tenant].popleft())
+        return jobs
+
+    async def _unhold(self, tx: Tx, task_ids: list[str]) -> set[str]:
+        """Takes the tasks out of the backlog; returns those still queued (the others ended
+        while held by a path that did not drop them: nothing to release)."""
+        if not task_ids:
+            return set()
+        marks = ", ".join("?" * len(task_ids))
+        # Tasks first, then the backlog: the order a cancel locks them in (no deadlock). Only
+        # ids in the condition: with a status term SQLite would read every queued task through
+        # tasks_dispatched instead of the 256 primary keys.
+        found = await tx.fetch(
+            f"UPDATE tasks SET held = 0 WHERE id IN ({marks}) RETURNING id, status", *task_ids
+        )
+        await tx.execute(f"DELETE FROM backlog WHERE task_id IN ({marks})", *task_ids)
+        return {str(r[0]) for r in found if int(r[1]) == _QUEUED}
+
+    # -- queue position --------------------------------------------------------------------------
+    async def place(self, tx: Tx, task: task_pb2.Task) -> None:
+        """Fills a queued task's ``queue_position``: its place in the order tasks of its type
+        will start in (1 = next).
+
+        Released (its job published, or waiting for a retry): 1 + the released tasks of its type
+        that workers take before it (higher priority, or the same and created earlier; a retry
+        keeps its place by creation). Held: 1 + the released tasks of its priority or higher (the
+        workers take them first; once released, it goes ahead of lower ones) + the tasks of its
+        own tenant ranked before it + the other tenants' turns due before its own
+        (:func:`fairshare.place`, in one aggregate over the first :data:`PLACE_SCAN` of those
+        tenants). Later creates of other tenants may still take turns before it.
+        """
+        row = await tx.fetchrow(
+            "SELECT b.tenant, b.rank, f.due, f.held, f.stride FROM backlog b"
+            " JOIN fair_tenants f ON f.type = b.type AND f.tenant = b.tenant WHERE b.task_id = ?",
+            task.id,
+        )
+        kind = int(task.type)
+        if row is None:
+            task.queue_position = 1 + await self._released_ahead(tx, task)
+            return
+        tenant, rank, due, held, step = str(row[0]), int(row[1]), int(row[2]), int(row[3]), int(row[4])
+        ahead = await self._tenant_ahead(tx, kind, tenant, rank, task.id, held)
+        target = due + ahead * step
+        totals = await tx.fetchrow(
+            "SELECT (SELECT COALESCE(SUM(CASE WHEN o.held < o.n THEN o.held ELSE o.n END), 0) FROM"
+            " (SELECT held, (? - due + stride - 1) / stride AS n FROM fair_tenants"
+            " WHERE type = ? AND held > 0 AND due < ? AND tenant <> ? ORDER BY due LIMIT ?) AS o),"
+            f" (SELECT COUNT(*) FROM (SELECT 1 FROM tasks WHERE type = ? AND {_RELEASED}"
+            " AND priority >= ? LIMIT ?) AS b)",
+            target,
+            kind,
+            target,
+            tenant,
+            PLACE_SCAN,
+            kind,
+            int(task.priority),
+            MAX_BUFFER,
+        )
+        assert totals is not None
+        task.queue_position = 1 + ahead + int(totals[0]) + int(totals[1])
+
+    async def _tenant_ahead(self, tx: Tx, kind: int, tenant: str, rank: int, task_id: str, held: int) -> int:
+        """The tenant's held tasks ranked before this one: its count minus those behind (few,
+        for a task just created), or counted from the front when many are behind."""
+        behind = await tx.fetchval(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM backlog WHERE type = ? AND tenant = ?"
+            " AND (rank, task_id) > (?, ?) LIMIT ?) AS x",
+            kind,
+            tenant,
+            rank,
+            task_id,
+            BEHIND_SCAN,
+        )
+        if int(behind) < BEHIND_SCAN:
+            return max(0, held - 1 - int(behind))
+        ahead = await tx.fetchval(
+            "SELECT COUNT(*) FROM backlog WHERE type = ? AND tenant = ? AND (rank, task_id) < (?, ?)",
+            kind,
+            tenant,
+            rank,
+            task_id,
+        )
+        return int(ahead)
+
+    async def _released_ahead(self, tx: Tx, task: task_pb2.Task) -> int:
+        created = task.create_time.ToMicroseconds()
+        ahead: Any = await tx.fetchval(
+            f"SELECT COUNT(*) FROM tasks WHERE type = ? AND {_RELEASED} AND (priority > ? OR"
+            " (priority = ? AND (create_time < ? OR (create_time = ? AND id < ?))))",
+            int(task.type),
+            int(task.priority),
+            int(task.priority),
+            created,
+            created,
+            task.id,
+        )
+        return int(ahead)

@@ -1,0 +1,280 @@
+"""Fair share between tenants in task_store (held tasks, released in fair order), on both
+backends, against the reference model (``charai.core.domain.fairshare.FairQueue``).
+
+The store is driven directly (no relay: released jobs stay in the outbox, in release order),
+with the store's clock moved by hand. A released task is cancelled or claimed to make room, so
+each release shows exactly which tasks the store picked. The whole path through NATS, a worker
+and the provider emulator is ``test_fair_share_stack.py``'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from charai.core.domain.fairshare import FairQueue
+from charai.core.tenants import TenantPolicy, Tenants
+from charai.task_store.app import TaskStoreApp
+from charai.task_store.backlog import URGENCY, FairConfig
+from charai.task_store.settings import Settings
+from charai.task_store.store import TaskStore
+from charai.tasks.v1 import task_pb2
+
+from tests.integration.conftest import Database, Recorded, opened
+from tests.integration.store_requests import CANCELLED, IMAGE, QUEUED, RUN, TTS, image_request, tts_request
+
+S = 1_000_000
+AGING_S = 30.0
+WEIGHTS = Tenants(by_tenant={"big": TenantPolicy(weight=3)})
+HIGH, NORMAL, LOW = task_pb2.PRIORITY_HIGH, task_pb2.PRIORITY_NORMAL, task_pb2.PRIORITY_LOW
+
+
+def fair(buffer: int = 1, tenants: Tenants = WEIGHTS) -> FairConfig:
+    return FairConfig(tenants=tenants, buffer=buffer, aging_seconds=AGING_S)
+
+
+async def is_held(store: TaskStore, task_id: str) -> bool:
+    row = await store.backend.read(lambda tx: tx.fetchrow("SELECT held FROM tasks WHERE id = ?", task_id))
+    assert row is not None
+    in_backlog = await store.backend.read(
+        lambda tx: tx.fetchval("SELECT COUNT(*) FROM backlog WHERE task_id = ?", task_id)
+    )
+    assert bool(row[0]) == bool(in_backlog), "tasks.held and the backlog row disagree"
+    return bool(row[0])
+
+
+async def outbox_ids(store: TaskStore) -> list[str]:
+    """Task ids of the jobs in the outbox, in the order they were written (release order)."""
+    return [row.task_id for row in await store.pending_dispatches(limit=10_000)]
+
+
+class Driver:
+    """Creates tasks in the store and in the model side by side, releases, and reads what the
+    store released (new outbox rows, in order)."""
+
+    def __init__(self, rec: Recorded, config: FairConfig) -> None:
+        self.store = rec.store
+        self.clock = rec.clock
+        self.model: FairQueue[str] = FairQueue(config.tenants.weight, int(config.aging_seconds * S))
+        self.seen = 0
+        self.direct: list[str] = []
+
+    async def create(self, tenant: str, priority: int = NORMAL, kind: int = IMAGE) -> task_pb2.Task:
+        request = image_request(priority=priority) if kind == IMAGE else tts_request()
+        task, created = await self.store.create(tenant, request)
+        assert created
+        if await is_held(self.store, task.id):
+            self.model.push(tenant, task.id, URGENCY[task.priority], task.create_time.ToMicroseconds())
+        else:
+            self.direct.append(task.id)
+        return task
+
+    async def released(self) -> list[str]:
+        ids = await outbox_ids(self.store)
+        new, self.seen = ids[self.seen :], len(ids)
+        return new
+
+    async def release_round(self) -> list[str]:
+        """Releases what fits, checks it against the model, then cancels it (room again)."""
+        count, _ = await self.store.release_held(IMAGE)
+        written = await self.released()
+        # A create made with room and nothing held was queued at once, not released by turn.
+        got = [i for i in written if i not in self.direct]
+        assert len(got) == count
+        expected = []
+        for _ in got:
+            popped = self.model.pop()
+            assert popped is not None
+            expected.append(popped[1])
+        assert got == expected
+        for task_id in written:
+            assert not await is_held(self.store, task_id)
+            tenant = await self.store.tenant_of(task_id)
+            assert tenant is not None
+            await self.store.cancel(tenant, task_id)
+        return written
+
+
+@pytest.mark.parametrize("buffer", [1, 5])
+async def test_tasks_are_released_in_the_fair_order_of_the_model(db: Database, buffer: int) -> None:
+    """Weights (big: 3), priorities with aging, tenants arriving while others are served and a
+    tenant coming back: the store releases exactly the model's order, one or five at a time."""
+    config = fair(buffer)
+    async with opened(db, fair=config) as rec:
+        d = Driver(rec, config)
+        for _ in range(buffer):  # fills the buffer: queued at once, not held
+            await d.create("early")
+        for i in range(12):
+            await d.create("big", HIGH if i % 4 == 0 else NORMAL)
+            await d.create("small", LOW if i % 3 == 0 else NORMAL)
+        assert len(d.direct) == buffer and len(d.model) == 24
+        assert await d.released() == d.direct
+        for task_id in d.direct:  # the buffer drains: room for the held ones
+            await d.store.cancel("early", task_id)
+        released = await d.release_round()
+        assert released
+        for i in range(5):
+            await d.create(f"late{i}")  # newcomers: each gets a turn among the next ones
+            d.clock.advance(AGING_S / 2)  # a priority step ages in two rounds
+            await d.release_round()
+        comebacks = 6
+        while len(d.model) or comebacks:
+            if comebacks and not any(t.tenant == "small" for t in d.model.turns()):
+                comebacks -= 1
+                await d.create("small")  # idle for a while, then back
+            assert await d.release_round()
+        assert comebacks == 0
+        assert await d.store.release_held(IMAGE) == (0, False)
+
+
+async def test_a_newcomer_is_released_next_even_behind_a_long_backlog(db: Database) -> None:
+    async with opened(db, fair=fair(buffer=2)) as rec:
+        store = rec.store
+        a = [(await store.create("a", image_request()))[0] for _ in range(40)]
+        assert [t.queue_position for t in a[:3]] == [1, 2, 3]
+        assert await outbox_ids(store) == [a[0].id, a[1].id]  # the buffer; 38 held
+        for task in a[:2]:
+            assert (await store.claim(task.id, 1, "w")).outcome == RUN
+        assert await store.release_held(IMAGE) == (2, False)  # a's first two turns
+        b, _ = await store.create("b", image_request())
+        # Held behind the two released jobs only: its tenant's turn comes next.
+        assert b.queue_position == 3
+        assert (await store.get("a", a[-1].id)).queue_position == 2 + 35 + 1 + 1
+        assert (await store.claim(a[2].id, 1, "w")).outcome == RUN  # room for two more
+        assert await store.release_held(IMAGE) == (2, False)
+        assert (await outbox_ids(store))[4:] == [b.id, a[4].id]
+
+
+async def test_queue_positions_follow_the_fair_order(db: Database) -> None:
+    """A held task's queue_position is its place in release order (what the model's place()
+    computes, plus the released jobs ahead), and the tasks then start in that order."""
+    config = fair(buffer=1)
+    async with opened(db, fair=config) as rec:
+        d = Driver(rec, config)
+        await d.create("first")
+        tasks = [await d.create(t) for t in ["big"] * 6 + ["x"] * 3 + ["y"] * 2]
+        positions = {}
+        for t in tasks:
+            tenant = await tenant_of(d.store, t.id)
+            positions[t.id] = (await d.store.get(tenant, t.id)).queue_position
+            assert positions[t.id] == 1 + d.model.place(tenant, t.id)  # 1 released job ahead
+        assert await d.released() == d.direct
+        await d.store.cancel("first", d.direct[0])
+        order: list[str] = []
+        while len(d.model):
+            order += await d.release_round()
+        ties = 3 - 1  # three tenants: a place is exact up to one tie per other tenant
+        for index, task_id in enumerate(order, start=2):
+            assert positions[task_id] <= index <= positions[task_id] + ties, (task_id, index)
+
+
+async def tenant_of(store: TaskStore, task_id: str) -> str:
+    tenant = await store.tenant_of(task_id)
+    assert tenant is not None
+    return tenant
+
+
+async def test_the_buffer_grows_to_the_tasks_running(db: Database) -> None:
+    """Room = max(buffer, tasks of the type running) - released jobs not claimed; per type."""
+    async with opened(db, fair=fair(buffer=2)) as rec:
+        store = rec.store
+        made = [(await store.create("a", image_request()))[0] for _ in range(12)]
+        assert len(await outbox_ids(store)) == 2
+        # A TTS task has a buffer of its own.
+        tts, _ = await store.create("a", tts_request())
+        assert not await is_held(store, tts.id)
+        for task in made[:2]:
+            await store.claim(task.id, 1, "w")
+        assert await store.release_held(IMAGE) == (2, False)  # 2 running: room for 2
+        for task in made[2:4]:
+            await store.claim(task.id, 1, "w")
+        assert await store.release_held(IMAGE) == (4, False)  # 4 running, 0 waiting: room for 4
+        assert await store.release_held(IMAGE) == (0, False)
+        assert await store.release_held(TTS) == (0, False)
+        assert sum([await is_held(store, t.id) for t in made]) == 4
+
+
+async def test_a_held_task_survives_a_restart_and_is_never_swept_as_lost(db: Database) -> None:
+    async with opened(db, fair=fair(buffer=1)) as rec:
+        clock = rec.clock
+        released, _ = await rec.store.create("a", image_request())
+        held, _ = await rec.store.create("a", image_request())
+        assert await is_held(rec.store, held.id)
+    async with opened(db, clock, fair=fair(buffer=1)) as rec:
+        store = rec.store
+        assert await is_held(store, held.id)
+        assert (await store.get("a", held.id)).queue_position == 2
+        # Long after, the sweeper finds neither: the released job waits in the outbox, and the
+        # held task has no job anywhere (nothing was lost).
+        clock.advance(3600)
+        assert await store.stale_dispatches(0.1) == []
+        assert await store.release_held(IMAGE) == (0, False)  # the buffer is full
+        await store.cancel("a", released.id)
+        assert await store.release_held(IMAGE) == (1, False)
+        assert await outbox_ids(store) == [released.id, held.id]
+        assert (await store.get("a", held.id)).queue_position == 1
+
+
+async def test_a_cancelled_held_task_leaves_the_backlog_and_its_tenants_turns(db: Database) -> None:
+    async with opened(db, fair=fair(buffer=1)) as rec:
+        store = rec.store
+        first, _ = await store.create("a", image_request())
+        mine = [(await store.create("b", image_request()))[0] for _ in range(3)]
+        other, _ = await store.create("c", image_request())
+        for task in mine:
+            cancelled, running = await store.cancel("b", task.id)
+            assert (cancelled.status, running) == (CANCELLED, False)
+            assert not await is_held(store, task.id)
+        counts = await store.backend.read(
+            lambda tx: tx.fetch("SELECT tenant, held FROM fair_tenants ORDER BY tenant")
+        )
+        assert [(str(t), int(n)) for t, n in counts] == [("b", 0), ("c", 1)]
+        assert (await store.get("c", other.id)).queue_position == 2
+        await store.cancel("a", first.id)
+        assert await store.release_held(IMAGE) == (1, False)
+        assert await outbox_ids(store) == [first.id, other.id]
+        assert (await store.get("c", other.id)).status == QUEUED
+
+
+async def test_a_repeated_request_id_answers_the_held_task_and_holds_nothing_more(db: Database) -> None:
+    async with opened(db, fair=fair(buffer=1)) as rec:
+        store = rec.store
+        await store.create("a", image_request())
+        keyed, created = await store.create("a", image_request(request_id="k"))
+        again, created_again = await store.create("a", image_request(request_id="k"))
+        assert (created, created_again, again.id, again.queue_position) == (True, False, keyed.id, 2)
+        rows = await store.backend.read(lambda tx: tx.fetchval("SELECT COUNT(*) FROM backlog"))
+        held = await store.backend.read(lambda tx: tx.fetchval("SELECT SUM(held) FROM fair_tenants"))
+        assert (int(rows), int(held)) == (1, 1)
+
+
+async def test_two_releasers_on_one_database_fill_the_room_once(db: Database) -> None:
+    """Replicas release the same lane at the same moment (PostgreSQL: two stores on one
+    database; SQLite: one store, releases racing on its one writer): together they release
+    exactly the room, each task once, in one fair order."""
+    async with opened(db, fair=fair(buffer=1)) as rec:
+        clock = rec.clock
+        made = [(await rec.store.create(f"t{i % 7}", image_request()))[0] for i in range(60)]
+    # Restarted with a buffer of 21: 1 job released, room for 20.
+    async with opened(db, clock, fair=fair(buffer=21)) as one, opened(db, clock, fair=fair(buffer=21)) as two:
+        stores = [one.store] if db.kind == "sqlite" else [one.store, two.store]
+        results = await asyncio.gather(*(s.release_held(IMAGE) for s in stores for _ in range(3)))
+        assert sum(count for count, _ in results) == 20
+        ids = await outbox_ids(one.store)
+        assert len(ids) == len(set(ids)) == 21
+        assert ids[0] == made[0].id
+        # 7 tenants of equal weight, none served before: turns go round them in name order.
+        tenants = [await tenant_of(one.store, i) for i in ids[1:]]
+        assert tenants == [f"t{i % 7}" for i in range(20)]
+
+
+async def test_a_bad_tenants_file_stops_start_up_with_its_message(tmp_path: Path) -> None:
+    bad = tmp_path / "tenants.toml"
+    bad.write_text("[tenants.acme]\nweight = 0\n")
+    settings = Settings(data_dir=tmp_path, nats_url="nats://127.0.0.1:1", tenants_file=bad)
+    with pytest.raises(SystemExit) as stopped:
+        await TaskStoreApp(settings, listen_addr="127.0.0.1:0").start()
+    assert "CHARAI_TENANTS_FILE: tenants.acme.weight must be a whole number from 1 to 1000" in str(
+        stopped.value
+    )
