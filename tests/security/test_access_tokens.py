@@ -228,6 +228,13 @@ ROWS: dict[str, Row] = {
         "ACCESS_TOKEN_SCOPE",
         rest=False,
     ),
+    "usage and budgets": Row(
+        "GetUsage",
+        lambda w: task_service_pb2.GetUsageRequest(),
+        DENIED,
+        "ACCESS_TOKEN_SCOPE",
+        rest=False,
+    ),
     "re-run a task": Row(
         "RetryTask",
         lambda w: task_service_pb2.RetryTaskRequest(id=w.mine.id),
