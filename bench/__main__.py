@@ -33,7 +33,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     rep.add_argument("--md", type=Path, default=ROOT / "BENCHMARKS.md")
     run = sub.add_parser("run", help="run shapes and write the results")
     run.add_argument(
-        "--shape", default="B1,B2,B3,B4,B5,B6,B7,W1,E1", help="comma-separated, e.g. B1 or B2,B4"
+        "--shape", default="B1,B2,B3,B4,B5,B6,B8,B7,W1,E1,F1", help="comma-separated, e.g. B1 or B2,B4"
     )
     run.add_argument(
         "--runs", type=int, default=None, help="measured runs per system (default 3; 1 with --quick)"

@@ -190,7 +190,7 @@ async def _b1_once(client: CharaiClient, character: str, n: int, interval: float
 
     async def one(i: int) -> None:
         wall, t0 = time.time(), time.perf_counter()
-        task = await client.create(tts_request(character, f"pickup {i}"))
+        task = await client.create(tts_request(character, f"pickup {character} {i}"))
         submitted[task.id] = (t0, wall, (time.perf_counter() - t0) * 1000)
 
     start = time.perf_counter()
@@ -469,7 +469,8 @@ async def _b5_once(
 ) -> dict[str, Any]:
     ids: list[str] = []
     for k in range(tasks):
-        ids.append((await client.create(tts_request(f"{prefix}-{k}", "streams"))).id)
+        # A line of its own each: identical lines would be reused (one claim runs, the rest wait).
+        ids.append((await client.create(tts_request(f"{prefix}-{k}", f"streams {k}"))).id)
     gateway = pid(s, "gateway")
     rss0 = rss_kb(gateway)
     received: list[dict[str, float]] = [{} for _ in range(streams)]  # per stream: "task:progress" -> wall

@@ -64,6 +64,20 @@ HEADLINES: dict[str, list[tuple[str, str, list[str]]]] = {
         ("429s, % of calls", "pct_429", ["charai"]),
         ("queue wait p99, s", "queue_wait_s_p99", ["charai"]),
     ],
+    "B8": [
+        ("max calls in flight, both workers", "max_in_flight", ["charai"]),
+        ("learned limit (max)", "learned_limit_max", ["charai"]),
+        ("429s, % of calls", "pct_429", ["charai"]),
+        ("makespan / ideal", "makespan_vs_ideal", ["charai"]),
+    ],
+    "F1": [
+        ("B's first start after, s", "b_first_wait_s", ["charai"]),
+        ("B's first start, provider calls", "b_first_wait_calls", ["charai"]),
+        ("A's tasks started in between", "a_started_between", ["charai"]),
+        ("makespan / ideal", "makespan_vs_ideal", ["charai"]),
+        ("releases/s, many tenants", "releases_per_s", ["charai-release"]),
+        ("releases/s, a tenth of the tenants", "few_tenants_releases_per_s", ["charai-release"]),
+    ],
     "E1": [
         ("|error| of estimated wait, median %", "abs_error_pct_median", ["charai"]),
         ("|error| p90 %", "abs_error_pct_p90", ["charai"]),

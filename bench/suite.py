@@ -1,4 +1,4 @@
-"""The shapes B1-B7: charai, each peer and each floor measured in the same run, and the goals."""
+"""The shapes B1-B8: charai, each peer and each floor measured in the same run, and the goals."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from bench import batch, eta, floors, ours, peers, webhooks
+from bench import b8 as shared
+from bench import batch, eta, fairness, floors, ours, peers, webhooks
 from bench.common import emulator, log, summarize
 from bench.ours import Draws, ideal_makespan
 
@@ -34,13 +35,29 @@ FULL = {
     "B4": 10.0,
     "B5": 1000,
     "B6": 1000,
+    "B8": 1000,
     "B7": 200,
     "W1": 10000,
     "E1": 600,
+    "F1": 500,
 }
-QUICK = {"B1": 30, "B2": 200, "B3": 100, "B4": 2.0, "B5": 100, "B6": 200, "B7": 20, "W1": 200, "E1": 120}
-LATENCY = {"B3": (1.0, 2.0), "B6": (0.5, 1.0), "E1": (0.4, 0.6)}
-QUICK_LATENCY = {"B3": (0.1, 0.2), "B6": (0.05, 0.1), "E1": (0.2, 0.3)}
+QUICK = {
+    "B1": 30,
+    "B2": 200,
+    "B3": 100,
+    "B4": 2.0,
+    "B5": 100,
+    "B6": 200,
+    "B8": 200,
+    "B7": 20,
+    "W1": 200,
+    "E1": 120,
+    "F1": 100,
+}
+LATENCY = {"B3": (1.0, 2.0), "B6": (0.5, 1.0), "B8": (1.0, 2.0), "E1": (0.4, 0.6), "F1": (0.1, 0.2)}
+QUICK_LATENCY = {"B3": (0.1, 0.2), "B6": (0.05, 0.1), "B8": (0.2, 0.4), "E1": (0.2, 0.3), "F1": (0.05, 0.1)}
+#: F1: tenants each holding work, and tasks each (the release-rate figure).
+FAIR_TENANTS = {"full": (10_000, 5), "quick": (1_000, 5)}
 
 
 def _latency(o: Options, shape: str) -> tuple[float, float]:
@@ -486,6 +503,34 @@ async def b6(o: Options) -> dict[str, Any]:
     return out
 
 
+# -- B8 -----------------------------------------------------------------------------------------
+async def b8(o: Options) -> dict[str, Any]:
+    n = _n(o, "B8")
+    lo, hi = _latency(o, "B8")
+    out: dict[str, Any] = {
+        "title": "Two image workers share one provider limit (provider admits 50)",
+        "params": {"tasks": n, "latency_s": [lo, hi], "provider_limit": 50, "workers": 2, "runs": o.runs},
+        "systems": {},
+    }
+    out["systems"]["charai"] = system(
+        await shared.b8(o.runs, n, lo, hi, warmup=min(n, 200)),
+        what="two image_worker processes (64 jobs each), one credential, limit shared through NATS KV",
+    )
+    learned = med(out, "charai", "learned_limit_max")
+    out["goals"] = [
+        goal("429s, % of provider calls", med(out, "charai", "pct_429"), 2.0, "le", "%", "2 %"),
+        goal(
+            "max combined in flight",
+            med(out, "charai", "max_in_flight"),
+            learned + 3 if learned else None,
+            "le",
+            "",
+            "learned limit + 3",
+        ),
+    ]
+    return out
+
+
 # -- B7 -----------------------------------------------------------------------------------------
 async def b7(o: Options) -> dict[str, Any]:
     n = _n(o, "B7")
@@ -580,6 +625,54 @@ async def e1(o: Options) -> dict[str, Any]:
     return out
 
 
+# -- F1 -----------------------------------------------------------------------------------------
+async def f1(o: Options) -> dict[str, Any]:
+    n = _n(o, "F1")
+    lo, hi = _latency(o, "F1")
+    tenants, per_tenant = FAIR_TENANTS["quick" if o.quick else "full"]
+    out: dict[str, Any] = {
+        "title": "Fair share between tenants (provider admits 2)",
+        "params": {
+            "a_tasks": n,
+            "b_tasks": fairness.B_TASKS,
+            "latency_s": [lo, hi],
+            "provider_limit": fairness.SLOTS,
+            "release_tenants": tenants,
+            "held_per_tenant": per_tenant,
+            "runs": o.runs,
+        },
+        "systems": {},
+    }
+    out["systems"]["charai"] = system(
+        await fairness.f1(o.runs, n, lo, hi),
+        what="tenant A queues n slow tasks, then B queues 5 once the lane runs (buffer = the 2 slots)",
+    )
+    out["systems"]["charai-release"] = system(
+        await fairness.release_rates(1, tenants, per_tenant),
+        what=f"{tenants} tenants x {per_tenant} held tasks on SQLite, released 256 per transaction",
+    )
+    out["goals"] = [
+        goal(
+            "A's tasks started before B's first",
+            med(out, "charai", "a_started_between"),
+            float(fairness.ROUND),
+            "le",
+            "",
+            "one round (buffer, slots + prefetch)",
+        ),
+        goal("makespan / ideal", med(out, "charai", "makespan_vs_ideal"), 1.15, "le", "x", "1.15x ideal"),
+        goal(
+            f"releases/s, {tenants} tenants vs a tenth of them",
+            med(out, "charai-release", "rate_vs_few_tenants"),
+            0.5,
+            "ge",
+            "x",
+            ">= 0.5x (a scan per release: 0.1x)",
+        ),
+    ]
+    return out
+
+
 SHAPES: dict[str, Callable[[Options], Awaitable[dict[str, Any]]]] = {
     "B1": b1,
     "B2": b2,
@@ -587,9 +680,11 @@ SHAPES: dict[str, Callable[[Options], Awaitable[dict[str, Any]]]] = {
     "B4": b4,
     "B5": b5,
     "B6": b6,
+    "B8": b8,
     "B7": b7,
     "W1": w1,
     "E1": e1,
+    "F1": f1,
 }
 
 

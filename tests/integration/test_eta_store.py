@@ -23,7 +23,7 @@ async def test_queued_and_running_tasks_carry_estimates(rec: Recorded) -> None:
     running: list[tuple[str, int]] = []
     for task in tasks[:6]:
         claim = await store.claim(task.id, 1, "w")
-        assert claim.outcome == RUN
+        assert claim.outcome == RUN and claim.task is not None
         running.append((task.id, claim.task.attempt))
         if len(running) > 2:
             done_id, attempt = running.pop(0)

@@ -61,8 +61,14 @@ def task(status: Status, **changes: Any) -> TaskState:
     return TaskState(status=status, max_attempts=3, **{**base[status], **changes})
 
 
+#: Identical requests found for a claim (reuse): one completed, one running for 4 s.
+DONE_TWIN = lc.Twin(C, start_time=NOW - 9 * S)
+RUNNING_TWIN = lc.Twin(R, start_time=NOW - 4 * S)
+
 COMMANDS: dict[str, lc.Command] = {
     "claim": lc.Claim("w1"),
+    "claim_done_twin": lc.Claim("w1", twin=DONE_TWIN),
+    "claim_running_twin": lc.Claim("w1", twin=RUNNING_TWIN),
     "report": lc.Report(attempt=1, progress=50, stage="generating"),
     "complete": lc.Complete(attempt=1),
     "fail": lc.Fail(attempt=1, error=LOST),
@@ -95,6 +101,18 @@ EXPECTED: dict[tuple[Status, str], tuple[str, tuple[str, ...], int | None]] = {
     (C, "claim"): ("DONE", (), None),
     (F, "claim"): ("DONE", (), None),
     (X, "claim"): ("DONE", (), None),
+    # An identical request completed: its result is reused, the task completes in the claim.
+    (Q, "claim_done_twin"): ("REUSED", ("STARTED", "COMPLETED"), None),
+    (R, "claim_done_twin"): ("DEFER", (), None),  # only a claim that would start an attempt
+    (C, "claim_done_twin"): ("DONE", (), None),
+    (F, "claim_done_twin"): ("DONE", (), None),
+    (X, "claim_done_twin"): ("DONE", (), None),
+    # An identical request is running: wait for it (then reuse, or run if it failed).
+    (Q, "claim_running_twin"): ("DEFER", (), None),
+    (R, "claim_running_twin"): ("DEFER", (), None),
+    (C, "claim_running_twin"): ("DONE", (), None),
+    (F, "claim_running_twin"): ("DONE", (), None),
+    (X, "claim_running_twin"): ("DONE", (), None),
     (Q, "report"): ("STALE_ATTEMPT", (), None),  # a queued task has no running attempt
     (R, "report"): ("RUNNING", ("PROGRESS",), None),
     (C, "report"): ("TASK_ENDED", (), None),
@@ -218,6 +236,64 @@ def test_the_holders_claim_asked_again_after_a_lost_answer_is_answered_again() -
     for claim in (lc.Claim("w1"), lc.Claim("w2", again=True), lc.Claim(again=True)):
         answer = lc.claim(running, claim, NOW, POLICY).answer
         assert answer == lc.ClaimAnswer(ClaimOutcome.DEFER, retry_after=5.0), claim
+
+
+def test_a_claim_with_a_completed_twin_starts_and_completes_at_once() -> None:
+    waiting = task(Q, attempt=1, progress=30, start_time=NOW - 9 * S, error=LOST)
+    decision = lc.claim(waiting, lc.Claim("w1", twin=DONE_TWIN), NOW, POLICY)
+    assert decision.answer == lc.ClaimAnswer(ClaimOutcome.REUSED, attempt=2)
+    started, completed = decision.events
+    assert (started.type, started.state.status, started.state.progress) == (EventType.STARTED, R, 30)
+    assert started.state.lease_owner == "w1"
+    s = completed.state
+    assert (completed.type, s.status, s.progress, s.stage) == (EventType.COMPLETED, C, 100, Stage.COMPLETED)
+    assert (s.attempt, s.error, s.lease_expires, s.end_time) == (2, None, None, NOW)
+    assert s.start_time == NOW - 9 * S and decision.state == s
+
+
+def test_a_claim_with_a_running_twin_waits_longer_the_longer_it_has_run() -> None:
+    def wait(running_for: float) -> float:
+        twin = lc.Twin(R, start_time=NOW - int(running_for * S))
+        decision = lc.claim(task(Q), lc.Claim("w1", twin=twin), NOW, POLICY)
+        assert decision.events == () and decision.state == task(Q)
+        answer = decision.answer
+        assert isinstance(answer, lc.ClaimAnswer) and answer.outcome is ClaimOutcome.DEFER
+        return answer.retry_after
+
+    assert wait(0) == lc.TWIN_WAIT_MIN
+    assert wait(4) == 2.0
+    assert wait(600) == lc.TWIN_WAIT_MAX
+    # A twin without a start time (never seen started) is waited for the shortest time.
+    no_start = lc.claim(task(Q), lc.Claim(twin=lc.Twin(R)), NOW, POLICY).answer
+    assert no_start == lc.ClaimAnswer(ClaimOutcome.DEFER, retry_after=lc.TWIN_WAIT_MIN)
+
+
+def test_a_twin_that_failed_queued_or_was_cancelled_changes_nothing() -> None:
+    plain = lc.claim(task(Q), lc.Claim("w1"), NOW, POLICY)
+    for status in (Q, F, X):
+        assert lc.claim(task(Q), lc.Claim("w1", twin=lc.Twin(status, NOW - S)), NOW, POLICY) == plain
+
+
+def test_a_twin_matters_only_to_a_claim_that_starts_an_attempt() -> None:
+    # The holder asking again gets its attempt back; a live lease, a retry not due and an ended
+    # task are answered as without a twin.
+    running = task(R, lease_expires=NOW + 5 * S, lease_owner="w1")
+    for twin in (DONE_TWIN, RUNNING_TWIN):
+        again = lc.claim(running, lc.Claim("w1", again=True, twin=twin), NOW, POLICY)
+        assert again.answer == lc.ClaimAnswer(ClaimOutcome.RUN, attempt=1) and again.events == ()
+        held = lc.claim(running, lc.Claim("w2", twin=twin), NOW, POLICY)
+        assert held.answer == lc.ClaimAnswer(ClaimOutcome.DEFER, retry_after=5.0)
+        due_later = task(Q, attempt=1, next_attempt_time=NOW + 2 * S, error=LOST)
+        early = lc.claim(due_later, lc.Claim(twin=twin), NOW, POLICY)
+        assert early.answer == lc.ClaimAnswer(ClaimOutcome.DEFER, retry_after=2.0)
+
+
+def test_a_lost_workers_task_is_taken_over_by_reuse_when_its_twin_completed() -> None:
+    expired = task(R, lease_expires=NOW - 1, lease_owner="w1")
+    decision = lc.claim(expired, lc.Claim("w2", twin=DONE_TWIN), NOW, POLICY)
+    assert decision.answer == lc.ClaimAnswer(ClaimOutcome.REUSED, attempt=2)
+    assert [e.type for e in decision.events] == [EventType.STARTED, EventType.COMPLETED]
+    assert (decision.state.status, decision.state.error) == (C, None)
 
 
 def test_a_lost_worker_on_the_last_allowed_attempt_fails_the_task() -> None:
@@ -416,16 +492,35 @@ class OneTask(RuleBasedStateMachine):
     def time_passes(self, seconds: int) -> None:
         self.now += seconds * S
 
-    @rule(worker=st.sampled_from(["w1", "w2"]), again=st.booleans())
-    def claim(self, worker: str, again: bool) -> None:
+    @rule(
+        worker=st.sampled_from(["w1", "w2"]),
+        again=st.booleans(),
+        twin=st.none() | st.sampled_from(list(Status)),
+        twin_age=st.integers(0, 60),
+    )
+    def claim(self, worker: str, again: bool, twin: Status | None, twin_age: int) -> None:
         before = self.state
-        decision = self.run(lc.Claim(worker, again))
+        seen = None if twin is None else lc.Twin(twin, start_time=self.now - twin_age * S)
+        decision = self.run(lc.Claim(worker, again, seen))
         answer = decision.answer
-        if isinstance(answer, lc.ClaimAnswer) and answer.outcome is ClaimOutcome.RUN:
+        assert isinstance(answer, lc.ClaimAnswer)
+        if answer.outcome is ClaimOutcome.RUN:
             assert answer.attempt == self.state.attempt
             if not decision.events:  # answered again: only its holder, asking again, in time
                 assert again and before.lease_owner == worker and before.status is R
+            else:  # a new attempt runs only when no twin is done or running
+                assert twin not in (C, R)
             self.issued.append(answer.attempt)
+        if answer.outcome is ClaimOutcome.REUSED:  # a completed twin: done in the claim
+            assert twin is C and answer.attempt == self.state.attempt == before.attempt + 1
+            assert [e.type for e in decision.events] == [EventType.STARTED, EventType.COMPLETED]
+            assert self.state.status is C
+            self.issued.append(answer.attempt)
+        elif answer.outcome is ClaimOutcome.DEFER:
+            assert decision.events == () and answer.retry_after >= 0
+            due = before.next_attempt_time is None or before.next_attempt_time <= self.now
+            if twin is R and before.status is Q and due:  # waits for the twin, within bounds
+                assert lc.TWIN_WAIT_MIN <= answer.retry_after <= lc.TWIN_WAIT_MAX
 
     @rule(pick=st.integers(0, 10), progress=st.integers(-50, 150), stage=st.sampled_from(["", "generating"]))
     def report(self, pick: int, progress: int, stage: str) -> None:

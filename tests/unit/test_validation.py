@@ -210,6 +210,15 @@ def test_limits_are_inclusive() -> None:
     validate_create(req)
 
 
+def test_an_image_seed_is_a_whole_number_a_javascript_client_keeps_exact() -> None:
+    validate_create(seed_image(seed=0))
+    validate_create(seed_image(seed=validation.MAX_SEED))
+    validate_create(seed_tts(reuse=False))
+    for bad in (-1, validation.MAX_SEED + 1, 2**63 - 1):
+        found = violations(seed_image(seed=bad))
+        assert found == {"image.seed": f"must be a whole number from 0 to {validation.MAX_SEED}"}, bad
+
+
 def test_prompt_may_contain_tabs_and_newlines() -> None:
     validate_create(seed_image(prompt="line one\n\tline two\r\n"))
 

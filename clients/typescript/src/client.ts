@@ -24,6 +24,8 @@ import {
 import {
   type CreateTaskRequest,
   CreateTaskRequestSchema,
+  GetUsageRequestSchema,
+  type GetUsageResponse,
   TaskService,
   type WatchTaskResponse,
   type WatchTasksResponse,
@@ -90,6 +92,15 @@ export interface SubmitImageParams extends SubmitCommon {
   resolution: string;
   /** A costume variant (the callback type is then `character_costume`). */
   costumeId?: string;
+  /**
+   * Makes the request repeatable (0 to 2^53-1): an identical request with the same seed reuses
+   * the image instead of generating a new one (README, "Identical requests are reused").
+   */
+  seed?: number;
+  /** Image quality where the model has it (OpenAI: `standard`/`hd` for DALL-E 3, `low`..`high`/`auto` for GPT image). */
+  quality?: string;
+  /** `png`, `jpeg` or `webp` where the model can produce them (OpenAI GPT image models). */
+  outputFormat?: string;
 }
 
 /** TTS options of the seed (`TTSOptions`). */
@@ -100,6 +111,11 @@ export interface TTSOptions {
   volume?: number;
   /** "wav" (default), "pcm" or "mp3". */
   responseFormat?: "wav" | "pcm" | "mp3";
+  /**
+   * `false`: call the provider even when an identical request's audio could be reused (default:
+   * reused; README, "Identical requests are reused").
+   */
+  reuse?: boolean;
 }
 
 /** `submitTTSTask` parameters (the seed's, plus the optional ones). */
@@ -204,8 +220,24 @@ export interface CharaiClient {
     onEvent: (event: TaskEvent) => void,
     options?: WatchCharacterOptions,
   ): Promise<void>;
+  /**
+   * Metered usage and cost by tenant, provider, model and UTC day, with the tenant's budgets
+   * (GetUsage; README, "Usage and budgets"). Days are "YYYY-MM-DD"; default: this month so far.
+   * A tenant sees its own; operators may name another `tenant` or ask for `allTenants`.
+   */
+  getUsage(query?: UsageQuery, options?: { signal?: AbortSignal }): Promise<GetUsageResponse>;
   /** The generated connect client, for anything else (e.g. paging ListTasks yourself). */
   readonly raw: Client<typeof TaskService>;
+}
+
+/** `getUsage` filters (all optional). */
+export interface UsageQuery {
+  tenant?: string;
+  allTenants?: boolean;
+  startDay?: string;
+  endDay?: string;
+  pageSize?: number;
+  pageToken?: string;
 }
 
 const PRIORITIES: Record<string, Priority> = {
@@ -252,6 +284,9 @@ function imageRequest(params: SubmitImageParams, priorityField?: string): Create
         resolution: params.resolution,
         viewType: params.viewType,
         costumeId,
+        ...(params.seed !== undefined ? { seed: BigInt(params.seed) } : {}),
+        quality: params.quality ?? "",
+        outputFormat: params.outputFormat ?? "",
         callback: create(CallbackSchema, {
           type: costumeId ? "character_costume" : "character_view",
           characterId: params.characterId,
@@ -281,6 +316,7 @@ function ttsRequest(params: SubmitTTSParams, priorityField?: string): CreateTask
         ...(o.speed !== undefined ? { speed: o.speed } : {}),
         ...(o.volume !== undefined ? { volume: o.volume } : {}),
         responseFormat: o.responseFormat ?? "",
+        ...(o.reuse !== undefined ? { reuse: o.reuse } : {}),
         callback: create(CallbackSchema, { type: "character_voice", characterId: params.characterId }),
       }),
     },
@@ -495,6 +531,10 @@ export function createCharaiClient(options: CharaiClientOptions): CharaiClient {
     }
   }
 
+  async function getUsage(query: UsageQuery = {}, opts?: { signal?: AbortSignal }): Promise<GetUsageResponse> {
+    return raw.getUsage(create(GetUsageRequestSchema, query), unary(opts?.signal));
+  }
+
   return {
     submitImageTask,
     submitTTSTask,
@@ -504,6 +544,7 @@ export function createCharaiClient(options: CharaiClientOptions): CharaiClient {
     cancelTask,
     watchTask,
     watchCharacter,
+    getUsage,
     raw,
   };
 }

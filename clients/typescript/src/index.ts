@@ -21,6 +21,7 @@ export {
   type SubmitImageParams,
   type SubmitTTSParams,
   type TTSOptions,
+  type UsageQuery,
   type WatchCharacterOptions,
   type WatchOptions,
 } from "./client.js";

@@ -38,6 +38,8 @@ export function toSeedTask(task: Task): seed.Task {
     if (result["durationSeconds"] !== undefined) result["duration"] = result["durationSeconds"]; // the seed's name
   }
   if (result && typeof result["sizeBytes"] === "string") result["sizeBytes"] = Number(result["sizeBytes"]);
+  if (result) result["reused"] = result["reused"] === true; // always said, as the REST routes do
+  if (payload && typeof payload["seed"] === "string") payload["seed"] = Number(payload["seed"]);
   const error = task.error;
   let errorDetail: seed.TaskErrorDetail | null = null;
   if (error) {

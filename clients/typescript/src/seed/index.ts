@@ -86,6 +86,10 @@ export interface SubmitImageParams {
   metadata?: Record<string, string>;
   /** Idempotency: the same id returns the same task instead of creating a second one. */
   requestId?: string;
+  /** Image quality where the model has it (README, "Using OpenAI or an OpenAI-compatible server"). */
+  quality?: string;
+  /** `png`, `jpeg` or `webp` where the model can produce them. */
+  outputFormat?: string;
 }
 
 /** `submitTTSTask` parameters: the seed's, plus optional extras. */
@@ -228,6 +232,8 @@ function imageBody(params: SubmitImageParams): Record<string, unknown> {
       prompt: params.prompt,
       resolution: params.resolution,
       ...(params.costumeId ? { costumeId: params.costumeId } : {}),
+      ...(params.quality ? { quality: params.quality } : {}),
+      ...(params.outputFormat ? { outputFormat: params.outputFormat } : {}),
       callback,
     },
     ...(params.metadata ? { metadata: params.metadata } : {}),

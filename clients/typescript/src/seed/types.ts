@@ -30,6 +30,8 @@ export interface ImageGenerationPayload {
   viewType: ViewType;
   costumeId?: string;
   callback?: TaskCallback;
+  /** Makes the request repeatable: an identical request with the same seed reuses the image. */
+  seed?: number;
 }
 
 export interface ImageGenerationResult {
@@ -42,6 +44,10 @@ export interface ImageGenerationResult {
   width?: number;
   height?: number;
   sizeBytes?: number;
+  /** True when no provider call was made: the image of an identical earlier request (same URL object). */
+  reused: boolean;
+  /** When reused: the task whose provider call made the image. */
+  reusedFromTaskId?: string;
 }
 
 /** The seed's `TTSOptions`. */
@@ -52,6 +58,8 @@ export interface TTSOptions {
   volume?: number;
   /** "wav" (default), "pcm" or "mp3". */
   responseFormat?: "wav" | "pcm" | "mp3";
+  /** `false`: call the provider even when an identical request's audio could be reused. */
+  reuse?: boolean;
 }
 
 export interface TTSGenerationPayload extends TTSOptions {
@@ -73,6 +81,10 @@ export interface TTSGenerationResult {
   generatedAt: string;
   contentType?: string;
   sizeBytes?: number;
+  /** True when no provider call was made: the audio of an identical earlier request (same media object). */
+  reused: boolean;
+  /** When reused: the task whose provider call made the audio. */
+  reusedFromTaskId?: string;
 }
 
 /** The structured error of a failed task (`error` is its message). */

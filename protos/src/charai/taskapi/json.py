@@ -32,7 +32,20 @@ def result_json(task: task_pb2.Task) -> dict[str, Any] | None:
         result["sizeBytes"] = int(result["sizeBytes"])
     if kind == "tts_result" and "durationSeconds" in result:
         result["duration"] = result["durationSeconds"]  # the seed's TTSGenerationResult.duration
+    # Always said: whether the result came from an identical earlier request (no provider call).
+    result["reused"] = bool(result.get("reused", False))
     return result
+
+
+def payload_json(task: task_pb2.Task) -> dict[str, Any] | None:
+    """The payload in lowerCamelCase, numbers as numbers (an image's int64 ``seed`` too)."""
+    kind = task.WhichOneof("payload")
+    if kind is None:
+        return None
+    payload = _message(getattr(task, kind))
+    if "seed" in payload:
+        payload["seed"] = int(payload["seed"])
+    return payload
 
 
 def error_json(task: task_pb2.Task) -> dict[str, Any] | None:
@@ -51,9 +64,28 @@ def error_json(task: task_pb2.Task) -> dict[str, Any] | None:
     return out
 
 
+def usage_json(task: task_pb2.Task) -> dict[str, Any] | None:
+    """What the task's provider calls used and cost (README, "Usage and budgets"), every figure
+    present; None before anything was metered."""
+    if not task.HasField("usage"):
+        return None
+    u = task.usage
+    return {
+        "provider": u.provider,
+        "model": u.model,
+        "calls": u.calls,
+        "images": u.images,
+        "imageSize": u.image_size,
+        "imageQuality": u.image_quality,
+        "speechCharacters": u.speech_characters,
+        "audioSeconds": u.audio_seconds,
+        "costUsd": u.cost_usd,
+        "reused": u.reused,
+    }
+
+
 def task_json(task: task_pb2.Task) -> dict[str, Any]:
     """A task as the seed's frontend reads it: status strings, payload/result in lowerCamelCase."""
-    kind = task.WhichOneof("payload")
     return {
         "id": task.id,
         "type": _TYPE_NAMES.get(task.type),
@@ -62,7 +94,7 @@ def task_json(task: task_pb2.Task) -> dict[str, Any]:
         "progress": task.progress,
         "stage": task.stage,
         "metadata": dict(task.metadata),
-        "payload": _message(getattr(task, kind)) if kind else None,
+        "payload": payload_json(task),
         "result": result_json(task),
         # The seed prints `${task.error}`: the message itself; the structure is errorDetail.
         "error": task.error.message if task.HasField("error") else None,
@@ -81,4 +113,5 @@ def task_json(task: task_pb2.Task) -> dict[str, Any]:
         "webhook": {"url": task.webhook.url, "events": list(task.webhook.events)}
         if task.HasField("webhook")
         else None,
+        "usage": usage_json(task),
     }

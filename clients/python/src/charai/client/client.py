@@ -247,8 +247,12 @@ class CharaiClient:
 
     async def queue_stats(self) -> list[task_service_pb2.LaneStats]:
         """Depth, in-flight, throughput and median wait of every lane (type x priority)."""
-        response = await self._call(self._stub.GetQueueStats, task_service_pb2.GetQueueStatsRequest())
-        return list(response.lanes)
+        return list((await self.operations_stats()).lanes)
+
+    async def operations_stats(self) -> task_service_pb2.GetQueueStatsResponse:
+        """The whole GetQueueStats answer: the lanes, and every provider credential's shared
+        limit and breaker (``providers``)."""
+        return await self._call(self._stub.GetQueueStats, task_service_pb2.GetQueueStatsRequest())  # type: ignore[no-any-return]
 
     async def usage(
         self, *, tenant: str = "", all_tenants: bool = False, start_day: str = "", end_day: str = ""

@@ -353,6 +353,15 @@ class StoreClient:
         """Every lane over all tenants, and the outbox backlog."""
         return await self._stub.GetQueueStats(spb.GetQueueStatsRequest(), timeout=timeout)
 
+    async def get_usage(
+        self, tenant: str, request: task_service_pb2.GetUsageRequest, *, timeout: float | None = None
+    ) -> task_service_pb2.GetUsageResponse:
+        """Usage by tenant, provider, model and day: ``tenant``'s, or every tenant's when empty."""
+        response = await self._stub.GetUsage(
+            spb.GetUsageRequest(tenant=tenant, request=request), timeout=timeout
+        )
+        return response.response
+
     # -- one attempt of a task (workers) --------------------------------------------------
     async def claim_task(
         self,
@@ -393,10 +402,14 @@ class StoreClient:
         *,
         progress: int = 0,
         stage: str = "",
+        usage: task_pb2.Usage | None = None,
         timeout: float | None = None,
     ) -> task_pb2.Task:
-        """Records the attempt's result (with a last progress and stage, when given)."""
-        request = spb.CompleteTaskRequest(task_id=task_id, attempt=attempt, progress=progress, stage=stage)
+        """Records the attempt's result (with a last progress and stage, when given, and what
+        its provider calls used)."""
+        request = spb.CompleteTaskRequest(
+            task_id=task_id, attempt=attempt, progress=progress, stage=stage, usage=usage
+        )
         if isinstance(result, task_pb2.ImageResult):
             request.image_result.CopyFrom(result)
         else:
@@ -414,6 +427,7 @@ class StoreClient:
         error: task_pb2.TaskError,
         *,
         retry_after_seconds: float = 0.0,
+        usage: task_pb2.Usage | None = None,
         timeout: float | None = None,
         batched: bool = True,
     ) -> spb.FailTaskResponse:
@@ -421,7 +435,11 @@ class StoreClient:
         ``batched=False``: a unary call even on a coalescing client (the hand-back at shutdown
         must not wait behind calls stuck on an unreachable task_store)."""
         request = spb.FailTaskRequest(
-            task_id=task_id, attempt=attempt, error=error, retry_after_seconds=retry_after_seconds
+            task_id=task_id,
+            attempt=attempt,
+            error=error,
+            retry_after_seconds=retry_after_seconds,
+            usage=usage,
         )
         answer = await self._command(spb.StoreCommand(fail=request), timeout, batched)
         if answer is not None:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import structlog
 from charai.core.domain.errors import storage_unavailable
 from charai.core.domain.states import Stage
+from charai.core.domain.usage import Metered
 from charai.core.media import MediaStore, media_key
 from charai.tasks.v1 import task_pb2
 from charai.worker.context import JobAbortedError, MediaRef, Result
@@ -44,6 +45,8 @@ class Attempt:
     sending: bool = False
     #: The outcome is being settled: no further progress reports.
     settling: bool = False
+    #: What this attempt's charged provider calls used so far (reported with its outcome).
+    usage: Metered | None = None
 
     def abort(self, reason: str) -> None:
         """Stops the handler: the task ended (cancelled) or this attempt no longer holds it."""
@@ -96,6 +99,10 @@ class AttemptContext:
             raise JobAbortedError(a.abort_reason)
         a.progress, a.stage = max(a.progress, percent), stage
         self._reporter.soon(a)
+
+    def meter(self, usage: Metered) -> None:
+        a = self._attempt
+        a.usage = usage if a.usage is None else a.usage + usage
 
     async def store_media(self, data: bytes, extension: str, content_type: str) -> MediaRef:
         key = media_key(self._task.id, extension)

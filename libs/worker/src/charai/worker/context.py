@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Protocol
 
 from charai.core.domain.states import PROGRESS_CALL_END, PROGRESS_CALL_START, Stage
+from charai.core.domain.usage import Metered
 from charai.core.media import MEDIA_URL_PREFIX
 from charai.tasks.v1 import task_pb2
 from charai.worker.http import ProviderHttp
@@ -60,6 +61,14 @@ class JobContext(Protocol):
 
     async def store_media(self, data: bytes, extension: str, content_type: str) -> MediaRef:
         """Stores media under a key made from the task id, so a retry overwrites, never duplicates."""
+
+    def meter(self, usage: Metered) -> None:
+        """Records what a call the provider charges for used (``charai.core.domain.usage``).
+
+        Call it as soon as the provider has answered with what it charges for, before anything
+        else can fail: it is reported with the attempt's outcome, whether the attempt then
+        completes or fails (e.g. the media store is away), and recorded once per attempt.
+        """
 
 
 Result = task_pb2.ImageResult | task_pb2.TtsResult

@@ -117,6 +117,11 @@ class Jobs:
             await settle_message("ack", msg)
             log.info("job_skipped", reason="task already ended")
             return
+        if claim.outcome == spb.CLAIM_OUTCOME_REUSED:
+            # task_store completed the task with an identical request's result: no provider call.
+            await settle_message("ack", msg)
+            log.info("job_skipped", reason="result reused")
+            return
         if claim.outcome == spb.CLAIM_OUTCOME_DEFER:
             await settle_message("nak", msg, max(0.05, claim.retry_after_seconds))
             return
@@ -149,9 +154,11 @@ class Jobs:
                 # Shutting down past the grace period: hand the job back at once.
                 await self._outcomes.hand_back(running)
                 raise
+            await self._outcomes.report_usage(running)  # what it paid for before it stopped
             await settle_message("ack", running.msg)
             return "aborted"
         except JobAbortedError:
+            await self._outcomes.report_usage(running)
             await settle_message("ack", running.msg)
             return "aborted"
         except ProviderError as exc:

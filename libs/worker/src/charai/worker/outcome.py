@@ -14,6 +14,7 @@ from typing import TypeVar
 import grpc
 import structlog
 from charai.core.domain.errors import ErrorKind
+from charai.core.domain.usage import Metered
 from charai.core.storeclient import StoreClient
 from charai.store.v1 import store_service_pb2 as spb
 from charai.tasks.v1 import task_pb2
@@ -54,6 +55,23 @@ def crash_failure(exc: Exception) -> task_pb2.TaskError:
     )
 
 
+def usage_report(usage: Metered | None) -> task_pb2.Usage | None:
+    """An attempt's metered calls as CompleteTask / FailTask carry them (None: nothing charged)."""
+    if usage is None:
+        return None
+    return task_pb2.Usage(
+        provider=usage.provider,
+        model=usage.model,
+        calls=usage.calls,
+        images=usage.images,
+        image_size=usage.image_size,
+        image_quality=usage.image_quality,
+        speech_characters=usage.speech_characters,
+        audio_seconds=usage.audio_seconds,
+        reused=usage.reused,
+    )
+
+
 async def settle_message(op: str, msg: Msg, delay: float | None = None) -> None:
     """ack / nak / term that never raises: if NATS is unreachable the settle is lost,
     JetStream redelivers after the ack wait, and the store fences the repeat."""
@@ -86,11 +104,13 @@ class Outcomes:
             # A stage task_store has not recorded yet (e.g. 90 % "processing" of a call that
             # answered at once): recorded with the result, one call and one commit for both.
             progress, stage = attempt.progress, attempt.stage
-        task_id, number = attempt.task_id, attempt.attempt
+        task_id, number, usage = attempt.task_id, attempt.attempt, usage_report(attempt.usage)
         try:
             await self._settle(
                 lambda: self._calls.run(
-                    lambda: self._store.complete_task(task_id, number, result, progress=progress, stage=stage)
+                    lambda: self._store.complete_task(
+                        task_id, number, result, progress=progress, stage=stage, usage=usage
+                    )
                 )
             )
         except grpc.aio.AioRpcError as exc:
@@ -106,10 +126,13 @@ class Outcomes:
     async def fail(self, attempt: Attempt, error: task_pb2.TaskError, retry_after: float | None) -> str:
         """Records the failure; the outcome (``retry``, ``failed`` …) and the error code."""
         task_id, number, delay = attempt.task_id, attempt.attempt, retry_after or 0.0
+        usage = usage_report(attempt.usage)
         try:
             response = await self._settle(
                 lambda: self._calls.run(
-                    lambda: self._store.fail_task(task_id, number, error, retry_after_seconds=delay)
+                    lambda: self._store.fail_task(
+                        task_id, number, error, retry_after_seconds=delay, usage=usage
+                    )
                 )
             )
         except grpc.aio.AioRpcError:
@@ -134,7 +157,12 @@ class Outcomes:
         )
         try:
             response = await self._store.fail_task(
-                attempt.task_id, attempt.attempt, error, timeout=self._handback_timeout, batched=False
+                attempt.task_id,
+                attempt.attempt,
+                error,
+                usage=usage_report(attempt.usage),
+                timeout=self._handback_timeout,
+                batched=False,
             )
         except grpc.aio.AioRpcError as exc:
             log.warning("handback_not_recorded", code=exc.code().name)
@@ -142,6 +170,24 @@ class Outcomes:
             return
         outcome = await self._after_fail(attempt.msg, response)
         log.info("job_handed_back", outcome=outcome)
+
+    async def report_usage(self, attempt: Attempt) -> None:
+        """Reports what an aborted attempt (task cancelled, or the attempt lost its hold) paid
+        for before it stopped: a FailTask the store answers IGNORED, recording only the usage.
+        Best effort: nothing to report, or task_store unreachable, leaves it at that."""
+        usage = usage_report(attempt.usage)
+        if usage is None:
+            return
+        error = task_pb2.TaskError(
+            code=int(ErrorKind.INTERNAL),  # type: ignore[arg-type]
+            message=f"attempt {attempt.attempt} was aborted ({attempt.abort_reason or 'cancelled'})",
+        )
+        try:
+            await self._calls.run(
+                lambda: self._store.fail_task(attempt.task_id, attempt.attempt, error, usage=usage)
+            )
+        except grpc.aio.AioRpcError as exc:
+            log.warning("usage_not_reported", code=exc.code().name)
 
     async def _settle(self, call: Callable[[], Awaitable[T]]) -> T:
         """Runs a task_store call that records an attempt's outcome, retrying while task_store is

@@ -35,7 +35,13 @@ class _ClaimOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ClaimOut
     CLAIM_OUTCOME_DONE: _ClaimOutcome.ValueType  # 2
     """Nothing to do (task ended or the delivery is stale): ack the message."""
     CLAIM_OUTCOME_DEFER: _ClaimOutcome.ValueType  # 3
-    """Not yet (retry not due, or another attempt holds a live lease): nak with retry_after_seconds."""
+    """Not yet (retry not due, another attempt holds a live lease, or an identical task is running
+    whose result this one will reuse): nak with retry_after_seconds.
+    """
+    CLAIM_OUTCOME_REUSED: _ClaimOutcome.ValueType  # 4
+    """Nothing to run: an identical task had completed, and the store completed this one with a
+    copy of its result (marked reused) in the claim itself. Ack the message; no provider call.
+    """
 
 class ClaimOutcome(_ClaimOutcome, metaclass=_ClaimOutcomeEnumTypeWrapper):
     """What a worker should do with a delivered job."""
@@ -47,7 +53,13 @@ CLAIM_OUTCOME_RUN: ClaimOutcome.ValueType  # 1
 CLAIM_OUTCOME_DONE: ClaimOutcome.ValueType  # 2
 """Nothing to do (task ended or the delivery is stale): ack the message."""
 CLAIM_OUTCOME_DEFER: ClaimOutcome.ValueType  # 3
-"""Not yet (retry not due, or another attempt holds a live lease): nak with retry_after_seconds."""
+"""Not yet (retry not due, another attempt holds a live lease, or an identical task is running
+whose result this one will reuse): nak with retry_after_seconds.
+"""
+CLAIM_OUTCOME_REUSED: ClaimOutcome.ValueType  # 4
+"""Nothing to run: an identical task had completed, and the store completed this one with a
+copy of its result (marked reused) in the claim itself. Ack the message; no provider call.
+"""
 Global___ClaimOutcome: _TypeAlias = ClaimOutcome  # noqa: Y015
 
 class _FailOutcome:
@@ -461,7 +473,7 @@ class ClaimTaskResponse(_message.Message):
     """How long the lease lasts without a report."""
     @_builtins.property
     def task(self) -> _task_pb2.Task:
-        """The task (RUNNING under attempt when outcome is RUN)."""
+        """The task (RUNNING under attempt when outcome is RUN; COMPLETED with the reused result when REUSED)."""
 
     def __init__(
         self,
@@ -548,6 +560,7 @@ class CompleteTaskRequest(_message.Message):
     TTS_RESULT_FIELD_NUMBER: _builtins.int
     PROGRESS_FIELD_NUMBER: _builtins.int
     STAGE_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """The task id."""
     attempt: _builtins.int
@@ -567,6 +580,12 @@ class CompleteTaskRequest(_message.Message):
     def tts_result(self) -> _task_pb2.TtsResult:
         """Output of a TTS task."""
 
+    @_builtins.property
+    def usage(self) -> _task_pb2.Usage:
+        """What the attempt's provider calls used (unset: nothing charged). Recorded with the result, in
+        its transaction, once per attempt: a repeated CompleteTask does not count it again.
+        """
+
     def __init__(
         self,
         *,
@@ -576,10 +595,11 @@ class CompleteTaskRequest(_message.Message):
         tts_result: _task_pb2.TtsResult | None = ...,
         progress: _builtins.int = ...,
         stage: _builtins.str = ...,
+        usage: _task_pb2.Usage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["image_result", b"image_result", "result", b"result", "tts_result", b"tts_result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["image_result", b"image_result", "result", b"result", "tts_result", b"tts_result", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "image_result", b"image_result", "progress", b"progress", "result", b"result", "stage", b"stage", "task_id", b"task_id", "tts_result", b"tts_result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "image_result", b"image_result", "progress", b"progress", "result", b"result", "stage", b"stage", "task_id", b"task_id", "tts_result", b"tts_result", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["image_result", "tts_result"]  # noqa: Y015
     _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
@@ -621,6 +641,7 @@ class FailTaskRequest(_message.Message):
     ATTEMPT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     RETRY_AFTER_SECONDS_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """The task id."""
     attempt: _builtins.int
@@ -631,6 +652,13 @@ class FailTaskRequest(_message.Message):
     def error(self) -> _task_pb2.TaskError:
         """What went wrong (retryable is the worker's classification)."""
 
+    @_builtins.property
+    def usage(self) -> _task_pb2.Usage:
+        """What the attempt's provider calls used before it failed (e.g. the image was paid for, then
+        the media store failed); unset: nothing charged. Recorded once per attempt, also when the
+        failure itself is IGNORED (stale attempt, task ended): the provider was paid all the same.
+        """
+
     def __init__(
         self,
         *,
@@ -638,10 +666,11 @@ class FailTaskRequest(_message.Message):
         attempt: _builtins.int = ...,
         error: _task_pb2.TaskError | None = ...,
         retry_after_seconds: _builtins.float = ...,
+        usage: _task_pb2.Usage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "error", b"error", "retry_after_seconds", b"retry_after_seconds", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "error", b"error", "retry_after_seconds", b"retry_after_seconds", "task_id", b"task_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -798,21 +827,27 @@ class GetQueueStatsResponse(_message.Message):
 
     LANES_FIELD_NUMBER: _builtins.int
     OUTBOX_BACKLOG_FIELD_NUMBER: _builtins.int
+    PROVIDERS_FIELD_NUMBER: _builtins.int
     outbox_backlog: _builtins.int
     """Jobs in the outbox not yet confirmed published to JetStream."""
     @_builtins.property
     def lanes(self) -> _containers.RepeatedCompositeFieldContainer[_task_service_pb2.LaneStats]:
         """Every lane, including empty ones."""
 
+    @_builtins.property
+    def providers(self) -> _containers.RepeatedCompositeFieldContainer[_task_service_pb2.ProviderState]:
+        """Every provider credential in use (shared limiter and breaker), read from the NATS KV bucket."""
+
     def __init__(
         self,
         *,
         lanes: _abc.Iterable[_task_service_pb2.LaneStats] | None = ...,
         outbox_backlog: _builtins.int = ...,
+        providers: _abc.Iterable[_task_service_pb2.ProviderState] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lanes", b"lanes", "outbox_backlog", b"outbox_backlog"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lanes", b"lanes", "outbox_backlog", b"outbox_backlog", "providers", b"providers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1527,3 +1562,55 @@ class EventBatch(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EventBatch: _TypeAlias = EventBatch  # noqa: Y015
+
+@_typing.final
+class GetUsageRequest(_message.Message):
+    """Request of GetUsage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """Whose usage; empty: every tenant (the gateway allows that to operator tenants only)."""
+    @_builtins.property
+    def request(self) -> _task_service_pb2.GetUsageRequest:
+        """The client's request (its tenant and all_tenants already resolved into tenant)."""
+
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        request: _task_service_pb2.GetUsageRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request", b"request", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUsageRequest: _TypeAlias = GetUsageRequest  # noqa: Y015
+
+@_typing.final
+class GetUsageResponse(_message.Message):
+    """Response of GetUsage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def response(self) -> _task_service_pb2.GetUsageResponse:
+        """The answer for the client."""
+
+    def __init__(
+        self,
+        *,
+        response: _task_service_pb2.GetUsageResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUsageResponse: _TypeAlias = GetUsageResponse  # noqa: Y015

@@ -130,6 +130,11 @@ class TaskStoreServiceStub:
                 request_serializer=charai_dot_store_dot_v1_dot_store__service__pb2.SettleWebhookDeliveryRequest.SerializeToString,
                 response_deserializer=charai_dot_store_dot_v1_dot_store__service__pb2.SettleWebhookDeliveryResponse.FromString,
                 _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/charai.store.v1.TaskStoreService/GetUsage',
+                request_serializer=charai_dot_store_dot_v1_dot_store__service__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=charai_dot_store_dot_v1_dot_store__service__pb2.GetUsageResponse.FromString,
+                _registered_method=True)
         self.Exchange = channel.unary_unary(
                 '/charai.store.v1.TaskStoreService/Exchange',
                 request_serializer=charai_dot_store_dot_v1_dot_store__service__pb2.ExchangeRequest.SerializeToString,
@@ -274,6 +279,13 @@ class TaskStoreServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUsage(self, request, context):
+        """Metered usage by tenant, provider, model and day, and a tenant's budgets (the gateway decides whose).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Exchange(self, request, context):
         """The batched data plane: many creates (single or batch), claims, progress reports and outcomes in one call.
         Each command is decided on its own, exactly as its unary RPC above would decide it (same
@@ -384,6 +396,11 @@ def add_TaskStoreServiceServicer_to_server(servicer, server):
                     servicer.SettleWebhookDelivery,
                     request_deserializer=charai_dot_store_dot_v1_dot_store__service__pb2.SettleWebhookDeliveryRequest.FromString,
                     response_serializer=charai_dot_store_dot_v1_dot_store__service__pb2.SettleWebhookDeliveryResponse.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=charai_dot_store_dot_v1_dot_store__service__pb2.GetUsageRequest.FromString,
+                    response_serializer=charai_dot_store_dot_v1_dot_store__service__pb2.GetUsageResponse.SerializeToString,
             ),
             'Exchange': grpc.unary_unary_rpc_method_handler(
                     servicer.Exchange,
@@ -905,6 +922,33 @@ class TaskStoreService:
             '/charai.store.v1.TaskStoreService/SettleWebhookDelivery',
             charai_dot_store_dot_v1_dot_store__service__pb2.SettleWebhookDeliveryRequest.SerializeToString,
             charai_dot_store_dot_v1_dot_store__service__pb2.SettleWebhookDeliveryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/charai.store.v1.TaskStoreService/GetUsage',
+            charai_dot_store_dot_v1_dot_store__service__pb2.GetUsageRequest.SerializeToString,
+            charai_dot_store_dot_v1_dot_store__service__pb2.GetUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

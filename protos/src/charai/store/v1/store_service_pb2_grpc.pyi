@@ -71,6 +71,8 @@ class TaskStoreServiceStub:
     """A webhook sender takes a published delivery: what to send and how to sign it, or why not now."""
     SettleWebhookDelivery: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.SettleWebhookDeliveryRequest, _store_service_pb2.SettleWebhookDeliveryResponse]
     """A webhook sender reports how an attempt went; the store decides what comes next."""
+    GetUsage: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.GetUsageRequest, _store_service_pb2.GetUsageResponse]
+    """Metered usage by tenant, provider, model and day, and a tenant's budgets (the gateway decides whose)."""
     Exchange: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.ExchangeRequest, _store_service_pb2.ExchangeResponse]
     """The batched data plane: many creates (single or batch), claims, progress reports and outcomes in one call.
     Each command is decided on its own, exactly as its unary RPC above would decide it (same
@@ -124,6 +126,8 @@ class TaskStoreServiceAsyncStub(TaskStoreServiceStub):
     """A webhook sender takes a published delivery: what to send and how to sign it, or why not now."""
     SettleWebhookDelivery: _aio.UnaryUnaryMultiCallable[_store_service_pb2.SettleWebhookDeliveryRequest, _store_service_pb2.SettleWebhookDeliveryResponse]  # type: ignore[assignment]
     """A webhook sender reports how an attempt went; the store decides what comes next."""
+    GetUsage: _aio.UnaryUnaryMultiCallable[_store_service_pb2.GetUsageRequest, _store_service_pb2.GetUsageResponse]  # type: ignore[assignment]
+    """Metered usage by tenant, provider, model and day, and a tenant's budgets (the gateway decides whose)."""
     Exchange: _aio.UnaryUnaryMultiCallable[_store_service_pb2.ExchangeRequest, _store_service_pb2.ExchangeResponse]  # type: ignore[assignment]
     """The batched data plane: many creates (single or batch), claims, progress reports and outcomes in one call.
     Each command is decided on its own, exactly as its unary RPC above would decide it (same
@@ -288,6 +292,14 @@ class TaskStoreServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_store_service_pb2.SettleWebhookDeliveryResponse, _abc.Awaitable[_store_service_pb2.SettleWebhookDeliveryResponse]]:
         """A webhook sender reports how an attempt went; the store decides what comes next."""
+
+    @_abc_1.abstractmethod
+    def GetUsage(
+        self,
+        request: _store_service_pb2.GetUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_service_pb2.GetUsageResponse, _abc.Awaitable[_store_service_pb2.GetUsageResponse]]:
+        """Metered usage by tenant, provider, model and day, and a tenant's budgets (the gateway decides whose)."""
 
     @_abc_1.abstractmethod
     def Exchange(

@@ -619,7 +619,9 @@ class Task(_message.Message):
     max_attempts: _builtins.int
     """Attempts allowed in all."""
     queue_position: _builtins.int
-    """1-based position in its lane while queued; 0 otherwise."""
+    """While queued: 1-based place in the order tasks of its type start in (fair share between
+    tenants: README, "Fair share between tenants"); 0 otherwise.
+    """
     request_id: _builtins.str
     """The request_id the task was created with, if any."""
     @_builtins.property

@@ -22,6 +22,34 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _BreakerState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BreakerStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BreakerState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BREAKER_STATE_UNSPECIFIED: _BreakerState.ValueType  # 0
+    """Not reported."""
+    BREAKER_STATE_CLOSED: _BreakerState.ValueType  # 1
+    """Calls go out."""
+    BREAKER_STATE_OPEN: _BreakerState.ValueType  # 2
+    """Calls fail at once, with the error that opened it and no provider call, until the backoff ends."""
+    BREAKER_STATE_HALF_OPEN: _BreakerState.ValueType  # 3
+    """One call (the probe, across every worker) is trying the provider again."""
+
+class BreakerState(_BreakerState, metaclass=_BreakerStateEnumTypeWrapper):
+    """The state of a provider circuit breaker."""
+
+BREAKER_STATE_UNSPECIFIED: BreakerState.ValueType  # 0
+"""Not reported."""
+BREAKER_STATE_CLOSED: BreakerState.ValueType  # 1
+"""Calls go out."""
+BREAKER_STATE_OPEN: BreakerState.ValueType  # 2
+"""Calls fail at once, with the error that opened it and no provider call, until the backoff ends."""
+BREAKER_STATE_HALF_OPEN: BreakerState.ValueType  # 3
+"""One call (the probe, across every worker) is trying the provider again."""
+Global___BreakerState: _TypeAlias = BreakerState  # noqa: Y015
+
 class _WebhookDeliveryStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -624,22 +652,108 @@ class GetQueueStatsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     LANES_FIELD_NUMBER: _builtins.int
+    PROVIDERS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def lanes(self) -> _containers.RepeatedCompositeFieldContainer[Global___LaneStats]:
         """Every lane, including empty ones, ordered by type then priority (high first)."""
+
+    @_builtins.property
+    def providers(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProviderState]:
+        """Every provider credential in use (its shared limiter and breaker), by type, model and credential."""
 
     def __init__(
         self,
         *,
         lanes: _abc.Iterable[Global___LaneStats] | None = ...,
+        providers: _abc.Iterable[Global___ProviderState] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lanes", b"lanes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lanes", b"lanes", "providers", b"providers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetQueueStatsResponse: _TypeAlias = GetQueueStatsResponse  # noqa: Y015
+
+@_typing.final
+class ProviderState(_message.Message):
+    """One provider credential (dialect, base URL and API key) and model, as every worker shares it:
+    its adaptive limit and its circuit breaker. Read from the NATS KV bucket the workers keep.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREDENTIAL_ID_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    DIALECT_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    BREAKER_STATE_FIELD_NUMBER: _builtins.int
+    BREAKER_REASON_FIELD_NUMBER: _builtins.int
+    BREAKER_MESSAGE_FIELD_NUMBER: _builtins.int
+    BREAKER_RETRY_TIME_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    PAUSED_UNTIL_FIELD_NUMBER: _builtins.int
+    RATE_PER_SECOND_FIELD_NUMBER: _builtins.int
+    WORKERS_FIELD_NUMBER: _builtins.int
+    VERIFIED_FIELD_NUMBER: _builtins.int
+    credential_id: _builtins.str
+    """A short hash of (dialect, base URL, API key) that names the credential; never the key itself."""
+    type: _task_pb2.TaskType.ValueType
+    """The task type its workers run."""
+    dialect: _builtins.str
+    """The API dialect: "zhipu" or "openai"."""
+    model: _builtins.str
+    """The model called."""
+    breaker_state: Global___BreakerState.ValueType
+    """The breaker."""
+    breaker_reason: _task_pb2.ErrorCode.ValueType
+    """Why the breaker opened (PROVIDER_AUTH or QUOTA_EXHAUSTED); unspecified while closed."""
+    breaker_message: _builtins.str
+    """What tasks failed by the open breaker are told."""
+    limit: _builtins.int
+    """Calls allowed in flight at once across every worker (0: no limit learned yet)."""
+    in_flight: _builtins.int
+    """Calls in flight across every worker, as each last reported (every few seconds at least)."""
+    rate_per_second: _builtins.float
+    """Calls per second allowed across every worker (0: no rate limit learned)."""
+    workers: _builtins.int
+    """Workers sharing the credential now."""
+    verified: _builtins.bool
+    """Whether the provider has accepted the credential (a new one is tried with one call first)."""
+    @_builtins.property
+    def breaker_retry_time(self) -> _timestamp_pb2.Timestamp:
+        """When the next half-open probe may go (set while open)."""
+
+    @_builtins.property
+    def paused_until(self) -> _timestamp_pb2.Timestamp:
+        """No call starts before this time (a provider's Retry-After); unset when not paused."""
+
+    def __init__(
+        self,
+        *,
+        credential_id: _builtins.str = ...,
+        type: _task_pb2.TaskType.ValueType = ...,
+        dialect: _builtins.str = ...,
+        model: _builtins.str = ...,
+        breaker_state: Global___BreakerState.ValueType = ...,
+        breaker_reason: _task_pb2.ErrorCode.ValueType = ...,
+        breaker_message: _builtins.str = ...,
+        breaker_retry_time: _timestamp_pb2.Timestamp | None = ...,
+        limit: _builtins.int = ...,
+        in_flight: _builtins.int = ...,
+        paused_until: _timestamp_pb2.Timestamp | None = ...,
+        rate_per_second: _builtins.float = ...,
+        workers: _builtins.int = ...,
+        verified: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["breaker_retry_time", b"breaker_retry_time", "paused_until", b"paused_until"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breaker_message", b"breaker_message", "breaker_reason", b"breaker_reason", "breaker_retry_time", b"breaker_retry_time", "breaker_state", b"breaker_state", "credential_id", b"credential_id", "dialect", b"dialect", "in_flight", b"in_flight", "limit", b"limit", "model", b"model", "paused_until", b"paused_until", "rate_per_second", b"rate_per_second", "type", b"type", "verified", b"verified", "workers", b"workers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProviderState: _TypeAlias = ProviderState  # noqa: Y015
 
 @_typing.final
 class RetryTaskRequest(_message.Message):
@@ -1111,3 +1225,193 @@ class RedeliverWebhookResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RedeliverWebhookResponse: _TypeAlias = RedeliverWebhookResponse  # noqa: Y015
+
+@_typing.final
+class GetUsageRequest(_message.Message):
+    """Request of GetUsage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    ALL_TENANTS_FIELD_NUMBER: _builtins.int
+    START_DAY_FIELD_NUMBER: _builtins.int
+    END_DAY_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """Whose usage: empty for the caller's own tenant; another tenant only for operator tenants."""
+    all_tenants: _builtins.bool
+    """Every tenant's usage (operator tenants only; tenant must be empty)."""
+    start_day: _builtins.str
+    """First day reported, "YYYY-MM-DD" (UTC), inclusive; empty: the first day of the current month."""
+    end_day: _builtins.str
+    """Last day reported, inclusive; empty: today (UTC). At most 366 days after start_day."""
+    page_size: _builtins.int
+    """Rows per page: 1 to 10,000; 0 means 1,000."""
+    page_token: _builtins.str
+    """next_page_token of the previous page, to read the next one."""
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        all_tenants: _builtins.bool = ...,
+        start_day: _builtins.str = ...,
+        end_day: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_tenants", b"all_tenants", "end_day", b"end_day", "page_size", b"page_size", "page_token", b"page_token", "start_day", b"start_day", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUsageRequest: _TypeAlias = GetUsageRequest  # noqa: Y015
+
+@_typing.final
+class UsageRow(_message.Message):
+    """Usage of one tenant, with one provider and model, on one day (UTC)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    DAY_FIELD_NUMBER: _builtins.int
+    CALLS_FIELD_NUMBER: _builtins.int
+    IMAGES_FIELD_NUMBER: _builtins.int
+    SPEECH_CHARACTERS_FIELD_NUMBER: _builtins.int
+    AUDIO_SECONDS_FIELD_NUMBER: _builtins.int
+    COST_USD_FIELD_NUMBER: _builtins.int
+    REUSED_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """The tenant."""
+    provider: _builtins.str
+    """Provider dialect: "zhipu" or "openai"."""
+    model: _builtins.str
+    """The model."""
+    day: _builtins.str
+    """The day, "YYYY-MM-DD" (UTC)."""
+    calls: _builtins.int
+    """Provider calls charged."""
+    images: _builtins.int
+    """Images generated."""
+    speech_characters: _builtins.int
+    """Characters of text spoken."""
+    audio_seconds: _builtins.float
+    """Seconds of audio produced."""
+    cost_usd: _builtins.float
+    """Cost in US dollars (priced when each call was recorded)."""
+    reused: _builtins.int
+    """Results reused from another execution instead of a provider call (no cost)."""
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        provider: _builtins.str = ...,
+        model: _builtins.str = ...,
+        day: _builtins.str = ...,
+        calls: _builtins.int = ...,
+        images: _builtins.int = ...,
+        speech_characters: _builtins.int = ...,
+        audio_seconds: _builtins.float = ...,
+        cost_usd: _builtins.float = ...,
+        reused: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio_seconds", b"audio_seconds", "calls", b"calls", "cost_usd", b"cost_usd", "day", b"day", "images", b"images", "model", b"model", "provider", b"provider", "reused", b"reused", "speech_characters", b"speech_characters", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UsageRow: _TypeAlias = UsageRow  # noqa: Y015
+
+@_typing.final
+class BudgetStatus(_message.Message):
+    """One budget of a tenant (CHARAI_TENANTS_FILE) and what the current period has used of it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    PERIOD_FIELD_NUMBER: _builtins.int
+    UNIT_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    SPENT_FIELD_NUMBER: _builtins.int
+    REACHED_FIELD_NUMBER: _builtins.int
+    PERIOD_END_TIME_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """The tenant."""
+    period: _builtins.str
+    """"day" or "month" (UTC calendar periods)."""
+    unit: _builtins.str
+    """"usd", "images", "speech_characters" or "audio_seconds"."""
+    limit: _builtins.float
+    """The most the period may use."""
+    spent: _builtins.float
+    """Used so far in the current period."""
+    reached: _builtins.bool
+    """Spent reached the limit: new tasks are refused (RESOURCE_EXHAUSTED) until the period ends."""
+    @_builtins.property
+    def period_end_time(self) -> _timestamp_pb2.Timestamp:
+        """When the current period ends (the budget starts afresh)."""
+
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        period: _builtins.str = ...,
+        unit: _builtins.str = ...,
+        limit: _builtins.float = ...,
+        spent: _builtins.float = ...,
+        reached: _builtins.bool = ...,
+        period_end_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["period_end_time", b"period_end_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "period", b"period", "period_end_time", b"period_end_time", "reached", b"reached", "spent", b"spent", "tenant", b"tenant", "unit", b"unit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BudgetStatus: _TypeAlias = BudgetStatus  # noqa: Y015
+
+@_typing.final
+class GetUsageResponse(_message.Message):
+    """Response of GetUsage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROWS_FIELD_NUMBER: _builtins.int
+    BUDGETS_FIELD_NUMBER: _builtins.int
+    START_DAY_FIELD_NUMBER: _builtins.int
+    END_DAY_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    start_day: _builtins.str
+    """The first day reported."""
+    end_day: _builtins.str
+    """The last day reported."""
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageRow]:
+        """Ordered by day, tenant, provider and model."""
+
+    @_builtins.property
+    def budgets(self) -> _containers.RepeatedCompositeFieldContainer[Global___BudgetStatus]:
+        """The budgets of the tenant asked about and their current periods (none for all_tenants)."""
+
+    def __init__(
+        self,
+        *,
+        rows: _abc.Iterable[Global___UsageRow] | None = ...,
+        budgets: _abc.Iterable[Global___BudgetStatus] | None = ...,
+        start_day: _builtins.str = ...,
+        end_day: _builtins.str = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budgets", b"budgets", "end_day", b"end_day", "next_page_token", b"next_page_token", "rows", b"rows", "start_day", b"start_day"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUsageResponse: _TypeAlias = GetUsageResponse  # noqa: Y015

@@ -110,6 +110,11 @@ class TaskServiceStub:
                 request_serializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.RedeliverWebhookRequest.SerializeToString,
                 response_deserializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.RedeliverWebhookResponse.FromString,
                 _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/charai.tasks.v1.TaskService/GetUsage',
+                request_serializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.GetUsageResponse.FromString,
+                _registered_method=True)
 
 
 class TaskServiceServicer:
@@ -237,6 +242,15 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUsage(self, request, context):
+        """Metered usage and cost by tenant, provider, model and day (UTC), with the tenant's budgets. A tenant
+        sees its own; operator tenants (CHARAI_OPERATOR_TENANTS) may ask for another tenant or for all.
+        Tenant key only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -314,6 +328,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.RedeliverWebhook,
                     request_deserializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.RedeliverWebhookRequest.FromString,
                     response_serializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.RedeliverWebhookResponse.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.GetUsageRequest.FromString,
+                    response_serializer=charai_dot_tasks_dot_v1_dot_task__service__pb2.GetUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -722,6 +741,33 @@ class TaskService:
             '/charai.tasks.v1.TaskService/RedeliverWebhook',
             charai_dot_tasks_dot_v1_dot_task__service__pb2.RedeliverWebhookRequest.SerializeToString,
             charai_dot_tasks_dot_v1_dot_task__service__pb2.RedeliverWebhookResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/charai.tasks.v1.TaskService/GetUsage',
+            charai_dot_tasks_dot_v1_dot_task__service__pb2.GetUsageRequest.SerializeToString,
+            charai_dot_tasks_dot_v1_dot_task__service__pb2.GetUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

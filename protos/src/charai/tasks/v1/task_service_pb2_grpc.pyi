@@ -85,6 +85,11 @@ class TaskServiceStub:
     """Sends a delivery again (same webhook-id), or every failed delivery since a time; re-enables a
     disabled endpoint. Tenant key only.
     """
+    GetUsage: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.GetUsageRequest, _task_service_pb2.GetUsageResponse]
+    """Metered usage and cost by tenant, provider, model and day (UTC), with the tenant's budgets. A tenant
+    sees its own; operator tenants (CHARAI_OPERATOR_TENANTS) may ask for another tenant or for all.
+    Tenant key only.
+    """
 
 @_typing.type_check_only
 class TaskServiceAsyncStub(TaskServiceStub):
@@ -142,6 +147,11 @@ class TaskServiceAsyncStub(TaskServiceStub):
     RedeliverWebhook: _aio.UnaryUnaryMultiCallable[_task_service_pb2.RedeliverWebhookRequest, _task_service_pb2.RedeliverWebhookResponse]  # type: ignore[assignment]
     """Sends a delivery again (same webhook-id), or every failed delivery since a time; re-enables a
     disabled endpoint. Tenant key only.
+    """
+    GetUsage: _aio.UnaryUnaryMultiCallable[_task_service_pb2.GetUsageRequest, _task_service_pb2.GetUsageResponse]  # type: ignore[assignment]
+    """Metered usage and cost by tenant, provider, model and day (UTC), with the tenant's budgets. A tenant
+    sees its own; operator tenants (CHARAI_OPERATOR_TENANTS) may ask for another tenant or for all.
+    Tenant key only.
     """
 
 class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -287,6 +297,17 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_task_service_pb2.RedeliverWebhookResponse, _abc.Awaitable[_task_service_pb2.RedeliverWebhookResponse]]:
         """Sends a delivery again (same webhook-id), or every failed delivery since a time; re-enables a
         disabled endpoint. Tenant key only.
+        """
+
+    @_abc_1.abstractmethod
+    def GetUsage(
+        self,
+        request: _task_service_pb2.GetUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_service_pb2.GetUsageResponse, _abc.Awaitable[_task_service_pb2.GetUsageResponse]]:
+        """Metered usage and cost by tenant, provider, model and day (UTC), with the tenant's budgets. A tenant
+        sees its own; operator tenants (CHARAI_OPERATOR_TENANTS) may ask for another tenant or for all.
+        Tenant key only.
         """
 
 def add_TaskServiceServicer_to_server(servicer: TaskServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

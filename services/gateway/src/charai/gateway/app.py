@@ -24,6 +24,7 @@ from charai.core.lifecycle import run_until_signal
 from charai.core.media import MediaStore, UrlSigner
 from charai.core.metrics import Metrics
 from charai.core.metrics_endpoint import MetricsEndpoint
+from charai.core.provider_kv import ProviderStates
 from charai.core.storeclient import StoreClient
 from charai.core.topology import Topology
 from charai.gateway import processes
@@ -131,8 +132,12 @@ class GatewayApp:
         async def dependencies_ok() -> bool:
             return nc.is_connected and await store.serving()
 
+        # Degraded (not down) while a provider credential's breaker is open (NATS KV watch).
+        providers = await stack.enter_async_context(ProviderStates(nc, topology, s.nats_replicas))
         self.health_watcher = await stack.enter_async_context(
-            HealthWatcher(health, [_SERVICE], dependencies_ok, clock=self._clock)
+            HealthWatcher(
+                health, [_SERVICE], dependencies_ok, clock=self._clock, degraded=providers.open_breakers
+            )
         )
         stack.callback(self._end_streams)
         self._announce(tls is not None)
@@ -218,6 +223,7 @@ class GatewayApp:
             health_routes(
                 lambda: self._nc is not None and self._nc.is_connected,
                 lambda: {"open_watch_streams": self.hub.open_streams if self.hub is not None else 0},
+                lambda: self.health_watcher.degraded if self.health_watcher is not None else (),
             )
         )
         app.add_routes(RestApi(loopback).routes())

@@ -245,7 +245,7 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
                 setting="CHARAI_OPERATOR_TENANTS",
             )
         response = await self._store.get_queue_stats(timeout=self._timeout(context))
-        return task_service_pb2.GetQueueStatsResponse(lanes=response.lanes)
+        return task_service_pb2.GetQueueStatsResponse(lanes=response.lanes, providers=response.providers)
 
     async def GetUsage(
         self, request: task_service_pb2.GetUsageRequest, context: Context

@@ -11,6 +11,7 @@ import grpc
 import structlog
 from charai.core import grpcsupport, logs, natsconn
 from charai.core.clock import SYSTEM, Clock
+from charai.core.domain.provider_models import ProviderModels
 from charai.core.domain.retry import RetryPolicy
 from charai.core.health import HealthWatcher
 from charai.core.keys import keys
@@ -18,13 +19,18 @@ from charai.core.lifecycle import run_until_signal
 from charai.core.media import MediaStore
 from charai.core.metrics import Metrics
 from charai.core.metrics_endpoint import MetricsEndpoint
+from charai.core.provider_kv import ProviderStates
 from charai.core.topology import Topology
 from charai.store.v1 import store_service_pb2, store_service_pb2_grpc
+from charai.task_store.backlog import FairConfig
 from charai.task_store.dispatch import EventPublisher, OutboxRelay
 from charai.task_store.grpc_api import TaskStoreServicer, internal_auth
+from charai.task_store.release import Releaser
 from charai.task_store.removal import RetentionSweeper
+from charai.task_store.reuse import ReuseConfig
 from charai.task_store.settings import Settings
 from charai.task_store.store import StoreConfig, TaskStore, open_store
+from charai.task_store.usage import UsageConfig
 from charai.task_store.webhooks import WebhookConfig
 from charai.taskapi import error_code_label, priority_label, type_label
 from charai.tasks.v1 import task_pb2
@@ -76,8 +82,8 @@ class TaskStoreApp:
     Its parts are entered into one :class:`contextlib.AsyncExitStack`, so a start that fails
     half-way closes exactly what it opened and ``close()`` (idempotent) undoes the rest in reverse
     order of entry: the health watcher and the metrics endpoint, the gRPC server (calls in flight
-    finish within the grace), the outbox relay (gives back what it holds), the event publisher
-    (flushes), the store, NATS.
+    finish within the grace), the fair-share releaser, the outbox relay (gives back what it
+    holds), the event publisher (flushes), the store, NATS.
     """
 
     def __init__(self, settings: Settings, listen_addr: str | None = None, *, clock: Clock = SYSTEM) -> None:
@@ -93,6 +99,8 @@ class TaskStoreApp:
         self.metrics = Metrics("task_store")
         self._metrics_endpoint: MetricsEndpoint | None = None
         self._health_watcher: HealthWatcher | None = None
+        #: Releases held tasks in fair order between tenants (:mod:`charai.task_store.backlog`).
+        self.releaser: Releaser | None = None
         #: Deletes ended tasks after ``CHARAI_RETENTION_DAYS`` (idle when 0).
         self.retention: RetentionSweeper | None = None
         self._exit = contextlib.AsyncExitStack()
@@ -113,11 +121,14 @@ class TaskStoreApp:
     async def _open(self, stack: contextlib.AsyncExitStack) -> None:
         s = self.settings
         publisher: EventPublisher | None = None
+        releaser: Releaser | None = None
 
         def on_events(envelopes: list[store_service_pb2.EventEnvelope]) -> None:
             assert publisher is not None
             publisher.submit_threadsafe(envelopes)
             record_events(self.metrics, envelopes)
+            if releaser is not None:  # claims and ends make room in the buffer of released jobs
+                releaser.observe(envelopes)
 
         # Built (not opened) first: a bad database setting stops start-up before anything connects.
         self.store = store = self._build_store(on_events)
@@ -131,14 +142,20 @@ class TaskStoreApp:
         stack.push_async_callback(publisher.close)
         publisher.start()
         relay = self._start_relay(stack, store, js)
+        # Closed before the relay (entered after it): its last releases are handed to the relay.
+        self.releaser = releaser = await stack.enter_async_context(Releaser(store))
         # DeleteTask and the retention sweeper remove media too (media first, then the task).
         media = MediaStore(await natsconn.ensure_media_bucket(js, self._topology, s.nats_replicas))
         self.retention = retention = RetentionSweeper(store, media, s.retention_days, self._clock)
         stack.push_async_callback(retention.close)
         retention.start()
-        health = await self._serve(
-            stack, TaskStoreServicer(store, relay.wake, s.lease_seconds, s.image_model, media, self.metrics)
+        servicer = TaskStoreServicer(
+            store, relay.wake, s.lease_seconds, ProviderModels.of(s), media, self.metrics
         )
+        # GetQueueStats shows the provider credentials' shared limiters and breakers (NATS KV).
+        providers = await stack.enter_async_context(ProviderStates(nc, self._topology, s.nats_replicas))
+        servicer.providers = providers.protos
+        health = await self._serve(stack, servicer)
         await self._start_ops(stack, health)
         host = self._listen.rpartition(":")[0]
         logs.announce("task_store_listening", addr=f"{host}:{self.port}", database=store.describe())
@@ -248,6 +265,15 @@ class TaskStoreApp:
             ),
             namespace=s.namespace,
             outbox_claim_seconds=s.outbox_claim_seconds,
+            usage=self._usage_config(),
+            fair=self._fair_config(),
+            reuse=ReuseConfig(
+                ttl_seconds=s.reuse_ttl_seconds,
+                tts_provider=s.tts_provider,
+                tts_model=s.tts_model,
+                image_provider=s.image_provider,
+                image_model=s.image_model,
+            ),
             webhooks=WebhookConfig(
                 signing_key=keys(s.webhook_signing_key.get_secret_value(), s.data_dir, WEBHOOK_KEY_FILE)[0],
                 schedule=s.webhook_schedule(),
@@ -265,6 +291,24 @@ class TaskStoreApp:
         return open_store(
             url, config, on_events, password=password, pool_size=s.database_pool_size, clock=self._clock
         )
+
+    def _usage_config(self) -> UsageConfig:
+        """Budgets (``CHARAI_TENANTS_FILE``) and prices (``CHARAI_PRICES_FILE``); a bad file stops
+        start-up with a message naming the setting and the entry."""
+        try:
+            return UsageConfig(self.settings.tenants(), self.settings.prices())
+        except ValueError as exc:
+            raise SystemExit(f"task_store: {exc}") from None
+
+    def _fair_config(self) -> FairConfig:
+        """Fair share: tenants' weights (``CHARAI_TENANTS_FILE``; a bad file stops start-up with
+        its message), the buffer of released jobs and the priority aging."""
+        s = self.settings
+        try:
+            tenants = s.tenants()
+        except ValueError as exc:
+            raise SystemExit(f"task_store: {exc}") from None
+        return FairConfig(tenants, s.dispatch_buffer, s.priority_aging_seconds)
 
     async def close(self) -> None:
         """Stops what :meth:`start` opened, in the documented order; idempotent."""

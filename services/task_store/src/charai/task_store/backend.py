@@ -62,6 +62,10 @@ class Dialect:
     #: True: ``lane_counts`` holds the number of queued tasks per (type, priority), kept exact by
     #: triggers (see the schema), so ``queue_position`` need not count the queue ahead.
     lane_counts: bool = False
+    #: Takes a transaction lock on a pair of int4 (class, key), held until commit (``None``:
+    #: SQLite, whose single writer excludes every other writer anyway). Serializes the claims and
+    #: deletes of identical tasks (:mod:`charai.task_store.reuse`).
+    key_lock: str | None = None
 
 
 SQLITE = Dialect(
@@ -95,6 +99,7 @@ POSTGRES = Dialect(
         " FROM e WHERE tasks.id = e.task_id RETURNING e.seq"
     ),
     metadata_json=True,
+    key_lock="SELECT pg_advisory_xact_lock(?::integer, ?::integer)",
 )
 
 

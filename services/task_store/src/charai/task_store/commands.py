@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from charai.core.clock import Clock
 from charai.core.domain import lifecycle
 from charai.core.domain.lifecycle import Decision, Policy, Rejection, RejectReason, TaskState
-from charai.core.domain.states import EventType
+from charai.core.domain.states import EventType, Status
 from charai.core.errors import (
     CharaiError,
     NotFailedError,
@@ -33,10 +33,13 @@ from charai.core.validation import RequestInvalidError, Violation, fill_metadata
 from charai.store.v1 import store_service_pb2 as spb
 from charai.task_store import rows
 from charai.task_store.backend import Backend
+from charai.task_store.backlog import Backlog
 from charai.task_store.outbox import Job, Outbox
 from charai.task_store.queries import Queries
+from charai.task_store.reuse import Reuse
 from charai.task_store.rows import TaskRow
 from charai.task_store.units import Unit, UnitRunner
+from charai.task_store.usage import UsageLedger
 from charai.tasks.v1 import task_pb2, task_service_pb2
 
 A = TypeVar("A")
@@ -91,6 +94,13 @@ class Commands:
         self._queries = queries
         self._policy = policy
         self._clock = clock
+        #: Reuse of identical requests (:mod:`charai.task_store.reuse`); None: off.
+        self.reuse: Reuse | None = None
+        #: Usage records and budgets (:mod:`charai.task_store.usage`); None: not metered.
+        self.usage: UsageLedger | None = None
+        #: Held tasks and their fair release (:mod:`charai.task_store.backlog`); None: every job
+        #: is queued at create.
+        self.backlog: Backlog | None = None
 
     # -- the common path ---------------------------------------------------------------------
     async def _persist(
@@ -190,6 +200,8 @@ class Commands:
             existing = await self._by_request_id(unit, tenant, req)
             if existing is not None:
                 return existing, False
+        if self.usage is not None:  # RESOURCE_EXHAUSTED naming the budget; nothing stored
+            await self.usage.check_budgets(unit.tx, tenant)
         now = self._clock.now_us()
         decision = lifecycle.create(self._policy, now)
         task = self._new_task(req, decision.state, now)
@@ -203,9 +215,11 @@ class Commands:
         for event in decision.events:
             unit.save(task, tenant, int(event.type), now, 0)
         job = Job(task.id, decision.state.dispatch_gen, int(task.type), int(task.priority), traceparent)
-        handed = await self._outbox.enqueue(unit.tx, job, now, hand_off=True)
-        if handed is not None:
-            unit.handed.append(handed)
+        # Fair share: held in the backlog unless the buffer has room and nobody else waits.
+        if self.backlog is None or not await self.backlog.admit(unit, tenant, job, now):
+            handed = await self._outbox.enqueue(unit.tx, job, now, hand_off=True)
+            if handed is not None:
+                unit.handed.append(handed)
         await self._queries.position(unit.tx, task)
         return task, True
 
@@ -213,10 +227,11 @@ class Commands:
         """Inserts the task row (and its metadata rows on SQLite); False if its request_id is
         taken."""
         columns = "id, tenant, request_id, type, priority, status, attempt, max_attempts,"
-        columns += " create_time, update_time, dispatch_gen, task"
-        values = "?, ?, ?, ?, ?, ?, 0, ?, ?, ?, 1, ?"
+        columns += " create_time, update_time, dispatch_gen, task, reuse_key"
+        values = "?, ?, ?, ?, ?, ?, 0, ?, ?, ?, 1, ?, ?"
         args: list[Any] = [task.id, tenant, task.request_id or None, int(task.type), int(task.priority)]
         args += [int(task.status), task.max_attempts, now, now, task.SerializeToString()]
+        args.append(self.reuse.key(tenant, task) if self.reuse is not None else None)
         if self._metadata_json:
             columns += ", metadata"
             values += ", ?::jsonb"
@@ -258,6 +273,8 @@ class Commands:
             task, row, state = await self._load(unit, task_id, tenant)
             decision = lifecycle.cancel(state, lifecycle.Cancel(), self._clock.now_us())
             await self._persist(unit, task, row, state, decision)
+            if self.backlog is not None and decision.events and state.status is Status.QUEUED:
+                await self.backlog.drop(unit.tx, task_id)  # a held task leaves the backlog
             return task, bool(decision.answer)
 
         return await self._units.write(op)
@@ -320,10 +337,13 @@ class Commands:
                 task, row, state = await self._load(unit, task_id)
             except NotFoundError:
                 return ClaimResult(spb.CLAIM_OUTCOME_DONE, None)
-            decision = lifecycle.claim(
-                state, lifecycle.Claim(worker_id, again), self._clock.now_us(), self._policy
-            )
-            await self._persist(unit, task, row, state, decision)
+            now, command = self._clock.now_us(), lifecycle.Claim(worker_id, again)
+            decision = lifecycle.claim(state, command, now, self._policy)
+            copy = None
+            if self.reuse is not None:  # an identical task done or running changes the answer
+                args = (unit.tx, task, row.tenant, state, command, decision, now, self._policy)
+                decision, copy = await self.reuse.reconsider(*args)
+            await self._persist(unit, task, row, state, decision, copy)
             answer = decision.answer
             assert not isinstance(answer, Rejection)
             return ClaimResult(int(answer.outcome), task, answer.attempt, answer.retry_after)
@@ -342,13 +362,32 @@ class Commands:
 
         return await self._units.write(op)
 
+    async def _meter(
+        self,
+        unit: Unit,
+        task: task_pb2.Task,
+        tenant: str,
+        req: spb.CompleteTaskRequest | spb.FailTaskRequest,
+        *,
+        direct: bool,
+    ) -> bool:
+        """Records the attempt's usage report, if it has one and it is new (see
+        :meth:`UsageLedger.record`; ``direct``: no event of this command carries the task)."""
+        if self.usage is None or not req.HasField("usage"):
+            return False
+        return await self.usage.record(unit.tx, tenant, task, req.attempt, req.usage, direct=direct)
+
     async def complete(self, req: spb.CompleteTaskRequest) -> task_pb2.Task:
-        async def op(unit: Unit) -> task_pb2.Task:
+        async def op(unit: Unit) -> task_pb2.Task | CharaiError:
             task, row, state = await self._load(unit, req.task_id)
             command = lifecycle.Complete(req.attempt, req.progress, req.stage)
             decision = lifecycle.complete(state, command, self._clock.now_us())
             if isinstance(decision.answer, Rejection):
-                raise rejection_error(req.task_id, decision.answer, req.attempt)
+                refused = rejection_error(req.task_id, decision.answer, req.attempt)
+                if await self._meter(unit, task, row.tenant, req, direct=True):
+                    return refused  # committed: the provider was paid even if the result is refused
+                raise refused
+            await self._meter(unit, task, row.tenant, req, direct=not decision.events)
 
             def with_result(event: lifecycle.Event) -> None:
                 if event.type is EventType.COMPLETED:  # the progress event before it has none yet
@@ -360,13 +399,17 @@ class Commands:
             await self._persist(unit, task, row, state, decision, with_result)
             return task
 
-        return await self._units.write(op)
+        answer = await self._units.write(op)
+        if isinstance(answer, CharaiError):
+            raise answer
+        return answer
 
     async def fail(self, req: spb.FailTaskRequest) -> tuple[int, float, task_pb2.Task]:
         async def op(unit: Unit) -> tuple[int, float, task_pb2.Task]:
             task, row, state = await self._load(unit, req.task_id)
             command = lifecycle.Fail(req.attempt, rows.failure_of(req.error), req.retry_after_seconds or None)
             decision = lifecycle.fail(state, command, self._clock.now_us(), self._policy)
+            await self._meter(unit, task, row.tenant, req, direct=not decision.events)  # also if IGNORED
             await self._persist(unit, task, row, state, decision)
             answer = decision.answer
             assert not isinstance(answer, Rejection)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 import structlog
 from charai.core import tracing, validation
+from charai.core.domain.provider_models import ProviderModels
 from charai.core.errors import UnauthenticatedError
 from charai.core.grpcsupport import status_for
 from charai.core.metrics import Metrics
@@ -42,19 +44,21 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
         store: TaskStore,
         on_created: Any = None,
         lease_seconds: float = 30.0,
-        image_model: str = "glm-image",
+        models: ProviderModels | str = "glm-image",
         media: MediaRemover | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self._store = store
         self._metrics = metrics
         self._media = media
-        self._image_model = image_model
+        self._models = models
         self._on_created = on_created
         self._lease_seconds = lease_seconds
+        #: The provider credentials' shared states for GetQueueStats (set by the app: NATS KV).
+        self.providers: Callable[[], list[tpb.ProviderState]] | None = None
 
     async def CreateTask(self, request: spb.CreateTaskRequest, context: Context) -> spb.CreateTaskResponse:
-        validation.validate_create(request.request, self._image_model)
+        validation.validate_create(request.request, self._models)
         task, created = await self._store.create(request.tenant, request.request, tracing.current.get())
         if created and self._on_created is not None:
             self._on_created()
@@ -63,7 +67,7 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
     async def BatchCreateTasks(
         self, request: spb.BatchCreateTasksRequest, context: Context
     ) -> spb.BatchCreateTasksResponse:
-        validation.validate_batch(request.requests, self._image_model)
+        validation.validate_batch(request.requests, self._models)
         made = await self._store.create_many(request.tenant, request.requests, tracing.current.get())
         if any(created for _, created in made) and self._on_created is not None:
             self._on_created()
@@ -124,7 +128,11 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
         self, request: spb.GetQueueStatsRequest, context: Context
     ) -> spb.GetQueueStatsResponse:
         lanes, backlog = await self._store.queue_stats()
-        return spb.GetQueueStatsResponse(lanes=lanes, outbox_backlog=backlog)
+        providers = self.providers() if self.providers is not None else []
+        return spb.GetQueueStatsResponse(lanes=lanes, outbox_backlog=backlog, providers=providers)
+
+    async def GetUsage(self, request: spb.GetUsageRequest, context: Context) -> spb.GetUsageResponse:
+        return spb.GetUsageResponse(response=await self._store.get_usage(request.tenant, request.request))
 
     async def DeleteTask(self, request: spb.DeleteTaskRequest, context: Context) -> spb.DeleteTaskResponse:
         validation.validate_task_id("id", request.id)

@@ -16,6 +16,7 @@ from charai.core.validation import RequestInvalidError, Violation
 from charai.store.v1 import store_service_pb2 as spb
 from charai.task_store import rows
 from charai.task_store.backend import Backend, Tx
+from charai.task_store.backlog import Backlog
 from charai.task_store.eta import EtaBook
 from charai.tasks.v1 import task_pb2, task_service_pb2
 
@@ -46,6 +47,8 @@ class Queries:
         self._dialect = backend.dialect
         self._clock = clock
         self._eta = eta
+        #: The fair-share backlog: it places queued tasks in fair order (None: by lane, as below).
+        self.backlog: Backlog | None = None
 
     # -- tasks -------------------------------------------------------------------------------
     async def get(self, tenant: str, task_id: str) -> task_pb2.Task:
@@ -154,6 +157,9 @@ class Queries:
         """
         if task.status != task_pb2.TASK_STATUS_QUEUED:
             task.queue_position = 0
+            return
+        if self.backlog is not None:
+            await self.backlog.place(tx, task)
             return
         created = task.create_time.ToMicroseconds()
         if self._dialect.lane_counts:

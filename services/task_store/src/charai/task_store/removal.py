@@ -4,6 +4,10 @@ Media first, rows second. A media object has no row of its own to hold it in a t
 the order is what keeps the rule "a deleted task's media URLs answer 404": if the process dies
 between the two steps the task is still listed (its media already gone), and deleting it again
 finishes the job. The other order could leave media nobody can find any more.
+
+A media object may belong to several tasks: a task that reused an identical request's result
+points to the same object (:mod:`charai.task_store.reuse`). Removing one of them keeps the object
+while another task still points to it; the last one removed takes it.
 """
 
 from __future__ import annotations
@@ -30,9 +34,12 @@ async def remove_task(store: TaskStore, media: MediaRemover | None, tenant: str,
     NOT_FOUND for an unknown or foreign task and FAILED_PRECONDITION for one still queued or
     running; False when a concurrent delete removed it first."""
     task = await store.deletable(tenant, task_id)
-    if media is not None:
-        for key in media_keys(task):
-            await media.delete(key)
+    keys = media_keys(task)
+    if media is not None and keys:
+        shared = await store.shared_media(tenant, task_id)
+        for key in keys:
+            if key not in shared:
+                await media.delete(key)
     return await store.delete(tenant, task_id)
 
 

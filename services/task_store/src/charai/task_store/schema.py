@@ -89,6 +89,88 @@ def _webhook_tables(blob: str) -> tuple[str, ...]:
     )
 
 
+def _fair_tables(held: str, if_not_exists: str) -> tuple[str, ...]:
+    """Migration 7 in either dialect (SQLite has no ``ADD COLUMN IF NOT EXISTS``: its version row
+    makes it run once). See :mod:`charai.task_store.backlog`.
+
+    - ``tasks.held``: 1 while the task waits in ``backlog`` (its job not released to the workers).
+    - ``tasks_buffer``: the released jobs nobody claimed yet, per type; a partial index, so
+      counting the buffer (every create and release does) reads only the buffer, however long
+      the backlog. Queries name its condition with literals, as here; its columns repeat the
+      condition so SQLite's planner prefers it to ``tasks_queue`` (which would read the backlog).
+    - ``tasks_released``: the queued tasks not held (the buffer and the retries waiting), in the
+      order workers take them: a released task's queue position counts a range of it.
+    - ``fair_tenants``: each tenant's turn per lane (stride scheduling); ``fair_tenants_turn``
+      serves "the next tenant" as one probe of an ordered index over tenants holding work.
+    - ``fair_lanes``: each lane's virtual time and turn count (its row is also the releasers' lock).
+    """
+    return (
+        f"ALTER TABLE tasks ADD COLUMN {if_not_exists}held {held}",
+        f"CREATE INDEX IF NOT EXISTS tasks_buffer ON tasks (type, status, held, next_attempt_time)"
+        f" WHERE status = {_QUEUED} AND held = 0 AND next_attempt_time IS NULL",
+        f"CREATE INDEX IF NOT EXISTS tasks_released ON tasks (type, status, held, priority, create_time, id)"
+        f" WHERE status = {_QUEUED} AND held = 0",
+        """CREATE TABLE IF NOT EXISTS backlog (
+            task_id TEXT PRIMARY KEY,
+            type INTEGER NOT NULL,
+            tenant TEXT NOT NULL,
+            rank BIGINT NOT NULL,
+            priority INTEGER NOT NULL,
+            dispatch_gen INTEGER NOT NULL,
+            traceparent TEXT NOT NULL
+        )""",
+        "CREATE INDEX IF NOT EXISTS backlog_order ON backlog (type, tenant, rank, task_id)",
+        """CREATE TABLE IF NOT EXISTS fair_tenants (
+            type INTEGER NOT NULL,
+            tenant TEXT NOT NULL,
+            due BIGINT NOT NULL,
+            served BIGINT NOT NULL,
+            held INTEGER NOT NULL,
+            stride BIGINT NOT NULL,
+            PRIMARY KEY (type, tenant)
+        )""",
+        "CREATE INDEX IF NOT EXISTS fair_tenants_turn ON fair_tenants (type, due, served, tenant)"
+        " WHERE held > 0",
+        """CREATE TABLE IF NOT EXISTS fair_lanes (
+            type INTEGER PRIMARY KEY,
+            vtime BIGINT NOT NULL,
+            turns BIGINT NOT NULL
+        )""",
+        "INSERT INTO fair_lanes (type, vtime, turns) VALUES (1, 0, 0), (2, 0, 0) ON CONFLICT DO NOTHING",
+    )
+
+
+def _usage_tables() -> tuple[str, ...]:
+    """Migration 8, the same in both dialects. Why one row per (task, attempt): the worker reports
+    an attempt's usage with its outcome, and a repeated report (its answer was lost) must not
+    count twice (``ON CONFLICT DO NOTHING`` on the key). Costs are whole micro-dollars and audio
+    whole microseconds, so sums are exact. Rows outlive their task (DeleteTask, retention): they
+    are what budgets and GetUsage count. ``day`` (UTC, ``YYYY-MM-DD``) is what GetUsage groups by;
+    ``time`` is what budget periods and day ranges select on (the indexes)."""
+    return (
+        """CREATE TABLE IF NOT EXISTS usage_records (
+            task_id TEXT NOT NULL,
+            attempt INTEGER NOT NULL,
+            tenant TEXT NOT NULL,
+            provider TEXT NOT NULL,
+            model TEXT NOT NULL,
+            day TEXT NOT NULL,
+            time BIGINT NOT NULL,
+            calls INTEGER NOT NULL,
+            images INTEGER NOT NULL,
+            image_size TEXT NOT NULL,
+            image_quality TEXT NOT NULL,
+            speech_characters BIGINT NOT NULL,
+            audio_us BIGINT NOT NULL,
+            cost_micros BIGINT NOT NULL,
+            reused INTEGER NOT NULL,
+            PRIMARY KEY (task_id, attempt)
+        )""",
+        "CREATE INDEX IF NOT EXISTS usage_records_tenant ON usage_records (tenant, time)",
+        "CREATE INDEX IF NOT EXISTS usage_records_time ON usage_records (time)",
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         1,
@@ -281,6 +363,33 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE webhook_deliveries ADD COLUMN IF NOT EXISTS stream_seq BIGINT",
             "CREATE INDEX IF NOT EXISTS webhook_deliveries_due"
             " ON webhook_deliveries (status, next_attempt_at)",
+        ),
+    ),
+    Migration(
+        7,
+        "fair share: held tasks (backlog), each tenant's turn per lane, each lane's virtual time",
+        sqlite=_fair_tables("INTEGER NOT NULL DEFAULT 0", if_not_exists=""),
+        postgres=_fair_tables("SMALLINT NOT NULL DEFAULT 0", if_not_exists="IF NOT EXISTS "),
+    ),
+    Migration(
+        8,
+        "metered usage of provider calls, one row per (task, attempt), kept when the task is deleted",
+        sqlite=_usage_tables(),
+        postgres=_usage_tables(),
+    ),
+    Migration(
+        9,
+        "reuse key of a task (identical requests reuse a result), indexed by tenant",
+        # NULL for a task that takes no part in reuse (most images), so the index is partial.
+        sqlite=(
+            "ALTER TABLE tasks ADD COLUMN reuse_key TEXT",
+            "CREATE INDEX IF NOT EXISTS tasks_reuse ON tasks (tenant, reuse_key, status, update_time)"
+            " WHERE reuse_key IS NOT NULL",
+        ),
+        postgres=(
+            "ALTER TABLE tasks ADD COLUMN IF NOT EXISTS reuse_key TEXT",
+            "CREATE INDEX IF NOT EXISTS tasks_reuse ON tasks (tenant, reuse_key, status, update_time)"
+            " WHERE reuse_key IS NOT NULL",
         ),
     ),
 )

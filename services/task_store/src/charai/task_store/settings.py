@@ -6,6 +6,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from charai.core.domain.prices import SETTING as PRICES_SETTING
+from charai.core.domain.prices import PriceTable, parse_prices
 from charai.core.domain.webhooks import SCHEDULE
 from charai.core.settings import CommaList, CommonSettings
 from charai.core.tenants import Tenants, load_tenants
@@ -40,6 +42,10 @@ class Settings(CommonSettings):
     #: Ended tasks (completed, failed, cancelled) are deleted with their events and media this
     #: many days after their last change; 0 (the default): kept for good.
     retention_days: float = Field(default=0.0, ge=0)
+    #: How long a completed TTS task's audio (or a seeded image) is reused by an identical request
+    #: of the same tenant, from its latest completion; 0: reuse off (README, "Identical requests
+    #: are reused").
+    reuse_ttl_seconds: float = Field(default=86400.0, ge=0)
     #: Secret from which each tenant's webhook signing secret is derived (unset: generated into
     #: the data dir; replicas sharing one database need the same value).
     webhook_signing_key: SecretStr = SecretStr("")
@@ -57,10 +63,34 @@ class Settings(CommonSettings):
     #: Per-tenant fair-share weights and budgets (TOML, see :mod:`charai.core.tenants`); unset:
     #: every tenant weight 1, no budget.
     tenants_file: Path | None = None
+    #: Fair share: released jobs not claimed yet per task type, at least; the rest of the queue
+    #: waits in task_store and is released in fair order between tenants. The buffer grows to
+    #: the number of tasks of that type running (one round of the workers), so this only has
+    #: to cover a quiet start; smaller is fairer (a tenant's next task waits behind at most
+    #: about this many, or one round), larger hides more of the release round trip.
+    dispatch_buffer: int = Field(default=4, ge=1, le=10_000)
+    #: Fair share: within one tenant, a priority step is worth this much waiting (a ``low`` task
+    #: goes before ``high`` ones created more than twice this after it).
+    priority_aging_seconds: float = Field(default=60.0, gt=0)
 
     def tenants(self) -> Tenants:
         """The tenants file, parsed; raises ValueError naming ``CHARAI_TENANTS_FILE``."""
         return load_tenants(self.tenants_file)
+
+    #: Prices per provider and model over the built-in examples (TOML, see
+    #: :mod:`charai.core.domain.prices`); unset: the built-in prices.
+    prices_file: Path | None = None
+
+    def prices(self) -> PriceTable:
+        """The built-in prices with the prices file over them; raises ValueError naming
+        ``CHARAI_PRICES_FILE`` (and the entry, for a bad one)."""
+        if self.prices_file is None:
+            return PriceTable()
+        try:
+            text = self.prices_file.read_text()
+        except OSError as exc:
+            raise ValueError(f"{PRICES_SETTING}: cannot read {self.prices_file} ({exc.strerror})") from None
+        return parse_prices(text)
 
     @field_validator("webhook_retry_schedule")
     @classmethod

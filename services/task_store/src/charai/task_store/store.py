@@ -7,7 +7,10 @@ One facade over the parts, each in its own module:
 - :mod:`~charai.task_store.units`: units of work, their events appended last under the events
   lock (sequence order = commit order) and published after commit;
 - :mod:`~charai.task_store.queries` and :mod:`~charai.task_store.stats`: reads;
+- :mod:`~charai.task_store.usage`: metered usage (written with outcomes), budgets checked at
+  create, GetUsage;
 - :mod:`~charai.task_store.outbox`: jobs written with their task, claimed by relays, swept;
+- :mod:`~charai.task_store.backlog`: tasks held for fair share between tenants, released in turn;
 - :mod:`~charai.task_store.rows`: stored rows ↔ the core's task state.
 
 Every operation is written once over the :class:`~charai.task_store.backend.Tx` port;
@@ -27,14 +30,17 @@ from charai.core.domain.retry import RetryPolicy
 from charai.core.topology import Topology
 from charai.store.v1 import store_service_pb2 as spb
 from charai.task_store.backend import Backend
+from charai.task_store.backlog import Backlog, FairConfig
 from charai.task_store.commands import ClaimResult, Commands
 from charai.task_store.eta import EtaBook
 from charai.task_store.outbox import Outbox, OutboxRow
 from charai.task_store.postgres_backend import PostgresBackend
 from charai.task_store.queries import Queries
+from charai.task_store.reuse import Reuse, ReuseConfig
 from charai.task_store.sqlite_backend import SqliteBackend
 from charai.task_store.stats import QueueStats
 from charai.task_store.units import EventsHook, UnitRunner
+from charai.task_store.usage import UsageConfig, UsageLedger
 from charai.task_store.webhooks import WebhookConfig, Webhooks
 from charai.tasks.v1 import task_pb2, task_service_pb2
 
@@ -62,6 +68,12 @@ class StoreConfig:
     #: to cover one publish; a relay that died before publishing holds it no longer than this).
     hand_off_claim_seconds: float = 5.0
     webhooks: WebhookConfig = dataclasses.field(default_factory=WebhookConfig)
+    #: Budgets per tenant and the price table (metering is always on; no budget by default).
+    usage: UsageConfig = dataclasses.field(default_factory=UsageConfig)
+    #: Reuse of identical requests (off unless configured; the service turns it on by default).
+    reuse: ReuseConfig = dataclasses.field(default_factory=ReuseConfig)
+    #: Fair share between tenants: weights, the buffer of released jobs, priority aging.
+    fair: FairConfig = dataclasses.field(default_factory=FairConfig)
 
     @property
     def policy(self) -> Policy:
@@ -99,6 +111,13 @@ class TaskStore:
         )
         self.queries = Queries(backend, clock, self.eta)
         self.commands = Commands(backend, self._units, self.outbox, self.queries, config.policy, clock)
+        self.usage = UsageLedger(backend, clock, config.usage)
+        self.commands.usage = self.usage
+        self.reuse = Reuse(backend, config.reuse)
+        self.commands.reuse = self.reuse
+        self._clock = clock
+        self.backlog = Backlog(backend, self.outbox, config.fair)
+        self.commands.backlog = self.queries.backlog = self.backlog
         self._stats = QueueStats(backend, clock)
         self.webhooks = Webhooks(backend, Topology(config.namespace).webhook_subject, clock, config.webhooks)
         self._units.webhooks = self.webhooks
@@ -176,6 +195,10 @@ class TaskStore:
     async def deletable(self, tenant: str, task_id: str) -> task_pb2.Task:
         return await self.commands.deletable(tenant, task_id)
 
+    async def shared_media(self, tenant: str, task_id: str) -> frozenset[str]:
+        """Detaches an ended task from reuse; the media keys of its result another task still uses."""
+        return await self.reuse.shared_media(tenant, task_id)
+
     async def delete(self, tenant: str, task_id: str) -> bool:
         return await self.commands.delete(tenant, task_id)
 
@@ -205,6 +228,23 @@ class TaskStore:
 
     async def queue_stats(self) -> tuple[list[task_service_pb2.LaneStats], int]:
         return await self._stats.read()
+
+    async def get_usage(
+        self, tenant: str, request: task_service_pb2.GetUsageRequest
+    ) -> task_service_pb2.GetUsageResponse:
+        """Usage by tenant, provider, model and day (every tenant when ``tenant`` is empty)."""
+        return await self.usage.report(tenant, request)
+
+    # -- fair share --------------------------------------------------------------------------
+    async def release_held(self, kind: int) -> tuple[int, bool]:
+        """Releases held tasks of type ``kind`` in fair order into the room of its buffer (one
+        transaction; their jobs go to the local relay); returns (how many, whether more may be
+        released at once)."""
+        return await self._units.write(lambda unit: self.backlog.release(unit, kind, self._clock.now_us()))
+
+    async def held_kinds(self, kinds: tuple[int, ...]) -> list[int]:
+        """The task types, of ``kinds``, that have held tasks."""
+        return await self._db.read(lambda tx: self.backlog.held_anywhere(tx, kinds))
 
     # -- outbox and sweeper ------------------------------------------------------------------
     async def pending_dispatches(self, limit: int = 256) -> list[OutboxRow]:

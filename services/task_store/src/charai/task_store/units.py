@@ -60,6 +60,9 @@ class Unit:
     handed: list[OutboxRow] = dataclasses.field(default_factory=list)
     #: Other outbox rows this unit wrote (webhook deliveries): the relay is woken after commit.
     queued: int = 0
+    #: Room left in each task type's buffer of released jobs, once this unit measured it (fair
+    #: share, :meth:`Backlog.admit`): a batch of creates counts the buffer once.
+    room: dict[int, int] = dataclasses.field(default_factory=dict)
 
     def save(
         self,

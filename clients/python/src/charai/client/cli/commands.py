@@ -23,7 +23,14 @@ from charai.client.cli.exits import (
 )
 from charai.client.cli.output import Follower, Output
 from charai.client.cli.text import TYPES, failure_text, media_url, parse_pairs, type_name
-from charai.client.cli.views import lanes_table, print_task, task_table
+from charai.client.cli.views import (
+    budgets_table,
+    lanes_table,
+    print_task,
+    providers_table,
+    task_table,
+    usage_table,
+)
 from charai.client.client import CharaiClient
 from charai.taskapi import PRIORITIES, STATUSES, TERMINAL_STATUSES, status_label
 from charai.tasks.v1 import task_pb2, task_service_pb2
@@ -81,6 +88,7 @@ async def cmd_image(session: Session) -> int:
         priority=PRIORITIES[a.priority],
         request_id=a.request_id,
         webhook=_webhook(a),
+        seed=a.seed,
     )
     return await submitted(session, task)
 
@@ -99,6 +107,7 @@ async def cmd_tts(session: Session) -> int:
         priority=PRIORITIES[a.priority],
         request_id=a.request_id,
         webhook=_webhook(a),
+        reuse=a.reuse,
     )
     return await submitted(session, task)
 
@@ -238,12 +247,34 @@ async def cmd_webhook_redeliver(session: Session) -> int:
 
 
 async def cmd_stats(session: Session) -> int:
-    lanes = await session.client.queue_stats()
+    stats = await session.client.operations_stats()
     out = session.out
     if out.json_mode:
-        out.json(task_service_pb2.GetQueueStatsResponse(lanes=lanes))
+        out.json(stats)
     else:
-        out.render(lanes_table(lanes))
+        out.render(lanes_table(list(stats.lanes)))
+        if stats.providers:  # after a blank line: the provider credentials' limits and breakers
+            out.line("")
+            out.render(providers_table(list(stats.providers)))
+    return EXIT_OK
+
+
+async def cmd_usage(session: Session) -> int:
+    a = session.args
+    response = await session.client.usage(
+        tenant=a.tenant or "", all_tenants=a.all_tenants, start_day=a.start_day or "", end_day=a.end_day or ""
+    )
+    out = session.out
+    if out.json_mode:
+        out.json(response)
+        return EXIT_OK
+    out.note(f"usage from {response.start_day} to {response.end_day} (UTC)")
+    if response.rows:
+        out.render(usage_table(response))
+    else:
+        out.note("nothing metered in these days")
+    if response.budgets:
+        out.render(budgets_table(list(response.budgets)))
     return EXIT_OK
 
 

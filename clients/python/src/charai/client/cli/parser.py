@@ -18,6 +18,7 @@ from charai.client.cli.commands import (
     cmd_retry,
     cmd_stats,
     cmd_tts,
+    cmd_usage,
     cmd_watch,
     cmd_webhook_list,
     cmd_webhook_redeliver,
@@ -115,6 +116,13 @@ def _submit_commands(command: Callable[[str, str], argparse.ArgumentParser]) -> 
     image.add_argument(
         "--resolution", default="", metavar="WxH", help="e.g. 1024x1024 (default: the model's)"
     )
+    image.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        metavar="N",
+        help="an identical request with this seed reuses the image",
+    )
     _submit_options(image)
     image.set_defaults(run=cmd_image)
 
@@ -125,6 +133,13 @@ def _submit_commands(command: Callable[[str, str], argparse.ArgumentParser]) -> 
     tts.add_argument("--format", choices=["wav", "pcm", "mp3"], default="", help="audio format (default wav)")
     tts.add_argument("--speed", type=float, default=None, help="speech speed, 0.5 to 2")
     tts.add_argument("--volume", type=float, default=None, help="volume, above 0 and at most 10")
+    tts.add_argument(
+        "--no-reuse",
+        dest="reuse",
+        action="store_false",
+        default=None,
+        help="call the provider even if an identical request's audio could be reused",
+    )
     _submit_options(tts)
     tts.set_defaults(run=cmd_tts)
 
@@ -179,6 +194,18 @@ def _webhook_commands(command: Callable[[str, str], argparse.ArgumentParser], co
     again.set_defaults(run=cmd_webhook_redeliver)
 
 
+def _usage_command(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    usage = command("usage", "metered provider usage and cost by day, tenant, provider and model; budgets")
+    whose = usage.add_mutually_exclusive_group()
+    whose.add_argument("--tenant", metavar="NAME", help="another tenant's usage (operator tenants only)")
+    whose.add_argument(
+        "--all", dest="all_tenants", action="store_true", help="every tenant's usage (operator tenants only)"
+    )
+    usage.add_argument("--from", dest="start_day", metavar="YYYY-MM-DD", help="first day (default: the 1st)")
+    usage.add_argument("--to", dest="end_day", metavar="YYYY-MM-DD", help="last day (default: today, UTC)")
+    usage.set_defaults(run=cmd_usage)
+
+
 def build_parser() -> Parser:
     common = _common()
     parser = Parser(
@@ -203,6 +230,7 @@ def build_parser() -> Parser:
     _id_commands(command)
     stats = command("stats", "queue depth, running, throughput and median wait per lane (type x priority)")
     stats.set_defaults(run=cmd_stats)
+    _usage_command(command)
 
     download = command("download", "save the image or audio of a completed task")
     download.add_argument("id", metavar="ID")

@@ -31,6 +31,21 @@ def media_url(task: task_pb2.Task) -> str:
     return ""
 
 
+def usage_text(usage: task_pb2.Usage) -> str:
+    """A task's usage on one line: ``1 image 1024x1024, $0.0400 (openai dall-e-3)``."""
+    if usage.reused:
+        return f"reused another task's result, $0 ({usage.provider} {usage.model})"
+    parts = []
+    if usage.images:
+        size = f" {usage.image_size}" if usage.image_size else ""
+        quality = f" {usage.image_quality}" if usage.image_quality else ""
+        parts.append(f"{usage.images} image{'s' if usage.images != 1 else ''}{size}{quality}")
+    if usage.speech_characters:
+        parts.append(f"{usage.speech_characters} characters, {usage.audio_seconds:.1f} s of audio")
+    what = ", ".join(parts) or f"{usage.calls} calls"
+    return f"{what}, ${usage.cost_usd:.4f} ({usage.provider} {usage.model})"
+
+
 def to_json(message: Message) -> str:
     """Proto3 JSON (lowerCamelCase names, enum names) on one line, the form ``--json`` promises."""
     return json.dumps(json_format.MessageToDict(message), ensure_ascii=False, separators=(",", ":"))

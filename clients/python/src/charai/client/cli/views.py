@@ -1,10 +1,10 @@
-"""Tables: the task list, one task's details, the queue lanes."""
+"""Tables: the task list, one task's details, the queue lanes, the provider credentials."""
 
 from __future__ import annotations
 
 from charai.client.cli.output import Output
-from charai.client.cli.text import STATUS_STYLE, failure_text, media_url, type_name, when
-from charai.taskapi import priority_label, status_label, type_label
+from charai.client.cli.text import STATUS_STYLE, failure_text, media_url, type_name, usage_text, when
+from charai.taskapi import error_code_label, priority_label, status_label, type_label
 from charai.tasks.v1 import task_pb2, task_service_pb2
 from rich.markup import escape
 from rich.table import Table
@@ -59,6 +59,96 @@ def lanes_table(lanes: list[task_service_pb2.LaneStats]) -> Table:
     return table
 
 
+def providers_table(providers: list[task_service_pb2.ProviderState]) -> Table:
+    """``charai stats``, second table: one row per provider credential and model, with the
+    limit and breaker every worker shares (the credential is a hash, never the key)."""
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for name in ("PROVIDER", "TYPE", "MODEL", "CREDENTIAL", "BREAKER"):
+        table.add_column(name)
+    for name in ("LIMIT", "IN FLIGHT", "RATE/S", "WORKERS"):
+        table.add_column(name, justify="right")
+    table.add_column("UNTIL", no_wrap=True)
+    breakers = {
+        task_service_pb2.BREAKER_STATE_CLOSED: "closed",
+        task_service_pb2.BREAKER_STATE_OPEN: "[red]open[/]",
+        task_service_pb2.BREAKER_STATE_HALF_OPEN: "[yellow]half-open[/]",
+    }
+    for p in providers:
+        breaker = breakers.get(p.breaker_state, "?")
+        if p.breaker_reason:
+            breaker += f" ({error_code_label(p.breaker_reason)})"
+        until = ""
+        if p.HasField("breaker_retry_time"):
+            until = f"probe {when(p.breaker_retry_time)}"
+        elif p.HasField("paused_until"):
+            until = f"paused {when(p.paused_until)}"
+        table.add_row(
+            escape(p.dialect),
+            type_label(p.type),
+            escape(p.model),
+            p.credential_id,
+            breaker,
+            str(p.limit) if p.limit else ("1 (new key)" if not p.verified else "-"),
+            str(p.in_flight),
+            f"{p.rate_per_second:.1f}" if p.rate_per_second else "-",
+            str(p.workers),
+            until,
+        )
+    return table
+
+
+def usage_table(response: task_service_pb2.GetUsageResponse) -> Table:
+    """``charai usage``: one row per day, tenant, provider and model, then the totals."""
+    table = Table(box=None, header_style="bold", pad_edge=False, show_footer=len(response.rows) > 1)
+    for name in ("DAY", "TENANT", "PROVIDER", "MODEL"):
+        table.add_column(name, footer="total" if name == "DAY" else "")
+    rows = response.rows
+    sums = (
+        str(sum(r.calls for r in rows)),
+        str(sum(r.images for r in rows)),
+        str(sum(r.speech_characters for r in rows)),
+        f"{sum(r.audio_seconds for r in rows):.1f}",
+        f"{sum(r.cost_usd for r in rows):.4f}",
+        str(sum(r.reused for r in rows)),
+    )
+    for name, total in zip(
+        ("CALLS", "IMAGES", "CHARACTERS", "AUDIO S", "COST USD", "REUSED"), sums, strict=True
+    ):
+        table.add_column(name, justify="right", footer=total)
+    for r in rows:
+        table.add_row(
+            r.day,
+            escape(r.tenant),
+            r.provider,
+            escape(r.model),
+            str(r.calls),
+            str(r.images),
+            str(r.speech_characters),
+            f"{r.audio_seconds:.1f}",
+            f"{r.cost_usd:.4f}",
+            str(r.reused),
+        )
+    return table
+
+
+def budgets_table(budgets: list[task_service_pb2.BudgetStatus]) -> Table:
+    """``charai usage``: the tenant's budgets and what the current period used of each."""
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for name in ("BUDGET", "LIMIT", "SPENT", "STATE", "PERIOD ENDS"):
+        table.add_column(name, justify="right" if name in ("LIMIT", "SPENT") else "left")
+    for b in budgets:
+        amount = "{:.2f}" if b.unit == "usd" else "{:.1f}" if b.unit == "audio_seconds" else "{:.0f}"
+        state = "[red]reached[/]" if b.reached else "ok"
+        table.add_row(
+            f"{b.period}/{b.unit}",
+            amount.format(b.limit),
+            amount.format(b.spent),
+            state,
+            when(b.period_end_time),
+        )
+    return table
+
+
 def print_task(out: Output, task: task_pb2.Task) -> None:
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold", no_wrap=True)
@@ -100,6 +190,11 @@ def print_task(out: Output, task: task_pb2.Task) -> None:
     url = media_url(task)
     if url:
         rows.append(("url", escape(url)))
+    result = task.image_result if task.HasField("image_result") else task.tts_result
+    if result.reused:
+        rows.append(("reused from", escape(result.reused_from_task_id)))
+    if task.HasField("usage"):
+        rows.append(("usage", usage_text(task.usage)))
     if task.error.code:
         rows.append(("error", f"[red]{escape(failure_text(task))}[/]"))
     for label, value in rows:

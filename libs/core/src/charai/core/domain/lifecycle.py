@@ -1,11 +1,12 @@
 """The task lifecycle as pure decisions: (task state, command, now) → decision.
 
-Every rule of a task's life is decided here, and nowhere else: when a delivered job runs, waits
-or is dropped (claim), when a lease is taken over, when a failure is retried or final, what a
-completion or a cancel changes, when an operator's re-run is allowed and when the sweeper
-re-dispatches a job. The store only loads a task, asks one of these functions, and persists the
-answer (see ``charai.task_store.commands``). Nothing here does I/O, reads a clock or touches
-protobuf, so the rules are tested directly, thousands of cases a second (tests/unit).
+Every rule of a task's life is decided here, and nowhere else: when a delivered job runs, waits,
+is dropped or reuses an identical task's result (claim), when a lease is taken over, when a
+failure is retried or final, what a completion or a cancel changes, when an operator's re-run is
+allowed and when the sweeper re-dispatches a job. The store only loads a task, asks one of these
+functions, and persists the answer (see ``charai.task_store.commands``). Nothing here does I/O,
+reads a clock or touches protobuf, so the rules are tested directly, thousands of cases a second
+(tests/unit).
 
 A :class:`Decision` says everything the caller must do: the task's state afterwards, the events
 to append (each with the state right after it, so a watcher sees every step), the job to publish
@@ -154,7 +155,8 @@ class ClaimOutcome(enum.IntEnum):
 
     RUN = 1  # run it under the returned attempt
     DONE = 2  # nothing to do (the task ended): acknowledge the job
-    DEFER = 3  # not yet (retry not due, or another attempt holds a live lease): ask again later
+    DEFER = 3  # not yet (retry not due, another attempt holds a live lease, a twin runs): ask again later
+    REUSED = 4  # completed here with a twin's result (no provider call): acknowledge the job
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -179,14 +181,33 @@ class FailAnswer:
     delay: float = 0.0
 
 
+#: While a twin runs, a claim is deferred for half the time the twin has been running, within
+#: these bounds (seconds): a short TTS call is picked up soon after it ends, a long image costs
+#: a few redeliveries, not dozens (each one counts towards the consumer's max_deliver).
+TWIN_WAIT_MIN = 0.25
+TWIN_WAIT_MAX = 5.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Twin:
+    """An identical earlier request of the same tenant (README, "Identical requests are reused"),
+    as the store found it for a claim: COMPLETED within the reuse TTL (its result is reused), or
+    RUNNING under a live lease (the claim waits for it). ``start_time``: when the twin started."""
+
+    status: Status
+    start_time: int | None = None
+
+
 # -- commands --------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True, slots=True)
 class Claim:
     """A worker asks to run the task's delivered job; ``again``: its earlier claim of this job
-    got no answer (see :func:`claim`)."""
+    got no answer (see :func:`claim`); ``twin``: an identical task the store found (only looked
+    for when the claim would start an attempt)."""
 
     worker_id: str = ""
     again: bool = False
+    twin: Twin | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -283,6 +304,11 @@ def claim(state: TaskState, cmd: Claim, now: int, policy: Policy) -> Decision[Cl
     because the answer to its claim was lost: the same attempt again); once it expired, that attempt's
     worker is gone: the task is taken over by a new attempt (a WORKER_LOST retry), or fails when
     the retry policy allows no more.
+
+    A claim that would start an attempt and names a ``twin`` (an identical request): a COMPLETED
+    twin's result is reused (the attempt starts and completes at once, answered REUSED); a
+    RUNNING one is waited for (DEFER), so the claim reuses its result once it completes, or
+    runs if it fails or is cancelled. Any other twin changes nothing.
     """
     if state.status.terminal:
         return Decision(state, ClaimAnswer(ClaimOutcome.DONE))
@@ -307,6 +333,9 @@ def claim(state: TaskState, cmd: Claim, now: int, policy: Policy) -> Decision[Cl
             failed = _fail_now(state, ErrorKind.WORKER_LOST, f"{lost} and no attempts are left", now)
             return _decided(state, ClaimAnswer(ClaimOutcome.DONE), failed)
         error = Failure(ErrorKind.WORKER_LOST, lost, retryable=True)
+    twin = cmd.twin
+    if twin is not None and twin.status is Status.RUNNING:
+        return Decision(state, ClaimAnswer(ClaimOutcome.DEFER, retry_after=_twin_wait(twin, now)))
     attempt = state.attempt + 1
     started = _step(
         state,
@@ -319,7 +348,28 @@ def claim(state: TaskState, cmd: Claim, now: int, policy: Policy) -> Decision[Cl
         lease_owner=cmd.worker_id or None,
         error=error,
     )
+    if twin is not None and twin.status is Status.COMPLETED:
+        # The usual events (started, completed), so watchers and webhooks see a normal life.
+        done = _completed(started.state, now)
+        return _decided(state, ClaimAnswer(ClaimOutcome.REUSED, attempt=attempt), started, done)
     return _decided(state, ClaimAnswer(ClaimOutcome.RUN, attempt=attempt), started)
+
+
+def _twin_wait(twin: Twin, now: int) -> float:
+    """Seconds until a claim waiting for a running twin asks again (:data:`TWIN_WAIT_MIN`)."""
+    running_for = max(0, now - (twin.start_time if twin.start_time is not None else now)) / 1e6
+    return min(TWIN_WAIT_MAX, max(TWIN_WAIT_MIN, running_for / 2))
+
+
+def _completed(state: TaskState, now: int) -> Event:
+    return _step(
+        state,
+        Transition.COMPLETE,
+        progress=states.PROGRESS_DONE,
+        stage=Stage.COMPLETED,
+        error=None,
+        end_time=now,
+    )
 
 
 def _fence(state: TaskState, attempt: int) -> Rejection | None:
@@ -365,16 +415,7 @@ def complete(state: TaskState, cmd: Complete, now: int) -> Decision[None]:
         if (progress, stage) != (state.progress, state.stage):
             events.append(_step(state, Transition.PROGRESS, progress=progress, stage=stage))
             current = events[-1].state
-    events.append(
-        _step(
-            current,
-            Transition.COMPLETE,
-            progress=states.PROGRESS_DONE,
-            stage=Stage.COMPLETED,
-            error=None,
-            end_time=now,
-        )
-    )
+    events.append(_completed(current, now))
     return _decided(state, None, *events)
 
 

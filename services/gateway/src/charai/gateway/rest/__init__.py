@@ -10,7 +10,7 @@ Routes: ``POST /api/tasks``, ``POST /api/tasks:batchCreate``, ``GET /api/tasks/{
 ``GET /api/tasks?metadata.characterId=…``,
 ``POST /api/tasks/{id}/cancel``, ``DELETE /api/tasks/{id}``, ``GET /api/tasks/{id}/events`` and
 ``GET /api/tasks/events?metadata.…`` (SSE, resumable with ``Last-Event-ID``, :mod:`.streams`),
-``POST /api/access-tokens``.
+``POST /api/access-tokens``, ``GET /api/usage`` (:mod:`.usage`).
 """
 
 from charai.gateway.rest.errors import HTTP_STATUS, RestError, json_field

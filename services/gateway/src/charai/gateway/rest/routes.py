@@ -19,6 +19,7 @@ from charai.gateway.rest.parsing import (
     list_request,
 )
 from charai.gateway.rest.streams import EventStreams
+from charai.gateway.rest.usage import usage_json, usage_request
 from charai.gateway.rest.views import task_json
 from charai.tasks.v1 import task_service_pb2, task_service_pb2_grpc
 
@@ -76,6 +77,7 @@ class RestApi:
             web.post("/api/tasks/{id}/cancel", self.cancel),
             web.get("/api/tasks/{id}/events", streams.one),
             web.post("/api/access-tokens", self.create_access_token),
+            web.get("/api/usage", self.usage),
         ]
 
     async def create(self, request: web.Request) -> web.Response:
@@ -142,6 +144,15 @@ class RestApi:
             status=201,
             headers={hdrs.CACHE_CONTROL: "no-store"},
         )
+
+    async def usage(self, request: web.Request) -> web.Response:
+        """GetUsage: metered usage by tenant, provider, model and day, and the tenant's budgets."""
+        try:
+            message = usage_request(list(request.query.items()))
+            response = await self._unary(self._stub.GetUsage, message, request)
+        except RestError as exc:
+            return exc.response()
+        return web.json_response(usage_json(response))
 
     async def list_tasks(self, request: web.Request) -> web.Response:
         """A JSON array (``getCharacterTasks`` expects ``Task[]``) of up to ``pageSize`` tasks,
