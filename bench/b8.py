@@ -20,13 +20,11 @@ import contextlib
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-from aiohttp import web
 from charai.client import CharaiClient
+from charai.devstack.inflight import InFlightProxy, inflight_proxy
 from charai.devstack.stack import Stack
 from charai.tasks.v1 import task_service_pb2
 
@@ -37,61 +35,6 @@ WORKERS = ("image_worker", "image_worker_2")
 #: CogView at 512x512: the emulator's PNGs stay cheap (a 1024x1024 one costs ~28 ms of CPU), so
 #: the emulator's own CPU does not pace a 2-core machine instead of the provider's limit.
 MODEL, RESOLUTION = "cogview-4", "512x512"
-
-
-class InFlightCounter:
-    """A pass-through proxy to the emulator that counts the generation calls in flight through
-    it (the workers' calls to the provider, all workers together), and when each arrived."""
-
-    def __init__(self, upstream: str) -> None:
-        self.upstream = upstream.rstrip("/")
-        self.current = 0
-        self.peak = 0
-        #: (wall time, calls in flight with this one) of every call.
-        self.arrivals: list[tuple[float, int]] = []
-        self.url = ""
-        self._session: aiohttp.ClientSession | None = None
-
-    def reset(self) -> None:
-        self.peak = self.current
-        self.arrivals.clear()
-
-    async def _forward(self, request: web.Request) -> web.Response:
-        assert self._session is not None
-        self.current += 1
-        self.peak = max(self.peak, self.current)
-        self.arrivals.append((time.time(), self.current))
-        try:
-            body = await request.read()
-            skip = ("host", "content-length")
-            headers = {k: v for k, v in request.headers.items() if k.lower() not in skip}
-            url = self.upstream + request.path_qs
-            async with self._session.request(request.method, url, data=body, headers=headers) as answer:
-                data = await answer.read()
-                hop = ("content-length", "transfer-encoding", "content-encoding", "connection")
-                keep = {k: v for k, v in answer.headers.items() if k.lower() not in hop}
-                return web.Response(status=answer.status, body=data, headers=keep)
-        finally:
-            self.current -= 1
-
-
-@contextlib.asynccontextmanager
-async def counting_proxy(upstream: str) -> AsyncIterator[InFlightCounter]:
-    proxy = InFlightCounter(upstream)
-    app = web.Application(client_max_size=64 * 1024 * 1024)
-    app.router.add_route("*", "/{tail:.*}", proxy._forward)
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-    await runner.setup()
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
-        proxy._session = session
-        try:
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            proxy.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-            yield proxy
-        finally:
-            await runner.cleanup()
 
 
 class LimitSampler:
@@ -142,7 +85,7 @@ async def b8(
     with tempfile.TemporaryDirectory(prefix="bench-b8-") as tmp:
         async with (
             Stack(Path(tmp), env, emulator_args=args, services=("task_store", "gateway")) as s,
-            counting_proxy(s.emulator_url) as proxy,
+            inflight_proxy(s.emulator_url) as proxy,
         ):
             for name in WORKERS:
                 worker_env = {
@@ -171,7 +114,7 @@ async def b8(
 async def _b8_once(
     s: Stack,
     client: CharaiClient,
-    proxy: InFlightCounter,
+    proxy: InFlightProxy,
     draws: Draws,
     character: str,
     n: int,
@@ -181,7 +124,8 @@ async def _b8_once(
     calls_key = "images.generations"
     draws.consumed += stats["calls"][calls_key] - stats["concurrency"]["rejected"]
     ideal = ideal_makespan(draws.window(n), limit)
-    proxy.reset()
+    proxy.reset_peak()
+    proxy.arrivals.clear()
     with LimitSampler(client) as limits:
         await asyncio.sleep(0.3)
         first = time.time()
@@ -193,7 +137,7 @@ async def _b8_once(
     done = [t for t in tasks if t.status == E.TASK_STATUS_COMPLETED]
     makespan = max((us(t.end_time) for t in done), default=first) - first
     learned = [v for _, v in limits.samples if v]
-    over = [in_flight - limits.at(t) for t, in_flight in proxy.arrivals if limits.at(t)]
+    over = [in_flight - limits.at(t) for t, _, in_flight in proxy.arrivals if limits.at(t)]
     return {
         "tasks": n,
         "completed": len(done),
@@ -206,7 +150,7 @@ async def _b8_once(
         "learned_limit_max": max(learned, default=0),
         "learned_limit_end": learned[-1] if learned else 0,
         "max_over_limit": max(over, default=0),
-        "in_flight_p99": pct([float(x) for _, x in proxy.arrivals], 0.99),
+        "in_flight_p99": pct([float(x) for _, _, x in proxy.arrivals], 0.99),
         "makespan_s": makespan,
         "ideal_s": ideal,
         "makespan_vs_ideal": makespan / ideal,

@@ -25,6 +25,7 @@ import aiohttp
 import grpc
 import pytest_asyncio
 from charai.core.storeclient import StoreClient
+from charai.devstack.inflight import InFlightProxy, inflight_proxy
 from charai.emulator import EmulatorConfig, RunningEmulator, running_emulator
 from charai.gateway.app import GatewayApp
 from charai.gateway.settings import Settings as GatewaySettings
@@ -38,7 +39,6 @@ from charai.worker.settings import ImageWorkerSettings, TtsWorkerSettings
 from pydantic import SecretStr
 
 from tests.conftest import NatsServer, eventually
-from tests.integration.inflight_proxy import InFlightProxy, inflight_proxy
 from tests.integration.test_operations import parse_metrics
 
 TOKEN = "operator-token"

@@ -1,5 +1,6 @@
 """A pass-through HTTP proxy that counts the calls in flight through it: how many calls the
-workers had at the provider at once, all workers together, measured outside them."""
+workers had at the provider at once, all workers together, measured outside them (the shared
+provider limit's tests and ``make bench`` B8)."""
 
 from __future__ import annotations
 
@@ -14,14 +15,14 @@ from aiohttp import web
 class InFlightProxy:
     """Forwards every request to ``upstream`` (same path and body, answer relayed unchanged) and
     keeps ``current`` / ``peak`` calls in flight, ``calls`` in all, and when each arrived
-    (``arrivals``: wall-clock time and path, in order)."""
+    (``arrivals``: wall-clock time, path and the calls in flight with it, in order)."""
 
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream.rstrip("/")
         self.current = 0
         self.peak = 0
         self.calls = 0
-        self.arrivals: list[tuple[float, str]] = []
+        self.arrivals: list[tuple[float, str, int]] = []
         self.url = ""
         self._session: aiohttp.ClientSession | None = None
 
@@ -30,10 +31,10 @@ class InFlightProxy:
 
     async def _forward(self, request: web.Request) -> web.Response:
         assert self._session is not None
-        self.arrivals.append((time.time(), request.path))
         self.current += 1
         self.calls += 1
         self.peak = max(self.peak, self.current)
+        self.arrivals.append((time.time(), request.path, self.current))
         try:
             body = await request.read()
             headers = {
