@@ -145,29 +145,20 @@ def speech_request(dialect: str, model: str, payload: task_pb2.TtsPayload, reque
     speed = payload.speed if payload.HasField("speed") else 1.0
     volume = payload.volume if payload.HasField("volume") else 1.0
     rules = provider_models.tts_model(dialect, model)
-    if dialect == provider_models.OPENAI:
-        gain = 1.0 if volume == 1.0 else volume
-        asked = requested if requested in rules.native_formats and gain == 1.0 else "wav"
-        voice = payload.voice_style or DEFAULT_OPENAI_VOICE
-        body = {
-            "model": model,
-            "input": payload.text,
-            "voice": voice,
-            "response_format": asked,
-            "speed": speed,
-        }
-        return SpeechRequest(body, asked, gain)
-    asked = requested if requested in rules.native_formats else "wav"  # GLM-TTS has no mp3: we encode it
-    voice = payload.voice_style or DEFAULT_VOICE
-    body = {
+    openai = dialect == provider_models.OPENAI
+    gain = volume if openai else 1.0  # OpenAI has no volume: applied to the samples here
+    # GLM-TTS has no mp3, and a gain needs samples: then wav is asked and encoded here.
+    asked = requested if requested in rules.native_formats and gain == 1.0 else "wav"
+    body: dict[str, Any] = {
         "model": model,
         "input": payload.text,
-        "voice": voice,
+        "voice": payload.voice_style or (DEFAULT_OPENAI_VOICE if openai else DEFAULT_VOICE),
         "response_format": asked,
         "speed": speed,
-        "volume": volume,
     }
-    return SpeechRequest(body, asked)
+    if not openai:
+        body["volume"] = volume
+    return SpeechRequest(body, asked, gain)
 
 
 def finish(data: bytes, content_type: str, plan: SpeechRequest, requested: str) -> Encoded:
