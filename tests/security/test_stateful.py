@@ -48,8 +48,12 @@ MARKERS = {
     "fails once": "[[server*1]]",
     "rejected": "[[content]]",
 }
-#: A watch is read until its terminal event, or until it has been quiet this long.
-QUIET = 0.3
+#: A watch is read until its terminal event, or until this many heartbeats in a row came with no
+#: event between them (quiet measured in the gateway's own heartbeats, 0.2 s apart, so a busy
+#: machine that slows the stream slows the measure of quiet with it).
+QUIET_HEARTBEATS = 2
+#: No message at all for this long (not even a heartbeat) is a failure, not quiet.
+READ_DEADLINE = 30.0
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -86,19 +90,21 @@ async def watch(charai: Charai, task_id: str, after: int) -> tuple[list[task_pb2
         task_service_pb2.WatchTaskRequest(id=task_id, after_sequence=after), metadata=bearer(TOKEN_A)
     )
     events: list[task_pb2.TaskEvent] = []
+    heartbeats = 0
     try:
-        while True:
-            try:
-                async with asyncio.timeout(QUIET):
-                    response = await call.read()
-            except TimeoutError:
-                return events, False
+        while heartbeats < QUIET_HEARTBEATS:
+            async with asyncio.timeout(READ_DEADLINE):
+                response = await call.read()
             if response is grpc.aio.EOF:
                 assert await call.code() == grpc.StatusCode.OK, await call.details()
                 return events, True
             assert isinstance(response, task_service_pb2.WatchTaskResponse)
-            if response.event.type != task_pb2.TASK_EVENT_TYPE_HEARTBEAT:
+            if response.event.type == task_pb2.TASK_EVENT_TYPE_HEARTBEAT:
+                heartbeats += 1
+            else:
+                heartbeats = 0
                 events.append(response.event)
+        return events, False
     finally:
         call.cancel()
 
