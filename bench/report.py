@@ -74,6 +74,7 @@ HEADLINES: dict[str, list[tuple[str, str, list[str]]]] = {
         ("B's first start after, s", "b_first_wait_s", ["charai"]),
         ("B's first start, provider calls", "b_first_wait_calls", ["charai"]),
         ("A's tasks started in between", "a_started_between", ["charai"]),
+        ("A's calls before B's first call", "a_calls_before_b_call", ["charai"]),
         ("makespan / ideal", "makespan_vs_ideal", ["charai"]),
         ("releases/s, many tenants", "releases_per_s", ["charai-release"]),
         ("releases/s, a tenth of the tenants", "few_tenants_releases_per_s", ["charai-release"]),

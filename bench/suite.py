@@ -653,12 +653,20 @@ async def f1(o: Options) -> dict[str, Any]:
     )
     out["goals"] = [
         goal(
-            "A's tasks started before B's first",
+            "A's tasks started between B's create and its first",
             med(out, "charai", "a_started_between"),
-            float(fairness.ROUND),
+            1.0,
             "le",
             "",
-            "one round (buffer, slots + prefetch)",
+            "<= 1 (B's first task runs at the next claim)",
+        ),
+        goal(
+            "B's first start, provider calls",
+            med(out, "charai", "b_first_wait_calls"),
+            1.0,
+            "le",
+            "",
+            "<= 1 call length (one slot's turn)",
         ),
         goal("makespan / ideal", med(out, "charai", "makespan_vs_ideal"), 1.15, "le", "x", "1.15x ideal"),
         goal(

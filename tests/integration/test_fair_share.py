@@ -22,7 +22,17 @@ from charai.task_store.store import TaskStore
 from charai.tasks.v1 import task_pb2
 
 from tests.integration.conftest import Database, Recorded, opened
-from tests.integration.store_requests import CANCELLED, IMAGE, QUEUED, RUN, TTS, image_request, tts_request
+from tests.integration.store_requests import (
+    CANCELLED,
+    DONE,
+    IMAGE,
+    QUEUED,
+    RUN,
+    RUNNING,
+    TTS,
+    image_request,
+    tts_request,
+)
 
 S = 1_000_000
 AGING_S = 30.0
@@ -144,6 +154,47 @@ async def test_a_newcomer_is_released_next_even_behind_a_long_backlog(db: Databa
         assert (await store.claim(a[2].id, 1, "w")).outcome == RUN  # room for two more
         assert await store.release_held(IMAGE) == (2, False)
         assert (await outbox_ids(store))[4:] == [b.id, a[4].id]
+
+
+async def test_a_claim_runs_a_waiting_tenants_first_task_instead(db: Database) -> None:
+    """A worker that runs whichever task the answer carries (``any_task``) is handed the first
+    task of a tenant with nothing running or released, instead of the released job it claimed,
+    which goes back to the front of its tenant's backlog; its message is answered DONE from then
+    on, the sweeper never takes it for a lost job, and it is released again in its turn."""
+    async with opened(db, fair=fair(buffer=3)) as rec:
+        store, clock = rec.store, rec.clock
+        a = [(await store.create("a", image_request()))[0] for _ in range(10)]
+        assert await outbox_ids(store) == [t.id for t in a[:3]]
+        # Nobody waits: a claim runs its own task, also with any_task.
+        first = await store.claim(a[0].id, 1, "w", any_task=True)
+        assert (first.outcome, first.task and first.task.id) == (RUN, a[0].id)
+        b, _ = await store.create("b", image_request())
+        assert await is_held(store, b.id)
+        # A worker that did not say any_task is answered about its own task.
+        own = await store.claim(a[1].id, 1, "w")
+        assert (own.outcome, own.task and own.task.id) == (RUN, a[1].id)
+        handed = await store.claim(a[2].id, 1, "w", any_task=True)
+        assert handed.outcome == RUN and handed.task is not None
+        assert handed.task.id == b.id and handed.task.status == RUNNING and handed.attempt == 1
+        assert not await is_held(store, b.id)
+        assert await is_held(store, a[2].id)
+        assert (await store.get("a", a[2].id)).status == QUEUED
+        # The delivery of a[2] is stale now, also when it comes again.
+        assert (await store.claim(a[2].id, 1, "w", any_task=True)).outcome == DONE
+        assert (await store.claim(a[2].id, 1, "w", again=True)).outcome == DONE
+        assert a[2].id not in await outbox_ids(store)
+        # Long after, the sweeper suspects b once its lease ran out (its job is the message it
+        # was handed with), but never the held a[2].
+        clock.advance(3600)
+        suspects = {task_id for task_id, _, _ in await store.stale_dispatches(0.1)}
+        assert b.id in suspects and a[2].id not in suspects
+        # a[2] is released again, first of its tenant's tasks; b, running now, is not handed
+        # another task's claim.
+        seen = len(await outbox_ids(store))
+        await store.release_held(IMAGE)
+        assert (await outbox_ids(store))[seen] == a[2].id
+        again = await store.claim(a[2].id, 2, "w", any_task=True)
+        assert (again.outcome, again.task and again.task.id) == (RUN, a[2].id)
 
 
 async def test_queue_positions_follow_the_fair_order(db: Database) -> None:

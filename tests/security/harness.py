@@ -88,21 +88,10 @@ class Charai:
         return self.worker
 
     async def crash_worker(self) -> None:
-        """The worker dies as under ``kill -9``, in process: its NATS connection drops first (no
-        ack, no nak can leave), then its task_store channel (no report, no hand-back), then every
-        task it runs is cancelled. JetStream redelivers what it held after the ack wait; the
-        store hands the task on when the attempt's lease expires."""
+        """The worker dies as under ``kill -9`` (:func:`crash_worker`)."""
         app, self.worker = self.worker, None
-        assert app is not None and app.runner is not None
-        runner = app.runner
-        await app._nc.close()  # type: ignore[union-attr]
-        await app._store.close()  # type: ignore[union-attr]
-        doomed = [*runner._tasks, *runner._job_tasks]
-        for task in doomed:
-            task.cancel()
-        await asyncio.gather(*doomed, return_exceptions=True)
-        await app._session.close()  # type: ignore[union-attr]
-        app._closed = True  # nothing left to close
+        assert app is not None
+        await crash_worker(app)
 
     async def stored(self, tenant: str, task_id: str) -> task_pb2.Task:
         return await self.store.get_task(tenant, task_id)
@@ -356,3 +345,20 @@ def _web_answer(trailers: Mapping[str, str], messages: list[bytes]) -> Answer:
         messages,
         details,
     )
+
+
+async def crash_worker(app: WorkerApp) -> None:
+    """A worker app dies as under ``kill -9``, in process: its NATS connection drops first (no
+    ack, no nak can leave), then its task_store channel (no report, no hand-back), then every
+    task it runs is cancelled. JetStream redelivers what it held after the ack wait; the store
+    hands the task on when the attempt's lease expires."""
+    assert app.runner is not None
+    runner = app.runner
+    await app._nc.close()  # type: ignore[union-attr]
+    await app._store.close()  # type: ignore[union-attr]
+    doomed = [*runner._tasks, *runner._job_tasks]
+    for task in doomed:
+        task.cancel()
+    await asyncio.gather(*doomed, return_exceptions=True)
+    await app._session.close()  # type: ignore[union-attr]
+    app._closed = True  # nothing left to close

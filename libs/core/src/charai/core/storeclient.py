@@ -370,12 +370,14 @@ class StoreClient:
         worker_id: str,
         *,
         again: bool = False,
+        any_task: bool = False,
         timeout: float | None = None,
     ) -> spb.ClaimTaskResponse:
         """Starts an attempt for a delivered job, or says to skip (DONE) or defer it; ``again``:
-        this worker's earlier claim of the job got no answer (ClaimTaskRequest.again)."""
+        this worker's earlier claim of the job got no answer (ClaimTaskRequest.again);
+        ``any_task``: the answer may start another task instead (ClaimTaskRequest.any_task)."""
         request = spb.ClaimTaskRequest(
-            task_id=task_id, dispatch_gen=dispatch_gen, worker_id=worker_id, again=again
+            task_id=task_id, dispatch_gen=dispatch_gen, worker_id=worker_id, again=again, any_task=any_task
         )
         answer = await self._command(spb.StoreCommand(claim=request), timeout)
         if answer is not None:

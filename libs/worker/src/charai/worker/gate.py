@@ -6,10 +6,26 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import dataclasses
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from charai.core.domain.errors import ProviderFailure
+
+#: Set (in a job's task) while it runs a tenant's first turn, handed to this worker's claim by
+#: task_store's fair share (ClaimTaskRequest.any_task): its calls wait at the gate before the
+#: calls of jobs claimed earlier, so the tenant waits one slot's turn, not this worker's prefetch.
+FIRST_TURN: contextvars.ContextVar[bool] = contextvars.ContextVar("charai_first_turn", default=False)
+
+W = TypeVar("W")
+
+
+def queue_waiter(waiters: collections.deque[W], waiter: W) -> None:
+    """Adds a call waiting for a slot: last, or first while it runs a first turn (``FIRST_TURN``)."""
+    if FIRST_TURN.get():
+        waiters.appendleft(waiter)
+    else:
+        waiters.append(waiter)
 
 
 @dataclasses.dataclass(eq=False)
@@ -103,12 +119,13 @@ class ProviderGate:
         return self._limit is None or self._in_flight < self._limit
 
     async def acquire(self) -> None:
-        """Waits for a slot (first come, first served) and takes it; pair with :meth:`release`."""
+        """Waits for a slot (first come, first served, but see ``FIRST_TURN``) and takes it; pair
+        with :meth:`release`."""
         if not self._waiters and self._has_room():
             self._in_flight += 1
             return
         waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        queue_waiter(self._waiters, waiter)
         try:
             await waiter
         except BaseException:

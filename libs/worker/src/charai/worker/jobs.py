@@ -14,6 +14,7 @@ from charai.store.v1 import store_service_pb2 as spb
 from charai.tasks.v1 import task_pb2
 from charai.worker.attempt import Attempt, AttemptContext
 from charai.worker.context import Handler, JobAbortedError, Result
+from charai.worker.gate import FIRST_TURN
 from charai.worker.http import ProviderError, ProviderHttp
 from charai.worker.lanes import Lane
 from charai.worker.outcome import Outcomes, crash_failure, provider_failure, settle_message
@@ -60,6 +61,9 @@ class Jobs:
         self._reporter = reporter
         self._outcomes = outcomes
         self.running: dict[str, Attempt] = {}
+        #: Jobs whose message carries another task's attempt (ClaimTaskRequest.any_task), by
+        #: the message's task id: a redelivery of one is settled like a running job's.
+        self._carriers: set[str] = set()
         #: Jobs (task id, dispatch generation) whose claim got no answer: the next delivery
         #: claims ``again``, so a claim the store did take is answered, not left to expire.
         #: Bounded: forgetting one only costs the wait for its lease, as before.
@@ -92,7 +96,7 @@ class Jobs:
         headers = msg.headers or {}
         traceparent = tracing.enter(job.traceparent or headers.get("traceparent", ""))
         structlog.contextvars.bind_contextvars(task_id=job.task_id, trace_id=tracing.trace_id(traceparent))
-        if job.task_id in self.running:
+        if job.task_id in self.running or job.task_id in self._carriers:
             # JetStream redelivered a job this process is still running (an ack-wait ran out):
             # the attempt in hand acks it when it ends. Claiming again would answer the same
             # attempt (the store re-answers its holder) and run it twice.
@@ -103,7 +107,9 @@ class Jobs:
         self._unanswered.pop(key, None)
         try:
             claim = await self._calls.run(
-                lambda: self._store.claim_task(job.task_id, job.dispatch_gen, worker_id, again=again)
+                lambda: self._store.claim_task(
+                    job.task_id, job.dispatch_gen, worker_id, again=again, any_task=True
+                )
             )
         except grpc.aio.AioRpcError as exc:
             log.warning("claim_failed", code=exc.code().name)
@@ -125,14 +131,23 @@ class Jobs:
         if claim.outcome == spb.CLAIM_OUTCOME_DEFER:
             await settle_message("nak", msg, max(0.05, claim.retry_after_seconds))
             return
-        running = Attempt(msg, job.task_id, claim.attempt)
-        self.running[job.task_id] = running
+        task_id = claim.task.id or job.task_id
+        if task_id != job.task_id:
+            # Fair share: the store started another tenant's first task instead and put this job
+            # back in its backlog (ClaimTaskRequest.any_task); this message now carries that task.
+            log.info("job_handed_over", instead=task_id)
+            structlog.contextvars.bind_contextvars(task_id=task_id)
+            self._carriers.add(job.task_id)
+            FIRST_TURN.set(True)  # its provider calls go before those of jobs claimed earlier
+        running = Attempt(msg, task_id, claim.attempt)
+        self.running[task_id] = running
         structlog.contextvars.bind_contextvars(attempt=claim.attempt)
         outcome = "unknown"
         try:
             outcome = await self._execute(running, claim.task)
         finally:
-            self.running.pop(job.task_id, None)
+            self.running.pop(task_id, None)
+            self._carriers.discard(job.task_id)
             log.info(
                 "job_finished",
                 outcome=outcome,

@@ -48,7 +48,7 @@ from charai.core.domain.provider_events import (
     apply,
 )
 from charai.core.domain.provider_record import ProviderRecord
-from charai.worker.gate import Slot
+from charai.worker.gate import Slot, queue_waiter
 from charai.worker.provider import ProviderError
 
 if TYPE_CHECKING:
@@ -151,7 +151,8 @@ class SharedGate:
 
     # -- the call path ---------------------------------------------------------------------------
     async def acquire(self) -> Slot:
-        """Waits for a slot (first come, first served) and takes it; pair with :meth:`release`.
+        """Waits for a slot (first come, first served, but see ``gate.FIRST_TURN``) and takes it;
+        pair with :meth:`release`.
 
         Raises:
             ProviderError: the breaker is open (the error kind that opened it, no call made).
@@ -161,7 +162,7 @@ class SharedGate:
             slot = self._start()
         else:
             waiter: asyncio.Future[Slot] = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
+            queue_waiter(self._waiters, waiter)
             self._poke()
             try:
                 slot = await waiter

@@ -424,6 +424,7 @@ class ClaimTaskRequest(_message.Message):
     DISPATCH_GEN_FIELD_NUMBER: _builtins.int
     WORKER_ID_FIELD_NUMBER: _builtins.int
     AGAIN_FIELD_NUMBER: _builtins.int
+    ANY_TASK_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """The task id from the job message."""
     dispatch_gen: _builtins.int
@@ -436,6 +437,14 @@ class ClaimTaskRequest(_message.Message):
     held by worker_id), answer RUN again with the same attempt instead of DEFER. Set only by a
     worker that has not started the attempt; a redelivery after a run never sets it.
     """
+    any_task: _builtins.bool
+    """This worker runs whichever task the answer carries (fair share, a tenant's first turn): when
+    another tenant holds queued tasks of this type and has none running or released, the store
+    may answer RUN with that tenant's next task instead (answer.task.id differs from task_id) and
+    put this one back in the fair backlog (its job is published again in its turn). The message
+    then carries the other task: keep it in progress while that attempt runs and ack it when the
+    attempt ends. Without it the answer is always about task_id.
+    """
     def __init__(
         self,
         *,
@@ -443,10 +452,11 @@ class ClaimTaskRequest(_message.Message):
         dispatch_gen: _builtins.int = ...,
         worker_id: _builtins.str = ...,
         again: _builtins.bool = ...,
+        any_task: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["again", b"again", "dispatch_gen", b"dispatch_gen", "task_id", b"task_id", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["again", b"again", "any_task", b"any_task", "dispatch_gen", b"dispatch_gen", "task_id", b"task_id", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -473,7 +483,9 @@ class ClaimTaskResponse(_message.Message):
     """How long the lease lasts without a report."""
     @_builtins.property
     def task(self) -> _task_pb2.Task:
-        """The task (RUNNING under attempt when outcome is RUN; COMPLETED with the reused result when REUSED)."""
+        """The task (RUNNING under attempt when outcome is RUN; COMPLETED with the reused result when
+        REUSED). With any_task, a RUN may be about another task than the request's: run this one.
+        """
 
     def __init__(
         self,

@@ -9,7 +9,9 @@ type running now)`` (one more round of whatever the workers run at once). Each c
 makes room, and the :class:`~charai.task_store.release.Releaser` fills it with the next held
 tasks in the order of :mod:`charai.core.domain.fairshare` (weighted turns between tenants,
 priority with aging within one). A job released by a tenant's turn reaches a worker after at most
-one buffer's worth of other jobs: about one round of the provider's slots.
+one buffer's worth of other jobs: about one round of the provider's slots. A tenant that waits
+for its *first* turn (it holds tasks, none running or released) does not wait for the buffer: the
+next claim of its task type runs its first task instead (:meth:`Backlog.first_turn`).
 
 What is stored (schema migration 7): a held task has ``tasks.held = 1`` and a ``backlog`` row
 (what its job needs, and its rank within its tenant); each tenant's turn per task type is a
@@ -53,6 +55,9 @@ URGENCY: dict[int, int] = {
 MAX_BUFFER = 10_000
 #: How many tasks queued behind a held task its place counts before it counts those ahead.
 BEHIND_SCAN = 256
+#: A claim looks for a tenant waiting for its first turn among this many tenants holding tasks,
+#: the first in turn order (see :meth:`Backlog.first_turn`).
+FIRST_TURN_SCAN = 64
 #: A held task's place counts the turns of at most this many tenants due before it (the first
 #: in turn order): exact up to there, a lower bound beyond, so reading it costs the same with
 #: 10,000 tenants waiting.
@@ -174,6 +179,93 @@ class Backlog:
                 int(row[0]),
                 str(row[1]),
             )
+
+    # -- a waiting tenant's first turn, at a claim ----------------------------------------------
+    async def first_turn(self, tx: Tx, kind: int, tenant: str) -> str | None:
+        """The task to run instead of a job of ``tenant`` being claimed: the next held task of
+        the first tenant in turn order (of the first :data:`FIRST_TURN_SCAN` holding tasks of type
+        ``kind``) that has none running or released, while ``tenant`` has one running. None when
+        there is no such tenant (nothing held: one index probe).
+
+        Why: the buffer of released jobs is a queue in JetStream, and a worker's claims run ahead
+        of its provider calls, so a tenant that queues behind another's backlog would wait for
+        every job released before it (several provider calls). Handing its first task to the
+        next claim instead makes its wait one provider slot's turn, whatever the buffer's size.
+        Its later tasks take their turns in the release order as usual; the claimed job goes back
+        to the backlog at the front of its tenant (:meth:`give_back`).
+        """
+        found = await tx.fetchval(
+            "SELECT f.tenant FROM (SELECT tenant, due, served FROM fair_tenants WHERE type = ?"
+            " AND held > 0 AND tenant <> ? ORDER BY due, served, tenant LIMIT ?) AS f"
+            f" WHERE NOT EXISTS (SELECT 1 FROM tasks t WHERE t.type = ? AND t.status = {_RUNNING}"
+            " AND t.tenant = f.tenant)"
+            f" AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.type = ? AND t.status = {_QUEUED}"
+            " AND t.held = 0 AND t.tenant = f.tenant)"
+            " ORDER BY f.due, f.served, f.tenant LIMIT 1",
+            kind,
+            tenant,
+            FIRST_TURN_SCAN,
+            kind,
+            kind,
+        )
+        if found is None:
+            return None
+        running = await tx.fetchval(
+            f"SELECT 1 FROM tasks WHERE type = ? AND status = {_RUNNING} AND tenant = ? LIMIT 1", kind, tenant
+        )
+        if not running:
+            return None  # its own first turn: nobody to take it from
+        task_id = await tx.fetchval(
+            "SELECT task_id FROM backlog WHERE type = ? AND tenant = ? ORDER BY rank, task_id LIMIT 1",
+            kind,
+            str(found),
+        )
+        return None if task_id is None else str(task_id)
+
+    async def hand_over(
+        self,
+        tx: Tx,
+        claimed: task_pb2.Task,
+        claimed_tenant: str,
+        claimed_gen: int,
+        other: str,
+        other_tenant: str,
+        now: int,
+    ) -> None:
+        """The claim of ``claimed`` runs the held task ``other`` instead (:meth:`first_turn`; the
+        caller holds both rows' locks and persists ``other``'s start).
+
+        ``other`` leaves the backlog and its tenant spends a turn (its ``due`` moves on by its
+        stride); it counts as dispatched with ``claimed``'s message, which now carries it (so the
+        sweeper finds it if its worker is lost). ``claimed`` is held again at the front of its
+        tenant (its rank is its creation's) and counts as never dispatched, under a new dispatch
+        generation (a relay still marking its publication leaves it alone); its turn is not given
+        back (the other tenant took it), and its delivered message is answered DONE from now on.
+        """
+        kind = int(claimed.type)
+        await self._unhold(tx, [other])
+        await tx.execute(
+            "UPDATE fair_tenants SET due = due + stride,"
+            " served = COALESCE((SELECT turns FROM fair_lanes WHERE type = ?), served),"
+            " held = CASE WHEN held > 1 THEN held - 1 ELSE 0 END WHERE type = ? AND tenant = ?",
+            kind,
+            kind,
+            other_tenant,
+        )
+        row = await tx.fetchrow("SELECT dispatched_at, stream_seq FROM tasks WHERE id = ?", claimed.id)
+        assert row is not None
+        dispatched = now if row[0] is None else int(row[0])
+        await tx.execute(
+            "UPDATE tasks SET dispatched_at = ?, stream_seq = ? WHERE id = ?", dispatched, row[1], other
+        )
+        await tx.execute(
+            "UPDATE tasks SET dispatched_at = NULL, stream_seq = NULL, dispatch_gen = ? WHERE id = ?",
+            claimed_gen + 1,
+            claimed.id,
+        )
+        await tx.execute("DELETE FROM outbox WHERE task_id = ?", claimed.id)  # a copy not sent yet
+        job = Job(claimed.id, claimed_gen + 1, kind, int(claimed.priority))
+        await self._hold(tx, claimed_tenant, job, claimed.create_time.ToMicroseconds())
 
     # -- releases ------------------------------------------------------------------------------
     async def held_anywhere(self, tx: Tx, kinds: tuple[int, ...]) -> list[int]:

@@ -17,9 +17,18 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+import structlog
 from charai.core.clock import Clock
 from charai.core.domain import lifecycle
-from charai.core.domain.lifecycle import Decision, Policy, Rejection, RejectReason, TaskState
+from charai.core.domain.lifecycle import (
+    ClaimAnswer,
+    ClaimOutcome,
+    Decision,
+    Policy,
+    Rejection,
+    RejectReason,
+    TaskState,
+)
 from charai.core.domain.states import EventType, Status
 from charai.core.errors import (
     CharaiError,
@@ -43,6 +52,7 @@ from charai.task_store.usage import UsageLedger
 from charai.tasks.v1 import task_pb2, task_service_pb2
 
 A = TypeVar("A")
+log = structlog.get_logger("commands")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -331,24 +341,75 @@ class Commands:
         return await self._units.write(op)
 
     # -- worker commands ---------------------------------------------------------------------
-    async def claim(self, task_id: str, worker_id: str, again: bool = False) -> ClaimResult:
+    async def claim(
+        self, task_id: str, worker_id: str, again: bool = False, any_task: bool = False
+    ) -> ClaimResult:
+        """A delivered job's claim (ClaimTask); ``any_task``: the worker runs whichever task the
+        answer carries, so a tenant waiting for its first turn may be run instead
+        (:meth:`Backlog.first_turn`)."""
+
         async def op(unit: Unit) -> ClaimResult:
             try:
                 task, row, state = await self._load(unit, task_id)
             except NotFoundError:
                 return ClaimResult(spb.CLAIM_OUTCOME_DONE, None)
+            if row.held:
+                # Back in the fair backlog (its claim ran another tenant's first turn): this
+                # delivery is stale; its job is published again in its turn.
+                return ClaimResult(spb.CLAIM_OUTCOME_DONE, None)
             now, command = self._clock.now_us(), lifecycle.Claim(worker_id, again)
-            decision = lifecycle.claim(state, command, now, self._policy)
-            copy = None
-            if self.reuse is not None:  # an identical task done or running changes the answer
-                args = (unit.tx, task, row.tenant, state, command, decision, now, self._policy)
-                decision, copy = await self.reuse.reconsider(*args)
-            await self._persist(unit, task, row, state, decision, copy)
+            decision, copy = await self._decide_claim(unit, task, row, state, command, now)
             answer = decision.answer
             assert not isinstance(answer, Rejection)
+            first_run = state.status is Status.QUEUED and state.attempt == 0 and not again
+            if any_task and first_run and answer.outcome is ClaimOutcome.RUN and self.backlog is not None:
+                instead = await self._first_turn(unit, task, row, worker_id, now)
+                if instead is not None:
+                    return instead
+            await self._persist(unit, task, row, state, decision, copy)
             return ClaimResult(int(answer.outcome), task, answer.attempt, answer.retry_after)
 
         return await self._units.write(op)
+
+    async def _decide_claim(
+        self,
+        unit: Unit,
+        task: task_pb2.Task,
+        row: TaskRow,
+        state: TaskState,
+        command: lifecycle.Claim,
+        now: int,
+    ) -> tuple[Decision[ClaimAnswer], Callable[[lifecycle.Event], None] | None]:
+        decision = lifecycle.claim(state, command, now, self._policy)
+        if self.reuse is None:
+            return decision, None
+        # An identical task done or running changes the answer.
+        return await self.reuse.reconsider(
+            unit.tx, task, row.tenant, state, command, decision, now, self._policy
+        )
+
+    async def _first_turn(
+        self, unit: Unit, claimed: task_pb2.Task, claimed_row: TaskRow, worker_id: str, now: int
+    ) -> ClaimResult | None:
+        """The claim of ``claimed`` started another tenant's first task instead (see
+        :meth:`Backlog.first_turn`), or None (nobody waits for a first turn, or that task would
+        not simply run: then ``claimed`` runs as asked)."""
+        assert self.backlog is not None
+        other = await self.backlog.first_turn(unit.tx, int(claimed.type), claimed_row.tenant)
+        if other is None:
+            return None
+        task, row, state = await self._load(unit, other)
+        if not row.held or state.status is not Status.QUEUED:
+            return None
+        decision, copy = await self._decide_claim(unit, task, row, state, lifecycle.Claim(worker_id), now)
+        answer = decision.answer
+        if not isinstance(answer, ClaimAnswer) or answer.outcome is not ClaimOutcome.RUN:
+            return None
+        gen = int(claimed_row.dispatch_gen)
+        await self.backlog.hand_over(unit.tx, claimed, claimed_row.tenant, gen, other, row.tenant, now)
+        await self._persist(unit, task, row, state, decision, copy)
+        log.info("claim_handed_over", task_id=claimed.id, instead=other, tenant=row.tenant)
+        return ClaimResult(int(answer.outcome), task, answer.attempt, answer.retry_after)
 
     async def progress(self, task_id: str, attempt: int, progress: int, stage: str) -> int:
         async def op(unit: Unit) -> int:

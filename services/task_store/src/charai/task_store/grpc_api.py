@@ -97,7 +97,7 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
 
     async def ClaimTask(self, request: spb.ClaimTaskRequest, context: Context) -> spb.ClaimTaskResponse:
         claim = await self._store.claim(
-            request.task_id, request.dispatch_gen, request.worker_id, request.again
+            request.task_id, request.dispatch_gen, request.worker_id, request.again, request.any_task
         )
         response = spb.ClaimTaskResponse(
             outcome=claim.outcome,  # type: ignore[arg-type]

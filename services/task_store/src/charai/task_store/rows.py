@@ -19,7 +19,8 @@ from charai.task_store.backend import Tx
 from charai.tasks.v1 import task_pb2
 
 TASK_COLUMNS = (
-    "task, tenant, attempt, lease_expires, dispatch_gen, last_seq, next_attempt_time, status, lease_owner"
+    "task, tenant, attempt, lease_expires, dispatch_gen, last_seq, next_attempt_time, status, lease_owner,"
+    " held"
 )
 
 
@@ -35,6 +36,8 @@ class TaskRow(NamedTuple):
     next_attempt_time: int | None
     status: int
     lease_owner: str | None
+    #: Waiting in the fair backlog (no job of it is meant to be out: see ``Backlog``).
+    held: int
 
 
 async def load(

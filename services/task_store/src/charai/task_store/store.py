@@ -207,9 +207,9 @@ class TaskStore:
 
     # -- worker operations -------------------------------------------------------------------
     async def claim(
-        self, task_id: str, dispatch_gen: int, worker_id: str, again: bool = False
+        self, task_id: str, dispatch_gen: int, worker_id: str, again: bool = False, any_task: bool = False
     ) -> ClaimResult:
-        return await self.commands.claim(task_id, worker_id, again)
+        return await self.commands.claim(task_id, worker_id, again, any_task)
 
     async def progress(self, task_id: str, attempt: int, progress: int, stage: str) -> int:
         return await self.commands.progress(task_id, attempt, progress, stage)
