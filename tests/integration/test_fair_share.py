@@ -24,6 +24,7 @@ from charai.tasks.v1 import task_pb2
 from tests.integration.conftest import Database, Recorded, opened
 from tests.integration.store_requests import (
     CANCELLED,
+    DEFER,
     DONE,
     IMAGE,
     QUEUED,
@@ -195,6 +196,28 @@ async def test_a_claim_runs_a_waiting_tenants_first_task_instead(db: Database) -
         assert (await outbox_ids(store))[seen] == a[2].id
         again = await store.claim(a[2].id, 2, "w", any_task=True)
         assert (again.outcome, again.task and again.task.id) == (RUN, a[2].id)
+
+
+async def test_a_claim_runs_a_waiting_tenants_released_job_instead(db: Database) -> None:
+    """When the newcomer's first task was released into the buffer just before a claim (behind
+    the jobs released earlier), that claim runs it: it has a turn already, so it keeps its own
+    job, whose claim then finds it running (deferred)."""
+    async with opened(db, fair=fair(buffer=3)) as rec:
+        store = rec.store
+        a = [(await store.create("a", image_request()))[0] for _ in range(10)]
+        assert (await store.claim(a[0].id, 1, "w", any_task=True)).outcome == RUN
+        b = [(await store.create("b", image_request()))[0] for _ in range(2)]
+        assert (await store.claim(a[1].id, 1, "w")).outcome == RUN
+        assert await store.release_held(IMAGE) == (2, False)  # a's turn, then b's
+        assert (await outbox_ids(store))[-2:] == [a[3].id, b[0].id]
+        handed = await store.claim(a[2].id, 1, "w", any_task=True)
+        assert handed.outcome == RUN and handed.task is not None and handed.task.id == b[0].id
+        assert await is_held(store, a[2].id) and await is_held(store, b[1].id)
+        own = await store.claim(b[0].id, 1, "w2", any_task=True)
+        assert own.outcome == DEFER
+        # b has a task running now: a's next claim runs its own task.
+        mine = await store.claim(a[3].id, 1, "w", any_task=True)
+        assert mine.task is not None and mine.task.id == a[3].id
 
 
 async def test_queue_positions_follow_the_fair_order(db: Database) -> None:

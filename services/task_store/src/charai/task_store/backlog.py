@@ -181,31 +181,30 @@ class Backlog:
             )
 
     # -- a waiting tenant's first turn, at a claim ----------------------------------------------
-    async def first_turn(self, tx: Tx, kind: int, tenant: str) -> str | None:
-        """The task to run instead of a job of ``tenant`` being claimed: the next held task of
-        the first tenant in turn order (of the first :data:`FIRST_TURN_SCAN` holding tasks of type
-        ``kind``) that has none running or released, while ``tenant`` has one running. None when
-        there is no such tenant (nothing held: one index probe).
+    async def first_turn(self, tx: Tx, kind: int, tenant: str) -> tuple[str, bool] | None:
+        """The task to run instead of a job of ``tenant`` being claimed, and whether it is held:
+        the next task of the first tenant in turn order (of the first :data:`FIRST_TURN_SCAN`
+        holding tasks of type ``kind``) that has none running, while ``tenant`` has one running.
+        Its next task is its oldest released job nobody claimed yet (released by the buffer's
+        turn just before the claim: it would wait behind the jobs released earlier), else its
+        first held one. None when there is no such tenant (nothing held: one index probe).
 
         Why: the buffer of released jobs is a queue in JetStream, and a worker's claims run ahead
         of its provider calls, so a tenant that queues behind another's backlog would wait for
         every job released before it (several provider calls). Handing its first task to the
         next claim instead makes its wait one provider slot's turn, whatever the buffer's size.
         Its later tasks take their turns in the release order as usual; the claimed job goes back
-        to the backlog at the front of its tenant (:meth:`give_back`).
+        to the backlog at the front of its tenant (:meth:`hand_over`).
         """
         found = await tx.fetchval(
             "SELECT f.tenant FROM (SELECT tenant, due, served FROM fair_tenants WHERE type = ?"
             " AND held > 0 AND tenant <> ? ORDER BY due, served, tenant LIMIT ?) AS f"
             f" WHERE NOT EXISTS (SELECT 1 FROM tasks t WHERE t.type = ? AND t.status = {_RUNNING}"
             " AND t.tenant = f.tenant)"
-            f" AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.type = ? AND t.status = {_QUEUED}"
-            " AND t.held = 0 AND t.tenant = f.tenant)"
             " ORDER BY f.due, f.served, f.tenant LIMIT 1",
             kind,
             tenant,
             FIRST_TURN_SCAN,
-            kind,
             kind,
         )
         if found is None:
@@ -215,12 +214,20 @@ class Backlog:
         )
         if not running:
             return None  # its own first turn: nobody to take it from
-        task_id = await tx.fetchval(
+        released = await tx.fetchval(
+            f"SELECT id FROM tasks WHERE type = ? AND {_BUFFER} AND tenant = ?"
+            " ORDER BY create_time, id LIMIT 1",
+            kind,
+            str(found),
+        )
+        if released is not None:
+            return str(released), False
+        held = await tx.fetchval(
             "SELECT task_id FROM backlog WHERE type = ? AND tenant = ? ORDER BY rank, task_id LIMIT 1",
             kind,
             str(found),
         )
-        return None if task_id is None else str(task_id)
+        return None if held is None else (str(held), True)
 
     async def hand_over(
         self,
@@ -230,34 +237,24 @@ class Backlog:
         claimed_gen: int,
         other: str,
         other_tenant: str,
+        other_held: bool,
         now: int,
     ) -> None:
         """The claim of ``claimed`` runs the held task ``other`` instead (:meth:`first_turn`; the
         caller holds both rows' locks and persists ``other``'s start).
 
-        ``other`` leaves the backlog and its tenant spends a turn (its ``due`` moves on by its
-        stride); it counts as dispatched with ``claimed``'s message, which now carries it (so the
-        sweeper finds it if its worker is lost). ``claimed`` is held again at the front of its
+        A held ``other`` leaves the backlog and its tenant spends a turn (its ``due`` moves on by
+        its stride); it counts as dispatched with ``claimed``'s message, which now carries it (so
+        the sweeper finds it if its worker is lost). A released ``other`` spent its turn at its
+        release and keeps its own job (whose claim, when it comes, finds it running or ended:
+        deferred, then done). ``claimed`` is held again at the front of its
         tenant (its rank is its creation's) and counts as never dispatched, under a new dispatch
         generation (a relay still marking its publication leaves it alone); its turn is not given
         back (the other tenant took it), and its delivered message is answered DONE from now on.
         """
         kind = int(claimed.type)
-        await self._unhold(tx, [other])
-        await tx.execute(
-            "UPDATE fair_tenants SET due = due + stride,"
-            " served = COALESCE((SELECT turns FROM fair_lanes WHERE type = ?), served),"
-            " held = CASE WHEN held > 1 THEN held - 1 ELSE 0 END WHERE type = ? AND tenant = ?",
-            kind,
-            kind,
-            other_tenant,
-        )
-        row = await tx.fetchrow("SELECT dispatched_at, stream_seq FROM tasks WHERE id = ?", claimed.id)
-        assert row is not None
-        dispatched = now if row[0] is None else int(row[0])
-        await tx.execute(
-            "UPDATE tasks SET dispatched_at = ?, stream_seq = ? WHERE id = ?", dispatched, row[1], other
-        )
+        if other_held:
+            await self._carry(tx, claimed.id, other, other_tenant, kind, now)
         await tx.execute(
             "UPDATE tasks SET dispatched_at = NULL, stream_seq = NULL, dispatch_gen = ? WHERE id = ?",
             claimed_gen + 1,
@@ -266,6 +263,27 @@ class Backlog:
         await tx.execute("DELETE FROM outbox WHERE task_id = ?", claimed.id)  # a copy not sent yet
         job = Job(claimed.id, claimed_gen + 1, kind, int(claimed.priority))
         await self._hold(tx, claimed_tenant, job, claimed.create_time.ToMicroseconds())
+
+    async def _carry(self, tx: Tx, claimed: str, other: str, other_tenant: str, kind: int, now: int) -> None:
+        """The held ``other`` leaves the backlog (its tenant's turn spent) and is dispatched with
+        ``claimed``'s message."""
+        _, taken = await self._unhold(tx, [other])
+        await tx.execute(
+            "UPDATE fair_tenants SET due = due + stride,"
+            " served = COALESCE((SELECT turns FROM fair_lanes WHERE type = ?), served),"
+            " held = CASE WHEN held > ? THEN held - ? ELSE 0 END WHERE type = ? AND tenant = ?",
+            kind,
+            taken[other_tenant],
+            taken[other_tenant],
+            kind,
+            other_tenant,
+        )
+        row = await tx.fetchrow("SELECT dispatched_at, stream_seq FROM tasks WHERE id = ?", claimed)
+        assert row is not None
+        dispatched = now if row[0] is None else int(row[0])
+        await tx.execute(
+            "UPDATE tasks SET dispatched_at = ?, stream_seq = ? WHERE id = ?", dispatched, row[1], other
+        )
 
     # -- releases ------------------------------------------------------------------------------
     async def held_anywhere(self, tx: Tx, kinds: tuple[int, ...]) -> list[int]:
@@ -301,18 +319,20 @@ class Backlog:
         turns = [Turn(str(r[0]), int(r[1]), int(r[2]), int(r[3])) for r in found]
         step = fairshare.plan(turns, budget, self.weight, int(lane[0]), int(lane[1]))
         jobs = await self._next_tasks(tx, kind, step.order)
-        live = await self._unhold(tx, [job.task_id for job in jobs])
+        live, taken = await self._unhold(tx, [job.task_id for job in jobs])
         for job in jobs:
             if job.task_id in live:
                 handed = await self._outbox.enqueue(tx, job, now, hand_off=True)
                 if handed is not None:
                     unit.handed.append(handed)
-        wanted = collections.Counter(step.order)
+        # Held counts go down by the backlog rows this release took out, not by the turns planned:
+        # a cancel or a claim's hand-over may have taken a planned task meanwhile (and counted it),
+        # and a create may have held one more since the rows were read (PostgreSQL).
         await tx.executemany(
             "UPDATE fair_tenants SET due = ?, served = ?, stride = ?,"
             " held = CASE WHEN held > ? THEN held - ? ELSE 0 END WHERE type = ? AND tenant = ?",
             [
-                (t.due, t.served, fairshare.stride(self.weight(name)), wanted[name], wanted[name], kind, name)
+                (t.due, t.served, fairshare.stride(self.weight(name)), taken[name], taken[name], kind, name)
                 for name, t in sorted(step.after.items())
             ],
         )
@@ -342,11 +362,12 @@ class Backlog:
                 jobs.append(queues[tenant].popleft())
         return jobs
 
-    async def _unhold(self, tx: Tx, task_ids: list[str]) -> set[str]:
+    async def _unhold(self, tx: Tx, task_ids: list[str]) -> tuple[set[str], collections.Counter[str]]:
         """Takes the tasks out of the backlog; returns those still queued (the others ended
-        while held by a path that did not drop them: nothing to release)."""
+        while held by a path that did not drop them: nothing to release), and the backlog rows
+        this took out per tenant (one that a concurrent cancel or hand-over took is not)."""
         if not task_ids:
-            return set()
+            return set(), collections.Counter()
         marks = ", ".join("?" * len(task_ids))
         # Tasks first, then the backlog: the order a cancel locks them in (no deadlock). Only
         # ids in the condition: with a status term SQLite would read every queued task through
@@ -354,8 +375,10 @@ class Backlog:
         found = await tx.fetch(
             f"UPDATE tasks SET held = 0 WHERE id IN ({marks}) RETURNING id, status", *task_ids
         )
-        await tx.execute(f"DELETE FROM backlog WHERE task_id IN ({marks})", *task_ids)
-        return {str(r[0]) for r in found if int(r[1]) == _QUEUED}
+        taken = await tx.fetch(f"DELETE FROM backlog WHERE task_id IN ({marks}) RETURNING tenant", *task_ids)
+        return {str(r[0]) for r in found if int(r[1]) == _QUEUED}, collections.Counter(
+            str(r[0]) for r in taken
+        )
 
     # -- queue position --------------------------------------------------------------------------
     async def place(self, tx: Tx, task: task_pb2.Task) -> None:

@@ -361,8 +361,9 @@ class Commands:
             decision, copy = await self._decide_claim(unit, task, row, state, command, now)
             answer = decision.answer
             assert not isinstance(answer, Rejection)
-            first_run = state.status is Status.QUEUED and state.attempt == 0 and not again
-            if any_task and first_run and answer.outcome is ClaimOutcome.RUN and self.backlog is not None:
+            # A queued job (a first run or a due retry; not a lost attempt's takeover) may be put back.
+            queued = state.status is Status.QUEUED and not again
+            if any_task and queued and answer.outcome is ClaimOutcome.RUN and self.backlog is not None:
                 instead = await self._first_turn(unit, task, row, worker_id, now)
                 if instead is not None:
                     return instead
@@ -395,18 +396,19 @@ class Commands:
         :meth:`Backlog.first_turn`), or None (nobody waits for a first turn, or that task would
         not simply run: then ``claimed`` runs as asked)."""
         assert self.backlog is not None
-        other = await self.backlog.first_turn(unit.tx, int(claimed.type), claimed_row.tenant)
-        if other is None:
+        found = await self.backlog.first_turn(unit.tx, int(claimed.type), claimed_row.tenant)
+        if found is None:
             return None
+        other, held = found
         task, row, state = await self._load(unit, other)
-        if not row.held or state.status is not Status.QUEUED:
+        if bool(row.held) is not held or state.status is not Status.QUEUED:
             return None
         decision, copy = await self._decide_claim(unit, task, row, state, lifecycle.Claim(worker_id), now)
         answer = decision.answer
         if not isinstance(answer, ClaimAnswer) or answer.outcome is not ClaimOutcome.RUN:
             return None
         gen = int(claimed_row.dispatch_gen)
-        await self.backlog.hand_over(unit.tx, claimed, claimed_row.tenant, gen, other, row.tenant, now)
+        await self.backlog.hand_over(unit.tx, claimed, claimed_row.tenant, gen, other, row.tenant, held, now)
         await self._persist(unit, task, row, state, decision, copy)
         log.info("claim_handed_over", task_id=claimed.id, instead=other, tenant=row.tenant)
         return ClaimResult(int(answer.outcome), task, answer.attempt, answer.retry_after)
