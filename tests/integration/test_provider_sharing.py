@@ -5,6 +5,7 @@ processes would have) against the emulator.
 * a bad key: 20 tasks fail with PROVIDER_AUTH after at most 2 provider calls; the breaker is
   visible in GetQueueStats, the CLI, the workers' metrics and the gateway's health (degraded,
   not down); workers restarted with the right key (a new credential) complete tasks again.
+* an auth error inside a 200 answer opens the breaker the same way.
 * two workers against a provider admitting 6 calls at once: after learning the limit, both
   together stay within it (a few above at most), and under 2 % of the calls are refused.
 """
@@ -65,12 +66,12 @@ class Stack:
     def auth(self) -> tuple[tuple[str, str]]:
         return (("authorization", f"Bearer {TOKEN}"),)
 
-    async def create_image(self, n: int) -> task_pb2.Task:
+    async def create_image(self, n: int, marker: str = "") -> task_pb2.Task:
         request = task_service_pb2.CreateTaskRequest(
             type=task_pb2.TASK_TYPE_IMAGE_GENERATION,
             image=task_pb2.ImagePayload(
                 character_id=f"char_{n:03d}",
-                prompt=f"portrait {n}",
+                prompt=f"portrait {n} {marker}".strip(),
                 resolution="1024x1024",
                 view_type="front",
             ),
@@ -233,6 +234,27 @@ async def test_a_bad_key_fails_20_tasks_with_at_most_2_calls_and_a_restart_with_
             lambda: st.gateway.health_watcher is not None and not st.gateway.health_watcher.degraded
         )
         assert (await st.healthz())[1]["status"] == "serving"
+
+
+async def test_an_auth_error_inside_a_200_answer_opens_the_breaker_too(keyed: Stack) -> None:
+    """A provider that answers 200 with an auth error in the body (Zhipu code 1000 in-band): the
+    task fails as a bad response, and the credential's breaker opens as for a 401, so the other
+    tasks fail PROVIDER_AUTH without calling (their retries too), instead of each calling the
+    provider on every attempt."""
+    st = keyed
+    async with st.workers("image", GOOD_KEY) as workers:
+        tasks = [await st.create_image(n, "[[json-error-200:1000]]") for n in range(20)]
+        ends = [await st.wait_end(t.id) for t in tasks]
+        assert [t.status for t in ends] == [task_pb2.TASK_STATUS_FAILED] * 20
+        assert {t.error.code for t in ends} == {task_pb2.ERROR_CODE_PROVIDER_AUTH}, [t.error for t in ends]
+        # As with a 401: the unverified key's trial call, at most one more (without the breaker
+        # every attempt of every task calls: 60 here).
+        calls = st.emu.stats()["statuses"].get("200", 0)
+        assert 1 <= calls <= 2, calls
+        await eventually(lambda: all(w.gate and w.gate.view.breaker.state.value == "open" for w in workers))
+        (state,) = await st.providers()
+        assert state.breaker_state == task_service_pb2.BREAKER_STATE_OPEN
+        assert state.breaker_reason == task_pb2.ERROR_CODE_PROVIDER_AUTH
 
 
 async def test_two_workers_keep_together_within_the_learned_limit(

@@ -13,6 +13,7 @@ import binascii
 from typing import Any
 
 from charai.core.domain import errors
+from charai.core.domain.breaker import OPENING_KINDS
 from charai.core.domain.errors import ErrorKind, ProviderFailure
 from charai.worker.http import ProviderHttp
 from charai.worker.provider import ProviderError, Response
@@ -66,13 +67,17 @@ def raise_inband_error(body: dict[str, Any], provider: ProviderHttp) -> None:
     """Raises PROVIDER_BAD_RESPONSE if a ``200`` JSON answer carries a non-empty ``error``.
 
     A rate limit reported this way still lowers the provider gate's in-flight limit as a 429
-    would, so this worker sends fewer calls at once, not only this task's retry.
+    would, so this worker sends fewer calls at once, not only this task's retry; an auth or quota
+    refusal reported this way opens the credential's breaker as a 401 or a quota 429 would, so
+    every worker stops calling with that key (this task's retry then fails with its kind).
     """
     error = body.get("error")
     if error:
         failure = classify_error_body(error, key_setting=provider.config.key_setting)
         if failure.kind is ErrorKind.RATE_LIMITED:
             provider.gate.rejected_after_release()
+        elif failure.kind in OPENING_KINDS:
+            provider.gate.failed(None, failure)
         code = str(error.get("code") or "") if isinstance(error, dict) else ""
         message = str(error.get("message") or "")[:300] if isinstance(error, dict) else str(error)[:300]
         detail = f"a 200 answer carrying an error (code {code or 'none'}: {message or 'no message'})"
