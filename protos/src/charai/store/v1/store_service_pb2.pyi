@@ -439,11 +439,12 @@ class ClaimTaskRequest(_message.Message):
     """
     any_task: _builtins.bool
     """This worker runs whichever task the answer carries (fair share, a tenant's first turn): when
-    another tenant holds queued tasks of this type and has none running or released, the store
-    may answer RUN with that tenant's next task instead (answer.task.id differs from task_id) and
-    put this one back in the fair backlog (its job is published again in its turn). The message
-    then carries the other task: keep it in progress while that attempt runs and ack it when the
-    attempt ends. Without it the answer is always about task_id.
+    another tenant holds queued tasks of this type and has none running, the store may answer RUN
+    with that tenant's next task instead (answer.task.id differs from task_id) and put this one
+    back in the fair backlog (its job is published again in its turn). The message then carries
+    the other task: keep it in progress while that attempt runs and ack it when the attempt ends
+    (a job of the other task's own, if it has one, is answered DEFER, then DONE). Without it the
+    answer is always about task_id.
     """
     def __init__(
         self,

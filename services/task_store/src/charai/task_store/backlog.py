@@ -10,7 +10,7 @@ makes room, and the :class:`~charai.task_store.release.Releaser` fills it with t
 tasks in the order of :mod:`charai.core.domain.fairshare` (weighted turns between tenants,
 priority with aging within one). A job released by a tenant's turn reaches a worker after at most
 one buffer's worth of other jobs: about one round of the provider's slots. A tenant that waits
-for its *first* turn (it holds tasks, none running or released) does not wait for the buffer: the
+for its *first* turn (it holds tasks, none running) does not wait for the buffer: the
 next claim of its task type runs its first task instead (:meth:`Backlog.first_turn`).
 
 What is stored (schema migration 7): a held task has ``tasks.held = 1`` and a ``backlog`` row
