@@ -6,6 +6,7 @@ import asyncio
 import os
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -137,3 +138,21 @@ async def eventually(predicate: object, timeout: float = 10.0, interval: float =
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         await asyncio.sleep(interval)
+
+
+async def run_cli(target: str, token: str, *args: str, columns: int = 200) -> tuple[int, str, str]:
+    """The ``charai`` CLI as a real subprocess against the gateway at ``target`` (no other
+    CHARAI_* setting of this environment leaks in): exit code, stdout, stderr."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHARAI_")}
+    env.update(CHARAI_TARGET=target, CHARAI_TOKEN=token, COLUMNS=str(columns))
+    process = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "charai"),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    async with asyncio.timeout(30):
+        out, err = await process.communicate()
+    assert process.returncode is not None, err
+    return process.returncode, out.decode(), err.decode()

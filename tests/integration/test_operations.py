@@ -8,12 +8,9 @@ counter would go wrong. Metrics and health run the real services against a real 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import json
-import os
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,7 +38,7 @@ from charai.worker.settings import ImageWorkerSettings
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import SecretStr
 
-from tests.conftest import eventually
+from tests.conftest import eventually, run_cli
 from tests.pg import PgServer, fresh_database
 
 if TYPE_CHECKING:
@@ -282,19 +279,8 @@ class Stack:
 
     async def charai(self, *args: str) -> tuple[int, str]:
         """The ``charai`` CLI (a real subprocess) against this stack's gateway: exit code, stdout."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CHARAI_")}
-        env.update(CHARAI_TARGET=f"127.0.0.1:{self.gateway.grpc_port}", CHARAI_TOKEN=TOKEN_A, COLUMNS="200")
-        process = await asyncio.create_subprocess_exec(
-            str(Path(sys.executable).parent / "charai"),
-            *args,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=env,
-        )
-        async with asyncio.timeout(30):
-            out, err = await process.communicate()
-        assert process.returncode is not None, err
-        return process.returncode, out.decode()
+        code, out, _ = await run_cli(f"127.0.0.1:{self.gateway.grpc_port}", TOKEN_A, *args)
+        return code, out
 
     async def scrape(self, port: int) -> dict[str, float]:
         async with self.http.get(f"http://127.0.0.1:{port}/metrics") as resp:

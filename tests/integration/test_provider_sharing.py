@@ -12,12 +12,9 @@ processes would have) against the emulator.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import json
-import os
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -39,7 +36,7 @@ from charai.worker.app import WorkerApp
 from charai.worker.settings import ImageWorkerSettings, TtsWorkerSettings
 from pydantic import SecretStr
 
-from tests.conftest import NatsServer, eventually
+from tests.conftest import NatsServer, eventually, run_cli
 from tests.integration.test_operations import parse_metrics
 
 TOKEN = "operator-token"
@@ -97,19 +94,9 @@ class Stack:
             return resp.status, await resp.json()
 
     async def charai(self, *args: str) -> str:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CHARAI_")}
-        env.update(CHARAI_TARGET=f"127.0.0.1:{self.gateway.grpc_port}", CHARAI_TOKEN=TOKEN, COLUMNS="250")
-        process = await asyncio.create_subprocess_exec(
-            str(Path(sys.executable).parent / "charai"),
-            *args,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=env,
-        )
-        async with asyncio.timeout(30):
-            out, err = await process.communicate()
-        assert process.returncode == 0, err
-        return out.decode()
+        code, out, err = await run_cli(f"127.0.0.1:{self.gateway.grpc_port}", TOKEN, *args, columns=250)
+        assert code == 0, err
+        return out
 
     @contextlib.asynccontextmanager
     async def workers(
