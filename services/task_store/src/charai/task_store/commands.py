@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import structlog
+from charai.core import ids
 from charai.core.clock import Clock
 from charai.core.domain import lifecycle
 from charai.core.domain.lifecycle import (
@@ -186,7 +186,7 @@ class Commands:
 
     def _new_task(self, req: task_service_pb2.CreateTaskRequest, state: TaskState, now: int) -> task_pb2.Task:
         task = task_pb2.Task(
-            id=f"task_{uuid.uuid4().hex}",
+            id=ids.new_task_id(now),
             type=req.type,
             priority=req.priority or task_pb2.PRIORITY_NORMAL,
             metadata=fill_metadata(req),

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
 import structlog
+from charai.core import ids
 from charai.core.clock import Clock
 from charai.core.domain import webhooks as rules
 from charai.core.domain.webhooks import DeliveryStatus
@@ -105,7 +105,7 @@ class Webhooks:
         await tx.execute(
             "INSERT INTO webhook_deliveries (id, tenant, task_id, url, event_type, seq, event, status,"
             " next_attempt_at, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            f"msg_{uuid.uuid4().hex}",
+            f"msg_{ids.uuid7_hex(now)}",
             tenant,
             task_id,
             url,
