@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 
 import pytest
@@ -49,3 +50,17 @@ def test_negative_time_is_refused() -> None:
 def test_validation_still_refuses_what_is_not_a_task_id() -> None:
     with pytest.raises(validation.RequestInvalidError):
         validation.validate_task_id("id", "task_" + "g" * 32)
+
+
+def test_threads_draw_from_their_own_random_pools() -> None:
+    made: list[str] = []
+
+    def draw() -> None:
+        made.extend(ids.new_task_id(1_764_900_000_000_000) for _ in range(2000))
+
+    threads = [threading.Thread(target=draw) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(made)) == 6000
