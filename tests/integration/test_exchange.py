@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 import pytest
+from charai.core.coalesce import answer_error
 from charai.core.storeclient import StoreClient
 from charai.store.v1 import store_service_pb2 as spb
 from charai.store.v1 import store_service_pb2_grpc as spb_grpc
@@ -28,6 +29,7 @@ from tests.integration.store_requests import (
     DEFER,
     EV,
     RUN,
+    TTS,
     image_request,
     image_result,
     tts_request,
@@ -36,6 +38,12 @@ from tests.integration.test_task_store_api import app_settings
 
 if TYPE_CHECKING:
     from tests.conftest import NatsServer
+
+
+def refusal(raw: bytes) -> tuple[grpc.StatusCode, list[str]]:
+    """A refused command's code and the fields its error names."""
+    error = answer_error(raw)
+    return error.code(), [field for field, _ in error_details(error).field_violations]
 
 
 @contextlib.asynccontextmanager
@@ -97,6 +105,44 @@ async def test_a_refused_command_fails_alone_with_its_unary_error(
         assert [f for f, _ in error_details(invalid).field_violations] == ["image.prompt"]
         listed = await client.list_tasks("acme", task_service_pb2.ListTasksRequest(page_size=100))
         assert len(listed.tasks) == 2  # the invalid create stored nothing
+
+
+async def test_the_creates_of_one_call_are_answered_each_as_its_own_create(
+    nats_server: NatsServer, tmp_path: Path, db: Database
+) -> None:
+    # One tenant's creates in one Exchange share a transaction (create_each); every answer is
+    # still the one its CreateTask would give, in order, and the refused ones store nothing.
+    async with (
+        coalescing(app_settings(nats_server, tmp_path, db)) as (app, client),
+        grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel,
+    ):
+        taken = await client.create_task("acme", tts_request(request_id="taken"))
+        requests = [
+            ("acme", image_request(request_id="r1")),
+            ("acme", image_request(prompt="")),  # invalid
+            ("other", image_request(request_id="r1")),  # another tenant's r1: its own task
+            ("acme", image_request(request_id="r1")),  # the first's task again
+            ("acme", image_request(request_id="taken")),  # r1 of another type
+            ("acme", tts_request()),
+        ]
+        commands = [
+            spb.StoreCommand(create=spb.CreateTaskRequest(tenant=tenant, request=request))
+            for tenant, request in requests
+        ]
+        stub = spb_grpc.TaskStoreServiceStub(channel)
+        answers = (await stub.Exchange(spb.ExchangeRequest(commands=commands))).answers
+        kinds = [a.WhichOneof("answer") for a in answers]
+        assert kinds == ["create", "error", "create", "create", "error", "create"]
+        first, _, other, again, _, voice = (a.create.task for a in answers)
+        assert again.id == first.id and other.id != first.id
+        assert voice.type == TTS and voice.queue_position >= 1
+        assert refusal(answers[1].error) == (grpc.StatusCode.INVALID_ARGUMENT, ["image.prompt"])
+        assert refusal(answers[4].error) == (grpc.StatusCode.INVALID_ARGUMENT, ["request_id"])
+        listed = await client.list_tasks("acme", task_service_pb2.ListTasksRequest(page_size=100))
+        assert {t.id for t in listed.tasks} == {taken.id, first.id, voice.id}
+        for task in (first, voice):
+            page = await client.list_events(spb.ListEventsRequest(tenant="acme", task_id=task.id))
+            assert [e.type for e in page.events] == [EV.TASK_EVENT_TYPE_QUEUED]
 
 
 async def test_exchange_refuses_too_many_commands(

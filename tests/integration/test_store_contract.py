@@ -165,6 +165,51 @@ async def test_concurrent_creates_with_one_request_id_make_one_task(db: Database
     assert counts == [1, 1, 1]
 
 
+async def test_creates_in_one_transaction_fail_alone_and_roll_back_their_own_writes(
+    db: Database, rec: Recorded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # create_each (the creates of one Exchange call): each create has its own savepoint. A create
+    # that fails after writing (here: its queue position, the last step, raises) leaves no task,
+    # metadata, event, job or envelope; the ones around it commit, and a request_id repeated in
+    # the batch answers the first's task.
+    store = rec.store
+    position = store.commands._queries.position
+
+    async def failing(tx: Any, task: task_pb2.Task) -> None:
+        if task.metadata.get("boom"):
+            raise RuntimeError("position failed")
+        await position(tx, task)
+
+    monkeypatch.setattr(store.commands._queries, "position", failing)
+    taken, _ = await store.create("t1", image_request(request_id="taken"))
+    answers = await store.create_each(
+        "t1",
+        [
+            (image_request(request_id="a"), ""),
+            (image_request(metadata={"boom": "1"}), ""),
+            (image_request(request_id="a"), ""),
+            (tts_request(request_id="taken"), ""),  # another type for a used request_id
+            (
+                tts_request(metadata={"character": "c2"}),
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            ),
+        ],
+    )
+    first, failed, repeated, refused, last = answers
+    assert isinstance(first, tuple) and first[1]
+    assert isinstance(failed, RuntimeError)
+    assert isinstance(repeated, tuple) and repeated == (first[0], False)
+    assert isinstance(refused, RequestInvalidError)
+    assert isinstance(last, tuple) and last[1] and last[0].metadata["character"] == "c2"
+    made = {taken.id, first[0].id, last[0].id}
+    counts = [await db.count_rows(t) for t in ("tasks", "outbox", "events")]
+    assert counts == [3, 3, 3]
+    assert {e.event.task.id for e in rec.envelopes} == made
+    assert [e.event.type for e in rec.envelopes] == [EV.TASK_EVENT_TYPE_QUEUED] * 3
+    tasks, _ = await store.list_tasks("t1", task_service_pb2.ListTasksRequest(metadata={"boom": "1"}))
+    assert tasks == []
+
+
 async def test_list_filters_by_metadata_type_status_orders_newest_first_and_pages(rec: Recorded) -> None:
     store = rec.store
     specs = [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -36,6 +36,21 @@ _COMMAND_NAMES = {
     "fail": "FailTask",
 }
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _refusal(exc: Exception) -> tuple[spb.StoreAnswer, str]:
+    """A command's error as its answer, and the name of its code (for the log line)."""
+    status = status_for(exc)
+    if status is None:
+        log.error("exchange_command_failed", exc_info=exc)
+        status = status_pb2.Status(code=code_pb2.INTERNAL, message="internal error")
+    code = _CODES[status.code].name if status.code in _CODES else "UNKNOWN"
+    return spb.StoreAnswer(error=status.SerializeToString()), code
+
+
+def _code_name(error: bytes) -> str:
+    code = status_pb2.Status.FromString(error).code
+    return _CODES[code].name if code in _CODES else "UNKNOWN"
 
 
 class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
@@ -155,8 +170,28 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
         if self._metrics is not None and request.commands:
             kind = request.commands[0].WhichOneof("command") or "none"
             self._metrics.exchange_commands.labels(kind).observe(len(request.commands))
-        answers = await asyncio.gather(*(self._answer(command, context) for command in request.commands))
+        commands = request.commands
+        answers: list[spb.StoreAnswer] = [spb.StoreAnswer()] * len(commands)
+        # The creates of one tenant share one transaction (create_each): one unit of work and
+        # one savepoint each instead of a unit, a database job and an asyncio task each.
+        creates: dict[str, list[int]] = {}
+        for i, command in enumerate(commands):
+            if command.WhichOneof("command") == "create":
+                creates.setdefault(command.create.tenant, []).append(i)
+        grouped = {i for group in creates.values() if len(group) > 1 for i in group}
+        jobs = [
+            self._answer_at(i, command, answers, context)
+            for i, command in enumerate(commands)
+            if i not in grouped
+        ]
+        jobs += [self._creates(commands, group, answers) for group in creates.values() if len(group) > 1]
+        await asyncio.gather(*jobs)
         return spb.ExchangeResponse(answers=answers)
+
+    async def _answer_at(
+        self, i: int, command: spb.StoreCommand, answers: list[spb.StoreAnswer], context: Context
+    ) -> None:
+        answers[i] = await self._answer(command, context)
 
     async def _answer(self, command: spb.StoreCommand, context: Context) -> spb.StoreAnswer:
         """One command, in its own asyncio task (gather): its own trace and canonical log line."""
@@ -168,14 +203,47 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
         try:
             return await self._decide(command, kind, context)
         except Exception as exc:
-            status = status_for(exc)
-            if status is None:
-                log.exception("exchange_command_failed")
-                status = status_pb2.Status(code=code_pb2.INTERNAL, message="internal error")
-            code = _CODES[status.code].name if status.code in _CODES else "UNKNOWN"
-            return spb.StoreAnswer(error=status.SerializeToString())
+            answer, code = _refusal(exc)
+            return answer
         finally:
             log.info("command_finished", code=code, elapsed_ms=round((time.perf_counter() - start) * 1000, 2))
+
+    async def _creates(
+        self, commands: Sequence[spb.StoreCommand], group: list[int], answers: list[spb.StoreAnswer]
+    ) -> None:
+        """Creates of one tenant in one transaction; each answered (and logged) as its own
+        CreateTask would be: a refusal is that create's alone."""
+        start = time.perf_counter()
+        valid: list[int] = []
+        for i in group:
+            try:
+                validation.validate_create(commands[i].create.request, self._models)
+                valid.append(i)
+            except Exception as exc:
+                answers[i] = _refusal(exc)[0]
+        requests = [(commands[i].create.request, tracing.child(commands[i].traceparent)) for i in valid]
+        try:
+            made = (
+                await self._store.create_each(commands[group[0]].create.tenant, requests) if requests else []
+            )
+        except Exception as exc:  # the transaction itself failed: every create with it
+            made = [exc] * len(requests)
+        created = False
+        for i, result in zip(valid, made, strict=True):
+            if isinstance(result, Exception):
+                answers[i] = _refusal(result)[0]
+            else:
+                created = created or result[1]
+                answers[i] = spb.StoreAnswer(create=spb.CreateTaskResponse(task=result[0]))
+        if created and self._on_created is not None:
+            self._on_created()
+        elapsed_ms = round((time.perf_counter() - start) * 1000, 2)
+        for i, (_, traceparent) in zip(valid, requests, strict=True):
+            code = "OK" if answers[i].WhichOneof("answer") == "create" else _code_name(answers[i].error)
+            trace = tracing.trace_id(traceparent)
+            log.info(
+                "command_finished", command="CreateTask", trace_id=trace, code=code, elapsed_ms=elapsed_ms
+            )
 
     async def _decide(self, command: spb.StoreCommand, kind: str | None, context: Context) -> spb.StoreAnswer:
         """The command as its unary RPC."""

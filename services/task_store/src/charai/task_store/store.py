@@ -175,6 +175,11 @@ class TaskStore:
     ) -> list[tuple[task_pb2.Task, bool]]:
         return await self.commands.create_many(tenant, requests, traceparent)
 
+    async def create_each(
+        self, tenant: str, requests: Sequence[tuple[task_service_pb2.CreateTaskRequest, str]]
+    ) -> list[tuple[task_pb2.Task, bool] | Exception]:
+        return await self.commands.create_each(tenant, requests)
+
     async def get(self, tenant: str, task_id: str) -> task_pb2.Task:
         return await self.queries.get(tenant, task_id)
 

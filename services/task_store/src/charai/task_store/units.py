@@ -64,6 +64,16 @@ class Unit:
     #: share, :meth:`Backlog.admit`): a batch of creates counts the buffer once.
     room: dict[int, int] = dataclasses.field(default_factory=dict)
 
+    def mark(self) -> tuple[int, int, int, dict[int, int]]:
+        """Where the unit stands, for :meth:`reset` after rolling back to a savepoint."""
+        return len(self.saves), len(self.handed), self.queued, dict(self.room)
+
+    def reset(self, mark: tuple[int, int, int, dict[int, int]]) -> None:
+        """Forgets what the unit recorded since ``mark`` (its writes were rolled back)."""
+        saves, handed, self.queued, self.room = mark
+        del self.saves[saves:]
+        del self.handed[handed:]
+
     def save(
         self,
         task: task_pb2.Task,
