@@ -603,7 +603,9 @@ class Task(_message.Message):
     ESTIMATED_START_TIME_FIELD_NUMBER: _builtins.int
     ESTIMATED_END_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """Server-assigned identifier."""
+    """Server-assigned identifier: `task_` and 32 hex digits, a UUIDv7 (RFC 9562), so ids sort by
+    creation time to the millisecond; 74 of its bits are random. Clients treat it as opaque.
+    """
     type: Global___TaskType.ValueType
     """What kind of job."""
     priority: Global___Priority.ValueType
