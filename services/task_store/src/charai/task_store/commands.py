@@ -247,7 +247,7 @@ class Commands:
                 raise RuntimeError("request_id conflict without a task")
             return existing, False
         for event in decision.events:
-            unit.save(task, tenant, int(event.type), now, 0)
+            unit.save(task, tenant, int(event.type), now, 0, fresh=True)  # _insert wrote its state
         job = Job(task.id, decision.state.dispatch_gen, int(task.type), int(task.priority), traceparent)
         # Fair share: held in the backlog unless the buffer has room and nobody else waits.
         if self.backlog is None or not await self.backlog.admit(unit, tenant, job, now):

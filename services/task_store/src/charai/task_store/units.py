@@ -46,6 +46,9 @@ class _Save:
     prev_seq: int
     lease_expires: int | None
     next_attempt_time: int | None
+    #: The row was inserted by this unit in this very state (a create): only its event sequence
+    #: and snapshot are left to write, so no index over its state columns is touched again.
+    fresh: bool = False
 
 
 @dataclasses.dataclass(slots=True)
@@ -84,6 +87,7 @@ class Unit:
         *,
         lease_expires: int | None = None,
         next_attempt_time: int | None = None,
+        fresh: bool = False,
     ) -> None:
         """Records the task as it is now, with its event; its row and its event are written at
         the end of the unit (:meth:`UnitRunner._append_events`), so an operation must not read
@@ -107,6 +111,7 @@ class Unit:
                 prev_seq=prev_seq,
                 lease_expires=lease_expires,
                 next_attempt_time=next_attempt_time,
+                fresh=fresh,
             )
         )
 
@@ -190,6 +195,9 @@ class UnitRunner:
             " VALUES (?, ?, ?, ?, ?, ?) RETURNING seq",
             *event_args,
         )
+        if save.fresh:
+            await tx.execute("UPDATE tasks SET last_seq = ?, task = ? WHERE id = ?", int(seq), save.blob, task.id)
+            return int(seq)
         await tx.execute(
             "UPDATE tasks SET status = ?, attempt = ?, update_time = ?, lease_expires = ?,"
             " next_attempt_time = ?, last_seq = ?, task = ? WHERE id = ?",
