@@ -182,30 +182,33 @@ async def test_creates_in_one_transaction_fail_alone_and_roll_back_their_own_wri
 
     monkeypatch.setattr(store.commands._queries, "position", failing)
     taken, _ = await store.create("t1", image_request(request_id="taken"))
+    trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     answers = await store.create_each(
         "t1",
         [
-            (image_request(request_id="a"), ""),
-            (image_request(metadata={"boom": "1"}), ""),
-            (image_request(request_id="a"), ""),
-            (tts_request(request_id="taken"), ""),  # another type for a used request_id
-            (
-                tts_request(metadata={"character": "c2"}),
-                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-            ),
+            [(image_request(request_id="a"), "")],
+            [(image_request(metadata={"boom": "1"}), "")],
+            [(image_request(request_id="a"), "")],
+            [(tts_request(request_id="taken"), "")],  # another type for a used request_id
+            [(tts_request(metadata={"character": "c2"}), trace), (image_request(request_id="b"), "")],
+            # A batch is all or none: its first create is rolled back with its failing second.
+            [(image_request(request_id="c"), ""), (image_request(metadata={"boom": "1"}), "")],
         ],
     )
-    first, failed, repeated, refused, last = answers
-    assert isinstance(first, tuple) and first[1]
-    assert isinstance(failed, RuntimeError)
-    assert isinstance(repeated, tuple) and repeated == (first[0], False)
+    first, failed, repeated, refused, pair, half = answers
+    assert isinstance(first, list) and first[0][1]
+    assert isinstance(failed, RuntimeError) and isinstance(half, RuntimeError)
+    assert repeated == [(first[0][0], False)]
     assert isinstance(refused, RequestInvalidError)
-    assert isinstance(last, tuple) and last[1] and last[0].metadata["character"] == "c2"
-    made = {taken.id, first[0].id, last[0].id}
+    assert isinstance(pair, list) and [created for _, created in pair] == [True, True]
+    assert pair[0][0].metadata["character"] == "c2"
+    made = {taken.id, first[0][0].id, pair[0][0].id, pair[1][0].id}
     counts = [await db.count_rows(t) for t in ("tasks", "outbox", "events")]
-    assert counts == [3, 3, 3]
+    assert counts == [4, 4, 4]
     assert {e.event.task.id for e in rec.envelopes} == made
-    assert [e.event.type for e in rec.envelopes] == [EV.TASK_EVENT_TYPE_QUEUED] * 3
+    assert [e.event.type for e in rec.envelopes] == [EV.TASK_EVENT_TYPE_QUEUED] * 4
+    again, created = await store.create("t1", image_request(request_id="c"))
+    assert created and again.id not in made  # "c" was rolled back with its batch
     tasks, _ = await store.list_tasks("t1", task_service_pb2.ListTasksRequest(metadata={"boom": "1"}))
     assert tasks == []
 

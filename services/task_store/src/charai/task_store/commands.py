@@ -185,21 +185,22 @@ class Commands:
         return await self._units.write(op)
 
     async def create_each(
-        self, tenant: str, requests: Sequence[tuple[task_service_pb2.CreateTaskRequest, str]]
-    ) -> list[tuple[task_pb2.Task, bool] | Exception]:
-        """Independent creates (``(request, traceparent)`` each) in one transaction: each as
-        :meth:`create` would answer it, or the error it would raise (its writes rolled back to a
-        savepoint, the others kept). One commit and one unit of work for many callers: task_store
-        runs the creates of one ``Exchange`` call this way."""
+        self, tenant: str, batches: Sequence[Sequence[tuple[task_service_pb2.CreateTaskRequest, str]]]
+    ) -> list[list[tuple[task_pb2.Task, bool]] | Exception]:
+        """Independent batches of creates (``(request, traceparent)`` each; a single create is a
+        batch of one) in one transaction: each batch as :meth:`create_many` would answer it, or
+        the error it would raise (its writes rolled back to a savepoint, the other batches kept).
+        One commit and one unit of work for many callers: task_store runs the creates of one
+        ``Exchange`` call this way."""
 
-        async def op(unit: Unit) -> list[tuple[task_pb2.Task, bool] | Exception]:
-            answers: list[tuple[task_pb2.Task, bool] | Exception] = []
-            for req, traceparent in requests:
+        async def op(unit: Unit) -> list[list[tuple[task_pb2.Task, bool]] | Exception]:
+            answers: list[list[tuple[task_pb2.Task, bool]] | Exception] = []
+            for batch in batches:
                 mark = unit.mark()
                 await unit.tx.execute("SAVEPOINT create_each")
                 try:
-                    answers.append(await self._create(unit, tenant, req, traceparent))
-                except Exception as exc:  # this create's alone, as its own unit of work's would be
+                    answers.append([await self._create(unit, tenant, req, tp) for req, tp in batch])
+                except Exception as exc:  # this batch's alone, as its own unit of work's would be
                     await unit.tx.execute("ROLLBACK TO SAVEPOINT create_each")
                     unit.reset(mark)
                     answers.append(exc)

@@ -172,19 +172,22 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
             self._metrics.exchange_commands.labels(kind).observe(len(request.commands))
         commands = request.commands
         answers: list[spb.StoreAnswer] = [spb.StoreAnswer()] * len(commands)
-        # The creates of one tenant share one transaction (create_each): one unit of work and
-        # one savepoint each instead of a unit, a database job and an asyncio task each.
+        # The creates (single and batch) of one tenant share one transaction (create_each): a
+        # savepoint each instead of a unit of work, a database job and an asyncio task each.
         creates: dict[str, list[int]] = {}
         for i, command in enumerate(commands):
-            if command.WhichOneof("command") == "create":
+            which = command.WhichOneof("command")
+            if which == "create":
                 creates.setdefault(command.create.tenant, []).append(i)
+            elif which == "batch_create":
+                creates.setdefault(command.batch_create.tenant, []).append(i)
         grouped = {i for group in creates.values() if len(group) > 1 for i in group}
         jobs = [
             self._answer_at(i, command, answers, context)
             for i, command in enumerate(commands)
             if i not in grouped
         ]
-        jobs += [self._creates(commands, group, answers) for group in creates.values() if len(group) > 1]
+        jobs += [self._creates(commands, t, group, answers) for t, group in creates.items() if len(group) > 1]
         await asyncio.gather(*jobs)
         return spb.ExchangeResponse(answers=answers)
 
@@ -209,41 +212,57 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
             log.info("command_finished", code=code, elapsed_ms=round((time.perf_counter() - start) * 1000, 2))
 
     async def _creates(
-        self, commands: Sequence[spb.StoreCommand], group: list[int], answers: list[spb.StoreAnswer]
+        self,
+        commands: Sequence[spb.StoreCommand],
+        tenant: str,
+        group: list[int],
+        answers: list[spb.StoreAnswer],
     ) -> None:
-        """Creates of one tenant in one transaction; each answered (and logged) as its own
-        CreateTask would be: a refusal is that create's alone."""
+        """Creates and batch creates of one tenant in one transaction; each answered (and
+        logged) as its own CreateTask or BatchCreateTasks would be: a refusal is its alone."""
         start = time.perf_counter()
         valid: list[int] = []
         for i in group:
             try:
-                validation.validate_create(commands[i].create.request, self._models)
+                if commands[i].HasField("create"):
+                    validation.validate_create(commands[i].create.request, self._models)
+                else:
+                    validation.validate_batch(commands[i].batch_create.requests, self._models)
                 valid.append(i)
             except Exception as exc:
                 answers[i] = _refusal(exc)[0]
-        requests = [(commands[i].create.request, tracing.child(commands[i].traceparent)) for i in valid]
+        traces = [tracing.child(commands[i].traceparent) for i in valid]
+        batches = [
+            [(commands[i].create.request, tp)]
+            if commands[i].HasField("create")
+            else [(one, tp) for one in commands[i].batch_create.requests]
+            for i, tp in zip(valid, traces, strict=True)
+        ]
         try:
-            made = (
-                await self._store.create_each(commands[group[0]].create.tenant, requests) if requests else []
-            )
+            made = await self._store.create_each(tenant, batches) if batches else []
         except Exception as exc:  # the transaction itself failed: every create with it
-            made = [exc] * len(requests)
+            made = [exc] * len(batches)
         created = False
         for i, result in zip(valid, made, strict=True):
             if isinstance(result, Exception):
                 answers[i] = _refusal(result)[0]
+                continue
+            created = created or any(new for _, new in result)
+            if commands[i].HasField("create"):
+                answers[i] = spb.StoreAnswer(create=spb.CreateTaskResponse(task=result[0][0]))
             else:
-                created = created or result[1]
-                answers[i] = spb.StoreAnswer(create=spb.CreateTaskResponse(task=result[0]))
+                answers[i] = spb.StoreAnswer(
+                    batch_create=spb.BatchCreateTasksResponse(tasks=[task for task, _ in result])
+                )
         if created and self._on_created is not None:
             self._on_created()
         elapsed_ms = round((time.perf_counter() - start) * 1000, 2)
-        for i, (_, traceparent) in zip(valid, requests, strict=True):
-            code = "OK" if answers[i].WhichOneof("answer") == "create" else _code_name(answers[i].error)
+        for i, traceparent in zip(valid, traces, strict=True):
+            kind = answers[i].WhichOneof("answer")
+            code = _code_name(answers[i].error) if kind == "error" else "OK"
+            name = _COMMAND_NAMES[commands[i].WhichOneof("command") or ""]
             trace = tracing.trace_id(traceparent)
-            log.info(
-                "command_finished", command="CreateTask", trace_id=trace, code=code, elapsed_ms=elapsed_ms
-            )
+            log.info("command_finished", command=name, trace_id=trace, code=code, elapsed_ms=elapsed_ms)
 
     async def _decide(self, command: spb.StoreCommand, kind: str | None, context: Context) -> spb.StoreAnswer:
         """The command as its unary RPC."""

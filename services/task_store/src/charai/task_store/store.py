@@ -176,9 +176,9 @@ class TaskStore:
         return await self.commands.create_many(tenant, requests, traceparent)
 
     async def create_each(
-        self, tenant: str, requests: Sequence[tuple[task_service_pb2.CreateTaskRequest, str]]
-    ) -> list[tuple[task_pb2.Task, bool] | Exception]:
-        return await self.commands.create_each(tenant, requests)
+        self, tenant: str, batches: Sequence[Sequence[tuple[task_service_pb2.CreateTaskRequest, str]]]
+    ) -> list[list[tuple[task_pb2.Task, bool]] | Exception]:
+        return await self.commands.create_each(tenant, batches)
 
     async def get(self, tenant: str, task_id: str) -> task_pb2.Task:
         return await self.queries.get(tenant, task_id)

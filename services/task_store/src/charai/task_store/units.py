@@ -196,7 +196,9 @@ class UnitRunner:
             *event_args,
         )
         if save.fresh:
-            await tx.execute("UPDATE tasks SET last_seq = ?, task = ? WHERE id = ?", int(seq), save.blob, task.id)
+            await tx.execute(
+                "UPDATE tasks SET last_seq = ?, task = ? WHERE id = ?", int(seq), save.blob, task.id
+            )
             return int(seq)
         await tx.execute(
             "UPDATE tasks SET status = ?, attempt = ?, update_time = ?, lease_expires = ?,"
