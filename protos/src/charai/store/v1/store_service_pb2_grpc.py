@@ -290,9 +290,10 @@ class TaskStoreServiceServicer:
         """The batched data plane: many creates (single or batch), claims, progress reports and outcomes in one call.
         Each command is decided on its own, exactly as its unary RPC above would decide it (same
         fencing, same idempotency, same errors), and answered in order; the writes of one call share
-        one commit where the database allows (SQLite: one group commit, so one fsync); the creates of
-        one tenant share one transaction on both databases, each in a savepoint of its own, so a
-        refused or failed create is rolled back alone and answered with its own error. The call
+        one commit where the database allows (SQLite: one group commit, so one fsync); the creates
+        (single and batch) of one tenant share one transaction on both databases, each command in a
+        savepoint of its own, so a refused or failed one is rolled back alone and answered with its own
+        error (a batch stays all or none). The call
         returns once every command's outcome is durable: "acknowledged = on disk" holds per command.
         Gateways and workers coalesce their concurrent calls into it (natural batching: a call goes
         out at once when none is in flight; while one is, the next ones gather for the next call).
