@@ -1,0 +1,180 @@
+"""The create commands of :class:`~charai.task_store.commands.Commands` (a mixin of it: the same
+units, outbox, queries, clock and policy): a task's creation, alone, in a batch that is all or
+none, or many independent ones in one transaction (the creates of one ``Exchange`` call).
+
+A create inserts the task row (and, on SQLite, its metadata rows), records its QUEUED event, and
+either queues its job (written already claimed for the local relay, handed to it after commit)
+or holds it in the fair-share backlog; ``request_id`` makes it idempotent per tenant.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from charai.core import ids
+from charai.core.clock import Clock
+from charai.core.domain import lifecycle
+from charai.core.domain.lifecycle import Policy, TaskState
+from charai.core.validation import RequestInvalidError, Violation, fill_metadata
+from charai.task_store import rows
+from charai.task_store.backlog import Backlog
+from charai.task_store.outbox import Job, Outbox
+from charai.task_store.queries import Queries
+from charai.task_store.reuse import Reuse
+from charai.task_store.units import Unit, UnitRunner
+from charai.task_store.usage import UsageLedger
+from charai.tasks.v1 import task_pb2, task_service_pb2
+
+
+class CreateCommands:
+    """Creating tasks; :class:`~charai.task_store.commands.Commands` sets these attributes."""
+
+    _units: UnitRunner
+    _outbox: Outbox
+    _queries: Queries
+    _policy: Policy
+    _clock: Clock
+    _metadata_json: bool
+    reuse: Reuse | None
+    usage: UsageLedger | None
+    backlog: Backlog | None
+
+    async def create(
+        self, tenant: str, req: task_service_pb2.CreateTaskRequest, traceparent: str = ""
+    ) -> tuple[task_pb2.Task, bool]:
+        """The new task (and True), or the one this ``request_id`` already created (and False).
+
+        ``traceparent`` (W3C trace context of the creating call) travels with the job.
+        """
+        return await self._units.write(lambda unit: self._create(unit, tenant, req, traceparent))
+
+    async def create_many(
+        self, tenant: str, requests: Sequence[task_service_pb2.CreateTaskRequest], traceparent: str = ""
+    ) -> list[tuple[task_pb2.Task, bool]]:
+        """Several creates in one transaction (all or none), answered in order; a request whose
+        ``request_id`` is already taken (earlier, or by an earlier request of this batch) answers
+        that task."""
+
+        async def op(unit: Unit) -> list[tuple[task_pb2.Task, bool]]:
+            return [await self._create(unit, tenant, req, traceparent) for req in requests]
+
+        return await self._units.write(op)
+
+    async def create_each(
+        self, tenant: str, batches: Sequence[Sequence[tuple[task_service_pb2.CreateTaskRequest, str]]]
+    ) -> list[list[tuple[task_pb2.Task, bool]] | Exception]:
+        """Independent batches of creates (``(request, traceparent)`` each; a single create is a
+        batch of one) in one transaction: each batch as :meth:`create_many` would answer it, or
+        the error it would raise (its writes rolled back to a savepoint, the other batches kept).
+        One commit and one unit of work for many callers: task_store runs the creates of one
+        ``Exchange`` call this way."""
+
+        async def op(unit: Unit) -> list[list[tuple[task_pb2.Task, bool]] | Exception]:
+            answers: list[list[tuple[task_pb2.Task, bool]] | Exception] = []
+            for batch in batches:
+                mark = unit.mark()
+                await unit.tx.execute("SAVEPOINT create_each")
+                try:
+                    answers.append([await self._create(unit, tenant, req, tp) for req, tp in batch])
+                except Exception as exc:  # this batch's alone, as its own unit of work's would be
+                    await unit.tx.execute("ROLLBACK TO SAVEPOINT create_each")
+                    unit.reset(mark)
+                    answers.append(exc)
+                await unit.tx.execute("RELEASE SAVEPOINT create_each")
+            return answers
+
+        return await self._units.write(op)
+
+    def _new_task(self, req: task_service_pb2.CreateTaskRequest, state: TaskState, now: int) -> task_pb2.Task:
+        task = task_pb2.Task(
+            id=ids.new_task_id(now),
+            type=req.type,
+            priority=req.priority or task_pb2.PRIORITY_NORMAL,
+            metadata=fill_metadata(req),
+            request_id=req.request_id,
+        )
+        if req.HasField("webhook"):
+            task.webhook.CopyFrom(req.webhook)
+        rows.write_state(task, state)
+        if req.WhichOneof("payload") == "image":
+            task.image.CopyFrom(req.image)
+        else:
+            task.tts.CopyFrom(req.tts)
+        task.create_time.FromMicroseconds(now)
+        task.update_time.FromMicroseconds(now)
+        return task
+
+    async def _create(
+        self, unit: Unit, tenant: str, req: task_service_pb2.CreateTaskRequest, traceparent: str
+    ) -> tuple[task_pb2.Task, bool]:
+        if req.request_id:
+            existing = await self._by_request_id(unit, tenant, req)
+            if existing is not None:
+                return existing, False
+        if self.usage is not None:  # RESOURCE_EXHAUSTED naming the budget; nothing stored
+            await self.usage.check_budgets(unit.tx, tenant)
+        now = self._clock.now_us()
+        decision = lifecycle.create(self._policy, now)
+        task = self._new_task(req, decision.state, now)
+        if not await self._insert(unit, tenant, task, now):
+            # A concurrent create with the same request_id (another replica, a retried call) made
+            # this insert do nothing; that task is then the answer.
+            existing = await self._by_request_id(unit, tenant, req)
+            if existing is None:  # pragma: no cover - the conflicting row is committed by now
+                raise RuntimeError("request_id conflict without a task")
+            return existing, False
+        for event in decision.events:
+            unit.save(task, tenant, int(event.type), now, 0, fresh=True)  # _insert wrote its state
+        job = Job(task.id, decision.state.dispatch_gen, int(task.type), int(task.priority), traceparent)
+        # Fair share: held in the backlog unless the buffer has room and nobody else waits.
+        if self.backlog is None or not await self.backlog.admit(unit, tenant, job, now):
+            handed = await self._outbox.enqueue(unit.tx, job, now, hand_off=True)
+            if handed is not None:
+                unit.handed.append(handed)
+        await self._queries.position(unit.tx, task)
+        return task, True
+
+    async def _insert(self, unit: Unit, tenant: str, task: task_pb2.Task, now: int) -> bool:
+        """Inserts the task row (and its metadata rows on SQLite); False if its request_id is
+        taken."""
+        columns = "id, tenant, request_id, type, priority, status, attempt, max_attempts,"
+        columns += " create_time, update_time, dispatch_gen, task, reuse_key"
+        values = "?, ?, ?, ?, ?, ?, 0, ?, ?, ?, 1, ?, ?"
+        args: list[Any] = [task.id, tenant, task.request_id or None, int(task.type), int(task.priority)]
+        args += [int(task.status), task.max_attempts, now, now, task.SerializeToString()]
+        args.append(self.reuse.key(tenant, task) if self.reuse is not None else None)
+        if self._metadata_json:
+            columns += ", metadata"
+            values += ", ?::jsonb"
+            args.append(json.dumps(dict(task.metadata), separators=(",", ":")))
+        inserted = await unit.tx.fetchval(
+            f"INSERT INTO tasks ({columns}) VALUES ({values})"
+            " ON CONFLICT (tenant, request_id) WHERE request_id IS NOT NULL DO NOTHING RETURNING id",
+            *args,
+        )
+        if inserted is None:
+            return False
+        if not self._metadata_json:
+            await unit.tx.executemany(
+                "INSERT INTO task_metadata (task_id, tenant, key, value) VALUES (?, ?, ?, ?)",
+                [(task.id, tenant, k, v) for k, v in task.metadata.items()],
+            )
+        return True
+
+    async def _by_request_id(
+        self, unit: Unit, tenant: str, req: task_service_pb2.CreateTaskRequest
+    ) -> task_pb2.Task | None:
+        row = await unit.tx.fetchrow(
+            "SELECT id FROM tasks WHERE tenant = ? AND request_id = ?", tenant, req.request_id
+        )
+        if row is None:
+            return None
+        existing, _ = await rows.load(unit.tx, "", row[0])
+        if existing.type != req.type:
+            raise RequestInvalidError(
+                [Violation("request_id", "was already used for a task of another type")]
+            )
+        await self._queries.position(unit.tx, existing)
+        return existing
