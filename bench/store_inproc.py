@@ -1,0 +1,75 @@
+"""The store's write path without gRPC: ``python -m bench.store_inproc [--n N] [--concurrency C]
+[--batch B] [--each G]``.
+
+Creates TTS tasks on a fresh SQLite store in this process (task_store's own settings: reuse on, a
+fair-share buffer of 64), from C coroutines at once so they share group commits, and prints the
+creates per second, the CPU per create and the bytes this process wrote per create (WAL and
+checkpoints, from /proc/self/io). ``--batch B``: each call is ``create_many`` of B (one unit of
+work); ``--each G``: each call is ``create_each`` of G single creates (one transaction, a savepoint
+each: what task_store does with the creates of one Exchange call). Used for the before/after rows
+of BENCHMARKS.md ("Data plane v2, second pass").
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+
+from charai.task_store.backlog import FairConfig
+from charai.task_store.reuse import ReuseConfig
+from charai.task_store.store import StoreConfig, TaskStore, open_store
+
+from bench.ours import tts_request
+
+
+def written_bytes() -> int:
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("write_bytes"):
+            return int(line.split()[1])
+    return 0
+
+
+async def creates(store: TaskStore, n: int, concurrency: int, batch: int, each: int) -> None:
+    request = tts_request("inproc", "the same line every time")
+    left = [n]
+
+    async def lane() -> None:
+        while left[0] > 0:
+            if each:
+                left[0] -= each
+                await store.create_each("default", [[(request, "")]] * each)
+            else:
+                left[0] -= batch
+                await store.create_many("default", [request] * batch)
+
+    await asyncio.gather(*(lane() for _ in range(concurrency)))
+
+
+async def main(args: argparse.Namespace) -> None:
+    config = StoreConfig(reuse=ReuseConfig(ttl_seconds=86400.0), fair=FairConfig(buffer=64))
+    with tempfile.TemporaryDirectory(prefix="bench-inproc-") as tmp:
+        store = open_store(f"sqlite:///{tmp}/tasks.db", config, lambda envelopes: None)
+        async with store:
+            await creates(store, 500, args.concurrency, args.batch, args.each)  # warm-up
+            wrote, cpu, wall = written_bytes(), time.process_time(), time.perf_counter()
+            await creates(store, args.n, args.concurrency, args.batch, args.each)
+            wall = time.perf_counter() - wall
+            cpu = time.process_time() - cpu
+            wrote = written_bytes() - wrote
+    print(
+        f"{args.n} creates, {args.concurrency} at once, batch {args.batch}, each {args.each}:"
+        f" {args.n / wall:,.0f} creates/s, {cpu / args.n * 1e6:.0f} CPU-us and"
+        f" {wrote / args.n / 1024:.1f} KB written per create"
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m bench.store_inproc", description=__doc__)
+    parser.add_argument("--n", type=int, default=20_000)
+    parser.add_argument("--concurrency", type=int, default=100)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--each", type=int, default=0)
+    asyncio.run(main(parser.parse_args()))
