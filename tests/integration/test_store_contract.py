@@ -213,6 +213,38 @@ async def test_creates_in_one_transaction_fail_alone_and_roll_back_their_own_wri
     assert tasks == []
 
 
+async def test_progress_reports_in_one_transaction_are_refused_alone(rec: Recorded) -> None:
+    # progress_each (the reports of one Exchange call): each answered as its own report, a stale
+    # attempt's refusal leaves the others recorded, and two reports of one task both count.
+    store = rec.store
+    a, b, c = [(await store.create("t1", image_request()))[0] for _ in range(3)]
+    for task in (a, b, c):
+        assert (await store.claim(task.id, 1, "w1")).outcome == RUN
+    start = len(rec.envelopes)
+    answers = await store.progress_each(
+        [
+            (b.id, 1, 30, "generating"),
+            (a.id, 7, 40, "generating"),  # not a's attempt
+            (c.id, 1, 50, "generating"),
+            (a.id, 1, 20, "generating"),
+            (a.id, 1, 60, "processing"),
+        ]
+    )
+    assert answers[0] == answers[2] == answers[3] == answers[4] == RUNNING
+    assert isinstance(answers[1], StaleAttemptError)
+    got = {t.id: (await store.get("t1", t.id)) for t in (a, b, c)}
+    assert [(got[t.id].progress, got[t.id].stage) for t in (a, b, c)] == [
+        (60, "processing"),
+        (30, "generating"),
+        (50, "generating"),
+    ]
+    published = [(e.event.task.id, e.event.task.progress) for e in rec.envelopes[start:]]
+    assert sorted(published) == sorted([(a.id, 20), (a.id, 60), (b.id, 30), (c.id, 50)])
+    # Each envelope chains to the one before it of the same task, also within the call.
+    a_events = [e for e in rec.envelopes[start:] if e.event.task.id == a.id]
+    assert a_events[1].prev_sequence == a_events[0].event.sequence
+
+
 async def test_list_filters_by_metadata_type_status_orders_newest_first_and_pages(rec: Recorded) -> None:
     store = rec.store
     specs = [

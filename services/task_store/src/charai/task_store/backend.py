@@ -107,6 +107,10 @@ class Backend(Protocol):
     """Runs units of work against one database."""
 
     dialect: Dialect
+    #: Errors after which the backend runs a whole transaction again (PostgreSQL: deadlock,
+    #: serialization failure); :meth:`UnitRunner.write_each` lets them through instead of
+    #: answering one operation with them.
+    retryable: tuple[type[BaseException], ...]
 
     async def open(self) -> None:
         """Connects and applies the migrations this database lacks."""

@@ -12,7 +12,7 @@ Two replicas cannot both claim, complete or cancel the same task.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 import structlog
@@ -299,6 +299,23 @@ class Commands(CreateCommands):
         return ClaimResult(int(answer.outcome), task, answer.attempt, answer.retry_after)
 
     async def progress(self, task_id: str, attempt: int, progress: int, stage: str) -> int:
+        return await self._units.write(self._report(task_id, attempt, progress, stage))
+
+    async def progress_each(self, reports: Sequence[tuple[str, int, int, str]]) -> list[int | Exception]:
+        """Progress reports (task id, attempt, progress, stage) in one transaction, each as
+        :meth:`progress` would answer it or the error it would raise (rolled back alone):
+        task_store runs the reports of one ``Exchange`` call this way. They run in task id
+        order, so two calls locking the same rows (PostgreSQL) take them in the same order."""
+        order = sorted(range(len(reports)), key=lambda i: reports[i][0])
+        done = await self._units.write_each([self._report(*reports[i]) for i in order])
+        answers: list[int | Exception] = [0] * len(reports)
+        for i, answer in zip(order, done, strict=True):
+            answers[i] = answer
+        return answers
+
+    def _report(
+        self, task_id: str, attempt: int, progress: int, stage: str
+    ) -> Callable[[Unit], Coroutine[Any, Any, int]]:
         async def op(unit: Unit) -> int:
             task, row, state = await self._load(unit, task_id)
             command = lifecycle.Report(attempt, progress, stage)
@@ -308,7 +325,7 @@ class Commands(CreateCommands):
             await self._persist(unit, task, row, state, decision)
             return int(decision.answer)
 
-        return await self._units.write(op)
+        return op
 
     async def _meter(
         self,

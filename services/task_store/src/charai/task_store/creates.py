@@ -10,7 +10,7 @@ or holds it in the fair-share backlog; ``request_id`` makes it idempotent per te
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from charai.core import ids
@@ -26,6 +26,8 @@ from charai.task_store.reuse import Reuse
 from charai.task_store.units import Unit, UnitRunner
 from charai.task_store.usage import UsageLedger
 from charai.tasks.v1 import task_pb2, task_service_pb2
+
+Op = Callable[[Unit], Coroutine[Any, Any, list[tuple[task_pb2.Task, bool]]]]
 
 
 class CreateCommands:
@@ -71,21 +73,13 @@ class CreateCommands:
         One commit and one unit of work for many callers: task_store runs the creates of one
         ``Exchange`` call this way."""
 
-        async def op(unit: Unit) -> list[list[tuple[task_pb2.Task, bool]] | Exception]:
-            answers: list[list[tuple[task_pb2.Task, bool]] | Exception] = []
-            for batch in batches:
-                mark = unit.mark()
-                await unit.tx.execute("SAVEPOINT create_each")
-                try:
-                    answers.append([await self._create(unit, tenant, req, tp) for req, tp in batch])
-                except Exception as exc:  # this batch's alone, as its own unit of work's would be
-                    await unit.tx.execute("ROLLBACK TO SAVEPOINT create_each")
-                    unit.reset(mark)
-                    answers.append(exc)
-                await unit.tx.execute("RELEASE SAVEPOINT create_each")
-            return answers
+        def batch_op(batch: Sequence[tuple[task_service_pb2.CreateTaskRequest, str]]) -> Op:
+            async def op(unit: Unit) -> list[tuple[task_pb2.Task, bool]]:
+                return [await self._create(unit, tenant, req, tp) for req, tp in batch]
 
-        return await self._units.write(op)
+            return op
+
+        return await self._units.write_each([batch_op(batch) for batch in batches])
 
     def _new_task(self, req: task_service_pb2.CreateTaskRequest, state: TaskState, now: int) -> task_pb2.Task:
         task = task_pb2.Task(

@@ -172,22 +172,29 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
             self._metrics.exchange_commands.labels(kind).observe(len(request.commands))
         commands = request.commands
         answers: list[spb.StoreAnswer] = [spb.StoreAnswer()] * len(commands)
-        # The creates (single and batch) of one tenant share one transaction (create_each): a
-        # savepoint each instead of a unit of work, a database job and an asyncio task each.
+        # The creates (single and batch) of one tenant share one transaction (create_each), and
+        # so do the progress reports (progress_each): a savepoint each instead of a unit of work,
+        # a database job and an asyncio task each.
         creates: dict[str, list[int]] = {}
+        reports: list[int] = []
         for i, command in enumerate(commands):
             which = command.WhichOneof("command")
             if which == "create":
                 creates.setdefault(command.create.tenant, []).append(i)
             elif which == "batch_create":
                 creates.setdefault(command.batch_create.tenant, []).append(i)
-        grouped = {i for group in creates.values() if len(group) > 1 for i in group}
+            elif which == "progress":
+                reports.append(i)
+        groups = [group for group in (*creates.values(), reports) if len(group) > 1]
+        grouped = {i for group in groups for i in group}
         jobs = [
             self._answer_at(i, command, answers, context)
             for i, command in enumerate(commands)
             if i not in grouped
         ]
         jobs += [self._creates(commands, t, group, answers) for t, group in creates.items() if len(group) > 1]
+        if len(reports) > 1:
+            jobs.append(self._reports(commands, reports, answers))
         await asyncio.gather(*jobs)
         return spb.ExchangeResponse(answers=answers)
 
@@ -263,6 +270,29 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
             name = _COMMAND_NAMES[commands[i].WhichOneof("command") or ""]
             trace = tracing.trace_id(traceparent)
             log.info("command_finished", command=name, trace_id=trace, code=code, elapsed_ms=elapsed_ms)
+
+    async def _reports(
+        self, commands: Sequence[spb.StoreCommand], group: list[int], answers: list[spb.StoreAnswer]
+    ) -> None:
+        """Progress reports in one transaction; each answered (and logged) as its own
+        ReportProgress would be: a refusal (a stale attempt) is its alone."""
+        start = time.perf_counter()
+        reports = [(r.task_id, r.attempt, r.progress, r.stage) for r in (commands[i].progress for i in group)]
+        try:
+            made = await self._store.progress_each(reports)
+        except Exception as exc:  # the transaction itself failed: every report with it
+            made = [exc] * len(reports)
+        elapsed_ms = round((time.perf_counter() - start) * 1000, 2)
+        for i, result in zip(group, made, strict=True):
+            code = "OK"
+            if isinstance(result, Exception):
+                answers[i], code = _refusal(result)
+            else:
+                answers[i] = spb.StoreAnswer(progress=spb.ReportProgressResponse(status=result))  # type: ignore[arg-type]
+            trace = tracing.trace_id(commands[i].traceparent)
+            log.info(
+                "command_finished", command="ReportProgress", trace_id=trace, code=code, elapsed_ms=elapsed_ms
+            )
 
     async def _decide(self, command: spb.StoreCommand, kind: str | None, context: Context) -> spb.StoreAnswer:
         """The command as its unary RPC."""

@@ -92,6 +92,7 @@ class PostgresBackend:
     """:class:`~charai.task_store.backend.Backend` on a PostgreSQL database."""
 
     dialect = POSTGRES
+    retryable: tuple[type[BaseException], ...] = _RETRYABLE
 
     def __init__(self, url: str, *, password: str | None = None, pool_size: int = 10) -> None:
         self._url = url

@@ -104,6 +104,7 @@ class SqliteBackend:
     """
 
     dialect = SQLITE
+    retryable: tuple[type[BaseException], ...] = ()  # one writer: no deadlock, nothing to run again
     #: Units of work per group commit at most (bounds the latency a batch adds).
     max_batch = 256
 

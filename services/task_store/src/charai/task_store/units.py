@@ -15,7 +15,7 @@ thread and the order).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from charai.store.v1 import store_service_pb2 as spb
@@ -156,6 +156,33 @@ class UnitRunner:
                 self._on_events(list(envelopes))
 
         return await self._db.write(body, committed)
+
+    async def write_each(
+        self, ops: Sequence[Callable[[Unit], Coroutine[Any, Any, T]]]
+    ) -> list[T | Exception]:
+        """Runs independent operations in one transaction, each in a savepoint of its own: its
+        result, or the error it raised with its writes and recorded events rolled back (the
+        others kept), as if each were its own unit of work but with one commit for all. An error
+        the backend runs a whole transaction again for (a PostgreSQL deadlock) is not caught."""
+        retryable = self._db.retryable
+
+        async def op(unit: Unit) -> list[T | Exception]:
+            answers: list[T | Exception] = []
+            for one in ops:
+                mark = unit.mark()
+                await unit.tx.execute("SAVEPOINT each")
+                try:
+                    answers.append(await one(unit))
+                except Exception as exc:
+                    if isinstance(exc, retryable):
+                        raise
+                    await unit.tx.execute("ROLLBACK TO SAVEPOINT each")
+                    unit.reset(mark)
+                    answers.append(exc)
+                await unit.tx.execute("RELEASE SAVEPOINT each")
+            return answers
+
+        return await self.write(op)
 
     async def _append_events(self, unit: Unit) -> list[spb.EventEnvelope]:
         """Inserts the unit's events and writes its task rows, under the events lock.
