@@ -1,13 +1,15 @@
 """The store's write path without gRPC: ``python -m bench.store_inproc [--n N] [--concurrency C]
-[--batch B] [--each G]``.
+[--batch B] [--each G] [--reports R]``.
 
 Creates TTS tasks on a fresh SQLite store in this process (task_store's own settings: reuse on, a
 fair-share buffer of 64), from C coroutines at once so they share group commits, and prints the
 creates per second, the CPU per create and the bytes this process wrote per create (WAL and
 checkpoints, from /proc/self/io). ``--batch B``: each call is ``create_many`` of B (one unit of
 work); ``--each G``: each call is ``create_each`` of G single creates (one transaction, a savepoint
-each: what task_store does with the creates of one Exchange call). Used for the before/after rows
-of BENCHMARKS.md ("Data plane v2, second pass").
+each: what task_store does with the creates of one Exchange call). ``--reports R``: progress
+reports instead, R rounds of one report for each of 100 running tasks (a ``gather`` of single
+reports, or with ``--each`` one ``progress_each`` per round). Used for the before/after rows of
+BENCHMARKS.md ("Data plane v2, second pass").
 """
 
 from __future__ import annotations
@@ -48,11 +50,35 @@ async def creates(store: TaskStore, n: int, concurrency: int, batch: int, each: 
     await asyncio.gather(*(lane() for _ in range(concurrency)))
 
 
+async def reports(store: TaskStore, rounds: int, each: bool) -> None:
+    """``rounds`` progress reports for each of 100 running tasks; CPU-µs per report printed."""
+    ids = []
+    for k in range(100):
+        task, _ = await store.create("default", tts_request(f"inproc-{k}", f"line {k}"))
+        await store.claim(task.id, 1, "inproc")
+        ids.append(task.id)
+    cpu, wall = time.process_time(), time.perf_counter()
+    for r in range(rounds):
+        if each:
+            await store.progress_each([(task_id, 1, 11 + r, "generating") for task_id in ids])
+        else:
+            await asyncio.gather(*(store.progress(task_id, 1, 11 + r, "generating") for task_id in ids))
+    wall = time.perf_counter() - wall
+    cpu = time.process_time() - cpu
+    n = rounds * len(ids)
+    print(
+        f"{n} progress reports, each {each}: {n / wall:,.0f} reports/s, {cpu / n * 1e6:.0f} CPU-us per report"
+    )
+
+
 async def main(args: argparse.Namespace) -> None:
     config = StoreConfig(reuse=ReuseConfig(ttl_seconds=86400.0), fair=FairConfig(buffer=64))
     with tempfile.TemporaryDirectory(prefix="bench-inproc-") as tmp:
         store = open_store(f"sqlite:///{tmp}/tasks.db", config, lambda envelopes: None)
         async with store:
+            if args.reports:
+                await reports(store, args.reports, bool(args.each))
+                return
             await creates(store, 500, args.concurrency, args.batch, args.each)  # warm-up
             wrote, cpu, wall = written_bytes(), time.process_time(), time.perf_counter()
             await creates(store, args.n, args.concurrency, args.batch, args.each)
@@ -72,4 +98,5 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--each", type=int, default=0)
+    parser.add_argument("--reports", type=int, default=0)
     asyncio.run(main(parser.parse_args()))
