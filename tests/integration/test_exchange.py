@@ -20,8 +20,10 @@ from charai.store.v1 import store_service_pb2_grpc as spb_grpc
 from charai.task_store.app import TaskStoreApp
 from charai.task_store.grpc_api import MAX_EXCHANGE, TaskStoreServicer
 from charai.task_store.settings import Settings
+from charai.task_store.store import TaskStore
 from charai.taskapi import error_details
 from charai.tasks.v1 import task_service_pb2
+from structlog.testing import capture_logs
 
 from tests.integration.conftest import Database
 from tests.integration.store_requests import (
@@ -143,6 +145,28 @@ async def test_the_creates_of_one_call_are_answered_each_as_its_own_create(
         for task in (first, voice):
             page = await client.list_events(spb.ListEventsRequest(tenant="acme", task_id=task.id))
             assert [e.type for e in page.events] == [EV.TASK_EVENT_TYPE_QUEUED]
+
+
+async def test_a_failed_transaction_answers_each_grouped_command_and_logs_once(
+    nats_server: NatsServer, tmp_path: Path, db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The transaction of a call's creates fails as a whole (here: its store call raises): every
+    # create is answered INTERNAL without details, and the traceback is logged once, not per create.
+    async def broken(*_: object) -> list[object]:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(TaskStore, "create_each", broken)
+    async with (
+        coalescing(app_settings(nats_server, tmp_path, db)) as (app, _),
+        grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel,
+    ):
+        stub = spb_grpc.TaskStoreServiceStub(channel)
+        command = spb.StoreCommand(create=spb.CreateTaskRequest(tenant="acme", request=image_request()))
+        with capture_logs() as lines:
+            answers = (await stub.Exchange(spb.ExchangeRequest(commands=[command] * 3))).answers
+        assert [refusal(a.error) for a in answers] == [(grpc.StatusCode.INTERNAL, [])] * 3
+        assert all("disk on fire" not in (answer_error(a.error).details() or "") for a in answers)
+        assert [line["event"] for line in lines].count("exchange_command_failed") == 1
 
 
 async def test_exchange_refuses_too_many_commands(

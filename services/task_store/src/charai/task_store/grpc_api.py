@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import grpc
 import structlog
@@ -51,6 +51,27 @@ def _refusal(exc: Exception) -> tuple[spb.StoreAnswer, str]:
 def _code_name(error: bytes) -> str:
     code = status_pb2.Status.FromString(error).code
     return _CODES[code].name if code in _CODES else "UNKNOWN"
+
+
+R = TypeVar("R")
+
+
+async def _together(work: Awaitable[Sequence[R | Exception]], n: int) -> list[R | spb.StoreAnswer]:
+    """The results of ``n`` commands run in one transaction, each refusal as its answer; if the
+    transaction itself failed, one refusal (logged once) answers all of them."""
+    try:
+        made = await work
+    except Exception as exc:
+        return [_refusal(exc)[0]] * n
+    return [_refusal(result)[0] if isinstance(result, Exception) else result for result in made]
+
+
+def _log_finished(name: str, answer: spb.StoreAnswer, traceparent: str, start: float) -> None:
+    """A grouped command's canonical log line, as its own RPC would have written it."""
+    code = _code_name(answer.error) if answer.WhichOneof("answer") == "error" else "OK"
+    elapsed_ms = round((time.perf_counter() - start) * 1000, 2)
+    trace = tracing.trace_id(traceparent)
+    log.info("command_finished", command=name, trace_id=trace, code=code, elapsed_ms=elapsed_ms)
 
 
 class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
@@ -245,14 +266,11 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
             else [(one, tp) for one in commands[i].batch_create.requests]
             for i, tp in zip(valid, traces, strict=True)
         ]
-        try:
-            made = await self._store.create_each(tenant, batches) if batches else []
-        except Exception as exc:  # the transaction itself failed: every create with it
-            made = [exc] * len(batches)
+        made = await _together(self._store.create_each(tenant, batches), len(batches)) if batches else []
         created = False
         for i, result in zip(valid, made, strict=True):
-            if isinstance(result, Exception):
-                answers[i] = _refusal(result)[0]
+            if isinstance(result, spb.StoreAnswer):
+                answers[i] = result
                 continue
             created = created or any(new for _, new in result)
             if commands[i].HasField("create"):
@@ -263,13 +281,10 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
                 )
         if created and self._on_created is not None:
             self._on_created()
-        elapsed_ms = round((time.perf_counter() - start) * 1000, 2)
         for i, traceparent in zip(valid, traces, strict=True):
-            kind = answers[i].WhichOneof("answer")
-            code = _code_name(answers[i].error) if kind == "error" else "OK"
-            name = _COMMAND_NAMES[commands[i].WhichOneof("command") or ""]
-            trace = tracing.trace_id(traceparent)
-            log.info("command_finished", command=name, trace_id=trace, code=code, elapsed_ms=elapsed_ms)
+            _log_finished(
+                _COMMAND_NAMES[commands[i].WhichOneof("command") or ""], answers[i], traceparent, start
+            )
 
     async def _reports(
         self, commands: Sequence[spb.StoreCommand], group: list[int], answers: list[spb.StoreAnswer]
@@ -278,21 +293,13 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
         ReportProgress would be: a refusal (a stale attempt) is its alone."""
         start = time.perf_counter()
         reports = [(r.task_id, r.attempt, r.progress, r.stage) for r in (commands[i].progress for i in group)]
-        try:
-            made = await self._store.progress_each(reports)
-        except Exception as exc:  # the transaction itself failed: every report with it
-            made = [exc] * len(reports)
-        elapsed_ms = round((time.perf_counter() - start) * 1000, 2)
+        made = await _together(self._store.progress_each(reports), len(reports))
         for i, result in zip(group, made, strict=True):
-            code = "OK"
-            if isinstance(result, Exception):
-                answers[i], code = _refusal(result)
+            if isinstance(result, spb.StoreAnswer):
+                answers[i] = result
             else:
                 answers[i] = spb.StoreAnswer(progress=spb.ReportProgressResponse(status=result))  # type: ignore[arg-type]
-            trace = tracing.trace_id(commands[i].traceparent)
-            log.info(
-                "command_finished", command="ReportProgress", trace_id=trace, code=code, elapsed_ms=elapsed_ms
-            )
+            _log_finished("ReportProgress", answers[i], commands[i].traceparent, start)
 
     async def _decide(self, command: spb.StoreCommand, kind: str | None, context: Context) -> spb.StoreAnswer:
         """The command as its unary RPC."""
