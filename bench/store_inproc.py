@@ -1,5 +1,5 @@
 """The store's write path without gRPC: ``python -m bench.store_inproc [--n N] [--concurrency C]
-[--batch B] [--each G] [--reports R]``.
+[--batch B] [--each G] [--reports R] [--lifecycle R]``.
 
 Creates TTS tasks on a fresh SQLite store in this process (task_store's own settings: reuse on, a
 fair-share buffer of 64), from C coroutines at once so they share group commits, and prints the
@@ -8,7 +8,10 @@ checkpoints, from /proc/self/io). ``--batch B``: each call is ``create_many`` of
 work); ``--each G``: each call is ``create_each`` of G single creates (one transaction, a savepoint
 each: what task_store does with the creates of one Exchange call). ``--reports R``: progress
 reports instead, R rounds of one report for each of 100 running tasks (a ``gather`` of single
-reports, or with ``--each`` one ``progress_each`` per round). Used for the before/after rows of
+reports, or with ``--each`` one ``progress_each`` per round). ``--lifecycle R``: R rounds of 50
+tasks claimed and then completed (single commands at once, or with ``--each`` one ``worker_each``
+per step: what task_store does with a worker's commands of one Exchange call). Used for the
+before/after rows of
 BENCHMARKS.md ("Data plane v2, second pass").
 """
 
@@ -20,11 +23,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from charai.store.v1 import store_service_pb2 as spb
 from charai.task_store.backlog import FairConfig
 from charai.task_store.reuse import ReuseConfig
 from charai.task_store.store import StoreConfig, TaskStore, open_store
+from charai.tasks.v1 import task_pb2
 
 from bench.ours import tts_request
+
+PER_ROUND = 50
 
 
 def written_bytes() -> int:
@@ -71,6 +78,43 @@ async def reports(store: TaskStore, rounds: int, each: bool) -> None:
     )
 
 
+async def lifecycle(store: TaskStore, rounds: int, each: bool) -> None:
+    """``rounds`` rounds of 50 distinct tasks (all released: the fair-share buffer holds 64)
+    claimed, then completed (a ``gather`` of single commands,
+    or with ``--each`` one ``worker_each`` per step); CPU-µs per claim + completion printed."""
+    cpu = wall = 0.0
+    run = time.time_ns()  # no two tasks alike (reuse would answer a claim with another's result)
+    for r in range(rounds):
+        made = await store.create_each(
+            "default", [[(tts_request(f"life-{r}", f"line {run} {r} {k}"), "")] for k in range(PER_ROUND)]
+        )
+        ids = [batch[0][0].id for batch in made if not isinstance(batch, Exception)]
+        claims = [
+            spb.ClaimTaskRequest(task_id=task_id, dispatch_gen=1, worker_id="inproc") for task_id in ids
+        ]
+        result = task_pb2.TtsResult(audio_url="charai-media:x.wav", duration_seconds=1.0)
+        dones = [spb.CompleteTaskRequest(task_id=task_id, attempt=1, tts_result=result) for task_id in ids]
+        c0, w0 = time.process_time(), time.perf_counter()
+        for step in (claims, dones):
+            if each:
+                answers = await store.worker_each(step)
+            else:
+                answers = await asyncio.gather(*(_one(store, request) for request in step))
+            assert not any(isinstance(a, Exception) for a in answers), "a command was refused"
+        cpu += time.process_time() - c0
+        wall += time.perf_counter() - w0
+    n = rounds * PER_ROUND
+    print(
+        f"{n} claims + completions, each {each}: {n / wall:,.0f} tasks/s, {cpu / n * 1e6:.0f} CPU-us per task"
+    )
+
+
+async def _one(store: TaskStore, request: spb.ClaimTaskRequest | spb.CompleteTaskRequest) -> object:
+    if isinstance(request, spb.ClaimTaskRequest):
+        return await store.claim(request.task_id, request.dispatch_gen, request.worker_id)
+    return await store.complete(request)
+
+
 async def main(args: argparse.Namespace) -> None:
     config = StoreConfig(reuse=ReuseConfig(ttl_seconds=86400.0), fair=FairConfig(buffer=64))
     with tempfile.TemporaryDirectory(prefix="bench-inproc-") as tmp:
@@ -78,6 +122,10 @@ async def main(args: argparse.Namespace) -> None:
         async with store:
             if args.reports:
                 await reports(store, args.reports, bool(args.each))
+                return
+            if args.lifecycle:
+                await lifecycle(store, 3, bool(args.each))  # warm-up
+                await lifecycle(store, args.lifecycle, bool(args.each))
                 return
             await creates(store, 500, args.concurrency, args.batch, args.each)  # warm-up
             wrote, cpu, wall = written_bytes(), time.process_time(), time.perf_counter()
@@ -99,4 +147,5 @@ if __name__ == "__main__":
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--each", type=int, default=0)
     parser.add_argument("--reports", type=int, default=0)
+    parser.add_argument("--lifecycle", type=int, default=0)
     asyncio.run(main(parser.parse_args()))

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import grpc
 import pytest
 from charai.core.coalesce import answer_error
+from charai.core.domain.errors import ErrorKind
 from charai.core.storeclient import StoreClient
 from charai.store.v1 import store_service_pb2 as spb
 from charai.store.v1 import store_service_pb2_grpc as spb_grpc
@@ -30,8 +31,12 @@ from tests.integration.store_requests import (
     COMPLETED,
     DEFER,
     EV,
+    QUEUED,
     RUN,
+    RUNNING,
     TTS,
+    complete_req,
+    fail_req,
     image_request,
     image_result,
     tts_request,
@@ -145,6 +150,44 @@ async def test_the_creates_of_one_call_are_answered_each_as_its_own_create(
         for task in (first, voice):
             page = await client.list_events(spb.ListEventsRequest(tenant="acme", task_id=task.id))
             assert [e.type for e in page.events] == [EV.TASK_EVENT_TYPE_QUEUED]
+
+
+async def test_a_workers_commands_in_one_call_are_answered_each_as_its_own_rpc(
+    nats_server: NatsServer, tmp_path: Path, db: Database
+) -> None:
+    # A worker's claims, reports and outcomes in one Exchange share a transaction (worker_each);
+    # each answer is still the one its unary RPC gives, in order, a refusal is its alone, and
+    # one task's report and completion land in the order sent.
+    async with (
+        coalescing(app_settings(nats_server, tmp_path, db, dispatch_buffer=100)) as (app, client),
+        grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel,
+    ):
+        a, b, c = await asyncio.gather(*(client.create_task("acme", image_request()) for _ in range(3)))
+        await asyncio.gather(client.claim_task(a.id, 1, "w1"), client.claim_task(b.id, 1, "w1"))
+        commands = [
+            spb.StoreCommand(claim=spb.ClaimTaskRequest(task_id=c.id, dispatch_gen=1, worker_id="w2")),
+            spb.StoreCommand(progress=spb.ReportProgressRequest(task_id=a.id, attempt=1, progress=90)),
+            spb.StoreCommand(complete=complete_req(a.id, 1)),
+            spb.StoreCommand(complete=complete_req(b.id, 3)),  # not b's attempt
+            spb.StoreCommand(fail=fail_req(b.id, 1, ErrorKind.PROVIDER_TIMEOUT)),
+        ]
+        stub = spb_grpc.TaskStoreServiceStub(channel)
+        answers = (await stub.Exchange(spb.ExchangeRequest(commands=commands))).answers
+        kinds = [x.WhichOneof("answer") for x in answers]
+        assert kinds == ["claim", "progress", "complete", "error", "fail"]
+        claim, report, done, stale, failed = answers
+        assert (claim.claim.outcome, claim.claim.task.id, claim.claim.attempt) == (RUN, c.id, 1)
+        assert claim.claim.lease_seconds > 0
+        assert report.progress.status == RUNNING
+        assert (done.complete.task.status, done.complete.task.progress) == (COMPLETED, 100)
+        assert refusal(stale.error) == (grpc.StatusCode.FAILED_PRECONDITION, [])
+        assert error_details(answer_error(stale.error)).reason == "STALE_ATTEMPT"
+        assert (failed.fail.outcome, failed.fail.task.status) == (spb.FAIL_OUTCOME_RETRY, QUEUED)
+        page = await client.list_events(spb.ListEventsRequest(tenant="acme", task_id=a.id))
+        assert [e.type for e in page.events][-2:] == [
+            EV.TASK_EVENT_TYPE_PROGRESS,
+            EV.TASK_EVENT_TYPE_COMPLETED,
+        ]
 
 
 async def test_a_failed_transaction_answers_each_grouped_command_and_logs_once(

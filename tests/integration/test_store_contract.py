@@ -35,6 +35,7 @@ from charai.core.errors import (
 from charai.core.validation import RequestInvalidError
 from charai.store.v1 import store_service_pb2 as spb
 from charai.task_store import queries
+from charai.task_store.commands import ClaimResult
 from charai.task_store.schema import LATEST_VERSION
 from charai.task_store.store import StoreConfig, open_store
 from charai.tasks.v1 import task_pb2, task_service_pb2
@@ -243,6 +244,44 @@ async def test_progress_reports_in_one_transaction_are_refused_alone(rec: Record
     # Each envelope chains to the one before it of the same task, also within the call.
     a_events = [e for e in rec.envelopes[start:] if e.event.task.id == a.id]
     assert a_events[1].prev_sequence == a_events[0].event.sequence
+
+
+async def test_worker_commands_in_one_transaction_answer_as_their_own_commands(rec: Recorded) -> None:
+    # worker_each (a worker's claims, reports and outcomes in one Exchange call): each answered as
+    # its own command would be, in order; a refused one is rolled back alone; one task's commands
+    # keep their order (its report lands before its completion).
+    store = rec.store
+    a, b, c, d = [(await store.create("t1", image_request()))[0] for _ in range(4)]
+    for task in (a, b, d):
+        assert (await store.claim(task.id, 1, "w1")).outcome == RUN
+    start = len(rec.envelopes)
+    answers = await store.worker_each(
+        [
+            spb.ClaimTaskRequest(task_id=c.id, dispatch_gen=1, worker_id="w2"),
+            spb.ReportProgressRequest(task_id=a.id, attempt=1, progress=40, stage="generating"),
+            complete_req(a.id, 1),
+            spb.ReportProgressRequest(task_id=b.id, attempt=7, progress=40, stage="generating"),
+            fail_req(b.id, 1, ErrorKind.PROVIDER_TIMEOUT),
+            complete_req(d.id, 2),  # not d's attempt
+            spb.ClaimTaskRequest(task_id="task_" + "0" * 32, dispatch_gen=1, worker_id="w2"),
+        ]
+    )
+    claim, report, done, stale, failed, refused, gone = answers
+    assert isinstance(claim, ClaimResult) and (claim.outcome, claim.attempt) == (RUN, 1)
+    assert claim.task is not None and claim.task.id == c.id
+    assert report == RUNNING
+    assert isinstance(done, task_pb2.Task) and (done.status, done.progress) == (COMPLETED, 100)
+    assert isinstance(stale, StaleAttemptError)
+    assert isinstance(failed, tuple) and failed[0] == spb.FAIL_OUTCOME_RETRY and failed[1] > 0
+    assert isinstance(refused, StaleAttemptError)
+    assert isinstance(gone, ClaimResult) and gone.outcome == DONE
+    got = {t.id: (await store.get("t1", t.id)) for t in (a, b, c, d)}
+    assert [got[t.id].status for t in (a, b, c, d)] == [COMPLETED, QUEUED, RUNNING, RUNNING]
+    published = [(e.event.task.id, e.event.type) for e in rec.envelopes[start:]]
+    a_events = [kind for task_id, kind in published if task_id == a.id]
+    assert a_events == [EV.TASK_EVENT_TYPE_PROGRESS, EV.TASK_EVENT_TYPE_COMPLETED]
+    assert [kind for task_id, kind in published if task_id == d.id] == []  # refused: nothing written
+    assert (c.id, EV.TASK_EVENT_TYPE_STARTED) in published
 
 
 async def test_list_filters_by_metadata_type_status_orders_newest_first_and_pages(rec: Recorded) -> None:

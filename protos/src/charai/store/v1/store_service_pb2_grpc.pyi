@@ -78,8 +78,9 @@ class TaskStoreServiceStub:
     Each command is decided on its own, exactly as its unary RPC above would decide it (same
     fencing, same idempotency, same errors), and answered in order; the writes of one call share
     one commit where the database allows (SQLite: one group commit, so one fsync); the creates
-    (single and batch) of one tenant share one transaction on both databases, and so do the
-    progress reports, each command in a savepoint of its own, so a refused or failed one is rolled
+    (single and batch) of one tenant share one transaction on both databases, and so do a
+    worker's claims, progress reports and outcomes (run in task id order; one task's commands in
+    the order sent), each command in a savepoint of its own, so a refused or failed one is rolled
     back alone and answered with its own error (a batch stays all or none). The call
     returns once every command's outcome is durable: "acknowledged = on disk" holds per command.
     Gateways and workers coalesce their concurrent calls into it (natural batching: a call goes
@@ -136,8 +137,9 @@ class TaskStoreServiceAsyncStub(TaskStoreServiceStub):
     Each command is decided on its own, exactly as its unary RPC above would decide it (same
     fencing, same idempotency, same errors), and answered in order; the writes of one call share
     one commit where the database allows (SQLite: one group commit, so one fsync); the creates
-    (single and batch) of one tenant share one transaction on both databases, and so do the
-    progress reports, each command in a savepoint of its own, so a refused or failed one is rolled
+    (single and batch) of one tenant share one transaction on both databases, and so do a
+    worker's claims, progress reports and outcomes (run in task id order; one task's commands in
+    the order sent), each command in a savepoint of its own, so a refused or failed one is rolled
     back alone and answered with its own error (a batch stays all or none). The call
     returns once every command's outcome is durable: "acknowledged = on disk" holds per command.
     Gateways and workers coalesce their concurrent calls into it (natural batching: a call goes
@@ -317,8 +319,9 @@ class TaskStoreServiceServicer(metaclass=_abc_1.ABCMeta):
         Each command is decided on its own, exactly as its unary RPC above would decide it (same
         fencing, same idempotency, same errors), and answered in order; the writes of one call share
         one commit where the database allows (SQLite: one group commit, so one fsync); the creates
-        (single and batch) of one tenant share one transaction on both databases, and so do the
-        progress reports, each command in a savepoint of its own, so a refused or failed one is rolled
+        (single and batch) of one tenant share one transaction on both databases, and so do a
+        worker's claims, progress reports and outcomes (run in task id order; one task's commands in
+        the order sent), each command in a savepoint of its own, so a refused or failed one is rolled
         back alone and answered with its own error (a batch stays all or none). The call
         returns once every command's outcome is durable: "acknowledged = on disk" holds per command.
         Gateways and workers coalesce their concurrent calls into it (natural batching: a call goes

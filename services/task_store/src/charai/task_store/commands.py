@@ -12,7 +12,7 @@ Two replicas cannot both claim, complete or cancel the same task.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import structlog
@@ -45,12 +45,16 @@ from charai.task_store.outbox import Job, Outbox
 from charai.task_store.queries import Queries
 from charai.task_store.reuse import Reuse
 from charai.task_store.rows import TaskRow
-from charai.task_store.units import Unit, UnitRunner
+from charai.task_store.units import Op, Unit, UnitRunner
 from charai.task_store.usage import UsageLedger
 from charai.tasks.v1 import task_pb2
 
 A = TypeVar("A")
 log = structlog.get_logger("commands")
+#: A worker's command, as its unary RPC carries it (see :meth:`Commands.worker_each`).
+WorkerRequest = (
+    spb.ClaimTaskRequest | spb.ReportProgressRequest | spb.CompleteTaskRequest | spb.FailTaskRequest
+)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -62,6 +66,11 @@ class ClaimResult:
     task: task_pb2.Task | None
     attempt: int = 0
     retry_after: float = 0.0
+
+
+#: What :meth:`Commands.worker_each` answers a worker's command with: a claim's result, a
+#: report's status, the completed task, or a failure's (outcome, retry delay, task).
+WorkerAnswer = ClaimResult | int | task_pb2.Task | tuple[int, float, task_pb2.Task]
 
 
 def rejection_error(task_id: str, refused: Rejection, attempt: int = 0) -> CharaiError:
@@ -232,7 +241,9 @@ class Commands(CreateCommands):
         """A delivered job's claim (ClaimTask); ``any_task``: the worker runs whichever task the
         answer carries, so a tenant waiting for its first turn may be run instead
         (:meth:`Backlog.first_turn`)."""
+        return await self._units.write(self._claim(task_id, worker_id, again, any_task))
 
+    def _claim(self, task_id: str, worker_id: str, again: bool, any_task: bool) -> Op[ClaimResult]:
         async def op(unit: Unit) -> ClaimResult:
             try:
                 task, row, state = await self._load(unit, task_id)
@@ -255,7 +266,7 @@ class Commands(CreateCommands):
             await self._persist(unit, task, row, state, decision, copy)
             return ClaimResult(int(answer.outcome), task, answer.attempt, answer.retry_after)
 
-        return await self._units.write(op)
+        return op
 
     async def _decide_claim(
         self,
@@ -302,20 +313,39 @@ class Commands(CreateCommands):
         return await self._units.write(self._report(task_id, attempt, progress, stage))
 
     async def progress_each(self, reports: Sequence[tuple[str, int, int, str]]) -> list[int | Exception]:
-        """Progress reports (task id, attempt, progress, stage) in one transaction, each as
-        :meth:`progress` would answer it or the error it would raise (rolled back alone):
-        task_store runs the reports of one ``Exchange`` call this way. They run in task id
-        order, so two calls locking the same rows (PostgreSQL) take them in the same order."""
-        order = sorted(range(len(reports)), key=lambda i: reports[i][0])
-        done = await self._units.write_each([self._report(*reports[i]) for i in order])
-        answers: list[int | Exception] = [0] * len(reports)
+        """Progress reports (task id, attempt, progress, stage) in one transaction (see
+        :meth:`worker_each`)."""
+        return await self._each([(report[0], self._report(*report)) for report in reports])
+
+    async def worker_each(self, requests: Sequence[WorkerRequest]) -> list[WorkerAnswer | Exception]:
+        """A worker's claims, progress reports and outcomes in one transaction, each as its own
+        command (:meth:`claim`, :meth:`progress`, :meth:`complete`, :meth:`fail`) would answer
+        it or the error it would raise (its writes rolled back alone): task_store runs the
+        worker commands of one ``Exchange`` call this way. A refused completion whose usage was
+        metered is answered with its error but keeps the usage (as :meth:`complete` does)."""
+        return await self._each([(request.task_id, self._worker_op(request)) for request in requests])
+
+    async def _each(self, ops: Sequence[tuple[str, Op[Any]]]) -> list[Any]:
+        """(task id, operation) pairs in one transaction, a savepoint each, run in task id order
+        (a stable sort: one task's commands keep their order), so two calls locking the same
+        rows (PostgreSQL) take them in the same order; answers in the given order."""
+        order = sorted(range(len(ops)), key=lambda i: ops[i][0])
+        done = await self._units.write_each([ops[i][1] for i in order])
+        answers: list[Any] = [None] * len(ops)
         for i, answer in zip(order, done, strict=True):
             answers[i] = answer
         return answers
 
-    def _report(
-        self, task_id: str, attempt: int, progress: int, stage: str
-    ) -> Callable[[Unit], Coroutine[Any, Any, int]]:
+    def _worker_op(self, request: WorkerRequest) -> Op[Any]:
+        if isinstance(request, spb.ClaimTaskRequest):
+            return self._claim(request.task_id, request.worker_id, request.again, request.any_task)
+        if isinstance(request, spb.ReportProgressRequest):
+            return self._report(request.task_id, request.attempt, request.progress, request.stage)
+        if isinstance(request, spb.CompleteTaskRequest):
+            return self._complete(request)
+        return self._fail(request)
+
+    def _report(self, task_id: str, attempt: int, progress: int, stage: str) -> Op[int]:
         async def op(unit: Unit) -> int:
             task, row, state = await self._load(unit, task_id)
             command = lifecycle.Report(attempt, progress, stage)
@@ -343,6 +373,15 @@ class Commands(CreateCommands):
         return await self.usage.record(unit.tx, tenant, task, req.attempt, req.usage, direct=direct)
 
     async def complete(self, req: spb.CompleteTaskRequest) -> task_pb2.Task:
+        answer = await self._units.write(self._complete(req))
+        if isinstance(answer, CharaiError):
+            raise answer
+        return answer
+
+    def _complete(self, req: spb.CompleteTaskRequest) -> Op[task_pb2.Task | CharaiError]:
+        """The completion; a refusal is returned, not raised, when the attempt's usage was
+        metered: the provider was paid, so that write commits even though the result is refused."""
+
         async def op(unit: Unit) -> task_pb2.Task | CharaiError:
             task, row, state = await self._load(unit, req.task_id)
             command = lifecycle.Complete(req.attempt, req.progress, req.stage)
@@ -364,12 +403,12 @@ class Commands(CreateCommands):
             await self._persist(unit, task, row, state, decision, with_result)
             return task
 
-        answer = await self._units.write(op)
-        if isinstance(answer, CharaiError):
-            raise answer
-        return answer
+        return op
 
     async def fail(self, req: spb.FailTaskRequest) -> tuple[int, float, task_pb2.Task]:
+        return await self._units.write(self._fail(req))
+
+    def _fail(self, req: spb.FailTaskRequest) -> Op[tuple[int, float, task_pb2.Task]]:
         async def op(unit: Unit) -> tuple[int, float, task_pb2.Task]:
             task, row, state = await self._load(unit, req.task_id)
             command = lifecycle.Fail(req.attempt, rows.failure_of(req.error), req.retry_after_seconds or None)
@@ -380,7 +419,7 @@ class Commands(CreateCommands):
             assert not isinstance(answer, Rejection)
             return int(answer.outcome), answer.delay, task
 
-        return await self._units.write(op)
+        return op
 
     # -- the sweeper -------------------------------------------------------------------------
     async def redispatch(self, task_id: str, seen_gen: int) -> bool:

@@ -10,7 +10,7 @@ or holds it in the fair-share backlog; ``request_id`` makes it idempotent per te
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from charai.core import ids
@@ -23,11 +23,11 @@ from charai.task_store.backlog import Backlog
 from charai.task_store.outbox import Job, Outbox
 from charai.task_store.queries import Queries
 from charai.task_store.reuse import Reuse
-from charai.task_store.units import Unit, UnitRunner
+from charai.task_store.units import Op, Unit, UnitRunner
 from charai.task_store.usage import UsageLedger
 from charai.tasks.v1 import task_pb2, task_service_pb2
 
-Op = Callable[[Unit], Coroutine[Any, Any, list[tuple[task_pb2.Task, bool]]]]
+Made = list[tuple[task_pb2.Task, bool]]
 
 
 class CreateCommands:
@@ -73,7 +73,7 @@ class CreateCommands:
         One commit and one unit of work for many callers: task_store runs the creates of one
         ``Exchange`` call this way."""
 
-        def batch_op(batch: Sequence[tuple[task_service_pb2.CreateTaskRequest, str]]) -> Op:
+        def batch_op(batch: Sequence[tuple[task_service_pb2.CreateTaskRequest, str]]) -> Op[Made]:
             async def op(unit: Unit) -> list[tuple[task_pb2.Task, bool]]:
                 return [await self._create(unit, tenant, req, tp) for req, tp in batch]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 import structlog
@@ -17,6 +17,7 @@ from charai.core.metrics import Metrics
 from charai.core.validation import RequestInvalidError, Violation
 from charai.store.v1 import store_service_pb2 as spb
 from charai.store.v1 import store_service_pb2_grpc as spb_grpc
+from charai.task_store.commands import ClaimResult, WorkerAnswer, WorkerRequest
 from charai.task_store.removal import MediaRemover, remove_task
 from charai.task_store.store import TaskStore
 from charai.tasks.v1 import task_service_pb2 as tpb
@@ -36,6 +37,8 @@ _COMMAND_NAMES = {
     "fail": "FailTask",
 }
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+#: The commands of a worker, which one Exchange call decides in one transaction (worker_each).
+_WORKER_COMMANDS = frozenset({"claim", "progress", "complete", "fail"})
 
 
 def _refusal(exc: Exception) -> tuple[spb.StoreAnswer, str]:
@@ -135,6 +138,9 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
         claim = await self._store.claim(
             request.task_id, request.dispatch_gen, request.worker_id, request.again, request.any_task
         )
+        return self._claimed(claim)
+
+    def _claimed(self, claim: ClaimResult) -> spb.ClaimTaskResponse:
         response = spb.ClaimTaskResponse(
             outcome=claim.outcome,  # type: ignore[arg-type]
             attempt=claim.attempt,
@@ -194,19 +200,19 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
         commands = request.commands
         answers: list[spb.StoreAnswer] = [spb.StoreAnswer()] * len(commands)
         # The creates (single and batch) of one tenant share one transaction (create_each), and
-        # so do the progress reports (progress_each): a savepoint each instead of a unit of work,
-        # a database job and an asyncio task each.
+        # so do a worker's claims, progress reports and outcomes (worker_each): a savepoint each
+        # instead of a unit of work, a database job and an asyncio task each.
         creates: dict[str, list[int]] = {}
-        reports: list[int] = []
+        work: list[int] = []
         for i, command in enumerate(commands):
             which = command.WhichOneof("command")
             if which == "create":
                 creates.setdefault(command.create.tenant, []).append(i)
             elif which == "batch_create":
                 creates.setdefault(command.batch_create.tenant, []).append(i)
-            elif which == "progress":
-                reports.append(i)
-        groups = [group for group in (*creates.values(), reports) if len(group) > 1]
+            elif which in _WORKER_COMMANDS:
+                work.append(i)
+        groups = [group for group in (*creates.values(), work) if len(group) > 1]
         grouped = {i for group in groups for i in group}
         jobs = [
             self._answer_at(i, command, answers, context)
@@ -214,8 +220,8 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
             if i not in grouped
         ]
         jobs += [self._creates(commands, t, group, answers) for t, group in creates.items() if len(group) > 1]
-        if len(reports) > 1:
-            jobs.append(self._reports(commands, reports, answers))
+        if len(work) > 1:
+            jobs.append(self._work(commands, work, answers))
         await asyncio.gather(*jobs)
         return spb.ExchangeResponse(answers=answers)
 
@@ -286,20 +292,36 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
                 _COMMAND_NAMES[commands[i].WhichOneof("command") or ""], answers[i], traceparent, start
             )
 
-    async def _reports(
+    async def _work(
         self, commands: Sequence[spb.StoreCommand], group: list[int], answers: list[spb.StoreAnswer]
     ) -> None:
-        """Progress reports in one transaction; each answered (and logged) as its own
-        ReportProgress would be: a refusal (a stale attempt) is its alone."""
+        """A worker's claims, progress reports and outcomes in one transaction; each answered
+        (and logged) as its own unary RPC would be: a refusal (a stale attempt) is its alone."""
         start = time.perf_counter()
-        reports = [(r.task_id, r.attempt, r.progress, r.stage) for r in (commands[i].progress for i in group)]
-        made = await _together(self._store.progress_each(reports), len(reports))
-        for i, result in zip(group, made, strict=True):
-            if isinstance(result, spb.StoreAnswer):
-                answers[i] = result
-            else:
-                answers[i] = spb.StoreAnswer(progress=spb.ReportProgressResponse(status=result))  # type: ignore[arg-type]
-            _log_finished("ReportProgress", answers[i], commands[i].traceparent, start)
+        kinds = [commands[i].WhichOneof("command") or "" for i in group]
+        requests: list[WorkerRequest] = [
+            getattr(commands[i], kind) for i, kind in zip(group, kinds, strict=True)
+        ]
+        # (mypy infers object for a union answered through _together's type variable)
+        made = cast(
+            list[WorkerAnswer | spb.StoreAnswer],
+            await _together(self._store.worker_each(requests), len(requests)),
+        )
+        for i, kind, result in zip(group, kinds, made, strict=True):
+            answers[i] = result if isinstance(result, spb.StoreAnswer) else self._worker_answer(result)
+            _log_finished(_COMMAND_NAMES[kind], answers[i], commands[i].traceparent, start)
+
+    def _worker_answer(self, result: WorkerAnswer) -> spb.StoreAnswer:
+        """A worker command's result as the answer its unary RPC gives."""
+        if isinstance(result, ClaimResult):
+            return spb.StoreAnswer(claim=self._claimed(result))
+        if isinstance(result, tuple):
+            outcome, delay, task = result
+            fail = spb.FailTaskResponse(outcome=outcome, retry_delay_seconds=delay, task=task)  # type: ignore[arg-type]
+            return spb.StoreAnswer(fail=fail)
+        if isinstance(result, int):
+            return spb.StoreAnswer(progress=spb.ReportProgressResponse(status=result))  # type: ignore[arg-type]
+        return spb.StoreAnswer(complete=spb.CompleteTaskResponse(task=result))
 
     async def _decide(self, command: spb.StoreCommand, kind: str | None, context: Context) -> spb.StoreAnswer:
         """The command as its unary RPC."""

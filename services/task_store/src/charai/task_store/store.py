@@ -31,7 +31,7 @@ from charai.core.topology import Topology
 from charai.store.v1 import store_service_pb2 as spb
 from charai.task_store.backend import Backend
 from charai.task_store.backlog import Backlog, FairConfig
-from charai.task_store.commands import ClaimResult, Commands
+from charai.task_store.commands import ClaimResult, Commands, WorkerAnswer, WorkerRequest
 from charai.task_store.eta import EtaBook
 from charai.task_store.outbox import Outbox, OutboxRow
 from charai.task_store.postgres_backend import PostgresBackend
@@ -224,6 +224,9 @@ class TaskStore:
 
     async def complete(self, req: spb.CompleteTaskRequest) -> task_pb2.Task:
         return await self.commands.complete(req)
+
+    async def worker_each(self, requests: Sequence[WorkerRequest]) -> list[WorkerAnswer | Exception]:
+        return await self.commands.worker_each(requests)
 
     async def fail(self, req: spb.FailTaskRequest) -> tuple[int, float, task_pb2.Task]:
         return await self.commands.fail(req)

@@ -116,6 +116,10 @@ class Unit:
         )
 
 
+#: One operation of a unit of work (what :meth:`UnitRunner.write` runs).
+Op = Callable[[Unit], Coroutine[Any, Any, T]]
+
+
 class UnitRunner:
     """Runs units of work on a backend and publishes what they committed."""
 
@@ -131,7 +135,7 @@ class UnitRunner:
         #: Called after a commit that wrote outbox rows not handed off (may be another thread).
         self.on_outbox: Callable[[], None] | None = None
 
-    async def write(self, op: Callable[[Unit], Coroutine[Any, Any, T]]) -> T:
+    async def write(self, op: Op[T]) -> T:
         """Runs ``op`` in one transaction, appends its events last, publishes them after commit."""
         envelopes: list[spb.EventEnvelope] = []
         handed: list[OutboxRow] = []
@@ -157,9 +161,7 @@ class UnitRunner:
 
         return await self._db.write(body, committed)
 
-    async def write_each(
-        self, ops: Sequence[Callable[[Unit], Coroutine[Any, Any, T]]]
-    ) -> list[T | Exception]:
+    async def write_each(self, ops: Sequence[Op[T]]) -> list[T | Exception]:
         """Runs independent operations in one transaction, each in a savepoint of its own: its
         result, or the error it raised with its writes and recorded events rolled back (the
         others kept), as if each were its own unit of work but with one commit for all. An error
