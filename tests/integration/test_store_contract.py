@@ -284,6 +284,30 @@ async def test_worker_commands_in_one_transaction_answer_as_their_own_commands(r
     assert (c.id, EV.TASK_EVENT_TYPE_STARTED) in published
 
 
+async def test_a_command_in_one_transaction_sees_what_the_commands_before_it_wrote(rec: Recorded) -> None:
+    # A late progress report after its task's completion, in the same call: refused as it would
+    # be alone (the task ended), not decided on the row as it was before the completion (which
+    # put the task back to RUNNING and lost the completion). Two reports of one task chain too.
+    store = rec.store
+    a, b = [(await store.create("t1", image_request()))[0] for _ in range(2)]
+    for task in (a, b):
+        assert (await store.claim(task.id, 1, "w1")).outcome == RUN
+    answers = await store.worker_each(
+        [
+            complete_req(a.id, 1),
+            spb.ReportProgressRequest(task_id=a.id, attempt=1, progress=50, stage="generating"),
+            spb.ReportProgressRequest(task_id=b.id, attempt=1, progress=50, stage="generating"),
+            spb.ReportProgressRequest(task_id=b.id, attempt=1, progress=30, stage="generating"),
+        ]
+    )
+    assert isinstance(answers[0], task_pb2.Task) and answers[0].status == COMPLETED
+    assert isinstance(answers[1], TaskEndedError)
+    assert (await store.get("t1", a.id)).status == COMPLETED
+    assert (await store.get("t1", b.id)).progress == 50  # progress never goes back
+    seqs = [e.sequence for e in await rec.events(b.id)]
+    assert seqs == sorted(seqs)
+
+
 async def test_list_filters_by_metadata_type_status_orders_newest_first_and_pages(rec: Recorded) -> None:
     store = rec.store
     specs = [

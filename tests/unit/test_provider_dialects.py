@@ -13,7 +13,7 @@ from charai.core.settings import CommonSettings
 from charai.core.validation import RequestInvalidError, validate_batch, validate_create
 from charai.tasks.v1 import task_pb2, task_service_pb2
 from charai.tts_worker.audio import BadAudioError, apply_gain, pcm_to_wav
-from charai.tts_worker.handler import finish, speech_request
+from charai.tts_worker.handler import INLINE_FINISH_BYTES, finish, finishes_inline, speech_request
 from charai.worker.settings import ImageWorkerSettings, TtsWorkerSettings
 
 OPENAI = ProviderModels("openai", "gpt-image-1", "openai", "gpt-4o-mini-tts")
@@ -250,6 +250,18 @@ def test_openai_speech_with_a_volume_asks_wav_and_applies_the_gain_here() -> Non
     samples = array.array("h", [0, 1000, -1000, 20000]).tobytes()
     encoded = finish(pcm_to_wav(samples), "audio/wav", plan, "pcm")
     assert array.array("h", encoded.data).tolist() == [0, 2000, -2000, 32767]
+
+
+def test_only_a_copy_is_finished_on_the_event_loop() -> None:
+    # WAV or PCM without gain is a header and a copy: done inline; MP3 encoding, a gain or a
+    # clip over the inline size go to a thread.
+    clip = pcm_to_wav(array.array("h", [0, 1, 2, 3]).tobytes())
+    plain = speech_request("zhipu", "glm-tts", tts_payload(), "wav")
+    assert finishes_inline(clip, plain, "wav") and finishes_inline(clip, plain, "pcm")
+    assert not finishes_inline(clip, speech_request("zhipu", "glm-tts", tts_payload(), "mp3"), "mp3")
+    loud = speech_request("openai", "gpt-4o-mini-tts", tts_payload(volume=2.0), "wav")
+    assert not finishes_inline(clip, loud, "wav")
+    assert not finishes_inline(b"\0" * (INLINE_FINISH_BYTES + 1), plain, "wav")
 
 
 def test_zhipu_speech_is_unchanged() -> None:

@@ -66,16 +66,20 @@ class Unit:
     #: Room left in each task type's buffer of released jobs, once this unit measured it (fair
     #: share, :meth:`Backlog.admit`): a batch of creates counts the buffer once.
     room: dict[int, int] = dataclasses.field(default_factory=dict)
+    #: Events already written by this unit (:meth:`UnitRunner.write_each` writes each
+    #: operation's before the next one runs), published with the rest after commit.
+    written: list[spb.EventEnvelope] = dataclasses.field(default_factory=list)
 
-    def mark(self) -> tuple[int, int, int, dict[int, int]]:
+    def mark(self) -> tuple[int, int, int, int, dict[int, int]]:
         """Where the unit stands, for :meth:`reset` after rolling back to a savepoint."""
-        return len(self.saves), len(self.handed), self.queued, dict(self.room)
+        return len(self.saves), len(self.handed), len(self.written), self.queued, dict(self.room)
 
-    def reset(self, mark: tuple[int, int, int, dict[int, int]]) -> None:
+    def reset(self, mark: tuple[int, int, int, int, dict[int, int]]) -> None:
         """Forgets what the unit recorded since ``mark`` (its writes were rolled back)."""
-        saves, handed, self.queued, self.room = mark
+        saves, handed, written, self.queued, self.room = mark
         del self.saves[saves:]
         del self.handed[handed:]
+        del self.written[written:]
 
     def save(
         self,
@@ -146,6 +150,7 @@ class UnitRunner:
             handed.clear()
             unit = Unit(tx, eta=self.eta)
             result = await op(unit)
+            envelopes.extend(unit.written)
             envelopes.extend(await self._append_events(unit))
             handed.extend(unit.handed)
             queued[0] = unit.queued
@@ -165,7 +170,13 @@ class UnitRunner:
         """Runs independent operations in one transaction, each in a savepoint of its own: its
         result, or the error it raised with its writes and recorded events rolled back (the
         others kept), as if each were its own unit of work but with one commit for all. An error
-        the backend runs a whole transaction again for (a PostgreSQL deadlock) is not caught."""
+        the backend runs a whole transaction again for (a PostgreSQL deadlock) is not caught.
+
+        Each operation's task rows and events are written before the next one runs, so a later
+        operation reads what an earlier one changed (a progress report after its task's
+        completion in the same call is refused, as it would be alone), not the rows as they
+        were when the transaction began. On PostgreSQL the events lock is then held from the
+        first operation's events to the commit."""
         retryable = self._db.retryable
 
         async def op(unit: Unit) -> list[T | Exception]:
@@ -174,7 +185,10 @@ class UnitRunner:
                 mark = unit.mark()
                 await unit.tx.execute("SAVEPOINT each")
                 try:
-                    answers.append(await one(unit))
+                    answer = await one(unit)
+                    unit.written.extend(await self._append_events(unit))
+                    unit.saves.clear()
+                    answers.append(answer)
                 except Exception as exc:
                     if isinstance(exc, retryable):
                         raise

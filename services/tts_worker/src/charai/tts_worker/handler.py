@@ -40,6 +40,9 @@ PCM_TYPES = frozenset({"audio/pcm", "audio/l16", "audio/x-pcm", "audio/raw", "au
 NOT_AUDIO_PREFIXES = ("text/", "image/", "video/", "application/json", "application/xml", "application/xhtml")
 
 EXTENSIONS = {"wav": "wav", "pcm": "pcm", "mp3": "mp3"}
+#: Audio up to this size is turned into WAV or PCM on the event loop (a header and a copy:
+#: cheaper than the hop to a thread and back); MP3 encoding and gain always go to a thread.
+INLINE_FINISH_BYTES = 4 * 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -161,6 +164,12 @@ def speech_request(dialect: str, model: str, payload: task_pb2.TtsPayload, reque
     return SpeechRequest(body, asked, gain)
 
 
+def finishes_inline(data: bytes, plan: SpeechRequest, requested: str) -> bool:
+    """Whether :func:`finish` is a copy, not work: no gain, WAV or PCM asked and answered, and a
+    clip of at most :data:`INLINE_FINISH_BYTES`."""
+    return plan.gain == 1.0 and requested in ("wav", "pcm") and len(data) <= INLINE_FINISH_BYTES
+
+
 def finish(data: bytes, content_type: str, plan: SpeechRequest, requested: str) -> Encoded:
     """The provider's answer as the requested format: decoded, gain applied, converted."""
     audio = decode_audio(data, content_type, plan.asked)
@@ -199,8 +208,10 @@ class TtsHandler:
             data, content_type = await _audio_bytes(ctx, response.body, response.content_type)
         config = ctx.provider.config  # the provider answered with audio: the call is charged
         try:
-            # Encoding MP3 takes CPU time in proportion to the clip; keep the event loop free.
-            encoded = await asyncio.to_thread(finish, data, content_type, plan, requested)
+            if finishes_inline(data, plan, requested):
+                encoded = finish(data, content_type, plan, requested)
+            else:  # MP3 encoding and gain take CPU time in proportion to the clip: not on the loop
+                encoded = await asyncio.to_thread(finish, data, content_type, plan, requested)
         except BadAudioError as exc:
             ctx.meter(usage.speech_call(config.dialect, config.model, payload.text, 0.0))
             raise ProviderError(errors.bad_response(str(exc))) from None
