@@ -56,6 +56,7 @@ HEADLINES: dict[str, list[tuple[str, str, list[str]]]] = {
             "lag_ms_p99",
             ["charai", "floor-grpc-fanout", "bullmq-durable-progress"],
         ),
+        ("lag p99 at 300 streams (100 with --quick), ms", "lag_ms_p99", ["charai-300"]),
         ("deliveries lost", "lost", ["charai", "floor-grpc-fanout"]),
         ("gateway KB RSS per stream", "gateway_rss_kb_per_stream", ["charai"]),
     ],
