@@ -205,10 +205,9 @@ class _RpcScope:
         # Continue the caller's W3C trace (or start one): it follows the task to the provider.
         traceparent = tracing.enter(metadata.get("traceparent", ""))
         trace_id = traceparent.split("-")[1]  # enter() returns a valid traceparent
-        if self.authenticate is None:
-            structlog.contextvars.bind_contextvars(rpc=self.rpc, trace_id=trace_id)
-            return
         structlog.contextvars.bind_contextvars(rpc=self.rpc, trace_id=trace_id)
+        if self.authenticate is None:
+            return
         tenant = self.authenticate(metadata, self.method)
         principal.set(tenant)
         structlog.contextvars.bind_contextvars(tenant=tenant)
