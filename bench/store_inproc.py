@@ -8,7 +8,7 @@ checkpoints, from /proc/self/io). ``--batch B``: each call is ``create_many`` of
 work); ``--each G``: each call is ``create_each`` of G single creates (one transaction, a savepoint
 each: what task_store does with the creates of one Exchange call). ``--reports R``: progress
 reports instead, R rounds of one report for each of 100 running tasks (a ``gather`` of single
-reports, or with ``--each`` one ``progress_each`` per round). ``--lifecycle R``: R rounds of 50
+reports, or with ``--each`` one ``worker_each`` per round). ``--lifecycle R``: R rounds of 50
 tasks claimed and then completed (single commands at once, or with ``--each`` one ``worker_each``
 per step: what task_store does with a worker's commands of one Exchange call). Used for the
 before/after rows of
@@ -67,7 +67,12 @@ async def reports(store: TaskStore, rounds: int, each: bool) -> None:
     cpu, wall = time.process_time(), time.perf_counter()
     for r in range(rounds):
         if each:
-            await store.progress_each([(task_id, 1, 11 + r, "generating") for task_id in ids])
+            await store.worker_each(
+                [
+                    spb.ReportProgressRequest(task_id=t, attempt=1, progress=11 + r, stage="generating")
+                    for t in ids
+                ]
+            )
         else:
             await asyncio.gather(*(store.progress(task_id, 1, 11 + r, "generating") for task_id in ids))
     wall = time.perf_counter() - wall

@@ -215,20 +215,23 @@ async def test_creates_in_one_transaction_fail_alone_and_roll_back_their_own_wri
 
 
 async def test_progress_reports_in_one_transaction_are_refused_alone(rec: Recorded) -> None:
-    # progress_each (the reports of one Exchange call): each answered as its own report, a stale
-    # attempt's refusal leaves the others recorded, and two reports of one task both count.
+    # worker_each with only reports (an Exchange call's reports): each answered as its own report,
+    # a stale attempt's refusal leaves the others recorded, and two reports of one task both count.
     store = rec.store
     a, b, c = [(await store.create("t1", image_request()))[0] for _ in range(3)]
     for task in (a, b, c):
         assert (await store.claim(task.id, 1, "w1")).outcome == RUN
     start = len(rec.envelopes)
-    answers = await store.progress_each(
+    answers = await store.worker_each(
         [
-            (b.id, 1, 30, "generating"),
-            (a.id, 7, 40, "generating"),  # not a's attempt
-            (c.id, 1, 50, "generating"),
-            (a.id, 1, 20, "generating"),
-            (a.id, 1, 60, "processing"),
+            spb.ReportProgressRequest(task_id=task_id, attempt=attempt, progress=progress, stage=stage)
+            for task_id, attempt, progress, stage in (
+                (b.id, 1, 30, "generating"),
+                (a.id, 7, 40, "generating"),  # not a's attempt
+                (c.id, 1, 50, "generating"),
+                (a.id, 1, 20, "generating"),
+                (a.id, 1, 60, "processing"),
+            )
         ]
     )
     assert answers[0] == answers[2] == answers[3] == answers[4] == RUNNING

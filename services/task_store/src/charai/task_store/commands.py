@@ -312,11 +312,6 @@ class Commands(CreateCommands):
     async def progress(self, task_id: str, attempt: int, progress: int, stage: str) -> int:
         return await self._units.write(self._report(task_id, attempt, progress, stage))
 
-    async def progress_each(self, reports: Sequence[tuple[str, int, int, str]]) -> list[int | Exception]:
-        """Progress reports (task id, attempt, progress, stage) in one transaction (see
-        :meth:`worker_each`)."""
-        return await self._each([(report[0], self._report(*report)) for report in reports])
-
     async def worker_each(self, requests: Sequence[WorkerRequest]) -> list[WorkerAnswer | Exception]:
         """A worker's claims, progress reports and outcomes in one transaction, each as its own
         command (:meth:`claim`, :meth:`progress`, :meth:`complete`, :meth:`fail`) would answer

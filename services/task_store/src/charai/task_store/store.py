@@ -219,9 +219,6 @@ class TaskStore:
     async def progress(self, task_id: str, attempt: int, progress: int, stage: str) -> int:
         return await self.commands.progress(task_id, attempt, progress, stage)
 
-    async def progress_each(self, reports: Sequence[tuple[str, int, int, str]]) -> list[int | Exception]:
-        return await self.commands.progress_each(reports)
-
     async def complete(self, req: spb.CompleteTaskRequest) -> task_pb2.Task:
         return await self.commands.complete(req)
 
