@@ -87,7 +87,7 @@ POSTGRES = Dialect(
     for_update=" FOR UPDATE",
     skip_locked=" FOR UPDATE SKIP LOCKED",
     # Parameters: task id, tenant, task type, event type, time, task blob (the event), then
-    # status, attempt, lease expiry, next attempt time (the task row). The INSERT reads from the
+    # status, attempt, lease expiry, next attempt time, lease owner (the task row). The INSERT reads from the
     # lock's CTE, so the sequence is drawn only once the lock is held.
     append_event=(
         f"WITH l AS (SELECT pg_advisory_xact_lock({EVENTS_LOCK_KEY})),"
@@ -95,7 +95,8 @@ POSTGRES = Dialect(
         " SELECT ?::text, ?::text, ?::integer, ?::integer, ?::bigint, ?::bytea FROM l"
         " RETURNING seq, task_id, time, task)"
         " UPDATE tasks SET status = ?::integer, attempt = ?::integer, update_time = e.time,"
-        " lease_expires = ?::bigint, next_attempt_time = ?::bigint, last_seq = e.seq, task = e.task"
+        " lease_expires = ?::bigint, next_attempt_time = ?::bigint, lease_owner = ?::text,"
+        " last_seq = e.seq, task = e.task"
         " FROM e WHERE tasks.id = e.task_id RETURNING e.seq"
     ),
     metadata_json=True,

@@ -134,8 +134,8 @@ class Commands(CreateCommands):
         ``on_event`` may change the task message (a result) before an event's snapshot."""
         after, now = decision.state, self._clock.now_us()
         columns: dict[str, Any] = {}
-        if after.lease_owner != before.lease_owner:
-            columns["lease_owner"] = after.lease_owner
+        if not decision.events and after.lease_owner != before.lease_owner:
+            columns["lease_owner"] = after.lease_owner  # else written with the event's row
         if after.max_attempts != before.max_attempts:
             columns["max_attempts"] = after.max_attempts
         if decision.dispatch is not None:
@@ -158,6 +158,7 @@ class Commands(CreateCommands):
                 int(row.last_seq),
                 lease_expires=event.state.lease_expires,
                 next_attempt_time=event.state.next_attempt_time,
+                lease_owner=event.state.lease_owner,
             )
         if decision.dispatch is not None:
             job = Job(task.id, decision.dispatch, int(task.type), int(task.priority))
@@ -282,7 +283,7 @@ class Commands(CreateCommands):
             return decision, None
         # An identical task done or running changes the answer.
         return await self.reuse.reconsider(
-            unit.tx, task, row.tenant, state, command, decision, now, self._policy
+            unit.tx, task, row.reuse_key, row.tenant, state, command, decision, now, self._policy
         )
 
     async def _first_turn(

@@ -186,6 +186,7 @@ class Reuse:
         self,
         tx: Tx,
         task: task_pb2.Task,
+        key: str | None,
         tenant: str,
         state: TaskState,
         cmd: lifecycle.Claim,
@@ -194,7 +195,8 @@ class Reuse:
         policy: Policy,
     ) -> tuple[Decision[ClaimAnswer], Callable[[lifecycle.Event], None] | None]:
         """A claim's decision in the light of a twin, and what to do at its events (copy the
-        twin's result at the completion). ``decision`` itself when no twin matters.
+        twin's result at the completion). ``decision`` itself when no twin matters. ``key``:
+        the task row's ``reuse_key``.
 
         A reused task reports no usage: usage is recorded from a worker's CompleteTask and
         FailTask (what its provider calls used); this completion is the store's own, with no
@@ -202,7 +204,7 @@ class Reuse:
         """
         if not self.wanted(task, decision):
             return decision, None
-        found = await self.twin(tx, task.id, tenant, now)
+        found = await self.twin(tx, task.id, key, tenant, now)
         if found is None:
             return decision, None
         decided = lifecycle.claim(state, dataclasses.replace(cmd, twin=found.seen), now, policy)
@@ -217,11 +219,10 @@ class Reuse:
             half = int(key[:8], 16) - (1 << 31)  # 32 bits of the key, as a signed int4
             await tx.execute(self._dialect.key_lock, KEY_LOCK_CLASS, half)
 
-    async def twin(self, tx: Tx, task_id: str, tenant: str, now: int) -> Found | None:
+    async def twin(self, tx: Tx, task_id: str, key: str | None, tenant: str, now: int) -> Found | None:
         """The newest COMPLETED task of ``tenant`` with the task's key within the TTL, else one
         RUNNING under a live lease; None without one (or without a key). Takes the key's lock
         (PostgreSQL) first: the caller holds the task's row lock already."""
-        key = await tx.fetchval("SELECT reuse_key FROM tasks WHERE id = ?", task_id)
         if not key or key.startswith(DETACHED):
             return None
         await self._lock(tx, key)

@@ -20,7 +20,7 @@ from charai.tasks.v1 import task_pb2
 
 TASK_COLUMNS = (
     "task, tenant, attempt, lease_expires, dispatch_gen, last_seq, next_attempt_time, status, lease_owner,"
-    " held"
+    " held, reuse_key"
 )
 
 
@@ -38,6 +38,8 @@ class TaskRow(NamedTuple):
     lease_owner: str | None
     #: Waiting in the fair backlog (no job of it is meant to be out: see ``Backlog``).
     held: int
+    #: The key identical requests share (``charai.task_store.reuse``); None: takes no part.
+    reuse_key: str | None
 
 
 async def load(

@@ -46,6 +46,8 @@ class _Save:
     prev_seq: int
     lease_expires: int | None
     next_attempt_time: int | None
+    #: Who holds the lease after the event (written with the row, as the lease expiry is).
+    lease_owner: str | None = None
     #: The row was inserted by this unit in this very state (a create): only its event sequence
     #: and snapshot are left to write, so no index over its state columns is touched again.
     fresh: bool = False
@@ -91,6 +93,7 @@ class Unit:
         *,
         lease_expires: int | None = None,
         next_attempt_time: int | None = None,
+        lease_owner: str | None = None,
         fresh: bool = False,
     ) -> None:
         """Records the task as it is now, with its event; its row and its event are written at
@@ -115,6 +118,7 @@ class Unit:
                 prev_seq=prev_seq,
                 lease_expires=lease_expires,
                 next_attempt_time=next_attempt_time,
+                lease_owner=lease_owner,
                 fresh=fresh,
             )
         )
@@ -231,6 +235,7 @@ class UnitRunner:
                 task.attempt,
                 save.lease_expires,
                 save.next_attempt_time,
+                save.lease_owner,
             )
             return int(seq)
         seq = await tx.fetchval(
@@ -245,12 +250,13 @@ class UnitRunner:
             return int(seq)
         await tx.execute(
             "UPDATE tasks SET status = ?, attempt = ?, update_time = ?, lease_expires = ?,"
-            " next_attempt_time = ?, last_seq = ?, task = ? WHERE id = ?",
+            " next_attempt_time = ?, lease_owner = ?, last_seq = ?, task = ? WHERE id = ?",
             int(task.status),
             task.attempt,
             save.now,
             save.lease_expires,
             save.next_attempt_time,
+            save.lease_owner,
             int(seq),
             save.blob,
             task.id,
