@@ -411,6 +411,11 @@ async def b4(
 
 
 # -- B5 -----------------------------------------------------------------------------------------
+# The bench claims its tasks by id as a worker claims delivered jobs, so every job is released at
+# create (a held task's claim is answered DONE: its job is not out yet).
+B5_ENV = {"CHARAI_WATCH_HEARTBEAT_SECONDS": "1", "CHARAI_DISPATCH_BUFFER": "10000"}
+
+
 async def b5(
     runs: int,
     streams: int = 1000,
@@ -421,11 +426,8 @@ async def b5(
 ) -> list[dict[str, Any]]:
     """``per_message``: the streams' ``max_events_per_message`` (0: one event per message)."""
     results: list[dict[str, Any]] = []
-    # The bench claims its tasks by id as a worker claims delivered jobs, so every job is released
-    # at create (a held task's claim is answered DONE: its job is not out yet).
-    env = {"CHARAI_WATCH_HEARTBEAT_SECONDS": "1", "CHARAI_DISPATCH_BUFFER": "10000"}
     async with (
-        stack(env=env, services=("task_store", "gateway")) as s,
+        stack(env=B5_ENV, services=("task_store", "gateway")) as s,
         CharaiClient(s.gateway_grpc) as client,
     ):
         channels = [grpc.aio.insecure_channel(s.gateway_grpc) for _ in range(max(1, streams // 100))]
@@ -518,7 +520,7 @@ async def _b5_once(
             await store.report_progress(task_id, 1, progress, "generating")
             report_ms.append((time.perf_counter() - t0) * 1000)
 
-    gateway_cpu0 = cpu_seconds(gateway)
+    cpu0 = {**_cpu(s), "bench": time.process_time()}
     t_start = time.perf_counter()
     await asyncio.gather(*(reporter(t, k / hz / tasks) for k, t in enumerate(ids)))
     emit_s = time.perf_counter() - t_start
@@ -527,7 +529,7 @@ async def _b5_once(
     while time.monotonic() < deadline and sum(len(m) for m in received) < expected:
         await asyncio.sleep(0.1)
     deliver_s = time.perf_counter() - t_start
-    gateway_cpu = cpu_seconds(gateway) - gateway_cpu0
+    cpu = {k: v - cpu0[k] for k, v in {**_cpu(s), "bench": time.process_time()}.items()}
     for w in watchers:
         w.cancel()
     await asyncio.gather(*watchers, return_exceptions=True)
@@ -549,7 +551,11 @@ async def _b5_once(
         "report_rpc_ms_p50": pct(report_ms, 0.5),
         "report_rpc_ms_p99": pct(report_ms, 0.99),
         "gateway_rss_kb_per_stream": (rss1 - rss0) / streams,
-        "gateway_cpu_s": gateway_cpu,
+        "gateway_cpu_s": cpu["gateway"],
+        "task_store_cpu_s": cpu["task_store"],
+        # The load generator: its watchers and reporters share this process and the cores.
+        "bench_cpu_s": cpu["bench"],
+        "deliver_s": deliver_s,
     }
 
 

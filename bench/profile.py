@@ -109,11 +109,10 @@ def hops(db: Path, character: str) -> dict[str, float]:
 
 
 async def _profile_b5(out: Path, streams: int) -> Spies:
-    """B5 (``streams`` watchers, 100 tasks x 50 reports at 20 Hz) with task_store and the gateway
-    under py-spy."""
-    env = {"CHARAI_WATCH_HEARTBEAT_SECONDS": "1"}
+    """B5 (``streams`` watchers, one task per 10 of them, 50 reports each at 20 Hz) with
+    task_store and the gateway under py-spy."""
     async with (
-        ours.stack(env=env, services=("task_store", "gateway")) as s,
+        ours.stack(env=ours.B5_ENV, services=("task_store", "gateway")) as s,
         CharaiClient(s.gateway_grpc) as client,
     ):
         channels = [grpc.aio.insecure_channel(s.gateway_grpc) for _ in range(max(1, streams // 100))]
@@ -123,7 +122,8 @@ async def _profile_b5(out: Path, streams: int) -> Spies:
             await ours._b5_once(s, client, channels, stub, "b5-warm", 100, 10, 50, 20.0)
             spies = Spies({k: ours.pid(s, k) for k in ("task_store", "gateway")}, out)
             await asyncio.sleep(1)
-            res = await ours._b5_once(s, client, channels, stub, "b5-prof", streams, 100, 50, 20.0)
+            tasks = max(1, streams // 10)
+            res = await ours._b5_once(s, client, channels, stub, "b5-prof", streams, tasks, 50, 20.0)
             spies.stop()
             lag, report = res["lag_ms_p99"], res["report_rpc_ms_p50"]
             log(f"B5 under py-spy: lag p99 {lag:.0f} ms, report p50 {report:.1f} ms")
