@@ -7,6 +7,9 @@ Writes bench/results/<timestamp>.json (raw) and BENCHMARKS.md (unless --no-md or
 
 from __future__ import annotations
 
+from charai.core import grpcenv  # noqa: F401  first: the services' gRPC transport, for the floors too
+
+# isort: split
 import argparse
 import asyncio
 import json

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from charai.core import grpcenv  # noqa: F401  first: in-process servers use the services' gRPC transport
+
+# isort: split
 import asyncio
 import os
 import socket

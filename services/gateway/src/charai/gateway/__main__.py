@@ -4,6 +4,9 @@ parent of several (:mod:`charai.gateway.processes`), which starts each as
 
 from __future__ import annotations
 
+from charai.core import grpcenv  # noqa: F401  first: gRPC's transport is chosen at its import
+
+# isort: split
 import argparse
 import sys
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from charai.core import grpcenv  # noqa: F401  first: gRPC's transport is chosen at its import
+
+# isort: split
 from charai.core import lifecycle, logs, settings
 from charai.image_worker.app import build
 from charai.worker.app import serve
