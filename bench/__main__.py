@@ -13,6 +13,7 @@ from charai.core import grpcenv  # noqa: F401  first: the services' gRPC transpo
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -102,6 +103,8 @@ async def run(args: argparse.Namespace, argv: list[str]) -> Path:
             "machine": machine(),
             "commit": commit(),
             "versions": versions(),
+            # gRPC's transport (charai.core.grpcenv): the services, this client and the floors alike.
+            "grpc_experiments": os.environ.get("GRPC_EXPERIMENTS", ""),
         },
         "shapes": {},
     }

@@ -150,7 +150,13 @@ def render(results: dict[str, Any]) -> str:
         " state; `durable` = Redis with `appendonly yes` + `appendfsync always` (what charai's SQLite FULL"
         " commit matches), the other row Redis without persistence. Celery has its Redis result backend on."
         " Floors are the bare building blocks (nats-py on JetStream, grpc.aio, asyncio + aiohttp) against"
-        " the same binaries and emulator.",
+        " the same binaries and emulator."
+        + (
+            f" gRPC runs with `GRPC_EXPERIMENTS={meta['grpc_experiments']}` in charai's services, the"
+            ' bench client and the gRPC floors alike (README, "gRPC\'s transport").'
+            if meta.get("grpc_experiments")
+            else ""
+        ),
         "",
     ]
     if meta.get("quick"):
