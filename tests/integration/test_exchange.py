@@ -232,6 +232,7 @@ async def test_a_task_store_without_exchange_gets_unary_calls(
 ) -> None:
     # An older task_store (rolling upgrade): the generated base answers UNIMPLEMENTED.
     monkeypatch.setattr(TaskStoreServicer, "Exchange", spb_grpc.TaskStoreServiceServicer.Exchange)
+    monkeypatch.setattr(TaskStoreServicer, "ExchangeStream", spb_grpc.TaskStoreServiceServicer.ExchangeStream)
     async with coalescing(app_settings(nats_server, tmp_path, db)) as (_, client):
         tasks = await asyncio.gather(*(client.create_task("acme", image_request()) for _ in range(5)))
         assert len({t.id for t in tasks}) == 5
@@ -240,6 +241,20 @@ async def test_a_task_store_without_exchange_gets_unary_calls(
         assert stale.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         claim = await client.claim_task(tasks[0].id, 1, "w1")
         assert claim.outcome == RUN
+
+
+async def test_a_task_store_without_exchange_stream_gets_unary_exchange_calls(
+    nats_server: NatsServer, tmp_path: Path, db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The release before ExchangeStream: Exchange calls, still batched.
+    monkeypatch.setattr(TaskStoreServicer, "ExchangeStream", spb_grpc.TaskStoreServiceServicer.ExchangeStream)
+    async with coalescing(app_settings(nats_server, tmp_path, db)) as (_, client):
+        tasks = await asyncio.gather(*(client.create_task("acme", image_request()) for _ in range(5)))
+        assert len({t.id for t in tasks}) == 5
+        assert client.coalescer is not None and client.coalescer.calls < 5
+        with pytest.raises(grpc.aio.AioRpcError) as stale:
+            await client.report_progress(tasks[0].id, 3, 50, "generating")
+        assert stale.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
 async def test_a_claim_asked_again_after_a_lost_answer_gets_the_same_attempt(

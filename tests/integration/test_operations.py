@@ -431,7 +431,8 @@ async def test_every_service_exposes_its_metrics(stack: Stack) -> None:
     assert store[f'charai_task_retries_total{{reason="provider_unavailable",{img}}}'] == 1
     assert store[f'charai_task_duration_seconds_count{{outcome="completed",{img}}}'] == 2
     assert 0 < store[f'charai_task_duration_seconds_sum{{outcome="completed",{img}}}'] < 30
-    # Workers' claims travel batched in Exchange calls (4 claims: 3 tasks, one retried).
+    # Workers' claims travel batched in Exchange calls (4 claims: 3 tasks, one retried), each
+    # a message of an ExchangeStream call, counted as the Exchange call it stands for.
     assert store['charai_rpc_requests_total{code="OK",method="Exchange"}'] >= 1
     assert store['charai_exchange_commands_sum{kind="claim"}'] >= 1
     assert sum(v for k, v in store.items() if k.startswith("charai_exchange_commands_sum")) >= 4

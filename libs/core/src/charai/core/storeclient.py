@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from charai.core import tracing
 from charai.core.coalesce import Coalescer, error_bytes
+from charai.core.exchange_stream import ExchangeStreams
 from charai.store.v1 import store_service_pb2 as spb
 from charai.store.v1 import store_service_pb2_grpc
 from charai.tasks.v1 import task_pb2, task_service_pb2
@@ -150,8 +151,9 @@ class StoreClient:
 
     With ``coalesce`` (gateways and workers), creates, claims, progress reports and outcomes
     travel batched in ``Exchange`` calls (:mod:`charai.core.coalesce`): same answers, errors and
-    deadlines, far fewer calls. A task_store that does not know ``Exchange`` yet (an older
-    version during a rolling upgrade) gets unary calls.
+    deadlines, far fewer calls; with ``stream`` (the default) those calls are messages of
+    long-lived ``ExchangeStream`` calls (:mod:`charai.core.exchange_stream`). A task_store that
+    does not know them yet (an older version during a rolling upgrade) gets unary calls.
     """
 
     def __init__(
@@ -161,6 +163,7 @@ class StoreClient:
         *,
         timeout: float = DEFAULT_TIMEOUT,
         coalesce: bool = False,
+        stream: bool = True,
     ) -> None:
         target, balanced = channel_target(addr)
         options: list[tuple[str, Any]] = [
@@ -173,6 +176,7 @@ class StoreClient:
             # Several task_store replicas: spread calls, and route around one that is down
             # (its subchannel leaves the pick list), so a worker never stalls on a dead replica.
             options.append(("grpc.lb_policy_name", "round_robin"))
+        self._timeout = timeout
         self._channel = grpc.aio.insecure_channel(
             target, options=options, interceptors=CallDefaults(token, timeout).interceptors()
         )
@@ -181,6 +185,15 @@ class StoreClient:
         self._exchange_known = True
         #: The batcher of :meth:`exchange` (None: every call is unary).
         self.coalescer = Coalescer(self._send_exchange) if coalesce else None
+        #: The coalescer's transport: long-lived ExchangeStream calls, one per address given
+        #: (None: unary Exchange calls).
+        self._streams: ExchangeStreams | None = None
+        if coalesce and stream:
+            auth = (("authorization", f"Bearer {token}"),) if token else ()
+            self._streams = ExchangeStreams(
+                lambda: self._stub.ExchangeStream(metadata=auth, wait_for_ready=True),
+                streams=len(addr.split(",") if isinstance(addr, str) else addr),
+            )
 
     # -- the batched data plane ---------------------------------------------------------------
     async def _command(
@@ -196,6 +209,14 @@ class StoreClient:
     async def _send_exchange(
         self, commands: list[spb.StoreCommand], timeout: float | None
     ) -> spb.ExchangeResponse:
+        if self._streams is not None and self._streams.supported:
+            try:
+                request = spb.ExchangeRequest(commands=commands)
+                # No deadline given: the client's default, as CallDefaults gives a unary call.
+                return await self._streams.exchange(request, self._timeout if timeout is None else timeout)
+            except grpc.aio.AioRpcError:
+                if self._streams.supported:
+                    raise
         if self._exchange_known:
             try:
                 return await self._stub.Exchange(spb.ExchangeRequest(commands=commands), timeout=timeout)
@@ -466,6 +487,8 @@ class StoreClient:
             self._closed = True
             if self.coalescer is not None:
                 await self.coalescer.close()
+            if self._streams is not None:
+                await self._streams.close()
             await self._channel.close()
 
     async def __aenter__(self) -> StoreClient:

@@ -1506,6 +1506,11 @@ class ExchangeRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     COMMANDS_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """ExchangeStream: the client's id of this request (unique on its stream), repeated in its
+    response. Exchange ignores it.
+    """
     @_builtins.property
     def commands(self) -> _containers.RepeatedCompositeFieldContainer[Global___StoreCommand]:
         """The commands, at most 1,000."""
@@ -1514,10 +1519,11 @@ class ExchangeRequest(_message.Message):
         self,
         *,
         commands: _abc.Iterable[Global___StoreCommand] | None = ...,
+        id: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["commands", b"commands"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commands", b"commands", "id", b"id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1530,6 +1536,14 @@ class ExchangeResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ANSWERS_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """ExchangeStream: the id of the request this answers."""
+    error: _builtins.bytes
+    """ExchangeStream: the request was refused as a whole (a serialized google.rpc.Status, as the
+    unary Exchange would have failed); `answers` is then empty.
+    """
     @_builtins.property
     def answers(self) -> _containers.RepeatedCompositeFieldContainer[Global___StoreAnswer]:
         """One answer per command, in the order of the commands."""
@@ -1538,10 +1552,12 @@ class ExchangeResponse(_message.Message):
         self,
         *,
         answers: _abc.Iterable[Global___StoreAnswer] | None = ...,
+        id: _builtins.int = ...,
+        error: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers", b"answers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers", b"answers", "error", b"error", "id", b"id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

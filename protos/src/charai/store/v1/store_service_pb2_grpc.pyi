@@ -86,6 +86,16 @@ class TaskStoreServiceStub:
     Gateways and workers coalesce their concurrent calls into it (natural batching: a call goes
     out at once when none is in flight; while one is, the next ones gather for the next call).
     """
+    ExchangeStream: _grpc.StreamStreamMultiCallable[_store_service_pb2.ExchangeRequest, _store_service_pb2.ExchangeResponse]
+    """Exchange calls as the messages of one long-lived call: each request is answered exactly as
+    Exchange would answer it, by a response with the request's `id`, as soon as it is done
+    (answers may overtake each other). A request refused as a whole (e.g. too many commands)
+    is answered with `error` instead of ending the stream. Metadata (the internal token) is
+    checked once, when the stream opens. task_store ends its streams cleanly (status OK) when
+    it shuts down, after answering every request it has read; a request it had not read by then
+    is the client's to send again (as a unary call failed with UNAVAILABLE is retried).
+    Why: a unary call costs task_store ~2.5x the CPU of one message on an open stream.
+    """
 
 @_typing.type_check_only
 class TaskStoreServiceAsyncStub(TaskStoreServiceStub):
@@ -144,6 +154,16 @@ class TaskStoreServiceAsyncStub(TaskStoreServiceStub):
     returns once every command's outcome is durable: "acknowledged = on disk" holds per command.
     Gateways and workers coalesce their concurrent calls into it (natural batching: a call goes
     out at once when none is in flight; while one is, the next ones gather for the next call).
+    """
+    ExchangeStream: _aio.StreamStreamMultiCallable[_store_service_pb2.ExchangeRequest, _store_service_pb2.ExchangeResponse]  # type: ignore[assignment]
+    """Exchange calls as the messages of one long-lived call: each request is answered exactly as
+    Exchange would answer it, by a response with the request's `id`, as soon as it is done
+    (answers may overtake each other). A request refused as a whole (e.g. too many commands)
+    is answered with `error` instead of ending the stream. Metadata (the internal token) is
+    checked once, when the stream opens. task_store ends its streams cleanly (status OK) when
+    it shuts down, after answering every request it has read; a request it had not read by then
+    is the client's to send again (as a unary call failed with UNAVAILABLE is retried).
+    Why: a unary call costs task_store ~2.5x the CPU of one message on an open stream.
     """
 
 class TaskStoreServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -326,6 +346,22 @@ class TaskStoreServiceServicer(metaclass=_abc_1.ABCMeta):
         returns once every command's outcome is durable: "acknowledged = on disk" holds per command.
         Gateways and workers coalesce their concurrent calls into it (natural batching: a call goes
         out at once when none is in flight; while one is, the next ones gather for the next call).
+        """
+
+    @_abc_1.abstractmethod
+    def ExchangeStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_store_service_pb2.ExchangeRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_store_service_pb2.ExchangeResponse], _abc.AsyncIterator[_store_service_pb2.ExchangeResponse]]:
+        """Exchange calls as the messages of one long-lived call: each request is answered exactly as
+        Exchange would answer it, by a response with the request's `id`, as soon as it is done
+        (answers may overtake each other). A request refused as a whole (e.g. too many commands)
+        is answered with `error` instead of ending the stream. Metadata (the internal token) is
+        checked once, when the stream opens. task_store ends its streams cleanly (status OK) when
+        it shuts down, after answering every request it has read; a request it had not read by then
+        is the client's to send again (as a unary call failed with UNAVAILABLE is retried).
+        Why: a unary call costs task_store ~2.5x the CPU of one message on an open stream.
         """
 
 def add_TaskStoreServiceServicer_to_server(servicer: TaskStoreServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -195,6 +195,8 @@ class TaskStoreApp:
         if self.port == 0:
             raise SystemExit(f"task_store: cannot listen on {self._listen} (CHARAI_TASK_STORE_ADDR)")
         stack.push_async_callback(server.stop, s.shutdown_grace_seconds)
+        # Runs first (last pushed): open ExchangeStream calls end once answered, not at the grace.
+        stack.callback(servicer.drain.start)
         await server.start()
         return health
 

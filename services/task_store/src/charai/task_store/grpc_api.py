@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar, cast
 
 import grpc
@@ -20,6 +20,7 @@ from charai.store.v1 import store_service_pb2_grpc as spb_grpc
 from charai.task_store.commands import ClaimResult, WorkerAnswer, WorkerRequest
 from charai.task_store.removal import MediaRemover, remove_task
 from charai.task_store.store import TaskStore
+from charai.task_store.streams import Drain, serve
 from charai.tasks.v1 import task_service_pb2 as tpb
 from google.rpc import code_pb2, status_pb2
 
@@ -93,6 +94,8 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
         self._models = models
         self._on_created = on_created
         self._lease_seconds = lease_seconds
+        #: Ends the open ExchangeStream calls at shutdown (before the server stops).
+        self.drain = Drain()
         #: The provider credentials' shared states for GetQueueStats (set by the app: NATS KV).
         self.providers: Callable[[], list[tpb.ProviderState]] | None = None
 
@@ -189,6 +192,26 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
         return spb.RetryTaskResponse(task=task)
 
     # -- the batched data plane ------------------------------------------------------------
+    def ExchangeStream(
+        self, requests: AsyncIterator[spb.ExchangeRequest], context: Context
+    ) -> AsyncIterator[spb.ExchangeResponse]:
+        """Exchange calls as messages of one call (:mod:`charai.task_store.streams`)."""
+
+        async def answer(request: spb.ExchangeRequest) -> spb.ExchangeResponse:
+            # Counted (charai_rpc_requests_total, charai_rpc_duration_seconds) as the Exchange
+            # call it stands for; the stream itself counts once, when it ends.
+            start, code = time.perf_counter(), "OK"
+            try:
+                return await self.Exchange(request, context)
+            except Exception as exc:
+                refusal, code = _refusal(exc)
+                return spb.ExchangeResponse(error=refusal.error)
+            finally:
+                if self._metrics is not None:
+                    self._metrics.observe_rpc("Exchange", code, time.perf_counter() - start)
+
+        return serve(requests, answer, self.drain)
+
     async def Exchange(self, request: spb.ExchangeRequest, context: Context) -> spb.ExchangeResponse:
         """Each command as its unary RPC, all at once: their writes queue together, so SQLite
         commits them in one group commit; answers in order, refusals per command."""

@@ -1,0 +1,156 @@
+"""``Exchange`` calls over long-lived ``ExchangeStream`` calls: the transport of the coalescer.
+
+Why: a unary call costs task_store ~2.5x the CPU of a message on an open stream, and the
+caller's round trip is longer too (``bench.grpc_transport``; BENCHMARKS.md, "fourth pass"). A
+lone command (a watched task's progress, an idle create) paid a whole unary call.
+
+What a unary ``Exchange`` gave is kept:
+
+- **Deadline.** Each request waits at most its timeout (DEADLINE_EXCEEDED then); the request may
+  still be applied, as with a unary call whose deadline passed.
+- **Waiting and retries.** A stream opens with wait-for-ready (task_store may be restarting). A
+  request whose stream broke before its answer came (task_store killed, restarting, or ending
+  its streams at shutdown) is sent again on a new stream, up to :data:`MAX_ATTEMPTS` times with
+  backoff and within its deadline: what the channel's retry policy did for UNAVAILABLE.
+- **Errors.** A request refused as a whole raises the ``AioRpcError`` the unary call raised.
+- **Replicas.** One stream per address given (round robin over them); the channel's round_robin
+  policy puts each new stream on the next ready replica.
+- **Older task_store.** UNIMPLEMENTED sets :attr:`ExchangeStreams.supported` to False, and the
+  caller goes back to unary calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import grpc
+from charai.core.coalesce import answer_error
+from charai.store.v1 import store_service_pb2 as spb
+
+#: Sends of one request at most (the first and the re-sends after a broken stream).
+MAX_ATTEMPTS = 5
+#: Backoff before re-sending (seconds): doubles from the first to the last.
+BACKOFF = (0.1, 2.0)
+#: A broken stream's code after which its requests are sent again.
+_RESEND = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN})
+
+
+def _error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
+
+
+class _BrokenError(Exception):
+    """The stream a request travelled on broke before its answer came."""
+
+    def __init__(self, error: grpc.aio.AioRpcError) -> None:
+        super().__init__(error.details())
+        self.error = error
+
+
+class _Stream:
+    """One open ``ExchangeStream`` call: requests written in turn, answers matched by id."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+        self._write = asyncio.Lock()  # one write at a time on a call
+        self._waiting: dict[int, asyncio.Future[spb.ExchangeResponse]] = {}
+        self.ended = False
+        self._reader = asyncio.create_task(self._read())
+
+    async def ask(self, request: spb.ExchangeRequest) -> spb.ExchangeResponse:
+        future: asyncio.Future[spb.ExchangeResponse] = asyncio.get_running_loop().create_future()
+        self._waiting[request.id] = future
+        try:
+            try:
+                async with self._write:
+                    await self._call.write(request)
+            except grpc.aio.AioRpcError as exc:
+                raise _BrokenError(exc) from None
+            except Exception as exc:  # the call ended under the write (InvalidStateError, UsageError)
+                raise _BrokenError(_error(grpc.StatusCode.UNAVAILABLE, f"stream ended: {exc}")) from None
+            return await future
+        finally:
+            self._waiting.pop(request.id, None)
+
+    async def _read(self) -> None:
+        error = _error(grpc.StatusCode.UNAVAILABLE, "task_store ended the stream")
+        try:
+            async for response in self._call:
+                future = self._waiting.pop(response.id, None)
+                if future is not None and not future.done():
+                    future.set_result(response)
+        except grpc.aio.AioRpcError as exc:
+            error = exc
+        except asyncio.CancelledError:
+            error = _error(grpc.StatusCode.CANCELLED, "the client closed the stream")
+        finally:
+            self.ended = True
+            for future in self._waiting.values():
+                if not future.done():
+                    future.set_exception(_BrokenError(error))
+
+    async def close(self) -> None:
+        self._call.cancel()
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+
+
+class ExchangeStreams:
+    """Sends ``ExchangeRequest`` s on long-lived streams (see the module)."""
+
+    def __init__(self, open_call: Any, streams: int = 1) -> None:
+        #: Opens a new ``ExchangeStream`` call (metadata and wait-for-ready are the caller's).
+        self._open_call = open_call
+        self._streams: list[_Stream | None] = [None] * max(1, streams)
+        self._turn = 0
+        self._last_id = 0
+        self._closed = False
+        #: False once task_store answered UNIMPLEMENTED (an older release): use unary calls.
+        self.supported = True
+
+    async def exchange(self, request: spb.ExchangeRequest, timeout: float | None) -> spb.ExchangeResponse:
+        """The response to ``request``; raises ``grpc.aio.AioRpcError`` as the unary call would."""
+        try:
+            response = await asyncio.wait_for(self._send(request), timeout)
+        except TimeoutError:
+            raise _error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
+        if response.error:
+            raise answer_error(response.error)
+        return response
+
+    async def _send(self, request: spb.ExchangeRequest) -> spb.ExchangeResponse:
+        delay = BACKOFF[0]
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            stream = self._stream()
+            self._last_id += 1
+            request.id = self._last_id
+            try:
+                return await stream.ask(request)
+            except _BrokenError as broken:
+                code = broken.error.code()
+                if code == grpc.StatusCode.UNIMPLEMENTED:
+                    self.supported = False
+                if self._closed or code not in _RESEND or attempt == MAX_ATTEMPTS:
+                    raise broken.error from None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BACKOFF[1])
+        raise AssertionError("unreachable")
+
+    def _stream(self) -> _Stream:
+        if self._closed:
+            raise _error(grpc.StatusCode.CANCELLED, "the store client is closed")
+        i = self._turn % len(self._streams)
+        self._turn += 1
+        stream = self._streams[i]
+        if stream is None or stream.ended:
+            stream = self._streams[i] = _Stream(self._open_call())
+        return stream
+
+    async def close(self) -> None:
+        self._closed = True
+        streams = [s for s in self._streams if s is not None]
+        self._streams = [None] * len(self._streams)
+        await asyncio.gather(*(s.close() for s in streams))
