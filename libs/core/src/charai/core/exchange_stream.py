@@ -114,7 +114,8 @@ class ExchangeStreams:
     async def exchange(self, request: spb.ExchangeRequest, timeout: float | None) -> spb.ExchangeResponse:
         """The response to ``request``; raises ``grpc.aio.AioRpcError`` as the unary call would."""
         try:
-            response = await asyncio.wait_for(self._send(request), timeout)
+            async with asyncio.timeout(timeout):  # no task of its own, unlike wait_for
+                response = await self._send(request)
         except TimeoutError:
             raise _error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
         if response.error:

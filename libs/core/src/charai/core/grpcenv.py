@@ -5,8 +5,8 @@ service's ``__main__`` imports this module first (an import for its effect): unl
 ``GRPC_EXPERIMENTS`` is set already, it turns off gRPC's EventEngine for listening and for client
 connections, so both use gRPC's older POSIX TCP code (grpcio 1.85 still ships it, tested and
 supported). Every hop of a task pays less for it: on 2 cores, sequential calls over loopback cost
-the server 18 % less CPU per unary call and ~30 % less per bidi stream message (the store
-``Exchange``), the client ~20 % less (README, "Operate and scale", has the numbers and the command).
+the server 18 % less CPU per unary call and ~30 % less per bidi stream message (the store's
+``ExchangeStream``), the client ~20 % less (README, "Operate and scale", has the numbers and the command).
 
 ``GRPC_EXPERIMENTS`` set to anything, even empty, is left as it is: ``GRPC_EXPERIMENTS=`` runs
 gRPC's defaults. This module imports nothing but ``os``.

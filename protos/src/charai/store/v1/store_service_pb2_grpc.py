@@ -302,7 +302,8 @@ class TaskStoreServiceServicer:
         back alone and answered with its own error (a batch stays all or none). The call
         returns once every command's outcome is durable: "acknowledged = on disk" holds per command.
         Gateways and workers coalesce their concurrent calls into it (natural batching: a call goes
-        out at once when none is in flight; while one is, the next ones gather for the next call).
+        out at once when none is in flight; while one is, the next ones gather for the next call),
+        and send those calls as messages of ExchangeStream (below) when task_store has it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -84,7 +84,8 @@ class TaskStoreServiceStub:
     back alone and answered with its own error (a batch stays all or none). The call
     returns once every command's outcome is durable: "acknowledged = on disk" holds per command.
     Gateways and workers coalesce their concurrent calls into it (natural batching: a call goes
-    out at once when none is in flight; while one is, the next ones gather for the next call).
+    out at once when none is in flight; while one is, the next ones gather for the next call),
+    and send those calls as messages of ExchangeStream (below) when task_store has it.
     """
     ExchangeStream: _grpc.StreamStreamMultiCallable[_store_service_pb2.ExchangeRequest, _store_service_pb2.ExchangeResponse]
     """Exchange calls as the messages of one long-lived call: each request is answered exactly as
@@ -153,7 +154,8 @@ class TaskStoreServiceAsyncStub(TaskStoreServiceStub):
     back alone and answered with its own error (a batch stays all or none). The call
     returns once every command's outcome is durable: "acknowledged = on disk" holds per command.
     Gateways and workers coalesce their concurrent calls into it (natural batching: a call goes
-    out at once when none is in flight; while one is, the next ones gather for the next call).
+    out at once when none is in flight; while one is, the next ones gather for the next call),
+    and send those calls as messages of ExchangeStream (below) when task_store has it.
     """
     ExchangeStream: _aio.StreamStreamMultiCallable[_store_service_pb2.ExchangeRequest, _store_service_pb2.ExchangeResponse]  # type: ignore[assignment]
     """Exchange calls as the messages of one long-lived call: each request is answered exactly as
@@ -345,7 +347,8 @@ class TaskStoreServiceServicer(metaclass=_abc_1.ABCMeta):
         back alone and answered with its own error (a batch stays all or none). The call
         returns once every command's outcome is durable: "acknowledged = on disk" holds per command.
         Gateways and workers coalesce their concurrent calls into it (natural batching: a call goes
-        out at once when none is in flight; while one is, the next ones gather for the next call).
+        out at once when none is in flight; while one is, the next ones gather for the next call),
+        and send those calls as messages of ExchangeStream (below) when task_store has it.
         """
 
     @_abc_1.abstractmethod
