@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
+import pytest
 from charai.core.coalesce import answer_error
 from charai.core.storeclient import StoreClient
 from charai.store.v1 import store_service_pb2 as spb
@@ -94,3 +95,17 @@ async def test_a_request_is_sent_again_on_a_new_stream_once_task_store_is_back(
             second = await pending
             assert (await client.get_task("acme", first.id)).id == first.id
     assert second.id and second.id != first.id
+
+
+async def test_a_request_given_up_while_task_store_is_down_leaves_no_broken_stream(
+    nats_server: NatsServer, tmp_path: Path, db: Database
+) -> None:
+    addr = f"127.0.0.1:{_free_port()}"
+    async with StoreClient(addr, coalesce=True) as client:
+        # Nobody listens: the stream waits to connect, the request's deadline passes under its write.
+        with pytest.raises(grpc.aio.AioRpcError) as late:
+            await client.create_task("acme", image_request(), timeout=0.2)
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        async with TaskStoreApp(app_settings(nats_server, tmp_path, db), listen_addr=addr):
+            made = await client.create_task("acme", image_request(), timeout=60)
+    assert made.id

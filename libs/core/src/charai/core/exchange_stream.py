@@ -62,10 +62,12 @@ class _Stream:
     async def ask(self, request: spb.ExchangeRequest) -> spb.ExchangeResponse:
         future: asyncio.Future[spb.ExchangeResponse] = asyncio.get_running_loop().create_future()
         self._waiting[request.id] = future
+        written = False
         try:
             try:
                 async with self._write:
                     await self._call.write(request)
+                written = True
             except grpc.aio.AioRpcError as exc:
                 raise _BrokenError(exc) from None
             except Exception as exc:  # the call ended under the write (InvalidStateError, UsageError)
@@ -73,6 +75,13 @@ class _Stream:
             return await future
         finally:
             self._waiting.pop(request.id, None)
+            if not written:
+                self._end()  # a write that failed or was given up leaves the call unusable
+
+    def _end(self) -> None:
+        """No request goes on this stream any more; the next one opens a new stream."""
+        self.ended = True
+        self._call.cancel()
 
     async def _read(self) -> None:
         error = _error(grpc.StatusCode.UNAVAILABLE, "task_store ended the stream")
@@ -92,7 +101,7 @@ class _Stream:
                     future.set_exception(_BrokenError(error))
 
     async def close(self) -> None:
-        self._call.cancel()
+        self._end()
         self._reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._reader
