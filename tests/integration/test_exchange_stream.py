@@ -27,6 +27,10 @@ if TYPE_CHECKING:
     from tests.conftest import NatsServer
 
 
+def stream_request(id_: int, commands: list[spb.StoreCommand]) -> spb.ExchangeStreamRequest:
+    return spb.ExchangeStreamRequest(id=id_, request=spb.ExchangeRequest(commands=commands))
+
+
 def create(tenant: str = "acme") -> spb.StoreCommand:
     return spb.StoreCommand(create=spb.CreateTaskRequest(tenant=tenant, request=image_request()))
 
@@ -39,21 +43,21 @@ async def test_requests_on_one_stream_are_answered_by_id_and_a_refused_one_leave
         grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel,
     ):
         call = spb_grpc.TaskStoreServiceStub(channel).ExchangeStream()
-        await call.write(spb.ExchangeRequest(id=7, commands=[create()] * (MAX_EXCHANGE + 1)))
-        await call.write(spb.ExchangeRequest(id=8, commands=[create(), create()]))
-        await call.write(spb.ExchangeRequest(id=9, commands=[create()]))
-        responses: dict[int, spb.ExchangeResponse] = {}
+        await call.write(stream_request(7, [create()] * (MAX_EXCHANGE + 1)))
+        await call.write(stream_request(8, [create(), create()]))
+        await call.write(stream_request(9, [create()]))
+        responses: dict[int, spb.ExchangeStreamResponse] = {}
         for _ in range(3):
             response = await call.read()
-            assert isinstance(response, spb.ExchangeResponse)
+            assert isinstance(response, spb.ExchangeStreamResponse)
             responses[response.id] = response
         await call.done_writing()
         assert await call.read() is grpc.aio.EOF
         assert await call.code() == grpc.StatusCode.OK
     assert set(responses) == {7, 8, 9}
     refused = answer_error(responses[7].error)
-    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT and not responses[7].answers
-    made = [a.create.task.id for r in (responses[8], responses[9]) for a in r.answers]
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT and not responses[7].HasField("response")
+    made = [a.create.task.id for r in (responses[8], responses[9]) for a in r.response.answers]
     assert len(made) == 3 and len(set(made)) == 3 and all(made)
 
 
@@ -63,9 +67,9 @@ async def test_task_store_ends_its_streams_cleanly_when_it_shuts_down(
     async with TaskStoreApp(app_settings(nats_server, tmp_path, db), listen_addr="127.0.0.1:0") as app:
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
         call = spb_grpc.TaskStoreServiceStub(channel).ExchangeStream()
-        await call.write(spb.ExchangeRequest(id=1, commands=[create()]))
+        await call.write(stream_request(1, [create()]))
         answered = await call.read()
-        assert isinstance(answered, spb.ExchangeResponse) and answered.id == 1
+        assert isinstance(answered, spb.ExchangeStreamResponse) and answered.id == 1
     # The app has stopped: the stream ended with OK (answered, not cut off at the grace period).
     try:
         assert await call.read() is grpc.aio.EOF

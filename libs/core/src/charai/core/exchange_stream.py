@@ -55,12 +55,12 @@ class _Stream:
     def __init__(self, call: Any) -> None:
         self._call = call
         self._write = asyncio.Lock()  # one write at a time on a call
-        self._waiting: dict[int, asyncio.Future[spb.ExchangeResponse]] = {}
+        self._waiting: dict[int, asyncio.Future[spb.ExchangeStreamResponse]] = {}
         self.ended = False
         self._reader = asyncio.create_task(self._read())
 
-    async def ask(self, request: spb.ExchangeRequest) -> spb.ExchangeResponse:
-        future: asyncio.Future[spb.ExchangeResponse] = asyncio.get_running_loop().create_future()
+    async def ask(self, request: spb.ExchangeStreamRequest) -> spb.ExchangeStreamResponse:
+        future: asyncio.Future[spb.ExchangeStreamResponse] = asyncio.get_running_loop().create_future()
         self._waiting[request.id] = future
         written = False
         try:
@@ -108,7 +108,7 @@ class _Stream:
 
 
 class ExchangeStreams:
-    """Sends ``ExchangeRequest`` s on long-lived streams (see the module)."""
+    """Sends ``ExchangeStreamRequest`` s on long-lived streams (see the module)."""
 
     def __init__(self, open_call: Any, streams: int = 1) -> None:
         #: Opens a new ``ExchangeStream`` call (metadata and wait-for-ready are the caller's).
@@ -120,7 +120,9 @@ class ExchangeStreams:
         #: False once task_store answered UNIMPLEMENTED (an older release): use unary calls.
         self.supported = True
 
-    async def exchange(self, request: spb.ExchangeRequest, timeout: float | None) -> spb.ExchangeResponse:
+    async def exchange(
+        self, request: spb.ExchangeStreamRequest, timeout: float | None
+    ) -> spb.ExchangeResponse:
         """The response to ``request``; raises ``grpc.aio.AioRpcError`` as the unary call would."""
         try:
             async with asyncio.timeout(timeout):  # no task of its own, unlike wait_for
@@ -129,9 +131,9 @@ class ExchangeStreams:
             raise _error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
         if response.error:
             raise answer_error(response.error)
-        return response
+        return response.response
 
-    async def _send(self, request: spb.ExchangeRequest) -> spb.ExchangeResponse:
+    async def _send(self, request: spb.ExchangeStreamRequest) -> spb.ExchangeStreamResponse:
         delay = BACKOFF[0]
         for attempt in range(1, MAX_ATTEMPTS + 1):
             stream = self._stream()

@@ -211,7 +211,7 @@ class StoreClient:
     ) -> spb.ExchangeResponse:
         if self._streams is not None and self._streams.supported:
             try:
-                request = spb.ExchangeRequest(commands=commands)
+                request = spb.ExchangeStreamRequest(request=spb.ExchangeRequest(commands=commands))
                 # No deadline given: the client's default, as CallDefaults gives a unary call.
                 return await self._streams.exchange(request, self._timeout if timeout is None else timeout)
             except grpc.aio.AioRpcError:

@@ -1506,11 +1506,6 @@ class ExchangeRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     COMMANDS_FIELD_NUMBER: _builtins.int
-    ID_FIELD_NUMBER: _builtins.int
-    id: _builtins.int
-    """ExchangeStream: the client's id of this request (unique on its stream), repeated in its
-    response. Exchange ignores it.
-    """
     @_builtins.property
     def commands(self) -> _containers.RepeatedCompositeFieldContainer[Global___StoreCommand]:
         """The commands, at most 1,000."""
@@ -1519,11 +1514,10 @@ class ExchangeRequest(_message.Message):
         self,
         *,
         commands: _abc.Iterable[Global___StoreCommand] | None = ...,
-        id: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["commands", b"commands", "id", b"id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commands", b"commands"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1536,14 +1530,6 @@ class ExchangeResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ANSWERS_FIELD_NUMBER: _builtins.int
-    ID_FIELD_NUMBER: _builtins.int
-    ERROR_FIELD_NUMBER: _builtins.int
-    id: _builtins.int
-    """ExchangeStream: the id of the request this answers."""
-    error: _builtins.bytes
-    """ExchangeStream: the request was refused as a whole (a serialized google.rpc.Status, as the
-    unary Exchange would have failed); `answers` is then empty.
-    """
     @_builtins.property
     def answers(self) -> _containers.RepeatedCompositeFieldContainer[Global___StoreAnswer]:
         """One answer per command, in the order of the commands."""
@@ -1552,16 +1538,76 @@ class ExchangeResponse(_message.Message):
         self,
         *,
         answers: _abc.Iterable[Global___StoreAnswer] | None = ...,
-        id: _builtins.int = ...,
-        error: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers", b"answers", "error", b"error", "id", b"id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers", b"answers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExchangeResponse: _TypeAlias = ExchangeResponse  # noqa: Y015
+
+@_typing.final
+class ExchangeStreamRequest(_message.Message):
+    """One Exchange call on an ExchangeStream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """The client's id of this request (unique on its stream), repeated in its response."""
+    @_builtins.property
+    def request(self) -> Global___ExchangeRequest:
+        """What the unary Exchange would carry."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        request: Global___ExchangeRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "request", b"request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExchangeStreamRequest: _TypeAlias = ExchangeStreamRequest  # noqa: Y015
+
+@_typing.final
+class ExchangeStreamResponse(_message.Message):
+    """The answer to one ExchangeStreamRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """The id of the request this answers."""
+    error: _builtins.bytes
+    """The request was refused as a whole (a serialized google.rpc.Status, the error the unary
+    Exchange would have failed with); `response` is then unset.
+    """
+    @_builtins.property
+    def response(self) -> Global___ExchangeResponse:
+        """What the unary Exchange would answer."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        response: Global___ExchangeResponse | None = ...,
+        error: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "id", b"id", "response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExchangeStreamResponse: _TypeAlias = ExchangeStreamResponse  # noqa: Y015
 
 @_typing.final
 class EventBatch(_message.Message):

@@ -142,8 +142,8 @@ class TaskStoreServiceStub:
                 _registered_method=True)
         self.ExchangeStream = channel.stream_stream(
                 '/charai.store.v1.TaskStoreService/ExchangeStream',
-                request_serializer=charai_dot_store_dot_v1_dot_store__service__pb2.ExchangeRequest.SerializeToString,
-                response_deserializer=charai_dot_store_dot_v1_dot_store__service__pb2.ExchangeResponse.FromString,
+                request_serializer=charai_dot_store_dot_v1_dot_store__service__pb2.ExchangeStreamRequest.SerializeToString,
+                response_deserializer=charai_dot_store_dot_v1_dot_store__service__pb2.ExchangeStreamResponse.FromString,
                 _registered_method=True)
 
 
@@ -433,8 +433,8 @@ def add_TaskStoreServiceServicer_to_server(servicer, server):
             ),
             'ExchangeStream': grpc.stream_stream_rpc_method_handler(
                     servicer.ExchangeStream,
-                    request_deserializer=charai_dot_store_dot_v1_dot_store__service__pb2.ExchangeRequest.FromString,
-                    response_serializer=charai_dot_store_dot_v1_dot_store__service__pb2.ExchangeResponse.SerializeToString,
+                    request_deserializer=charai_dot_store_dot_v1_dot_store__service__pb2.ExchangeStreamRequest.FromString,
+                    response_serializer=charai_dot_store_dot_v1_dot_store__service__pb2.ExchangeStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1030,8 +1030,8 @@ class TaskStoreService:
             request_iterator,
             target,
             '/charai.store.v1.TaskStoreService/ExchangeStream',
-            charai_dot_store_dot_v1_dot_store__service__pb2.ExchangeRequest.SerializeToString,
-            charai_dot_store_dot_v1_dot_store__service__pb2.ExchangeResponse.FromString,
+            charai_dot_store_dot_v1_dot_store__service__pb2.ExchangeStreamRequest.SerializeToString,
+            charai_dot_store_dot_v1_dot_store__service__pb2.ExchangeStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -87,7 +87,7 @@ class TaskStoreServiceStub:
     out at once when none is in flight; while one is, the next ones gather for the next call),
     and send those calls as messages of ExchangeStream (below) when task_store has it.
     """
-    ExchangeStream: _grpc.StreamStreamMultiCallable[_store_service_pb2.ExchangeRequest, _store_service_pb2.ExchangeResponse]
+    ExchangeStream: _grpc.StreamStreamMultiCallable[_store_service_pb2.ExchangeStreamRequest, _store_service_pb2.ExchangeStreamResponse]
     """Exchange calls as the messages of one long-lived call: each request is answered exactly as
     Exchange would answer it, by a response with the request's `id`, as soon as it is done
     (answers may overtake each other). A request refused as a whole (e.g. too many commands)
@@ -157,7 +157,7 @@ class TaskStoreServiceAsyncStub(TaskStoreServiceStub):
     out at once when none is in flight; while one is, the next ones gather for the next call),
     and send those calls as messages of ExchangeStream (below) when task_store has it.
     """
-    ExchangeStream: _aio.StreamStreamMultiCallable[_store_service_pb2.ExchangeRequest, _store_service_pb2.ExchangeResponse]  # type: ignore[assignment]
+    ExchangeStream: _aio.StreamStreamMultiCallable[_store_service_pb2.ExchangeStreamRequest, _store_service_pb2.ExchangeStreamResponse]  # type: ignore[assignment]
     """Exchange calls as the messages of one long-lived call: each request is answered exactly as
     Exchange would answer it, by a response with the request's `id`, as soon as it is done
     (answers may overtake each other). A request refused as a whole (e.g. too many commands)
@@ -354,9 +354,9 @@ class TaskStoreServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
     def ExchangeStream(
         self,
-        request_iterator: _MaybeAsyncIterator[_store_service_pb2.ExchangeRequest],
+        request_iterator: _MaybeAsyncIterator[_store_service_pb2.ExchangeStreamRequest],
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_store_service_pb2.ExchangeResponse], _abc.AsyncIterator[_store_service_pb2.ExchangeResponse]]:
+    ) -> _typing.Union[_abc.Iterator[_store_service_pb2.ExchangeStreamResponse], _abc.AsyncIterator[_store_service_pb2.ExchangeStreamResponse]]:
         """Exchange calls as the messages of one long-lived call: each request is answered exactly as
         Exchange would answer it, by a response with the request's `id`, as soon as it is done
         (answers may overtake each other). A request refused as a whole (e.g. too many commands)

@@ -193,19 +193,21 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
 
     # -- the batched data plane ------------------------------------------------------------
     def ExchangeStream(
-        self, requests: AsyncIterator[spb.ExchangeRequest], context: Context
-    ) -> AsyncIterator[spb.ExchangeResponse]:
+        self, requests: AsyncIterator[spb.ExchangeStreamRequest], context: Context
+    ) -> AsyncIterator[spb.ExchangeStreamResponse]:
         """Exchange calls as messages of one call (:mod:`charai.task_store.streams`)."""
 
-        async def answer(request: spb.ExchangeRequest) -> spb.ExchangeResponse:
+        async def answer(request: spb.ExchangeStreamRequest) -> spb.ExchangeStreamResponse:
             # Counted (charai_rpc_requests_total, charai_rpc_duration_seconds) as the Exchange
             # call it stands for; the stream itself counts once, when it ends.
             start, code = time.perf_counter(), "OK"
             try:
-                return await self.Exchange(request, context)
+                response = spb.ExchangeStreamResponse()
+                response.response.CopyFrom(await self.Exchange(request.request, context))
+                return response
             except Exception as exc:
                 refusal, code = _refusal(exc)
-                return spb.ExchangeResponse(error=refusal.error)
+                return spb.ExchangeStreamResponse(error=refusal.error)
             finally:
                 if self._metrics is not None:
                     self._metrics.observe_rpc("Exchange", code, time.perf_counter() - start)

@@ -17,11 +17,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from charai.store.v1 import store_service_pb2 as spb
 
 #: Answers one request as the unary ``Exchange`` (a whole-request refusal as ``error``).
-Answer = Callable[[spb.ExchangeRequest], Awaitable[spb.ExchangeResponse]]
+Answer = Callable[[spb.ExchangeStreamRequest], Awaitable[spb.ExchangeStreamResponse]]
 
 #: Put on a stream's queue: stop reading, answer what was read, end.
 _STOP = object()
-_Item = spb.ExchangeResponse | object
+_Item = spb.ExchangeStreamResponse | object
 
 
 class Drain:
@@ -46,13 +46,13 @@ class Drain:
 
 
 async def serve(
-    requests: AsyncIterator[spb.ExchangeRequest], answer: Answer, drain: Drain
-) -> AsyncIterator[spb.ExchangeResponse]:
+    requests: AsyncIterator[spb.ExchangeStreamRequest], answer: Answer, drain: Drain
+) -> AsyncIterator[spb.ExchangeStreamResponse]:
     """The responses of one stream, each as soon as its request is answered (see the module)."""
     out: asyncio.Queue[_Item] = asyncio.Queue()
     running: set[asyncio.Task[None]] = set()
 
-    async def one(request: spb.ExchangeRequest) -> None:
+    async def one(request: spb.ExchangeStreamRequest) -> None:
         response = await answer(request)
         response.id = request.id
         out.put_nowait(response)
@@ -69,13 +69,13 @@ async def serve(
     drain.add(out)
     reader = asyncio.create_task(read())
     try:
-        while isinstance(item := await out.get(), spb.ExchangeResponse):
+        while isinstance(item := await out.get(), spb.ExchangeStreamResponse):
             yield item
         reader.cancel()  # read nothing more: what was read is answered below
         while running:
             await asyncio.wait(set(running))
         while not out.empty():
-            if isinstance(item := out.get_nowait(), spb.ExchangeResponse):
+            if isinstance(item := out.get_nowait(), spb.ExchangeStreamResponse):
                 yield item
     finally:
         drain.discard(out)
