@@ -33,8 +33,10 @@ from charai.store.v1 import store_service_pb2 as spb
 MAX_ATTEMPTS = 5
 #: Backoff before re-sending (seconds): doubles from the first to the last.
 BACKOFF = (0.1, 2.0)
-#: A broken stream's code after which its requests are sent again.
-_RESEND = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN})
+#: A broken stream's code after which its requests are sent again: UNAVAILABLE, as the unary
+#: calls' retry policy; CANCELLED, a stream cut off by task_store's shutdown or ended by this
+#: client after a write given up midway.
+_RESEND = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 
 
 def _error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
@@ -62,10 +64,11 @@ class _Stream:
     async def ask(self, request: spb.ExchangeStreamRequest) -> spb.ExchangeStreamResponse:
         future: asyncio.Future[spb.ExchangeStreamResponse] = asyncio.get_running_loop().create_future()
         self._waiting[request.id] = future
-        written = False
+        writing = written = False
         try:
             try:
                 async with self._write:
+                    writing = True
                     await self._call.write(request)
                 written = True
             except grpc.aio.AioRpcError as exc:
@@ -75,8 +78,8 @@ class _Stream:
             return await future
         finally:
             self._waiting.pop(request.id, None)
-            if not written:
-                self._end()  # a write that failed or was given up leaves the call unusable
+            if writing and not written:
+                self._end()  # a write that failed or was given up midway leaves the call unusable
 
     def _end(self) -> None:
         """No request goes on this stream any more; the next one opens a new stream."""
