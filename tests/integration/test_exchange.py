@@ -54,10 +54,12 @@ def refusal(raw: bytes) -> tuple[grpc.StatusCode, list[str]]:
 
 
 @contextlib.asynccontextmanager
-async def coalescing(settings: Settings) -> AsyncIterator[tuple[TaskStoreApp, StoreClient]]:
+async def coalescing(
+    settings: Settings, stream: bool = False
+) -> AsyncIterator[tuple[TaskStoreApp, StoreClient]]:
     async with (
         TaskStoreApp(settings, listen_addr="127.0.0.1:0") as app,
-        StoreClient(f"127.0.0.1:{app.port}", coalesce=True) as client,
+        StoreClient(f"127.0.0.1:{app.port}", coalesce=True, stream=stream) as client,
     ):
         yield app, client
 
@@ -233,7 +235,7 @@ async def test_a_task_store_without_exchange_gets_unary_calls(
     # An older task_store (rolling upgrade): the generated base answers UNIMPLEMENTED.
     monkeypatch.setattr(TaskStoreServicer, "Exchange", spb_grpc.TaskStoreServiceServicer.Exchange)
     monkeypatch.setattr(TaskStoreServicer, "ExchangeStream", spb_grpc.TaskStoreServiceServicer.ExchangeStream)
-    async with coalescing(app_settings(nats_server, tmp_path, db)) as (_, client):
+    async with coalescing(app_settings(nats_server, tmp_path, db), stream=True) as (_, client):
         tasks = await asyncio.gather(*(client.create_task("acme", image_request()) for _ in range(5)))
         assert len({t.id for t in tasks}) == 5
         with pytest.raises(grpc.aio.AioRpcError) as stale:
@@ -248,7 +250,7 @@ async def test_a_task_store_without_exchange_stream_gets_unary_exchange_calls(
 ) -> None:
     # The release before ExchangeStream: Exchange calls, still batched.
     monkeypatch.setattr(TaskStoreServicer, "ExchangeStream", spb_grpc.TaskStoreServiceServicer.ExchangeStream)
-    async with coalescing(app_settings(nats_server, tmp_path, db)) as (_, client):
+    async with coalescing(app_settings(nats_server, tmp_path, db), stream=True) as (_, client):
         tasks = await asyncio.gather(*(client.create_task("acme", image_request()) for _ in range(5)))
         assert len({t.id for t in tasks}) == 5
         assert client.coalescer is not None and client.coalescer.calls < 5

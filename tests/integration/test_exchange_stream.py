@@ -89,7 +89,7 @@ async def test_a_request_is_sent_again_on_a_new_stream_once_task_store_is_back(
 ) -> None:
     addr = f"127.0.0.1:{_free_port()}"
     settings = app_settings(nats_server, tmp_path, db)
-    async with StoreClient(addr, coalesce=True) as client:
+    async with StoreClient(addr, coalesce=True, stream=True) as client:
         async with TaskStoreApp(settings, listen_addr=addr):
             first = await client.create_task("acme", image_request())
         # task_store is down: the next create waits for it (wait-for-ready), then goes through.
@@ -105,7 +105,7 @@ async def test_a_request_given_up_while_task_store_is_down_leaves_no_broken_stre
     nats_server: NatsServer, tmp_path: Path, db: Database
 ) -> None:
     addr = f"127.0.0.1:{_free_port()}"
-    async with StoreClient(addr, coalesce=True) as client:
+    async with StoreClient(addr, coalesce=True, stream=True) as client:
         # Nobody listens: the stream waits to connect, the request's deadline passes under its write.
         with pytest.raises(grpc.aio.AioRpcError) as late:
             await client.create_task("acme", image_request(), timeout=0.2)

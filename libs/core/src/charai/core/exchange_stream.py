@@ -59,6 +59,8 @@ class _Stream:
         self._write = asyncio.Lock()  # one write at a time on a call
         self._waiting: dict[int, asyncio.Future[spb.ExchangeStreamResponse]] = {}
         self.ended = False
+        #: How the call ended (set by the reader).
+        self.error = _error(grpc.StatusCode.UNAVAILABLE, "task_store ended the stream")
         self._reader = asyncio.create_task(self._read())
 
     async def ask(self, request: spb.ExchangeStreamRequest) -> spb.ExchangeStreamResponse:
@@ -71,10 +73,11 @@ class _Stream:
                     writing = True
                     await self._call.write(request)
                 written = True
-            except grpc.aio.AioRpcError as exc:
-                raise _BrokenError(exc) from None
-            except Exception as exc:  # the call ended under the write (InvalidStateError, UsageError)
-                raise _BrokenError(_error(grpc.StatusCode.UNAVAILABLE, f"stream ended: {exc}")) from None
+            except Exception:  # the call ended under the write (AioRpcError, InvalidStateError, ...)
+                # A failed write's own code is not the call's (gRPC says INTERNAL "execute_batch"
+                # when task_store ended the call, e.g. UNIMPLEMENTED): the reader gets the status.
+                await asyncio.wait([self._reader])
+                raise _BrokenError(self.error) from None
             return await future
         finally:
             self._waiting.pop(request.id, None)
@@ -87,21 +90,20 @@ class _Stream:
         self._call.cancel()
 
     async def _read(self) -> None:
-        error = _error(grpc.StatusCode.UNAVAILABLE, "task_store ended the stream")
         try:
             async for response in self._call:
                 future = self._waiting.pop(response.id, None)
                 if future is not None and not future.done():
                     future.set_result(response)
         except grpc.aio.AioRpcError as exc:
-            error = exc
+            self.error = exc
         except asyncio.CancelledError:
-            error = _error(grpc.StatusCode.CANCELLED, "the client closed the stream")
+            self.error = _error(grpc.StatusCode.CANCELLED, "the client closed the stream")
         finally:
             self.ended = True
             for future in self._waiting.values():
                 if not future.done():
-                    future.set_exception(_BrokenError(error))
+                    future.set_exception(_BrokenError(self.error))
 
     async def close(self) -> None:
         self._end()

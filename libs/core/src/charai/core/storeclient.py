@@ -151,7 +151,7 @@ class StoreClient:
 
     With ``coalesce`` (gateways and workers), creates, claims, progress reports and outcomes
     travel batched in ``Exchange`` calls (:mod:`charai.core.coalesce`): same answers, errors and
-    deadlines, far fewer calls; with ``stream`` (the default) those calls are messages of
+    deadlines, far fewer calls; with ``stream`` (``CHARAI_EXCHANGE_STREAM``) those calls are messages of
     long-lived ``ExchangeStream`` calls (:mod:`charai.core.exchange_stream`). A task_store that
     does not know them yet (an older version during a rolling upgrade) gets unary calls.
     """
@@ -163,7 +163,7 @@ class StoreClient:
         *,
         timeout: float = DEFAULT_TIMEOUT,
         coalesce: bool = False,
-        stream: bool = True,
+        stream: bool = False,
     ) -> None:
         target, balanced = channel_target(addr)
         options: list[tuple[str, Any]] = [

@@ -83,7 +83,12 @@ class WorkerApp:
         await natsconn.ensure_jobs_stream(js, topology, s.nats_replicas)
         bucket = await natsconn.ensure_media_bucket(js, topology, s.nats_replicas)
         self._store = store = await stack.enter_async_context(
-            StoreClient(s.task_store_addr, s.internal_token.get_secret_value(), coalesce=True)
+            StoreClient(
+                s.task_store_addr,
+                s.internal_token.get_secret_value(),
+                coalesce=True,
+                stream=s.exchange_stream,
+            )
         )
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         self._session = session = await stack.enter_async_context(aiohttp.ClientSession(connector=connector))

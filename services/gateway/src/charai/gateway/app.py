@@ -103,7 +103,12 @@ class GatewayApp:
         self._nc = nc = await natsconn.connect(s.nats_url, "charai-gateway")
         stack.push_async_callback(natsconn.drain, nc)
         store = await stack.enter_async_context(
-            StoreClient(s.task_store_addr, s.internal_token.get_secret_value(), coalesce=True)
+            StoreClient(
+                s.task_store_addr,
+                s.internal_token.get_secret_value(),
+                coalesce=True,
+                stream=s.exchange_stream,
+            )
         )
         media = MediaStore(await natsconn.ensure_media_bucket(nc.jetstream(), topology, s.nats_replicas))
         self.hub = hub = EventHub(nc, topology)
