@@ -47,13 +47,18 @@ _SERVICE_CONFIG = json.dumps(
 )
 
 
+def addresses(addr: str | Sequence[str]) -> list[str]:
+    """The ``host:port`` entries of ``CHARAI_TASK_STORE_ADDR`` (a tuple, or one comma-separated string)."""
+    given = addr.split(",") if isinstance(addr, str) else addr
+    return [p.strip() for p in given if p.strip()]
+
+
 def channel_target(addr: str | Sequence[str]) -> tuple[str, bool]:
     """The gRPC target for ``CHARAI_TASK_STORE_ADDR`` (the settings' tuple, or one string, which
     may list several separated by commas): one ``host:port``, or several (replicas), resolved once,
     at start, into an ``ipv4:``/``ipv6:`` address list that the round_robin policy balances over;
     returns (target, balanced)."""
-    given = addr.split(",") if isinstance(addr, str) else addr
-    parts = [p.strip() for p in given if p.strip()]
+    parts = addresses(addr)
     if len(parts) <= 1:
         return (parts[0] if parts else ""), False
     v4: list[str] = []
@@ -88,6 +93,11 @@ class CallDefaults:
     def __init__(self, token: str = "", timeout: float = DEFAULT_TIMEOUT) -> None:
         self._authorization = f"Bearer {token}" if token else ""
         self._timeout = timeout
+
+    @property
+    def stream_metadata(self) -> tuple[tuple[str, str], ...]:
+        """What a long-lived call carries (no deadline, and each message has its own trace)."""
+        return (("authorization", self._authorization),) if self._authorization else ()
 
     def apply(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
         """``details`` with the headers added (to its own metadata, in place: StoreClient's methods
@@ -177,8 +187,9 @@ class StoreClient:
             # (its subchannel leaves the pick list), so a worker never stalls on a dead replica.
             options.append(("grpc.lb_policy_name", "round_robin"))
         self._timeout = timeout
+        defaults = CallDefaults(token, timeout)
         self._channel = grpc.aio.insecure_channel(
-            target, options=options, interceptors=CallDefaults(token, timeout).interceptors()
+            target, options=options, interceptors=defaults.interceptors()
         )
         self._stub: TaskStoreServiceAsyncStub = store_service_pb2_grpc.TaskStoreServiceStub(self._channel)  # type: ignore[assignment]
         self._closed = False
@@ -189,10 +200,10 @@ class StoreClient:
         #: (None: unary Exchange calls).
         self._streams: ExchangeStreams | None = None
         if coalesce and stream:
-            auth = (("authorization", f"Bearer {token}"),) if token else ()
+            metadata = defaults.stream_metadata
             self._streams = ExchangeStreams(
-                lambda: self._stub.ExchangeStream(metadata=auth, wait_for_ready=True),
-                streams=len(addr.split(",") if isinstance(addr, str) else addr),
+                lambda: self._stub.ExchangeStream(metadata=metadata, wait_for_ready=True),
+                streams=len(addresses(addr)),
             )
 
     # -- the batched data plane ---------------------------------------------------------------
