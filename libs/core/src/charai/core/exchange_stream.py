@@ -74,9 +74,13 @@ class _Stream:
                     await self._call.write(request)
                 written = True
             except Exception:  # the call ended under the write (AioRpcError, InvalidStateError, ...)
-                # A failed write's own code is not the call's (gRPC says INTERNAL "execute_batch"
-                # when task_store ended the call, e.g. UNIMPLEMENTED): the reader gets the status.
+                # A failed write's own code is not the call's: the reader gets the status. When the
+                # write lost a race with task_store ending the call (e.g. UNIMPLEMENTED), gRPC ends
+                # it locally with INTERNAL ("execute_batch") instead: sent again on a new stream.
                 await asyncio.wait([self._reader])
+                if self.error.code() == grpc.StatusCode.INTERNAL:
+                    broke = _error(grpc.StatusCode.UNAVAILABLE, "the stream broke under a write")
+                    raise _BrokenError(broke) from None
                 raise _BrokenError(self.error) from None
             return await future
         finally:
