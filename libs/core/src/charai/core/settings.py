@@ -100,8 +100,8 @@ class CommonSettings(BaseSettings):
     #: ``uvloop`` (libuv: less CPU per socket wake-up) or ``asyncio`` (the standard loop).
     event_loop: Annotated[EventLoop, BeforeValidator(_event_loop)] = "uvloop"
     #: Gateways and workers send their coalesced Exchange calls as messages of long-lived
-    #: ExchangeStream calls (``charai.core.exchange_stream``); off: unary Exchange calls.
-    exchange_stream: bool = False
+    #: ExchangeStream calls (``charai.core.exchange_stream``, the default); off: unary Exchange calls.
+    exchange_stream: bool = True
     #: Stream and bucket replicas (3 on a NATS cluster).
     nats_replicas: int = Field(default=1, ge=1, le=5)
     #: Prefix of every NATS subject, stream and bucket, so two stacks can share one NATS.
