@@ -19,12 +19,17 @@ if TYPE_CHECKING:
     from tests.conftest import NatsServer
 
 
-async def test_a_media_store_outage_is_a_retryable_attempt_failure(nats_server: NatsServer) -> None:
+@pytest.mark.parametrize("attempt_number", [1, 2])  # a new object (two publishes), nats-py's put
+async def test_a_media_store_outage_is_a_retryable_attempt_failure(
+    nats_server: NatsServer, attempt_number: int
+) -> None:
     nc = await nats.connect(nats_server.url, allow_reconnect=False)
     try:
-        media = MediaStore(await natsconn.ensure_media_bucket(nc.jetstream(timeout=1.0), Topology()))
+        js, topology = nc.jetstream(timeout=1.0), Topology()
+        bucket = await natsconn.ensure_media_bucket(js, topology)
+        media = MediaStore(bucket, js, topology.media_bucket)
         task = task_pb2.Task(id="task_" + "a" * 32)
-        attempt = Attempt(msg=None, task_id=task.id, attempt=1)  # type: ignore[arg-type]  # no message needed
+        attempt = Attempt(msg=None, task_id=task.id, attempt=attempt_number)  # type: ignore[arg-type]  # no message needed
         # Only store_media is exercised: no progress reporter, no provider.
         ctx = AttemptContext(attempt, task, None, None, media)  # type: ignore[arg-type]
         stored = await ctx.store_media(b"RIFF", "wav", "audio/wav")

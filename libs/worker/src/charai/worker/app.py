@@ -110,7 +110,14 @@ class WorkerApp:
             replicas=s.nats_replicas,
         )
         self.runner = runner = JobRunner(
-            config, self._handler, nc, js, store, MediaStore(bucket), provider, topology
+            config,
+            self._handler,
+            nc,
+            js,
+            store,
+            MediaStore(bucket, js, topology.media_bucket),
+            provider,
+            topology,
         )
         self._metrics_endpoint = await stack.enter_async_context(
             MetricsEndpoint(

@@ -107,7 +107,9 @@ class AttemptContext:
     async def store_media(self, data: bytes, extension: str, content_type: str) -> MediaRef:
         key = media_key(self._task.id, extension)
         try:
-            await self._media.put(key, data)
+            # The key is the task's: the task's first attempt is the first to write it (an
+            # attempt runs once; a re-run by an operator counts on from its last attempt).
+            await self._media.put(key, data, new=self._attempt.attempt == 1)
         except (TimeoutError, NatsError, OSError) as exc:
             # The media store (JetStream) is briefly away, e.g. re-electing a leader: a transient
             # failure of this attempt, retried like an unreachable provider, not a handler crash.

@@ -1,0 +1,119 @@
+"""A new object written in two publishes (``MediaStore.put(..., new=True)``, what a task's first
+attempt does) is the object nats-py's own put writes: nats-py reads it back, describes it the
+same way, replaces and deletes it without leaving chunks behind; a refused chunk leaves nothing."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import nats
+import pytest
+import pytest_asyncio
+from charai.core.media import MediaStore
+from nats.js import api
+
+BUCKET = "media_put_test"
+KEY = "task_" + "b" * 32 + ".wav"
+
+
+@pytest_asyncio.fixture
+async def js(nats_url: str) -> AsyncIterator[Any]:
+    nc = await nats.connect(nats_url)
+    try:
+        yield nc.jetstream()
+    finally:
+        await nc.close()
+
+
+async def _bucket(js: Any, name: str = BUCKET, max_bytes: int | None = None) -> Any:
+    config = api.ObjectStoreConfig(bucket=name, storage=api.StorageType.FILE, max_bytes=max_bytes)
+    return await js.create_object_store(name, config=config)
+
+
+async def _messages(js: Any, name: str = BUCKET) -> int:
+    return int((await js.stream_info(f"OBJ_{name}")).state.messages)
+
+
+@pytest.mark.parametrize("size", [0, 5, 128 * 1024, 300_000])
+async def test_a_new_object_reads_back_and_is_described_as_nats_py_describes_it(js: Any, size: int) -> None:
+    bucket = await _bucket(js)
+    data = os.urandom(size)
+    await MediaStore(bucket, js, BUCKET).put(KEY, data, new=True)
+    await bucket.put("reference", data)  # nats-py's own put of the same bytes
+    got = await bucket.get(KEY)
+    assert got.data == data
+    ours, theirs = got.info, await bucket.get_info("reference")
+    for field in ("size", "chunks", "digest", "bucket", "options", "deleted"):
+        assert getattr(ours, field) == getattr(theirs, field), field
+    assert ours.name == KEY
+    assert await MediaStore(bucket).get(KEY) == data
+    # Two publishes per object of up to 128 KiB (chunk, meta); nothing else was written.
+    chunks = -(-size // (128 * 1024))
+    assert await _messages(js) == 2 * (chunks + 1)
+
+
+async def test_a_new_object_is_replaced_and_deleted_without_leaving_its_chunks(js: Any) -> None:
+    bucket = await _bucket(js)
+    media = MediaStore(bucket, js, BUCKET)
+    await media.put(KEY, os.urandom(200_000), new=True)  # 2 chunks + meta
+    assert await _messages(js) == 3
+    replacement = os.urandom(1000)
+    await media.put(KEY, replacement)  # not new: nats-py's put, which removes the old chunks
+    assert await media.get(KEY) == replacement
+    assert await _messages(js) == 2
+    await media.delete(KEY)
+    assert await media.get(KEY) is None
+    assert await _messages(js) == 1  # the deletion marker (meta) only
+
+
+async def test_a_refused_chunk_leaves_no_chunks_and_no_object(js: Any) -> None:
+    bucket = await _bucket(js, max_bytes=200_000)  # the second 128 KiB chunk does not fit
+    media = MediaStore(bucket, js, BUCKET)
+    with pytest.raises(nats.js.errors.APIError):
+        await media.put(KEY, os.urandom(300_000), new=True)
+    assert await media.get(KEY) is None
+    assert await _messages(js) == 0
+    await media.put(KEY, b"RIFF", new=True)  # the bucket is usable, the key still free
+    assert await media.get(KEY) == b"RIFF"
+
+
+async def test_without_the_jetstream_context_every_put_is_nats_pys(js: Any) -> None:
+    bucket = await _bucket(js)
+    media = MediaStore(bucket)
+    await media.put(KEY, b"one", new=True)
+    await media.put(KEY, b"two", new=True)  # nats-py's put replaces it (and its chunks)
+    assert await media.get(KEY) == b"two"
+    assert await _messages(js) == 2
+
+
+@pytest.mark.parametrize(("attempt_number", "lookups"), [(1, 0), (2, 1)])
+async def test_a_tasks_first_attempt_stores_its_media_without_looking_it_up(
+    js: Any, nats_url: str, attempt_number: int, lookups: int
+) -> None:
+    """What a worker does: attempt 1 writes the task's key first (no JetStream API request);
+    a later attempt may replace an earlier attempt's object, so it uses nats-py's put (one
+    lookup of the object it replaces)."""
+    from charai.tasks.v1 import task_pb2
+    from charai.worker.attempt import Attempt, AttemptContext
+
+    media = MediaStore(await _bucket(js), js, BUCKET)
+    task = task_pb2.Task(id="task_" + "c" * 32)
+    attempt = Attempt(msg=None, task_id=task.id, attempt=attempt_number)  # type: ignore[arg-type]
+    ctx = AttemptContext(attempt, task, None, None, media)  # type: ignore[arg-type]  # store_media only
+    watcher = await nats.connect(nats_url)
+    try:
+        requests: list[str] = []
+
+        async def seen(msg: Any) -> None:
+            requests.append(msg.subject)
+
+        await watcher.subscribe("$JS.API.>", cb=seen)
+        await watcher.flush()
+        ref = await ctx.store_media(b"RIFF....WAVE", "wav", "audio/wav")
+        await watcher.flush()
+    finally:
+        await watcher.close()
+    assert len(requests) == lookups, requests
+    assert await media.get(ref.key) == b"RIFF....WAVE"
