@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import hashlib
 import hmac
 import json
@@ -88,6 +89,14 @@ class MediaStore:
             await self._bucket.delete(key)
 
 
+@functools.cache
+def _nuid() -> Any:
+    """One NUID generator for the process (seeding one costs more than the ids it makes)."""
+    from nats.nuid import NUID
+
+    return NUID()
+
+
 async def put_new_object(js: Any, bucket: str, key: str, data: bytes) -> None:
     """Writes object ``key`` of ``bucket`` in the object store's format (nats.js.object_store:
     chunk messages on ``$O.<bucket>.C.<nuid>``, then the object's info as a roll-up on
@@ -98,9 +107,8 @@ async def put_new_object(js: Any, bucket: str, key: str, data: bytes) -> None:
     from nats.js import api
     from nats.js import object_store as obj
     from nats.js.kv import MSG_ROLLUP_SUBJECT
-    from nats.nuid import NUID
 
-    nuid = NUID().next().decode()
+    nuid = _nuid().next().decode()
     chunk_subject = obj.OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=nuid)
     size = obj.OBJ_DEFAULT_CHUNK_SIZE
     view = memoryview(data)
