@@ -175,6 +175,11 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000),
             registry=r,
         )
+        self.exchange_streams = Gauge(
+            "charai_exchange_streams_open",
+            "Open ExchangeStream calls (task_store: one per gateway or worker process and address)",
+            registry=r,
+        )
 
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
         """The hook :class:`charai.core.grpcsupport.ServerInterceptor` calls after each RPC."""

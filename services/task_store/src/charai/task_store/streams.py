@@ -44,6 +44,10 @@ class Drain:
     def discard(self, queue: asyncio.Queue[_Item]) -> None:
         self._queues.discard(queue)
 
+    def __len__(self) -> int:
+        """The open streams (``charai_exchange_streams_open``)."""
+        return len(self._queues)
+
 
 async def serve(
     requests: AsyncIterator[spb.ExchangeStreamRequest], answer: Answer, drain: Drain
