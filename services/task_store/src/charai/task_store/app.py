@@ -155,7 +155,7 @@ class TaskStoreApp:
         # GetQueueStats shows the provider credentials' shared limiters and breakers (NATS KV).
         providers = await stack.enter_async_context(ProviderStates(nc, self._topology, s.nats_replicas))
         servicer.providers = providers.protos
-        self.metrics.gauge_from(self.metrics.exchange_streams, lambda: len(servicer.drain))
+        self.metrics.gauge_from(self.metrics.exchange_streams, lambda: servicer.drain.open_streams)
         health = await self._serve(stack, servicer)
         await self._start_ops(stack, health)
         host = self._listen.rpartition(":")[0]

@@ -44,8 +44,9 @@ class Drain:
     def discard(self, queue: asyncio.Queue[_Item]) -> None:
         self._queues.discard(queue)
 
-    def __len__(self) -> int:
-        """The open streams (``charai_exchange_streams_open``)."""
+    @property
+    def open_streams(self) -> int:
+        """How many streams are open (``charai_exchange_streams_open``)."""
         return len(self._queues)
 
 
