@@ -119,24 +119,32 @@ class Backlog:
         return int(row[0]), int(row[1]), bool(row[2])
 
     # -- creates -------------------------------------------------------------------------------
-    async def admit(self, unit: Unit, tenant: str, job: Job, created_us: int) -> bool:
-        """Holds the new task's job (True), or leaves it to the caller to queue at once (False:
-        the buffer has room and nothing else is held). A batch of creates measures once."""
-        room = unit.room.get(job.type)
+    async def holds(self, unit: Unit, kind: int) -> bool:
+        """Whether a new task of type ``kind`` is to be held: the buffer has no room, or another
+        task of its type is held. Asked before the task's row is inserted, so a held task is
+        inserted held (no second write of its row); :meth:`admit` then holds it or spends its
+        place. A batch of creates measures once."""
+        room = unit.room.get(kind)
         if room is None:
-            running, released, held = await self.measure(unit.tx, job.type)
-            # The new task is in the count already (inserted not held): room before it.
-            room = 0 if held else self._target(running) - (released - 1)
-        if room > 0:
-            unit.room[job.type] = room - 1
-            return False
-        unit.room[job.type] = 0
-        await self._hold(unit.tx, tenant, job, created_us)
-        return True
+            running, released, held = await self.measure(unit.tx, kind)
+            room = unit.room[kind] = 0 if held else self._target(running) - released
+        return room <= 0
 
-    async def _hold(self, tx: Tx, tenant: str, job: Job, created_us: int) -> None:
+    async def admit(self, unit: Unit, tenant: str, job: Job, created_us: int, *, held: bool) -> None:
+        """The new task's row is inserted (``held``, as :meth:`holds` answered): holds its job,
+        or takes its place in the buffer (the caller queues the job at once)."""
+        if held:
+            unit.room[job.type] = 0
+            await self._hold(unit.tx, tenant, job, created_us, mark_row=False)
+        else:
+            unit.room[job.type] -= 1
+
+    async def _hold(self, tx: Tx, tenant: str, job: Job, created_us: int, *, mark_row: bool = True) -> None:
+        """``job`` joins the backlog; ``mark_row``: its task row is set held (a create inserts
+        it held already)."""
         rank = fairshare.rank(URGENCY.get(job.priority, 1), created_us, self._aging_us)
-        await tx.execute("UPDATE tasks SET held = 1 WHERE id = ?", job.task_id)
+        if mark_row:
+            await tx.execute("UPDATE tasks SET held = 1 WHERE id = ?", job.task_id)
         await tx.execute(
             "INSERT INTO backlog (task_id, type, tenant, rank, priority, dispatch_gen, traceparent)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)",

@@ -109,10 +109,12 @@ class CreateCommands:
                 return existing, False
         if self.usage is not None:  # RESOURCE_EXHAUSTED naming the budget; nothing stored
             await self.usage.check_budgets(unit.tx, tenant)
+        # Fair share: held in the backlog unless the buffer has room and nobody else waits.
+        held = self.backlog is not None and await self.backlog.holds(unit, int(req.type))
         now = self._clock.now_us()
         decision = lifecycle.create(self._policy, now)
         task = self._new_task(req, decision.state, now)
-        if not await self._insert(unit, tenant, task, now):
+        if not await self._insert(unit, tenant, task, now, held):
             # A concurrent create with the same request_id (another replica, a retried call) made
             # this insert do nothing; that task is then the answer.
             existing = await self._by_request_id(unit, tenant, req)
@@ -122,20 +124,21 @@ class CreateCommands:
         for event in decision.events:
             unit.save(task, tenant, int(event.type), now, 0, fresh=True)  # _insert wrote its state
         job = Job(task.id, decision.state.dispatch_gen, int(task.type), int(task.priority), traceparent)
-        # Fair share: held in the backlog unless the buffer has room and nobody else waits.
-        if self.backlog is None or not await self.backlog.admit(unit, tenant, job, now):
+        if self.backlog is not None:
+            await self.backlog.admit(unit, tenant, job, now, held=held)
+        if not held:
             handed = await self._outbox.enqueue(unit.tx, job, now, hand_off=True)
             if handed is not None:
                 unit.handed.append(handed)
         await self._queries.position(unit.tx, task)
         return task, True
 
-    async def _insert(self, unit: Unit, tenant: str, task: task_pb2.Task, now: int) -> bool:
-        """Inserts the task row (and its metadata rows on SQLite); False if its request_id is
-        taken."""
+    async def _insert(self, unit: Unit, tenant: str, task: task_pb2.Task, now: int, held: bool) -> bool:
+        """Inserts the task row (``held``: in the fair-share backlog; and its metadata rows on
+        SQLite); False if its request_id is taken."""
         columns = "id, tenant, request_id, type, priority, status, attempt, max_attempts,"
-        columns += " create_time, update_time, dispatch_gen, task, reuse_key"
-        values = "?, ?, ?, ?, ?, ?, 0, ?, ?, ?, 1, ?, ?"
+        columns += " create_time, update_time, dispatch_gen, held, task, reuse_key"
+        values = f"?, ?, ?, ?, ?, ?, 0, ?, ?, ?, 1, {int(held)}, ?, ?"
         args: list[Any] = [task.id, tenant, task.request_id or None, int(task.type), int(task.priority)]
         args += [int(task.status), task.max_attempts, now, now, task.SerializeToString()]
         args.append(self.reuse.key(tenant, task) if self.reuse is not None else None)
