@@ -138,9 +138,9 @@ class CreateCommands:
         SQLite); False if its request_id is taken."""
         columns = "id, tenant, request_id, type, priority, status, attempt, max_attempts,"
         columns += " create_time, update_time, dispatch_gen, held, task, reuse_key"
-        values = f"?, ?, ?, ?, ?, ?, 0, ?, ?, ?, 1, {int(held)}, ?, ?"
+        values = "?, ?, ?, ?, ?, ?, 0, ?, ?, ?, 1, ?, ?, ?"
         args: list[Any] = [task.id, tenant, task.request_id or None, int(task.type), int(task.priority)]
-        args += [int(task.status), task.max_attempts, now, now, task.SerializeToString()]
+        args += [int(task.status), task.max_attempts, now, now, int(held), task.SerializeToString()]
         args.append(self.reuse.key(tenant, task) if self.reuse is not None else None)
         if self._metadata_json:
             columns += ", metadata"
