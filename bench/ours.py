@@ -56,8 +56,11 @@ def pids(s: Stack) -> dict[str, int]:
 
 
 def worker_store(s: Stack) -> StoreClient:
-    """task_store as a worker process reaches it: progress and claims coalesced into Exchange."""
-    return StoreClient(s.task_store_addr, s.env.get("CHARAI_INTERNAL_TOKEN", ""), coalesce=True)
+    """task_store as a worker process reaches it: progress and claims coalesced into Exchange,
+    carried as messages of ExchangeStream calls unless the stack sets CHARAI_EXCHANGE_STREAM=false."""
+    stream = s.env.get("CHARAI_EXCHANGE_STREAM", "true").lower() not in ("false", "0", "no", "off")
+    token = s.env.get("CHARAI_INTERNAL_TOKEN", "")
+    return StoreClient(s.task_store_addr, token, coalesce=True, stream=stream)
 
 
 def internal(s: Stack) -> tuple[tuple[str, str], ...]:
