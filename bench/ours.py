@@ -172,6 +172,7 @@ async def b1(runs: int, n: int, interval: float = 0.01, warmup: int = 30) -> lis
 async def _b1_once(client: CharaiClient, character: str, n: int, interval: float) -> dict[str, Any]:
     receipts: dict[str, dict[int, float]] = {}
     store_started: dict[str, float] = {}
+    started_wall: dict[str, float] = {}  # when the client got the started event (wall clock)
     everything = asyncio.Event()
     done: set[str] = set()
 
@@ -182,6 +183,7 @@ async def _b1_once(client: CharaiClient, character: str, n: int, interval: float
             mine.setdefault(event.type, at)
             if event.type == E.TASK_EVENT_TYPE_STARTED:
                 store_started[event.task.id] = us(event.time)
+                started_wall[event.task.id] = time.time()
             if event.type == E.TASK_EVENT_TYPE_COMPLETED:
                 done.add(event.task.id)
                 if len(done) >= n:
@@ -190,11 +192,13 @@ async def _b1_once(client: CharaiClient, character: str, n: int, interval: float
     listener = asyncio.create_task(listen())
     await asyncio.sleep(0.5)  # the stream is open and registered
     submitted: dict[str, tuple[float, float, float]] = {}  # id -> (perf t0, wall t0, rpc ms)
+    created: dict[str, float] = {}  # id -> the task's create_time (stamped in task_store)
 
     async def one(i: int) -> None:
         wall, t0 = time.time(), time.perf_counter()
         task = await client.create(tts_request(character, f"pickup {character} {i}"))
         submitted[task.id] = (t0, wall, (time.perf_counter() - t0) * 1000)
+        created[task.id] = us(task.create_time)
 
     start = time.perf_counter()
     pending = []
@@ -210,6 +214,10 @@ async def _b1_once(client: CharaiClient, character: str, n: int, interval: float
     with contextlib.suppress(asyncio.CancelledError):
         await listener
     started, progress, completed, in_store, rpc = [], [], [], [], []
+    # Where the pickup's time goes (wall clocks of one machine): client -> the create's
+    # transaction in task_store; that -> the claim's transaction (commit, relay, JetStream,
+    # worker, claim); that -> the started event at the client (commit, bus, gateway, stream).
+    to_create, create_to_start, start_to_client = [], [], []
     for task_id, (t0, wall, rpc_ms) in submitted.items():
         got = receipts[task_id]
         started.append((got[E.TASK_EVENT_TYPE_STARTED] - t0) * 1000)
@@ -218,6 +226,9 @@ async def _b1_once(client: CharaiClient, character: str, n: int, interval: float
         completed.append((got[E.TASK_EVENT_TYPE_COMPLETED] - t0) * 1000)
         in_store.append((store_started[task_id] - wall) * 1000)
         rpc.append(rpc_ms)
+        to_create.append((created[task_id] - wall) * 1000)
+        create_to_start.append((store_started[task_id] - created[task_id]) * 1000)
+        start_to_client.append((started_wall[task_id] - store_started[task_id]) * 1000)
     return {
         "tasks": n,
         "started_at_client_ms_p50": pct(started, 0.5),
@@ -229,6 +240,9 @@ async def _b1_once(client: CharaiClient, character: str, n: int, interval: float
         "completed_at_client_ms_p50": pct(completed, 0.5),
         "create_rpc_ms_p50": pct(rpc, 0.5),
         "create_rpc_ms_p99": pct(rpc, 0.99),
+        "client_to_create_tx_ms_p50": pct(to_create, 0.5),
+        "create_tx_to_claim_tx_ms_p50": pct(create_to_start, 0.5),
+        "claim_tx_to_client_ms_p50": pct(start_to_client, 0.5),
     }
 
 

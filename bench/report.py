@@ -18,6 +18,18 @@ HEADLINES: dict[str, list[tuple[str, str, list[str]]]] = {
             "started_at_client_ms_p99|start_ms_p99|pub_to_receipt_ms_p99",
             ["charai", "bullmq-durable", "bullmq", "celery", "floor-jetstream"],
         ),
+        # Where charai's pickup goes (p50 of each leg, wall clocks of one machine).
+        ("leg 1: client -> the create's transaction, ms p50", "client_to_create_tx_ms_p50", ["charai"]),
+        (
+            "leg 2: -> the claim's transaction (commit, relay, JetStream, worker), ms p50",
+            "create_tx_to_claim_tx_ms_p50",
+            ["charai"],
+        ),
+        (
+            "leg 3: -> started at the client (commit, bus, gateway), ms p50",
+            "claim_tx_to_client_ms_p50",
+            ["charai"],
+        ),
     ],
     "B2": [
         (
