@@ -478,3 +478,58 @@ async def test_sweeper_redispatches_a_webhook_job_that_nats_lost(
         assert again_id == first_id[:-2] + ":2"
         clock.advance(0.4)
         assert await relay.sweep_once() == 0  # the new job is there
+
+
+async def test_sweeper_leaves_a_webhook_job_still_in_the_outbox_alone(
+    nats_server: NatsServer, db: Database
+) -> None:
+    """A delivery whose job row is still in the outbox is not lost, however overdue: not
+    published yet, or published by a relay that stopped before recording its sequence. The
+    relays publish it (JetStream drops a repeat), and the sweep leaves it alone, as it does a
+    task's job. Taken for lost, it was published again under a new generation and its receiver
+    got it twice (found by tests/faults/test_webhook_crash.py after a task_store restart)."""
+    async with bare_store(nats_server, db, outbox_claim_seconds=0.3) as (store, js, clock):
+        request = tts_request()
+        request.webhook.url = "https://hooks.example.com/charai"
+        task, _ = await store.create("t1", request)
+        claim = await store.claim(task.id, 1, "w")
+        assert claim.outcome == spb.CLAIM_OUTCOME_RUN
+        await store.complete(
+            spb.CompleteTaskRequest(
+                task_id=task.id,
+                attempt=claim.attempt,
+                tts_result=task_pb2.TtsResult(audio_url="charai-media:x"),
+            )
+        )
+        sweeper = OutboxRelay(store, js, TOPOLOGY, redispatch_after=0.3, sweep_interval=3600)
+        clock.advance(0.4)
+        assert await sweeper.sweep_once() == 0  # the delivery's job waits in the outbox
+
+        # A relay publishes both jobs (the task's, the delivery's) and stops before recording them.
+        dead = relay_on(store, js)
+        await dead._publish(await store.claim_dispatches(dead.owner))
+        assert dead.published == 2
+        clock.advance(0.4)  # its claims expire; the delivery is long overdue
+        assert await sweeper.sweep_once() == 0
+
+        survivor = relay_on(store, js)
+        survivor.start()
+        try:
+            survivor.wake()
+
+            async def drained() -> bool:
+                return await store.pending_dispatches() == []
+
+            await eventually(drained, timeout=5)
+        finally:
+            await survivor.close()
+        assert survivor.duplicates == 2  # published again, dropped by JetStream
+        state = (await js.stream_info(STREAM)).state
+        webhook_ids = []
+        for seq in range(state.first_seq, state.last_seq + 1):
+            msg = await js.get_msg(STREAM, seq)
+            if msg.subject == TOPOLOGY.webhook_subject:
+                webhook_ids.append((msg.headers or {}).get("Nats-Msg-Id", ""))
+        assert len(webhook_ids) == 1 and webhook_ids[0].endswith(":1"), webhook_ids
+        clock.advance(0.4)
+        assert await sweeper.sweep_once() == 0  # recorded now, and in the stream

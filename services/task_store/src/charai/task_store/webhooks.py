@@ -150,7 +150,13 @@ class Webhooks:
         """Claims pending deliveries whose job is out but that nobody took for ``older_than_s``
         past their due time: (delivery id, dispatch gen, stream seq), for the sweeper to check
         the job is still in the stream. Claiming moves their due time to now, so the next sweeps
-        leave them alone for ``older_than_s`` (as the task sweep does with ``dispatched_at``)."""
+        leave them alone for ``older_than_s`` (as the task sweep does with ``dispatched_at``).
+
+        A delivery whose job row is still in the outbox is not a suspect (as in the task
+        sweep): its job is not published yet, or a relay published it and stopped before
+        recording its sequence, and the relays publish it (again: JetStream drops the repeat).
+        Taken for lost, it was published a second time and sent twice
+        (tests/faults/test_webhook_crash.py, after task_store was killed and restarted)."""
 
         async def body(tx: Tx) -> list[tuple[str, int, int | None]]:
             now = self._clock.now_us()
@@ -158,6 +164,7 @@ class Webhooks:
                 "UPDATE webhook_deliveries SET next_attempt_at = ? WHERE id IN ("
                 "SELECT id FROM webhook_deliveries WHERE status = ? AND dispatched = 1"
                 " AND next_attempt_at < ? AND (claimed_until IS NULL OR claimed_until < ?)"
+                " AND id NOT IN (SELECT task_id FROM outbox)"
                 f" ORDER BY next_attempt_at LIMIT ?{self._db.dialect.skip_locked})"
                 " RETURNING id, dispatch_gen, stream_seq",
                 now,
