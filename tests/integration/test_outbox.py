@@ -316,6 +316,27 @@ def relay_on(store: TaskStore, js: JetStreamContext) -> OutboxRelay:
     return OutboxRelay(store, js, TOPOLOGY, redispatch_after=60.0, sweep_interval=3600.0)
 
 
+@contextlib.asynccontextmanager
+async def relay_running(store: TaskStore, js: JetStreamContext) -> AsyncIterator[OutboxRelay]:
+    """A new relay, started and woken (to publish what the outbox holds), closed at the end."""
+    relay = relay_on(store, js)
+    relay.start()
+    try:
+        relay.wake()
+        yield relay
+    finally:
+        await relay.close()
+
+
+async def outbox_drained(store: TaskStore) -> None:
+    """Waits until every job in the outbox is published and recorded (a relay runs)."""
+
+    async def drained() -> bool:
+        return await store.pending_dispatches() == []
+
+    await eventually(drained, timeout=5)
+
+
 async def test_a_relay_that_dies_before_recording_a_batch_is_deduplicated_by_jetstream(
     nats_server: NatsServer, db: Database
 ) -> None:
@@ -332,18 +353,9 @@ async def test_a_relay_that_dies_before_recording_a_batch_is_deduplicated_by_jet
         assert len(await store.pending_dispatches()) == 3  # nothing recorded yet
 
         clock.advance(0.31)  # the dead relay's claims expire
-        survivor = relay_on(store, js)
-        survivor.start()
-        try:
-            survivor.wake()
-
-            async def drained() -> bool:
-                return await store.pending_dispatches() == []
-
-            await eventually(drained, timeout=5)
+        async with relay_running(store, js) as survivor:
+            await outbox_drained(store)
             assert (survivor.published, survivor.duplicates) == (3, 3)
-        finally:
-            await survivor.close()
         jobs = await stream_jobs(js)
         assert sorted(j.msg_id for j in jobs) == sorted(f"{t.id}:1" for t in tasks)
         clock.advance(0.01)
@@ -397,11 +409,7 @@ async def test_created_jobs_are_handed_to_the_relay_and_published_once_without_a
         try:
             created = await asyncio.gather(*(store.create("t1", tts_request()) for _ in range(40)))
             ids = {task.id, *(t.id for t, _ in created)}
-
-            async def drained() -> bool:
-                return await store.pending_dispatches() == []
-
-            await eventually(drained, timeout=5)
+            await outbox_drained(store)
             assert (relay.published, relay.duplicates) == (41, 0)
         finally:
             await relay.close()
@@ -415,19 +423,10 @@ async def test_a_job_handed_to_a_relay_that_died_is_published_by_another_after_t
     async with bare_store(nats_server, db, hand_off_claim_seconds=0.3) as (store, js, clock):
         store.hand_off("relay-that-dies", lambda rows: None)  # the process dies before publishing
         task, _ = await store.create("t1", image_request())
-        survivor = relay_on(store, js)
-        assert await store.claim_dispatches(survivor.owner) == []  # still claimed
+        assert await store.claim_dispatches("a survivor") == []  # still claimed
         clock.advance(0.31)
-        survivor.start()
-        try:
-            survivor.wake()
-
-            async def drained() -> bool:
-                return await store.pending_dispatches() == []
-
-            await eventually(drained, timeout=5)
-        finally:
-            await survivor.close()
+        async with relay_running(store, js):
+            await outbox_drained(store)
         assert [j.msg_id for j in await stream_jobs(js)] == [f"{task.id}:1"]
 
 
@@ -512,17 +511,8 @@ async def test_sweeper_leaves_a_webhook_job_still_in_the_outbox_alone(
         clock.advance(0.4)  # its claims expire; the delivery is long overdue
         assert await sweeper.sweep_once() == 0
 
-        survivor = relay_on(store, js)
-        survivor.start()
-        try:
-            survivor.wake()
-
-            async def drained() -> bool:
-                return await store.pending_dispatches() == []
-
-            await eventually(drained, timeout=5)
-        finally:
-            await survivor.close()
+        async with relay_running(store, js) as survivor:
+            await outbox_drained(store)
         assert survivor.duplicates == 2  # published again, dropped by JetStream
         state = (await js.stream_info(STREAM)).state
         webhook_ids = []
