@@ -1,4 +1,4 @@
-"""``python -m bench profile --shape B2|B4|B1|B5``: py-spy on every Python service of the stack while
+"""``python -m bench profile --shape B2|B4|B4b|B1|B5``: py-spy on every Python service of the stack while
 the shape's load runs; prints where each process spends its CPU (self and inclusive time).
 
 py-spy is installed into bench/.venv-tools (never into the project venv). Raw collapsed stacks
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 from charai.client import CharaiClient
+from charai.tasks.v1 import task_service_pb2
 
 from bench import ours
 from bench.common import BENCH_DIR, log
@@ -109,18 +110,22 @@ async def profile(shape: str, n: int, seconds: float) -> Path:
     ensure_py_spy()
     out = BENCH_DIR / "results" / f"profile-{shape}-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
-    if shape == "B4":
+    if shape in ("B4", "B4b"):
         from bench.load import unary_load
 
         async with ours.stack(services=("task_store", "gateway")) as s:
-            request = ours.tts_request("b4-prof", "submit capacity").SerializeToString()
+            one = ours.tts_request("b4-prof", "submit capacity")
+            request = one.SerializeToString()
             method = "/charai.tasks.v1.TaskService/CreateTask"
+            if shape == "B4b":
+                request = task_service_pb2.BatchCreateTasksRequest(requests=[one] * 4).SerializeToString()
+                method = "/charai.tasks.v1.TaskService/BatchCreateTasks"
             await unary_load(s.gateway_grpc, method, request, 100, 3)
             spies = Spies({k: ours.pid(s, k) for k in ("task_store", "gateway")}, out)
             await asyncio.sleep(1)
             res = await unary_load(s.gateway_grpc, method, request, 100, seconds)
             spies.stop()
-            log(f"B4 under py-spy: {res['rps']:.0f} RPS")
+            log(f"{shape} under py-spy: {res['rps']:.0f} calls/s")
     elif shape == "B5":
         spies = await _profile_b5(out, n)
     else:
