@@ -30,8 +30,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     sub.add_parser("setup", help="install redis-server, bullmq (npm) and Celery (bench/.venv-celery)")
     prof = sub.add_parser("profile", help="py-spy on the stack's Python services under one shape's load")
     prof.add_argument("--shape", choices=("B1", "B2", "B4", "B4b", "B5"), default="B2")
-    prof.add_argument("--n", type=int, default=3000, help="tasks (B1, B2); streams (B5)")
-    prof.add_argument("--seconds", type=float, default=15.0, help="B4: seconds of load")
+    prof.add_argument("--n", type=int, default=None, help="tasks (B1, B2; 3000); streams (B5; 1000)")
+    prof.add_argument("--seconds", type=float, default=15.0, help="B4, B4b: seconds of load")
     rep = sub.add_parser("report", help="write the report again from a raw results file")
     rep.add_argument("results", type=Path)
     rep.add_argument("--md", type=Path, default=ROOT / "BENCHMARKS.md")
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.cmd == "profile":
         from bench.profile import profile
 
-        asyncio.run(profile(args.shape, args.n, args.seconds))
+        asyncio.run(profile(args.shape, args.n or (1000 if args.shape == "B5" else 3000), args.seconds))
         return
     if args.cmd == "report":
         write_report(json.loads(args.results.read_text()), args.md)
