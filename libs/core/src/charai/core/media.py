@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import functools
@@ -98,24 +97,13 @@ def _nuid() -> Any:
     return NUID()
 
 
-#: Chunk publishes (128 KiB each) a new object's put has unacknowledged at once.
-PUT_WINDOW = 8
-
-
 async def put_new_object(js: Any, bucket: str, key: str, data: bytes) -> None:
     """Writes object ``key`` of ``bucket`` in the object store's format (nats.js.object_store:
     chunk messages on ``$O.<bucket>.C.<nuid>``, then the object's info as a roll-up on
     ``$O.<bucket>.M.<base64url name>``), for a name with no object yet: nothing is read or
-    deleted.
-
-    The publishes are pipelined: up to :data:`PUT_WINDOW` chunks wait for their acknowledgement
-    at once, and the meta message is sent without waiting for the last ones. That costs both
-    sides about a third less CPU than one round trip per publish (``python -m bench.media_put``).
-    Each publish is nats-py's (its request timeout; a refusal raises its ``APIError``). A put that
-    fails removes what it wrote: its chunks (their subject is its own) and its meta message,
-    deleted by its sequence, so nothing another writer stored under ``key`` is touched. Until
-    then the meta message may be stored without every chunk; nobody reads the key meanwhile, as
-    the task's result that names it is committed only after the put returned."""
+    deleted. Each publish waits for JetStream's acknowledgement, so the meta message, which
+    makes the object visible, is stored only after every chunk; a failed chunk or meta publish
+    purges the chunks written."""
     from nats.js import api
     from nats.js import object_store as obj
     from nats.js.kv import MSG_ROLLUP_SUBJECT
@@ -124,21 +112,17 @@ async def put_new_object(js: Any, bucket: str, key: str, data: bytes) -> None:
     chunk_subject = obj.OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=nuid)
     size = obj.OBJ_DEFAULT_CHUNK_SIZE
     view = memoryview(data)
-    chunks: list[asyncio.Future[Any]] = []
-    meta: asyncio.Future[Any] | None = None
+    chunks = 0
     try:
         for offset in range(0, len(data), size):
-            if len(chunks) >= PUT_WINDOW:
-                await chunks[-PUT_WINDOW]
-            chunks.append(
-                asyncio.ensure_future(js.publish(chunk_subject, bytes(view[offset : offset + size])))
-            )
+            await js.publish(chunk_subject, bytes(view[offset : offset + size]))
+            chunks += 1
         info = api.ObjectInfo(
             name=key,
             bucket=bucket,
             nuid=nuid,
             size=len(data),
-            chunks=len(chunks),
+            chunks=chunks,
             mtime=datetime.now(UTC).isoformat(),
             digest=obj.OBJ_DIGEST_TEMPLATE.format(
                 digest=base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode()
@@ -148,37 +132,13 @@ async def put_new_object(js: Any, bucket: str, key: str, data: bytes) -> None:
         meta_subject = obj.OBJ_META_PRE_TEMPLATE.format(
             bucket=bucket, obj=base64.urlsafe_b64encode(key.encode()).decode()
         )
-        meta = asyncio.ensure_future(
-            js.publish(
-                meta_subject,
-                json.dumps(info.as_dict()).encode(),
-                headers={api.Header.ROLLUP: MSG_ROLLUP_SUBJECT},
-            )
+        await js.publish(
+            meta_subject, json.dumps(info.as_dict()).encode(), headers={api.Header.ROLLUP: MSG_ROLLUP_SUBJECT}
         )
-        for publish in (*chunks, meta):
-            await publish
     except BaseException:
-        await _unwrite(js, obj.OBJ_STREAM_TEMPLATE.format(bucket=bucket), chunk_subject, chunks, meta)
+        with contextlib.suppress(Exception):
+            await js.purge_stream(obj.OBJ_STREAM_TEMPLATE.format(bucket=bucket), subject=chunk_subject)
         raise
-
-
-async def _unwrite(
-    js: Any,
-    stream: str,
-    chunk_subject: str,
-    chunks: list[asyncio.Future[Any]],
-    meta: asyncio.Future[Any] | None,
-) -> None:
-    """After a failed put: lets its publishes still under way end (each within nats-py's
-    timeout), so nothing is stored after the clean-up; then deletes its meta message if it was
-    stored, and purges its chunks."""
-    sent = [*chunks, meta] if meta is not None else chunks
-    await asyncio.gather(*sent, return_exceptions=True)
-    with contextlib.suppress(Exception):
-        if meta is not None and not meta.cancelled() and meta.exception() is None:
-            await js.delete_msg(stream, meta.result().seq)
-    with contextlib.suppress(Exception):
-        await js.purge_stream(stream, subject=chunk_subject)
 
 
 def media_keys(task: Any) -> list[str]:
