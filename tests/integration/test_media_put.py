@@ -1,6 +1,8 @@
 """A new object written in two publishes (``MediaStore.put(..., new=True)``, what a task's first
 attempt does) is the object nats-py's own put writes: nats-py reads it back, describes it the
-same way, replaces and deletes it without leaving chunks behind; a refused chunk leaves nothing."""
+same way, replaces and deletes it without leaving chunks behind; a refused chunk leaves nothing. The media
+store's own read (what the gateway's downloads use) reads either put's objects, and answers None
+for an object whose chunks are gone instead of waiting for them forever."""
 
 from __future__ import annotations
 
@@ -116,3 +118,31 @@ async def test_a_tasks_first_attempt_stores_its_media_without_looking_it_up(
     ref = await ctx.store_media(b"RIFF....WAVE", "wav", "audio/wav")
     assert await api_requests() - before - itself == lookups
     assert await media.get(ref.key) == b"RIFF....WAVE"
+
+
+@pytest.mark.parametrize("size", [0, 5, 128 * 1024, 300_000])
+async def test_a_bounded_get_reads_what_either_put_wrote(js: Any, size: int) -> None:
+    bucket = await _bucket(js)
+    media = MediaStore(bucket, js, BUCKET, chunk_wait=30)
+    data = os.urandom(size)
+    await media.put(KEY, data, new=True)
+    await bucket.put("reference", data)
+    assert await media.get(KEY) == data
+    assert await media.get("reference") == data
+    assert await media.get("nothing-here") is None
+    await media.delete(KEY)
+    assert await media.get(KEY) is None
+
+
+async def test_a_get_whose_chunks_are_gone_answers_none_and_ends_its_subscription(js: Any) -> None:
+    """A download racing a delete: the meta message read, the chunks purged before they are
+    read. nats-py's get waits for them forever; the media store gives up after ``chunk_wait``
+    (no chunk will come: the wait is for a message that does not exist, not for time to pass)."""
+    bucket = await _bucket(js)
+    media = MediaStore(bucket, js, BUCKET, chunk_wait=0.5)
+    await media.put(KEY, os.urandom(300_000), new=True)
+    info = await bucket.get_info(KEY)
+    await js.purge_stream(f"OBJ_{BUCKET}", subject=f"$O.{BUCKET}.C.{info.nuid}")
+    subscriptions = len(js._nc._subs)
+    assert await media.get(KEY) is None
+    assert len(js._nc._subs) == subscriptions  # the chunks' subscription ended with the get

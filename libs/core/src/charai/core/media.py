@@ -14,6 +14,10 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import structlog
+
+log = structlog.get_logger("media")
+
 MEDIA_URL_PREFIX = "charai-media:"
 CONTENT_TYPES = {
     "png": "image/png",
@@ -50,10 +54,11 @@ class MediaStore:
     nats-py's.
     """
 
-    def __init__(self, bucket: Any, js: Any = None, bucket_name: str = "") -> None:
+    def __init__(self, bucket: Any, js: Any = None, bucket_name: str = "", chunk_wait: float = 5.0) -> None:
         self._bucket = bucket
         self._js = js
         self._name = bucket_name
+        self._chunk_wait = chunk_wait
 
     async def put(self, key: str, data: bytes, *, new: bool = False) -> None:
         """Stores ``data`` as ``key``, replacing the object of that name.
@@ -71,15 +76,57 @@ class MediaStore:
         await put_new_object(self._js, self._name, key, data)
 
     async def get(self, key: str) -> bytes | None:
+        """The object's bytes; None when there is none, it was deleted, or its chunks are gone.
+
+        With ``js`` and ``bucket_name``, each chunk is awaited for at most ``chunk_wait``
+        seconds, and the chunks' subscription always ends: an object whose chunks were purged
+        after its meta message was read (a delete racing a download) or never stored answers
+        None. nats-py's get (used without them) would wait for those chunks forever, holding its
+        subscription, and never answer the download."""
         from nats.js.errors import NotFoundError, ObjectNotFoundError
 
+        if self._js is None:
+            try:
+                result = await self._bucket.get(key)
+            except (NotFoundError, ObjectNotFoundError):
+                return None
+            if result.info is not None and getattr(result.info, "deleted", False):
+                return None
+            return bytes(result.data or b"")
         try:
-            result = await self._bucket.get(key)
+            info = await self._bucket.get_info(key)
         except (NotFoundError, ObjectNotFoundError):
             return None
-        if result.info is not None and getattr(result.info, "deleted", False):
+        if getattr(info, "deleted", False):
             return None
-        return bytes(result.data or b"")
+        return await self._read_chunks(key, info)
+
+    async def _read_chunks(self, key: str, info: Any) -> bytes | None:
+        import nats.errors
+        from nats.js import object_store as obj
+
+        if not info.size:
+            return b""
+        subject = obj.OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=self._name, obj=info.nuid)
+        sub = await self._js.subscribe(subject, ordered_consumer=True)
+        data = bytearray()
+        try:
+            while len(data) < info.size:
+                data += (await sub.next_msg(timeout=self._chunk_wait)).data
+        except nats.errors.TimeoutError:
+            log.warning("media_chunks_missing", key=key, size=info.size, read=len(data))
+            return None
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        expected = info.digest.split("=", 1)[-1]
+        if (
+            len(data) != info.size
+            or base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode() != expected
+        ):
+            log.warning("media_digest_mismatch", key=key, size=info.size, read=len(data))
+            return None
+        return bytes(data)
 
     async def delete(self, key: str) -> None:
         """Removes the object; one already gone is no error (deleting twice is deleting once)."""

@@ -110,7 +110,9 @@ class GatewayApp:
                 stream=s.exchange_stream,
             )
         )
-        media = MediaStore(await natsconn.ensure_media_bucket(nc.jetstream(), topology, s.nats_replicas))
+        js = nc.jetstream()
+        bucket = await natsconn.ensure_media_bucket(js, topology, s.nats_replicas)
+        media = MediaStore(bucket, js, topology.media_bucket)  # bounded reads: MediaStore.get
         self.hub = hub = EventHub(nc, topology)
         stack.push_async_callback(hub.close)
         await hub.start()
