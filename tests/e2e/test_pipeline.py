@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
+import urllib.error
 import urllib.request
 import wave
 
@@ -85,3 +86,27 @@ async def test_media_supports_range_requests(client: CharaiClient, stack: Stack)
     with urllib.request.urlopen(request, timeout=10) as response:
         assert response.status == 206
         assert len(response.read()) == 4
+
+
+async def test_a_download_whose_chunks_are_gone_answers_404(client: CharaiClient, stack: Stack) -> None:
+    """The object's description is there, its chunks are not (what a download sees when a delete
+    purges them between the two reads): the download answers 404, it does not wait forever."""
+    import nats
+    from charai.core.topology import Topology
+
+    task = await client.create_tts("char_e2e_gone", "Gone before it was read.", voice_style="tongtong")
+    final = [e async for e in client.watch(task.id)][-1].task
+    assert final.status == task_pb2.TASK_STATUS_COMPLETED, final.error
+    bucket_name = Topology().media_bucket
+    nc = await nats.connect(stack.nats_url)
+    try:
+        js = nc.jetstream()
+        info = await (await js.object_store(bucket_name)).get_info(f"{task.id}.wav")
+        await js.purge_stream(f"OBJ_{bucket_name}", subject=f"$O.{bucket_name}.C.{info.nuid}")
+    finally:
+        await nc.close()
+    try:
+        with urllib.request.urlopen(final.tts_result.audio_url, timeout=60):
+            raise AssertionError("a download of an object without its chunks answered")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 404
