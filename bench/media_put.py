@@ -12,28 +12,56 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from typing import Any
 
 from bench.grpc_transport import _cpu, _free_port
 
 BUCKET = "media_bench"
 
 
-async def _run(port: int, server: int, rounds: int, n: int, size: int) -> None:
+async def connect(port: int) -> Any:
+    """A client connection to the server of :func:`jetstream_server` once it listens."""
     import nats
-    from charai.core.media import MediaStore
-    from nats.js import api
 
     for _ in range(100):
         with socket.socket() as probe:
             if probe.connect_ex(("127.0.0.1", port)) == 0:
                 break
         await asyncio.sleep(0.05)
-    nc = await nats.connect(f"nats://127.0.0.1:{port}")
+    return await nats.connect(f"nats://127.0.0.1:{port}")
+
+
+@contextlib.contextmanager
+def jetstream_server() -> Iterator[tuple[int, int]]:
+    """A ``nats-server -js`` of its own on a free port with a temporary store: (port, pid)."""
+    from charai.devstack.stack import nats_server_binary
+
+    port = _free_port()
+    with tempfile.TemporaryDirectory() as data_dir:
+        server = subprocess.Popen(
+            [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", data_dir],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            yield port, server.pid
+        finally:
+            server.kill()
+            server.wait()
+
+
+async def _run(port: int, server: int, rounds: int, n: int, size: int) -> None:
+    from charai.core.media import MediaStore
+    from nats.js import api
+
+    nc = await connect(port)
     js = nc.jetstream()
     config = api.ObjectStoreConfig(bucket=BUCKET, storage=api.StorageType.FILE)
     bucket = await js.create_object_store(BUCKET, config=config)
@@ -63,20 +91,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=20_000, help="bytes per object")
     args = parser.parse_args()
     import uvloop
-    from charai.devstack.stack import nats_server_binary
 
-    port = _free_port()
-    with tempfile.TemporaryDirectory() as data_dir:
-        server = subprocess.Popen(
-            [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", data_dir],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            uvloop.run(_run(port, server.pid, args.rounds, args.n, args.size))
-        finally:
-            server.kill()
-            server.wait()
+    with jetstream_server() as (port, pid):
+        uvloop.run(_run(port, pid, args.rounds, args.n, args.size))
 
 
 if __name__ == "__main__":
