@@ -13,7 +13,7 @@ from typing import Any
 import nats
 import pytest
 import pytest_asyncio
-from charai.core.media import MediaStore
+from charai.core.media import MediaStore, MediaUnavailableError
 from nats.js import api
 
 BUCKET = "media_put_test"
@@ -146,3 +146,25 @@ async def test_a_get_whose_chunks_are_gone_answers_none_and_ends_its_subscriptio
     subscriptions = len(js._nc._subs)
     assert await media.get(KEY) is None
     assert len(js._nc._subs) == subscriptions  # the chunks' subscription ended with the get
+
+
+async def test_a_get_never_answers_none_for_an_object_whose_chunks_are_stored(js: Any) -> None:
+    """Chunks that are stored but do not arrive in time (here: a wait far shorter than a round
+    trip) are not taken for missing: the read either returns the object or raises
+    MediaUnavailableError (503 at the gateway), never None (404), and ends its subscription."""
+    bucket = await _bucket(js)
+    data = os.urandom(300_000)
+    await MediaStore(bucket, js, BUCKET).put(KEY, data, new=True)
+    impatient = MediaStore(bucket, js, BUCKET, chunk_wait=1e-6)
+    subscriptions = len(js._nc._subs)
+    outcomes = set()
+    for _ in range(20):
+        try:
+            got = await impatient.get(KEY)
+        except MediaUnavailableError:
+            outcomes.add("unavailable")
+        else:
+            assert got == data
+            outcomes.add("read")
+    assert "unavailable" in outcomes  # the short wait did run out
+    assert len(js._nc._subs) == subscriptions

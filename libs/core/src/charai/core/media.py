@@ -46,6 +46,10 @@ def content_type_of(key: str) -> str:
     return CONTENT_TYPES.get(key.rsplit(".", 1)[-1], "application/octet-stream")
 
 
+class MediaUnavailableError(Exception):
+    """An object's chunks are stored but did not arrive within ``chunk_wait``: try again later."""
+
+
 class MediaStore:
     """Puts and gets whole objects in the media bucket.
 
@@ -81,7 +85,8 @@ class MediaStore:
         With ``js`` and ``bucket_name``, each chunk is awaited for at most ``chunk_wait``
         seconds, and the chunks' subscription always ends: an object whose chunks were purged
         after its meta message was read (a delete racing a download) or never stored answers
-        None. nats-py's get (used without them) would wait for those chunks forever, holding its
+        None; one whose chunks are stored but do not come raises :class:`MediaUnavailableError`.
+        nats-py's get (used without them) would wait for those chunks forever, holding its
         subscription, and never answer the download."""
         from nats.js.errors import NotFoundError, ObjectNotFoundError
 
@@ -114,6 +119,8 @@ class MediaStore:
             while len(data) < info.size:
                 data += (await sub.next_msg(timeout=self._chunk_wait)).data
         except nats.errors.TimeoutError:
+            if await self._stored(subject):  # there, but slow to come (NATS busy or restarting)
+                raise MediaUnavailableError(f"the chunks of {key} did not arrive") from None
             log.warning("media_chunks_missing", key=key, size=info.size, read=len(data))
             return None
         finally:
@@ -127,6 +134,13 @@ class MediaStore:
             log.warning("media_digest_mismatch", key=key, size=info.size, read=len(data))
             return None
         return bytes(data)
+
+    async def _stored(self, subject: str) -> int:
+        """Messages the bucket's stream holds on ``subject``."""
+        from nats.js import object_store as obj
+
+        info = await self._js.stream_info(obj.OBJ_STREAM_TEMPLATE.format(bucket=self._name), subject)
+        return int((info.state.subjects or {}).get(subject, 0))
 
     async def delete(self, key: str) -> None:
         """Removes the object; one already gone is no error (deleting twice is deleting once)."""

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 
 from aiohttp import hdrs, web
-from charai.core.media import MediaStore, UrlSigner, content_type_of, valid_key
+from charai.core.media import MediaStore, MediaUnavailableError, UrlSigner, content_type_of, valid_key
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
@@ -29,7 +29,14 @@ def media_routes(media: MediaStore, signer: UrlSigner) -> list[web.RouteDef]:
             return web.json_response(
                 {"error": {"code": "FORBIDDEN", "message": "invalid or expired media link"}}, status=403
             )
-        data = await media.get(key)
+        try:
+            data = await media.get(key)
+        except MediaUnavailableError:
+            return web.json_response(
+                {"error": {"code": "UNAVAILABLE", "message": "media temporarily unavailable; retry"}},
+                status=503,
+                headers={"Retry-After": "1"},
+            )
         if data is None:
             return web.json_response(
                 {"error": {"code": "NOT_FOUND", "message": "media not found"}}, status=404
