@@ -113,7 +113,8 @@ class MediaStore:
         if not info.size:
             return b""
         subject = obj.OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=self._name, obj=info.nuid)
-        sub = await self._js.subscribe(subject, ordered_consumer=True)
+        # The stream named: no request to look it up by subject.
+        sub = await self._js.subscribe(subject, stream=self._stream(), ordered_consumer=True)
         data = bytearray()
         try:
             while len(data) < info.size:
@@ -135,11 +136,14 @@ class MediaStore:
             return None
         return bytes(data)
 
-    async def _stored(self, subject: str) -> int:
-        """Messages the bucket's stream holds on ``subject``."""
+    def _stream(self) -> str:
         from nats.js import object_store as obj
 
-        info = await self._js.stream_info(obj.OBJ_STREAM_TEMPLATE.format(bucket=self._name), subject)
+        return str(obj.OBJ_STREAM_TEMPLATE.format(bucket=self._name))
+
+    async def _stored(self, subject: str) -> int:
+        """Messages the bucket's stream holds on ``subject``."""
+        info = await self._js.stream_info(self._stream(), subject)
         return int((info.state.subjects or {}).get(subject, 0))
 
     async def delete(self, key: str) -> None:
