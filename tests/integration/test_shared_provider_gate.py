@@ -20,7 +20,7 @@ from charai.core.clock import SYSTEM, Clock, ManualClock
 from charai.core.domain.breaker import BreakerState
 from charai.core.domain.errors import ErrorKind
 from charai.core.domain.provider_events import BreakerPolicy
-from charai.core.domain.provider_limit import MAX_SPACING, Limiter
+from charai.core.domain.provider_limit import MAX_SPACING, TRIAL_SECONDS, Limiter
 from charai.core.domain.provider_record import ProviderRecord, credential_id
 from charai.core.provider_kv import RecordStore, ensure_providers_bucket
 from charai.core.topology import Topology
@@ -49,6 +49,7 @@ async def worker(
     clock: Clock = SYSTEM,
     policy: BreakerPolicy | None = None,
     lease: float = 15.0,
+    trial_seconds: float = TRIAL_SECONDS,
 ) -> AsyncIterator[ProviderHttp]:
     """One worker's provider client: its own NATS connection, shared gate and HTTP session."""
     nc = await natsconn.connect([nats_url], "gate-test")
@@ -61,6 +62,7 @@ async def worker(
             key_setting="CHARAI_TTS_API_KEY",
             policy=policy,
             lease=lease,
+            trial_seconds=trial_seconds,
             clock=clock,
         )
         config = ProviderConfig(
@@ -285,3 +287,25 @@ async def test_with_nats_away_each_worker_keeps_to_its_part_of_the_last_known_li
             await eventually(lambda: not gate_of(a).degraded and not gate_of(b).degraded, timeout=30)
             assert (await speak(a, "back")).status == 200
     assert emu.stats()["statuses"] == {"200": 81}
+
+
+async def test_a_slow_trial_call_releases_the_calls_behind_it_after_the_trial_window(nats_url: str) -> None:
+    """A new credential's first call hangs; the next call waits for a slot (one call at a time
+    until the key is accepted). It goes to the provider once the trial call has run for the gate's
+    trial window (the worker sets it under its call timeout), not a moment before."""
+    clock = ManualClock(start=1_900_000_000.0)
+    async with provider(EmulatorConfig(latency_min=0, latency_max=0.01, api_key="good-key")) as (emu, proxy):
+        api = proxy.url + "/api/paas/v4"
+        async with worker(nats_url, api, "good-key", clock=clock, lease=3600, trial_seconds=1.0) as w:
+            hanging = asyncio.create_task(speak(w, "trial [[hang:60]]"))
+            await eventually(lambda: clock.sleepers >= 1)  # the trial's window runs
+            queued = asyncio.create_task(speak(w, "behind the trial"))
+            clock.advance(0.9)
+            await eventually(lambda: emu.stats()["total_calls"] >= 1)  # only the trial call is out
+            assert not queued.done() and not gate_of(w).view.limiter.verified
+            clock.advance(0.1)
+            assert (await asyncio.wait_for(queued, 30)).status == 200
+            assert gate_of(w).view.limiter.verified
+            hanging.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await hanging

@@ -42,6 +42,15 @@ def test_an_unverified_credential_allows_one_call_and_then_no_limit_until_a_429(
     assert lim.cap(lim.verified(Limiter())) is None
 
 
+def test_the_trial_window_stays_under_the_call_timeout() -> None:
+    """The calls queued behind a trial call wait within their own timeout: a window as long as the
+    timeout (2 s each, as a test once configured) failed them as timeouts with no provider call."""
+    assert lim.trial_window(60.0) == lim.TRIAL_SECONDS
+    assert lim.trial_window(4.0) == lim.TRIAL_SECONDS
+    assert lim.trial_window(2.0) == 1.0
+    assert lim.trial_window(0.5) == 0.25
+
+
 def test_a_burst_of_refusals_ends_at_what_the_provider_admitted() -> None:
     """128 calls at once against a provider admitting 50: 78 refusals teach 50, not less."""
     limiter = burst(KNOWN, 128, 78)

@@ -11,6 +11,7 @@ import structlog
 from charai.core import natsconn
 from charai.core.domain.breaker import BreakerState
 from charai.core.domain.provider_events import BreakerPolicy
+from charai.core.domain.provider_limit import trial_window
 from charai.core.domain.provider_record import ProviderRecord, credential_id
 from charai.core.lifecycle import run_until_signal
 from charai.core.media import MediaStore
@@ -168,6 +169,7 @@ class WorkerApp:
                 probe_timeout=self._provider_config.timeout + 30.0,
             ),
             lease=s.provider_lease_seconds,
+            trial_seconds=trial_window(self._provider_config.timeout),
         )
         kv = await ensure_providers_bucket(js, topology, s.nats_replicas)
         await stack.enter_async_context(

@@ -84,9 +84,11 @@ class SharedGate:
         key_setting: str,
         policy: BreakerPolicy | None = None,
         lease: float = 15.0,
+        trial_seconds: float = lim.TRIAL_SECONDS,
         clock: Clock = SYSTEM,
     ) -> None:
         self.base = base
+        self._trial_seconds = trial_seconds
         self.me = holder
         self._key_setting = key_setting
         self.policy = policy or BreakerPolicy()
@@ -313,9 +315,10 @@ class SharedGate:
         return slot
 
     async def _trial(self) -> None:
-        """A call of an unverified credential still running after TRIAL_SECONDS got past
-        authentication: the key is accepted, the other calls need not wait for its answer."""
-        await self._clock.sleep(lim.TRIAL_SECONDS)
+        """A call of an unverified credential still running after ``trial_seconds``
+        (:func:`~charai.core.domain.provider_limit.trial_window`) got past authentication: the
+        key is accepted, the other calls need not wait for its answer."""
+        await self._clock.sleep(self._trial_seconds)
         if not self._view.limiter.verified:
             self._event(TrialPassed())
 

@@ -38,6 +38,15 @@ SHARE_ROTATION_SECONDS = 10.0
 TRIAL_SECONDS = 2.0
 
 
+def trial_window(call_timeout: float) -> float:
+    """How long a trial call must run unrefused to verify its credential, for calls that time
+    out after ``call_timeout`` seconds: :data:`TRIAL_SECONDS`, or half the call timeout when that
+    is shorter. The calls queued behind the trial wait for a slot within their own timeout, so a
+    window as long as the timeout would fail them as timeouts, with no provider call, whenever the
+    trial call is slow (its own answer or the window, whichever comes first, releases them)."""
+    return min(TRIAL_SECONDS, call_timeout / 2)
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Limiter:
     """The shared, learned limits of one credential.
