@@ -1,5 +1,5 @@
 """The store's write path without gRPC: ``python -m bench.store_inproc [--n N] [--concurrency C]
-[--batch B] [--each G] [--reports R] [--lifecycle R]``.
+[--batch B] [--each G] [--reports R] [--lifecycle R] [--pages N]``.
 
 Creates TTS tasks on a fresh SQLite store in this process (task_store's own settings: reuse on, a
 fair-share buffer of 64), from C coroutines at once so they share group commits, and prints the
@@ -10,7 +10,10 @@ each: what task_store does with the creates of one Exchange call). ``--reports R
 reports instead, R rounds of one report for each of 100 running tasks (a ``gather`` of single
 reports, or with ``--each`` one ``worker_each`` per round). ``--lifecycle R``: R rounds of 50
 tasks claimed and then completed (single commands at once, or with ``--each`` one ``worker_each``
-per step: what task_store does with a worker's commands of one Exchange call). Used for the
+per step: what task_store does with a worker's commands of one Exchange call). ``--pages N``: N
+tasks created, claimed, reported on and completed one command at a time, each its own commit;
+prints the WAL pages each kind of commit wrote, by table and index (the WAL is read between
+groups of commands, so no checkpoint runs in between). Used for the
 before/after rows of
 BENCHMARKS.md ("Data plane v2, second pass").
 """
@@ -19,6 +22,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import contextlib
+import sqlite3
+import struct
 import tempfile
 import time
 from pathlib import Path
@@ -114,6 +121,39 @@ async def lifecycle(store: TaskStore, rounds: int, each: bool) -> None:
     )
 
 
+async def pages(store: TaskStore, path: Path, n: int) -> None:
+    """WAL pages written per single-command commit, by b-tree (``dbstat``), for each kind."""
+    result = task_pb2.TtsResult(audio_url="charai-media:x.wav", duration_seconds=1.0)
+    run = time.time_ns()
+    ids: list[str] = []
+
+    async def create(i: int) -> None:
+        ids.append((await store.create("default", tts_request(f"pages-{i}", f"line {run} {i}")))[0].id)
+
+    steps = {
+        "create": create,
+        "claim": lambda i: store.claim(ids[i], 1, "inproc"),
+        "progress": lambda i: store.progress(ids[i], 1, 40, "generating"),
+        "complete": lambda i: store.complete(
+            spb.CompleteTaskRequest(task_id=ids[i], attempt=1, tts_result=result)
+        ),
+    }
+    wal = Path(f"{path}-wal")
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        for kind, step in steps.items():
+            counts: collections.Counter[str] = collections.Counter()
+            for start in range(0, n, 20):  # 20 commits stay under the 1,000-page auto-checkpoint
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                for i in range(start, min(n, start + 20)):
+                    await step(i)
+                names = dict(conn.execute("SELECT pageno, name FROM dbstat").fetchall())
+                data = wal.read_bytes()  # noqa: ASYNC240 - nothing else runs meanwhile
+                for offset in range(32, len(data) - 23, 24 + 4096):  # WAL header, then frames
+                    counts[names.get(struct.unpack(">I", data[offset : offset + 4])[0], "?")] += 1
+            by = ", ".join(f"{name} {count / n:.2f}" for name, count in counts.most_common())
+            print(f"{kind}: {sum(counts.values()) / n:.1f} WAL pages per commit ({by})")
+
+
 async def _one(store: TaskStore, request: spb.ClaimTaskRequest | spb.CompleteTaskRequest) -> object:
     if isinstance(request, spb.ClaimTaskRequest):
         return await store.claim(request.task_id, request.dispatch_gen, request.worker_id)
@@ -121,10 +161,13 @@ async def _one(store: TaskStore, request: spb.ClaimTaskRequest | spb.CompleteTas
 
 
 async def main(args: argparse.Namespace) -> None:
-    config = StoreConfig(reuse=ReuseConfig(ttl_seconds=86400.0), fair=FairConfig(buffer=64))
+    config = StoreConfig(reuse=ReuseConfig(ttl_seconds=86400.0), fair=FairConfig(buffer=max(64, args.pages)))
     with tempfile.TemporaryDirectory(prefix="bench-inproc-") as tmp:
         store = open_store(f"sqlite:///{tmp}/tasks.db", config, lambda envelopes: None)
         async with store:
+            if args.pages:
+                await pages(store, Path(tmp) / "tasks.db", args.pages)
+                return
             if args.reports:
                 await reports(store, args.reports, bool(args.each))
                 return
@@ -153,4 +196,5 @@ if __name__ == "__main__":
     parser.add_argument("--each", type=int, default=0)
     parser.add_argument("--reports", type=int, default=0)
     parser.add_argument("--lifecycle", type=int, default=0)
+    parser.add_argument("--pages", type=int, default=0)
     asyncio.run(main(parser.parse_args()))

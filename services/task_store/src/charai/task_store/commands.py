@@ -146,6 +146,7 @@ class Commands(CreateCommands):
         if columns:
             assignments = ", ".join(f"{name} = ?" for name in columns)
             await unit.tx.execute(f"UPDATE tasks SET {assignments} WHERE id = ?", *columns.values(), task.id)
+        previous = before
         for event in decision.events:
             if on_event is not None:
                 on_event(event)
@@ -159,7 +160,10 @@ class Commands(CreateCommands):
                 lease_expires=event.state.lease_expires,
                 next_attempt_time=event.state.next_attempt_time,
                 lease_owner=event.state.lease_owner,
+                same_state=event.state.status is previous.status
+                and event.state.next_attempt_time == previous.next_attempt_time,
             )
+            previous = event.state
         if decision.dispatch is not None:
             job = Job(task.id, decision.dispatch, int(task.type), int(task.priority))
             await self._outbox.enqueue(unit.tx, job, now)

@@ -51,6 +51,9 @@ class _Save:
     #: The row was inserted by this unit in this very state (a create): only its event sequence
     #: and snapshot are left to write, so no index over its state columns is touched again.
     fresh: bool = False
+    #: The event left the row's indexed state columns (status, next_attempt_time) as they were
+    #: (a progress report): the row write leaves them out, so no index over them is touched.
+    same_state: bool = False
 
 
 @dataclasses.dataclass(slots=True)
@@ -95,6 +98,7 @@ class Unit:
         next_attempt_time: int | None = None,
         lease_owner: str | None = None,
         fresh: bool = False,
+        same_state: bool = False,
     ) -> None:
         """Records the task as it is now, with its event; its row and its event are written at
         the end of the unit (:meth:`UnitRunner._append_events`), so an operation must not read
@@ -120,6 +124,7 @@ class Unit:
                 next_attempt_time=next_attempt_time,
                 lease_owner=lease_owner,
                 fresh=fresh,
+                same_state=same_state,
             )
         )
 
@@ -246,6 +251,19 @@ class UnitRunner:
         if save.fresh:
             await tx.execute(
                 "UPDATE tasks SET last_seq = ?, task = ? WHERE id = ?", int(seq), save.blob, task.id
+            )
+            return int(seq)
+        if save.same_state:
+            await tx.execute(
+                "UPDATE tasks SET attempt = ?, update_time = ?, lease_expires = ?, lease_owner = ?,"
+                " last_seq = ?, task = ? WHERE id = ?",
+                task.attempt,
+                save.now,
+                save.lease_expires,
+                save.lease_owner,
+                int(seq),
+                save.blob,
+                task.id,
             )
             return int(seq)
         await tx.execute(
