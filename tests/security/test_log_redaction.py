@@ -144,7 +144,7 @@ def test_the_loaded_settings_feed_the_scrubber(tmp_path: Path) -> None:
     program = """
 import sys, runpy
 from charai.core import lifecycle, logs
-def leak(main, event_loop):
+def leak(main, event_loop, gc_threshold=0):
     main.close()
     logs.get_logger().warning("oops", detail=sys.argv[1], loop=event_loop)
 lifecycle.run = leak

@@ -1,8 +1,12 @@
-"""The event loop every service runs on (CHARAI_EVENT_LOOP, a setting each ``__main__`` passes)."""
+"""The event loop every service runs on (CHARAI_EVENT_LOOP) and its garbage collector's tuning
+(CHARAI_GC_THRESHOLD): settings each ``__main__`` passes to ``lifecycle.run``."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
+from collections.abc import Iterator
 
 import pytest
 import uvloop
@@ -42,3 +46,50 @@ def test_an_unknown_loop_names_the_setting(
     coro = _loop_type()
     with pytest.raises(ValueError, match="event_loop"):
         lifecycle.run(coro, "trio")  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def _gc_restored() -> Iterator[None]:
+    """The test process's own collector settings come back afterwards."""
+    threshold = gc.get_threshold()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
+
+
+async def _gc_state() -> tuple[tuple[int, int, int], int]:
+    return gc.get_threshold(), gc.get_freeze_count()
+
+
+def test_a_service_freezes_what_it_started_with_and_collects_young_objects_less_often(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("CHARAI_GC_THRESHOLD", raising=False)
+    config = settings.load(CommonSettings)
+    assert config.gc_threshold == 10_000
+    with _gc_restored():
+        gc.unfreeze()
+        threshold, frozen = lifecycle.run(_gc_state(), config.event_loop, config.gc_threshold)
+        assert threshold == (10_000, 10, 10)
+        assert frozen > 1_000  # the imported modules at least
+
+
+def test_a_zero_threshold_leaves_the_interpreters_collector_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHARAI_GC_THRESHOLD", "0")
+    config = settings.load(CommonSettings)
+    with _gc_restored():
+        gc.unfreeze()
+        before = gc.get_threshold()
+        assert lifecycle.run(_gc_state(), config.event_loop, config.gc_threshold) == (before, 0)
+
+
+def test_a_negative_threshold_names_the_setting(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CHARAI_GC_THRESHOLD", "-5")
+    with pytest.raises(SystemExit) as stopped:
+        settings.load(CommonSettings)
+    assert stopped.value.code == 2
+    assert "CHARAI_GC_THRESHOLD" in capsys.readouterr().err

@@ -99,6 +99,10 @@ class CommonSettings(BaseSettings):
     log_format: str = "json"
     #: ``uvloop`` (libuv: less CPU per socket wake-up) or ``asyncio`` (the standard loop).
     event_loop: Annotated[EventLoop, BeforeValidator(_event_loop)] = "uvloop"
+    #: New container objects between two young collections of Python's garbage collector (the
+    #: interpreter's default: 700); start-up's objects are frozen out of every collection
+    #: (``charai.core.lifecycle.settle_gc``). 0: the interpreter's defaults, nothing frozen.
+    gc_threshold: int = Field(default=10_000, ge=0)
     #: Gateways and workers send their coalesced Exchange calls as messages of long-lived
     #: ExchangeStream calls (``charai.core.exchange_stream``, the default); off: unary Exchange calls.
     exchange_stream: bool = True

@@ -32,11 +32,11 @@ def main(argv: list[str] | None = None) -> None:
     logs.configure("gateway", config.log_level, config.log_format, secrets=config.secret_values())
     if args.process is not None:
         structlog.contextvars.bind_contextvars(gateway_process=args.process)
-        lifecycle.run(serve(config, args.process, args.ready_fd), config.event_loop)
+        lifecycle.run(serve(config, args.process, args.ready_fd), config.event_loop, config.gc_threshold)
     elif config.gateway_processes > 1:
-        sys.exit(lifecycle.run(ProcessGroup(config).run(), config.event_loop))
+        sys.exit(lifecycle.run(ProcessGroup(config).run(), config.event_loop, config.gc_threshold))
     else:
-        lifecycle.run(serve(config), config.event_loop)
+        lifecycle.run(serve(config), config.event_loop, config.gc_threshold)
 
 
 if __name__ == "__main__":

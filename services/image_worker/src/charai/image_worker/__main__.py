@@ -14,7 +14,7 @@ from charai.worker.settings import ImageWorkerSettings
 def main() -> None:
     config = settings.load(ImageWorkerSettings)
     logs.configure("image_worker", config.log_level, config.log_format, secrets=config.secret_values())
-    lifecycle.run(serve(build(config)), config.event_loop)
+    lifecycle.run(serve(build(config)), config.event_loop, config.gc_threshold)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from charai.task_store.settings import Settings
 def main() -> None:
     config = settings.load(Settings)
     logs.configure("task_store", config.log_level, config.log_format, secrets=config.secret_values())
-    lifecycle.run(serve(config), config.event_loop)
+    lifecycle.run(serve(config), config.event_loop, config.gc_threshold)
 
 
 if __name__ == "__main__":

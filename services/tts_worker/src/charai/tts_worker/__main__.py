@@ -14,7 +14,7 @@ from charai.worker.settings import TtsWorkerSettings
 def main() -> None:
     config = settings.load(TtsWorkerSettings)
     logs.configure("tts_worker", config.log_level, config.log_format, secrets=config.secret_values())
-    lifecycle.run(serve(build(config)), config.event_loop)
+    lifecycle.run(serve(build(config)), config.event_loop, config.gc_threshold)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from charai.webhook_sender.settings import SenderSettings
 def main() -> None:
     config = settings.load(SenderSettings)
     logs.configure("webhook_sender", config.log_level, config.log_format, secrets=config.secret_values())
-    lifecycle.run(serve(SenderApp(config)), config.event_loop)
+    lifecycle.run(serve(SenderApp(config)), config.event_loop, config.gc_threshold)
 
 
 if __name__ == "__main__":
