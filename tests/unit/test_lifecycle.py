@@ -35,14 +35,21 @@ def test_asyncio_can_be_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
     assert issubclass(loop_type, asyncio.BaseEventLoop)
 
 
-def test_an_unknown_loop_names_the_setting(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.setenv("CHARAI_EVENT_LOOP", "trio")
+def _refused(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], name: str, value: str
+) -> str:
+    """Loading the settings with ``name=value`` exits with status 2; returns what it printed."""
+    monkeypatch.setenv(name, value)
     with pytest.raises(SystemExit) as stopped:
         settings.load(CommonSettings)
     assert stopped.value.code == 2
-    assert "CHARAI_EVENT_LOOP='trio'" in capsys.readouterr().err
+    return capsys.readouterr().err
+
+
+def test_an_unknown_loop_names_the_setting(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert "CHARAI_EVENT_LOOP='trio'" in _refused(monkeypatch, capsys, "CHARAI_EVENT_LOOP", "trio")
     coro = _loop_type()
     with pytest.raises(ValueError, match="event_loop"):
         lifecycle.run(coro, "trio")  # type: ignore[arg-type]
@@ -88,8 +95,4 @@ def test_a_zero_threshold_leaves_the_interpreters_collector_alone(monkeypatch: p
 def test_a_negative_threshold_names_the_setting(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv("CHARAI_GC_THRESHOLD", "-5")
-    with pytest.raises(SystemExit) as stopped:
-        settings.load(CommonSettings)
-    assert stopped.value.code == 2
-    assert "CHARAI_GC_THRESHOLD" in capsys.readouterr().err
+    assert "CHARAI_GC_THRESHOLD" in _refused(monkeypatch, capsys, "CHARAI_GC_THRESHOLD", "-5")
