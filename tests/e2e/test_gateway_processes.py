@@ -118,7 +118,10 @@ async def test_new_connections_are_answered_by_both_processes(stack: Stack) -> N
         for port in ports.values():
             async with http.get(f"http://127.0.0.1:{port}/metrics") as response:
                 assert response.status == 200
-                assert "charai_rpc_requests_total" in await response.text()
+                text = await response.text()
+                assert "charai_rpc_requests_total" in text
+                # Each process shows its own garbage collector's pauses.
+                assert 'charai_gc_pause_seconds_count{generation="0"}' in text
 
 
 async def test_a_watcher_on_one_process_hears_a_cancel_made_through_the_other(stack: Stack) -> None:

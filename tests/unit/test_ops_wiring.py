@@ -4,6 +4,7 @@ task_store) and the metrics endpoint (task_store, workers). Time is a ManualCloc
 from __future__ import annotations
 
 import asyncio
+import gc
 import urllib.request
 from typing import Any
 
@@ -145,3 +146,25 @@ async def test_a_taken_metrics_address_names_the_setting() -> None:
     async with MetricsEndpoint(metrics, "127.0.0.1:0") as first:
         with pytest.raises(SystemExit, match="CHARAI_METRICS_ADDR"):
             MetricsEndpoint(Metrics("other"), f"127.0.0.1:{first.port}").start()
+
+
+def _gc_samples(metrics: Metrics) -> dict[str, float]:
+    lines = metrics.render().decode().splitlines()
+    pairs = (line.rsplit(" ", 1) for line in lines if line.startswith("charai_gc_pause_seconds"))
+    return {name: float(value) for name, value in pairs}
+
+
+def test_every_collection_shows_as_a_pause_of_its_generation() -> None:
+    metrics = Metrics("test")
+    before = _gc_samples(metrics)
+    gc.collect()
+    gc.collect()
+    after = _gc_samples(metrics)
+    full = 'charai_gc_pause_seconds_count{generation="2"}'
+    assert after[full] >= before[full] + 2
+    assert (
+        after['charai_gc_pause_seconds_sum{generation="2"}']
+        > before['charai_gc_pause_seconds_sum{generation="2"}']
+    )
+    assert after['charai_gc_pause_seconds_bucket{generation="2",le="+Inf"}'] == after[full]
+    assert Metrics("other").render().count(b"# TYPE charai_gc_pause_seconds histogram") == 1

@@ -22,6 +22,7 @@ Where each family is fed:
 - task_store also: ``charai_webhook_endpoints_disabled_total`` (by endpoint host).
 - webhook sender: ``charai_webhook_attempts_total`` (by endpoint host and outcome),
   ``charai_webhook_attempt_duration_seconds`` (by host) and ``charai_webhooks_in_flight``.
+- every service: ``charai_gc_pause_seconds`` (Python's garbage collector, :mod:`charai.core.gcpauses`).
 - every gRPC server: ``charai_rpc_requests_total`` and ``charai_rpc_duration_seconds`` by method
   and code; task_store also ``charai_exchange_commands`` (commands per ``Exchange`` call, by the
   kind of the first command: how well gateways and workers coalesce).
@@ -33,6 +34,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from charai.core.gcpauses import GcPauseCollector
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -60,6 +62,7 @@ class Metrics:
         self._workers(r)
         self._webhooks(r)
         self._rpcs(r)
+        r.register(GcPauseCollector())
 
     def _tasks(self, r: CollectorRegistry) -> None:
         """task_store: every transition, counted once by the replica that committed it."""
