@@ -27,6 +27,7 @@ from prometheus_client.registry import Collector
 #: Seconds: a young collection takes well under a millisecond; a full one of a large heap, 100 ms.
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5)
 GENERATIONS = 3
+_BOUNDS = [str(bound) for bound in BUCKETS] + ["+Inf"]
 
 
 class _Pauses:
@@ -69,10 +70,9 @@ class GcPauseCollector(Collector):
         )
         for generation in range(GENERATIONS):
             cumulative = list(itertools.accumulate(self._pauses.counts[generation]))
-            bounds = [str(bound) for bound in BUCKETS] + ["+Inf"]
             family.add_metric(
                 [str(generation)],
-                buckets=list(zip(bounds, cumulative, strict=True)),
+                buckets=list(zip(_BOUNDS, cumulative, strict=True)),
                 sum_value=self._pauses.sums[generation],
             )
         yield family

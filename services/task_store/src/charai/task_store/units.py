@@ -28,6 +28,12 @@ if TYPE_CHECKING:
     from charai.task_store.webhooks import Webhooks
 
 T = TypeVar("T")
+#: An event's task row write: the state columns, then what every event writes.
+_ROW_TAIL = (
+    "attempt = ?, update_time = ?, lease_expires = ?, lease_owner = ?, last_seq = ?, task = ? WHERE id = ?"
+)
+_STATE_ROW = f"UPDATE tasks SET status = ?, next_attempt_time = ?, {_ROW_TAIL}"
+_KEEP_STATE_ROW = f"UPDATE tasks SET {_ROW_TAIL}"
 EventsHook = Callable[[list[spb.EventEnvelope]], None]
 HandOffHook = Callable[[list[OutboxRow]], None]
 
@@ -253,27 +259,14 @@ class UnitRunner:
                 "UPDATE tasks SET last_seq = ?, task = ? WHERE id = ?", int(seq), save.blob, task.id
             )
             return int(seq)
-        if save.same_state:
-            await tx.execute(
-                "UPDATE tasks SET attempt = ?, update_time = ?, lease_expires = ?, lease_owner = ?,"
-                " last_seq = ?, task = ? WHERE id = ?",
-                task.attempt,
-                save.now,
-                save.lease_expires,
-                save.lease_owner,
-                int(seq),
-                save.blob,
-                task.id,
-            )
-            return int(seq)
+        # An event that keeps the indexed state columns leaves them out of the write (see _Save).
+        state = () if save.same_state else (int(task.status), save.next_attempt_time)
         await tx.execute(
-            "UPDATE tasks SET status = ?, attempt = ?, update_time = ?, lease_expires = ?,"
-            " next_attempt_time = ?, lease_owner = ?, last_seq = ?, task = ? WHERE id = ?",
-            int(task.status),
+            _KEEP_STATE_ROW if save.same_state else _STATE_ROW,
+            *state,
             task.attempt,
             save.now,
             save.lease_expires,
-            save.next_attempt_time,
             save.lease_owner,
             int(seq),
             save.blob,
