@@ -121,11 +121,24 @@ class Backend(Protocol):
         """Waits for the writes in flight, then disconnects. Idempotent."""
         ...
 
-    async def write(self, body: Body[T], on_commit: Callable[[], None] | None = None) -> T:
+    async def write(
+        self,
+        body: Body[T],
+        on_commit: Callable[[], None] | None = None,
+        on_sealed: Callable[[], None] | None = None,
+    ) -> T:
         """Runs ``body`` in one transaction and commits it; then calls ``on_commit``.
 
         A write that started runs to its end even if the caller stops waiting, so a committed
         change always reaches ``on_commit`` (which publishes its events).
+
+        ``on_sealed`` is called once ``body`` ran and no write that starts later can be decided
+        before this one commits. SQLite calls it on its database thread as soon as the unit's
+        savepoint is released, before the COMMIT (and its fsync): every later write runs on that
+        thread after the commit. PostgreSQL, whose other connections would not wait, calls it
+        right before ``on_commit``. It is called even when the commit then fails: what it starts
+        must tolerate a change that never happened (a job handed to the relay whose task was
+        never stored: its claim is answered DONE).
         """
         ...
 

@@ -129,7 +129,7 @@ class CreateCommands:
         if not held:
             handed = await self._outbox.enqueue(unit.tx, job, now, hand_off=True)
             if handed is not None:
-                unit.handed.append(handed)
+                unit.handed_new.append(handed)
         await self._queries.position(unit.tx, task)
         return task, True
 

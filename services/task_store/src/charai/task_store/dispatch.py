@@ -145,9 +145,9 @@ class OutboxRelay:
     give-back; one that dies before either re-publishes them after the claims expire (deduped).
 
     New jobs skip the claim: a create writes its job already claimed by this relay and hands it
-    over in memory after commit (``TaskStore.hand_off``), so it is published one transaction
-    sooner. Claims skip such a job until its short hand-off claim expires (a publish that failed
-    is retried from a claim then).
+    over in memory (``TaskStore.hand_off``; on SQLite before the commit's fsync, on PostgreSQL
+    after the commit), so it is published one transaction sooner. Claims skip such a job until
+    its short hand-off claim expires (a publish that failed is retried from a claim then).
 
     Several replicas may run a relay on one database: each claims the rows it publishes (for
     ``StoreConfig.outbox_claim_seconds``), so no row is published by two relays at once; a relay
@@ -190,7 +190,8 @@ class OutboxRelay:
         self._handed: dict[int, OutboxRow] = {}
 
     def take_threadsafe(self, rows: list[OutboxRow]) -> None:
-        """Called by the store right after a commit that queued jobs for this relay."""
+        """Called by the store for a unit of work that queued jobs for this relay (see
+        ``TaskStore.hand_off`` for when)."""
         self._loop.call_soon_threadsafe(self._take, rows)
 
     def _take(self, rows: list[OutboxRow]) -> None:

@@ -181,7 +181,11 @@ class Outbox:
         now = self._clock.now_us()
         # One order for every writer of these rows, so two relays cannot deadlock.
         ordered = sorted(sent, key=lambda s: (s[0].task_id, s[0].id))
-        await tx.executemany("DELETE FROM outbox WHERE id = ?", [(r.id,) for r, _ in ordered])
+        # By task too: a row handed off before a commit that then failed may share its id with a
+        # later row (the id was rolled back with it), which must stay.
+        await tx.executemany(
+            "DELETE FROM outbox WHERE id = ? AND task_id = ?", [(r.id, r.task_id) for r, _ in ordered]
+        )
         webhook = self._topology.webhook_subject
         jobs = [(seq, now, r.task_id, r.dispatch_gen) for r, seq in ordered if r.subject != webhook]
         if jobs:

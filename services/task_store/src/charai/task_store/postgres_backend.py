@@ -195,11 +195,16 @@ class PostgresBackend:
         finally:
             await self._pool.release(conn)
 
-    async def write(self, body: Body[T], on_commit: Callable[[], None] | None = None) -> T:
+    async def write(
+        self,
+        body: Body[T],
+        on_commit: Callable[[], None] | None = None,
+        on_sealed: Callable[[], None] | None = None,
+    ) -> T:
         # Shielded: a caller that gives up (an RPC deadline) does not cut a transaction in half
         # between COMMIT and on_commit, which publishes its events. SQLite's thread behaves the
         # same way. close() waits for these.
-        task = asyncio.ensure_future(self._write(body, on_commit))
+        task = asyncio.ensure_future(self._write(body, on_commit, on_sealed))
         self._inflight.add(task)
         task.add_done_callback(self._settled)
         return await asyncio.shield(task)
@@ -209,7 +214,9 @@ class PostgresBackend:
         if not task.cancelled():
             task.exception()  # retrieved, so an abandoned write's error is not reported twice
 
-    async def _write(self, body: Body[T], on_commit: Callable[[], None] | None) -> T:
+    async def _write(
+        self, body: Body[T], on_commit: Callable[[], None] | None, on_sealed: Callable[[], None] | None
+    ) -> T:
         async with self._connection() as conn:
             for attempt in range(1, _ATTEMPTS + 1):
                 try:
@@ -220,6 +227,9 @@ class PostgresBackend:
                     if attempt == _ATTEMPTS:
                         raise
                     log.info("transaction_retried", error=type(exc).__name__, attempt=attempt)
+        # After the commit here: a claim on another connection could otherwise come first.
+        if on_sealed is not None:
+            on_sealed()
         if on_commit is not None:
             on_commit()
         return result

@@ -2,7 +2,9 @@
 
 SQLite has one writer anyway, so every unit of work runs on the database thread, one after the
 other: sequences are assigned in commit order, and ``on_commit`` is called from that thread right
-after the commit, in that same order (the event publisher relies on it). Writes queued together
+after the commit, in that same order (the event publisher relies on it). ``on_sealed`` is called
+from that thread as soon as a unit's savepoint is released, before the COMMIT: whatever it starts
+can only reach this thread's queue, so it is decided after the commit. Writes queued together
 share one commit (group commit, see :class:`SqliteBackend`).
 
 The store's units of work are coroutines (so that the same code runs on asyncpg). Here every
@@ -24,10 +26,12 @@ from collections.abc import Callable, Coroutine, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+import structlog
 from charai.task_store.backend import SQLITE, Body, Row
 from charai.task_store.schema import MIGRATIONS, SCHEMA_VERSION_TABLE
 
 T = TypeVar("T")
+log = structlog.get_logger("sqlite")
 
 
 def run_to_completion(coro: Coroutine[Any, Any, T]) -> T:
@@ -76,10 +80,21 @@ class _Job:
     write: bool
     future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
+    on_sealed: Callable[[], None] | None = None
 
 
 #: A unit of work that ran: its job, its result, or the error it raised.
 _Outcome = tuple[_Job, Any, BaseException | None]
+
+
+def _sealed(on_sealed: Callable[[], None]) -> None:
+    """Calls a unit's ``on_sealed``; a failure is logged, not raised: the unit commits all the
+    same (a job whose hand-off failed is published by a relay's claim once the short hand-off
+    claim expires)."""
+    try:
+        on_sealed()
+    except Exception as exc:
+        log.warning("on_sealed_failed", error=str(exc))
 
 
 def _settle(outcomes: list[_Outcome]) -> None:
@@ -189,16 +204,28 @@ class SqliteBackend:
             raise RuntimeError("the SQLite store is not open")
         return self._conn
 
-    async def _submit(self, body: Body[T], *, write: bool, on_commit: Callable[[], None] | None = None) -> T:
+    async def _submit(
+        self,
+        body: Body[T],
+        *,
+        write: bool,
+        on_commit: Callable[[], None] | None = None,
+        on_sealed: Callable[[], None] | None = None,
+    ) -> T:
         if self._thread is None:
             raise RuntimeError("the SQLite store is not open")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._queue.put(_Job(body, on_commit, write, future, loop))
+        self._queue.put(_Job(body, on_commit, write, future, loop, on_sealed))
         return await future
 
-    async def write(self, body: Body[T], on_commit: Callable[[], None] | None = None) -> T:
-        return await self._submit(body, write=True, on_commit=on_commit)
+    async def write(
+        self,
+        body: Body[T],
+        on_commit: Callable[[], None] | None = None,
+        on_sealed: Callable[[], None] | None = None,
+    ) -> T:
+        return await self._submit(body, write=True, on_commit=on_commit, on_sealed=on_sealed)
 
     async def read(self, body: Body[T]) -> T:
         # No other connection writes (one process owns the file), and the database thread runs
@@ -260,12 +287,16 @@ class SqliteBackend:
                 conn.execute("SAVEPOINT unit")
                 result = run_to_completion(job.body(SqliteTx(conn)))
                 conn.execute("RELEASE unit")
-                outcomes.append((job, result, None))
             except BaseException as exc:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK TO unit")
                     conn.execute("RELEASE unit")
                 outcomes.append((job, None, exc))
+                continue
+            outcomes.append((job, result, None))
+            # Sealed: whatever this starts reaches this thread after the COMMIT below.
+            if job.on_sealed is not None:
+                _sealed(job.on_sealed)
         try:
             conn.execute("COMMIT")
         except BaseException as exc:

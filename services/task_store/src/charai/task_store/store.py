@@ -145,7 +145,7 @@ class TaskStore:
         await self.close()
 
     def hand_off(self, owner: str, take: Callable[[list[OutboxRow]], None]) -> None:
-        """Hands the jobs a create queues straight to the local relay ``owner`` after commit.
+        """Hands the jobs a create queues straight to the local relay ``owner``.
 
         Why: the job's outbox row is written claimed for that relay (for
         ``hand_off_claim_seconds``) in the create's own transaction, so the relay publishes it at
@@ -153,8 +153,16 @@ class TaskStore:
         create and its pickup). Every relay's claims, the owner's included, leave the row alone
         while that claim lasts (:func:`~charai.task_store.outbox.handed_claimant`: the hand-off
         is its only publisher, so no claim racing the hand-off publishes it twice); if the relay
-        dies or fails to publish it, the claim expires and any relay publishes it. ``take`` is
-        called right after commit, possibly from the database thread.
+        dies or fails to publish it, the claim expires and any relay publishes it.
+
+        A new task's job is handed over once no later write can be decided before the create's
+        commit (``on_sealed`` of :meth:`Backend.write`): on SQLite from the database thread
+        before the COMMIT, so the job travels to a worker while the commit's fsync runs (the
+        worker's claim is run by that thread after the commit); on PostgreSQL right after the
+        commit. A commit that fails after the hand-off leaves a job whose task never existed:
+        its claim is answered DONE, the worker drops it, and the relay's record of it removes
+        no other row. Jobs released from the fair backlog are handed over after the commit
+        (see ``Unit.handed_new`` for why). ``take`` may be called from the database thread.
         """
         self.outbox.hand_off_owner = owner
         self._units.hand_off = take

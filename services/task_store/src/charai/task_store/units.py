@@ -9,7 +9,9 @@ committed event below N. SQLite gets the same property from its single writer. T
 event-writing commits are serialized, as on SQLite (README, "PostgreSQL", has the numbers).
 
 Envelopes of new events are handed to ``on_events`` right after commit (see the backends for the
-thread and the order).
+thread and the order). The jobs of tasks a unit created are handed to the local relay earlier,
+as soon as the backend guarantees that nothing they cause is decided before the commit
+(``on_sealed`` of :meth:`Backend.write`): on SQLite, while the commit's fsync is still running.
 """
 
 from __future__ import annotations
@@ -70,8 +72,16 @@ class Unit:
     saves: list[_Save] = dataclasses.field(default_factory=list)
     #: Fills each saved task's estimated start/end time (None: left as they are).
     eta: EtaBook | None = None
-    #: Jobs this unit queued already claimed for the local relay (see ``TaskStore.hand_off``).
+    #: Jobs this unit released from the fair backlog, already claimed for the local relay (see
+    #: ``TaskStore.hand_off``): handed over after the commit.
     handed: list[OutboxRow] = dataclasses.field(default_factory=list)
+    #: The first jobs of tasks this unit created, claimed for the relay too: handed over before
+    #: the commit where the backend allows it (``on_sealed``). Should the commit fail, such a
+    #: job names a task id that never existed, so it can never share its ``Nats-Msg-Id`` (task
+    #: id and dispatch generation) with a real job, which JetStream would then drop as a
+    #: duplicate. A released held task's job could (its release rolled back, the next one
+    #: publishes the same generation): those wait in ``handed`` for the commit.
+    handed_new: list[OutboxRow] = dataclasses.field(default_factory=list)
     #: Other outbox rows this unit wrote (webhook deliveries): the relay is woken after commit.
     queued: int = 0
     #: Room left in each task type's buffer of released jobs, once this unit measured it (fair
@@ -81,15 +91,23 @@ class Unit:
     #: operation's before the next one runs), published with the rest after commit.
     written: list[spb.EventEnvelope] = dataclasses.field(default_factory=list)
 
-    def mark(self) -> tuple[int, int, int, int, dict[int, int]]:
+    def mark(self) -> tuple[int, int, int, int, int, dict[int, int]]:
         """Where the unit stands, for :meth:`reset` after rolling back to a savepoint."""
-        return len(self.saves), len(self.handed), len(self.written), self.queued, dict(self.room)
+        return (
+            len(self.saves),
+            len(self.handed),
+            len(self.handed_new),
+            len(self.written),
+            self.queued,
+            dict(self.room),
+        )
 
-    def reset(self, mark: tuple[int, int, int, int, dict[int, int]]) -> None:
+    def reset(self, mark: tuple[int, int, int, int, int, dict[int, int]]) -> None:
         """Forgets what the unit recorded since ``mark`` (its writes were rolled back)."""
-        saves, handed, written, self.queued, self.room = mark
+        saves, handed, handed_new, written, self.queued, self.room = mark
         del self.saves[saves:]
         del self.handed[handed:]
+        del self.handed_new[handed_new:]
         del self.written[written:]
 
     def save(
@@ -158,28 +176,39 @@ class UnitRunner:
         """Runs ``op`` in one transaction, appends its events last, publishes them after commit."""
         envelopes: list[spb.EventEnvelope] = []
         handed: list[OutboxRow] = []
+        handed_new: list[OutboxRow] = []
         queued = [0]
 
         async def body(tx: Tx) -> T:
             envelopes.clear()  # a retried transaction starts over
             handed.clear()
+            handed_new.clear()
             unit = Unit(tx, eta=self.eta)
             result = await op(unit)
             envelopes.extend(unit.written)
             envelopes.extend(await self._append_events(unit))
             handed.extend(unit.handed)
+            handed_new.extend(unit.handed_new)
             queued[0] = unit.queued
             return result
 
+        def sealed() -> None:
+            # Before the commit where the backend allows it (Backend.write): the claims of these
+            # jobs cannot be decided before the commit; events wait for it.
+            self._hand(handed_new)
+
         def committed() -> None:
-            if handed and self.hand_off is not None:
-                self.hand_off(list(handed))
+            self._hand(handed)
             if queued[0] and self.on_outbox is not None:
                 self.on_outbox()
             if envelopes and self._on_events is not None:
                 self._on_events(list(envelopes))
 
-        return await self._db.write(body, committed)
+        return await self._db.write(body, committed, sealed)
+
+    def _hand(self, rows: list[OutboxRow]) -> None:
+        if rows and self.hand_off is not None:
+            self.hand_off(list(rows))
 
     async def write_each(self, ops: Sequence[Op[T]]) -> list[T | Exception]:
         """Runs independent operations in one transaction, each in a savepoint of its own: its
