@@ -13,9 +13,11 @@ tasks claimed and then completed (single commands at once, or with ``--each`` on
 per step: what task_store does with a worker's commands of one Exchange call). ``--pages N``: N
 tasks created, claimed, reported on and completed one command at a time, each its own commit;
 prints the WAL pages each kind of commit wrote, by table and index (the WAL is read between
-groups of commands, so no checkpoint runs in between). Used for the
-before/after rows of
-BENCHMARKS.md ("Data plane v2, second pass").
+groups of commands, so no checkpoint runs in between, the checkpointer thread included). Used for
+the before/after rows of BENCHMARKS.md ("Data plane v2, second pass"). ``--commit-times``: also
+times each COMMIT (its fsync, and any checkpoint the writer runs in it) and prints p50, p99 and
+how many took over 3 ms; ``--own-checkpoints``: without task_store's checkpointer thread
+(``charai.task_store.sqlite_checkpoint``), SQLite checkpointing inside commits as by default.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from pathlib import Path
 from charai.store.v1 import store_service_pb2 as spb
 from charai.task_store.backlog import FairConfig
 from charai.task_store.reuse import ReuseConfig
-from charai.task_store.store import StoreConfig, TaskStore, open_store
+from charai.task_store.sqlite_backend import SqliteBackend
+from charai.task_store.store import StoreConfig, TaskStore
 from charai.tasks.v1 import task_pb2
 
 from bench.ours import tts_request
@@ -160,27 +163,66 @@ async def _one(store: TaskStore, request: spb.ClaimTaskRequest | spb.CompleteTas
     return await store.complete(request)
 
 
+class TimedCommits:
+    """The backend's connection, timing each COMMIT (``--commit-times``)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self.seconds: list[float] = []
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+        if sql != "COMMIT":
+            return self._conn.execute(sql, *args)  # type: ignore[arg-type]
+        start = time.perf_counter()
+        try:
+            return self._conn.execute(sql)
+        finally:
+            self.seconds.append(time.perf_counter() - start)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._conn, name)
+
+    def report(self) -> str:
+        ms = sorted(s * 1000 for s in self.seconds)
+        slow = sum(1 for m in ms if m > 3)
+        return (
+            f"{len(ms)} commits: p50 {ms[len(ms) // 2]:.2f} ms, p99 {ms[int(len(ms) * 0.99)]:.2f} ms,"
+            f" max {ms[-1]:.2f} ms, {slow} over 3 ms"
+        )
+
+
 async def main(args: argparse.Namespace) -> None:
     config = StoreConfig(reuse=ReuseConfig(ttl_seconds=86400.0), fair=FairConfig(buffer=max(64, args.pages)))
     with tempfile.TemporaryDirectory(prefix="bench-inproc-") as tmp:
-        store = open_store(f"sqlite:///{tmp}/tasks.db", config, lambda envelopes: None)
+        interval = -1.0 if args.own_checkpoints or args.pages else 0.1
+        backend = SqliteBackend(Path(tmp) / "tasks.db", checkpoint_interval=interval)
+        store = TaskStore(backend, config, lambda envelopes: None)
         async with store:
-            if args.pages:
-                await pages(store, Path(tmp) / "tasks.db", args.pages)
-                return
-            if args.reports:
-                await reports(store, args.reports, bool(args.each))
-                return
-            if args.lifecycle:
-                await lifecycle(store, 3, bool(args.each))  # warm-up
-                await lifecycle(store, args.lifecycle, bool(args.each))
-                return
-            await creates(store, 500, args.concurrency, args.batch, args.each)  # warm-up
-            wrote, cpu, wall = written_bytes(), time.process_time(), time.perf_counter()
-            await creates(store, args.n, args.concurrency, args.batch, args.each)
-            wall = time.perf_counter() - wall
-            cpu = time.process_time() - cpu
-            wrote = written_bytes() - wrote
+            timed = None
+            if args.commit_times:
+                timed = backend._conn = TimedCommits(backend._conn)  # type: ignore[arg-type,assignment]
+            await _run(store, Path(tmp), args)
+            if timed is not None:
+                print(timed.report())
+
+
+async def _run(store: TaskStore, tmp: Path, args: argparse.Namespace) -> None:
+    if args.pages:
+        await pages(store, tmp / "tasks.db", args.pages)
+        return
+    if args.reports:
+        await reports(store, args.reports, bool(args.each))
+        return
+    if args.lifecycle:
+        await lifecycle(store, 3, bool(args.each))  # warm-up
+        await lifecycle(store, args.lifecycle, bool(args.each))
+        return
+    await creates(store, 500, args.concurrency, args.batch, args.each)  # warm-up
+    wrote, cpu, wall = written_bytes(), time.process_time(), time.perf_counter()
+    await creates(store, args.n, args.concurrency, args.batch, args.each)
+    wall = time.perf_counter() - wall
+    cpu = time.process_time() - cpu
+    wrote = written_bytes() - wrote
     print(
         f"{args.n} creates, {args.concurrency} at once, batch {args.batch}, each {args.each}:"
         f" {args.n / wall:,.0f} creates/s, {cpu / args.n * 1e6:.0f} CPU-us and"
@@ -197,4 +239,6 @@ if __name__ == "__main__":
     parser.add_argument("--reports", type=int, default=0)
     parser.add_argument("--lifecycle", type=int, default=0)
     parser.add_argument("--pages", type=int, default=0)
+    parser.add_argument("--commit-times", action="store_true")
+    parser.add_argument("--own-checkpoints", action="store_true")
     asyncio.run(main(parser.parse_args()))

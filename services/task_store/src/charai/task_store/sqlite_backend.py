@@ -29,6 +29,7 @@ from typing import Any, TypeVar, cast
 import structlog
 from charai.task_store.backend import SQLITE, Body, Row
 from charai.task_store.schema import MIGRATIONS, SCHEMA_VERSION_TABLE
+from charai.task_store.sqlite_checkpoint import BACKSTOP_PAGES, Checkpointer
 
 T = TypeVar("T")
 log = structlog.get_logger("sqlite")
@@ -123,8 +124,11 @@ class SqliteBackend:
     #: Units of work per group commit at most (bounds the latency a batch adds).
     max_batch = 256
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, checkpoint_interval: float = 0.1) -> None:
         self.path = path
+        #: Copies the log into the database file beside the write path (None: SQLite's own,
+        #: inside a commit, only; ``checkpoint_interval`` < 0).
+        self.checkpointer = Checkpointer(path, checkpoint_interval) if checkpoint_interval >= 0 else None
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
@@ -153,6 +157,9 @@ class SqliteBackend:
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA busy_timeout=5000")
             self._migrate(conn)
+            if self.checkpointer is not None:
+                conn.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")
+                self.checkpointer.start()
         except BaseException:
             conn.close()
             raise
@@ -195,6 +202,8 @@ class SqliteBackend:
         await asyncio.to_thread(self._thread.join)
 
     async def _close_body(self, tx: Any) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.stop()  # first: the last connection to close checkpoints the rest
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -304,6 +313,8 @@ class SqliteBackend:
                 conn.execute("ROLLBACK")
             return [(job, None, exc) for job in writes]
         self.commits += 1
+        if self.checkpointer is not None:
+            self.checkpointer.committed()
         answers: list[_Outcome] = []
         for job, result, error in outcomes:
             if error is None:
