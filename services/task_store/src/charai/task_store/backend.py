@@ -21,6 +21,8 @@ T = TypeVar("T")
 Row = tuple[Any, ...]
 #: One unit of work: a coroutine function over a transaction (or a read-only connection).
 Body = Callable[["Tx"], Coroutine[Any, Any, T]]
+#: Called around a write's commit (``Backend.write``'s ``on_commit`` and ``on_sealed``).
+Hook = Callable[[], None] | None
 
 
 class Tx(Protocol):
@@ -121,12 +123,7 @@ class Backend(Protocol):
         """Waits for the writes in flight, then disconnects. Idempotent."""
         ...
 
-    async def write(
-        self,
-        body: Body[T],
-        on_commit: Callable[[], None] | None = None,
-        on_sealed: Callable[[], None] | None = None,
-    ) -> T:
+    async def write(self, body: Body[T], on_commit: Hook = None, on_sealed: Hook = None) -> T:
         """Runs ``body`` in one transaction and commits it; then calls ``on_commit``.
 
         A write that started runs to its end even if the caller stops waiting, so a committed

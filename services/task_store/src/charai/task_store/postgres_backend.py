@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -20,7 +20,7 @@ import asyncpg
 import structlog
 from asyncpg.pool import PoolConnectionProxy
 from charai.core.errors import UnavailableError
-from charai.task_store.backend import MIGRATION_LOCK_KEY, POSTGRES, Body, Row, numbered
+from charai.task_store.backend import MIGRATION_LOCK_KEY, POSTGRES, Body, Hook, Row, numbered
 from charai.task_store.schema import LATEST_VERSION, MIGRATIONS, SCHEMA_VERSION_TABLE
 
 T = TypeVar("T")
@@ -195,12 +195,7 @@ class PostgresBackend:
         finally:
             await self._pool.release(conn)
 
-    async def write(
-        self,
-        body: Body[T],
-        on_commit: Callable[[], None] | None = None,
-        on_sealed: Callable[[], None] | None = None,
-    ) -> T:
+    async def write(self, body: Body[T], on_commit: Hook = None, on_sealed: Hook = None) -> T:
         # Shielded: a caller that gives up (an RPC deadline) does not cut a transaction in half
         # between COMMIT and on_commit, which publishes its events. SQLite's thread behaves the
         # same way. close() waits for these.
@@ -214,9 +209,7 @@ class PostgresBackend:
         if not task.cancelled():
             task.exception()  # retrieved, so an abandoned write's error is not reported twice
 
-    async def _write(
-        self, body: Body[T], on_commit: Callable[[], None] | None, on_sealed: Callable[[], None] | None
-    ) -> T:
+    async def _write(self, body: Body[T], on_commit: Hook, on_sealed: Hook) -> T:
         async with self._connection() as conn:
             for attempt in range(1, _ATTEMPTS + 1):
                 try:

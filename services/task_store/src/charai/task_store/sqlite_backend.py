@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import structlog
-from charai.task_store.backend import SQLITE, Body, Row
+from charai.task_store.backend import SQLITE, Body, Hook, Row
 from charai.task_store.schema import MIGRATIONS, SCHEMA_VERSION_TABLE
 from charai.task_store.sqlite_checkpoint import BACKSTOP_PAGES, Checkpointer
 
@@ -77,11 +77,11 @@ class _Job:
     """One unit of work waiting for the database thread."""
 
     body: Body[Any]
-    on_commit: Callable[[], None] | None
+    on_commit: Hook
     write: bool
     future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
-    on_sealed: Callable[[], None] | None = None
+    on_sealed: Hook = None
 
 
 #: A unit of work that ran: its job, its result, or the error it raised.
@@ -218,8 +218,8 @@ class SqliteBackend:
         body: Body[T],
         *,
         write: bool,
-        on_commit: Callable[[], None] | None = None,
-        on_sealed: Callable[[], None] | None = None,
+        on_commit: Hook = None,
+        on_sealed: Hook = None,
     ) -> T:
         if self._thread is None:
             raise RuntimeError("the SQLite store is not open")
@@ -228,12 +228,7 @@ class SqliteBackend:
         self._queue.put(_Job(body, on_commit, write, future, loop, on_sealed))
         return await future
 
-    async def write(
-        self,
-        body: Body[T],
-        on_commit: Callable[[], None] | None = None,
-        on_sealed: Callable[[], None] | None = None,
-    ) -> T:
+    async def write(self, body: Body[T], on_commit: Hook = None, on_sealed: Hook = None) -> T:
         return await self._submit(body, write=True, on_commit=on_commit, on_sealed=on_sealed)
 
     async def read(self, body: Body[T]) -> T:
