@@ -36,6 +36,7 @@ from charai.store.v1 import store_service_pb2 as spb
 from charai.task_store.backlog import FairConfig
 from charai.task_store.reuse import ReuseConfig
 from charai.task_store.sqlite_backend import SqliteBackend
+from charai.task_store.sqlite_checkpoint import INTERVAL
 from charai.task_store.store import StoreConfig, TaskStore
 from charai.tasks.v1 import task_pb2
 
@@ -194,7 +195,7 @@ class TimedCommits:
 async def main(args: argparse.Namespace) -> None:
     config = StoreConfig(reuse=ReuseConfig(ttl_seconds=86400.0), fair=FairConfig(buffer=max(64, args.pages)))
     with tempfile.TemporaryDirectory(prefix="bench-inproc-") as tmp:
-        interval = -1.0 if args.own_checkpoints or args.pages else 0.1
+        interval = -1.0 if args.own_checkpoints or args.pages else INTERVAL
         backend = SqliteBackend(Path(tmp) / "tasks.db", checkpoint_interval=interval)
         store = TaskStore(backend, config, lambda envelopes: None)
         async with store:

@@ -29,7 +29,7 @@ from typing import Any, TypeVar, cast
 import structlog
 from charai.task_store.backend import SQLITE, Body, Hook, Row
 from charai.task_store.schema import MIGRATIONS, SCHEMA_VERSION_TABLE
-from charai.task_store.sqlite_checkpoint import BACKSTOP_PAGES, Checkpointer
+from charai.task_store.sqlite_checkpoint import BACKSTOP_PAGES, INTERVAL, Checkpointer
 
 T = TypeVar("T")
 log = structlog.get_logger("sqlite")
@@ -124,7 +124,7 @@ class SqliteBackend:
     #: Units of work per group commit at most (bounds the latency a batch adds).
     max_batch = 256
 
-    def __init__(self, path: Path, checkpoint_interval: float = 0.1) -> None:
+    def __init__(self, path: Path, checkpoint_interval: float = INTERVAL) -> None:
         self.path = path
         #: Copies the log into the database file beside the write path (None: SQLite's own,
         #: inside a commit, only; ``checkpoint_interval`` < 0).
