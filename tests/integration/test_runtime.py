@@ -234,7 +234,12 @@ class Harness:
 
 @contextlib.asynccontextmanager
 async def make_harness(
-    nats_server: NatsServer, tmp_path: Path, *, lease_seconds: float = 3.0, ack_wait_seconds: float = 3.0
+    nats_server: NatsServer,
+    tmp_path: Path,
+    *,
+    lease_seconds: float = 3.0,
+    ack_wait_seconds: float = 3.0,
+    **store_settings: Any,
 ) -> AsyncIterator[Harness]:
     settings = Settings(
         nats_url=nats_server.url,
@@ -250,6 +255,7 @@ async def make_harness(
         # Every job released at once: these tests are about the runtime's lanes (tasks held for
         # fair share are test_fair_share.py's).
         dispatch_buffer=1000,
+        **store_settings,
     )
     worker_settings = {
         "ack_wait_seconds": ack_wait_seconds,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -51,11 +52,16 @@ class _BrokenError(Exception):
         self.error = error
 
 
+#: Takes a job task_store pushed to this client's offer (see ``WorkerOffer``).
+PushHandler = Callable[[spb.PushedJob], None]
+
+
 class _Stream:
     """One open ``ExchangeStream`` call: requests written in turn, answers matched by id."""
 
-    def __init__(self, call: Any) -> None:
+    def __init__(self, call: Any, on_push: PushHandler | None = None) -> None:
         self._call = call
+        self._on_push = on_push
         self._write = asyncio.Lock()  # one write at a time on a call
         self._waiting: dict[int, asyncio.Future[spb.ExchangeStreamResponse]] = {}
         self.ended = False
@@ -96,6 +102,10 @@ class _Stream:
     async def _read(self) -> None:
         try:
             async for response in self._call:
+                if response.HasField("pushed"):
+                    if self._on_push is not None:
+                        self._on_push(response.pushed)
+                    continue
                 future = self._waiting.pop(response.id, None)
                 if future is not None and not future.done():
                     future.set_result(response)
@@ -108,6 +118,16 @@ class _Stream:
             for future in self._waiting.values():
                 if not future.done():
                     future.set_exception(_BrokenError(self.error))
+
+    async def tell(self, request: spb.ExchangeStreamRequest) -> bool:
+        """Writes a request that gets no answer (an offer); False if the stream broke."""
+        try:
+            async with self._write:
+                await self._call.write(request)
+        except Exception:
+            self._end()
+            return False
+        return True
 
     async def close(self) -> None:
         self._end()
@@ -128,6 +148,8 @@ class ExchangeStreams:
         self._closed = False
         #: False once task_store answered UNIMPLEMENTED (an older release): use unary calls.
         self.supported = True
+        #: Takes the jobs pushed to this client's offers (a worker's runner sets it).
+        self.on_push: PushHandler | None = None
 
     async def exchange(
         self, request: spb.ExchangeStreamRequest, timeout: float | None
@@ -165,10 +187,25 @@ class ExchangeStreams:
             raise _error(grpc.StatusCode.CANCELLED, "the store client is closed")
         i = self._turn % len(self._streams)
         self._turn += 1
+        return self._open(i)
+
+    def _open(self, i: int) -> _Stream:
         stream = self._streams[i]
         if stream is None or stream.ended:
-            stream = self._streams[i] = _Stream(self._open_call())
+            stream = self._streams[i] = _Stream(self._open_call(), self._pushed)
         return stream
+
+    def _pushed(self, pushed: spb.PushedJob) -> None:
+        if self.on_push is not None:
+            self.on_push(pushed)
+
+    async def offer(self, offer: spb.WorkerOffer) -> bool:
+        """Sends a worker's standing offer (push dispatch) on the first stream, opening it if
+        needed; it replaces the previous one. False if it could not be written: the offer
+        stands nowhere (a broken stream's offer ended with it)."""
+        if self._closed or not self.supported:
+            return False
+        return await self._open(0).tell(spb.ExchangeStreamRequest(offer=offer))
 
     async def close(self) -> None:
         self._closed = True

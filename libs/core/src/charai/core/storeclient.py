@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from charai.core import tracing
 from charai.core.coalesce import Coalescer, error_bytes
-from charai.core.exchange_stream import ExchangeStreams
+from charai.core.exchange_stream import ExchangeStreams, PushHandler
 from charai.core.storechannel import DEFAULT_TIMEOUT, SERVICE_CONFIG, CallDefaults, addresses, channel_target
 from charai.store.v1 import store_service_pb2 as spb
 from charai.store.v1 import store_service_pb2_grpc
@@ -268,6 +268,24 @@ class StoreClient:
         return response.response
 
     # -- one attempt of a task (workers) --------------------------------------------------
+    @property
+    def pushes(self) -> bool:
+        """Whether this client can take pushed jobs (it talks to task_store over ExchangeStream)."""
+        return self._streams is not None and self._streams.supported
+
+    def on_push(self, handler: PushHandler) -> None:
+        """Calls ``handler`` with each job task_store pushes to this client's offers."""
+        if self._streams is not None:
+            self._streams.on_push = handler
+
+    async def offer(self, worker_id: str, types: Sequence[int], slots: int) -> bool:
+        """Offers ``slots`` free slots for jobs of ``types`` (0 withdraws the offer): push
+        dispatch (``WorkerOffer``). False if it could not be sent (no stream, or it broke)."""
+        if self._streams is None:
+            return False
+        offer = spb.WorkerOffer(worker_id=worker_id, types=types, slots=slots)  # type: ignore[arg-type]
+        return await self._streams.offer(offer)
+
     async def claim_task(
         self,
         task_id: str,

@@ -26,11 +26,17 @@ log = structlog.get_logger("worker")
 
 @dataclasses.dataclass(slots=True)
 class Attempt:
-    """A claimed job being run: the message that delivered it, and where its progress stands."""
+    """A claimed job being run: the message that delivered it (None: pushed by task_store), and
+    where its progress stands."""
 
-    msg: Msg
+    msg: Msg | None
     task_id: str
     attempt: int
+    #: The dispatch generation of the job (what its JetStream message carries).
+    gen: int = 0
+    #: A pushed attempt that ended before its message came: how to settle that message (op,
+    #: nak delay, and when it was decided, monotonic), for when it arrives.
+    unsettled: tuple[str, float | None, float] | None = None
     inner: asyncio.Task[Result] | None = None
     progress: int = 10
     stage: str = Stage.STARTING

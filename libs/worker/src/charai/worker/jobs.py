@@ -17,7 +17,7 @@ from charai.worker.context import Handler, JobAbortedError, Result
 from charai.worker.gate import FIRST_TURN
 from charai.worker.http import ProviderError, ProviderHttp
 from charai.worker.lanes import Lane
-from charai.worker.outcome import Outcomes, crash_failure, provider_failure, settle_message
+from charai.worker.outcome import Outcomes, crash_failure, provider_failure, settle_attempt, settle_message
 from charai.worker.progress import ProgressReporter
 from charai.worker.storecalls import StoreCalls
 from nats.aio.msg import Msg
@@ -68,6 +68,10 @@ class Jobs:
         #: claims ``again``, so a claim the store did take is answered, not left to expire.
         #: Bounded: forgetting one only costs the wait for its lease, as before.
         self._unanswered: dict[tuple[str, int], None] = {}
+        #: Pushed attempts that ended before their message came, by (task id, dispatch
+        #: generation): how to settle it when it does. Bounded: a message forgotten (or gone to
+        #: another worker) is claimed as usual, and answered DONE or DEFER.
+        self._unsettled: dict[tuple[str, int], tuple[str, float | None, float]] = {}
         #: Jobs completed by this process.
         self.completed = 0
 
@@ -96,6 +100,8 @@ class Jobs:
         headers = msg.headers or {}
         traceparent = tracing.enter(job.traceparent or headers.get("traceparent", ""))
         structlog.contextvars.bind_contextvars(task_id=job.task_id, trace_id=tracing.trace_id(traceparent))
+        if await self._take_over(job, msg):
+            return
         if job.task_id in self.running or job.task_id in self._carriers:
             # JetStream redelivered a job this process is still running (an ack-wait ran out):
             # the attempt in hand acks it when it ends. Claiming again would answer the same
@@ -131,6 +137,41 @@ class Jobs:
         if claim.outcome == spb.CLAIM_OUTCOME_DEFER:
             await settle_message("nak", msg, max(0.05, claim.retry_after_seconds))
             return
+        await self._attempt(msg, job, claim, started)
+
+    async def _take_over(self, job: spb.Job, msg: Msg) -> bool:
+        """The message of a pushed attempt (``WorkerOffer``): the attempt running here takes it
+        over (its heartbeat and its outcome then settle it), or one that ended already settles it
+        as it decided. False: not a pushed attempt's, claim it as usual."""
+        key = (job.task_id, job.dispatch_gen)
+        ended = self._unsettled.pop(key, None)
+        running = self.running.get(job.task_id)
+        if ended is None and running is not None and running.msg is None and running.gen == job.dispatch_gen:
+            running.msg = msg
+            ended, running.unsettled = running.unsettled, None  # it ended while we read the message
+            if ended is None:
+                return True
+        if ended is None:
+            return False
+        op, delay, at = ended
+        if delay is not None:  # a retry's wait counts from the decision
+            delay = max(0.0, delay - (time.monotonic() - at))
+        await settle_message(op, msg, delay)
+        return True
+
+    async def run_pushed(self, pushed: spb.PushedJob) -> None:
+        """Runs a job task_store pushed to this worker's offer: already claimed (RUN) for it."""
+        started = time.perf_counter()
+        job = pushed.job
+        structlog.contextvars.bind_contextvars(lane="pushed")
+        traceparent = tracing.enter(job.traceparent)
+        structlog.contextvars.bind_contextvars(task_id=job.task_id, trace_id=tracing.trace_id(traceparent))
+        await self._attempt(None, job, pushed.claim, started)
+
+    async def _attempt(
+        self, msg: Msg | None, job: spb.Job, claim: spb.ClaimTaskResponse, started: float
+    ) -> None:
+        """Runs the attempt a claim answered RUN, and settles it."""
         task_id = claim.task.id or job.task_id
         if task_id != job.task_id:
             # Fair share: the store started another tenant's first task instead and put this job
@@ -139,7 +180,7 @@ class Jobs:
             structlog.contextvars.bind_contextvars(task_id=task_id)
             self._carriers.add(job.task_id)
             FIRST_TURN.set(True)  # its provider calls go before those of jobs claimed earlier
-        running = Attempt(msg, task_id, claim.attempt)
+        running = Attempt(msg, task_id, claim.attempt, gen=job.dispatch_gen)
         self.running[task_id] = running
         structlog.contextvars.bind_contextvars(attempt=claim.attempt)
         outcome = "unknown"
@@ -148,6 +189,10 @@ class Jobs:
         finally:
             self.running.pop(task_id, None)
             self._carriers.discard(job.task_id)
+            if running.unsettled is not None:  # pushed, and its message has not come yet
+                self._unsettled[(job.task_id, job.dispatch_gen)] = running.unsettled
+                while len(self._unsettled) > _UNANSWERED_MAX:
+                    del self._unsettled[next(iter(self._unsettled))]
             log.info(
                 "job_finished",
                 outcome=outcome,
@@ -170,11 +215,11 @@ class Jobs:
                 await self._outcomes.hand_back(running)
                 raise
             await self._outcomes.report_usage(running)  # what it paid for before it stopped
-            await settle_message("ack", running.msg)
+            await settle_attempt("ack", running)
             return "aborted"
         except JobAbortedError:
             await self._outcomes.report_usage(running)
-            await settle_message("ack", running.msg)
+            await settle_attempt("ack", running)
             return "aborted"
         except ProviderError as exc:
             return await self._outcomes.fail(running, provider_failure(exc), exc.failure.retry_after)
@@ -194,7 +239,9 @@ class Jobs:
             await self._reporter.end(running)
 
 
-def _delivered(msg: Msg) -> int:
+def _delivered(msg: Msg | None) -> int:
+    if msg is None:
+        return 0  # pushed: no JetStream message
     try:
         return int(msg.metadata.num_delivered)
     except Exception:

@@ -86,6 +86,15 @@ async def settle_message(op: str, msg: Msg, delay: float | None = None) -> None:
         log.warning("settle_message_failed", op=op, error=str(exc) or type(exc).__name__)
 
 
+async def settle_attempt(op: str, attempt: Attempt, delay: float | None = None) -> None:
+    """Settles the attempt's message as decided; a pushed attempt whose message has not come yet
+    keeps the decision for it (:meth:`charai.worker.jobs.Jobs.run` applies it on arrival)."""
+    if attempt.msg is None:
+        attempt.unsettled = (op, delay, time.monotonic())
+        return
+    await settle_message(op, attempt.msg, delay)
+
+
 class Outcomes:
     """Records attempts' outcomes in task_store and settles their messages as it decided."""
 
@@ -116,11 +125,11 @@ class Outcomes:
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
                 log.warning("complete_failed", code=exc.code().name)
-                await settle_message("nak", attempt.msg, 1.0)
+                await settle_attempt("nak", attempt, 1.0)
                 return "complete_failed"
-            await settle_message("ack", attempt.msg)
+            await settle_attempt("ack", attempt)
             return "aborted"
-        await settle_message("ack", attempt.msg)
+        await settle_attempt("ack", attempt)
         return "completed"
 
     async def fail(self, attempt: Attempt, error: task_pb2.TaskError, retry_after: float | None) -> str:
@@ -136,9 +145,9 @@ class Outcomes:
                 )
             )
         except grpc.aio.AioRpcError:
-            await settle_message("nak", attempt.msg, 1.0)
+            await settle_attempt("nak", attempt, 1.0)
             return "fail_report_failed"
-        outcome = await self._after_fail(attempt.msg, response)
+        outcome = await self._after_fail(attempt, response)
         return f"{outcome}:{task_pb2.ErrorCode.Name(error.code)}"
 
     async def hand_back(self, attempt: Attempt) -> None:
@@ -166,9 +175,9 @@ class Outcomes:
             )
         except grpc.aio.AioRpcError as exc:
             log.warning("handback_not_recorded", code=exc.code().name)
-            await settle_message("nak", attempt.msg)
+            await settle_attempt("nak", attempt)
             return
-        outcome = await self._after_fail(attempt.msg, response)
+        outcome = await self._after_fail(attempt, response)
         log.info("job_handed_back", outcome=outcome)
 
     async def report_usage(self, attempt: Attempt) -> None:
@@ -213,21 +222,21 @@ class Outcomes:
             delay = min(delay * 2, 2.0)
 
     @staticmethod
-    async def _after_fail(msg: Msg, response: spb.FailTaskResponse) -> str:
+    async def _after_fail(attempt: Attempt, response: spb.FailTaskResponse) -> str:
         """Settles the message as the store decided; IGNORED keeps the message if the task still
         needs it (e.g. a repeated FailTask whose first try scheduled the retry)."""
         if response.outcome == spb.FAIL_OUTCOME_RETRY:
-            await settle_message("nak", msg, response.retry_delay_seconds)
+            await settle_attempt("nak", attempt, response.retry_delay_seconds)
             return "retry"
         if response.outcome == spb.FAIL_OUTCOME_FAILED:
-            await settle_message("term", msg)
+            await settle_attempt("term", attempt)
             return "failed"
         task = response.task
         if task.status == task_pb2.TASK_STATUS_QUEUED:
             wait = 0.0
             if task.HasField("next_attempt_time"):
                 wait = task.next_attempt_time.ToMicroseconds() / 1e6 - time.time()
-            await settle_message("nak", msg, max(0.05, wait))
+            await settle_attempt("nak", attempt, max(0.05, wait))
             return "requeued"
-        await settle_message("ack", msg)
+        await settle_attempt("ack", attempt)
         return "ignored"

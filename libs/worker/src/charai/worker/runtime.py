@@ -41,7 +41,9 @@ import structlog
 from charai.core import logs
 from charai.core.media import MediaStore
 from charai.core.storeclient import StoreClient
-from charai.core.topology import LANES, Topology
+from charai.core.topology import KIND_BY_TYPE, LANES, Topology
+from charai.store.v1 import store_service_pb2 as spb
+from charai.worker.attempt import Attempt
 from charai.worker.context import Handler
 from charai.worker.http import ProviderHttp
 from charai.worker.jobs import Jobs
@@ -90,6 +92,9 @@ class RunnerConfig:
     #: job already waits at the gate then (bench F1, one run each: 1.15x the ideal makespan with
     #: 1, 1.08x with 2).
     prefetch: int = 2
+    #: Push dispatch: while idle (every lane long-polling), offer the free slots to task_store,
+    #: which then hands new jobs over on the ExchangeStream instead of through JetStream.
+    push: bool = True
 
 
 class JobRunner:
@@ -127,9 +132,16 @@ class JobRunner:
         self._calls = StoreCalls(config.store_calls)
         self._reporter = ProgressReporter(store, self._calls, config.progress_coalesce)
         outcomes = Outcomes(store, self._calls, config.settle_seconds, config.handback_timeout)
+        self._outcomes = outcomes
         self._jobs = Jobs(
             handler, store, provider, media, config.worker_id, self._calls, self._reporter, outcomes
         )
+        #: The task types this kind runs (what its offers name).
+        self._types = sorted(t for t, kind in KIND_BY_TYPE.items() if kind == config.kind)
+        #: Slots task_store was last told are free (each push spends one there too).
+        self._offered = 0
+        self._offer_changed = asyncio.Event()
+        self._pushes = config.push and store.pushes and bool(self._types)
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -147,6 +159,9 @@ class JobRunner:
             asyncio.create_task(self._schedule(), name=f"{self.config.kind}-scheduler"),
             asyncio.create_task(self._heartbeat(), name=f"{self.config.kind}-heartbeat"),
         ]
+        if self._pushes:
+            self._store.on_push(self._on_push)
+            self._tasks.append(asyncio.create_task(self._offer(), name=f"{self.config.kind}-offers"))
         logs.announce("worker_started", kind=self.config.kind, concurrency=self.config.concurrency)
 
     async def _ensure_consumer(self, stream: str, durable: str, subject: str) -> None:
@@ -173,6 +188,7 @@ class JobRunner:
         self._closed = True
         self._stopping = True
         self._wake.set()
+        await self._withdraw()
         for task in self._tasks[:1]:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -229,7 +245,20 @@ class JobRunner:
             self._spawn(lane, msg)
         else:
             heapq.heappush(self._ready, (lane.rank, next(self._counter), lane, msg))
+        self._offer_changed.set()  # busy: withdraw the offer
         self._wake.set()
+
+    def _on_push(self, pushed: spb.PushedJob) -> None:
+        """task_store pushed a job to this worker's offer: it is claimed for us already."""
+        self._offered = max(0, self._offered - 1)  # the store spent the slot on its side
+        if self._stopping:
+            # Offered before the shutdown began: give it back at once (WORKER_LOST: retried).
+            attempt = Attempt(None, pushed.claim.task.id or pushed.job.task_id, pushed.claim.attempt)
+            task = asyncio.create_task(self._outcomes.hand_back(attempt))
+        else:
+            task = asyncio.create_task(self._jobs.run_pushed(pushed))
+        self._job_tasks.add(task)
+        task.add_done_callback(self._job_done)
 
     def _spawn(self, lane: Lane, msg: Msg) -> None:
         task = asyncio.create_task(self._jobs.run(lane, msg))
@@ -242,6 +271,7 @@ class JobRunner:
             while self._ready and len(self._job_tasks) < self._capacity():
                 _, _, lane, msg = heapq.heappop(self._ready)
                 self._spawn(lane, msg)
+        self._offer_changed.set()
         self._wake.set()
 
     def _capacity(self) -> int:
@@ -276,6 +306,7 @@ class JobRunner:
                     if not got:
                         for lane in self._lanes:
                             await lane.long_poll(self.config.long_poll_seconds)
+                        self._offer_changed.set()  # idle: offer the free slots
                 if got and self._free() > 0:
                     continue  # there may be more: probe again at once
                 self._wake.clear()
@@ -290,6 +321,38 @@ class JobRunner:
             except Exception as exc:
                 log.warning("schedule_failed", error=str(exc))
                 await asyncio.sleep(0.5)
+
+    # -- push dispatch ---------------------------------------------------------------------------
+    def _wanted_offer(self) -> int:
+        """Slots to offer: the free ones while every lane is long-polling (nothing waits in
+        JetStream for this worker, so a pushed job overtakes nobody), else none."""
+        if self._stopping or self._ready or not all(lane.polling for lane in self._lanes):
+            return 0
+        return max(0, self._free())
+
+    async def _offer(self) -> None:
+        """Keeps task_store's view of this worker's free slots (``WorkerOffer``) current."""
+        while True:
+            await self._offer_changed.wait()
+            self._offer_changed.clear()
+            wanted = self._wanted_offer()
+            if wanted == self._offered:
+                continue
+            try:
+                sent = await self._store.offer(self.config.worker_id, self._types, wanted)
+            except Exception as exc:  # the stream broke under the write: no offer stands
+                log.warning("offer_failed", error=str(exc))
+                sent = False
+            self._offered = wanted if sent else 0
+
+    async def _withdraw(self) -> None:
+        """Takes the offer back before shutting down (best effort: a push that crossed it is
+        handed back by :meth:`_on_push`)."""
+        if self._pushes and self._offered:
+            self._offered = 0
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self.config.handback_timeout):
+                    await self._store.offer(self.config.worker_id, self._types, 0)
 
     async def _heartbeat(self) -> None:
         """Keeps held jobs alive: ``in_progress`` to JetStream for every held message, then the
@@ -306,7 +369,8 @@ class JobRunner:
             while True:
                 await asyncio.sleep(self.config.heartbeat_interval)
                 running = self._jobs.running
-                held = [msg for _, _, _, msg in self._ready] + [r.msg for r in running.values()]
+                held = [msg for _, _, _, msg in self._ready]
+                held += [r.msg for r in running.values() if r.msg is not None]  # None: pushed
                 for msg in held:
                     with contextlib.suppress(Exception):
                         await msg.in_progress()

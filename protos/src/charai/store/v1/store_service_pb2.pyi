@@ -1549,31 +1549,114 @@ Global___ExchangeResponse: _TypeAlias = ExchangeResponse  # noqa: Y015
 
 @_typing.final
 class ExchangeStreamRequest(_message.Message):
-    """One Exchange call on an ExchangeStream."""
+    """One Exchange call on an ExchangeStream, or a worker's standing offer."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
     REQUEST_FIELD_NUMBER: _builtins.int
+    OFFER_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """The client's id of this request (unique on its stream), repeated in its response."""
     @_builtins.property
     def request(self) -> Global___ExchangeRequest:
         """What the unary Exchange would carry."""
 
+    @_builtins.property
+    def offer(self) -> Global___WorkerOffer:
+        """Set instead of `request` (and not answered): a worker's standing offer to take new jobs
+        on this stream (push dispatch). Each offer replaces the stream's previous one.
+        """
+
     def __init__(
         self,
         *,
         id: _builtins.int = ...,
         request: Global___ExchangeRequest | None = ...,
+        offer: Global___WorkerOffer | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["offer", b"offer", "request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "request", b"request"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "offer", b"offer", "request", b"request"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExchangeStreamRequest: _TypeAlias = ExchangeStreamRequest  # noqa: Y015
+
+@_typing.final
+class WorkerOffer(_message.Message):
+    """Push dispatch: a worker that has free slots and nothing queued for it offers them on its
+    ExchangeStream. While the offer stands, a create whose job would be published at once (room in
+    the fair-share buffer, nothing held) is claimed in its own transaction for that worker: the
+    task is RUNNING under a lease owned by `worker_id` when the create commits, its STARTED event
+    committed with it, and the claim's answer goes to the worker on the stream (PushedJob), so the
+    task starts without waiting for JetStream and a claim of its own. Nothing else changes: the
+    job is still published (after the push), and the worker that runs the pushed attempt takes
+    that message over when it arrives (or settles it at once if the attempt ended already), so the
+    attempt has its message, acked, nak'ed or redelivered exactly as a claimed attempt's. If the
+    message reaches another worker, its claim is answered as any claim of a task another attempt
+    holds (DEFER while the lease lives, DONE once the task ended).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    TYPES_FIELD_NUMBER: _builtins.int
+    SLOTS_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    """The worker's id (the lease owner of what it is pushed)."""
+    slots: _builtins.int
+    """How many more jobs it takes now; 0 withdraws the offer. Each push spends one."""
+    @_builtins.property
+    def types(self) -> _containers.RepeatedScalarFieldContainer[_task_pb2.TaskType.ValueType]:
+        """The task types it runs."""
+
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.str = ...,
+        types: _abc.Iterable[_task_pb2.TaskType.ValueType] | None = ...,
+        slots: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["slots", b"slots", "types", b"types", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerOffer: _TypeAlias = WorkerOffer  # noqa: Y015
+
+@_typing.final
+class PushedJob(_message.Message):
+    """A job pushed to a worker on its ExchangeStream (see WorkerOffer): run it as a claim answered
+    RUN. Sent as an ExchangeStreamResponse with `id` 0.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    CLAIM_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job(self) -> Global___Job:
+        """The job, as JetStream would have carried it."""
+
+    @_builtins.property
+    def claim(self) -> Global___ClaimTaskResponse:
+        """The claim's answer (outcome RUN, the task, the attempt, the lease)."""
+
+    def __init__(
+        self,
+        *,
+        job: Global___Job | None = ...,
+        claim: Global___ClaimTaskResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["claim", b"claim", "job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["claim", b"claim", "job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PushedJob: _TypeAlias = PushedJob  # noqa: Y015
 
 @_typing.final
 class ExchangeStreamResponse(_message.Message):
@@ -1584,6 +1667,7 @@ class ExchangeStreamResponse(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     RESPONSE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    PUSHED_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """The id of the request this answers."""
     error: _builtins.bytes
@@ -1594,16 +1678,21 @@ class ExchangeStreamResponse(_message.Message):
     def response(self) -> Global___ExchangeResponse:
         """What the unary Exchange would answer."""
 
+    @_builtins.property
+    def pushed(self) -> Global___PushedJob:
+        """A job pushed to the worker that offered (see WorkerOffer); `id` is then 0."""
+
     def __init__(
         self,
         *,
         id: _builtins.int = ...,
         response: Global___ExchangeResponse | None = ...,
         error: _builtins.bytes = ...,
+        pushed: Global___PushedJob | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["pushed", b"pushed", "response", b"response"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "id", b"id", "response", b"response"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "id", b"id", "pushed", b"pushed", "response", b"response"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

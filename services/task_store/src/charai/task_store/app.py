@@ -25,6 +25,7 @@ from charai.store.v1 import store_service_pb2, store_service_pb2_grpc
 from charai.task_store.backlog import FairConfig
 from charai.task_store.dispatch import EventPublisher, OutboxRelay
 from charai.task_store.grpc_api import TaskStoreServicer, internal_auth
+from charai.task_store.push import Offers
 from charai.task_store.release import Releaser
 from charai.task_store.removal import RetentionSweeper
 from charai.task_store.reuse import ReuseConfig
@@ -95,6 +96,8 @@ class TaskStoreApp:
         self._relay: OutboxRelay | None = None
         self._nc: Client | None = None
         self.store: TaskStore | None = None
+        #: Workers' standing offers while push dispatch is on (CHARAI_PUSH_DISPATCH).
+        self.offers: Offers | None = None
         #: This process's metrics (always collected; exposed when ``CHARAI_METRICS_ADDR`` is set).
         self.metrics = Metrics("task_store")
         self._metrics_endpoint: MetricsEndpoint | None = None
@@ -155,6 +158,8 @@ class TaskStoreApp:
         # GetQueueStats shows the provider credentials' shared limiters and breakers (NATS KV).
         providers = await stack.enter_async_context(ProviderStates(nc, self._topology, s.nats_replicas))
         servicer.providers = providers.protos
+        if s.push_dispatch:
+            servicer.offers = self.offers = store.push_dispatch()
         self.metrics.gauge_from(self.metrics.exchange_streams, lambda: servicer.drain.open_streams)
         health = await self._serve(stack, servicer)
         await self._start_ops(stack, health)

@@ -42,6 +42,7 @@ from charai.task_store.backend import Backend
 from charai.task_store.backlog import Backlog
 from charai.task_store.creates import CreateCommands
 from charai.task_store.outbox import Job, Outbox
+from charai.task_store.push import Offers, pushed_response
 from charai.task_store.queries import Queries
 from charai.task_store.reuse import Reuse
 from charai.task_store.rows import TaskRow
@@ -118,6 +119,8 @@ class Commands(CreateCommands):
         #: Held tasks and their fair release (:mod:`charai.task_store.backlog`); None: every job
         #: is queued at create.
         self.backlog: Backlog | None = None
+        #: Workers' standing offers (:mod:`charai.task_store.push`); None: push dispatch off.
+        self.offers: Offers | None = None
 
     # -- the common path ---------------------------------------------------------------------
     async def _persist(
@@ -313,6 +316,40 @@ class Commands(CreateCommands):
         await self._persist(unit, task, row, state, decision, copy)
         log.info("claim_handed_over", task_id=claimed.id, instead=other, tenant=row.tenant)
         return ClaimResult(int(answer.outcome), task, answer.attempt, answer.retry_after)
+
+    async def _push(self, unit: Unit, job: Job, now: int) -> bool:
+        """A new task's claim for a worker's standing offer, in the create's own unit: RUNNING
+        under a lease owned by that worker, its STARTED event after the QUEUED one, and the
+        claim's answer sent on the worker's stream after the commit (``unit.pushed``). The job
+        is still published (after the push), so the attempt has its JetStream message as a
+        claimed one has: the worker takes it over when it arrives (see ``WorkerOffer``)."""
+        taken = None if self.offers is None else self.offers.take(job.type)
+        if taken is None:
+            return False
+        assert self.offers is not None
+        outlet, worker_id = taken
+        task, row, state = await self._load(unit, job.task_id)
+        decision, copy = await self._decide_claim(unit, task, row, state, lifecycle.Claim(worker_id), now)
+        answer = decision.answer
+        if not isinstance(answer, ClaimAnswer) or answer.outcome is not ClaimOutcome.RUN:
+            self.offers.give_back(outlet)  # e.g. a twin runs: its claim answers, as usual
+            return False
+        await self._persist(unit, task, row, state, decision, copy)
+        message = spb.Job(
+            task_id=job.task_id,
+            dispatch_gen=job.dispatch_gen,
+            type=job.type,  # type: ignore[arg-type]
+            priority=job.priority,  # type: ignore[arg-type]
+            traceparent=job.traceparent,
+        )
+        claim = spb.ClaimTaskResponse(
+            outcome=spb.CLAIM_OUTCOME_RUN,
+            task=task,
+            attempt=answer.attempt,
+            lease_seconds=self.offers.lease_seconds,
+        )
+        unit.pushed.append((outlet, pushed_response(message, claim)))
+        return True
 
     async def progress(self, task_id: str, attempt: int, progress: int, stage: str) -> int:
         return await self._units.write(self._report(task_id, attempt, progress, stage))

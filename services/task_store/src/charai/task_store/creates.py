@@ -3,8 +3,9 @@ units, outbox, queries, clock and policy): a task's creation, alone, in a batch 
 none, or many independent ones in one transaction (the creates of one ``Exchange`` call).
 
 A create inserts the task row (and, on SQLite, its metadata rows), records its QUEUED event, and
-either queues its job (written already claimed for the local relay, handed to it after commit)
-or holds it in the fair-share backlog; ``request_id`` makes it idempotent per tenant.
+either claims it for a worker's standing offer (push dispatch, :mod:`charai.task_store.push`),
+queues its job (written already claimed for the local relay, handed to it after commit) or holds
+it in the fair-share backlog; ``request_id`` makes it idempotent per tenant.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from charai.core.validation import RequestInvalidError, Violation, fill_metadata
 from charai.task_store import rows
 from charai.task_store.backlog import Backlog
 from charai.task_store.outbox import Job, Outbox
+from charai.task_store.push import Offers
 from charai.task_store.queries import Queries
 from charai.task_store.reuse import Reuse
 from charai.task_store.units import Op, Unit, UnitRunner
@@ -42,6 +44,7 @@ class CreateCommands:
     reuse: Reuse | None
     usage: UsageLedger | None
     backlog: Backlog | None
+    offers: Offers | None
 
     async def create(
         self, tenant: str, req: task_service_pb2.CreateTaskRequest, traceparent: str = ""
@@ -127,11 +130,19 @@ class CreateCommands:
         if self.backlog is not None:
             await self.backlog.admit(unit, tenant, job, now, held=held)
         if not held:
+            pushed = await self._push(unit, job, now)
             handed = await self._outbox.enqueue(unit.tx, job, now, hand_off=True)
             if handed is not None:
-                unit.handed_new.append(handed)
+                # A pushed job is published after the commit, behind its push (see ``_push``).
+                (unit.handed if pushed else unit.handed_new).append(handed)
+        # The answer is the task as created (QUEUED), even when it was pushed to a worker.
         await self._queries.position(unit.tx, task)
         return task, True
+
+    async def _push(self, unit: Unit, job: Job, now: int) -> bool:
+        """Claims the new task for a worker's standing offer (push dispatch); False: no offer
+        (or the claim would not simply run)."""
+        raise NotImplementedError
 
     async def _insert(self, unit: Unit, tenant: str, task: task_pb2.Task, now: int, held: bool) -> bool:
         """Inserts the task row (``held``: in the fair-share backlog; and its metadata rows on

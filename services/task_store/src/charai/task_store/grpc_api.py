@@ -18,6 +18,7 @@ from charai.core.validation import RequestInvalidError, Violation
 from charai.store.v1 import store_service_pb2 as spb
 from charai.store.v1 import store_service_pb2_grpc as spb_grpc
 from charai.task_store.commands import ClaimResult, WorkerAnswer, WorkerRequest
+from charai.task_store.push import Offers
 from charai.task_store.removal import MediaRemover, remove_task
 from charai.task_store.store import TaskStore
 from charai.task_store.streams import Drain, serve
@@ -96,6 +97,8 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
         self._lease_seconds = lease_seconds
         #: Ends the open ExchangeStream calls at shutdown (before the server stops).
         self.drain = Drain()
+        #: Workers' standing offers (push dispatch; set by the app when it is on).
+        self.offers: Offers | None = None
         #: The provider credentials' shared states for GetQueueStats (set by the app: NATS KV).
         self.providers: Callable[[], list[tpb.ProviderState]] | None = None
 
@@ -212,7 +215,7 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
                 if self._metrics is not None:
                     self._metrics.observe_rpc("Exchange", code, time.perf_counter() - start)
 
-        return serve(requests, answer, self.drain)
+        return serve(requests, answer, self.drain, self.offers)
 
     async def Exchange(self, request: spb.ExchangeRequest, context: Context) -> spb.ExchangeResponse:
         """Each command as its unary RPC, all at once: their writes queue together, so SQLite

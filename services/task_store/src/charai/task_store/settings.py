@@ -36,6 +36,9 @@ class Settings(CommonSettings):
     #: stream and re-published if NATS lost it.
     redispatch_after_seconds: float = Field(default=60.0, gt=0)
     sweep_interval_seconds: float = Field(default=10.0, gt=0)
+    #: Push dispatch: a new task's job goes straight to a worker that offered free slots on its
+    #: ExchangeStream (claimed in the create's transaction) instead of through JetStream.
+    push_dispatch: bool = True
     #: How long an outbox relay owns the jobs it claimed: a replica that dies while publishing
     #: leaves them to the other replicas after this.
     outbox_claim_seconds: float = Field(default=30.0, gt=0)

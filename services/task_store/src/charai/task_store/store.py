@@ -35,6 +35,7 @@ from charai.task_store.commands import ClaimResult, Commands, WorkerAnswer, Work
 from charai.task_store.eta import EtaBook
 from charai.task_store.outbox import Outbox, OutboxRow
 from charai.task_store.postgres_backend import PostgresBackend
+from charai.task_store.push import Offers
 from charai.task_store.queries import Queries
 from charai.task_store.reuse import Reuse, ReuseConfig
 from charai.task_store.sqlite_backend import SqliteBackend
@@ -116,6 +117,7 @@ class TaskStore:
         self.reuse = Reuse(backend, config.reuse)
         self.commands.reuse = self.reuse
         self._clock = clock
+        self._lease_seconds = config.lease_seconds
         self.backlog = Backlog(backend, self.outbox, config.fair)
         self.commands.backlog = self.queries.backlog = self.backlog
         self._stats = QueueStats(backend, clock)
@@ -166,6 +168,13 @@ class TaskStore:
         """
         self.outbox.hand_off_owner = owner
         self._units.hand_off = take
+
+    def push_dispatch(self) -> Offers:
+        """Turns push dispatch on (:mod:`charai.task_store.push`): the registry the
+        ExchangeStream handler records workers' offers in."""
+        offers = Offers(self._lease_seconds)
+        self.commands.offers = self._units.offers = offers
+        return offers
 
     def on_outbox(self, wake: Callable[[], None]) -> None:
         """Calls ``wake`` after a commit that wrote outbox rows nobody was handed (webhook

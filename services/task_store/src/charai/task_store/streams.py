@@ -6,7 +6,8 @@ request's ``id``, is written as soon as it is done. A request refused as a whole
 ``error``; the stream goes on. At shutdown (:meth:`Drain.start`) every stream stops reading,
 answers what it has read and ends with status OK, so ``server.stop`` does not wait out its grace
 for streams that would never end by themselves; the clients send what was not read to a task_store
-that is up (``charai.core.exchange_stream``).
+that is up (``charai.core.exchange_stream``). A worker's stream also carries its standing offer
+and the jobs pushed to it (:mod:`charai.task_store.push`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from charai.store.v1 import store_service_pb2 as spb
+from charai.task_store.push import Offers, Outlet
 
 #: Answers one request as the unary ``Exchange`` (a whole-request refusal as ``error``).
 Answer = Callable[[spb.ExchangeStreamRequest], Awaitable[spb.ExchangeStreamResponse]]
@@ -51,10 +53,15 @@ class Drain:
 
 
 async def serve(
-    requests: AsyncIterator[spb.ExchangeStreamRequest], answer: Answer, drain: Drain
+    requests: AsyncIterator[spb.ExchangeStreamRequest],
+    answer: Answer,
+    drain: Drain,
+    offers: Offers | None = None,
 ) -> AsyncIterator[spb.ExchangeStreamResponse]:
-    """The responses of one stream, each as soon as its request is answered (see the module)."""
+    """The responses of one stream, each as soon as its request is answered (see the module),
+    and the jobs pushed to its worker's offer (``offers``: push dispatch is on)."""
     out: asyncio.Queue[_Item] = asyncio.Queue()
+    outlet = Outlet(out, asyncio.get_running_loop())
     running: set[asyncio.Task[None]] = set()
 
     async def one(request: spb.ExchangeStreamRequest) -> None:
@@ -65,10 +72,16 @@ async def serve(
     async def read() -> None:
         try:
             async for request in requests:
+                if request.HasField("offer"):  # a standing offer: recorded, not answered
+                    if offers is not None:
+                        offers.offer(outlet, request.offer)
+                    continue
                 task = asyncio.create_task(one(request))
                 running.add(task)
                 task.add_done_callback(running.discard)
         finally:
+            if offers is not None:
+                offers.drop(outlet)  # no push after the last read
             out.put_nowait(_STOP)  # the client closed its side (or the call ended)
 
     drain.add(out)
@@ -83,6 +96,8 @@ async def serve(
             if isinstance(item := out.get_nowait(), spb.ExchangeStreamResponse):
                 yield item
     finally:
+        if offers is not None:
+            offers.drop(outlet)
         drain.discard(out)
         reader.cancel()
         for task in running:

@@ -24,6 +24,7 @@ from charai.store.v1 import store_service_pb2 as spb
 from charai.task_store.backend import Backend, Tx
 from charai.task_store.eta import EtaBook
 from charai.task_store.outbox import OutboxRow
+from charai.task_store.push import Offers, Outlet
 from charai.tasks.v1 import task_pb2
 
 if TYPE_CHECKING:
@@ -64,6 +65,19 @@ class _Save:
     same_state: bool = False
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Mark:
+    """How much a :class:`Unit` had recorded at a savepoint (see :meth:`Unit.mark`)."""
+
+    saves: int
+    handed: int
+    handed_new: int
+    pushed: int
+    written: int
+    queued: int
+    room: dict[int, int]
+
+
 @dataclasses.dataclass(slots=True)
 class Unit:
     """One write transaction and the task changes it will commit."""
@@ -82,6 +96,9 @@ class Unit:
     #: duplicate. A released held task's job could (its release rolled back, the next one
     #: publishes the same generation): those wait in ``handed`` for the commit.
     handed_new: list[OutboxRow] = dataclasses.field(default_factory=list)
+    #: Jobs this unit claimed for workers' standing offers (:mod:`charai.task_store.push`):
+    #: sent on their streams after the commit.
+    pushed: list[tuple[Outlet, spb.ExchangeStreamResponse]] = dataclasses.field(default_factory=list)
     #: Other outbox rows this unit wrote (webhook deliveries): the relay is woken after commit.
     queued: int = 0
     #: Room left in each task type's buffer of released jobs, once this unit measured it (fair
@@ -91,24 +108,29 @@ class Unit:
     #: operation's before the next one runs), published with the rest after commit.
     written: list[spb.EventEnvelope] = dataclasses.field(default_factory=list)
 
-    def mark(self) -> tuple[int, int, int, int, int, dict[int, int]]:
+    def mark(self) -> Mark:
         """Where the unit stands, for :meth:`reset` after rolling back to a savepoint."""
-        return (
+        return Mark(
             len(self.saves),
             len(self.handed),
             len(self.handed_new),
+            len(self.pushed),
             len(self.written),
             self.queued,
             dict(self.room),
         )
 
-    def reset(self, mark: tuple[int, int, int, int, int, dict[int, int]]) -> None:
-        """Forgets what the unit recorded since ``mark`` (its writes were rolled back)."""
-        saves, handed, handed_new, written, self.queued, self.room = mark
-        del self.saves[saves:]
-        del self.handed[handed:]
-        del self.handed_new[handed_new:]
-        del self.written[written:]
+    def reset(self, mark: Mark) -> list[Outlet]:
+        """Forgets what the unit recorded since ``mark`` (its writes were rolled back); the
+        streams of the pushes it forgot, whose offers' slots the caller gives back."""
+        dropped = [outlet for outlet, _ in self.pushed[mark.pushed :]]
+        del self.saves[mark.saves :]
+        del self.handed[mark.handed :]
+        del self.handed_new[mark.handed_new :]
+        del self.pushed[mark.pushed :]
+        del self.written[mark.written :]
+        self.queued, self.room = mark.queued, mark.room
+        return dropped
 
     def save(
         self,
@@ -169,6 +191,8 @@ class UnitRunner:
         self.hand_off: HandOffHook | None = None
         #: Records the webhook deliveries of stored events (None: no webhooks).
         self.webhooks: Webhooks | None = None
+        #: Workers' standing offers, given back a slot when a push is rolled back (None: off).
+        self.offers: Offers | None = None
         #: Called after a commit that wrote outbox rows not handed off (may be another thread).
         self.on_outbox: Callable[[], None] | None = None
 
@@ -177,18 +201,21 @@ class UnitRunner:
         envelopes: list[spb.EventEnvelope] = []
         handed: list[OutboxRow] = []
         handed_new: list[OutboxRow] = []
+        pushed: list[tuple[Outlet, spb.ExchangeStreamResponse]] = []
         queued = [0]
 
         async def body(tx: Tx) -> T:
             envelopes.clear()  # a retried transaction starts over
             handed.clear()
             handed_new.clear()
+            pushed.clear()
             unit = Unit(tx, eta=self.eta)
             result = await op(unit)
             envelopes.extend(unit.written)
             envelopes.extend(await self._append_events(unit))
             handed.extend(unit.handed)
             handed_new.extend(unit.handed_new)
+            pushed.extend(unit.pushed)
             queued[0] = unit.queued
             return result
 
@@ -198,6 +225,8 @@ class UnitRunner:
             self._hand(handed_new)
 
         def committed() -> None:
+            for outlet, response in pushed:
+                outlet.send(response)
             self._hand(handed)
             if queued[0] and self.on_outbox is not None:
                 self.on_outbox()
@@ -237,7 +266,9 @@ class UnitRunner:
                     if isinstance(exc, retryable):
                         raise
                     await unit.tx.execute("ROLLBACK TO SAVEPOINT each")
-                    unit.reset(mark)
+                    for outlet in unit.reset(mark):
+                        if self.offers is not None:
+                            self.offers.give_back(outlet)
                     answers.append(exc)
                 await unit.tx.execute("RELEASE SAVEPOINT each")
             return answers

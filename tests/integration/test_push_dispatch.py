@@ -1,0 +1,154 @@
+"""Push dispatch (``WorkerOffer``): a worker idle with free slots is handed a new task's claim on
+its ExchangeStream, against a real nats-server, a real task_store (TaskStoreApp on SQLite, gRPC
+on port 0) and real workers (the harness of ``test_runtime``). The job is still published, and
+the pushed attempt settles its message as a claimed one does: acked when done, nak'ed for a retry,
+redelivered (and taken over once the lease expired) when its worker is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+from charai.core.domain import errors
+from charai.core.storeclient import StoreClient
+from charai.store.v1 import store_service_pb2 as spb
+from charai.tasks.v1 import task_pb2
+from charai.worker.app import WorkerApp
+from charai.worker.provider import ProviderError
+from charai.worker.settings import WorkerSettings
+
+from tests.conftest import eventually
+from tests.integration.test_runtime import (
+    KIND,
+    PROVIDER,
+    FailingHandler,
+    Harness,
+    RecordingHandler,
+    make_harness,
+)
+
+if TYPE_CHECKING:
+    from tests.conftest import NatsServer
+
+TTS = task_pb2.TASK_TYPE_TTS_GENERATION
+EV = task_pb2.TaskEventType
+
+
+@pytest.fixture
+async def h(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[Harness]:
+    async with make_harness(nats_server, tmp_path) as harness:
+        yield harness
+
+
+async def offered(h: Harness, streams: int = 1) -> None:
+    """Waits until ``streams`` offers with a free slot stand in task_store."""
+    assert h.app.offers is not None
+    offers = h.app.offers
+    await eventually(lambda: offers.open == streams, timeout=10)
+
+
+async def test_an_idle_worker_is_pushed_the_job_and_settles_its_message(h: Harness) -> None:
+    handler = RecordingHandler()
+    await h.start_worker(handler, concurrency=2)
+    await offered(h)
+
+    created = await h.create()
+    assert created.status == task_pb2.TASK_STATUS_QUEUED  # the create's answer is as created
+    [ended] = await h.wait_ended([created.id])
+
+    assert ended.status == task_pb2.TASK_STATUS_COMPLETED
+    assert ended.attempt == 1
+    assert handler.order == [created.id]
+    assert h.app.offers is not None and h.app.offers.pushed == 1
+    types = [e.type for e in await h.events(created.id)]
+    assert types[:2] == [EV.TASK_EVENT_TYPE_QUEUED, EV.TASK_EVENT_TYPE_STARTED]
+    assert types.count(EV.TASK_EVENT_TYPE_STARTED) == 1
+    assert types[-1] == EV.TASK_EVENT_TYPE_COMPLETED
+    await h.assert_drained()  # the job's message came after the push, and was acked
+    await offered(h)  # the slot is offered again once the job ended
+
+
+async def test_a_pushed_attempts_retry_is_its_message_nak_ed(h: Harness) -> None:
+    handler = FailingHandler(ProviderError(errors.timeout(1)), on_attempts={1})
+    await h.start_worker(handler, concurrency=1)
+    await offered(h)
+
+    created = await h.create()
+    [ended] = await h.wait_ended([created.id])
+
+    assert ended.status == task_pb2.TASK_STATUS_COMPLETED
+    assert handler.attempts == [1, 2]
+    assert h.app.offers is not None and h.app.offers.pushed == 1  # the retry came as a message
+    types = [e.type for e in await h.events(created.id)]
+    assert EV.TASK_EVENT_TYPE_RETRY_SCHEDULED in types
+    await h.assert_drained()
+
+
+async def test_a_push_lost_with_its_worker_runs_again_once_its_lease_expired(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    async with make_harness(nats_server, tmp_path, lease_seconds=1.0) as h:
+        # A worker that offers, is pushed the job and is gone before it runs it: the stream ends
+        # with the job's claim in it, the task RUNNING under a lease nobody renews.
+        lost: list[spb.PushedJob] = []
+        gone = StoreClient(f"127.0.0.1:{h.app.port}", coalesce=True, stream=True)
+        gone.on_push(lost.append)
+        assert await gone.offer("gone-worker", [TTS], 1)
+        await offered(h)
+        created = await h.create()
+        await eventually(lambda: len(lost) == 1, timeout=10)
+        assert lost[0].job.task_id == created.id
+        assert lost[0].claim.outcome == spb.CLAIM_OUTCOME_RUN and lost[0].claim.attempt == 1
+        assert (await h.get(created.id)).status == task_pb2.TASK_STATUS_RUNNING
+        await gone.close()
+
+        handler = RecordingHandler()
+        await h.start_worker(handler, concurrency=1)
+        [ended] = await h.wait_ended([created.id], timeout=30)
+
+        assert ended.status == task_pb2.TASK_STATUS_COMPLETED
+        assert ended.attempt == 2, "the job's message is claimed once the lost attempt's lease expired"
+        assert ended.error.code == task_pb2.ERROR_CODE_UNSPECIFIED
+        assert handler.order == [created.id]
+        second = [e for e in await h.events(created.id) if e.type == EV.TASK_EVENT_TYPE_STARTED][-1]
+        assert second.task.attempt == 2 and second.task.error.code == task_pb2.ERROR_CODE_WORKER_LOST
+        await h.assert_drained()
+
+
+async def test_a_stopping_worker_withdraws_its_offer(nats_server: NatsServer, tmp_path: Path) -> None:
+    async with make_harness(nats_server, tmp_path) as h:
+        settings = WorkerSettings(
+            nats_url=nats_server.url, task_store_addr=f"127.0.0.1:{h.app.port}", **h.worker_settings
+        )
+        async with WorkerApp(settings, KIND, RecordingHandler(), PROVIDER, 2):
+            await offered(h)
+        await offered(h, 0)
+        created = await h.create()  # nobody offers: nobody is pushed the job
+        await h.wait_published(1)
+        assert h.app.offers is not None and h.app.offers.pushed == 0
+        assert (await h.get(created.id)).status == task_pb2.TASK_STATUS_QUEUED
+
+
+async def test_a_busy_worker_offers_nothing(h: Harness) -> None:
+    gate = asyncio.Event()
+
+    class Holding(RecordingHandler):
+        async def run(self, ctx):  # type: ignore[no-untyped-def]
+            await gate.wait()
+            return await super().run(ctx)
+
+    await h.start_worker(Holding(), concurrency=1)
+    await offered(h)
+    first = await h.create()
+    await eventually(lambda: h.app.offers is not None and h.app.offers.pushed == 1, timeout=10)
+    second = await h.create()  # the only slot is taken: this one waits in JetStream
+    await h.wait_published(2)
+    assert h.app.offers is not None and h.app.offers.pushed == 1
+    assert (await h.get(second.id)).status == task_pb2.TASK_STATUS_QUEUED
+    gate.set()
+    ended = await h.wait_ended([first.id, second.id])
+    assert [t.status for t in ended] == [task_pb2.TASK_STATUS_COMPLETED] * 2
