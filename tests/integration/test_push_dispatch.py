@@ -30,6 +30,7 @@ from tests.integration.test_runtime import (
     RecordingHandler,
     make_harness,
 )
+from tests.pg import PgServer, fresh_database
 
 if TYPE_CHECKING:
     from tests.conftest import NatsServer
@@ -38,9 +39,20 @@ TTS = task_pb2.TASK_TYPE_TTS_GENERATION
 EV = task_pb2.TaskEventType
 
 
-@pytest.fixture
-async def h(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[Harness]:
-    async with make_harness(nats_server, tmp_path) as harness:
+@pytest.fixture(params=["sqlite", "postgres"])
+async def h(
+    request: pytest.FixtureRequest, nats_server: NatsServer, tmp_path: Path
+) -> AsyncIterator[Harness]:
+    """The harness on SQLite (the push is sent after the commit there too) and on PostgreSQL."""
+    if request.param == "sqlite":
+        async with make_harness(nats_server, tmp_path) as harness:
+            yield harness
+        return
+    server: PgServer = request.getfixturevalue("pg_server")
+    async with (
+        fresh_database(server) as database,
+        make_harness(nats_server, tmp_path, database_url=database.url) as harness,
+    ):
         yield harness
 
 

@@ -244,7 +244,7 @@ async def make_harness(
     settings = Settings(
         nats_url=nats_server.url,
         data_dir=tmp_path,
-        database_url=f"sqlite:///{tmp_path / 'tasks.db'}",
+        database_url=store_settings.pop("database_url", f"sqlite:///{tmp_path / 'tasks.db'}"),
         lease_seconds=lease_seconds,
         retry_base_seconds=0.05,
         retry_cap_seconds=0.5,
