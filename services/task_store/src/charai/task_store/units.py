@@ -225,13 +225,13 @@ class UnitRunner:
             self._hand(handed_new)
 
         def committed() -> None:
+            if envelopes and self._on_events is not None:
+                self._on_events(list(envelopes))
             for outlet, response in pushed:
                 outlet.send(response)
             self._hand(handed)
             if queued[0] and self.on_outbox is not None:
                 self.on_outbox()
-            if envelopes and self._on_events is not None:
-                self._on_events(list(envelopes))
 
         return await self._db.write(body, committed, sealed)
 
