@@ -21,7 +21,7 @@ HEADLINES: dict[str, list[tuple[str, str, list[str]]]] = {
         # Where charai's pickup goes (p50 of each leg, wall clocks of one machine).
         ("leg 1: client -> the create's transaction, ms p50", "client_to_create_tx_ms_p50", ["charai"]),
         (
-            "leg 2: -> the claim's transaction (commit, relay, JetStream, worker), ms p50",
+            "leg 2: -> the claim (pushed: the same transaction; else relay, JetStream, worker), ms p50",
             "create_tx_to_claim_tx_ms_p50",
             ["charai"],
         ),

@@ -318,6 +318,8 @@ class TaskStoreServiceServicer:
         it shuts down, after answering every request it has read; a request it had not read by then
         is the client's to send again (as a unary call failed with UNAVAILABLE is retried).
         Why: a unary call costs task_store ~2.5x the CPU of one message on an open stream.
+        A worker's stream also carries its standing offer (WorkerOffer, not answered) and the jobs
+        task_store pushes to it (PushedJob, in a response with id 0): push dispatch.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -96,6 +96,8 @@ class TaskStoreServiceStub:
     it shuts down, after answering every request it has read; a request it had not read by then
     is the client's to send again (as a unary call failed with UNAVAILABLE is retried).
     Why: a unary call costs task_store ~2.5x the CPU of one message on an open stream.
+    A worker's stream also carries its standing offer (WorkerOffer, not answered) and the jobs
+    task_store pushes to it (PushedJob, in a response with id 0): push dispatch.
     """
 
 @_typing.type_check_only
@@ -166,6 +168,8 @@ class TaskStoreServiceAsyncStub(TaskStoreServiceStub):
     it shuts down, after answering every request it has read; a request it had not read by then
     is the client's to send again (as a unary call failed with UNAVAILABLE is retried).
     Why: a unary call costs task_store ~2.5x the CPU of one message on an open stream.
+    A worker's stream also carries its standing offer (WorkerOffer, not answered) and the jobs
+    task_store pushes to it (PushedJob, in a response with id 0): push dispatch.
     """
 
 class TaskStoreServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -365,6 +369,8 @@ class TaskStoreServiceServicer(metaclass=_abc_1.ABCMeta):
         it shuts down, after answering every request it has read; a request it had not read by then
         is the client's to send again (as a unary call failed with UNAVAILABLE is retried).
         Why: a unary call costs task_store ~2.5x the CPU of one message on an open stream.
+        A worker's stream also carries its standing offer (WorkerOffer, not answered) and the jobs
+        task_store pushes to it (PushedJob, in a response with id 0): push dispatch.
         """
 
 def add_TaskStoreServiceServicer_to_server(servicer: TaskStoreServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
