@@ -76,6 +76,7 @@ async def test_an_idle_worker_is_pushed_the_job_and_settles_its_message(h: Harne
     assert ended.attempt == 1
     assert handler.order == [created.id]
     assert h.app.offers is not None and h.app.offers.pushed == 1
+    assert "charai_jobs_pushed_total 1.0" in h.app.metrics.render().decode()
     types = [e.type for e in await h.events(created.id)]
     assert types[:2] == [EV.TASK_EVENT_TYPE_QUEUED, EV.TASK_EVENT_TYPE_STARTED]
     assert types.count(EV.TASK_EVENT_TYPE_STARTED) == 1

@@ -84,3 +84,16 @@ async def test_a_push_sent_from_another_thread_arrives_on_the_stream() -> None:
     sent = await asyncio.wait_for(queue.get(), timeout=10)
     assert isinstance(sent, spb.ExchangeStreamResponse)
     assert sent.id == 0 and sent.pushed.job.task_id == "t" and sent.pushed.claim.attempt == 1
+
+
+async def test_a_commits_pushes_are_sent_each_on_its_stream_and_counted() -> None:
+    offers, (a, qa), (b, qb) = Offers(30.0), outlet(), outlet()
+    counted: list[int] = []
+    offers.on_sent = counted.append
+    first = spb.ExchangeStreamResponse(pushed=spb.PushedJob(job=spb.Job(task_id="t1")))
+    second = spb.ExchangeStreamResponse(pushed=spb.PushedJob(job=spb.Job(task_id="t2")))
+    offers.send([(a, first), (b, second)])
+    got_a = await asyncio.wait_for(qa.get(), timeout=10)
+    got_b = await asyncio.wait_for(qb.get(), timeout=10)
+    assert (got_a, got_b) == (first, second)
+    assert counted == [2]

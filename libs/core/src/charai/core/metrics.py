@@ -97,6 +97,12 @@ class Metrics:
         self.outbox_backlog = Gauge(
             "charai_outbox_backlog", "Jobs not yet confirmed published to JetStream", registry=r
         )
+        self.jobs_pushed = Counter(
+            "charai_jobs_pushed", "New tasks claimed for an idle worker's offer (push dispatch)", registry=r
+        )
+        self.push_offers = Gauge(
+            "charai_push_offers_open", "Worker streams with an offer of free slots standing", registry=r
+        )
 
     def _workers(self, r: CollectorRegistry) -> None:
         """Workers and the gateway's watch streams."""

@@ -159,7 +159,9 @@ class TaskStoreApp:
         providers = await stack.enter_async_context(ProviderStates(nc, self._topology, s.nats_replicas))
         servicer.providers = providers.protos
         if s.push_dispatch:
-            servicer.offers = self.offers = store.push_dispatch()
+            servicer.offers = self.offers = offers = store.push_dispatch()
+            offers.on_sent = self.metrics.jobs_pushed.inc
+            self.metrics.gauge_from(self.metrics.push_offers, lambda: offers.open)
         self.metrics.gauge_from(self.metrics.exchange_streams, lambda: servicer.drain.open_streams)
         health = await self._serve(stack, servicer)
         await self._start_ops(stack, health)

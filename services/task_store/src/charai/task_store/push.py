@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import dataclasses
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from charai.store.v1 import store_service_pb2 as spb
@@ -54,8 +55,10 @@ class Offers:
         self._offers: dict[Outlet, _Offer] = {}
         #: The lease a pushed claim tells its worker about (as ClaimTaskResponse.lease_seconds).
         self.lease_seconds = lease_seconds
-        #: Jobs pushed so far (metrics and tests).
+        #: Jobs pushed so far (tests): slots taken, less those given back.
         self.pushed = 0
+        #: Called with how many pushes a commit sent (the metrics' counter; any thread).
+        self.on_sent: Callable[[int], None] | None = None
 
     def offer(self, outlet: Outlet, offer: spb.WorkerOffer) -> None:
         """Records (or with no slots, withdraws) the stream's offer."""
@@ -83,6 +86,13 @@ class Offers:
                     self._offers[outlet] = offer
                     return outlet, offer.worker_id
         return None
+
+    def send(self, pushed: list[tuple[Outlet, spb.ExchangeStreamResponse]]) -> None:
+        """Sends what a commit pushed, each on its stream."""
+        for outlet, response in pushed:
+            outlet.send(response)
+        if self.on_sent is not None:
+            self.on_sent(len(pushed))
 
     def give_back(self, outlet: Outlet) -> None:
         """Returns a slot :meth:`take` spent on a job that was not pushed after all."""

@@ -227,8 +227,8 @@ class UnitRunner:
         def committed() -> None:
             if envelopes and self._on_events is not None:
                 self._on_events(list(envelopes))
-            for outlet, response in pushed:
-                outlet.send(response)
+            if pushed and self.offers is not None:
+                self.offers.send(pushed)
             self._hand(handed)
             if queued[0] and self.on_outbox is not None:
                 self.on_outbox()
