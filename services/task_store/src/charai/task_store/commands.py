@@ -335,20 +335,13 @@ class Commands(CreateCommands):
             self.offers.give_back(outlet)  # e.g. a twin runs: its claim answers, as usual
             return False
         await self._persist(unit, task, row, state, decision, copy)
-        message = spb.Job(
-            task_id=job.task_id,
-            dispatch_gen=job.dispatch_gen,
-            type=job.type,  # type: ignore[arg-type]
-            priority=job.priority,  # type: ignore[arg-type]
-            traceparent=job.traceparent,
-        )
         claim = spb.ClaimTaskResponse(
             outcome=spb.CLAIM_OUTCOME_RUN,
             task=task,
             attempt=answer.attempt,
             lease_seconds=self.offers.lease_seconds,
         )
-        unit.pushed.append((outlet, pushed_response(message, claim)))
+        unit.pushed.append((outlet, pushed_response(job.message(), claim)))
         return True
 
     async def progress(self, task_id: str, attempt: int, progress: int, stage: str) -> int:

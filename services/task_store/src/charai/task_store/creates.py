@@ -11,7 +11,7 @@ it in the fair-share backlog; ``request_id`` makes it idempotent per tenant.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from charai.core import ids
@@ -45,6 +45,9 @@ class CreateCommands:
     usage: UsageLedger | None
     backlog: Backlog | None
     offers: Offers | None
+    #: Claims a new task for a worker's standing offer (push dispatch); False: no offer, or the
+    #: claim would not simply run (``Commands._push``).
+    _push: Callable[[Unit, Job, int], Awaitable[bool]]
 
     async def create(
         self, tenant: str, req: task_service_pb2.CreateTaskRequest, traceparent: str = ""
@@ -138,11 +141,6 @@ class CreateCommands:
         # The answer is the task as created (QUEUED), even when it was pushed to a worker.
         await self._queries.position(unit.tx, task)
         return task, True
-
-    async def _push(self, unit: Unit, job: Job, now: int) -> bool:
-        """Claims the new task for a worker's standing offer (push dispatch); False: no offer
-        (or the claim would not simply run)."""
-        raise NotImplementedError
 
     async def _insert(self, unit: Unit, tenant: str, task: task_pb2.Task, now: int, held: bool) -> bool:
         """Inserts the task row (``held``: in the fair-share backlog; and its metadata rows on

@@ -49,6 +49,16 @@ class Job:
     priority: int
     traceparent: str = ""
 
+    def message(self) -> spb.Job:
+        """What JetStream carries (and a push, see ``WorkerOffer``)."""
+        return spb.Job(
+            task_id=self.task_id,
+            dispatch_gen=self.dispatch_gen,
+            type=self.type,  # type: ignore[arg-type]
+            priority=self.priority,  # type: ignore[arg-type]
+            traceparent=self.traceparent,
+        )
+
 
 class Outbox:
     """Writes jobs into the outbox and serves the relays' and the sweeper's claims."""
@@ -74,15 +84,8 @@ class Outbox:
     async def enqueue(self, tx: Tx, job: Job, now: int, *, hand_off: bool = False) -> OutboxRow | None:
         """Queues ``job``. With ``hand_off`` and a local relay, the row is written claimed by
         that relay (briefly) and returned, for the caller to hand over after commit."""
-        message = spb.Job(
-            task_id=job.task_id,
-            dispatch_gen=job.dispatch_gen,
-            type=job.type,  # type: ignore[arg-type]
-            priority=job.priority,  # type: ignore[arg-type]
-            traceparent=job.traceparent,
-        )
         subject = self._topology.job_subject(job.type, job.priority)
-        payload = message.SerializeToString()
+        payload = job.message().SerializeToString()
         if not (hand_off and self.hand_off_owner):
             await tx.execute(
                 "INSERT INTO outbox (task_id, dispatch_gen, subject, payload, created)"
