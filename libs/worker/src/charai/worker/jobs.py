@@ -135,6 +135,10 @@ class Jobs:
             log.info("job_skipped", reason="result reused")
             return
         if claim.outcome == spb.CLAIM_OUTCOME_DEFER:
+            # This message overtook its job's push (WorkerOffer), which arrived meanwhile: the
+            # pushed attempt takes it over instead of waiting out the lease in JetStream.
+            if await self._take_over(job, msg):
+                return
             await settle_message("nak", msg, max(0.05, claim.retry_after_seconds))
             return
         await self._attempt(msg, job, claim, started)
