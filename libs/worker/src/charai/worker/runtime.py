@@ -7,7 +7,10 @@ order instead of waiting inside the worker). Jobs come from three priority lanes
 (with an occasional turn for the lower lanes, so low is never starved), and when every lane is
 empty it long-polls all of them. Each delivered job is claimed from task_store (which fences
 attempts), run by the handler, and acknowledged only after its result or failure is stored:
-``ack`` when done, ``nak(delay)`` for a retry, ``term`` for a permanent failure.
+``ack`` when done, ``nak(delay)`` for a retry, ``term`` for a permanent failure. While every lane
+long-polls, the runner offers its free slots to task_store (push dispatch, ``WorkerOffer``), which
+then hands a new task's claim over on the ExchangeStream; the job's message, published after
+the push, is taken over by that attempt when it arrives (:meth:`Jobs.run`).
 
 What a fault costs (the fault tests in ``tests/faults`` hold the runner to this):
 
