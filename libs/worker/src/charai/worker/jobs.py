@@ -201,7 +201,7 @@ class Jobs:
                 "job_finished",
                 outcome=outcome,
                 elapsed_ms=round((time.perf_counter() - started) * 1000, 1),
-                deliveries=_delivered(msg),
+                deliveries=_delivered(running.msg),  # a pushed attempt's once it came
             )
 
     async def _execute(self, running: Attempt, task: task_pb2.Task) -> str:

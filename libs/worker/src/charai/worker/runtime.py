@@ -96,7 +96,9 @@ class RunnerConfig:
     #: 1, 1.08x with 2).
     prefetch: int = 2
     #: Push dispatch: while idle (every lane long-polling), offer the free slots to task_store,
-    #: which then hands new jobs over on the ExchangeStream instead of through JetStream.
+    #: which then hands new tasks' claims over on the ExchangeStream (their jobs are still
+    #: published, and taken over when they arrive) instead of leaving them to JetStream's
+    #: delivery and a claim.
     push: bool = True
 
 
