@@ -143,6 +143,18 @@ class Jobs:
             return
         await self._attempt(msg, job, claim, started)
 
+    def pushed_here(self, msg: Msg) -> bool:
+        """Whether ``msg`` carries the job of an attempt pushed to this worker (running, or
+        ended with its settling decided): :meth:`run` takes it over without a claim."""
+        try:
+            job = spb.Job.FromString(msg.data)
+        except Exception:
+            return False
+        if (job.task_id, job.dispatch_gen) in self._unsettled:
+            return True
+        running = self.running.get(job.task_id)
+        return running is not None and running.msg is None and running.gen == job.dispatch_gen
+
     async def _take_over(self, job: spb.Job, msg: Msg) -> bool:
         """The message of a pushed attempt (``WorkerOffer``): the attempt running here takes it
         over (its heartbeat and its outcome then settle it), or one that ended already settles it

@@ -146,6 +146,8 @@ class JobRunner:
         #: Slots task_store was last told are free (each push spends one there too).
         self._offered = 0
         self._offer_changed = asyncio.Event()
+        #: Every lane came back empty, and no job but a pushed attempt's message arrived since.
+        self._idle = False
         self._pushes = config.push and store.pushes and bool(self._types)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -241,6 +243,16 @@ class JobRunner:
 
     # -- scheduling --------------------------------------------------------------------------
     def _on_message(self, lane: Lane, msg: Msg) -> None:
+        if self._jobs.pushed_here(msg):
+            # The message of an attempt pushed to this worker: no slot of its own (the attempt
+            # holds one), taken over at once; the worker stays idle (its offer stands). The lane's
+            # long poll ended with it: the scheduler polls again.
+            task = asyncio.create_task(self._jobs.run(lane, msg))
+            self._job_tasks.add(task)
+            task.add_done_callback(self._job_tasks.discard)
+            self._wake.set()
+            return
+        self._idle = False
         if self._stopping:
             task = asyncio.create_task(msg.nak())
             self._job_tasks.add(task)
@@ -311,6 +323,7 @@ class JobRunner:
                     if not got:
                         for lane in self._lanes:
                             await lane.long_poll(self.config.long_poll_seconds)
+                        self._idle = True
                         self._offer_changed.set()  # idle: offer the free slots
                 if got and self._free() > 0:
                     continue  # there may be more: probe again at once
@@ -329,9 +342,10 @@ class JobRunner:
 
     # -- push dispatch ---------------------------------------------------------------------------
     def _wanted_offer(self) -> int:
-        """Slots to offer: the free ones while every lane is long-polling (nothing waits in
-        JetStream for this worker, so a pushed job overtakes nobody), else none."""
-        if self._stopping or self._ready or not all(lane.polling for lane in self._lanes):
+        """Slots to offer: the free ones while idle (every lane came back empty and no job
+        arrived since but its own pushed attempts' messages: nothing waits in JetStream for this
+        worker, so a pushed job overtakes nobody), else none."""
+        if self._stopping or self._ready or not self._idle:
             return 0
         return max(0, self._free())
 
