@@ -6,6 +6,7 @@ new stream once task_store is back."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,7 +19,9 @@ from charai.store.v1 import store_service_pb2 as spb
 from charai.store.v1 import store_service_pb2_grpc as spb_grpc
 from charai.task_store.app import TaskStoreApp
 from charai.task_store.grpc_api import MAX_EXCHANGE
+from charai.tasks.v1 import task_pb2 as tpb
 
+from tests.conftest import eventually
 from tests.integration.conftest import Database
 from tests.integration.store_requests import image_request
 from tests.integration.test_task_store_api import app_settings
@@ -113,3 +116,30 @@ async def test_a_request_given_up_while_task_store_is_down_leaves_no_broken_stre
         async with TaskStoreApp(app_settings(nats_server, tmp_path, db), listen_addr=addr):
             made = await client.create_task("acme", image_request(), timeout=60)
     assert made.id
+
+
+async def test_a_standing_offer_stands_again_once_task_store_is_back(
+    nats_server: NatsServer, tmp_path: Path, db: Database
+) -> None:
+    """Push dispatch: an offer lives in task_store's memory and dies with its stream. A worker
+    that offered before a restart is offered again on the new stream as soon as it opens (any
+    call opens it), so it is pushed jobs without waiting for its free slots to change."""
+    addr = f"127.0.0.1:{_free_port()}"
+    settings = app_settings(nats_server, tmp_path, db)
+    pushed: list[spb.PushedJob] = []
+    image = tpb.TASK_TYPE_IMAGE_GENERATION
+    async with StoreClient(addr, coalesce=True, stream=True) as worker:
+        worker.on_push(pushed.append)
+        async with TaskStoreApp(settings, listen_addr=addr) as first:
+            assert await worker.offer("w1", [image], 2)
+            assert first.offers is not None
+            await eventually(lambda: first.offers is not None and first.offers.open == 1)
+        async with TaskStoreApp(settings, listen_addr=addr) as second, StoreClient(addr) as client:
+            assert second.offers is not None and second.offers.open == 0
+            with contextlib.suppress(grpc.aio.AioRpcError):  # a worker's command opens a new stream
+                await worker.report_progress("task_nonexistent", 1, 20, "generating", timeout=30)
+            await eventually(lambda: second.offers is not None and second.offers.open == 1)
+            task = await client.create_task("acme", image_request())
+            await eventually(lambda: len(pushed) == 1)
+    assert pushed[0].job.task_id == task.id
+    assert pushed[0].claim.outcome == spb.CLAIM_OUTCOME_RUN and pushed[0].claim.attempt == 1

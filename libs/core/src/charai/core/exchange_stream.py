@@ -119,11 +119,14 @@ class _Stream:
                 if not future.done():
                     future.set_exception(_BrokenError(self.error))
 
-    async def tell(self, request: spb.ExchangeStreamRequest) -> bool:
-        """Writes a request that gets no answer (an offer); False if the stream broke."""
+    async def tell(self, make: Callable[[], spb.ExchangeStreamRequest | None]) -> bool:
+        """Writes a request that gets no answer (an offer), made once it is this write's turn
+        (so it is the latest; None: nothing); False if the stream broke."""
         try:
             async with self._write:
-                await self._call.write(request)
+                made = make()
+                if made is not None:
+                    await self._call.write(made)
         except Exception:
             self._end()
             return False
@@ -150,6 +153,9 @@ class ExchangeStreams:
         self.supported = True
         #: Takes the jobs pushed to this client's offers (a worker's runner sets it).
         self.on_push: PushHandler | None = None
+        #: The offer last sent: a new first stream (task_store restarted) carries it again.
+        self._offer: spb.WorkerOffer | None = None
+        self._reoffers: set[asyncio.Task[bool]] = set()
 
     async def exchange(
         self, request: spb.ExchangeStreamRequest, timeout: float | None
@@ -193,7 +199,20 @@ class ExchangeStreams:
         stream = self._streams[i]
         if stream is None or stream.ended:
             stream = self._streams[i] = _Stream(self._open_call(), self._pushed)
+            if i == 0 and self._offer is not None and self._offer.slots > 0:
+                # The offer ended with the broken stream: the new one stands again (the latest
+                # offer when the write happens, so it never overtakes a newer one).
+                task = asyncio.ensure_future(self._reoffer(stream))
+                self._reoffers.add(task)
+                task.add_done_callback(self._reoffers.discard)
         return stream
+
+    async def _reoffer(self, stream: _Stream) -> bool:
+        def latest() -> spb.ExchangeStreamRequest | None:
+            offer = self._offer
+            return None if offer is None or offer.slots <= 0 else spb.ExchangeStreamRequest(offer=offer)
+
+        return await stream.tell(latest)
 
     def _pushed(self, pushed: spb.PushedJob) -> None:
         if self.on_push is not None:
@@ -205,7 +224,8 @@ class ExchangeStreams:
         stands nowhere (a broken stream's offer ended with it)."""
         if self._closed or not self.supported:
             return False
-        return await self._open(0).tell(spb.ExchangeStreamRequest(offer=offer))
+        self._offer = offer
+        return await self._open(0).tell(lambda: spb.ExchangeStreamRequest(offer=self._offer))
 
     async def close(self) -> None:
         self._closed = True
