@@ -1595,7 +1595,8 @@ class WorkerOffer(_message.Message):
     that message over when it arrives (or settles it at once if the attempt ended already), so the
     attempt has its message, acked, nak'ed or redelivered exactly as a claimed attempt's. If the
     message reaches another worker, its claim is answered as any claim of a task another attempt
-    holds (DEFER while the lease lives, DONE once the task ended).
+    holds (DEFER while the lease lives, DONE once the task ended). An offer lives in task_store's
+    memory and ends with its stream; a worker sends its latest offer again on its next stream.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
