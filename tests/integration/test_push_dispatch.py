@@ -24,7 +24,10 @@ from charai.worker.settings import WorkerSettings
 from tests.conftest import eventually
 from tests.integration.test_runtime import (
     KIND,
+    LOW,
+    NORMAL,
     PROVIDER,
+    BlockingHandler,
     FailingHandler,
     Harness,
     RecordingHandler,
@@ -165,3 +168,43 @@ async def test_a_busy_worker_offers_nothing(h: Harness) -> None:
     gate.set()
     ended = await h.wait_ended([first.id, second.id])
     assert [t.status for t in ended] == [task_pb2.TASK_STATUS_COMPLETED] * 2
+
+
+async def test_a_job_waiting_in_the_worker_starts_as_soon_as_its_capacity_grows(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """A worker its provider gate holds to 1 call at once takes 3 jobs (the call and a prefetch
+    of 2), and offers them. Three LOW jobs are pushed to it; a fourth, NORMAL, comes on that lane's
+    long poll (still out) and waits in the worker for a slot, unclaimed. Then a call at the limit
+    succeeds and the limit grows: the fourth starts at once, not when one of the three ends (they
+    never end here). The fault suite's kill tests met this after a fresh key's trial call."""
+    async with make_harness(nats_server, tmp_path) as h:
+        h.worker_settings["long_poll_seconds"] = 60.0  # the NORMAL lane's poll stays out
+        handler = BlockingHandler()
+        runner = (await h.start_worker(handler, concurrency=8)).runner
+        assert runner is not None
+        gate = runner.provider.gate
+        gate.rejected_after_release()  # a 429 with no call in flight: one call at a time
+        assert gate.limit == 1
+        offers = h.app.offers
+        assert offers is not None
+        await eventually(lambda: offers.slots == 3, timeout=10)
+
+        first = [await h.create(LOW) for _ in range(3)]
+        for task in first:
+            await handler.wait_started(task.id, timeout=10)
+        await eventually(lambda: offers.slots == 0, timeout=10)
+        fourth = await h.create(NORMAL)
+        await eventually(lambda: runner.waiting == 1, timeout=10)
+        assert (await h.get(fourth.id)).status == task_pb2.TASK_STATUS_QUEUED  # not claimed
+
+        await gate.acquire()  # a call at the limit, answered: one more call at once
+        gate.succeeded()
+        gate.release()
+        assert gate.limit == 2
+        await handler.wait_started(fourth.id, timeout=10)
+        assert runner.waiting == 0
+        assert all(task.id not in handler.cancelled_at for task in first)
+        handler.gate.set()
+        ended = await h.wait_ended([*(t.id for t in first), fourth.id])
+        assert [t.status for t in ended] == [task_pb2.TASK_STATUS_COMPLETED] * 4

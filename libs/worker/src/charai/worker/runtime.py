@@ -227,6 +227,11 @@ class JobRunner:
         return len(self._jobs.running)
 
     @property
+    def waiting(self) -> int:
+        """Jobs delivered to this worker that wait here for a slot (not claimed yet)."""
+        return len(self._ready)
+
+    @property
     def completed(self) -> int:
         """Jobs completed by this runner."""
         return self._jobs.completed
@@ -249,7 +254,7 @@ class JobRunner:
             # long poll ended with it: the scheduler polls again.
             task = asyncio.create_task(self._jobs.run(lane, msg))
             self._job_tasks.add(task)
-            task.add_done_callback(self._job_tasks.discard)
+            task.add_done_callback(self._taken_over)
             self._wake.set()
             return
         self._idle = False
@@ -282,14 +287,23 @@ class JobRunner:
         self._job_tasks.add(task)
         task.add_done_callback(self._job_done)
 
+    def _taken_over(self, task: asyncio.Task[Any]) -> None:
+        self._job_tasks.discard(task)
+        self._start_ready()  # it counted against the capacity while it ran
+
     def _job_done(self, task: asyncio.Task[Any]) -> None:
         self._job_tasks.discard(task)
-        if not self._stopping:
-            while self._ready and len(self._job_tasks) < self._capacity():
-                _, _, lane, msg = heapq.heappop(self._ready)
-                self._spawn(lane, msg)
+        self._start_ready()
         self._offer_changed.set()
         self._wake.set()
+
+    def _start_ready(self) -> None:
+        """Starts the delivered jobs that wait for a slot, while there is room: when a job ends,
+        and when the capacity grew (the provider gate's limit rose: a trial call verified the
+        key, a probe upward), which no job's end announces."""
+        while self._ready and not self._stopping and len(self._job_tasks) < self._capacity():
+            _, _, lane, msg = heapq.heappop(self._ready)
+            self._spawn(lane, msg)
 
     def _capacity(self) -> int:
         """Jobs this worker holds at once: its concurrency, but no more than its provider gate
@@ -312,6 +326,7 @@ class JobRunner:
     async def _schedule(self) -> None:
         while not self._stopping:
             try:
+                self._start_ready()
                 free = self._free()
                 got = 0
                 if free > 0:

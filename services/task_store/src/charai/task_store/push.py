@@ -103,6 +103,12 @@ class Offers:
                 offer.slots += 1
 
     @property
+    def slots(self) -> int:
+        """Free slots offered over every open stream (tests)."""
+        with self._lock:
+            return sum(offer.slots for offer in self._offers.values())
+
+    @property
     def open(self) -> int:
         """How many streams have an offer with a free slot standing."""
         with self._lock:
