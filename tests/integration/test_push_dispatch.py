@@ -20,6 +20,7 @@ from charai.tasks.v1 import task_pb2
 from charai.worker.app import WorkerApp
 from charai.worker.provider import ProviderError
 from charai.worker.settings import WorkerSettings
+from structlog.testing import capture_logs
 
 from tests.conftest import eventually
 from tests.integration.test_runtime import (
@@ -133,6 +134,45 @@ async def test_a_push_lost_with_its_worker_runs_again_once_its_lease_expired(
         second = [e for e in await h.events(created.id) if e.type == EV.TASK_EVENT_TYPE_STARTED][-1]
         assert second.task.attempt == 2 and second.task.error.code == task_pb2.ERROR_CODE_WORKER_LOST
         await h.assert_drained()
+
+
+async def test_a_job_that_overtakes_its_push_is_not_claimed_but_taken_over(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """The job of a pushed task names the worker it was pushed to (``Job.pushed_to``). Reaching
+    that worker before its push, it is not claimed (the store could decide such a claim late,
+    after an outage longer than the lease, and start a second attempt beside the pushed one): it
+    comes back a little later and the pushed attempt takes it over. Here the push is held back
+    (a stand-in stream of the worker's id receives it) until the worker has sent its job away."""
+    async with make_harness(nats_server, tmp_path, lease_seconds=30.0) as h:
+        late: list[spb.PushedJob] = []
+        stand_in = StoreClient(f"127.0.0.1:{h.app.port}", coalesce=True, stream=True)
+        stand_in.on_push(late.append)
+        worker_id = h.worker_settings["worker_id"]
+        assert await stand_in.offer(worker_id, [TTS], 1)
+        await offered(h)
+        created = await h.create()
+        await eventually(lambda: len(late) == 1, timeout=10)
+        assert late[0].job.pushed_to == worker_id
+        await stand_in.close()
+
+        with capture_logs() as lines:
+            handler = RecordingHandler()
+            runner = (await h.start_worker(handler, concurrency=2)).runner
+            assert runner is not None
+            awaiting = "job_awaits_its_push"
+            await eventually(lambda: any(line["event"] == awaiting for line in lines), timeout=10)
+            runner._on_push(late[0])  # the push, late
+            [ended] = await h.wait_ended([created.id], timeout=20)
+            # Its message came back and was settled by the pushed attempt: long before the 30 s
+            # a claim's DEFER (the lease still lives) would have sent it away for.
+            await h.assert_drained(timeout=15)
+
+        assert (ended.status, ended.attempt) == (task_pb2.TASK_STATUS_COMPLETED, 1)
+        assert handler.order == [created.id]
+        assert not [line for line in lines if line["event"] in ("claim_failed", "job_skipped")]
+        finished = [line for line in lines if line["event"] == "job_finished"]
+        assert [f["outcome"] for f in finished] == ["completed"]  # the pushed attempt, run once
 
 
 async def test_a_stopping_worker_withdraws_its_offer(nats_server: NatsServer, tmp_path: Path) -> None:

@@ -36,6 +36,10 @@ _ANSWER_LOST = frozenset(
     }
 )
 _UNANSWERED_MAX = 10_000
+#: How long a job that reached this worker before its push (``Job.pushed_to``) stays away before
+#: it comes back, to be taken over by the pushed attempt by then (a push normally follows within
+#: a millisecond; a lost push's lease has to expire anyway before another attempt may start).
+_PUSH_WAIT = 2.0
 
 
 class Jobs:
@@ -72,6 +76,9 @@ class Jobs:
         #: generation): how to settle it when it does. Bounded: a message forgotten (or gone to
         #: another worker) is claimed as usual, and answered DONE or DEFER.
         self._unsettled: dict[tuple[str, int], tuple[str, float | None, float]] = {}
+        #: Jobs (task id, dispatch generation) pushed to this worker whose message came first
+        #: and was sent away for ``_PUSH_WAIT``: seen again with no push, they are claimed.
+        self._awaited: dict[tuple[str, int], None] = {}
         #: Jobs completed by this process.
         self.completed = 0
 
@@ -101,6 +108,16 @@ class Jobs:
         traceparent = tracing.enter(job.traceparent or headers.get("traceparent", ""))
         structlog.contextvars.bind_contextvars(task_id=job.task_id, trace_id=tracing.trace_id(traceparent))
         if await self._take_over(job, msg):
+            return
+        if self._awaits_push(job):
+            # Pushed to this very worker, and the push is not here yet: not claimed (a claim the
+            # store decided late, after an outage longer than the lease, would start a second
+            # attempt beside the pushed one). It comes back for the pushed attempt to take over.
+            self._awaited[(job.task_id, job.dispatch_gen)] = None
+            while len(self._awaited) > _UNANSWERED_MAX:
+                del self._awaited[next(iter(self._awaited))]
+            log.info("job_awaits_its_push")
+            await settle_message("nak", msg, _PUSH_WAIT)
             return
         if job.task_id in self.running or job.task_id in self._carriers:
             # JetStream redelivered a job this process is still running (an ack-wait ran out):
@@ -144,16 +161,24 @@ class Jobs:
         await self._attempt(msg, job, claim, started)
 
     def pushed_here(self, msg: Msg) -> bool:
-        """Whether ``msg`` carries the job of an attempt pushed to this worker (running, or
-        ended with its settling decided): :meth:`run` takes it over without a claim."""
+        """Whether ``msg`` carries the job of an attempt pushed to this worker (running, ended
+        with its settling decided, or not here yet): :meth:`run` settles it without a claim."""
         try:
             job = spb.Job.FromString(msg.data)
         except Exception:
             return False
-        if (job.task_id, job.dispatch_gen) in self._unsettled:
+        if (job.task_id, job.dispatch_gen) in self._unsettled or self._awaits_push(job):
             return True
         running = self.running.get(job.task_id)
         return running is not None and running.msg is None and running.gen == job.dispatch_gen
+
+    def _awaits_push(self, job: spb.Job) -> bool:
+        """Whether ``job`` was pushed to this worker and overtook its push (first seen now)."""
+        return (
+            job.pushed_to == self._worker_id
+            and job.task_id not in self.running
+            and (job.task_id, job.dispatch_gen) not in self._awaited
+        )
 
     async def _take_over(self, job: spb.Job, msg: Msg) -> bool:
         """The message of a pushed attempt (``WorkerOffer``): the attempt running here takes it

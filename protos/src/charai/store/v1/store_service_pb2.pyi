@@ -732,6 +732,7 @@ class Job(_message.Message):
     TYPE_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
+    PUSHED_TO_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """The task id."""
     dispatch_gen: _builtins.int
@@ -744,6 +745,14 @@ class Job(_message.Message):
     """W3C trace context of the call that created the task (also sent as the message's
     `traceparent` header), so the worker's provider call joins the client's trace.
     """
+    pushed_to: _builtins.str
+    """The worker (`WorkerOffer.worker_id`) the create pushed this task to, empty when it was not
+    pushed. The push goes out before the job is published, but the job may still reach that
+    worker first: it then does not claim it (the store could decide that claim late, after an
+    outage longer than the lease, and start a second attempt beside the pushed one); it lets it
+    come back a little later, when the pushed attempt takes it over. A job seen again with still
+    no push (the push was lost with its stream) is claimed as usual. Other workers ignore it.
+    """
     def __init__(
         self,
         *,
@@ -752,10 +761,11 @@ class Job(_message.Message):
         type: _task_pb2.TaskType.ValueType = ...,
         priority: _task_pb2.Priority.ValueType = ...,
         traceparent: _builtins.str = ...,
+        pushed_to: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dispatch_gen", b"dispatch_gen", "priority", b"priority", "task_id", b"task_id", "traceparent", b"traceparent", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dispatch_gen", b"dispatch_gen", "priority", b"priority", "pushed_to", b"pushed_to", "task_id", b"task_id", "traceparent", b"traceparent", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

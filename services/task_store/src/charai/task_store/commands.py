@@ -317,15 +317,16 @@ class Commands(CreateCommands):
         log.info("claim_handed_over", task_id=claimed.id, instead=other, tenant=row.tenant)
         return ClaimResult(int(answer.outcome), task, answer.attempt, answer.retry_after)
 
-    async def _push(self, unit: Unit, job: Job, now: int) -> bool:
+    async def _push(self, unit: Unit, job: Job, now: int) -> Job | None:
         """A new task's claim for a worker's standing offer, in the create's own unit: RUNNING
         under a lease owned by that worker, its STARTED event after the QUEUED one, and the
         claim's answer sent on the worker's stream after the commit (``unit.pushed``). The job
         is still published (after the push), so the attempt has its JetStream message as a
-        claimed one has: the worker takes it over when it arrives (see ``WorkerOffer``)."""
+        claimed one has: the worker takes it over when it arrives (see ``WorkerOffer``). Returns the
+        job as it is to be published (naming that worker: ``Job.pushed_to``), None if not pushed."""
         taken = None if self.offers is None else self.offers.take(job.type)
         if taken is None:
-            return False
+            return None
         assert self.offers is not None
         outlet, worker_id = taken
         task, row, state = await self._load(unit, job.task_id)
@@ -333,7 +334,7 @@ class Commands(CreateCommands):
         answer = decision.answer
         if not isinstance(answer, ClaimAnswer) or answer.outcome is not ClaimOutcome.RUN:
             self.offers.give_back(outlet)  # e.g. a twin runs: its claim answers, as usual
-            return False
+            return None
         await self._persist(unit, task, row, state, decision, copy)
         claim = spb.ClaimTaskResponse(
             outcome=spb.CLAIM_OUTCOME_RUN,
@@ -341,8 +342,9 @@ class Commands(CreateCommands):
             attempt=answer.attempt,
             lease_seconds=self.offers.lease_seconds,
         )
+        job = dataclasses.replace(job, pushed_to=worker_id)
         unit.pushed.append((outlet, pushed_response(job.message(), claim)))
-        return True
+        return job
 
     async def progress(self, task_id: str, attempt: int, progress: int, stage: str) -> int:
         return await self._units.write(self._report(task_id, attempt, progress, stage))

@@ -45,9 +45,9 @@ class CreateCommands:
     usage: UsageLedger | None
     backlog: Backlog | None
     offers: Offers | None
-    #: Claims a new task for a worker's standing offer (push dispatch); False: no offer, or the
-    #: claim would not simply run (``Commands._push``).
-    _push: Callable[[Unit, Job, int], Awaitable[bool]]
+    #: Claims a new task for a worker's standing offer (push dispatch): the job to publish, naming
+    #: that worker; None: no offer, or the claim would not simply run (``Commands._push``).
+    _push: Callable[[Unit, Job, int], Awaitable[Job | None]]
 
     async def create(
         self, tenant: str, req: task_service_pb2.CreateTaskRequest, traceparent: str = ""
@@ -134,7 +134,7 @@ class CreateCommands:
             await self.backlog.admit(unit, tenant, job, now, held=held)
         if not held:
             pushed = await self._push(unit, job, now)
-            handed = await self._outbox.enqueue(unit.tx, job, now, hand_off=True)
+            handed = await self._outbox.enqueue(unit.tx, pushed or job, now, hand_off=True)
             if handed is not None:
                 # A pushed job is published after the commit, behind its push (see ``_push``).
                 (unit.handed if pushed else unit.handed_new).append(handed)

@@ -48,6 +48,8 @@ class Job:
     type: int
     priority: int
     traceparent: str = ""
+    #: The worker the create pushed the task to (``Job.pushed_to``), "" if none.
+    pushed_to: str = ""
 
     def message(self) -> spb.Job:
         """What JetStream carries (and a push, see ``WorkerOffer``)."""
@@ -57,6 +59,7 @@ class Job:
             type=self.type,  # type: ignore[arg-type]
             priority=self.priority,  # type: ignore[arg-type]
             traceparent=self.traceparent,
+            pushed_to=self.pushed_to,
         )
 
 
