@@ -7,6 +7,7 @@ from charai.core import grpcenv  # noqa: F401  first: in-process servers use the
 # isort: split
 import asyncio
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -26,6 +27,26 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def later_port() -> int:
+    """A free port for a server that starts a while after it is chosen. It lies below the kernel's
+    ephemeral range (``ip_local_port_range``), where :func:`free_port`'s come from: a port there,
+    freed, may be given to any outgoing connection made meanwhile (EADDRINUSE when the server
+    starts); no connection is given one outside it."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(200):
+        port = random.randrange(10_000, max(10_001, low))
+        with socket.socket() as sock:
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        return port
+    return free_port()
 
 
 class NatsServer:

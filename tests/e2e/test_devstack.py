@@ -10,12 +10,12 @@ import struct
 import sys
 from pathlib import Path
 
-from tests.conftest import free_port
+from tests.conftest import later_port
 
 
 async def test_run_starts_everything_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHARAI_")}
-    grpc_port, http_port, store_port = free_port(), free_port(), free_port()
+    grpc_port, http_port, store_port = later_port(), later_port(), later_port()
     env.update(
         CHARAI_DATA_DIR=str(tmp_path / "data"),
         CHARAI_GATEWAY_GRPC_ADDR=f"127.0.0.1:{grpc_port}",

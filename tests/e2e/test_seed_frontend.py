@@ -41,10 +41,11 @@ from typing import Any
 
 import grpc
 import pytest
-from charai.devstack.stack import Stack, free_port
+from charai.devstack.stack import Stack
 from charai.tasks.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
 from google.protobuf import duration_pb2
 
+from tests.conftest import later_port
 from tests.e2e.conftest import FAST_SETTINGS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -135,7 +136,8 @@ async def test_seed_frontend_with_an_access_token_in_headless_chromium(
 ) -> None:
     prepare()
 
-    http_port, grpc_port, page_port = free_port(), free_port(), free_port()
+    # Chosen long before their servers start (the page's after the whole stack's).
+    http_port, grpc_port, page_port = later_port(), later_port(), later_port()
     gateway = f"http://127.0.0.1:{http_port}"
     env = {
         **FAST_SETTINGS,

@@ -32,7 +32,7 @@ from charai.store.v1 import store_service_pb2 as spb
 from charai.tasks.v1 import task_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import free_port
+from tests.conftest import later_port
 
 #: A whole ``make run`` starts inside the first test (module fixture), and every wait is on a
 #: condition: give a loaded machine room (a deadline, not a speed claim).
@@ -115,9 +115,9 @@ async def start_run(tmp: Path, **extra: str) -> Run:
     env.update(
         SETTINGS,
         CHARAI_DATA_DIR=str(tmp / "data"),
-        CHARAI_GATEWAY_GRPC_ADDR=f"127.0.0.1:{free_port()}",
-        CHARAI_GATEWAY_HTTP_ADDR=f"127.0.0.1:{free_port()}",
-        CHARAI_TASK_STORE_ADDR=f"127.0.0.1:{free_port()}",
+        CHARAI_GATEWAY_GRPC_ADDR=f"127.0.0.1:{later_port()}",
+        CHARAI_GATEWAY_HTTP_ADDR=f"127.0.0.1:{later_port()}",
+        CHARAI_TASK_STORE_ADDR=f"127.0.0.1:{later_port()}",
     )
     env.update(extra)
     proc = await asyncio.create_subprocess_exec(

@@ -19,11 +19,11 @@ import aiohttp
 import grpc
 import pytest
 import pytest_asyncio
-from charai.devstack.stack import ALL_SERVICES, Stack, free_port
+from charai.devstack.stack import ALL_SERVICES, Stack
 from charai.tasks.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from tests.conftest import eventually
+from tests.conftest import eventually, later_port
 from tests.webhook_receiver import Receiver
 
 from .conftest import fast_stack
@@ -39,7 +39,7 @@ SETTINGS = {
     "CHARAI_WEBHOOK_DISABLE_AFTER": "0",  # only a 410 disables
     "CHARAI_WEBHOOK_PROGRESS_INTERVAL_MS": "100",
 }
-METRICS_PORT = free_port()
+METRICS_PORT = later_port()
 DELIVERED = task_service_pb2.WEBHOOK_DELIVERY_STATUS_DELIVERED
 FAILED = task_service_pb2.WEBHOOK_DELIVERY_STATUS_FAILED
 

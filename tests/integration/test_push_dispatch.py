@@ -142,8 +142,8 @@ async def test_a_job_that_overtakes_its_push_is_not_claimed_but_taken_over(
     """The job of a pushed task names the worker it was pushed to (``Job.pushed_to``). Reaching
     that worker before its push, it is not claimed (the store could decide such a claim late,
     after an outage longer than the lease, and start a second attempt beside the pushed one): it
-    comes back a little later and the pushed attempt takes it over. Here the push is held back
-    (a stand-in stream of the worker's id receives it) until the worker has sent its job away."""
+    waits for the push, and the pushed attempt takes it over. Here the push is held back (a
+    stand-in stream of the worker's id receives it) until the worker holds the job."""
     async with make_harness(nats_server, tmp_path, lease_seconds=30.0) as h:
         late: list[spb.PushedJob] = []
         stand_in = StoreClient(f"127.0.0.1:{h.app.port}", coalesce=True, stream=True)
@@ -164,8 +164,8 @@ async def test_a_job_that_overtakes_its_push_is_not_claimed_but_taken_over(
             await eventually(lambda: any(line["event"] == awaiting for line in lines), timeout=10)
             runner._on_push(late[0])  # the push, late
             [ended] = await h.wait_ended([created.id], timeout=20)
-            # Its message came back and was settled by the pushed attempt: long before the 30 s
-            # a claim's DEFER (the lease still lives) would have sent it away for.
+            # Its message was settled by the pushed attempt: a claim's DEFER (the lease still
+            # lives) would have sent it away for 30 s.
             await h.assert_drained(timeout=15)
 
         assert (ended.status, ended.attempt) == (task_pb2.TASK_STATUS_COMPLETED, 1)

@@ -36,9 +36,9 @@ _ANSWER_LOST = frozenset(
     }
 )
 _UNANSWERED_MAX = 10_000
-#: How long a job that reached this worker before its push (``Job.pushed_to``) stays away before
-#: it comes back, to be taken over by the pushed attempt by then (a push normally follows within
-#: a millisecond; a lost push's lease has to expire anyway before another attempt may start).
+#: How long a job that reached this worker before its push (``Job.pushed_to``) waits here for it
+#: (a push normally follows within a millisecond; a lost push's lease has to expire anyway before
+#: another attempt may start): then it goes back, to be claimed as usual when it comes again.
 _PUSH_WAIT = 2.0
 
 
@@ -76,9 +76,9 @@ class Jobs:
         #: generation): how to settle it when it does. Bounded: a message forgotten (or gone to
         #: another worker) is claimed as usual, and answered DONE or DEFER.
         self._unsettled: dict[tuple[str, int], tuple[str, float | None, float]] = {}
-        #: Jobs (task id, dispatch generation) pushed to this worker whose message came first
-        #: and was sent away for ``_PUSH_WAIT``: seen again with no push, they are claimed.
-        self._awaited: dict[tuple[str, int], None] = {}
+        #: Messages of jobs pushed to this worker that came before their push, by (task id,
+        #: dispatch generation): resolved when the pushed attempt starts (``_await_push``).
+        self._awaiting: dict[tuple[str, int], asyncio.Future[None]] = {}
         #: Jobs completed by this process.
         self.completed = 0
 
@@ -109,15 +109,12 @@ class Jobs:
         structlog.contextvars.bind_contextvars(task_id=job.task_id, trace_id=tracing.trace_id(traceparent))
         if await self._take_over(job, msg):
             return
-        if self._awaits_push(job):
+        if self._awaits_push(job, msg):
             # Pushed to this very worker, and the push is not here yet: not claimed (a claim the
             # store decided late, after an outage longer than the lease, would start a second
-            # attempt beside the pushed one). It comes back for the pushed attempt to take over.
-            self._awaited[(job.task_id, job.dispatch_gen)] = None
-            while len(self._awaited) > _UNANSWERED_MAX:
-                del self._awaited[next(iter(self._awaited))]
+            # attempt beside the pushed one). The pushed attempt takes it over once it starts.
             log.info("job_awaits_its_push")
-            await settle_message("nak", msg, _PUSH_WAIT)
+            await self._await_push(job, msg)
             return
         if job.task_id in self.running or job.task_id in self._carriers:
             # JetStream redelivered a job this process is still running (an ack-wait ran out):
@@ -167,18 +164,40 @@ class Jobs:
             job = spb.Job.FromString(msg.data)
         except Exception:
             return False
-        if (job.task_id, job.dispatch_gen) in self._unsettled or self._awaits_push(job):
+        if (job.task_id, job.dispatch_gen) in self._unsettled or self._awaits_push(job, msg):
             return True
         running = self.running.get(job.task_id)
         return running is not None and running.msg is None and running.gen == job.dispatch_gen
 
-    def _awaits_push(self, job: spb.Job) -> bool:
-        """Whether ``job`` was pushed to this worker and overtook its push (first seen now)."""
+    def _awaits_push(self, job: spb.Job, msg: Msg) -> bool:
+        """Whether ``job`` was pushed to this worker and overtook its push: its first delivery,
+        and no attempt of it here. (Delivered again, after a retry's delay, a crash or a push
+        that never came, it is settled or claimed as usual.)"""
+        key = (job.task_id, job.dispatch_gen)
         return (
             job.pushed_to == self._worker_id
             and job.task_id not in self.running
-            and (job.task_id, job.dispatch_gen) not in self._awaited
+            and key not in self._unsettled
+            and key not in self._awaiting
+            and _delivered(msg) == 1
         )
+
+    async def _await_push(self, job: spb.Job, msg: Msg) -> None:
+        """Holds ``msg`` until the attempt pushed with it starts here (then it takes ``msg``
+        over), for ``_PUSH_WAIT`` at most: then ``msg`` goes back, claimed on its next delivery."""
+        key = (job.task_id, job.dispatch_gen)
+        started = self._awaiting[key] = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(_PUSH_WAIT):
+                await started
+        except TimeoutError:
+            await settle_message("nak", msg)
+            return
+        finally:
+            if self._awaiting.get(key) is started:
+                del self._awaiting[key]
+        if not await self._take_over(job, msg):  # unexpected: the attempt runs, or left its settling
+            await settle_message("nak", msg)
 
     async def _take_over(self, job: spb.Job, msg: Msg) -> bool:
         """The message of a pushed attempt (``WorkerOffer``): the attempt running here takes it
@@ -223,6 +242,9 @@ class Jobs:
             FIRST_TURN.set(True)  # its provider calls go before those of jobs claimed earlier
         running = Attempt(msg, task_id, claim.attempt, gen=job.dispatch_gen)
         self.running[task_id] = running
+        awaiting = self._awaiting.get((task_id, job.dispatch_gen)) if msg is None else None
+        if awaiting is not None and not awaiting.done():
+            awaiting.set_result(None)  # its message came first and waits for it: taken over now
         structlog.contextvars.bind_contextvars(attempt=claim.attempt)
         outcome = "unknown"
         try:

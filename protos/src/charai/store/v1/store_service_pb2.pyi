@@ -749,9 +749,10 @@ class Job(_message.Message):
     """The worker (`WorkerOffer.worker_id`) the create pushed this task to, empty when it was not
     pushed. The push goes out before the job is published, but the job may still reach that
     worker first: it then does not claim it (the store could decide that claim late, after an
-    outage longer than the lease, and start a second attempt beside the pushed one); it lets it
-    come back a little later, when the pushed attempt takes it over. A job seen again with still
-    no push (the push was lost with its stream) is claimed as usual. Other workers ignore it.
+    outage longer than the lease, and start a second attempt beside the pushed one); it holds it
+    for up to 2 s, until the pushed attempt starts and takes it over. With still no push (lost
+    with its stream) it goes back, and is claimed as usual when it comes again. Other workers
+    ignore the field.
     """
     def __init__(
         self,
