@@ -12,10 +12,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import asyncpg
 import pytest
 from charai.core.domain import errors
 from charai.core.storeclient import StoreClient
 from charai.store.v1 import store_service_pb2 as spb
+from charai.task_store.postgres_backend import PostgresBackend
+from charai.task_store.push import Offers, Outlet, pushed_response
+from charai.task_store.sqlite_backend import SqliteBackend
+from charai.task_store.units import Unit, UnitRunner
 from charai.tasks.v1 import task_pb2
 from charai.worker.app import WorkerApp
 from charai.worker.provider import ProviderError
@@ -248,3 +253,65 @@ async def test_a_job_waiting_in_the_worker_starts_as_soon_as_its_capacity_grows(
         handler.gate.set()
         ended = await h.wait_ended([*(t.id for t in first), fourth.id])
         assert [t.status for t in ended] == [task_pb2.TASK_STATUS_COMPLETED] * 4
+
+
+# -- a push whose transaction does not commit gives its slot back ----------------------------
+def _push_into(unit: Unit, offers: Offers) -> None:
+    """What ``Commands._push`` does to a unit: a slot taken, the push recorded for the commit."""
+    taken = offers.take(TTS)
+    assert taken is not None
+    response = pushed_response(spb.Job(task_id="task_x", dispatch_gen=1), spb.ClaimTaskResponse())
+    unit.pushed.append((taken[0], response))
+
+
+def _offered(slots: int) -> tuple[Offers, asyncio.Queue[object]]:
+    offers, queue = Offers(30.0), asyncio.Queue[object]()
+    offers.offer(
+        Outlet(queue, asyncio.get_running_loop()), spb.WorkerOffer(worker_id="w1", types=[TTS], slots=slots)
+    )
+    return offers, queue
+
+
+async def test_a_push_whose_transaction_fails_gives_its_slot_back(tmp_path: Path) -> None:
+    backend = SqliteBackend(tmp_path / "tasks.db", checkpoint_interval=-1)
+    await backend.open()
+    try:
+        runner = UnitRunner(backend)
+        offers, queue = _offered(1)
+        runner.offers = offers
+
+        async def failing(unit: Unit) -> None:
+            _push_into(unit, offers)
+            raise RuntimeError("the transaction fails after the push")
+
+        with pytest.raises(RuntimeError):
+            await runner.write(failing)
+        assert (offers.slots, offers.pushed, queue.qsize()) == (1, 0, 0)
+    finally:
+        await backend.close()
+
+
+async def test_a_retried_transactions_first_push_gives_its_slot_back(pg_server: PgServer) -> None:
+    """PostgreSQL runs a deadlocked transaction again: the push the first run recorded was never
+    sent, and its slot is the offer's again; the second run's push is sent once."""
+    async with fresh_database(pg_server) as database:
+        backend = PostgresBackend(database.url)
+        await backend.open()
+        try:
+            runner = UnitRunner(backend)
+            offers, queue = _offered(2)
+            runner.offers = offers
+            runs = 0
+
+            async def deadlocked_once(unit: Unit) -> int:
+                nonlocal runs
+                runs += 1
+                _push_into(unit, offers)
+                if runs == 1:
+                    raise asyncpg.exceptions.DeadlockDetectedError("deadlock detected")
+                return runs
+
+            assert await runner.write(deadlocked_once) == 2
+            assert (offers.slots, offers.pushed, queue.qsize()) == (1, 1, 1)
+        finally:
+            await backend.close()

@@ -204,15 +204,27 @@ class UnitRunner:
         pushed: list[tuple[Outlet, spb.ExchangeStreamResponse]] = []
         queued = [0]
 
+        def give_back(unsent: list[tuple[Outlet, spb.ExchangeStreamResponse]]) -> None:
+            # Pushes recorded by a transaction that did not commit were never sent: their offers
+            # get the slots back (a push sent after the commit is no longer in ``pushed``).
+            if self.offers is not None:
+                for outlet, _ in unsent:
+                    self.offers.give_back(outlet)
+            unsent.clear()
+
         async def body(tx: Tx) -> T:
             envelopes.clear()  # a retried transaction starts over
             handed.clear()
             handed_new.clear()
-            pushed.clear()
+            give_back(pushed)
             unit = Unit(tx, eta=self.eta)
-            result = await op(unit)
-            envelopes.extend(unit.written)
-            envelopes.extend(await self._append_events(unit))
+            try:
+                result = await op(unit)
+                envelopes.extend(unit.written)
+                envelopes.extend(await self._append_events(unit))
+            except BaseException:
+                give_back(unit.pushed)
+                raise
             handed.extend(unit.handed)
             handed_new.extend(unit.handed_new)
             pushed.extend(unit.pushed)
@@ -228,12 +240,18 @@ class UnitRunner:
             if envelopes and self._on_events is not None:
                 self._on_events(list(envelopes))
             if pushed and self.offers is not None:
-                self.offers.send(pushed)
+                sent = list(pushed)
+                pushed.clear()
+                self.offers.send(sent)
             self._hand(handed)
             if queued[0] and self.on_outbox is not None:
                 self.on_outbox()
 
-        return await self._db.write(body, committed, sealed)
+        try:
+            return await self._db.write(body, committed, sealed)
+        except Exception:  # not a cancelled caller: the write goes on without it (Backend.write)
+            give_back(pushed)  # its COMMIT failed: nothing was pushed
+            raise
 
     def _hand(self, rows: list[OutboxRow]) -> None:
         if rows and self.hand_off is not None:
