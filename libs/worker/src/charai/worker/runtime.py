@@ -250,7 +250,7 @@ class JobRunner:
     def _on_message(self, lane: Lane, msg: Msg) -> None:
         if self._jobs.pushed_here(msg):
             # The message of an attempt pushed to this worker: no slot of its own (the attempt
-            # holds one), taken over at once (or sent away until its push is here); the worker
+            # holds one), taken over at once (or held until its push is here); the worker
             # stays idle (its offer stands). The lane's long poll ended with it: the scheduler
             # polls again.
             task = asyncio.create_task(self._jobs.run(lane, msg))
