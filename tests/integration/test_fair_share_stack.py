@@ -156,10 +156,20 @@ async def test_a_tenant_queueing_after_a_long_backlog_starts_within_a_round_of_t
         # while that claim was on its way (the jobs claimed ahead waiting at the gate: at most
         # the prefetch and the gate's probe; on a quiet machine 0 or 1), where without the
         # hand-over and the gate's order the released buffer and all of them would come first.
+        # Only a task's first call counts: one the provider refused (429) is made again within its
+        # attempt once the Retry-After is waited out, holding its slot, whenever that falls (the
+        # emulator here admits few calls at once; CI found a retry of A's 10th task among them).
         assert worker.runner is not None
-        texts = [record.text for record in list(emu.state.call_log)[calls_before_b:]]
-        first_b = next(i for i, text in enumerate(texts) if text.startswith("line b"))
-        assert first_b <= worker.runner.config.prefetch + 1, f"{first_b} of A's calls came first: {texts}"
+        calls = list(emu.state.call_log)
+        seen = {record.text for record in calls[:calls_before_b]}
+        texts = [record.text for record in calls[calls_before_b:]]
+        firsts = []
+        for text in texts:
+            if text not in seen:
+                seen.add(text)
+                firsts.append(text)
+        first_b = next(i for i, text in enumerate(firsts) if text.startswith("line b"))
+        assert first_b <= worker.runner.config.prefetch + 1, f"{first_b} of A's tasks called first: {texts}"
         # Everything completed, each task once.
         a_done = {e.task.id for e in of_type(a_events, EV.TASK_EVENT_TYPE_COMPLETED)}
         b_done = {e.task.id for e in of_type(b_events, EV.TASK_EVENT_TYPE_COMPLETED)}
