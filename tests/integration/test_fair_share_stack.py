@@ -187,7 +187,7 @@ async def test_a_handed_over_task_whose_worker_dies_runs_again(
     completes once."""
     store = {"lease_seconds": 1.5, "redispatch_after_seconds": 0.5, "sweep_interval_seconds": 0.2}
     worker = {"ack_wait_seconds": 2.0, "provider_shared_limits": False}
-    async with stack(nats_server, tmp_path, store, worker) as (client, first, _):
+    async with stack(nats_server, tmp_path, store, worker) as (client, first, emu):
         a_tasks = [
             await client.create_task("tenant-a", speech(f"line a{i} [[latency:0.3]]")) for i in range(12)
         ]
@@ -201,7 +201,13 @@ async def test_a_handed_over_task_whose_worker_dies_runs_again(
         async def b_running() -> bool:
             return (await client.get_task("tenant-b", b_task.id)).status == task_pb2.TASK_STATUS_RUNNING
 
+        def b_calling() -> bool:
+            return any(record.text.startswith("line b0") for record in list(emu.state.call_log))
+
         await eventually(b_running, timeout=60)
+        # RUNNING is not enough: a task pushed to the worker is RUNNING from its create on, before
+        # its call leaves (CI found the crash before it, and attempt 2's call the hanging one).
+        await eventually(b_calling, timeout=60)
         await crash_worker(first)
         assert isinstance(first.settings, TtsWorkerSettings)
         async with build(first.settings.model_copy(update={"worker_id": "second"})):
