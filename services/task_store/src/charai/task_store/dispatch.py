@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import structlog
 from charai.core import wire
 from charai.core.clock import SYSTEM, Clock
+from charai.core.natsconn import write_now
 from charai.core.topology import Topology
 from charai.store.v1 import store_service_pb2 as spb
 from charai.task_store.outbox import OutboxRow
@@ -116,6 +117,9 @@ class EventPublisher:
                     await self._nc.publish(
                         self._topology.cancel_subject(env.event.task.id), notice.SerializeToString()
                     )
+            # On the socket before the writes queued on this loop meanwhile (the create's answer,
+            # the push, the relay's job): watchers hear of a start without waiting for them.
+            write_now(self._nc)
         except Exception as exc:
             log.warning(
                 "event_publish_failed", error=str(exc), first_seq=chunk[0].event.sequence, events=len(chunk)
