@@ -93,8 +93,7 @@ class Coalescer:
         deadline = None if timeout is None else loop.time() + timeout
         self._pending.append((command, future, deadline))
         if not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self._flush)
+            self._lead()
         # One timer per call (cheaper than wait_for's wrapper): it fails the future when due.
         timer = None if timeout is None else loop.call_later(timeout, _expire, future)
         try:
@@ -106,18 +105,36 @@ class Coalescer:
             raise answer_error(answer.error)
         return answer
 
-    def _flush(self) -> None:
-        """Sends what is pending, as long as a call may go out."""
+    def _lead(self) -> None:
+        """Starts the task that sends what is pending. It runs on the next turn of the loop, so
+        the commands submitted until then leave with it; it sends the first batch itself (one
+        turn sooner than a flush scheduled first that then starts a task to send it) and starts
+        a task for each further batch that may go out."""
+        self._scheduled = True
+        task = asyncio.create_task(self._send_pending())
+        self._calls.add(task)
+        task.add_done_callback(self._calls.discard)
+
+    async def _send_pending(self) -> None:
         self._scheduled = False
-        while self._pending and self._in_flight < self._max_in_flight:
-            batch = [p for p in self._pending[: self._max_batch] if not p[1].done()]  # not given up
-            del self._pending[: self._max_batch]
-            if not batch:
-                continue  # every caller of these gave up before they left: nothing to send
-            self._in_flight += 1
+        first = self._take()
+        while (batch := self._take()) is not None:
             task = asyncio.create_task(self._exchange(batch))
             self._calls.add(task)
             task.add_done_callback(self._calls.discard)
+        if first is not None:
+            await self._exchange(first)
+
+    def _take(self) -> list[_Pending] | None:
+        """The next batch to send, counted as in flight; None while no call may go out (or
+        nothing is pending)."""
+        while self._pending and self._in_flight < self._max_in_flight:
+            batch = [p for p in self._pending[: self._max_batch] if not p[1].done()]  # not given up
+            del self._pending[: self._max_batch]
+            if batch:  # else every caller of these gave up before they left: nothing to send
+                self._in_flight += 1
+                return batch
+        return None
 
     async def _exchange(self, batch: list[_Pending]) -> None:
         deadlines = [deadline for _, _, deadline in batch]
@@ -138,8 +155,7 @@ class Coalescer:
         finally:
             self._in_flight -= 1
             if self._pending and not self._scheduled:
-                self._scheduled = True
-                asyncio.get_running_loop().call_soon(self._flush)
+                self._lead()
         for (_, future, _), answer in zip(batch, response.answers, strict=False):
             if not future.done():
                 future.set_result(answer)

@@ -317,19 +317,24 @@ class Commands(CreateCommands):
         log.info("claim_handed_over", task_id=claimed.id, instead=other, tenant=row.tenant)
         return ClaimResult(int(answer.outcome), task, answer.attempt, answer.retry_after)
 
-    async def _push(self, unit: Unit, job: Job, now: int) -> Job | None:
+    async def _push(self, unit: Unit, job: Job, now: int, created: task_pb2.Task, row: TaskRow) -> Job | None:
         """A new task's claim for a worker's standing offer, in the create's own unit: RUNNING
         under a lease owned by that worker, its STARTED event after the QUEUED one, and the
         claim's answer sent on the worker's stream after the commit (``unit.pushed``). The job
         is still published (after the push), so the attempt has its JetStream message as a
         claimed one has: the worker takes it over when it arrives (see ``WorkerOffer``). Returns the
-        job as it is to be published (naming that worker: ``Job.pushed_to``), None if not pushed."""
+        job as it is to be published (naming that worker: ``Job.pushed_to``), None if not pushed.
+
+        ``created`` and ``row``: the task and its row as the create just wrote them (not read back:
+        the claim changes a copy; ``created`` stays the create's answer)."""
         taken = None if self.offers is None else self.offers.take(job.type)
         if taken is None:
             return None
         assert self.offers is not None
         outlet, worker_id = taken
-        task, row, state = await self._load(unit, job.task_id)
+        task = task_pb2.Task()
+        task.CopyFrom(created)
+        state = rows.state_of(task, row)
         decision, copy = await self._decide_claim(unit, task, row, state, lifecycle.Claim(worker_id), now)
         answer = decision.answer
         if not isinstance(answer, ClaimAnswer) or answer.outcome is not ClaimOutcome.RUN:

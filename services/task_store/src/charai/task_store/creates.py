@@ -47,7 +47,7 @@ class CreateCommands:
     offers: Offers | None
     #: Claims a new task for a worker's standing offer (push dispatch): the job to publish, naming
     #: that worker; None: no offer, or the claim would not simply run (``Commands._push``).
-    _push: Callable[[Unit, Job, int], Awaitable[Job | None]]
+    _push: Callable[[Unit, Job, int, task_pb2.Task, rows.TaskRow], Awaitable[Job | None]]
 
     async def create(
         self, tenant: str, req: task_service_pb2.CreateTaskRequest, traceparent: str = ""
@@ -120,7 +120,8 @@ class CreateCommands:
         now = self._clock.now_us()
         decision = lifecycle.create(self._policy, now)
         task = self._new_task(req, decision.state, now)
-        if not await self._insert(unit, tenant, task, now, held):
+        row = await self._insert(unit, tenant, task, now, held)
+        if row is None:
             # A concurrent create with the same request_id (another replica, a retried call) made
             # this insert do nothing; that task is then the answer.
             existing = await self._by_request_id(unit, tenant, req)
@@ -133,7 +134,7 @@ class CreateCommands:
         if self.backlog is not None:
             await self.backlog.admit(unit, tenant, job, now, held=held)
         if not held:
-            pushed = await self._push(unit, job, now)
+            pushed = await self._push(unit, job, now, task, row)
             handed = await self._outbox.enqueue(unit.tx, pushed or job, now, hand_off=True)
             if handed is not None:
                 # A pushed job is published after the commit, behind its push (see ``_push``).
@@ -142,15 +143,18 @@ class CreateCommands:
         await self._queries.position(unit.tx, task)
         return task, True
 
-    async def _insert(self, unit: Unit, tenant: str, task: task_pb2.Task, now: int, held: bool) -> bool:
+    async def _insert(
+        self, unit: Unit, tenant: str, task: task_pb2.Task, now: int, held: bool
+    ) -> rows.TaskRow | None:
         """Inserts the task row (``held``: in the fair-share backlog; and its metadata rows on
-        SQLite); False if its request_id is taken."""
+        SQLite) and returns it as :func:`rows.load` would read it back; None if its request_id
+        is taken."""
         columns = "id, tenant, request_id, type, priority, status, attempt, max_attempts,"
         columns += " create_time, update_time, dispatch_gen, held, task, reuse_key"
         values = "?, ?, ?, ?, ?, ?, 0, ?, ?, ?, 1, ?, ?, ?"
+        blob, key = task.SerializeToString(), self.reuse.key(tenant, task) if self.reuse is not None else None
         args: list[Any] = [task.id, tenant, task.request_id or None, int(task.type), int(task.priority)]
-        args += [int(task.status), task.max_attempts, now, now, int(held), task.SerializeToString()]
-        args.append(self.reuse.key(tenant, task) if self.reuse is not None else None)
+        args += [int(task.status), task.max_attempts, now, now, int(held), blob, key]
         if self._metadata_json:
             columns += ", metadata"
             values += ", ?::jsonb"
@@ -161,13 +165,14 @@ class CreateCommands:
             *args,
         )
         if inserted is None:
-            return False
+            return None
         if not self._metadata_json:
             await unit.tx.executemany(
                 "INSERT INTO task_metadata (task_id, tenant, key, value) VALUES (?, ?, ?, ?)",
                 [(task.id, tenant, k, v) for k, v in task.metadata.items()],
             )
-        return True
+        # The columns as inserted (last_seq and the lease's come with its first event).
+        return rows.TaskRow(blob, tenant, 0, None, 1, 0, None, int(task.status), None, int(held), key)
 
     async def _by_request_id(
         self, unit: Unit, tenant: str, req: task_service_pb2.CreateTaskRequest

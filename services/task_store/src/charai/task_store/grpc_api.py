@@ -250,7 +250,10 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
         jobs += [self._creates(commands, t, group, answers) for t, group in creates.items() if len(group) > 1]
         if len(work) > 1:
             jobs.append(self._work(commands, work, answers))
-        await asyncio.gather(*jobs)
+        if len(jobs) == 1:
+            await jobs[0]  # alone (an idle caller's one command): no task of its own to wait for
+        else:
+            await asyncio.gather(*jobs)
         return spb.ExchangeResponse(answers=answers)
 
     async def _answer_at(
@@ -259,7 +262,7 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
         answers[i] = await self._answer(command, context)
 
     async def _answer(self, command: spb.StoreCommand, context: Context) -> spb.StoreAnswer:
-        """One command, in its own asyncio task (gather): its own trace and canonical log line."""
+        """One command (its own asyncio task unless it is alone): its own trace and log line."""
         kind = command.WhichOneof("command")
         start, code = time.perf_counter(), "OK"
         traceparent = tracing.enter(command.traceparent)

@@ -111,6 +111,10 @@ def _shaping_fields(task: task_pb2.Task, config: ReuseConfig) -> tuple[str, str,
     return None
 
 
+#: The key's canonical JSON (``json.dumps`` with these options builds an encoder per call).
+_CANONICAL = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
 def reuse_key(tenant: str, task: task_pb2.Task, config: ReuseConfig) -> str | None:
     """The task's reuse key (hex SHA-256), or None when it takes no part in reuse."""
     if not config.enabled or not opted_in(task):
@@ -119,12 +123,7 @@ def reuse_key(tenant: str, task: task_pb2.Task, config: ReuseConfig) -> str | No
     if shaping is None:
         return None
     provider, model, fields = shaping
-    canonical = json.dumps(
-        [_RECIPE, tenant, int(task.type), provider, model, fields],
-        sort_keys=True,
-        ensure_ascii=False,
-        separators=(",", ":"),
-    )
+    canonical = _CANONICAL.encode([_RECIPE, tenant, int(task.type), provider, model, fields])
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
