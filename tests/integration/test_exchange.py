@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 import pytest
+import structlog
 from charai.core.coalesce import answer_error
 from charai.core.domain.errors import ErrorKind
 from charai.core.storeclient import StoreClient
@@ -212,6 +213,35 @@ async def test_a_failed_transaction_answers_each_grouped_command_and_logs_once(
         assert [refusal(a.error) for a in answers] == [(grpc.StatusCode.INTERNAL, [])] * 3
         assert all("disk on fire" not in (answer_error(a.error).details() or "") for a in answers)
         assert [line["event"] for line in lines].count("exchange_command_failed") == 1
+
+
+async def test_a_lone_command_leaves_the_calls_trace_and_log_context_as_it_found_them(
+    nats_server: NatsServer, tmp_path: Path, db: Database
+) -> None:
+    # A call's only command runs in the call's own task (no task of its own): its trace and log
+    # context are its own while it runs, and the call's canonical log line still has the call's.
+    call_trace = f"00-{'a' * 32}-{'b' * 16}-01"
+    command_trace = f"00-{'c' * 32}-{'d' * 16}-01"
+    async with (
+        coalescing(app_settings(nats_server, tmp_path, db)) as (app, _),
+        grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel,
+    ):
+        stub = spb_grpc.TaskStoreServiceStub(channel)
+        create = spb.CreateTaskRequest(tenant="acme", request=image_request())
+        command = spb.StoreCommand(create=create, traceparent=command_trace)
+        with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as lines:
+            answer = (
+                await stub.Exchange(
+                    spb.ExchangeRequest(commands=[command]), metadata=(("traceparent", call_trace),)
+                )
+            ).answers[0]
+        assert answer.create.task.id
+        by_event = {line["event"]: line for line in lines}
+        assert by_event["command_finished"]["command"] == "CreateTask"
+        assert by_event["command_finished"]["trace_id"] == "c" * 32
+        assert by_event["rpc_finished"]["rpc"] == "Exchange"
+        assert by_event["rpc_finished"]["trace_id"] == "a" * 32
+        assert "command" not in by_event["rpc_finished"]
 
 
 async def test_exchange_refuses_too_many_commands(

@@ -262,19 +262,24 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
         answers[i] = await self._answer(command, context)
 
     async def _answer(self, command: spb.StoreCommand, context: Context) -> spb.StoreAnswer:
-        """One command (its own asyncio task unless it is alone): its own trace and log line."""
+        """One command, with its own trace and log line. It runs in an asyncio task of its own,
+        unless it is the call's only one: it then runs in the call's task, whose trace and log
+        context it leaves as it found them."""
         kind = command.WhichOneof("command")
         start, code = time.perf_counter(), "OK"
+        outer = tracing.current.get()
         traceparent = tracing.enter(command.traceparent)
         name = _COMMAND_NAMES.get(kind or "", "none")
-        structlog.contextvars.bind_contextvars(command=name, trace_id=tracing.trace_id(traceparent))
-        try:
-            return await self._decide(command, kind, context)
-        except Exception as exc:
-            answer, code = _refusal(exc)
-            return answer
-        finally:
-            log.info("command_finished", code=code, elapsed_ms=round((time.perf_counter() - start) * 1000, 2))
+        with structlog.contextvars.bound_contextvars(command=name, trace_id=tracing.trace_id(traceparent)):
+            try:
+                return await self._decide(command, kind, context)
+            except Exception as exc:
+                answer, code = _refusal(exc)
+                return answer
+            finally:
+                elapsed_ms = round((time.perf_counter() - start) * 1000, 2)
+                log.info("command_finished", code=code, elapsed_ms=elapsed_ms)
+                tracing.current.set(outer)
 
     async def _creates(
         self,
