@@ -44,6 +44,20 @@ async def test_calls_made_together_leave_as_one_exchange_and_are_answered_in_ord
     assert (coalescer.calls, coalescer.commands) == (1, 10)
 
 
+async def test_a_lone_command_leaves_on_the_turn_after_it_was_submitted() -> None:
+    # No added wait: the task started by the turn's first command sends it when it runs (not a
+    # flush scheduled first that then starts a task to send it, a turn later).
+    store = Store(hold=True)
+    coalescer = Coalescer(store.send)
+    call = asyncio.ensure_future(coalescer.call(claim(0)))
+    await asyncio.sleep(0)  # the call runs: its command is pending, the sending task started
+    assert store.sent == []
+    await asyncio.sleep(0)  # the sending task runs
+    assert store.sent == [(["task_0"], None)]
+    store.release.set()
+    await call
+
+
 async def test_while_calls_are_on_the_wire_the_next_commands_gather() -> None:
     store = Store(hold=True)
     coalescer = Coalescer(store.send, max_in_flight=1)
