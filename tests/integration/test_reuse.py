@@ -158,6 +158,23 @@ async def test_a_claim_waits_for_a_running_twin_then_reuses_or_runs(db: Database
         assert (await rec.store.claim(second.id, 1, "w2")).outcome == RUN
 
 
+async def test_a_running_twin_behind_a_completion_past_the_ttl_is_still_waited_for(db: Database) -> None:
+    # The twin lookup reads the key's newest COMPLETED task first; one past the TTL must not hide
+    # a task of the key RUNNING under a live lease.
+    async with opened(db, reuse=REUSE, lease_seconds=30.0) as rec:
+        await run_to_completion(rec, speech(text="an old line"))
+        rec.clock.advance(HOUR + 1)
+        running, _ = await rec.store.create("t1", speech(text="an old line"))
+        assert (await rec.store.claim(running.id, 1, "w1")).outcome == RUN
+        waiting, _ = await rec.store.create("t1", speech(text="an old line"))
+        assert (await rec.store.claim(waiting.id, 1, "w2")).outcome == DEFER
+        # ... and once it has completed, its fresh result is reused.
+        done = spb.CompleteTaskRequest(task_id=running.id, attempt=1)
+        done.tts_result.audio_url = "charai-media:y.wav"
+        await rec.store.complete(done)
+        assert (await rec.store.claim(waiting.id, 1, "w2")).outcome == REUSED
+
+
 async def test_only_identical_opted_in_requests_within_the_ttl_reuse(db: Database) -> None:
     async with opened(db, reuse=REUSE) as rec:
         await run_to_completion(rec, speech(voice_style="calm", speed=1.0))
