@@ -7,10 +7,12 @@ from __future__ import annotations
 import contextlib
 import shutil
 import sqlite3
+import threading
 from pathlib import Path
 
 from charai.core.clock import ManualClock
 from charai.task_store.sqlite_backend import SqliteBackend
+from charai.task_store.sqlite_checkpoint import Checkpointer
 from charai.task_store.store import StoreConfig, TaskStore, open_store
 from charai.tasks.v1 import task_pb2, task_service_pb2
 
@@ -67,3 +69,27 @@ async def test_without_the_checkpointer_the_log_alone_holds_them(tmp_path: Path)
         for k in range(5):
             await store.create("t1", voice_request(k))
         assert tasks_in_the_file_alone(path, tmp_path / "copy.db") == 0
+
+
+def test_a_stop_between_the_wait_and_the_clear_still_ends_the_thread(tmp_path: Path) -> None:
+    # stop() sets "stopping" and wakes the thread; landing after the thread's wait for more
+    # commits but before it clears its "dirty" mark, its wake-up is cleared with the mark. The
+    # thread must not go back to waiting for a commit that never comes (task_store's close then
+    # hung in CI, joining it).
+    path = tmp_path / "tasks.db"
+    sqlite3.connect(path).close()
+    checkpointer = Checkpointer(path, interval=0.001)
+
+    class StopBeforeClear(threading.Event):
+        def clear(self) -> None:
+            checkpointer._stopping.set()  # what stop() does, at exactly this moment
+            self.set()
+            super().clear()
+
+    checkpointer._dirty = StopBeforeClear()
+    checkpointer.start()
+    checkpointer.committed()
+    thread = checkpointer._thread
+    assert thread is not None
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "the checkpointer thread went back to waiting after stop()"

@@ -76,6 +76,9 @@ class Checkpointer:
                 if self._stopping.wait(self._interval):
                     return
                 self._dirty.clear()  # before the copy: a commit during it asks for the next one
+                if self._stopping.is_set():
+                    # stop() came after the wait above but before the clear, which erased its wake-up.
+                    return
                 try:
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                 except sqlite3.Error as exc:  # the writer's own checkpoint is the backstop
