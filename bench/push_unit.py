@@ -32,6 +32,7 @@ from charai.task_store.reuse import ReuseConfig
 from charai.task_store.store import StoreConfig, TaskStore
 from charai.tasks.v1 import task_pb2
 
+from bench.common import pct
 from bench.ours import tts_request
 
 WARMUP = 200
@@ -83,11 +84,6 @@ class Timings:
                     self.statements[" ".join(sql.split())[:60]] += time.perf_counter() - start
 
         return timed
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[int(q * (len(ordered) - 1))]
 
 
 async def main(n: int) -> None:
