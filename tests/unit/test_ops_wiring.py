@@ -168,3 +168,27 @@ def test_every_collection_shows_as_a_pause_of_its_generation() -> None:
     )
     assert after['charai_gc_pause_seconds_bucket{generation="2",le="+Inf"}'] == after[full]
     assert Metrics("other").render().count(b"# TYPE charai_gc_pause_seconds histogram") == 1
+
+
+def test_rpc_and_exchange_observations_count_per_label_set() -> None:
+    # observe_rpc and exchange_size keep each label set's child after its first use: every
+    # later call must still land on its own (method, code) and kind, never on an earlier one's.
+    metrics = Metrics("test")
+    for method, code, seconds in (
+        ("/s.S/Exchange", "OK", 0.002),
+        ("/s.S/Exchange", "OK", 0.004),
+        ("/s.S/Exchange", "NOT_FOUND", 0.5),
+        ("/s.S/GetTask", "OK", 0.001),
+    ):
+        metrics.observe_rpc(method, code, seconds)
+    for kind, commands in (("progress", 3), ("create", 1), ("progress", 5)):
+        metrics.exchange_size(kind, commands)
+    value = metrics.registry.get_sample_value
+    assert value("charai_rpc_requests_total", {"method": "Exchange", "code": "OK"}) == 2
+    assert value("charai_rpc_requests_total", {"method": "Exchange", "code": "NOT_FOUND"}) == 1
+    assert value("charai_rpc_requests_total", {"method": "GetTask", "code": "OK"}) == 1
+    assert value("charai_rpc_duration_seconds_count", {"method": "Exchange"}) == 3
+    assert value("charai_rpc_duration_seconds_sum", {"method": "Exchange"}) == pytest.approx(0.506)
+    assert value("charai_exchange_commands_sum", {"kind": "progress"}) == 8
+    assert value("charai_exchange_commands_count", {"kind": "progress"}) == 2
+    assert value("charai_exchange_commands_count", {"kind": "create"}) == 1

@@ -184,6 +184,9 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000),
             registry=r,
         )
+        #: Labelled children of the families above, by their labels (see :meth:`observe_rpc`).
+        self._rpc_children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._exchange_children: dict[str, Any] = {}
         self.exchange_streams = Gauge(
             "charai_exchange_streams_open",
             "Open ExchangeStream calls (task_store: one per gateway or worker process and address)",
@@ -191,10 +194,27 @@ class Metrics:
         )
 
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
-        """The hook :class:`charai.core.grpcsupport.ServerInterceptor` calls after each RPC."""
-        name = method.rsplit("/", 1)[-1]
-        self.rpc_requests.labels(name, code).inc()
-        self.rpc_duration.labels(name).observe(seconds)
+        """The hook :class:`charai.core.grpcsupport.ServerInterceptor` calls after each RPC.
+
+        The labelled children are looked up once per (method, code) and kept: ``labels()``
+        checks and locks on every call, about twice what the increment and observation cost.
+        """
+        children = self._rpc_children.get((method, code))
+        if children is None:
+            name = method.rsplit("/", 1)[-1]
+            children = self._rpc_children[(method, code)] = (
+                self.rpc_requests.labels(name, code),
+                self.rpc_duration.labels(name),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def exchange_size(self, kind: str, commands: int) -> None:
+        """One ``Exchange`` call of ``commands`` commands, the first of them of ``kind``."""
+        child = self._exchange_children.get(kind)
+        if child is None:
+            child = self._exchange_children[kind] = self.exchange_commands.labels(kind)
+        child.observe(commands)
 
     def gauge_from(self, gauge: Gauge, read: Callable[[], float]) -> None:
         """``gauge`` reads ``read()`` at each scrape (e.g. a live counter of the process)."""

@@ -224,7 +224,7 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
             raise RequestInvalidError([Violation("commands", f"at most {MAX_EXCHANGE} commands per call")])
         if self._metrics is not None and request.commands:
             kind = request.commands[0].WhichOneof("command") or "none"
-            self._metrics.exchange_commands.labels(kind).observe(len(request.commands))
+            self._metrics.exchange_size(kind, len(request.commands))
         commands = request.commands
         answers: list[spb.StoreAnswer] = [spb.StoreAnswer()] * len(commands)
         # The creates (single and batch) of one tenant share one transaction (create_each), and
@@ -270,16 +270,19 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
         outer = tracing.current.get()
         traceparent = tracing.enter(command.traceparent)
         name = _COMMAND_NAMES.get(kind or "", "none")
-        with structlog.contextvars.bound_contextvars(command=name, trace_id=tracing.trace_id(traceparent)):
-            try:
-                return await self._decide(command, kind, context)
-            except Exception as exc:
-                answer, code = _refusal(exc)
-                return answer
-            finally:
-                elapsed_ms = round((time.perf_counter() - start) * 1000, 2)
-                log.info("command_finished", code=code, elapsed_ms=elapsed_ms)
-                tracing.current.set(outer)
+        # Bound and reset by token: structlog's bound_contextvars() copies the whole context
+        # first, which cost more than the rest of this wrapper.
+        bound = structlog.contextvars.bind_contextvars(command=name, trace_id=tracing.trace_id(traceparent))
+        try:
+            return await self._decide(command, kind, context)
+        except Exception as exc:
+            answer, code = _refusal(exc)
+            return answer
+        finally:
+            elapsed_ms = round((time.perf_counter() - start) * 1000, 2)
+            log.info("command_finished", code=code, elapsed_ms=elapsed_ms)
+            structlog.contextvars.reset_contextvars(**bound)
+            tracing.current.set(outer)
 
     async def _creates(
         self,
