@@ -108,6 +108,26 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
 
 
+def runqueue_wait_seconds(pid: int) -> float:
+    """Seconds the threads of one process spent runnable but not running (waiting for a core:
+    ``/proc/<pid>/task/*/schedstat``, second field), since they started; 0 if it is gone.
+
+    Over a run, it says how contended the machine was: a latency that grows while this grows
+    too is the processes waiting for the cores, not for each other."""
+    total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # the thread ended meanwhile
+    return total / 1e9
+
+
 def cpu_of(pids: Iterable[int]) -> float:
     return sum(cpu_seconds(p) for p in pids)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import tempfile
 import time
@@ -22,7 +23,7 @@ from charai.devstack.stack import Stack
 from charai.store.v1 import store_service_pb2 as spb
 from charai.tasks.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
 
-from bench.common import RssSampler, cpu_seconds, log, pct, rss_kb
+from bench.common import RssSampler, cpu_seconds, log, pct, rss_kb, runqueue_wait_seconds
 
 # One tenant measures capacity here: the per-tenant submission rate limit (where the gateway has
 # one) would measure the limiter instead.
@@ -538,6 +539,8 @@ async def _b5_once(
             report_ms.append((time.perf_counter() - t0) * 1000)
 
     cpu0 = {**_cpu(s), "bench": time.process_time()}
+    waits = {"gateway": gateway, "task_store": pid(s, "task_store"), "bench": os.getpid()}
+    wait0 = {name: runqueue_wait_seconds(p) for name, p in waits.items()}
     t_start = time.perf_counter()
     await asyncio.gather(*(reporter(t, k / hz / tasks) for k, t in enumerate(ids)))
     emit_s = time.perf_counter() - t_start
@@ -547,6 +550,7 @@ async def _b5_once(
         await asyncio.sleep(0.1)
     deliver_s = time.perf_counter() - t_start
     cpu = {k: v - cpu0[k] for k, v in {**_cpu(s), "bench": time.process_time()}.items()}
+    waited = sum(runqueue_wait_seconds(p) - wait0[name] for name, p in waits.items())
     for w in watchers:
         w.cancel()
     await asyncio.gather(*watchers, return_exceptions=True)
@@ -572,6 +576,9 @@ async def _b5_once(
         "task_store_cpu_s": cpu["task_store"],
         # The load generator: its watchers and reporters share this process and the cores.
         "bench_cpu_s": cpu["bench"],
+        # How long their threads waited for a core, per second of the run (1,000: on average
+        # one thread of the three processes was ready to run and found both cores taken).
+        "runqueue_wait_ms_per_s": waited * 1000 / deliver_s,
         "deliver_s": deliver_s,
     }
 

@@ -69,6 +69,11 @@ HEADLINES: dict[str, list[tuple[str, str, list[str]]]] = {
             ["charai", "floor-grpc-fanout", "bullmq-durable-progress"],
         ),
         ("lag p99 at 300 streams (100 with --quick), ms", "lag_ms_p99", ["charai-300"]),
+        (
+            "time waiting for a core (gateway, task_store, load generator), ms per s",
+            "runqueue_wait_ms_per_s",
+            ["charai", "charai-300"],
+        ),
         ("deliveries lost", "lost", ["charai", "floor-grpc-fanout"]),
         ("gateway KB RSS per stream", "gateway_rss_kb_per_stream", ["charai"]),
     ],
