@@ -3,6 +3,11 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 PYTHON ?= python3
+# The interpreter .venv is built on: the distribution's CPython 3.11 where there is one (Debian
+# and Ubuntu build it with PGO and LTO, as the python:3.11 images of the Dockerfile are built),
+# else $(PYTHON). A plain source build (pyenv's default: no PGO, no LTO) runs charai 20-30 %
+# slower (BENCHMARKS.md, fourteenth pass). `make install VENV_PYTHON=/path/to/python3.x` overrides.
+VENV_PYTHON ?= $(or $(firstword $(wildcard /usr/bin/python3.11 /usr/local/bin/python3.11)),$(shell command -v $(PYTHON)))
 UV_VERSION := 0.13.9
 TOOLS := .tools
 UV := $(TOOLS)/bin/uv
@@ -21,7 +26,9 @@ GEN_DIR := protos/src
 GEN_PACKAGES := tasks store
 HAND_WRITTEN := taskapi
 
-.PHONY: help install proto proto-check lint breaking format typecheck compose-check check test test-unit test-integration test-e2e demo run bench clean
+.PHONY: FORCE help install proto proto-check lint breaking format typecheck compose-check check test test-unit test-integration test-e2e demo run bench clean
+
+FORCE:
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -33,8 +40,12 @@ $(UV):
 $(BUF): | $(UV)
 	npm install --silent --no-audit --no-fund --prefix $(TOOLS) @bufbuild/buf@$(BUF_VERSION)
 
-$(VENV)/.installed: uv.lock pyproject.toml $(wildcard */pyproject.toml */*/pyproject.toml) | $(UV)
-	$(UV) sync --frozen --all-packages
+# Rewritten only when the choice of interpreter changes, which then rebuilds .venv on it.
+$(TOOLS)/venv-python: FORCE | $(UV)
+	@echo "$(VENV_PYTHON)" | cmp -s - $@ || echo "$(VENV_PYTHON)" > $@
+
+$(VENV)/.installed: uv.lock pyproject.toml $(wildcard */pyproject.toml */*/pyproject.toml) $(TOOLS)/venv-python | $(UV)
+	$(UV) sync --frozen --all-packages --python "$(VENV_PYTHON)"
 	touch $@
 
 install: $(VENV)/.installed ## Create .venv with every package (uv workspace, locked)

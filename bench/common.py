@@ -310,7 +310,9 @@ def commit() -> str:
 def versions() -> dict[str, str]:
     import importlib.metadata as md
 
-    out: dict[str, str] = {"python": platform.python_version()}
+    # The interpreter build matters as much as its version (a PGO build runs charai 20-30 %
+    # faster than a plain one): where it comes from, for every Python system of the run.
+    out: dict[str, str] = {"python": f"{platform.python_version()} ({os.path.realpath(sys._base_executable)})"}
     for pkg in ("grpcio", "protobuf", "nats-py", "aiohttp"):
         with contextlib.suppress(md.PackageNotFoundError):
             out[pkg] = md.version(pkg)

@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 from bench.common import CELERY_VENV, NODE_DIR, RedisServer, child, cpu_seconds, log, redis_server
@@ -31,22 +33,38 @@ def setup(*, node: bool = True, celery: bool = True) -> None:
             raise RuntimeError("npm not found: install Node.js 18+ (apt-get install nodejs npm)")
         log("installing bullmq and ioredis (npm ci)")
         subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--silent"], cwd=NODE_DIR, check=True)
-    py = CELERY_VENV / "bin" / "python"
-    if celery and not py.exists():
-        log("creating bench/.venv-celery (celery[redis] 5, redis-py, gevent)")
-        subprocess.run(["python3", "-m", "venv", str(CELERY_VENV)], check=True)
-        subprocess.run(
-            [
-                str(CELERY_VENV / "bin" / "pip"),
-                "install",
-                "-q",
-                "--disable-pip-version-check",
-                "celery[redis]==5.*",
-                "redis>=6.1",
-                "gevent",
-            ],
-            check=True,
-        )
+    if celery:
+        _celery_venv()
+
+
+def _celery_venv() -> None:
+    """bench/.venv-celery on the interpreter charai's own venv runs on (``make install``'s
+    ``VENV_PYTHON``), made again when that changed: both Python systems of a run then share one
+    interpreter build, and a faster one (PGO) helps each alike."""
+    base = os.path.realpath(sys._base_executable)  # what .venv was made from, not .venv's link
+    stamp = CELERY_VENV / ".base-python"
+    if (CELERY_VENV / "bin" / "python").exists() and stamp.exists() and stamp.read_text() == base:
+        return
+    log(f"creating bench/.venv-celery on {base} (celery[redis] 5, redis-py, gevent)")
+    shutil.rmtree(CELERY_VENV, ignore_errors=True)
+    # uv, not `python -m venv`: a distribution's interpreter may come without ensurepip.
+    uv = Path(__file__).resolve().parents[1] / ".tools" / "bin" / "uv"
+    subprocess.run([str(uv), "venv", "-q", "--python", base, str(CELERY_VENV)], check=True)
+    subprocess.run(
+        [
+            str(uv),
+            "pip",
+            "install",
+            "-q",
+            "--python",
+            str(CELERY_VENV / "bin" / "python"),
+            "celery[redis]==5.*",
+            "redis>=6.1",
+            "gevent",
+        ],
+        check=True,
+    )
+    stamp.write_text(base)
 
 
 def _lines(lines: list[str]) -> list[dict[str, Any]]:

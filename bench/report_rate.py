@@ -98,9 +98,8 @@ async def main(counts: list[int], rounds: int, seconds: float) -> None:
         CharaiClient(s.gateway_grpc) as client,
         ours.worker_store(s) as store,
     ):
-        ids = [
-            (await client.create(ours.tts_request(f"rate-{k}", f"rate line {k}"))).id for k in range(max(counts))
-        ]
+        lines = [ours.tts_request(f"rate-{k}", f"rate line {k}") for k in range(max(counts))]
+        ids = [(await client.create(line)).id for line in lines]
         await asyncio.gather(*(store.claim_task(t, 1, "bench") for t in ids))
         pid = ours.pid(s, "task_store")
         for r in range(rounds):
