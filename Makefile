@@ -5,8 +5,9 @@ SHELL := /bin/bash
 PYTHON ?= python3
 # The interpreter .venv is built on: the distribution's CPython 3.11 where there is one (Debian
 # and Ubuntu build it with PGO and LTO, as the python:3.11 images of the Dockerfile are built),
-# else $(PYTHON). A plain source build (pyenv's default: no PGO, no LTO) runs charai 20-30 %
-# slower (BENCHMARKS.md, fourteenth pass). `make install VENV_PYTHON=/path/to/python3.x` overrides.
+# else $(PYTHON). A plain source build (pyenv's default: no PGO, no LTO) ran pure-Python code
+# about 20 % slower here, and the B2 benchmark about 15 % (BENCHMARKS.md, fourteenth pass).
+# `make install VENV_PYTHON=/path/to/python3.x` overrides.
 VENV_PYTHON ?= $(or $(firstword $(wildcard /usr/bin/python3.11 /usr/local/bin/python3.11)),$(shell command -v $(PYTHON)))
 UV_VERSION := 0.13.9
 TOOLS := .tools

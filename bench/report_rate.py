@@ -26,7 +26,7 @@ from charai.client import CharaiClient
 from charai.core.storeclient import StoreClient
 
 from bench import ours
-from bench.common import CLK_TCK, pct
+from bench.common import CLK_TCK, pct, runqueue_wait_seconds
 
 HZ = 20.0
 
@@ -43,7 +43,6 @@ class Threads:
     def read(cls, pid: int) -> Threads:
         cpu: dict[int, float] = {}
         switches: dict[int, tuple[int, int]] = {}
-        waited = 0
         for entry in os.listdir(f"/proc/{pid}/task"):
             tid = int(entry)
             try:
@@ -51,8 +50,6 @@ class Threads:
                     fields = f.read().rsplit(")", 1)[1].split()
                 with open(f"/proc/{pid}/task/{tid}/status") as f:
                     status = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
-                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                    waited += int(f.read().split()[1])
             except (OSError, ValueError, IndexError):
                 continue  # the thread ended meanwhile
             cpu[tid] = (int(fields[11]) + int(fields[12])) / CLK_TCK
@@ -60,7 +57,7 @@ class Threads:
                 int(status["voluntary_ctxt_switches"]),
                 int(status["nonvoluntary_ctxt_switches"]),
             )
-        return cls(cpu, switches, waited / 1e9)
+        return cls(cpu, switches, runqueue_wait_seconds(pid))
 
 
 def _busiest(before: Threads, after: Threads, main: int) -> tuple[float, float, float]:
