@@ -299,7 +299,10 @@ class TaskStoreServiceServicer:
         (single and batch) of one tenant share one transaction on both databases, and so do a
         worker's claims, progress reports and outcomes (run in task id order; one task's commands in
         the order sent), each command in a savepoint of its own, so a refused or failed one is rolled
-        back alone and answered with its own error (a batch stays all or none). The call
+        back alone and answered with its own error (a batch stays all or none). On PostgreSQL, where
+        each savepoint is a subtransaction, more than 64 such commands run as several transactions
+        of at most 64, one after the other (past 64 subtransactions a transaction slows every
+        snapshot taken meanwhile, on the primary and its standbys). The call
         returns once every command's outcome is durable: "acknowledged = on disk" holds per command.
         Gateways and workers coalesce their concurrent calls into it (natural batching: a call goes
         out at once when none is in flight; while one is, the next ones gather for the next call),

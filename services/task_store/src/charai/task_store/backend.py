@@ -68,6 +68,13 @@ class Dialect:
     #: SQLite, whose single writer excludes every other writer anyway). Serializes the claims and
     #: deletes of identical tasks (:mod:`charai.task_store.reuse`).
     key_lock: str | None = None
+    #: Most operations :meth:`UnitRunner.write_each` runs in one transaction, a savepoint each
+    #: (``None``: no bound). On PostgreSQL a savepoint that writes is a subtransaction with an
+    #: id of its own; a backend keeps up to 64 of them in shared memory, and past that its
+    #: transaction "overflows": until it ends, every snapshot taken on the primary and on its
+    #: standbys looks subtransactions up in ``pg_subtrans`` (an SLRU cache shared by all), a
+    #: known cause of slow reads under load. So more operations run as several transactions.
+    max_savepoints: int | None = None
 
 
 SQLITE = Dialect(
@@ -88,6 +95,7 @@ POSTGRES = Dialect(
     name="postgresql",
     for_update=" FOR UPDATE",
     skip_locked=" FOR UPDATE SKIP LOCKED",
+    max_savepoints=64,  # PGPROC_MAX_CACHED_SUBXIDS
     # Parameters: task id, tenant, task type, event type, time, task blob (the event), then
     # status, attempt, lease expiry, next attempt time, lease owner (the task row). The INSERT reads from the
     # lock's CTE, so the sequence is drawn only once the lock is held.

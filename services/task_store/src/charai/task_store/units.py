@@ -16,6 +16,7 @@ as soon as the backend guarantees that nothing they cause is decided before the 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -267,7 +268,16 @@ class UnitRunner:
         operation reads what an earlier one changed (a progress report after its task's
         completion in the same call is refused, as it would be alone), not the rows as they
         were when the transaction began. On PostgreSQL the events lock is then held from the
-        first operation's events to the commit."""
+        first operation's events to the commit.
+
+        Past the dialect's ``max_savepoints`` (PostgreSQL: 64), the operations run in order as
+        several such transactions of at most that many each, one after the other, so a caller
+        is answered once all are committed. They go on to the last if the caller stops waiting,
+        as one write would (:meth:`Backend.write`)."""
+        limit = self._db.dialect.max_savepoints
+        if limit is not None and len(ops) > limit:
+            chunks = [ops[start : start + limit] for start in range(0, len(ops), limit)]
+            return await asyncio.shield(asyncio.ensure_future(self._write_chunks(chunks)))
         retryable = self._db.retryable
 
         async def op(unit: Unit) -> list[T | Exception]:
@@ -292,6 +302,12 @@ class UnitRunner:
             return answers
 
         return await self.write(op)
+
+    async def _write_chunks(self, chunks: Sequence[Sequence[Op[T]]]) -> list[T | Exception]:
+        answers: list[T | Exception] = []
+        for chunk in chunks:
+            answers.extend(await self.write_each(chunk))
+        return answers
 
     async def _append_events(self, unit: Unit) -> list[spb.EventEnvelope]:
         """Inserts the unit's events and writes its task rows, under the events lock.

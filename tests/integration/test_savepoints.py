@@ -1,0 +1,124 @@
+"""What the store's savepoints cost each database, kept in bounds.
+
+SQLite keeps its savepoints' undo pages (statement journals) in memory: a transaction of many
+savepoints, each changing many pages, opens no temporary file. Each unit of a group commit runs
+in a savepoint, and each command of a worker's call in one more (``UnitRunner.write_each``).
+SQLite journals the pages a savepoint changes; past 64 KiB that journal spills to a file (created
+and unlinked at once, so only the open descriptor shows it) unless ``temp_store`` is memory. The
+first test looks at its own process's descriptors from inside such a transaction, after three
+savepoints that each rewrote ~400 KiB of pages (the third then fails, and is undone).
+
+PostgreSQL makes each savepoint that writes a subtransaction: ``write_each`` keeps at most 64 of
+them in one transaction (the second test)."""
+
+from __future__ import annotations
+
+import collections
+import os
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from charai.task_store.postgres_backend import PostgresBackend
+from charai.task_store.sqlite_backend import SqliteBackend
+from charai.task_store.units import Unit, UnitRunner
+
+from tests.pg import PgDatabase
+
+ROWS = 200
+BLOB = 2000  # bytes: 200 rows fill ~100 pages of 4 KiB
+
+
+def open_files() -> list[str]:
+    """Paths of this process's open descriptors (the ones still there when read)."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            continue
+    return out
+
+
+def sqlite_temp_files(paths: list[str]) -> list[str]:
+    # SQLite's unix VFS names its temporary files "etilqs_…" ("sqlite" backwards).
+    return [p for p in paths if "etilqs_" in p]
+
+
+async def test_a_transaction_of_large_savepoints_opens_no_temporary_file(tmp_path: Path) -> None:
+    backend = SqliteBackend(tmp_path / "tasks.db", checkpoint_interval=-1)
+    await backend.open()
+    try:
+        units = UnitRunner(backend)
+
+        async def fill(unit: Unit) -> None:
+            await unit.tx.execute("CREATE TABLE scratch (k INTEGER PRIMARY KEY, v BLOB NOT NULL)")
+            await unit.tx.executemany(
+                "INSERT INTO scratch (k, v) VALUES (?, ?)", [(k, bytes(BLOB)) for k in range(ROWS)]
+            )
+
+        await units.write(fill)
+
+        def rewrite(byte: int) -> Callable[[Unit], Coroutine[Any, Any, int]]:
+            async def op(unit: Unit) -> int:
+                return await unit.tx.execute("UPDATE scratch SET v = ?", bytes([byte]) * BLOB)
+
+            return op
+
+        async def rewrite_then_fail(unit: Unit) -> int:
+            await rewrite(9)(unit)
+            raise ValueError("refused after its writes")
+
+        async def look(unit: Unit) -> list[str]:
+            return open_files()
+
+        answers = await units.write_each([rewrite(1), rewrite(2), rewrite_then_fail, look])
+        assert answers[:2] == [ROWS, ROWS]
+        assert isinstance(answers[2], ValueError)
+        seen = answers[3]
+        assert isinstance(seen, list) and any(p.endswith("tasks.db") for p in seen)  # the look works
+        assert sqlite_temp_files(seen) == []
+        # The failed operation's savepoint was undone from the in-memory journal, the others kept.
+        kept = await backend.read(lambda tx: tx.fetch("SELECT DISTINCT v FROM scratch"))
+        assert kept == [(bytes([2]) * BLOB,)]
+    finally:
+        await backend.close()
+
+
+async def test_postgresql_runs_at_most_64_savepoints_per_transaction(postgres: PgDatabase) -> None:
+    """PostgreSQL, by nature (a subtransaction per savepoint that writes; a backend caches 64 of
+    their ids, and a transaction past that makes every snapshot meanwhile slower on the primary and
+    its standbys): 150 operations of one ``write_each`` run as transactions of at most 64, in
+    order, each answered as before, a failing one rolled back alone."""
+    backend = PostgresBackend(postgres.url)
+    await backend.open()
+    try:
+        units = UnitRunner(backend)
+
+        async def make(unit: Unit) -> None:
+            await unit.tx.execute("CREATE TABLE scratch (k INTEGER PRIMARY KEY, xact BIGINT NOT NULL)")
+
+        await units.write(make)
+
+        def insert(k: int) -> Callable[[Unit], Coroutine[Any, Any, int]]:
+            async def op(unit: Unit) -> int:
+                if k == 100:
+                    await unit.tx.execute("INSERT INTO scratch (k, xact) VALUES (?, txid_current())", k)
+                    raise ValueError("refused after its write")
+                await unit.tx.execute("INSERT INTO scratch (k, xact) VALUES (?, txid_current())", k)
+                return k
+
+            return op
+
+        answers = await units.write_each([insert(k) for k in range(150)])
+        assert [a for k, a in enumerate(answers) if k != 100] == [k for k in range(150) if k != 100]
+        assert isinstance(answers[100], ValueError)
+        rows = await backend.read(lambda tx: tx.fetch("SELECT k, xact FROM scratch ORDER BY k"))
+        assert [r[0] for r in rows] == [k for k in range(150) if k != 100]
+        per_transaction = collections.Counter(r[1] for r in rows)
+        assert len(per_transaction) == 3 and max(per_transaction.values()) <= 64
+        # In order: each transaction holds a run of consecutive operations, and began after the last.
+        firsts = [min(r[0] for r in rows if r[1] == x) for x in sorted(per_transaction)]
+        assert firsts == [0, 64, 128]
+    finally:
+        await backend.close()
