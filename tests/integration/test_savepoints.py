@@ -102,10 +102,9 @@ async def test_postgresql_runs_at_most_64_savepoints_per_transaction(postgres: P
 
         def insert(k: int) -> Callable[[Unit], Coroutine[Any, Any, int]]:
             async def op(unit: Unit) -> int:
-                if k == 100:
-                    await unit.tx.execute("INSERT INTO scratch (k, xact) VALUES (?, txid_current())", k)
-                    raise ValueError("refused after its write")
                 await unit.tx.execute("INSERT INTO scratch (k, xact) VALUES (?, txid_current())", k)
+                if k == 100:
+                    raise ValueError("refused after its write")
                 return k
 
             return op
