@@ -23,6 +23,14 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("worker")
 
+#: How long an attempt keeps trying to store its result while the media store is away (a
+#: JetStream leader re-election, a NATS restart) before it fails as PROVIDER_UNAVAILABLE. The
+#: result is in hand: failing at once would pay the provider again on the next attempt. The
+#: heartbeat keeps the attempt's lease meanwhile.
+MEDIA_PUT_PATIENCE = 30.0
+#: The first and the longest pause between two tries of a put.
+MEDIA_PUT_BACKOFF = (0.25, 4.0)
+
 
 @dataclasses.dataclass(slots=True)
 class Attempt:
@@ -72,12 +80,14 @@ class AttemptContext:
         reporter: ProgressReporter,
         provider: ProviderHttp,
         media: MediaStore,
+        media_patience: float = MEDIA_PUT_PATIENCE,
     ) -> None:
         self._attempt = attempt
         self._task = task
         self._reporter = reporter
         self._provider = provider
         self._media = media
+        self._media_patience = media_patience
 
     @property
     def task(self) -> task_pb2.Task:
@@ -112,14 +122,30 @@ class AttemptContext:
 
     async def store_media(self, data: bytes, extension: str, content_type: str) -> MediaRef:
         key = media_key(self._task.id, extension)
-        try:
-            # The key is the task's: the task's first attempt is the first to write it (an
-            # attempt runs once; a re-run by an operator counts on from its last attempt).
-            await self._media.put(key, data, new=self._attempt.attempt == 1)
-        except (TimeoutError, NatsError, OSError) as exc:
-            # The media store (JetStream) is briefly away, e.g. re-electing a leader: a transient
-            # failure of this attempt, retried like an unreachable provider, not a handler crash.
-            raise ProviderError(storage_unavailable(str(exc) or type(exc).__name__)) from exc
+        # The key is the task's: the task's first attempt is the first to write it (an attempt
+        # runs once; a re-run by an operator counts on from its last attempt).
+        new = self._attempt.attempt == 1
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self._media_patience
+        pause, longest = MEDIA_PUT_BACKOFF
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                await self._media.put(key, data, new=new)
+                break
+            except (TimeoutError, NatsError, OSError) as exc:
+                reason = str(exc) or type(exc).__name__
+                if loop.time() + pause >= give_up:
+                    # Away for longer than the patience: a transient failure of this attempt,
+                    # retried like an unreachable provider, not a handler crash.
+                    raise ProviderError(storage_unavailable(reason)) from exc
+                log.warning("media_put_retry", key=key, tries=tries, error=reason, pause_s=pause)
+                # A put that failed may have stored some chunks, or all of it with its
+                # acknowledgement lost: the next one replaces whatever is there.
+                new = False
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, longest)
         # The fault tests kill the worker on this line: the media is stored, the result not yet.
         log.debug("media_stored", key=key, size=len(data))
         return MediaRef(key, len(data), content_type)
