@@ -387,6 +387,37 @@ test("scripted: replays are dropped, states never go back, a refused stream is d
   taskStore.close();
 });
 
+test("scripted: a task that ended before the app knew of it is followed to its end (events it dropped are fetched)", async () => {
+  // The seed's handlers subscribe once submit answers; on a busy page the task's events (up to
+  // its end) can come through the shared stream before that answer is read. The store drops them
+  // (nobody wanted the task yet), so it must fetch the task for the new subscriber, not hand over
+  // the submit answer's older state as if nothing had happened since.
+  ScriptedEventSource.all = [];
+  const fetched = [];
+  const fetchStub = async (url) => {
+    fetched.push(String(url));
+    return new Response(JSON.stringify(taskAt(100, "failed", 9)), { status: 200, headers: { "content-type": "application/json" } });
+  };
+  const { taskStore } = createSeedClient({ baseUrl: "https://charai.test", fetch: fetchStub, EventSource: ScriptedEventSource });
+  const stopFeed = taskStore.subscribe({ metadata: { characterId: "char_002" } }, () => {}); // keeps the stream open
+  await until(() => ScriptedEventSource.all.length === 1, 1000, "the EventSource");
+  const es = ScriptedEventSource.all[0];
+  es.open();
+  const id = taskAt(0).id;
+  es.send(taskAt(0, "queued", 1), 1, "created");
+  es.send(taskAt(10, "running", 2), 2);
+  es.send(taskAt(100, "failed", 9), 3, "failed");
+  assert.equal(taskStore.getTask(id), undefined, "nobody wanted the task yet");
+  taskStore.ingest(taskAt(0, "queued", 1)); // the submit answer, read late
+  const states = [];
+  taskStore.subscribeToTask(id, (t) => states.push(`${t.status}:${t.progress}`));
+  await until(() => states.includes("failed:100"), 1000, "the task's end");
+  assert.deepEqual(states, ["failed:100"]);
+  assert.deepEqual(fetched, [`https://charai.test/api/tasks/${id}`]);
+  stopFeed();
+  taskStore.close();
+});
+
 test("scripted: the fetch-based EventSource parses as the standard says and reconnects with Last-Event-ID", async () => {
   const encoder = new TextEncoder();
   const requests = [];

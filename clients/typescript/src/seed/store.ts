@@ -224,22 +224,24 @@ export function createTaskStore(config: StoreConfig): TaskStore {
    * the task's events from the stream (a fetch racing the stream must not swallow the event of
    * the same state for them).
    */
-  function apply(task: Task, seq: number, event?: TaskEventData, force = false, tell = seq > 0): void {
+  function apply(task: Task, seq: number, event?: TaskEventData, force = false, tell = seq > 0): boolean {
     const entry = entries.get(task.id);
     const wanted = force || entry !== undefined || [...subs].some((s) => wants(s, task));
-    if (!wanted) return;
+    if (!wanted) return false;
     if (isNewer(task, seq, entry?.mark)) {
       entries.set(task.id, { task, mark: markOf(task, seq) });
       setState({ tasks: { ...state.tasks, [task.id]: task } });
     } else if (seq === 0) {
-      return; // a fetched state the store already has (or has a newer one of): nothing new to tell
+      return true; // a fetched state the store already has (or has a newer one of): nothing new to tell
     } else if (entry && entry.mark.seq < seq && !entry.mark.terminal) {
       entry.mark.seq = seq; // same state, now with its sequence
     }
-    if (!tell) return;
-    for (const sub of [...subs]) {
-      if (sub.active && wants(sub, task)) deliver(sub, task, seq, event);
+    if (tell) {
+      for (const sub of [...subs]) {
+        if (sub.active && wants(sub, task)) deliver(sub, task, seq, event);
+      }
     }
+    return true;
   }
 
   function wants(sub: Sub, task: Task): boolean {
@@ -270,8 +272,10 @@ export function createTaskStore(config: StoreConfig): TaskStore {
       if (seq <= (seqSeen.get(task.id) ?? 0)) return; // a replay after a resume: already handled
       seqSeen.set(task.id, seq);
     }
-    if (liveEpoch === epoch) tracked.add(task.id);
-    apply(task, seq, data);
+    // Followed without a gap only if the store kept this event: one it dropped (nobody wanted the
+    // task yet, e.g. it ended before the app read submit's answer) must be fetched by whoever
+    // subscribes to the task later.
+    if (apply(task, seq, data) && liveEpoch === epoch) tracked.add(task.id);
   }
 
   // -- current states (after the stream is open) ----------------------------------------------
@@ -611,6 +615,7 @@ export function createTaskStore(config: StoreConfig): TaskStore {
       }
     },
     forget(taskId) {
+      tracked.delete(taskId); // later events are dropped until someone wants the task again
       if (!entries.delete(taskId)) return;
       const { [taskId]: _gone, ...rest } = state.tasks;
       setState({ tasks: rest });
