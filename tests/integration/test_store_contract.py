@@ -40,6 +40,7 @@ from charai.task_store.schema import LATEST_VERSION
 from charai.task_store.store import StoreConfig, open_store
 from charai.tasks.v1 import task_pb2, task_service_pb2
 
+from tests.conftest import eventually
 from tests.integration.conftest import Database, Recorded, opened, sqlite_database
 from tests.integration.store_requests import (
     CANCELLED,
@@ -969,40 +970,86 @@ async def test_sqlite_lane_counters_are_seeded_from_the_tasks_of_an_older_schema
 
 async def test_sqlite_a_progress_report_leaves_the_indexed_state_columns_unwritten(tmp_path: Path) -> None:
     """A progress report (an event that keeps the task's status and retry time) writes its row
-    without ``status`` and ``next_attempt_time``, so SQLite rewrites none of the indexes over
-    them (``tasks_queue``, ``tasks_dispatched``...): 7 WAL pages per report instead of 9. A
-    trigger on those columns counts the row writes that name them."""
+    without ``status``, ``next_attempt_time`` and ``state_time``, so SQLite rewrites none of the
+    indexes over them (``tasks_queue``, ``tasks_dispatched``, ``tasks_reuse``...). A trigger on
+    those columns counts the row writes that name them; ``state_time`` is when the status last
+    changed (the claim's time while the task runs, the completion's once it ended)."""
     path = tmp_path / "tasks.db"
     async with opened(sqlite_database(path)) as rec:
         with contextlib.closing(sqlite3.connect(path)) as conn:
             conn.execute("CREATE TABLE state_writes (task_id TEXT)")
             conn.execute(
-                "CREATE TRIGGER count_state_writes AFTER UPDATE OF status, next_attempt_time ON tasks"
-                " BEGIN INSERT INTO state_writes VALUES (new.id); END"
+                "CREATE TRIGGER count_state_writes AFTER UPDATE OF status, next_attempt_time, state_time"
+                " ON tasks BEGIN INSERT INTO state_writes VALUES (new.id); END"
             )
             conn.commit()
 
             def writes() -> int:
                 return int(conn.execute("SELECT count(*) FROM state_writes").fetchone()[0])
 
+            def state_time() -> int:
+                row = conn.execute("SELECT state_time FROM tasks WHERE id = ?", (task.id,)).fetchone()
+                return int(row[0])
+
             task, _ = await rec.store.create("t1", image_request())
+            assert state_time() == task.create_time.ToMicroseconds()
+            rec.clock.advance(1.0)
             await rec.store.claim(task.id, 1, "w")
             assert writes() == 1  # QUEUED -> RUNNING
+            claimed_at = state_time()
+            # The time of the claim's event (the task's update_time then).
+            assert claimed_at == (await rec.store.get("t1", task.id)).update_time.ToMicroseconds()
+            rec.clock.advance(1.0)
             await rec.store.progress(task.id, 1, 40, "generating")
             await rec.store.progress(task.id, 1, 60, "generating")
             assert writes() == 1
             running = await rec.store.get("t1", task.id)
             assert (running.status, running.progress, running.stage) == (RUNNING, 60, "generating")
+            assert state_time() == claimed_at  # the task's update_time moved; its state did not
+            assert running.update_time.ToMicroseconds() > claimed_at + 1_000_000
             outcome, _, failed = await rec.store.fail(fail_req(task.id, 1, ErrorKind.PROVIDER_TIMEOUT))
             assert (outcome, failed.status) == (spb.FAIL_OUTCOME_RETRY, QUEUED)
             assert writes() == 2  # RUNNING -> QUEUED with a retry time
             claim = await claim_when_due(rec, task.id)
             await rec.store.progress(task.id, claim.attempt, 50, "generating")
+            rec.clock.advance(1.0)
             done = await rec.store.complete(complete_req(task.id, claim.attempt))
             assert (done.status, done.progress) == (COMPLETED, 100)
             assert writes() == 4  # the second claim and the completion; not the report between
+            # Now the completion event's time.
+            assert state_time() == done.update_time.ToMicroseconds() > claimed_at + 1_000_000
         again = await rec.store.get("t1", task.id)
         assert again == done
+
+
+async def test_postgres_a_progress_report_is_a_hot_update(postgres: PgDatabase) -> None:
+    """On PostgreSQL a progress report changes no indexed column of ``tasks`` (``state_time``
+    stays), so it is a heap-only (HOT) update: no new entry in any of the table's indexes (the
+    GIN over metadata included). Were ``state_time`` moved by every report (as ``update_time``
+    was, indexed by ``tasks_ended`` and ``tasks_reuse``), not one report would be HOT. The
+    counters are read once the store's connections have exited (a backend's statistics reach
+    the shared counters by then)."""
+    async with opened(Database("postgres", postgres.url, postgres.count_rows)) as rec:
+        task, _ = await rec.store.create("t1", tts_request("char_hot"))
+        rec.clock.advance(1.0)
+        await rec.store.claim(task.id, 1, "w")
+        claimed_at = (await rec.store.get("t1", task.id)).update_time.ToMicroseconds()  # its claim event
+        for progress in range(20, 40):
+            rec.clock.advance(0.1)
+            await rec.store.progress(task.id, 1, progress, "generating")
+        running = await rec.store.get("t1", task.id)
+        assert (running.status, running.progress) == (RUNNING, 39)
+    others = (
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )
+    await eventually(lambda: _is_zero(postgres.fetchval(others)), timeout=30)
+    assert await postgres.fetchval("SELECT state_time FROM tasks WHERE id = $1", task.id) == claimed_at
+    hot = await postgres.fetchval("SELECT n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'tasks'")
+    assert hot >= 20, f"{hot} HOT updates of tasks for 20 progress reports"
+
+
+async def _is_zero(value: Any) -> bool:
+    return int(await value) == 0
 
 
 # -- migrations and restart ------------------------------------------------------------------
@@ -1051,7 +1098,7 @@ async def test_metadata_filter_is_served_by_the_gin_index(postgres: PgDatabase) 
         # what the GIN index is for; the planner picks it over the tenant's date index.
         await conn.execute(
             "INSERT INTO tasks (id, tenant, type, priority, status, max_attempts, create_time,"
-            " update_time, metadata, task)"
+            " state_time, metadata, task)"
             " SELECT 'task_' || g, 't' || (g % 3), 1, 2, 1, 6, g, g,"
             " jsonb_build_object('characterId', 'char_' || (g % 500), 'category', 'k' || (g % 4)),"
             " '\\x00'::bytea FROM generate_series(1, 20000) g"

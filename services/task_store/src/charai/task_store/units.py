@@ -32,11 +32,11 @@ if TYPE_CHECKING:
     from charai.task_store.webhooks import Webhooks
 
 T = TypeVar("T")
-#: An event's task row write: the state columns, then what every event writes.
-_ROW_TAIL = (
-    "attempt = ?, update_time = ?, lease_expires = ?, lease_owner = ?, last_seq = ?, task = ? WHERE id = ?"
-)
-_STATE_ROW = f"UPDATE tasks SET status = ?, next_attempt_time = ?, {_ROW_TAIL}"
+#: An event's task row write: the state columns (with ``state_time``, when they last changed),
+#: then what every event writes. A progress report writes none of the indexed columns, so it
+#: touches no index of ``tasks`` (on PostgreSQL it is a HOT update; see schema migration 10).
+_ROW_TAIL = "attempt = ?, lease_expires = ?, lease_owner = ?, last_seq = ?, task = ? WHERE id = ?"
+_STATE_ROW = f"UPDATE tasks SET status = ?, next_attempt_time = ?, state_time = ?, {_ROW_TAIL}"
 _KEEP_STATE_ROW = f"UPDATE tasks SET {_ROW_TAIL}"
 EventsHook = Callable[[list[spb.EventEnvelope]], None]
 HandOffHook = Callable[[list[OutboxRow]], None]
@@ -338,6 +338,7 @@ class UnitRunner:
                 *event_args,
                 int(task.status),
                 task.attempt,
+                save.same_state,
                 save.lease_expires,
                 save.next_attempt_time,
                 save.lease_owner,
@@ -354,12 +355,11 @@ class UnitRunner:
             )
             return int(seq)
         # An event that keeps the indexed state columns leaves them out of the write (see _Save).
-        state = () if save.same_state else (int(task.status), save.next_attempt_time)
+        state = () if save.same_state else (int(task.status), save.next_attempt_time, save.now)
         await tx.execute(
             _KEEP_STATE_ROW if save.same_state else _STATE_ROW,
             *state,
             task.attempt,
-            save.now,
             save.lease_expires,
             save.lease_owner,
             int(seq),
