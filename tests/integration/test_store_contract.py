@@ -970,16 +970,17 @@ async def test_sqlite_lane_counters_are_seeded_from_the_tasks_of_an_older_schema
 
 async def test_sqlite_a_progress_report_leaves_the_indexed_state_columns_unwritten(tmp_path: Path) -> None:
     """A progress report (an event that keeps the task's status and retry time) writes its row
-    without ``status``, ``next_attempt_time`` and ``state_time``, so SQLite rewrites none of the
+    without ``status``, ``next_attempt_time`` and ``update_time``, so SQLite rewrites none of the
     indexes over them (``tasks_queue``, ``tasks_dispatched``, ``tasks_reuse``...). A trigger on
-    those columns counts the row writes that name them; ``state_time`` is when the status last
-    changed (the claim's time while the task runs, the completion's once it ended)."""
+    those columns counts the row writes that name them. The row's ``update_time`` is when the
+    task's state last changed (the claim's event while it runs, the completion's once it ended),
+    not the task's own ``update_time`` (its last change of any kind)."""
     path = tmp_path / "tasks.db"
     async with opened(sqlite_database(path)) as rec:
         with contextlib.closing(sqlite3.connect(path)) as conn:
             conn.execute("CREATE TABLE state_writes (task_id TEXT)")
             conn.execute(
-                "CREATE TRIGGER count_state_writes AFTER UPDATE OF status, next_attempt_time, state_time"
+                "CREATE TRIGGER count_state_writes AFTER UPDATE OF status, next_attempt_time, update_time"
                 " ON tasks BEGIN INSERT INTO state_writes VALUES (new.id); END"
             )
             conn.commit()
@@ -987,16 +988,16 @@ async def test_sqlite_a_progress_report_leaves_the_indexed_state_columns_unwritt
             def writes() -> int:
                 return int(conn.execute("SELECT count(*) FROM state_writes").fetchone()[0])
 
-            def state_time() -> int:
-                row = conn.execute("SELECT state_time FROM tasks WHERE id = ?", (task.id,)).fetchone()
+            def state_changed() -> int:
+                row = conn.execute("SELECT update_time FROM tasks WHERE id = ?", (task.id,)).fetchone()
                 return int(row[0])
 
             task, _ = await rec.store.create("t1", image_request())
-            assert state_time() == task.create_time.ToMicroseconds()
+            assert state_changed() == task.create_time.ToMicroseconds()
             rec.clock.advance(1.0)
             await rec.store.claim(task.id, 1, "w")
             assert writes() == 1  # QUEUED -> RUNNING
-            claimed_at = state_time()
+            claimed_at = state_changed()
             # The time of the claim's event (the task's update_time then).
             assert claimed_at == (await rec.store.get("t1", task.id)).update_time.ToMicroseconds()
             rec.clock.advance(1.0)
@@ -1005,7 +1006,7 @@ async def test_sqlite_a_progress_report_leaves_the_indexed_state_columns_unwritt
             assert writes() == 1
             running = await rec.store.get("t1", task.id)
             assert (running.status, running.progress, running.stage) == (RUNNING, 60, "generating")
-            assert state_time() == claimed_at  # the task's update_time moved; its state did not
+            assert state_changed() == claimed_at  # the task's update_time moved; its state did not
             assert running.update_time.ToMicroseconds() > claimed_at + 1_000_000
             outcome, _, failed = await rec.store.fail(fail_req(task.id, 1, ErrorKind.PROVIDER_TIMEOUT))
             assert (outcome, failed.status) == (spb.FAIL_OUTCOME_RETRY, QUEUED)
@@ -1017,18 +1018,18 @@ async def test_sqlite_a_progress_report_leaves_the_indexed_state_columns_unwritt
             assert (done.status, done.progress) == (COMPLETED, 100)
             assert writes() == 4  # the second claim and the completion; not the report between
             # Now the completion event's time.
-            assert state_time() == done.update_time.ToMicroseconds() > claimed_at + 1_000_000
+            assert state_changed() == done.update_time.ToMicroseconds() > claimed_at + 1_000_000
         again = await rec.store.get("t1", task.id)
         assert again == done
 
 
 async def test_postgres_a_progress_report_is_a_hot_update(postgres: PgDatabase) -> None:
-    """On PostgreSQL a progress report changes no indexed column of ``tasks`` (``state_time``
-    stays), so it is a heap-only (HOT) update: no new entry in any of the table's indexes (the
-    GIN over metadata included). Were ``state_time`` moved by every report (as ``update_time``
-    was, indexed by ``tasks_ended`` and ``tasks_reuse``), not one report would be HOT. The
-    counters are read once the store's connections have exited (a backend's statistics reach
-    the shared counters by then)."""
+    """On PostgreSQL a progress report changes no indexed column of ``tasks`` (the row's
+    ``update_time``, when its state last changed, stays), so it is a heap-only (HOT) update: no
+    new entry in any of the table's indexes (the GIN over metadata included). Were that column
+    moved by every report (it was: ``tasks_ended`` and ``tasks_reuse`` carry it), not one report
+    would be HOT. The counters are read once the store's connections have exited (a backend's
+    statistics reach the shared counters by then)."""
     async with opened(Database("postgres", postgres.url, postgres.count_rows)) as rec:
         task, _ = await rec.store.create("t1", tts_request("char_hot"))
         rec.clock.advance(1.0)
@@ -1043,7 +1044,7 @@ async def test_postgres_a_progress_report_is_a_hot_update(postgres: PgDatabase) 
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
     )
     await eventually(lambda: _is_zero(postgres.fetchval(others)), timeout=30)
-    assert await postgres.fetchval("SELECT state_time FROM tasks WHERE id = $1", task.id) == claimed_at
+    assert await postgres.fetchval("SELECT update_time FROM tasks WHERE id = $1", task.id) == claimed_at
     hot = await postgres.fetchval("SELECT n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'tasks'")
     assert hot >= 20, f"{hot} HOT updates of tasks for 20 progress reports"
 
@@ -1098,7 +1099,7 @@ async def test_metadata_filter_is_served_by_the_gin_index(postgres: PgDatabase) 
         # what the GIN index is for; the planner picks it over the tenant's date index.
         await conn.execute(
             "INSERT INTO tasks (id, tenant, type, priority, status, max_attempts, create_time,"
-            " state_time, metadata, task)"
+            " update_time, metadata, task)"
             " SELECT 'task_' || g, 't' || (g % 3), 1, 2, 1, 6, g, g,"
             " jsonb_build_object('characterId', 'char_' || (g % 500), 'category', 'k' || (g % 4)),"
             " '\\x00'::bytea FROM generate_series(1, 20000) g"

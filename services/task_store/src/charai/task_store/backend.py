@@ -97,9 +97,10 @@ POSTGRES = Dialect(
     skip_locked=" FOR UPDATE SKIP LOCKED",
     max_savepoints=64,  # PGPROC_MAX_CACHED_SUBXIDS
     # Parameters: task id, tenant, task type, event type, time, task blob (the event), then
-    # status, attempt, whether the state columns stay as they are (a progress report: state_time
-    # is kept, so the update changes no indexed column and stays HOT), lease expiry, next attempt
-    # time, lease owner (the task row). The INSERT reads from the lock's CTE, so the sequence is
+    # status, attempt, whether the state columns stay as they are (a progress report: the row's
+    # update_time, when its state last changed, is kept, so the update changes no indexed column
+    # and stays HOT; see units._ROW_TAIL), lease expiry, next attempt time, lease owner (the task
+    # row). The INSERT reads from the lock's CTE, so the sequence is
     # drawn only once the lock is held.
     append_event=(
         f"WITH l AS (SELECT pg_advisory_xact_lock({EVENTS_LOCK_KEY})),"
@@ -107,7 +108,7 @@ POSTGRES = Dialect(
         " SELECT ?::text, ?::text, ?::integer, ?::integer, ?::bigint, ?::bytea FROM l"
         " RETURNING seq, task_id, time, task)"
         " UPDATE tasks SET status = ?::integer, attempt = ?::integer,"
-        " state_time = CASE WHEN ?::boolean THEN tasks.state_time ELSE e.time END,"
+        " update_time = CASE WHEN ?::boolean THEN tasks.update_time ELSE e.time END,"
         " lease_expires = ?::bigint, next_attempt_time = ?::bigint, lease_owner = ?::text,"
         " last_seq = e.seq, task = e.task"
         " FROM e WHERE tasks.id = e.task_id RETURNING e.seq"

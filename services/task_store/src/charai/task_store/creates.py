@@ -150,7 +150,7 @@ class CreateCommands:
         SQLite) and returns it as :func:`rows.load` would read it back; None if its request_id
         is taken."""
         columns = "id, tenant, request_id, type, priority, status, attempt, max_attempts,"
-        columns += " create_time, state_time, dispatch_gen, held, task, reuse_key"
+        columns += " create_time, update_time, dispatch_gen, held, task, reuse_key"
         values = "?, ?, ?, ?, ?, ?, 0, ?, ?, ?, 1, ?, ?, ?"
         blob, key = task.SerializeToString(), self.reuse.key(tenant, task) if self.reuse is not None else None
         args: list[Any] = [task.id, tenant, task.request_id or None, int(task.type), int(task.priority)]

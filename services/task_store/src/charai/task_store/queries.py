@@ -123,15 +123,15 @@ class Queries:
         return " ".join(parts), args
 
     async def ended_before(self, cutoff_us: int, limit: int = 200) -> list[tuple[str, task_pb2.Task]]:
-        """Ended tasks (completed, failed, cancelled) that ended before ``cutoff_us``, oldest
+        """Ended tasks (completed, failed, cancelled) last changed before ``cutoff_us``, oldest
         first, with their tenants: the retention sweeper's candidates (served by ``tasks_ended``)."""
         # The statuses are literals, not parameters: only then can the planner see that the
         # partial index's condition holds (the same literals as in the schema).
         ended = f"{int(Status.COMPLETED)}, {int(Status.FAILED)}, {int(Status.CANCELLED)}"
         found = await self._db.read(
             lambda tx: tx.fetch(
-                f"SELECT tenant, task FROM tasks WHERE status IN ({ended}) AND state_time < ?"
-                " ORDER BY state_time LIMIT ?",
+                f"SELECT tenant, task FROM tasks WHERE status IN ({ended}) AND update_time < ?"
+                " ORDER BY update_time LIMIT ?",
                 cutoff_us,
                 limit,
             )

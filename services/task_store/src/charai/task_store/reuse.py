@@ -229,8 +229,8 @@ class Reuse:
         # The newest COMPLETED (else RUNNING) task of the key, whatever its age or lease: mostly
         # there is none, and this lookup costs a fifth of the one below (`python -m bench.push_unit`).
         raw = await tx.fetchrow(
-            "SELECT status, task, state_time, lease_expires FROM tasks WHERE tenant = ? AND reuse_key = ?"
-            " AND id <> ? AND status IN (?, ?) ORDER BY status DESC, state_time DESC LIMIT 1",
+            "SELECT status, task, update_time, lease_expires FROM tasks WHERE tenant = ? AND reuse_key = ?"
+            " AND id <> ? AND status IN (?, ?) ORDER BY status DESC, update_time DESC LIMIT 1",
             tenant,
             key,
             task_id,
@@ -245,8 +245,8 @@ class Reuse:
             # Too old, or a lost lease: an older twin may still do (a rare case, looked up exactly).
             raw = await tx.fetchrow(
                 "SELECT status, task FROM tasks WHERE tenant = ? AND reuse_key = ? AND id <> ?"
-                " AND ((status = ? AND state_time >= ?) OR (status = ? AND lease_expires > ?))"
-                " ORDER BY status DESC, state_time DESC LIMIT 1",
+                " AND ((status = ? AND update_time >= ?) OR (status = ? AND lease_expires > ?))"
+                " ORDER BY status DESC, update_time DESC LIMIT 1",
                 tenant,
                 key,
                 task_id,

@@ -392,16 +392,6 @@ MIGRATIONS: tuple[Migration, ...] = (
             " WHERE reuse_key IS NOT NULL",
         ),
     ),
-    Migration(
-        10,
-        "the task row's update_time is its state_time: when its status last changed (a progress"
-        " report leaves it, so it writes no indexed column: on PostgreSQL a HOT update)",
-        # Its readers (retention, reuse, throughput) ask when a task ended or completed; an ended
-        # task's last event set both. The indexes over it (tasks_ended, tasks_reuse) follow the
-        # rename; a metadata-only change in both databases.
-        sqlite=("ALTER TABLE tasks RENAME COLUMN update_time TO state_time",),
-        postgres=("ALTER TABLE tasks RENAME COLUMN update_time TO state_time",),
-    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

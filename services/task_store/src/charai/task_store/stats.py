@@ -96,7 +96,7 @@ class QueueStats:
     @staticmethod
     async def _throughput(tx: Tx, lane: _Lanes, now: int) -> None:
         found = await tx.fetch(
-            "SELECT type, priority, COUNT(*) FROM tasks WHERE status = ? AND state_time >= ?"
+            "SELECT type, priority, COUNT(*) FROM tasks WHERE status = ? AND update_time >= ?"
             " GROUP BY type, priority",
             int(Status.COMPLETED),
             now - int(THROUGHPUT_WINDOW_S * 1e6),

@@ -32,11 +32,15 @@ if TYPE_CHECKING:
     from charai.task_store.webhooks import Webhooks
 
 T = TypeVar("T")
-#: An event's task row write: the state columns (with ``state_time``, when they last changed),
-#: then what every event writes. A progress report writes none of the indexed columns, so it
-#: touches no index of ``tasks`` (on PostgreSQL it is a HOT update; see schema migration 10).
+#: An event's task row write: the state columns, then what every event writes. The row's
+#: ``update_time`` column is when its state last changed (the task's own ``update_time``, in the
+#: blob, is its last change of any kind): every reader of the column (retention, reuse, the
+#: throughput stat) asks when a task ended or completed. So a progress report writes none of the
+#: indexed columns (``tasks_ended`` and ``tasks_reuse`` carry ``update_time``) and touches no index
+#: of ``tasks``: on PostgreSQL it is a HOT update. An older task_store, which moves the column on
+#: every event, gives every reader the same answers (a rolling upgrade needs no migration).
 _ROW_TAIL = "attempt = ?, lease_expires = ?, lease_owner = ?, last_seq = ?, task = ? WHERE id = ?"
-_STATE_ROW = f"UPDATE tasks SET status = ?, next_attempt_time = ?, state_time = ?, {_ROW_TAIL}"
+_STATE_ROW = f"UPDATE tasks SET status = ?, next_attempt_time = ?, update_time = ?, {_ROW_TAIL}"
 _KEEP_STATE_ROW = f"UPDATE tasks SET {_ROW_TAIL}"
 EventsHook = Callable[[list[spb.EventEnvelope]], None]
 HandOffHook = Callable[[list[OutboxRow]], None]
