@@ -100,8 +100,8 @@ POSTGRES = Dialect(
     # status, attempt, whether the state columns stay as they are (a progress report: the row's
     # update_time, when its state last changed, is kept, so the update changes no indexed column
     # and stays HOT; see units._ROW_TAIL), lease expiry, next attempt time, lease owner (the task
-    # row). The INSERT reads from the lock's CTE, so the sequence is
-    # drawn only once the lock is held.
+    # row). The INSERT reads from the lock's CTE, so the sequence is drawn only once the lock is
+    # held.
     append_event=(
         f"WITH l AS (SELECT pg_advisory_xact_lock({EVENTS_LOCK_KEY})),"
         " e AS (INSERT INTO events (task_id, tenant, task_type, type, time, task)"
