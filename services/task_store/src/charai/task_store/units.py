@@ -65,8 +65,9 @@ class _Save:
     #: The row was inserted by this unit in this very state (a create): only its event sequence
     #: and snapshot are left to write, so no index over its state columns is touched again.
     fresh: bool = False
-    #: The event left the row's indexed state columns (status, next_attempt_time) as they were
-    #: (a progress report): the row write leaves them out, so no index over them is touched.
+    #: The event left the row's indexed state columns (status, next_attempt_time, and with them
+    #: the row's update_time: see _ROW_TAIL) as they were (a progress report): the row write
+    #: leaves them out, so no index over them is touched.
     same_state: bool = False
 
 
