@@ -24,6 +24,7 @@ from charai.store.v1 import store_service_pb2 as spb
 from charai.task_store.app import TaskStoreApp
 from charai.task_store.backlog import FairConfig
 from charai.task_store.dispatch import OutboxRelay
+from charai.task_store.grpc_api import TaskStoreServicer
 from charai.task_store.settings import Settings
 from charai.task_store.store import StoreConfig, TaskStore, open_store
 from charai.tasks.v1 import task_pb2, task_service_pb2
@@ -415,6 +416,90 @@ async def test_created_jobs_are_handed_to_the_relay_and_published_once_without_a
             await relay.close()
         assert sorted(handed) == sorted(ids)
         assert sorted(j.job.task_id for j in await stream_jobs(js)) == sorted(ids)
+
+
+class _HandsOverDuringPublish:
+    """The jobs stream as a relay sees it, except that its first publish first creates another
+    task (whose job is handed to the relay then, while the relay is busy publishing)."""
+
+    def __init__(self, js: JetStreamContext, create: Any) -> None:
+        self._js = js
+        self._create: Any = create
+
+    async def publish(self, *args: Any, **kwargs: Any) -> Any:
+        if self._create is not None:
+            create, self._create = self._create, None
+            await create()
+        return await self._js.publish(*args, **kwargs)
+
+
+async def test_a_job_handed_over_during_a_publish_costs_the_relay_no_extra_claim(
+    nats_server: NatsServer, db: Database
+) -> None:
+    """A job handed to the relay while it publishes is published by its next batch, and the two
+    batches are recorded by one claim; the wake-up that hand-over left behind must not cost one
+    more, empty, claim afterwards (under load each is a transaction of its own)."""
+    async with bare_store(nats_server, db) as (store, js, _clock):
+        created: list[str] = []
+
+        async def create() -> None:
+            task, _ = await store.create("t1", tts_request())
+            created.append(task.id)
+
+        stream: Any = _HandsOverDuringPublish(js, create)
+        relay = OutboxRelay(store, stream, TOPOLOGY, redispatch_after=60.0, sweep_interval=3600.0)
+        relay.poll_seconds = 3600.0  # no claim but the ones wake-ups and batches make
+        claims: list[tuple[int, int]] = []  # (jobs recorded, rows claimed) of each claim
+        claim_dispatches = store.claim_dispatches
+
+        async def counted(owner: str, limit: int = 256, sent: Any = ()) -> list[Any]:
+            rows = await claim_dispatches(owner, limit, sent)
+            claims.append((len(sent), len(rows)))
+            return rows
+
+        store.claim_dispatches = counted  # type: ignore[method-assign]
+        store.hand_off(relay.owner, relay.take_threadsafe)
+        await create()  # handed to the relay, which is not running yet: it wakes it
+        relay.start()
+        try:
+            await outbox_drained(store)
+            # The relay went on at once after its last claim (no await between): an empty
+            # claim it was to make has been made by now.
+            assert claims == [(2, 0)]
+            assert relay.published == 2
+        finally:
+            await relay.close()
+        assert sorted(j.job.task_id for j in await stream_jobs(js)) == sorted(created)
+
+
+async def test_creates_wake_the_relay_only_when_their_jobs_are_not_handed_to_it(
+    nats_server: NatsServer, db: Database
+) -> None:
+    """A create whose job is handed straight to the relay (or held for fair share, whose release
+    hands it over) needs no wake-up: it would only cost the relay an empty claim. A store
+    without a local relay to hand to wakes it after each create call that created a task."""
+    async with bare_store(nats_server, db) as (store, js, _clock):
+        wakes: list[None] = []
+        servicer = TaskStoreServicer(store, on_created=lambda: wakes.append(None))
+        one = spb.CreateTaskRequest(tenant="t1", request=tts_request())
+        batch = spb.BatchCreateTasksRequest(tenant="t1", requests=[tts_request(), image_request()])
+
+        await servicer.CreateTask(one, None)  # type: ignore[arg-type]
+        await servicer.BatchCreateTasks(batch, None)  # type: ignore[arg-type]
+        assert len(wakes) == 2  # no relay to hand to: the jobs wait in the outbox
+
+        relay = relay_on(store, js)
+        store.hand_off(relay.owner, relay.take_threadsafe)
+        await servicer.CreateTask(one, None)  # type: ignore[arg-type]
+        await servicer.BatchCreateTasks(batch, None)  # type: ignore[arg-type]
+        assert len(wakes) == 2
+        relay.start()
+        try:
+            relay.wake()  # for the jobs that wait in the outbox
+            await outbox_drained(store)
+        finally:
+            await relay.close()
+        assert await stream_count(js) == 6
 
 
 async def test_a_job_handed_to_a_relay_that_died_is_published_by_another_after_the_short_claim(

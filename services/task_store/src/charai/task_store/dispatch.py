@@ -192,6 +192,9 @@ class OutboxRelay:
         #: Jobs handed over by the store right after their create committed, already claimed for
         #: this relay (``TaskStore.hand_off``), by outbox row id: published without a claim.
         self._handed: dict[int, OutboxRow] = {}
+        #: Seconds the relay waits for a wake-up before it claims anyway (rows whose claims
+        #: expired, rows a wake-up missed).
+        self.poll_seconds = 1.0
 
     def take_threadsafe(self, rows: list[OutboxRow]) -> None:
         """Called by the store for a unit of work that queued jobs for this relay (see
@@ -248,11 +251,16 @@ class OutboxRelay:
         backoff = 0.1
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(1.0):
+                async with asyncio.timeout(self.poll_seconds):
                     await self._wake.wait()
-            self._wake.clear()
             try:
-                while not self._stopping.is_set() and (rows := await self._next_batch()):
+                while not self._stopping.is_set():
+                    # Cleared before each batch, not once per wake-up: a job handed over while a
+                    # batch is published or claimed is taken by the next batch of this loop, and
+                    # the wake-up it left behind would cost one more (empty) claim afterwards.
+                    self._wake.clear()
+                    if not (rows := await self._next_batch()):
+                        break
                     await self._publish(rows)
                 backoff = 0.1
             except asyncio.CancelledError:

@@ -169,6 +169,11 @@ class TaskStore:
         self.outbox.hand_off_owner = owner
         self._units.hand_off = take
 
+    @property
+    def hands_off(self) -> bool:
+        """Whether new jobs are handed straight to a local relay (:meth:`hand_off`)."""
+        return bool(self.outbox.hand_off_owner)
+
     def push_dispatch(self) -> Offers:
         """Turns push dispatch on (:mod:`charai.task_store.push`): the registry the
         ExchangeStream handler records workers' offers in."""
