@@ -17,6 +17,7 @@ from charai.core import grpcenv  # noqa: F401  first: the services' gRPC transpo
 # isort: split
 import argparse
 import asyncio
+import contextlib
 import tempfile
 import time
 import uuid
@@ -25,8 +26,10 @@ from pathlib import Path
 import aiohttp
 import nats
 from charai.client import CharaiClient
+from charai.core.topology import Topology
 from charai.devstack.stack import Stack, free_port
 from charai.store.v1 import store_service_pb2 as spb
+from google.protobuf.message import DecodeError
 
 from bench.common import pct
 from bench.ours import QUIET, Draws, collect, emulator_stats, submit_all, us, wait_finished
@@ -62,9 +65,10 @@ async def main(n: int, concurrency: int, runs: int, lo: float, hi: float, buffer
             published: dict[str, float] = {}
 
             async def on_job(msg: object) -> None:
-                published[spb.Job.FromString(msg.data).task_id] = time.time()  # type: ignore[attr-defined]
+                with contextlib.suppress(DecodeError):  # a webhook delivery's job, not a task's
+                    published[spb.Job.FromString(msg.data).task_id] = time.time()  # type: ignore[attr-defined]
 
-            await nc.subscribe("charai.jobs.>", cb=on_job)
+            await nc.subscribe(Topology().jobs_subjects, cb=on_job)
             await nc.flush()
             try:
                 for r in range(runs + 1):
