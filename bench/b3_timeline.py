@@ -18,21 +18,19 @@ from charai.core import grpcenv  # noqa: F401  first: the services' gRPC transpo
 import argparse
 import asyncio
 import contextlib
-import tempfile
 import time
 import uuid
-from pathlib import Path
 
 import aiohttp
 import nats
 from charai.client import CharaiClient
 from charai.core.topology import Topology
-from charai.devstack.stack import Stack, free_port
+from charai.devstack.stack import free_port
 from charai.store.v1 import store_service_pb2 as spb
 from google.protobuf.message import DecodeError
 
 from bench.common import pct
-from bench.ours import QUIET, Draws, collect, emulator_stats, submit_all, us, wait_finished
+from bench.ours import Draws, collect, emulator_stats, stack, submit_all, us, wait_finished
 
 STEP_MS = 50
 PUSHED = "charai_jobs_pushed_total"
@@ -48,45 +46,42 @@ async def pushed(port: int) -> float:
 
 async def main(n: int, concurrency: int, runs: int, lo: float, hi: float, buffer: int) -> None:
     metrics = free_port()
-    env = {**QUIET, "CHARAI_TTS_CONCURRENCY": str(concurrency), "CHARAI_DISPATCH_BUFFER": str(buffer)}
+    env = {"CHARAI_TTS_CONCURRENCY": str(concurrency), "CHARAI_DISPATCH_BUFFER": str(buffer)}
     draws = Draws(7, lo, hi)
-    with tempfile.TemporaryDirectory(prefix="bench-b3t-") as tmp:
-        async with (
-            Stack(
-                Path(tmp),
-                env,
-                emulator_args=["--latency", f"{lo}:{hi}", "--seed", "7"],
-                services=("task_store", "gateway", "tts_worker"),
-                service_env={"task_store": {"CHARAI_METRICS_ADDR": f"127.0.0.1:{metrics}"}},
-            ) as s,
-            CharaiClient(s.gateway_grpc) as client,
-        ):
-            nc = await nats.connect(s.nats_url)
-            published: dict[str, float] = {}
+    async with (
+        stack(
+            env,
+            emulator_args=["--latency", f"{lo}:{hi}", "--seed", "7"],
+            service_env={"task_store": {"CHARAI_METRICS_ADDR": f"127.0.0.1:{metrics}"}},
+        ) as s,
+        CharaiClient(s.gateway_grpc) as client,
+    ):
+        nc = await nats.connect(s.nats_url)
+        published: dict[str, float] = {}
 
-            async def on_job(msg: object) -> None:
-                with contextlib.suppress(DecodeError):  # a webhook delivery's job, not a task's
-                    published[spb.Job.FromString(msg.data).task_id] = time.time()  # type: ignore[attr-defined]
+        async def on_job(msg: object) -> None:
+            with contextlib.suppress(DecodeError):  # a webhook delivery's job, not a task's
+                published[spb.Job.FromString(msg.data).task_id] = time.time()  # type: ignore[attr-defined]
 
-            await nc.subscribe(Topology().jobs_subjects, cb=on_job)
-            await nc.flush()
-            try:
-                for r in range(runs + 1):
-                    count = n if r else min(n, 200)
-                    stats = await emulator_stats(s, reset=True)
-                    draws.consumed += stats["calls"]["audio.speech"]
-                    ideal = max(draws.window(count))
-                    character = f"b3t-{r}-{uuid.uuid4().hex[:6]}"
-                    await asyncio.sleep(0.5)
-                    published.clear()
-                    pushed0 = await pushed(metrics)
-                    first, last, _ = await submit_all(client, character, count, min(concurrency, 100), "io")
-                    await wait_finished(client, character, timeout=600)
-                    tasks = await collect(client, character)
-                    if r:
-                        report(r, tasks, published, first, last, ideal, await pushed(metrics) - pushed0)
-            finally:
-                await nc.close()
+        await nc.subscribe(Topology().jobs_subjects, cb=on_job)
+        await nc.flush()
+        try:
+            for r in range(runs + 1):
+                count = n if r else min(n, 200)
+                stats = await emulator_stats(s, reset=True)
+                draws.consumed += stats["calls"]["audio.speech"]
+                ideal = max(draws.window(count))
+                character = f"b3t-{r}-{uuid.uuid4().hex[:6]}"
+                await asyncio.sleep(0.5)
+                published.clear()
+                pushed0 = await pushed(metrics)
+                first, last, _ = await submit_all(client, character, count, min(concurrency, 100), "io")
+                await wait_finished(client, character, timeout=600)
+                tasks = await collect(client, character)
+                if r:
+                    report(r, tasks, published, first, last, ideal, await pushed(metrics) - pushed0)
+        finally:
+            await nc.close()
 
 
 def report(

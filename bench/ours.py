@@ -37,6 +37,7 @@ async def stack(
     env: dict[str, str] | None = None,
     emulator_args: list[str] | None = None,
     services: tuple[str, ...] = ("task_store", "gateway", "tts_worker"),
+    service_env: dict[str, dict[str, str]] | None = None,
 ) -> AsyncIterator[Stack]:
     with tempfile.TemporaryDirectory(prefix="bench-stack-") as tmp:
         async with Stack(
@@ -44,6 +45,7 @@ async def stack(
             {**QUIET, **(env or {})},
             emulator_args=emulator_args or ["--latency", "0"],
             services=services,
+            service_env=service_env,
         ) as s:
             yield s
 
