@@ -6,6 +6,7 @@ for an object whose chunks are gone instead of waiting for them forever."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from typing import Any
@@ -168,3 +169,46 @@ async def test_a_get_never_answers_none_for_an_object_whose_chunks_are_stored(js
             outcomes.add("read")
     assert "unavailable" in outcomes  # the short wait did run out
     assert len(js._nc._subs) == subscriptions
+
+
+@pytest.mark.parametrize("size", [5, 300_000])
+async def test_a_new_objects_messages_leave_before_any_acknowledgement_is_awaited(js: Any, size: int) -> None:
+    """Chunks and meta message back to back (no round trip between them): when each is queued,
+    none of the put's earlier publishes has been acknowledged yet; the object reads back whole."""
+    from charai.core.natsconn import AckedPublisher
+
+    bucket = await _bucket(js)
+    media = MediaStore(bucket, js, BUCKET)
+    settled_when_queued: list[int] = []
+    futures: list[Any] = []
+
+    class Watching(AckedPublisher):
+        async def publish(self, subject: str, payload: bytes, headers: Any = None) -> Any:
+            settled_when_queued.append(sum(f.done() for f in futures))
+            futures.append(await super().publish(subject, payload, headers))
+            return futures[-1]
+
+    media._publisher = Watching(js._nc)
+    data = os.urandom(size)
+    await media.put(KEY, data, new=True)
+    assert settled_when_queued == [0] * (-(-size // (128 * 1024)) + 1)
+    assert await media.get(KEY) == data
+
+
+async def test_acked_publishes_are_stored_in_order_and_a_refused_one_settles_with_its_error(js: Any) -> None:
+    """nats-py's publish_async never settles a refused publish (its reply handler raises the
+    error instead of setting it); the AckedPublisher's futures settle either way."""
+    from charai.core.natsconn import AckedPublisher
+
+    await js.add_stream(name="ACKED", subjects=["acked.>"], max_bytes=4096, discard=api.DiscardPolicy.NEW)
+    publisher = AckedPublisher(js._nc)
+    acks = [await publisher.publish(f"acked.{i}", b"x" * 10) for i in range(5)]
+    too_big = await publisher.publish("acked.big", b"x" * 8192)
+    nowhere = await publisher.publish("no.stream.here", b"x")
+    async with asyncio.timeout(30):  # a deadline against a hang, not a timing
+        assert [ack.seq for ack in await asyncio.gather(*acks)] == [1, 2, 3, 4, 5]
+        with pytest.raises(nats.js.errors.APIError):
+            await too_big
+        with pytest.raises(nats.js.errors.NoStreamResponseError):
+            await nowhere
+    assert publisher._waiting == {}

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Sequence
 from typing import Any
 
 import nats
+import nats.js.errors
 import structlog
 from charai.core.topology import Topology
 from nats.aio.client import Client
@@ -71,6 +73,69 @@ def write_now(nc: Client) -> bool:
     nc._pending = []
     nc._pending_data_size = 0
     return True
+
+
+class AckedPublisher:
+    """JetStream publishes that leave back to back and are acknowledged afterwards.
+
+    :meth:`publish` queues one message on the connection and returns a future of its
+    acknowledgement (``PubAck``), so several messages go out in the order they were published
+    without a round trip between them; JetStream stores one connection's messages to a stream in
+    that order. The replies come to one wildcard inbox of this publisher.
+
+    Why not nats-py's ``JetStreamContext.publish_async``: its reply handler raises the error a
+    refused message answers instead of setting it on the future (``APIError.from_error`` raises),
+    so the future of a refused publish (a full stream, say) never settles.
+    """
+
+    def __init__(self, nc: Client) -> None:
+        self._nc = nc
+        self._prefix = ""
+        self._lock = asyncio.Lock()
+        self._waiting: dict[str, asyncio.Future[js_api.PubAck]] = {}
+        self._next = 0
+
+    async def _inbox(self) -> str:
+        if not self._prefix:
+            async with self._lock:
+                if not self._prefix:
+                    prefix = self._nc.new_inbox() + "."
+                    await self._nc.subscribe(prefix + "*", cb=self._on_reply)
+                    self._prefix = prefix
+        return self._prefix
+
+    async def publish(
+        self, subject: str, payload: bytes, headers: dict[str, str] | None = None
+    ) -> asyncio.Future[js_api.PubAck]:
+        """Queues the message; returns once it is queued, with the future of its PubAck (or of
+        the error JetStream answered). Cancel the future to stop waiting for it."""
+        prefix = await self._inbox()
+        self._next += 1
+        token = str(self._next)
+        future: asyncio.Future[js_api.PubAck] = asyncio.get_running_loop().create_future()
+        self._waiting[token] = future
+        future.add_done_callback(lambda _f: self._waiting.pop(token, None))
+        try:
+            await self._nc.publish(subject, payload, reply=prefix + token, headers=headers)
+        except BaseException:
+            future.cancel()
+            raise
+        return future
+
+    async def _on_reply(self, msg: Any) -> None:
+        future = self._waiting.get(msg.subject[len(self._prefix) :])
+        if future is None or future.done():
+            return
+        if msg.headers and msg.headers.get(js_api.Header.STATUS) == "503":  # no stream listens
+            future.set_exception(nats.js.errors.NoStreamResponseError())
+            return
+        try:
+            answer = json.loads(msg.data)
+            if "error" in answer:
+                nats.js.errors.APIError.from_error(answer["error"])  # raises the matching error
+            future.set_result(js_api.PubAck.from_response(answer))
+        except Exception as exc:
+            future.set_exception(exc)
 
 
 async def drain(nc: Client) -> None:
