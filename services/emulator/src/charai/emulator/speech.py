@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import logging
 import time
@@ -50,7 +49,7 @@ async def _speech_stream(request: web.Request, call: Call, params: SpeechParams)
 
     The ``truncated`` mode stops mid-event without ``[DONE]``.
     """
-    pcm = await asyncio.to_thread(media.make_pcm, params.text, params.speed, 24000, params.volume)
+    pcm = await media.render_speech(media.make_pcm, params.text, params.speed, 24000, params.volume)
     response = web.StreamResponse(status=200, headers={"Cache-Control": "no-cache"})
     response.content_type = "text/event-stream"
     await response.prepare(request)
@@ -103,7 +102,7 @@ async def _json_audio(
     """The JSON variants (``[[json-audio-url]]``, ``[[json-audio]]``) of a WAV, else ``None``."""
     if not (call.directives.json_audio_url or call.directives.json_audio):
         return None
-    wav = await asyncio.to_thread(
+    wav = await media.render_speech(
         media.make_wav, params.text, params.speed, media.DEFAULT_SAMPLE_RATE, params.volume
     )
     if call.directives.json_audio_url:
@@ -141,7 +140,7 @@ async def _speech_impl(request: web.Request, state: EmulatorState, call: Call) -
     if special is not None:
         return special
     maker = media.make_wav if params.response_format == "wav" else media.make_pcm
-    audio = await asyncio.to_thread(
+    audio = await media.render_speech(
         maker, params.text, params.speed, media.DEFAULT_SAMPLE_RATE, params.volume
     )
     if call.mode is not None and call.mode.name == "truncated":
