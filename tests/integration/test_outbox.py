@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import nats
+import nats.js.errors
+import pytest
 from charai.core import natsconn
 from charai.core.clock import SYSTEM, Clock, ManualClock
 from charai.core.storeclient import StoreClient
@@ -366,6 +368,30 @@ async def test_a_relay_that_dies_before_recording_a_batch_is_deduplicated_by_jet
         )
 
 
+async def test_a_batch_records_the_jobs_jetstream_acknowledged_and_keeps_a_refused_one(
+    nats_server: NatsServer, db: Database
+) -> None:
+    """A batch's jobs leave back to back and are acknowledged together: one refused (here, no
+    stream takes its subject) fails the batch (the relay backs off and claims again), while
+    the others are recorded by the next claim and the refused one stays in the outbox."""
+    async with bare_store(nats_server, db) as (store, js, _clock):
+        tasks = [(await store.create("t1", image_request()))[0] for _ in range(3)]
+        relay = relay_on(store, js)
+        rows = await store.claim_dispatches(relay.owner)
+        assert sorted(r.task_id for r in rows) == sorted(t.id for t in tasks)
+        refused = rows[1].task_id
+        rows[1] = dataclasses.replace(rows[1], subject="charai.nowhere")
+        with pytest.raises(nats.js.errors.NoStreamResponseError):
+            await relay._publish(rows)
+        kept = sorted(t.id for t in tasks if t.id != refused)
+        assert relay.published == 2
+        assert sorted(row.task_id for row, _ in relay._unmarked) == kept
+        assert sorted(j.job.task_id for j in await stream_jobs(js)) == kept
+        await relay._claim()  # records the two published jobs
+        assert [r.task_id for r in await store.pending_dispatches()] == [refused]
+        assert relay._publisher._waiting == {}  # type: ignore[attr-defined]
+
+
 async def test_a_stopping_relay_records_its_last_batch_with_the_give_back(
     nats_server: NatsServer, db: Database
 ) -> None:
@@ -419,18 +445,18 @@ async def test_created_jobs_are_handed_to_the_relay_and_published_once_without_a
 
 
 class _HandsOverDuringPublish:
-    """The jobs stream as a relay sees it, except that its first publish first creates another
-    task (whose job is handed to the relay then, while the relay is busy publishing)."""
+    """The relay's publisher, except that its first publish first creates another task (whose
+    job is handed to the relay then, while the relay is busy publishing)."""
 
-    def __init__(self, js: JetStreamContext, create: Any) -> None:
-        self._js = js
+    def __init__(self, publisher: Any, create: Any) -> None:
+        self._publisher = publisher
         self._create: Any = create
 
     async def publish(self, *args: Any, **kwargs: Any) -> Any:
         if self._create is not None:
             create, self._create = self._create, None
             await create()
-        return await self._js.publish(*args, **kwargs)
+        return await self._publisher.publish(*args, **kwargs)
 
 
 async def test_a_job_handed_over_during_a_publish_costs_the_relay_no_extra_claim(
@@ -446,8 +472,8 @@ async def test_a_job_handed_over_during_a_publish_costs_the_relay_no_extra_claim
             task, _ = await store.create("t1", tts_request())
             created.append(task.id)
 
-        stream: Any = _HandsOverDuringPublish(js, create)
-        relay = OutboxRelay(store, stream, TOPOLOGY, redispatch_after=60.0, sweep_interval=3600.0)
+        relay = OutboxRelay(store, js, TOPOLOGY, redispatch_after=60.0, sweep_interval=3600.0)
+        relay._publisher = _HandsOverDuringPublish(relay._publisher, create)  # type: ignore[assignment]
         relay.poll_seconds = 3600.0  # no claim but the ones wake-ups and batches make
         claims: list[list[int]] = []  # [jobs recorded, rows claimed] of each claim, as it is made
         claim_dispatches = store.claim_dispatches
