@@ -51,8 +51,11 @@ def wave_writer(pcm: bytes, sample_rate: int) -> bytes:
     return buffer.getvalue()
 
 
+SETTINGS = [(1.0, 24000, 1.0), (2.0, 8000, 0.5), (0.5, 44100, 3.0)]
+
+
 @pytest.mark.parametrize("text", TEXTS)
-@pytest.mark.parametrize(("speed", "rate", "volume"), [(1.0, 24000, 1.0), (2.0, 8000, 0.5), (0.5, 44100, 3.0)])
+@pytest.mark.parametrize(("speed", "rate", "volume"), SETTINGS)
 def test_a_clip_is_the_one_rendered_before_and_its_wav_the_wave_writers(
     text: str, speed: float, rate: int, volume: float
 ) -> None:
