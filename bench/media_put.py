@@ -18,7 +18,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 from bench.grpc_transport import _cpu, _free_port
@@ -57,6 +57,21 @@ def jetstream_server() -> Iterator[tuple[int, int]]:
             server.wait()
 
 
+def cpu_per(n: int, client_since: float, server_since: float, server: int) -> str:
+    """CPU-µs per unit of this process and of nats-server (pid ``server``) since the two readings
+    (``time.process_time()`` and ``_cpu(server)``), over ``n`` units."""
+    client = (time.process_time() - client_since) / n * 1e6
+    return f"client {client:.0f} CPU-us, nats-server {(_cpu(server) - server_since) / n * 1e6:.0f} CPU-us"
+
+
+def on_server(run: Callable[[int, int], Coroutine[Any, Any, None]]) -> None:
+    """``run(port, pid)`` on uvloop against a :func:`jetstream_server` of its own."""
+    import uvloop
+
+    with jetstream_server() as (port, pid):
+        uvloop.run(run(port, pid))
+
+
 async def _run(port: int, server: int, rounds: int, n: int, size: int) -> None:
     from charai.core.media import MediaStore
     from nats.js import api
@@ -76,9 +91,7 @@ async def _run(port: int, server: int, rounds: int, n: int, size: int) -> None:
                 await media.put(f"r{r}-{int(new)}-{i}", data, new=new)
             wall = time.perf_counter() - t0
             print(
-                f"round {r + 1}, {label}: client {(time.process_time() - c0) / n * 1e6:.0f} CPU-us,"
-                f" nats-server {(_cpu(server) - s0) / n * 1e6:.0f} CPU-us,"
-                f" {wall / n * 1e6:.0f} us per put",
+                f"round {r + 1}, {label}: {cpu_per(n, c0, s0, server)}, {wall / n * 1e6:.0f} us per put",
                 flush=True,
             )
     await nc.close()
@@ -90,10 +103,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1000, help="puts per round and kind")
     parser.add_argument("--size", type=int, default=20_000, help="bytes per object")
     args = parser.parse_args()
-    import uvloop
-
-    with jetstream_server() as (port, pid):
-        uvloop.run(_run(port, pid, args.rounds, args.n, args.size))
+    on_server(lambda port, pid: _run(port, pid, args.rounds, args.n, args.size))
 
 
 if __name__ == "__main__":

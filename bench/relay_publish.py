@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 from bench.grpc_transport import _cpu
-from bench.media_put import connect, jetstream_server
+from bench.media_put import connect, cpu_per, on_server
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
@@ -64,12 +64,7 @@ async def _run(port: int, server: int, rounds: int, batch: int, batches: int) ->
             for _ in range(batches):
                 await kind(sent)
                 sent += batch
-            n = batch * batches
-            print(
-                f"round {r + 1}, {label}: client {(time.process_time() - c0) / n * 1e6:.0f} CPU-us,"
-                f" nats-server {(_cpu(server) - s0) / n * 1e6:.0f} CPU-us per job",
-                flush=True,
-            )
+            print(f"round {r + 1}, {label}: {cpu_per(batch * batches, c0, s0, server)} per job", flush=True)
     await nc.close()
 
 
@@ -79,10 +74,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="jobs per batch")
     parser.add_argument("--batches", type=int, default=100, help="batches per round and kind")
     args = parser.parse_args()
-    import uvloop
-
-    with jetstream_server() as (port, pid):
-        uvloop.run(_run(port, pid, args.rounds, args.batch, args.batches))
+    on_server(lambda port, pid: _run(port, pid, args.rounds, args.batch, args.batches))
 
 
 if __name__ == "__main__":
