@@ -168,8 +168,9 @@ def _nuid() -> Any:
     return NUID()
 
 
-#: How long a new object's publishes wait for JetStream's acknowledgements, all together (what
-#: nats-py's ``publish`` waits for each).
+#: How long a new object's publishes wait for JetStream's acknowledgements: this much per message
+#: (what nats-py's ``publish`` waits for each), for all of them together, so a put of many chunks
+#: waits no less than it did one publish at a time.
 PUT_ACK_TIMEOUT = 5.0
 
 
@@ -181,10 +182,10 @@ async def put_new_object(js: Any, publisher: Any, bucket: str, key: str, data: b
 
     The chunks and the meta message leave back to back on the one connection (``publisher``, a
     :class:`charai.core.natsconn.AckedPublisher` of the connection ``js`` uses), and then every
-    acknowledgement is awaited (``PUT_ACK_TIMEOUT`` for all): JetStream stores one connection's
-    messages to a stream in the order they were sent, so the meta message, which makes the
-    object visible, is still stored after every chunk, without a round trip to the server
-    between them (one per object of up to 128 KiB; the bench in ``bench.media_put``). A chunk
+    acknowledgement is awaited (``PUT_ACK_TIMEOUT`` per message, for all together): JetStream
+    stores one connection's messages to a stream in the order they were sent, so the meta
+    message, which makes the object visible, is still stored after every chunk, without a round
+    trip to the server between them (one per object of up to 128 KiB; ``bench.media_put``). A chunk
     that fits in one message is published as it is, not copied. If any publish fails or is not
     acknowledged in time, the chunks and the meta message are purged (a refused chunk may be
     followed by a stored one and a stored meta message) and the error is raised."""
@@ -223,7 +224,7 @@ async def put_new_object(js: Any, publisher: Any, bucket: str, key: str, data: b
         acks.append(
             await publisher.publish(meta_subject, meta, headers={api.Header.ROLLUP: MSG_ROLLUP_SUBJECT})
         )
-        async with asyncio.timeout(PUT_ACK_TIMEOUT):
+        async with asyncio.timeout(PUT_ACK_TIMEOUT * len(acks)):
             await asyncio.gather(*acks)
     except BaseException:
         for ack in acks:
