@@ -188,7 +188,7 @@ async def test_a_new_objects_messages_leave_before_any_acknowledgement_is_awaite
             futures.append(await super().publish(subject, payload, headers))
             return futures[-1]
 
-    media._publisher = Watching(js._nc)
+    media._publisher = Watching.of(js)
     data = os.urandom(size)
     await media.put(KEY, data, new=True)
     assert settled_when_queued == [0] * (-(-size // (128 * 1024)) + 1)
@@ -201,7 +201,7 @@ async def test_acked_publishes_are_stored_in_order_and_a_refused_one_settles_wit
     from charai.core.natsconn import AckedPublisher
 
     await js.add_stream(name="ACKED", subjects=["acked.>"], max_bytes=4096, discard=api.DiscardPolicy.NEW)
-    publisher = AckedPublisher(js._nc)
+    publisher = AckedPublisher.of(js)
     acks = [await publisher.publish(f"acked.{i}", b"x" * 10) for i in range(5)]
     too_big = await publisher.publish("acked.big", b"x" * 8192)
     nowhere = await publisher.publish("no.stream.here", b"x")

@@ -82,7 +82,7 @@ class MediaStore:
         if self._publisher is None:
             from charai.core.natsconn import AckedPublisher
 
-            self._publisher = AckedPublisher(self._js._nc)  # the connection of the bucket's context
+            self._publisher = AckedPublisher.of(self._js)
         await put_new_object(self._js, self._publisher, self._name, key, data)
 
     async def get(self, key: str) -> bytes | None:

@@ -95,6 +95,12 @@ class AckedPublisher:
         self._waiting: dict[str, asyncio.Future[js_api.PubAck]] = {}
         self._next = 0
 
+    @classmethod
+    def of(cls, js: JetStreamContext) -> AckedPublisher:
+        """A publisher on the connection ``js`` uses (nats-py keeps it in ``_nc``; no public
+        accessor)."""
+        return cls(js._nc)
+
     async def _inbox(self) -> str:
         if not self._prefix:
             async with self._lock:

@@ -52,9 +52,11 @@ async def _speech_impl(request: web.Request, state: EmulatorState, call: Call) -
     if special is not None:
         return special
     rate = media.DEFAULT_SAMPLE_RATE
-    audio = await asyncio.to_thread(
-        encode.make_speech, params.text, params.speed, params.response_format, rate
-    )
+    text, speed, fmt = params.text, params.speed, params.response_format
+    if fmt == "mp3":  # encoding costs CPU in proportion to the clip: always in a thread
+        audio = await asyncio.to_thread(encode.make_speech, text, speed, fmt, rate)
+    else:  # WAV and PCM as the Zhipu route renders them
+        audio = await media.render_speech(encode.make_speech, text, speed, fmt, rate)
     if call.mode is not None and call.mode.name == "truncated":
         audio = audio[: len(audio) // 2 + 1]  # odd length: cut mid-frame, not whole samples either
     elif delivers_normally(call.mode):

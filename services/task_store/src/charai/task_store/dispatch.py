@@ -175,7 +175,7 @@ class OutboxRelay:
         self._clock = clock
         self._js = js
         #: Publishes the jobs (on the connection of ``js``).
-        self._publisher = AckedPublisher(js._nc)
+        self._publisher = AckedPublisher.of(js)
         self._topology = topology
         self._wake = asyncio.Event()
         self._redispatch_after = redispatch_after
