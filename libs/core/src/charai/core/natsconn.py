@@ -75,6 +75,20 @@ def write_now(nc: Client) -> bool:
     return True
 
 
+async def roundtrip(nc: Client, timeout: int = 2) -> None:
+    """Returns once NATS has processed everything ``nc`` sent before the call (a subscribe's SUB,
+    a publish), or raises nats-py's flush timeout.
+
+    Why not ``nc.flush()`` alone: nats-py writes its PING straight to the socket, ahead of what
+    its buffer still holds, so the PONG can come back before the server has seen the commands
+    sent just before (a subscription made and "flushed" could still miss a message published
+    right after; ``tests/integration/test_event_subscription.py`` met it under load). The buffer
+    is written first (:func:`write_now`), so the PING follows it.
+    """
+    write_now(nc)
+    await nc.flush(timeout=timeout)
+
+
 class AckedPublisher:
     """JetStream publishes that leave back to back and are acknowledged afterwards.
 

@@ -21,14 +21,22 @@ from collections.abc import Callable, ItemsView, Iterable, Mapping
 from typing import TypeVar
 
 import structlog
+from charai.core import natsconn
 from charai.core.topology import Topology
 from charai.store.v1 import store_service_pb2 as spb
 from charai.tasks.v1 import task_pb2
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 log = structlog.get_logger("events")
 QUEUE_LIMIT = 1024
+#: How long the bus subscription outlives the gateway's last watch stream (a client that
+#: reconnects at once finds it still there).
+IDLE_UNSUBSCRIBE_SECONDS = 30.0
+#: How long a new stream waits for the bus subscription to be registered before it goes on
+#: without it (it then fills its gaps from the event log, as after any lost event).
+READY_TIMEOUT = 2.0
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -138,9 +146,18 @@ def _discard(index: dict[K, set[Watcher]], key: K, watcher: Watcher) -> None:
 
 
 class EventHub:
-    """Routes every event envelope to the watchers it matches."""
+    """Routes every event envelope to the watchers it matches.
 
-    def __init__(self, nc: Client, topology: Topology) -> None:
+    The bus subscription follows the watchers: made for the first watch stream (:meth:`ready`),
+    dropped ``idle_seconds`` after the last one ended. A gateway nobody watches through (one
+    that serves backends which poll, or webhooks' users) then receives and decodes no event at
+    all: in bench B2, a tenth of the gateway's CPU per task.
+    """
+
+    def __init__(
+        self, nc: Client | None, topology: Topology, idle_seconds: float = IDLE_UNSUBSCRIBE_SECONDS
+    ) -> None:
+        #: None: no bus (tests feed :meth:`_on_msg` directly).
         self._nc = nc
         self._topology = topology
         self._batch_subject = topology.events_subject
@@ -152,19 +169,75 @@ class EventHub:
         self._by_pair: dict[tuple[str, str, str], set[Watcher]] = {}
         self._by_tenant: dict[str, set[Watcher]] = {}
         self._per_tenant: dict[str, int] = {}
-        self._sub: object | None = None
+        self._sub: Subscription | None = None
+        #: The subscription being made (subscribe, then a round trip to NATS).
+        self._subscribing: asyncio.Task[None] | None = None
+        self._idle_seconds = idle_seconds
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._closed = False
+        #: Bus subscriptions made so far (tests).
+        self.subscriptions = 0
+
+    @property
+    def subscribed(self) -> bool:
+        """Whether the bus subscription stands (or is being made)."""
+        return self._sub is not None or self._subscribing is not None
+
+    async def ready(self, timeout: float = READY_TIMEOUT) -> None:
+        """Returns once the bus subscription is registered with NATS, made now if there is none:
+        a stream calls this after :meth:`add` and before it reads the event log, so no event
+        committed in between misses both. Best effort: when NATS does not answer within
+        ``timeout``, the stream goes on and fills its gaps from the log (it catches up when idle)."""
+        if self._sub is not None and self._subscribing is None:
+            return
+        if self._nc is None or self._closed:
+            return
+        if self._subscribing is None:
+            self._subscribing = asyncio.create_task(self._subscribe(), name="event-subscribe")
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self._subscribing)
+        except Exception as exc:
+            log.warning("event_subscription_not_ready", error=str(exc) or type(exc).__name__)
+
+    async def _subscribe(self) -> None:
+        assert self._nc is not None
+        try:
+            # The wildcard, not only the batch subject: see _on_msg.
+            self._sub = await self._nc.subscribe(
+                self._topology.events_wildcard, cb=self._on_msg, pending_msgs_limit=500_000
+            )
+            self.subscriptions += 1
+            await natsconn.roundtrip(self._nc, timeout=int(READY_TIMEOUT))  # NATS has the SUB
+        finally:
+            self._subscribing = None
+
+    def _unsubscribe_when_idle(self) -> None:
+        self._idle_timer = None
+        if self.open_streams or self._sub is None or self._subscribing is not None:
+            return
+        sub, self._sub = self._sub, None
+        asyncio.get_running_loop().create_task(self._drop(sub))
+
+    @staticmethod
+    async def _drop(sub: Subscription) -> None:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
 
     async def start(self) -> None:
-        # The wildcard, not only the batch subject: see _on_msg.
-        self._sub = await self._nc.subscribe(
-            self._topology.events_wildcard, cb=self._on_msg, pending_msgs_limit=500_000
-        )
+        """Nothing to start: the bus subscription waits for the first watch stream (:meth:`ready`)."""
 
     async def close(self) -> None:
+        self._closed = True
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        if self._subscribing is not None:
+            with contextlib.suppress(BaseException):
+                await self._subscribing
         if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()  # type: ignore[attr-defined]
-            self._sub = None
+            sub, self._sub = self._sub, None
+            await self._drop(sub)
 
     @property
     def open_streams(self) -> int:
@@ -174,6 +247,10 @@ class EventHub:
         return self._per_tenant.get(tenant, 0)
 
     def add(self, watcher: Watcher) -> None:
+        """Routes matching events to ``watcher`` from now on; the stream then awaits :meth:`ready`."""
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         if watcher.task_id:
             self._by_task.setdefault(watcher.task_id, set()).add(watcher)
         else:
@@ -204,6 +281,9 @@ class EventHub:
             self._per_tenant.pop(watcher.tenant, None)
         else:
             self._per_tenant[watcher.tenant] = left
+        if not self._per_tenant and self._sub is not None and self._idle_timer is None and not self._closed:
+            loop = asyncio.get_running_loop()
+            self._idle_timer = loop.call_later(self._idle_seconds, self._unsubscribe_when_idle)
 
     @staticmethod
     def _pair(watcher: Watcher) -> tuple[str, str, str] | None:

@@ -392,6 +392,7 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
             # Headers now, not with the first event: proxies and gRPC-web clients see the stream
             # open at once even when nothing happens for a while.
             await context.send_initial_metadata(())
+            await self._hub.ready()  # live events flow before the log is read
             query = spb.ListEventsRequest(
                 tenant=tenant, task_id=request.id, after_sequence=request.after_sequence
             )
@@ -452,6 +453,7 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
         self._open(watcher)
         try:
             await context.send_initial_metadata(())
+            await self._hub.ready()  # live events flow before the log is read
             query = spb.ListEventsRequest(
                 tenant=tenant,
                 metadata=metadata,
