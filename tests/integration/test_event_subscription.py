@@ -10,6 +10,7 @@ found no subscription.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
@@ -39,6 +40,19 @@ async def nc(nats_server: NatsServer) -> AsyncIterator[Client]:
         await client.close()
 
 
+@contextlib.asynccontextmanager
+async def hub_on(nats_server: NatsServer, **options: float) -> AsyncIterator[EventHub]:
+    """A hub on a connection of its own, closed (and its connection) afterwards."""
+    hub_nc = await nats.connect(nats_server.url)
+    hub = EventHub(hub_nc, TOPOLOGY, **options)
+    try:
+        await hub.start()
+        yield hub
+    finally:
+        await hub.close()
+        await hub_nc.close()
+
+
 async def publish(nc: Client, task_id: str) -> None:
     """One task_store bus message: an EventBatch with one event of ``task_id``."""
     env = spb.EventEnvelope(tenant=TENANT)
@@ -56,10 +70,7 @@ async def received(watcher: Watcher) -> list[str]:
 async def test_no_subscription_until_a_stream_is_ready_then_every_event_from_there(
     nats_server: NatsServer, nc: Client
 ) -> None:
-    hub_nc = await nats.connect(nats_server.url)
-    hub = EventHub(hub_nc, TOPOLOGY)
-    try:
-        await hub.start()
+    async with hub_on(nats_server) as hub:
         watcher = Watcher(tenant=TENANT)
         hub.add(watcher)
         assert not hub.subscribed  # add() alone subscribes nothing: the stream asks (ready)
@@ -70,17 +81,12 @@ async def test_no_subscription_until_a_stream_is_ready_then_every_event_from_the
         await publish(nc, "task_after")
 
         assert await received(watcher) == ["task_after"]  # the first found no subscription
-    finally:
-        await hub.close()
-        await hub_nc.close()
 
 
 async def test_the_subscription_outlives_the_last_stream_for_the_idle_time_only(
     nats_server: NatsServer, nc: Client
 ) -> None:
-    hub_nc = await nats.connect(nats_server.url)
-    hub = EventHub(hub_nc, TOPOLOGY, idle_seconds=0.0)
-    try:
+    async with hub_on(nats_server, idle_seconds=0.0) as hub:
         first = Watcher(tenant=TENANT)
         hub.add(first)
         await hub.ready()
@@ -95,17 +101,12 @@ async def test_the_subscription_outlives_the_last_stream_for_the_idle_time_only(
 
         assert await received(second) == ["task_watched"]
         assert hub.subscriptions == 2
-    finally:
-        await hub.close()
-        await hub_nc.close()
 
 
 async def test_a_stream_that_comes_back_within_the_idle_time_keeps_the_subscription(
     nats_server: NatsServer, nc: Client
 ) -> None:
-    hub_nc = await nats.connect(nats_server.url)
-    hub = EventHub(hub_nc, TOPOLOGY, idle_seconds=3600.0)
-    try:
+    async with hub_on(nats_server, idle_seconds=3600.0) as hub:
         first = Watcher(tenant=TENANT)
         hub.add(first)
         await hub.ready()
@@ -118,7 +119,4 @@ async def test_a_stream_that_comes_back_within_the_idle_time_keeps_the_subscript
 
         assert await received(again) == ["task_x"]
         assert hub.subscriptions == 1
-    finally:
-        await hub.close()
-        await hub_nc.close()
-        assert not hub.subscribed
+    assert not hub.subscribed  # closed

@@ -214,7 +214,11 @@ class EventHub:
 
     def _unsubscribe_when_idle(self) -> None:
         self._idle_timer = None
-        if self.open_streams or self._sub is None or self._subscribing is not None:
+        if self.open_streams or self._sub is None:
+            return
+        if self._subscribing is not None:  # its round trip is still out: look again later
+            loop = asyncio.get_running_loop()
+            self._idle_timer = loop.call_later(self._idle_seconds, self._unsubscribe_when_idle)
             return
         sub, self._sub = self._sub, None
         asyncio.get_running_loop().create_task(self._drop(sub))
@@ -233,8 +237,7 @@ class EventHub:
             self._idle_timer.cancel()
             self._idle_timer = None
         if self._subscribing is not None:
-            with contextlib.suppress(BaseException):
-                await self._subscribing
+            await asyncio.wait([self._subscribing])  # whatever it ended with
         if self._sub is not None:
             sub, self._sub = self._sub, None
             await self._drop(sub)
