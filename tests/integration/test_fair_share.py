@@ -352,3 +352,39 @@ async def test_a_bad_tenants_file_stops_start_up_with_its_message(tmp_path: Path
     assert "CHARAI_TENANTS_FILE: tenants.acme.weight must be a whole number from 1 to 1000" in str(
         stopped.value
     )
+
+
+async def test_the_buffer_covers_the_tasks_started_within_the_round(db: Database) -> None:
+    """Tasks that end at once leave none running, so the running count alone kept the buffer at
+    its floor: ``round_seconds`` adds the tasks started that recently (the workers' pace), and
+    drops them once they are older than the round."""
+    config = FairConfig(tenants=WEIGHTS, buffer=2, aging_seconds=AGING_S, round_seconds=0.05)
+    async with opened(db, fair=config) as rec:
+        store = rec.store
+        for _ in range(3):  # six tasks started and cancelled at once: none left running
+            pair = [(await store.create("a", tts_request()))[0] for _ in range(2)]
+            for task in pair:
+                assert not await is_held(store, task.id)
+                assert (await store.claim(task.id, 1, "w")).outcome == RUN
+                await store.cancel("a", task.id)
+
+        burst = [(await store.create("a", tts_request()))[0] for _ in range(8)]
+        assert [await is_held(store, t.id) for t in burst] == [False] * 6 + [True] * 2
+
+        rec.clock.advance(0.06)  # the starts are older than the round: the floor again
+        for task in burst:
+            await store.cancel("a", task.id)
+        later = [(await store.create("a", tts_request()))[0] for _ in range(8)]
+        assert [await is_held(store, t.id) for t in later] == [False] * 2 + [True] * 6
+
+
+async def test_without_a_round_the_buffer_stays_at_its_floor(db: Database) -> None:
+    async with opened(db, fair=FairConfig(tenants=WEIGHTS, buffer=2, aging_seconds=AGING_S)) as rec:
+        store = rec.store
+        for _ in range(3):
+            pair = [(await store.create("a", tts_request()))[0] for _ in range(2)]
+            for task in pair:
+                assert (await store.claim(task.id, 1, "w")).outcome == RUN
+                await store.cancel("a", task.id)
+        burst = [(await store.create("a", tts_request()))[0] for _ in range(8)]
+        assert [await is_held(store, t.id) for t in burst] == [False] * 2 + [True] * 6

@@ -318,7 +318,9 @@ class TaskStoreApp:
             tenants = s.tenants()
         except ValueError as exc:
             raise SystemExit(f"task_store: {exc}") from None
-        return FairConfig(tenants, s.dispatch_buffer, s.priority_aging_seconds)
+        return FairConfig(
+            tenants, s.dispatch_buffer, s.priority_aging_seconds, round_seconds=s.dispatch_round_ms / 1000
+        )
 
     async def close(self) -> None:
         """Stops what :meth:`start` opened, in the documented order; idempotent."""

@@ -33,8 +33,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
+from charai.core.clock import SYSTEM, Clock
 from charai.core.domain import fairshare
 from charai.core.domain.fairshare import Turn
 from charai.core.domain.states import Status
@@ -85,22 +87,43 @@ class FairConfig:
     aging_seconds: float = 60.0
     #: Tasks released per transaction at most.
     batch: int = 256
+    #: The buffer also covers the tasks of the type started in this many seconds (0: not): one
+    #: round of release, publish, delivery and claim at the pace the workers take jobs. Tasks
+    #: that end at once (a reused result, a quick provider) leave few running, so the running
+    #: count alone kept the buffer at its floor and the lane at that many jobs per round.
+    round_seconds: float = 0.0
 
 
 class Backlog:
     """The held tasks, their fair order and their release into the outbox."""
 
-    def __init__(self, backend: Backend, outbox: Outbox, config: FairConfig) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        outbox: Outbox,
+        config: FairConfig,
+        clock: Clock = SYSTEM,
+        started_within: Callable[[int, float, float], int] | None = None,
+    ) -> None:
         self._lock = backend.dialect.for_update
         self._outbox = outbox
         self._config = config
         self._aging_us = int(config.aging_seconds * 1e6)
+        self._clock = clock
+        #: Tasks of a type started lately (``EtaBook.started_within``), for ``round_seconds``.
+        self._started_within = started_within
 
     def weight(self, tenant: str) -> int:
         return self._config.tenants.weight(tenant)
 
-    def _target(self, running: int) -> int:
-        return min(MAX_BUFFER, max(self._config.buffer, running))
+    def _target(self, running: int, kind: int) -> int:
+        """The buffer of type ``kind``: at least ``buffer``, one round of the workers (the tasks
+        running), and the tasks started within ``round_seconds``."""
+        target = max(self._config.buffer, running)
+        if self._config.round_seconds > 0 and self._started_within is not None:
+            now = self._clock.now_us() / 1e6
+            target = max(target, self._started_within(kind, now, self._config.round_seconds))
+        return min(MAX_BUFFER, target)
 
     async def measure(self, tx: Tx, kind: int) -> tuple[int, int, bool]:
         """(tasks of type ``kind`` running, released jobs not claimed yet, whether any is held)."""
@@ -127,7 +150,7 @@ class Backlog:
         room = unit.room.get(kind)
         if room is None:
             running, released, held = await self.measure(unit.tx, kind)
-            room = unit.room[kind] = 0 if held else self._target(running) - released
+            room = unit.room[kind] = 0 if held else self._target(running, kind) - released
         return room <= 0
 
     async def admit(self, unit: Unit, tenant: str, job: Job, created_us: int, *, held: bool) -> None:
@@ -314,7 +337,7 @@ class Backlog:
         if lane is None:
             return 0, False
         running, released, held = await self.measure(tx, kind)
-        room = self._target(running) - released
+        room = self._target(running, kind) - released
         budget = min(room, self._config.batch)
         if budget <= 0 or not held:
             return 0, False

@@ -10,6 +10,7 @@ replicas (README, "Estimated times"; a shared measure is future work).
 
 from __future__ import annotations
 
+import collections
 import threading
 
 from charai.core.domain.eta import MeanDuration, StartRate, end_estimate, start_estimate
@@ -25,10 +26,15 @@ _RUNNING = task_pb2.TASK_STATUS_RUNNING
 class EtaBook:
     """Start rate and mean run time per task type; fills a task's estimates."""
 
+    #: Starts remembered per type for :meth:`started_within` (the fair-share buffer's cap).
+    RECENT = 10_000
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._rates: dict[int, StartRate] = {}
         self._runs: dict[int, MeanDuration] = {}
+        #: The latest starts' times (seconds) per task type, oldest first.
+        self._recent: dict[int, collections.deque[float]] = {}
 
     def observe(self, envelopes: list[spb.EventEnvelope]) -> None:
         """Committed events: starts and completions update their lane's figures."""
@@ -37,11 +43,27 @@ class EtaBook:
                 event = envelope.event
                 if event.type == _STARTED:
                     kind = int(event.task.type)
-                    self._rates.setdefault(kind, StartRate()).observe(event.time.ToMicroseconds() / 1e6)
+                    at = event.time.ToMicroseconds() / 1e6
+                    self._rates.setdefault(kind, StartRate()).observe(at)
+                    recent = self._recent.get(kind)
+                    if recent is None:
+                        recent = self._recent[kind] = collections.deque(maxlen=self.RECENT)
+                    recent.append(at)
                 elif event.type == _COMPLETED and event.task.HasField("start_time"):
                     task = event.task
                     seconds = (task.end_time.ToMicroseconds() - task.start_time.ToMicroseconds()) / 1e6
                     self._runs.setdefault(int(task.type), MeanDuration()).observe(seconds)
+
+    def started_within(self, kind: int, now: float, seconds: float) -> int:
+        """How many tasks of type ``kind`` this replica started in the last ``seconds``."""
+        with self._lock:
+            recent = self._recent.get(kind)
+            if not recent:
+                return 0
+            since = now - seconds
+            while recent and recent[0] < since:
+                recent.popleft()
+            return len(recent)
 
     def rate(self, kind: int, now: float) -> float:
         """Tasks of type ``kind`` started per second lately (0: none seen)."""

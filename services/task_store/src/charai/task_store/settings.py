@@ -72,6 +72,11 @@ class Settings(CommonSettings):
     #: to cover a quiet start; smaller is fairer (a tenant's next task waits behind at most
     #: about this many, or one round), larger hides more of the release round trip.
     dispatch_buffer: int = Field(default=4, ge=1, le=10_000)
+    #: Fair share: the buffer also covers the tasks of its type started in this many
+    #: milliseconds (one round of release, publish, delivery and claim at the workers' pace), so
+    #: tasks that end at once (a reused result) are not held to ``CHARAI_DISPATCH_BUFFER`` jobs a
+    #: round; slow lanes start few tasks a round and keep their small buffer. 0: off.
+    dispatch_round_ms: int = Field(default=50, ge=0, le=10_000)
     #: Fair share: within one tenant, a priority step is worth this much waiting (a ``low`` task
     #: goes before ``high`` ones created more than twice this after it).
     priority_aging_seconds: float = Field(default=60.0, gt=0)

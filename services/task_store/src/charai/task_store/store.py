@@ -118,7 +118,7 @@ class TaskStore:
         self.commands.reuse = self.reuse
         self._clock = clock
         self._lease_seconds = config.lease_seconds
-        self.backlog = Backlog(backend, self.outbox, config.fair)
+        self.backlog = Backlog(backend, self.outbox, config.fair, clock, self.eta.started_within)
         self.commands.backlog = self.queries.backlog = self.backlog
         self._stats = QueueStats(backend, clock)
         self.webhooks = Webhooks(backend, Topology(config.namespace).webhook_subject, clock, config.webhooks)
