@@ -5,7 +5,9 @@ Why: JetStream delivers a lane in order, so once a tenant's 1,000 jobs are publi
 tenant's 5 wait behind all of them. So task_store keeps the backlog itself and publishes
 (through the outbox) only as many jobs per task type as the workers will take soon: the
 *buffer* of released jobs not claimed yet is kept at ``max(CHARAI_DISPATCH_BUFFER, tasks of that
-type running now)`` (one more round of whatever the workers run at once). Each claim or end
+type running now, tasks of that type started in the last CHARAI_DISPATCH_ROUND_MS)`` (one more
+round of whatever the workers run at once, or take in one round trip when tasks end at once: a
+reused result leaves none running). Each claim or end
 makes room, and the :class:`~charai.task_store.release.Releaser` fills it with the next held
 tasks in the order of :mod:`charai.core.domain.fairshare` (weighted turns between tenants,
 priority with aging within one). A job released by a tenant's turn reaches a worker after at most

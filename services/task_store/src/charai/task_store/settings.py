@@ -68,7 +68,8 @@ class Settings(CommonSettings):
     tenants_file: Path | None = None
     #: Fair share: released jobs not claimed yet per task type, at least; the rest of the queue
     #: waits in task_store and is released in fair order between tenants. The buffer grows to
-    #: the number of tasks of that type running (one round of the workers), so this only has
+    #: the number of tasks of that type running (one round of the workers) or started within
+    #: ``dispatch_round_ms``, so this only has
     #: to cover a quiet start; smaller is fairer (a tenant's next task waits behind at most
     #: about this many, or one round), larger hides more of the release round trip.
     dispatch_buffer: int = Field(default=4, ge=1, le=10_000)
