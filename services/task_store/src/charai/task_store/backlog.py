@@ -56,7 +56,7 @@ URGENCY: dict[int, int] = {
     task_pb2.PRIORITY_LOW: 2,
 }
 #: Counts of the buffer and of running tasks stop here (the buffer is never larger).
-MAX_BUFFER = 10_000
+MAX_BUFFER = fairshare.MAX_BUFFER
 #: How many tasks queued behind a held task its place counts before it counts those ahead.
 BEHIND_SCAN = 256
 #: A claim looks for a tenant waiting for its first turn among this many tenants holding tasks,

@@ -14,6 +14,7 @@ import collections
 import threading
 
 from charai.core.domain.eta import MeanDuration, StartRate, end_estimate, start_estimate
+from charai.core.domain.fairshare import MAX_BUFFER
 from charai.store.v1 import store_service_pb2 as spb
 from charai.tasks.v1 import task_pb2
 
@@ -26,8 +27,9 @@ _RUNNING = task_pb2.TASK_STATUS_RUNNING
 class EtaBook:
     """Start rate and mean run time per task type; fills a task's estimates."""
 
-    #: Starts remembered per type for :meth:`started_within` (the fair-share buffer's cap).
-    RECENT = 10_000
+    #: Starts remembered per type for :meth:`started_within`: the fair-share buffer's cap, which
+    #: no count of recent starts can raise the buffer past.
+    RECENT = MAX_BUFFER
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

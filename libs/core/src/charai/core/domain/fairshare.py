@@ -37,6 +37,9 @@ T = TypeVar("T")
 STRIDE_SCALE = 1_000_000_000
 #: Priority steps below the highest: 0 = high, 1 = normal, 2 = low.
 URGENCY_LEVELS = 3
+#: The most jobs of one task type released to workers and not yet claimed (the dispatch
+#: buffer's cap, whatever its floor, the tasks running or the round of starts ask for).
+MAX_BUFFER = 10_000
 
 
 def stride(weight: int) -> int:
