@@ -12,6 +12,7 @@ import pytest
 import uvloop
 from charai.core import lifecycle, settings
 from charai.core.settings import CommonSettings
+from structlog.testing import capture_logs
 
 
 async def _loop_type() -> type:
@@ -96,3 +97,40 @@ def test_a_negative_threshold_names_the_setting(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert "CHARAI_GC_THRESHOLD" in _refused(monkeypatch, capsys, "CHARAI_GC_THRESHOLD", "-5")
+
+
+class _Parts(lifecycle.ServiceApp):
+    """An app of three parts that records what opened and closed; ``fail_at``: the part whose
+    opening raises."""
+
+    stopped = "parts_stopped"
+
+    def __init__(self, fail_at: str = "") -> None:
+        super().__init__()
+        self.fail_at = fail_at
+        self.trail: list[str] = []
+
+    async def _open(self, stack: contextlib.AsyncExitStack) -> None:
+        for part in ("nats", "store", "server"):
+            if part == self.fail_at:
+                raise RuntimeError(f"{part} would not open")
+            self.trail.append(f"open {part}")
+            stack.callback(self.trail.append, f"close {part}")
+
+
+async def test_a_service_app_closes_its_parts_in_reverse_order_once() -> None:
+    with capture_logs() as lines:
+        async with _Parts() as app:
+            assert app.trail == ["open nats", "open store", "open server"]
+        await app.close()  # again: nothing more
+    assert app.trail[3:] == ["close server", "close store", "close nats"]
+    assert [line["event"] for line in lines].count("parts_stopped") == 1
+
+
+async def test_a_service_app_that_fails_to_start_closes_only_what_it_opened() -> None:
+    app = _Parts(fail_at="server")
+    with pytest.raises(RuntimeError, match="server would not open"):
+        await app.start()
+    assert app.trail == ["open nats", "open store", "close store", "close nats"]
+    await app.close()
+    assert len(app.trail) == 4

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import signal
 from collections.abc import Coroutine
 from contextlib import AbstractAsyncContextManager
-from typing import Any, TypeVar, get_args
+from typing import Any, Self, TypeVar, get_args
 
 import structlog
+from charai.core import logs
 from charai.core.settings import EventLoop
 
 log = structlog.get_logger("lifecycle")
@@ -64,3 +66,46 @@ async def run_until_signal(component: AbstractAsyncContextManager[Any], name: st
     async with component:
         await stop.wait()
         log.info(f"{name}_draining")
+
+
+class ServiceApp:
+    """What every service's composition root shares (``GatewayApp``, ``TaskStoreApp``,
+    ``WorkerApp``, ``SenderApp``): :meth:`_open` enters each part on an exit stack as it opens
+    it, so a start that fails half-way closes exactly what it opened, and :meth:`close`
+    (idempotent) closes the rest in reverse order of entry, then announces :attr:`stopped`."""
+
+    #: The line announced once the app has closed (``logs.announce``; empty: none).
+    stopped = ""
+
+    def __init__(self) -> None:
+        self._exit = contextlib.AsyncExitStack()
+        self._closed = False
+
+    async def _open(self, stack: contextlib.AsyncExitStack) -> None:
+        """Opens the app's parts, each entered on ``stack`` as soon as it is open."""
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        try:
+            await self._open(self._exit)
+        except BaseException:
+            await self.close()  # what was opened so far, and only that
+            raise
+
+    async def close(self) -> None:
+        """Stops what :meth:`start` opened, in the documented order; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._exit.aclose()
+        finally:
+            if self.stopped:
+                logs.announce(self.stopped)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -13,7 +13,7 @@ from charai.core.domain.breaker import BreakerState
 from charai.core.domain.provider_events import BreakerPolicy
 from charai.core.domain.provider_limit import trial_window
 from charai.core.domain.provider_record import ProviderRecord, credential_id
-from charai.core.lifecycle import run_until_signal
+from charai.core.lifecycle import ServiceApp, run_until_signal
 from charai.core.media import MediaStore
 from charai.core.metrics import Metrics
 from charai.core.metrics_endpoint import MetricsEndpoint
@@ -33,7 +33,7 @@ from prometheus_client import Gauge
 log = structlog.get_logger("worker")
 
 
-class WorkerApp:
+class WorkerApp(ServiceApp):
     """One worker process: ``async with WorkerApp(...)`` runs it until closed.
 
     Its parts are entered into one :class:`contextlib.AsyncExitStack`, so a start that fails
@@ -51,6 +51,7 @@ class WorkerApp:
         provider: ProviderConfig,
         concurrency: int,
     ) -> None:
+        super().__init__()
         self.settings = settings
         self._kind = kind
         self._handler = handler
@@ -65,15 +66,6 @@ class WorkerApp:
         #: This process's metrics (served on ``CHARAI_METRICS_ADDR`` when set).
         self.metrics = Metrics(f"{kind}_worker")
         self._metrics_endpoint: MetricsEndpoint | None = None
-        self._exit = contextlib.AsyncExitStack()
-        self._closed = False
-
-    async def start(self) -> None:
-        try:
-            await self._open(self._exit)
-        except BaseException:
-            await self.close()  # what was opened so far, and only that
-            raise
 
     async def _open(self, stack: contextlib.AsyncExitStack) -> None:
         s = self.settings
@@ -190,24 +182,10 @@ class WorkerApp:
             (m.provider_in_flight.labels(*labels), lambda: float(gate.cluster_in_flight)),
         ]
 
-    async def close(self) -> None:
-        """Stops what :meth:`start` opened, in the documented order; idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        await self._exit.aclose()
-
     @property
     def metrics_port(self) -> int:
         """The bound ``/metrics`` port (0: metrics not served)."""
         return 0 if self._metrics_endpoint is None else self._metrics_endpoint.port
-
-    async def __aenter__(self) -> WorkerApp:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
 
 async def serve(app: WorkerApp) -> None:

@@ -20,7 +20,7 @@ from charai.core import grpcsupport, logs, natsconn
 from charai.core.clock import SYSTEM, Clock
 from charai.core.domain.provider_models import ProviderModels
 from charai.core.health import HealthWatcher
-from charai.core.lifecycle import run_until_signal
+from charai.core.lifecycle import ServiceApp, run_until_signal
 from charai.core.media import MediaStore, UrlSigner
 from charai.core.metrics import Metrics
 from charai.core.metrics_endpoint import MetricsEndpoint
@@ -47,7 +47,7 @@ log = structlog.get_logger("gateway")
 _SERVICE = task_service_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name
 
 
-class GatewayApp:
+class GatewayApp(ServiceApp):
     """The gateway process as one ``async with``-able component.
 
     ``process``: this process's index among the gateway's processes (``CHARAI_GATEWAY_PROCESSES``,
@@ -58,7 +58,10 @@ class GatewayApp:
     ``gateway_listening`` once every process listens).
     """
 
+    stopped = "gateway_stopped"
+
     def __init__(self, settings: Settings, *, clock: Clock = SYSTEM, process: int | None = None) -> None:
+        super().__init__()
         self.settings = settings
         self._clock = clock
         self.process = process
@@ -77,15 +80,6 @@ class GatewayApp:
         self._nc: Client | None = None
         #: gRPC-web and REST reach the servicer through the gateway's own gRPC port.
         self._loopback: grpc.aio.Channel | None = None
-        self._exit = contextlib.AsyncExitStack()
-        self._closed = False
-
-    async def start(self) -> None:
-        try:
-            await self._open(self._exit)
-        except BaseException:
-            await self.close()  # what was opened so far, and only that
-            raise
 
     async def _open(self, stack: contextlib.AsyncExitStack) -> None:
         s = self.settings
@@ -264,23 +258,6 @@ class GatewayApp:
             self.service.stopping.set()
         if self.hub is not None:
             self.hub.end_all()
-
-    async def close(self) -> None:
-        """Stops what :meth:`start` opened, in the documented order; idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            await self._exit.aclose()
-        finally:
-            logs.announce("gateway_stopped")
-
-    async def __aenter__(self) -> GatewayApp:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
 
 async def _not_serving(health: Any) -> None:

@@ -15,7 +15,7 @@ from charai.core.domain.provider_models import ProviderModels
 from charai.core.domain.retry import RetryPolicy
 from charai.core.health import HealthWatcher
 from charai.core.keys import keys
-from charai.core.lifecycle import run_until_signal
+from charai.core.lifecycle import ServiceApp, run_until_signal
 from charai.core.media import MediaStore
 from charai.core.metrics import Metrics
 from charai.core.metrics_endpoint import MetricsEndpoint
@@ -77,7 +77,7 @@ def record_events(metrics: Metrics, envelopes: list[store_service_pb2.EventEnvel
             metrics.task_duration.labels(kind, ended).observe(max(0.0, seconds))
 
 
-class TaskStoreApp:
+class TaskStoreApp(ServiceApp):
     """Everything task_store runs, as one ``async with``-able component.
 
     Its parts are entered into one :class:`contextlib.AsyncExitStack`, so a start that fails
@@ -87,7 +87,10 @@ class TaskStoreApp:
     holds), the event publisher (flushes), the store, NATS.
     """
 
+    stopped = "task_store_stopped"
+
     def __init__(self, settings: Settings, listen_addr: str | None = None, *, clock: Clock = SYSTEM) -> None:
+        super().__init__()
         self.settings = settings
         self._listen = listen_addr or settings.listen_addr
         self._topology = Topology(settings.namespace)
@@ -106,20 +109,11 @@ class TaskStoreApp:
         self.releaser: Releaser | None = None
         #: Deletes ended tasks after ``CHARAI_RETENTION_DAYS`` (idle when 0).
         self.retention: RetentionSweeper | None = None
-        self._exit = contextlib.AsyncExitStack()
-        self._closed = False
 
     @property
     def serving(self) -> bool:
         """Last health verdict (True: SERVING), for logs and tests."""
         return self._health_watcher is not None and self._health_watcher.serving
-
-    async def start(self) -> None:
-        try:
-            await self._open(self._exit)
-        except BaseException:
-            await self.close()  # what was opened so far (NATS, the pool), and only that
-            raise
 
     async def _open(self, stack: contextlib.AsyncExitStack) -> None:
         s = self.settings
@@ -321,23 +315,6 @@ class TaskStoreApp:
         return FairConfig(
             tenants, s.dispatch_buffer, s.priority_aging_seconds, round_seconds=s.dispatch_round_ms / 1000
         )
-
-    async def close(self) -> None:
-        """Stops what :meth:`start` opened, in the documented order; idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            await self._exit.aclose()
-        finally:
-            logs.announce("task_store_stopped")
-
-    async def __aenter__(self) -> TaskStoreApp:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
 
 async def serve(settings: Settings) -> None:

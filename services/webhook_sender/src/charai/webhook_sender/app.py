@@ -7,7 +7,7 @@ import contextlib
 import structlog
 from charai.core import logs, natsconn
 from charai.core.keys import keys
-from charai.core.lifecycle import run_until_signal
+from charai.core.lifecycle import ServiceApp, run_until_signal
 from charai.core.media import MEDIA_URL_PREFIX, UrlSigner
 from charai.core.metrics import Metrics
 from charai.core.metrics_endpoint import MetricsEndpoint
@@ -23,29 +23,23 @@ log = structlog.get_logger("webhook_sender")
 MEDIA_KEY_FILE = "media-signing.key"
 
 
-class SenderApp:
+class SenderApp(ServiceApp):
     """One sender process; its parts on an AsyncExitStack (a failed start closes what it opened;
     close is idempotent): NATS, the task_store client, the loop."""
 
+    stopped = "webhook_sender_stopped"
+
     def __init__(self, settings: SenderSettings) -> None:
+        super().__init__()
         self.settings = settings
         self.sender: Sender | None = None
         self.metrics = Metrics("webhook_sender")
-        self._exit = contextlib.AsyncExitStack()
-        self._closed = False
 
     def _presenter(self) -> UrlSigner:
         s = self.settings
         return UrlSigner(
             keys(s.media_signing_key.get_secret_value(), s.data_dir, MEDIA_KEY_FILE), int(s.media_url_ttl)
         )
-
-    async def start(self) -> None:
-        try:
-            await self._open(self._exit)
-        except BaseException:
-            await self.close()
-            raise
 
     async def _open(self, stack: contextlib.AsyncExitStack) -> None:
         s = self.settings
@@ -93,20 +87,6 @@ class SenderApp:
     def _observe(self, host: str, outcome: str, seconds: float) -> None:
         self.metrics.webhook_attempts.labels(host, outcome).inc()
         self.metrics.webhook_duration.labels(host).observe(seconds)
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        await self._exit.aclose()
-        logs.announce("webhook_sender_stopped")
-
-    async def __aenter__(self) -> SenderApp:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
 
 async def serve(app: SenderApp) -> None:
