@@ -253,24 +253,45 @@ async def _b1_once(client: CharaiClient, character: str, n: int, interval: float
 async def b2(
     runs: int, n: int, submit_concurrency: int = 64, drain: bool = True, warmup: int = 1000
 ) -> dict[str, list[dict[str, Any]]]:
-    e2e: list[dict[str, Any]] = []
     drained: list[dict[str, Any]] = []
     async with stack() as s, CharaiClient(s.gateway_grpc) as client:
-        for r in range(runs + 1):
-            count = n if r else min(n, warmup)
-            res = await _b2_e2e(s, client, f"b2-{r}-{uuid.uuid4().hex[:6]}", count, submit_concurrency)
-            if r:
-                e2e.append(res)
-                log(
-                    f"  charai B2 e2e run {r}: {res['tasks_per_s']:.0f} tasks/s,"
-                    f" {res['cpu_ms_per_task']:.2f} CPU-ms"
-                )
+        e2e = await _b2_runs(s, client, "b2", runs, n, submit_concurrency, warmup)
         if drain:
             for r in range(1, runs + 1):
                 res = await _b2_drain(s, client, f"b2d-{r}-{uuid.uuid4().hex[:6]}", n, submit_concurrency)
                 drained.append(res)
                 log(f"  charai B2 drain run {r}: {res['tasks_per_s']:.0f} tasks/s")
     return {"e2e": e2e, "drain": drained}
+
+
+async def b2_noop(
+    runs: int, n: int, submit_concurrency: int = 64, warmup: int = 1000
+) -> list[dict[str, Any]]:
+    """B2's load with a worker whose handler does nothing (:mod:`charai.devstack.noop_worker`):
+    the queue alone (creates, dispatch, claims, outcomes, acks, events), as the peers' empty job
+    functions measure theirs. No provider call, no media; no emulator either."""
+    async with stack(services=("task_store", "gateway")) as s, CharaiClient(s.gateway_grpc) as client:
+        await s.start_service("tts_worker", service="devstack.noop_worker")
+        await s.wait_for_line("tts_worker", "worker_started", 30)
+        return await _b2_runs(s, client, "b2-noop", runs, n, submit_concurrency, warmup)
+
+
+async def _b2_runs(
+    s: Stack, client: CharaiClient, label: str, runs: int, n: int, conc: int, warmup: int
+) -> list[dict[str, Any]]:
+    """A warm-up run (``warmup`` tasks), then ``runs`` of ``n``, each on a character of its own."""
+    out: list[dict[str, Any]] = []
+    for r in range(runs + 1):
+        res = await _b2_e2e(
+            s, client, f"{label}-{r}-{uuid.uuid4().hex[:6]}", n if r else min(n, warmup), conc
+        )
+        if r:
+            out.append(res)
+            log(
+                f"  charai {label} run {r}: {res['tasks_per_s']:.0f} tasks/s,"
+                f" {res['cpu_ms_per_task']:.2f} CPU-ms"
+            )
+    return out
 
 
 def _cpu(s: Stack) -> dict[str, float]:

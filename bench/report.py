@@ -35,10 +35,18 @@ HEADLINES: dict[str, list[tuple[str, str, list[str]]]] = {
         (
             "e2e tasks/s",
             "tasks_per_s|fetch_ack_per_s",
-            ["charai", "bullmq-durable-c1", "bullmq-c1", "bullmq-durable-c50", "celery", "floor-jetstream"],
+            [
+                "charai-noop",
+                "charai",
+                "bullmq-durable-c1",
+                "bullmq-c1",
+                "bullmq-durable-c50",
+                "celery",
+                "floor-jetstream",
+            ],
         ),
         ("drain tasks/s", "tasks_per_s", ["charai-drain", "bullmq-durable-c1-drain"]),
-        ("CPU-ms per task (all processes)", "cpu_ms_per_task", ["charai"]),
+        ("CPU-ms per task (all processes)", "cpu_ms_per_task", ["charai-noop", "charai"]),
     ],
     "B3": [
         (

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from charai.tts_worker.handler import TtsHandler
 from charai.worker.app import WorkerApp
+from charai.worker.context import Handler
 from charai.worker.http import ProviderConfig
 from charai.worker.settings import TtsWorkerSettings
 
 
-def build(settings: TtsWorkerSettings) -> WorkerApp:
+def build(settings: TtsWorkerSettings, handler: Handler | None = None) -> WorkerApp:
+    """The TTS worker; ``handler``: another handler of TTS jobs in its place (the benchmarks'
+    :mod:`charai.devstack.noop_worker`), :class:`TtsHandler` by default."""
     provider = ProviderConfig(
         base_url=settings.tts_api_base_url,
         api_key=settings.tts_api_key.get_secret_value(),
@@ -18,4 +21,4 @@ def build(settings: TtsWorkerSettings) -> WorkerApp:
         timeout=settings.tts_timeout_seconds,
         allow_private_urls=settings.provider_allow_private_urls,
     )
-    return WorkerApp(settings, "tts", TtsHandler(), provider, settings.tts_concurrency)
+    return WorkerApp(settings, "tts", handler or TtsHandler(), provider, settings.tts_concurrency)
