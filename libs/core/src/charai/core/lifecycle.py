@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import gc
@@ -68,7 +69,7 @@ async def run_until_signal(component: AbstractAsyncContextManager[Any], name: st
         log.info(f"{name}_draining")
 
 
-class ServiceApp:
+class ServiceApp(abc.ABC):
     """What every service's composition root shares (``GatewayApp``, ``TaskStoreApp``,
     ``WorkerApp``, ``SenderApp``): :meth:`_open` enters each part on an exit stack as it opens
     it, so a start that fails half-way closes exactly what it opened, and :meth:`close`
@@ -81,9 +82,9 @@ class ServiceApp:
         self._exit = contextlib.AsyncExitStack()
         self._closed = False
 
+    @abc.abstractmethod
     async def _open(self, stack: contextlib.AsyncExitStack) -> None:
         """Opens the app's parts, each entered on ``stack`` as soon as it is open."""
-        raise NotImplementedError
 
     async def start(self) -> None:
         try:
