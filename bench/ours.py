@@ -270,10 +270,17 @@ async def b2_noop(
     """B2's load with a worker whose handler does nothing (:mod:`charai.devstack.noop_worker`):
     the queue alone (creates, dispatch, claims, outcomes, acks, events), as the peers' empty job
     functions measure theirs. No provider call, no media; no emulator either."""
-    async with stack(services=("task_store", "gateway")) as s, CharaiClient(s.gateway_grpc) as client:
+    async with noop_stack() as s, CharaiClient(s.gateway_grpc) as client:
+        return await _b2_runs(s, client, "b2-noop", runs, n, submit_concurrency, warmup)
+
+
+@contextlib.asynccontextmanager
+async def noop_stack() -> AsyncIterator[Stack]:
+    """The stack with a TTS worker whose handler does nothing (:mod:`charai.devstack.noop_worker`)."""
+    async with stack(services=("task_store", "gateway")) as s:
         await s.start_service("tts_worker", service="devstack.noop_worker")
         await s.wait_for_line("tts_worker", "worker_started", 30)
-        return await _b2_runs(s, client, "b2-noop", runs, n, submit_concurrency, warmup)
+        yield s
 
 
 async def _b2_runs(

@@ -1,5 +1,6 @@
-"""``python -m bench profile --shape B2|B4|B4b|B1|B5``: py-spy on every Python service of the stack while
-the shape's load runs; prints where each process spends its CPU (self and inclusive time).
+"""``python -m bench profile --shape B2|B2noop|B4|B4b|B1|B5``: py-spy on every Python service of
+the stack while the shape's load runs (``B2noop``: B2's load on the no-op worker); prints where
+each process spends its CPU (self and inclusive time).
 
 py-spy is installed into bench/.venv-tools (never into the project venv). Raw collapsed stacks
 and the summary go to bench/results/profile-<shape>-<time>/.
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import grpc
 from charai.client import CharaiClient
+from charai.devstack.stack import Stack
 from charai.tasks.v1 import task_service_pb2
 
 from bench import ours
@@ -106,6 +108,17 @@ async def _profile_b5(out: Path, streams: int) -> Spies:
     return spies
 
 
+async def _profile_b2(s: Stack, client: CharaiClient, out: Path, n: int) -> Spies:
+    """B2's load (``n`` tasks, 64 creates in flight) with the services under py-spy."""
+    await ours._b2_e2e(s, client, "b2-warm", 500, 64)
+    spies = Spies({k: ours.pid(s, k) for k in SERVICES}, out)
+    await asyncio.sleep(1)
+    res = await ours._b2_e2e(s, client, "b2-prof", n, 64)
+    spies.stop()
+    log(f"B2 under py-spy: {res['tasks_per_s']:.0f} tasks/s")
+    return spies
+
+
 async def profile(shape: str, n: int, seconds: float) -> Path:
     ensure_py_spy()
     out = BENCH_DIR / "results" / f"profile-{shape}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -128,6 +141,9 @@ async def profile(shape: str, n: int, seconds: float) -> Path:
             log(f"{shape} under py-spy: {res['rps']:.0f} calls/s")
     elif shape == "B5":
         spies = await _profile_b5(out, n)
+    elif shape == "B2noop":
+        async with ours.noop_stack() as s, CharaiClient(s.gateway_grpc) as client:
+            spies = await _profile_b2(s, client, out, n)
     else:
         async with ours.stack() as s, CharaiClient(s.gateway_grpc) as client:
             if shape == "B1":
@@ -140,13 +156,9 @@ async def profile(shape: str, n: int, seconds: float) -> Path:
                 await asyncio.sleep(1)
                 res = await ours._b1_once(client, "b1-prof", n, 0.01)
                 log(f"B1 under py-spy: p50 {res['started_at_client_ms_p50']:.2f} ms")
+                spies.stop()
             else:
-                await ours._b2_e2e(s, client, "b2-warm", 500, 64)
-                spies = Spies({k: ours.pid(s, k) for k in SERVICES}, out)
-                await asyncio.sleep(1)
-                res = await ours._b2_e2e(s, client, "b2-prof", n, 64)
-                log(f"B2 under py-spy: {res['tasks_per_s']:.0f} tasks/s")
-            spies.stop()
+                spies = await _profile_b2(s, client, out, n)
     text = "\n\n".join(summarize(f) for f in spies.files.values() if f.exists() and f.stat().st_size)
     (out / "summary.txt").write_text(text)
     print(text)
