@@ -29,8 +29,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("setup", help="install redis-server, bullmq (npm) and Celery (bench/.venv-celery)")
     prof = sub.add_parser("profile", help="py-spy on the stack's Python services under one shape's load")
-    prof.add_argument("--shape", choices=("B1", "B2", "B2noop", "B4", "B4b", "B5"), default="B2")
-    prof.add_argument("--n", type=int, default=None, help="tasks (B1, B2, B2noop; 3000); streams (B5; 1000)")
+    prof.add_argument("--shape", choices=("B1", "B2", "B2noop", "B3", "B4", "B4b", "B5"), default="B2")
+    prof.add_argument(
+        "--n",
+        type=int,
+        default=None,
+        help="tasks (B1, B2, B2noop; 3000); jobs in flight (B3; 1000); streams (B5; 1000)",
+    )
     prof.add_argument("--seconds", type=float, default=15.0, help="B4, B4b: seconds of load")
     rep = sub.add_parser("report", help="write the report again from a raw results file")
     rep.add_argument("results", type=Path)
@@ -134,7 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.cmd == "profile":
         from bench.profile import profile
 
-        asyncio.run(profile(args.shape, args.n or (1000 if args.shape == "B5" else 3000), args.seconds))
+        n = args.n or (1000 if args.shape in ("B3", "B5") else 3000)
+        asyncio.run(profile(args.shape, n, args.seconds))
         return
     if args.cmd == "report":
         write_report(json.loads(args.results.read_text()), args.md)

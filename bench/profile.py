@@ -1,6 +1,7 @@
-"""``python -m bench profile --shape B2|B2noop|B4|B4b|B1|B5``: py-spy on every Python service of
-the stack while the shape's load runs (``B2noop``: B2's load on the no-op worker); prints where
-each process spends its CPU (self and inclusive time).
+"""``python -m bench profile --shape B2|B2noop|B3|B4|B4b|B1|B5``: py-spy on every Python service of
+the stack while the shape's load runs (``B2noop``: B2's load on the no-op worker; ``B3``: B3's at
+1,000 jobs in flight, the emulator profiled too); prints where each process spends its CPU (self
+and inclusive time).
 
 py-spy is installed into bench/.venv-tools (never into the project venv). Raw collapsed stacks
 and the summary go to bench/results/profile-<shape>-<time>/.
@@ -119,6 +120,33 @@ async def _profile_b2(s: Stack, client: CharaiClient, out: Path, n: int) -> Spie
     return spies
 
 
+async def _profile_b3(out: Path, n: int) -> Spies:
+    """B3's load at ``n`` jobs in flight: ``n`` TTS tasks (100 CreateTask calls in flight), one
+    worker of concurrency ``n``, the emulator answering each call after a seeded 1 to 2 s; after
+    a warm-up of 200 tasks, one run under py-spy with the emulator profiled too (it shares the
+    cores). Logs the run's efficiency and each process's CPU per task (from /proc)."""
+    draws = ours.Draws(7, 1.0, 2.0)
+    env, latency = {"CHARAI_TTS_CONCURRENCY": str(n)}, ["--latency", "1:2", "--seed", "7"]
+    async with (
+        ours.stack(env=env, emulator_args=latency) as s,
+        CharaiClient(s.gateway_grpc) as client,
+    ):
+        await ours._b3_once(s, client, draws, "b3-warm", 200, n)
+        spies = Spies({k: ours.pid(s, k) for k in (*SERVICES, "emulator")}, out)
+        await asyncio.sleep(1)
+        before = ours._cpu(s)
+        res = await ours._b3_once(s, client, draws, "b3-prof", n, n)
+        cpu = ours._cpu_delta(before, ours._cpu(s), n)
+        spies.stop()
+    total = cpu.pop("cpu_ms_per_task")
+    per = ", ".join(f"{k.removeprefix('cpu_ms_per_task_')} {v:.2f}" for k, v in cpu.items())
+    log(
+        f"B3 under py-spy: efficiency {res['efficiency']:.3f}, creates {res['submit_s']:.2f} s of a"
+        f" {res['makespan_s']:.2f} s makespan; CPU-ms per task {total:.2f} ({per})"
+    )
+    return spies
+
+
 async def profile(shape: str, n: int, seconds: float) -> Path:
     ensure_py_spy()
     out = BENCH_DIR / "results" / f"profile-{shape}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -141,6 +169,8 @@ async def profile(shape: str, n: int, seconds: float) -> Path:
             log(f"{shape} under py-spy: {res['rps']:.0f} calls/s")
     elif shape == "B5":
         spies = await _profile_b5(out, n)
+    elif shape == "B3":
+        spies = await _profile_b3(out, n)
     elif shape == "B2noop":
         async with ours.noop_stack() as s, CharaiClient(s.gateway_grpc) as client:
             spies = await _profile_b2(s, client, out, n)
