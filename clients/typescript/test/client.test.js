@@ -48,7 +48,8 @@ test("the seed's calls: submit an image and a voice, follow both to the end, lis
   const voice = await charai.submitTTSTask({
     characterId,
     characterName: "Li Ming",
-    text: "Hello, I am Li Ming.",
+    // A second at the provider, as the image: its end normally arrives on the watch below.
+    text: "Hello, I am Li Ming. [[latency:1]]",
     voiceStyle: "tongtong",
     options: { speed: 1.2, volume: 1, responseFormat: "mp3" },
     // A task with a character callback gets category character_design unless it has its own.
@@ -70,7 +71,15 @@ test("the seed's calls: submit an image and a voice, follow both to the end, lis
     assert.equal(done.status, TaskStatus.COMPLETED, JSON.stringify(done.error));
     assert.equal(done.progress, 100);
     assert.equal(events[0].type, TaskEventType.SNAPSHOT);
-    assert.equal(events.at(-1).type, TaskEventType.COMPLETED);
+    // The end arrives live, unless the task had ended before its watch began (a busy machine):
+    // then the snapshot shows it completed and is all the watch has to hand out.
+    const last = events.at(-1);
+    if (last.type === TaskEventType.SNAPSHOT) {
+      assert.equal(events.length, 1, "a snapshot is only ever the first event");
+      assert.equal(last.task.status, TaskStatus.COMPLETED);
+    } else {
+      assert.equal(last.type, TaskEventType.COMPLETED);
+    }
     assert.ok(!events.some((e) => e.type === TaskEventType.HEARTBEAT), "heartbeats are not passed on");
     assertIncreasing(events, done.id);
   }
