@@ -9,19 +9,27 @@ first test looks at its own process's descriptors from inside such a transaction
 savepoints that each rewrote ~400 KiB of pages (the third then fails, and is undone).
 
 PostgreSQL makes each savepoint that writes a subtransaction: ``write_each`` keeps at most 64 of
-them in one transaction (the second test)."""
+them in one transaction (the second test).
+
+Several operations first share one savepoint, and run again one savepoint each only when one of
+them fails (the third test)."""
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import os
+import sqlite3
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from charai.store.v1 import store_service_pb2 as spb
 from charai.task_store.postgres_backend import PostgresBackend
-from charai.task_store.sqlite_backend import SqliteBackend
+from charai.task_store.push import Offers, Outlet, pushed_response
+from charai.task_store.sqlite_backend import SqliteBackend, SqliteTx
 from charai.task_store.units import Unit, UnitRunner
+from charai.tasks.v1 import task_pb2
 
 from tests.pg import PgDatabase
 
@@ -119,5 +127,79 @@ async def test_postgresql_runs_at_most_64_savepoints_per_transaction(postgres: P
         # In order: each transaction holds a run of consecutive operations, and began after the last.
         firsts = [min(r[0] for r in rows if r[1] == x) for x in sorted(per_transaction)]
         assert firsts == [0, 64, 128]
+    finally:
+        await backend.close()
+
+
+async def test_operations_share_one_savepoint_until_one_fails_then_run_one_savepoint_each(
+    tmp_path: Path,
+) -> None:
+    """``write_each`` runs several operations in one savepoint. When one of them raises, that
+    savepoint is undone, with the pushes it recorded (their slots go back to the offer), and every
+    operation runs again in a savepoint of its own: the answers, the rows and the pushes sent are
+    those of one savepoint each from the start."""
+    backend = SqliteBackend(tmp_path / "tasks.db", checkpoint_interval=-1)
+    await backend.open()
+    try:
+        units = UnitRunner(backend)
+        runs: collections.Counter[int] = collections.Counter()
+        statements: list[str] = []
+
+        async def setup(unit: Unit) -> None:
+            await unit.tx.execute("CREATE TABLE scratch (k INTEGER PRIMARY KEY)")
+            assert isinstance(unit.tx, SqliteTx)
+            conn: sqlite3.Connection = unit.tx._conn  # the database thread's connection
+            conn.set_trace_callback(statements.append)
+
+        await units.write(setup)
+
+        def pushing(k: int, offers: Offers) -> Callable[[Unit], Coroutine[Any, Any, int]]:
+            async def op(unit: Unit) -> int:
+                runs[k] += 1
+                await unit.tx.execute("INSERT INTO scratch (k) VALUES (?)", k)
+                taken = offers.take(task_pb2.TASK_TYPE_TTS_GENERATION)
+                assert taken is not None
+                job = spb.Job(task_id=f"task_{k}", dispatch_gen=1)
+                unit.pushed.append((taken[0], pushed_response(job, spb.ClaimTaskResponse())))
+                return k
+
+            return op
+
+        async def failing(unit: Unit) -> int:
+            runs[0] += 1
+            await unit.tx.execute("INSERT INTO scratch (k) VALUES (99)")
+            raise ValueError("refused after its write")
+
+        def offered() -> tuple[Offers, asyncio.Queue[object]]:
+            offers, queue = Offers(30.0), asyncio.Queue[object]()
+            outlet = Outlet(queue, asyncio.get_running_loop())
+            offers.offer(
+                outlet,
+                spb.WorkerOffer(worker_id="w1", types=[task_pb2.TASK_TYPE_TTS_GENERATION], slots=3),
+            )
+            return offers, queue
+
+        # All succeed: one savepoint for the three, each operation run once.
+        offers, queue = offered()
+        units.offers = offers
+        statements.clear()
+        assert await units.write_each([pushing(k, offers) for k in (1, 2, 3)]) == [1, 2, 3]
+        assert statements.count("SAVEPOINT each") == 1
+        assert runs == {1: 1, 2: 1, 3: 1}
+        assert (offers.slots, offers.pushed, queue.qsize()) == (0, 3, 3)
+
+        # The second fails: the first ran in the shared savepoint, then all three one by one.
+        offers, queue = offered()
+        units.offers = offers
+        statements.clear()
+        runs.clear()
+        answers = await units.write_each([pushing(4, offers), failing, pushing(5, offers)])
+        assert answers[0] == 4 and isinstance(answers[1], ValueError) and answers[2] == 5
+        assert statements.count("SAVEPOINT each") == 1 + 3
+        assert runs == {4: 2, 0: 2, 5: 1}
+        # Only the pushes of the operations that committed were sent; the others' slots are back.
+        assert (offers.slots, offers.pushed, queue.qsize()) == (1, 2, 2)
+        rows = await backend.read(lambda tx: tx.fetch("SELECT k FROM scratch ORDER BY k"))
+        assert [r[0] for r in rows] == [1, 2, 3, 4, 5]
     finally:
         await backend.close()

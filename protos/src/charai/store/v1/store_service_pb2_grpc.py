@@ -298,8 +298,10 @@ class TaskStoreServiceServicer:
         one commit where the database allows (SQLite: one group commit, so one fsync); the creates
         (single and batch) of one tenant share one transaction on both databases, and so do a
         worker's claims, progress reports and outcomes (run in task id order; one task's commands in
-        the order sent), each command in a savepoint of its own, so a refused or failed one is rolled
-        back alone and answered with its own error (a batch stays all or none). On PostgreSQL, where
+        the order sent), each command as if in a savepoint of its own, so a refused or failed one is
+        rolled back alone and answered with its own error (a batch stays all or none): the commands
+        first share one savepoint, and run again one savepoint each only when one of them fails, so
+        the answers are the same either way. On PostgreSQL, where
         each savepoint is a subtransaction, more than 64 such commands run as several transactions
         of at most 64, one after the other (past 64 subtransactions a transaction slows every
         snapshot taken meanwhile, on the primary and its standbys). The call

@@ -236,8 +236,9 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
         commands = request.commands
         answers: list[spb.StoreAnswer] = [spb.StoreAnswer()] * len(commands)
         # The creates (single and batch) of one tenant share one transaction (create_each), and
-        # so do a worker's claims, progress reports and outcomes (worker_each): a savepoint each
-        # instead of a unit of work, a database job and an asyncio task each.
+        # so do a worker's claims, progress reports and outcomes (worker_each): each command as if
+        # in a savepoint of its own (UnitRunner.write_each) instead of a unit of work, a database
+        # job and an asyncio task each.
         creates: dict[str, list[int]] = {}
         work: list[int] = []
         for i, command in enumerate(commands):

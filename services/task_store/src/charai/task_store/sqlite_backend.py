@@ -157,13 +157,14 @@ class SqliteBackend:
             # WAL + NORMAL may lose committed transactions on power loss; FULL does not.
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA busy_timeout=5000")
-            # Every unit runs in a savepoint (group commit), every command of a worker's call in
-            # one more (UnitRunner.write_each); SQLite keeps the pages a savepoint changes in a
-            # statement journal, which spills to a temporary file past 64 KiB unless temporary
-            # storage is in memory. On disk that was a file created, unlinked and written page by
-            # page (~120 pwrite calls per task under B2's load, 3x the log's own writes) in most
-            # transactions. The journal lives until the commit and never needs to survive a crash
-            # (the write-ahead log does that), so memory loses nothing.
+            # Every unit runs in a savepoint (group commit), the commands of an Exchange call in
+            # one more (UnitRunner.write_each; one each should one fail); SQLite keeps the pages a
+            # savepoint changes in a statement journal, which spills to a temporary file past
+            # 64 KiB unless temporary storage is in memory. On disk that was a file created,
+            # unlinked and written page by page (~120 pwrite calls per task under B2's load, 3x
+            # the log's own writes) in most transactions. The journal lives until the commit and
+            # never needs to survive a crash (the write-ahead log does that), so memory loses
+            # nothing.
             conn.execute("PRAGMA temp_store=MEMORY")
             self._migrate(conn)
             if self.checkpointer is not None:
