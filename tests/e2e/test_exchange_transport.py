@@ -40,7 +40,9 @@ async def test_a_task_completes_over_either_exchange_transport(
     ):
         task = await client.create_tts("char_transport", f"exchange stream {setting}")
         events = [event async for event in client.watch(task.id)]
-        assert events[-1].type == task_pb2.TASK_EVENT_TYPE_COMPLETED
+        # The end, live; or, on a busy machine, a snapshot taken after the task had completed.
+        assert events[-1].type in (task_pb2.TASK_EVENT_TYPE_COMPLETED, task_pb2.TASK_EVENT_TYPE_SNAPSHOT)
+        assert events[-1].task.status == task_pb2.TASK_STATUS_COMPLETED
         assert events[-1].task.tts_result.size_bytes > 0
 
         async def counted() -> bool:
