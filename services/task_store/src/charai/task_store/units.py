@@ -275,12 +275,12 @@ class UnitRunner:
         were when the transaction began. On PostgreSQL the events lock is then held from the
         first operation's events to the commit.
 
-        Several operations first run together in one savepoint (:meth:`_all_or_none`): one
+        Several operations first run together in one savepoint (:meth:`_in_savepoint`): one
         savepoint instead of one each, and pages that several of them change (a table's or an
         index's last leaf) are saved for rollback once. Should any of them raise, that savepoint
-        is rolled back and they all run again, each in a savepoint of its own
-        (:meth:`_one_by_one`), so the answers are the same either way; an operation is written to
-        run again anyway (a retried transaction runs the whole unit again).
+        is rolled back and they all run again, each in a savepoint of its own, so the answers are
+        the same either way; an operation is written to run again anyway (a retried transaction
+        runs the whole unit again).
 
         Past the dialect's ``max_savepoints`` (PostgreSQL: 64), the operations run in order as
         several such transactions of at most that many each, one after the other, so a caller
@@ -293,16 +293,21 @@ class UnitRunner:
 
         async def op(unit: Unit) -> list[T | Exception]:
             if len(ops) > 1:
-                answers = await self._all_or_none(unit, ops)
-                if answers is not None:
-                    return answers
-            return await self._one_by_one(unit, ops)
+                together = await self._in_savepoint(unit, ops)
+                if not isinstance(together, Exception):
+                    return together
+            answers: list[T | Exception] = []
+            for one in ops:
+                alone = await self._in_savepoint(unit, [one])
+                answers.append(alone if isinstance(alone, Exception) else alone[0])
+            return answers
 
         return await self.write(op)
 
-    async def _all_or_none(self, unit: Unit, ops: Sequence[Op[T]]) -> list[T | Exception] | None:
-        """The operations' results, all run in one savepoint; None (everything they wrote and
-        recorded undone) when one of them raised."""
+    async def _in_savepoint(self, unit: Unit, ops: Sequence[Op[T]]) -> list[T | Exception] | Exception:
+        """Runs ``ops`` in order in one savepoint: their results; or, when one of them raises,
+        its error, with everything they wrote and recorded undone (the pushes they recorded give
+        their offers' slots back)."""
         mark = unit.mark()
         await unit.tx.execute("SAVEPOINT each")
         answers: list[T | Exception] = []
@@ -314,39 +319,14 @@ class UnitRunner:
         except Exception as exc:
             if isinstance(exc, self._db.retryable):
                 raise
-            await self._roll_back(unit, mark)
-            return None
-        await unit.tx.execute("RELEASE SAVEPOINT each")
-        return answers
-
-    async def _one_by_one(self, unit: Unit, ops: Sequence[Op[T]]) -> list[T | Exception]:
-        """Each operation's result or error, each in a savepoint of its own."""
-        answers: list[T | Exception] = []
-        for one in ops:
-            mark = unit.mark()
-            await unit.tx.execute("SAVEPOINT each")
-            try:
-                answer = await one(unit)
-                unit.written.extend(await self._append_events(unit))
-                unit.saves.clear()
-            except Exception as exc:
-                if isinstance(exc, self._db.retryable):
-                    raise
-                await self._roll_back(unit, mark)
-                answers.append(exc)
-                continue
+            await unit.tx.execute("ROLLBACK TO SAVEPOINT each")
             await unit.tx.execute("RELEASE SAVEPOINT each")
-            answers.append(answer)
-        return answers
-
-    async def _roll_back(self, unit: Unit, mark: Mark) -> None:
-        """Undoes what the unit wrote and recorded since ``mark`` (taken before ``SAVEPOINT
-        each``), and ends that savepoint; pushes it recorded give their offers' slots back."""
-        await unit.tx.execute("ROLLBACK TO SAVEPOINT each")
+            for outlet in unit.reset(mark):
+                if self.offers is not None:
+                    self.offers.give_back(outlet)
+            return exc
         await unit.tx.execute("RELEASE SAVEPOINT each")
-        for outlet in unit.reset(mark):
-            if self.offers is not None:
-                self.offers.give_back(outlet)
+        return answers
 
     async def _write_chunks(self, chunks: Sequence[Sequence[Op[T]]]) -> list[T | Exception]:
         answers: list[T | Exception] = []
