@@ -188,7 +188,9 @@ async def put_new_object(js: Any, publisher: Any, bucket: str, key: str, data: b
     trip to the server between them (one per object of up to 128 KiB; ``bench.media_put``). A chunk
     that fits in one message is published as it is, not copied. If any publish fails or is not
     acknowledged in time, the chunks and the meta message are purged (a refused chunk may be
-    followed by a stored one and a stored meta message) and the error is raised."""
+    followed by a stored one and a stored meta message; when a publish was refused, the purge
+    waits for the others' answers first, so it cannot overtake a message still being stored) and
+    the error is raised."""
     from nats.js import api
     from nats.js import object_store as obj
     from nats.js.kv import MSG_ROLLUP_SUBJECT
@@ -226,9 +228,17 @@ async def put_new_object(js: Any, publisher: Any, bucket: str, key: str, data: b
         )
         async with asyncio.timeout(PUT_ACK_TIMEOUT * len(acks)):
             await asyncio.gather(*acks)
-    except BaseException:
+    except BaseException as exc:
+        pending = [ack for ack in acks if not ack.done()]
+        if pending and isinstance(exc, Exception) and not isinstance(exc, TimeoutError):
+            # A message was refused while NATS answers: wait until the others are stored or
+            # refused too (the meta message after a chunk that did not fit may still be on its
+            # way into the stream), or the purge below can overtake one and leave it behind.
+            await asyncio.wait(pending, timeout=PUT_ACK_TIMEOUT)
         for ack in acks:
             ack.cancel()  # frees its place among nats-py's pending publishes
+            if ack.done() and not ack.cancelled():
+                ack.exception()  # retrieved: the error raised is the first one
         stream = obj.OBJ_STREAM_TEMPLATE.format(bucket=bucket)
         for subject in (meta_subject, chunk_subject):
             with contextlib.suppress(Exception):
