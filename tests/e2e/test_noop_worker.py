@@ -57,5 +57,5 @@ async def test_the_noop_worker_uses_its_own_gate(stack: Stack) -> None:
     """Its per-process gate, unlimited: the shared one of a credential no call has verified would
     let one job at a time call (and a few be claimed ahead), which a handler that never calls
     would never lift."""
-    line = await stack.wait_for_line("tts_worker", "provider_configured", 10)
-    assert line["shared_limits"] is False
+    configured = await stack.wait_for_line("tts_worker", "provider_configured", 10)
+    assert configured["shared_limits"] is False
