@@ -33,3 +33,21 @@ def test_bench_quick_b1_writes_its_figures(tmp_path: Path) -> None:
         value = charai["summary"][figure]["median"]
         assert math.isfinite(value) and 0 < value < 5000, (figure, value)
     assert {g["figure"] for g in b1["goals"]} >= {"submit -> started at client, p99"}
+
+
+@pytest.mark.timeout(90)
+def test_create_cost_measures_both_shapes_and_their_bound() -> None:
+    """``python -m bench.create_cost``: CPU per task of CreateTask and BatchCreateTasks, measured."""
+    args = [sys.executable, "-m", "bench.create_cost", "--seconds", "0.5", "--pairs", "1"]
+    args += ["--concurrency", "8"]
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=80, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout)
+    assert [r["method"] for r in out["runs"]] == ["CreateTask", "BatchCreateTasks"]
+    for run in out["runs"]:
+        assert run["errors"] == 0 and run["tasks_per_s"] > 0, run
+        assert all(run[f"{k}_us"] > 0 for k in ("gateway", "task_store", "loadgen")), run
+    bound = out["bound"]
+    # No store cost at all can only raise what the fixed costs allow.
+    assert bound["ratio_if_creates_cost_the_store_nothing"] >= bound["ratio_at_measured_store_cost"] > 0
+    assert "store_us_per_task_for_4x" in bound
