@@ -288,6 +288,34 @@ async def test_worker_commands_in_one_transaction_answer_as_their_own_commands(r
     assert (c.id, EV.TASK_EVENT_TYPE_STARTED) in published
 
 
+async def test_every_event_published_carries_the_sequence_it_was_stored_under(rec: Recorded) -> None:
+    # A unit inserts its events and its jobs' outbox rows and reads back their keys (SQLite: the
+    # rowid the key is, not RETURNING). Tasks interleaved in one call, a refused command among
+    # them, and a task row (with its trigger) written between the inserts: each published event's
+    # sequence, and the chain to the one before it, are those of the stored event.
+    store = rec.store
+    start = len(rec.envelopes)
+    a, b = [(await store.create("t1", image_request()))[0] for _ in range(2)]
+    for task in (a, b):
+        assert (await store.claim(task.id, 1, "w1")).outcome == RUN
+    await store.worker_each(
+        [
+            spb.ReportProgressRequest(task_id=a.id, attempt=1, progress=30, stage="generating"),
+            spb.ReportProgressRequest(task_id=b.id, attempt=9, progress=30, stage="generating"),  # refused
+            spb.ReportProgressRequest(task_id=b.id, attempt=1, progress=40, stage="generating"),
+            complete_req(a.id, 1),
+            spb.ReportProgressRequest(task_id=b.id, attempt=1, progress=50, stage="generating"),
+        ]
+    )
+    published = rec.envelopes[start:]
+    for task in (a, b):
+        stored = [(e.sequence, e.type, e.task.progress) for e in await rec.events(task.id)]
+        mine = [e for e in published if e.event.task.id == task.id]
+        assert [(e.event.sequence, e.event.type, e.event.task.progress) for e in mine] == stored
+        assert [e.prev_sequence for e in mine] == [0] + [seq for seq, _, _ in stored[:-1]]
+    assert len({e.event.sequence for e in published}) == len(published) == 8
+
+
 async def test_a_command_in_one_transaction_sees_what_the_commands_before_it_wrote(rec: Recorded) -> None:
     # A late progress report after its task's completion, in the same call: refused as it would
     # be alone (the task ended), not decided on the row as it was before the completion (which

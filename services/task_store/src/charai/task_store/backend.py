@@ -40,6 +40,13 @@ class Tx(Protocol):
 
     async def fetchval(self, sql: str, *args: Any) -> Any: ...
 
+    async def insert(self, sql: str, key: str, *args: Any) -> int:
+        """Runs one ``INSERT`` of one row (no ``RETURNING``, no ``ON CONFLICT``: it inserts or
+        raises) and returns the row's integer key column ``key``. SQLite reads the rowid that an
+        ``INTEGER PRIMARY KEY`` is, which costs ~4 µs less per row than ``RETURNING``;
+        PostgreSQL appends ``RETURNING key``."""
+        ...
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Dialect:

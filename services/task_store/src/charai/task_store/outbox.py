@@ -100,9 +100,10 @@ class Outbox:
                 now,
             )
             return None
-        row_id = await tx.fetchval(
+        row_id = await tx.insert(
             "INSERT INTO outbox (task_id, dispatch_gen, subject, payload, created, claimed_by, claimed_until)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "id",
             job.task_id,
             job.dispatch_gen,
             subject,

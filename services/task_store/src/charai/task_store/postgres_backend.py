@@ -87,6 +87,9 @@ class PgTx:
     async def fetchval(self, sql: str, *args: Any) -> Any:
         return await self._conn.fetchval(numbered(sql), *args)
 
+    async def insert(self, sql: str, key: str, *args: Any) -> int:
+        return int(await self._conn.fetchval(numbered(f"{sql} RETURNING {key}"), *args))
+
 
 class PostgresBackend:
     """:class:`~charai.task_store.backend.Backend` on a PostgreSQL database."""

@@ -72,6 +72,12 @@ class SqliteTx:
         row = await self.fetchrow(sql, *args)
         return None if row is None else row[0]
 
+    async def insert(self, sql: str, key: str, *args: Any) -> int:
+        # ``key`` is the table's INTEGER PRIMARY KEY, the rowid itself.
+        rowid = self._conn.execute(sql, args).lastrowid
+        assert rowid is not None, sql
+        return rowid
+
 
 @dataclasses.dataclass(slots=True)
 class _Job:

@@ -369,9 +369,9 @@ class UnitRunner:
                 save.lease_owner,
             )
             return int(seq)
-        seq = await tx.fetchval(
-            "INSERT INTO events (task_id, tenant, task_type, type, time, task)"
-            " VALUES (?, ?, ?, ?, ?, ?) RETURNING seq",
+        seq = await tx.insert(
+            "INSERT INTO events (task_id, tenant, task_type, type, time, task) VALUES (?, ?, ?, ?, ?, ?)",
+            "seq",
             *event_args,
         )
         if save.fresh:
