@@ -159,12 +159,13 @@ class CreateCommands:
             columns += ", metadata"
             values += ", ?::jsonb"
             args.append(json.dumps(dict(task.metadata), separators=(",", ":")))
-        inserted = await unit.tx.fetchval(
+        # The count of rows inserted, not RETURNING id: SQLite steps no result row (~4 µs).
+        inserted = await unit.tx.execute(
             f"INSERT INTO tasks ({columns}) VALUES ({values})"
-            " ON CONFLICT (tenant, request_id) WHERE request_id IS NOT NULL DO NOTHING RETURNING id",
+            " ON CONFLICT (tenant, request_id) WHERE request_id IS NOT NULL DO NOTHING",
             *args,
         )
-        if inserted is None:
+        if not inserted:
             return None
         if not self._metadata_json:
             await unit.tx.executemany(

@@ -130,11 +130,11 @@ class UsageLedger:
         metered = metered_of(report)
         now = self._clock.now_us()
         cost = self._prices.cost_micros(metered)
-        inserted = await tx.fetchval(
+        inserted = await tx.execute(  # the count of rows inserted (no RETURNING row to step)
             "INSERT INTO usage_records (task_id, attempt, tenant, provider, model, day, time, calls,"
             " images, image_size, image_quality, speech_characters, audio_us, cost_micros, reused)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (task_id, attempt) DO NOTHING RETURNING attempt",
+            " ON CONFLICT (task_id, attempt) DO NOTHING",
             task.id,
             attempt,
             tenant,
@@ -151,7 +151,7 @@ class UsageLedger:
             cost,
             int(metered.reused),
         )
-        if inserted is None:
+        if not inserted:
             return False
         add_to_task(task, metered, cost)
         if direct:
