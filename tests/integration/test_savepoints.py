@@ -12,7 +12,9 @@ PostgreSQL makes each savepoint that writes a subtransaction: ``write_each`` kee
 them in one transaction (the second test).
 
 Several operations first share one savepoint, and run again one savepoint each only when one of
-them fails (the third test)."""
+them fails (the third test). A unit of work alone in its commit runs with no savepoint of its
+own; a failing one is undone with the whole transaction, while units that share a commit keep a
+savepoint each (the fourth test)."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import asyncio
 import collections
 import os
 import sqlite3
+import threading
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,7 @@ from charai.task_store.sqlite_backend import SqliteBackend, SqliteTx
 from charai.task_store.units import Unit, UnitRunner
 from charai.tasks.v1 import task_pb2
 
+from tests.conftest import eventually
 from tests.pg import PgDatabase
 
 ROWS = 200
@@ -201,5 +205,77 @@ async def test_operations_share_one_savepoint_until_one_fails_then_run_one_savep
         assert (offers.slots, offers.pushed, queue.qsize()) == (1, 2, 2)
         rows = await backend.read(lambda tx: tx.fetch("SELECT k FROM scratch ORDER BY k"))
         assert [r[0] for r in rows] == [1, 2, 3, 4, 5]
+    finally:
+        await backend.close()
+
+
+async def test_a_unit_alone_in_its_commit_runs_without_a_savepoint_of_its_own(tmp_path: Path) -> None:
+    backend = SqliteBackend(tmp_path / "tasks.db", checkpoint_interval=-1)
+    await backend.open()
+    try:
+        statements: list[str] = []
+
+        async def setup(tx: Any) -> None:
+            await tx.execute("CREATE TABLE scratch (k INTEGER PRIMARY KEY)")
+            tx._conn.set_trace_callback(statements.append)  # the database thread's connection
+
+        await backend.write(setup)
+
+        def insert(k: int, fail: bool = False) -> Callable[[Any], Coroutine[Any, Any, int]]:
+            async def body(tx: Any) -> int:
+                await tx.execute("INSERT INTO scratch (k) VALUES (?)", k)
+                if fail:
+                    raise ValueError(f"refused after writing {k}")
+                return k
+
+            return body
+
+        committed: list[int] = []
+        # Alone: no savepoint; its row commits.
+        statements.clear()
+        assert await backend.write(insert(1), on_commit=lambda: committed.append(1)) == 1
+        assert statements == ["BEGIN IMMEDIATE", "INSERT INTO scratch (k) VALUES (1)", "COMMIT"]
+        # Alone and failing after its write: the caller gets its error, the transaction is rolled
+        # back (its row gone, no commit hook), and the next unit begins a transaction of its own.
+        statements.clear()
+        try:
+            await backend.write(insert(2, fail=True), on_commit=lambda: committed.append(2))
+        except ValueError as exc:
+            assert "refused after writing 2" in str(exc)
+        else:
+            raise AssertionError("the failing unit's error did not reach its caller")
+        assert statements == ["BEGIN IMMEDIATE", "INSERT INTO scratch (k) VALUES (2)", "ROLLBACK"]
+        assert await backend.write(insert(3), on_commit=lambda: committed.append(3)) == 3
+
+        # Two units in one commit: a savepoint each, the failing one undone alone. The database
+        # thread is held inside a unit until both are queued behind it, so they form one batch.
+        entered, gate = threading.Event(), threading.Event()
+
+        async def hold(tx: Any) -> None:
+            entered.set()
+            assert gate.wait(30)
+
+        holding = asyncio.ensure_future(backend.write(hold))
+        assert await asyncio.to_thread(entered.wait, 30)
+        good = asyncio.ensure_future(backend.write(insert(4), on_commit=lambda: committed.append(4)))
+        bad = asyncio.ensure_future(
+            backend.write(insert(5, fail=True), on_commit=lambda: committed.append(5))
+        )
+        await eventually(lambda: backend._queue.qsize() == 2)
+        statements.clear()
+        gate.set()
+        await holding
+        assert await good == 4
+        try:
+            await bad
+        except ValueError:
+            pass
+        else:
+            raise AssertionError("the failing unit's error did not reach its caller")
+        assert statements.count("SAVEPOINT unit") == 2 and "ROLLBACK TO unit" in statements
+        assert statements[-1] == "COMMIT"
+        rows = await backend.read(lambda tx: tx.fetch("SELECT k FROM scratch ORDER BY k"))
+        assert [r[0] for r in rows] == [1, 3, 4]
+        assert committed == [1, 3, 4]
     finally:
         await backend.close()

@@ -4,7 +4,7 @@ journals (the savepoints' undo pages) in memory.
 SQLite has one writer anyway, so every unit of work runs on the database thread, one after the
 other: sequences are assigned in commit order, and ``on_commit`` is called from that thread right
 after the commit, in that same order (the event publisher relies on it). ``on_sealed`` is called
-from that thread as soon as a unit's savepoint is released, before the COMMIT: whatever it starts
+from that thread as soon as a unit's work is done, before the COMMIT: whatever it starts
 can only reach this thread's queue, so it is decided after the commit. Writes queued together
 share one commit (group commit, see :class:`SqliteBackend`).
 
@@ -120,8 +120,9 @@ class SqliteBackend:
     """:class:`~charai.task_store.backend.Backend` on a SQLite file.
 
     Group commit: the database thread takes every unit of work queued at that moment and runs the
-    writes in ONE transaction, each inside its own savepoint (a unit that fails rolls back alone),
-    then commits once (one fsync for the batch) and answers every caller. Nobody is answered
+    writes in ONE transaction, each inside its own savepoint (a unit that fails rolls back alone;
+    a unit alone in its batch needs none, and its failure rolls the transaction back), then
+    commits once (one fsync for the batch) and answers every caller. Nobody is answered
     before the commit, so "acknowledged means on disk" holds exactly as with a commit per unit;
     under load the fsync cost is shared instead of paid in a queue.
     """
@@ -163,7 +164,7 @@ class SqliteBackend:
             # WAL + NORMAL may lose committed transactions on power loss; FULL does not.
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA busy_timeout=5000")
-            # Every unit runs in a savepoint (group commit), the commands of an Exchange call in
+            # Every unit sharing a commit runs in a savepoint, the commands of an Exchange call in
             # one more (UnitRunner.write_each; one each should one fail); SQLite keeps the pages a
             # savepoint changes in a statement journal, which spills to a temporary file past
             # 64 KiB unless temporary storage is in memory. On disk that was a file created,
@@ -302,12 +303,21 @@ class SqliteBackend:
         except BaseException as exc:
             return [(job, None, exc) for job in writes]
         outcomes: list[_Outcome] = []
+        # A unit alone in its commit (an idle store's every command) needs no savepoint of its
+        # own: if it fails, the whole transaction is rolled back instead, to the same effect.
+        lone = len(writes) == 1
         for job in writes:
             try:
-                conn.execute("SAVEPOINT unit")
+                if not lone:
+                    conn.execute("SAVEPOINT unit")
                 result = run_to_completion(job.body(SqliteTx(conn)))
-                conn.execute("RELEASE unit")
+                if not lone:
+                    conn.execute("RELEASE unit")
             except BaseException as exc:
+                if lone:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                    return [(job, None, exc)]
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK TO unit")
                     conn.execute("RELEASE unit")
