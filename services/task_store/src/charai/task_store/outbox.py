@@ -112,7 +112,7 @@ class Outbox:
             handed_claimant(self.hand_off_owner),
             now + self._hand_off_us,
         )
-        return OutboxRow(int(row_id), job.task_id, job.dispatch_gen, subject, payload)
+        return OutboxRow(row_id, job.task_id, job.dispatch_gen, subject, payload)
 
     # -- relays ------------------------------------------------------------------------------
     async def pending(self, limit: int = 256) -> list[OutboxRow]:

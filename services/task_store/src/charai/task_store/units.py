@@ -375,10 +375,8 @@ class UnitRunner:
             *event_args,
         )
         if save.fresh:
-            await tx.execute(
-                "UPDATE tasks SET last_seq = ?, task = ? WHERE id = ?", int(seq), save.blob, task.id
-            )
-            return int(seq)
+            await tx.execute("UPDATE tasks SET last_seq = ?, task = ? WHERE id = ?", seq, save.blob, task.id)
+            return seq
         # An event that keeps the indexed state columns leaves them out of the write (see _Save).
         state = () if save.same_state else (int(task.status), save.next_attempt_time, save.now)
         await tx.execute(
@@ -387,8 +385,8 @@ class UnitRunner:
             task.attempt,
             save.lease_expires,
             save.lease_owner,
-            int(seq),
+            seq,
             save.blob,
             task.id,
         )
-        return int(seq)
+        return seq
