@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from charai.core.domain.fairshare import FairQueue
 from charai.core.tenants import TenantPolicy, Tenants
+from charai.task_store import backlog
 from charai.task_store.app import TaskStoreApp
 from charai.task_store.backlog import URGENCY, FairConfig
 from charai.task_store.settings import Settings
@@ -220,9 +221,16 @@ async def test_a_claim_runs_a_waiting_tenants_released_job_instead(db: Database)
         assert mine.task is not None and mine.task.id == a[3].id
 
 
-async def test_queue_positions_follow_the_fair_order(db: Database) -> None:
+@pytest.mark.parametrize("behind_scan", [256, 1], ids=["count-behind", "count-ahead"])
+async def test_queue_positions_follow_the_fair_order(
+    db: Database, monkeypatch: pytest.MonkeyPatch, behind_scan: int
+) -> None:
     """A held task's queue_position is its place in release order (what the model's place()
-    computes, plus the released jobs ahead), and the tasks then start in that order."""
+    computes, plus the released jobs ahead), and the tasks then start in that order.
+    ``behind_scan=1``: a task's tenant's tasks ahead of it are counted from the front for every
+    task with one behind it, not as its tenant's count less those behind (both ways checked
+    against the same answers)."""
+    monkeypatch.setattr(backlog, "BEHIND_SCAN", behind_scan)
     config = fair(buffer=1)
     async with opened(db, fair=config) as rec:
         d = Driver(rec, config)

@@ -34,7 +34,6 @@ from charai.core.errors import (
 )
 from charai.core.validation import RequestInvalidError
 from charai.store.v1 import store_service_pb2 as spb
-from charai.task_store import queries
 from charai.task_store.commands import ClaimResult
 from charai.task_store.schema import LATEST_VERSION
 from charai.task_store.store import StoreConfig, open_store
@@ -929,14 +928,9 @@ async def test_stale_dispatches_are_claimed_once_and_redispatched_by_generation(
 
 
 # -- queue position --------------------------------------------------------------------------
-@pytest.mark.parametrize("behind_scan", [256, 1], ids=["counters", "count-ahead"])
-async def test_queue_position_follows_claims_retries_and_cancels(
-    db: Database, monkeypatch: pytest.MonkeyPatch, behind_scan: int
-) -> None:
-    """Position = 1 + queued tasks of the type ahead (higher priority, or same and older). SQLite
-    reads lane counters kept by triggers; ``behind_scan=1`` makes it count from the front for
-    every task but the last of its lane, so both ways are checked against the same answers."""
-    monkeypatch.setattr(queries, "BEHIND_SCAN", behind_scan)
+async def test_queue_position_follows_claims_retries_and_cancels(db: Database) -> None:
+    """Position = 1 + queued tasks of the type ahead (higher priority, or same and older), with
+    every job released (held tasks: ``test_fair_share.py``)."""
     async with opened(db, lease_seconds=5.0) as rec:
         store = rec.store
         normal = [(await store.create("t1", image_request()))[0] for _ in range(4)]
@@ -969,8 +963,10 @@ async def test_queue_position_follows_claims_retries_and_cancels(
         assert (again.id, created, again.queue_position) == (keyed.id, False, 4)
 
 
-async def test_sqlite_lane_counters_are_seeded_from_the_tasks_of_an_older_schema(tmp_path: Path) -> None:
-    """A database from before the lane counters (schema 2) gets them counted from its tasks."""
+async def test_sqlite_the_lane_counters_of_an_older_schema_are_dropped(tmp_path: Path) -> None:
+    """A database of schema 9 (lane counters kept by triggers, which nothing read any more) loses
+    its counters and their triggers at schema 10; its queued tasks keep their places, and new
+    creates, claims and cancels work without them."""
     path = tmp_path / "tasks.db"
     db = sqlite_database(path)
     async with opened(db) as rec:
@@ -978,22 +974,45 @@ async def test_sqlite_lane_counters_are_seeded_from_the_tasks_of_an_older_schema
         made = [(await rec.store.create("t1", image_request()))[0] for _ in range(3)]
         await rec.store.claim(made[0].id, 1, "w")
     with contextlib.closing(sqlite3.connect(path)) as conn:
-        for trigger in ("tasks_queued_insert", "tasks_queued_update", "tasks_queued_delete"):
-            conn.execute(f"DROP TRIGGER {trigger}")
-        conn.execute("DROP TABLE lane_counts")
-        conn.execute("DROP INDEX tasks_queue")
-        conn.execute("CREATE INDEX tasks_lane ON tasks (type, status, priority, create_time)")
-        conn.execute("DELETE FROM schema_version WHERE version = 3")
+        assert conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'lane_counts'").fetchall() == []
+        # Schema 9 as it was: the counters and their triggers (migration 3), counted from the tasks.
+        conn.execute(
+            "CREATE TABLE lane_counts (type INTEGER NOT NULL, priority INTEGER NOT NULL,"
+            " queued INTEGER NOT NULL, PRIMARY KEY (type, priority)) WITHOUT ROWID"
+        )
+        conn.execute(
+            "INSERT INTO lane_counts SELECT type, priority, COUNT(*) FROM tasks WHERE status = 1"
+            " GROUP BY type, priority"
+        )
+        conn.execute(
+            "CREATE TRIGGER tasks_queued_insert AFTER INSERT ON tasks WHEN NEW.status = 1 BEGIN"
+            " UPDATE lane_counts SET queued = queued + 1 WHERE type = NEW.type; END"
+        )
+        conn.execute(
+            "CREATE TRIGGER tasks_queued_update AFTER UPDATE OF status ON tasks BEGIN"
+            " UPDATE lane_counts SET queued = queued - 1 WHERE OLD.status = 1; END"
+        )
+        conn.execute(
+            "CREATE TRIGGER tasks_queued_delete AFTER DELETE ON tasks WHEN OLD.status = 1 BEGIN"
+            " UPDATE lane_counts SET queued = queued - 1; END"
+        )
+        conn.execute("DELETE FROM schema_version WHERE version = 10")
         conn.commit()
     async with opened(db, clock) as rec:
         assert [(await rec.store.get("t1", t.id)).queue_position for t in made] == [0, 1, 2]
         newest, _ = await rec.store.create("t1", image_request())
         assert newest.queue_position == 3
+        assert (await rec.store.claim(made[1].id, 1, "w")).outcome == RUN
+        await rec.store.cancel("t1", made[2].id)
+        assert (await rec.store.get("t1", newest.id)).queue_position == 1
     with contextlib.closing(sqlite3.connect(path)) as conn:
-        assert conn.execute("SELECT type, priority, queued FROM lane_counts").fetchall() == [
-            (int(IMAGE), int(task_pb2.PRIORITY_NORMAL), 3)
-        ]
-        assert conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'tasks_lane'").fetchall() == []
+        assert (
+            conn.execute(
+                "SELECT name FROM sqlite_master WHERE name = 'lane_counts' OR type = 'trigger'"
+            ).fetchall()
+            == []
+        )
+        assert conn.execute("SELECT MAX(version) FROM schema_version").fetchone() == (LATEST_VERSION,)
 
 
 async def test_sqlite_a_progress_report_leaves_the_indexed_state_columns_unwritten(tmp_path: Path) -> None:

@@ -68,9 +68,6 @@ class Dialect:
     append_event: str | None
     #: True: ``tasks.metadata`` is JSONB and filters use ``@>``; False: rows of ``task_metadata``.
     metadata_json: bool
-    #: True: ``lane_counts`` holds the number of queued tasks per (type, priority), kept exact by
-    #: triggers (see the schema), so ``queue_position`` need not count the queue ahead.
-    lane_counts: bool = False
     #: Takes a transaction lock on a pair of int4 (class, key), held until commit (``None``:
     #: SQLite, whose single writer excludes every other writer anyway). Serializes the claims and
     #: deletes of identical tasks (:mod:`charai.task_store.reuse`).
@@ -90,7 +87,6 @@ SQLITE = Dialect(
     skip_locked="",
     append_event=None,
     metadata_json=False,
-    lane_counts=True,
 )
 
 #: Key of the transaction lock that orders event inserts (an arbitrary constant: "chrE").

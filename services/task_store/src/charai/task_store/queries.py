@@ -21,9 +21,6 @@ from charai.task_store.eta import EtaBook
 from charai.tasks.v1 import task_pb2, task_service_pb2
 
 DEFAULT_PAGE = 50
-#: How many tasks queued behind a task ``queue_position`` counts before it counts the ones ahead
-#: instead (SQLite's lane counters; see :meth:`Queries.position`).
-BEHIND_SCAN = 256
 
 
 def encode_page_token(created: int, task_id: str) -> str:
@@ -42,13 +39,13 @@ def decode_page_token(token: str) -> tuple[int, str]:
 class Queries:
     """The store's reads."""
 
-    def __init__(self, backend: Backend, clock: Clock, eta: EtaBook | None = None) -> None:
+    def __init__(self, backend: Backend, clock: Clock, backlog: Backlog, eta: EtaBook | None = None) -> None:
         self._db = backend
         self._dialect = backend.dialect
         self._clock = clock
         self._eta = eta
-        #: The fair-share backlog: it places queued tasks in fair order (None: by lane, as below).
-        self.backlog: Backlog | None = None
+        #: The fair-share backlog: it places queued tasks in fair order.
+        self._backlog = backlog
 
     # -- tasks -------------------------------------------------------------------------------
     async def get(self, tenant: str, task_id: str) -> task_pb2.Task:
@@ -146,72 +143,13 @@ class Queries:
             self._eta.fill(task, self._clock.time())
 
     async def _position(self, tx: Tx, task: task_pb2.Task) -> None:
-        """Fills ``queue_position``: 1 + the queued tasks of its type ahead of it (higher
-        priority, or the same priority and created earlier), counted in SQL, so it is right
-        whichever replica answers.
-
-        With lane counters (SQLite) this does not count the queue: the queued tasks of the lanes
-        at or above the task's priority (counters) minus those queued behind it in its lane (an
-        index range, empty for a task just created). Only a task deep in a long queue is counted
-        from the front instead, over the tasks ahead of it in its lane.
-        """
+        """Fills ``queue_position``: the task's place in the order tasks of its type will start
+        in, 1 = next (:meth:`Backlog.place`, which knows the fair-share order), 0 unless queued.
+        Computed in SQL, so it is the same whichever replica answers."""
         if task.status != task_pb2.TASK_STATUS_QUEUED:
             task.queue_position = 0
             return
-        if self.backlog is not None:
-            await self.backlog.place(tx, task)
-            return
-        created = task.create_time.ToMicroseconds()
-        if self._dialect.lane_counts:
-            await self._position_from_counters(tx, task, created)
-            return
-        ahead = await tx.fetchval(
-            "SELECT COUNT(*) FROM tasks WHERE type = ? AND status = ? AND (priority > ? OR"
-            " (priority = ? AND (create_time < ? OR (create_time = ? AND id < ?))))",
-            int(task.type),
-            int(Status.QUEUED),
-            int(task.priority),
-            int(task.priority),
-            created,
-            created,
-            task.id,
-        )
-        task.queue_position = int(ahead) + 1
-
-    async def _position_from_counters(self, tx: Tx, task: task_pb2.Task, created: int) -> None:
-        kind, priority, queued = int(task.type), int(task.priority), int(Status.QUEUED)
-        row = await tx.fetchrow(
-            "SELECT (SELECT COALESCE(SUM(queued), 0) FROM lane_counts WHERE type = ? AND priority >= ?),"
-            " (SELECT COUNT(*) FROM (SELECT 1 FROM tasks WHERE type = ? AND status = ? AND priority = ?"
-            " AND (create_time, id) > (?, ?) LIMIT ?))",
-            kind,
-            priority,
-            kind,
-            queued,
-            priority,
-            created,
-            task.id,
-            BEHIND_SCAN,
-        )
-        assert row is not None
-        from_here, behind = int(row[0]), int(row[1])
-        if behind < BEHIND_SCAN:
-            task.queue_position = max(1, from_here - behind)
-            return
-        row = await tx.fetchrow(
-            "SELECT (SELECT COALESCE(SUM(queued), 0) FROM lane_counts WHERE type = ? AND priority > ?),"
-            " (SELECT COUNT(*) FROM tasks WHERE type = ? AND status = ? AND priority = ?"
-            " AND (create_time, id) < (?, ?))",
-            kind,
-            priority,
-            kind,
-            queued,
-            priority,
-            created,
-            task.id,
-        )
-        assert row is not None
-        task.queue_position = int(row[0]) + int(row[1]) + 1
+        await self._backlog.place(tx, task)
 
     # -- the event log -----------------------------------------------------------------------
     async def list_events(self, req: spb.ListEventsRequest) -> tuple[list[task_pb2.TaskEvent], int]:

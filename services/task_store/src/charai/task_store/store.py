@@ -110,7 +110,8 @@ class TaskStore:
             config.outbox_claim_seconds,
             config.hand_off_claim_seconds,
         )
-        self.queries = Queries(backend, clock, self.eta)
+        self.backlog = Backlog(backend, self.outbox, config.fair, clock, self.eta.started_within)
+        self.queries = Queries(backend, clock, self.backlog, self.eta)
         self.commands = Commands(backend, self._units, self.outbox, self.queries, config.policy, clock)
         self.usage = UsageLedger(backend, clock, config.usage)
         self.commands.usage = self.usage
@@ -118,8 +119,7 @@ class TaskStore:
         self.commands.reuse = self.reuse
         self._clock = clock
         self._lease_seconds = config.lease_seconds
-        self.backlog = Backlog(backend, self.outbox, config.fair, clock, self.eta.started_within)
-        self.commands.backlog = self.queries.backlog = self.backlog
+        self.commands.backlog = self.backlog
         self._stats = QueueStats(backend, clock)
         self.webhooks = Webhooks(backend, Topology(config.namespace).webhook_subject, clock, config.webhooks)
         self._units.webhooks = self.webhooks
