@@ -963,10 +963,13 @@ async def test_queue_position_follows_claims_retries_and_cancels(db: Database) -
         assert (again.id, created, again.queue_position) == (keyed.id, False, 4)
 
 
-async def test_sqlite_the_lane_counters_of_an_older_schema_are_dropped(tmp_path: Path) -> None:
-    """A database of schema 9 (lane counters kept by triggers, which nothing read any more) loses
-    its counters and their triggers at schema 10; its queued tasks keep their places, and new
-    creates, claims and cancels work without them."""
+async def test_sqlite_the_lane_counters_and_queue_index_of_an_older_schema_are_dropped(
+    tmp_path: Path,
+) -> None:
+    """A database of schema 9 (lane counters kept by triggers, which nothing read any more, and
+    the queue-order index ``tasks_queue``) loses its counters and their triggers at schema 10 and
+    the index at 11, which indexes the running tasks instead; its queued tasks keep their places,
+    and new creates, claims and cancels work without them."""
     path = tmp_path / "tasks.db"
     db = sqlite_database(path)
     async with opened(db) as rec:
@@ -996,7 +999,9 @@ async def test_sqlite_the_lane_counters_of_an_older_schema_are_dropped(tmp_path:
             "CREATE TRIGGER tasks_queued_delete AFTER DELETE ON tasks WHEN OLD.status = 1 BEGIN"
             " UPDATE lane_counts SET queued = queued - 1; END"
         )
-        conn.execute("DELETE FROM schema_version WHERE version = 10")
+        conn.execute("DROP INDEX tasks_running")
+        conn.execute("CREATE INDEX tasks_queue ON tasks (type, status, priority, create_time, id)")
+        conn.execute("DELETE FROM schema_version WHERE version >= 10")
         conn.commit()
     async with opened(db, clock) as rec:
         assert [(await rec.store.get("t1", t.id)).queue_position for t in made] == [0, 1, 2]
@@ -1006,19 +1011,24 @@ async def test_sqlite_the_lane_counters_of_an_older_schema_are_dropped(tmp_path:
         await rec.store.cancel("t1", made[2].id)
         assert (await rec.store.get("t1", newest.id)).queue_position == 1
     with contextlib.closing(sqlite3.connect(path)) as conn:
-        assert (
-            conn.execute(
-                "SELECT name FROM sqlite_master WHERE name = 'lane_counts' OR type = 'trigger'"
-            ).fetchall()
-            == []
+        names = (
+            "SELECT name FROM sqlite_master WHERE name IN ('lane_counts', 'tasks_queue') OR type = 'trigger'"
         )
+        assert conn.execute(names).fetchall() == []
+        # The running tasks of a type and tenant (a waiting tenant's first turn) from the index alone.
+        plan = conn.execute(
+            "EXPLAIN QUERY PLAN SELECT 1 FROM tasks WHERE type = 1 AND status = 2 AND tenant = 't1' LIMIT 1"
+        ).fetchall()
+        assert "COVERING INDEX tasks_running" in plan[0][3]
+        running = conn.execute("SELECT id FROM tasks WHERE type = ? AND status = 2", (int(IMAGE),)).fetchall()
+        assert sorted(running) == sorted([(made[0].id,), (made[1].id,)])
         assert conn.execute("SELECT MAX(version) FROM schema_version").fetchone() == (LATEST_VERSION,)
 
 
 async def test_sqlite_a_progress_report_leaves_the_indexed_state_columns_unwritten(tmp_path: Path) -> None:
     """A progress report (an event that keeps the task's status and retry time) writes its row
     without ``status``, ``next_attempt_time`` and ``update_time``, so SQLite rewrites none of the
-    indexes over them (``tasks_queue``, ``tasks_dispatched``, ``tasks_reuse``...). A trigger on
+    indexes over them (``tasks_running``, ``tasks_dispatched``, ``tasks_reuse``...). A trigger on
     those columns counts the row writes that name them. The row's ``update_time`` is when the
     task's state last changed (the claim's event while it runs, the completion's once it ended),
     not the task's own ``update_time`` (its last change of any kind)."""
