@@ -99,7 +99,8 @@ def _fair_tables(held: str, if_not_exists: str) -> tuple[str, ...]:
     - ``tasks_buffer``: the released jobs nobody claimed yet, per type; a partial index, so
       counting the buffer (every create and release does) reads only the buffer, however long
       the backlog. Queries name its condition with literals, as here; its columns repeat the
-      condition so SQLite's planner prefers it to ``tasks_queue`` (which would read the backlog).
+      condition so SQLite's planner prefers it to the queue-order index (``tasks_queue`` until
+      migration 11, ``tasks_lane`` on PostgreSQL), which would read the backlog.
     - ``tasks_released``: the queued tasks not held (the buffer and the retries waiting), in the
       order workers take them: a released task's queue position counts a range of it.
     - ``fair_tenants``: each tenant's turn per lane (stride scheduling); ``fair_tenants_turn``
