@@ -158,6 +158,29 @@ async def test_a_newcomer_is_released_next_even_behind_a_long_backlog(db: Databa
         assert (await outbox_ids(store))[4:] == [b.id, a[4].id]
 
 
+async def test_a_lane_without_its_row_holds_and_releases_and_gets_its_row(db: Database) -> None:
+    """A task type whose lane row is missing (one the migrations did not know) is held as any
+    other, its tenants join at virtual time 0, and its first release writes the lane's row."""
+    async with opened(db, fair=fair(buffer=1)) as rec:
+        store = rec.store
+        await store.backend.write(lambda tx: tx.execute("DELETE FROM fair_lanes WHERE type = ?", IMAGE))
+        first, _ = await store.create("a", image_request())
+        held = [(await store.create(t, image_request()))[0] for t in ("a", "b")]
+        assert not await is_held(store, first.id)
+        assert [await is_held(store, t.id) for t in held] == [True, True]
+        dues = await store.backend.read(
+            lambda tx: tx.fetch("SELECT tenant, due FROM fair_tenants WHERE type = ? ORDER BY tenant", IMAGE)
+        )
+        assert [(str(r[0]), int(r[1])) for r in dues] == [("a", 0), ("b", 0)]
+        assert (await store.claim(first.id, 1, "w")).outcome == RUN
+        assert await store.release_held(IMAGE) == (1, False)
+        lane = await store.backend.read(
+            lambda tx: tx.fetchrow("SELECT vtime, turns FROM fair_lanes WHERE type = ?", IMAGE)
+        )
+        assert lane is not None and int(lane[1]) == 1
+        assert (await outbox_ids(store))[1:] == [held[0].id]
+
+
 async def test_a_claim_runs_a_waiting_tenants_first_task_instead(db: Database) -> None:
     """A worker that runs whichever task the answer carries (``any_task``) is handed the first
     task of a tenant with nothing running or released, instead of the released job it claimed,

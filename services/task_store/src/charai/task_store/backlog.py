@@ -181,16 +181,12 @@ class Backlog:
             job.dispatch_gen,
             job.traceparent,
         )
-        vtime = await tx.fetchval("SELECT vtime FROM fair_lanes WHERE type = ?", job.type)
-        if vtime is None:  # a task type the migration did not know
-            await tx.execute(
-                "INSERT INTO fair_lanes (type, vtime, turns) VALUES (?, 0, 0) ON CONFLICT DO NOTHING",
-                job.type,
-            )
         # fairshare.joined, in one statement so concurrent creates of one tenant cannot lose a
-        # count: a tenant that held nothing joins at the lane's virtual time or later.
+        # count: a tenant that held nothing joins at the lane's virtual time or later (0 for a
+        # lane without its row yet: its first release writes it).
         await tx.execute(
-            "INSERT INTO fair_tenants (type, tenant, due, served, held, stride) VALUES (?, ?, ?, 0, 1, ?)"
+            "INSERT INTO fair_tenants (type, tenant, due, served, held, stride)"
+            " VALUES (?, ?, COALESCE((SELECT vtime FROM fair_lanes WHERE type = ?), 0), 0, 1, ?)"
             " ON CONFLICT (type, tenant) DO UPDATE SET"
             " due = CASE WHEN fair_tenants.held <= 0 AND fair_tenants.due < excluded.due"
             " THEN excluded.due ELSE fair_tenants.due END,"
@@ -198,7 +194,7 @@ class Backlog:
             " stride = excluded.stride",
             job.type,
             tenant,
-            int(vtime or 0),
+            job.type,
             fairshare.stride(self.weight(tenant)),
         )
 
@@ -335,9 +331,14 @@ class Backlog:
         turns instead of both filling the same room. Their jobs are handed to the local relay.
         """
         tx = unit.tx
-        lane = await tx.fetchrow(f"SELECT vtime, turns FROM fair_lanes WHERE type = ?{self._lock}", kind)
-        if lane is None:
-            return 0, False
+        lock = f"SELECT vtime, turns FROM fair_lanes WHERE type = ?{self._lock}"
+        lane = await tx.fetchrow(lock, kind)
+        if lane is None:  # a task type the migration did not know: its lane starts here
+            await tx.execute(
+                "INSERT INTO fair_lanes (type, vtime, turns) VALUES (?, 0, 0) ON CONFLICT DO NOTHING", kind
+            )
+            lane = await tx.fetchrow(lock, kind)
+            assert lane is not None
         running, released, held = await self.measure(tx, kind)
         room = self._target(running, kind) - released
         budget = min(room, self._config.batch)
