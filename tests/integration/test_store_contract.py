@@ -34,8 +34,10 @@ from charai.core.errors import (
 )
 from charai.core.validation import RequestInvalidError
 from charai.store.v1 import store_service_pb2 as spb
+from charai.task_store.backlog import FairConfig
 from charai.task_store.commands import ClaimResult
 from charai.task_store.schema import LATEST_VERSION
+from charai.task_store.sqlite_backend import SqliteBackend
 from charai.task_store.store import StoreConfig, open_store
 from charai.tasks.v1 import task_pb2, task_service_pb2
 
@@ -1023,6 +1025,135 @@ async def test_sqlite_the_lane_counters_and_queue_index_of_an_older_schema_are_d
         running = conn.execute("SELECT id FROM tasks WHERE type = ? AND status = 2", (int(IMAGE),)).fetchall()
         assert sorted(running) == sorted([(made[0].id,), (made[1].id,)])
         assert conn.execute("SELECT MAX(version) FROM schema_version").fetchone() == (LATEST_VERSION,)
+
+
+async def test_sqlite_the_sweep_index_holds_the_published_jobs_of_unfinished_tasks(tmp_path: Path) -> None:
+    """``tasks_dispatched`` (migration 12) holds a task from its job's recorded publication to
+    its end, and the lost-job sweep reads it; a publication recorded after the task ended (a
+    quick job) leaves the task's row unwritten. A database of schema 11 (the index over every
+    task) gets the partial one."""
+    path = tmp_path / "tasks.db"
+    db = sqlite_database(path)
+    async with opened(db):
+        pass
+    with contextlib.closing(sqlite3.connect(path)) as conn:  # schema 11's index
+        conn.execute("DROP INDEX tasks_dispatched")
+        conn.execute("CREATE INDEX tasks_dispatched ON tasks (status, dispatched_at)")
+        conn.execute("DELETE FROM schema_version WHERE version >= 12")
+        conn.commit()
+    async with opened(db) as rec:
+        store = rec.store
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            conn.execute("CREATE TABLE publication_writes (task_id TEXT)")
+            conn.execute(
+                "CREATE TRIGGER count_publication_writes AFTER UPDATE OF stream_seq, dispatched_at"
+                " ON tasks BEGIN INSERT INTO publication_writes VALUES (new.id); END"
+            )
+            conn.commit()
+
+            def indexed() -> list[str]:
+                rows = conn.execute(
+                    "SELECT id FROM tasks INDEXED BY tasks_dispatched"
+                    " WHERE status IN (1, 2) AND dispatched_at IS NOT NULL ORDER BY dispatched_at"
+                ).fetchall()
+                return [str(r[0]) for r in rows]
+
+            def published(task_id: str) -> tuple[Any, ...]:
+                return tuple(
+                    conn.execute(
+                        "SELECT stream_seq, dispatched_at IS NOT NULL FROM tasks WHERE id = ?", (task_id,)
+                    ).fetchone()
+                )
+
+            slow, _ = await store.create("t1", image_request())
+            quick, _ = await store.create("t1", image_request())
+            assert indexed() == []  # not published yet
+            rows = {row.task_id: row for row in await store.pending_dispatches()}
+            await store.mark_dispatched([(rows[slow.id], 7)])
+            assert indexed() == [slow.id] and published(slow.id) == (7, 1)
+            assert (await store.claim(quick.id, 1, "w")).outcome == RUN
+            await store.complete(complete_req(quick.id, 1))
+            await store.mark_dispatched([(rows[quick.id], 8)])  # recorded after the task ended
+            assert published(quick.id) == (None, 0)
+            assert [r[0] for r in conn.execute("SELECT task_id FROM publication_writes")] == [slow.id]
+            assert await store.pending_dispatches() == []
+            plan = conn.execute(
+                "EXPLAIN QUERY PLAN SELECT id FROM tasks WHERE status IN (1, 2) AND dispatched_at IS NOT NULL"
+                " AND dispatched_at < 5 ORDER BY dispatched_at LIMIT 10"
+            ).fetchall()
+            assert "INDEX tasks_dispatched" in " ".join(str(r[3]) for r in plan)
+            rec.clock.advance(3600)
+            assert [s[0] for s in await store.stale_dispatches(60)] == [slow.id]  # the sweep finds it
+            assert (await store.claim(slow.id, 1, "w")).outcome == RUN
+            await store.complete(complete_req(slow.id, 1))
+            assert indexed() == []  # ended: out of the index
+
+
+class _Recording:
+    """The database thread's connection, recording each statement with its first parameters."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self.seen: dict[str, tuple[Any, ...]] = {}
+
+    def execute(self, sql: str, args: Any = ()) -> sqlite3.Cursor:
+        self.seen.setdefault(sql, tuple(args))
+        return self._conn.execute(sql, args)
+
+    def executemany(self, sql: str, rows: Any) -> sqlite3.Cursor:
+        rows = list(rows)
+        if rows:
+            self.seen.setdefault(sql, tuple(rows[0]))
+        return self._conn.executemany(sql, rows)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+async def test_sqlite_no_statement_of_the_task_lifecycle_scans_the_tasks_table(tmp_path: Path) -> None:
+    """Every statement a task's life runs (held and released creates, claims, reports, a retry,
+    completions, a cancel, the relay's records, the lost-job sweep, the queue's statistics,
+    reads and the retention sweep's candidates) reads ``tasks`` through an index: a query that
+    names a partial index's condition with bound parameters instead of its literals, or an index
+    dropped from under a query, turns into a scan of every task ever kept."""
+    path = tmp_path / "tasks.db"
+    async with opened(sqlite_database(path), fair=FairConfig(buffer=1)) as rec:
+        store = rec.store
+        backend = store.backend
+        assert isinstance(backend, SqliteBackend) and backend._conn is not None
+        recording = _Recording(backend._conn)
+        backend._conn = recording  # type: ignore[assignment]
+        try:
+            first, _ = await store.create("t1", tts_request("char_plan"))
+            held = [(await store.create(t, image_request()))[0] for t in ("t1", "t2")]
+            await store.create_many("t2", [image_request(request_id="r1"), image_request()])
+            await store.create("t2", image_request(request_id="r1"))
+            await store.mark_dispatched([(row, 1) for row in await store.pending_dispatches()])
+            assert (await store.claim(first.id, 1, "w")).outcome == RUN
+            await store.progress(first.id, 1, 40, "generating")
+            await store.fail(fail_req(first.id, 1, ErrorKind.PROVIDER_TIMEOUT))
+            claim = await claim_when_due(rec, first.id)
+            await store.complete(complete_req(first.id, claim.attempt))
+            await store.release_held(IMAGE)
+            await store.cancel("t2", held[1].id)
+            await store.get("t1", held[0].id)
+            await store.list_tasks("t1", task_service_pb2.ListTasksRequest())
+            await store.queue_stats()
+            rec.clock.advance(3600)
+            await store.stale_dispatches(60)
+            await store.ended_before(rec.clock.now_us())
+        finally:
+            backend._conn = recording._conn
+        scans = []
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            for sql, args in recording.seen.items():
+                if not sql.lstrip().upper().startswith(("SELECT", "UPDATE", "DELETE", "INSERT", "WITH")):
+                    continue
+                for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", args).fetchall():
+                    if str(row[3]).startswith(("SCAN tasks", "SCAN t")) and "INDEX" not in str(row[3]):
+                        scans.append((sql, row[3]))
+        assert scans == []
+        assert len(recording.seen) > 30, "the scenario ran fewer statements than it was written for"
 
 
 async def test_sqlite_a_progress_report_leaves_the_indexed_state_columns_unwritten(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from charai.core.domain.states import Status
 from charai.core.topology import Topology
 from charai.store.v1 import store_service_pb2 as spb
 from charai.task_store.backend import Backend, Tx
+from charai.task_store.schema import UNFINISHED
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -196,8 +197,12 @@ class Outbox:
         webhook = self._topology.webhook_subject
         jobs = [(seq, now, r.task_id, r.dispatch_gen) for r, seq in ordered if r.subject != webhook]
         if jobs:
+            # A task that ended meanwhile (a quick job often ends before its relay records it)
+            # keeps its row as it is: only the sweep reads these columns, of unfinished tasks.
             await tx.executemany(
-                "UPDATE tasks SET stream_seq = ?, dispatched_at = ? WHERE id = ? AND dispatch_gen = ?", jobs
+                "UPDATE tasks SET stream_seq = ?, dispatched_at = ?"
+                f" WHERE id = ? AND dispatch_gen = ? AND {UNFINISHED}",
+                jobs,
             )
         deliveries = [(seq, r.task_id, r.dispatch_gen) for r, seq in ordered if r.subject == webhook]
         if deliveries:  # a webhook job's row names its delivery where a task job's names the task
@@ -219,16 +224,13 @@ class Outbox:
             now = self._clock.now_us()
             rows = await tx.fetch(
                 "UPDATE tasks SET dispatched_at = ? WHERE id IN ("
-                "SELECT id FROM tasks WHERE status IN (?, ?)"
-                " AND dispatched_at IS NOT NULL AND dispatched_at < ?"
+                f"SELECT id FROM tasks WHERE {UNFINISHED} AND dispatched_at IS NOT NULL AND dispatched_at < ?"
                 " AND (status = ? OR lease_expires < ?)"
                 " AND (next_attempt_time IS NULL OR next_attempt_time < ?)"
                 " AND id NOT IN (SELECT task_id FROM outbox)"
                 f" ORDER BY dispatched_at LIMIT ?{self._skip_locked})"
                 " RETURNING id, dispatch_gen, stream_seq",
                 now,
-                int(Status.QUEUED),
-                int(Status.RUNNING),
                 now - int(older_than_s * 1e6),
                 int(Status.QUEUED),
                 now,

@@ -41,6 +41,15 @@ class Migration:
 
 #: ``tasks.status`` of a queued task (``TASK_STATUS_QUEUED``), for migration 3's lane counters.
 _QUEUED = 1
+#: The conditions of partial indexes (``tasks_dispatched`` since migration 12, ``tasks_ended``),
+#: which queries that are to read those indexes spell with the same literals: a planner proves a
+#: query's rows are in a partial index from literals, not from bound parameters.
+UNFINISHED = "status IN (1, 2)"
+ENDED = "status IN (3, 4, 5)"
+_DISPATCHED = (
+    "DROP INDEX IF EXISTS tasks_dispatched",
+    f"CREATE INDEX IF NOT EXISTS tasks_dispatched ON tasks (status, dispatched_at) WHERE {UNFINISHED}",
+)
 
 
 def _webhook_tables(blob: str) -> tuple[str, ...]:
@@ -345,8 +354,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         4,
         "index of ended tasks by update time (the retention sweeper's scan)",
-        sqlite=("CREATE INDEX IF NOT EXISTS tasks_ended ON tasks (update_time) WHERE status IN (3, 4, 5)",),
-        postgres=("CREATE INDEX IF NOT EXISTS tasks_ended ON tasks (update_time) WHERE status IN (3, 4, 5)",),
+        sqlite=(f"CREATE INDEX IF NOT EXISTS tasks_ended ON tasks (update_time) WHERE {ENDED}",),
+        postgres=(f"CREATE INDEX IF NOT EXISTS tasks_ended ON tasks (update_time) WHERE {ENDED}",),
     ),
     Migration(
         5,
@@ -424,6 +433,16 @@ MIGRATIONS: tuple[Migration, ...] = (
             "DROP INDEX IF EXISTS tasks_queue",
         ),
         postgres=(),
+    ),
+    Migration(
+        12,
+        "the sweeper's index holds only unfinished tasks",
+        # The lost-job sweep reads queued and running tasks whose job was published, and the
+        # queue's statistics the queued and running tasks by status; tasks_dispatched (status,
+        # dispatched_at) also held every ended task, which nothing read it for, so a completion
+        # moved its entry instead of dropping it, and the index grew with the table.
+        sqlite=_DISPATCHED,
+        postgres=_DISPATCHED,
     ),
 )
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from charai.core.clock import Clock
 from charai.core.domain.states import Status
 from charai.task_store.backend import Backend, Tx
+from charai.task_store.schema import ENDED, UNFINISHED
 from charai.tasks.v1 import task_pb2, task_service_pb2
 
 #: Every lane GetQueueStats reports (empty ones too, so a dashboard's series never vanish).
@@ -80,13 +81,11 @@ class QueueStats:
             " THEN 1 ELSE 0 END),"
             " SUM(CASE WHEN status = ? AND next_attempt_time > ? THEN 1 ELSE 0 END),"
             " SUM(CASE WHEN status = ? THEN 1 ELSE 0 END)"
-            " FROM tasks WHERE status IN (?, ?) GROUP BY type, priority",
+            f" FROM tasks WHERE {UNFINISHED} GROUP BY type, priority",  # reads tasks_dispatched
             queued,
             now,
             queued,
             now,
-            running,
-            queued,
             running,
         )
         for t, p, depth, waiting, in_flight in found:
@@ -96,7 +95,8 @@ class QueueStats:
     @staticmethod
     async def _throughput(tx: Tx, lane: _Lanes, now: int) -> None:
         found = await tx.fetch(
-            "SELECT type, priority, COUNT(*) FROM tasks WHERE status = ? AND update_time >= ?"
+            # The recent part of tasks_ended, not every completed task.
+            f"SELECT type, priority, COUNT(*) FROM tasks WHERE {ENDED} AND status = ? AND update_time >= ?"
             " GROUP BY type, priority",
             int(Status.COMPLETED),
             now - int(THROUGHPUT_WINDOW_S * 1e6),
