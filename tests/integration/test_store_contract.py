@@ -34,8 +34,10 @@ from charai.core.errors import (
 )
 from charai.core.validation import RequestInvalidError
 from charai.store.v1 import store_service_pb2 as spb
+from charai.task_store.backend import numbered
 from charai.task_store.backlog import FairConfig
 from charai.task_store.commands import ClaimResult
+from charai.task_store.postgres_backend import PgTx
 from charai.task_store.schema import LATEST_VERSION
 from charai.task_store.sqlite_backend import SqliteBackend
 from charai.task_store.store import StoreConfig, open_store
@@ -1110,50 +1112,109 @@ class _Recording:
         return getattr(self._conn, name)
 
 
-async def test_sqlite_no_statement_of_the_task_lifecycle_scans_the_tasks_table(tmp_path: Path) -> None:
-    """Every statement a task's life runs (held and released creates, claims, reports, a retry,
-    completions, a cancel, the relay's records, the lost-job sweep, the queue's statistics,
-    reads and the retention sweep's candidates) reads ``tasks`` through an index: a query that
+async def _a_task_life(rec: Recorded) -> None:
+    """Held and released creates (one repeated by its request_id), the relay's records, a claim,
+    a report, a retry, a completion, a release, a cancel, reads, the queue's statistics, the
+    lost-job sweep and the retention sweep's candidates (``FairConfig(buffer=1)``)."""
+    store = rec.store
+    first, _ = await store.create("t1", tts_request("char_plan"))
+    held = [(await store.create(t, image_request()))[0] for t in ("t1", "t2")]
+    await store.create_many("t2", [image_request(request_id="r1"), image_request()])
+    await store.create("t2", image_request(request_id="r1"))
+    await store.mark_dispatched([(row, 1) for row in await store.pending_dispatches()])
+    assert (await store.claim(first.id, 1, "w")).outcome == RUN
+    await store.progress(first.id, 1, 40, "generating")
+    await store.fail(fail_req(first.id, 1, ErrorKind.PROVIDER_TIMEOUT))
+    claim = await claim_when_due(rec, first.id)
+    await store.complete(complete_req(first.id, claim.attempt))
+    await store.release_held(IMAGE)
+    await store.cancel("t2", held[1].id)
+    await store.get("t1", held[0].id)
+    await store.list_tasks("t1", task_service_pb2.ListTasksRequest())
+    await store.queue_stats()
+    rec.clock.advance(3600)
+    await store.stale_dispatches(60)
+    await store.ended_before(rec.clock.now_us())
+
+
+#: What a statement may begin with to be planned (not BEGIN, SAVEPOINT, COMMIT...).
+_PLANNED = ("SELECT", "UPDATE", "DELETE", "INSERT", "WITH")
+
+
+async def test_sqlite_no_statement_of_a_task_life_scans_the_tasks_table(tmp_path: Path) -> None:
+    """Every statement of :func:`_a_task_life` reads ``tasks`` through an index: a query that
     names a partial index's condition with bound parameters instead of its literals, or an index
     dropped from under a query, turns into a scan of every task ever kept."""
     path = tmp_path / "tasks.db"
     async with opened(sqlite_database(path), fair=FairConfig(buffer=1)) as rec:
-        store = rec.store
-        backend = store.backend
+        backend = rec.store.backend
         assert isinstance(backend, SqliteBackend) and backend._conn is not None
         recording = _Recording(backend._conn)
         backend._conn = recording  # type: ignore[assignment]
         try:
-            first, _ = await store.create("t1", tts_request("char_plan"))
-            held = [(await store.create(t, image_request()))[0] for t in ("t1", "t2")]
-            await store.create_many("t2", [image_request(request_id="r1"), image_request()])
-            await store.create("t2", image_request(request_id="r1"))
-            await store.mark_dispatched([(row, 1) for row in await store.pending_dispatches()])
-            assert (await store.claim(first.id, 1, "w")).outcome == RUN
-            await store.progress(first.id, 1, 40, "generating")
-            await store.fail(fail_req(first.id, 1, ErrorKind.PROVIDER_TIMEOUT))
-            claim = await claim_when_due(rec, first.id)
-            await store.complete(complete_req(first.id, claim.attempt))
-            await store.release_held(IMAGE)
-            await store.cancel("t2", held[1].id)
-            await store.get("t1", held[0].id)
-            await store.list_tasks("t1", task_service_pb2.ListTasksRequest())
-            await store.queue_stats()
-            rec.clock.advance(3600)
-            await store.stale_dispatches(60)
-            await store.ended_before(rec.clock.now_us())
+            await _a_task_life(rec)
         finally:
             backend._conn = recording._conn
-        scans = []
-        with contextlib.closing(sqlite3.connect(path)) as conn:
-            for sql, args in recording.seen.items():
-                if not sql.lstrip().upper().startswith(("SELECT", "UPDATE", "DELETE", "INSERT", "WITH")):
-                    continue
+    scans = []
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        for sql, args in recording.seen.items():
+            if sql.lstrip().upper().startswith(_PLANNED):
                 for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", args).fetchall():
                     if str(row[3]).startswith(("SCAN tasks", "SCAN t")) and "INDEX" not in str(row[3]):
                         scans.append((sql, row[3]))
-        assert scans == []
-        assert len(recording.seen) > 30, "the scenario ran fewer statements than it was written for"
+    assert scans == []
+    assert len(recording.seen) > 30, "the scenario ran fewer statements than it was written for"
+
+
+async def test_postgres_no_statement_of_a_task_life_scans_the_tasks_table(
+    postgres: PgDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """:func:`_a_task_life`'s statements on PostgreSQL, each planned as a prepared statement's
+    generic plan (what asyncpg's cached statements come to run, where a parameter cannot prove a
+    partial index's condition) with sequential scans priced out: none reads ``tasks`` in full."""
+    seen: dict[str, int] = {}
+
+    def recording(name: str) -> Any:
+        real = getattr(PgTx, name)
+
+        async def run(self: PgTx, sql: str, *args: Any) -> Any:
+            if name == "executemany":
+                rows = list(args[0])
+                seen.setdefault(sql, len(rows[0]) if rows else 0)
+                return await real(self, sql, rows)
+            seen.setdefault(
+                f"{sql} RETURNING {args[0]}" if name == "insert" else sql, len(args) - (name == "insert")
+            )
+            return await real(self, sql, *args)
+
+        return run
+
+    for name in ("execute", "executemany", "fetch", "fetchrow", "fetchval", "insert"):
+        monkeypatch.setattr(PgTx, name, recording(name))
+    async with opened(
+        Database("postgres", postgres.url, postgres.count_rows), fair=FairConfig(buffer=1)
+    ) as rec:
+        await _a_task_life(rec)
+    monkeypatch.undo()
+    scans = []
+    conn = await asyncpg.connect(postgres.url)
+    try:
+        for i, (sql, n) in enumerate(seen.items()):
+            if not sql.lstrip().upper().startswith(_PLANNED):
+                continue
+            async with conn.transaction():
+                await conn.execute("SET LOCAL enable_seqscan = off")
+                await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+                await conn.execute(f"PREPARE s{i} AS {numbered(sql)}")
+                nulls = f"({', '.join(['NULL'] * n)})" if n else ""
+                plan = "\n".join(str(r[0]) for r in await conn.fetch(f"EXPLAIN EXECUTE s{i}{nulls}"))
+                await conn.execute(f"DEALLOCATE s{i}")
+            if "Seq Scan on tasks" in plan:
+                scans.append((sql, plan))
+    finally:
+        await conn.close()
+    assert scans == []
+    assert len(seen) > 25, "the scenario ran fewer statements than it was written for"
 
 
 async def test_sqlite_a_progress_report_leaves_the_indexed_state_columns_unwritten(tmp_path: Path) -> None:
