@@ -1217,6 +1217,35 @@ async def test_postgres_no_statement_of_a_task_life_scans_the_tasks_table(
     assert len(seen) > 25, "the scenario ran fewer statements than it was written for"
 
 
+async def test_sqlite_a_create_writes_its_task_row_once(tmp_path: Path) -> None:
+    """On SQLite a create inserts its event first and its row with the event's sequence and
+    snapshot, so nothing writes the row again before the commit (a trigger counts the row's
+    updates): the same task, events and sequences as before, one write less. A batch's events go
+    out in sequence order."""
+    path = tmp_path / "tasks.db"
+    async with opened(sqlite_database(path)) as rec:
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            conn.execute("CREATE TABLE row_writes (task_id TEXT)")
+            conn.execute(
+                "CREATE TRIGGER count_row_writes AFTER UPDATE ON tasks"
+                " BEGIN INSERT INTO row_writes VALUES (new.id); END"
+            )
+            conn.commit()
+            made = await rec.store.create_many("t1", [tts_request("char_once"), image_request()])
+            assert conn.execute("SELECT COUNT(*) FROM row_writes").fetchone() == (0,)
+            for task, created in made:
+                assert created
+                row = conn.execute("SELECT last_seq, task FROM tasks WHERE id = ?", (task.id,)).fetchone()
+                [event] = await rec.events(task.id)
+                assert event.type == EV.TASK_EVENT_TYPE_QUEUED and row[0] == event.sequence > 0
+                stored = task_pb2.Task.FromString(row[1])
+                read = await rec.store.get("t1", task.id)
+                read.ClearField("queue_position")  # filled at read
+                assert stored == event.task == read
+        sequences = [e.event.sequence for e in rec.envelopes]
+        assert sequences == sorted(sequences) and len(set(sequences)) == len(sequences)
+
+
 async def test_sqlite_a_progress_report_leaves_the_indexed_state_columns_unwritten(tmp_path: Path) -> None:
     """A progress report (an event that keeps the task's status and retry time) writes its row
     without ``status``, ``next_attempt_time`` and ``update_time``, so SQLite rewrites none of the

@@ -120,16 +120,23 @@ class CreateCommands:
         now = self._clock.now_us()
         decision = lifecycle.create(self._policy, now)
         task = self._new_task(req, decision.state, now)
-        row = await self._insert(unit, tenant, task, now, held)
+        [queued] = decision.events
+        # The event first: the row is inserted as its snapshot, with its sequence where the
+        # backend takes it now (SQLite), so nothing writes the row again at the unit's end.
+        unit.save(task, tenant, int(queued.type), now, 0)
+        seq = await self._units.insert_now(unit)
+        row = await self._insert(unit, tenant, task, now, held, unit.saves[-1].blob, seq)
         if row is None:
             # A concurrent create with the same request_id (another replica, a retried call) made
-            # this insert do nothing; that task is then the answer.
+            # this insert do nothing; that task is then the answer (PostgreSQL: SQLite has one
+            # writer, and the request_id was looked up above in this transaction).
+            unit.saves.pop()
+            if seq:  # pragma: no cover - an event inserted ahead, for a row that was not
+                await unit.tx.execute("DELETE FROM events WHERE seq = ?", seq)
             existing = await self._by_request_id(unit, tenant, req)
             if existing is None:  # pragma: no cover - the conflicting row is committed by now
                 raise RuntimeError("request_id conflict without a task")
             return existing, False
-        for event in decision.events:
-            unit.save(task, tenant, int(event.type), now, 0, fresh=True)  # _insert wrote its state
         job = Job(task.id, decision.state.dispatch_gen, int(task.type), int(task.priority), traceparent)
         if self.backlog is not None:
             await self.backlog.admit(unit, tenant, job, now, held=held)
@@ -144,17 +151,17 @@ class CreateCommands:
         return task, True
 
     async def _insert(
-        self, unit: Unit, tenant: str, task: task_pb2.Task, now: int, held: bool
+        self, unit: Unit, tenant: str, task: task_pb2.Task, now: int, held: bool, blob: bytes, last_seq: int
     ) -> rows.TaskRow | None:
-        """Inserts the task row (``held``: in the fair-share backlog; and its metadata rows on
-        SQLite) and returns it as :func:`rows.load` would read it back; None if its request_id
-        is taken."""
+        """Inserts the task row (``held``: in the fair-share backlog; ``blob``, its snapshot;
+        ``last_seq``, its event's sequence if known yet, else 0; and its metadata rows on SQLite)
+        and returns it as :func:`rows.load` would read it back; None if its request_id is taken."""
         columns = "id, tenant, request_id, type, priority, status, attempt, max_attempts,"
-        columns += " create_time, update_time, dispatch_gen, held, task, reuse_key"
-        values = "?, ?, ?, ?, ?, ?, 0, ?, ?, ?, 1, ?, ?, ?"
-        blob, key = task.SerializeToString(), self.reuse.key(tenant, task) if self.reuse is not None else None
+        columns += " create_time, update_time, dispatch_gen, held, task, reuse_key, last_seq"
+        values = "?, ?, ?, ?, ?, ?, 0, ?, ?, ?, 1, ?, ?, ?, ?"
+        key = self.reuse.key(tenant, task) if self.reuse is not None else None
         args: list[Any] = [task.id, tenant, task.request_id or None, int(task.type), int(task.priority)]
-        args += [int(task.status), task.max_attempts, now, now, int(held), blob, key]
+        args += [int(task.status), task.max_attempts, now, now, int(held), blob, key, last_seq]
         if self._metadata_json:
             columns += ", metadata"
             values += ", ?::jsonb"
@@ -172,8 +179,8 @@ class CreateCommands:
                 "INSERT INTO task_metadata (task_id, tenant, key, value) VALUES (?, ?, ?, ?)",
                 [(task.id, tenant, k, v) for k, v in task.metadata.items()],
             )
-        # The columns as inserted (last_seq and the lease's come with its first event).
-        return rows.TaskRow(blob, tenant, 0, None, 1, 0, None, int(task.status), None, int(held), key)
+        # The columns as inserted (the lease's come with a claim).
+        return rows.TaskRow(blob, tenant, 0, None, 1, last_seq, None, int(task.status), None, int(held), key)
 
     async def _by_request_id(
         self, unit: Unit, tenant: str, req: task_service_pb2.CreateTaskRequest

@@ -62,13 +62,13 @@ class _Save:
     next_attempt_time: int | None
     #: Who holds the lease after the event (written with the row, as the lease expiry is).
     lease_owner: str | None = None
-    #: The row was inserted by this unit in this very state (a create): only its event sequence
-    #: and snapshot are left to write, so no index over its state columns is touched again.
-    fresh: bool = False
     #: The event left the row's indexed state columns (status, next_attempt_time, and with them
     #: the row's update_time: see _ROW_TAIL) as they were (a progress report): the row write
     #: leaves them out, so no index over them is touched.
     same_state: bool = False
+    #: The event's sequence when it was inserted ahead of the unit's end (a create's, on SQLite:
+    #: :meth:`UnitRunner.insert_now`); the row then carries it from its insert.
+    seq: int | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -149,12 +149,13 @@ class Unit:
         lease_expires: int | None = None,
         next_attempt_time: int | None = None,
         lease_owner: str | None = None,
-        fresh: bool = False,
         same_state: bool = False,
     ) -> None:
         """Records the task as it is now, with its event; its row and its event are written at
         the end of the unit (:meth:`UnitRunner._append_events`), so an operation must not read
-        the row back after this. ``task`` may change further: the snapshot is a copy."""
+        the row back after this (a create's event may be inserted at once instead, and its row
+        with it: :meth:`UnitRunner.insert_now`). ``task`` may change further: the snapshot is a
+        copy."""
         task.update_time.FromMicroseconds(now)
         task.queue_position = 0
         if self.eta is not None:
@@ -175,11 +176,12 @@ class Unit:
                 lease_expires=lease_expires,
                 next_attempt_time=next_attempt_time,
                 lease_owner=lease_owner,
-                fresh=fresh,
                 same_state=same_state,
             )
         )
 
+
+_INSERT_EVENT = "INSERT INTO events (task_id, tenant, task_type, type, time, task) VALUES (?, ?, ?, ?, ?, ?)"
 
 #: One operation of a unit of work (what :meth:`UnitRunner.write` runs).
 Op = Callable[[Unit], Coroutine[Any, Any, T]]
@@ -352,9 +354,28 @@ class UnitRunner:
             envelope.prev_sequence = last.get(task_id, save.prev_seq)
             envelopes.append(envelope)
             last[task_id] = seq
+        # A create's event inserted ahead (insert_now) has a lower sequence than the events of
+        # tasks changed earlier in the unit: the envelopes go out in sequence order.
+        envelopes.sort(key=lambda e: e.event.sequence)
         return envelopes
 
+    async def insert_now(self, unit: Unit) -> int:
+        """Inserts the event of the unit's latest save (a create's) now, not at the unit's end,
+        and returns its sequence, so the new task's row is inserted with it and not written a
+        second time; 0 on PostgreSQL, whose events are appended last, under the events lock
+        (SQLite has one writer: any sequence taken is in commit order)."""
+        save = unit.saves[-1]
+        if self._append_sql is not None:
+            return 0
+        task = save.envelope.event.task
+        save.seq = await unit.tx.insert(
+            _INSERT_EVENT, "seq", task.id, save.tenant, int(task.type), save.event_type, save.now, save.blob
+        )
+        return save.seq
+
     async def _append_event(self, tx: Tx, save: _Save) -> int:
+        if save.seq is not None:
+            return save.seq
         task = save.envelope.event.task
         event_args = (task.id, save.tenant, int(task.type), save.event_type, save.now, save.blob)
         if self._append_sql is not None:
@@ -369,14 +390,7 @@ class UnitRunner:
                 save.lease_owner,
             )
             return int(seq)
-        seq = await tx.insert(
-            "INSERT INTO events (task_id, tenant, task_type, type, time, task) VALUES (?, ?, ?, ?, ?, ?)",
-            "seq",
-            *event_args,
-        )
-        if save.fresh:
-            await tx.execute("UPDATE tasks SET last_seq = ?, task = ? WHERE id = ?", seq, save.blob, task.id)
-            return seq
+        seq = await tx.insert(_INSERT_EVENT, "seq", *event_args)
         # An event that keeps the indexed state columns leaves them out of the write (see _Save).
         state = () if save.same_state else (int(task.status), save.next_attempt_time, save.now)
         await tx.execute(
