@@ -182,3 +182,13 @@ def test_fenced_examples() -> None:
     assert not fenced(1, 1, Q)  # requeued: the old attempt may not report
     for status in TERMINAL:
         assert not fenced(1, 1, status)  # late duplicate after the end
+
+
+def test_the_schemas_partial_index_conditions_name_these_statuses() -> None:
+    """The stores' partial indexes (and the queries that read them) spell statuses as literals
+    (``charai.task_store.schema``): they must be these statuses' values."""
+    from charai.task_store import schema
+
+    unfinished = sorted(int(s) for s in Status if not s.terminal)
+    assert f"status IN ({', '.join(map(str, unfinished))})" == schema.UNFINISHED
+    assert f"status IN ({', '.join(str(int(s)) for s in sorted(TERMINAL))})" == schema.ENDED
