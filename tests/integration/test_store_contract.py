@@ -1301,6 +1301,38 @@ async def test_sqlite_a_progress_report_leaves_the_indexed_state_columns_unwritt
         assert again == done
 
 
+async def test_postgres_the_lane_index_gives_way_to_an_index_of_running_tasks(postgres: PgDatabase) -> None:
+    """A database of schema 12 (``tasks_lane`` over every task) gets ``tasks_running`` (running
+    tasks only) at 13 and loses ``tasks_lane``; the fair share's running counts read the new
+    index, and a claim and a completion move a task into it and out."""
+    db = Database("postgres", postgres.url, postgres.count_rows)
+    async with opened(db):
+        pass
+    conn = await asyncpg.connect(postgres.url)
+    try:
+        await conn.execute("DROP INDEX tasks_running")
+        await conn.execute("CREATE INDEX tasks_lane ON tasks (type, status, priority, create_time)")
+        await conn.execute("DELETE FROM schema_version WHERE version >= 13")
+        async with opened(db) as rec:
+            task, _ = await rec.store.create("t1", image_request())
+            assert (await rec.store.claim(task.id, 1, "w")).outcome == RUN
+            names = {
+                r[0] for r in await conn.fetch("SELECT indexname FROM pg_indexes WHERE tablename = 'tasks'")
+            }
+            assert "tasks_running" in names and "tasks_lane" not in names
+            running = "SELECT id FROM tasks WHERE type = $1 AND status = 2 AND tenant = $2"
+            assert [r[0] for r in await conn.fetch(running, int(IMAGE), "t1")] == [task.id]
+            async with conn.transaction():
+                await conn.execute("SET LOCAL enable_seqscan = off")
+                plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {running}", int(IMAGE), "t1"))
+            assert "tasks_running" in plan
+            await rec.store.complete(complete_req(task.id, 1))
+            assert await conn.fetch(running, int(IMAGE), "t1") == []
+        assert await conn.fetchval("SELECT MAX(version) FROM schema_version") == LATEST_VERSION
+    finally:
+        await conn.close()
+
+
 async def test_postgres_a_progress_report_is_a_hot_update(postgres: PgDatabase) -> None:
     """On PostgreSQL a progress report changes no indexed column of ``tasks`` (the row's
     ``update_time``, when its state last changed, stays), so it is a heap-only (HOT) update: no

@@ -17,8 +17,8 @@ Differences between the dialects, and why:
   reuses a number after a rollback; the store makes commit order equal sequence order (SQLite has
   one writer; PostgreSQL takes a transaction lock before inserting events).
 - blobs: ``BLOB`` / ``BYTEA``.
-- running tasks by type and tenant (the fair share's counts and probes): SQLite reads a partial
-  index of them, ``tasks_running`` (migration 11); PostgreSQL reads ``tasks_lane``.
+- running tasks by type and tenant (the fair share's counts and probes): a partial index of them,
+  ``tasks_running`` (SQLite since migration 11, PostgreSQL since 13, in place of ``tasks_lane``).
 
 Migration 3 gave SQLite per-lane counters of queued tasks (``lane_counts``, kept by triggers on
 ``tasks``) for ``queue_position``; since the fair-share backlog (migration 7) places every queued
@@ -109,7 +109,7 @@ def _fair_tables(held: str, if_not_exists: str) -> tuple[str, ...]:
       counting the buffer (every create and release does) reads only the buffer, however long
       the backlog. Queries name its condition with literals, as here; its columns repeat the
       condition so SQLite's planner prefers it to the queue-order index (``tasks_queue`` until
-      migration 11, ``tasks_lane`` on PostgreSQL), which would read the backlog.
+      migration 11, ``tasks_lane`` on PostgreSQL until 13), which would read the backlog.
     - ``tasks_released``: the queued tasks not held (the buffer and the retries waiting), in the
       order workers take them: a released task's queue position counts a range of it.
     - ``fair_tenants``: each tenant's turn per lane (stride scheduling); ``fair_tenants_turn``
@@ -427,7 +427,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         # of running tasks answers both from the index alone (tasks_queue read the table for the
         # tenant), and a create, whose task is queued, no longer writes it: callgrind 9 K fewer
         # instructions per create and 15 K per task's create, claim and completion (1 %).
-        # PostgreSQL keeps tasks_lane for these.
+        # PostgreSQL kept tasks_lane for these until migration 13.
         sqlite=(
             "CREATE INDEX IF NOT EXISTS tasks_running ON tasks (type, status, tenant) WHERE status = 2",
             "DROP INDEX IF EXISTS tasks_queue",
@@ -443,6 +443,20 @@ MIGRATIONS: tuple[Migration, ...] = (
         # moved its entry instead of dropping it, and the index grew with the table.
         sqlite=_DISPATCHED,
         postgres=_DISPATCHED,
+    ),
+    Migration(
+        13,
+        "running tasks by type and tenant (PostgreSQL), in place of the lane index",
+        # What reads tasks_lane (type, status, priority, create_time) are the fair share's counts
+        # and probes of running tasks, as on SQLite before migration 11; the queue's depth count
+        # reads tasks_dispatched (12). Every update that is not heap-only (a create's row, a
+        # publication's record, a claim, a completion) added an entry to tasks_lane; the partial
+        # index gets one only for a running task's row.
+        sqlite=(),
+        postgres=(
+            "CREATE INDEX IF NOT EXISTS tasks_running ON tasks (type, status, tenant) WHERE status = 2",
+            "DROP INDEX IF EXISTS tasks_lane",
+        ),
     ),
 )
 
