@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -1029,6 +1030,20 @@ async def test_sqlite_the_lane_counters_and_queue_index_of_an_older_schema_are_d
         assert conn.execute("SELECT MAX(version) FROM schema_version").fetchone() == (LATEST_VERSION,)
 
 
+def row_updates(conn: sqlite3.Connection, of: str = "") -> Callable[[], list[str]]:
+    """Records, by a trigger, the id of each ``tasks`` row an UPDATE writes (``of``: an UPDATE
+    that names one of these columns); returns a reader of the ids, in order."""
+    table = "row_updates_" + "".join(c if c.isalnum() else "_" for c in of)
+    columns = f"OF {of} " if of else ""
+    conn.execute(f"CREATE TABLE {table} (task_id TEXT)")
+    conn.execute(
+        f"CREATE TRIGGER {table}_trigger AFTER UPDATE {columns}ON tasks"
+        f" BEGIN INSERT INTO {table} VALUES (new.id); END"
+    )
+    conn.commit()
+    return lambda: [str(r[0]) for r in conn.execute(f"SELECT task_id FROM {table} ORDER BY rowid")]
+
+
 async def test_sqlite_the_sweep_index_holds_the_published_jobs_of_unfinished_tasks(tmp_path: Path) -> None:
     """``tasks_dispatched`` (migration 12) holds a task from its job's recorded publication to
     its end, and the lost-job sweep reads it; a publication recorded after the task ended (a
@@ -1046,12 +1061,7 @@ async def test_sqlite_the_sweep_index_holds_the_published_jobs_of_unfinished_tas
     async with opened(db) as rec:
         store = rec.store
         with contextlib.closing(sqlite3.connect(path)) as conn:
-            conn.execute("CREATE TABLE publication_writes (task_id TEXT)")
-            conn.execute(
-                "CREATE TRIGGER count_publication_writes AFTER UPDATE OF stream_seq, dispatched_at"
-                " ON tasks BEGIN INSERT INTO publication_writes VALUES (new.id); END"
-            )
-            conn.commit()
+            publication_writes = row_updates(conn, "stream_seq, dispatched_at")
 
             def indexed() -> list[str]:
                 rows = conn.execute(
@@ -1077,7 +1087,7 @@ async def test_sqlite_the_sweep_index_holds_the_published_jobs_of_unfinished_tas
             await store.complete(complete_req(quick.id, 1))
             await store.mark_dispatched([(rows[quick.id], 8)])  # recorded after the task ended
             assert published(quick.id) == (None, 0)
-            assert [r[0] for r in conn.execute("SELECT task_id FROM publication_writes")] == [slow.id]
+            assert publication_writes() == [slow.id]
             assert await store.pending_dispatches() == []
             plan = conn.execute(
                 "EXPLAIN QUERY PLAN SELECT id FROM tasks WHERE status IN (1, 2) AND dispatched_at IS NOT NULL"
@@ -1225,14 +1235,9 @@ async def test_sqlite_a_create_writes_its_task_row_once(tmp_path: Path) -> None:
     path = tmp_path / "tasks.db"
     async with opened(sqlite_database(path)) as rec:
         with contextlib.closing(sqlite3.connect(path)) as conn:
-            conn.execute("CREATE TABLE row_writes (task_id TEXT)")
-            conn.execute(
-                "CREATE TRIGGER count_row_writes AFTER UPDATE ON tasks"
-                " BEGIN INSERT INTO row_writes VALUES (new.id); END"
-            )
-            conn.commit()
+            row_writes = row_updates(conn)
             made = await rec.store.create_many("t1", [tts_request("char_once"), image_request()])
-            assert conn.execute("SELECT COUNT(*) FROM row_writes").fetchone() == (0,)
+            assert row_writes() == []
             for task, created in made:
                 assert created
                 row = conn.execute("SELECT last_seq, task FROM tasks WHERE id = ?", (task.id,)).fetchone()
@@ -1256,15 +1261,10 @@ async def test_sqlite_a_progress_report_leaves_the_indexed_state_columns_unwritt
     path = tmp_path / "tasks.db"
     async with opened(sqlite_database(path)) as rec:
         with contextlib.closing(sqlite3.connect(path)) as conn:
-            conn.execute("CREATE TABLE state_writes (task_id TEXT)")
-            conn.execute(
-                "CREATE TRIGGER count_state_writes AFTER UPDATE OF status, next_attempt_time, update_time"
-                " ON tasks BEGIN INSERT INTO state_writes VALUES (new.id); END"
-            )
-            conn.commit()
+            state_writes = row_updates(conn, "status, next_attempt_time, update_time")
 
             def writes() -> int:
-                return int(conn.execute("SELECT count(*) FROM state_writes").fetchone()[0])
+                return len(state_writes())
 
             def state_changed() -> int:
                 row = conn.execute("SELECT update_time FROM tasks WHERE id = ?", (task.id,)).fetchone()
