@@ -39,6 +39,7 @@ from charai.task_store.backend import numbered
 from charai.task_store.backlog import FairConfig
 from charai.task_store.commands import ClaimResult
 from charai.task_store.postgres_backend import PgTx
+from charai.task_store.reuse import ReuseConfig
 from charai.task_store.schema import LATEST_VERSION
 from charai.task_store.sqlite_backend import SqliteBackend
 from charai.task_store.store import StoreConfig, open_store
@@ -1101,6 +1102,41 @@ async def test_sqlite_the_sweep_index_holds_the_published_jobs_of_unfinished_tas
             assert indexed() == []  # ended: out of the index
 
 
+async def test_sqlite_the_reuse_index_of_an_older_schema_holds_running_and_completed_tasks_only(
+    tmp_path: Path,
+) -> None:
+    """Migration 14: ``tasks_reuse`` loses its queued, failed and cancelled tasks (a lookup reads
+    running and completed twins only); a claim puts a task in it, and a twin is still found."""
+    path = tmp_path / "tasks.db"
+    db = sqlite_database(path)
+    async with opened(db, reuse=LIFE_REUSE) as rec:
+        first, _ = await rec.store.create("t1", tts_request("char_twin"))
+    with contextlib.closing(sqlite3.connect(path)) as conn:  # schema 13's index
+        conn.execute("DROP INDEX tasks_reuse")
+        conn.execute(
+            "CREATE INDEX tasks_reuse ON tasks (tenant, reuse_key, status, update_time)"
+            " WHERE reuse_key IS NOT NULL"
+        )
+        conn.execute("DELETE FROM schema_version WHERE version >= 14")
+        conn.commit()
+    async with opened(db, rec.clock, reuse=LIFE_REUSE) as rec:
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+
+            def indexed() -> int:
+                count = "SELECT COUNT(*) FROM tasks INDEXED BY tasks_reuse"
+                count += " WHERE reuse_key IS NOT NULL AND status IN (2, 3)"
+                return int(conn.execute(count).fetchone()[0])
+
+            assert indexed() == 0  # queued
+            assert (await rec.store.claim(first.id, 1, "w")).outcome == RUN
+            assert indexed() == 1
+            await rec.store.complete(complete_req(first.id, 1))
+            twin, _ = await rec.store.create("t1", tts_request("char_twin"))
+            assert indexed() == 1
+            assert (await rec.store.claim(twin.id, 1, "w")).outcome == spb.CLAIM_OUTCOME_REUSED
+            assert indexed() == 2
+
+
 class _Recording:
     """The database thread's connection, recording each statement with its first parameters."""
 
@@ -1145,7 +1181,14 @@ async def _a_task_life(rec: Recorded) -> None:
     rec.clock.advance(3600)
     await store.stale_dispatches(60)
     await store.ended_before(rec.clock.now_us())
+    await store.shared_media("t1", first.id)  # a delete's look at the key's other tasks
 
+
+#: Reuse on in a task's life (:func:`_a_task_life`), so claims look for twins.
+LIFE_REUSE = ReuseConfig(ttl_seconds=3600.0)
+
+#: A reuse lookup's condition: it must read ``tasks_reuse``, not every task of the tenant.
+_BY_REUSE_KEY = "tenant = ? AND reuse_key = ?"
 
 #: What a statement may begin with to be planned (not BEGIN, SAVEPOINT, COMMIT...).
 _PLANNED = ("SELECT", "UPDATE", "DELETE", "INSERT", "WITH")
@@ -1156,7 +1199,7 @@ async def test_sqlite_no_statement_of_a_task_life_scans_the_tasks_table(tmp_path
     names a partial index's condition with bound parameters instead of its literals, or an index
     dropped from under a query, turns into a scan of every task ever kept."""
     path = tmp_path / "tasks.db"
-    async with opened(sqlite_database(path), fair=FairConfig(buffer=1)) as rec:
+    async with opened(sqlite_database(path), fair=FairConfig(buffer=1), reuse=LIFE_REUSE) as rec:
         backend = rec.store.backend
         assert isinstance(backend, SqliteBackend) and backend._conn is not None
         recording = _Recording(backend._conn)
@@ -1165,14 +1208,22 @@ async def test_sqlite_no_statement_of_a_task_life_scans_the_tasks_table(tmp_path
             await _a_task_life(rec)
         finally:
             backend._conn = recording._conn
-    scans = []
+    scans, lookups = [], 0
     with contextlib.closing(sqlite3.connect(path)) as conn:
         for sql, args in recording.seen.items():
             if sql.lstrip().upper().startswith(_PLANNED):
-                for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", args).fetchall():
-                    if str(row[3]).startswith(("SCAN tasks", "SCAN t")) and "INDEX" not in str(row[3]):
-                        scans.append((sql, row[3]))
+                plan = " / ".join(str(r[3]) for r in conn.execute(f"EXPLAIN QUERY PLAN {sql}", args))
+                if any(
+                    step.startswith(("SCAN tasks", "SCAN t")) and "INDEX" not in step
+                    for step in plan.split(" / ")
+                ):
+                    scans.append((sql, plan))
+                if _BY_REUSE_KEY in sql:
+                    lookups += 1
+                    if "INDEX tasks_reuse" not in plan:  # not the tenant's every task
+                        scans.append((sql, plan))
     assert scans == []
+    assert lookups >= 2, "the scenario ran no reuse lookup"
     assert len(recording.seen) > 30, "the scenario ran fewer statements than it was written for"
 
 
@@ -1202,7 +1253,7 @@ async def test_postgres_no_statement_of_a_task_life_scans_the_tasks_table(
     for name in ("execute", "executemany", "fetch", "fetchrow", "fetchval", "insert"):
         monkeypatch.setattr(PgTx, name, recording(name))
     async with opened(
-        Database("postgres", postgres.url, postgres.count_rows), fair=FairConfig(buffer=1)
+        Database("postgres", postgres.url, postgres.count_rows), fair=FairConfig(buffer=1), reuse=LIFE_REUSE
     ) as rec:
         await _a_task_life(rec)
     monkeypatch.undo()
@@ -1219,7 +1270,7 @@ async def test_postgres_no_statement_of_a_task_life_scans_the_tasks_table(
                 nulls = f"({', '.join(['NULL'] * n)})" if n else ""
                 plan = "\n".join(str(r[0]) for r in await conn.fetch(f"EXPLAIN EXECUTE s{i}{nulls}"))
                 await conn.execute(f"DEALLOCATE s{i}")
-            if "Seq Scan on tasks" in plan:
+            if "Seq Scan on tasks" in plan or (_BY_REUSE_KEY in sql and "tasks_reuse" not in plan):
                 scans.append((sql, plan))
     finally:
         await conn.close()

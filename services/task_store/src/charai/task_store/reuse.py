@@ -44,6 +44,7 @@ from charai.core.domain.lifecycle import ClaimAnswer, ClaimOutcome, Decision, Po
 from charai.core.domain.states import EventType, Status
 from charai.core.media import media_keys
 from charai.task_store.backend import Backend, Dialect, Tx
+from charai.task_store.schema import REUSABLE
 from charai.tasks.v1 import task_pb2
 
 log = structlog.get_logger("reuse")
@@ -230,12 +231,10 @@ class Reuse:
         # there is none, and this lookup costs a fifth of the one below (`python -m bench.push_unit`).
         raw = await tx.fetchrow(
             "SELECT status, task, update_time, lease_expires FROM tasks WHERE tenant = ? AND reuse_key = ?"
-            " AND id <> ? AND status IN (?, ?) ORDER BY status DESC, update_time DESC LIMIT 1",
+            f" AND id <> ? AND {REUSABLE} ORDER BY status DESC, update_time DESC LIMIT 1",
             tenant,
             key,
             task_id,
-            completed,
-            running,
         )
         if raw is None:
             return None
@@ -244,8 +243,9 @@ class Reuse:
         if not (alive or (status == completed and updated >= cutoff)):
             # Too old, or a lost lease: an older twin may still do (a rare case, looked up exactly).
             raw = await tx.fetchrow(
-                "SELECT status, task FROM tasks WHERE tenant = ? AND reuse_key = ? AND id <> ?"
-                " AND ((status = ? AND update_time >= ?) OR (status = ? AND lease_expires > ?))"
+                "SELECT status, task FROM tasks WHERE tenant = ? AND reuse_key = ?"
+                f" AND id <> ? AND {REUSABLE} AND ((status = ? AND update_time >= ?)"
+                " OR (status = ? AND lease_expires > ?))"
                 " ORDER BY status DESC, update_time DESC LIMIT 1",
                 tenant,
                 key,
@@ -283,7 +283,7 @@ class Reuse:
             if not mine:
                 return frozenset()
             others = await tx.fetch(
-                "SELECT task FROM tasks WHERE tenant = ? AND reuse_key = ? AND status = ?",
+                f"SELECT task FROM tasks WHERE tenant = ? AND reuse_key = ? AND {REUSABLE} AND status = ?",
                 tenant,
                 key,
                 int(Status.COMPLETED),

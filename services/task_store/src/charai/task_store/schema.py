@@ -46,6 +46,13 @@ _QUEUED = 1
 #: query's rows are in a partial index from literals, not from bound parameters.
 UNFINISHED = "status IN (1, 2)"
 ENDED = "status IN (3, 4, 5)"
+#: The tasks a reuse lookup may find (``tasks_reuse`` since migration 14): running or completed.
+REUSABLE = "status IN (2, 3)"
+_REUSE = (
+    "DROP INDEX IF EXISTS tasks_reuse",
+    "CREATE INDEX IF NOT EXISTS tasks_reuse ON tasks (tenant, reuse_key, status, update_time)"
+    f" WHERE reuse_key IS NOT NULL AND {REUSABLE}",
+)
 _DISPATCHED = (
     "DROP INDEX IF EXISTS tasks_dispatched",
     f"CREATE INDEX IF NOT EXISTS tasks_dispatched ON tasks (status, dispatched_at) WHERE {UNFINISHED}",
@@ -457,6 +464,16 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX IF NOT EXISTS tasks_running ON tasks (type, status, tenant) WHERE status = 2",
             "DROP INDEX IF EXISTS tasks_lane",
         ),
+    ),
+    Migration(
+        14,
+        "the reuse index holds only running and completed tasks",
+        # A claim's twin lookup reads a key's running and completed tasks, and a delete's shared
+        # media its completed ones; tasks_reuse (9) also held every queued, failed and cancelled
+        # task with a key, so each create inserted an entry at a random place (the key is a hash)
+        # that its claim then moved, and a failure moved it again.
+        sqlite=_REUSE,
+        postgres=_REUSE,
     ),
 )
 
