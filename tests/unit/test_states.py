@@ -192,3 +192,4 @@ def test_the_schemas_partial_index_conditions_name_these_statuses() -> None:
     unfinished = sorted(int(s) for s in Status if not s.terminal)
     assert f"status IN ({', '.join(map(str, unfinished))})" == schema.UNFINISHED
     assert f"status IN ({', '.join(str(int(s)) for s in sorted(TERMINAL))})" == schema.ENDED
+    assert f"status IN ({int(R)}, {int(C)})" == schema.REUSABLE  # what a reuse lookup may find
