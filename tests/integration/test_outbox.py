@@ -32,6 +32,7 @@ from charai.task_store.store import StoreConfig, TaskStore, open_store
 from charai.tasks.v1 import task_pb2, task_service_pb2
 from nats.aio.client import Client
 from nats.js import JetStreamContext
+from nats.js.api import RawStreamMsg
 from nats.js.errors import NotFoundError
 
 from tests.conftest import eventually
@@ -68,21 +69,40 @@ class StoredJob:
     job: spb.Job
 
 
-async def stream_jobs(js: JetStreamContext) -> list[StoredJob]:
-    """Every message in the jobs stream, in stream order (deleted sequences skipped)."""
-    jobs: list[StoredJob] = []
+async def stream_messages(js: JetStreamContext) -> list[tuple[int, RawStreamMsg]]:
+    """Every message in the jobs stream with its sequence, in stream order (deleted sequences
+    skipped; an empty stream's sequence 0 is a bad request, not a miss, so it is not asked)."""
     state = (await js.stream_info(STREAM)).state
     if not state.messages:
-        return jobs
+        return []
+    found = []
     for seq in range(state.first_seq, state.last_seq + 1):
         try:
-            msg = await js.get_msg(STREAM, seq)
+            found.append((seq, await js.get_msg(STREAM, seq)))
         except NotFoundError:
             continue
-        headers = msg.headers or {}
-        job = spb.Job.FromString(msg.data or b"")
-        jobs.append(StoredJob(seq, msg.subject or "", headers.get("Nats-Msg-Id", ""), job))
-    return jobs
+    return found
+
+
+def msg_id(msg: RawStreamMsg) -> str:
+    return str((msg.headers or {}).get("Nats-Msg-Id", ""))
+
+
+async def stream_jobs(js: JetStreamContext) -> list[StoredJob]:
+    """Every message in the jobs stream, in stream order (deleted sequences skipped)."""
+    return [
+        StoredJob(seq, msg.subject or "", msg_id(msg), spb.Job.FromString(msg.data or b""))
+        for seq, msg in await stream_messages(js)
+    ]
+
+
+async def webhook_jobs(js: JetStreamContext) -> list[tuple[int, str]]:
+    """The webhook deliveries' jobs in the jobs stream: (sequence, Nats-Msg-Id), in order."""
+    return [
+        (seq, msg_id(msg))
+        for seq, msg in await stream_messages(js)
+        if msg.subject == TOPOLOGY.webhook_subject
+    ]
 
 
 async def stream_count(js: JetStreamContext) -> int:
@@ -559,27 +579,12 @@ async def test_sweeper_redispatches_a_webhook_job_that_nats_lost(
         task = await r.create(request)
         await r.client.claim_task(task.id, 1, "w")
         await r.client.complete_task(task.id, 1, task_pb2.TtsResult(audio_url="charai-media:x.wav"))
-        subject = TOPOLOGY.webhook_subject
-
-        async def webhook_jobs() -> list[tuple[int, str]]:
-            state = (await r.js.stream_info(STREAM)).state
-            found: list[tuple[int, str]] = []
-            if not state.messages:  # an empty stream's sequence 0 is a bad request, not a miss
-                return found
-            for seq in range(state.first_seq, state.last_seq + 1):
-                try:
-                    msg = await r.js.get_msg(STREAM, seq)
-                except NotFoundError:
-                    continue
-                if msg.subject == subject:
-                    found.append((seq, (msg.headers or {}).get("Nats-Msg-Id", "")))
-            return found
 
         async def published(n: int) -> bool:
-            return len(await webhook_jobs()) == n and await r.outbox_empty()
+            return len(await webhook_jobs(r.js)) == n and await r.outbox_empty()
 
         await eventually(lambda: published(1), timeout=5)
-        ((seq, first_id),) = await webhook_jobs()
+        ((seq, first_id),) = await webhook_jobs(r.js)
         assert first_id.endswith(":1")
         assert await r.js.delete_msg(STREAM, seq)
 
@@ -588,7 +593,7 @@ async def test_sweeper_redispatches_a_webhook_job_that_nats_lost(
         clock.advance(0.4)
         assert await relay.sweep_once() == 1
         await eventually(lambda: published(1), timeout=5)
-        ((_, again_id),) = await webhook_jobs()
+        ((_, again_id),) = await webhook_jobs(r.js)
         assert again_id == first_id[:-2] + ":2"
         clock.advance(0.4)
         assert await relay.sweep_once() == 0  # the new job is there
@@ -629,12 +634,7 @@ async def test_sweeper_leaves_a_webhook_job_still_in_the_outbox_alone(
         async with relay_running(store, js) as survivor:
             await outbox_drained(store)
         assert survivor.duplicates == 2  # published again, dropped by JetStream
-        state = (await js.stream_info(STREAM)).state
-        webhook_ids = []
-        for seq in range(state.first_seq, state.last_seq + 1):
-            msg = await js.get_msg(STREAM, seq)
-            if msg.subject == TOPOLOGY.webhook_subject:
-                webhook_ids.append((msg.headers or {}).get("Nats-Msg-Id", ""))
+        webhook_ids = [ident for _, ident in await webhook_jobs(js)]
         assert len(webhook_ids) == 1 and webhook_ids[0].endswith(":1"), webhook_ids
         clock.advance(0.4)
         assert await sweeper.sweep_once() == 0  # recorded now, and in the stream
