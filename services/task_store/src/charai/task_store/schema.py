@@ -53,6 +53,8 @@ _REUSE = (
     "CREATE INDEX IF NOT EXISTS tasks_reuse ON tasks (tenant, reuse_key, status, update_time)"
     f" WHERE reuse_key IS NOT NULL AND {REUSABLE}",
 )
+#: The running tasks by type and tenant (SQLite: migration 11; PostgreSQL: 13).
+_RUNNING_INDEX = "CREATE INDEX IF NOT EXISTS tasks_running ON tasks (type, status, tenant) WHERE status = 2"
 _DISPATCHED = (
     "DROP INDEX IF EXISTS tasks_dispatched",
     f"CREATE INDEX IF NOT EXISTS tasks_dispatched ON tasks (status, dispatched_at) WHERE {UNFINISHED}",
@@ -436,7 +438,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         # instructions per create and 15 K per task's create, claim and completion (1 %).
         # PostgreSQL kept tasks_lane for these until migration 13.
         sqlite=(
-            "CREATE INDEX IF NOT EXISTS tasks_running ON tasks (type, status, tenant) WHERE status = 2",
+            _RUNNING_INDEX,
             "DROP INDEX IF EXISTS tasks_queue",
         ),
         postgres=(),
@@ -461,7 +463,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         # index gets one only for a running task's row.
         sqlite=(),
         postgres=(
-            "CREATE INDEX IF NOT EXISTS tasks_running ON tasks (type, status, tenant) WHERE status = 2",
+            _RUNNING_INDEX,
             "DROP INDEX IF EXISTS tasks_lane",
         ),
     ),
