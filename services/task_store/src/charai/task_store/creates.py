@@ -128,11 +128,11 @@ class CreateCommands:
         row = await self._insert(unit, tenant, task, now, held, unit.saves[-1].blob, seq)
         if row is None:
             # A concurrent create with the same request_id (another replica, a retried call) made
-            # this insert do nothing; that task is then the answer (PostgreSQL: SQLite has one
-            # writer, and the request_id was looked up above in this transaction).
+            # this insert do nothing; that task is then the answer. PostgreSQL only, whose event
+            # is not inserted yet: SQLite has one writer, and the request_id was looked up above
+            # in this transaction.
+            assert not seq, "a create's event was inserted ahead of a row that conflicted"
             unit.saves.pop()
-            if seq:  # pragma: no cover - an event inserted ahead, for a row that was not
-                await unit.tx.execute("DELETE FROM events WHERE seq = ?", seq)
             existing = await self._by_request_id(unit, tenant, req)
             if existing is None:  # pragma: no cover - the conflicting row is committed by now
                 raise RuntimeError("request_id conflict without a task")
