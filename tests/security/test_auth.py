@@ -234,6 +234,28 @@ async def test_reflection_needs_the_token_health_does_not(charai: Charai) -> Non
         assert answer.code == expected, (token, answer)
 
 
+async def test_a_refused_grpc_web_call_reports_unauthenticated_never_internal(charai: Charai) -> None:
+    """A gRPC-web call refused on its metadata answers UNAUTHENTICATED every time. The bridge once
+    wrote the request message after the call's metadata, and when the server's refusal won that
+    race grpc's client reported INTERNAL ("Internal error from Core") instead (CI met it once)."""
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+
+    async def refused(token: str | None) -> Any:
+        answer = await grpcweb(
+            charai.http,
+            charai.base,
+            "ServerReflectionInfo",
+            request,
+            token,
+            service="/grpc.reflection.v1alpha.ServerReflection",
+        )
+        return answer.code, answer.message
+
+    for _ in range(30):
+        answers = await asyncio.gather(*(refused(None if i % 2 else "not-a-token") for i in range(50)))
+        assert {code for code, _ in answers} == {UNAUTHENTICATED}, answers
+
+
 def test_without_tokens_the_gateway_refuses_a_public_address(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

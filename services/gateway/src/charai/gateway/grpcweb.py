@@ -37,6 +37,8 @@ _HEADER = struct.Struct(">BI")
 MAX_REQUEST_BYTES = 2 * 1024 * 1024
 #: The largest response message the gRPC port sends (``grpcsupport.SERVER_OPTIONS``).
 MAX_RESPONSE_BYTES = 8 * 1024 * 1024
+#: The bridge's call on the gateway's own gRPC port (see ``GrpcWebBridge._call``).
+_Call = grpc.aio.UnaryStreamCall[Any, Any] | grpc.aio.StreamStreamCall[Any, Any]
 _TIMEOUT = re.compile(r"^([0-9]{1,8})([HMSmun])$")
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 _METADATA_KEY = re.compile(r"^[0-9a-z_.\-]+$")
@@ -254,14 +256,7 @@ class GrpcWebBridge:
             messages, metadata, timeout = await self._read_call(request, text)
         except ProtocolError as exc:
             return _trailers_only(content_type, [], trailer_pairs(exc.code, exc.message, []))
-        method: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = self._channel.stream_stream(
-            request.path, request_serializer=None, response_deserializer=None
-        )
-        call: grpc.aio.StreamStreamCall[bytes, bytes] = method(
-            iter(messages),  # type: ignore[arg-type]
-            metadata=metadata,  # type: ignore[arg-type]
-            timeout=timeout,
-        )
+        call = self._call(request.path, messages, metadata, timeout)
         try:
             return await self._relay(request, call, content_type, text_out)
         except asyncio.CancelledError:
@@ -269,6 +264,24 @@ class GrpcWebBridge:
             # call now, so its watcher is released, then let the cancellation through.
             call.cancel()
             raise
+
+    def _call(
+        self, path: str, messages: list[bytes], metadata: list[tuple[str, str | bytes]], timeout: float | None
+    ) -> _Call:
+        """The call on the gateway's own gRPC port. One request message (every unary and
+        server-streaming call: gRPC-web has no client streaming) goes out as a unary request,
+        in the same batch as the call's metadata: written from a request iterator instead, it
+        raced a refusal on the metadata (an unauthenticated call), and grpc's client then
+        reported INTERNAL ("Internal error from Core") in place of the server's status."""
+        if len(messages) == 1:
+            unary: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = self._channel.unary_stream(
+                path, request_serializer=None, response_deserializer=None
+            )
+            return unary(messages[0], metadata=metadata, timeout=timeout)  # type: ignore[arg-type]
+        streaming: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = self._channel.stream_stream(
+            path, request_serializer=None, response_deserializer=None
+        )
+        return streaming(iter(messages), metadata=metadata, timeout=timeout)  # type: ignore[arg-type]
 
     async def _read_call(
         self, request: web.Request, text: bool
@@ -296,7 +309,7 @@ class GrpcWebBridge:
     async def _relay(
         self,
         request: web.Request,
-        call: grpc.aio.StreamStreamCall[Any, Any],
+        call: _Call,
         content_type: str,
         text: bool,
     ) -> web.StreamResponse:
@@ -342,7 +355,7 @@ def _encode(data: bytes, text: bool) -> bytes:
     return encode_text(data) if text else data
 
 
-async def _trailers(call: grpc.aio.StreamStreamCall[Any, Any]) -> list[tuple[str, str]]:
+async def _trailers(call: _Call) -> list[tuple[str, str]]:
     code = await call.code()
     details = await call.details()
     trailing = list(await call.trailing_metadata())
