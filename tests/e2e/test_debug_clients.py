@@ -139,19 +139,21 @@ async def test_buf_curl_grpc_web_unary_and_streaming(stack: Stack) -> None:
     url = stack.gateway_http
     created = json.loads(
         await ok(
-            str(BUF), "curl", *GRPC_WEB, "-d", image_request("char_bufweb", "many events [[latency:1.5]]"),
+            str(BUF), "curl", *GRPC_WEB, "-d", image_request("char_bufweb", "many events [[latency:2.5]]"),
             f"{url}/{SERVICE}/CreateTask",
         )
     )  # fmt: skip
     task_id = created["task"]["id"]
-    got = json.loads(
-        await ok(str(BUF), "curl", *GRPC_WEB, "-d", json.dumps({"id": task_id}), f"{url}/{SERVICE}/GetTask")
-    )
-    assert got["task"]["id"] == task_id
+    # The watch right after the create (the provider takes 2.5 s), the unary read after it: a
+    # GetTask in between once let the task end before the watch began on a busy machine.
     out = await ok(
         str(BUF), "curl", *GRPC_WEB, "-d", json.dumps({"id": task_id}), f"{url}/{SERVICE}/WatchTask"
     )
     check_watch(json_stream(out), task_id)
+    got = json.loads(
+        await ok(str(BUF), "curl", *GRPC_WEB, "-d", json.dumps({"id": task_id}), f"{url}/{SERVICE}/GetTask")
+    )
+    assert (got["task"]["id"], got["task"]["status"]) == (task_id, "TASK_STATUS_COMPLETED")
     # The whole log again (a live watch that started late on a busy machine holds the early
     # events in its snapshot): every progress event, over gRPC-web too.
     replay = await ok(
