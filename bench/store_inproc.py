@@ -1,5 +1,5 @@
 """The store's write path without gRPC: ``python -m bench.store_inproc [--n N] [--concurrency C]
-[--batch B] [--each G] [--reports R] [--lifecycle R] [--pages N]``.
+[--batch B] [--each G] [--reports R] [--lifecycle R] [--pages N] [--relay]``.
 
 Creates TTS tasks on a fresh SQLite store in this process (task_store's own settings: reuse on, a
 fair-share buffer of 64), from C coroutines at once so they share group commits, and prints the
@@ -14,7 +14,10 @@ per step: what task_store does with a worker's commands of one Exchange call). `
 tasks created, claimed, reported on and completed one command at a time, each its own commit;
 prints the WAL pages each kind of commit wrote, by table and index (the WAL is read between
 groups of commands, so no checkpoint runs in between, the checkpointer thread included). Used for
-the before/after rows of BENCHMARKS.md ("Data plane v2, second pass"). ``--commit-times``: also
+the before/after rows of BENCHMARKS.md ("Data plane v2, second pass"). ``--relay``: with
+``--lifecycle`` or ``--pages``, each task's job is also recorded as published, as the outbox relay
+does after its publish (``--lifecycle``: one record of the round's 50 jobs before their claims;
+``--pages``: a "publish" commit per task between its create and its claim). ``--commit-times``: also
 times each COMMIT (its fsync, and any checkpoint the writer runs in it) and prints p50, p99 and
 how many took over 3 ms; ``--own-checkpoints``: without task_store's checkpointer thread
 (``charai.task_store.sqlite_checkpoint``), SQLite checkpointing inside commits as by default.
@@ -94,10 +97,11 @@ async def reports(store: TaskStore, rounds: int, each: bool) -> None:
     )
 
 
-async def lifecycle(store: TaskStore, rounds: int, each: bool) -> None:
+async def lifecycle(store: TaskStore, rounds: int, each: bool, relay: bool = False) -> None:
     """``rounds`` rounds of 50 distinct tasks (all released: the fair-share buffer holds 64)
     claimed, then completed (a ``gather`` of single commands,
-    or with ``--each`` one ``worker_each`` per step); CPU-µs per claim + completion printed."""
+    or with ``--each`` one ``worker_each`` per step); CPU-µs per claim + completion printed
+    (``relay``: with the record of the round's publication before the claims)."""
     cpu = wall = 0.0
     run = time.time_ns()  # no two tasks alike (reuse would answer a claim with another's result)
     for r in range(rounds):
@@ -111,6 +115,8 @@ async def lifecycle(store: TaskStore, rounds: int, each: bool) -> None:
         result = task_pb2.TtsResult(audio_url="charai-media:x.wav", duration_seconds=1.0)
         dones = [spb.CompleteTaskRequest(task_id=task_id, attempt=1, tts_result=result) for task_id in ids]
         c0, w0 = time.process_time(), time.perf_counter()
+        if relay:
+            await publish(store)
         for step in (claims, dones):
             if each:
                 answers = await store.worker_each(step)
@@ -125,7 +131,14 @@ async def lifecycle(store: TaskStore, rounds: int, each: bool) -> None:
     )
 
 
-async def pages(store: TaskStore, path: Path, n: int) -> None:
+async def publish(store: TaskStore, task_id: str = "") -> None:
+    """Records the jobs in the outbox (``task_id``'s only, if given) as published, in one
+    commit, as the relay does after its publish (made-up stream sequences: nothing reads them)."""
+    rows = [row for row in await store.pending_dispatches(1000) if task_id in ("", row.task_id)]
+    await store.mark_dispatched([(row, 1_000_000 + row.id) for row in rows])
+
+
+async def pages(store: TaskStore, path: Path, n: int, relay: bool = False) -> None:
     """WAL pages written per single-command commit, by b-tree (``dbstat``), for each kind."""
     result = task_pb2.TtsResult(audio_url="charai-media:x.wav", duration_seconds=1.0)
     run = time.time_ns()
@@ -136,6 +149,7 @@ async def pages(store: TaskStore, path: Path, n: int) -> None:
 
     steps = {
         "create": create,
+        **({"publish": lambda i: publish(store, ids[i])} if relay else {}),
         "claim": lambda i: store.claim(ids[i], 1, "inproc"),
         "progress": lambda i: store.progress(ids[i], 1, 40, "generating"),
         "complete": lambda i: store.complete(
@@ -209,14 +223,14 @@ async def main(args: argparse.Namespace) -> None:
 
 async def _run(store: TaskStore, tmp: Path, args: argparse.Namespace) -> None:
     if args.pages:
-        await pages(store, tmp / "tasks.db", args.pages)
+        await pages(store, tmp / "tasks.db", args.pages, args.relay)
         return
     if args.reports:
         await reports(store, args.reports, bool(args.each))
         return
     if args.lifecycle:
-        await lifecycle(store, 3, bool(args.each))  # warm-up
-        await lifecycle(store, args.lifecycle, bool(args.each))
+        await lifecycle(store, 3, bool(args.each), args.relay)  # warm-up
+        await lifecycle(store, args.lifecycle, bool(args.each), args.relay)
         return
     await creates(store, 500, args.concurrency, args.batch, args.each)  # warm-up
     wrote, cpu, wall = written_bytes(), time.process_time(), time.perf_counter()
@@ -240,6 +254,7 @@ if __name__ == "__main__":
     parser.add_argument("--reports", type=int, default=0)
     parser.add_argument("--lifecycle", type=int, default=0)
     parser.add_argument("--pages", type=int, default=0)
+    parser.add_argument("--relay", action="store_true")
     parser.add_argument("--commit-times", action="store_true")
     parser.add_argument("--own-checkpoints", action="store_true")
     asyncio.run(main(parser.parse_args()))
