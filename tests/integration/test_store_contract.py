@@ -1045,11 +1045,12 @@ def row_updates(conn: sqlite3.Connection, of: str = "") -> Callable[[], list[str
     return lambda: [str(r[0]) for r in conn.execute(f"SELECT task_id FROM {table} ORDER BY rowid")]
 
 
-async def test_sqlite_the_sweep_index_holds_the_published_jobs_of_unfinished_tasks(tmp_path: Path) -> None:
-    """``tasks_dispatched`` (migration 12) holds a task from its job's recorded publication to
-    its end, and the lost-job sweep reads it; a publication recorded after the task ended (a
-    quick job) leaves the task's row unwritten. A database of schema 11 (the index over every
-    task) gets the partial one."""
+async def test_sqlite_the_sweep_index_holds_the_dispatched_jobs_of_unfinished_tasks(tmp_path: Path) -> None:
+    """``tasks_dispatched`` (migration 12) holds a task from its job's dispatch (its entry into
+    the outbox, migration 15) to its end, and the lost-job sweep reads it once the job has left
+    the outbox. The relay's record of the publication writes the stream sequence alone (no
+    indexed column), and leaves the row of a task that ended first (a quick job) unwritten. A
+    database of schema 11 (the index over every task) gets the partial one."""
     path = tmp_path / "tasks.db"
     db = sqlite_database(path)
     async with opened(db):
@@ -1062,7 +1063,8 @@ async def test_sqlite_the_sweep_index_holds_the_published_jobs_of_unfinished_tas
     async with opened(db) as rec:
         store = rec.store
         with contextlib.closing(sqlite3.connect(path)) as conn:
-            publication_writes = row_updates(conn, "stream_seq, dispatched_at")
+            publication_writes = row_updates(conn, "stream_seq")
+            dispatch_writes = row_updates(conn, "dispatched_at")
 
             def indexed() -> list[str]:
                 rows = conn.execute(
@@ -1080,26 +1082,58 @@ async def test_sqlite_the_sweep_index_holds_the_published_jobs_of_unfinished_tas
 
             slow, _ = await store.create("t1", image_request())
             quick, _ = await store.create("t1", image_request())
-            assert indexed() == []  # not published yet
+            assert indexed() == [slow.id, quick.id]  # dispatched: their jobs are in the outbox
+            rec.clock.advance(3600)
+            assert await store.stale_dispatches(60) == []  # not published yet: not lost either
             rows = {row.task_id: row for row in await store.pending_dispatches()}
             await store.mark_dispatched([(rows[slow.id], 7)])
-            assert indexed() == [slow.id] and published(slow.id) == (7, 1)
+            assert published(slow.id) == (7, 1)
             assert (await store.claim(quick.id, 1, "w")).outcome == RUN
             await store.complete(complete_req(quick.id, 1))
             await store.mark_dispatched([(rows[quick.id], 8)])  # recorded after the task ended
-            assert published(quick.id) == (None, 0)
+            assert published(quick.id) == (None, 1)
             assert publication_writes() == [slow.id]
+            assert dispatch_writes() == []  # the record moved no index entry
+            assert indexed() == [slow.id]
             assert await store.pending_dispatches() == []
             plan = conn.execute(
                 "EXPLAIN QUERY PLAN SELECT id FROM tasks WHERE status IN (1, 2) AND dispatched_at IS NOT NULL"
                 " AND dispatched_at < 5 ORDER BY dispatched_at LIMIT 10"
             ).fetchall()
             assert "INDEX tasks_dispatched" in " ".join(str(r[3]) for r in plan)
-            rec.clock.advance(3600)
             assert [s[0] for s in await store.stale_dispatches(60)] == [slow.id]  # the sweep finds it
             assert (await store.claim(slow.id, 1, "w")).outcome == RUN
             await store.complete(complete_req(slow.id, 1))
             assert indexed() == []  # ended: out of the index
+
+
+async def test_sqlite_a_job_in_the_outbox_at_migration_15_is_swept_once_published_and_lost(
+    tmp_path: Path,
+) -> None:
+    """Migration 15: an unfinished task of an older schema whose job was not recorded as published
+    yet (no dispatch time: the old relay set it with the sequence) gets its time, so the sweep
+    finds it once the new relay's record (the sequence alone) takes its job out of the outbox;
+    held and ended tasks keep none."""
+    path = tmp_path / "tasks.db"
+    db = sqlite_database(path)
+    async with opened(db) as rec:
+        pending, _ = await rec.store.create("t1", image_request())
+        held, _ = await rec.store.create("t1", image_request())
+        ended, _ = await rec.store.create("t1", image_request())
+        await rec.store.cancel("t1", ended.id)
+    with contextlib.closing(sqlite3.connect(path)) as conn:  # schema 14: dispatched at the record
+        conn.execute("UPDATE tasks SET dispatched_at = NULL")
+        conn.execute("UPDATE tasks SET held = 1 WHERE id = ?", (held.id,))
+        conn.execute("DELETE FROM schema_version WHERE version >= 15")
+        conn.commit()
+    async with opened(db) as rec:
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            dated = dict(conn.execute("SELECT id, dispatched_at = update_time FROM tasks").fetchall())
+        assert dated == {pending.id: 1, held.id: None, ended.id: None}
+        rows = {row.task_id: row for row in await rec.store.pending_dispatches()}
+        await rec.store.mark_dispatched([(rows[pending.id], 7)])
+        rec.clock.advance(3600)
+        assert await rec.store.stale_dispatches(60) == [(pending.id, 1, 7)]
 
 
 async def test_sqlite_the_reuse_index_of_an_older_schema_holds_running_and_completed_tasks_only(
@@ -1412,6 +1446,43 @@ async def test_postgres_a_progress_report_is_a_hot_update(postgres: PgDatabase) 
         await eventually(lambda: _at_least(postgres.fetchval(hot), 20), timeout=10)
     counted = await postgres.fetchval(hot)
     assert counted >= 20, f"{counted} HOT updates of tasks for 20 progress reports"
+
+
+async def test_postgres_a_publication_record_is_a_hot_update(postgres: PgDatabase) -> None:
+    """On PostgreSQL the relay's record of a publication writes the task's stream sequence alone,
+    no indexed column (the dispatch time was set as the job entered the outbox), so it is a
+    heap-only (HOT) update; until migration 15 it set ``dispatched_at`` too, and every record
+    added an entry to each of the table's indexes. Counted as in the test above: the store that
+    records the publications opens after the creates' store has exited, and its updates of
+    ``tasks`` are set against its HOT updates once it has exited in turn."""
+    db = Database("postgres", postgres.url, postgres.count_rows)
+    async with opened(db) as rec:
+        made = [(await rec.store.create("t1", image_request()))[0] for _ in range(5)]
+    stat = "SELECT {} FROM pg_stat_user_tables WHERE relname = 'tasks'"
+    others = (
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )
+
+    async def settled(column: str, wanted: int) -> int:
+        """``column`` once every other connection has gone and it reached ``wanted`` (or 10 s)."""
+        await eventually(lambda: _is_zero(postgres.fetchval(others)), timeout=30)
+        with contextlib.suppress(AssertionError):  # a backend's counters may come late
+            await eventually(lambda: _at_least(postgres.fetchval(stat.format(column)), wanted), timeout=10)
+        return int(await postgres.fetchval(stat.format(column)))
+
+    assert await settled("n_tup_ins", 5) >= 5
+    updates = int(await postgres.fetchval(stat.format("n_tup_upd")))
+    hot = int(await postgres.fetchval(stat.format("n_tup_hot_upd")))
+    async with opened(db) as rec:
+        rows = await rec.store.pending_dispatches()
+        assert sorted(r.task_id for r in rows) == sorted(t.id for t in made)
+        await rec.store.mark_dispatched([(row, 100 + i) for i, row in enumerate(rows)])
+    hot = await settled("n_tup_hot_upd", hot + 5) - hot
+    updates = await settled("n_tup_upd", updates + 5) - updates
+    assert (updates, hot) == (5, 5), f"{hot} of {updates} updates of tasks HOT for 5 publication records"
+    recorded = "SELECT string_agg(stream_seq::text, ',' ORDER BY stream_seq) FROM tasks"
+    recorded += " WHERE dispatched_at > 0"
+    assert await postgres.fetchval(recorded) == "100,101,102,103,104"
 
 
 async def _is_zero(value: Any) -> bool:

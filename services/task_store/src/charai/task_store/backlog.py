@@ -19,7 +19,7 @@ What is stored (schema migration 7): a held task has ``tasks.held = 1`` and a ``
 (what its job needs, and its rank within its tenant); each tenant's turn per task type is a
 ``fair_tenants`` row, each type's virtual time and turn count a ``fair_lanes`` row. All of it is
 in the database: a held task survives restarts, replicas share one order, and the sweeper never
-sees a held task as a lost job (it was never published: ``dispatched_at`` is unset).
+sees a held task as a lost job (it was never dispatched: ``dispatched_at`` is unset).
 
 Cost: a create counts the buffer (a partial index holding only the buffer) and, when it must
 hold, writes its backlog row and bumps its tenant's counter; a release reads the next tenants
@@ -296,7 +296,7 @@ class Backlog:
     async def _carry(self, tx: Tx, claimed: str, other: str, other_tenant: str, kind: int, now: int) -> None:
         """The held ``other`` leaves the backlog (its tenant's turn spent) and is dispatched with
         ``claimed``'s message."""
-        _, taken = await self._unhold(tx, [other])
+        _, taken = await self._unhold(tx, [other], now)
         await tx.execute(
             "UPDATE fair_tenants SET due = due + stride,"
             " served = COALESCE((SELECT turns FROM fair_lanes WHERE type = ?), served),"
@@ -353,7 +353,7 @@ class Backlog:
         turns = [Turn(str(r[0]), int(r[1]), int(r[2]), int(r[3])) for r in found]
         step = fairshare.plan(turns, budget, self.weight, int(lane[0]), int(lane[1]))
         jobs = await self._next_tasks(tx, kind, step.order)
-        live, taken = await self._unhold(tx, [job.task_id for job in jobs])
+        live, taken = await self._unhold(tx, [job.task_id for job in jobs], now)
         for job in jobs:
             if job.task_id in live:
                 handed = await self._outbox.enqueue(tx, job, now, hand_off=True)
@@ -396,10 +396,13 @@ class Backlog:
                 jobs.append(queues[tenant].popleft())
         return jobs
 
-    async def _unhold(self, tx: Tx, task_ids: list[str]) -> tuple[set[str], collections.Counter[str]]:
-        """Takes the tasks out of the backlog; returns those still queued (the others ended
-        while held by a path that did not drop them: nothing to release), and the backlog rows
-        this took out per tenant (one that a concurrent cancel or hand-over took is not)."""
+    async def _unhold(
+        self, tx: Tx, task_ids: list[str], now: int
+    ) -> tuple[set[str], collections.Counter[str]]:
+        """Takes the tasks out of the backlog, dispatched at ``now`` (their jobs go to the outbox
+        in this transaction); returns those still queued (the others ended while held by a path
+        that did not drop them: nothing to release), and the backlog rows this took out per
+        tenant (one that a concurrent cancel or hand-over took is not)."""
         if not task_ids:
             return set(), collections.Counter()
         marks = ", ".join("?" * len(task_ids))
@@ -407,7 +410,9 @@ class Backlog:
         # ids in the condition: with a status term SQLite would read every queued task through
         # tasks_dispatched instead of the 256 primary keys.
         found = await tx.fetch(
-            f"UPDATE tasks SET held = 0 WHERE id IN ({marks}) RETURNING id, status", *task_ids
+            f"UPDATE tasks SET held = 0, dispatched_at = ? WHERE id IN ({marks}) RETURNING id, status",
+            now,
+            *task_ids,
         )
         taken = await tx.fetch(f"DELETE FROM backlog WHERE task_id IN ({marks}) RETURNING tenant", *task_ids)
         return {str(r[0]) for r in found if int(r[1]) == _QUEUED}, collections.Counter(

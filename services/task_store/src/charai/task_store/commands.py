@@ -143,7 +143,7 @@ class Commands(CreateCommands):
             columns["max_attempts"] = after.max_attempts
         if decision.dispatch is not None:
             columns["dispatch_gen"] = decision.dispatch
-            columns["dispatched_at"] = None
+            columns["dispatched_at"] = now  # its job goes to the outbox below
         if not decision.events and after.lease_expires != before.lease_expires:
             columns["lease_expires"] = after.lease_expires  # a lease renewed without an event
         if columns:

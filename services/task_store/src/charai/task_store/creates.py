@@ -157,11 +157,13 @@ class CreateCommands:
         ``last_seq``, its event's sequence if known yet, else 0; and its metadata rows on SQLite)
         and returns it as :func:`rows.load` would read it back; None if its request_id is taken."""
         columns = "id, tenant, request_id, type, priority, status, attempt, max_attempts,"
-        columns += " create_time, update_time, dispatch_gen, held, task, reuse_key, last_seq"
-        values = "?, ?, ?, ?, ?, ?, 0, ?, ?, ?, 1, ?, ?, ?, ?"
+        columns += " create_time, update_time, dispatch_gen, held, task, reuse_key, last_seq,"
+        columns += " dispatched_at"
+        values = "?, ?, ?, ?, ?, ?, 0, ?, ?, ?, 1, ?, ?, ?, ?, ?"
         key = self.reuse.key(tenant, task) if self.reuse is not None else None
         args: list[Any] = [task.id, tenant, task.request_id or None, int(task.type), int(task.priority)]
         args += [int(task.status), task.max_attempts, now, now, int(held), blob, key, last_seq]
+        args.append(None if held else now)  # dispatched: its job enters the outbox in this unit
         if self._metadata_json:
             columns += ", metadata"
             values += ", ?::jsonb"

@@ -186,7 +186,6 @@ class Outbox:
         await self._db.write(lambda tx: self._mark(tx, sent))
 
     async def _mark(self, tx: Tx, sent: Sequence[tuple[OutboxRow, int]]) -> None:
-        now = self._clock.now_us()
         # One order for every writer of these rows, so two relays cannot deadlock.
         ordered = sorted(sent, key=lambda s: (s[0].task_id, s[0].id))
         # By task too: a row handed off before a commit that then failed may share its id with a
@@ -195,14 +194,15 @@ class Outbox:
             "DELETE FROM outbox WHERE id = ? AND task_id = ?", [(r.id, r.task_id) for r, _ in ordered]
         )
         webhook = self._topology.webhook_subject
-        jobs = [(seq, now, r.task_id, r.dispatch_gen) for r, seq in ordered if r.subject != webhook]
+        jobs = [(seq, r.task_id, r.dispatch_gen) for r, seq in ordered if r.subject != webhook]
         if jobs:
+            # The sequence alone: ``dispatched_at`` was set when the job entered the outbox (and
+            # the sweep leaves a task alone while its job is still there), so this writes no
+            # indexed column (a heap-only update on PostgreSQL, no index entry moved on SQLite).
             # A task that ended meanwhile (a quick job often ends before its relay records it)
-            # keeps its row as it is: only the sweep reads these columns, of unfinished tasks.
+            # keeps its row as it is: only the sweep reads the sequence, of unfinished tasks.
             await tx.executemany(
-                "UPDATE tasks SET stream_seq = ?, dispatched_at = ?"
-                f" WHERE id = ? AND dispatch_gen = ? AND {UNFINISHED}",
-                jobs,
+                f"UPDATE tasks SET stream_seq = ? WHERE id = ? AND dispatch_gen = ? AND {UNFINISHED}", jobs
             )
         deliveries = [(seq, r.task_id, r.dispatch_gen) for r, seq in ordered if r.subject == webhook]
         if deliveries:  # a webhook job's row names its delivery where a task job's names the task
@@ -212,8 +212,8 @@ class Outbox:
 
     # -- the sweeper -------------------------------------------------------------------------
     async def stale(self, older_than_s: float, limit: int = 200) -> list[tuple[str, int, int | None]]:
-        """Claims unfinished tasks whose job was published long ago: (task id, dispatch gen,
-        stream seq).
+        """Claims unfinished tasks whose job was dispatched long ago and has left the outbox
+        (published): (task id, dispatch gen, stream seq).
 
         The sweeper checks each job is still in the stream and re-dispatches those that are not.
         Claiming moves ``dispatched_at`` to now, so another replica's sweeper leaves these tasks

@@ -55,6 +55,10 @@ _REUSE = (
 )
 #: The running tasks by type and tenant (SQLite: migration 11; PostgreSQL: 13).
 _RUNNING_INDEX = "CREATE INDEX IF NOT EXISTS tasks_running ON tasks (type, status, tenant) WHERE status = 2"
+#: Migration 15: the unfinished tasks that are not held and have no dispatch time yet.
+_DISPATCHED_NOW = (
+    f"UPDATE tasks SET dispatched_at = update_time WHERE {UNFINISHED} AND held = 0 AND dispatched_at IS NULL"
+)
 _DISPATCHED = (
     "DROP INDEX IF EXISTS tasks_dispatched",
     f"CREATE INDEX IF NOT EXISTS tasks_dispatched ON tasks (status, dispatched_at) WHERE {UNFINISHED}",
@@ -476,6 +480,18 @@ MIGRATIONS: tuple[Migration, ...] = (
         # that its claim then moved, and a failure moved it again.
         sqlite=_REUSE,
         postgres=_REUSE,
+    ),
+    Migration(
+        15,
+        "a task counts as dispatched from when its job enters the outbox",
+        # dispatched_at was written by the relay's record of the publication, with the stream
+        # sequence, which moved the task's tasks_dispatched entry (and on PostgreSQL, an indexed
+        # column changing, made the update add an entry to every index). It is now set where the
+        # job enters the outbox (a create's insert, a release, a re-dispatch), and the record
+        # writes the sequence alone. An unfinished task whose job is still in the outbox gets
+        # its time here, or the record, which no longer sets it, would leave it unswept.
+        sqlite=(_DISPATCHED_NOW,),
+        postgres=(_DISPATCHED_NOW,),
     ),
 )
 
