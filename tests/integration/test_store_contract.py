@@ -1136,6 +1136,54 @@ async def test_sqlite_a_job_in_the_outbox_at_migration_15_is_swept_once_publishe
         assert await rec.store.stale_dispatches(60) == [(pending.id, 1, 7)]
 
 
+async def test_sqlite_migration_16_keeps_the_metadata_rows_in_a_table_without_rowid(tmp_path: Path) -> None:
+    """Migration 16: ``task_metadata`` of an older schema (a rowid table with its primary key in
+    an index of its own) becomes a table WITHOUT ROWID keeping every row; filters by metadata and
+    a delete still find them, and a create after it writes one b-tree less per key."""
+    path = tmp_path / "tasks.db"
+    db = sqlite_database(path)
+    async with opened(db) as rec:
+        kept, _ = await rec.store.create("t1", image_request("char_a", metadata={"category": "gallery"}))
+        other, _ = await rec.store.create("t1", image_request("char_b"))
+    table = "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'task_metadata'"
+    with contextlib.closing(sqlite3.connect(path)) as conn:  # schema 15's rowid table
+        assert "WITHOUT ROWID" in conn.execute(table).fetchone()[0]
+        conn.execute("ALTER TABLE task_metadata RENAME TO task_metadata_v15")
+        conn.execute(
+            "CREATE TABLE task_metadata (task_id TEXT NOT NULL, tenant TEXT NOT NULL, key TEXT NOT NULL,"
+            " value TEXT NOT NULL, PRIMARY KEY (task_id, key))"
+        )
+        conn.execute("INSERT INTO task_metadata SELECT task_id, tenant, key, value FROM task_metadata_v15")
+        conn.execute("DROP TABLE task_metadata_v15")
+        conn.execute("CREATE INDEX task_metadata_kv ON task_metadata (tenant, key, value, task_id)")
+        conn.execute("DELETE FROM schema_version WHERE version >= 16")
+        conn.commit()
+        rows = sorted(conn.execute("SELECT * FROM task_metadata").fetchall())
+        assert (kept.id, "t1", "category", "gallery") in rows and {r[0] for r in rows} == {kept.id, other.id}
+        assert "WITHOUT ROWID" not in conn.execute(table).fetchone()[0]
+
+    async def listed(**metadata: str) -> list[str]:
+        tasks, _ = await rec.store.list_tasks("t1", task_service_pb2.ListTasksRequest(metadata=metadata))
+        return [t.id for t in tasks]
+
+    async with opened(db) as rec:
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            assert "WITHOUT ROWID" in conn.execute(table).fetchone()[0]
+            assert sorted(conn.execute("SELECT * FROM task_metadata").fetchall()) == rows
+            plan = conn.execute(
+                "EXPLAIN QUERY PLAN SELECT task_id FROM task_metadata WHERE tenant = 't1' AND key = 'k'"
+                " AND value = 'v'"
+            ).fetchall()
+            assert "INDEX task_metadata_kv" in " ".join(str(r[3]) for r in plan)
+        assert await listed(category="gallery", characterId="char_a") == [kept.id]
+        newer, _ = await rec.store.create("t1", image_request("char_a", metadata={"category": "gallery"}))
+        assert await listed(category="gallery") == [newer.id, kept.id]
+        await rec.store.cancel("t1", kept.id)
+        assert await rec.store.delete("t1", kept.id)
+        assert await listed(characterId="char_a") == [newer.id]
+        assert await listed(characterId="char_b") == [other.id]
+
+
 async def test_sqlite_the_reuse_index_of_an_older_schema_holds_running_and_completed_tasks_only(
     tmp_path: Path,
 ) -> None:

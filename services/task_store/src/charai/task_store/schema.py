@@ -493,6 +493,29 @@ MIGRATIONS: tuple[Migration, ...] = (
         sqlite=(_DISPATCHED_NOW,),
         postgres=(_DISPATCHED_NOW,),
     ),
+    Migration(
+        16,
+        "a task's metadata rows (SQLite) are kept in their key's order, without a rowid",
+        # task_metadata was a rowid table with its primary key (task_id, key) in an index of its
+        # own: three b-trees took each key of a create (the table, that index, task_metadata_kv).
+        # WITHOUT ROWID, the table is that index; task_metadata_kv ends in task_id and key
+        # already, so its entries do not grow.
+        sqlite=(
+            """CREATE TABLE task_metadata_v16 (
+                task_id TEXT NOT NULL,
+                tenant TEXT NOT NULL,
+                key TEXT NOT NULL,
+                value TEXT NOT NULL,
+                PRIMARY KEY (task_id, key)
+            ) WITHOUT ROWID""",
+            "INSERT INTO task_metadata_v16 (task_id, tenant, key, value)"
+            " SELECT task_id, tenant, key, value FROM task_metadata",
+            "DROP TABLE task_metadata",
+            "ALTER TABLE task_metadata_v16 RENAME TO task_metadata",
+            "CREATE INDEX task_metadata_kv ON task_metadata (tenant, key, value, task_id)",
+        ),
+        postgres=(),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version
