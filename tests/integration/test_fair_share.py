@@ -145,6 +145,7 @@ async def test_a_newcomer_is_released_next_even_behind_a_long_backlog(db: Databa
         store = rec.store
         a = [(await store.create("a", image_request()))[0] for _ in range(40)]
         assert [t.queue_position for t in a[:3]] == [1, 2, 3]
+        assert a[-1].queue_position == 2 + 37 + 1  # a held create answers its place in the backlog
         assert await outbox_ids(store) == [a[0].id, a[1].id]  # the buffer; 38 held
         for task in a[:2]:
             assert (await store.claim(task.id, 1, "w")).outcome == RUN

@@ -420,7 +420,7 @@ class Backlog:
         )
 
     # -- queue position --------------------------------------------------------------------------
-    async def place(self, tx: Tx, task: task_pb2.Task) -> None:
+    async def place(self, tx: Tx, task: task_pb2.Task, in_backlog: bool | None = None) -> None:
         """Fills a queued task's ``queue_position``: its place in the order tasks of its type
         will start in (1 = next).
 
@@ -431,12 +431,17 @@ class Backlog:
         own tenant ranked before it + the other tenants' turns due before its own
         (:func:`fairshare.place`, in one aggregate over the first :data:`PLACE_SCAN` of those
         tenants). Later creates of other tenants may still take turns before it.
+
+        ``in_backlog``: False when the caller knows the task is released (a create that did not
+        hold it), which spares the look-up in the backlog; None to look.
         """
-        row = await tx.fetchrow(
-            "SELECT b.tenant, b.rank, f.due, f.held, f.stride FROM backlog b"
-            " JOIN fair_tenants f ON f.type = b.type AND f.tenant = b.tenant WHERE b.task_id = ?",
-            task.id,
-        )
+        row = None
+        if in_backlog is not False:
+            row = await tx.fetchrow(
+                "SELECT b.tenant, b.rank, f.due, f.held, f.stride FROM backlog b"
+                " JOIN fair_tenants f ON f.type = b.type AND f.tenant = b.tenant WHERE b.task_id = ?",
+                task.id,
+            )
         kind = int(task.type)
         if row is None:
             task.queue_position = 1 + await self._released_ahead(tx, task)

@@ -147,7 +147,7 @@ class CreateCommands:
                 # A pushed job is published after the commit, behind its push (see ``_push``).
                 (unit.handed if pushed else unit.handed_new).append(handed)
         # The answer is the task as created (QUEUED), even when it was pushed to a worker.
-        await self._queries.position(unit.tx, task)
+        await self._queries.position(unit.tx, task, held)
         return task, True
 
     async def _insert(

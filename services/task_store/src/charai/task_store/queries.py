@@ -136,20 +136,22 @@ class Queries:
         return [(str(r[0]), task_pb2.Task.FromString(r[1])) for r in found]
 
     # -- queue position ----------------------------------------------------------------------
-    async def position(self, tx: Tx, task: task_pb2.Task) -> None:
-        """Fills ``queue_position`` and, from it, the estimated start (or end) time."""
-        await self._position(tx, task)
+    async def position(self, tx: Tx, task: task_pb2.Task, held: bool | None = None) -> None:
+        """Fills ``queue_position`` and, from it, the estimated start (or end) time (``held``:
+        whether the task is in the fair-share backlog, when the caller knows; see
+        :meth:`Backlog.place`)."""
+        await self._position(tx, task, held)
         if self._eta is not None:
             self._eta.fill(task, self._clock.time())
 
-    async def _position(self, tx: Tx, task: task_pb2.Task) -> None:
+    async def _position(self, tx: Tx, task: task_pb2.Task, held: bool | None = None) -> None:
         """Fills ``queue_position``: the task's place in the order tasks of its type will start
         in, 1 = next (:meth:`Backlog.place`, which knows the fair-share order), 0 unless queued.
         Computed in SQL, so it is the same whichever replica answers."""
         if task.status != task_pb2.TASK_STATUS_QUEUED:
             task.queue_position = 0
             return
-        await self._backlog.place(tx, task)
+        await self._backlog.place(tx, task, held)
 
     # -- the event log -----------------------------------------------------------------------
     async def list_events(self, req: spb.ListEventsRequest) -> tuple[list[task_pb2.TaskEvent], int]:
