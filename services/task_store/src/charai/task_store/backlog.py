@@ -469,7 +469,8 @@ class Backlog:
         if not isinstance(in_backlog, Placement):
             task.queue_position = 1 + await self._released_ahead(tx, task)
             return
-        tenant, rank, due, held, step = dataclasses.astuple(in_backlog)
+        at = in_backlog
+        tenant, rank, due, held, step = at.tenant, at.rank, at.due, at.held, at.stride
         ahead = await self._tenant_ahead(tx, kind, tenant, rank, task.id, held)
         target = due + ahead * step
         totals = await tx.fetchrow(
