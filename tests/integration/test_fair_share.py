@@ -76,7 +76,7 @@ class Driver:
         request = image_request(priority=priority) if kind == IMAGE else tts_request()
         task, created = await self.store.create(tenant, request)
         assert created
-        # The place a create answers (from what it wrote) is the one a read finds right after.
+        # The place a create answers is the one a read finds right after.
         assert task.queue_position == (await self.store.get(tenant, task.id)).queue_position
         if await is_held(self.store, task.id):
             self.model.push(tenant, task.id, URGENCY[task.priority], task.create_time.ToMicroseconds())

@@ -96,18 +96,6 @@ class FairConfig:
     round_seconds: float = 0.0
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Placement:
-    """A held task's backlog rank and its tenant's turn, as its create wrote them: what
-    :meth:`Backlog.place` would read back."""
-
-    tenant: str
-    rank: int
-    due: int
-    held: int
-    stride: int
-
-
 class Backlog:
     """The held tasks, their fair order and their release into the outbox."""
 
@@ -167,23 +155,18 @@ class Backlog:
             room = unit.room[kind] = 0 if held else self._target(running, kind) - released
         return room <= 0
 
-    async def admit(
-        self, unit: Unit, tenant: str, job: Job, created_us: int, *, held: bool
-    ) -> Placement | None:
-        """The new task's row is inserted (``held``, as :meth:`holds` answered): holds its job
-        (and returns where, for :meth:`place`), or takes its place in the buffer (the caller
-        queues the job at once)."""
+    async def admit(self, unit: Unit, tenant: str, job: Job, created_us: int, *, held: bool) -> None:
+        """The new task's row is inserted (``held``, as :meth:`holds` answered): holds its job,
+        or takes its place in the buffer (the caller queues the job at once)."""
         if held:
             unit.room[job.type] = 0
-            return await self._hold(unit.tx, tenant, job, created_us, mark_row=False)
-        unit.room[job.type] -= 1
-        return None
+            await self._hold(unit.tx, tenant, job, created_us, mark_row=False)
+        else:
+            unit.room[job.type] -= 1
 
-    async def _hold(
-        self, tx: Tx, tenant: str, job: Job, created_us: int, *, mark_row: bool = True
-    ) -> Placement:
+    async def _hold(self, tx: Tx, tenant: str, job: Job, created_us: int, *, mark_row: bool = True) -> None:
         """``job`` joins the backlog; ``mark_row``: its task row is set held (a create inserts
-        it held already). Returns its rank and its tenant's turn as written."""
+        it held already)."""
         rank = fairshare.rank(URGENCY.get(job.priority, 1), created_us, self._aging_us)
         if mark_row:
             await tx.execute("UPDATE tasks SET held = 1 WHERE id = ?", job.task_id)
@@ -201,24 +184,19 @@ class Backlog:
         # fairshare.joined, in one statement so concurrent creates of one tenant cannot lose a
         # count: a tenant that held nothing joins at the lane's virtual time or later (0 for a
         # lane without its row yet: its first release writes it).
-        # Its row stays locked to this transaction (PostgreSQL) or the writer (SQLite), so what
-        # it returns is what a read of it later in this transaction would find.
-        turn = await tx.fetchrow(
+        await tx.execute(
             "INSERT INTO fair_tenants (type, tenant, due, served, held, stride)"
             " VALUES (?, ?, COALESCE((SELECT vtime FROM fair_lanes WHERE type = ?), 0), 0, 1, ?)"
             " ON CONFLICT (type, tenant) DO UPDATE SET"
             " due = CASE WHEN fair_tenants.held <= 0 AND fair_tenants.due < excluded.due"
             " THEN excluded.due ELSE fair_tenants.due END,"
             " held = CASE WHEN fair_tenants.held < 0 THEN 1 ELSE fair_tenants.held + 1 END,"
-            " stride = excluded.stride"
-            " RETURNING due, held, stride",
+            " stride = excluded.stride",
             job.type,
             tenant,
             job.type,
             fairshare.stride(self.weight(tenant)),
         )
-        assert turn is not None
-        return Placement(tenant, rank, int(turn[0]), int(turn[1]), int(turn[2]))
 
     async def drop(self, tx: Tx, task_id: str) -> None:
         """A held task ended without running (cancelled): out of the backlog and its tenant's count."""
@@ -442,7 +420,7 @@ class Backlog:
         )
 
     # -- queue position --------------------------------------------------------------------------
-    async def place(self, tx: Tx, task: task_pb2.Task, in_backlog: Placement | bool | None = None) -> None:
+    async def place(self, tx: Tx, task: task_pb2.Task, in_backlog: bool | None = None) -> None:
         """Fills a queued task's ``queue_position``: its place in the order tasks of its type
         will start in (1 = next).
 
@@ -454,23 +432,21 @@ class Backlog:
         (:func:`fairshare.place`, in one aggregate over the first :data:`PLACE_SCAN` of those
         tenants). Later creates of other tenants may still take turns before it.
 
-        ``in_backlog``: where the task is held, or False when it is released, if the caller knows
-        (a create: :meth:`admit`), which spares the look-up in the backlog; None to look.
+        ``in_backlog``: False when the caller knows the task is released (a create that did not
+        hold it), which spares the look-up in the backlog; None to look.
         """
-        if in_backlog is None or in_backlog is True:
+        row = None
+        if in_backlog is not False:
             row = await tx.fetchrow(
                 "SELECT b.tenant, b.rank, f.due, f.held, f.stride FROM backlog b"
                 " JOIN fair_tenants f ON f.type = b.type AND f.tenant = b.tenant WHERE b.task_id = ?",
                 task.id,
             )
-            if row is not None:
-                in_backlog = Placement(str(row[0]), int(row[1]), int(row[2]), int(row[3]), int(row[4]))
         kind = int(task.type)
-        if not isinstance(in_backlog, Placement):
+        if row is None:
             task.queue_position = 1 + await self._released_ahead(tx, task)
             return
-        at = in_backlog
-        tenant, rank, due, held, step = at.tenant, at.rank, at.due, at.held, at.stride
+        tenant, rank, due, held, step = str(row[0]), int(row[1]), int(row[2]), int(row[3]), int(row[4])
         ahead = await self._tenant_ahead(tx, kind, tenant, rank, task.id, held)
         target = due + ahead * step
         totals = await tx.fetchrow(

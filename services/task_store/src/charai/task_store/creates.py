@@ -138,9 +138,8 @@ class CreateCommands:
                 raise RuntimeError("request_id conflict without a task")
             return existing, False
         job = Job(task.id, decision.state.dispatch_gen, int(task.type), int(task.priority), traceparent)
-        placed = None
         if self.backlog is not None:
-            placed = await self.backlog.admit(unit, tenant, job, now, held=held)
+            await self.backlog.admit(unit, tenant, job, now, held=held)
         if not held:
             pushed = await self._push(unit, job, now, task, row)
             handed = await self._outbox.enqueue(unit.tx, pushed or job, now, hand_off=True)
@@ -148,7 +147,7 @@ class CreateCommands:
                 # A pushed job is published after the commit, behind its push (see ``_push``).
                 (unit.handed if pushed else unit.handed_new).append(handed)
         # The answer is the task as created (QUEUED), even when it was pushed to a worker.
-        await self._queries.position(unit.tx, task, placed or False)
+        await self._queries.position(unit.tx, task, held)
         return task, True
 
     async def _insert(

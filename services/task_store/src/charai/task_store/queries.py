@@ -16,7 +16,7 @@ from charai.core.validation import RequestInvalidError, Violation
 from charai.store.v1 import store_service_pb2 as spb
 from charai.task_store import rows
 from charai.task_store.backend import Backend, Tx
-from charai.task_store.backlog import Backlog, Placement
+from charai.task_store.backlog import Backlog
 from charai.task_store.eta import EtaBook
 from charai.tasks.v1 import task_pb2, task_service_pb2
 
@@ -136,24 +136,22 @@ class Queries:
         return [(str(r[0]), task_pb2.Task.FromString(r[1])) for r in found]
 
     # -- queue position ----------------------------------------------------------------------
-    async def position(self, tx: Tx, task: task_pb2.Task, in_backlog: Placement | bool | None = None) -> None:
-        """Fills ``queue_position`` and, from it, the estimated start (or end) time
-        (``in_backlog``: where the task is held, or False if released, when the caller knows;
-        see :meth:`Backlog.place`)."""
-        await self._position(tx, task, in_backlog)
+    async def position(self, tx: Tx, task: task_pb2.Task, held: bool | None = None) -> None:
+        """Fills ``queue_position`` and, from it, the estimated start (or end) time (``held``:
+        whether the task is in the fair-share backlog, when the caller knows; see
+        :meth:`Backlog.place`)."""
+        await self._position(tx, task, held)
         if self._eta is not None:
             self._eta.fill(task, self._clock.time())
 
-    async def _position(
-        self, tx: Tx, task: task_pb2.Task, in_backlog: Placement | bool | None = None
-    ) -> None:
+    async def _position(self, tx: Tx, task: task_pb2.Task, held: bool | None = None) -> None:
         """Fills ``queue_position``: the task's place in the order tasks of its type will start
         in, 1 = next (:meth:`Backlog.place`, which knows the fair-share order), 0 unless queued.
         Computed in SQL, so it is the same whichever replica answers."""
         if task.status != task_pb2.TASK_STATUS_QUEUED:
             task.queue_position = 0
             return
-        await self._backlog.place(tx, task, in_backlog)
+        await self._backlog.place(tx, task, held)
 
     # -- the event log -----------------------------------------------------------------------
     async def list_events(self, req: spb.ListEventsRequest) -> tuple[list[task_pb2.TaskEvent], int]:
