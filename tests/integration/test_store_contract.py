@@ -182,10 +182,10 @@ async def test_creates_in_one_transaction_fail_alone_and_roll_back_their_own_wri
     store = rec.store
     position = store.commands._queries.position
 
-    async def failing(tx: Any, task: task_pb2.Task, held: bool | None = None) -> None:
+    async def failing(tx: Any, task: task_pb2.Task, in_backlog: bool | None = None) -> None:
         if task.metadata.get("boom"):
             raise RuntimeError("position failed")
-        await position(tx, task, held)
+        await position(tx, task, in_backlog)
 
     monkeypatch.setattr(store.commands._queries, "position", failing)
     taken, _ = await store.create("t1", image_request(request_id="taken"))

@@ -136,22 +136,22 @@ class Queries:
         return [(str(r[0]), task_pb2.Task.FromString(r[1])) for r in found]
 
     # -- queue position ----------------------------------------------------------------------
-    async def position(self, tx: Tx, task: task_pb2.Task, held: bool | None = None) -> None:
-        """Fills ``queue_position`` and, from it, the estimated start (or end) time (``held``:
-        whether the task is in the fair-share backlog, when the caller knows; see
-        :meth:`Backlog.place`)."""
-        await self._position(tx, task, held)
+    async def position(self, tx: Tx, task: task_pb2.Task, in_backlog: bool | None = None) -> None:
+        """Fills ``queue_position`` and, from it, the estimated start (or end) time
+        (``in_backlog``: whether the task is held in the fair-share backlog, when the caller
+        knows; see :meth:`Backlog.place`)."""
+        await self._position(tx, task, in_backlog)
         if self._eta is not None:
             self._eta.fill(task, self._clock.time())
 
-    async def _position(self, tx: Tx, task: task_pb2.Task, held: bool | None = None) -> None:
+    async def _position(self, tx: Tx, task: task_pb2.Task, in_backlog: bool | None = None) -> None:
         """Fills ``queue_position``: the task's place in the order tasks of its type will start
         in, 1 = next (:meth:`Backlog.place`, which knows the fair-share order), 0 unless queued.
         Computed in SQL, so it is the same whichever replica answers."""
         if task.status != task_pb2.TASK_STATUS_QUEUED:
             task.queue_position = 0
             return
-        await self._backlog.place(tx, task, held)
+        await self._backlog.place(tx, task, in_backlog)
 
     # -- the event log -----------------------------------------------------------------------
     async def list_events(self, req: spb.ListEventsRequest) -> tuple[list[task_pb2.TaskEvent], int]:
