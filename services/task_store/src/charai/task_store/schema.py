@@ -9,10 +9,12 @@ they run, so replicas that start together apply each version once (see ``postgre
 
 Differences between the dialects, and why:
 
-- ``metadata``: SQLite indexes it as rows of ``task_metadata`` (one per key, an exact-match index
-  on ``(tenant, key, value)``); PostgreSQL keeps it on the task as ``JSONB`` with a GIN index
+- ``metadata``: SQLite indexes it as rows of ``task_metadata`` (one per key, in a table WITHOUT
+  ROWID keyed by ``(task_id, key)`` since migration 16, with an exact-match index on ``(tenant,
+  key, value)``); PostgreSQL keeps it on the task as ``JSONB`` with a GIN index
   (``jsonb_path_ops``), which serves the exact-match filter ``metadata @> $1::jsonb`` for any
-  number of keys with one index probe.
+  number of keys with one index probe (and takes an entry for each row version that is not
+  heap-only: a create, a claim, a completion).
 - sequences: ``INTEGER PRIMARY KEY AUTOINCREMENT`` on SQLite, ``BIGSERIAL`` on PostgreSQL. Neither
   reuses a number after a rollback; the store makes commit order equal sequence order (SQLite has
   one writer; PostgreSQL takes a transaction lock before inserting events).
