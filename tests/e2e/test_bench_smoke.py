@@ -51,3 +51,18 @@ def test_create_cost_measures_both_shapes_and_their_bound() -> None:
     # No store cost at all can only raise what the fixed costs allow.
     assert bound["ratio_if_creates_cost_the_store_nothing"] >= bound["ratio_at_measured_store_cost"] > 0
     assert "store_us_per_task_for_4x" in bound
+
+
+@pytest.mark.timeout(120)
+def test_store_inproc_counts_the_relays_record_per_task() -> None:
+    """``python -m bench.store_inproc --pages N --relay`` (the WAL pages of each kind of commit,
+    BENCHMARKS.md's figures): a publish commit per task between its create and its claim, which
+    writes the outbox and the task row, and nothing of ``tasks_dispatched`` (migration 15)."""
+    args = [sys.executable, "-m", "bench.store_inproc", "--pages", "20", "--relay"]
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=110, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    kinds = {line.split(":")[0]: line for line in done.stdout.splitlines() if "WAL pages per commit" in line}
+    assert list(kinds) == ["create", "publish", "claim", "progress", "complete"], done.stdout
+    publish = kinds["publish"]
+    assert "outbox" in publish and "tasks " in publish and "tasks_dispatched" not in publish, publish
+    assert "tasks_dispatched" in kinds["create"], kinds["create"]
