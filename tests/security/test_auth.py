@@ -221,34 +221,31 @@ async def test_reflection_needs_the_token_health_does_not(charai: Charai) -> Non
     ) as resp:
         assert resp.status == 200 and (resp.headers.get("grpc-status") in (None, "0"))
     # Reflection over gRPC-web is the same call, so the same rule.
-    request = reflection_pb2.ServerReflectionRequest(list_services="")
     for token, expected in ((None, UNAUTHENTICATED), ("not-a-token", UNAUTHENTICATED), (TOKEN_A, OK)):
-        answer = await grpcweb(
-            charai.http,
-            charai.base,
-            "ServerReflectionInfo",
-            request,
-            token,
-            service="/grpc.reflection.v1alpha.ServerReflection",
-        )
+        answer = await reflection_over_grpcweb(charai, token)
         assert answer.code == expected, (token, answer)
+
+
+async def reflection_over_grpcweb(charai: Charai, token: str | None) -> Any:
+    """A reflection call (list the services) over the gateway's gRPC-web port, with ``token``."""
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    return await grpcweb(
+        charai.http,
+        charai.base,
+        "ServerReflectionInfo",
+        request,
+        token,
+        service="/grpc.reflection.v1alpha.ServerReflection",
+    )
 
 
 async def test_a_refused_grpc_web_call_reports_unauthenticated_never_internal(charai: Charai) -> None:
     """A gRPC-web call refused on its metadata answers UNAUTHENTICATED every time. The bridge once
     wrote the request message after the call's metadata, and when the server's refusal won that
     race grpc's client reported INTERNAL ("Internal error from Core") instead (CI met it once)."""
-    request = reflection_pb2.ServerReflectionRequest(list_services="")
 
     async def refused(token: str | None) -> Any:
-        answer = await grpcweb(
-            charai.http,
-            charai.base,
-            "ServerReflectionInfo",
-            request,
-            token,
-            service="/grpc.reflection.v1alpha.ServerReflection",
-        )
+        answer = await reflection_over_grpcweb(charai, token)
         return answer.code, answer.message
 
     for _ in range(30):
