@@ -40,7 +40,7 @@ from charai.task_store.backlog import FairConfig
 from charai.task_store.commands import ClaimResult
 from charai.task_store.postgres_backend import PgTx
 from charai.task_store.reuse import ReuseConfig
-from charai.task_store.schema import LATEST_VERSION
+from charai.task_store.schema import ENDED, LATEST_VERSION, REUSABLE
 from charai.task_store.sqlite_backend import SqliteBackend
 from charai.task_store.store import StoreConfig, open_store
 from charai.tasks.v1 import task_pb2, task_service_pb2
@@ -1206,7 +1206,7 @@ async def test_sqlite_the_reuse_index_of_an_older_schema_holds_running_and_compl
 
             def indexed() -> int:
                 count = "SELECT COUNT(*) FROM tasks INDEXED BY tasks_reuse"
-                count += " WHERE reuse_key IS NOT NULL AND status IN (2, 3)"
+                count += f" WHERE reuse_key IS NOT NULL AND {REUSABLE}"
                 return int(conn.execute(count).fetchone()[0])
 
             assert indexed() == 0  # queued
@@ -1217,6 +1217,45 @@ async def test_sqlite_the_reuse_index_of_an_older_schema_holds_running_and_compl
             assert indexed() == 1
             assert (await rec.store.claim(twin.id, 1, "w")).outcome == spb.CLAIM_OUTCOME_REUSED
             assert indexed() == 2
+
+
+async def test_sqlite_migration_17_conditions_the_ended_and_reuse_indexes_on_status_ranges(
+    tmp_path: Path,
+) -> None:
+    """Migration 17: ``tasks_ended`` and ``tasks_reuse`` of an older schema (conditioned on
+    ``status IN`` lists) are built again on ranges of the same statuses and keep their tasks: the
+    retention sweep's candidates are read from ``tasks_ended`` and a twin is still reused."""
+    path = tmp_path / "tasks.db"
+    db = sqlite_database(path)
+    async with opened(db, reuse=LIFE_REUSE) as rec:
+        done, _ = await rec.store.create("t1", tts_request("char_twin"))
+        assert (await rec.store.claim(done.id, 1, "w")).outcome == RUN
+        await rec.store.complete(complete_req(done.id, 1))
+    index = "SELECT sql FROM sqlite_master WHERE type = 'index' AND name = ?"
+    with contextlib.closing(sqlite3.connect(path)) as conn:  # schema 16's indexes
+        conn.execute("DROP INDEX tasks_ended")
+        conn.execute("CREATE INDEX tasks_ended ON tasks (update_time) WHERE status IN (3, 4, 5)")
+        conn.execute("DROP INDEX tasks_reuse")
+        conn.execute(
+            "CREATE INDEX tasks_reuse ON tasks (tenant, reuse_key, status, update_time)"
+            " WHERE reuse_key IS NOT NULL AND status IN (2, 3)"
+        )
+        conn.execute("DELETE FROM schema_version WHERE version >= 17")
+        conn.commit()
+    async with opened(db, rec.clock, reuse=LIFE_REUSE) as rec:
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            for name in ("tasks_ended", "tasks_reuse"):
+                assert " IN (" not in conn.execute(index, (name,)).fetchone()[0]
+            assert "BETWEEN 3 AND 5" in conn.execute(index, ("tasks_ended",)).fetchone()[0]
+            plan = conn.execute(
+                f"EXPLAIN QUERY PLAN SELECT tenant FROM tasks WHERE {ENDED} AND update_time < 1"
+                " ORDER BY update_time"
+            ).fetchall()
+            assert "INDEX tasks_ended" in " ".join(str(r[3]) for r in plan)
+        rec.clock.advance(60)
+        assert [t.id for _, t in await rec.store.ended_before(rec.clock.now_us())] == [done.id]
+        twin, _ = await rec.store.create("t1", tts_request("char_twin"))
+        assert (await rec.store.claim(twin.id, 1, "w")).outcome == spb.CLAIM_OUTCOME_REUSED
 
 
 class _Recording:
@@ -1276,11 +1315,8 @@ _BY_REUSE_KEY = "tenant = ? AND reuse_key = ?"
 _PLANNED = ("SELECT", "UPDATE", "DELETE", "INSERT", "WITH")
 
 
-async def test_sqlite_no_statement_of_a_task_life_scans_the_tasks_table(tmp_path: Path) -> None:
-    """Every statement of :func:`_a_task_life` reads ``tasks`` through an index: a query that
-    names a partial index's condition with bound parameters instead of its literals, or an index
-    dropped from under a query, turns into a scan of every task ever kept."""
-    path = tmp_path / "tasks.db"
+async def _recorded_life(path: Path) -> _Recording:
+    """The statements of :func:`_a_task_life` on a SQLite store at ``path``."""
     async with opened(sqlite_database(path), fair=FairConfig(buffer=1), reuse=LIFE_REUSE) as rec:
         backend = rec.store.backend
         assert isinstance(backend, SqliteBackend) and backend._conn is not None
@@ -1290,6 +1326,15 @@ async def test_sqlite_no_statement_of_a_task_life_scans_the_tasks_table(tmp_path
             await _a_task_life(rec)
         finally:
             backend._conn = recording._conn
+    return recording
+
+
+async def test_sqlite_no_statement_of_a_task_life_scans_the_tasks_table(tmp_path: Path) -> None:
+    """Every statement of :func:`_a_task_life` reads ``tasks`` through an index: a query that
+    names a partial index's condition with bound parameters instead of its literals, or an index
+    dropped from under a query, turns into a scan of every task ever kept."""
+    path = tmp_path / "tasks.db"
+    recording = await _recorded_life(path)
     scans, lookups = [], 0
     with contextlib.closing(sqlite3.connect(path)) as conn:
         for sql, args in recording.seen.items():
@@ -1307,6 +1352,31 @@ async def test_sqlite_no_statement_of_a_task_life_scans_the_tasks_table(tmp_path
     assert scans == []
     assert lookups >= 2, "the scenario ran no reuse lookup"
     assert len(recording.seen) > 30, "the scenario ran fewer statements than it was written for"
+
+
+async def test_sqlite_a_task_rows_writes_and_reuse_lookups_build_no_ephemeral_table(tmp_path: Path) -> None:
+    """No insert of a task's row, no update of one task's row and no reuse lookup of
+    :func:`_a_task_life` has SQLite build a b-tree of its own to run it (``OpenEphemeral``: two
+    pages allocated and zeroed and the values inserted, each time the statement runs). Migration
+    17: a partial index conditioned on ``status IN`` a list of three had every insert and update
+    of a task build one (an update, two: its old row and its new one), and a lookup seeking by
+    ``status IN (2, 3)`` one more. (What needs one for its own sake, once per call and not per
+    task, is not looked at: a ``GROUP BY``, a subquery's ids, a ``RETURNING``.)"""
+    path = tmp_path / "tasks.db"
+    recording = await _recorded_life(path)
+    looked, built = [], []
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.text_factory = bytes  # a statement's blob parameters are not text
+        for sql, args in recording.seen.items():
+            writes_a_row = (
+                sql.startswith(("INSERT INTO tasks ", "UPDATE tasks SET ")) and "(SELECT" not in sql
+            )
+            if writes_a_row or _BY_REUSE_KEY in sql:
+                looked.append(sql)
+                if "OpenEphemeral" in [bytes(r[1]).decode() for r in conn.execute(f"EXPLAIN {sql}", args)]:
+                    built.append(sql)
+    assert built == [], "\n".join(built)
+    assert len(looked) >= 8, "the scenario ran fewer of these statements than it was written for"
 
 
 async def test_postgres_no_statement_of_a_task_life_scans_the_tasks_table(

@@ -191,5 +191,12 @@ def test_the_schemas_partial_index_conditions_name_these_statuses() -> None:
 
     unfinished = sorted(int(s) for s in Status if not s.terminal)
     assert f"status IN ({', '.join(map(str, unfinished))})" == schema.UNFINISHED
-    assert f"status IN ({', '.join(str(int(s)) for s in sorted(TERMINAL))})" == schema.ENDED
-    assert f"status IN ({int(R)}, {int(C)})" == schema.REUSABLE  # what a reuse lookup may find
+
+    def in_range(condition: str) -> set[Status]:
+        """The statuses a ``status BETWEEN lo AND hi`` condition holds for."""
+        words = condition.split()
+        assert words[:2] == ["status", "BETWEEN"] and words[3] == "AND" and len(words) == 5, condition
+        return {s for s in Status if int(words[2]) <= int(s) <= int(words[4])}
+
+    assert in_range(schema.ENDED) == set(TERMINAL)
+    assert in_range(schema.REUSABLE) == {R, C}  # what a reuse lookup may find

@@ -11,13 +11,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from charai.core.clock import Clock
-from charai.core.domain.states import Status
 from charai.core.validation import RequestInvalidError, Violation
 from charai.store.v1 import store_service_pb2 as spb
 from charai.task_store import rows
 from charai.task_store.backend import Backend, Tx
 from charai.task_store.backlog import Backlog
 from charai.task_store.eta import EtaBook
+from charai.task_store.schema import ENDED
 from charai.tasks.v1 import task_pb2, task_service_pb2
 
 DEFAULT_PAGE = 50
@@ -124,10 +124,9 @@ class Queries:
         first, with their tenants: the retention sweeper's candidates (served by ``tasks_ended``)."""
         # The statuses are literals, not parameters: only then can the planner see that the
         # partial index's condition holds (the same literals as in the schema).
-        ended = f"{int(Status.COMPLETED)}, {int(Status.FAILED)}, {int(Status.CANCELLED)}"
         found = await self._db.read(
             lambda tx: tx.fetch(
-                f"SELECT tenant, task FROM tasks WHERE status IN ({ended}) AND update_time < ?"
+                f"SELECT tenant, task FROM tasks WHERE {ENDED} AND update_time < ?"
                 " ORDER BY update_time LIMIT ?",
                 cutoff_us,
                 limit,
