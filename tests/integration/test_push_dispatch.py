@@ -255,6 +255,76 @@ async def test_a_job_waiting_in_the_worker_starts_as_soon_as_its_capacity_grows(
         assert [t.status for t in ended] == [task_pb2.TASK_STATUS_COMPLETED] * 4
 
 
+# -- an offer that crossed pushes on the wire --------------------------------------------------
+async def test_an_offer_that_crossed_pushes_does_not_hand_out_their_slots_again() -> None:
+    """A worker counts its free slots, and task_store pushes it jobs meanwhile: the offer it sends
+    counted the pushes it had received (``pushes_received``), and task_store takes off the ones
+    it sent after those. Without that, the late offer stood in full beside the jobs on their way
+    (a worker whose provider admits 1 call and prefetch 2 was offered again while full, and
+    ``test_a_job_waiting_in_the_worker_starts_as_soon_as_its_capacity_grows`` waited in vain for
+    the slots to reach 0 when its worker re-offered while the three pushes were on the wire)."""
+    offers, _ = _offered(3)  # no count: an older worker's offer stands as it is
+    outlet = None
+    for _ in range(3):
+        taken = offers.take(TTS)
+        assert taken is not None
+        outlet = taken[0]
+    assert outlet is not None and offers.slots == 0
+
+    def offer(slots: int, received: int | None) -> int:
+        sent = spb.WorkerOffer(worker_id="w1", types=[TTS], slots=slots)
+        if received is not None:
+            sent.pushes_received = received
+        offers.offer(outlet, sent)
+        return offers.slots
+
+    # Two free slots, counted with one push received: the other two are on their way.
+    assert offer(2, 1) == 0
+    assert offer(2, 3) == 2  # counted with all three in hand
+    assert offer(2, None) == 2  # an older worker
+    taken = offers.take(TTS)
+    assert taken is not None
+    offers.give_back(taken[0])  # never sent (its transaction rolled back): not on its way
+    assert offer(1, 3) == 1
+
+
+async def test_a_workers_offer_counts_the_pushes_its_stream_received(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """``StoreClient.offer`` stamps the offer with the pushes its stream had received when it was
+    called: after two pushes, an offer of one slot stands with one slot (stamped 0, task_store
+    would take the two pushes off it again and withdraw it), and the next job is pushed to it."""
+    async with make_harness(nats_server, tmp_path) as h:
+        offers = h.app.offers
+        assert offers is not None
+        stamps: list[int | None] = []  # what task_store was told, offer by offer
+        record = offers.offer
+
+        def recording(outlet: Outlet, offer: spb.WorkerOffer) -> None:
+            stamps.append(offer.pushes_received if offer.HasField("pushes_received") else None)
+            record(outlet, offer)
+
+        offers.offer = recording  # type: ignore[method-assign]
+        got: list[spb.PushedJob] = []
+        client = StoreClient(f"127.0.0.1:{h.app.port}", coalesce=True, stream=True)
+        client.on_push(got.append)
+        try:
+            assert await client.offer("w-count", [TTS], 2)
+            await offered(h)
+            first = [await h.create() for _ in range(2)]
+            await eventually(lambda: len(got) == 2, timeout=10)
+            assert offers.slots == 0
+            assert await client.offer("w-count", [TTS], 1)
+            await offered(h)
+            assert offers.slots == 1
+            assert stamps == [0, 2]
+            third = await h.create()
+            await eventually(lambda: len(got) == 3, timeout=10)
+            assert [p.job.task_id for p in got] == [*(t.id for t in first), third.id]
+        finally:
+            await client.close()
+
+
 # -- a push whose transaction does not commit gives its slot back ----------------------------
 def _push_into(unit: Unit, offers: Offers) -> None:
     """What ``Commands._push`` does to a unit: a slot taken, the push recorded for the commit."""

@@ -56,6 +56,16 @@ class _BrokenError(Exception):
 PushHandler = Callable[[spb.PushedJob], None]
 
 
+def _stamped(offer: spb.WorkerOffer | None, pushes: int) -> spb.WorkerOffer | None:
+    """``offer`` as sent on a stream that had pushed ``pushes`` jobs when its slots were counted."""
+    if offer is None:
+        return None
+    stamped = spb.WorkerOffer()
+    stamped.CopyFrom(offer)
+    stamped.pushes_received = pushes
+    return stamped
+
+
 class _Stream:
     """One open ``ExchangeStream`` call: requests written in turn, answers matched by id."""
 
@@ -65,6 +75,8 @@ class _Stream:
         self._write = asyncio.Lock()  # one write at a time on a call
         self._waiting: dict[int, asyncio.Future[spb.ExchangeStreamResponse]] = {}
         self.ended = False
+        #: Jobs task_store pushed on this stream so far (``WorkerOffer.pushes_received``).
+        self.pushes = 0
         #: How the call ended (set by the reader).
         self.error = _error(grpc.StatusCode.UNAVAILABLE, "task_store ended the stream")
         self._reader = asyncio.create_task(self._read())
@@ -103,6 +115,7 @@ class _Stream:
         try:
             async for response in self._call:
                 if response.HasField("pushed"):
+                    self.pushes += 1
                     if self._on_push is not None:
                         self._on_push(response.pushed)
                     continue
@@ -210,7 +223,9 @@ class ExchangeStreams:
     async def _reoffer(self, stream: _Stream) -> bool:
         def latest() -> spb.ExchangeStreamRequest | None:
             offer = self._offer
-            return None if offer is None or offer.slots <= 0 else spb.ExchangeStreamRequest(offer=offer)
+            if offer is None or offer.slots <= 0:
+                return None
+            return spb.ExchangeStreamRequest(offer=_stamped(offer, stream.pushes))
 
         return await stream.tell(latest)
 
@@ -224,8 +239,13 @@ class ExchangeStreams:
         stands nowhere (a broken stream's offer ended with it)."""
         if self._closed or not self.supported:
             return False
+        stream = self._open(0)  # before the offer is kept: a new stream's re-offer would send it twice
         self._offer = offer
-        return await self._open(0).tell(lambda: spb.ExchangeStreamRequest(offer=self._offer))
+        # The pushes the worker had received when it counted its free slots: it called this
+        # without awaiting anything since, so it is the stream's count now, not when the offer
+        # is written (a push that arrives in between is not in the count; task_store takes it off).
+        counted = stream.pushes
+        return await stream.tell(lambda: spb.ExchangeStreamRequest(offer=_stamped(self._offer, counted)))
 
     async def close(self) -> None:
         self._closed = True

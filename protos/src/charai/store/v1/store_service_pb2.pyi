@@ -1615,10 +1615,18 @@ class WorkerOffer(_message.Message):
     WORKER_ID_FIELD_NUMBER: _builtins.int
     TYPES_FIELD_NUMBER: _builtins.int
     SLOTS_FIELD_NUMBER: _builtins.int
+    PUSHES_RECEIVED_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """The worker's id (the lease owner of what it is pushed)."""
     slots: _builtins.int
     """How many more jobs it takes now; 0 withdraws the offer. Each push spends one."""
+    pushes_received: _builtins.int
+    """How many jobs this stream had pushed to the worker when it counted `slots`. Pushes cross
+    offers on the wire: task_store takes off the offer the pushes it sent on this stream that the
+    worker had not received yet (they are already in its count of busy slots once they arrive),
+    so an offer sent while pushes were on their way does not hand out their slots a second time.
+    Unset (an older worker): the offer stands as it is.
+    """
     @_builtins.property
     def types(self) -> _containers.RepeatedScalarFieldContainer[_task_pb2.TaskType.ValueType]:
         """The task types it runs."""
@@ -1629,12 +1637,15 @@ class WorkerOffer(_message.Message):
         worker_id: _builtins.str = ...,
         types: _abc.Iterable[_task_pb2.TaskType.ValueType] | None = ...,
         slots: _builtins.int = ...,
+        pushes_received: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_pushes_received", b"_pushes_received", "pushes_received", b"pushes_received"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["slots", b"slots", "types", b"types", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_pushes_received", b"_pushes_received", "pushes_received", b"pushes_received", "slots", b"slots", "types", b"types", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__pushes_received: _TypeAlias = _typing.Literal["pushes_received"]  # noqa: Y015
+    _WhichOneofArgType__pushes_received: _TypeAlias = _typing.Literal["_pushes_received", b"_pushes_received"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__pushes_received) -> _WhichOneofReturnType__pushes_received | None: ...
 
 Global___WorkerOffer: _TypeAlias = WorkerOffer  # noqa: Y015
 

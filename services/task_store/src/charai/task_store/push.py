@@ -31,6 +31,9 @@ class Outlet:
         self._loop = loop
         #: The stream ended: nothing put here any more is read.
         self.closed = False
+        #: Jobs pushed on this stream so far (slots taken, less those given back): what an offer
+        #: stamped with ``pushes_received`` has not seen is still on its way (``Offers.offer``).
+        self.pushes = 0
 
     def send(self, response: spb.ExchangeStreamResponse) -> None:
         """Queues ``response`` on the stream, from any thread."""
@@ -61,12 +64,16 @@ class Offers:
         self.on_sent: Callable[[int], None] | None = None
 
     def offer(self, outlet: Outlet, offer: spb.WorkerOffer) -> None:
-        """Records (or with no slots, withdraws) the stream's offer."""
+        """Records (or with no slots, withdraws) the stream's offer, less the slots of the jobs
+        pushed on the stream that the worker had not received when it counted its slots."""
         with self._lock:
-            if offer.slots <= 0 or not offer.types or outlet.closed:
+            slots = int(offer.slots)
+            if offer.HasField("pushes_received"):
+                slots -= max(0, outlet.pushes - int(offer.pushes_received))
+            if slots <= 0 or not offer.types or outlet.closed:
                 self._offers.pop(outlet, None)
                 return
-            self._offers[outlet] = _Offer(offer.worker_id, frozenset(offer.types), int(offer.slots))
+            self._offers[outlet] = _Offer(offer.worker_id, frozenset(offer.types), slots)
 
     def drop(self, outlet: Outlet) -> None:
         """The stream ended: its offer goes with it."""
@@ -80,6 +87,7 @@ class Offers:
             for outlet, offer in self._offers.items():
                 if offer.slots > 0 and task_type in offer.types and not outlet.closed:
                     offer.slots -= 1  # kept at 0 until the worker's next offer or its stream's end
+                    outlet.pushes += 1
                     self.pushed += 1
                     # To the back: the workers that offer take turns.
                     del self._offers[outlet]
@@ -98,6 +106,7 @@ class Offers:
         """Returns a slot :meth:`take` spent on a job that was not pushed after all."""
         with self._lock:
             self.pushed -= 1
+            outlet.pushes -= 1
             offer = self._offers.get(outlet)
             if offer is not None:
                 offer.slots += 1
