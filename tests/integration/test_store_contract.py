@@ -1045,6 +1045,17 @@ def row_updates(conn: sqlite3.Connection, of: str = "") -> Callable[[], list[str
     return lambda: [str(r[0]) for r in conn.execute(f"SELECT task_id FROM {table} ORDER BY rowid")]
 
 
+def _back_to_schema(path: Path, version: int, *statements: str) -> None:
+    """Turns the SQLite database at ``path`` back into an older schema's: runs ``statements``
+    (undoing what migration ``version`` and later ones did), then forgets those migrations, so
+    the next start applies them again."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        for statement in statements:
+            conn.execute(statement)
+        conn.execute("DELETE FROM schema_version WHERE version >= ?", (version,))
+        conn.commit()
+
+
 async def test_sqlite_the_sweep_index_holds_the_dispatched_jobs_of_unfinished_tasks(tmp_path: Path) -> None:
     """``tasks_dispatched`` (migration 12) holds a task from its job's dispatch (its entry into
     the outbox, migration 15) to its end, and the lost-job sweep reads it once the job has left
@@ -1055,11 +1066,12 @@ async def test_sqlite_the_sweep_index_holds_the_dispatched_jobs_of_unfinished_ta
     db = sqlite_database(path)
     async with opened(db):
         pass
-    with contextlib.closing(sqlite3.connect(path)) as conn:  # schema 11's index
-        conn.execute("DROP INDEX tasks_dispatched")
-        conn.execute("CREATE INDEX tasks_dispatched ON tasks (status, dispatched_at)")
-        conn.execute("DELETE FROM schema_version WHERE version >= 12")
-        conn.commit()
+    _back_to_schema(  # schema 11's index
+        path,
+        12,
+        "DROP INDEX tasks_dispatched",
+        "CREATE INDEX tasks_dispatched ON tasks (status, dispatched_at)",
+    )
     async with opened(db) as rec:
         store = rec.store
         with contextlib.closing(sqlite3.connect(path)) as conn:
@@ -1193,14 +1205,13 @@ async def test_sqlite_the_reuse_index_of_an_older_schema_holds_running_and_compl
     db = sqlite_database(path)
     async with opened(db, reuse=LIFE_REUSE) as rec:
         first, _ = await rec.store.create("t1", tts_request("char_twin"))
-    with contextlib.closing(sqlite3.connect(path)) as conn:  # schema 13's index
-        conn.execute("DROP INDEX tasks_reuse")
-        conn.execute(
-            "CREATE INDEX tasks_reuse ON tasks (tenant, reuse_key, status, update_time)"
-            " WHERE reuse_key IS NOT NULL"
-        )
-        conn.execute("DELETE FROM schema_version WHERE version >= 14")
-        conn.commit()
+    _back_to_schema(  # schema 13's index
+        path,
+        14,
+        "DROP INDEX tasks_reuse",
+        "CREATE INDEX tasks_reuse ON tasks (tenant, reuse_key, status, update_time)"
+        " WHERE reuse_key IS NOT NULL",
+    )
     async with opened(db, rec.clock, reuse=LIFE_REUSE) as rec:
         with contextlib.closing(sqlite3.connect(path)) as conn:
 
@@ -1232,16 +1243,15 @@ async def test_sqlite_migration_17_conditions_the_ended_and_reuse_indexes_on_sta
         assert (await rec.store.claim(done.id, 1, "w")).outcome == RUN
         await rec.store.complete(complete_req(done.id, 1))
     index = "SELECT sql FROM sqlite_master WHERE type = 'index' AND name = ?"
-    with contextlib.closing(sqlite3.connect(path)) as conn:  # schema 16's indexes
-        conn.execute("DROP INDEX tasks_ended")
-        conn.execute("CREATE INDEX tasks_ended ON tasks (update_time) WHERE status IN (3, 4, 5)")
-        conn.execute("DROP INDEX tasks_reuse")
-        conn.execute(
-            "CREATE INDEX tasks_reuse ON tasks (tenant, reuse_key, status, update_time)"
-            " WHERE reuse_key IS NOT NULL AND status IN (2, 3)"
-        )
-        conn.execute("DELETE FROM schema_version WHERE version >= 17")
-        conn.commit()
+    _back_to_schema(  # schema 16's indexes
+        path,
+        17,
+        "DROP INDEX tasks_ended",
+        "CREATE INDEX tasks_ended ON tasks (update_time) WHERE status IN (3, 4, 5)",
+        "DROP INDEX tasks_reuse",
+        "CREATE INDEX tasks_reuse ON tasks (tenant, reuse_key, status, update_time)"
+        " WHERE reuse_key IS NOT NULL AND status IN (2, 3)",
+    )
     async with opened(db, rec.clock, reuse=LIFE_REUSE) as rec:
         with contextlib.closing(sqlite3.connect(path)) as conn:
             for name in ("tasks_ended", "tasks_reuse"):
