@@ -56,10 +56,8 @@ class _BrokenError(Exception):
 PushHandler = Callable[[spb.PushedJob], None]
 
 
-def _stamped(offer: spb.WorkerOffer | None, pushes: int) -> spb.WorkerOffer | None:
+def _stamped(offer: spb.WorkerOffer, pushes: int) -> spb.WorkerOffer:
     """``offer`` as sent on a stream that had pushed ``pushes`` jobs when its slots were counted."""
-    if offer is None:
-        return None
     stamped = spb.WorkerOffer()
     stamped.CopyFrom(offer)
     stamped.pushes_received = pushes
@@ -241,11 +239,13 @@ class ExchangeStreams:
             return False
         stream = self._open(0)  # before the offer is kept: a new stream's re-offer would send it twice
         self._offer = offer
-        # The pushes the worker had received when it counted its free slots: it called this
-        # without awaiting anything since, so it is the stream's count now, not when the offer
-        # is written (a push that arrives in between is not in the count; task_store takes it off).
-        counted = stream.pushes
-        return await stream.tell(lambda: spb.ExchangeStreamRequest(offer=_stamped(self._offer, counted)))
+        # Stamped with the pushes the worker had received when it counted its free slots: it
+        # called this without awaiting anything since, so that is the stream's count now, not when
+        # the offer is written (a push that arrives in between is not in the count: task_store
+        # takes it off). Offers are written in the order they were made (the stream's write lock
+        # is first come, first served), so the last one written is the latest.
+        request = spb.ExchangeStreamRequest(offer=_stamped(offer, stream.pushes))
+        return await stream.tell(lambda: request)
 
     async def close(self) -> None:
         self._closed = True
