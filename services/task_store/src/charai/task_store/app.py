@@ -20,6 +20,7 @@ from charai.core.media import MediaStore
 from charai.core.metrics import Metrics
 from charai.core.metrics_endpoint import MetricsEndpoint
 from charai.core.provider_kv import ProviderStates
+from charai.core.timestamps import micros
 from charai.core.topology import Topology
 from charai.store.v1 import store_service_pb2, store_service_pb2_grpc
 from charai.task_store.backlog import FairConfig
@@ -73,7 +74,7 @@ def record_events(metrics: Metrics, envelopes: list[store_service_pb2.EventEnvel
             metrics.tasks_cancelled.labels(kind).inc()
             ended = "cancelled"
         if ended:
-            seconds = (event.time.ToMicroseconds() - task.create_time.ToMicroseconds()) / 1e6
+            seconds = (micros(event.time) - micros(task.create_time)) / 1e6
             metrics.task_duration.labels(kind, ended).observe(max(0.0, seconds))
 
 

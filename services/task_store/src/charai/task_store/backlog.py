@@ -43,6 +43,7 @@ from charai.core.domain import fairshare
 from charai.core.domain.fairshare import Turn
 from charai.core.domain.states import Status
 from charai.core.tenants import Tenants
+from charai.core.timestamps import micros
 from charai.task_store.backend import Backend, Tx
 from charai.task_store.outbox import Job, Outbox
 from charai.task_store.units import Unit
@@ -291,7 +292,7 @@ class Backlog:
         )
         await tx.execute("DELETE FROM outbox WHERE task_id = ?", claimed.id)  # a copy not sent yet
         job = Job(claimed.id, claimed_gen + 1, kind, int(claimed.priority))
-        await self._hold(tx, claimed_tenant, job, claimed.create_time.ToMicroseconds())
+        await self._hold(tx, claimed_tenant, job, micros(claimed.create_time))
 
     async def _carry(self, tx: Tx, claimed: str, other: str, other_tenant: str, kind: int, now: int) -> None:
         """The held ``other`` leaves the backlog (its tenant's turn spent) and is dispatched with
@@ -491,7 +492,7 @@ class Backlog:
         return int(ahead)
 
     async def _released_ahead(self, tx: Tx, task: task_pb2.Task) -> int:
-        created = task.create_time.ToMicroseconds()
+        created = micros(task.create_time)
         ahead: Any = await tx.fetchval(
             f"SELECT COUNT(*) FROM tasks WHERE type = ? AND {_RELEASED} AND (priority > ? OR"
             " (priority = ? AND (create_time < ? OR (create_time = ? AND id < ?))))",

@@ -18,6 +18,7 @@ from charai.core import ids
 from charai.core.clock import Clock
 from charai.core.domain import lifecycle
 from charai.core.domain.lifecycle import Policy, TaskState
+from charai.core.timestamps import set_micros
 from charai.core.validation import RequestInvalidError, Violation, fill_metadata
 from charai.task_store import rows
 from charai.task_store.backlog import Backlog
@@ -102,8 +103,8 @@ class CreateCommands:
             task.image.CopyFrom(req.image)
         else:
             task.tts.CopyFrom(req.tts)
-        task.create_time.FromMicroseconds(now)
-        task.update_time.FromMicroseconds(now)
+        set_micros(task.create_time, now)
+        set_micros(task.update_time, now)
         return task
 
     async def _create(

@@ -15,6 +15,7 @@ import threading
 
 from charai.core.domain.eta import MeanDuration, StartRate, end_estimate, start_estimate
 from charai.core.domain.fairshare import MAX_BUFFER
+from charai.core.timestamps import micros, set_micros
 from charai.store.v1 import store_service_pb2 as spb
 from charai.tasks.v1 import task_pb2
 
@@ -39,22 +40,33 @@ class EtaBook:
         self._recent: dict[int, collections.deque[float]] = {}
 
     def observe(self, envelopes: list[spb.EventEnvelope]) -> None:
-        """Committed events: starts and completions update their lane's figures."""
+        """Committed events: starts and completions update their lane's figures (called after
+        every commit with all its events, so a lane's figures are made once, not per event)."""
         with self._lock:
             for envelope in envelopes:
                 event = envelope.event
-                if event.type == _STARTED:
+                etype = event.type
+                if etype == _STARTED:
                     kind = int(event.task.type)
-                    at = event.time.ToMicroseconds() / 1e6
-                    self._rates.setdefault(kind, StartRate()).observe(at)
+                    at = micros(event.time) / 1e6
+                    rate = self._rates.get(kind)
+                    if rate is None:
+                        rate = self._rates[kind] = StartRate()
+                    rate.observe(at)
                     recent = self._recent.get(kind)
                     if recent is None:
                         recent = self._recent[kind] = collections.deque(maxlen=self.RECENT)
                     recent.append(at)
-                elif event.type == _COMPLETED and event.task.HasField("start_time"):
+                elif etype == _COMPLETED:
                     task = event.task
-                    seconds = (task.end_time.ToMicroseconds() - task.start_time.ToMicroseconds()) / 1e6
-                    self._runs.setdefault(int(task.type), MeanDuration()).observe(seconds)
+                    if not task.HasField("start_time"):
+                        continue
+                    seconds = (micros(task.end_time) - micros(task.start_time)) / 1e6
+                    kind = int(task.type)
+                    run = self._runs.get(kind)
+                    if run is None:
+                        run = self._runs[kind] = MeanDuration()
+                    run.observe(seconds)
 
     def started_within(self, kind: int, now: float, seconds: float) -> int:
         """How many tasks of type ``kind`` this replica started in the last ``seconds``."""
@@ -80,18 +92,16 @@ class EtaBook:
         task.ClearField("estimated_start_time")
         task.ClearField("estimated_end_time")
         if task.status == _QUEUED:
-            not_before = (
-                task.next_attempt_time.ToMicroseconds() / 1e6 if task.HasField("next_attempt_time") else None
-            )
+            not_before = micros(task.next_attempt_time) / 1e6 if task.HasField("next_attempt_time") else None
             at = start_estimate(now, task.queue_position, self.rate(int(task.type), now), not_before)
             if at is None and not_before is not None and not_before > now:
                 at = not_before  # a retry waiting for its time starts no earlier, whatever the queue
             if at is not None:
-                task.estimated_start_time.FromMicroseconds(int(at * 1e6))
+                set_micros(task.estimated_start_time, int(at * 1e6))
         elif task.status == _RUNNING and task.HasField("start_time"):
             with self._lock:
                 run = self._runs.get(int(task.type))
                 mean = None if run is None else run.value
-            end = end_estimate(now, task.start_time.ToMicroseconds() / 1e6, task.progress, mean)
+            end = end_estimate(now, micros(task.start_time) / 1e6, task.progress, mean)
             if end is not None:
-                task.estimated_end_time.FromMicroseconds(int(end * 1e6))
+                set_micros(task.estimated_end_time, int(end * 1e6))

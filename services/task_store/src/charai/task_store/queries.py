@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from charai.core.clock import Clock
+from charai.core.timestamps import set_micros
 from charai.core.validation import RequestInvalidError, Violation
 from charai.store.v1 import store_service_pb2 as spb
 from charai.task_store import rows
@@ -189,6 +190,6 @@ class Queries:
         events = []
         for seq, etype, etime, blob in found:
             event = task_pb2.TaskEvent(sequence=seq, type=etype, task=task_pb2.Task.FromString(blob))
-            event.time.FromMicroseconds(etime)
+            set_micros(event.time, etime)
             events.append(event)
         return events, head

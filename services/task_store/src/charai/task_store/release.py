@@ -60,9 +60,10 @@ class Releaser:
         they may have made room or held a task."""
         waking = False
         for env in envelopes:
-            if env.event.type == _QUEUED and env.prev_sequence == 0:
+            etype = env.event.type
+            if etype == _QUEUED and env.prev_sequence == 0:
                 self._created += 1  # after its commit: a look from now on sees its hold
-            waking = waking or env.event.type in _WAKING
+            waking = waking or etype in _WAKING
         if waking:
             self.wake_threadsafe()
 

@@ -15,6 +15,7 @@ from charai.core.domain.errors import ErrorKind
 from charai.core.domain.lifecycle import Failure, TaskState
 from charai.core.domain.states import Status
 from charai.core.errors import NotFoundError
+from charai.core.timestamps import micros, set_micros
 from charai.task_store.backend import Tx
 from charai.tasks.v1 import task_pb2
 
@@ -74,8 +75,8 @@ def state_of(task: task_pb2.Task, row: TaskRow) -> TaskState:
         lease_expires=row.lease_expires,
         lease_owner=row.lease_owner,
         next_attempt_time=row.next_attempt_time,
-        start_time=task.start_time.ToMicroseconds() if task.HasField("start_time") else None,
-        end_time=task.end_time.ToMicroseconds() if task.HasField("end_time") else None,
+        start_time=micros(task.start_time) if task.HasField("start_time") else None,
+        end_time=micros(task.end_time) if task.HasField("end_time") else None,
         error=failure_of(task.error) if task.HasField("error") else None,
     )
 
@@ -84,7 +85,7 @@ def _set_time(task: task_pb2.Task, field: str, value: int | None) -> None:
     if value is None:
         task.ClearField(field)  # type: ignore[arg-type]
     else:
-        getattr(task, field).FromMicroseconds(value)
+        set_micros(getattr(task, field), value)
 
 
 def write_state(task: task_pb2.Task, state: TaskState) -> None:

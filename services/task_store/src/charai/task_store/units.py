@@ -21,6 +21,7 @@ import dataclasses
 from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from charai.core.timestamps import set_micros
 from charai.store.v1 import store_service_pb2 as spb
 from charai.task_store.backend import Backend, Tx
 from charai.task_store.eta import EtaBook
@@ -156,13 +157,13 @@ class Unit:
         the row back after this (a create's event may be inserted at once instead, and its row
         with it: :meth:`UnitRunner.insert_now`). ``task`` may change further: the snapshot is a
         copy."""
-        task.update_time.FromMicroseconds(now)
+        set_micros(task.update_time, now)
         task.queue_position = 0
         if self.eta is not None:
             self.eta.fill(task, now / 1e6)
         envelope = spb.EventEnvelope(tenant=tenant)
         envelope.event.type = event_type  # type: ignore[assignment]
-        envelope.event.time.FromMicroseconds(now)
+        set_micros(envelope.event.time, now)
         snapshot = envelope.event.task
         snapshot.CopyFrom(task)
         self.saves.append(
