@@ -1,5 +1,5 @@
 """The store's write path without gRPC: ``python -m bench.store_inproc [--n N] [--concurrency C]
-[--batch B] [--each G] [--reports R] [--lifecycle R] [--pages N] [--relay]``.
+[--batch B] [--each G] [--reports R [--lone]] [--lifecycle R] [--pages N] [--relay]``.
 
 Creates TTS tasks on a fresh SQLite store in this process (task_store's own settings: reuse on, a
 fair-share buffer of 64), from C coroutines at once so they share group commits, and prints the
@@ -8,9 +8,11 @@ checkpoints, from /proc/self/io). ``--batch B``: each call is ``create_many`` of
 work); ``--each G``: each call is ``create_each`` of G single creates (one transaction, a savepoint
 each: what task_store does with the creates of one Exchange call). ``--reports R``: progress
 reports instead, R rounds of one report for each of 100 running tasks (a ``gather`` of single
-reports, or with ``--each`` one ``worker_each`` per round). ``--lifecycle R``: R rounds of 50
-tasks claimed and then completed (single commands at once, or with ``--each`` one ``worker_each``
-per step: what task_store does with a worker's commands of one Exchange call). ``--pages N``: N
+reports, or with ``--each`` one ``worker_each`` per round; with ``--lone`` one report at a time,
+each alone in its commit, as a report that arrives alone is: user and system CPU apart, and the
+commits counted). ``--lifecycle R``: R rounds of 50 tasks claimed and then completed (single
+commands at once, or with ``--each`` one ``worker_each`` per step: what task_store does with a
+worker's commands of one Exchange call). ``--pages N``: N
 tasks created, claimed, reported on and completed one command at a time, each its own commit;
 prints the WAL pages each kind of commit wrote, by table and index (the WAL is read between
 groups of commands, so no checkpoint runs in between, the checkpointer thread included). Used for
@@ -29,6 +31,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import os
 import sqlite3
 import struct
 import tempfile
@@ -71,13 +74,28 @@ async def creates(store: TaskStore, n: int, concurrency: int, batch: int, each: 
     await asyncio.gather(*(lane() for _ in range(concurrency)))
 
 
-async def reports(store: TaskStore, rounds: int, each: bool) -> None:
-    """``rounds`` progress reports for each of 100 running tasks; CPU-µs per report printed."""
+async def reports(store: TaskStore, rounds: int, each: bool, lone: bool = False) -> None:
+    """``rounds`` progress reports for each of 100 running tasks; CPU-µs per report printed.
+    ``lone``: one report at a time, each alone in its commit (user and system CPU apart)."""
     ids = []
     for k in range(100):
         task, _ = await store.create("default", tts_request(f"inproc-{k}", f"line {k}"))
         await store.claim(task.id, 1, "inproc")
         ids.append(task.id)
+    if lone:
+        backend = store._db  # its commit count: one per report, or the reports were not lone
+        commits, times, wall = backend.commits, os.times(), time.perf_counter()
+        for r in range(rounds):
+            for task_id in ids:
+                await store.progress(task_id, 1, 11 + r, "generating")
+        wall = time.perf_counter() - wall
+        after, n, commits = os.times(), rounds * len(ids), backend.commits - commits
+        user, system = (after.user - times.user) / n * 1e6, (after.system - times.system) / n * 1e6
+        print(
+            f"{n} progress reports, lone: {n / wall:,.0f} reports/s, {user:.0f} user and"
+            f" {system:.0f} system CPU-us per report, {commits} commits"
+        )
+        return
     cpu, wall = time.process_time(), time.perf_counter()
     for r in range(rounds):
         if each:
@@ -226,7 +244,7 @@ async def _run(store: TaskStore, tmp: Path, args: argparse.Namespace) -> None:
         await pages(store, tmp / "tasks.db", args.pages, args.relay)
         return
     if args.reports:
-        await reports(store, args.reports, bool(args.each))
+        await reports(store, args.reports, bool(args.each), args.lone)
         return
     if args.lifecycle:
         await lifecycle(store, 3, bool(args.each), args.relay)  # warm-up
@@ -255,6 +273,7 @@ if __name__ == "__main__":
     parser.add_argument("--lifecycle", type=int, default=0)
     parser.add_argument("--pages", type=int, default=0)
     parser.add_argument("--relay", action="store_true")
+    parser.add_argument("--lone", action="store_true")
     parser.add_argument("--commit-times", action="store_true")
     parser.add_argument("--own-checkpoints", action="store_true")
     asyncio.run(main(parser.parse_args()))

@@ -66,3 +66,15 @@ def test_store_inproc_counts_the_relays_record_per_task() -> None:
     publish = kinds["publish"]
     assert "outbox" in publish and "tasks " in publish and "tasks_dispatched" not in publish, publish
     assert "tasks_dispatched" in kinds["create"], kinds["create"]
+
+
+@pytest.mark.timeout(120)
+def test_store_inproc_lone_reports_each_commit_alone() -> None:
+    """``python -m bench.store_inproc --reports R --lone`` (BENCHMARKS.md, twenty-eighth pass:
+    what a report that arrives alone costs): one commit per report, CPU split user / system."""
+    args = [sys.executable, "-m", "bench.store_inproc", "--reports", "2", "--lone"]
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=110, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(line for line in done.stdout.splitlines() if "progress reports, lone" in line)
+    assert line.startswith("200 progress reports, lone: "), line
+    assert " user and " in line and " system CPU-us per report, 200 commits" in line, line
