@@ -78,3 +78,26 @@ def test_store_inproc_lone_reports_each_commit_alone() -> None:
     line = next(line for line in done.stdout.splitlines() if "progress reports, lone" in line)
     assert line.startswith("200 progress reports, lone: "), line
     assert " user and " in line and " system CPU-us per report, 200 commits" in line, line
+
+
+@pytest.mark.timeout(120)
+def test_grpc_transport_times_idle_round_trips_beside_bare_tcp() -> None:
+    """``python -m bench.grpc_transport --idle-ms G`` (BENCHMARKS.md, twenty-eighth pass: what a
+    hop costs at low load): each one-at-a-time figure with its round trip, and the bare TCP echo
+    of the same server process, for both of gRPC's transport settings."""
+    args = [sys.executable, "-m", "bench.grpc_transport", "--rounds", "1", "--n", "100", "--idle-ms", "1"]
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=110, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rounds = [line for line in done.stdout.splitlines() if line.startswith("round 1, ")]
+    assert len(rounds) == 2, done.stdout
+    for line in rounds:
+        figures = line.split(": ", 1)[1].split(" | ")
+        names = [figure.split(":")[0] for figure in figures]
+        assert names == [
+            "unary, one at a time",
+            "unary, 100 in flight",
+            "bidi messages, one at a time",
+            "bare TCP echo, one at a time",
+        ], line
+        trips = [float(f.rsplit("round trip p50 ", 1)[1].split()[0]) for f in figures if "round trip" in f]
+        assert len(trips) == 3 and all(trip > 0 for trip in trips), line
