@@ -276,4 +276,7 @@ if __name__ == "__main__":
     parser.add_argument("--lone", action="store_true")
     parser.add_argument("--commit-times", action="store_true")
     parser.add_argument("--own-checkpoints", action="store_true")
-    asyncio.run(main(parser.parse_args()))
+    parsed = parser.parse_args()
+    if parsed.lone and (not parsed.reports or parsed.each or parsed.pages):
+        parser.error("--lone goes with --reports R alone (not with --each or --pages): one report per commit")
+    asyncio.run(main(parsed))

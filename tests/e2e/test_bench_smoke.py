@@ -78,6 +78,10 @@ def test_store_inproc_lone_reports_each_commit_alone() -> None:
     line = next(line for line in done.stdout.splitlines() if "progress reports, lone" in line)
     assert line.startswith("200 progress reports, lone: "), line
     assert " user and " in line and " system CPU-us per report, 200 commits" in line, line
+    # --lone names what it needs instead of being ignored (--each would batch the reports).
+    wrong = [sys.executable, "-m", "bench.store_inproc", "--reports", "2", "--each", "8", "--lone"]
+    refused = subprocess.run(wrong, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert refused.returncode == 2 and "--lone goes with --reports R alone" in refused.stderr, refused.stderr
 
 
 @pytest.mark.timeout(120)
