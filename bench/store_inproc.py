@@ -23,6 +23,11 @@ does after its publish (``--lifecycle``: one record of the round's 50 jobs befor
 times each COMMIT (its fsync, and any checkpoint the writer runs in it) and prints p50, p99 and
 how many took over 3 ms; ``--own-checkpoints``: without task_store's checkpointer thread
 (``charai.task_store.sqlite_checkpoint``), SQLite checkpointing inside commits as by default.
+``--stats-every MS [--prefill R]``: N creates one at a time (each alone in its commit, as an
+idle store's are) while GetQueueStats' read (``TaskStore.queue_stats``) runs every MS ms (0:
+never), on an event log of R rounds of 50 tasks created, claimed and completed first (default
+400: 20,000 tasks, 60,000 events); prints the creates' latency p50, p99, p99.9 and max and the reads'
+own p50: what a dashboard polling the queue statistics (or a metrics scrape) costs the writes.
 """
 
 from __future__ import annotations
@@ -49,6 +54,44 @@ from charai.tasks.v1 import task_pb2
 from bench.ours import tts_request
 
 PER_ROUND = 50
+
+
+async def stats_beside(store: TaskStore, n: int, every_ms: float, prefill: int) -> None:
+    """``n`` creates one at a time while the queue statistics are read every ``every_ms`` (see
+    the module); latencies printed."""
+    await lifecycle(store, prefill, True)
+    run = time.time_ns()
+    stop = asyncio.Event()
+    reads: list[float] = []
+
+    async def poll() -> None:
+        while not stop.is_set():
+            began = time.perf_counter()
+            await store.queue_stats()
+            reads.append(time.perf_counter() - began)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), every_ms / 1000)
+
+    poller = asyncio.create_task(poll()) if every_ms > 0 else None
+    took = []
+    for i in range(n):
+        began = time.perf_counter()
+        await store.create("default", tts_request("stats", f"line {run} {i}"))
+        took.append(time.perf_counter() - began)
+    stop.set()
+    if poller is not None:
+        await poller
+    took.sort()
+    reads.sort()
+
+    def ms(values: list[float], q: float) -> str:
+        return f"{values[min(len(values) - 1, int(q * len(values)))] * 1000:.2f}" if values else "-"
+
+    print(
+        f"{n} creates one at a time, the queue statistics read every {every_ms:g} ms"
+        f" ({len(reads)} reads, p50 {ms(reads, 0.5)} ms): create p50 {ms(took, 0.5)},"
+        f" p99 {ms(took, 0.99)}, p99.9 {ms(took, 0.999)}, max {ms(took, 1.0)} ms"
+    )
 
 
 def written_bytes() -> int:
@@ -246,6 +289,9 @@ async def _run(store: TaskStore, tmp: Path, args: argparse.Namespace) -> None:
     if args.reports:
         await reports(store, args.reports, bool(args.each), args.lone)
         return
+    if args.stats_every is not None:
+        await stats_beside(store, args.n, args.stats_every, args.prefill)
+        return
     if args.lifecycle:
         await lifecycle(store, 3, bool(args.each), args.relay)  # warm-up
         await lifecycle(store, args.lifecycle, bool(args.each), args.relay)
@@ -276,6 +322,8 @@ if __name__ == "__main__":
     parser.add_argument("--lone", action="store_true")
     parser.add_argument("--commit-times", action="store_true")
     parser.add_argument("--own-checkpoints", action="store_true")
+    parser.add_argument("--stats-every", type=float, default=None)
+    parser.add_argument("--prefill", type=int, default=400)
     parsed = parser.parse_args()
     if parsed.lone and (not parsed.reports or parsed.each or parsed.pages):
         parser.error("--lone goes with --reports R alone (not with --each or --pages): one report per commit")

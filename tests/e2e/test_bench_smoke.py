@@ -85,6 +85,21 @@ def test_store_inproc_lone_reports_each_commit_alone() -> None:
 
 
 @pytest.mark.timeout(120)
+def test_store_inproc_times_creates_beside_the_queue_statistics() -> None:
+    """``python -m bench.store_inproc --stats-every MS --prefill R`` (BENCHMARKS.md, twenty-ninth
+    pass: what a dashboard's GetQueueStats costs the writes): the creates' latency with the
+    statistics read while they run, the reads counted and timed."""
+    args = [sys.executable, "-m", "bench.store_inproc", "--n", "300", "--stats-every", "5", "--prefill", "4"]
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=110, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(line for line in done.stdout.splitlines() if "queue statistics read every" in line)
+    assert line.startswith("300 creates one at a time, the queue statistics read every 5 ms ("), line
+    reads = int(line.split("(")[1].split(" reads")[0])
+    assert reads >= 1, line
+    assert all(f" {figure} " in line for figure in ("p50", "p99", "p99.9", "max")), line
+
+
+@pytest.mark.timeout(120)
 def test_grpc_transport_times_idle_round_trips_beside_bare_tcp() -> None:
     """``python -m bench.grpc_transport --idle-ms G`` (BENCHMARKS.md, twenty-eighth pass: what a
     hop costs at low load): each one-at-a-time figure with its round trip, and the bare TCP echo

@@ -1326,16 +1326,26 @@ _PLANNED = ("SELECT", "UPDATE", "DELETE", "INSERT", "WITH")
 
 
 async def _recorded_life(path: Path) -> _Recording:
-    """The statements of :func:`_a_task_life` on a SQLite store at ``path``."""
+    """The statements of :func:`_a_task_life` on a SQLite store at ``path``: the database
+    thread's and the long reads' (``read_aside``, made on its first read) in one record."""
     async with opened(sqlite_database(path), fair=FairConfig(buffer=1), reuse=LIFE_REUSE) as rec:
         backend = rec.store.backend
         assert isinstance(backend, SqliteBackend) and backend._conn is not None
         recording = _Recording(backend._conn)
         backend._conn = recording  # type: ignore[assignment]
+        connect = backend.aside._connect
+
+        def aside_recorded() -> Any:
+            aside = _Recording(connect())
+            aside.seen = recording.seen
+            return aside
+
+        backend.aside._connect = aside_recorded  # type: ignore[method-assign]
         try:
             await _a_task_life(rec)
         finally:
             backend._conn = recording._conn
+        assert backend.aside.reads > 0, "the scenario ran no long read"
     return recording
 
 

@@ -241,7 +241,7 @@ class TaskStoreApp(ServiceApp):
         """Queue gauges from the shared database (the same on every replica)."""
         assert self.store is not None
         try:
-            lanes, backlog = await self.store.queue_stats()
+            lanes, backlog = await self.store.queue_gauges()
         except Exception as exc:  # the database is away: keep the last values, try again
             log.warning("queue_gauges_failed", error=str(exc))
             return

@@ -158,6 +158,13 @@ class Backend(Protocol):
         """Runs ``body`` without a write transaction."""
         ...
 
+    async def read_aside(self, body: Body[T]) -> T:
+        """Runs ``body``, a read that may take long (an aggregate over recent history), where it
+        holds up no write, in one consistent snapshot on SQLite: a connection and thread of its
+        own there (the writes' thread would wait for it); a pooled connection, as :meth:`read`,
+        on PostgreSQL."""
+        ...
+
     def describe(self) -> str:
         """Where the data lives, for logs: never includes a password."""
         ...

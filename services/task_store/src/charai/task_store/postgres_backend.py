@@ -233,3 +233,6 @@ class PostgresBackend:
     async def read(self, body: Body[T]) -> T:
         async with self._connection() as conn:
             return await body(PgTx(conn))
+
+    async def read_aside(self, body: Body[T]) -> T:
+        return await self.read(body)  # a connection of the pool: no write waits for it

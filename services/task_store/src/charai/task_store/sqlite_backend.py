@@ -12,6 +12,10 @@ The store's units of work are coroutines (so that the same code runs on asyncpg)
 :class:`SqliteTx` method is a plain call that completes without suspending, so the database
 thread runs a whole unit with one ``coroutine.send(None)`` (:func:`run_to_completion`): one thread
 hop per transaction, as when the logic was written against ``sqlite3`` directly.
+
+Reads that may take long (the queue statistics and usage reports, aggregates over recent
+history) run on a connection and thread of their own instead (:class:`AsideReader`): on the
+database thread, one of them held up every write queued behind it for as long as it ran.
 """
 
 from __future__ import annotations
@@ -116,6 +120,68 @@ def _settle(outcomes: list[_Outcome]) -> None:
             job.future.set_result(result)
 
 
+class AsideReader:
+    """Long reads beside the write path: a connection (made on the first read) and a thread of
+    their own, one read at a time, each in one read transaction (one consistent snapshot of what
+    was committed when it began: WAL lets it read while the writer commits).
+
+    Why: GetQueueStats' read scans the recent event log and the last minute's completions. On a
+    store with 20,000 tasks done in its last minutes it took 55-90 ms, and on the database thread
+    every create, claim and report queued behind it waited that long (``python -m
+    bench.store_inproc --stats-every 100``: a create's p99.9 69-97 ms, against 3-8 ms without the
+    reads; BENCHMARKS.md, twenty-ninth pass). sqlite3 lets go of the GIL while SQLite steps a
+    statement, so the writer runs meanwhile.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        #: Reads run (tests).
+        self.reads = 0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._serve, name="sqlite-aside", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: _Job) -> None:
+        self._queue.put(job)
+
+    def stop(self) -> None:
+        """Ends the thread after the reads queued before; closes its connection."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout=5000")
+        conn.execute("PRAGMA query_only=ON")  # reads only, whatever a body tries
+        conn.execute("PRAGMA temp_store=MEMORY")  # sorts and groupings of the aggregates
+        return conn
+
+    def _serve(self) -> None:
+        conn: sqlite3.Connection | None = None
+        try:
+            while (job := self._queue.get()) is not None:
+                try:
+                    if conn is None:
+                        conn = self._connect()
+                    conn.execute("BEGIN")
+                    try:
+                        outcome: _Outcome = (job, run_to_completion(job.body(SqliteTx(conn))), None)
+                    finally:
+                        conn.execute("COMMIT")
+                except BaseException as exc:
+                    outcome = (job, None, exc)
+                self.reads += 1
+                SqliteBackend._answer([outcome])
+        finally:
+            if conn is not None:
+                conn.close()
+
+
 class SqliteBackend:
     """:class:`~charai.task_store.backend.Backend` on a SQLite file.
 
@@ -137,6 +203,8 @@ class SqliteBackend:
         #: Copies the log into the database file beside the write path (None: SQLite's own,
         #: inside a commit, only; ``checkpoint_interval`` < 0).
         self.checkpointer = Checkpointer(path, checkpoint_interval) if checkpoint_interval >= 0 else None
+        #: Runs :meth:`read_aside`.
+        self.aside = AsideReader(path)
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
@@ -152,6 +220,7 @@ class SqliteBackend:
         self._thread = threading.Thread(target=self._serve, name="sqlite", daemon=True)
         self._thread.start()
         await self._submit(self._open_body, write=False)
+        self.aside.start()
 
     async def _open_body(self, tx: Any) -> None:
         self._open_sync()
@@ -219,6 +288,7 @@ class SqliteBackend:
         await asyncio.to_thread(self._thread.join)
 
     async def _close_body(self, tx: Any) -> None:
+        self.aside.stop()  # after the reads it has; its connection is not the last to close
         if self.checkpointer is not None:
             self.checkpointer.stop()  # first: the last connection to close checkpoints the rest
         if self._conn is not None:
@@ -252,6 +322,14 @@ class SqliteBackend:
         # No other connection writes (one process owns the file), and the database thread runs
         # reads between group commits, so a read sees one consistent, committed state.
         return await self._submit(body, write=False)
+
+    async def read_aside(self, body: Body[T]) -> T:
+        if self._thread is None or self._closed:
+            raise RuntimeError("the SQLite store is not open")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self.aside.submit(_Job(body, None, False, future, loop))
+        return await future
 
     # -- the database thread -------------------------------------------------------------------
     def _serve(self) -> None:

@@ -259,6 +259,11 @@ class TaskStore:
     async def queue_stats(self) -> tuple[list[task_service_pb2.LaneStats], int]:
         return await self._stats.read()
 
+    async def queue_gauges(self) -> tuple[list[task_service_pb2.LaneStats], int]:
+        """The lanes' depths, retry waits and in-flight counts, and the outbox backlog (the rest
+        of :meth:`queue_stats` left at zero)."""
+        return await self._stats.gauges()
+
     async def get_usage(
         self, tenant: str, request: task_service_pb2.GetUsageRequest
     ) -> task_service_pb2.GetUsageResponse:
