@@ -28,6 +28,9 @@ idle store's are) while GetQueueStats' read (``TaskStore.queue_stats``) runs eve
 never), on an event log of R rounds of 50 tasks created, claimed and completed first (default
 400: 20,000 tasks, 60,000 events); prints the creates' latency p50, p99, p99.9 and max and the reads'
 own p50: what a dashboard polling the queue statistics (or a metrics scrape) costs the writes.
+``--budget-records R``: R usage records of this month for a tenant with a monthly budget, then N
+creates one at a time for that tenant and for one without budgets; prints each one's p50 and p99
+(what a budget check costs a create, and the writes queued behind it).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import os
 import sqlite3
 import struct
@@ -43,12 +47,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from charai.core.domain import usage as rules
+from charai.core.domain.prices import PriceTable
+from charai.core.tenants import parse_tenants
 from charai.store.v1 import store_service_pb2 as spb
 from charai.task_store.backlog import FairConfig
 from charai.task_store.reuse import ReuseConfig
 from charai.task_store.sqlite_backend import SqliteBackend
 from charai.task_store.sqlite_checkpoint import INTERVAL
 from charai.task_store.store import StoreConfig, TaskStore
+from charai.task_store.usage import UsageConfig
 from charai.tasks.v1 import task_pb2
 
 from bench.ours import tts_request
@@ -92,6 +100,31 @@ async def stats_beside(store: TaskStore, n: int, every_ms: float, prefill: int) 
         f" ({len(reads)} reads, p50 {ms(reads, 0.5)} ms): create p50 {ms(took, 0.5)},"
         f" p99 {ms(took, 0.99)}, p99.9 {ms(took, 0.999)}, max {ms(took, 1.0)} ms"
     )
+
+
+async def budgeted(store: TaskStore, n: int, records: int) -> None:
+    """``records`` usage records this month for the budgeted tenant, then ``n`` creates one at a
+    time for it and for a tenant without budgets (see the module); latencies printed."""
+    now = int(time.time() * 1e6)
+    day = rules.day_of(now)
+    rows = [
+        (f"r{i}", 1, "budgeted", "zhipu", "glm-tts", day, now - i, 1, 0, "", "", 10, 10**6, 150, 0)
+        for i in range(records)
+    ]
+    await store.backend.write(
+        lambda tx: tx.executemany(f"INSERT INTO usage_records VALUES ({', '.join('?' * 15)})", rows)
+    )
+    for tenant in ("budgeted", "default"):
+        took = []
+        for i in range(n):
+            began = time.perf_counter()
+            await store.create(tenant, tts_request("budget", f"line {now} {tenant} {i}"))
+            took.append(time.perf_counter() - began)
+        took.sort()
+        print(
+            f"{records} usage records this month, {n} creates one at a time of tenant {tenant}:"
+            f" p50 {took[n // 2] * 1000:.2f}, p99 {took[min(n - 1, int(n * 0.99))] * 1000:.2f} ms"
+        )
 
 
 def written_bytes() -> int:
@@ -269,6 +302,9 @@ class TimedCommits:
 
 async def main(args: argparse.Namespace) -> None:
     config = StoreConfig(reuse=ReuseConfig(ttl_seconds=86400.0), fair=FairConfig(buffer=max(64, args.pages)))
+    if args.budget_records is not None:
+        budget = '[tenants.budgeted]\nbudgets = [{ period = "month", limit = 1000000, unit = "usd" }]\n'
+        config = dataclasses.replace(config, usage=UsageConfig(parse_tenants(budget), PriceTable()))
     with tempfile.TemporaryDirectory(prefix="bench-inproc-") as tmp:
         interval = -1.0 if args.own_checkpoints or args.pages else INTERVAL
         backend = SqliteBackend(Path(tmp) / "tasks.db", checkpoint_interval=interval)
@@ -288,6 +324,9 @@ async def _run(store: TaskStore, tmp: Path, args: argparse.Namespace) -> None:
         return
     if args.reports:
         await reports(store, args.reports, bool(args.each), args.lone)
+        return
+    if args.budget_records is not None:
+        await budgeted(store, args.n, args.budget_records)
         return
     if args.stats_every is not None:
         await stats_beside(store, args.n, args.stats_every, args.prefill)
@@ -324,6 +363,7 @@ if __name__ == "__main__":
     parser.add_argument("--own-checkpoints", action="store_true")
     parser.add_argument("--stats-every", type=float, default=None)
     parser.add_argument("--prefill", type=int, default=400)
+    parser.add_argument("--budget-records", type=int, default=None)
     parsed = parser.parse_args()
     if parsed.lone and (not parsed.reports or parsed.each or parsed.pages):
         parser.error("--lone goes with --reports R alone (not with --each or --pages): one report per commit")

@@ -100,6 +100,20 @@ def test_store_inproc_times_creates_beside_the_queue_statistics() -> None:
 
 
 @pytest.mark.timeout(120)
+def test_store_inproc_times_creates_of_a_tenant_with_a_budget() -> None:
+    """``python -m bench.store_inproc --budget-records R`` (BENCHMARKS.md, twenty-ninth pass: what
+    a budget check costs a create): creates of a budgeted tenant with R usage records this month,
+    and of a tenant without budgets."""
+    args = [sys.executable, "-m", "bench.store_inproc", "--n", "50", "--budget-records", "1000"]
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=110, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if "usage records this month" in line]
+    assert [line.split(" of tenant ")[1].split(":")[0] for line in lines] == ["budgeted", "default"], lines
+    for line in lines:
+        assert line.startswith("1000 usage records this month, 50 creates") and " p99 " in line, line
+
+
+@pytest.mark.timeout(120)
 def test_grpc_transport_times_idle_round_trips_beside_bare_tcp() -> None:
     """``python -m bench.grpc_transport --idle-ms G`` (BENCHMARKS.md, twenty-eighth pass: what a
     hop costs at low load): each one-at-a-time figure with its round trip, and the bare TCP echo

@@ -225,6 +225,64 @@ def _usage_tables() -> tuple[str, ...]:
     )
 
 
+#: What ``usage_totals`` adds up, ``usage_records``' columns of the same names.
+_TOTALLED = ("calls", "images", "speech_characters", "audio_us", "cost_micros")
+#: The UTC day and month holding ``time`` (µs), each as its first microsecond (Unix time has no
+#: leap seconds): ``charai.core.domain.usage.period_window``'s starts.
+_PERIOD_STARTS = (
+    ("day", "{t} - {t} % 86400000000"),
+    ("month", "CAST(strftime('%s', {t} / 1000000, 'unixepoch', 'start of month') AS INTEGER) * 1000000"),
+)
+
+
+def _usage_totals() -> tuple[str, ...]:
+    """Migration 18 (SQLite): each tenant's usage summed per UTC day and month (``usage_totals``),
+    kept by a trigger on ``usage_records``, and filled from the records already there.
+
+    Why: a create of a tenant with a budget summed the tenant's records of the period
+    (``SELECT SUM(...) FROM usage_records WHERE tenant = ? AND time >= ?``) inside the create's
+    transaction: one row read per task the tenant ran this month, on the database thread that
+    every write waits for. At 100,000 records in the month a create took 40 ms and held up every
+    other tenant's writes as long (BENCHMARKS.md, twenty-ninth pass). A budget check now reads
+    one row per period. PostgreSQL keeps the sums (``Dialect.usage_totals``): its reads hold up
+    no other connection, and a totals row would be a lock that every outcome of a tenant queues
+    on, taken before the events lock (a deadlock between two transactions that each hold one).
+
+    The sum replaces what the table held: the migration may run again on a database a test
+    turned back to an older schema."""
+    columns = ", ".join(_TOTALLED)
+    sums = ", ".join(f"SUM({c})" for c in _TOTALLED)
+    new = ", ".join(f"NEW.{c}" for c in _TOTALLED)
+    added = ", ".join(f"{c} = {c} + excluded.{c}" for c in _TOTALLED)
+    upserts = " ".join(
+        f"INSERT INTO usage_totals (tenant, period, start, {columns})"
+        f" VALUES (NEW.tenant, '{period}', {start.format(t='NEW.time')}, {new})"
+        f" ON CONFLICT (tenant, period, start) DO UPDATE SET {added};"
+        for period, start in _PERIOD_STARTS
+    )
+    fill = tuple(
+        f"INSERT INTO usage_totals (tenant, period, start, {columns})"
+        f" SELECT tenant, '{period}', {start.format(t='time')}, {sums} FROM usage_records GROUP BY 1, 3"
+        for period, start in _PERIOD_STARTS
+    )
+    return (
+        """CREATE TABLE IF NOT EXISTS usage_totals (
+            tenant TEXT NOT NULL,
+            period TEXT NOT NULL,
+            start INTEGER NOT NULL,
+            calls INTEGER NOT NULL,
+            images INTEGER NOT NULL,
+            speech_characters INTEGER NOT NULL,
+            audio_us INTEGER NOT NULL,
+            cost_micros INTEGER NOT NULL,
+            PRIMARY KEY (tenant, period, start)
+        ) WITHOUT ROWID""",
+        f"CREATE TRIGGER IF NOT EXISTS usage_totals_add AFTER INSERT ON usage_records BEGIN {upserts} END",
+        "DELETE FROM usage_totals",
+        *fill,
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         1,
@@ -556,6 +614,12 @@ MIGRATIONS: tuple[Migration, ...] = (
         # proves them from the same literals).
         sqlite=_ended_index(ENDED) + _reuse_index(REUSABLE),
         postgres=_ended_index(ENDED) + _reuse_index(REUSABLE),
+    ),
+    Migration(
+        18,
+        "usage summed per tenant and UTC day and month, for budget checks",
+        sqlite=_usage_totals(),
+        postgres=(),
     ),
 )
 
