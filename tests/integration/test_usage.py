@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import asyncpg
 import grpc
 import pytest
 from charai.core.clock import ManualClock
@@ -33,7 +34,7 @@ from charai.tasks.v1 import task_pb2, task_service_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from tests.integration.conftest import Database, Recorded, opened, sqlite_database
+from tests.integration.conftest import Database, Recorded, opened
 from tests.integration.store_requests import (
     CANCELLED,
     COMPLETED,
@@ -346,35 +347,63 @@ async def test_a_bad_prices_file_stops_start_up_naming_the_setting(
     assert not (tmp_path / "tasks.db").exists()  # stopped before anything was opened
 
 
-def recorded_sums(path: Path) -> dict[tuple[str, str, int], tuple[int, ...]]:
+_RECORDS = "SELECT tenant, time, calls, images, speech_characters, audio_us, cost_micros FROM usage_records"
+_TOTALS = (
+    "SELECT tenant, period, start, calls, images, speech_characters, audio_us, cost_micros FROM usage_totals"
+)
+
+
+async def fetch(db: Database, sql: str) -> list[tuple[Any, ...]]:
+    """Rows read from outside the store (its own connection), on either backend."""
+    if db.kind == "sqlite":
+        with contextlib.closing(sqlite3.connect(db.url.removeprefix("sqlite:///"))) as lite:
+            return [tuple(row) for row in lite.execute(sql).fetchall()]
+    pg = await asyncpg.connect(db.url)
+    try:
+        return [tuple(row) for row in await pg.fetch(sql)]
+    finally:
+        await pg.close()
+
+
+async def run(db: Database, *statements: str) -> None:
+    if db.kind == "sqlite":
+        with contextlib.closing(sqlite3.connect(db.url.removeprefix("sqlite:///"))) as lite:
+            for sql in statements:
+                lite.execute(sql)
+            lite.commit()
+        return
+    pg = await asyncpg.connect(db.url)
+    try:
+        for sql in statements:
+            await pg.execute(sql)
+    finally:
+        await pg.close()
+
+
+async def recorded_sums(db: Database) -> dict[tuple[str, str, int], tuple[int, ...]]:
     """``usage_records`` summed per tenant, period and period start, the periods' starts taken
     by the domain's rules (``period_window``), not by SQL."""
     sums: dict[tuple[str, str, int], tuple[int, ...]] = {}
-    with contextlib.closing(sqlite3.connect(path)) as conn:
-        rows = conn.execute(
-            "SELECT tenant, time, calls, images, speech_characters, audio_us, cost_micros FROM usage_records"
-        ).fetchall()
-    for tenant, time, *values in rows:
+    for tenant, time, *values in await fetch(db, _RECORDS):
         for period in ("day", "month"):
-            key = (tenant, period, rules.period_window(period, time)[0])
-            sums[key] = tuple(a + b for a, b in zip(sums.get(key, (0,) * 5), values, strict=True))
+            key = (tenant, period, rules.period_window(period, int(time))[0])
+            sums[key] = tuple(int(a) + int(b) for a, b in zip(sums.get(key, (0,) * 5), values, strict=True))
     return sums
 
 
-def usage_totals(path: Path) -> dict[tuple[str, str, int], tuple[int, ...]]:
-    with contextlib.closing(sqlite3.connect(path)) as conn:
-        rows = conn.execute("SELECT * FROM usage_totals").fetchall()
-    return {(tenant, period, start): tuple(values) for tenant, period, start, *values in rows}
+async def usage_totals(db: Database) -> dict[tuple[str, str, int], tuple[int, ...]]:
+    rows = await fetch(db, _TOTALS)
+    return {
+        (tenant, period, int(start)): tuple(int(v) for v in values) for tenant, period, start, *values in rows
+    }
 
 
-async def test_sqlite_budgets_read_usage_totals_kept_per_day_and_month(tmp_path: Path) -> None:
-    """On SQLite a budget check reads the tenant's totals of the period (``usage_totals``, schema
-    migration 18, kept by a trigger), not every record of the period: the totals equal the
-    records' sums over days and across a month's end, a database of schema 17 gets them summed
-    from its records at the next start, and a check that reads them refuses a create even with
-    the records gone behind its back."""
-    path = tmp_path / "tasks.db"
-    db = sqlite_database(path)
+async def test_budgets_read_usage_totals_kept_per_day_and_month(db: Database) -> None:
+    """A budget check reads the tenant's totals of the period (``usage_totals``, schema migration
+    18, kept by a trigger), not every record of the period: the totals equal the records' sums
+    over days and across a month's end, a database of schema 17 gets them summed from its
+    records at the next start, and a check that reads them refuses a create even with the
+    records gone behind its back."""
     tenants = parse_tenants('[tenants.acme]\nbudgets = [{ period = "month", limit = 0.02, unit = "usd" }]\n')
     config = UsageConfig(tenants, PriceTable())
     async with opened(db, usage=config) as rec:
@@ -387,29 +416,25 @@ async def test_sqlite_budgets_read_usage_totals_kept_per_day_and_month(tmp_path:
                 task, _ = await store.create(tenant, image_request())
                 assert (await store.claim(task.id, 1, "w")).outcome == RUN
                 await store.complete(completed(task.id, 1, used))
-        totals = usage_totals(path)
-        assert totals == recorded_sums(path)
-        assert {(tenant, period) for tenant, period, _ in totals} == {
-            (t, p) for t in ("acme", "t2") for p in ("day", "month")
-        }
+        totals = await usage_totals(db)
+        assert totals == await recorded_sums(db)
         assert len(totals) == 2 * (3 + 2)  # per tenant: three days, two months
         with pytest.raises(BudgetExceededError):  # acme spent 0.03 of 0.02 this month
             await store.create("acme", image_request())
     # Back to schema 17: no totals, no trigger, and a record written meanwhile by an older release.
-    with contextlib.closing(sqlite3.connect(path)) as conn:
-        conn.execute("DROP TRIGGER usage_totals_add")
-        conn.execute("DROP TABLE usage_totals")
-        conn.execute(
-            "INSERT INTO usage_records SELECT 'older', 1, tenant, provider, model, day, time + 1, calls,"
-            " images, image_size, image_quality, speech_characters, audio_us, cost_micros, reused"
-            " FROM usage_records WHERE tenant = 't2' ORDER BY time LIMIT 1"
-        )
-        conn.execute("DELETE FROM schema_version WHERE version >= 18")
-        conn.commit()
+    undo = ("DROP TRIGGER usage_totals_add", "DROP TABLE usage_totals")
+    if db.kind == "postgres":
+        undo = ("DROP TRIGGER usage_totals_add ON usage_records", "DROP TABLE usage_totals")
+    await run(
+        db,
+        *undo,
+        "INSERT INTO usage_records SELECT 'older', 1, tenant, provider, model, day, time + 1, calls,"
+        " images, image_size, image_quality, speech_characters, audio_us, cost_micros, reused"
+        " FROM usage_records WHERE tenant = 't2' ORDER BY time LIMIT 1",
+        "DELETE FROM schema_version WHERE version >= 18",
+    )
     async with opened(db, rec.clock, usage=config) as rec:
-        assert usage_totals(path) == recorded_sums(path)
-        with contextlib.closing(sqlite3.connect(path)) as conn:
-            conn.execute("DELETE FROM usage_records WHERE tenant = 'acme'")
-            conn.commit()
+        assert await usage_totals(db) == await recorded_sums(db)
+        await run(db, "DELETE FROM usage_records WHERE tenant = 'acme'")
         with pytest.raises(BudgetExceededError):  # the month's total, not its records
             await rec.store.create("acme", image_request())

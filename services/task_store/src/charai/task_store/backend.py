@@ -79,10 +79,6 @@ class Dialect:
     #: standbys looks subtransactions up in ``pg_subtrans`` (an SLRU cache shared by all), a
     #: known cause of slow reads under load. So more operations run as several transactions.
     max_savepoints: int | None = None
-    #: True: a budget check reads the tenant's totals of the period from ``usage_totals``, which
-    #: a trigger keeps (schema migration 18: one writer, so no lock to queue on); False: it sums
-    #: the period's ``usage_records`` (PostgreSQL, see ``schema._usage_totals``).
-    usage_totals: bool = False
 
 
 SQLITE = Dialect(
@@ -91,7 +87,6 @@ SQLITE = Dialect(
     skip_locked="",
     append_event=None,
     metadata_json=False,
-    usage_totals=True,
 )
 
 #: Key of the transaction lock that orders event inserts (an arbitrary constant: "chrE").

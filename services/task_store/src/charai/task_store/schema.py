@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from charai.task_store.backend import EVENTS_LOCK_KEY
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Migration:
@@ -227,60 +229,82 @@ def _usage_tables() -> tuple[str, ...]:
 
 #: What ``usage_totals`` adds up, ``usage_records``' columns of the same names.
 _TOTALLED = ("calls", "images", "speech_characters", "audio_us", "cost_micros")
-#: The UTC day and month holding ``time`` (µs), each as its first microsecond (Unix time has no
-#: leap seconds): ``charai.core.domain.usage.period_window``'s starts.
-_PERIOD_STARTS = (
-    ("day", "{t} - {t} % 86400000000"),
-    ("month", "CAST(strftime('%s', {t} / 1000000, 'unixepoch', 'start of month') AS INTEGER) * 1000000"),
+#: The UTC day holding ``time`` (µs), as its first microsecond (Unix time has no leap seconds):
+#: ``charai.core.domain.usage.period_window``'s start.
+_DAY_START = "{t} - {t} % 86400000000"
+#: The UTC month holding ``time`` (µs), as its first microsecond, in each dialect.
+_MONTH_START_SQLITE = (
+    "CAST(strftime('%s', {t} / 1000000, 'unixepoch', 'start of month') AS INTEGER) * 1000000"
+)
+_MONTH_START_PG = (
+    "(EXTRACT(EPOCH FROM date_trunc('month', to_timestamp({t} / 1000000) AT TIME ZONE 'UTC'))"
+    " * 1000000)::BIGINT"
 )
 
 
-def _usage_totals() -> tuple[str, ...]:
-    """Migration 18 (SQLite): each tenant's usage summed per UTC day and month (``usage_totals``),
-    kept by a trigger on ``usage_records``, and filled from the records already there.
+def _usage_totals(month_start: str, *, postgres: bool) -> tuple[str, ...]:
+    """Migration 18: each tenant's usage summed per UTC day and month (``usage_totals``), kept by
+    a trigger on ``usage_records`` (so a task_store of an earlier release, during a rolling
+    upgrade, adds to it too), and filled from the records already there.
 
     Why: a create of a tenant with a budget summed the tenant's records of the period
     (``SELECT SUM(...) FROM usage_records WHERE tenant = ? AND time >= ?``) inside the create's
-    transaction: one row read per task the tenant ran this month, on the database thread that
-    every write waits for. At 100,000 records in the month a create took 40 ms and held up every
-    other tenant's writes as long (BENCHMARKS.md, twenty-ninth pass). A budget check now reads
-    one row per period. PostgreSQL keeps the sums (``Dialect.usage_totals``): its reads hold up
-    no other connection, and a totals row would be a lock that every outcome of a tenant queues
-    on, taken before the events lock (a deadlock between two transactions that each hold one).
+    transaction: one row read per task the tenant ran this month. On SQLite, on the database
+    thread every write waits for: at 100,000 records in the month a create took 37 ms and held
+    up every other tenant's writes as long (BENCHMARKS.md, twenty-ninth pass). A budget check
+    now reads one row per period.
+
+    On PostgreSQL a totals row is a lock that transactions adding to it queue on, so the trigger
+    is a deferred constraint trigger (it runs at commit, holding the row from there to the end
+    of the commit only) and first takes the events lock, which a transaction that wrote events
+    holds from its events to its commit anyway: every transaction takes the two in the same
+    order, so none waits for a totals row while holding the events lock another one wants.
+    Creating the trigger locks ``usage_records`` against inserts until this migration commits,
+    so the sum below misses and doubles no record.
 
     The sum replaces what the table held: the migration may run again on a database a test
     turned back to an older schema."""
     columns = ", ".join(_TOTALLED)
     sums = ", ".join(f"SUM({c})" for c in _TOTALLED)
     new = ", ".join(f"NEW.{c}" for c in _TOTALLED)
-    added = ", ".join(f"{c} = {c} + excluded.{c}" for c in _TOTALLED)
+    added = ", ".join(f"{c} = usage_totals.{c} + excluded.{c}" for c in _TOTALLED)
+    periods = (("day", _DAY_START), ("month", month_start))
     upserts = " ".join(
         f"INSERT INTO usage_totals (tenant, period, start, {columns})"
         f" VALUES (NEW.tenant, '{period}', {start.format(t='NEW.time')}, {new})"
         f" ON CONFLICT (tenant, period, start) DO UPDATE SET {added};"
-        for period, start in _PERIOD_STARTS
+        for period, start in periods
     )
     fill = tuple(
         f"INSERT INTO usage_totals (tenant, period, start, {columns})"
         f" SELECT tenant, '{period}', {start.format(t='time')}, {sums} FROM usage_records GROUP BY 1, 3"
-        for period, start in _PERIOD_STARTS
+        for period, start in periods
     )
-    return (
-        """CREATE TABLE IF NOT EXISTS usage_totals (
+    table = f"""CREATE TABLE IF NOT EXISTS usage_totals (
             tenant TEXT NOT NULL,
             period TEXT NOT NULL,
-            start INTEGER NOT NULL,
-            calls INTEGER NOT NULL,
-            images INTEGER NOT NULL,
-            speech_characters INTEGER NOT NULL,
-            audio_us INTEGER NOT NULL,
-            cost_micros INTEGER NOT NULL,
+            start BIGINT NOT NULL,
+            calls BIGINT NOT NULL,
+            images BIGINT NOT NULL,
+            speech_characters BIGINT NOT NULL,
+            audio_us BIGINT NOT NULL,
+            cost_micros BIGINT NOT NULL,
             PRIMARY KEY (tenant, period, start)
-        ) WITHOUT ROWID""",
-        f"CREATE TRIGGER IF NOT EXISTS usage_totals_add AFTER INSERT ON usage_records BEGIN {upserts} END",
-        "DELETE FROM usage_totals",
-        *fill,
-    )
+        ){"" if postgres else " WITHOUT ROWID"}"""
+    if postgres:
+        trigger: tuple[str, ...] = (
+            "CREATE OR REPLACE FUNCTION usage_totals_add() RETURNS trigger LANGUAGE plpgsql AS $$"
+            f" BEGIN PERFORM pg_advisory_xact_lock({EVENTS_LOCK_KEY}); {upserts} RETURN NULL; END $$",
+            "DROP TRIGGER IF EXISTS usage_totals_add ON usage_records",
+            "CREATE CONSTRAINT TRIGGER usage_totals_add AFTER INSERT ON usage_records"
+            " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION usage_totals_add()",
+        )
+    else:
+        trigger = (
+            "CREATE TRIGGER IF NOT EXISTS usage_totals_add AFTER INSERT ON usage_records"
+            f" BEGIN {upserts} END",
+        )
+    return (table, *trigger, "DELETE FROM usage_totals", *fill)
 
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -618,8 +642,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         18,
         "usage summed per tenant and UTC day and month, for budget checks",
-        sqlite=_usage_totals(),
-        postgres=(),
+        sqlite=_usage_totals(_MONTH_START_SQLITE, postgres=False),
+        postgres=_usage_totals(_MONTH_START_PG, postgres=True),
     ),
 )
 
