@@ -38,8 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 
-from charai.task_store.backend import EVENTS_LOCK_KEY
-
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Migration:
@@ -255,12 +253,17 @@ def _usage_totals(month_start: str, *, postgres: bool) -> tuple[str, ...]:
     now reads one row per period.
 
     On PostgreSQL a totals row is a lock that transactions adding to it queue on, so the trigger
-    is a deferred constraint trigger (it runs at commit, holding the row from there to the end
-    of the commit only) and first takes the events lock, which a transaction that wrote events
-    holds from its events to its commit anyway: every transaction takes the two in the same
-    order, so none waits for a totals row while holding the events lock another one wants.
-    Creating the trigger locks ``usage_records`` against inserts until this migration commits,
-    so the sum below misses and doubles no record.
+    is a deferred constraint trigger: it runs at commit and holds the tenant's rows only while
+    the commit finishes. A transaction that wrote events reaches its commit holding the events
+    lock, so no two of those ever wait for each other's totals; each record takes its tenant's
+    day row, then its month row. Two transactions can deadlock on totals only if one wrote no
+    events (a report ignored or refused, whose usage is kept) and recorded two tenants' usage in
+    the opposite order of the other: PostgreSQL then aborts one and the backend runs it again.
+    (Taking the events lock in the trigger would order everything, but a transaction without
+    events would then wait for it holding its task's row, which the events lock's holder may be
+    about to lock: a deadlock on any one task, a likelier one.) Creating the trigger locks
+    ``usage_records`` against inserts until this migration commits, so the sum below misses and
+    doubles no record.
 
     The sum replaces what the table held: the migration may run again on a database a test
     turned back to an older schema."""
@@ -294,7 +297,7 @@ def _usage_totals(month_start: str, *, postgres: bool) -> tuple[str, ...]:
     if postgres:
         trigger: tuple[str, ...] = (
             "CREATE OR REPLACE FUNCTION usage_totals_add() RETURNS trigger LANGUAGE plpgsql AS $$"
-            f" BEGIN PERFORM pg_advisory_xact_lock({EVENTS_LOCK_KEY}); {upserts} RETURN NULL; END $$",
+            f" BEGIN {upserts} RETURN NULL; END $$",
             "DROP TRIGGER IF EXISTS usage_totals_add ON usage_records",
             "CREATE CONSTRAINT TRIGGER usage_totals_add AFTER INSERT ON usage_records"
             " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION usage_totals_add()",
