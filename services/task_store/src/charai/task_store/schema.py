@@ -272,11 +272,13 @@ def _usage_totals(month_start: str, *, postgres: bool) -> tuple[str, ...]:
     new = ", ".join(f"NEW.{c}" for c in _TOTALLED)
     added = ", ".join(f"{c} = usage_totals.{c} + excluded.{c}" for c in _TOTALLED)
     periods = (("day", _DAY_START), ("month", month_start))
-    upserts = " ".join(
-        f"INSERT INTO usage_totals (tenant, period, start, {columns})"
-        f" VALUES (NEW.tenant, '{period}', {start.format(t='NEW.time')}, {new})"
+    rows = ", ".join(
+        f"(NEW.tenant, '{period}', {start.format(t='NEW.time')}, {new})" for period, start in periods
+    )
+    # One statement for both periods' rows (one plpgsql statement on PostgreSQL, not two).
+    upserts = (
+        f"INSERT INTO usage_totals (tenant, period, start, {columns}) VALUES {rows}"
         f" ON CONFLICT (tenant, period, start) DO UPDATE SET {added};"
-        for period, start in periods
     )
     fill = tuple(
         f"INSERT INTO usage_totals (tenant, period, start, {columns})"
