@@ -128,8 +128,8 @@ class AsideReader:
     Why: GetQueueStats' read scans the recent event log and the last minute's completions. On a
     store with 20,000 tasks done in its last minutes it took 55-90 ms, and on the database thread
     every create, claim and report queued behind it waited that long (``python -m
-    bench.store_inproc --stats-every 100``: a create's p99.9 90-95 ms; 6-7 ms with the reads
-    here, 7-8 ms with no reads at all; BENCHMARKS.md, twenty-ninth pass). sqlite3 lets go of the
+    bench.store_inproc --stats-every 100``: a create's p99.9 69-97 ms; 5-7 ms with the reads
+    here, 3-8 ms with no reads at all; BENCHMARKS.md, twenty-ninth pass). sqlite3 lets go of the
     GIL while SQLite steps a statement, so the writer runs meanwhile.
     """
 
