@@ -367,4 +367,15 @@ if __name__ == "__main__":
     parsed = parser.parse_args()
     if parsed.lone and (not parsed.reports or parsed.each or parsed.pages):
         parser.error("--lone goes with --reports R alone (not with --each or --pages): one report per commit")
+    modes = {
+        "--pages": parsed.pages,
+        "--reports": parsed.reports,
+        "--lifecycle": parsed.lifecycle,
+        "--stats-every": parsed.stats_every is not None,
+        "--budget-records": parsed.budget_records is not None,
+    }
+    if sum(map(bool, modes.values())) > 1:  # each runs alone: the others would be ignored
+        parser.error(
+            f"one of {', '.join(modes)} at a time (given: {', '.join(m for m, v in modes.items() if v)})"
+        )
     asyncio.run(main(parsed))

@@ -111,6 +111,11 @@ def test_store_inproc_times_creates_of_a_tenant_with_a_budget() -> None:
     assert [line.split(" of tenant ")[1].split(":")[0] for line in lines] == ["budgeted", "default"], lines
     for line in lines:
         assert line.startswith("1000 usage records this month, 50 creates") and " p99 " in line, line
+    # One mode at a time: another one given beside it is refused, not ignored.
+    both = [*args, "--stats-every", "5"]
+    refused = subprocess.run(both, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert refused.returncode == 2 and "one of --pages, --reports" in refused.stderr, refused.stderr
+    assert "(given: --stats-every, --budget-records)" in refused.stderr, refused.stderr
 
 
 @pytest.mark.timeout(120)
