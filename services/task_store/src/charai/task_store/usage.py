@@ -7,9 +7,10 @@ usage back grouped by tenant, provider, model and day (GetUsage).
 
 How a budget check learns what a tenant spent in a period: it reads the tenant's totals of the
 UTC day or month (``usage_totals``), which a trigger on ``usage_records`` keeps (schema migration
-18, which says why it runs at commit on PostgreSQL). Summing the period's records instead, in
-the create's transaction, grew with the tenant's month: 37 ms a create at 100,000 records, and
-on SQLite every write behind it waited as long.
+18: :func:`charai.task_store.usage_schema.totals`, which says why it runs at commit on
+PostgreSQL). Summing the period's records instead, in the create's transaction, grew with the
+tenant's month: 37 ms a create at 100,000 records, and on SQLite every write behind it waited as
+long.
 """
 
 from __future__ import annotations
