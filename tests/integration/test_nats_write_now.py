@@ -10,10 +10,30 @@ from __future__ import annotations
 
 import nats
 from charai.core.natsconn import write_now
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 
 from tests.conftest import NatsServer, eventually
 
 DEADLINE = 20.0
+
+
+async def assert_stored_in_order(
+    js: JetStreamContext, stream: str, subject: str, expected: list[bytes]
+) -> None:
+    """Waits until the stream's last message is ``expected[-1]``, then checks that the stream
+    holds exactly ``expected``, in order: no message lost and none sent twice."""
+
+    async def last_is_the_marker() -> bool:
+        try:
+            return (await js.get_last_msg(stream, subject)).data == expected[-1]
+        except NotFoundError:
+            return False
+
+    await eventually(last_is_the_marker, DEADLINE)
+    count = (await js.stream_info(stream)).state.messages
+    held = [(await js.get_msg(stream, seq)).data for seq in range(1, count + 1)]
+    assert held == expected, held
 
 
 async def test_write_now_sends_what_publish_buffered_exactly_once(nats_url: str) -> None:
@@ -28,11 +48,12 @@ async def test_write_now_sends_what_publish_buffered_exactly_once(nats_url: str)
         assert pub.pending_data_size > 0
         assert write_now(pub)
         assert pub.pending_data_size == 0  # written: the flusher's turn finds nothing left
-        await pub.flush()  # a round trip: the server has read everything written before it
-        stored = await js.get_last_msg("WRITE_NOW", "write.now")
-        assert stored.data == b"one"
-        assert (await js.stream_info("WRITE_NOW")).state.messages == 1  # once, not again
         assert not write_now(pub)  # nothing buffered
+        await pub.publish("write.now", b"two")  # a marker behind it, on the same connection
+        await pub.flush()
+        # The server has read both now, but a stream stores on its own turn: wait for the marker.
+        # What one connection sends arrives in order, so a second copy of "one" would be before it.
+        await assert_stored_in_order(js, "WRITE_NOW", "write.now", [b"one", b"two"])
     finally:
         await pub.close()
 
@@ -52,10 +73,9 @@ async def test_while_reconnecting_the_buffer_is_left_to_nats_py_and_sent_once_co
         assert pub.pending_data_size > 0
         nats_server.start()
         await eventually(lambda: pub.is_connected, DEADLINE)
+        await pub.publish("write.later", b"marker")
         await pub.flush()  # the replayed buffer went out before this round trip's PING
-        stored = await js.get_last_msg("WRITE_LATER", "write.later")
-        assert stored.data == b"kept"
-        assert (await js.stream_info("WRITE_LATER")).state.messages == 1
+        await assert_stored_in_order(js, "WRITE_LATER", "write.later", [b"kept", b"marker"])
     finally:
         await pub.close()
 
