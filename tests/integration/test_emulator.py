@@ -17,6 +17,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 import wave
 from collections.abc import AsyncIterator
 from typing import Any
@@ -212,17 +213,26 @@ async def test_async_submit_and_poll(emu: RunningEmulator, http: aiohttp.ClientS
 
 
 async def test_async_respects_latency(http: aiohttp.ClientSession) -> None:
-    config = EmulatorConfig(latency_min=0.3, latency_max=0.3, async_poll_steps=0)
+    latency = 0.3
+    config = EmulatorConfig(latency_min=latency, latency_max=latency, async_poll_steps=0)
     async with running_emulator(config) as emu:
+        sent = time.monotonic()
         resp = await http.post(
             f"{emu.api_base}/async/images/generations", json={"model": "glm-image", "prompt": "p"}
         )
         task_id = (await resp.json())["id"]
-        first = await (await http.get(f"{emu.api_base}/async-result/{task_id}")).json()
-        assert first["task_status"] == "PROCESSING"
-        await asyncio.sleep(0.35)
-        done = await (await http.get(f"{emu.api_base}/async-result/{task_id}")).json()
-        assert done["task_status"] == "SUCCESS"
+        # The task is ready `latency` after the emulator took the submit, which was after `sent`:
+        # a poll answered before sent + latency must find it processing, and no poll may find
+        # it done before then. Polled until done (no sleep standing in for the latency).
+        answers: list[tuple[float, str]] = []
+        while not answers or answers[-1][1] != "SUCCESS":
+            body = await (await http.get(f"{emu.api_base}/async-result/{task_id}")).json()
+            answers.append((time.monotonic() - sent, body["task_status"]))
+            assert answers[-1][1] in ("PROCESSING", "SUCCESS"), answers
+            assert len(answers) < 10_000, answers[-3:]
+            await asyncio.sleep(0.01)
+        assert answers[-1][0] >= latency, answers[-3:]
+        assert all(status == "PROCESSING" for at, status in answers if at < latency)
 
 
 async def test_async_rejects_other_models(emu: RunningEmulator, http: aiohttp.ClientSession) -> None:
