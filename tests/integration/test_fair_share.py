@@ -10,6 +10,7 @@ and the provider emulator is ``test_fair_share_stack.py``'s.
 from __future__ import annotations
 
 import asyncio
+import random
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from charai.task_store.app import TaskStoreApp
 from charai.task_store.backlog import URGENCY, FairConfig
 from charai.task_store.settings import Settings
 from charai.task_store.store import TaskStore
-from charai.tasks.v1 import task_pb2
+from charai.tasks.v1 import task_pb2, task_service_pb2
 
 from tests.integration.conftest import Database, Recorded, opened
 from tests.integration.store_requests import (
@@ -422,3 +423,57 @@ async def test_without_a_round_the_buffer_stays_at_its_floor(db: Database) -> No
                 await store.cancel("a", task.id)
         burst = [(await store.create("a", tts_request()))[0] for _ in range(8)]
         assert [await is_held(store, t.id) for t in burst] == [False] * 2 + [True] * 6
+
+
+@pytest.mark.parametrize(
+    ("behind_scan", "page_span"),
+    [(256, 20_000), (1, 20_000), (256, 2)],
+    ids=["count-behind", "count-ahead", "one-by-one"],
+)
+async def test_a_listed_page_has_the_queue_positions_each_task_reads_alone(
+    db: Database, monkeypatch: pytest.MonkeyPatch, behind_scan: int, page_span: int
+) -> None:
+    """ListTasks places a page's queued tasks together (``Backlog.place_page``): each must get
+    the place a GetTask of it reads (``Backlog.place``, one task at a time), over tenants of
+    different weights, priorities, both task types, released, held, running and ended tasks,
+    pages cut by size and filtered. ``behind_scan=1`` takes the count from the front;
+    ``page_span=2`` places a tenant's tasks one by one when more than 2 lie between them."""
+    monkeypatch.setattr(backlog, "BEHIND_SCAN", behind_scan)
+    monkeypatch.setattr(backlog, "PAGE_SPAN", page_span)
+    rng = random.Random(12)
+    async with opened(db, fair=fair(buffer=2)) as rec:
+        store = rec.store
+        made: list[tuple[str, task_pb2.Task]] = []
+        for _ in range(70):
+            tenant = rng.choice(["big", "a", "a", "b", "c"])
+            sheet = {"sheet": rng.choice(["s1", "s2"])}
+            if rng.random() < 0.7:
+                request = image_request(priority=rng.choice([HIGH, NORMAL, NORMAL, LOW]), metadata=sheet)
+            else:
+                request = tts_request(metadata=sheet)
+            task, _ = await store.create(tenant, request)
+            made.append((tenant, task))
+        for tenant, task in rng.sample(made, 12):
+            await store.cancel(tenant, task.id)
+        claimed = await store.claim(made[0][1].id, 1, "w", any_task=True)
+        assert claimed.task is not None
+        checked = held = 0
+        for tenant in ("big", "a", "b", "c"):
+            listings = [
+                task_service_pb2.ListTasksRequest(page_size=500),
+                task_service_pb2.ListTasksRequest(page_size=7),
+                task_service_pb2.ListTasksRequest(page_size=500, metadata={"sheet": "s2"}),
+                task_service_pb2.ListTasksRequest(page_size=500, type=IMAGE, status=QUEUED),
+            ]
+            for listing in listings:
+                while True:
+                    page, token = await store.list_tasks(tenant, listing)
+                    for task in page:
+                        alone = await store.get(tenant, task.id)
+                        assert task.queue_position == alone.queue_position, (tenant, task.id, task.status)
+                        checked += 1
+                        held += task.queue_position > 3
+                    if not token:
+                        break
+                    listing.page_token = token
+        assert checked > 200 and held > 30  # many pages, and many tasks deep in the backlog

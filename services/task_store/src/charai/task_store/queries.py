@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from charai.core.clock import Clock
@@ -89,8 +89,7 @@ class Queries:
         args.append(size + 1)
         found = await tx.fetch(" ".join(sql), *args)
         tasks = [task_pb2.Task.FromString(r[0]) for r in found[:size]]
-        for task in tasks:
-            await self.position(tx, task)
+        await self.positions(tx, tasks)
         token = ""
         if len(found) > size:
             last = tasks[-1]
@@ -143,6 +142,14 @@ class Queries:
         await self._position(tx, task, in_backlog)
         if self._eta is not None:
             self._eta.fill(task, self._clock.time())
+
+    async def positions(self, tx: Tx, tasks: Sequence[task_pb2.Task]) -> None:
+        """:meth:`position` for each task of a page, placed together (:meth:`Backlog.place_page`)."""
+        await self._backlog.place_page(tx, tasks)
+        if self._eta is not None:
+            now = self._clock.time()
+            for task in tasks:
+                self._eta.fill(task, now)
 
     async def _position(self, tx: Tx, task: task_pb2.Task, in_backlog: bool | None = None) -> None:
         """Fills ``queue_position``: the task's place in the order tasks of its type will start
