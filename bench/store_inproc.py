@@ -30,7 +30,11 @@ never), on an event log of R rounds of 50 tasks created, claimed and completed f
 own p50: what a dashboard polling the queue statistics (or a metrics scrape) costs the writes.
 ``--budget-records R``: R usage records of this month for a tenant with a monthly budget, then N
 creates one at a time for that tenant and for one without budgets; prints each one's p50 and p99
-(what a budget check costs a create, and the writes queued behind it).
+(what a budget check costs a create, and the writes queued behind it). ``--list-every MS
+[--queued Q]``: Q tasks of one tenant created (default 5,000: all but the fair-share buffer's 64
+held), then N creates of another tenant one at a time while ListTasks reads the newest 500 of the
+first tenant's every MS ms, each with its queue position; prints as ``--stats-every`` does: what
+a user's page of a long queue costs everyone's writes.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ import sqlite3
 import struct
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from charai.core.domain import usage as rules
@@ -57,7 +62,7 @@ from charai.task_store.sqlite_backend import SqliteBackend
 from charai.task_store.sqlite_checkpoint import INTERVAL
 from charai.task_store.store import StoreConfig, TaskStore
 from charai.task_store.usage import UsageConfig
-from charai.tasks.v1 import task_pb2
+from charai.tasks.v1 import task_pb2, task_service_pb2
 
 from bench.common import pct
 from bench.ours import tts_request
@@ -80,24 +85,41 @@ async def stats_beside(store: TaskStore, n: int, every_ms: float, prefill: int) 
     """``n`` creates one at a time while the queue statistics are read every ``every_ms`` (see
     the module); latencies printed."""
     await lifecycle(store, prefill, True)
+    await reads_beside(store, n, every_ms, store.queue_stats, "the queue statistics read")
+
+
+async def lists_beside(store: TaskStore, n: int, every_ms: float, queued: int) -> None:
+    """``queued`` tasks of tenant ``lister`` created (all but the buffer's held), then ``n``
+    creates of another tenant one at a time while the newest 500 of them are listed every
+    ``every_ms`` (see the module); latencies printed."""
+    await timed_creates(store, "lister", queued, "queued")
+    page = task_service_pb2.ListTasksRequest(page_size=500)
+    what = f"a page of 500 of {queued} queued tasks listed"
+    await reads_beside(store, n, every_ms, lambda: store.list_tasks("lister", page), what)
+
+
+async def reads_beside(
+    store: TaskStore, n: int, every_ms: float, read: Callable[[], Awaitable[object]], what: str
+) -> None:
+    """``n`` creates one at a time while ``read`` runs every ``every_ms`` (0: never)."""
     stop = asyncio.Event()
     reads: list[float] = []
 
     async def poll() -> None:
         while not stop.is_set():
             began = time.perf_counter()
-            await store.queue_stats()
+            await read()
             reads.append((time.perf_counter() - began) * 1000)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), every_ms / 1000)
 
     poller = asyncio.create_task(poll()) if every_ms > 0 else None
-    took = await timed_creates(store, "default", n, "stats")
+    took = await timed_creates(store, "default", n, "beside")
     stop.set()
     if poller is not None:
         await poller
     print(
-        f"{n} creates one at a time, the queue statistics read every {every_ms:g} ms"
+        f"{n} creates one at a time, {what} every {every_ms:g} ms"
         f" ({len(reads)} reads, p50 {pct(reads, 0.5):.2f} ms): create p50 {pct(took, 0.5):.2f},"
         f" p99 {pct(took, 0.99):.2f}, p99.9 {pct(took, 0.999):.2f}, max {max(took):.2f} ms"
     )
@@ -327,6 +349,9 @@ async def _run(store: TaskStore, tmp: Path, args: argparse.Namespace) -> None:
     if args.stats_every is not None:
         await stats_beside(store, args.n, args.stats_every, args.prefill)
         return
+    if args.list_every is not None:
+        await lists_beside(store, args.n, args.list_every, args.queued)
+        return
     if args.lifecycle:
         await lifecycle(store, 3, bool(args.each), args.relay)  # warm-up
         await lifecycle(store, args.lifecycle, bool(args.each), args.relay)
@@ -360,6 +385,8 @@ if __name__ == "__main__":
     parser.add_argument("--stats-every", type=float, default=None)
     parser.add_argument("--prefill", type=int, default=400)
     parser.add_argument("--budget-records", type=int, default=None)
+    parser.add_argument("--list-every", type=float, default=None)
+    parser.add_argument("--queued", type=int, default=5000)
     parsed = parser.parse_args()
     if parsed.lone and (not parsed.reports or parsed.each or parsed.pages):
         parser.error("--lone goes with --reports R alone (not with --each or --pages): one report per commit")
@@ -369,6 +396,7 @@ if __name__ == "__main__":
         "--lifecycle": parsed.lifecycle,
         "--stats-every": parsed.stats_every is not None,
         "--budget-records": parsed.budget_records is not None,
+        "--list-every": parsed.list_every is not None,
     }
     if sum(map(bool, modes.values())) > 1:  # each runs alone: the others would be ignored
         parser.error(

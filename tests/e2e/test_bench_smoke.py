@@ -100,6 +100,21 @@ def test_store_inproc_times_creates_beside_the_queue_statistics() -> None:
 
 
 @pytest.mark.timeout(120)
+def test_store_inproc_times_creates_beside_a_listed_page_of_a_long_queue() -> None:
+    """``python -m bench.store_inproc --list-every MS --queued Q`` (BENCHMARKS.md, thirtieth pass:
+    what a ListTasks page of queued tasks, with their queue positions, costs the writes)."""
+    args = [sys.executable, "-m", "bench.store_inproc", "--n", "200", "--list-every", "5", "--queued", "150"]
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=110, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(line for line in done.stdout.splitlines() if "queued tasks listed every" in line)
+    assert line.startswith(
+        "200 creates one at a time, a page of 500 of 150 queued tasks listed every 5 ms ("
+    ), line
+    assert int(line.split("(")[1].split(" reads")[0]) >= 1, line
+    assert all(f" {figure} " in line for figure in ("p50", "p99", "p99.9", "max")), line
+
+
+@pytest.mark.timeout(120)
 def test_store_inproc_times_creates_of_a_tenant_with_a_budget() -> None:
     """``python -m bench.store_inproc --budget-records R`` (BENCHMARKS.md, twenty-ninth pass: what
     a budget check costs a create): creates of a budgeted tenant with R usage records this month,
