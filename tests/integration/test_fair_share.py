@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from charai.core.domain.fairshare import FairQueue
 from charai.core.tenants import TenantPolicy, Tenants
-from charai.task_store import backlog
+from charai.task_store import placement
 from charai.task_store.app import TaskStoreApp
 from charai.task_store.backlog import URGENCY, FairConfig
 from charai.task_store.settings import Settings
@@ -257,7 +257,7 @@ async def test_queue_positions_follow_the_fair_order(
     ``behind_scan=1``: a task's tenant's tasks ahead of it are counted from the front for every
     task with one behind it, not as its tenant's count less those behind (both ways checked
     against the same answers)."""
-    monkeypatch.setattr(backlog, "BEHIND_SCAN", behind_scan)
+    monkeypatch.setattr(placement, "BEHIND_SCAN", behind_scan)
     config = fair(buffer=1)
     async with opened(db, fair=config) as rec:
         d = Driver(rec, config)
@@ -433,13 +433,13 @@ async def test_without_a_round_the_buffer_stays_at_its_floor(db: Database) -> No
 async def test_a_listed_page_has_the_queue_positions_each_task_reads_alone(
     db: Database, monkeypatch: pytest.MonkeyPatch, behind_scan: int, page_span: int
 ) -> None:
-    """ListTasks places a page's queued tasks together (``Backlog.place_page``): each must get
-    the place a GetTask of it reads (``Backlog.place``, one task at a time), over tenants of
+    """ListTasks places a page's queued tasks together (``placement.place_page``): each must get
+    the place a GetTask of it reads (``placement.place``, one task at a time), over tenants of
     different weights, priorities, both task types, released, held, running and ended tasks,
     pages cut by size and filtered. ``behind_scan=1`` takes the count from the front;
     ``page_span=2`` places a tenant's tasks one by one when more than 2 lie between them."""
-    monkeypatch.setattr(backlog, "BEHIND_SCAN", behind_scan)
-    monkeypatch.setattr(backlog, "PAGE_SPAN", page_span)
+    monkeypatch.setattr(placement, "BEHIND_SCAN", behind_scan)
+    monkeypatch.setattr(placement, "PAGE_SPAN", page_span)
     rng = random.Random(12)
     async with opened(db, fair=fair(buffer=2)) as rec:
         store = rec.store

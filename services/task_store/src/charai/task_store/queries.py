@@ -14,9 +14,8 @@ from charai.core.clock import Clock
 from charai.core.timestamps import set_micros
 from charai.core.validation import RequestInvalidError, Violation
 from charai.store.v1 import store_service_pb2 as spb
-from charai.task_store import rows
+from charai.task_store import placement, rows
 from charai.task_store.backend import Backend, Tx
-from charai.task_store.backlog import Backlog
 from charai.task_store.eta import EtaBook
 from charai.task_store.schema import ENDED
 from charai.tasks.v1 import task_pb2, task_service_pb2
@@ -40,13 +39,11 @@ def decode_page_token(token: str) -> tuple[int, str]:
 class Queries:
     """The store's reads."""
 
-    def __init__(self, backend: Backend, clock: Clock, backlog: Backlog, eta: EtaBook | None = None) -> None:
+    def __init__(self, backend: Backend, clock: Clock, eta: EtaBook | None = None) -> None:
         self._db = backend
         self._dialect = backend.dialect
         self._clock = clock
         self._eta = eta
-        #: The fair-share backlog: it places queued tasks in fair order.
-        self._backlog = backlog
 
     # -- tasks -------------------------------------------------------------------------------
     async def get(self, tenant: str, task_id: str) -> task_pb2.Task:
@@ -138,14 +135,14 @@ class Queries:
     async def position(self, tx: Tx, task: task_pb2.Task, in_backlog: bool | None = None) -> None:
         """Fills ``queue_position`` and, from it, the estimated start (or end) time
         (``in_backlog``: whether the task is held in the fair-share backlog, when the caller
-        knows; see :meth:`Backlog.place`)."""
+        knows; see :func:`placement.place`)."""
         await self._position(tx, task, in_backlog)
         if self._eta is not None:
             self._eta.fill(task, self._clock.time())
 
     async def positions(self, tx: Tx, tasks: Sequence[task_pb2.Task]) -> None:
-        """:meth:`position` for each task of a page, placed together (:meth:`Backlog.place_page`)."""
-        await self._backlog.place_page(tx, tasks)
+        """:meth:`position` for each task of a page, placed together (:func:`placement.place_page`)."""
+        await placement.place_page(tx, tasks)
         if self._eta is not None:
             now = self._clock.time()
             for task in tasks:
@@ -153,12 +150,12 @@ class Queries:
 
     async def _position(self, tx: Tx, task: task_pb2.Task, in_backlog: bool | None = None) -> None:
         """Fills ``queue_position``: the task's place in the order tasks of its type will start
-        in, 1 = next (:meth:`Backlog.place`, which knows the fair-share order), 0 unless queued.
+        in, 1 = next (:func:`placement.place`, which knows the fair-share order), 0 unless queued.
         Computed in SQL, so it is the same whichever replica answers."""
         if task.status != task_pb2.TASK_STATUS_QUEUED:
             task.queue_position = 0
             return
-        await self._backlog.place(tx, task, in_backlog)
+        await placement.place(tx, task, in_backlog)
 
     # -- the event log -----------------------------------------------------------------------
     async def list_events(self, req: spb.ListEventsRequest) -> tuple[list[task_pb2.TaskEvent], int]:

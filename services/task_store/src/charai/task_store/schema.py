@@ -24,7 +24,7 @@ Differences between the dialects, and why:
 
 Migration 3 gave SQLite per-lane counters of queued tasks (``lane_counts``, kept by triggers on
 ``tasks``) for ``queue_position``; since the fair-share backlog (migration 7) places every queued
-task (:meth:`charai.task_store.backlog.Backlog.place`), nothing read them, while every create and
+task (:func:`charai.task_store.placement.place`), nothing read them, while every create and
 every claim still ran their triggers. Migration 10 drops them.
 
 Partial indexes are conditioned on ranges of statuses or on lists of at most two (migration 17):

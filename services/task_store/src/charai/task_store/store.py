@@ -111,7 +111,7 @@ class TaskStore:
             config.hand_off_claim_seconds,
         )
         self.backlog = Backlog(backend, self.outbox, config.fair, clock, self.eta.started_within)
-        self.queries = Queries(backend, clock, self.backlog, self.eta)
+        self.queries = Queries(backend, clock, self.eta)
         self.commands = Commands(backend, self._units, self.outbox, self.queries, config.policy, clock)
         self.usage = UsageLedger(backend, clock, config.usage)
         self.commands.usage = self.usage
