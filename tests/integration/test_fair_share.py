@@ -14,6 +14,7 @@ import random
 from pathlib import Path
 
 import pytest
+from charai.core.domain.errors import ErrorKind
 from charai.core.domain.fairshare import FairQueue
 from charai.core.tenants import TenantPolicy, Tenants
 from charai.task_store import placement
@@ -33,6 +34,7 @@ from tests.integration.store_requests import (
     RUN,
     RUNNING,
     TTS,
+    fail_req,
     image_request,
     tts_request,
 )
@@ -477,3 +479,36 @@ async def test_a_listed_page_has_the_queue_positions_each_task_reads_alone(
                         break
                     listing.page_token = token
         assert checked > 200 and held > 30  # many pages, and many tasks deep in the backlog
+
+
+@pytest.mark.parametrize("page_span", [20_000, 1], ids=["together", "one-by-one"])
+async def test_a_listed_page_places_released_and_retrying_tasks_as_each_read_alone(
+    db: Database, monkeypatch: pytest.MonkeyPatch, page_span: int
+) -> None:
+    """The released tasks of a page (jobs in the buffer, and tasks waiting for a retry, of
+    every priority) are placed from one read of the released tasks' keys: each must get the
+    place a GetTask of it reads. ``page_span=1``: more released tasks than that are placed one
+    by one."""
+    monkeypatch.setattr(placement, "PAGE_SPAN", page_span)
+    rng = random.Random(5)
+    async with opened(db, fair=fair(buffer=40)) as rec:
+        store = rec.store
+        tasks = []
+        for _ in range(60):
+            request = image_request(priority=rng.choice([HIGH, NORMAL, LOW]))
+            tasks.append((await store.create(rng.choice(["a", "b"]), request))[0])
+        released = [t for t in tasks if not await is_held(store, t.id)]
+        for task in released[:15]:
+            claim = await store.claim(task.id, 1, "w")
+            assert claim.outcome == RUN
+            await store.fail(fail_req(task.id, claim.attempt, ErrorKind.PROVIDER_TIMEOUT))
+        checked = retrying = 0
+        for tenant in ("a", "b"):
+            page, _ = await store.list_tasks(tenant, task_service_pb2.ListTasksRequest(page_size=500))
+            for task in page:
+                assert task.status == QUEUED
+                alone = await store.get(tenant, task.id)
+                assert task.queue_position == alone.queue_position, (tenant, task.id, task.stage)
+                checked += 1
+                retrying += task.HasField("next_attempt_time")
+        assert checked == 60 and retrying == 15 and len(released) >= 30

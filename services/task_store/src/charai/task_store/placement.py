@@ -6,6 +6,7 @@ them together (ListTasks).
 
 from __future__ import annotations
 
+import bisect
 import collections
 from collections.abc import Sequence
 from typing import Any
@@ -81,15 +82,16 @@ async def place(tx: Tx, task: task_pb2.Task, in_backlog: bool | None = None) -> 
 async def place_page(tx: Tx, tasks: Sequence[task_pb2.Task]) -> None:
     """Fills ``queue_position`` for every task of a page (0 unless queued), as :func:`place`
     does for each, with a few queries per task type and tenant on the page instead of up to
-    four per task: a ListTasks page of 500 queued tasks of a tenant holding 5,000 held the
-    database thread for 116 ms that way (`the queue positions' cost` in BENCHMARKS.md).
+    four per task: a ListTasks page of 500 of a tenant's 5,000 queued tasks held the database
+    thread for 101 ms that way (BENCHMARKS.md, thirtieth pass).
 
     One look-up finds the page's held tasks; for each task type and tenant among them, the
     tenant's backlog keys from the first of them to the last (:data:`PAGE_SPAN` at most, else
     each is placed alone), one count of those behind the last (or ahead of the first) and
     the other tenants' turns due before the last one's turn; for each task type and priority,
-    one count of the released jobs. A released task counts the jobs ahead of it alone (the
-    buffer and the retries waiting: few).
+    one count of the released jobs. The page's released tasks of a type (the buffer and the
+    retries waiting) are placed from one read of every released task's key of that type
+    (:data:`PAGE_SPAN` at most, else each alone).
     """
     queued = []
     for task in tasks:
@@ -114,9 +116,15 @@ async def place_page(tx: Tx, tasks: Sequence[task_pb2.Task]) -> None:
         groups[kind, tenant].append((int(row[2]), task_id))
         turns[kind, tenant] = (int(row[3]), int(row[4]), int(row[5]))
     held_ids = {task_id for keys in groups.values() for _, task_id in keys}
+    released_by_type: dict[int, list[task_pb2.Task]] = collections.defaultdict(list)
     for task in queued:
         if task.id not in held_ids:
-            task.queue_position = 1 + await _released_ahead(tx, task)
+            released_by_type[int(task.type)].append(task)
+    for kind, mine in released_by_type.items():
+        places = await _released_aheads(tx, kind, mine) if len(mine) > 1 else None
+        for task in mine:
+            ahead = places[task.id] if places is not None else await _released_ahead(tx, task)
+            task.queue_position = 1 + ahead
     released: dict[tuple[int, int], int] = {}
     for (kind, tenant), keys in groups.items():
         due, held, step = turns[kind, tenant]
@@ -177,7 +185,9 @@ async def _tenant_aheads(
     )
     if len(span) > PAGE_SPAN:
         return None
-    index = {str(row[1]): i for i, row in enumerate(span)}  # the page's keys are among them
+    index = {str(row[1]): i for i, row in enumerate(span)}
+    if any(task_id not in index for _, task_id in keys):
+        return None  # the database orders the keys otherwise than Python sorted them: one by one
     behind_last = int(
         await tx.fetchval(
             "SELECT COUNT(*) FROM (SELECT 1 FROM backlog WHERE type = ? AND tenant = ?"
@@ -227,6 +237,24 @@ async def _tenant_ahead(tx: Tx, kind: int, tenant: str, rank: int, task_id: str,
         task_id,
     )
     return int(ahead)
+
+
+async def _released_aheads(tx: Tx, kind: int, tasks: Sequence[task_pb2.Task]) -> dict[str, int] | None:
+    """The released tasks of ``kind`` workers take before each of ``tasks``, as
+    :func:`_released_ahead` counts them one at a time, from one read of every released task's
+    key (priority, creation, id); None when there are more than :data:`PAGE_SPAN`."""
+    found = await tx.fetch(
+        f"SELECT priority, create_time, id FROM tasks WHERE type = ? AND {_RELEASED} LIMIT ?",
+        kind,
+        PAGE_SPAN + 1,
+    )
+    if len(found) > PAGE_SPAN:
+        return None
+    order = sorted((-int(row[0]), int(row[1]), str(row[2])) for row in found)
+    return {
+        task.id: bisect.bisect_left(order, (-int(task.priority), micros(task.create_time), task.id))
+        for task in tasks
+    }
 
 
 async def _released_ahead(tx: Tx, task: task_pb2.Task) -> int:
