@@ -188,36 +188,27 @@ async def _tenant_aheads(
     index = {str(row[1]): i for i, row in enumerate(span)}
     if any(task_id not in index for _, task_id in keys):
         return None  # the database orders the keys otherwise than Python sorted them: one by one
-    behind_last = int(
-        await tx.fetchval(
-            "SELECT COUNT(*) FROM (SELECT 1 FROM backlog WHERE type = ? AND tenant = ?"
-            " AND (rank, task_id) > (?, ?) LIMIT ?) AS x",
-            kind,
-            tenant,
-            last_rank,
-            last_id,
-            BEHIND_SCAN,
-        )
-    )
+    behind_last = await _count_behind(tx, kind, tenant, last_rank, last_id)
     if behind_last < BEHIND_SCAN:  # as _tenant_ahead: the count less those behind
         return {
             task_id: max(0, held - 1 - (behind_last + len(span) - 1 - index[task_id])) for _, task_id in keys
         }
-    ahead_first = int(
-        await tx.fetchval(
-            "SELECT COUNT(*) FROM backlog WHERE type = ? AND tenant = ? AND (rank, task_id) < (?, ?)",
-            kind,
-            tenant,
-            first_rank,
-            first_id,
-        )
-    )
+    ahead_first = await _count_ahead(tx, kind, tenant, first_rank, first_id)
     return {task_id: ahead_first + index[task_id] for _, task_id in keys}
 
 
 async def _tenant_ahead(tx: Tx, kind: int, tenant: str, rank: int, task_id: str, held: int) -> int:
     """The tenant's held tasks ranked before this one: its count minus those behind (few,
     for a task just created), or counted from the front when many are behind."""
+    behind = await _count_behind(tx, kind, tenant, rank, task_id)
+    if behind < BEHIND_SCAN:
+        return max(0, held - 1 - behind)
+    return await _count_ahead(tx, kind, tenant, rank, task_id)
+
+
+async def _count_behind(tx: Tx, kind: int, tenant: str, rank: int, task_id: str) -> int:
+    """The tenant's held tasks of ``kind`` ranked after ``(rank, task_id)``, at most
+    :data:`BEHIND_SCAN`."""
     behind = await tx.fetchval(
         "SELECT COUNT(*) FROM (SELECT 1 FROM backlog WHERE type = ? AND tenant = ?"
         " AND (rank, task_id) > (?, ?) LIMIT ?) AS x",
@@ -227,8 +218,11 @@ async def _tenant_ahead(tx: Tx, kind: int, tenant: str, rank: int, task_id: str,
         task_id,
         BEHIND_SCAN,
     )
-    if int(behind) < BEHIND_SCAN:
-        return max(0, held - 1 - int(behind))
+    return int(behind)
+
+
+async def _count_ahead(tx: Tx, kind: int, tenant: str, rank: int, task_id: str) -> int:
+    """The tenant's held tasks of ``kind`` ranked before ``(rank, task_id)``."""
     ahead = await tx.fetchval(
         "SELECT COUNT(*) FROM backlog WHERE type = ? AND tenant = ? AND (rank, task_id) < (?, ?)",
         kind,
