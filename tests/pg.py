@@ -118,11 +118,25 @@ class PgServer:
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{database}"
 
+    def _as_user(self) -> list[str]:
+        """A prefix that runs a command as :data:`SUPERUSER` when pytest runs as root.
+
+        Not ``subprocess``' ``user=``: that makes Python ``fork()`` instead of ``vfork()``, and
+        the child of a ``fork()`` runs gRPC's fork handlers when a test before has used gRPC in
+        this process; once in a while the child died there ("Epoll1Poller … epoll_wait error:
+        Bad file descriptor") and ``initdb`` never ran, failing every PostgreSQL test of that
+        pytest worker. ``setpriv`` changes the user after the exec instead."""
+        if self._user is None:
+            return []
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            raise RuntimeError("setpriv (util-linux) is needed to run PostgreSQL as root")
+        return [setpriv, f"--reuid={self._user}", f"--regid={self._user}", "--init-groups"]
+
     def _run(self, *args: str) -> subprocess.CompletedProcess[bytes]:
         return subprocess.run(
-            [str(self.bin / args[0]), *args[1:]],
+            [*self._as_user(), str(self.bin / args[0]), *args[1:]],
             cwd=self.base,
-            user=self._user,
             capture_output=True,
             check=False,
         )
@@ -147,6 +161,7 @@ class PgServer:
             log = (self.base / "postgres.log").open("ab")
             self.proc = subprocess.Popen(
                 [
+                    *self._as_user(),  # first: a change of user would clear the death signal
                     *_die_with_parent(),
                     str(self.bin / "postgres"),
                     "-D",
@@ -162,7 +177,6 @@ class PgServer:
                     *self._speed_over_durability(),
                 ],
                 cwd=self.base,
-                user=self._user,
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
