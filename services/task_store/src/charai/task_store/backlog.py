@@ -29,6 +29,9 @@ them to the outbox. Nothing scans the backlog or the tenants.
 With room in the buffer and nothing held, a create releases its own job at once (handed to the
 local relay, as before): an idle system pays one count per create. A re-run (RetryTask) and a
 re-dispatch of a lost job go to the outbox directly: they were released once already.
+
+A queued task's place in this order (``queue_position``) is read by
+:mod:`charai.task_store.placement`.
 """
 
 from __future__ import annotations
