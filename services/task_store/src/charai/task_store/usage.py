@@ -26,6 +26,7 @@ from charai.core.errors import LimitExceededError
 from charai.core.tenants import Tenants
 from charai.core.validation import RequestInvalidError, Violation
 from charai.task_store.backend import Backend, Tx
+from charai.task_store.usage_schema import TOTALLED
 from charai.tasks.v1 import task_pb2, task_service_pb2
 from google.protobuf import duration_pb2
 from google.protobuf.message import Message
@@ -35,7 +36,7 @@ DEFAULT_PAGE_SIZE = 1000
 MAX_PAGE_SIZE = 10_000
 #: Longest provider or model name recorded (a worker's report is trusted, but not unbounded).
 _MAX_NAME = 100
-_SUMS = "SUM(calls), SUM(images), SUM(speech_characters), SUM(audio_us), SUM(cost_micros)"
+_SUMS = ", ".join(f"SUM({c})" for c in TOTALLED)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -177,8 +178,7 @@ class UsageLedger:
         ``usage_totals``, which a trigger adds each record to (schema migration 18)."""
         start, _ = rules.period_window(period, now)
         row = await tx.fetchrow(
-            "SELECT calls, images, speech_characters, audio_us, cost_micros FROM usage_totals"
-            " WHERE tenant = ? AND period = ? AND start = ?",
+            f"SELECT {', '.join(TOTALLED)} FROM usage_totals WHERE tenant = ? AND period = ? AND start = ?",
             tenant,
             period,
             start,

@@ -37,8 +37,9 @@ def records() -> tuple[str, ...]:
     )
 
 
-#: What ``usage_totals`` adds up, ``usage_records``' columns of the same names.
-_TOTALLED = ("calls", "images", "speech_characters", "audio_us", "cost_micros")
+#: What ``usage_totals`` adds up, ``usage_records``' columns of the same names (in the order of
+#: ``charai.core.domain.usage.Totals``).
+TOTALLED = ("calls", "images", "speech_characters", "audio_us", "cost_micros")
 #: The UTC day holding ``time`` (µs), as its first microsecond (Unix time has no leap seconds):
 #: ``charai.core.domain.usage.period_window``'s start.
 _DAY_START = "{t} - {t} % 86400000000"
@@ -79,10 +80,10 @@ def totals(*, postgres: bool) -> tuple[str, ...]:
 
     The sum replaces what the table held: the migration may run again on a database a test
     turned back to an older schema."""
-    columns = ", ".join(_TOTALLED)
-    sums = ", ".join(f"SUM({c})" for c in _TOTALLED)
-    new = ", ".join(f"NEW.{c}" for c in _TOTALLED)
-    added = ", ".join(f"{c} = usage_totals.{c} + excluded.{c}" for c in _TOTALLED)
+    columns = ", ".join(TOTALLED)
+    sums = ", ".join(f"SUM({c})" for c in TOTALLED)
+    new = ", ".join(f"NEW.{c}" for c in TOTALLED)
+    added = ", ".join(f"{c} = usage_totals.{c} + excluded.{c}" for c in TOTALLED)
     month_start = _MONTH_START_PG if postgres else _MONTH_START_SQLITE
     periods = (("day", _DAY_START), ("month", month_start))
     rows = ", ".join(
