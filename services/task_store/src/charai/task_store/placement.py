@@ -11,6 +11,7 @@ import collections
 from collections.abc import Sequence
 from typing import Any
 
+from charai.core.domain import fairshare
 from charai.core.domain.states import Status
 from charai.core.timestamps import micros
 from charai.task_store.backend import Tx
@@ -29,6 +30,12 @@ PAGE_SPAN = 20_000
 #: The queued tasks not held: the buffer and the retries waiting for their time (the partial
 #: index ``tasks_released``).
 _RELEASED = f"status = {int(Status.QUEUED)} AND held = 0"
+#: The released jobs of a type (?) that a held task of a priority (?) waits behind, counted up
+#: to a limit (?): the workers take them before it.
+_RELEASED_AT_OR_ABOVE = (
+    f"SELECT COUNT(*) FROM (SELECT 1 FROM tasks WHERE type = ? AND {_RELEASED}"
+    " AND priority >= ? LIMIT ?) AS b"
+)
 
 
 async def place(tx: Tx, task: task_pb2.Task, in_backlog: bool | None = None) -> None:
@@ -64,8 +71,7 @@ async def place(tx: Tx, task: task_pb2.Task, in_backlog: bool | None = None) -> 
         "SELECT (SELECT COALESCE(SUM(CASE WHEN o.held < o.n THEN o.held ELSE o.n END), 0) FROM"
         " (SELECT held, (? - due + stride - 1) / stride AS n FROM fair_tenants"
         " WHERE type = ? AND held > 0 AND due < ? AND tenant <> ? ORDER BY due LIMIT ?) AS o),"
-        f" (SELECT COUNT(*) FROM (SELECT 1 FROM tasks WHERE type = ? AND {_RELEASED}"
-        " AND priority >= ? LIMIT ?) AS b)",
+        f" ({_RELEASED_AT_OR_ABOVE})",
         target,
         kind,
         target,
@@ -144,25 +150,19 @@ async def place_page(tx: Tx, tasks: Sequence[task_pb2.Task]) -> None:
         )
         for task_id, target in targets.items():
             task = by_id[task_id]
-            turns_before = 0
+            others_first = 0
             for other_held, other_due, other_step in others:
                 if other_due >= target:
                     break  # ordered by due: the rest are due later
-                turns_before += min(
-                    int(other_held), (target - int(other_due) + int(other_step) - 1) // int(other_step)
+                others_first += fairshare.turns_due_before(
+                    int(other_held), int(other_due), int(other_step), target
                 )
             priority = int(task.priority)
             if (kind, priority) not in released:
                 released[kind, priority] = int(
-                    await tx.fetchval(
-                        f"SELECT COUNT(*) FROM (SELECT 1 FROM tasks WHERE type = ? AND {_RELEASED}"
-                        " AND priority >= ? LIMIT ?) AS b",
-                        kind,
-                        priority,
-                        MAX_BUFFER,
-                    )
+                    await tx.fetchval(_RELEASED_AT_OR_ABOVE, kind, priority, MAX_BUFFER)
                 )
-            task.queue_position = 1 + aheads[task_id] + turns_before + released[kind, priority]
+            task.queue_position = 1 + aheads[task_id] + others_first + released[kind, priority]
 
 
 async def _tenant_aheads(

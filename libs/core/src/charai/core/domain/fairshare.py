@@ -129,10 +129,14 @@ def plan(
 
 def turns_before(turn: Turn, weight: int, due: int) -> int:
     """How many of ``turn``'s tasks are released before virtual time ``due`` (ties aside)."""
-    if turn.held <= 0 or turn.due >= due:
+    return turns_due_before(turn.held, turn.due, stride(weight), due)
+
+
+def turns_due_before(held: int, turn_due: int, step: int, due: int) -> int:
+    """:func:`turns_before` from a tenant's held tasks, next turn and stride (as stored)."""
+    if held <= 0 or turn_due >= due:
         return 0
-    step = stride(weight)
-    return min(turn.held, (due - turn.due + step - 1) // step)
+    return min(held, (due - turn_due + step - 1) // step)
 
 
 def place(me: Turn, weight: int, ahead: int, others: Iterable[tuple[Turn, int]]) -> int:
