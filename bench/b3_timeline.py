@@ -6,7 +6,9 @@ concurrency, the emulator answering after a seeded 1 to 2 s), after one warm-up 
 run it prints how many tasks were created, their jobs published to JetStream (a core NATS
 subscription on the jobs subjects, as they are published) and the tasks started (claimed), every
 50 ms from the first create; create → start quantiles; the jobs task_store pushed to the worker
-(``charai_jobs_pushed_total``); and the run's efficiency (ideal / makespan). ``--buffer``:
+(``charai_jobs_pushed_total``); the run's efficiency (ideal / makespan); the last tasks to start
+and to end; and the CPU each process (the load generator as ``load``) used from the first create
+to the last start, sampled from /proc every 10 ms. ``--buffer``:
 ``CHARAI_DISPATCH_BUFFER`` (default 4: released jobs not claimed per task type, at least).
 """
 
@@ -18,6 +20,8 @@ from charai.core import grpcenv  # noqa: F401  first: the services' gRPC transpo
 import argparse
 import asyncio
 import contextlib
+import os
+import threading
 import time
 import uuid
 
@@ -29,10 +33,43 @@ from charai.devstack.stack import free_port
 from charai.store.v1 import store_service_pb2 as spb
 from google.protobuf.message import DecodeError
 
-from bench.common import pct
-from bench.ours import Draws, collect, emulator_stats, stack, submit_all, us, wait_finished
+from bench.common import cpu_seconds, pct
+from bench.ours import Draws, collect, emulator_stats, pids, stack, submit_all, us, wait_finished
 
 STEP_MS = 50
+
+
+class CpuSampler:
+    """Every 10 ms, the CPU seconds each process has used so far (a thread: the event loop is busy)."""
+
+    def __init__(self, procs: dict[str, int]) -> None:
+        self._procs = procs
+        self._samples: list[tuple[float, dict[str, float]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._samples.append((time.time(), {k: cpu_seconds(p) for k, p in self._procs.items()}))
+            self._stop.wait(0.01)
+
+    def __enter__(self) -> CpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def between(self, start: float, end: float) -> dict[str, float]:
+        """CPU seconds per process from the last sample before ``start`` to the first after ``end``."""
+        before = max(
+            (s for s in self._samples if s[0] <= start), default=self._samples[0], key=lambda s: s[0]
+        )
+        after = min((s for s in self._samples if s[0] >= end), default=self._samples[-1], key=lambda s: s[0])
+        return {k: after[1][k] - before[1][k] for k in self._procs}
+
+
 PUSHED = "charai_jobs_pushed_total"
 
 
@@ -75,11 +112,21 @@ async def main(n: int, concurrency: int, runs: int, lo: float, hi: float, buffer
                 await asyncio.sleep(0.5)
                 published.clear()
                 pushed0 = await pushed(metrics)
-                first, last, _ = await submit_all(client, character, count, min(concurrency, 100), "io")
-                await wait_finished(client, character, timeout=600)
+                with CpuSampler({**pids(s), "load": os.getpid()}) as cpu:
+                    first, last, _ = await submit_all(client, character, count, min(concurrency, 100), "io")
+                    await wait_finished(client, character, timeout=600)
                 tasks = await collect(client, character)
                 if r:
                     report(r, tasks, published, first, last, ideal, await pushed(metrics) - pushed0)
+                    upto = max(us(t.start_time) for t in tasks)
+                    used = cpu.between(first, upto)
+                    print(
+                        f"  CPU-ms from the first create to the last start ({(upto - first) * 1e3:.0f} ms): "
+                        + ", ".join(
+                            f"{k} {v * 1e3:.0f}" for k, v in sorted(used.items(), key=lambda kv: -kv[1])
+                        )
+                        + f"; total {sum(used.values()) * 1e3:.0f}"
+                    )
         finally:
             await nc.close()
 
@@ -100,6 +147,15 @@ def report(
         f"  create -> start: p50 {pct(waits, 0.5) * 1e3:.0f}, p90 {pct(waits, 0.9) * 1e3:.0f},"
         f" max {max(waits) * 1e3:.0f} ms; last start {max(started) * 1e3:.0f} ms"
     )
+    for what, key in (("starts", "start_time"), ("ends", "end_time")):
+        print(f"  the last 5 {what} (ms from the first create: created, published, started, ended):")
+        for t in sorted(tasks, key=lambda t: us(getattr(t, key)))[-5:]:
+            pub = published.get(t.id)
+            stamps = [us(t.create_time), pub, us(t.start_time), us(t.end_time)]
+            print(
+                f"    {t.id[-12:]}"
+                + "".join(f" {(x - first) * 1e3 if x else float('nan'):6.0f}" for x in stamps)
+            )
     print("     ms  created  published  started")
     end = int(max(started) * 1e3) + STEP_MS
     for ms in range(STEP_MS, end + 1, STEP_MS):

@@ -180,6 +180,50 @@ async def test_a_job_that_overtakes_its_push_is_not_claimed_but_taken_over(
         assert [f["outcome"] for f in finished] == ["completed"]  # the pushed attempt, run once
 
 
+async def test_a_message_waiting_for_its_push_holds_no_slot_of_the_worker(
+    nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The message of a pushed attempt is taken over by that attempt, which holds the slot: the
+    message holds none, even while it waits for its push. A worker of one slot holds a message
+    that overtook its push (held back by a stand-in stream, as above); a second task's job comes
+    meanwhile, and runs in the free slot at once. Counted as a job, the waiting message kept it
+    out until its push came (bench B3 at 1,000 in flight: 54 such messages at once kept a worker
+    of 1,000 slots from claiming its last jobs until a job ended, ~0.6 s later)."""
+    monkeypatch.setattr("charai.worker.jobs._PUSH_WAIT", 120.0)  # it waits for as long as it takes
+    async with make_harness(nats_server, tmp_path, lease_seconds=30.0) as h:
+        late: list[spb.PushedJob] = []
+        stand_in = StoreClient(f"127.0.0.1:{h.app.port}", coalesce=True, stream=True)
+        stand_in.on_push(late.append)
+        worker_id = h.worker_settings["worker_id"]
+        assert await stand_in.offer(worker_id, [TTS], 1)
+        await offered(h)
+        first = await h.create()
+        await eventually(lambda: len(late) == 1, timeout=10)
+        await stand_in.close()
+
+        with capture_logs() as lines:
+            handler = BlockingHandler()
+            runner = (await h.start_worker(handler, concurrency=1)).runner
+            assert runner is not None
+            await eventually(
+                lambda: any(line["event"] == "job_awaits_its_push" for line in lines), timeout=10
+            )
+            second = await h.create()
+            await handler.wait_started(second.id, timeout=20)
+            assert runner.waiting == 0
+            assert any(line["event"] == "job_awaits_its_push" for line in lines)
+            assert not [line for line in lines if line["event"] == "job_finished"]  # still waiting
+
+            runner._on_push(late[0])  # the push, late: its attempt takes the message over
+            await handler.wait_started(first.id, timeout=20)
+            handler.gate.set()
+            ended = await h.wait_ended([first.id, second.id], timeout=20)
+            await h.assert_drained(timeout=15)
+
+        assert [(t.status, t.attempt) for t in ended] == [(task_pb2.TASK_STATUS_COMPLETED, 1)] * 2
+        assert handler.ran == [second.id, first.id]
+
+
 async def test_a_stopping_worker_withdraws_its_offer(nats_server: NatsServer, tmp_path: Path) -> None:
     async with make_harness(nats_server, tmp_path) as h:
         settings = WorkerSettings(
