@@ -80,7 +80,9 @@ class ProgressReporter:
         """Sends progress (and so renews the lease); a refusal aborts the attempt."""
         task_id, number, progress, stage = attempt.task_id, attempt.attempt, attempt.progress, attempt.stage
         try:
-            await self._calls.run(lambda: self._store.report_progress(task_id, number, progress, stage))
+            await self._calls.run(
+                lambda: self._store.report_progress(task_id, number, progress, stage), report=True
+            )
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
                 attempt.abort(exc.details() or "the task ended")
