@@ -143,7 +143,9 @@ class AckedPublisher:
         return future
 
     async def _on_reply(self, msg: Any) -> None:
-        future = self._waiting.get(msg.subject[len(self._prefix) :])
+        # Out of the book now, not by the done callback (that runs a loop turn later, when the
+        # caller may already have read the answer and looked at what is left).
+        future = self._waiting.pop(msg.subject[len(self._prefix) :], None)
         if future is None or future.done():
             return
         if msg.headers and msg.headers.get(js_api.Header.STATUS) == "503":  # no stream listens
