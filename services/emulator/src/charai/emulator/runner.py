@@ -18,6 +18,10 @@ from charai.emulator.app import API_PREFIX, OPENAI_PREFIX, build_app
 from charai.emulator.config import EmulatorConfig
 from charai.emulator.state import STATE_KEY, EmulatorState
 
+#: Connections the kernel queues before the emulator accepts them (aiohttp's default is 128; the
+#: kernel caps it at net.core.somaxconn). A worker of 1,000 jobs in flight opens 1,000 connections
+#: at once: past the queue, a connection waits out a SYN retransmission (1 s) before it is taken.
+LISTEN_BACKLOG = 4096
 SHUTDOWN_TIMEOUT = 1.0
 """Seconds to let in-flight calls finish on stop before they are cancelled; short because a
 ``hang`` call would otherwise hold shutdown for an hour."""
@@ -117,7 +121,7 @@ async def running_emulator(
     )
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG)
         await site.start()
         bound = runner.addresses[0]
         bound_port = int(bound[1])

@@ -242,6 +242,9 @@ class GatewayApp(ServiceApp):
             reuse_address=True,
             reuse_port=self.process is not None,
             ssl_context=tls.ssl_context() if tls is not None else None,
+            # aiohttp's default queue of 128 unaccepted connections overflows in a burst of new
+            # clients, and each one past it waits out a SYN retransmission (1 s).
+            backlog=4096,
         )
         try:
             await site.start()
