@@ -19,7 +19,8 @@ class Calls:
     def make(self, name: str, *, report: bool = False) -> asyncio.Task[str]:
         async def call() -> str:
             self.started.append(name)
-            end = self._ends[name] = asyncio.get_running_loop().create_future()
+            end: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+            self._ends[name] = end
             return await end
 
         return asyncio.create_task(self.calls.run(call, report=report))
