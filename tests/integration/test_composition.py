@@ -54,6 +54,18 @@ def store_settings(nats: NatsServer, tmp_path: Path, **extra: object) -> StoreSe
     )
 
 
+def gateway_settings(nats: NatsServer, tmp_path: Path, store_port: int) -> GatewaySettings:
+    """A gateway on free ports in front of the task_store on ``store_port``."""
+    return GatewaySettings(
+        nats_url=nats.url,
+        data_dir=tmp_path,
+        task_store_addr=f"127.0.0.1:{store_port}",
+        gateway_grpc_addr="127.0.0.1:0",
+        gateway_http_addr="127.0.0.1:0",
+        shutdown_grace_seconds=1.0,
+    )
+
+
 async def test_gateway_start_failing_at_its_http_port_closes_what_it_opened(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
@@ -121,16 +133,7 @@ async def test_close_is_idempotent_and_announces_once(
     nats_server: NatsServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     async with TaskStoreApp(store_settings(nats_server, tmp_path), "127.0.0.1:0") as store:
-        gateway = GatewayApp(
-            GatewaySettings(
-                nats_url=nats_server.url,
-                data_dir=tmp_path,
-                task_store_addr=f"127.0.0.1:{store.port}",
-                gateway_grpc_addr="127.0.0.1:0",
-                gateway_http_addr="127.0.0.1:0",
-                shutdown_grace_seconds=1.0,
-            )
-        )
+        gateway = GatewayApp(gateway_settings(nats_server, tmp_path, store.port))
         async with gateway:
             assert await listening(gateway.grpc_port) and await listening(gateway.http_port)
         await asyncio.gather(gateway.close(), gateway.close())

@@ -20,11 +20,10 @@ from pathlib import Path
 
 from charai.emulator.runner import running_emulator
 from charai.gateway.app import GatewayApp
-from charai.gateway.settings import Settings as GatewaySettings
 from charai.task_store.app import TaskStoreApp
 
 from tests.conftest import NatsServer
-from tests.integration.test_composition import store_settings
+from tests.integration.test_composition import gateway_settings, store_settings
 
 BURST = 600
 
@@ -61,14 +60,8 @@ async def test_the_emulator_queues_a_burst_of_connections_it_has_not_accepted_ye
 async def test_the_gateways_http_port_queues_a_burst_of_connections_it_has_not_accepted_yet(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
-    async with TaskStoreApp(store_settings(nats_server, tmp_path), "127.0.0.1:0") as store:
-        settings = GatewaySettings(
-            nats_url=nats_server.url,
-            data_dir=tmp_path,
-            task_store_addr=f"127.0.0.1:{store.port}",
-            gateway_grpc_addr="127.0.0.1:0",
-            gateway_http_addr="127.0.0.1:0",
-            shutdown_grace_seconds=1.0,
-        )
-        async with GatewayApp(settings) as gateway:
-            assert connected_in_a_burst(gateway.http_port) == BURST
+    async with (
+        TaskStoreApp(store_settings(nats_server, tmp_path), "127.0.0.1:0") as store,
+        GatewayApp(gateway_settings(nats_server, tmp_path, store.port)) as gateway,
+    ):
+        assert connected_in_a_burst(gateway.http_port) == BURST

@@ -72,6 +72,21 @@ async def offered(h: Harness, streams: int = 1) -> None:
     await eventually(lambda: offers.open == streams, timeout=10)
 
 
+async def pushed_to_a_stand_in(h: Harness) -> tuple[task_pb2.Task, spb.PushedJob]:
+    """A task pushed to the harness worker's id before that worker runs: a stand-in stream that
+    offered in its name receives the push and closes, so the job's message reaches the worker
+    first and the test hands it the push when it wants (``JobRunner._on_push``)."""
+    late: list[spb.PushedJob] = []
+    stand_in = StoreClient(f"127.0.0.1:{h.app.port}", coalesce=True, stream=True)
+    stand_in.on_push(late.append)
+    assert await stand_in.offer(h.worker_settings["worker_id"], [TTS], 1)
+    await offered(h)
+    created = await h.create()
+    await eventually(lambda: len(late) == 1, timeout=10)
+    await stand_in.close()
+    return created, late[0]
+
+
 async def test_an_idle_worker_is_pushed_the_job_and_settles_its_message(h: Harness) -> None:
     handler = RecordingHandler()
     await h.start_worker(handler, concurrency=2)
@@ -150,16 +165,8 @@ async def test_a_job_that_overtakes_its_push_is_not_claimed_but_taken_over(
     waits for the push, and the pushed attempt takes it over. Here the push is held back (a
     stand-in stream of the worker's id receives it) until the worker holds the job."""
     async with make_harness(nats_server, tmp_path, lease_seconds=30.0) as h:
-        late: list[spb.PushedJob] = []
-        stand_in = StoreClient(f"127.0.0.1:{h.app.port}", coalesce=True, stream=True)
-        stand_in.on_push(late.append)
-        worker_id = h.worker_settings["worker_id"]
-        assert await stand_in.offer(worker_id, [TTS], 1)
-        await offered(h)
-        created = await h.create()
-        await eventually(lambda: len(late) == 1, timeout=10)
-        assert late[0].job.pushed_to == worker_id
-        await stand_in.close()
+        created, late = await pushed_to_a_stand_in(h)
+        assert late.job.pushed_to == h.worker_settings["worker_id"]
 
         with capture_logs() as lines:
             handler = RecordingHandler()
@@ -167,7 +174,7 @@ async def test_a_job_that_overtakes_its_push_is_not_claimed_but_taken_over(
             assert runner is not None
             awaiting = "job_awaits_its_push"
             await eventually(lambda: any(line["event"] == awaiting for line in lines), timeout=10)
-            runner._on_push(late[0])  # the push, late
+            runner._on_push(late)  # the push, late
             [ended] = await h.wait_ended([created.id], timeout=20)
             # Its message was settled by the pushed attempt: a claim's DEFER (the lease still
             # lives) would have sent it away for 30 s.
@@ -191,15 +198,7 @@ async def test_a_message_waiting_for_its_push_holds_no_slot_of_the_worker(
     of 1,000 slots from claiming its last jobs until a job ended, ~0.6 s later)."""
     monkeypatch.setattr("charai.worker.jobs._PUSH_WAIT", 120.0)  # it waits for as long as it takes
     async with make_harness(nats_server, tmp_path, lease_seconds=30.0) as h:
-        late: list[spb.PushedJob] = []
-        stand_in = StoreClient(f"127.0.0.1:{h.app.port}", coalesce=True, stream=True)
-        stand_in.on_push(late.append)
-        worker_id = h.worker_settings["worker_id"]
-        assert await stand_in.offer(worker_id, [TTS], 1)
-        await offered(h)
-        first = await h.create()
-        await eventually(lambda: len(late) == 1, timeout=10)
-        await stand_in.close()
+        first, late = await pushed_to_a_stand_in(h)
 
         with capture_logs() as lines:
             handler = BlockingHandler()
@@ -214,7 +213,7 @@ async def test_a_message_waiting_for_its_push_holds_no_slot_of_the_worker(
             assert any(line["event"] == "job_awaits_its_push" for line in lines)
             assert not [line for line in lines if line["event"] == "job_finished"]  # still waiting
 
-            runner._on_push(late[0])  # the push, late: its attempt takes the message over
+            runner._on_push(late)  # the push, late: its attempt takes the message over
             await handler.wait_started(first.id, timeout=20)
             handler.gate.set()
             ended = await h.wait_ended([first.id, second.id], timeout=20)
