@@ -4,6 +4,8 @@ secrets rotated with a grace period, deletions cascade."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from charai.core.clock import ManualClock
 from charai.store.v1 import store_service_pb2 as spb
@@ -194,3 +196,35 @@ async def test_listing_pages_newest_first(db: Database, page_size: int) -> None:
             "t2", task_service_pb2.ListWebhookDeliveriesRequest()
         )
         assert not other.deliveries  # tenants see only their own
+
+
+async def test_a_listed_page_gives_each_delivery_its_own_attempts_in_order(db: Database) -> None:
+    """The attempts of a page's deliveries are read together (one query) and handed back to each
+    delivery in its own order: none lost, none given to another, on every page."""
+    patient = dataclasses.replace(CONFIG, disable_after=100)  # the failures here disable nothing
+    async with opened(db, webhooks=patient) as rec:
+        expected: dict[str, list[int]] = {}
+        for statuses in ([], [503], [503, 500], [200], [429, 503, 200]):
+            task, _ = await rec.store.create("t1", hooked())
+            await run_to_completion(rec, task.id)
+            (delivery,) = await listed(rec, task.id)
+            for status in statuses:
+                assert (await rec.store.webhooks.claim(delivery.id, "s1")).outcome == spb.CLAIM_OUTCOME_RUN
+                await rec.store.webhooks.settle(settle(delivery.id, status, retry_after=1))
+                rec.clock.advance(120)
+            expected[delivery.id] = statuses
+            rec.clock.advance(1)
+
+        for size in (500, 2):
+            got: dict[str, list[int]] = {}
+            request = task_service_pb2.ListWebhookDeliveriesRequest(page_size=size)
+            while True:
+                page = await rec.store.webhooks.list_deliveries("t1", request)
+                for d in page.deliveries:
+                    got[d.id] = [a.http_status for a in d.attempts]
+                    times = [a.time.ToMicroseconds() for a in d.attempts]
+                    assert times == sorted(times)
+                if not page.next_page_token:
+                    break
+                request.page_token = page.next_page_token
+            assert got == expected

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -402,8 +402,10 @@ class Webhooks:
                 size + 1,
             )
             out = task_service_pb2.ListWebhookDeliveriesResponse()
-            for row in rows[:size]:
-                out.deliveries.append(await self._delivery(tx, row))
+            page = rows[:size]
+            attempts = await self._attempts(tx, [str(row[0]) for row in page])
+            for row in page:
+                out.deliveries.append(self._delivery(row, attempts.get(str(row[0]), ())))
             if len(rows) > size:
                 last = rows[size - 1]
                 out.next_page_token = encode_page_token(int(last[7]), str(last[0]))
@@ -411,7 +413,23 @@ class Webhooks:
 
         return await self._db.read(body)
 
-    async def _delivery(self, tx: Tx, row: Sequence[Any]) -> task_service_pb2.WebhookDelivery:
+    @staticmethod
+    async def _attempts(tx: Tx, delivery_ids: list[str]) -> dict[str, list[Sequence[Any]]]:
+        """The attempts of a page's deliveries, in order, with one query (not one per delivery)."""
+        if not delivery_ids:
+            return {}
+        marks = ", ".join("?" * len(delivery_ids))
+        found: dict[str, list[Sequence[Any]]] = {}
+        for row in await tx.fetch(
+            "SELECT delivery_id, time, http_status, latency_us, error FROM webhook_attempts"
+            f" WHERE delivery_id IN ({marks}) ORDER BY delivery_id, n",
+            *delivery_ids,
+        ):
+            found.setdefault(str(row[0]), []).append(row[1:])
+        return found
+
+    @staticmethod
+    def _delivery(row: Sequence[Any], attempts: Iterable[Sequence[Any]]) -> task_service_pb2.WebhookDelivery:
         delivery = task_service_pb2.WebhookDelivery(
             id=row[0],
             task_id=row[1],
@@ -423,11 +441,7 @@ class Webhooks:
         if int(row[5]) == _PENDING:
             delivery.next_attempt_time.FromMicroseconds(int(row[6]))
         delivery.create_time.FromMicroseconds(int(row[7]))
-        for time, status, latency_us, error in await tx.fetch(
-            "SELECT time, http_status, latency_us, error FROM webhook_attempts"
-            " WHERE delivery_id = ? ORDER BY n",
-            row[0],
-        ):
+        for time, status, latency_us, error in attempts:
             attempt = delivery.attempts.add(http_status=int(status), error=str(error))
             attempt.time.FromMicroseconds(int(time))
             attempt.latency.FromMicroseconds(int(latency_us))
