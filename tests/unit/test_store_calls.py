@@ -1,10 +1,12 @@
-"""StoreCalls, the bound on a worker's task_store calls in flight: claims and outcomes before
-progress reports. Pure asyncio: each call is a future the test answers."""
+"""StoreCalls, the bound on a worker's task_store calls in flight: claims, outcomes and lease
+renewals before progress reports. Pure asyncio: each call is a future the test answers."""
 
 from __future__ import annotations
 
 import asyncio
 
+from charai.worker.attempt import Attempt
+from charai.worker.progress import ProgressReporter
 from charai.worker.storecalls import StoreCalls
 
 
@@ -97,3 +99,38 @@ async def test_a_cancelled_waiter_gives_up_its_place_and_a_slot_handed_to_it_goe
     calls.end("later")
     assert await later == "later"
     assert (calls.calls.in_flight, calls.calls.waiting) == (0, 0)
+
+
+class HeldStore:
+    """Stands in for ``StoreClient.report_progress`` alone: records the order reports reach it and
+    holds each until the test opens ``gate``."""
+
+    def __init__(self) -> None:
+        self.reached: list[str] = []
+        self.gate = asyncio.Event()
+
+    async def report_progress(self, task_id: str, attempt: int, progress: int, stage: str) -> None:
+        self.reached.append(task_id)
+        await self.gate.wait()
+
+
+async def test_a_heartbeats_renewal_goes_with_the_claims_and_a_progress_report_after_them() -> None:
+    calls = Calls(StoreCalls(1))
+    store = HeldStore()
+    reporter = ProgressReporter(store, calls.calls, coalesce=0.0)  # type: ignore[arg-type]
+    calls.make("claim-0")
+    await settle()
+    progress = asyncio.create_task(reporter.report(Attempt(None, "reported", 1)))
+    await settle()
+    calls.make("claim-1")
+    await settle()
+    renewal = asyncio.create_task(reporter.renew([Attempt(None, "renewed", 1)]))
+    await settle()
+    calls.end("claim-0")
+    await settle()
+    calls.end("claim-1")
+    await settle()
+    store.gate.set()
+    await asyncio.gather(progress, renewal)
+    assert calls.started == ["claim-0", "claim-1"]
+    assert store.reached == ["renewed", "reported"]

@@ -76,12 +76,16 @@ class ProgressReporter:
             if not reporter.cancelled() and reporter.exception() is not None:
                 log.warning("progress_reporter_failed", error=str(reporter.exception()))
 
-    async def report(self, attempt: Attempt) -> None:
-        """Sends progress (and so renews the lease); a refusal aborts the attempt."""
+    async def report(self, attempt: Attempt, *, renewal: bool = False) -> None:
+        """Sends progress (and so renews the lease); a refusal aborts the attempt.
+
+        A progress report waits behind the claims and outcomes queued for a store call slot; a
+        renewal (the heartbeat's) does not: under a store that cannot keep up with the claims,
+        the reports could wait for as long as that lasts, and a lease must not."""
         task_id, number, progress, stage = attempt.task_id, attempt.attempt, attempt.progress, attempt.stage
         try:
             await self._calls.run(
-                lambda: self._store.report_progress(task_id, number, progress, stage), report=True
+                lambda: self._store.report_progress(task_id, number, progress, stage), report=not renewal
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
@@ -94,6 +98,6 @@ class ProgressReporter:
 
         async def one(attempt: Attempt) -> None:
             with contextlib.suppress(Exception):  # an unreachable task_store: try again next beat
-                await self.report(attempt)
+                await self.report(attempt, renewal=True)
 
         await asyncio.gather(*(one(a) for a in held))

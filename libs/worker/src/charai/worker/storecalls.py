@@ -25,7 +25,8 @@ class StoreCalls:
     (``report=True``), each kind first come, first served. Every job that starts sends a report
     at once, so in a burst of starts the reports of the jobs already running stood in line
     before the claims of the next ones, which started later (bench B3 at 1,000 in flight). A
-    report only informs watchers (and renews a lease that lasts far longer than a burst).
+    report only informs watchers; the heartbeat's lease renewals go as claims do (a store that
+    cannot keep up with the claims could hold the reports back for as long as that lasts).
     """
 
     def __init__(self, limit: int) -> None:
