@@ -14,6 +14,7 @@ from charai.client import CharaiClient
 from charai.devstack.stack import Stack
 from charai.tasks.v1 import task_pb2, task_service_pb2
 
+from tests.conftest import eventually
 from tests.e2e.conftest import fast_stack
 from tests.e2e.helpers import emulator_stats, history, unique
 
@@ -49,8 +50,15 @@ async def test_the_noop_worker_completes_tasks_without_calling_the_provider(stac
             assert done.status == E.TASK_STATUS_COMPLETED and done.attempt == 1
             assert done.tts_result.text == text and not done.tts_result.audio_url
     assert emulator_stats(stack)["calls"] == calls_before
-    finished = [ln for ln in stack.procs["tts_worker"].lines if ln.get("event") == "job_finished"]
-    assert [ln["outcome"] for ln in finished] == ["completed"] * TASKS
+
+    def finished() -> list[str]:
+        lines = stack.procs["tts_worker"].lines
+        return [ln["outcome"] for ln in lines if ln.get("event") == "job_finished"]
+
+    # The worker logs a job's end after its outcome is stored, so a client may see COMPLETED
+    # before the line is written (and read from the worker's output): wait for all of them.
+    await eventually(lambda: len(finished()) >= TASKS, timeout=30)
+    assert finished() == ["completed"] * TASKS
 
 
 async def test_the_noop_worker_uses_its_own_gate(stack: Stack) -> None:
