@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from bench import peers, report, suite
-from bench.common import BENCH_DIR, ROOT, commit, log, machine, versions
+from bench.common import BENCH_DIR, ROOT, commit, core_speed, log, machine, versions
 
 ANALYSIS = BENCH_DIR / "analysis.md"
 
@@ -106,6 +106,8 @@ async def run(args: argparse.Namespace, argv: list[str]) -> Path:
             "quick": args.quick,
             "options": vars(options),
             "machine": machine(),
+            # bench.common.CORE_LOOP's seconds: "start" here, "end" after the last shape.
+            "core_speed_s": {"start": round(core_speed(), 3)},
             "commit": commit(),
             "versions": versions(),
             # gRPC's transport (charai.core.grpcenv): the services, this client and the floors alike.
@@ -117,6 +119,8 @@ async def run(args: argparse.Namespace, argv: list[str]) -> Path:
         results["shapes"][name] = await suite.run_shape(name, options)  # type: ignore[index]
         results["meta"]["seconds"] = time.monotonic() - started  # type: ignore[index]
         out_file.write_text(json.dumps(results, indent=1, default=str))
+    results["meta"]["core_speed_s"]["end"] = round(core_speed(), 3)  # type: ignore[index]
+    out_file.write_text(json.dumps(results, indent=1, default=str))
     log(f"raw results: {out_file}")
     if not args.no_md and (args.md or not args.quick):
         write_report(results, args.md or ROOT / "BENCHMARKS.md")

@@ -151,6 +151,20 @@ def cell(summary: dict[str, Any], metric: str) -> str:
     return "—"
 
 
+def _core_speed(meta: dict[str, Any]) -> str:
+    """The VM's speed during the run (``bench.common.core_speed``), for comparing runs."""
+    speed = meta.get("core_speed_s") or {}
+    if "start" not in speed:
+        return ""
+    end = f" and {speed['end']:.2f} s at its end" if "end" in speed else ""
+    return (
+        f" **Core speed:** one core ran `for i in range(10**7): s += i` (`bench.common.core_speed`, the"
+        f" project's Python) in {speed['start']:.2f} s at the run's start{end} (best of 3; lower is"
+        " faster). Compare runs by it: cloud VMs of one size differ, and the CPU-bound shapes (B3 at"
+        " 1,000 in flight, B4, B5) move with it."
+    )
+
+
 def render(results: dict[str, Any]) -> str:
     meta = results["meta"]
     m = meta["machine"]
@@ -163,7 +177,8 @@ def render(results: dict[str, Any]) -> str:
         "",
         f"**Machine:** {m['nproc']} CPUs ({m['cpu_model']}), {m['ram_gib']} GiB RAM, {m['os']},"
         f" Linux {m['kernel']}. Everything runs on this one machine over loopback: load generator, broker,"
-        " store, workers and provider emulator share the cores (no pinning is possible with 2 cores).",
+        " store, workers and provider emulator share the cores (no pinning is possible with 2 cores)."
+        + _core_speed(meta),
         "",
         "**Versions:** " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v) + ".",
         "",
