@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import zlib
 from collections.abc import Callable
 
 from charai.core.clock import SYSTEM, Clock
@@ -58,6 +59,9 @@ URGENCY: dict[int, int] = {
     task_pb2.PRIORITY_UNSPECIFIED: 1,
     task_pb2.PRIORITY_LOW: 2,
 }
+#: First half of the PostgreSQL transaction lock a create takes on its tenant before holding a
+#: task ("chrF"); the second half is 32 bits of the tenant's name (see :meth:`Backlog.admit`).
+FAIR_LOCK_CLASS = 0x63687246
 #: Counts of the buffer and of running tasks stop here (the buffer is never larger).
 MAX_BUFFER = fairshare.MAX_BUFFER
 #: A claim looks for a tenant waiting for its first turn among this many tenants holding tasks,
@@ -101,6 +105,7 @@ class Backlog:
         started_within: Callable[[int, float, float], int] | None = None,
     ) -> None:
         self._lock = backend.dialect.for_update
+        self._key_lock = backend.dialect.key_lock
         self._outbox = outbox
         self._config = config
         self._aging_us = int(config.aging_seconds * 1e6)
@@ -137,16 +142,40 @@ class Backlog:
         return int(row[0]), int(row[1]), bool(row[2])
 
     # -- creates -------------------------------------------------------------------------------
-    async def holds(self, unit: Unit, kind: int) -> bool:
+    async def holds(self, unit: Unit, tenant: str, kind: int) -> bool:
         """Whether a new task of type ``kind`` is to be held: the buffer has no room, or another
         task of its type is held. Asked before the task's row is inserted, so a held task is
         inserted held (no second write of its row); :meth:`admit` then holds it or spends its
-        place. A batch of creates measures once."""
+        place. A batch of creates measures once.
+
+        A unit's first create of a tenant takes the tenant's transaction lock first (PostgreSQL,
+        :meth:`_lock_tenant`)."""
+        if self._key_lock is not None and tenant not in unit.fair_locked:
+            await self._lock_tenant(unit, tenant)
         room = unit.room.get(kind)
         if room is None:
             running, released, held = await self.measure(unit.tx, kind)
             room = unit.room[kind] = 0 if held else self._target(running, kind) - released
         return room <= 0
+
+    async def _lock_tenant(self, unit: Unit, tenant: str) -> None:
+        """Takes ``tenant``'s transaction lock, held until commit: creates of one tenant run
+        one unit at a time (PostgreSQL; SQLite's one writer does so anyway).
+
+        Why: a hold locks the tenant's ``fair_tenants`` row of the task's type until commit, and
+        the creates of one unit may hold tasks of several types in any order (a character's
+        images and its voice line), so two replicas (or two units of one) creating for the same
+        tenant locked its image and voice rows in opposite orders and deadlocked. PostgreSQL
+        broke each deadlock after its ``deadlock_timeout`` (1 s), the unit ran again, and after
+        three such tries the creates failed: a gateway answered UNAVAILABLE (seen in
+        tests/e2e/test_replicas.py). Taken at the unit's first create, before the unit holds any
+        row or writes any event (whose lock, held until commit, a unit of several batches takes
+        after its first batch: :meth:`UnitRunner.write_each`), so every unit takes the two in one
+        order. Units of different tenants do not wait for each other here."""
+        assert self._key_lock is not None
+        half = zlib.crc32(tenant.encode()) - (1 << 31)  # 32 bits of the name, a signed int4
+        await unit.tx.execute(self._key_lock, FAIR_LOCK_CLASS, half)
+        unit.fair_locked.add(tenant)
 
     async def admit(self, unit: Unit, tenant: str, job: Job, created_us: int, *, held: bool) -> None:
         """The new task's row is inserted (``held``, as :meth:`holds` answered): holds its job,

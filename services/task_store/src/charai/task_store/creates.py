@@ -117,7 +117,7 @@ class CreateCommands:
         if self.usage is not None:  # RESOURCE_EXHAUSTED naming the budget; nothing stored
             await self.usage.check_budgets(unit.tx, tenant)
         # Fair share: held in the backlog unless the buffer has room and nobody else waits.
-        held = self.backlog is not None and await self.backlog.holds(unit, int(req.type))
+        held = self.backlog is not None and await self.backlog.holds(unit, tenant, int(req.type))
         now = self._clock.now_us()
         decision = lifecycle.create(self._policy, now)
         task = self._new_task(req, decision.state, now)

@@ -83,6 +83,7 @@ class Mark:
     written: int
     queued: int
     room: dict[int, int]
+    fair_locked: frozenset[str]
 
 
 @dataclasses.dataclass(slots=True)
@@ -111,6 +112,8 @@ class Unit:
     #: Room left in each task type's buffer of released jobs, once this unit measured it (fair
     #: share, :meth:`Backlog.admit`): a batch of creates counts the buffer once.
     room: dict[int, int] = dataclasses.field(default_factory=dict)
+    #: Tenants whose fair-share lock this unit holds (PostgreSQL; :meth:`Backlog.admit`).
+    fair_locked: set[str] = dataclasses.field(default_factory=set)
     #: Events already written by this unit (:meth:`UnitRunner.write_each` writes each
     #: operation's before the next one runs), published with the rest after commit.
     written: list[spb.EventEnvelope] = dataclasses.field(default_factory=list)
@@ -125,6 +128,7 @@ class Unit:
             len(self.written),
             self.queued,
             dict(self.room),
+            frozenset(self.fair_locked),
         )
 
     def reset(self, mark: Mark) -> list[Outlet]:
@@ -137,6 +141,8 @@ class Unit:
         del self.pushed[mark.pushed :]
         del self.written[mark.written :]
         self.queued, self.room = mark.queued, mark.room
+        # A lock taken in a savepoint rolled back to is released with it.
+        self.fair_locked = set(mark.fair_locked)
         return dropped
 
     def save(
