@@ -222,7 +222,9 @@ class PostgresBackend:
                 except _RETRYABLE as exc:
                     if attempt == _ATTEMPTS:
                         raise
-                    log.info("transaction_retried", error=type(exc).__name__, attempt=attempt)
+                    # Where it happened ("while updating tuple ... in relation ..."): no values.
+                    where = exc.as_dict().get("context", "")
+                    log.info("transaction_retried", error=type(exc).__name__, attempt=attempt, where=where)
         # After the commit here: a claim on another connection could otherwise come first.
         if on_sealed is not None:
             on_sealed()
