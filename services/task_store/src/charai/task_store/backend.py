@@ -68,6 +68,11 @@ class Dialect:
     append_event: str | None
     #: True: ``tasks.metadata`` is JSONB and filters use ``@>``; False: rows of ``task_metadata``.
     metadata_json: bool
+    #: :attr:`append_event` for a task whose row the unit wrote already (an operation of
+    #: ``UnitRunner.write_each`` before the next one ran): inserts the event under the events
+    #: lock and sets only the row's ``last_seq`` (task id, tenant, task type, event type, time,
+    #: task blob), returning the sequence. ``None`` with :attr:`append_event`.
+    append_event_seq: str | None = None
     #: Takes a transaction lock on a pair of int4 (class, key), held until commit (``None``:
     #: SQLite, whose single writer excludes every other writer anyway). Serializes the claims and
     #: deletes of identical tasks (:mod:`charai.task_store.reuse`).
@@ -117,6 +122,13 @@ POSTGRES = Dialect(
         " FROM e WHERE tasks.id = e.task_id RETURNING e.seq"
     ),
     metadata_json=True,
+    append_event_seq=(
+        f"WITH l AS (SELECT pg_advisory_xact_lock({EVENTS_LOCK_KEY})),"
+        " e AS (INSERT INTO events (task_id, tenant, task_type, type, time, task)"
+        " SELECT ?::text, ?::text, ?::integer, ?::integer, ?::bigint, ?::bytea FROM l"
+        " RETURNING seq, task_id)"
+        " UPDATE tasks SET last_seq = e.seq FROM e WHERE tasks.id = e.task_id RETURNING e.seq"
+    ),
     key_lock="SELECT pg_advisory_xact_lock(?::integer, ?::integer)",
 )
 

@@ -138,6 +138,9 @@ class CreateCommands:
             if existing is None:  # pragma: no cover - the conflicting row is committed by now
                 raise RuntimeError("request_id conflict without a task")
             return existing, False
+        # The row holds the snapshot and state its event carries: only its last_seq is left to
+        # write with the event (PostgreSQL; SQLite inserted the event first).
+        unit.saves[-1].row_written = True
         job = Job(task.id, decision.state.dispatch_gen, int(task.type), int(task.priority), traceparent)
         if self.backlog is not None:
             await self.backlog.admit(unit, tenant, job, now, held=held)

@@ -43,6 +43,10 @@ T = TypeVar("T")
 _ROW_TAIL = "attempt = ?, lease_expires = ?, lease_owner = ?, last_seq = ?, task = ? WHERE id = ?"
 _STATE_ROW = f"UPDATE tasks SET status = ?, next_attempt_time = ?, update_time = ?, {_ROW_TAIL}"
 _KEEP_STATE_ROW = f"UPDATE tasks SET {_ROW_TAIL}"
+#: The same without ``last_seq``: a row written before its event (PostgreSQL, ``write_each``).
+_ROW_TAIL_NO_SEQ = "attempt = ?, lease_expires = ?, lease_owner = ?, task = ? WHERE id = ?"
+_STATE_ROW_NO_SEQ = f"UPDATE tasks SET status = ?, next_attempt_time = ?, update_time = ?, {_ROW_TAIL_NO_SEQ}"
+_KEEP_STATE_ROW_NO_SEQ = f"UPDATE tasks SET {_ROW_TAIL_NO_SEQ}"
 EventsHook = Callable[[list[spb.EventEnvelope]], None]
 HandOffHook = Callable[[list[OutboxRow]], None]
 
@@ -70,6 +74,9 @@ class _Save:
     #: The event's sequence when it was inserted ahead of the unit's end (a create's, on SQLite:
     #: :meth:`UnitRunner.insert_now`); the row then carries it from its insert.
     seq: int | None = None
+    #: The task's row is written already, all but its ``last_seq`` (PostgreSQL: an operation of
+    #: :meth:`UnitRunner.write_each` before the next one ran); the event is inserted at the end.
+    row_written: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -200,6 +207,7 @@ class UnitRunner:
     def __init__(self, backend: Backend, on_events: EventsHook | None = None) -> None:
         self._db = backend
         self._append_sql = backend.dialect.append_event
+        self._append_seq_sql = backend.dialect.append_event_seq
         self._on_events = on_events
         #: Estimated times for the events' task snapshots (see :class:`Unit`).
         self.eta: EtaBook | None = None
@@ -278,11 +286,12 @@ class UnitRunner:
         others kept), as if each were its own unit of work but with one commit for all. An error
         the backend runs a whole transaction again for (a PostgreSQL deadlock) is not caught.
 
-        Each operation's task rows and events are written before the next one runs, so a later
-        operation reads what an earlier one changed (a progress report after its task's
-        completion in the same call is refused, as it would be alone), not the rows as they
-        were when the transaction began. On PostgreSQL the events lock is then held from the
-        first operation's events to the commit.
+        Each operation's task rows are written before the next one runs, so a later operation
+        reads what an earlier one changed (a progress report after its task's completion in the
+        same call is refused, as it would be alone), not the rows as they were when the
+        transaction began. Its events too on SQLite; on PostgreSQL they are inserted at the
+        unit's end, as :meth:`write` does, so the events lock is the last lock the transaction
+        takes (:meth:`_write_rows` says why).
 
         Several operations first run together in one savepoint (:meth:`_in_savepoint`): one
         savepoint instead of one each, and pages that several of them change (a table's or an
@@ -323,8 +332,11 @@ class UnitRunner:
         try:
             for one in ops:
                 answers.append(await one(unit))
-                unit.written.extend(await self._append_events(unit))
-                unit.saves.clear()
+                if self._append_sql is None:
+                    unit.written.extend(await self._append_events(unit))
+                    unit.saves.clear()
+                else:
+                    await self._write_rows(unit)
         except Exception as exc:
             if isinstance(exc, self._db.retryable):
                 raise
@@ -342,6 +354,35 @@ class UnitRunner:
         for chunk in chunks:
             answers.extend(await self.write_each(chunk))
         return answers
+
+    async def _write_rows(self, unit: Unit) -> None:
+        """Writes the task rows of the unit's saves not written yet, but not their events
+        (PostgreSQL, after each operation of :meth:`write_each`): the next operation reads the
+        rows as this one left them, and the events wait for the unit's end.
+
+        Why not the events too (as on SQLite): an event takes the events lock, held until commit,
+        and the next operation then takes row locks (its tasks' rows, a tenant's fair-share
+        row) while holding it. A transaction holding one of those rows and about to write its
+        own events waited for the lock, this one for the row: a deadlock, which PostgreSQL
+        breaks after its ``deadlock_timeout`` (1 s) by failing one of them (48 of the 54
+        deadlocks of a stress probe of two replicas, BENCHMARKS.md "thirty-second pass"). With
+        the events last in every transaction, a transaction that holds the events lock waits
+        for no row but its commit's."""
+        for save in unit.saves:
+            if save.row_written or save.seq is not None:
+                continue
+            task = save.envelope.event.task
+            state = () if save.same_state else (int(task.status), save.next_attempt_time, save.now)
+            await unit.tx.execute(
+                _KEEP_STATE_ROW_NO_SEQ if save.same_state else _STATE_ROW_NO_SEQ,
+                *state,
+                task.attempt,
+                save.lease_expires,
+                save.lease_owner,
+                save.blob,
+                task.id,
+            )
+            save.row_written = True
 
     async def _append_events(self, unit: Unit) -> list[spb.EventEnvelope]:
         """Inserts the unit's events and writes its task rows, under the events lock.
@@ -385,6 +426,8 @@ class UnitRunner:
             return save.seq
         task = save.envelope.event.task
         event_args = (task.id, save.tenant, int(task.type), save.event_type, save.now, save.blob)
+        if save.row_written and self._append_seq_sql is not None:
+            return int(await tx.fetchval(self._append_seq_sql, *event_args))
         if self._append_sql is not None:
             seq = await tx.fetchval(
                 self._append_sql,
