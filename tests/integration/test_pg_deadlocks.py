@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import random
+from typing import Any
 
 import pytest
 from charai.core.domain.prices import PriceTable
@@ -57,7 +58,7 @@ async def test_two_replicas_under_a_mixed_load_never_deadlock(db: Database) -> N
     failed: list[BaseException] = []
     made: dict[str, tuple[int, str]] = {}  # task id -> (type, tenant)
     creating = asyncio.Event()
-    config = {"fair": FairConfig(buffer=2), "usage": UsageConfig(prices=PriceTable())}
+    config: dict[str, Any] = {"fair": FairConfig(buffer=2), "usage": UsageConfig(prices=PriceTable())}
     async with opened(db, **config) as one, opened(db, one.clock, **config) as two:
         stores = (one.store, two.store)
 
