@@ -428,6 +428,13 @@ class Backlog:
         if not task_ids:
             return set(), collections.Counter()
         marks = ", ".join("?" * len(task_ids))
+        if self._lock:
+            # PostgreSQL: the rows locked in id order first, the order a worker's batch of claims
+            # takes them in (``Commands._each``). The UPDATE alone locks them in the order its
+            # plan reads them (a bitmap scan: where they lie in the table), and a release and a
+            # batch of claims sharing two tasks deadlocked (a mixed-load probe, BENCHMARKS.md
+            # "thirty-second pass").
+            await tx.fetch(f"SELECT id FROM tasks WHERE id IN ({marks}) ORDER BY id{self._lock}", *task_ids)
         # Tasks first, then the backlog: the order a cancel locks them in (no deadlock). Only
         # ids in the condition: with a status term SQLite would read every queued task through
         # tasks_dispatched instead of the 256 primary keys.

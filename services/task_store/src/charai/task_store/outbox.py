@@ -188,13 +188,12 @@ class Outbox:
     async def _mark(self, tx: Tx, sent: Sequence[tuple[OutboxRow, int]]) -> None:
         # One order for every writer of these rows, so two relays cannot deadlock.
         ordered = sorted(sent, key=lambda s: (s[0].task_id, s[0].id))
-        # By task too: a row handed off before a commit that then failed may share its id with a
-        # later row (the id was rolled back with it), which must stay.
-        await tx.executemany(
-            "DELETE FROM outbox WHERE id = ? AND task_id = ?", [(r.id, r.task_id) for r, _ in ordered]
-        )
         webhook = self._topology.webhook_subject
         jobs = [(seq, r.task_id, r.dispatch_gen) for r, seq in ordered if r.subject != webhook]
+        # The task rows before the outbox rows: the order every other writer of both takes them
+        # in (a task's row is locked, then its outbox row deleted: DeleteTask, a claim's
+        # hand-over). Outbox rows first, a relay marking a job deadlocked with a claim handing
+        # that task over (PostgreSQL; a mixed-load probe, BENCHMARKS.md "thirty-second pass").
         if jobs:
             # The sequence alone: ``dispatched_at`` was set when the job entered the outbox (and
             # the sweep leaves a task alone while its job is still there), so this writes no
@@ -204,6 +203,11 @@ class Outbox:
             await tx.executemany(
                 f"UPDATE tasks SET stream_seq = ? WHERE id = ? AND dispatch_gen = ? AND {UNFINISHED}", jobs
             )
+        # By task too: a row handed off before a commit that then failed may share its id with a
+        # later row (the id was rolled back with it), which must stay.
+        await tx.executemany(
+            "DELETE FROM outbox WHERE id = ? AND task_id = ?", [(r.id, r.task_id) for r, _ in ordered]
+        )
         deliveries = [(seq, r.task_id, r.dispatch_gen) for r, seq in ordered if r.subject == webhook]
         if deliveries:  # a webhook job's row names its delivery where a task job's names the task
             await tx.executemany(
