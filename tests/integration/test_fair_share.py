@@ -13,6 +13,7 @@ import asyncio
 import random
 from pathlib import Path
 
+import asyncpg
 import pytest
 from charai.core.domain.errors import ErrorKind
 from charai.core.domain.fairshare import FairQueue
@@ -416,6 +417,35 @@ async def test_replicas_holding_a_tenants_images_and_voices_at_once_never_deadlo
         held = await one.store.backend.read(lambda tx: tx.fetchval("SELECT SUM(held) FROM fair_tenants"))
         rows = await one.store.backend.read(lambda tx: tx.fetchval("SELECT COUNT(*) FROM backlog"))
         assert int(held) == int(rows) == 4 * 60 * 4 - 2  # all but one of each type (buffer 1)
+
+
+@pytest.mark.parametrize("db", ["postgres"], indirect=True)
+async def test_a_first_turn_whose_task_is_locked_gives_way_and_the_claim_runs_its_own(db: Database) -> None:
+    """PostgreSQL: the hand-over of a claim to a waiting tenant's first task locks rows out of
+    the order the rest of a batch takes them in, so it waits briefly (``brief_lock_wait``) and
+    gives way rather than wait into a deadlock: with that task's row locked by another
+    transaction, the claim answers its own task at once (it waited until the lock's end), and the
+    next claim hands the first turn over."""
+    async with opened(db, fair=fair(buffer=3)) as rec:
+        store = rec.store
+        a = [(await store.create("a", image_request()))[0] for _ in range(6)]
+        assert (await store.claim(a[0].id, 1, "w", any_task=True)).outcome == RUN
+        b, _ = await store.create("b", image_request())
+        assert await is_held(store, b.id)
+        other = await asyncpg.connect(db.url)
+        try:
+            locking = other.transaction()
+            await locking.start()
+            await other.execute("SELECT 1 FROM tasks WHERE id = $1 FOR UPDATE", b.id)
+            with capture_logs() as lines:
+                own = await asyncio.wait_for(store.claim(a[1].id, 1, "w", any_task=True), 30)
+            await locking.rollback()
+        finally:
+            await other.close()
+        assert (own.outcome, own.task and own.task.id) == (RUN, a[1].id)
+        assert [line["instead"] for line in lines if line["event"] == "first_turn_gave_way"] == [b.id]
+        handed = await store.claim(a[2].id, 1, "w", any_task=True)
+        assert handed.outcome == RUN and handed.task is not None and handed.task.id == b.id
 
 
 async def test_a_bad_tenants_file_stops_start_up_with_its_message(tmp_path: Path) -> None:

@@ -73,6 +73,13 @@ class Dialect:
     #: lock and sets only the row's ``last_seq`` (task id, tenant, task type, event type, time,
     #: task blob), returning the sequence. ``None`` with :attr:`append_event`.
     append_event_seq: str | None = None
+    #: Bounds the lock waits of what follows in the transaction, so that an optional step can
+    #: give way rather than wait (PostgreSQL: ``lock_timeout``, undone with its savepoint or by
+    #: :attr:`any_lock_wait`; the step's error is one of ``Backend.busy``). ``None``: SQLite,
+    #: where a transaction never waits for a lock (one writer).
+    brief_lock_wait: str | None = None
+    #: Lifts :attr:`brief_lock_wait` again.
+    any_lock_wait: str | None = None
     #: Takes a transaction lock on a pair of int4 (class, key), held until commit (``None``:
     #: SQLite, whose single writer excludes every other writer anyway). Serializes the claims and
     #: deletes of identical tasks (:mod:`charai.task_store.reuse`).
@@ -130,6 +137,9 @@ POSTGRES = Dialect(
         " UPDATE tasks SET last_seq = e.seq FROM e WHERE tasks.id = e.task_id RETURNING e.seq"
     ),
     key_lock="SELECT pg_advisory_xact_lock(?::integer, ?::integer)",
+    # Well under deadlock_timeout (1 s): a step that would close a deadlock gives way first.
+    brief_lock_wait="SET LOCAL lock_timeout = '50ms'",
+    any_lock_wait="SET LOCAL lock_timeout TO DEFAULT",
 )
 
 
@@ -141,6 +151,8 @@ class Backend(Protocol):
     #: serialization failure); :meth:`UnitRunner.write_each` lets them through instead of
     #: answering one operation with them.
     retryable: tuple[type[BaseException], ...]
+    #: Errors of a lock wait cut short by :attr:`Dialect.brief_lock_wait` (none on SQLite).
+    busy: tuple[type[BaseException], ...]
 
     async def open(self) -> None:
         """Connects and applies the migrations this database lacks."""

@@ -96,6 +96,7 @@ class PostgresBackend:
 
     dialect = POSTGRES
     retryable: tuple[type[BaseException], ...] = _RETRYABLE
+    busy: tuple[type[BaseException], ...] = (asyncpg.exceptions.LockNotAvailableError,)
 
     def __init__(self, url: str, *, password: str | None = None, pool_size: int = 10) -> None:
         self._url = url

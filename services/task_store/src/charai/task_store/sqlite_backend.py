@@ -195,6 +195,7 @@ class SqliteBackend:
 
     dialect = SQLITE
     retryable: tuple[type[BaseException], ...] = ()  # one writer: no deadlock, nothing to run again
+    busy: tuple[type[BaseException], ...] = ()  # and no lock wait to cut short
     #: Units of work per group commit at most (bounds the latency a batch adds).
     max_batch = 256
 
