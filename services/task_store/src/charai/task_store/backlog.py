@@ -59,8 +59,8 @@ URGENCY: dict[int, int] = {
     task_pb2.PRIORITY_UNSPECIFIED: 1,
     task_pb2.PRIORITY_LOW: 2,
 }
-#: First half of the PostgreSQL transaction lock a create takes on its tenant before holding a
-#: task ("chrF"); the second half is 32 bits of the tenant's name (see :meth:`Backlog.admit`).
+#: First half of the PostgreSQL transaction lock a unit of creates takes on its tenant first
+#: ("chrF"); the second half is 32 bits of the tenant's name (see :meth:`Backlog._lock_tenant`).
 FAIR_LOCK_CLASS = 0x63687246
 #: Counts of the buffer and of running tasks stop here (the buffer is never larger).
 MAX_BUFFER = fairshare.MAX_BUFFER

@@ -40,13 +40,17 @@ T = TypeVar("T")
 #: indexed columns (``tasks_ended`` and ``tasks_reuse`` carry ``update_time``) and touches no index
 #: of ``tasks``: on PostgreSQL it is a HOT update. An older task_store, which moves the column on
 #: every event, gives every reader the same answers (a rolling upgrade needs no migration).
-_ROW_TAIL = "attempt = ?, lease_expires = ?, lease_owner = ?, last_seq = ?, task = ? WHERE id = ?"
-_STATE_ROW = f"UPDATE tasks SET status = ?, next_attempt_time = ?, update_time = ?, {_ROW_TAIL}"
-_KEEP_STATE_ROW = f"UPDATE tasks SET {_ROW_TAIL}"
-#: The same without ``last_seq``: a row written before its event (PostgreSQL, ``write_each``).
-_ROW_TAIL_NO_SEQ = "attempt = ?, lease_expires = ?, lease_owner = ?, task = ? WHERE id = ?"
-_STATE_ROW_NO_SEQ = f"UPDATE tasks SET status = ?, next_attempt_time = ?, update_time = ?, {_ROW_TAIL_NO_SEQ}"
-_KEEP_STATE_ROW_NO_SEQ = f"UPDATE tasks SET {_ROW_TAIL_NO_SEQ}"
+_STATE = "status = ?, next_attempt_time = ?, update_time = ?, "
+_ROW_TAIL = "attempt = ?, lease_expires = ?, lease_owner = ?, {seq}task = ? WHERE id = ?"
+#: The row writes by (whether the state columns stay, whether ``last_seq`` is written): without
+#: it, a row written before its event (PostgreSQL, ``write_each``); see ``UnitRunner._write_row``.
+_ROW_WRITES = {
+    (same, seq): "UPDATE tasks SET "
+    + ("" if same else _STATE)
+    + _ROW_TAIL.format(seq="last_seq = ?, " if seq else "")
+    for same in (False, True)
+    for seq in (False, True)
+}
 EventsHook = Callable[[list[spb.EventEnvelope]], None]
 HandOffHook = Callable[[list[OutboxRow]], None]
 
@@ -119,7 +123,7 @@ class Unit:
     #: Room left in each task type's buffer of released jobs, once this unit measured it (fair
     #: share, :meth:`Backlog.admit`): a batch of creates counts the buffer once.
     room: dict[int, int] = dataclasses.field(default_factory=dict)
-    #: Tenants whose fair-share lock this unit holds (PostgreSQL; :meth:`Backlog.admit`).
+    #: Tenants whose fair-share lock this unit holds (PostgreSQL; ``Backlog._lock_tenant``).
     fair_locked: set[str] = dataclasses.field(default_factory=set)
     #: Events already written by this unit (:meth:`UnitRunner.write_each` writes each
     #: operation's before the next one runs), published with the rest after commit.
@@ -355,6 +359,16 @@ class UnitRunner:
             answers.extend(await self.write_each(chunk))
         return answers
 
+    async def _write_row(self, tx: Tx, save: _Save, seq: int | None) -> None:
+        """Writes the save's task row, with ``seq`` as its ``last_seq`` (None: left as it is).
+        An event that keeps the indexed state columns leaves them out of the write (see _Save)."""
+        task = save.envelope.event.task
+        args: list[Any] = [] if save.same_state else [int(task.status), save.next_attempt_time, save.now]
+        args += [task.attempt, save.lease_expires, save.lease_owner]
+        if seq is not None:
+            args.append(seq)
+        await tx.execute(_ROW_WRITES[save.same_state, seq is not None], *args, save.blob, task.id)
+
     async def _write_rows(self, unit: Unit) -> None:
         """Writes the task rows of the unit's saves not written yet, but not their events
         (PostgreSQL, after each operation of :meth:`write_each`): the next operation reads the
@@ -371,17 +385,7 @@ class UnitRunner:
         for save in unit.saves:
             if save.row_written or save.seq is not None:
                 continue
-            task = save.envelope.event.task
-            state = () if save.same_state else (int(task.status), save.next_attempt_time, save.now)
-            await unit.tx.execute(
-                _KEEP_STATE_ROW_NO_SEQ if save.same_state else _STATE_ROW_NO_SEQ,
-                *state,
-                task.attempt,
-                save.lease_expires,
-                save.lease_owner,
-                save.blob,
-                task.id,
-            )
+            await self._write_row(unit.tx, save, None)
             save.row_written = True
 
     async def _append_events(self, unit: Unit) -> list[spb.EventEnvelope]:
@@ -441,16 +445,5 @@ class UnitRunner:
             )
             return int(seq)
         seq = await tx.insert(_INSERT_EVENT, "seq", *event_args)
-        # An event that keeps the indexed state columns leaves them out of the write (see _Save).
-        state = () if save.same_state else (int(task.status), save.next_attempt_time, save.now)
-        await tx.execute(
-            _KEEP_STATE_ROW if save.same_state else _STATE_ROW,
-            *state,
-            task.attempt,
-            save.lease_expires,
-            save.lease_owner,
-            seq,
-            save.blob,
-            task.id,
-        )
+        await self._write_row(tx, save, seq)
         return seq
