@@ -29,12 +29,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("setup", help="install redis-server, bullmq (npm) and Celery (bench/.venv-celery)")
     prof = sub.add_parser("profile", help="py-spy on the stack's Python services under one shape's load")
-    prof.add_argument("--shape", choices=("B1", "B2", "B2noop", "B3", "B4", "B4b", "B5"), default="B2")
+    prof.add_argument("--shape", choices=("B1", "B2", "B2noop", "B3", "B4", "B4b", "B5", "W1"), default="B2")
     prof.add_argument(
         "--n",
         type=int,
         default=None,
-        help="tasks (B1, B2, B2noop; 3000); jobs in flight (B3; 1000); streams (B5; 1000)",
+        help=(
+            "tasks (B1, B2, B2noop; 3000); jobs in flight (B3; 1000); streams (B5; 1000);"
+            " deliveries (W1; 3000)"
+        ),
     )
     prof.add_argument("--seconds", type=float, default=15.0, help="B4, B4b: seconds of load")
     rep = sub.add_parser("report", help="write the report again from a raw results file")

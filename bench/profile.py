@@ -1,7 +1,7 @@
-"""``python -m bench profile --shape B2|B2noop|B3|B4|B4b|B1|B5``: py-spy on every Python service of
+"""``python -m bench profile --shape B2|B2noop|B3|B4|B4b|B1|B5|W1``: py-spy on every Python service of
 the stack while the shape's load runs (``B2noop``: B2's load on the no-op worker; ``B3``: B3's at
-1,000 jobs in flight, the emulator profiled too); prints where each process spends its CPU (self
-and inclusive time).
+1,000 jobs in flight, the emulator profiled too; ``W1``: W1's drain, the webhook sender, task_store
+and the receiver's process); prints where each process spends its CPU (self and inclusive time).
 
 py-spy is installed into bench/.venv-tools (never into the project venv). Raw collapsed stacks
 and the summary go to bench/results/profile-<shape>-<time>/.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import signal
 import subprocess
 import time
@@ -22,7 +23,7 @@ from charai.devstack.stack import Stack
 from charai.tasks.v1 import task_service_pb2
 
 from bench import ours
-from bench.common import BENCH_DIR, log
+from bench.common import BENCH_DIR, cpu_seconds, log
 
 TOOLS = BENCH_DIR / ".venv-tools"
 PY_SPY = TOOLS / "bin" / "py-spy"
@@ -43,11 +44,15 @@ class Spies:
     def __init__(self, pids: dict[str, int], out: Path, rate: int = 200) -> None:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.files: dict[str, Path] = {}
+        self._out, self._rate = out, rate
         for name, pid in pids.items():
-            self.files[name] = out / f"{name}.txt"
-            args = [str(PY_SPY), "record", "-p", str(pid), "-r", str(rate), "--nonblocking", "-f", "raw"]
-            args += ["-o", str(self.files[name])]
-            self.procs[name] = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.add(name, pid)
+
+    def add(self, name: str, pid: int) -> None:
+        self.files[name] = self._out / f"{name}.txt"
+        args = [str(PY_SPY), "record", "-p", str(pid), "-r", str(self._rate), "--nonblocking", "-f", "raw"]
+        args += ["-o", str(self.files[name])]
+        self.procs[name] = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def stop(self) -> None:
         for p in self.procs.values():
@@ -147,6 +152,38 @@ async def _profile_b3(out: Path, n: int) -> Spies:
     return spies
 
 
+async def _profile_w1(out: Path, n: int) -> Spies:
+    """W1's drain: ``n`` completed tasks' deliveries waiting, then the webhook sender started with
+    it, task_store and this process (the receiver) under py-spy. Logs the deliveries per second
+    and each process's CPU per delivery (from /proc)."""
+    from bench import webhooks
+
+    async with (
+        webhooks.Receiver() as receiver,
+        ours.stack(env=webhooks.ENV, services=webhooks.SERVICES) as s,
+        CharaiClient(s.gateway_grpc) as client,
+    ):
+        await webhooks._w1_once(s, client, receiver, min(n, 500), 0, 100.0)
+        receiver.arrivals.clear()
+        await s.stop_service("webhook_sender")
+        await webhooks._submit(client, "w1-prof", n, receiver.url, None)
+        await ours.wait_finished(client, "w1-prof", timeout=600)
+        await s.start_service("webhook_sender")
+        await s.wait_ready("webhook_sender")
+        watched = {k: ours.pid(s, k) for k in ("webhook_sender", "task_store", "nats")}
+        spies = Spies({"webhook_sender": watched["webhook_sender"], "task_store": watched["task_store"]}, out)
+        spies.add("receiver", os.getpid())
+        before = {k: cpu_seconds(p) for k, p in watched.items()} | {"receiver": time.process_time()}
+        started = time.time()
+        await webhooks._until(lambda: len(receiver.arrivals) >= n, timeout=900)
+        elapsed = time.time() - started
+        after = {k: cpu_seconds(p) for k, p in watched.items()} | {"receiver": time.process_time()}
+        spies.stop()
+    per = ", ".join(f"{k} {(after[k] - v) * 1e6 / n:.0f}" for k, v in before.items())
+    log(f"W1 under py-spy: {n / elapsed:.0f} deliveries/s; CPU-us per delivery: {per}")
+    return spies
+
+
 async def profile(shape: str, n: int, seconds: float) -> Path:
     ensure_py_spy()
     out = BENCH_DIR / "results" / f"profile-{shape}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -169,6 +206,8 @@ async def profile(shape: str, n: int, seconds: float) -> Path:
             log(f"{shape} under py-spy: {res['rps']:.0f} calls/s")
     elif shape == "B5":
         spies = await _profile_b5(out, n)
+    elif shape == "W1":
+        spies = await _profile_w1(out, n)
     elif shape == "B3":
         spies = await _profile_b3(out, n)
     elif shape == "B2noop":

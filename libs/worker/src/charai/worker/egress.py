@@ -117,12 +117,15 @@ async def check_url(url: str, *, allow_private: bool, resolve: Resolve = system_
         raise ProviderError(errors.bad_response(f"refusing a media URL {refused.reason}")) from None
 
 
-def pinned_connector(addresses: list[str]) -> aiohttp.TCPConnector:
-    """A connector that connects to ``addresses`` (vetted by :func:`check_url`) and nowhere else:
-    no DNS cache, no kept-alive connection, at most 4 connections."""
-    return aiohttp.TCPConnector(
-        resolver=_PinnedResolver(addresses), use_dns_cache=False, force_close=True, limit=4
-    )
+def pinned_connector(addresses: list[str], *, keep_alive: float = 0.0) -> aiohttp.TCPConnector:
+    """A connector that connects to ``addresses`` (vetted by :func:`check_url`) and nowhere else,
+    with no DNS cache. By default no connection is kept alive and at most 4 are open; with
+    ``keep_alive`` (seconds), an idle connection is kept that long for the next request, and the
+    caller bounds how many are open."""
+    resolver = _PinnedResolver(addresses)
+    if keep_alive <= 0:
+        return aiohttp.TCPConnector(resolver=resolver, use_dns_cache=False, force_close=True, limit=4)
+    return aiohttp.TCPConnector(resolver=resolver, use_dns_cache=False, keepalive_timeout=keep_alive, limit=0)
 
 
 class _PinnedResolver(aiohttp.abc.AbstractResolver):

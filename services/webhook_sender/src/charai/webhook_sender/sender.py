@@ -64,6 +64,8 @@ class Sender:
         self._replicas = replicas
         self._resolve = resolve
         self._slots = asyncio.Semaphore(concurrency)
+        #: Kept-alive connections to the receivers (bounded by the slots).
+        self.connections = attempt.Connections()
         self._inflight: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         #: Attempts made and deliveries that ended delivered (tests, logs).
@@ -100,6 +102,7 @@ class Sender:
             await asyncio.wait(self._inflight, timeout=grace)
         for task in list(self._inflight):
             task.cancel()
+        await self.connections.close()
 
     async def _pull(self) -> None:
         while True:
@@ -175,6 +178,7 @@ class Sender:
             claim.url,
             head,
             body,
+            connections=self.connections,
             timeout=self._timeout,
             allow_private=self._allow_private,
             resolve=self._resolve,
