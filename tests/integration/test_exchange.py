@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
@@ -24,7 +24,7 @@ from charai.task_store.grpc_api import MAX_EXCHANGE, TaskStoreServicer
 from charai.task_store.settings import Settings
 from charai.task_store.store import TaskStore
 from charai.taskapi import error_details
-from charai.tasks.v1 import task_service_pb2
+from charai.tasks.v1 import task_pb2, task_service_pb2
 from structlog.testing import capture_logs
 
 from tests.integration.conftest import Database
@@ -46,6 +46,10 @@ from tests.integration.test_task_store_api import app_settings
 
 if TYPE_CHECKING:
     from tests.conftest import NatsServer
+
+DONE, RETRY = spb.SETTLE_OUTCOME_DONE, spb.SETTLE_OUTCOME_RETRY
+PENDING = task_service_pb2.WEBHOOK_DELIVERY_STATUS_PENDING
+DELIVERED = task_service_pb2.WEBHOOK_DELIVERY_STATUS_DELIVERED
 
 
 def refusal(raw: bytes) -> tuple[grpc.StatusCode, list[str]]:
@@ -326,3 +330,91 @@ async def test_batch_creates_travel_in_exchange_and_stay_all_or_none(
         assert len(listed.tasks) == 5  # the sheet and the single create; nothing of the bad batch
         registry = app.metrics.registry
         assert registry.get_sample_value("charai_exchange_commands_count", {"kind": "batch_create"}) == 1
+
+
+async def hooked_and_done(client: StoreClient, n: int) -> list[str]:
+    """``n`` image tasks with a webhook for their completion, run to completion: their
+    deliveries' ids (each the head of its task's deliveries, so due at once)."""
+    ids = []
+    for _ in range(n):
+        request = image_request()
+        request.webhook.CopyFrom(task_pb2.Webhook(url="https://hooks.example.com/in", events=["completed"]))
+        task = await client.create_task("acme", request)
+        claim = await client.claim_task(task.id, 1, "w1")
+        await client.complete_task(task.id, claim.attempt, image_result())
+        page = await client.list_webhook_deliveries(
+            "acme", task_service_pb2.ListWebhookDeliveriesRequest(task_id=task.id)
+        )
+        ids += [d.id for d in page.deliveries]
+    return ids
+
+
+def settled(delivery_id: str, sender_id: str, status: int) -> spb.SettleWebhookDeliveryRequest:
+    return spb.SettleWebhookDeliveryRequest(delivery_id=delivery_id, sender_id=sender_id, http_status=status)
+
+
+async def test_a_senders_claims_and_settlements_travel_in_exchange_each_as_its_unary_rpc(
+    nats_server: NatsServer, tmp_path: Path, db: Database
+) -> None:
+    async with coalescing(app_settings(nats_server, tmp_path, db), stream=True) as (app, client):
+        ids = await hooked_and_done(client, 4)
+        assert client.coalescer is not None
+        calls = client.coalescer.calls
+        claims = await asyncio.gather(*(client.claim_webhook_delivery(i, "s1") for i in ids))
+        assert client.coalescer.calls - calls < len(ids)  # shared calls
+        assert [(c.outcome, c.attempt, c.url) for c in claims] == [
+            (RUN, 1, "https://hooks.example.com/in")
+        ] * 4
+        assert [c.event_type for c in claims] == ["task.completed"] * 4 and all(c.secrets for c in claims)
+        # Claimed by s1: another sender is told to wait, through Exchange as by the unary RPC.
+        stub = spb_grpc.TaskStoreServiceStub(client._channel)
+        other = spb.ClaimWebhookDeliveryRequest(delivery_id=ids[0], sender_id="s2")
+        for answer in (
+            await stub.ClaimWebhookDelivery(other),
+            await client.claim_webhook_delivery(ids[0], "s2"),
+        ):
+            assert answer.outcome == spb.CLAIM_OUTCOME_DEFER and 0 < answer.retry_after_seconds <= 60
+        statuses = [200, 200, 503, 200]
+        answers = await asyncio.gather(
+            *(
+                client.settle_webhook_delivery(settled(i, "s1", s))
+                for i, s in zip(ids, statuses, strict=True)
+            ),
+            client.settle_webhook_delivery(settled(ids[0], "s2", 200)),  # not its claim: changes nothing
+        )
+        assert [a.outcome for a in answers] == [DONE, DONE, RETRY, DONE, DONE]
+        assert answers[2].retry_after_seconds > 0
+        page = await client.list_webhook_deliveries("acme", task_service_pb2.ListWebhookDeliveriesRequest())
+        found = {d.id: ([a.http_status for a in d.attempts], d.status) for d in page.deliveries}
+        assert found == {
+            ids[0]: ([200], DELIVERED),
+            ids[1]: ([200], DELIVERED),
+            ids[2]: ([503], PENDING),
+            ids[3]: ([200], DELIVERED),
+        }
+        registry = app.metrics.registry
+        assert registry.get_sample_value("charai_exchange_commands_count", {"kind": "webhook_claim"})
+        assert registry.get_sample_value("charai_exchange_commands_count", {"kind": "webhook_settle"})
+
+
+async def test_a_task_store_without_the_senders_commands_gets_unary_calls(
+    nats_server: NatsServer, tmp_path: Path, db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A task_store older than the commands (rolling upgrade) drops them as unknown fields and
+    # finds an empty command, which it refuses.
+    decide = TaskStoreServicer._decide
+
+    async def older(
+        self: TaskStoreServicer, command: spb.StoreCommand, kind: str | None, context: Any
+    ) -> spb.StoreAnswer:
+        return await decide(self, command, None if kind and kind.startswith("webhook_") else kind, context)
+
+    async with coalescing(app_settings(nats_server, tmp_path, db), stream=True) as (_, client):
+        ids = await hooked_and_done(client, 2)
+        monkeypatch.setattr(TaskStoreServicer, "_decide", older)
+        assert client.coalescer is not None
+        claims = await asyncio.gather(*(client.claim_webhook_delivery(i, "s1") for i in ids))
+        assert [c.outcome for c in claims] == [RUN, RUN]
+        calls = client.coalescer.calls
+        answer = await client.settle_webhook_delivery(settled(ids[0], "s1", 200))
+        assert answer.outcome == DONE and client.coalescer.calls == calls  # unary from now on

@@ -32,11 +32,12 @@ class StoreClient:
     deadline. Failures raise ``grpc.aio.AioRpcError`` as task_store answered them. Calls wait for
     task_store to be reachable and are retried on UNAVAILABLE (the channel's service config).
 
-    With ``coalesce`` (gateways and workers), creates, claims, progress reports and outcomes
-    travel batched in ``Exchange`` calls (:mod:`charai.core.coalesce`): same answers, errors and
-    deadlines, far fewer calls; with ``stream`` (``CHARAI_EXCHANGE_STREAM``) those calls are messages of
-    long-lived ``ExchangeStream`` calls (:mod:`charai.core.exchange_stream`). A task_store that
-    does not know them yet (an older version during a rolling upgrade) gets unary calls.
+    With ``coalesce`` (gateways, workers and webhook senders), creates, claims, progress reports,
+    outcomes and a sender's claims and settlements of deliveries travel batched in ``Exchange``
+    calls (:mod:`charai.core.coalesce`): same answers, errors and deadlines, far fewer calls; with
+    ``stream`` (``CHARAI_EXCHANGE_STREAM``) those calls are messages of long-lived
+    ``ExchangeStream`` calls (:mod:`charai.core.exchange_stream`). A task_store that does not
+    know them yet (an older version during a rolling upgrade) gets unary calls.
     """
 
     def __init__(
@@ -67,6 +68,8 @@ class StoreClient:
         self._stub: TaskStoreServiceAsyncStub = store_service_pb2_grpc.TaskStoreServiceStub(self._channel)  # type: ignore[assignment]
         self._closed = False
         self._exchange_known = True
+        #: Whether task_store takes a webhook sender's commands in Exchange (see _webhook_command).
+        self._webhooks_batched = True
         #: The batcher of :meth:`exchange` (None: every call is unary).
         self.coalescer = Coalescer(self._send_exchange) if coalesce else None
         #: The coalescer's transport: long-lived ExchangeStream calls, one per address given
@@ -130,6 +133,12 @@ class StoreClient:
                     return spb.StoreAnswer(progress=await stub.ReportProgress(command.progress, timeout=t))
                 if kind == "complete":
                     return spb.StoreAnswer(complete=await stub.CompleteTask(command.complete, timeout=t))
+                if kind == "webhook_claim":
+                    claim = await stub.ClaimWebhookDelivery(command.webhook_claim, timeout=t)
+                    return spb.StoreAnswer(webhook_claim=claim)
+                if kind == "webhook_settle":
+                    settle = await stub.SettleWebhookDelivery(command.webhook_settle, timeout=t)
+                    return spb.StoreAnswer(webhook_settle=settle)
                 return spb.StoreAnswer(fail=await stub.FailTask(command.fail, timeout=t))
             except grpc.aio.AioRpcError as exc:
                 return spb.StoreAnswer(error=error_bytes(exc))
@@ -237,15 +246,39 @@ class StoreClient:
         self, delivery_id: str, sender_id: str, *, timeout: float | None = None
     ) -> spb.ClaimWebhookDeliveryResponse:
         """What a sender should send for a published delivery (or why not now)."""
-        return await self._stub.ClaimWebhookDelivery(
-            spb.ClaimWebhookDeliveryRequest(delivery_id=delivery_id, sender_id=sender_id), timeout=timeout
-        )
+        request = spb.ClaimWebhookDeliveryRequest(delivery_id=delivery_id, sender_id=sender_id)
+        answer = await self._webhook_command(spb.StoreCommand(webhook_claim=request), timeout)
+        if answer is not None:
+            return answer.webhook_claim
+        return await self._stub.ClaimWebhookDelivery(request, timeout=timeout)
 
     async def settle_webhook_delivery(
         self, request: spb.SettleWebhookDeliveryRequest, *, timeout: float | None = None
     ) -> spb.SettleWebhookDeliveryResponse:
         """Records an attempt; the answer says whether to ack or retry later."""
+        answer = await self._webhook_command(spb.StoreCommand(webhook_settle=request), timeout)
+        if answer is not None:
+            return answer.webhook_settle
         return await self._stub.SettleWebhookDelivery(request, timeout=timeout)
+
+    async def _webhook_command(
+        self, command: spb.StoreCommand, timeout: float | None
+    ) -> spb.StoreAnswer | None:
+        """A sender's command through the coalescer, or None: make the unary call instead. A
+        task_store older than these commands drops them as unknown and refuses the empty command
+        (``commands.command``); from then on this client makes unary calls for them."""
+        if not self._webhooks_batched:
+            return None
+        try:
+            return await self._command(command, timeout)
+        except grpc.aio.AioRpcError as exc:
+            unknown = exc.code() == grpc.StatusCode.INVALID_ARGUMENT and "commands.command" in (
+                exc.details() or ""
+            )
+            if not unknown:
+                raise
+            self._webhooks_batched = False
+            return None
 
     async def list_events(
         self, request: spb.ListEventsRequest, *, timeout: float | None = None

@@ -1400,6 +1400,8 @@ class StoreCommand(_message.Message):
     COMPLETE_FIELD_NUMBER: _builtins.int
     FAIL_FIELD_NUMBER: _builtins.int
     BATCH_CREATE_FIELD_NUMBER: _builtins.int
+    WEBHOOK_CLAIM_FIELD_NUMBER: _builtins.int
+    WEBHOOK_SETTLE_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
     traceparent: _builtins.str
     """W3C trace context of the call the command comes from (a create's job carries it on)."""
@@ -1427,6 +1429,14 @@ class StoreCommand(_message.Message):
     def batch_create(self) -> Global___BatchCreateTasksRequest:
         """As BatchCreateTasks (all or none within this command)."""
 
+    @_builtins.property
+    def webhook_claim(self) -> Global___ClaimWebhookDeliveryRequest:
+        """As ClaimWebhookDelivery (a webhook sender's)."""
+
+    @_builtins.property
+    def webhook_settle(self) -> Global___SettleWebhookDeliveryRequest:
+        """As SettleWebhookDelivery (a webhook sender's)."""
+
     def __init__(
         self,
         *,
@@ -1436,13 +1446,15 @@ class StoreCommand(_message.Message):
         complete: Global___CompleteTaskRequest | None = ...,
         fail: Global___FailTaskRequest | None = ...,
         batch_create: Global___BatchCreateTasksRequest | None = ...,
+        webhook_claim: Global___ClaimWebhookDeliveryRequest | None = ...,
+        webhook_settle: Global___SettleWebhookDeliveryRequest | None = ...,
         traceparent: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["batch_create", b"batch_create", "claim", b"claim", "command", b"command", "complete", b"complete", "create", b"create", "fail", b"fail", "progress", b"progress"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch_create", b"batch_create", "claim", b"claim", "command", b"command", "complete", b"complete", "create", b"create", "fail", b"fail", "progress", b"progress", "webhook_claim", b"webhook_claim", "webhook_settle", b"webhook_settle"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_create", b"batch_create", "claim", b"claim", "command", b"command", "complete", b"complete", "create", b"create", "fail", b"fail", "progress", b"progress", "traceparent", b"traceparent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_create", b"batch_create", "claim", b"claim", "command", b"command", "complete", b"complete", "create", b"create", "fail", b"fail", "progress", b"progress", "traceparent", b"traceparent", "webhook_claim", b"webhook_claim", "webhook_settle", b"webhook_settle"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_command: _TypeAlias = _typing.Literal["create", "claim", "progress", "complete", "fail", "batch_create"]  # noqa: Y015
+    _WhichOneofReturnType_command: _TypeAlias = _typing.Literal["create", "claim", "progress", "complete", "fail", "batch_create", "webhook_claim", "webhook_settle"]  # noqa: Y015
     _WhichOneofArgType_command: _TypeAlias = _typing.Literal["command", b"command"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_command) -> _WhichOneofReturnType_command | None: ...
 
@@ -1460,6 +1472,8 @@ class StoreAnswer(_message.Message):
     COMPLETE_FIELD_NUMBER: _builtins.int
     FAIL_FIELD_NUMBER: _builtins.int
     BATCH_CREATE_FIELD_NUMBER: _builtins.int
+    WEBHOOK_CLAIM_FIELD_NUMBER: _builtins.int
+    WEBHOOK_SETTLE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     error: _builtins.bytes
     """The command was refused or failed: a serialized google.rpc.Status (code, message and
@@ -1489,6 +1503,14 @@ class StoreAnswer(_message.Message):
     def batch_create(self) -> Global___BatchCreateTasksResponse:
         """As BatchCreateTasks'."""
 
+    @_builtins.property
+    def webhook_claim(self) -> Global___ClaimWebhookDeliveryResponse:
+        """As ClaimWebhookDelivery's."""
+
+    @_builtins.property
+    def webhook_settle(self) -> Global___SettleWebhookDeliveryResponse:
+        """As SettleWebhookDelivery's."""
+
     def __init__(
         self,
         *,
@@ -1498,13 +1520,15 @@ class StoreAnswer(_message.Message):
         complete: Global___CompleteTaskResponse | None = ...,
         fail: Global___FailTaskResponse | None = ...,
         batch_create: Global___BatchCreateTasksResponse | None = ...,
+        webhook_claim: Global___ClaimWebhookDeliveryResponse | None = ...,
+        webhook_settle: Global___SettleWebhookDeliveryResponse | None = ...,
         error: _builtins.bytes = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "batch_create", b"batch_create", "claim", b"claim", "complete", b"complete", "create", b"create", "error", b"error", "fail", b"fail", "progress", b"progress"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "batch_create", b"batch_create", "claim", b"claim", "complete", b"complete", "create", b"create", "error", b"error", "fail", b"fail", "progress", b"progress", "webhook_claim", b"webhook_claim", "webhook_settle", b"webhook_settle"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "batch_create", b"batch_create", "claim", b"claim", "complete", b"complete", "create", b"create", "error", b"error", "fail", b"fail", "progress", b"progress"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "batch_create", b"batch_create", "claim", b"claim", "complete", b"complete", "create", b"create", "error", b"error", "fail", b"fail", "progress", b"progress", "webhook_claim", b"webhook_claim", "webhook_settle", b"webhook_settle"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_answer: _TypeAlias = _typing.Literal["create", "claim", "progress", "complete", "fail", "batch_create", "error"]  # noqa: Y015
+    _WhichOneofReturnType_answer: _TypeAlias = _typing.Literal["create", "claim", "progress", "complete", "fail", "batch_create", "webhook_claim", "webhook_settle", "error"]  # noqa: Y015
     _WhichOneofArgType_answer: _TypeAlias = _typing.Literal["answer", b"answer"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_answer) -> _WhichOneofReturnType_answer | None: ...
 

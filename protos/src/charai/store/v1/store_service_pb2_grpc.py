@@ -292,7 +292,8 @@ class TaskStoreServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Exchange(self, request, context):
-        """The batched data plane: many creates (single or batch), claims, progress reports and outcomes in one call.
+        """The batched data plane: many creates (single or batch), claims, progress reports and outcomes
+        in one call, and a webhook sender's claims and settlements of deliveries.
         Each command is decided on its own, exactly as its unary RPC above would decide it (same
         fencing, same idempotency, same errors), and answered in order; the writes of one call share
         one commit where the database allows (SQLite: one group commit, so one fsync); the creates
@@ -306,7 +307,7 @@ class TaskStoreServiceServicer:
         of at most 64, one after the other (past 64 subtransactions a transaction slows every
         snapshot taken meanwhile, on the primary and its standbys). The call
         returns once every command's outcome is durable: "acknowledged = on disk" holds per command.
-        Gateways and workers coalesce their concurrent calls into it (natural batching: a call goes
+        Gateways, workers and webhook senders coalesce their concurrent calls into it (natural batching: a call goes
         out at once when none is in flight; while one is, the next ones gather for the next call),
         and send those calls as messages of ExchangeStream (below) when task_store has it.
         """

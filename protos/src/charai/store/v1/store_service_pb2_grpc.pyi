@@ -74,7 +74,8 @@ class TaskStoreServiceStub:
     GetUsage: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.GetUsageRequest, _store_service_pb2.GetUsageResponse]
     """Metered usage by tenant, provider, model and day, and a tenant's budgets (the gateway decides whose)."""
     Exchange: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.ExchangeRequest, _store_service_pb2.ExchangeResponse]
-    """The batched data plane: many creates (single or batch), claims, progress reports and outcomes in one call.
+    """The batched data plane: many creates (single or batch), claims, progress reports and outcomes
+    in one call, and a webhook sender's claims and settlements of deliveries.
     Each command is decided on its own, exactly as its unary RPC above would decide it (same
     fencing, same idempotency, same errors), and answered in order; the writes of one call share
     one commit where the database allows (SQLite: one group commit, so one fsync); the creates
@@ -88,7 +89,7 @@ class TaskStoreServiceStub:
     of at most 64, one after the other (past 64 subtransactions a transaction slows every
     snapshot taken meanwhile, on the primary and its standbys). The call
     returns once every command's outcome is durable: "acknowledged = on disk" holds per command.
-    Gateways and workers coalesce their concurrent calls into it (natural batching: a call goes
+    Gateways, workers and webhook senders coalesce their concurrent calls into it (natural batching: a call goes
     out at once when none is in flight; while one is, the next ones gather for the next call),
     and send those calls as messages of ExchangeStream (below) when task_store has it.
     """
@@ -151,7 +152,8 @@ class TaskStoreServiceAsyncStub(TaskStoreServiceStub):
     GetUsage: _aio.UnaryUnaryMultiCallable[_store_service_pb2.GetUsageRequest, _store_service_pb2.GetUsageResponse]  # type: ignore[assignment]
     """Metered usage by tenant, provider, model and day, and a tenant's budgets (the gateway decides whose)."""
     Exchange: _aio.UnaryUnaryMultiCallable[_store_service_pb2.ExchangeRequest, _store_service_pb2.ExchangeResponse]  # type: ignore[assignment]
-    """The batched data plane: many creates (single or batch), claims, progress reports and outcomes in one call.
+    """The batched data plane: many creates (single or batch), claims, progress reports and outcomes
+    in one call, and a webhook sender's claims and settlements of deliveries.
     Each command is decided on its own, exactly as its unary RPC above would decide it (same
     fencing, same idempotency, same errors), and answered in order; the writes of one call share
     one commit where the database allows (SQLite: one group commit, so one fsync); the creates
@@ -165,7 +167,7 @@ class TaskStoreServiceAsyncStub(TaskStoreServiceStub):
     of at most 64, one after the other (past 64 subtransactions a transaction slows every
     snapshot taken meanwhile, on the primary and its standbys). The call
     returns once every command's outcome is durable: "acknowledged = on disk" holds per command.
-    Gateways and workers coalesce their concurrent calls into it (natural batching: a call goes
+    Gateways, workers and webhook senders coalesce their concurrent calls into it (natural batching: a call goes
     out at once when none is in flight; while one is, the next ones gather for the next call),
     and send those calls as messages of ExchangeStream (below) when task_store has it.
     """
@@ -351,7 +353,8 @@ class TaskStoreServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _store_service_pb2.ExchangeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_store_service_pb2.ExchangeResponse, _abc.Awaitable[_store_service_pb2.ExchangeResponse]]:
-        """The batched data plane: many creates (single or batch), claims, progress reports and outcomes in one call.
+        """The batched data plane: many creates (single or batch), claims, progress reports and outcomes
+        in one call, and a webhook sender's claims and settlements of deliveries.
         Each command is decided on its own, exactly as its unary RPC above would decide it (same
         fencing, same idempotency, same errors), and answered in order; the writes of one call share
         one commit where the database allows (SQLite: one group commit, so one fsync); the creates
@@ -365,7 +368,7 @@ class TaskStoreServiceServicer(metaclass=_abc_1.ABCMeta):
         of at most 64, one after the other (past 64 subtransactions a transaction slows every
         snapshot taken meanwhile, on the primary and its standbys). The call
         returns once every command's outcome is durable: "acknowledged = on disk" holds per command.
-        Gateways and workers coalesce their concurrent calls into it (natural batching: a call goes
+        Gateways, workers and webhook senders coalesce their concurrent calls into it (natural batching: a call goes
         out at once when none is in flight; while one is, the next ones gather for the next call),
         and send those calls as messages of ExchangeStream (below) when task_store has it.
         """

@@ -37,6 +37,8 @@ _COMMAND_NAMES = {
     "progress": "ReportProgress",
     "complete": "CompleteTask",
     "fail": "FailTask",
+    "webhook_claim": "ClaimWebhookDelivery",
+    "webhook_settle": "SettleWebhookDelivery",
 }
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 #: The commands of a worker, which one Exchange call decides in one transaction (worker_each).
@@ -385,6 +387,12 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
             return spb.StoreAnswer(complete=await self.CompleteTask(command.complete, context))
         if kind == "fail":
             return spb.StoreAnswer(fail=await self.FailTask(command.fail, context))
+        if kind == "webhook_claim":
+            claim = await self.ClaimWebhookDelivery(command.webhook_claim, context)
+            return spb.StoreAnswer(webhook_claim=claim)
+        if kind == "webhook_settle":
+            settle = await self.SettleWebhookDelivery(command.webhook_settle, context)
+            return spb.StoreAnswer(webhook_settle=settle)
         raise RequestInvalidError([Violation("commands.command", "must be set")])
 
     # -- webhooks ----------------------------------------------------------------------------

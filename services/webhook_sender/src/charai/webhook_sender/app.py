@@ -58,7 +58,12 @@ class SenderApp(ServiceApp):
         js = nc.jetstream()
         await natsconn.ensure_jobs_stream(js, topology, s.nats_replicas)
         store = await stack.enter_async_context(
-            StoreClient(s.task_store_addr, s.internal_token.get_secret_value())
+            StoreClient(
+                s.task_store_addr,
+                s.internal_token.get_secret_value(),
+                coalesce=True,
+                stream=s.exchange_stream,
+            )
         )
         self.sender = sender = Sender(
             js,
