@@ -11,6 +11,7 @@ changes between check and connect (rebinding) cannot redirect the fetch.
 from __future__ import annotations
 
 import asyncio
+import collections
 import ipaddress
 import socket
 from collections.abc import Awaitable, Callable
@@ -18,6 +19,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import aiohttp.abc
+from charai.core.clock import Clock, SystemClock
 from charai.core.domain import errors
 from charai.worker.provider import ProviderError
 
@@ -30,6 +32,42 @@ async def system_resolve(host: str, port: int) -> list[str]:
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+class CachedResolve:
+    """A :data:`Resolve` that keeps each answer for ``ttl`` seconds (aiohttp's own DNS cache keeps
+    one 10 s), so that a stream of requests to one host does not pay a lookup (a thread of the
+    loop's executor and a DNS query) for each. Only the lookup is kept: :func:`vet_url` checks
+    the addresses on every request, cached or not. A failed lookup is not kept; at most
+    ``max_hosts`` answers are (the oldest goes first)."""
+
+    def __init__(
+        self,
+        resolve: Resolve = system_resolve,
+        *,
+        ttl: float = 10.0,
+        max_hosts: int = 1024,
+        clock: Clock | None = None,
+    ) -> None:
+        self._resolve = resolve
+        self._ttl = ttl
+        self._max = max_hosts
+        self._clock = clock or SystemClock()
+        self._answers: collections.OrderedDict[tuple[str, int], tuple[float, list[str]]] = (
+            collections.OrderedDict()
+        )
+
+    async def __call__(self, host: str, port: int) -> list[str]:
+        key = (host.lower(), port)
+        kept = self._answers.get(key)
+        if kept is not None and kept[0] > self._clock.monotonic():
+            return list(kept[1])
+        addresses = await self._resolve(host, port)
+        self._answers.pop(key, None)
+        self._answers[key] = (self._clock.monotonic() + self._ttl, list(addresses))
+        while len(self._answers) > self._max:
+            self._answers.popitem(last=False)
+        return addresses
 
 
 #: Cloud metadata endpoints: refused even when private addresses are allowed.

@@ -17,7 +17,7 @@ from charai.core.topology import Topology
 from charai.store.v1 import store_service_pb2 as spb
 from charai.tasks.v1 import task_pb2
 from charai.webhook_sender import post as attempt
-from charai.worker.egress import Resolve, system_resolve
+from charai.worker.egress import CachedResolve, Resolve, system_resolve
 from charai.worker.outcome import settle_message
 from google.protobuf import duration_pb2
 from nats.aio.msg import Msg
@@ -62,7 +62,8 @@ class Sender:
         self._allow_private = allow_private
         self._ack_wait = ack_wait
         self._replicas = replicas
-        self._resolve = resolve
+        #: Lookups kept 10 s: a receiver's deliveries do not each wait for one.
+        self._resolve = CachedResolve(resolve)
         self._slots = asyncio.Semaphore(concurrency)
         #: Kept-alive connections to the receivers (bounded by the slots).
         self.connections = attempt.Connections()
