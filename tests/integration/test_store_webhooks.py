@@ -4,11 +4,14 @@ secrets rotated with a grace period, deletions cascade."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import sqlite3
 
 import pytest
 from charai.core.clock import ManualClock
 from charai.store.v1 import store_service_pb2 as spb
+from charai.task_store import webhooks
 from charai.task_store.webhook_secrets import derive_secret
 from charai.task_store.webhooks import WebhookConfig
 from charai.tasks.v1 import task_pb2, task_service_pb2
@@ -130,6 +133,50 @@ async def test_a_streak_disables_the_endpoint_and_redelivery_enables_it(db: Data
         (again,) = await listed(rec, later.id)
         assert again.status == PENDING
         assert (await rec.store.webhooks.claim(again.id, "s1")).outcome == spb.CLAIM_OUTCOME_RUN
+
+
+async def test_a_redelivery_queues_the_head_of_each_tasks_queue_once(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(webhooks, "_TASKS_PER_READ", 2)  # three tasks: two reads
+    async with opened(db, webhooks=CONFIG) as rec:
+        tasks = []
+        for _ in range(3):  # each: started fails for good, then completed is skipped (disabled)
+            task, _ = await rec.store.create("t1", hooked("started", "completed"))
+            await run_to_completion(rec, task.id)
+            started, _ = await listed(rec, task.id)
+            await rec.store.webhooks.claim(started.id, "s1")
+            await rec.store.webhooks.settle(settle(started.id, 400))
+            tasks.append(task.id)
+        other_request = hooked()
+        other_request.webhook.url = "https://elsewhere.example.com/in"
+        other, _ = await rec.store.create("t1", other_request)
+        await run_to_completion(rec, other.id)
+        (lone,) = await listed(rec, other.id)
+        await rec.store.webhooks.claim(lone.id, "s1")
+        await rec.store.webhooks.settle(settle(lone.id, 400))
+        before = {(r.task_id, r.dispatch_gen) for r in await rec.store.pending_dispatches()}
+        count, queued = await rec.store.webhooks.redeliver(
+            "t1", task_service_pb2.RedeliverWebhookRequest(since=timestamp_pb2.Timestamp(seconds=0))
+        )
+        assert (count, queued) == (7, 4)  # every failed delivery; the head of each queue
+        heads = [(await listed(rec, task_id))[0] for task_id in tasks]
+        jobs = [r for r in await rec.store.pending_dispatches() if (r.task_id, r.dispatch_gen) not in before]
+        queued_ids = sorted(spb.WebhookJob.FromString(r.payload).delivery_id for r in jobs)
+        assert queued_ids == sorted([d.id for d in heads] + [lone.id])
+        for task_id in tasks:
+            started, completed = await listed(rec, task_id)
+            assert (started.status, completed.status) == (PENDING, PENDING)
+            assert (await rec.store.webhooks.claim(completed.id, "s1")).outcome == spb.CLAIM_OUTCOME_DONE
+            assert (await rec.store.webhooks.claim(started.id, "s1")).outcome == spb.CLAIM_OUTCOME_RUN
+        if db.kind == "sqlite":  # the heads are read by task id, not among every pending delivery
+            with contextlib.closing(sqlite3.connect(db.url.removeprefix("sqlite:///"))) as conn:
+                plan = conn.execute(
+                    f"EXPLAIN QUERY PLAN {webhooks._HEADS.format(marks='?, ?')}", ("a", "b", 0)
+                )
+                assert "INDEX webhook_deliveries_queue (task_id=?)" in " ".join(str(r[3]) for r in plan)
+            assert (await rec.store.webhooks.claim(completed.id, "s1")).outcome == spb.CLAIM_OUTCOME_DONE
+            assert (await rec.store.webhooks.claim(started.id, "s1")).outcome == spb.CLAIM_OUTCOME_RUN
 
 
 async def test_a_pending_progress_delivery_is_replaced_by_the_next_event(db: Database) -> None:

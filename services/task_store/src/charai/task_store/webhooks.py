@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -29,7 +29,7 @@ from charai.core.domain.webhooks import DeliveryStatus
 from charai.core.errors import NotFoundError
 from charai.core.validation import RequestInvalidError, Violation
 from charai.store.v1 import store_service_pb2 as spb
-from charai.task_store.backend import Backend, Tx
+from charai.task_store.backend import Backend, Row, Tx
 from charai.task_store.queries import decode_page_token, encode_page_token
 from charai.task_store.webhook_secrets import WebhookSecrets
 from charai.tasks.v1 import task_pb2, task_service_pb2
@@ -40,6 +40,21 @@ _PENDING, _DELIVERED, _FAILED = (
     int(DeliveryStatus.PENDING),
     int(DeliveryStatus.DELIVERED),
     int(DeliveryStatus.FAILED),
+)
+#: Tasks whose pending deliveries one statement reads (:meth:`Webhooks._dispatch_heads`).
+_TASKS_PER_READ = 500
+#: The pending deliveries of some tasks (``marks``: a ``?`` per task). ``+status`` is not an index
+#: term, so both databases read the queue index by task id, not every pending delivery by the
+#: status index (which each chose for ``status = ?``).
+_HEADS = (
+    "SELECT task_id, url, seq, id, dispatched, dispatch_gen FROM webhook_deliveries"
+    " WHERE task_id IN ({marks}) AND +status = ?"
+)
+#: A delivery's job is out (its dispatch generation, its id).
+_MARK_DISPATCHED = "UPDATE webhook_deliveries SET dispatched = 1, dispatch_gen = ? WHERE id = ?"
+#: A delivery's job handed to the relay (:meth:`Webhooks._job`).
+_OUTBOX_INSERT = (
+    "INSERT INTO outbox (task_id, dispatch_gen, subject, payload, created) VALUES (?, ?, ?, ?, ?)"
 )
 _COLUMNS = "id, task_id, url, event_type, seq, status, next_attempt_at, created, event"
 
@@ -132,18 +147,38 @@ class Webhooks:
         if row is None or row[1]:
             return 0
         gen = int(row[2]) + 1
-        await tx.execute(
-            "UPDATE webhook_deliveries SET dispatched = 1, dispatch_gen = ? WHERE id = ?", gen, row[0]
-        )
-        await tx.execute(
-            "INSERT INTO outbox (task_id, dispatch_gen, subject, payload, created) VALUES (?, ?, ?, ?, ?)",
-            row[0],
+        await tx.execute(_MARK_DISPATCHED, gen, row[0])
+        await tx.execute(_OUTBOX_INSERT, *self._job(str(row[0]), gen, now))
+        return 1
+
+    async def _dispatch_heads(self, tx: Tx, queues: Collection[tuple[str, str]], now: int) -> int:
+        """:meth:`_dispatch_head` for each (task, url) of ``queues``, with a read for each
+        :data:`_TASKS_PER_READ` tasks and one statement for all the writes: a redelivery of
+        thousands of deliveries is not a round trip to PostgreSQL per statement per delivery."""
+        wanted = set(queues)
+        heads: dict[tuple[str, str], Row] = {}
+        tasks = sorted({task_id for task_id, _ in wanted})
+        for start in range(0, len(tasks), _TASKS_PER_READ):
+            chunk = tasks[start : start + _TASKS_PER_READ]
+            rows = await tx.fetch(_HEADS.format(marks=", ".join("?" * len(chunk))), *chunk, _PENDING)
+            for row in rows:
+                key = (str(row[0]), str(row[1]))
+                if key in wanted and (key not in heads or int(row[2]) < int(heads[key][2])):
+                    heads[key] = row
+        due = [(str(heads[key][3]), int(heads[key][5]) + 1) for key in sorted(heads) if not heads[key][4]]
+        await tx.executemany(_MARK_DISPATCHED, [(gen, delivery_id) for delivery_id, gen in due])
+        await tx.executemany(_OUTBOX_INSERT, [self._job(delivery_id, gen, now) for delivery_id, gen in due])
+        return len(due)
+
+    def _job(self, delivery_id: str, gen: int, now: int) -> tuple[object, ...]:
+        """The outbox row of a delivery's job (:data:`_OUTBOX_INSERT`'s arguments)."""
+        return (
+            delivery_id,
             gen,
             self._subject,
-            spb.WebhookJob(delivery_id=row[0]).SerializeToString(),
+            spb.WebhookJob(delivery_id=delivery_id).SerializeToString(),
             now,
         )
-        return 1
 
     # -- the lost-job sweep (the relay's sweeper) ---------------------------------------------
     async def stale(self, older_than_s: float, limit: int = 200) -> list[tuple[str, int, int | None]]:
@@ -472,24 +507,19 @@ class Webhooks:
                     _FAILED,
                     req.since.ToMicroseconds(),
                 )
-            queued = 0
-            for delivery_id, _, url in rows:
-                await tx.execute(
-                    "UPDATE webhook_deliveries SET status = ?, next_attempt_at = ?, dispatched = 0,"
-                    " claimed_by = NULL, claimed_until = NULL, updated = ? WHERE id = ?",
-                    _PENDING,
-                    now,
-                    now,
-                    delivery_id,
-                )
+            await tx.executemany(
+                "UPDATE webhook_deliveries SET status = ?, next_attempt_at = ?, dispatched = 0,"
+                " claimed_by = NULL, claimed_until = NULL, updated = ? WHERE id = ?",
+                [(_PENDING, now, now, row[0]) for row in rows],
+            )
+            for url in sorted({str(row[2]) for row in rows}):
                 await self._endpoint(tx, tenant, url, 0, None)
                 await tx.execute(
                     "UPDATE webhook_endpoints SET disabled_at = NULL WHERE tenant = ? AND url = ?",
                     tenant,
                     url,
                 )
-            for task_id, url in sorted({(str(r[1]), str(r[2])) for r in rows}):
-                queued += await self._dispatch_head(tx, task_id, url, now)
+            queued = await self._dispatch_heads(tx, {(str(row[1]), str(row[2])) for row in rows}, now)
             return len(rows), queued
 
         return await self._db.write(body)
