@@ -2,7 +2,7 @@
 
 ``/flaky`` answers each webhook-id 500, then resets the connection, then 200; ``/throttled``
 answers 429 with ``Retry-After: 2`` once per id; ``/gone`` 410; ``/moved`` a 302 to ``/ok``;
-``/ok`` 200. While ``gate`` is cleared, requests wait before being answered.
+``/down`` 503; ``/ok`` 200. While ``gate`` is cleared, requests wait before being answered.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class Receiver:
         self.arrived.append((path, headers.get("webhook-id", "")))
         await self.gate.wait()
         earlier = self.seen(path, headers.get("webhook-id", ""))
-        status = {"/ok": 200, "/gone": 410, "/moved": 302}.get(path, 200)
+        status = {"/ok": 200, "/gone": 410, "/moved": 302, "/down": 503}.get(path, 200)
         if path == "/flaky":
             status = (500, 0, 200)[min(earlier, 2)]
         elif path == "/throttled":

@@ -23,12 +23,19 @@ from google.protobuf import duration_pb2
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js import api as js_api
-from nats.js.errors import FetchTimeoutError
+from nats.js.errors import BadRequestError, FetchTimeoutError
 
 log = structlog.get_logger("webhook_sender")
 
 #: Delay before a job whose claim or settle could not reach task_store is tried again.
 STORE_RETRY_SECONDS = 1.0
+#: Delivery jobs delivered and not yet acknowledged, at most (JetStream's consumer setting). A
+#: delivery waiting for its next attempt is one of them: its message was nak'd with the delay,
+#: and JetStream counts it until it is acknowledged. A bound of a few times the concurrency
+#: (256) let one receiver failing for 256 tasks stall every tenant's deliveries until the
+#: first of those delays ended (minutes to hours); the sender pulls only what its free slots
+#: can take, so the bound is not its flow control. As the workers' consumers.
+MAX_ACK_PENDING = 100_000
 
 
 class Sender:
@@ -79,15 +86,20 @@ class Sender:
             ack_policy=js_api.AckPolicy.EXPLICIT,
             ack_wait=self._ack_wait,
             max_deliver=-1,
-            max_ack_pending=self._concurrency * 4,
+            max_ack_pending=MAX_ACK_PENDING,
             filter_subject=self._topology.webhook_subject,
             num_replicas=self._replicas,
         )
+        try:
+            # Creates the consumer, or updates one an older sender created (its max_ack_pending).
+            await self._js.add_consumer(self._topology.jobs_stream, config)
+        except BadRequestError as exc:
+            # Another sender created it with other settings; use it as it is.
+            log.warning("consumer_config_differs", consumer=config.durable_name, error=str(exc))
         self._sub = await self._js.pull_subscribe(
             self._topology.webhook_subject,
             durable=self._topology.webhook_consumer,
             stream=self._topology.jobs_stream,
-            config=config,
         )
         self._loop_task = asyncio.create_task(self._pull(), name="webhook-pull")
 
