@@ -69,6 +69,7 @@ async def test_deliveries_leave_one_at_a_time_in_event_order(db: Database) -> No
         # Only the head is published; the next waits until it is settled for good.
         jobs = [r for r in await rec.store.pending_dispatches() if r.subject.endswith("webhook.deliver")]
         assert [spb.WebhookJob.FromString(r.payload).delivery_id for r in jobs] == [started.id]
+        assert spb.WebhookJob.FromString(jobs[0].payload).host == "hooks.example.com"  # its receiver
         assert (await rec.store.webhooks.claim(completed.id, "s1")).outcome == spb.CLAIM_OUTCOME_DONE
 
         claim = await rec.store.webhooks.claim(started.id, "s1")

@@ -1,5 +1,6 @@
-"""Deliveries waiting for their next attempt hold nobody else up: a real task_store (its relay
-publishing to a real NATS), a real webhook sender in this process and a real HTTP receiver.
+"""Deliveries waiting for their next attempt, or for a receiver that hangs, hold nobody else up:
+a real task_store (its relay publishing to a real NATS), a real webhook sender in this process
+and real HTTP receivers.
 
 A delivery whose attempt failed waits for its next one as a JetStream message nak'd with that
 delay, which the consumer counts as not yet acknowledged. With the sender's consumer bounded
@@ -12,7 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import nats
 import pytest
@@ -40,7 +41,7 @@ FAILING = 12
 
 @contextlib.asynccontextmanager
 async def sending(
-    nats_server: NatsServer, tmp_path: Path, db: Database
+    nats_server: NatsServer, tmp_path: Path, db: Database, **sender_args: Any
 ) -> AsyncIterator[tuple[StoreClient, Sender]]:
     settings = app_settings(
         nats_server, tmp_path, db, webhook_retry_schedule=("0", "600"), webhook_disable_after=0
@@ -52,7 +53,7 @@ async def sending(
         nc = await nats.connect(nats_server.url)
         sender = Sender(
             nc.jetstream(), store, Topology(), sender_id="s1", present=lambda t: t,
-            concurrency=SLOTS, allow_private=True,
+            allow_private=True, **{"concurrency": SLOTS, **sender_args},
         )  # fmt: skip
         try:
             await sender.start()
@@ -110,3 +111,29 @@ async def test_a_consumer_an_older_sender_made_is_given_the_new_bound(
             assert info.config.max_ack_pending == 100_000
     finally:
         await nc.close()
+
+
+@pytest.mark.parametrize("db", ["sqlite"], indirect=True)
+async def test_a_receiver_that_hangs_gets_its_share_of_the_slots_and_the_others_the_rest(
+    nats_server: NatsServer, tmp_path: Path, db: Database
+) -> None:
+    async with (
+        Receiver() as hanging,
+        Receiver() as healthy,
+        sending(nats_server, tmp_path, db, concurrency=4, receiver_concurrency=2, timeout=120) as (
+            store,
+            sender,
+        ),
+    ):
+        hanging.gate.clear()  # it reads each request and answers nothing for now
+        try:
+            for _ in range(6):
+                await completed_with_webhook(store, f"{hanging.url}/ok")
+            await eventually(lambda: len(hanging.arrived) >= 2 and sender.parked >= 1, 60)
+            assert len(hanging.arrived) == 2  # two of the four slots; the other deliveries wait in JetStream
+            await completed_with_webhook(store, f"{healthy.url}/ok")
+            await eventually(lambda: len(healthy.hits) == 1, 60)
+        finally:
+            hanging.gate.set()
+        await eventually(lambda: len({h.id for h in hanging.hits}) == 6, 90)
+        assert [h.answered for h in hanging.hits] == [200] * 6  # each sent once, none failed

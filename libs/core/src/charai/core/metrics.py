@@ -21,7 +21,8 @@ Where each family is fed:
 - gateway: ``charai_watch_streams_open``.
 - task_store also: ``charai_webhook_endpoints_disabled_total`` (by endpoint host).
 - webhook sender: ``charai_webhook_attempts_total`` (by endpoint host and outcome),
-  ``charai_webhook_attempt_duration_seconds`` (by host) and ``charai_webhooks_in_flight``.
+  ``charai_webhook_attempt_duration_seconds`` (by host), ``charai_webhooks_in_flight`` and
+  ``charai_webhooks_parked_total`` (by receiver).
 - every service: ``charai_gc_pause_seconds`` (Python's garbage collector, :mod:`charai.core.gcpauses`).
 - every gRPC server: ``charai_rpc_requests_total`` and ``charai_rpc_duration_seconds`` by method
   and code; task_store also ``charai_exchange_commands`` (commands per ``Exchange`` call, by the
@@ -162,6 +163,12 @@ class Metrics:
         )
         self.webhooks_in_flight = Gauge(
             "charai_webhooks_in_flight", "Webhook deliveries this sender is posting", registry=r
+        )
+        self.webhooks_parked = Counter(
+            "charai_webhooks_parked",
+            "Webhook delivery jobs put back to wait, their receiver busy with slow attempts, by receiver",
+            ["receiver"],
+            registry=r,
         )
 
     def _rpcs(self, r: CollectorRegistry) -> None:

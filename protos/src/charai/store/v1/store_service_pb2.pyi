@@ -1077,16 +1077,23 @@ class WebhookJob(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DELIVERY_ID_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
     delivery_id: _builtins.str
     """The delivery (its webhook-id)."""
+    host: _builtins.str
+    """The receiver: its URL's host, and its port when the URL gives one (lowercase; never the URL's
+    user info). A sender bounds its attempts in flight to one receiver by it before claiming the
+    delivery (empty from a task_store before this field: no bound).
+    """
     def __init__(
         self,
         *,
         delivery_id: _builtins.str = ...,
+        host: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery_id", b"delivery_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery_id", b"delivery_id", "host", b"host"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

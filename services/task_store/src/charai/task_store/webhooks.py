@@ -75,6 +75,20 @@ class WebhookConfig:
     claim_seconds: float = 60.0
 
 
+def receiver(url: str) -> str:
+    """A delivery's receiver as its job names it (``WebhookJob.host``): the URL's host, with its
+    port when the URL gives one; empty for a URL without a host or with a bad port."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        return ""
+    host = parts.hostname or ""
+    if not host or port is None:
+        return host
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class Webhooks:
     """The store's webhook operations (the gRPC API and the units of work call these)."""
 
@@ -148,7 +162,7 @@ class Webhooks:
             return 0
         gen = int(row[2]) + 1
         await tx.execute(_MARK_DISPATCHED, gen, row[0])
-        await tx.execute(_OUTBOX_INSERT, *self._job(str(row[0]), gen, now))
+        await tx.execute(_OUTBOX_INSERT, *self._job(str(row[0]), url, gen, now))
         return 1
 
     async def _dispatch_heads(self, tx: Tx, queues: Collection[tuple[str, str]], now: int) -> int:
@@ -165,20 +179,15 @@ class Webhooks:
                 key = (str(row[0]), str(row[1]))
                 if key in wanted and (key not in heads or int(row[2]) < int(heads[key][2])):
                     heads[key] = row
-        due = [(str(heads[key][3]), int(heads[key][5]) + 1) for key in sorted(heads) if not heads[key][4]]
-        await tx.executemany(_MARK_DISPATCHED, [(gen, delivery_id) for delivery_id, gen in due])
-        await tx.executemany(_OUTBOX_INSERT, [self._job(delivery_id, gen, now) for delivery_id, gen in due])
+        due = [(str(heads[k][3]), k[1], int(heads[k][5]) + 1) for k in sorted(heads) if not heads[k][4]]
+        await tx.executemany(_MARK_DISPATCHED, [(gen, delivery_id) for delivery_id, _, gen in due])
+        await tx.executemany(_OUTBOX_INSERT, [self._job(*delivery, now) for delivery in due])
         return len(due)
 
-    def _job(self, delivery_id: str, gen: int, now: int) -> tuple[object, ...]:
+    def _job(self, delivery_id: str, url: str, gen: int, now: int) -> tuple[object, ...]:
         """The outbox row of a delivery's job (:data:`_OUTBOX_INSERT`'s arguments)."""
-        return (
-            delivery_id,
-            gen,
-            self._subject,
-            spb.WebhookJob(delivery_id=delivery_id).SerializeToString(),
-            now,
-        )
+        job = spb.WebhookJob(delivery_id=delivery_id, host=receiver(url))
+        return (delivery_id, gen, self._subject, job.SerializeToString(), now)
 
     # -- the lost-job sweep (the relay's sweeper) ---------------------------------------------
     async def stale(self, older_than_s: float, limit: int = 200) -> list[tuple[str, int, int | None]]:

@@ -72,11 +72,13 @@ class SenderApp(ServiceApp):
             sender_id=s.sender_id,
             present=present,
             concurrency=s.webhook_concurrency,
+            receiver_concurrency=s.webhook_receiver_concurrency,
             timeout=s.webhook_timeout_seconds,
             allow_private=s.webhook_allow_private_urls,
             ack_wait=s.webhook_ack_wait_seconds,
             replicas=s.nats_replicas,
             observe=self._observe,
+            parked=self._parked,
         )
         await sender.start()
         stack.push_async_callback(sender.close, s.shutdown_grace_seconds)
@@ -88,6 +90,9 @@ class SenderApp(ServiceApp):
             )
         )
         logs.announce("webhook_sender_started", concurrency=s.webhook_concurrency, sender_id=s.sender_id)
+
+    def _parked(self, receiver: str) -> None:
+        self.metrics.webhooks_parked.labels(receiver).inc()
 
     def _observe(self, host: str, outcome: str, seconds: float) -> None:
         self.metrics.webhook_attempts.labels(host, outcome).inc()

@@ -12,11 +12,13 @@ from urllib.parse import urlsplit
 
 import grpc
 import structlog
+from charai.core.clock import Clock, SystemClock
 from charai.core.storeclient import StoreClient
 from charai.core.topology import Topology
 from charai.store.v1 import store_service_pb2 as spb
 from charai.tasks.v1 import task_pb2
 from charai.webhook_sender import post as attempt
+from charai.webhook_sender.receivers import Receivers, park_delay
 from charai.worker.egress import CachedResolve, Resolve, system_resolve
 from charai.worker.outcome import settle_message
 from google.protobuf import duration_pb2
@@ -56,10 +58,19 @@ class Sender:
         replicas: int = 1,
         resolve: Resolve = system_resolve,
         observe: Callable[[str, str, float], None] | None = None,
+        receiver_concurrency: int = 16,
+        clock: Clock | None = None,
+        parked: Callable[[str], None] | None = None,
     ) -> None:
         self._js = js
         #: Called with (endpoint host, outcome, seconds) after each attempt (metrics).
         self._observe = observe
+        #: Each receiver's share of the slots (:mod:`charai.webhook_sender.receivers`).
+        self.receivers = Receivers(receiver_concurrency, clock or SystemClock())
+        #: Called with the receiver of each delivery put back to wait (metrics).
+        self._on_parked = parked
+        #: Deliveries put back to wait, their receiver having its share (tests, metrics).
+        self.parked = 0
         self._store = store
         self._topology = topology
         self._sender_id = sender_id
@@ -150,7 +161,22 @@ class Sender:
         self._slots.release()
 
     async def _one(self, msg: Msg) -> None:
-        delivery_id = spb.WebhookJob.FromString(msg.data).delivery_id
+        job = spb.WebhookJob.FromString(msg.data)
+        started = self.receivers.admit(job.host)
+        if started is None:  # its receiver has its share: the job waits in JetStream, not in a slot
+            self.parked += 1
+            if self._on_parked is not None:
+                self._on_parked(job.host)
+            await settle_message("nak", msg, park_delay(_delivered(msg)))
+            return
+        posted: list[bool] = []
+        try:
+            await self._deliver(msg, job.delivery_id, posted)
+        finally:
+            self.receivers.done(job.host, started, posted=bool(posted))
+
+    async def _deliver(self, msg: Msg, delivery_id: str, posted: list[bool]) -> None:
+        """Claims, posts and settles one delivery; ``posted`` gets an item once it was posted."""
         try:
             claim = await self._store.claim_webhook_delivery(delivery_id, self._sender_id)
         except grpc.aio.AioRpcError as exc:
@@ -164,6 +190,7 @@ class Sender:
             await settle_message("nak", msg, max(0.05, claim.retry_after_seconds))
             return
         answer = await self._send(delivery_id, claim)
+        posted.append(True)
         request = spb.SettleWebhookDeliveryRequest(
             delivery_id=delivery_id,
             sender_id=self._sender_id,
@@ -215,6 +242,14 @@ class Sender:
             host=host,
         )
         return answer
+
+
+def _delivered(msg: Msg) -> int:
+    """How many times JetStream has delivered the message (1 for its first time)."""
+    try:
+        return int(msg.metadata.num_delivered or 1)
+    except Exception:  # not a JetStream message's reply subject
+        return 1
 
 
 def _host(url: str) -> str:
