@@ -11,6 +11,16 @@ from charai.webhook_sender import receivers as module
 from charai.webhook_sender.receivers import Receivers, park_delay
 
 
+def attempt(
+    shares: Receivers, clock: ManualClock, receiver: str, seconds: float, *, posted: bool = True
+) -> None:
+    """One attempt to ``receiver`` that takes ``seconds``."""
+    started = shares.admit(receiver)
+    assert started is not None
+    clock.advance(seconds)
+    shares.done(receiver, started, posted=posted)
+
+
 def test_a_receiver_not_known_to_be_quick_gets_its_share_and_no_more() -> None:
     shares = Receivers(2, ManualClock())
     assert shares.admit("a.test") is not None and shares.admit("a.test") is not None
@@ -24,10 +34,7 @@ def test_a_receiver_not_known_to_be_quick_gets_its_share_and_no_more() -> None:
 def test_a_quick_receiver_may_take_more_until_one_of_its_attempts_is_slow() -> None:
     clock = ManualClock()
     shares = Receivers(2, clock)
-    first = shares.admit("a.test")
-    assert first is not None
-    clock.advance(0.1)
-    shares.done("a.test", first)  # quick: vouches for a.test
+    attempt(shares, clock, "a.test", 0.1)  # quick: vouches for a.test
     assert all(shares.admit("a.test") is not None for _ in range(5))
     clock.advance(1.9)
     assert shares.admit("a.test") is not None  # the oldest in flight: 1.9 s
@@ -39,20 +46,14 @@ def test_a_quick_receiver_may_take_more_until_one_of_its_attempts_is_slow() -> N
 def test_a_slow_attempt_or_time_ends_quickness_and_only_a_post_vouches() -> None:
     clock = ManualClock()
     shares = Receivers(1, clock)
-    slow = shares.admit("a.test")
-    assert slow is not None
-    clock.advance(2.5)
-    shares.done("a.test", slow)
+    attempt(shares, clock, "a.test", 0.1)
+    attempt(shares, clock, "a.test", 2.5)  # slow: no longer vouched for
     assert shares.admit("a.test") is not None and shares.admit("a.test") is None
     shares = Receivers(1, clock)
-    unposted = shares.admit("b.test")
-    assert unposted is not None
-    shares.done("b.test", unposted, posted=False)  # its claim said not now: no post
+    attempt(shares, clock, "b.test", 0.1, posted=False)  # its claim said not now: no post
     assert shares.admit("b.test") is not None and shares.admit("b.test") is None
     shares = Receivers(1, clock)
-    quick = shares.admit("c.test")
-    assert quick is not None
-    shares.done("c.test", quick)
+    attempt(shares, clock, "c.test", 0.1)
     clock.advance(60)
     assert shares.admit("c.test") is not None and shares.admit("c.test") is None  # no longer vouched for
 
@@ -62,9 +63,7 @@ def test_quick_receivers_remembered_are_bounded(monkeypatch: pytest.MonkeyPatch)
     clock = ManualClock()
     shares = Receivers(1, clock)
     for i in range(5):
-        started = shares.admit(f"r{i}.test")
-        assert started is not None
-        shares.done(f"r{i}.test", started)
+        attempt(shares, clock, f"r{i}.test", 0)
     assert len(shares._quick_until) == 3
     assert shares.admit("r4.test") is not None and shares.admit("r4.test") is not None  # the newest kept
 
