@@ -58,7 +58,7 @@ class Sender:
         replicas: int = 1,
         resolve: Resolve = system_resolve,
         observe: Callable[[str, str, float], None] | None = None,
-        receiver_concurrency: int = 16,
+        receiver_concurrency: int = 32,
         clock: Clock | None = None,
         parked: Callable[[str], None] | None = None,
     ) -> None:

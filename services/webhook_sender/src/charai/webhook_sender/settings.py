@@ -14,7 +14,7 @@ class SenderSettings(CommonSettings):
     webhook_concurrency: int = Field(default=64, ge=1, le=10_000)
     #: Attempts in flight to one receiver (a URL's host and port) at most, unless the receiver has
     #: answered within 2 s lately; the deliveries beyond wait in JetStream (0: no bound).
-    webhook_receiver_concurrency: int = Field(default=16, ge=0, le=10_000)
+    webhook_receiver_concurrency: int = Field(default=32, ge=0, le=10_000)
     #: Per attempt: connect, send and read the answer.
     webhook_timeout_seconds: float = Field(default=15.0, gt=0, le=120)
     #: Post to loopback/private addresses (link-local and cloud metadata never).
