@@ -4,7 +4,8 @@ A receiver that hangs (answers nothing until the attempt's timeout) would otherw
 slot of a sender once it has that many deliveries due, and hold up every other tenant's for as
 long. So a receiver gets at most ``limit`` attempts in flight at once, unless it is known to be
 quick: its last attempt took less than ``slow_after`` seconds, within the last ``quick_for``
-seconds, and none of its attempts in flight is older than ``slow_after``. A receiver not seen
+seconds, and none of its attempts in flight (claim, post and settle) is older than
+``slow_after``. A receiver not seen
 yet counts as not known to be quick, so a new one that hangs at once takes ``limit`` slots, not
 all of them; a quick one may take them all. A delivery over the bound waits in JetStream
 (:func:`park_delay`), not in a slot.
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from charai.core.clock import Clock
 
-#: An attempt (claim, post and settle) longer than this makes its receiver slow.
+#: A post longer than this makes its receiver slow, and so does an attempt in flight this long.
 SLOW_AFTER_SECONDS = 2.0
 #: A quick attempt vouches for its receiver this long.
 QUICK_FOR_SECONDS = 60.0
@@ -71,10 +72,10 @@ class Receivers:
         started.append(now)
         return now
 
-    def done(self, receiver: str, started_at: float, *, posted: bool = True) -> None:
-        """The attempt started at ``started_at`` ended; how long it took says whether its
-        receiver is quick, if it was ``posted`` (a delivery whose claim said not now never
-        reached the receiver)."""
+    def done(self, receiver: str, started_at: float, post_seconds: float | None) -> None:
+        """The attempt started at ``started_at`` ended; how long its post took says whether its
+        receiver is quick (None: not posted, e.g. its claim said not now; the receiver was not
+        asked, so this says nothing of it)."""
         if not receiver or not self.limit:
             return
         now = self._clock.monotonic()
@@ -83,9 +84,9 @@ class Receivers:
             started.remove(started_at)
             if not started:
                 del self._started[receiver]
-        if not posted:
+        if post_seconds is None:
             return
-        if now - started_at < self._slow_after:
+        if post_seconds < self._slow_after:
             self._quick_until[receiver] = now + self._quick_for
             if len(self._quick_until) > MAX_REMEMBERED:
                 self._forget(now)

@@ -169,14 +169,15 @@ class Sender:
                 self._on_parked(job.host)
             await settle_message("nak", msg, park_delay(_delivered(msg)))
             return
-        posted: list[bool] = []
+        posted: list[float] = []
         try:
             await self._deliver(msg, job.delivery_id, posted)
         finally:
-            self.receivers.done(job.host, started, posted=bool(posted))
+            self.receivers.done(job.host, started, posted[0] if posted else None)
 
-    async def _deliver(self, msg: Msg, delivery_id: str, posted: list[bool]) -> None:
-        """Claims, posts and settles one delivery; ``posted`` gets an item once it was posted."""
+    async def _deliver(self, msg: Msg, delivery_id: str, posted: list[float]) -> None:
+        """Claims, posts and settles one delivery; ``posted`` gets the post's seconds once it
+        was posted."""
         try:
             claim = await self._store.claim_webhook_delivery(delivery_id, self._sender_id)
         except grpc.aio.AioRpcError as exc:
@@ -190,7 +191,7 @@ class Sender:
             await settle_message("nak", msg, max(0.05, claim.retry_after_seconds))
             return
         answer = await self._send(delivery_id, claim)
-        posted.append(True)
+        posted.append(answer.latency)
         request = spb.SettleWebhookDeliveryRequest(
             delivery_id=delivery_id,
             sender_id=self._sender_id,
