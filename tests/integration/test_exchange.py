@@ -397,7 +397,7 @@ async def test_a_senders_claims_and_settlements_travel_in_exchange_each_as_its_u
         assert registry.get_sample_value("charai_exchange_commands_count", {"kind": "webhook_settle"})
 
 
-async def test_a_task_store_without_the_senders_commands_gets_unary_calls(
+async def test_a_task_store_without_a_kind_of_command_gets_unary_calls_for_it(
     nats_server: NatsServer, tmp_path: Path, db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A task_store older than the commands (rolling upgrade) drops them as unknown fields and
@@ -416,5 +416,11 @@ async def test_a_task_store_without_the_senders_commands_gets_unary_calls(
         claims = await asyncio.gather(*(client.claim_webhook_delivery(i, "s1") for i in ids))
         assert [c.outcome for c in claims] == [RUN, RUN]
         calls = client.coalescer.calls
-        answer = await client.settle_webhook_delivery(settled(ids[0], "s1", 200))
+        again = await client.claim_webhook_delivery(ids[0], "s1")  # its own claim: answered again
+        assert again.outcome == RUN and client.coalescer.calls == calls  # unary from now on
+        # Each kind of command learns it on its own: the first settle is refused in Exchange too.
+        first = await client.settle_webhook_delivery(settled(ids[0], "s1", 200))
+        calls = client.coalescer.calls
+        answer = await client.settle_webhook_delivery(settled(ids[1], "s1", 200))
         assert answer.outcome == DONE and client.coalescer.calls == calls  # unary from now on
+        assert first.outcome == DONE

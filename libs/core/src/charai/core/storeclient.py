@@ -68,8 +68,8 @@ class StoreClient:
         self._stub: TaskStoreServiceAsyncStub = store_service_pb2_grpc.TaskStoreServiceStub(self._channel)  # type: ignore[assignment]
         self._closed = False
         self._exchange_known = True
-        #: Whether task_store takes a webhook sender's commands in Exchange (see _webhook_command).
-        self._webhooks_batched = True
+        #: Kinds of command task_store does not know in Exchange (see _command).
+        self._unknown: set[str] = set()
         #: The batcher of :meth:`exchange` (None: every call is unary).
         self.coalescer = Coalescer(self._send_exchange) if coalesce else None
         #: The coalescer's transport: long-lived ExchangeStream calls, one per address given
@@ -86,12 +86,25 @@ class StoreClient:
     async def _command(
         self, command: spb.StoreCommand, timeout: float | None, batched: bool = True
     ) -> spb.StoreAnswer | None:
-        """The command's answer through the coalescer, or None: make the unary call instead."""
-        if self.coalescer is None or not batched or not self._exchange_known:
+        """The command's answer through the coalescer, or None: make the unary call instead.
+
+        A task_store older than a kind of command (a rolling upgrade) drops it as an unknown
+        field and refuses the empty command it is left with (``commands.command``): that kind
+        goes by unary calls from then on."""
+        kind = command.WhichOneof("command")
+        if self.coalescer is None or not batched or not self._exchange_known or kind in self._unknown:
             return None
         if not command.traceparent:
             command.traceparent = tracing.current.get()  # each command keeps its own trace
-        return await self.coalescer.call(command, timeout)
+        try:
+            return await self.coalescer.call(command, timeout)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.INVALID_ARGUMENT or "commands.command" not in (
+                exc.details() or ""
+            ):
+                raise
+            self._unknown.add(kind or "")
+            return None
 
     async def _send_exchange(
         self, commands: list[spb.StoreCommand], timeout: float | None
@@ -247,7 +260,7 @@ class StoreClient:
     ) -> spb.ClaimWebhookDeliveryResponse:
         """What a sender should send for a published delivery (or why not now)."""
         request = spb.ClaimWebhookDeliveryRequest(delivery_id=delivery_id, sender_id=sender_id)
-        answer = await self._webhook_command(spb.StoreCommand(webhook_claim=request), timeout)
+        answer = await self._command(spb.StoreCommand(webhook_claim=request), timeout)
         if answer is not None:
             return answer.webhook_claim
         return await self._stub.ClaimWebhookDelivery(request, timeout=timeout)
@@ -256,29 +269,10 @@ class StoreClient:
         self, request: spb.SettleWebhookDeliveryRequest, *, timeout: float | None = None
     ) -> spb.SettleWebhookDeliveryResponse:
         """Records an attempt; the answer says whether to ack or retry later."""
-        answer = await self._webhook_command(spb.StoreCommand(webhook_settle=request), timeout)
+        answer = await self._command(spb.StoreCommand(webhook_settle=request), timeout)
         if answer is not None:
             return answer.webhook_settle
         return await self._stub.SettleWebhookDelivery(request, timeout=timeout)
-
-    async def _webhook_command(
-        self, command: spb.StoreCommand, timeout: float | None
-    ) -> spb.StoreAnswer | None:
-        """A sender's command through the coalescer, or None: make the unary call instead. A
-        task_store older than these commands drops them as unknown and refuses the empty command
-        (``commands.command``); from then on this client makes unary calls for them."""
-        if not self._webhooks_batched:
-            return None
-        try:
-            return await self._command(command, timeout)
-        except grpc.aio.AioRpcError as exc:
-            unknown = exc.code() == grpc.StatusCode.INVALID_ARGUMENT and "commands.command" in (
-                exc.details() or ""
-            )
-            if not unknown:
-                raise
-            self._webhooks_batched = False
-            return None
 
     async def list_events(
         self, request: spb.ListEventsRequest, *, timeout: float | None = None
