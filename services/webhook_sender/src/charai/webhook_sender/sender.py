@@ -169,29 +169,27 @@ class Sender:
                 self._on_parked(job.host)
             await settle_message("nak", msg, park_delay(_delivered(msg)))
             return
-        posted: list[float] = []
+        post_seconds = None
         try:
-            await self._deliver(msg, job.delivery_id, posted)
+            post_seconds = await self._deliver(msg, job.delivery_id)
         finally:
-            self.receivers.done(job.host, started, posted[0] if posted else None)
+            self.receivers.done(job.host, started, post_seconds)
 
-    async def _deliver(self, msg: Msg, delivery_id: str, posted: list[float]) -> None:
-        """Claims, posts and settles one delivery; ``posted`` gets the post's seconds once it
-        was posted."""
+    async def _deliver(self, msg: Msg, delivery_id: str) -> float | None:
+        """Claims, posts and settles one delivery; how long its post took (None: not posted)."""
         try:
             claim = await self._store.claim_webhook_delivery(delivery_id, self._sender_id)
         except grpc.aio.AioRpcError as exc:
             log.warning("webhook_claim_failed", delivery_id=delivery_id, code=exc.code().name)
             await settle_message("nak", msg, STORE_RETRY_SECONDS)
-            return
+            return None
         if claim.outcome == spb.CLAIM_OUTCOME_DONE:
             await settle_message("ack", msg)
-            return
+            return None
         if claim.outcome == spb.CLAIM_OUTCOME_DEFER:
             await settle_message("nak", msg, max(0.05, claim.retry_after_seconds))
-            return
+            return None
         answer = await self._send(delivery_id, claim)
-        posted.append(answer.latency)
         request = spb.SettleWebhookDeliveryRequest(
             delivery_id=delivery_id,
             sender_id=self._sender_id,
@@ -206,11 +204,12 @@ class Sender:
             # Unrecorded: the claim expires and the delivery goes again (same webhook-id).
             log.warning("webhook_settle_failed", delivery_id=delivery_id, code=exc.code().name)
             await settle_message("nak", msg, STORE_RETRY_SECONDS)
-            return
+            return answer.latency
         if settled.outcome == spb.SETTLE_OUTCOME_RETRY:
             await settle_message("nak", msg, max(0.0, settled.retry_after_seconds))
         else:
             await settle_message("ack", msg)
+        return answer.latency
 
     async def _send(self, delivery_id: str, claim: spb.ClaimWebhookDeliveryResponse) -> attempt.Answer:
         body = attempt.payload(claim, self._present)
