@@ -149,24 +149,12 @@ class Webhooks:
         return await self._dispatch_head(tx, task_id, url, now)
 
     async def _dispatch_head(self, tx: Tx, task_id: str, url: str, now: int) -> int:
-        """Publishes (through the outbox) the head of a task's queue for ``url`` unless it is
-        already out; returns how many jobs it queued."""
-        row = await tx.fetchrow(
-            "SELECT id, dispatched, dispatch_gen FROM webhook_deliveries"
-            " WHERE task_id = ? AND url = ? AND status = ? ORDER BY seq LIMIT 1",
-            task_id,
-            url,
-            _PENDING,
-        )
-        if row is None or row[1]:
-            return 0
-        gen = int(row[2]) + 1
-        await tx.execute(_MARK_DISPATCHED, gen, row[0])
-        await tx.execute(_OUTBOX_INSERT, *self._job(str(row[0]), url, gen, now))
-        return 1
+        """:meth:`_dispatch_heads` for one queue."""
+        return await self._dispatch_heads(tx, [(task_id, url)], now)
 
     async def _dispatch_heads(self, tx: Tx, queues: Collection[tuple[str, str]], now: int) -> int:
-        """:meth:`_dispatch_head` for each (task, url) of ``queues``, with a read for each
+        """Publishes (through the outbox) the head of each (task, url) queue of ``queues`` unless
+        it is already out; returns how many jobs it queued. One read for each
         :data:`_TASKS_PER_READ` tasks and one statement for all the writes: a redelivery of
         thousands of deliveries is not a round trip to PostgreSQL per statement per delivery."""
         wanted = set(queues)
