@@ -186,6 +186,9 @@ async def test_invalid_input_exits_3_and_names_the_field(stack: Stack) -> None:
     assert usage.code == 3 and "--prompt" in usage.err, usage
     bad = await charai(stack, "tts", "--character", char(), "--text", "x", "--metadata", "novalue")
     assert bad.code == 3 and "novalue" in bad.err, bad
+    for timeout in ("-1", "0", "nan"):  # NaN was taken, and ended a plain list with "gave up"
+        refused = await charai(stack, "--timeout", timeout, "list", "--limit", "1")
+        assert refused.code == 3 and "--timeout must be positive" in refused.err, (timeout, refused)
 
 
 # -- get, list, cancel, download -------------------------------------------------------------

@@ -21,6 +21,7 @@ import pytest
 import pytest_asyncio
 from charai.devstack.stack import ALL_SERVICES, Stack
 from charai.tasks.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from tests.conftest import eventually, later_port
@@ -185,11 +186,26 @@ async def test_bad_webhooks_are_refused_naming_the_field(api: Api) -> None:
         ("ftp://example.com/x", [], "webhook.url"),
         ("https://user:pw@example.com/x", [], "webhook.url"),
         ("https://example.com/x", ["finished"], "webhook.events"),
+        # urllib cannot read these (they were UNKNOWN, a ValueError), or the port is unusable.
+        ("http://[::1", [], "webhook.url"),
+        ("http://[zz]/x", [], "webhook.url"),
+        ("https://example.com:99999/x", [], "webhook.url"),
+        ("https://example.com:0/x", [], "webhook.url"),
     ):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await submit(api, url, events)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert field in (caught.value.details() or ""), caught.value.details()
+    # RedeliverWebhook: checked at the gateway, the fields named.
+    for request, field in (
+        (task_service_pb2.RedeliverWebhookRequest(delivery_id="x" * 5000), "delivery_id"),
+        (task_service_pb2.RedeliverWebhookRequest(since=Timestamp(seconds=10**12)), "since"),
+        (task_service_pb2.RedeliverWebhookRequest(), "delivery_id"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await api.RedeliverWebhook(request)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert (caught.value.details() or "").startswith(f"invalid request: {field}:"), caught.value.details()
 
 
 async def test_an_access_token_cannot_reach_the_webhook_calls(api: Api) -> None:

@@ -5,6 +5,7 @@ own contract is ``test_store_contract.py``."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import sqlite3
 from collections.abc import AsyncIterator
@@ -15,10 +16,14 @@ import grpc
 import pytest
 from charai.core.storeclient import StoreClient
 from charai.store.v1 import store_service_pb2 as spb
+from charai.store.v1 import store_service_pb2_grpc
 from charai.task_store.app import TaskStoreApp
 from charai.task_store.settings import Settings
 from charai.taskapi import error_details
 from charai.tasks.v1 import task_service_pb2
+from charai.tasks.v1.task_service_pb2 import RedeliverWebhookRequest as RedeliverRequest
+from google.protobuf.timestamp_pb2 import Timestamp
+from google.rpc import error_details_pb2, status_pb2
 
 from tests.integration.conftest import Database, sqlite_database
 from tests.integration.store_requests import (
@@ -66,6 +71,15 @@ def bad_fields(exc: grpc.aio.AioRpcError) -> list[str]:
     return fields
 
 
+def refused_fields(error: bytes) -> list[str]:
+    """The fields an Exchange answer's refusal names (its ``google.rpc.Status`` details)."""
+    status = status_pb2.Status.FromString(error)
+    assert status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0], status
+    found = error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(found)
+    return [v.field for v in found.field_violations]
+
+
 async def test_grpc_rejects_invalid_create_and_stores_nothing(
     nats_server: NatsServer, tmp_path: Path, db: Database
 ) -> None:
@@ -110,6 +124,65 @@ async def test_grpc_rejects_invalid_create_and_stores_nothing(
             await client.list_tasks("t1", task_service_pb2.ListTasksRequest(page_token="%%%"))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert bad_fields(err.value) == ["page_token"]
+
+
+async def test_grpc_names_forged_page_tokens_and_values_out_of_range_and_stores_nothing(
+    nats_server: NatsServer, tmp_path: Path, db: Database
+) -> None:
+    # Numbers no database column holds, and a batch naming its bad request: each is
+    # INVALID_ARGUMENT naming its field, never a crash that the gateway answers UNAVAILABLE.
+    huge = base64.urlsafe_b64encode(b"99999999999999999999:task_x").decode()
+    huge_offset = base64.urlsafe_b64encode(b"99999999999999999999999").decode()
+    async with running_app(app_settings(nats_server, tmp_path, db)) as (app, client):
+        calls = [
+            (client.list_tasks("t1", task_service_pb2.ListTasksRequest(page_token=huge)), "page_token"),
+            (
+                client.list_webhook_deliveries(
+                    "t1", task_service_pb2.ListWebhookDeliveriesRequest(page_token=huge)
+                ),
+                "page_token",
+            ),
+            (client.get_usage("t1", task_service_pb2.GetUsageRequest(page_token=huge_offset)), "page_token"),
+            (client.redeliver_webhook("t1", RedeliverRequest(since=Timestamp(seconds=10**12))), "since"),
+            (client.redeliver_webhook("t1", RedeliverRequest(since=Timestamp(seconds=1, nanos=-5))), "since"),
+            (client.redeliver_webhook("t1", RedeliverRequest(delivery_id="x" * 5000)), "delivery_id"),
+            (
+                client.redeliver_webhook("t1", RedeliverRequest(delivery_id="msg_" + "0" * 32 + "\n")),
+                "delivery_id",
+            ),
+        ]
+        for call, field in calls:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (field, err.value.details())
+            assert bad_fields(err.value) == [field]
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await client.redeliver_webhook("t1", RedeliverRequest(delivery_id="msg_" + "0" * 32))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND  # well formed, and nobody's
+
+        # A request_id another type took, in a batch: the request is named by its index.
+        # As unary calls, and as commands of one Exchange call (the gateway's way), where the
+        # batch shares its transaction with another caller's create.
+        await client.create_task("t1", image_request(request_id="r1"))
+        batch = [image_request(request_id="r2"), tts_request(request_id="r1")]
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await client.batch_create_tasks("t1", batch)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert bad_fields(err.value) == ["requests[1].request_id"]
+        with pytest.raises(grpc.aio.AioRpcError) as err:  # a single create: the field alone
+            await client.create_task("t1", tts_request(request_id="r1"))
+        assert bad_fields(err.value) == ["request_id"]
+        commands = [
+            spb.StoreCommand(batch_create=spb.BatchCreateTasksRequest(tenant="t1", requests=batch)),
+            spb.StoreCommand(create=spb.CreateTaskRequest(tenant="t1", request=tts_request(request_id="r1"))),
+            spb.StoreCommand(create=spb.CreateTaskRequest(tenant="t1", request=tts_request())),
+        ]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            stub = store_service_pb2_grpc.TaskStoreServiceStub(channel)
+            answers = (await stub.Exchange(spb.ExchangeRequest(commands=commands))).answers
+        assert [refused_fields(a.error) for a in answers[:2]] == [["requests[1].request_id"], ["request_id"]]
+        assert answers[2].create.task.id  # the others' refusals are theirs alone
+        assert await db.count_rows("tasks") == 2  # r1's image and the last; r2 was rolled back
 
 
 async def test_grpc_hides_other_tenants_tasks(nats_server: NatsServer, tmp_path: Path, db: Database) -> None:

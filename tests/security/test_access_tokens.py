@@ -325,6 +325,19 @@ async def test_minting_is_validated_and_needs_a_tenant_key(world: World) -> None
             "ttl",
         ),
         "not a task id": (task_service_pb2.CreateAccessTokenRequest(task_ids=["../x"]), "task_ids[0]"),
+        # Beyond what a Python timedelta holds (was UNKNOWN, an OverflowError), and negative.
+        "ttl beyond any date": (
+            task_service_pb2.CreateAccessTokenRequest(
+                metadata={"characterId": "c"}, ttl=duration_pb2.Duration(seconds=9 * 10**18)
+            ),
+            "ttl",
+        ),
+        "ttl negative": (
+            task_service_pb2.CreateAccessTokenRequest(
+                metadata={"characterId": "c"}, ttl=duration_pb2.Duration(seconds=-60)
+            ),
+            "ttl",
+        ),
     }
     for why, (request, field) in cases.items():
         answer = await grpc_unary(charai.channel, "CreateAccessToken", request, bearer(TOKEN_A))

@@ -16,6 +16,7 @@ from charai.core.validation import (
     validate_watch_filter,
 )
 from charai.tasks.v1 import task_pb2, task_service_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -680,3 +681,67 @@ def test_limits_constants() -> None:
     assert validation.MAX_PROMPT_CHARS == 4000
     assert validation.MAX_TTS_TEXT_CHARS == 1024
     assert validation.MAX_PAGE_SIZE == 500
+
+
+# --- webhook URLs and RedeliverWebhook ------------------------------------------------------------
+
+
+def with_webhook(url: str) -> task_service_pb2.CreateTaskRequest:
+    req = seed_image()
+    req.webhook.url = url
+    return req
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://[::1",  # urllib raises ValueError (a bad IPv6 literal)
+        "http://[zz]/x",
+        "https://hooks.example.com:99999/x",  # a port out of range: ValueError when read
+        "https://hooks.example.com:0/x",
+        "https://hooks.example.com:x/",
+        "https:///x",
+    ],
+)
+def test_a_webhook_url_without_a_usable_host_and_port_is_named(url: str) -> None:
+    with pytest.raises(RequestInvalidError) as caught:
+        validate_create(with_webhook(url))
+    assert [v.field for v in caught.value.violations] == ["webhook.url"]
+
+
+@pytest.mark.parametrize(
+    "url", ["https://hooks.example.com/x", "https://hooks.example.com:8443/x", "http://[::1]:8080/in"]
+)
+def test_a_webhook_url_with_a_host_and_a_port_passes(url: str) -> None:
+    validate_create(with_webhook(url))
+
+
+@given(st.text(max_size=60), st.sampled_from(["", "http://", "https://", "http://[", "https://h:"]))
+def test_validate_create_only_ever_raises_request_invalid_whatever_the_webhook_url(
+    tail: str, head: str
+) -> None:
+    try:
+        validate_create(with_webhook(head + tail))
+    except RequestInvalidError as exc:
+        assert [v.field for v in exc.violations] == ["webhook.url"]
+
+
+def test_validate_redeliver() -> None:
+    redeliver = task_service_pb2.RedeliverWebhookRequest
+    delivery = "msg_" + "0123456789abcdef" * 2
+    assert validation.validate_redeliver(redeliver(delivery_id=delivery)) is None
+    assert validation.validate_redeliver(redeliver(since=Timestamp(seconds=2, nanos=5000))) == 2_000_005
+    for request, field in [
+        (redeliver(), "delivery_id"),
+        (redeliver(delivery_id=delivery, since=Timestamp(seconds=1)), "delivery_id"),
+        (redeliver(delivery_id="x" * 5000), "delivery_id"),
+        (redeliver(delivery_id=delivery + "\n"), "delivery_id"),
+        (redeliver(delivery_id=TASK_ID), "delivery_id"),
+        (redeliver(since=Timestamp(seconds=10**12)), "since"),
+        (redeliver(since=Timestamp(seconds=-(10**15))), "since"),
+        (redeliver(since=Timestamp(seconds=1, nanos=-5)), "since"),
+        (redeliver(since=Timestamp(seconds=1, nanos=10**9)), "since"),
+    ]:
+        with pytest.raises(RequestInvalidError) as caught:
+            validation.validate_redeliver(request)
+        assert [v.field for v in caught.value.violations] == [field], request

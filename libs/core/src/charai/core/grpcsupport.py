@@ -117,10 +117,13 @@ def _upstream_status(exc: grpc.aio.AioRpcError) -> status_pb2.Status:
     never the internal call's debug string."""
     code = exc.code()
     if code in _PASS_THROUGH:
-        rich = rpc_status.from_call(exc)  # type: ignore[arg-type]
+        try:
+            rich = rpc_status.from_call(exc)  # type: ignore[arg-type]
+        except ValueError:  # details of another code: e.g. an answer whose metadata was too large
+            rich = None
         if rich is not None:
             return rich
-        return status_pb2.Status(code=code.value[0], message=exc.details() or code.name.lower())
+        return status_pb2.Status(code=code.value[0], message=(exc.details() or code.name.lower())[:1000])
     log.warning("upstream_call_failed", code=code.name, details=exc.details())
     return status_pb2.Status(code=code_pb2.UNAVAILABLE, message="the task service is unavailable; try again")
 

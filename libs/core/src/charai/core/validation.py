@@ -10,7 +10,7 @@ import dataclasses
 import math
 import re
 from collections.abc import Mapping, Sequence
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from charai.core.domain import provider_models
 from charai.core.domain.provider_models import ImageModel, ProviderModels, TtsModel
@@ -53,6 +53,9 @@ _KEY = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]{0,63}")
 _RESOLUTION = re.compile(r"([0-9]{3,4})[x×]([0-9]{3,4})")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _TASK_ID = re.compile(r"task_[0-9a-f]{32}")
+_DELIVERY_ID = re.compile(r"msg_[0-9a-f]{32}")
+#: The largest integer SQLite and PostgreSQL's bigint hold: a bound for numbers read from page tokens.
+MAX_INT64 = 2**63 - 1
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -68,6 +71,23 @@ class RequestInvalidError(Exception):
         self.violations = violations
         summary = "; ".join(f"{v.field}: {v.description}" for v in violations)
         super().__init__(f"invalid request: {summary}")
+
+
+def _http_parts(url: str) -> SplitResult | None:
+    """The URL's parts if it is http(s) with a host and a port of 1 to 65535 (or none), else
+    None (urllib raises ValueError for a bad IPv6 literal or a port out of range)."""
+    try:
+        parts = urlsplit(url)
+        usable = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:
+        return None
+    return parts if usable else None
+
+
+def in_batch(index: int, violations: Sequence[Violation]) -> list[Violation]:
+    """``violations`` of one request, each field named as the ``index``-th request of a batch
+    names it: ``requests[i].field``."""
+    return [Violation(f"requests[{index}].{v.field}", v.description) for v in violations]
 
 
 class _Checker:
@@ -278,7 +298,7 @@ def validate_batch(
         try:
             validate_create(request, models)
         except RequestInvalidError as exc:
-            violations += [Violation(f"requests[{index}].{v.field}", v.description) for v in exc.violations]
+            violations += in_batch(index, exc.violations)
     if violations:
         raise RequestInvalidError(violations)
 
@@ -291,9 +311,9 @@ def validate_webhook(c: _Checker, field: str, hook: task_pb2.Webhook) -> None:
     elif len(url) > MAX_WEBHOOK_URL_CHARS or _CONTROL.search(url) or " " in url:
         c.add(f"{field}.url", f"must be an http(s) URL of at most {MAX_WEBHOOK_URL_CHARS} characters")
     else:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            c.add(f"{field}.url", "must be an http(s) URL with a host")
+        parts = _http_parts(url)
+        if parts is None:
+            c.add(f"{field}.url", "must be an http(s) URL with a host (and a port of 1 to 65535)")
         elif parts.username or parts.password:
             c.add(f"{field}.url", "must not carry credentials (sign-in is by signature)")
     names = list(hook.events)
@@ -311,6 +331,26 @@ def validate_task_id(field: str, value: str) -> None:
     malformed id is a client bug worth naming)."""
     if not _TASK_ID.fullmatch(value):
         raise RequestInvalidError([Violation(field, "must be a task id like task_<32 hex digits>")])
+
+
+def validate_redeliver(req: task_service_pb2.RedeliverWebhookRequest) -> int | None:
+    """Raises :class:`RequestInvalidError` unless the request names exactly one of a delivery
+    (``msg_<32 hex digits>``) and a valid ``since``; returns ``since`` in microseconds (None
+    for a delivery)."""
+    if bool(req.delivery_id) == req.HasField("since"):
+        raise RequestInvalidError([Violation("delivery_id", "give exactly one of delivery_id and since")])
+    if req.delivery_id:
+        if not _DELIVERY_ID.fullmatch(req.delivery_id):
+            raise RequestInvalidError(
+                [Violation("delivery_id", "must be a delivery id like msg_<32 hex digits>")]
+            )
+        return None
+    try:
+        return int(req.since.ToMicroseconds())  # checks the range: years 1 to 9999, nanos < 1e9
+    except ValueError:
+        raise RequestInvalidError(
+            [Violation("since", "must be a valid timestamp (0001-01-01 to 9999-12-31 UTC)")]
+        ) from None
 
 
 def validate_list(req: task_service_pb2.ListTasksRequest) -> None:

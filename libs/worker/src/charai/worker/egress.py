@@ -118,7 +118,11 @@ async def vet_url(url: str, *, allow_private: bool, resolve: Resolve = system_re
     than http(s), user info in the URL, a bad port, a host that does not resolve, or one whose
     addresses include any that :func:`address_allowed` refuses. The one guard of every egress
     (provider media, webhooks)."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        _ = parts.hostname  # a bad IPv6 literal raises ValueError here or above
+    except ValueError:
+        raise EgressRefusedError("that cannot be read (a bad IPv6 address)") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise EgressRefusedError(f"with scheme {parts.scheme!r}")
     if parts.username is not None or parts.password is not None:

@@ -1023,7 +1023,10 @@ class WebhookAttempt(_message.Message):
     LATENCY_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     http_status: _builtins.int
-    """The receiver's HTTP status; 0 when there was no answer."""
+    """The receiver's HTTP status; 0 when there was no answer; -1 when the attempt was refused
+    before sending (the URL's host resolved to an address egress does not allow, e.g. a private
+    one without CHARAI_WEBHOOK_ALLOW_PRIVATE_URLS).
+    """
     error: _builtins.str
     """What went wrong, if anything (connection error, timeout, redirect, HTTP status)."""
     @_builtins.property

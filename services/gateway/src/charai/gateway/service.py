@@ -292,7 +292,10 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
         self, request: task_service_pb2.CreateAccessTokenRequest, context: Context
     ) -> task_service_pb2.CreateAccessTokenResponse:
         access.require_tenant_key("CreateAccessToken")
-        ttl = request.ttl.ToTimedelta().total_seconds() if request.HasField("ttl") else DEFAULT_TTL_SECONDS
+        # Not ToTimedelta(), which overflows on seconds far outside what a token may last.
+        ttl = (
+            request.ttl.seconds + request.ttl.nanos / 1e9 if request.HasField("ttl") else DEFAULT_TTL_SECONDS
+        )
         validation.validate_access_token_request(
             list(request.task_ids), request.metadata, request.allow_create, ttl, self._tokens.max_ttl_seconds
         )
@@ -330,6 +333,7 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
         self, request: task_service_pb2.RedeliverWebhookRequest, context: Context
     ) -> task_service_pb2.RedeliverWebhookResponse:
         access.require_tenant_key("RedeliverWebhook")
+        validation.validate_redeliver(request)
         count = await self._store.redeliver_webhook(principal.get(), request, timeout=self._timeout(context))
         return task_service_pb2.RedeliverWebhookResponse(redelivered=count)
 

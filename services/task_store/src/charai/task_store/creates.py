@@ -19,7 +19,7 @@ from charai.core.clock import Clock
 from charai.core.domain import lifecycle
 from charai.core.domain.lifecycle import Policy, TaskState
 from charai.core.timestamps import set_micros
-from charai.core.validation import RequestInvalidError, Violation, fill_metadata
+from charai.core.validation import RequestInvalidError, Violation, fill_metadata, in_batch
 from charai.task_store import rows
 from charai.task_store.backlog import Backlog
 from charai.task_store.outbox import Job, Outbox
@@ -66,27 +66,39 @@ class CreateCommands:
         ``request_id`` is already taken (earlier, or by an earlier request of this batch) answers
         that task."""
 
-        async def op(unit: Unit) -> list[tuple[task_pb2.Task, bool]]:
-            return [await self._create(unit, tenant, req, traceparent) for req in requests]
-
-        return await self._units.write(op)
+        return await self._units.write(self._batch_op(tenant, [(req, traceparent) for req in requests], True))
 
     async def create_each(
-        self, tenant: str, batches: Sequence[Sequence[tuple[task_service_pb2.CreateTaskRequest, str]]]
+        self,
+        tenant: str,
+        batches: Sequence[Sequence[tuple[task_service_pb2.CreateTaskRequest, str]]],
+        indexed: Sequence[bool] = (),
     ) -> list[list[tuple[task_pb2.Task, bool]] | Exception]:
         """Independent batches of creates (``(request, traceparent)`` each; a single create is a
         batch of one) in one transaction: each batch as :meth:`create_many` would answer it, or
         the error it would raise (its writes rolled back to a savepoint, the other batches kept).
         One commit and one unit of work for many callers: task_store runs the creates of one
-        ``Exchange`` call this way."""
+        ``Exchange`` call this way. ``indexed[i]``: batch ``i`` is a BatchCreateTasks, whose
+        refusals name ``requests[n].field`` (else a CreateTask's: ``field``)."""
+        flags = list(indexed) or [False] * len(batches)
+        ops = [self._batch_op(tenant, batch, flag) for batch, flag in zip(batches, flags, strict=True)]
+        return await self._units.write_each(ops)
 
-        def batch_op(batch: Sequence[tuple[task_service_pb2.CreateTaskRequest, str]]) -> Op[Made]:
-            async def op(unit: Unit) -> list[tuple[task_pb2.Task, bool]]:
-                return [await self._create(unit, tenant, req, tp) for req, tp in batch]
+    def _batch_op(
+        self, tenant: str, batch: Sequence[tuple[task_service_pb2.CreateTaskRequest, str]], indexed: bool
+    ) -> Op[Made]:
+        async def op(unit: Unit) -> list[tuple[task_pb2.Task, bool]]:
+            made = []
+            for n, (req, tp) in enumerate(batch):
+                try:
+                    made.append(await self._create(unit, tenant, req, tp))
+                except RequestInvalidError as exc:
+                    if not indexed:
+                        raise
+                    raise RequestInvalidError(in_batch(n, exc.violations)) from None
+            return made
 
-            return op
-
-        return await self._units.write_each([batch_op(batch) for batch in batches])
+        return op
 
     def _new_task(self, req: task_service_pb2.CreateTaskRequest, state: TaskState, now: int) -> task_pb2.Task:
         task = task_pb2.Task(

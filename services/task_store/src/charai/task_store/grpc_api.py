@@ -322,7 +322,12 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
             else [(one, tp) for one in commands[i].batch_create.requests]
             for i, tp in zip(valid, traces, strict=True)
         ]
-        made = await _together(self._store.create_each(tenant, batches), len(batches)) if batches else []
+        indexed = [commands[i].HasField("batch_create") for i in valid]
+        made = (
+            await _together(self._store.create_each(tenant, batches, indexed), len(batches))
+            if batches
+            else []
+        )
         created = False
         for i, result in zip(valid, made, strict=True):
             if isinstance(result, spb.StoreAnswer):

@@ -12,7 +12,7 @@ from typing import Any
 
 from charai.core.clock import Clock
 from charai.core.timestamps import set_micros
-from charai.core.validation import RequestInvalidError, Violation
+from charai.core.validation import MAX_INT64, RequestInvalidError, Violation
 from charai.store.v1 import store_service_pb2 as spb
 from charai.task_store import placement, rows
 from charai.task_store.backend import Backend, Tx
@@ -31,6 +31,8 @@ def decode_page_token(token: str) -> tuple[int, str]:
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
         created, task_id = raw.split(":", 1)
+        if not 0 <= int(created) <= MAX_INT64:
+            raise ValueError(created)
         return int(created), task_id
     except (ValueError, UnicodeDecodeError):
         raise RequestInvalidError([Violation("page_token", "is not a token this server issued")]) from None

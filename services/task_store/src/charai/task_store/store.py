@@ -198,9 +198,12 @@ class TaskStore:
         return await self.commands.create_many(tenant, requests, traceparent)
 
     async def create_each(
-        self, tenant: str, batches: Sequence[Sequence[tuple[task_service_pb2.CreateTaskRequest, str]]]
+        self,
+        tenant: str,
+        batches: Sequence[Sequence[tuple[task_service_pb2.CreateTaskRequest, str]]],
+        indexed: Sequence[bool] = (),
     ) -> list[list[tuple[task_pb2.Task, bool]] | Exception]:
-        return await self.commands.create_each(tenant, batches)
+        return await self.commands.create_each(tenant, batches, indexed)
 
     async def get(self, tenant: str, task_id: str) -> task_pb2.Task:
         return await self.queries.get(tenant, task_id)

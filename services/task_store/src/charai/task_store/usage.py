@@ -24,7 +24,7 @@ from charai.core.domain import usage as rules
 from charai.core.domain.prices import PriceTable
 from charai.core.errors import LimitExceededError
 from charai.core.tenants import Tenants
-from charai.core.validation import RequestInvalidError, Violation
+from charai.core.validation import MAX_INT64, RequestInvalidError, Violation
 from charai.task_store.backend import Backend, Tx
 from charai.task_store.usage_schema import TOTALLED
 from charai.tasks.v1 import task_pb2, task_service_pb2
@@ -276,6 +276,6 @@ def _offset(token: str) -> int:
         offset = int(base64.urlsafe_b64decode(token.encode()).decode())
     except (ValueError, binascii.Error, UnicodeDecodeError):
         offset = -1
-    if offset < 0:
+    if not 0 <= offset <= MAX_INT64:
         raise RequestInvalidError([Violation("page_token", "is not a token GetUsage returned")])
     return offset

@@ -27,7 +27,7 @@ from charai.core.clock import Clock
 from charai.core.domain import webhooks as rules
 from charai.core.domain.webhooks import DeliveryStatus
 from charai.core.errors import NotFoundError
-from charai.core.validation import RequestInvalidError, Violation
+from charai.core.validation import RequestInvalidError, Violation, validate_redeliver
 from charai.store.v1 import store_service_pb2 as spb
 from charai.task_store.backend import Backend, Row, Tx
 from charai.task_store.queries import decode_page_token, encode_page_token
@@ -481,8 +481,7 @@ class Webhooks:
 
     async def redeliver(self, tenant: str, req: task_service_pb2.RedeliverWebhookRequest) -> tuple[int, int]:
         """Queues deliveries again (same ids) and re-enables their endpoints; (how many, jobs queued)."""
-        if bool(req.delivery_id) == req.HasField("since"):
-            raise RequestInvalidError([Violation("delivery_id", "give exactly one of delivery_id and since")])
+        since = validate_redeliver(req)
 
         async def body(tx: Tx) -> tuple[int, int]:
             now = self._clock.now_us()
@@ -502,7 +501,7 @@ class Webhooks:
                     " WHERE tenant = ? AND status = ? AND created >= ?",
                     tenant,
                     _FAILED,
-                    req.since.ToMicroseconds(),
+                    since,
                 )
             await tx.executemany(
                 "UPDATE webhook_deliveries SET status = ?, next_attempt_at = ?, dispatched = 0,"

@@ -30,7 +30,7 @@ from charai.client.client import CharaiClient, CharaiError, WatchResumeError
 
 async def run(args: argparse.Namespace, out: Output, session_box: list[Session]) -> int:
     timeout: float | None = args.timeout
-    if timeout is not None and timeout <= 0:
+    if timeout is not None and not timeout > 0:  # NaN too
         raise CliError("--timeout must be positive", EXIT_INVALID)
     rpc_timeout = min(30.0, timeout) if timeout else 30.0
     async with CharaiClient(args.target, args.token, rpc_timeout=rpc_timeout) as client:
