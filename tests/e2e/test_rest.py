@@ -437,3 +437,73 @@ async def test_a_frontend_on_another_origin_may_call(api: Api) -> None:
         assert resp.status == 200 and resp.headers["Access-Control-Allow-Origin"] == FRONTEND
     async with api.http.post("/api/tasks", json={}, headers={"Origin": "http://elsewhere.example"}) as resp:
         assert resp.status == 403
+    # DELETE is a documented route: a listed origin's preflight for it is granted; a script
+    # there may read Retry-After (a 429) and WWW-Authenticate (a 401).
+    preflight["Access-Control-Request-Method"] = "DELETE"
+    async with api.http.options(f"/api/tasks/{UNKNOWN_ID}", headers=preflight) as resp:
+        assert resp.status == 204 and "DELETE" in resp.headers["Access-Control-Allow-Methods"]
+    async with api.http.get("/api/tasks?metadata.characterId=nobody", headers={"Origin": FRONTEND}) as resp:
+        exposed = {h.strip().lower() for h in resp.headers["Access-Control-Expose-Headers"].split(",")}
+        assert {"retry-after", "www-authenticate"} <= exposed
+
+
+async def test_without_client_tokens_only_loopback_host_names_are_answered(api: Api, stack: Stack) -> None:
+    # DNS rebinding: a site whose name now points at 127.0.0.1 is same-origin to its own page,
+    # so the origin check let it submit on a gateway without client tokens; its Host names it.
+    port = stack.gateway_http.rpartition(":")[2]
+    for host in (f"rebound.example:{port}", "rebound.example", f"127.0.0.1.nip.example:{port}"):
+        headers = {"Host": host, "Origin": f"http://{host}"}
+        async with api.http.post("/api/tasks", json={}, headers=headers) as resp:
+            assert resp.status == 403, host
+            assert resp.headers["Content-Type"].startswith("application/json")
+        async with api.http.get(f"/api/tasks/{UNKNOWN_ID}", headers={"Host": host}) as resp:
+            assert resp.status == 403, host
+    for host in (f"localhost:{port}", f"app.localhost:{port}", f"127.0.0.1:{port}", f"127.0.0.2:{port}"):
+        async with api.http.get(f"/api/tasks/{UNKNOWN_ID}", headers={"Host": host}) as resp:
+            assert resp.status == 404, host  # answered
+
+
+async def test_inputs_that_crashed_a_route_are_400_naming_the_field(api: Api) -> None:
+    body = json.dumps(
+        submit_tts_task_body({"characterId": character(), "text": "hi", "voiceStyle": "tongtong"})
+    )
+    json_type = {"Content-Type": "application/json"}
+
+    async def posted(path: str, raw: str) -> tuple[int, Any]:
+        async with api.http.post(path, data=raw, headers=json_type) as resp:
+            return resp.status, await resp.json()
+
+    # A lone UTF-16 surrogate, which JSON may escape and no proto string holds (was a 500).
+    lone_text = body.replace('"text": "hi"', '"text": "hi \\ud800"')
+    lone_key = body.replace('"priority": "normal"', '"priority": "normal", "metadata": {"k\\udc00": "v"}')
+    cases = [
+        ("/api/tasks", lone_text, ["payload.text"]),
+        ("/api/tasks", lone_key, ["metadata.k\ufffd"]),
+        (
+            "/api/tasks:batchCreate",
+            f'{{"requests": [{body}, {lone_text}]}}',
+            ["requests[1].payload.text"],
+        ),
+        ("/api/access-tokens", '{"metadata": {"characterId": "a\\udbff"}}', ["metadata.characterId"]),
+        # Nested past the parser's recursion limit (was a 500, a RecursionError).
+        ("/api/tasks", "[" * 100_000 + "]" * 100_000, [""]),
+        ("/api/access-tokens", '{"a":' * 50_000 + "1" + "}" * 50_000, [""]),
+        # A ttl past what a Duration holds (was a 500, an OverflowError).
+        ("/api/access-tokens", '{"metadata": {"characterId": "c"}, "ttl": 1e300}', ["ttl"]),
+        ("/api/access-tokens", '{"metadata": {"characterId": "c"}, "ttl": "1e300s"}', ["ttl"]),
+    ]
+    for path, raw, fields in cases:
+        status, answer = await posted(path, raw)
+        assert (status, violations(answer)) == (400, fields), (path, raw[:80], answer)
+    # A surrogate pair is a character like any other.
+    status, task = await posted("/api/tasks", body.replace('"text": "hi"', '"text": "hi \\ud83d\\ude00"'))
+    assert status == 201 and task["payload"]["text"] == "hi \U0001f600", task
+    # Digits that str.isdigit() takes and int() does not (was a 500).
+    for path, field in (
+        ("/api/tasks?pageSize=%C2%B2", "pageSize"),
+        ("/api/usage?pageSize=%C2%B2", "pageSize"),
+        ("/api/tasks/events?after=%C2%B2", "after"),
+        (f"/api/tasks/{task['id']}/events?after=%C2%B2", "after"),
+    ):
+        status, answer = await api.get(path)
+        assert (status, violations(answer)) == (400, [field]), (path, answer)

@@ -310,6 +310,60 @@ async def test_a_token_naming_tasks_reaches_those_tasks_only(world: World) -> No
     assert tasks_of(listed, "grpc") == [world.sibling.id]
 
 
+def field_of(answer: Answer) -> list[str]:
+    assert answer.details is not None, answer
+    bad = error_details_pb2.BadRequest()
+    assert any(d.Unpack(bad) for d in answer.details.details if d.Is(bad.DESCRIPTOR)), answer
+    return [v.field for v in bad.field_violations]
+
+
+async def test_a_request_id_replayed_with_a_token_answers_only_a_task_within_its_scope(world: World) -> None:
+    # The backend made char_002's line with request_id "order-42"; the char_001 token replaying
+    # that id got char_002's task, its text and its media URL (a direct GetTask was NOT_FOUND).
+    charai, token = world.charai, world.token
+    await grpc_ok(
+        charai, "CreateTask", tts_request("char_002", "a secret line", request_id="order-42"), TOKEN_A
+    )
+    listed = task_service_pb2.ListTasksRequest(metadata={"characterId": "char_001"}, page_size=500)
+    before = task_service_pb2.ListTasksResponse.FromString(
+        await grpc_ok(charai, "ListTasks", listed, TOKEN_A)
+    )
+    replay = tts_request("char_001", "x", request_id="order-42")
+    for transport in ("grpc", "grpc-web"):
+        answer = await TRANSPORTS[transport](world, "CreateTask", token, replay)
+        assert answer.code == INVALID and field_of(answer) == ["request_id"], (transport, answer)
+        assert "char_002" not in answer.message and "secret" not in answer.message
+    async with charai.http.post(
+        f"{charai.base}/api/tasks",
+        json={
+            "type": "tts_generation",
+            "payload": {"characterId": "char_001", "text": "x", "voiceStyle": "tongtong"},
+            "requestId": "order-42",
+        },
+        headers={"Authorization": f"Bearer {token}"},
+    ) as resp:
+        body = await resp.text()
+        assert resp.status == 400 and "requestId" in body and "secret" not in body, body
+    # In a batch: the whole batch is refused, naming the request; its new task is not kept.
+    batch = task_service_pb2.BatchCreateTasksRequest(
+        requests=[tts_request("char_001", "new line", request_id="fresh-1"), replay]
+    )
+    answer = await via_grpc(world, "BatchCreateTasks", token, batch)
+    assert answer.code == INVALID and field_of(answer) == ["requests[1].request_id"], answer
+    after = task_service_pb2.ListTasksResponse.FromString(await grpc_ok(charai, "ListTasks", listed, TOKEN_A))
+    assert [t.id for t in after.tasks] == [t.id for t in before.tasks]
+    # A replay of the token's own create, and the tenant key's replay, answer the task as before.
+    mine = [
+        task_service_pb2.CreateTaskResponse.FromString(
+            await grpc_ok(charai, "CreateTask", tts_request("char_001", "mine", request_id="mine-1"), token)
+        ).task.id
+        for _ in range(2)
+    ]
+    assert mine[0] == mine[1]
+    key = await grpc_ok(charai, "CreateTask", tts_request("char_009", "x", request_id="order-42"), TOKEN_A)
+    assert task_service_pb2.CreateTaskResponse.FromString(key).task.metadata["characterId"] == "char_002"
+
+
 async def test_minting_is_validated_and_needs_a_tenant_key(world: World) -> None:
     charai = world.charai
     cases = {

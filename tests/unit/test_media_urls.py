@@ -226,7 +226,19 @@ def test_explicit_now_of_zero_is_honoured() -> None:
     """
     signer = UrlSigner(SECRET, 60)
     _, _, exp, _ = split(signer.sign("http://h", KEY, now=0.0))
-    assert int(exp) == 3600, f"sign(now=0) used the wall clock: exp={exp}"
+    assert int(exp) == 66, f"sign(now=0) used the wall clock: exp={exp}"  # 60 s, up to a 6 s step
+
+
+@pytest.mark.parametrize(("ttl", "step"), [(60, 6), (600, 60), (7200, 720), (36_000, 3600), (TTL, 3600)])
+def test_a_url_outlives_its_ttl_by_at_most_a_tenth_of_it_and_an_hour(ttl: int, step: int) -> None:
+    # CHARAI_MEDIA_URL_TTL=60 gave URLs that lasted up to 61 minutes (the expiry rounded up to
+    # the next hour whatever the TTL).
+    signer = UrlSigner(SECRET, ttl)
+    for now in (NOW, NOW + 1, NOW + 7, NOW + 3599):
+        _, key, exp, sig = split(signer.sign("http://h", KEY, now=now))
+        assert now + ttl < int(exp) <= now + ttl + step and int(exp) % step == 0
+        assert signer.verify(key, exp, sig, now=now + ttl)
+        assert not signer.verify(key, exp, sig, now=now + ttl + step + 1)
 
 
 @given(

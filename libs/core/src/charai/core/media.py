@@ -284,9 +284,11 @@ class UrlSigner:
         if self._ttl <= 0:
             return f"{base}?sig={self._sig(self._secrets[0], key, 0)}"
         exp = int((time.time() if now is None else now) + self._ttl)
-        # Round the expiry so repeated reads of a task give the same URL (browsers cache it).
-        exp -= exp % 3600
-        exp += 3600
+        # Round the expiry up to a step so repeated reads of a task give the same URL (browsers
+        # cache it): a tenth of the TTL, at most an hour, so a URL outlives its TTL by at most
+        # that (a 60 s TTL: 6 s; it was an hour whatever the TTL).
+        step = min(3600, max(1, self._ttl // 10))
+        exp += step - exp % step
         return f"{base}?exp={exp}&sig={self._sig(self._secrets[0], key, exp)}"
 
     def verify(self, key: str, exp: str, sig: str, now: float | None = None) -> bool:

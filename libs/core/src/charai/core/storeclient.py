@@ -160,11 +160,16 @@ class StoreClient:
 
     # -- the public API's tasks, on behalf of a tenant (gateways) -------------------------
     async def create_task(
-        self, tenant: str, request: task_service_pb2.CreateTaskRequest, *, timeout: float | None = None
+        self,
+        tenant: str,
+        request: task_service_pb2.CreateTaskRequest,
+        *,
+        scope: spb.CreateScope | None = None,
+        timeout: float | None = None,
     ) -> task_pb2.Task:
         """Accepts a validated task (or returns the one an earlier request with the same
-        ``request_id`` created)."""
-        create = spb.CreateTaskRequest(tenant=tenant, request=request)
+        ``request_id`` created, if ``scope``, the caller's access token's reach, reaches it)."""
+        create = spb.CreateTaskRequest(tenant=tenant, request=request, scope=scope)
         command = spb.StoreCommand(create=create, traceparent=tracing.current.get())
         answer = await self._command(command, timeout)
         if answer is not None:
@@ -177,10 +182,11 @@ class StoreClient:
         tenant: str,
         requests: Sequence[task_service_pb2.CreateTaskRequest],
         *,
+        scope: spb.CreateScope | None = None,
         timeout: float | None = None,
     ) -> list[task_pb2.Task]:
         """Creates several tasks in one transaction (all or none); the tasks in request order."""
-        batch = spb.BatchCreateTasksRequest(tenant=tenant, requests=requests)
+        batch = spb.BatchCreateTasksRequest(tenant=tenant, requests=requests, scope=scope)
         command = spb.StoreCommand(batch_create=batch, traceparent=tracing.current.get())
         answer = await self._command(command, timeout)
         if answer is not None:

@@ -115,6 +115,61 @@ SETTLE_OUTCOME_RETRY: SettleOutcome.ValueType  # 2
 Global___SettleOutcome: _TypeAlias = SettleOutcome  # noqa: Y015
 
 @_typing.final
+class CreateScope(_message.Message):
+    """What the access token a create came with reaches (unset: a tenant API key, which reaches
+    every task of its tenant). A create answers the earlier task its request_id names only when
+    that task lies within this reach; otherwise it is refused (INVALID_ARGUMENT naming request_id,
+    as if the id were taken by another task), so a token cannot read another task by replaying its
+    request_id. An older task_store ignores it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    METADATA_FIELD_NUMBER: _builtins.int
+    TASK_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The token's metadata pairs: a task reached has each of them."""
+
+    @_builtins.property
+    def task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Tasks the token names: each is reached whatever its metadata."""
+
+    def __init__(
+        self,
+        *,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        task_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata", "task_ids", b"task_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateScope: _TypeAlias = CreateScope  # noqa: Y015
+
+@_typing.final
 class CreateTaskRequest(_message.Message):
     """Request of CreateTask."""
 
@@ -122,21 +177,27 @@ class CreateTaskRequest(_message.Message):
 
     TENANT_FIELD_NUMBER: _builtins.int
     REQUEST_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     """Owner of the task."""
     @_builtins.property
     def request(self) -> _task_service_pb2.CreateTaskRequest:
         """The client's request, as received by the gateway."""
 
+    @_builtins.property
+    def scope(self) -> Global___CreateScope:
+        """The caller's access token's reach (see CreateScope); unset for a tenant key."""
+
     def __init__(
         self,
         *,
         tenant: _builtins.str = ...,
         request: _task_service_pb2.CreateTaskRequest | None = ...,
+        scope: Global___CreateScope | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request", "scope", b"scope"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["request", b"request", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request", b"request", "scope", b"scope", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1351,21 +1412,29 @@ class BatchCreateTasksRequest(_message.Message):
 
     TENANT_FIELD_NUMBER: _builtins.int
     REQUESTS_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     """Owner of the tasks."""
     @_builtins.property
     def requests(self) -> _containers.RepeatedCompositeFieldContainer[_task_service_pb2.CreateTaskRequest]:
         """The client's requests, each as CreateTask takes it."""
 
+    @_builtins.property
+    def scope(self) -> Global___CreateScope:
+        """The caller's access token's reach (see CreateScope); unset for a tenant key. A request_id
+        naming a task outside it refuses the whole batch (requests[i].request_id).
+        """
+
     def __init__(
         self,
         *,
         tenant: _builtins.str = ...,
         requests: _abc.Iterable[_task_service_pb2.CreateTaskRequest] | None = ...,
+        scope: Global___CreateScope | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["scope", b"scope"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["requests", b"requests", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requests", b"requests", "scope", b"scope", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

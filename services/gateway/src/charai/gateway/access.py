@@ -15,6 +15,7 @@ from collections.abc import Mapping
 
 from charai.core.errors import NotFoundError, PermissionDeniedError
 from charai.gateway.tokens import AccessToken, Scope
+from charai.store.v1 import store_service_pb2 as spb
 from charai.tasks.v1 import task_pb2
 
 #: The access token of the current RPC; None when it came with a tenant API key.
@@ -30,6 +31,15 @@ class OutOfScopeError(PermissionDeniedError):
 def scope() -> Scope | None:
     token = current.get()
     return None if token is None else token.scope
+
+
+def create_scope() -> spb.CreateScope | None:
+    """The reach task_store checks an earlier task against when a create's ``request_id`` names
+    one (None for a tenant key): a token must not read another task by replaying its id."""
+    granted = scope()
+    if granted is None:
+        return None
+    return spb.CreateScope(metadata=granted.pairs, task_ids=sorted(granted.task_ids))
 
 
 def require_tenant_key(what: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
 import structlog
@@ -31,7 +32,14 @@ from charai.gateway import processes
 from charai.gateway.auth import Authenticator
 from charai.gateway.events import EventHub
 from charai.gateway.grpcweb import GrpcWebBridge, loopback_channel
-from charai.gateway.http import CorsPolicy, console_routes, health_routes, install_cors, media_routes
+from charai.gateway.http import (
+    CorsPolicy,
+    LoopbackHosts,
+    console_routes,
+    health_routes,
+    install_cors,
+    media_routes,
+)
 from charai.gateway.limits import SubmitLimiter
 from charai.gateway.ops import metrics_routes
 from charai.gateway.rest import RestApi
@@ -230,6 +238,8 @@ class GatewayApp(ServiceApp):
         app.add_routes(RestApi(loopback).routes())
         app.add_routes(GrpcWebBridge(loopback).routes())
         app.add_routes(console_routes(s.console_dir))
+        if not s.client_tokens:  # auth off: no page of another site, DNS rebinding included
+            app.middlewares.insert(0, LoopbackHosts([urlsplit(s.public_base_url).netloc]).middleware)
         install_cors(app, CorsPolicy(list(s.cors_origins)))
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await runner.setup()

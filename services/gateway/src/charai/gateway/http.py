@@ -8,9 +8,10 @@ this port too; they are bridged to the gateway's own gRPC port.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import mimetypes
 import re
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from aiohttp import hdrs, web
@@ -113,7 +114,7 @@ DEFAULT_ALLOW_HEADERS = (
 #: Response headers a cross-origin script may read (gRPC-web status and REST paging).
 EXPOSE_HEADERS = (
     "Grpc-Status, Grpc-Message, Grpc-Status-Details-Bin, X-Next-Page-Token, Link, Location, "
-    "Content-Range, Accept-Ranges"
+    "Content-Range, Accept-Ranges, Retry-After, WWW-Authenticate"
 )
 _HEADER_LIST = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~\-]+(\s*,\s*[A-Za-z0-9!#$%&'*+.^_`|~\-]+)*$")
 _GRPC_WEB_PATH = re.compile(r"^/[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+/[A-Za-z_][A-Za-z0-9_]*$")
@@ -164,7 +165,9 @@ class CorsPolicy:
             return web.Response(
                 status=403, text="origin not allowed (CHARAI_CORS_ORIGINS)\n", headers={hdrs.VARY: "Origin"}
             )
-        methods = "POST, OPTIONS" if _GRPC_WEB_PATH.match(request.path) else "GET, HEAD, POST, OPTIONS"
+        methods = (
+            "POST, OPTIONS" if _GRPC_WEB_PATH.match(request.path) else "GET, HEAD, POST, DELETE, OPTIONS"
+        )
         wanted = request.headers.get(hdrs.ACCESS_CONTROL_REQUEST_HEADERS, "").strip()
         headers: dict[str, str] = {
             hdrs.ACCESS_CONTROL_ALLOW_METHODS: methods,
@@ -207,6 +210,47 @@ class CorsPolicy:
             headers: dict[str, str] = {hdrs.ACCESS_CONTROL_EXPOSE_HEADERS: EXPOSE_HEADERS}
             self._grant(request, headers, verdict)
             response.headers.update(headers)
+
+
+def host_name(host: str) -> str:
+    """The name in a ``Host`` header (``name:port``, ``[v6]:port``), lowercased, no brackets."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+class LoopbackHosts:
+    """With auth off (no client tokens, so the gateway listens on loopback only), answers only a
+    request whose ``Host`` is a loopback name (``localhost``, ``*.localhost``, 127.0.0.0/8,
+    ``::1``) or one of ``names`` (``CHARAI_PUBLIC_BASE_URL``'s host). A page on a site whose name
+    its owner points at 127.0.0.1 after it loaded (DNS rebinding) is its own origin to the
+    browser, so the origin check lets it in; its ``Host`` still names that site, and is refused
+    here. With client tokens on, a page has no token to send, and this is not installed."""
+
+    def __init__(self, names: Iterable[str] = ()) -> None:
+        self._names = frozenset(host_name(n) for n in names if n)
+
+    def allows(self, host: str) -> bool:
+        name = host_name(host)
+        if name in self._names or name == "localhost" or name.endswith(".localhost"):
+            return True
+        try:
+            return ipaddress.ip_address(name).is_loopback
+        except ValueError:
+            return False
+
+    @web.middleware
+    async def middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if self.allows(request.host):
+            return await handler(request)
+        message = (
+            "without client tokens (CHARAI_API_KEYS) this gateway answers to loopback names only"
+            " (localhost, 127.0.0.1, [::1]) and CHARAI_PUBLIC_BASE_URL's host"
+        )
+        return web.json_response({"error": {"code": "PERMISSION_DENIED", "message": message}}, status=403)
 
 
 def install_cors(app: web.Application, policy: CorsPolicy) -> None:

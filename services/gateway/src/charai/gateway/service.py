@@ -153,7 +153,9 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
         self._fill_webhook(request)
         validation.validate_create(request, self._models)
         access.check_create(validation.fill_metadata(request))
-        task = await self._store.create_task(principal.get(), request, timeout=self._timeout(context))
+        task = await self._store.create_task(
+            principal.get(), request, scope=access.create_scope(), timeout=self._timeout(context)
+        )
         return task_service_pb2.CreateTaskResponse(task=self.present(task))
 
     async def BatchCreateTasks(
@@ -167,7 +169,7 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
         for one in request.requests:
             access.check_create(validation.fill_metadata(one))
         tasks = await self._store.batch_create_tasks(
-            principal.get(), request.requests, timeout=self._timeout(context)
+            principal.get(), request.requests, scope=access.create_scope(), timeout=self._timeout(context)
         )
         return task_service_pb2.BatchCreateTasksResponse(tasks=[self.present(t) for t in tasks])
 
@@ -294,7 +296,9 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
         access.require_tenant_key("CreateAccessToken")
         # Not ToTimedelta(), which overflows on seconds far outside what a token may last.
         ttl = (
-            request.ttl.seconds + request.ttl.nanos / 1e9 if request.HasField("ttl") else DEFAULT_TTL_SECONDS
+            request.ttl.seconds + request.ttl.nanos / 1e9
+            if request.HasField("ttl")
+            else min(DEFAULT_TTL_SECONDS, self._tokens.max_ttl_seconds)
         )
         validation.validate_access_token_request(
             list(request.task_ids), request.metadata, request.allow_create, ttl, self._tokens.max_ttl_seconds

@@ -10,6 +10,7 @@ it in the fair-share backlog; ``request_id`` makes it idempotent per tenant.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -20,6 +21,7 @@ from charai.core.domain import lifecycle
 from charai.core.domain.lifecycle import Policy, TaskState
 from charai.core.timestamps import set_micros
 from charai.core.validation import RequestInvalidError, Violation, fill_metadata, in_batch
+from charai.store.v1 import store_service_pb2 as spb
 from charai.task_store import rows
 from charai.task_store.backlog import Backlog
 from charai.task_store.outbox import Job, Outbox
@@ -31,6 +33,24 @@ from charai.task_store.usage import UsageLedger
 from charai.tasks.v1 import task_pb2, task_service_pb2
 
 Made = list[tuple[task_pb2.Task, bool]]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Asker:
+    """Who a batch of creates answers: a BatchCreateTasks (``batch``: its refusals name
+    ``requests[i].field``) or a CreateTask, with its access token's reach (``scope``; None:
+    a tenant key)."""
+
+    batch: bool = False
+    scope: spb.CreateScope | None = None
+
+
+def reaches(scope: spb.CreateScope, task: task_pb2.Task) -> bool:
+    """Whether an access token of this reach may see ``task`` (as the gateway's scope decides:
+    a task it names, or one with each of its metadata pairs)."""
+    if task.id in scope.task_ids:
+        return True
+    return bool(scope.metadata) and all(task.metadata.get(k) == v for k, v in scope.metadata.items())
 
 
 class CreateCommands:
@@ -51,49 +71,58 @@ class CreateCommands:
     _push: Callable[[Unit, Job, int, task_pb2.Task, rows.TaskRow], Awaitable[Job | None]]
 
     async def create(
-        self, tenant: str, req: task_service_pb2.CreateTaskRequest, traceparent: str = ""
+        self,
+        tenant: str,
+        req: task_service_pb2.CreateTaskRequest,
+        traceparent: str = "",
+        scope: spb.CreateScope | None = None,
     ) -> tuple[task_pb2.Task, bool]:
-        """The new task (and True), or the one this ``request_id`` already created (and False).
+        """The new task (and True), or the one this ``request_id`` already created (and False),
+        if ``scope`` (the caller's access token's reach; None: a tenant key) reaches it.
 
         ``traceparent`` (W3C trace context of the creating call) travels with the job.
         """
-        return await self._units.write(lambda unit: self._create(unit, tenant, req, traceparent))
+        return await self._units.write(lambda unit: self._create(unit, tenant, req, traceparent, scope))
 
     async def create_many(
-        self, tenant: str, requests: Sequence[task_service_pb2.CreateTaskRequest], traceparent: str = ""
+        self,
+        tenant: str,
+        requests: Sequence[task_service_pb2.CreateTaskRequest],
+        traceparent: str = "",
+        scope: spb.CreateScope | None = None,
     ) -> list[tuple[task_pb2.Task, bool]]:
         """Several creates in one transaction (all or none), answered in order; a request whose
         ``request_id`` is already taken (earlier, or by an earlier request of this batch) answers
-        that task."""
-
-        return await self._units.write(self._batch_op(tenant, [(req, traceparent) for req in requests], True))
+        that task. A refusal names ``requests[i].field``."""
+        batch = [(req, traceparent) for req in requests]
+        return await self._units.write(self._batch_op(tenant, batch, Asker(True, scope)))
 
     async def create_each(
         self,
         tenant: str,
         batches: Sequence[Sequence[tuple[task_service_pb2.CreateTaskRequest, str]]],
-        indexed: Sequence[bool] = (),
+        askers: Sequence[Asker] = (),
     ) -> list[list[tuple[task_pb2.Task, bool]] | Exception]:
         """Independent batches of creates (``(request, traceparent)`` each; a single create is a
         batch of one) in one transaction: each batch as :meth:`create_many` would answer it, or
         the error it would raise (its writes rolled back to a savepoint, the other batches kept).
         One commit and one unit of work for many callers: task_store runs the creates of one
-        ``Exchange`` call this way. ``indexed[i]``: batch ``i`` is a BatchCreateTasks, whose
-        refusals name ``requests[n].field`` (else a CreateTask's: ``field``)."""
-        flags = list(indexed) or [False] * len(batches)
-        ops = [self._batch_op(tenant, batch, flag) for batch, flag in zip(batches, flags, strict=True)]
+        ``Exchange`` call this way. ``askers[i]``: who batch ``i`` answers (default: a
+        CreateTask with a tenant key)."""
+        who = list(askers) or [Asker()] * len(batches)
+        ops = [self._batch_op(tenant, batch, asker) for batch, asker in zip(batches, who, strict=True)]
         return await self._units.write_each(ops)
 
     def _batch_op(
-        self, tenant: str, batch: Sequence[tuple[task_service_pb2.CreateTaskRequest, str]], indexed: bool
+        self, tenant: str, batch: Sequence[tuple[task_service_pb2.CreateTaskRequest, str]], asker: Asker
     ) -> Op[Made]:
         async def op(unit: Unit) -> list[tuple[task_pb2.Task, bool]]:
             made = []
             for n, (req, tp) in enumerate(batch):
                 try:
-                    made.append(await self._create(unit, tenant, req, tp))
+                    made.append(await self._create(unit, tenant, req, tp, asker.scope))
                 except RequestInvalidError as exc:
-                    if not indexed:
+                    if not asker.batch:
                         raise
                     raise RequestInvalidError(in_batch(n, exc.violations)) from None
             return made
@@ -120,10 +149,15 @@ class CreateCommands:
         return task
 
     async def _create(
-        self, unit: Unit, tenant: str, req: task_service_pb2.CreateTaskRequest, traceparent: str
+        self,
+        unit: Unit,
+        tenant: str,
+        req: task_service_pb2.CreateTaskRequest,
+        traceparent: str,
+        scope: spb.CreateScope | None = None,
     ) -> tuple[task_pb2.Task, bool]:
         if req.request_id:
-            existing = await self._by_request_id(unit, tenant, req)
+            existing = await self._by_request_id(unit, tenant, req, scope)
             if existing is not None:
                 return existing, False
         if self.usage is not None:  # RESOURCE_EXHAUSTED naming the budget; nothing stored
@@ -146,7 +180,7 @@ class CreateCommands:
             # in this transaction.
             assert not seq, "a create's event was inserted ahead of a row that conflicted"
             unit.saves.pop()
-            existing = await self._by_request_id(unit, tenant, req)
+            existing = await self._by_request_id(unit, tenant, req, scope)
             if existing is None:  # pragma: no cover - the conflicting row is committed by now
                 raise RuntimeError("request_id conflict without a task")
             return existing, False
@@ -201,7 +235,11 @@ class CreateCommands:
         return rows.TaskRow(blob, tenant, 0, None, 1, last_seq, None, int(task.status), None, int(held), key)
 
     async def _by_request_id(
-        self, unit: Unit, tenant: str, req: task_service_pb2.CreateTaskRequest
+        self,
+        unit: Unit,
+        tenant: str,
+        req: task_service_pb2.CreateTaskRequest,
+        scope: spb.CreateScope | None,
     ) -> task_pb2.Task | None:
         row = await unit.tx.fetchrow(
             "SELECT id FROM tasks WHERE tenant = ? AND request_id = ?", tenant, req.request_id
@@ -209,6 +247,9 @@ class CreateCommands:
         if row is None:
             return None
         existing, _ = await rows.load(unit.tx, "", row[0])
+        if scope is not None and not reaches(scope, existing):
+            # Not the task (a token could read any task of its tenant by replaying request_ids).
+            raise RequestInvalidError([Violation("request_id", "was already used for another task")])
         if existing.type != req.type:
             raise RequestInvalidError(
                 [Violation("request_id", "was already used for a task of another type")]

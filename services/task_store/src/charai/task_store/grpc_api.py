@@ -18,6 +18,7 @@ from charai.core.validation import RequestInvalidError, Violation
 from charai.store.v1 import store_service_pb2 as spb
 from charai.store.v1 import store_service_pb2_grpc as spb_grpc
 from charai.task_store.commands import ClaimResult, WorkerAnswer, WorkerRequest
+from charai.task_store.creates import Asker
 from charai.task_store.push import Offers
 from charai.task_store.removal import MediaRemover, remove_task
 from charai.task_store.store import TaskStore
@@ -58,6 +59,12 @@ def _refusal(exc: Exception) -> tuple[spb.StoreAnswer, str]:
 def _code_name(error: bytes) -> str:
     code = status_pb2.Status.FromString(error).code
     return _CODES[code].name if code in _CODES else "UNKNOWN"
+
+
+def _asker(command: spb.StoreCommand) -> Asker:
+    """Who a create command answers (:class:`~charai.task_store.creates.Asker`)."""
+    kind = command.batch_create if command.HasField("batch_create") else command.create
+    return Asker(command.HasField("batch_create"), kind.scope if kind.HasField("scope") else None)
 
 
 R = TypeVar("R")
@@ -114,7 +121,10 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
 
     async def CreateTask(self, request: spb.CreateTaskRequest, context: Context) -> spb.CreateTaskResponse:
         validation.validate_create(request.request, self._models)
-        task, created = await self._store.create(request.tenant, request.request, tracing.current.get())
+        scope = request.scope if request.HasField("scope") else None
+        task, created = await self._store.create(
+            request.tenant, request.request, tracing.current.get(), scope
+        )
         if created:
             self._created()
         return spb.CreateTaskResponse(task=task)
@@ -123,7 +133,8 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
         self, request: spb.BatchCreateTasksRequest, context: Context
     ) -> spb.BatchCreateTasksResponse:
         validation.validate_batch(request.requests, self._models)
-        made = await self._store.create_many(request.tenant, request.requests, tracing.current.get())
+        scope = request.scope if request.HasField("scope") else None
+        made = await self._store.create_many(request.tenant, request.requests, tracing.current.get(), scope)
         if any(created for _, created in made):
             self._created()
         return spb.BatchCreateTasksResponse(tasks=[task for task, _ in made])
@@ -322,11 +333,9 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
             else [(one, tp) for one in commands[i].batch_create.requests]
             for i, tp in zip(valid, traces, strict=True)
         ]
-        indexed = [commands[i].HasField("batch_create") for i in valid]
+        askers = [_asker(commands[i]) for i in valid]
         made = (
-            await _together(self._store.create_each(tenant, batches, indexed), len(batches))
-            if batches
-            else []
+            await _together(self._store.create_each(tenant, batches, askers), len(batches)) if batches else []
         )
         created = False
         for i, result in zip(valid, made, strict=True):

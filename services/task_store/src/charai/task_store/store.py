@@ -32,6 +32,7 @@ from charai.store.v1 import store_service_pb2 as spb
 from charai.task_store.backend import Backend
 from charai.task_store.backlog import Backlog, FairConfig
 from charai.task_store.commands import ClaimResult, Commands, WorkerAnswer, WorkerRequest
+from charai.task_store.creates import Asker
 from charai.task_store.eta import EtaBook
 from charai.task_store.outbox import Outbox, OutboxRow
 from charai.task_store.postgres_backend import PostgresBackend
@@ -188,22 +189,30 @@ class TaskStore:
 
     # -- client operations -------------------------------------------------------------------
     async def create(
-        self, tenant: str, req: task_service_pb2.CreateTaskRequest, traceparent: str = ""
+        self,
+        tenant: str,
+        req: task_service_pb2.CreateTaskRequest,
+        traceparent: str = "",
+        scope: spb.CreateScope | None = None,
     ) -> tuple[task_pb2.Task, bool]:
-        return await self.commands.create(tenant, req, traceparent)
+        return await self.commands.create(tenant, req, traceparent, scope)
 
     async def create_many(
-        self, tenant: str, requests: Sequence[task_service_pb2.CreateTaskRequest], traceparent: str = ""
+        self,
+        tenant: str,
+        requests: Sequence[task_service_pb2.CreateTaskRequest],
+        traceparent: str = "",
+        scope: spb.CreateScope | None = None,
     ) -> list[tuple[task_pb2.Task, bool]]:
-        return await self.commands.create_many(tenant, requests, traceparent)
+        return await self.commands.create_many(tenant, requests, traceparent, scope)
 
     async def create_each(
         self,
         tenant: str,
         batches: Sequence[Sequence[tuple[task_service_pb2.CreateTaskRequest, str]]],
-        indexed: Sequence[bool] = (),
+        askers: Sequence[Asker] = (),
     ) -> list[list[tuple[task_pb2.Task, bool]] | Exception]:
-        return await self.commands.create_each(tenant, batches, indexed)
+        return await self.commands.create_each(tenant, batches, askers)
 
     async def get(self, tenant: str, task_id: str) -> task_pb2.Task:
         return await self.queries.get(tenant, task_id)

@@ -250,7 +250,7 @@ def list_request(query: Mapping[str, str], items: list[tuple[str, str]]) -> task
         if _filter_param(key, value, request, bad):
             continue
         if key == "pageSize":
-            if not value.isdigit() or int(value) > LIST_CAP:
+            if not (value.isascii() and value.isdigit()) or int(value) > LIST_CAP:
                 bad.append((key, f"must be a whole number from 0 to {LIST_CAP}"))
             else:
                 request.page_size = int(value)
@@ -307,7 +307,8 @@ def access_token_request(body: Any) -> task_service_pb2.CreateAccessTokenRequest
         if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl) or ttl <= 0:
             bad.append(("ttl", 'must be a number of seconds (or a duration such as "900s")'))
         else:
-            request.ttl.FromNanoseconds(int(ttl * 1e9))
+            # At most what a Duration holds (~10,000 years): beyond the gateway's maximum anyway.
+            request.ttl.FromNanoseconds(int(min(ttl, 315_576_000_000) * 1e9))
     if bad:
         raise RestError.invalid(bad)
     return request

@@ -31,6 +31,30 @@ CALL_TIMEOUT = 30.0
 #: Largest JSON body (the HTTP app's ``client_max_size``).
 MAX_BODY_BYTES = 1024 * 1024
 _JSON_TYPE = re.compile(r"^application/([a-z0-9.+\-]+\+)?json$")
+#: A ``\u`` escape of a UTF-16 surrogate: JSON may spell one alone, which no string field can hold.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate_at(value: Any) -> str | None:
+    """The JSON path (``payload.text``, ``requests[1].metadata.k``) of the first string or key
+    holding a lone surrogate, or None. Without recursion: JSON may nest as deep as the parser
+    allowed."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return _SURROGATE.sub("\ufffd", path) or "the body"
+        elif isinstance(item, dict):
+            for key, sub in reversed(item.items()):
+                named = f"{path}.{key}" if path else str(key)
+                if _SURROGATE.search(key):
+                    return _SURROGATE.sub("\ufffd", named)  # the answer must be text itself
+                stack.append((named, sub))
+        elif isinstance(item, list):
+            stack.extend((f"{path}[{i}]", sub) for i, sub in reversed(list(enumerate(item))))
+    return None
 
 
 async def _json_body(request: web.Request, what: str) -> Any:
@@ -51,9 +75,14 @@ async def _json_body(request: web.Request, what: str) -> Any:
             http_status=413,
         ) from None
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise RestError.invalid([("", f"the body is not valid JSON ({exc})")]) from None
+    except RecursionError:
+        raise RestError.invalid([("", "the body nests arrays or objects too deeply")]) from None
+    if _SURROGATE_ESCAPE.search(raw) and (where := lone_surrogate_at(body)) is not None:
+        raise RestError.invalid([(where, "holds a lone UTF-16 surrogate (\\ud800-\\udfff): not text")])
+    return body
 
 
 class RestApi:

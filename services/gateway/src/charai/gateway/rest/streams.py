@@ -43,7 +43,7 @@ def resume_after(request: web.Request) -> int:
     """The sequence to resume after: ``Last-Event-ID``, else ``?after=``, else 0."""
     raw = request.headers.get("Last-Event-ID") or request.query.get("after") or "0"
     field = "Last-Event-ID" if "Last-Event-ID" in request.headers else "after"
-    if not raw.strip().isdigit():
+    if not (raw.strip().isascii() and raw.strip().isdigit()):
         raise RestError.invalid([(field, "must be an event id (a whole number)")])
     after = int(raw.strip())
     if after >= 2**63:

@@ -38,7 +38,7 @@ def usage_request(items: list[tuple[str, str]]) -> task_service_pb2.GetUsageRequ
         elif key == "endDay":
             request.end_day = value
         elif key == "pageSize":
-            if not value.isdigit() or len(value) > 6:
+            if not (value.isascii() and value.isdigit()) or len(value) > 6:
                 bad.append((key, "must be a whole number"))
             else:
                 request.page_size = int(value)
