@@ -136,6 +136,42 @@ async def test_a_streak_disables_the_endpoint_and_redelivery_enables_it(db: Data
         assert (await rec.store.webhooks.claim(again.id, "s1")).outcome == spb.CLAIM_OUTCOME_RUN
 
 
+async def test_a_post_in_flight_when_its_endpoint_is_disabled_is_recorded_and_its_2xx_delivers(
+    db: Database,
+) -> None:
+    # Two deliveries are being posted by s2 when three other tasks' failures disable the
+    # endpoint: that failed every pending delivery, these too, and dropped their answers (a 200
+    # among them), so the listing showed them FAILED with no attempt.
+    async with opened(db, webhooks=CONFIG) as rec:
+        in_flight = []
+        for _ in range(2):
+            task, _ = await rec.store.create("t1", hooked())
+            await run_to_completion(rec, task.id)
+            (delivery,) = await listed(rec, task.id)
+            assert (await rec.store.webhooks.claim(delivery.id, "s2")).outcome == spb.CLAIM_OUTCOME_RUN
+            in_flight.append((task.id, delivery.id))
+        for _ in range(3):
+            task, _ = await rec.store.create("t1", hooked())
+            await run_to_completion(rec, task.id)
+            (delivery,) = await listed(rec, task.id)
+            await rec.store.webhooks.claim(delivery.id, "s1")
+            await rec.store.webhooks.settle(settle(delivery.id, 400))
+        assert [(await listed(rec, t))[0].status for t, _ in in_flight] == [FAILED, FAILED]  # disabled
+        answers = [200, 503]
+        for (_, delivery_id), status in zip(in_flight, answers, strict=True):
+            late = spb.SettleWebhookDeliveryRequest(
+                delivery_id=delivery_id, sender_id="s2", http_status=status
+            )
+            for _ in range(2):  # a settle sent again (its answer lost) records nothing more
+                response, queued = await rec.store.webhooks.settle(late)
+                assert (response.outcome, queued) == (spb.SETTLE_OUTCOME_DONE, 0)
+        found = [(await listed(rec, t))[0] for t, _ in in_flight]
+        assert [(d.status, [a.http_status for a in d.attempts]) for d in found] == [
+            (DELIVERED, [200]),
+            (FAILED, [503]),  # the endpoint stays disabled: no retry
+        ]
+
+
 async def test_a_redelivery_queues_the_head_of_each_tasks_queue_once(
     db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -193,6 +229,32 @@ async def test_a_pending_progress_delivery_is_replaced_by_the_next_event(db: Dat
         await rec.store.complete(complete_req(task.id, 1))
         (only,) = await listed(rec, task.id)
         assert only.event_type == "task.completed"  # the unsent progress gave way
+
+
+async def test_progress_reported_more_often_than_the_interval_is_sent_once_each_interval(
+    db: Database,
+) -> None:
+    # The interval counts from the first progress not yet sent: each report replaces the pending
+    # delivery's state, not its time (it restarted the timer, so a task reporting every 0.5 s
+    # got no progress delivery at all until it stopped reporting).
+    async with opened(db, webhooks=CONFIG) as rec:  # progress_interval_seconds=1.0
+        task, _ = await rec.store.create("t1", hooked("progress"))
+        await rec.store.claim(task.id, 1, "w")
+        start = rec.clock.time()
+        for value in (20, 30, 40):
+            await rec.store.progress(task.id, 1, value, "generating")
+            rec.clock.advance(0.4)
+        (pending,) = await listed(rec, task.id)
+        assert pending.next_attempt_time.ToMicroseconds() / 1e6 == pytest.approx(start + 1.0, abs=0.01)
+        assert pending.sequence == (await rec.events(task.id))[-1].sequence  # the newest state
+        claim = await rec.store.webhooks.claim(pending.id, "s1")  # 1.2 s in: due
+        assert claim.outcome == spb.CLAIM_OUTCOME_RUN and claim.event.task.progress == 40
+        await rec.store.webhooks.settle(settle(pending.id, 200))
+        await rec.store.progress(task.id, 1, 50, "generating")  # the next: one interval from now
+        nxt = [d for d in await listed(rec, task.id) if d.status == PENDING]
+        assert [d.next_attempt_time.ToMicroseconds() / 1e6 for d in nxt] == [
+            pytest.approx(rec.clock.time() + 1.0, abs=0.01)
+        ]
 
 
 async def test_rotation_signs_with_both_secrets_until_the_grace_ends(db: Database) -> None:

@@ -41,7 +41,11 @@ FAILING = 12
 
 @contextlib.asynccontextmanager
 async def sending(
-    nats_server: NatsServer, tmp_path: Path, db: Database, **sender_args: Any
+    nats_server: NatsServer,
+    tmp_path: Path,
+    db: Database,
+    nats_errors: list[Exception] | None = None,
+    **sender_args: Any,
 ) -> AsyncIterator[tuple[StoreClient, Sender]]:
     settings = app_settings(
         nats_server, tmp_path, db, webhook_retry_schedule=("0", "600"), webhook_disable_after=0
@@ -50,7 +54,12 @@ async def sending(
         TaskStoreApp(settings, listen_addr="127.0.0.1:0") as app,
         StoreClient(f"127.0.0.1:{app.port}", coalesce=True, stream=True) as store,
     ):
-        nc = await nats.connect(nats_server.url)
+
+        async def on_error(exc: Exception) -> None:
+            if nats_errors is not None:
+                nats_errors.append(exc)
+
+        nc = await nats.connect(nats_server.url, error_cb=on_error)
         sender = Sender(
             nc.jetstream(), store, Topology(), sender_id="s1", present=lambda t: t,
             allow_private=True, **{"concurrency": SLOTS, **sender_args},
@@ -137,3 +146,28 @@ async def test_a_receiver_that_hangs_gets_its_share_of_the_slots_and_the_others_
             hanging.gate.set()
         await eventually(lambda: len({h.id for h in hanging.hits}) == 6, 90)
         assert [h.answered for h in hanging.hits] == [200] * 6  # each sent once, none failed
+
+
+@pytest.mark.parametrize("db", ["sqlite"], indirect=True)
+async def test_a_sender_that_stopped_lets_its_connection_drain_at_once(
+    nats_server: NatsServer, tmp_path: Path, db: Database
+) -> None:
+    # The pull request of the fetch close() cancelled stayed on the server for up to 5 s; a job
+    # published meanwhile landed in the subscription, nobody read it, and the connection's drain
+    # waited for it until nats-py gave up (30 s): SIGTERM took 30 s, beyond the shutdown grace.
+    errors: list[Exception] = []
+    topology = Topology()
+    async with Receiver() as receiver, sending(nats_server, tmp_path, db, errors) as (store, sender):
+        await completed_with_webhook(store, f"{receiver.url}/ok")
+        await eventually(lambda: len(receiver.hits) == 1, 60)
+        await sender.close(grace=1)
+        await completed_with_webhook(store, f"{receiver.url}/ok")  # published as the sender stopped
+
+        async def counted() -> bool:  # waiting in the stream, or handed to the stale request
+            info = await sender._js.consumer_info(topology.jobs_stream, topology.webhook_consumer)
+            return bool(info.num_pending + info.num_ack_pending == 1)
+
+        await eventually(counted, 30)
+        await sender._js._nc.drain()
+        assert not [e for e in errors if isinstance(e, nats.errors.DrainTimeoutError)]
+        assert len(receiver.hits) == 1  # the job waits for the next sender

@@ -118,9 +118,9 @@ class Webhooks:
             return 0
         task_id, url = event.task.id, hook.url
         # A progress delivery not yet attempted is superseded by any later event (latest wins).
-        await tx.execute(
+        superseded = await tx.fetch(
             "DELETE FROM webhook_deliveries WHERE task_id = ? AND url = ? AND status = ? AND event_type = ?"
-            " AND attempts = 0 AND (claimed_until IS NULL OR claimed_until < ?)",
+            " AND attempts = 0 AND (claimed_until IS NULL OR claimed_until < ?) RETURNING next_attempt_at",
             task_id,
             url,
             _PENDING,
@@ -130,7 +130,14 @@ class Webhooks:
         disabled = await tx.fetchval(
             "SELECT disabled_at FROM webhook_endpoints WHERE tenant = ? AND url = ?", tenant, url
         )
-        due = now + (int(self.config.progress_interval_seconds * 1e6) if rules.is_progress(event.type) else 0)
+        due = now
+        if rules.is_progress(event.type):
+            # Due one interval after the first progress since the last one sent, not after the
+            # newest: a task reporting more often than the interval still gets one each interval
+            # (the timer started again at each report, so it got none until it stopped).
+            due = min(
+                [now + int(self.config.progress_interval_seconds * 1e6), *(int(r[0]) for r in superseded)]
+            )
         await tx.execute(
             "INSERT INTO webhook_deliveries (id, tenant, task_id, url, event_type, seq, event, status,"
             " next_attempt_at, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -302,6 +309,20 @@ class Webhooks:
                 f" WHERE id = ?{self._db.dialect.for_update}",
                 req.delivery_id,
             )
+            if row is not None and int(row[3]) == _FAILED and row[5] == req.sender_id:
+                # Failed while this sender posted it: its endpoint was disabled (by another
+                # delivery's answer), which fails every pending delivery but not a post already
+                # made. The attempt is recorded, and a 2xx delivered it all the same.
+                await self._record_attempt(tx, req, int(row[4]) + 1, now)
+                await tx.execute(
+                    "UPDATE webhook_deliveries SET status = ?, attempts = ?, updated = ?,"
+                    " claimed_by = NULL, claimed_until = NULL WHERE id = ?",
+                    _DELIVERED if 200 <= req.http_status < 300 else _FAILED,
+                    int(row[4]) + 1,
+                    now,
+                    req.delivery_id,
+                )
+                return spb.SettleWebhookDeliveryResponse(outcome=spb.SETTLE_OUTCOME_DONE)
             if row is None or int(row[3]) != _PENDING or row[5] != req.sender_id:
                 return spb.SettleWebhookDeliveryResponse(outcome=spb.SETTLE_OUTCOME_DONE)
             tenant, task_id, url, attempts = str(row[0]), str(row[1]), str(row[2]), int(row[4]) + 1

@@ -122,6 +122,12 @@ class Sender:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
             self._loop_task = None
+            # A fetch cancelled above leaves its pull request standing on the server (up to its
+            # 5 s): a job published meanwhile lands in this subscription, where nobody takes it,
+            # and the connection's drain waited for it until nats-py gave up (30 s, beyond the
+            # shutdown grace). Unsubscribed, such a job is simply redelivered after the ack wait.
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
         if self._inflight:
             await asyncio.wait(self._inflight, timeout=grace)
         for task in list(self._inflight):
