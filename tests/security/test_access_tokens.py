@@ -36,6 +36,7 @@ from tests.security.harness import (
     grpc_stream_first,
     grpc_unary,
     grpcweb,
+    image_request,
     running_charai,
     tts_request,
 )
@@ -364,6 +365,29 @@ async def test_a_request_id_replayed_with_a_token_answers_only_a_task_within_its
     assert task_service_pb2.CreateTaskResponse.FromString(key).task.metadata["characterId"] == "char_002"
 
 
+async def test_a_tokens_create_must_name_its_character_in_the_payload_and_callback_too(world: World) -> None:
+    # The metadata said char_001 (the scope), the payload or its callback char_002: the task was
+    # created, and a backend acting on the callback (signed by the tenant's webhook secret)
+    # updated char_002 from a page that only held a char_001 token.
+    def aimed(**callback: str) -> Any:
+        request = tts_request("char_001", "x", metadata={"characterId": "char_001"})
+        request.tts.callback.CopyFrom(task_pb2.Callback(type="character_voice", **callback))
+        return request
+
+    other_payload = tts_request("char_002", "x", metadata={"characterId": "char_001"})
+    image = image_request("char_001")
+    image.image.callback.CopyFrom(task_pb2.Callback(type="character_view", character_id="char_002"))
+    for request in (other_payload, aimed(character_id="char_002"), image):
+        for transport in ("grpc", "grpc-web"):
+            answer = await TRANSPORTS[transport](world, "CreateTask", world.token, request)
+            assert (answer.code, reason_of(answer)) == (DENIED, "ACCESS_TOKEN_SCOPE"), (transport, answer)
+        batch = task_service_pb2.BatchCreateTasksRequest(requests=[tts_request("char_001", "y"), request])
+        assert (await via_grpc(world, "BatchCreateTasks", world.token, batch)).code == DENIED
+    # Agreeing everywhere (or the callback silent on the character) is in scope, as before.
+    for request in (aimed(character_id="char_001"), aimed()):
+        assert (await via_grpc(world, "CreateTask", world.token, request)).code == OK
+
+
 async def test_minting_is_validated_and_needs_a_tenant_key(world: World) -> None:
     charai = world.charai
     cases = {
@@ -379,6 +403,15 @@ async def test_minting_is_validated_and_needs_a_tenant_key(world: World) -> None
             "ttl",
         ),
         "not a task id": (task_service_pb2.CreateAccessTokenRequest(task_ids=["../x"]), "task_ids[0]"),
+        # Each within its limit, too large together for a header (was a token of 9,767
+        # characters that aiohttp refused with a plain 400 wherever it was used).
+        "a token too large to carry": (
+            task_service_pb2.CreateAccessTokenRequest(
+                task_ids=[f"task_{n:032x}" for n in range(100)],
+                metadata={f"k{n}": "v" * 500 for n in range(6)},
+            ),
+            "metadata",
+        ),
         # Beyond what a Python timedelta holds (was UNKNOWN, an OverflowError), and negative.
         "ttl beyond any date": (
             task_service_pb2.CreateAccessTokenRequest(
@@ -400,6 +433,11 @@ async def test_minting_is_validated_and_needs_a_tenant_key(world: World) -> None
         bad = error_details_pb2.BadRequest()
         assert any(d.Unpack(bad) for d in answer.details.details if d.Is(bad.DESCRIPTOR)), why
         assert field in [v.field for v in bad.field_violations], (why, bad)
+    # The largest token within the limits one by one that still fits is issued, and works.
+    wide = await mint(charai, task_ids=[f"task_{n:032x}" for n in range(99)] + [world.mine.id])
+    assert len(wide) <= 6000
+    answer = await via_rest(world, "GetTask", wide, task_service_pb2.GetTaskRequest(id=world.mine.id))
+    assert answer.code == OK, answer
     nobody = await grpc_unary(
         charai.channel,
         "CreateAccessToken",

@@ -377,6 +377,31 @@ def validate_watch_filter(metadata: Mapping[str, str], task_type: int, after_seq
     c.raise_if_any()
 
 
+def payload_identity(req: task_service_pb2.CreateTaskRequest) -> list[tuple[str, str, str]]:
+    """Whom the payload says the task is for: (metadata key, value, field) for each character,
+    view and costume id of the payload and of its callback that is set. An access token's
+    creates must agree with its scope there too, not only in the metadata (which the client may
+    set apart from the payload)."""
+    kind = req.WhichOneof("payload")
+    if kind is None:
+        return []
+    payload = req.image if kind == "image" else req.tts
+    fields: list[tuple[str, str, str]] = [("characterId", payload.character_id, f"{kind}.character_id")]
+    if kind == "image":
+        fields += [
+            ("viewType", req.image.view_type, "image.view_type"),
+            ("costumeId", req.image.costume_id, "image.costume_id"),
+        ]
+    if payload.HasField("callback"):
+        cb = payload.callback
+        fields += [
+            ("characterId", cb.character_id, f"{kind}.callback.character_id"),
+            ("viewType", cb.view_type, f"{kind}.callback.view_type"),
+            ("costumeId", cb.costume_id, f"{kind}.callback.costume_id"),
+        ]
+    return [(key, value, field) for key, value, field in fields if value]
+
+
 def fill_metadata(req: task_service_pb2.CreateTaskRequest) -> dict[str, str]:
     """Metadata of a new task: the client's, plus characterId/characterName/viewType/costumeId
     from the payload unless the client set those keys (so ``metadata.characterId=…`` always works)."""

@@ -11,7 +11,7 @@ widened.
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from charai.core.errors import NotFoundError, PermissionDeniedError
 from charai.gateway.tokens import AccessToken, Scope
@@ -58,10 +58,21 @@ def check_task(task: task_pb2.Task) -> task_pb2.Task:
     return task
 
 
-def check_create(metadata: Mapping[str, str]) -> None:
-    """Refuses a create outside the token's scope (``metadata``: as the gateway filled it)."""
+def check_create(metadata: Mapping[str, str], identity: Sequence[tuple[str, str, str]] = ()) -> None:
+    """Refuses a create outside the token's scope (``metadata``: as the gateway filled it;
+    ``identity``: :func:`~charai.core.validation.payload_identity`, each of which must agree
+    with the scope's value for its key: a char_001 token must not create a task whose payload
+    or callback names char_002, however its metadata reads)."""
     granted = scope()
-    if granted is None or granted.may_create(metadata):
+    if granted is None:
+        return
+    if granted.may_create(metadata):
+        pairs = granted.pairs
+        for key, value, field in identity:
+            if key in pairs and value != pairs[key]:
+                raise OutOfScopeError(
+                    f"this access token may only create tasks with {key}={pairs[key]}; {field} names another"
+                )
         return
     if not granted.allow_create:
         raise OutOfScopeError("this access token may not create tasks (ask for one with allow_create)")

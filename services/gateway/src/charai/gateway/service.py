@@ -42,6 +42,9 @@ HEAD = 2**62
 STORE_TIMEOUT = 30.0
 #: Longest tenant name GetUsage accepts.
 MAX_TENANT_CHARS = 200
+#: Longest access token CreateAccessToken issues: it must fit an HTTP header line and a URL
+#: (aiohttp, nginx and most servers stop at 8 KiB), with room for the rest of either.
+MAX_TOKEN_CHARS = 6000
 
 
 def add_to_server(servicer: TaskService, server: grpc.aio.Server) -> None:
@@ -152,7 +155,7 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
         self._submit_limiter.acquire(principal.get())  # a token's creates count for its tenant
         self._fill_webhook(request)
         validation.validate_create(request, self._models)
-        access.check_create(validation.fill_metadata(request))
+        access.check_create(validation.fill_metadata(request), validation.payload_identity(request))
         task = await self._store.create_task(
             principal.get(), request, scope=access.create_scope(), timeout=self._timeout(context)
         )
@@ -167,7 +170,7 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
             self._fill_webhook(one)
         validation.validate_batch(request.requests, self._models)  # all or none
         for one in request.requests:
-            access.check_create(validation.fill_metadata(one))
+            access.check_create(validation.fill_metadata(one), validation.payload_identity(one))
         tasks = await self._store.batch_create_tasks(
             principal.get(), request.requests, scope=access.create_scope(), timeout=self._timeout(context)
         )
@@ -305,6 +308,14 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
         )
         scope = Scope.of(request.task_ids, request.metadata, request.allow_create)
         token, expires = self._tokens.issue(principal.get(), scope, ttl)
+        if len(token) > MAX_TOKEN_CHARS:
+            # Within every limit one by one, too large together for where a token travels.
+            why = (
+                f"make a token of {len(token)} characters, more than the {MAX_TOKEN_CHARS} an"
+                " Authorization header or an ?access_token= URL carries (servers stop at 8 KiB)"
+            )
+            named = [f for f, v in (("task_ids", request.task_ids), ("metadata", request.metadata)) if v]
+            raise validation.RequestInvalidError([validation.Violation(f, why) for f in named])
         response = task_service_pb2.CreateAccessTokenResponse(token=token)
         response.expire_time.FromNanoseconds(int(expires * 1e9))
         return response
