@@ -507,3 +507,26 @@ async def test_inputs_that_crashed_a_route_are_400_naming_the_field(api: Api) ->
     ):
         status, answer = await api.get(path)
         assert (status, violations(answer)) == (400, [field]), (path, answer)
+
+
+async def test_a_resume_cursor_past_the_event_log_is_refused(api: Api) -> None:
+    # A cursor from another deployment (or a wiped database): the task's stream skipped every
+    # event up to it and never ended; the many-task stream stayed silent.
+    status, task = await api.post(
+        "/api/tasks",
+        submit_tts_task_body({"characterId": character(), "text": "hi", "voiceStyle": "tongtong"}),
+    )
+    assert status == 201, task
+    far = str(10**15)
+    for path, headers in (
+        (f"/api/tasks/{task['id']}/events", {"Last-Event-ID": far}),
+        (f"/api/tasks/{task['id']}/events?after={far}", {}),
+        (f"/api/tasks/events?after={far}", {}),
+    ):
+        async with api.http.get(path, headers=headers) as resp:
+            assert resp.status == 400, (path, resp.status)
+            body = await resp.json()
+            assert [v["field"] for v in body["error"]["fieldViolations"]] == ["after"], body
+    await api.until_done(task["id"])
+    async with api.http.get(f"/api/tasks/{task['id']}/events", headers={"Last-Event-ID": "1"}) as resp:
+        assert resp.status == 200  # a cursor of this log resumes as before

@@ -422,7 +422,9 @@ class WatchTaskRequest(_message.Message):
     id: _builtins.str
     """The task id."""
     after_sequence: _builtins.int
-    """Resume after this event sequence (0: start with a snapshot)."""
+    """Resume after this event sequence (0: start with a snapshot). One past the newest event is
+    refused (INVALID_ARGUMENT): it is not a cursor of this event log.
+    """
     max_events_per_message: _builtins.int
     """Opts in to several events per stream message, for a client that reads the responses' `events`.
     0 (unset) or 1: one event per message, in `event`, exactly as before this field existed. N >= 2:
@@ -512,7 +514,9 @@ class WatchTasksRequest(_message.Message):
     type: _task_pb2.TaskType.ValueType
     """Only this type (unset: any)."""
     after_sequence: _builtins.int
-    """Resume after this event sequence (0: only new events)."""
+    """Resume after this event sequence (0: only new events). One past the newest event is
+    refused (INVALID_ARGUMENT): it is not a cursor of this event log.
+    """
     max_events_per_message: _builtins.int
     """Opts in to several events per stream message, for a client that reads the responses' `events`.
     0 (unset) or 1: one event per message, in `event`, exactly as before this field existed. N >= 2:

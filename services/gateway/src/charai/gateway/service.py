@@ -405,6 +405,7 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
         tenant = principal.get()
         if access.scope() is not None:  # a token watches only what it reaches (NOT_FOUND otherwise)
             access.check_task(await self._store.get_task(tenant, request.id, timeout=STORE_TIMEOUT))
+        await self._head_at_least(tenant, request.after_sequence)
         watcher = Watcher(tenant=tenant, task_id=request.id)
         self._open(watcher)
         try:
@@ -439,6 +440,25 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
         finally:
             self._hub.remove(watcher)
 
+    async def _head_at_least(self, tenant: str, after: int) -> None:
+        """Refuses a resume cursor past the newest event: it cannot come from this event log
+        (another deployment, a wiped database), and a stream following it would skip every
+        event up to it: a task's stream never ended, a many-task stream stayed silent."""
+        if after <= 0:
+            return
+        probe = spb.ListEventsRequest(tenant=tenant, task_id="", after_sequence=HEAD, limit=1)
+        _, head = await read_log(self._store, probe)
+        if after > head:
+            raise validation.RequestInvalidError(
+                [
+                    validation.Violation(
+                        "after_sequence",
+                        f"is past the newest event ({head}): not a cursor of this event log;"
+                        " start again from 0",
+                    )
+                ]
+            )
+
     async def _snapshot(self, current: task_pb2.Task, query: spb.ListEventsRequest) -> task_pb2.TaskEvent:
         """The task as of its latest event (so resuming from it misses nothing), with the queue
         position of ``current``."""
@@ -466,6 +486,7 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
         tenant = principal.get()
         ids = access.id_scope()
         metadata = access.narrow(request.metadata)
+        await self._head_at_least(tenant, request.after_sequence)
         watcher = Watcher(
             tenant=tenant, metadata=metadata, task_type=request.type, task_ids=ids or frozenset()
         )
