@@ -745,3 +745,18 @@ def test_validate_redeliver() -> None:
         with pytest.raises(RequestInvalidError) as caught:
             validation.validate_redeliver(request)
         assert [v.field for v in caught.value.violations] == [field], request
+
+
+def test_a_batch_may_repeat_a_request_but_not_reuse_its_request_id_for_another() -> None:
+    # The second request answered the first's task and was dropped without a word.
+    first = seed_image()
+    first.request_id = "sheet-1"
+    same = task_service_pb2.CreateTaskRequest()
+    same.CopyFrom(first)
+    validation.validate_batch([first, same])  # the same request twice: one task, answered twice
+    other = seed_costume()
+    other.request_id = "sheet-1"
+    with pytest.raises(RequestInvalidError) as caught:
+        validation.validate_batch([first, same, other])
+    assert [v.field for v in caught.value.violations] == ["requests[2].request_id"]
+    assert "requests[0]" in caught.value.violations[0].description

@@ -294,11 +294,24 @@ def validate_batch(
     named ``requests[i].field`` (all or nothing: one bad request refuses the batch)."""
     validate_batch_size(requests)
     violations: list[Violation] = []
+    first: dict[str, tuple[int, bytes]] = {}
     for index, request in enumerate(requests):
         try:
             validate_create(request, models)
         except RequestInvalidError as exc:
             violations += in_batch(index, exc.violations)
+        if request.request_id:
+            # One request_id is one task: a repeat of the same request answers it twice; another
+            # request under it would be dropped without a word (it answered the first's task).
+            body = request.SerializeToString(deterministic=True)
+            earlier, seen = first.setdefault(request.request_id, (index, body))
+            if seen != body:
+                violations.append(
+                    Violation(
+                        f"requests[{index}].request_id",
+                        f"is requests[{earlier}]'s, whose request differs (one request_id is one task)",
+                    )
+                )
     if violations:
         raise RequestInvalidError(violations)
 

@@ -132,8 +132,9 @@ class TaskServiceServicer:
         """Accepts up to 100 tasks in one call (e.g. a character's front, side and back views and a voice
         line), all or none: a request bad in any field refuses the whole batch (INVALID_ARGUMENT naming
         requests[i].field) and stores nothing. Answers the tasks in the order of requests; each request's
-        request_id makes a retry of the batch return the same tasks. Counts as one submission per task
-        against the tenant's rate limit.
+        request_id makes a retry of the batch return the same tasks (a request_id two requests of one
+        batch share must come with the same request: it is one task). Counts as one submission per
+        task against the tenant's rate limit.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -39,8 +39,9 @@ class TaskServiceStub:
     """Accepts up to 100 tasks in one call (e.g. a character's front, side and back views and a voice
     line), all or none: a request bad in any field refuses the whole batch (INVALID_ARGUMENT naming
     requests[i].field) and stores nothing. Answers the tasks in the order of requests; each request's
-    request_id makes a retry of the batch return the same tasks. Counts as one submission per task
-    against the tenant's rate limit.
+    request_id makes a retry of the batch return the same tasks (a request_id two requests of one
+    batch share must come with the same request: it is one task). Counts as one submission per
+    task against the tenant's rate limit.
     """
     GetTask: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.GetTaskRequest, _task_service_pb2.GetTaskResponse]
     """Returns one task, with its queue_position while queued."""
@@ -102,8 +103,9 @@ class TaskServiceAsyncStub(TaskServiceStub):
     """Accepts up to 100 tasks in one call (e.g. a character's front, side and back views and a voice
     line), all or none: a request bad in any field refuses the whole batch (INVALID_ARGUMENT naming
     requests[i].field) and stores nothing. Answers the tasks in the order of requests; each request's
-    request_id makes a retry of the batch return the same tasks. Counts as one submission per task
-    against the tenant's rate limit.
+    request_id makes a retry of the batch return the same tasks (a request_id two requests of one
+    batch share must come with the same request: it is one task). Counts as one submission per
+    task against the tenant's rate limit.
     """
     GetTask: _aio.UnaryUnaryMultiCallable[_task_service_pb2.GetTaskRequest, _task_service_pb2.GetTaskResponse]  # type: ignore[assignment]
     """Returns one task, with its queue_position while queued."""
@@ -174,8 +176,9 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         """Accepts up to 100 tasks in one call (e.g. a character's front, side and back views and a voice
         line), all or none: a request bad in any field refuses the whole batch (INVALID_ARGUMENT naming
         requests[i].field) and stores nothing. Answers the tasks in the order of requests; each request's
-        request_id makes a retry of the batch return the same tasks. Counts as one submission per task
-        against the tenant's rate limit.
+        request_id makes a retry of the batch return the same tasks (a request_id two requests of one
+        batch share must come with the same request: it is one task). Counts as one submission per
+        task against the tenant's rate limit.
         """
 
     @_abc_1.abstractmethod
