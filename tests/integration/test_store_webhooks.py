@@ -172,6 +172,25 @@ async def test_a_post_in_flight_when_its_endpoint_is_disabled_is_recorded_and_it
         ]
 
 
+async def test_redelivering_a_delivery_being_posted_leaves_it_to_that_post(db: Database) -> None:
+    # The redelivery took the claim away: the post's answer was dropped (one attempt listed for
+    # two posts) and the delivery was posted again.
+    async with opened(db, webhooks=CONFIG) as rec:
+        task, _ = await rec.store.create("t1", hooked())
+        await run_to_completion(rec, task.id)
+        (delivery,) = await listed(rec, task.id)
+        assert (await rec.store.webhooks.claim(delivery.id, "s1")).outcome == spb.CLAIM_OUTCOME_RUN
+        request = task_service_pb2.RedeliverWebhookRequest(delivery_id=delivery.id)
+        assert await rec.store.webhooks.redeliver("t1", request) == (1, 0)  # it is on its way
+        await rec.store.webhooks.settle(settle(delivery.id, 200))
+        (done,) = await listed(rec, task.id)
+        assert (done.status, [a.http_status for a in done.attempts]) == (DELIVERED, [200])
+        assert (await rec.store.webhooks.claim(delivery.id, "s2")).outcome == spb.CLAIM_OUTCOME_DONE
+        # Once settled it is redelivered as any other: posted again.
+        assert await rec.store.webhooks.redeliver("t1", request) == (1, 1)
+        assert (await rec.store.webhooks.claim(delivery.id, "s2")).outcome == spb.CLAIM_OUTCOME_RUN
+
+
 async def test_a_redelivery_queues_the_head_of_each_tasks_queue_once(
     db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -524,10 +524,13 @@ class Webhooks:
                     _FAILED,
                     since,
                 )
+            # One being posted right now is left to that post, whose answer is recorded and
+            # decides (taking its claim away posted it twice and dropped the first answer).
             await tx.executemany(
                 "UPDATE webhook_deliveries SET status = ?, next_attempt_at = ?, dispatched = 0,"
-                " claimed_by = NULL, claimed_until = NULL, updated = ? WHERE id = ?",
-                [(_PENDING, now, now, row[0]) for row in rows],
+                " claimed_by = NULL, claimed_until = NULL, updated = ? WHERE id = ?"
+                " AND (claimed_until IS NULL OR claimed_until <= ?)",
+                [(_PENDING, now, now, row[0], now) for row in rows],
             )
             for url in sorted({str(row[2]) for row in rows}):
                 await self._endpoint(tx, tenant, url, 0, None)
