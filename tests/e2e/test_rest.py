@@ -509,6 +509,16 @@ async def test_inputs_that_crashed_a_route_are_400_naming_the_field(api: Api) ->
         assert (status, violations(answer)) == (400, [field]), (path, answer)
 
 
+async def test_an_unknown_api_route_or_method_answers_json(api: Api) -> None:
+    async with api.http.get("/api/nothing-here") as resp:
+        assert resp.status == 404 and (await resp.json())["error"]["code"] == "NOT_FOUND"
+    async with api.http.put("/api/tasks", json={}) as resp:
+        assert resp.status == 405 and (await resp.json())["error"]["code"] == "UNIMPLEMENTED"
+        assert "POST" in resp.headers["Allow"]
+    async with api.http.get("/not-api") as resp:  # the console's own 404, as before
+        assert resp.status == 404
+
+
 async def test_a_resume_cursor_past_the_event_log_is_refused(api: Api) -> None:
     # A cursor from another deployment (or a wiped database): the task's stream skipped every
     # event up to it and never ended; the many-task stream stayed silent.

@@ -509,3 +509,16 @@ async def test_an_open_watch_ends_when_its_token_expires(world: World) -> None:
             pass
     assert ended.value.code() == UNAUTHENTICATED
     assert "expired" in (ended.value.details() or "")
+
+
+async def test_an_open_sse_feed_ends_with_the_expiry_and_its_reason(world: World) -> None:
+    short = await mint(world.charai, ttl=60, metadata={"characterId": "char_001"})
+    url = f"{world.charai.base}/api/tasks/events?access_token={short}"
+    async with world.charai.http.get(url) as resp:
+        assert resp.status == 200
+        await resp.content.readuntil(b"\n\n")  # retry: …
+        CLOCK.advance(61)
+        text = (await resp.content.read()).decode()  # to the end of the stream
+    block = text[text.index("event: error") :]
+    error = json.loads(block.split("data: ", 1)[1].split("\n", 1)[0])["error"]
+    assert (error["code"], error.get("reason")) == ("UNAUTHENTICATED", "ACCESS_TOKEN_EXPIRED"), error

@@ -43,6 +43,7 @@ from charai.gateway.http import (
 from charai.gateway.limits import SubmitLimiter
 from charai.gateway.ops import metrics_routes
 from charai.gateway.rest import RestApi
+from charai.gateway.rest.errors import json_not_found
 from charai.gateway.service import TaskService, add_to_server
 from charai.gateway.settings import Settings
 from charai.gateway.signing import access_tokens, url_signer
@@ -241,6 +242,7 @@ class GatewayApp(ServiceApp):
         if not s.client_tokens:  # auth off: no page of another site, DNS rebinding included
             app.middlewares.insert(0, LoopbackHosts([urlsplit(s.public_base_url).netloc]).middleware)
         install_cors(app, CorsPolicy(list(s.cors_origins)))
+        app.middlewares.append(json_not_found)  # innermost: sees what the router answered
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -86,6 +87,33 @@ class RestError(Exception):
         elif self.retry_after is not None:  # a rate limit says when to come back
             headers[hdrs.RETRY_AFTER] = str(max(1, math.ceil(self.retry_after)))
         return web.json_response({"error": error}, status=self.http_status, headers=headers)
+
+
+@web.middleware
+async def json_not_found(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """An ``/api/`` path no route has, or a method its route does not take, answered like every
+    other REST error (``{"error": …}``, 404 or 405 with ``Allow``), not aiohttp's plain text."""
+    try:
+        return await handler(request)
+    except web.HTTPMethodNotAllowed as exc:
+        if not request.path.startswith("/api/"):
+            raise
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        response = RestError(
+            grpc.StatusCode.UNIMPLEMENTED,
+            f"{request.method} is not a method of {request.path} ({allowed})",
+            http_status=405,
+        ).response()
+        response.headers[hdrs.ALLOW] = allowed
+        return response
+    except web.HTTPNotFound:
+        if not request.path.startswith("/api/"):
+            raise
+        return RestError(
+            grpc.StatusCode.NOT_FOUND, f"no such route: {request.method} {request.path}"
+        ).response()
 
 
 _BATCH_ITEM = re.compile(r"^(requests\[\d+\])\.(.+)$")

@@ -110,7 +110,10 @@ class EventStreams:
                     await response.write(_blocks(group, many))
             except grpc.aio.AioRpcError as exc:
                 error = RestError.from_rpc(exc)
-                data = json.dumps({"error": {"code": error.code.name, "message": error.message}})
+                body = {"code": error.code.name, "message": error.message}
+                if error.reason:  # e.g. ACCESS_TOKEN_EXPIRED, as the REST error bodies name it
+                    body["reason"] = error.reason
+                data = json.dumps({"error": body})
                 await response.write(f"event: error\ndata: {data}\n\n".encode())
             await response.write_eof()
         except ConnectionResetError:
