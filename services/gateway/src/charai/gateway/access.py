@@ -11,12 +11,13 @@ widened.
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
+from charai.core import validation
 from charai.core.errors import NotFoundError, PermissionDeniedError
 from charai.gateway.tokens import AccessToken, Scope
 from charai.store.v1 import store_service_pb2 as spb
-from charai.tasks.v1 import task_pb2
+from charai.tasks.v1 import task_pb2, task_service_pb2
 
 #: The access token of the current RPC; None when it came with a tenant API key.
 current: contextvars.ContextVar[AccessToken | None] = contextvars.ContextVar("access_token", default=None)
@@ -58,17 +59,18 @@ def check_task(task: task_pb2.Task) -> task_pb2.Task:
     return task
 
 
-def check_create(metadata: Mapping[str, str], identity: Sequence[tuple[str, str, str]] = ()) -> None:
-    """Refuses a create outside the token's scope (``metadata``: as the gateway filled it;
-    ``identity``: :func:`~charai.core.validation.payload_identity`, each of which must agree
-    with the scope's value for its key: a char_001 token must not create a task whose payload
-    or callback names char_002, however its metadata reads)."""
+def check_create(request: task_service_pb2.CreateTaskRequest) -> None:
+    """Refuses a create outside the token's scope: its metadata as the gateway fills it must
+    hold the scope's pairs, and each id its payload and callback give
+    (:func:`~charai.core.validation.payload_identity`) must agree with the scope's value for
+    its key: a char_001 token must not create a task whose payload or callback names char_002,
+    however its metadata reads. Nothing to compute for a tenant key."""
     granted = scope()
     if granted is None:
         return
-    if granted.may_create(metadata):
+    if granted.may_create(validation.fill_metadata(request)):
         pairs = granted.pairs
-        for key, value, field in identity:
+        for key, value, field in validation.payload_identity(request):
             if key in pairs and value != pairs[key]:
                 raise OutOfScopeError(
                     f"this access token may only create tasks with {key}={pairs[key]}; {field} names another"

@@ -155,7 +155,7 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
         self._submit_limiter.acquire(principal.get())  # a token's creates count for its tenant
         self._fill_webhook(request)
         validation.validate_create(request, self._models)
-        access.check_create(validation.fill_metadata(request), validation.payload_identity(request))
+        access.check_create(request)
         task = await self._store.create_task(
             principal.get(), request, scope=access.create_scope(), timeout=self._timeout(context)
         )
@@ -170,7 +170,7 @@ class TaskService(task_service_pb2_grpc.TaskServiceServicer):
             self._fill_webhook(one)
         validation.validate_batch(request.requests, self._models)  # all or none
         for one in request.requests:
-            access.check_create(validation.fill_metadata(one), validation.payload_identity(one))
+            access.check_create(one)
         tasks = await self._store.batch_create_tasks(
             principal.get(), request.requests, scope=access.create_scope(), timeout=self._timeout(context)
         )
