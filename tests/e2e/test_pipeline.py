@@ -87,6 +87,14 @@ async def test_media_supports_range_requests(client: CharaiClient, stack: Stack)
     with urllib.request.urlopen(request, timeout=10) as response:
         assert response.status == 206
         assert len(response.read()) == 4
+    # HEAD: the length a GET would send, and no body (it had Content-Length 0).
+    with urllib.request.urlopen(final.tts_result.audio_url, timeout=10) as response:
+        size = len(response.read())
+    for headers, status, length in (({}, 200, size), ({"Range": "bytes=0-11"}, 206, 12)):
+        request = urllib.request.Request(final.tts_result.audio_url, method="HEAD", headers=headers)
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert (response.status, int(response.headers["Content-Length"])) == (status, length)
+            assert response.read() == b""
 
 
 async def test_a_download_whose_chunks_are_gone_answers_404(client: CharaiClient, stack: Stack) -> None:
