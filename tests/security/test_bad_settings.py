@@ -54,6 +54,33 @@ def start(module: str, tmp_path: Path, **env: str) -> subprocess.CompletedProces
         ),
         ("charai.image_worker", {"CHARAI_NATS_URL": " , "}, ["CHARAI_NATS_URL"]),
         ("charai.tts_worker", {"CHARAI_TASK_STORE_ADDR": "nohost"}, ["CHARAI_TASK_STORE_ADDR='nohost'"]),
+        # Values that passed and then crashed (exit code 1, a traceback, the variable unnamed).
+        ("charai.task_store", {"CHARAI_TASK_STORE_ADDR": "127.0.0.1:٥٤٩٩٩"}, ["CHARAI_TASK_STORE_ADDR"]),
+        ("charai.task_store", {"CHARAI_TASK_STORE_ADDR": "foo bar:80"}, ["CHARAI_TASK_STORE_ADDR"]),
+        ("charai.task_store", {"CHARAI_RETENTION_DAYS": "inf"}, ["CHARAI_RETENTION_DAYS='inf'"]),
+        ("charai.task_store", {"CHARAI_RETENTION_DAYS": "1e200"}, ["CHARAI_RETENTION_DAYS"]),
+        ("charai.tts_worker", {"CHARAI_ACK_WAIT_SECONDS": "inf"}, ["CHARAI_ACK_WAIT_SECONDS"]),
+        # JetStream refused the consumer, and the worker ran without one.
+        ("charai.tts_worker", {"CHARAI_ACK_WAIT_SECONDS": "1e12"}, ["CHARAI_ACK_WAIT_SECONDS"]),
+        ("charai.image_worker", {"CHARAI_MAX_DELIVER": "9" * 20}, ["CHARAI_MAX_DELIVER"]),
+        ("charai.task_store", {"CHARAI_LOG_FORMAT": "xml"}, ["CHARAI_LOG_FORMAT='xml'"]),
+        ("charai.webhook_sender", {"CHARAI_MEDIA_URL_TTL": "30"}, ["CHARAI_MEDIA_URL_TTL"]),
+        (
+            "charai.task_store",
+            {"CHARAI_INTERNAL_TOKEN": f"two {CANARY} words"},
+            ["CHARAI_INTERNAL_TOKEN", "without spaces"],
+        ),
+        # Checked after loading: exit code 2 as well (was 1).
+        (
+            "charai.task_store",
+            {"CHARAI_TENANTS_FILE": "/nonexistent/tenants.toml"},
+            ["CHARAI_TENANTS_FILE: cannot read"],
+        ),
+        (
+            "charai.task_store",
+            {"CHARAI_DATABASE_URL": f"mysql://u:{CANARY}@127.0.0.1:1/db"},
+            ["CHARAI_DATABASE_URL"],
+        ),
     ],
 )
 def test_a_bad_setting_stops_start_up_naming_it_without_a_secret(
@@ -65,3 +92,13 @@ def test_a_bad_setting_stops_start_up_naming_it_without_a_secret(
     for words in named:
         assert words in done.stderr, done.stderr
     assert CANARY not in done.stdout + done.stderr
+
+
+def test_an_internal_token_from_a_file_loses_its_newline() -> None:
+    # Kept, it was an illegal header value: every internal call failed (the gateway printed
+    # "Illegal header value" 19 times and was NOT_SERVING), and a trailing space made
+    # task_store refuse the token it was given.
+    from charai.task_store.settings import Settings
+
+    assert Settings(internal_token=f"{CANARY}\n").internal_token.get_secret_value() == CANARY  # type: ignore[arg-type]
+    assert Settings(internal_token=f" {CANARY} ").internal_token.get_secret_value() == CANARY  # type: ignore[arg-type]

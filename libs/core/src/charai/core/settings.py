@@ -17,7 +17,7 @@ import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, NoReturn, TypeVar
 
 from pydantic import BeforeValidator, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -29,7 +29,13 @@ EventLoop = Literal["uvloop", "asyncio"]
 
 def _check_addr(value: str) -> str:
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if (
+        not sep
+        or not host
+        or not (port.isascii() and port.isdigit())  # "٥٤٩٩٩" is digits to str, not to gRPC
+        or not 0 <= int(port) <= 65535
+        or any(c.isspace() or not c.isprintable() for c in host)
+    ):
         raise ValueError(f"must be HOST:PORT (got {value!r})")
     return value
 
@@ -88,7 +94,8 @@ def provider_default(data: Any, provider_field: str, field: str, defaults: dict[
 class CommonSettings(BaseSettings):
     """Settings every charai process reads."""
 
-    model_config = SettingsConfigDict(env_prefix="CHARAI_", extra="ignore", frozen=True)
+    # No infinite durations or counts (``inf`` passed ``gt=0`` and overflowed where it was used).
+    model_config = SettingsConfigDict(env_prefix="CHARAI_", extra="ignore", frozen=True, allow_inf_nan=False)
 
     #: NATS with JetStream: one URL or several seeds, comma-separated.
     nats_url: Annotated[CommaList, Field(min_length=1)] = ("nats://127.0.0.1:4222",)
@@ -148,6 +155,23 @@ class CommonSettings(BaseSettings):
     def _metrics_addr(cls, value: str) -> str:
         return _check_addr(value) if value else value
 
+    @field_validator("log_format")
+    @classmethod
+    def _log_format(cls, value: str) -> str:
+        if value.lower() not in {"json", "console"}:
+            raise ValueError("must be json or console")
+        return value.lower()
+
+    @field_validator("internal_token")
+    @classmethod
+    def _internal_token(cls, value: SecretStr) -> SecretStr:
+        # Surrounding whitespace (a secret file's newline) is dropped: kept, every internal call
+        # failed (a newline is not a legal header value; a space made task_store refuse it).
+        token = value.get_secret_value().strip()
+        if any(not ("!" <= c <= "~") for c in token):
+            raise ValueError("must be printable ASCII without spaces (it travels in a header)")
+        return SecretStr(token)
+
     @field_validator("log_level")
     @classmethod
     def _level(cls, value: str) -> str:
@@ -193,6 +217,25 @@ def parse_api_keys(inline: str, file_text: str = "") -> list[tuple[str, str]]:
 
 S = TypeVar("S", bound=BaseSettings)
 _SECRETISH = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|URL", re.IGNORECASE)
+
+
+class SettingRefusedError(SystemExit):
+    """A setting refused after loading: the process exits with code 2, as :func:`load` makes it
+    for a bad value; ``str()`` is the message."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def refuse(message: str) -> NoReturn:
+    """Stops the process as a bad setting does: ``message`` (naming the variable) on stderr,
+    exit code 2. For checks made after loading (a file a setting names, a URL's scheme)."""
+    sys.stderr.write(f"charai: bad setting, cannot start:\n  {message}\n")
+    raise SettingRefusedError(message)
 
 
 def load(cls: type[S], **overrides: Any) -> S:

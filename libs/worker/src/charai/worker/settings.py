@@ -12,8 +12,8 @@ from pydantic import Field, SecretStr, model_validator
 
 class WorkerSettings(CommonSettings):
     #: JetStream redelivers a job not acknowledged (nor heartbeated) within this time.
-    ack_wait_seconds: float = Field(default=30.0, gt=0)
-    max_deliver: int = Field(default=20, ge=1)
+    ack_wait_seconds: float = Field(default=30.0, gt=0, le=86_400)  # JetStream holds nanoseconds
+    max_deliver: int = Field(default=20, ge=1, le=1_000_000)
     #: Fetch media from loopback/private addresses (only for the local emulator).
     provider_allow_private_urls: bool = False
     worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")

@@ -18,6 +18,7 @@ import ssl
 from pathlib import Path
 
 import grpc
+from charai.core.settings import refuse
 from charai.gateway.settings import Settings
 
 
@@ -55,10 +56,10 @@ class TlsFiles:
         try:
             context.load_cert_chain(self.cert_file, self.key_file)
         except (ssl.SSLError, OSError) as exc:
-            raise SystemExit(
+            refuse(
                 "gateway: CHARAI_TLS_CERT_FILE / CHARAI_TLS_KEY_FILE are not a PEM certificate and "
                 f"its matching private key ({type(exc).__name__}: {getattr(exc, 'reason', None) or exc})"
-            ) from None
+            )
         context.set_alpn_protocols(["http/1.1"])
         return context
 
@@ -72,7 +73,7 @@ def _read(path: Path, setting: str) -> bytes:
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise SystemExit(f"gateway: cannot read {setting} ({path}: {exc.strerror})") from None
+        refuse(f"gateway: cannot read {setting} ({path}: {exc.strerror})")
     if b"-----BEGIN" not in data:
-        raise SystemExit(f"gateway: {setting} ({path}) is not a PEM file")
+        refuse(f"gateway: {setting} ({path}) is not a PEM file")
     return data

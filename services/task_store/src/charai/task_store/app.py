@@ -20,6 +20,7 @@ from charai.core.media import MediaStore
 from charai.core.metrics import Metrics
 from charai.core.metrics_endpoint import MetricsEndpoint
 from charai.core.provider_kv import ProviderStates
+from charai.core.settings import refuse
 from charai.core.timestamps import micros
 from charai.core.topology import Topology
 from charai.store.v1 import store_service_pb2, store_service_pb2_grpc
@@ -292,7 +293,7 @@ class TaskStoreApp(ServiceApp):
             url = s.resolved_database_url()
             password = s.database_password() if s.is_postgres() and urlsplit(url).password is None else None
         except ValueError as exc:
-            raise SystemExit(f"task_store: {exc}") from None
+            refuse(f"task_store: {exc}")
         return open_store(
             url, config, on_events, password=password, pool_size=s.database_pool_size, clock=self._clock
         )
@@ -303,7 +304,7 @@ class TaskStoreApp(ServiceApp):
         try:
             return UsageConfig(self.settings.tenants(), self.settings.prices())
         except ValueError as exc:
-            raise SystemExit(f"task_store: {exc}") from None
+            refuse(f"task_store: {exc}")
 
     def _fair_config(self) -> FairConfig:
         """Fair share: tenants' weights (``CHARAI_TENANTS_FILE``; a bad file stops start-up with
@@ -312,7 +313,7 @@ class TaskStoreApp(ServiceApp):
         try:
             tenants = s.tenants()
         except ValueError as exc:
-            raise SystemExit(f"task_store: {exc}") from None
+            refuse(f"task_store: {exc}")
         return FairConfig(
             tenants, s.dispatch_buffer, s.priority_aging_seconds, round_seconds=s.dispatch_round_ms / 1000
         )

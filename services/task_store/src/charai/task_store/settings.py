@@ -44,7 +44,7 @@ class Settings(CommonSettings):
     outbox_claim_seconds: float = Field(default=30.0, gt=0)
     #: Ended tasks (completed, failed, cancelled) are deleted with their events and media this
     #: many days after their last change; 0 (the default): kept for good.
-    retention_days: float = Field(default=0.0, ge=0)
+    retention_days: float = Field(default=0.0, ge=0, le=36_500)
     #: How long a completed TTS task's audio (or a seeded image) is reused by an identical request
     #: of the same tenant, from its latest completion; 0: reuse off (README, "Identical requests
     #: are reused").

@@ -6,7 +6,7 @@ import os
 import socket
 
 from charai.core.settings import CommonSettings
-from pydantic import Field
+from pydantic import Field, field_validator
 
 
 class SenderSettings(CommonSettings):
@@ -20,14 +20,21 @@ class SenderSettings(CommonSettings):
     #: Post to loopback/private addresses (link-local and cloud metadata never).
     webhook_allow_private_urls: bool = False
     #: JetStream redelivers a delivery job not acknowledged within this time (a dead sender).
-    webhook_ack_wait_seconds: float = Field(default=60.0, gt=0)
+    webhook_ack_wait_seconds: float = Field(default=60.0, gt=0, le=86_400)
     sender_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     #: Where media URLs in payloads point: the gateway's public URL (unset: http:// and
     #: ``CHARAI_GATEWAY_HTTP_ADDR``, as the gateway itself would say on loopback).
     public_base_url: str = ""
     gateway_http_addr: str = "127.0.0.1:8080"
     #: Lifetime of media URLs in payloads (0: never expire; the gateway's setting).
-    media_url_ttl: float = Field(default=0.0, ge=0)
+    media_url_ttl: int = Field(default=0, ge=0)
+
+    @field_validator("media_url_ttl")
+    @classmethod
+    def _media_url_ttl(cls, value: int) -> int:
+        if 0 < value < 60:  # as the gateway checks it
+            raise ValueError("must be 0 (media URLs never expire) or at least 60 seconds")
+        return value
 
     def base_url(self) -> str:
         return (self.public_base_url or f"http://{self.gateway_http_addr}").rstrip("/")
