@@ -119,3 +119,16 @@ async def test_a_download_whose_chunks_are_gone_answers_404(client: CharaiClient
             raise AssertionError("a download of an object without its chunks answered")
     except urllib.error.HTTPError as exc:
         assert exc.code == 404
+
+
+async def test_watching_a_finished_task_from_its_last_event_ends_at_once(client: CharaiClient) -> None:
+    # The gateway answers a resume after the last event with nothing; the client took that for
+    # a dropped stream and resumed until it gave up (31 tries, ~55 s), then raised.
+    task = await client.create_tts("char_e2e_after_end", "Over already.", voice_style="tongtong")
+    events = [e async for e in client.watch(task.id)]
+    assert events[-1].task.status == task_pb2.TASK_STATUS_COMPLETED
+    before = client.reconnects
+    assert [e async for e in client.watch(task.id, after_sequence=events[-1].sequence)] == []
+    rest = [e.sequence async for e in client.watch(task.id, after_sequence=events[-2].sequence)]
+    assert rest == [events[-1].sequence]  # from an earlier event: the rest, as before
+    assert client.reconnects == before

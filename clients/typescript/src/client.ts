@@ -446,12 +446,15 @@ export function createCharaiClient(options: CharaiClientOptions): CharaiClient {
     opts: WatchOptions = {},
   ): Promise<Task> {
     let last = BigInt(opts.afterSequence ?? 0);
-    return resumeLoop(opts, async (attempt, delivered) => {
+    /** One stream from `last`: the final task if it ended, and whether anything came at all. */
+    const follow = async (attempt: Attempt, delivered: () => void): Promise<[Task | undefined, boolean]> => {
       const stream = raw.watchTask(
         { id, afterSequence: last, maxEventsPerMessage: EVENTS_PER_MESSAGE },
         { signal: attempt.signal },
       );
+      let received = false;
       for await (const response of stream) {
+        received = true;
         delivered();
         for (const event of eventsOf(response)) {
           if (event.type === TaskEventType.HEARTBEAT) continue;
@@ -465,8 +468,23 @@ export function createCharaiClient(options: CharaiClientOptions): CharaiClient {
             task !== undefined &&
             (isTerminalEvent(event.type) || (event.type === TaskEventType.SNAPSHOT && isTerminalStatus(task.status)))
           ) {
-            return { done: task };
+            return [task, true];
           }
+        }
+      }
+      return [undefined, received];
+    };
+    return resumeLoop(opts, async (attempt, delivered) => {
+      const [ended, received] = await follow(attempt, delivered);
+      if (ended !== undefined) return { done: ended };
+      if (!received) {
+        // An empty stream: the task may have ended at or before the cursor (a resume after its
+        // last event), which the server answers with nothing; reconnecting would never end. If
+        // it has ended, a stream opened now sends whatever came after the cursor, then ends.
+        const task = await getTask(id, { signal: attempt.signal });
+        if (isTerminalStatus(task.status)) {
+          const [final] = await follow(attempt, delivered);
+          return { done: final ?? task };
         }
       }
       return undefined;

@@ -259,3 +259,23 @@ test("watchTask and watchCharacter resume after dropped connections, losing and 
   }
   await waitForHealth((h) => h.open_watch_streams === 0, 3000);
 });
+
+test("watching a finished task from its last event resolves with the task, without reconnecting", async () => {
+  // The gateway answers such a resume with nothing (there is nothing after the cursor): the
+  // client took that for a dropped stream and reconnected until it gave up (30 tries, ~2 min).
+  const task = await charai.submitTTSTask({ characterId: uniqueCharacter("ts-end"), text: "Done soon.", voiceStyle: "tongtong" });
+  const events = [];
+  const final = await charai.watchTask(task.id, (e) => events.push(e));
+  assert.equal(final.status, TaskStatus.COMPLETED);
+  const reconnects = [];
+  const again = await charai.watchTask(task.id, () => assert.fail("no event comes after the last"), {
+    afterSequence: events.at(-1).sequence,
+    onReconnect: (r) => reconnects.push(r),
+  });
+  assert.equal(again.status, TaskStatus.COMPLETED);
+  assert.deepEqual(reconnects, []);
+  // From an earlier event: the rest, then the end, as before.
+  const rest = [];
+  await charai.watchTask(task.id, (e) => rest.push(e), { afterSequence: events.at(-2).sequence });
+  assert.deepEqual(rest.map((e) => e.sequence), [events.at(-1).sequence]);
+});

@@ -418,6 +418,34 @@ test("scripted: a task that ended before the app knew of it is followed to its e
   taskStore.close();
 });
 
+test("scripted: a task retried after its end comes back to life in the store and its feeds", async () => {
+  // The store froze a task at its first end: the retry's events (higher sequences) were dropped,
+  // and a later subscribeToTask was handed the old failure.
+  ScriptedEventSource.all = [];
+  const fetchStub = async () =>
+    new Response(JSON.stringify(taskAt(100, "failed", 9)), { status: 200, headers: { "content-type": "application/json" } });
+  const { taskStore } = createSeedClient({ baseUrl: "https://charai.test", fetch: fetchStub, EventSource: ScriptedEventSource });
+  const seen = [];
+  const stopFeed = taskStore.subscribe({ metadata: { characterId: "char_001" } }, (t) => seen.push(`${t.status}:${t.progress}`));
+  await until(() => ScriptedEventSource.all.length === 1, 1000, "the EventSource");
+  const es = ScriptedEventSource.all[0];
+  es.open();
+  const id = taskAt(0).id;
+  es.send(taskAt(10, "running", 2), 2);
+  es.send(taskAt(31, "failed", 9), 3, "failed");
+  es.send(taskAt(31, "queued", 20), 4, "queued"); // RetryTask
+  es.send(taskAt(31, "running", 21), 5);
+  es.send(taskAt(31, "running", 5), 5); // a replay: still dropped
+  assert.equal(taskStore.getTask(id).status, "running");
+  es.send(taskAt(100, "completed", 30), 6, "completed");
+  assert.deepEqual(seen, ["running:10", "failed:31", "queued:31", "running:31", "completed:100"]);
+  // A fetched state (no sequence) replaces an end only if it is later.
+  taskStore.ingest(taskAt(31, "running", 25));
+  assert.equal(taskStore.getTask(id).status, "completed");
+  stopFeed();
+  taskStore.close();
+});
+
 test("scripted: the fetch-based EventSource parses as the standard says and reconnects with Last-Event-ID", async () => {
   const encoder = new TextEncoder();
   const requests = [];

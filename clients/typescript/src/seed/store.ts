@@ -149,10 +149,12 @@ function markOf(task: Task, seq: number): Mark {
 /** Whether `candidate` (seen with sequence `seq`, 0: fetched) is a later state than `mark`. */
 function isNewer(candidate: Task, seq: number, mark: Mark | undefined): boolean {
   if (mark === undefined) return true;
-  if (mark.terminal) return false;
+  // Sequences order everything, an end and a RetryTask's new life after it included (checking
+  // "ended" first froze a retried task at its failure).
   if (seq > 0 && mark.seq > 0) return seq > mark.seq;
-  if (isTerminal(candidate)) return true;
   const updated = timeMs(candidate.updatedAt);
+  if (mark.terminal) return updated > mark.updated; // only a later life replaces an end
+  if (isTerminal(candidate)) return true;
   if (updated !== mark.updated) return updated > mark.updated;
   return candidate.progress > mark.progress;
 }

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
-from charai.taskapi import error_details, is_final
+from charai.taskapi import TERMINAL_STATUSES, error_details, is_final
 from charai.tasks.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
 
 _RESUMABLE = {
@@ -18,6 +18,9 @@ _RESUMABLE = {
     grpc.StatusCode.CANCELLED,
 }
 
+
+#: The largest message the client takes (the gateway sends up to 8 MiB).
+MAX_RECEIVE_BYTES = 16 * 1024 * 1024
 
 #: What the watches ask for (``max_events_per_message``): a stream that fell behind sends what it
 #: has queued in one message, which the watches unpack and still yield one event at a time.
@@ -66,7 +69,14 @@ class CharaiClient:
         self, target: str, token: str = "", *, reconnect_attempts: int = 30, rpc_timeout: float = 30.0
     ) -> None:
         self._channel = grpc.aio.insecure_channel(
-            target, options=[("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_permit_without_calls", 1)]
+            target,
+            options=[
+                ("grpc.keepalive_time_ms", 20_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+                # What the gateway may send (8 MiB: a ListTasks page of 500 long prompts is ~5
+                # MB); gRPC's default 4 MiB refused such a page, and `charai list` with it.
+                ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
+            ],
         )
         self._stub = task_service_pb2_grpc.TaskServiceStub(self._channel)
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
@@ -304,13 +314,16 @@ class CharaiClient:
         last sequence seen, so no event is lost or repeated. Heartbeats are not yielded."""
         last = after_sequence
         failures = 0
+        settled = False  # the task had ended when a stream came back empty: one more look
         while True:
             request = task_service_pb2.WatchTaskRequest(
                 id=task_id, after_sequence=last, max_events_per_message=EVENTS_PER_MESSAGE
             )
             call = self._stub.WatchTask(request, metadata=self._metadata)
+            received = False
             try:
                 async for response in call:
+                    received = True
                     failures = 0
                     for event in _events(response):
                         if event.type == task_pb2.TASK_EVENT_TYPE_HEARTBEAT:
@@ -320,6 +333,15 @@ class CharaiClient:
                         yield event
                         if is_final(event):
                             return
+                if not received and (settled or await self._has_ended(task_id)):
+                    # Nothing after the cursor: the task ended at or before it (a resume after
+                    # its last event), which the gateway answers with nothing; resuming again
+                    # would never end. A stream opened once it had ended sends what came after
+                    # the cursor, then ends: the second empty one settles it.
+                    if settled:
+                        return
+                    settled = True
+                    continue
                 # The stream ended without the terminal event (e.g. the gateway is draining): resume.
                 failures += 1
                 reason = "the stream ended before the task did"
@@ -334,6 +356,9 @@ class CharaiClient:
                 await self._resume(failures, reason, last, on_reconnect, give_up)
             finally:
                 call.cancel()
+
+    async def _has_ended(self, task_id: str) -> bool:
+        return (await self.get(task_id)).status in TERMINAL_STATUSES
 
     async def watch_tasks(
         self,
