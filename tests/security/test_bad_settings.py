@@ -42,6 +42,11 @@ def start(module: str, tmp_path: Path, **env: str) -> subprocess.CompletedProces
             ["CHARAI_API_KEYS", "token=tenant"],
         ),
         ("charai.gateway", {"CHARAI_CORS_ORIGINS": "not an origin"}, ["CHARAI_CORS_ORIGINS"]),
+        (  # the last entry silently won
+            "charai.gateway",
+            {"CHARAI_API_KEYS": f"dup-{CANARY}=alice,dup-{CANARY}=bob"},
+            ["CHARAI_API_KEYS", "one token to two tenants"],
+        ),
         (
             "charai.image_worker",
             # Another setting is bad; the URL (it may carry a password) is not shown either.

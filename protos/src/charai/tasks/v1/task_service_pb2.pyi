@@ -1310,7 +1310,9 @@ class UsageRow(_message.Message):
     cost_usd: _builtins.float
     """Cost in US dollars (priced when each call was recorded)."""
     reused: _builtins.int
-    """Results reused from another execution instead of a provider call (no cost)."""
+    """Results reused from another execution instead of a provider call (no cost). 0 for now: a
+    reused result records no usage yet, so nothing counts here.
+    """
     def __init__(
         self,
         *,

@@ -164,6 +164,13 @@ class Settings(CommonSettings):
         if any(not token or not tenant for token, tenant in pairs):
             # Never echo the entry: it may be a token without its "=tenant".
             raise ValueError("CHARAI_API_KEYS / CHARAI_API_KEYS_FILE entries must look like token=tenant")
+        owners: dict[str, str] = {}
+        for token, tenant in pairs:
+            if owners.setdefault(token, tenant) != tenant:  # the last entry won, silently
+                raise ValueError(
+                    "CHARAI_API_KEYS / CHARAI_API_KEYS_FILE give one token to two tenants"
+                    f" ({owners[token]} and {tenant}); each token names one tenant"
+                )
         self._client_tokens = tuple((SecretStr(token), tenant) for token, tenant in pairs)
         if not pairs:
             for name, addr in (
