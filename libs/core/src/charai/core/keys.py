@@ -13,6 +13,8 @@ import os
 import secrets
 from pathlib import Path
 
+from charai.core.settings import refuse
+
 
 def keys(configured: str, data_dir: Path, file: str) -> list[bytes]:
     """The comma-separated secrets of a setting (newest first), or the data dir's one."""
@@ -43,8 +45,6 @@ def generated(path: Path) -> bytes:
         finally:
             draft.unlink(missing_ok=True)
     key = path.read_text().strip().encode()
-    if not key:
-        raise SystemExit(
-            f"{path}: the key file is empty; delete it to have a key generated, or set the key's setting"
-        )
+    if not key:  # exit code 2, as for a bad setting
+        refuse(f"{path}: the key file is empty; delete it to have a key generated, or set the key's setting")
     return key

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal, NoReturn, TypeVar
 
+from charai.core.validation import whole_number
 from pydantic import BeforeValidator, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -32,7 +33,7 @@ def _check_addr(value: str) -> str:
     if (
         not sep
         or not host
-        or not (port.isascii() and port.isdigit())  # "٥٤٩٩٩" is digits to str, not to gRPC
+        or not whole_number(port)
         or not 0 <= int(port) <= 65535
         or any(c.isspace() or not c.isprintable() for c in host)
     ):

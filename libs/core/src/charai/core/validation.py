@@ -84,6 +84,12 @@ def _http_parts(url: str) -> SplitResult | None:
     return parts if usable else None
 
 
+def whole_number(text: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also takes a superscript two, which ``int`` refuses, and
+    Arabic-Indic digits, which ``int`` reads and gRPC does not."""
+    return text.isascii() and text.isdigit()
+
+
 def in_batch(index: int, violations: Sequence[Violation]) -> list[Violation]:
     """``violations`` of one request, each field named as the ``index``-th request of a batch
     names it: ``requests[i].field``."""
@@ -398,13 +404,8 @@ def payload_identity(req: task_service_pb2.CreateTaskRequest) -> list[tuple[str,
     kind = req.WhichOneof("payload")
     if kind is None:
         return []
+    fields = [f for f in _payload_fields(req, kind) if f[0] != "characterName"]  # a name is no id
     payload = req.image if kind == "image" else req.tts
-    fields: list[tuple[str, str, str]] = [("characterId", payload.character_id, f"{kind}.character_id")]
-    if kind == "image":
-        fields += [
-            ("viewType", req.image.view_type, "image.view_type"),
-            ("costumeId", req.image.costume_id, "image.costume_id"),
-        ]
     if payload.HasField("callback"):
         cb = payload.callback
         fields += [
@@ -415,30 +416,38 @@ def payload_identity(req: task_service_pb2.CreateTaskRequest) -> list[tuple[str,
     return [(key, value, field) for key, value, field in fields if value]
 
 
+def _payload_fields(req: task_service_pb2.CreateTaskRequest, kind: str) -> list[tuple[str, str, str]]:
+    """(metadata key, value, field) of each id and name the payload of ``kind`` has, set or not:
+    what :func:`fill_metadata` copies and :func:`payload_identity` checks."""
+    if kind == "image":
+        p = req.image
+        return [
+            ("characterId", p.character_id, "image.character_id"),
+            ("characterName", p.character_name, "image.character_name"),
+            ("viewType", p.view_type, "image.view_type"),
+            ("costumeId", p.costume_id, "image.costume_id"),
+        ]
+    t = req.tts
+    return [
+        ("characterId", t.character_id, "tts.character_id"),
+        ("characterName", t.character_name, "tts.character_name"),
+    ]
+
+
 def fill_metadata(req: task_service_pb2.CreateTaskRequest) -> dict[str, str]:
     """Metadata of a new task: the client's, plus characterId/characterName/viewType/costumeId
     from the payload unless the client set those keys (so ``metadata.characterId=…`` always works)."""
     metadata = dict(req.metadata)
     kind = req.WhichOneof("payload")
-    derived: dict[str, str] = {}
-    if kind == "image":
-        p = req.image
-        derived = {
-            "characterId": p.character_id,
-            "characterName": p.character_name,
-            "viewType": p.view_type,
-            "costumeId": p.costume_id,
-        }
-    elif kind == "tts":
-        derived = {"characterId": req.tts.character_id, "characterName": req.tts.character_name}
-    callback = (req.image if kind == "image" else req.tts).HasField("callback") if kind else False
-    if callback:
-        # Tasks the seed's frontend submits carry a character callback and no metadata; its own
-        # query (metadata.category=character_design) must find them.
-        derived["category"] = CHARACTER_CATEGORY
-    for key, value in derived.items():
+    if kind is None:
+        return metadata
+    for key, value, _ in _payload_fields(req, kind):
         if value and key not in metadata:
             metadata[key] = value
+    # Tasks the seed's frontend submits carry a character callback and no metadata; its own
+    # query (metadata.category=character_design) must find them.
+    if (req.image if kind == "image" else req.tts).HasField("callback") and "category" not in metadata:
+        metadata["category"] = CHARACTER_CATEGORY
     return metadata
 
 

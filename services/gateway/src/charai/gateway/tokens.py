@@ -23,6 +23,7 @@ from typing import Any
 
 import jwt
 from charai.core.clock import SYSTEM, Clock
+from charai.core.domain import reach
 from charai.core.errors import UnauthenticatedError
 
 #: The JOSE ``typ`` of a charai access token (RFC 8725 §3.11: explicit typing).
@@ -62,10 +63,10 @@ class Scope:
 
     def matches(self, metadata: Mapping[str, str]) -> bool:
         """Whether a task with ``metadata`` lies inside the metadata scope."""
-        return bool(self.metadata) and all(metadata.get(k) == v for k, v in self.metadata)
+        return reach.matches(self.metadata, metadata)
 
     def reaches(self, task_id: str, metadata: Mapping[str, str]) -> bool:
-        return task_id in self.task_ids or self.matches(metadata)
+        return reach.reaches(self.task_ids, self.metadata, task_id, metadata)
 
     def may_create(self, metadata: Mapping[str, str]) -> bool:
         return self.allow_create and self.matches(metadata)

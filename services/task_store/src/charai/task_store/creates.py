@@ -17,7 +17,7 @@ from typing import Any
 
 from charai.core import ids
 from charai.core.clock import Clock
-from charai.core.domain import lifecycle
+from charai.core.domain import lifecycle, reach
 from charai.core.domain.lifecycle import Policy, TaskState
 from charai.core.timestamps import set_micros
 from charai.core.validation import RequestInvalidError, Violation, fill_metadata, in_batch
@@ -43,14 +43,6 @@ class Asker:
 
     batch: bool = False
     scope: spb.CreateScope | None = None
-
-
-def reaches(scope: spb.CreateScope, task: task_pb2.Task) -> bool:
-    """Whether an access token of this reach may see ``task`` (as the gateway's scope decides:
-    a task it names, or one with each of its metadata pairs)."""
-    if task.id in scope.task_ids:
-        return True
-    return bool(scope.metadata) and all(task.metadata.get(k) == v for k, v in scope.metadata.items())
 
 
 class CreateCommands:
@@ -247,7 +239,9 @@ class CreateCommands:
         if row is None:
             return None
         existing, _ = await rows.load(unit.tx, "", row[0])
-        if scope is not None and not reaches(scope, existing):
+        if scope is not None and not reach.reaches(
+            scope.task_ids, scope.metadata.items(), existing.id, existing.metadata
+        ):
             # Not the task (a token could read any task of its tenant by replaying request_ids).
             raise RequestInvalidError([Violation("request_id", "was already used for another task")])
         if existing.type != req.type:

@@ -61,10 +61,16 @@ def _code_name(error: bytes) -> str:
     return _CODES[code].name if code in _CODES else "UNKNOWN"
 
 
+def _scope(request: spb.CreateTaskRequest | spb.BatchCreateTasksRequest) -> spb.CreateScope | None:
+    """The access token's reach a create came with (None: a tenant key)."""
+    return request.scope if request.HasField("scope") else None
+
+
 def _asker(command: spb.StoreCommand) -> Asker:
     """Who a create command answers (:class:`~charai.task_store.creates.Asker`)."""
-    kind = command.batch_create if command.HasField("batch_create") else command.create
-    return Asker(command.HasField("batch_create"), kind.scope if kind.HasField("scope") else None)
+    if command.HasField("batch_create"):
+        return Asker(True, _scope(command.batch_create))
+    return Asker(False, _scope(command.create))
 
 
 R = TypeVar("R")
@@ -121,9 +127,8 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
 
     async def CreateTask(self, request: spb.CreateTaskRequest, context: Context) -> spb.CreateTaskResponse:
         validation.validate_create(request.request, self._models)
-        scope = request.scope if request.HasField("scope") else None
         task, created = await self._store.create(
-            request.tenant, request.request, tracing.current.get(), scope
+            request.tenant, request.request, tracing.current.get(), _scope(request)
         )
         if created:
             self._created()
@@ -133,8 +138,9 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
         self, request: spb.BatchCreateTasksRequest, context: Context
     ) -> spb.BatchCreateTasksResponse:
         validation.validate_batch(request.requests, self._models)
-        scope = request.scope if request.HasField("scope") else None
-        made = await self._store.create_many(request.tenant, request.requests, tracing.current.get(), scope)
+        made = await self._store.create_many(
+            request.tenant, request.requests, tracing.current.get(), _scope(request)
+        )
         if any(created for _, created in made):
             self._created()
         return spb.BatchCreateTasksResponse(tasks=[task for task, _ in made])

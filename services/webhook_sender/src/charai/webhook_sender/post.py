@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+from charai.core.validation import whole_number
 from charai.store.v1 import store_service_pb2 as spb
 from charai.taskapi.json import task_json
 from charai.tasks.v1 import task_pb2
@@ -98,7 +99,7 @@ def retry_after(value: str | None, now: float) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isascii() and value.isdigit():
+    if whole_number(value):
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)

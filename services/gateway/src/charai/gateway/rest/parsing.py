@@ -9,6 +9,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from charai.core.validation import whole_number
 from charai.gateway.rest.errors import RestError
 from charai.taskapi import PRIORITIES, STATUSES, TASK_TYPES
 from charai.tasks.v1 import task_pb2, task_service_pb2
@@ -250,7 +251,7 @@ def list_request(query: Mapping[str, str], items: list[tuple[str, str]]) -> task
         if _filter_param(key, value, request, bad):
             continue
         if key == "pageSize":
-            if not (value.isascii() and value.isdigit()) or int(value) > LIST_CAP:
+            if not whole_number(value) or int(value) > LIST_CAP:
                 bad.append((key, f"must be a whole number from 0 to {LIST_CAP}"))
             else:
                 request.page_size = int(value)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 from aiohttp import hdrs, web
+from charai.core.validation import whole_number
 from charai.gateway.rest.calls import call_metadata
 from charai.gateway.rest.errors import RestError
 from charai.gateway.rest.parsing import watch_request
@@ -43,7 +44,7 @@ def resume_after(request: web.Request) -> int:
     """The sequence to resume after: ``Last-Event-ID``, else ``?after=``, else 0."""
     raw = request.headers.get("Last-Event-ID") or request.query.get("after") or "0"
     field = "Last-Event-ID" if "Last-Event-ID" in request.headers else "after"
-    if not (raw.strip().isascii() and raw.strip().isdigit()):
+    if not whole_number(raw.strip()):
         raise RestError.invalid([(field, "must be an event id (a whole number)")])
     after = int(raw.strip())
     if after >= 2**63:

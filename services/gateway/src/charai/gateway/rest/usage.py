@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from charai.core.validation import whole_number
 from charai.gateway.rest.errors import RestError
 from charai.tasks.v1 import task_service_pb2
 
@@ -38,7 +39,7 @@ def usage_request(items: list[tuple[str, str]]) -> task_service_pb2.GetUsageRequ
         elif key == "endDay":
             request.end_day = value
         elif key == "pageSize":
-            if not (value.isascii() and value.isdigit()) or len(value) > 6:
+            if not whole_number(value) or len(value) > 6:
                 bad.append((key, "must be a whole number"))
             else:
                 request.page_size = int(value)
