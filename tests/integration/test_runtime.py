@@ -498,15 +498,19 @@ class SteppingHandler:
 
     kind = KIND
 
-    def __init__(self, steps: list[tuple[int, str, float]]) -> None:
+    def __init__(self, steps: list[tuple[int, str, float]], gate: asyncio.Event | None = None) -> None:
         self.steps = steps
         self.aborted = False
+        #: Waited for after the first step (a test moves on once the store has that report).
+        self.gate = gate
 
     async def run(self, ctx: JobContext) -> task_pb2.TtsResult:
         try:
-            for percent, stage, pause in self.steps:
+            for n, (percent, stage, pause) in enumerate(self.steps):
                 await ctx.progress(percent, stage)
                 await asyncio.sleep(pause)
+                if n == 0 and self.gate is not None:
+                    await self.gate.wait()
         except BaseException:
             self.aborted = True
             raise
@@ -549,9 +553,19 @@ async def test_store_calls_in_flight_are_bounded_and_every_job_still_completes(h
     # 30 jobs at once, each with a claim, a report and a completion, through 2 store-call slots.
     h.worker_settings["store_calls_in_flight"] = 2
     h.worker_settings["progress_coalesce_seconds"] = 0
-    handler = SteppingHandler([(20, "generating", 0.05), (90, "processing", 0)])
+    # Each job's next step waits until every first report is stored: a report still waiting
+    # for a slot when its job moved on is sent with the newer state (best effort, by design), so
+    # a fixed pause made the first-report check below depend on the machine's speed.
+    gate = asyncio.Event()
+    handler = SteppingHandler([(20, "generating", 0), (90, "processing", 0)], gate=gate)
     app = await h.start_worker(handler, concurrency=30)
     tasks = [await h.create() for _ in range(30)]
+
+    async def all_reported() -> bool:
+        return all([progress_seen(await h.events(t.id)) for t in tasks])
+
+    await eventually(all_reported, timeout=60)
+    gate.set()
     done = await h.wait_ended([t.id for t in tasks], timeout=20)
     assert {t.status for t in done} == {task_pb2.TASK_STATUS_COMPLETED}
     assert app.runner is not None
