@@ -36,6 +36,7 @@ from tests.integration.store_requests import (
     RUN,
     RUNNING,
     TTS,
+    complete_req,
     fail_req,
     image_request,
     tts_request,
@@ -250,6 +251,47 @@ async def test_a_claim_runs_a_waiting_tenants_released_job_instead(db: Database)
         # b has a task running now: a's next claim runs its own task.
         mine = await store.claim(a[3].id, 1, "w", any_task=True)
         assert mine.task is not None and mine.task.id == a[3].id
+
+
+async def test_with_two_slots_first_turns_keep_the_tenants_weights(db: Database) -> None:
+    """A provider that admits 2 calls (buffer 2, as the README advises): "big" (weight 3) and
+    "a" (weight 1) both keep a backlog. Workers claim the released jobs in release order (as
+    JetStream delivers them) with ``any_task`` and end the oldest running task before each next
+    claim. A claim is handed over to a waiting tenant with nothing running only when that
+    tenant's turn is due (not behind the claimed tenant's), and the claimed tenant gets back the
+    turn its job's release spent; so big starts three tasks for each of a's, not one (each time
+    big ran both slots, a had nothing running and took the next claim)."""
+    async with opened(db, fair=fair(buffer=2)) as rec:
+        store = rec.store
+        for _ in range(30):
+            for tenant in ("big", "a"):
+                await store.create(tenant, image_request())
+        consumed: set[int] = set()  # outbox rows delivered (a job released again is a new row)
+        running: list[str] = []
+        starts: list[str] = []
+
+        async def start_next() -> None:
+            while True:
+                rows = await store.pending_dispatches(limit=10_000)
+                queue = [row for row in rows if row.id not in consumed]
+                assert queue, "a free slot found no released job"
+                consumed.add(queue[0].id)
+                claim = await store.claim(queue[0].task_id, queue[0].dispatch_gen, "w", any_task=True)
+                if claim.outcome == RUN:
+                    assert claim.task is not None
+                    running.append(claim.task.id)
+                    starts.append(await tenant_of(store, claim.task.id))
+                    return
+
+        await start_next()
+        await start_next()
+        for _ in range(36):
+            await store.complete(complete_req(running.pop(0), 1))
+            await store.release_held(IMAGE)
+            await start_next()
+        assert starts[0] == "big" and "a" in starts[:3], starts  # a's first turn came at once
+        steady = starts[6:]
+        assert steady.count("big") >= 2.5 * steady.count("a") > 0, starts
 
 
 @pytest.mark.parametrize("behind_scan", [256, 1], ids=["count-behind", "count-ahead"])

@@ -12,8 +12,8 @@ makes room, and the :class:`~charai.task_store.release.Releaser` fills it with t
 tasks in the order of :mod:`charai.core.domain.fairshare` (weighted turns between tenants,
 priority with aging within one). A job released by a tenant's turn reaches a worker after at most
 one buffer's worth of other jobs: about one round of the provider's slots. A tenant that waits
-for its *first* turn (it holds tasks, none running) does not wait for the buffer: the
-next claim of its task type runs its first task instead (:meth:`Backlog.first_turn`).
+for its turn with none running does not wait for the buffer: the next claim of its task type
+runs its next task instead (:meth:`Backlog.first_turn`), when its turn is due.
 
 What is stored (schema migration 7): a held task has ``tasks.held = 1`` and a ``backlog`` row
 (what its job needs, and its rank within its tenant); each tenant's turn per task type is a
@@ -235,7 +235,9 @@ class Backlog:
     async def first_turn(self, tx: Tx, kind: int, tenant: str) -> tuple[str, bool] | None:
         """The task to run instead of a job of ``tenant`` being claimed, and whether it is held:
         the next task of the first tenant in turn order (of the first :data:`FIRST_TURN_SCAN`
-        holding tasks of type ``kind``) that has none running, while ``tenant`` has one running.
+        holding tasks of type ``kind``) that has none running and whose turn is due (its ``due``
+        is not after ``tenant``'s, when ``tenant`` holds tasks too), while ``tenant`` has one
+        running.
         Its next task is its oldest released job nobody claimed yet (released by the buffer's
         turn just before the claim: it would wait behind the jobs released earlier), else its
         first held one. None when there is no such tenant (nothing held: one index probe).
@@ -246,13 +248,22 @@ class Backlog:
         next claim instead makes its wait one provider slot's turn, whatever the buffer's size.
         Its later tasks take their turns in the release order as usual; the claimed job goes back
         to the backlog at the front of its tenant (:meth:`hand_over`).
+
+        Why "due": with few slots (a provider admitting 2), a tenant of weight 1 had nothing
+        running each time a tenant of weight 3 ran both, and took every such claim: their starts
+        came 1:1 (BENCHMARKS.md, "thirty-fourth pass"). A newcomer joins at the lane's virtual
+        time, at or before every tenant holding work, so its first turn still comes at once.
         """
         found = await tx.fetchval(
             "SELECT f.tenant FROM (SELECT tenant, due, served FROM fair_tenants WHERE type = ?"
-            " AND held > 0 AND tenant <> ? ORDER BY due, served, tenant LIMIT ?) AS f"
+            " AND held > 0 AND tenant <> ? AND due <= COALESCE((SELECT c.due FROM fair_tenants c"
+            " WHERE c.type = ? AND c.tenant = ? AND c.held > 0), due)"
+            " ORDER BY due, served, tenant LIMIT ?) AS f"
             f" WHERE NOT EXISTS (SELECT 1 FROM tasks t WHERE t.type = ? AND t.status = {_RUNNING}"
             " AND t.tenant = f.tenant)"
             " ORDER BY f.due, f.served, f.tenant LIMIT 1",
+            kind,
+            tenant,
             kind,
             tenant,
             FIRST_TURN_SCAN,
@@ -300,8 +311,9 @@ class Backlog:
         release and keeps its own job (whose claim, when it comes, finds it running or ended:
         deferred, then done). ``claimed`` is held again at the front of its
         tenant (its rank is its creation's) and counts as never dispatched, under a new dispatch
-        generation (a relay still marking its publication leaves it alone); its turn is not given
-        back (the other tenant took it), and its delivered message is answered DONE from now on.
+        generation (a relay still marking its publication leaves it alone); the turn its release
+        spent is given back (down to the lane's virtual time), so handing over costs its tenant
+        no turn, and its delivered message is answered DONE from now on.
         """
         kind = int(claimed.type)
         if other_held:
@@ -312,6 +324,18 @@ class Backlog:
             claimed.id,
         )
         await tx.execute("DELETE FROM outbox WHERE task_id = ?", claimed.id)  # a copy not sent yet
+        # The turn its release spent is given back (it did not run: it is released again in a
+        # later turn), down to the lane's virtual time at most: a job queued at its create, with
+        # room and nothing held, spent no turn, and no tenant saves up turns (fairshare.joined).
+        await tx.execute(
+            "UPDATE fair_tenants SET due = CASE WHEN due - stride > v.vtime THEN due - stride"
+            " WHEN due < v.vtime THEN due ELSE v.vtime END"
+            " FROM (SELECT COALESCE(MAX(vtime), 0) AS vtime FROM fair_lanes WHERE type = ?) AS v"
+            " WHERE type = ? AND tenant = ?",
+            kind,
+            kind,
+            claimed_tenant,
+        )
         job = Job(claimed.id, claimed_gen + 1, kind, int(claimed.priority))
         await self._hold(tx, claimed_tenant, job, micros(claimed.create_time))
 
