@@ -89,7 +89,10 @@ async def test_two_identical_tts_requests_make_one_provider_call_and_one_media_o
         body = await response.json()
     assert (body["status"], body["progress"], body["result"]["reused"]) == ("completed", 100, True)
     assert body["result"]["reusedFromTaskId"] == source[0].id
-    assert body.get("usage") is None  # no provider call: nothing metered
+    # No provider call: metered as reused, with no call and no cost.
+    usage = body["usage"]
+    assert (usage["reused"], usage["provider"], usage["model"]) == (True, "zhipu", "glm-tts"), usage
+    assert not usage.get("calls") and not usage.get("costUsd") and not usage.get("speechCharacters")
 
 
 async def test_reuse_false_calls_the_provider_again(stack: Stack, client: CharaiClient) -> None:

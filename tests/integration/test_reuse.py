@@ -107,7 +107,10 @@ async def test_an_identical_tts_request_completes_with_the_same_audio_and_no_run
         assert (result.reused, result.reused_from_task_id) == (True, first.id)
         assert (result.text, result.duration_seconds) == ("hello", 1.5)
         assert not first.tts_result.reused
-        assert not got.HasField("usage")  # no provider call: nothing metered, nothing charged
+        # No provider call: metered as reused (GetUsage's `reused`), with no call, units or cost.
+        usage = got.usage
+        assert (usage.provider, usage.model) == (REUSE.tts_provider, REUSE.tts_model)
+        assert (usage.reused, usage.calls, usage.speech_characters, usage.cost_usd) == (True, 0, 0, 0.0)
         events = await rec.events(second.id)
         assert [e.type for e in events] == [
             EV.TASK_EVENT_TYPE_QUEUED,
@@ -115,12 +118,17 @@ async def test_an_identical_tts_request_completes_with_the_same_audio_and_no_run
             EV.TASK_EVENT_TYPE_COMPLETED,
         ]
         assert events[-1].task.tts_result.reused and events[-1].task.progress == 100
+        assert events[-1].task.usage == usage
         # The job's redelivery (the worker's ack was lost) is a no-op.
         assert (await rec.store.claim(second.id, 1, "w3")).outcome == spb.CLAIM_OUTCOME_DONE
         # A task that reused is reused in turn, naming the task whose call made the audio.
         third, _ = await rec.store.create("t1", speech("char_003"))
         assert (await rec.store.claim(third.id, 1, "w2")).outcome == REUSED
         assert (await rec.store.get("t1", third.id)).tts_result.reused_from_task_id == first.id
+        report = await rec.store.get_usage("t1", task_service_pb2.GetUsageRequest())
+        assert [(r.provider, r.reused, r.calls, r.cost_usd) for r in report.rows] == [
+            (REUSE.tts_provider, 2, 0, 0.0)
+        ]
 
 
 async def test_a_claim_waits_for_a_running_twin_then_reuses_or_runs(db: Database) -> None:

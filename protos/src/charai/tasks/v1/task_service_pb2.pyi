@@ -1310,8 +1310,8 @@ class UsageRow(_message.Message):
     cost_usd: _builtins.float
     """Cost in US dollars (priced when each call was recorded)."""
     reused: _builtins.int
-    """Results reused from another execution instead of a provider call (no cost). 0 for now: a
-    reused result records no usage yet, so nothing counts here.
+    """Results reused from another execution instead of a provider call (README, "Identical
+    requests are reused"): counted here, with no calls, units or cost.
     """
     def __init__(
         self,

@@ -274,6 +274,10 @@ class Commands(CreateCommands):
                 instead = await self._first_turn(unit, task, row, worker_id, now)
                 if instead is not None:
                     return instead
+            if answer.outcome is ClaimOutcome.REUSED and self.usage is not None and self.reuse is not None:
+                # Metered before the events are written, so the completion's snapshot shows it.
+                usage = self.reuse.usage_of(task)
+                await self.usage.record(unit.tx, row.tenant, task, answer.attempt, usage, direct=False)
             await self._persist(unit, task, row, state, decision, copy)
             return ClaimResult(int(answer.outcome), task, answer.attempt, answer.retry_after)
 

@@ -173,6 +173,13 @@ class Reuse:
     def key(self, tenant: str, task: task_pb2.Task) -> str | None:
         return reuse_key(tenant, task, self.config)
 
+    def usage_of(self, task: task_pb2.Task) -> task_pb2.Usage:
+        """The usage a reused completion of ``task`` records: the provider and model its key names
+        (those its twin's call was made with), marked reused; no call, no units, priced 0."""
+        shaping = _shaping_fields(task, self.config)
+        provider, model = ("", "") if shaping is None else shaping[:2]
+        return task_pb2.Usage(provider=provider, model=model, reused=True)
+
     def wanted(self, task: task_pb2.Task, decision: Decision[Any]) -> bool:
         """Whether a claim's decision should look for a twin: it starts a new attempt (not the
         same one answered again) of a task that asked for reuse, and reuse is on."""
@@ -198,9 +205,8 @@ class Reuse:
         twin's result at the completion). ``decision`` itself when no twin matters. ``key``:
         the task row's ``reuse_key``.
 
-        A reused task reports no usage: usage is recorded from a worker's CompleteTask and
-        FailTask (what its provider calls used); this completion is the store's own, with no
-        call behind it, so nothing is metered or charged.
+        A reused completion is metered by the caller (:meth:`usage_of`): one usage record
+        marked reused, with no call, no units and no cost.
         """
         if not self.wanted(task, decision):
             return decision, None
