@@ -96,26 +96,45 @@ def violations(answer: Answer) -> dict[str, str]:
 # -- message size -----------------------------------------------------------------------------
 
 
-async def test_a_2_mib_grpc_message_is_resource_exhausted(charai: Charai) -> None:
-    huge = image_request(prompt="x" * (2 * MiB))
-    answer = await grpc_unary(charai.channel, "CreateTask", huge, bearer(TOKEN_A))
-    assert answer.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert str(MiB) in answer.message or "larger than max" in answer.message, answer.message
+def refused_for_size(answer: Answer) -> None:
+    """RESOURCE_EXHAUSTED naming the message limit (ErrorInfo and QuotaFailure)."""
+    assert answer.code == grpc.StatusCode.RESOURCE_EXHAUSTED, answer
+    info = detail(answer.details, error_details_pb2.ErrorInfo)
+    assert (info.reason, info.metadata["limit"]) == ("LIMIT_EXCEEDED", "message_bytes"), info
+    assert info.metadata["max_bytes"] == str(4 * MiB) and str(4 * MiB) in answer.message
+    assert detail(answer.details, error_details_pb2.QuotaFailure).violations[0].subject == "request"
 
 
-async def test_oversized_grpc_web_bodies_are_resource_exhausted(charai: Charai) -> None:
-    # 1.5 MiB passes the bridge (2 MiB) and is refused by the gRPC port (1 MiB); 3 MiB never
-    # leaves the bridge.
-    for size in (3 * MiB // 2, 3 * MiB):
-        answer = await grpcweb(
-            charai.http, charai.base, "CreateTask", image_request(prompt="x" * size), TOKEN_A
-        )
-        assert answer.code == grpc.StatusCode.RESOURCE_EXHAUSTED, (size, answer)
+async def test_a_grpc_message_over_4_mib_is_resource_exhausted_naming_the_limit(charai: Charai) -> None:
+    huge = image_request(prompt="x" * (5 * MiB))
+    refused_for_size(await grpc_unary(charai.channel, "CreateTask", huge, bearer(TOKEN_A)))
+    # Before anything else, as gRPC's own limit would be: without a token too.
+    refused_for_size(await grpc_unary(charai.channel, "CreateTask", huge))
+    # A server stream's request alike.
+    watch = task_service_pb2.WatchTaskRequest(id="x" * (5 * MiB))
+    refused_for_size(await grpc_stream_first(charai.channel, "WatchTask", watch, bearer(TOKEN_A)))
+    # Over 8 MiB gRPC itself refuses the message (no details).
+    beyond = await grpc_unary(charai.channel, "CreateTask", image_request(prompt="x" * (9 * MiB)))
+    assert beyond.code == grpc.StatusCode.RESOURCE_EXHAUSTED, beyond
     assert await grpc_health(charai) == "SERVING"
 
 
-async def test_a_2_mib_rest_body_is_413(charai: Charai) -> None:
-    body = json.dumps({"type": "image_generation", "payload": {"prompt": "x" * (2 * MiB)}}).encode()
+async def test_oversized_grpc_web_bodies_are_resource_exhausted(charai: Charai) -> None:
+    # 5 MiB passes the bridge (6 MiB) and is refused by the gRPC port's 4 MiB, named; 7 MiB never
+    # leaves the bridge.
+    named = await grpcweb(
+        charai.http, charai.base, "CreateTask", image_request(prompt="x" * (5 * MiB)), TOKEN_A
+    )
+    refused_for_size(named)
+    answer = await grpcweb(
+        charai.http, charai.base, "CreateTask", image_request(prompt="x" * (7 * MiB)), TOKEN_A
+    )
+    assert answer.code == grpc.StatusCode.RESOURCE_EXHAUSTED, answer
+    assert await grpc_health(charai) == "SERVING"
+
+
+async def test_a_rest_body_over_4_mib_is_413(charai: Charai) -> None:
+    body = json.dumps({"type": "image_generation", "payload": {"prompt": "x" * (5 * MiB)}}).encode()
     async with charai.http.post(
         f"{charai.base}/api/tasks",
         data=io.BytesIO(body),
@@ -123,7 +142,7 @@ async def test_a_2_mib_rest_body_is_413(charai: Charai) -> None:
     ) as resp:
         assert resp.status == 413
         error = (await resp.json())["error"]
-    assert error["code"] == "RESOURCE_EXHAUSTED" and str(MiB) in error["message"]
+    assert error["code"] == "RESOURCE_EXHAUSTED" and str(4 * MiB) in error["message"]
 
 
 async def grpc_health(charai: Charai) -> str:

@@ -80,6 +80,20 @@ async def test_batches_are_capped() -> None:
     assert [len(ids) for ids, _ in store.sent] == [4, 4, 2]
 
 
+async def test_batches_are_capped_in_bytes_and_a_larger_command_leaves_alone() -> None:
+    """Commands of 300 KB (a long id standing for a long prompt): at most 1 MB of them per
+    Exchange; one larger than the cap leaves alone, never held back."""
+    store = Store()
+    coalescer = Coalescer(store.send, max_in_flight=8, max_bytes=1_000_000)
+    big = [spb.StoreCommand(claim=spb.ClaimTaskRequest(task_id=f"{n}" + "x" * 300_000)) for n in range(7)]
+    huge = spb.StoreCommand(claim=spb.ClaimTaskRequest(task_id="h" + "x" * 1_200_000))
+    await asyncio.gather(*(coalescer.call(c) for c in [*big[:4], huge, *big[4:], claim(0)]))
+    sizes = [len(ids) for ids, _ in store.sent]
+    assert sizes == [3, 1, 1, 4], sizes  # 3 x 300 KB; the fourth; the huge one; 3 + the small claim
+    assert [ids[0][0] for ids, _ in store.sent] == ["0", "3", "h", "4"]
+    assert coalescer.commands == 9
+
+
 async def test_a_refused_command_raises_its_own_error_with_its_details() -> None:
     status = status_pb2.Status(code=code_pb2.FAILED_PRECONDITION, message="attempt 2 no longer holds it")
 

@@ -26,6 +26,10 @@ from google.rpc import status_pb2
 
 #: Commands per Exchange at most (task_store refuses more than 1,000).
 MAX_BATCH = 256
+#: Bytes of commands per Exchange at most (a command larger than this leaves alone). Why: 256
+#: creates with long prompts (16,000 bytes each, within every limit) made a 4 MB message, and
+#: every create of the batch failed at task_store's message limit (RESOURCE_EXHAUSTED).
+MAX_BATCH_BYTES = 4 * 1024 * 1024
 #: Exchange calls on the wire at once from one client.
 MAX_IN_FLIGHT = 2
 
@@ -69,9 +73,16 @@ def _expire(future: asyncio.Future[spb.StoreAnswer]) -> None:
 class Coalescer:
     """Sends the commands of concurrent callers as few ``Exchange`` calls (see the module)."""
 
-    def __init__(self, send: Send, max_batch: int = MAX_BATCH, max_in_flight: int = MAX_IN_FLIGHT) -> None:
+    def __init__(
+        self,
+        send: Send,
+        max_batch: int = MAX_BATCH,
+        max_in_flight: int = MAX_IN_FLIGHT,
+        max_bytes: int = MAX_BATCH_BYTES,
+    ) -> None:
         self._send = send
         self._max_batch = max_batch
+        self._max_bytes = max_bytes
         self._max_in_flight = max_in_flight
         self._pending: list[_Pending] = []
         self._in_flight = 0
@@ -129,8 +140,18 @@ class Coalescer:
         """The next batch to send, counted as in flight; None while no call may go out (or
         nothing is pending)."""
         while self._pending and self._in_flight < self._max_in_flight:
-            batch = [p for p in self._pending[: self._max_batch] if not p[1].done()]  # not given up
-            del self._pending[: self._max_batch]
+            batch: list[_Pending] = []
+            size = taken = 0
+            for pending in self._pending[: self._max_batch]:
+                if pending[1].done():  # its caller gave up
+                    taken += 1
+                    continue
+                size += pending[0].ByteSize()
+                if batch and size > self._max_bytes:
+                    break
+                batch.append(pending)
+                taken += 1
+            del self._pending[:taken]
             if batch:  # else every caller of these gave up before they left: nothing to send
                 self._in_flight += 1
                 return batch

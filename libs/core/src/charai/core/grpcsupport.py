@@ -11,7 +11,8 @@ from typing import Any
 import grpc
 import structlog
 from charai.core import tracing
-from charai.core.errors import DOMAIN, CharaiError
+from charai.core.errors import DOMAIN, CharaiError, LimitExceededError
+from charai.core.storechannel import INTERNAL_MAX_MESSAGE_BYTES
 from charai.core.validation import RequestInvalidError, Violation
 from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError
@@ -26,9 +27,16 @@ log = structlog.get_logger("grpc")
 #: The authenticated principal (tenant) of the current RPC, set by :class:`ServerInterceptor`.
 principal: contextvars.ContextVar[str] = contextvars.ContextVar("principal", default="default")
 
-MAX_MESSAGE_BYTES = 1 * 1024 * 1024
+#: The largest request message a public server takes (the gateway's gRPC port): a
+#: BatchCreateTasks of 100 requests, each at its largest (a 16,000-byte prompt, 8 KiB of
+#: metadata, ...), is about 3 MB. A larger one is refused by :class:`ServerInterceptor` with
+#: RESOURCE_EXHAUSTED naming the limit (``ErrorInfo`` ``limit=message_bytes``, ``QuotaFailure``).
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+#: What gRPC itself takes before :class:`ServerInterceptor` sees a request (beyond it gRPC
+#: refuses the message with RESOURCE_EXHAUSTED and no details).
+_GRPC_RECEIVE_BYTES = 2 * MAX_MESSAGE_BYTES
 SERVER_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", _GRPC_RECEIVE_BYTES),
     ("grpc.max_send_message_length", 8 * 1024 * 1024),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
@@ -45,6 +53,16 @@ def server_options(*, reuse_port: bool = False) -> list[tuple[str, Any]]:
     the same port on purpose (``CHARAI_GATEWAY_PROCESSES``), the kernel spreading connections
     over them. Everywhere else it stays off, so two services never share a port by mistake."""
     return [(k, int(reuse_port) if k == "grpc.so_reuseport" else v) for k, v in SERVER_OPTIONS]
+
+
+def internal_server_options() -> list[tuple[str, Any]]:
+    """:data:`SERVER_OPTIONS` with task_store's message limits
+    (``storechannel.INTERNAL_MAX_MESSAGE_BYTES`` both ways; its interceptor takes the same)."""
+    internal = {
+        "grpc.max_receive_message_length": INTERNAL_MAX_MESSAGE_BYTES,
+        "grpc.max_send_message_length": INTERNAL_MAX_MESSAGE_BYTES,
+    }
+    return [(k, internal.get(k, v)) for k, v in SERVER_OPTIONS]
 
 
 def status_for(exc: BaseException) -> status_pb2.Status | None:
@@ -162,9 +180,12 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         authenticate: Callable[[dict[str, str], str], str] | None = None,
         skip_prefixes: Sequence[str] = ("/grpc.health.",),
         observe: Callable[[str, str, float], None] | None = None,
+        max_request_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
         self._authenticate = authenticate
         self._skip = tuple(skip_prefixes)
+        #: A request message larger than this is refused, naming the limit (before anything else).
+        self._max_request_bytes = max_request_bytes
         #: Called after each RPC with (method, code name, seconds): the metrics hook.
         self._observe = observe
         #: method -> (the handler gRPC found, its wrapped handler); one entry per served method.
@@ -184,9 +205,21 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             return known[1]
         wrapped = handler
         if not method.startswith(self._skip):
-            wrapped = _wrap(handler, _RpcScope(method, self._authenticate, self._observe))
+            scope = _RpcScope(method, self._authenticate, self._observe, self._max_request_bytes)
+            wrapped = _wrap(handler, scope)
         self._wrapped[method] = (handler, wrapped)
         return wrapped
+
+
+class MessageTooLargeError(LimitExceededError):
+    """A request message over the server's limit: RESOURCE_EXHAUSTED with ``ErrorInfo``
+    (``limit=message_bytes``, ``max_bytes``) and ``QuotaFailure``."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        message = f"the request message is {size} bytes; at most {limit} are taken"
+        super().__init__(message, limit="message_bytes", max_bytes=str(limit))
+        violation = error_details_pb2.QuotaFailure.Violation(subject="request", description=message)
+        self.extra_details: list[ProtoMessage] = [error_details_pb2.QuotaFailure(violations=[violation])]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -197,11 +230,18 @@ class _RpcScope:
     method: str
     authenticate: Callable[[dict[str, str], str], str] | None
     observe: Callable[[str, str, float], None] | None
+    max_request_bytes: int = MAX_MESSAGE_BYTES
     #: The method's short name, for the log context.
     rpc: str = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rpc", self.method.rsplit("/", 1)[-1])
+
+    def check_size(self, raw: Any) -> None:
+        """Refuses a request message over :attr:`max_request_bytes` (RESOURCE_EXHAUSTED naming
+        the limit), first: as gRPC's own limit would, whoever sent it."""
+        if isinstance(raw, bytes) and len(raw) > self.max_request_bytes:
+            raise MessageTooLargeError(len(raw), self.max_request_bytes)
 
     def begin(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
@@ -235,7 +275,7 @@ def _wrap(handler: Any, scope: _RpcScope) -> Any:
         )
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(
-            _streaming(scope.begin, scope.finish, handler.unary_stream, decode),
+            _streaming(scope.begin, scope.finish, handler.unary_stream, decode, scope.check_size),
             request_deserializer=None,
             response_serializer=handler.response_serializer,
         )
@@ -259,6 +299,7 @@ def _unary(
         start = time.perf_counter()
         code = "OK"
         try:
+            scope.check_size(raw)
             scope.begin(context)
             return await inner(decode(raw), context)
         except BaseException as exc:
@@ -276,6 +317,7 @@ def _streaming(
     finish: Callable[[float, str, dict[str, Any]], None],
     inner: Any,
     prepare: Callable[[Any], Any],
+    check: Callable[[Any], None] | None = None,
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
     """A streaming method wrapped like a unary one: authenticate, translate errors, log once."""
 
@@ -284,6 +326,8 @@ def _streaming(
         code = "OK"
         sent = 0
         try:
+            if check is not None:
+                check(request)
             begin(context)
             async for item in inner(prepare(request), context):
                 sent += 1

@@ -13,6 +13,12 @@ from typing import Any
 import grpc
 from charai.core import tracing
 
+#: The largest message either way between task_store and its callers (gateways, workers): an
+#: ``Exchange`` carries up to ``coalesce.MAX_BATCH_BYTES`` of commands, or one larger command
+#: alone (a public BatchCreateTasks, up to ``grpcsupport.MAX_MESSAGE_BYTES``), and its answers
+#: echo the tasks. task_store's server takes the same (``grpcsupport.internal_server_options``).
+INTERNAL_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
 #: The deadline of a call whose caller gave none.
 DEFAULT_TIMEOUT = 10.0
 

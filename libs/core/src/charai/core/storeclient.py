@@ -16,7 +16,14 @@ import grpc
 from charai.core import tracing
 from charai.core.coalesce import Coalescer, error_bytes
 from charai.core.exchange_stream import ExchangeStreams, PushHandler
-from charai.core.storechannel import DEFAULT_TIMEOUT, SERVICE_CONFIG, CallDefaults, addresses, channel_target
+from charai.core.storechannel import (
+    DEFAULT_TIMEOUT,
+    INTERNAL_MAX_MESSAGE_BYTES,
+    SERVICE_CONFIG,
+    CallDefaults,
+    addresses,
+    channel_target,
+)
 from charai.store.v1 import store_service_pb2 as spb
 from charai.store.v1 import store_service_pb2_grpc
 from charai.tasks.v1 import task_pb2, task_service_pb2
@@ -53,7 +60,7 @@ class StoreClient:
         options: list[tuple[str, Any]] = [
             ("grpc.service_config", SERVICE_CONFIG),
             ("grpc.enable_retries", 1),
-            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+            ("grpc.max_receive_message_length", INTERNAL_MAX_MESSAGE_BYTES),
             ("grpc.keepalive_time_ms", 30_000),
         ]
         if balanced:

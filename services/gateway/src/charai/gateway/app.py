@@ -42,7 +42,7 @@ from charai.gateway.http import (
 )
 from charai.gateway.limits import SubmitLimiter
 from charai.gateway.ops import metrics_routes
-from charai.gateway.rest import RestApi
+from charai.gateway.rest import MAX_BODY_BYTES, RestApi
 from charai.gateway.rest.errors import json_not_found
 from charai.gateway.service import TaskService, add_to_server
 from charai.gateway.settings import Settings
@@ -227,7 +227,7 @@ class GatewayApp(ServiceApp):
     ) -> None:
         """The HTTP port: media, metrics, health, REST, gRPC-web, the console."""
         s = self.settings
-        app = web.Application(client_max_size=1024 * 1024)
+        app = web.Application(client_max_size=MAX_BODY_BYTES)
         app.add_routes(media_routes(media, signer) + metrics_routes(self.metrics))
         app.add_routes(
             health_routes(

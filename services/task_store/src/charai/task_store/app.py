@@ -21,6 +21,7 @@ from charai.core.metrics import Metrics
 from charai.core.metrics_endpoint import MetricsEndpoint
 from charai.core.provider_kv import ProviderStates
 from charai.core.settings import refuse
+from charai.core.storechannel import INTERNAL_MAX_MESSAGE_BYTES
 from charai.core.timestamps import micros
 from charai.core.topology import Topology
 from charai.store.v1 import store_service_pb2, store_service_pb2_grpc
@@ -188,10 +189,12 @@ class TaskStoreApp(ServiceApp):
         server = grpc.aio.server(
             interceptors=[
                 grpcsupport.ServerInterceptor(
-                    internal_auth(s.internal_token.get_secret_value()), observe=self.metrics.observe_rpc
+                    internal_auth(s.internal_token.get_secret_value()),
+                    observe=self.metrics.observe_rpc,
+                    max_request_bytes=INTERNAL_MAX_MESSAGE_BYTES,
                 )
             ],
-            options=grpcsupport.SERVER_OPTIONS,
+            options=grpcsupport.internal_server_options(),
         )
         store_service_pb2_grpc.add_TaskStoreServiceServicer_to_server(servicer, server)
         health = await grpcsupport.add_health_and_reflection(server, [_SERVICE])
