@@ -244,6 +244,11 @@ IMAGE_FAILURES = [
     ("[[json-error-200:1214]]", ErrorKind.PROVIDER_BAD_RESPONSE),
 ]
 
+#: The failures after which the call is charged (metered): the answer named a picture (the
+#: provider made it), which then was not an image or whose base64 was broken. An answer that
+#: cannot be read (truncated JSON, not JSON) names nothing.
+IMAGE_CHARGED = {"[[bad-b64]]", "[[garbage]]"}
+
 
 @pytest.mark.parametrize(("marker", "kind"), IMAGE_FAILURES)
 @pytest.mark.parametrize("route", ["cogview-4/sync", "glm-image/async"])
@@ -257,6 +262,7 @@ async def test_image_failure_modes(
     assert caught.value.failure.kind is kind, caught.value.failure
     assert ctx.media == {}
     assert (90, Stage.PROCESSING) not in ctx.progress_calls
+    assert len(ctx.metered) == (marker in IMAGE_CHARGED), ctx.metered
 
 
 async def test_image_failure_reasons_are_specific(
@@ -439,6 +445,9 @@ TTS_FAILURES = [
     ("[[json-error-200:1302]]", "mp3", ErrorKind.PROVIDER_BAD_RESPONSE),
 ]
 
+#: As IMAGE_CHARGED: audio came (raw, or inline in JSON) and did not decode.
+TTS_CHARGED = {"[[truncated]]", "[[bad-b64]]", "[[wrong-type]]", "[[garbage]]"}
+
 
 @pytest.mark.parametrize(("marker", "response_format", "kind"), TTS_FAILURES)
 async def test_tts_failure_modes(
@@ -449,6 +458,7 @@ async def test_tts_failure_modes(
         await TtsHandler().run(ctx)
     assert caught.value.failure.kind is kind, caught.value.failure
     assert ctx.media == {}
+    assert len(ctx.metered) == (marker in TTS_CHARGED), ctx.metered
 
 
 async def test_tts_rate_limit_carries_retry_after(

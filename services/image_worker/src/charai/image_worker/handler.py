@@ -102,11 +102,9 @@ class ImageHandler:
         data: bytes | None = None
         zhipu = ctx.provider.config.dialect != provider_models.OPENAI
         if zhipu and model in ASYNC_MODELS and self._async_mode != "sync":
-            data = await self._generate_async(ctx, model, payload.prompt, size)
+            data = await self._generate_async(ctx, model, size)
         if data is None:
-            data = await self._generate_sync(ctx, self._sync_body(ctx, model, size))
-        # The provider delivered (and charges for) the picture, whatever happens to it next.
-        ctx.meter(usage.image_call(ctx.provider.config.dialect, model, size, payload.quality))
+            data = await self._generate_sync(ctx, model, size)
         try:
             # Decoding a few megapixels takes tens of milliseconds: keep the event loop (and the
             # other jobs' progress reports) running meanwhile.
@@ -147,7 +145,8 @@ class ImageHandler:
             body["output_format"] = payload.output_format
         return body
 
-    async def _generate_sync(self, ctx: JobContext, body: dict[str, Any]) -> bytes:
+    async def _generate_sync(self, ctx: JobContext, model: str, size: str) -> bytes:
+        body = self._sync_body(ctx, model, size)
         async with advancing_progress(ctx, self._expected_seconds):
             response = await ctx.provider.request("POST", "/images/generations", json_body=body)
             answer = json_object(response)
@@ -155,9 +154,10 @@ class ImageHandler:
             data = answer.get("data")
             if not isinstance(data, list) or not data:
                 raise ProviderError(errors.bad_response("the answer has no image (missing or empty data)"))
+            _meter(ctx, model, size)
             return await _image_bytes(ctx, data[0])
 
-    async def _generate_async(self, ctx: JobContext, model: str, prompt: str, size: str) -> bytes | None:
+    async def _generate_async(self, ctx: JobContext, model: str, size: str) -> bytes | None:
         """Submits and polls a glm-image job; ``None`` means "no async route, use sync" (auto only)."""
         await ctx.progress(PROGRESS_CALL_START, Stage.GENERATING)
         loop = asyncio.get_running_loop()
@@ -166,7 +166,7 @@ class ImageHandler:
             response = await ctx.provider.request(
                 "POST",
                 "/async/images/generations",
-                json_body=_async_body(ctx.task.image, model, prompt, size),
+                json_body=_async_body(ctx.task.image, model, ctx.task.image.prompt, size),
             )
         except ProviderError as exc:
             if self._async_mode == "auto" and exc.failure.http_status in (404, 405):
@@ -210,7 +210,15 @@ class ImageHandler:
             if value > last:
                 last = value
                 await ctx.progress(value, Stage.GENERATING)
+        _meter(ctx, model, size)
         return await _image_bytes(ctx, item)
+
+
+def _meter(ctx: JobContext, model: str, size: str) -> None:
+    """The provider made (and charges for) the picture an answer names, whatever happens to it
+    next: an image that is not one, an inline image whose base64 is broken or too large, a link
+    whose download fails."""
+    ctx.meter(usage.image_call(ctx.provider.config.dialect, model, size, ctx.task.image.quality))
 
 
 def _async_body(payload: task_pb2.ImagePayload, model: str, prompt: str, size: str) -> dict[str, Any]:

@@ -247,12 +247,17 @@ async def _audio_bytes(ctx: JobContext, body: bytes, content_type: str) -> tuple
     if not isinstance(answer, dict):
         raise ProviderError(errors.bad_response(f"expected a JSON object, got {type(answer).__name__}"))
     raise_inband_error(answer, ctx.provider)
-    if answer.get("audio_content"):
-        return decode_base64(
-            answer["audio_content"], cap=ctx.provider.config.max_body_bytes, what="audio_content"
-        ), ""
-    url = answer.get("audio_url")
-    if isinstance(url, str) and url:
-        downloaded = await ctx.provider.download(url)
-        return downloaded.body, downloaded.content_type
+    content, url = answer.get("audio_content"), answer.get("audio_url")
+    try:
+        if content:
+            return decode_base64(content, cap=ctx.provider.config.max_body_bytes, what="audio_content"), ""
+        if isinstance(url, str) and url:
+            downloaded = await ctx.provider.download(url)
+            return downloaded.body, downloaded.content_type
+    except ProviderError:
+        # The provider made (and charges for) the clip the answer carries or links to, as for
+        # audio that does not decode (TtsHandler.run): broken base64, too large, a failed download.
+        config = ctx.provider.config
+        ctx.meter(usage.speech_call(config.dialect, config.model, ctx.task.tts.text, 0.0))
+        raise
     raise ProviderError(errors.bad_response("the JSON answer carries no audio_content or audio_url"))
