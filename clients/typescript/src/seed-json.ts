@@ -47,6 +47,21 @@ export function toSeedTask(task: Task): seed.Task {
     if (error.providerStatus) errorDetail.providerStatus = error.providerStatus;
     if (error.providerCode) errorDetail.providerCode = error.providerCode;
   }
+  const u = task.usage;
+  const usage: seed.TaskUsage | null = u
+    ? {
+        provider: u.provider,
+        model: u.model,
+        calls: u.calls,
+        images: u.images,
+        imageSize: u.imageSize,
+        imageQuality: u.imageQuality,
+        speechCharacters: Number(u.speechCharacters),
+        audioSeconds: u.audioSeconds,
+        costUsd: u.costUsd,
+        reused: u.reused,
+      }
+    : null;
   const type = typeName(task.type);
   const status = statusName(task.status);
   return {
@@ -72,5 +87,7 @@ export function toSeedTask(task: Task): seed.Task {
     estimatedStartAt: time(task.estimatedStartTime),
     estimatedEndAt: time(task.estimatedEndTime),
     requestId: task.requestId || null,
+    webhook: task.webhook ? { url: task.webhook.url, events: [...task.webhook.events] } : null,
+    usage,
   };
 }

@@ -13,6 +13,7 @@ import {
   TaskEventType,
   TaskStatus,
   TaskType,
+  toSeedTask,
 } from "../dist/index.js";
 import { baseUrl, startProxy, uniqueCharacter, until, waitForHealth } from "./helpers.js";
 
@@ -278,4 +279,34 @@ test("watching a finished task from its last event resolves with the task, witho
   const rest = [];
   await charai.watchTask(task.id, (e) => rest.push(e), { afterSequence: events.at(-2).sequence });
   assert.deepEqual(rest.map((e) => e.sequence), [events.at(-1).sequence]);
+});
+
+test("toSeedTask gives a gRPC-web task the very shape the REST routes answer, webhook and usage included", async () => {
+  const characterId = uniqueCharacter("shape");
+  const created = await fetch(new URL("/api/tasks", baseUrl), {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({
+      type: "tts_generation",
+      payload: { characterId, text: `One shape for every door, ${characterId}.`, voiceStyle: "tongtong" },
+      // Nobody delivers it here (the stack runs no webhook sender); the task carries it.
+      webhook: { url: "http://127.0.0.1:9/hook", events: ["completed"] },
+    }),
+  });
+  const body = await created.json();
+  assert.equal(created.status, 201, JSON.stringify(body));
+  let task;
+  const deadline = Date.now() + 60_000;
+  while (!task || statusName(task.status) !== "completed") {
+    assert.ok(Date.now() < deadline, `the task did not complete: ${task && statusName(task.status)}`);
+    await new Promise((r) => setTimeout(r, 100));
+    task = await charai.getTask(body.id);
+  }
+  const rest = await (await fetch(new URL(`/api/tasks/${body.id}`, baseUrl))).json();
+  const mine = toSeedTask(task);
+  assert.deepEqual(mine.webhook, { url: "http://127.0.0.1:9/hook", events: ["completed"] });
+  assert.equal(mine.usage.calls, 1);
+  assert.ok(mine.usage.speechCharacters > 0 && mine.usage.costUsd > 0, JSON.stringify(mine.usage));
+  // The whole task, field for field (the REST answer's queue position and ETAs are read at its own time).
+  assert.deepEqual(mine, rest);
 });

@@ -97,6 +97,28 @@ export interface TaskErrorDetail {
   providerCode?: string;
 }
 
+/** charai's addition (README, "Webhooks"): where a task's events are POSTed. */
+export interface TaskWebhook {
+  url: string;
+  /** The events delivered; empty: the terminal ones. */
+  events: string[];
+}
+
+/** charai's addition (README, "Usage and budgets"): what a task's provider calls used and cost, over its attempts. */
+export interface TaskUsage {
+  provider: string;
+  model: string;
+  calls: number;
+  images: number;
+  imageSize: string;
+  imageQuality: string;
+  speechCharacters: number;
+  audioSeconds: number;
+  costUsd: number;
+  /** The result was reused from another task: no call, no cost. */
+  reused: boolean;
+}
+
 /** A task as the seed's frontend reads it. */
 export interface Task<
   P = ImageGenerationPayload | TTSGenerationPayload,
@@ -131,6 +153,10 @@ export interface Task<
   /** charai's addition: when a running task should end (its lane's run time, its own progress); null when unknown. */
   estimatedEndAt?: string | null;
   requestId: string | null;
+  /** charai's addition: where the task's events are delivered by webhook; null when nowhere. */
+  webhook?: TaskWebhook | null;
+  /** charai's addition: what its provider calls used and cost; null before anything was metered. */
+  usage?: TaskUsage | null;
 }
 
 /** The seed's WebSocket event names (the SSE `event:` field). */
