@@ -30,7 +30,7 @@ def test_zero_or_auto_is_one_per_core(monkeypatch: pytest.MonkeyPatch, raw: str)
     assert settings.load(Settings).gateway_processes == cpu_cores() >= 1
 
 
-@pytest.mark.parametrize("raw", ["-1", "two", "1.5", "", "true"])
+@pytest.mark.parametrize("raw", ["-1", "two", "1.5", "", "true", "257", "100000", "²"])
 def test_a_bad_value_stops_start_up_naming_the_setting(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], raw: str
 ) -> None:

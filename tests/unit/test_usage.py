@@ -173,3 +173,15 @@ def test_day_ranges_default_to_this_month_and_name_the_bad_field() -> None:
         with pytest.raises(usage.DayRangeError) as err:
             usage.day_range(start, end, now)
         assert err.value.field == field
+
+
+def test_amounts_are_written_with_cents_and_the_micro_dollars_below_them() -> None:
+    assert [usage.format_amount("usd", v) for v in (5, 5.02, 0.005, 0.000075, 0, 12.5)] == [
+        "5.00",
+        "5.02",
+        "0.005",
+        "0.000075",
+        "0.00",
+        "12.50",
+    ]
+    assert usage.format_amount("images", 3.0) == "3" and usage.format_amount("audio_seconds", 2.25) == "2.2"

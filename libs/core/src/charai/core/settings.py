@@ -144,6 +144,13 @@ class CommonSettings(BaseSettings):
         data = provider_default(data, "image_provider", "image_model", DEFAULT_IMAGE_MODELS)
         return provider_default(data, "tts_provider", "tts_model", DEFAULT_TTS_MODELS)
 
+    @field_validator("data_dir")
+    @classmethod
+    def _data_dir(cls, value: Path) -> Path:
+        if value.exists() and not value.is_dir():
+            raise ValueError("must be a directory (this is a file)")
+        return value
+
     @field_validator("task_store_addr")
     @classmethod
     def _each_task_store_addr(cls, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -217,7 +224,9 @@ def parse_api_keys(inline: str, file_text: str = "") -> list[tuple[str, str]]:
 
 
 S = TypeVar("S", bound=BaseSettings)
-_SECRETISH = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|URL", re.IGNORECASE)
+#: Settings whose values an error never shows: secrets, and URLs (a database URL may hold a
+#: password). ``URL`` only as the name's end: ``CHARAI_MEDIA_URL_TTL`` is a duration.
+_SECRETISH = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|URLS?$", re.IGNORECASE)
 
 
 class SettingRefusedError(SystemExit):

@@ -10,11 +10,14 @@ from pathlib import Path
 from typing import Annotated
 
 from charai.core.settings import CommaList, CommonSettings, check_addr, parse_api_keys, split_commas
+from charai.core.validation import whole_number
 from pydantic import BeforeValidator, Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode
 
 #: Where ``make console`` puts the built console (next to this package; gitignored).
 DEFAULT_CONSOLE_DIR = Path(__file__).resolve().parent / "console_dist"
+#: The most gateway processes one ``CHARAI_GATEWAY_PROCESSES`` may ask for.
+MAX_GATEWAY_PROCESSES = 256
 _ORIGIN = re.compile(r"^https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?$|^https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")
 
 
@@ -91,8 +94,9 @@ class Settings(CommonSettings):
         text = str(value).strip().lower()
         if text == "auto":
             return cpu_cores()
-        if isinstance(value, bool) or not text.isdigit():
-            raise ValueError("must be a number of processes (1 or more), or 0 / auto for one per CPU core")
+        if isinstance(value, bool) or not whole_number(text) or int(text) > MAX_GATEWAY_PROCESSES:
+            most = MAX_GATEWAY_PROCESSES
+            raise ValueError(f"must be a number of processes (1 to {most}), or 0 / auto for one per CPU core")
         return int(text) or cpu_cores()
 
     @field_validator("cors_origins")

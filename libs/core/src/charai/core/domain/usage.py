@@ -184,9 +184,11 @@ def day_range(start_day: str, end_day: str, now_us: int) -> tuple[str, str]:
 
 # -- budgets -----------------------------------------------------------------------------------
 def format_amount(unit: str, value: float) -> str:
-    """How an error or a table writes an amount: money with cents, counts whole, seconds to 0.1."""
+    """How an error or a table writes an amount: money with cents (and the micro-dollars below a
+    cent when there are any: a budget of 0.005 is not written 0.01), counts whole, seconds to 0.1."""
     if unit == "usd":
-        return f"{value:.2f}"
+        whole, _, cents = f"{value:.6f}".rstrip("0").partition(".")
+        return f"{whole}.{cents.ljust(2, '0')}"
     if unit == "audio_seconds":
         return f"{value:.1f}"
     return f"{value:.0f}"
