@@ -37,12 +37,17 @@ def test_asyncio_can_be_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _refused(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], name: str, value: str
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+    value: str,
+    cls: type[CommonSettings] = CommonSettings,
 ) -> str:
-    """Loading the settings with ``name=value`` exits with status 2; returns what it printed."""
+    """Loading the settings (``cls``) with ``name=value`` exits with status 2; returns what it
+    printed."""
     monkeypatch.setenv(name, value)
     with pytest.raises(SystemExit) as stopped:
-        settings.load(CommonSettings)
+        settings.load(cls)
     assert stopped.value.code == 2
     return capsys.readouterr().err
 
