@@ -416,7 +416,7 @@ async def test_errors_are_json_with_matching_http_status(api: Api) -> None:
         assert r.status == 400 and (await r.json())["error"]["code"] == "INVALID_ARGUMENT"
     async with api.http.post("/api/tasks", data="type=image_generation") as r:
         assert r.status == 415
-    huge = {**good, "payload": {**good["payload"], "prompt": "x" * (4 * 1024 * 1024 + 1)}}
+    huge = {**good, "payload": {**good["payload"], "prompt": "x" * (12 * 1024 * 1024 + 1)}}
     raw = io.BytesIO(json.dumps(huge).encode())
     async with api.http.post("/api/tasks", data=raw, headers={"Content-Type": "application/json"}) as r:
         assert r.status == 413 and (await r.json())["error"]["code"] == "RESOURCE_EXHAUSTED"

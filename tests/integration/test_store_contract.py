@@ -39,6 +39,7 @@ from charai.task_store.backend import numbered
 from charai.task_store.backlog import FairConfig
 from charai.task_store.commands import ClaimResult
 from charai.task_store.postgres_backend import PgTx
+from charai.task_store.queries import MAX_PAGE_BYTES
 from charai.task_store.reuse import ReuseConfig
 from charai.task_store.schema import ENDED, LATEST_VERSION, REUSABLE
 from charai.task_store.sqlite_backend import SqliteBackend
@@ -419,6 +420,33 @@ async def test_list_filters_by_metadata_type_status_orders_newest_first_and_page
     with pytest.raises(RequestInvalidError) as err:
         await store.list_tasks("t1", task_service_pb2.ListTasksRequest(page_token="not a token!"))
     assert [v.field for v in err.value.violations] == ["page_token"]
+
+
+async def test_a_page_of_large_tasks_stops_before_its_bytes_limit(rec: Recorded) -> None:
+    """150 tasks of about 33 KB stored each (a 16,000-byte prompt, 8 KB of metadata, twice over:
+    the payload and the metadata): a page of 500 asked for would be 5 MB; it stops before
+    MAX_PAGE_BYTES, and its token goes on, every task once, newest first."""
+    store = rec.store
+    made = []
+    for n in range(150):
+        request = image_request(prompt="\U0001f5e1" * 3990 + f"{n:010d}")
+        for k in range(15):
+            request.metadata[f"k{k:02d}"] = "v" * 500
+        made.append((await store.create("t1", request))[0])
+    seen: list[str] = []
+    sizes: list[int] = []
+    token = ""
+    while True:
+        page, token = await store.list_tasks(
+            "t1", task_service_pb2.ListTasksRequest(page_size=500, page_token=token)
+        )
+        assert page
+        sizes.append(sum(t.ByteSize() for t in page))
+        seen += [t.id for t in page]
+        if not token:
+            break
+    assert len(sizes) >= 2 and max(sizes) <= MAX_PAGE_BYTES, sizes
+    assert seen == [t.id for t in reversed(made)]
 
 
 # -- the state machine -----------------------------------------------------------------------

@@ -73,8 +73,8 @@ class CharaiClient:
             options=[
                 ("grpc.keepalive_time_ms", 20_000),
                 ("grpc.keepalive_permit_without_calls", 1),
-                # What the gateway may send (8 MiB: a ListTasks page of 500 long prompts is ~5
-                # MB); gRPC's default 4 MiB refused such a page, and `charai list` with it.
+                # What the gateway may send (8 MiB; a ListTasks page stops before 3 MiB of
+                # tasks, a BatchCreateTasks answer of 100 large tasks is ~3.6 MB).
                 ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
             ],
         )

@@ -312,7 +312,9 @@ class ListTasksRequest(_message.Message):
     status: _task_pb2.TaskStatus.ValueType
     """Only this status (unset: any)."""
     page_size: _builtins.int
-    """At most this many tasks (0: 50; at most 500)."""
+    """At most this many tasks (0: 50; at most 500). A page of large tasks holds fewer: it stops
+    before 3 MiB of tasks (at least one task), and next_page_token goes on from there.
+    """
     page_token: _builtins.str
     """next_page_token of the previous page."""
     @_builtins.property

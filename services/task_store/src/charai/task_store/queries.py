@@ -21,6 +21,11 @@ from charai.task_store.schema import ENDED
 from charai.tasks.v1 import task_pb2, task_service_pb2
 
 DEFAULT_PAGE = 50
+#: A ListTasks page stops before its stored tasks pass this many bytes (at least one task a
+#: page), whatever ``page_size`` asks: a task at every size limit is about 52 KB, and a page of
+#: 500 such was 26 MB, over the gateway's 8 MiB send limit (every list failed, REST's default
+#: one included) and a default gRPC client's 4 MiB receive limit.
+MAX_PAGE_BYTES = 3 * 1024 * 1024
 
 
 def encode_page_token(created: int, task_id: str) -> str:
@@ -87,10 +92,16 @@ class Queries:
         sql.append("ORDER BY create_time DESC, id DESC LIMIT ?")
         args.append(size + 1)
         found = await tx.fetch(" ".join(sql), *args)
-        tasks = [task_pb2.Task.FromString(r[0]) for r in found[:size]]
+        taken = total = 0
+        for row in found[:size]:
+            total += len(row[0])
+            if taken and total > MAX_PAGE_BYTES:
+                break  # the next page starts here
+            taken += 1
+        tasks = [task_pb2.Task.FromString(r[0]) for r in found[:taken]]
         await self.positions(tx, tasks)
         token = ""
-        if len(found) > size:
+        if len(found) > taken:
             last = tasks[-1]
             token = encode_page_token(last.create_time.ToMicroseconds(), last.id)
         return tasks, token
