@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pytest
 from charai.core.storeclient import StoreClient
 from charai.emulator import EmulatorConfig, RunningEmulator, running_emulator
 from charai.store.v1 import store_service_pb2 as spb
@@ -22,6 +23,7 @@ from charai.task_store.app import TaskStoreApp
 from charai.task_store.settings import Settings
 from charai.tasks.v1 import task_pb2, task_service_pb2
 from charai.tts_worker.app import build
+from charai.worker import jobs
 from charai.worker.app import WorkerApp
 from charai.worker.settings import TtsWorkerSettings
 
@@ -224,3 +226,36 @@ async def test_a_handed_over_task_whose_worker_dies_runs_again(
         assert starts[1].task.error.code == task_pb2.ERROR_CODE_WORKER_LOST
         a_done = [e.task.id for e in of_type(a_events, EV.TASK_EVENT_TYPE_COMPLETED)]
         assert sorted(a_done) == sorted(t.id for t in a_tasks)
+
+
+async def test_a_job_put_back_by_a_hand_over_runs_when_released_again_while_its_old_message_is_busy(
+    nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """B's first task is handed to the worker's claim of one of A's jobs and runs for 5 s under
+    that job's message; the job, put back, is released again (a new dispatch generation) and its
+    new message reaches the same worker meanwhile. It is claimed and run like any job. The worker
+    took it for a redelivery of the message in hand (it matched the task id alone) and sent it
+    back for 5 s, while task_store counted it in the lane's buffer of 2 and released nothing more:
+    the whole lane stopped (a hunt saw 4.3-4.7 s stalls in 6 of 70 newcomers). Here that wait is
+    an hour, so the old behaviour cannot finish in time."""
+    monkeypatch.setattr(jobs, "_REDELIVERED_WAIT", 3600.0)
+    async with stack(nats_server, tmp_path) as (client, _, _emu):
+        a_tasks = [
+            await client.create_task("tenant-a", speech(f"line a{i} [[latency:0.3]]")) for i in range(12)
+        ]
+
+        async def a_running() -> bool:
+            return bool(of_type(await events_of(client, "tenant-a"), EV.TASK_EVENT_TYPE_STARTED))
+
+        await eventually(a_running, timeout=60)
+        await client.create_task("tenant-b", speech("line b0 [[latency:5]]"))
+
+        async def all_done() -> bool:
+            return (await completed(client, "tenant-a"), await completed(client, "tenant-b")) == (
+                len(a_tasks),
+                1,
+            )
+
+        await eventually(all_done, timeout=90, interval=0.2)
+        a_events, b_events = await events_of(client, "tenant-a"), await events_of(client, "tenant-b")
+        assert started_around(a_events, b_events)[1] <= 1, describe_between(a_events, b_events)

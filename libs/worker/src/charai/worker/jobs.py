@@ -66,8 +66,10 @@ class Jobs:
         self._outcomes = outcomes
         self.running: dict[str, Attempt] = {}
         #: Jobs whose message carries another task's attempt (ClaimTaskRequest.any_task), by
-        #: the message's task id: a redelivery of one is settled like a running job's.
-        self._carriers: set[str] = set()
+        #: the message's (task id, dispatch generation): a redelivery of one is settled like a
+        #: running job's. The job itself, put back and released again meanwhile, comes under a
+        #: new generation: that message is claimed as usual.
+        self._carriers: set[tuple[str, int]] = set()
         #: Jobs (task id, dispatch generation) whose claim got no answer: the next delivery
         #: claims ``again``, so a claim the store did take is answered, not left to expire.
         #: Bounded: forgetting one only costs the wait for its lease, as before.
@@ -116,10 +118,12 @@ class Jobs:
             log.info("job_awaits_its_push")
             await self._await_push(job, msg)
             return
-        if job.task_id in self.running or job.task_id in self._carriers:
+        if job.task_id in self.running or (job.task_id, job.dispatch_gen) in self._carriers:
             # JetStream redelivered a job this process is still running (an ack-wait ran out):
             # the attempt in hand acks it when it ends. Claiming again would answer the same
-            # attempt (the store re-answers its holder) and run it twice.
+            # attempt (the store re-answers its holder) and run it twice. (A carrier's own task
+            # released again has a new generation: matched by task id alone, its message waited
+            # here 5 s while task_store counted it in the lane's buffer, and the lane stalled.)
             await settle_message("nak", msg, _REDELIVERED_WAIT)
             return
         worker_id, key = self._worker_id, (job.task_id, job.dispatch_gen)
@@ -238,7 +242,7 @@ class Jobs:
             # back in its backlog (ClaimTaskRequest.any_task); this message now carries that task.
             log.info("job_handed_over", instead=task_id)
             structlog.contextvars.bind_contextvars(task_id=task_id)
-            self._carriers.add(job.task_id)
+            self._carriers.add((job.task_id, job.dispatch_gen))
             FIRST_TURN.set(True)  # its provider calls go before those of jobs claimed earlier
         running = Attempt(msg, task_id, claim.attempt, gen=job.dispatch_gen)
         self.running[task_id] = running
@@ -251,7 +255,7 @@ class Jobs:
             outcome = await self._execute(running, claim.task)
         finally:
             self.running.pop(task_id, None)
-            self._carriers.discard(job.task_id)
+            self._carriers.discard((job.task_id, job.dispatch_gen))
             if running.unsettled is not None:  # pushed, and its message has not come yet
                 self._unsettled[(job.task_id, job.dispatch_gen)] = running.unsettled
                 while len(self._unsettled) > _UNANSWERED_MAX:
