@@ -294,6 +294,25 @@ async def test_with_two_slots_first_turns_keep_the_tenants_weights(db: Database)
         assert steady.count("big") >= 2.5 * steady.count("a") > 0, starts
 
 
+async def test_a_newcomers_released_job_is_taken_by_the_next_claim_whatever_the_turns(db: Database) -> None:
+    """A newcomer's first task released just behind a job of "big" (weight 3): the turn it had
+    at its release moved its ``due`` a whole weight-1 stride on, past big's, yet the next claim
+    of big's job runs it (a released job had its turn: taking it reorders JetStream's line, not
+    the shares). Only a held task waits until its tenant's turn is due."""
+    async with opened(db, fair=fair(buffer=3)) as rec:
+        store = rec.store
+        big = [(await store.create("big", image_request()))[0] for _ in range(10)]
+        assert (await store.claim(big[0].id, 1, "w", any_task=True)).outcome == RUN
+        c = [(await store.create("c", image_request()))[0] for _ in range(3)]
+        assert all([await is_held(store, t.id) for t in c])
+        assert (await store.claim(big[1].id, 1, "w")).outcome == RUN
+        assert await store.release_held(IMAGE) == (2, False)
+        assert (await outbox_ids(store))[-3:] == [big[2].id, big[3].id, c[0].id]
+        handed = await store.claim(big[2].id, 1, "w", any_task=True)
+        assert handed.outcome == RUN and handed.task is not None and handed.task.id == c[0].id
+        assert await is_held(store, big[2].id)
+
+
 @pytest.mark.parametrize("behind_scan", [256, 1], ids=["count-behind", "count-ahead"])
 async def test_queue_positions_follow_the_fair_order(
     db: Database, monkeypatch: pytest.MonkeyPatch, behind_scan: int

@@ -233,27 +233,56 @@ class Backlog:
 
     # -- a waiting tenant's first turn, at a claim ----------------------------------------------
     async def first_turn(self, tx: Tx, kind: int, tenant: str) -> tuple[str, bool] | None:
-        """The task to run instead of a job of ``tenant`` being claimed, and whether it is held:
-        the next task of the first tenant in turn order (of the first :data:`FIRST_TURN_SCAN`
-        holding tasks of type ``kind``) that has none running and whose turn is due (its ``due``
-        is not after ``tenant``'s, when ``tenant`` holds tasks too), while ``tenant`` has one
-        running.
-        Its next task is its oldest released job nobody claimed yet (released by the buffer's
-        turn just before the claim: it would wait behind the jobs released earlier), else its
-        first held one. None when there is no such tenant (nothing held: one index probe).
+        """The task to run instead of a job of ``tenant`` being claimed, and whether it is held,
+        while ``tenant`` has one running and another tenant holds tasks of type ``kind``
+        (otherwise None: one index probe when nothing is held):
+
+        1. a released job nobody claimed yet of a tenant with none running (the oldest): its turn
+           was given at its release, it only waits in JetStream's line behind the jobs released
+           before it; or else
+        2. the first held task of the first tenant in turn order (of the first
+           :data:`FIRST_TURN_SCAN` holding tasks of type ``kind``) that has none running and
+           whose turn is due: its ``due`` is not after ``tenant``'s (when ``tenant`` holds tasks
+           too). Taking a held task spends a turn of its tenant.
 
         Why: the buffer of released jobs is a queue in JetStream, and a worker's claims run ahead
         of its provider calls, so a tenant that queues behind another's backlog would wait for
-        every job released before it (several provider calls). Handing its first task to the
-        next claim instead makes its wait one provider slot's turn, whatever the buffer's size.
+        every job released before it (several provider calls). Handing its task to the next
+        claim instead makes its wait one provider slot's turn, whatever the buffer's size.
         Its later tasks take their turns in the release order as usual; the claimed job goes back
         to the backlog at the front of its tenant (:meth:`hand_over`).
 
-        Why "due": with few slots (a provider admitting 2), a tenant of weight 1 had nothing
-        running each time a tenant of weight 3 ran both, and took every such claim: their starts
-        came 1:1 (BENCHMARKS.md, "thirty-fourth pass"). A newcomer joins at the lane's virtual
-        time, at or before every tenant holding work, so its first turn still comes at once.
+        Why "due" for a held task: with few slots (a provider admitting 2), a tenant of weight 1
+        had nothing running each time a tenant of weight 3 ran both, and took every such claim:
+        their starts came 1:1 (BENCHMARKS.md, "thirty-fourth pass"). A newcomer joins at the lane's
+        virtual time, at or before every tenant holding work, so its first turn still comes at
+        once. A released job had its turn already: taking it reorders the line, not the shares.
         """
+        waiting = await tx.fetchval(
+            "SELECT 1 FROM fair_tenants WHERE type = ? AND held > 0 AND tenant <> ? LIMIT 1", kind, tenant
+        )
+        if not waiting:
+            return None
+        running = await tx.fetchval(
+            f"SELECT 1 FROM tasks WHERE type = ? AND status = {_RUNNING} AND tenant = ? LIMIT 1", kind, tenant
+        )
+        if not running:
+            return None  # its own first turn: nobody to take it from
+        # Among the first FIRST_TURN_SCAN released jobs the index gives (the buffer may hold
+        # thousands while many tasks run; this runs at every such claim).
+        released = await tx.fetchval(
+            f"SELECT b.id FROM (SELECT id, tenant, create_time FROM tasks WHERE type = ? AND {_BUFFER}"
+            " AND tenant <> ? LIMIT ?) AS b"
+            f" WHERE NOT EXISTS (SELECT 1 FROM tasks r WHERE r.type = ? AND r.status = {_RUNNING}"
+            " AND r.tenant = b.tenant)"
+            " ORDER BY b.create_time, b.id LIMIT 1",
+            kind,
+            tenant,
+            FIRST_TURN_SCAN,
+            kind,
+        )
+        if released is not None:
+            return str(released), False
         found = await tx.fetchval(
             "SELECT f.tenant FROM (SELECT tenant, due, served FROM fair_tenants WHERE type = ?"
             " AND held > 0 AND tenant <> ? AND due <= COALESCE((SELECT c.due FROM fair_tenants c"
@@ -271,19 +300,6 @@ class Backlog:
         )
         if found is None:
             return None
-        running = await tx.fetchval(
-            f"SELECT 1 FROM tasks WHERE type = ? AND status = {_RUNNING} AND tenant = ? LIMIT 1", kind, tenant
-        )
-        if not running:
-            return None  # its own first turn: nobody to take it from
-        released = await tx.fetchval(
-            f"SELECT id FROM tasks WHERE type = ? AND {_BUFFER} AND tenant = ?"
-            " ORDER BY create_time, id LIMIT 1",
-            kind,
-            str(found),
-        )
-        if released is not None:
-            return str(released), False
         held = await tx.fetchval(
             "SELECT task_id FROM backlog WHERE type = ? AND tenant = ? ORDER BY rank, task_id LIMIT 1",
             kind,
