@@ -106,23 +106,23 @@ def refused_for_size(answer: Answer) -> None:
 
 
 async def test_a_grpc_message_over_4_mib_is_resource_exhausted_naming_the_limit(charai: Charai) -> None:
-    huge = image_request(prompt="x" * (5 * MiB))
+    huge = image_request(prompt="x" * (9 * MiB // 2))
     refused_for_size(await grpc_unary(charai.channel, "CreateTask", huge, bearer(TOKEN_A)))
     # Before anything else, as gRPC's own limit would be: without a token too.
     refused_for_size(await grpc_unary(charai.channel, "CreateTask", huge))
     # A server stream's request alike.
-    watch = task_service_pb2.WatchTaskRequest(id="x" * (5 * MiB))
+    watch = task_service_pb2.WatchTaskRequest(id="x" * (9 * MiB // 2))
     refused_for_size(await grpc_stream_first(charai.channel, "WatchTask", watch, bearer(TOKEN_A)))
-    # Over 8 MiB gRPC itself refuses the message (no details).
-    beyond = await grpc_unary(charai.channel, "CreateTask", image_request(prompt="x" * (9 * MiB)))
+    # Over 5 MiB gRPC itself refuses the message (no details).
+    beyond = await grpc_unary(charai.channel, "CreateTask", image_request(prompt="x" * (6 * MiB)))
     assert beyond.code == grpc.StatusCode.RESOURCE_EXHAUSTED, beyond
     assert await grpc_health(charai) == "SERVING"
 
 
 async def test_oversized_grpc_web_bodies_are_resource_exhausted(charai: Charai) -> None:
-    # Up to the bridge's 11 MiB (text mode spends 4 bytes per 3) a message gets what native gRPC
-    # answers: named past 4 MiB; 12 MiB never leaves the bridge.
-    for size in (5 * MiB, 15 * MiB // 2):
+    # Up to the bridge's 7 MiB (text mode spends 4 bytes per 3) a message gets what native gRPC
+    # answers: named past 4 MiB (up to gRPC's own 5 MiB); 12 MiB never leaves the bridge.
+    for size in (9 * MiB // 2, 19 * MiB // 4):
         request = image_request(prompt="x" * size)
         refused_for_size(await grpcweb(charai.http, charai.base, "CreateTask", request, TOKEN_A))
     answer = await grpcweb(

@@ -33,8 +33,9 @@ principal: contextvars.ContextVar[str] = contextvars.ContextVar("principal", def
 #: RESOURCE_EXHAUSTED naming the limit (``ErrorInfo`` ``limit=message_bytes``, ``QuotaFailure``).
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 #: What gRPC itself takes before :class:`ServerInterceptor` sees a request (beyond it gRPC
-#: refuses the message with RESOURCE_EXHAUSTED and no details).
-_GRPC_RECEIVE_BYTES = 2 * MAX_MESSAGE_BYTES
+#: refuses the message with RESOURCE_EXHAUSTED and no details). A message is read whole before
+#: anything looks at it, so this is what one call may make the gateway hold: kept near the limit.
+_GRPC_RECEIVE_BYTES = MAX_MESSAGE_BYTES + 1024 * 1024
 SERVER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_receive_message_length", _GRPC_RECEIVE_BYTES),
     ("grpc.max_send_message_length", 8 * 1024 * 1024),

@@ -34,8 +34,8 @@ FLAG_TRAILER = 0x80
 _HEADER = struct.Struct(">BI")
 #: A request body larger than this is refused before it reaches gRPC. Up to it, a message gets
 #: what native gRPC would answer (its interceptor takes ``grpcsupport.MAX_MESSAGE_BYTES``, 4 MiB,
-#: and names the limit past it up to gRPC's own 8 MiB); text mode spends 4 bytes per 3.
-MAX_REQUEST_BYTES = 11 * 1024 * 1024
+#: and names the limit past it up to gRPC's own 5 MiB); text mode spends 4 bytes per 3.
+MAX_REQUEST_BYTES = 7 * 1024 * 1024
 #: The largest response message the gRPC port sends (``grpcsupport.SERVER_OPTIONS``).
 MAX_RESPONSE_BYTES = 8 * 1024 * 1024
 #: The bridge's call on the gateway's own gRPC port (see ``GrpcWebBridge._call``).
