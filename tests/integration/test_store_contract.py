@@ -806,6 +806,35 @@ async def test_events_by_task_and_by_filter_after_sequence(rec: Recorded) -> Non
     assert (nothing, head_again) == ([], head)
 
 
+async def test_a_page_of_events_stops_before_max_bytes_and_says_more_follow(rec: Recorded) -> None:
+    """Each event carries its whole task: with ``max_bytes`` a page stops before that many bytes
+    (at least one event) and says ``more``; read on from its last event, the pages hold every
+    event once, in order. Without it (a gateway of an earlier release) nothing changes."""
+    store = rec.store
+    for n in range(12):
+        await store.create("t1", image_request(prompt="\U0001f5e1" * 3990 + f"{n:010d}"))
+    everything, head = await store.list_events(spb.ListEventsRequest(tenant="t1"))
+    assert len(everything) == 12 and sum(e.task.ByteSize() for e in everything) > 12 * 16_000
+    seen: list[int] = []
+    pages = []
+    after = 0
+    while True:
+        request = spb.ListEventsRequest(tenant="t1", after_sequence=after, max_bytes=50_000)
+        events, page_head, more = await store.events_page(request)
+        assert events and page_head == head
+        pages.append(len(events))
+        assert sum(e.task.ByteSize() for e in events) <= 50_000 or len(events) == 1
+        seen += [e.sequence for e in events]
+        after = events[-1].sequence
+        if not more:
+            break
+    assert seen == [e.sequence for e in everything] and len(pages) >= 4, pages
+    # One event larger than the cap still comes, alone.
+    events, _, more = await store.events_page(spb.ListEventsRequest(tenant="t1", max_bytes=10))
+    assert len(events) == 1 and more
+    assert (await store.events_page(spb.ListEventsRequest(tenant="t1")))[2] is False
+
+
 async def test_envelopes_chain_per_task_and_match_the_log(db: Database, rec: Recorded) -> None:
     """What the event publisher and the gateways rely on. Sequence order is commit order on both
     backends, but only SQLite (one database thread) also *hands* envelopes over in that order;

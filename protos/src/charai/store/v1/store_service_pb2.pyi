@@ -415,6 +415,7 @@ class ListEventsRequest(_message.Message):
     TYPE_FIELD_NUMBER: _builtins.int
     AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
+    MAX_BYTES_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     """Owner of the tasks."""
     task_id: _builtins.str
@@ -425,6 +426,11 @@ class ListEventsRequest(_message.Message):
     """Events with a larger sequence."""
     limit: _builtins.int
     """At most this many (0: 500)."""
+    max_bytes: _builtins.int
+    """The page also stops before its events pass this many bytes (at least one event), and says so
+    in ListEventsResponse.more; 0: no such stop (a caller of an earlier release sends 0 and reads
+    a short page as the end). An event carries its whole task: 500 of large tasks were 26 MB.
+    """
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Exact match on every given key, when task_id is empty."""
@@ -438,10 +444,11 @@ class ListEventsRequest(_message.Message):
         type: _task_pb2.TaskType.ValueType = ...,
         after_sequence: _builtins.int = ...,
         limit: _builtins.int = ...,
+        max_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "limit", b"limit", "metadata", b"metadata", "task_id", b"task_id", "tenant", b"tenant", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "limit", b"limit", "max_bytes", b"max_bytes", "metadata", b"metadata", "task_id", b"task_id", "tenant", b"tenant", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -455,8 +462,11 @@ class ListEventsResponse(_message.Message):
 
     EVENTS_FIELD_NUMBER: _builtins.int
     HEAD_SEQUENCE_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
     head_sequence: _builtins.int
     """The largest sequence in the store when the query ran (so a watcher can tell it is caught up)."""
+    more: _builtins.bool
+    """The page stopped at max_bytes: more events may follow its last, however few it holds."""
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.TaskEvent]:
         """In sequence order."""
@@ -466,10 +476,11 @@ class ListEventsResponse(_message.Message):
         *,
         events: _abc.Iterable[_task_pb2.TaskEvent] | None = ...,
         head_sequence: _builtins.int = ...,
+        more: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "head_sequence", b"head_sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "head_sequence", b"head_sequence", "more", b"more"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

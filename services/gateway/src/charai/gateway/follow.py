@@ -22,15 +22,21 @@ LOG_TIMEOUT = 30.0
 _GAP: tuple[int, bytes] = (0, b"")
 
 
+#: A page of the log stops before this many bytes of events (``ListEventsRequest.max_bytes``):
+#: each event carries its whole task, and 500 events of large tasks made a 26 MB message.
+LOG_PAGE_BYTES = 4 * 1024 * 1024
+
+
 async def read_log(
     store: StoreClient, request: spb.ListEventsRequest
 ) -> tuple[list[task_pb2.TaskEvent], int]:
     """All events after ``request.after_sequence`` (paged), and the store's head sequence."""
     events: list[task_pb2.TaskEvent] = []
+    request.max_bytes = LOG_PAGE_BYTES
     while True:
         response = await store.list_events(request, timeout=LOG_TIMEOUT)
         events.extend(response.events)
-        if len(response.events) < (request.limit or 500):
+        if not response.more and len(response.events) < (request.limit or 500):
             return events, response.head_sequence
         request.after_sequence = response.events[-1].sequence
 

@@ -164,8 +164,8 @@ class TaskStoreServicer(spb_grpc.TaskStoreServiceServicer):
             validation.validate_task_id("task_id", request.task_id)
         else:
             validation.validate_watch_filter(request.metadata, request.type, request.after_sequence)
-        events, head = await self._store.list_events(request)
-        return spb.ListEventsResponse(events=events, head_sequence=head)
+        events, head, more = await self._store.events_page(request)
+        return spb.ListEventsResponse(events=events, head_sequence=head, more=more)
 
     async def ClaimTask(self, request: spb.ClaimTaskRequest, context: Context) -> spb.ClaimTaskResponse:
         claim = await self._store.claim(

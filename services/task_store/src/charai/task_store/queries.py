@@ -172,7 +172,13 @@ class Queries:
 
     # -- the event log -----------------------------------------------------------------------
     async def list_events(self, req: spb.ListEventsRequest) -> tuple[list[task_pb2.TaskEvent], int]:
-        """Events after ``req.after_sequence`` in sequence order, and the head sequence.
+        """:meth:`events_page` without its ``more``."""
+        events, head, _ = await self.events_page(req)
+        return events, head
+
+    async def events_page(self, req: spb.ListEventsRequest) -> tuple[list[task_pb2.TaskEvent], int, bool]:
+        """Events after ``req.after_sequence`` in sequence order, the head sequence, and whether
+        the page stopped at ``req.max_bytes`` (more may follow its last event).
 
         The head is read *before* the events: every event up to it is committed (sequence order is
         commit order), so all of those that match are in the answer (unless ``limit`` cut it) and
@@ -180,7 +186,9 @@ class Queries:
         """
         return await self._db.read(lambda tx: self._list_events(tx, req))
 
-    async def _list_events(self, tx: Tx, req: spb.ListEventsRequest) -> tuple[list[task_pb2.TaskEvent], int]:
+    async def _list_events(
+        self, tx: Tx, req: spb.ListEventsRequest
+    ) -> tuple[list[task_pb2.TaskEvent], int, bool]:
         limit = min(req.limit or 500, 5000)
         head = int(await tx.fetchval("SELECT COALESCE(MAX(seq), 0) FROM events"))
         if req.task_id:
@@ -204,9 +212,13 @@ class Queries:
                 *args,
                 limit,
             )
-        events = []
+        events: list[task_pb2.TaskEvent] = []
+        total = 0
         for seq, etype, etime, blob in found:
+            total += len(blob)
+            if req.max_bytes and events and total > req.max_bytes:
+                return events, head, True
             event = task_pb2.TaskEvent(sequence=seq, type=etype, task=task_pb2.Task.FromString(blob))
             set_micros(event.time, etime)
             events.append(event)
-        return events, head
+        return events, head, False

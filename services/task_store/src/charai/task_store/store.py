@@ -228,6 +228,9 @@ class TaskStore:
     async def list_events(self, req: spb.ListEventsRequest) -> tuple[list[task_pb2.TaskEvent], int]:
         return await self.queries.list_events(req)
 
+    async def events_page(self, req: spb.ListEventsRequest) -> tuple[list[task_pb2.TaskEvent], int, bool]:
+        return await self.queries.events_page(req)
+
     async def tenant_of(self, task_id: str) -> str | None:
         return await self.queries.tenant_of(task_id)
 
