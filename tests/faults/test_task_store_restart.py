@@ -15,9 +15,12 @@ import asyncio
 import collections
 import signal
 
+import aiohttp
 import pytest
 from charai.client import CharaiClient
 from charai.tasks.v1 import task_pb2
+
+from tests.conftest import eventually
 
 from .conftest import StackFactory
 from .invariants import check_invariants, watcher_problems
@@ -107,3 +110,26 @@ async def test_task_store_restart_during_a_burst_of_creates(make_stack: StackFac
         )
         problems = [p for i, events in seen.items() for p in watcher_problems(i, events, report.tasks[i].log)]
         assert len(seen) == 20 and not problems, "\n".join(problems[:10])
+
+
+async def test_the_gateways_healthz_says_not_serving_while_task_store_is_away(
+    make_stack: StackFactory,
+) -> None:
+    """``GET /healthz`` follows the gRPC health: 503 ``not_serving`` while task_store is down (it
+    reported NATS alone, so an HTTP load balancer kept sending work to a gateway that could reach
+    no task_store), 200 ``serving`` again once it is back."""
+    async with make_stack() as stack, aiohttp.ClientSession() as http:
+
+        async def healthz() -> tuple[int, str]:
+            async with http.get(f"{stack.gateway_http}/healthz") as resp:
+                return resp.status, (await resp.json())["status"]
+
+        async def becomes(expected: tuple[int, str]) -> bool:
+            return await healthz() == expected
+
+        await eventually(lambda: becomes((200, "serving")), timeout=30)
+        await stack.stop_service("task_store")
+        await eventually(lambda: becomes((503, "not_serving")), timeout=30)
+        await stack.start_service("task_store")
+        await stack.wait_ready("task_store")
+        await eventually(lambda: becomes((200, "serving")), timeout=60)

@@ -231,7 +231,12 @@ class GatewayApp(ServiceApp):
         app.add_routes(media_routes(media, signer) + metrics_routes(self.metrics))
         app.add_routes(
             health_routes(
-                lambda: self._nc is not None and self._nc.is_connected,
+                # As the gRPC health says: NATS connected and task_store SERVING (probed each second).
+                lambda: (
+                    self._nc is not None
+                    and self._nc.is_connected
+                    and (self.health_watcher is None or self.health_watcher.serving)
+                ),
                 lambda: {"open_watch_streams": self.hub.open_streams if self.hub is not None else 0},
                 lambda: self.health_watcher.degraded if self.health_watcher is not None else (),
             )
