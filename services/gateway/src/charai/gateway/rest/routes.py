@@ -29,8 +29,9 @@ if TYPE_CHECKING:
 #: A unary call's deadline (the gateway itself gives task_store at most 30 s).
 CALL_TIMEOUT = 30.0
 #: Largest JSON body (the HTTP app's ``client_max_size``): a batch of 100 creates, each at its
-#: largest, is 3.3 MiB of UTF-8 JSON, and 9.4 MiB with every non-ASCII character escaped as
-#: ``\uXXXX`` (as Python's ``json.dumps`` writes it, and this gateway's own answers).
+#: largest, is 3.3 MiB of UTF-8 JSON, and 9.4 MiB with every non-ASCII character written as a
+#: ``\u`` escape, six bytes per UTF-16 unit (as Python's ``json.dumps`` writes it, and this
+#: gateway's own answers).
 MAX_BODY_BYTES = 12 * 1024 * 1024
 _JSON_TYPE = re.compile(r"^application/([a-z0-9.+\-]+\+)?json$")
 #: A ``\u`` escape of a UTF-16 surrogate: JSON may spell one alone, which no string field can hold.
