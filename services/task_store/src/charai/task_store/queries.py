@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from charai.core.clock import Clock
@@ -26,6 +26,18 @@ DEFAULT_PAGE = 50
 #: 500 such was 26 MB, over the gateway's 8 MiB send limit (every list failed, REST's default
 #: one included) and a default gRPC client's 4 MiB receive limit.
 MAX_PAGE_BYTES = 3 * 1024 * 1024
+
+
+def within(sizes: Iterable[int], budget: int) -> int:
+    """How many of the first items of these sizes fit in ``budget`` bytes: at least one (when
+    there is one), so an item larger than the budget still goes, alone. A page's cut."""
+    taken = total = 0
+    for size in sizes:
+        total += size
+        if taken and total > budget:
+            break
+        taken += 1
+    return taken
 
 
 def encode_page_token(created: int, task_id: str) -> str:
@@ -92,12 +104,7 @@ class Queries:
         sql.append("ORDER BY create_time DESC, id DESC LIMIT ?")
         args.append(size + 1)
         found = await tx.fetch(" ".join(sql), *args)
-        taken = total = 0
-        for row in found[:size]:
-            total += len(row[0])
-            if taken and total > MAX_PAGE_BYTES:
-                break  # the next page starts here
-            taken += 1
+        taken = within((len(r[0]) for r in found[:size]), MAX_PAGE_BYTES)  # the next page starts after
         tasks = [task_pb2.Task.FromString(r[0]) for r in found[:taken]]
         await self.positions(tx, tasks)
         token = ""
@@ -212,13 +219,10 @@ class Queries:
                 *args,
                 limit,
             )
-        events: list[task_pb2.TaskEvent] = []
-        total = 0
-        for seq, etype, etime, blob in found:
-            total += len(blob)
-            if req.max_bytes and events and total > req.max_bytes:
-                return events, head, True
+        taken = within((len(r[3]) for r in found), req.max_bytes) if req.max_bytes else len(found)
+        events = []
+        for seq, etype, etime, blob in found[:taken]:
             event = task_pb2.TaskEvent(sequence=seq, type=etype, task=task_pb2.Task.FromString(blob))
             set_micros(event.time, etime)
             events.append(event)
-        return events, head, False
+        return events, head, taken < len(found)
