@@ -35,9 +35,9 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 #: What gRPC itself takes before :class:`ServerInterceptor` sees a request (beyond it gRPC
 #: refuses the message with RESOURCE_EXHAUSTED and no details). A message is read whole before
 #: anything looks at it, so this is what one call may make the gateway hold: kept near the limit.
-_GRPC_RECEIVE_BYTES = MAX_MESSAGE_BYTES + 1024 * 1024
+GRPC_RECEIVE_BYTES = MAX_MESSAGE_BYTES + 1024 * 1024
 SERVER_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.max_receive_message_length", _GRPC_RECEIVE_BYTES),
+    ("grpc.max_receive_message_length", GRPC_RECEIVE_BYTES),
     ("grpc.max_send_message_length", 8 * 1024 * 1024),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),

@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 import structlog
 from aiohttp import hdrs, web
+from charai.core import grpcsupport
 
 log = structlog.get_logger("grpcweb")
 
@@ -34,8 +35,9 @@ FLAG_TRAILER = 0x80
 _HEADER = struct.Struct(">BI")
 #: A request body larger than this is refused before it reaches gRPC. Up to it, a message gets
 #: what native gRPC would answer (its interceptor takes ``grpcsupport.MAX_MESSAGE_BYTES``, 4 MiB,
-#: and names the limit past it up to gRPC's own 5 MiB); text mode spends 4 bytes per 3.
-MAX_REQUEST_BYTES = 7 * 1024 * 1024
+#: and names the limit past it up to what gRPC reads, 5 MiB): that much in text mode, which spends
+#: 4 bytes per 3, and the frames' headers.
+MAX_REQUEST_BYTES = grpcsupport.GRPC_RECEIVE_BYTES * 4 // 3 + 64 * 1024
 #: The largest response message the gRPC port sends (``grpcsupport.SERVER_OPTIONS``).
 MAX_RESPONSE_BYTES = 8 * 1024 * 1024
 #: The bridge's call on the gateway's own gRPC port (see ``GrpcWebBridge._call``).
