@@ -213,7 +213,7 @@ class TtsHandler:
             else:  # MP3 encoding and gain take CPU time in proportion to the clip: not on the loop
                 encoded = await asyncio.to_thread(finish, data, content_type, plan, requested)
         except BadAudioError as exc:
-            ctx.meter(usage.speech_call(config.dialect, config.model, payload.text, 0.0))
+            _charged_without_audio(ctx)
             raise ProviderError(errors.bad_response(str(exc))) from None
         ctx.meter(usage.speech_call(config.dialect, config.model, payload.text, encoded.duration_seconds))
         await ctx.progress(PROGRESS_PROCESSING, Stage.PROCESSING)
@@ -228,6 +228,14 @@ class TtsHandler:
         )
         result.generated_at.GetCurrentTime()
         return result
+
+
+def _charged_without_audio(ctx: JobContext) -> None:
+    """The provider made (and charges for) the clip its answer carries or links to, but no audio
+    came of it (it does not decode, its base64 is broken, its download failed): metered with
+    no seconds of audio."""
+    config = ctx.provider.config
+    ctx.meter(usage.speech_call(config.dialect, config.model, ctx.task.tts.text, 0.0))
 
 
 async def _audio_bytes(ctx: JobContext, body: bytes, content_type: str) -> tuple[bytes, str]:
@@ -255,9 +263,6 @@ async def _audio_bytes(ctx: JobContext, body: bytes, content_type: str) -> tuple
             downloaded = await ctx.provider.download(url)
             return downloaded.body, downloaded.content_type
     except ProviderError:
-        # The provider made (and charges for) the clip the answer carries or links to, as for
-        # audio that does not decode (TtsHandler.run): broken base64, too large, a failed download.
-        config = ctx.provider.config
-        ctx.meter(usage.speech_call(config.dialect, config.model, ctx.task.tts.text, 0.0))
+        _charged_without_audio(ctx)  # broken base64, too large, a failed download
         raise
     raise ProviderError(errors.bad_response("the JSON answer carries no audio_content or audio_url"))
